@@ -1,0 +1,3 @@
+from triaxis.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,149 @@
+"""The `triaxis` command line. Each subcommand is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from triaxis.errors import UserError
+
+
+def _prepare(a: argparse.Namespace) -> int:
+    from triaxis.data.prepare import PrepareOptions, prepare
+
+    prepare(PrepareOptions(inputs=a.input or [], output=a.output, tokenizer=a.tokenizer,
+                           vocab_size=a.vocab_size, max_bytes=a.max_bytes,
+                           val_fraction=a.val_fraction, shard_tokens=a.shard_tokens))
+    return 0
+
+
+def _split_config(rest: list[str]) -> tuple[str | None, list[str]]:
+    """[CONFIG.toml] [--section.field=value ...]"""
+    if rest and not rest[0].startswith("--"):
+        return rest[0], rest[1:]
+    return None, rest
+
+
+def _train(a: argparse.Namespace) -> int:
+    from triaxis.config import load_config
+    from triaxis.train.loop import run
+
+    path, overrides = _split_config(a.rest)
+    result = run(load_config(path, overrides))
+    return 0 if result.final_step else 1
+
+
+def _generate(a: argparse.Namespace) -> int:
+    from triaxis.generate import generate, load_for_inference
+
+    model, tok, ckpt = load_for_inference(a.checkpoint, a.device)
+    ids = generate(model, tok.encode(a.prompt), a.max_new_tokens, a.temperature, a.top_k,
+                   a.seed, eos_id=tok.eos_id)
+    print(f"# sample from {ckpt}", file=sys.stderr)
+    print(a.prompt + tok.decode(ids))
+    return 0
+
+
+def _layout(a: argparse.Namespace) -> int:
+    from triaxis.parallel.layout_cli import print_layout
+
+    print_layout(a)
+    return 0
+
+
+def _launch(a: argparse.Namespace) -> int:
+    from triaxis.launch import launch
+
+    return launch(a)
+
+
+def _config(a: argparse.Namespace) -> int:
+    from triaxis.config import SECTIONS, Config, field_docs, to_toml
+
+    if a.fields:
+        for section, cls in SECTIONS.items():
+            print(f"[{section}]")
+            defaults = getattr(Config(), section)
+            for name, doc in field_docs(cls).items():
+                print(f"  {name} = {getattr(defaults, name)!r}\n      {doc}")
+        return 0
+    print(to_toml(Config()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="triaxis", description="Train LLMs with 3D parallelism.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pr = sub.add_parser("prepare", help="tokenize text into shards (default: embedded corpus)")
+    pr.add_argument("--input", action="append",
+                    help="file, folder or glob (repeatable); default: the Python stdlib sources")
+    pr.add_argument("--output", default="data/stdlib", help="output folder")
+    pr.add_argument("--tokenizer", default="bpe", choices=["bpe", "byte"])
+    pr.add_argument("--vocab-size", type=int, default=8192)
+    pr.add_argument("--max-bytes", type=int, default=12_000_000,
+                    help="read at most this many bytes of text (0 = all)")
+    pr.add_argument("--val-fraction", type=float, default=0.02)
+    pr.add_argument("--shard-tokens", type=int, default=16 * 2**20)
+    pr.set_defaults(fn=_prepare)
+
+    tr = sub.add_parser("train", help="train: triaxis train [CONFIG.toml] [--section.field=v]")
+    tr.set_defaults(fn=_train)
+
+    ge = sub.add_parser("generate", help="sample text from a checkpoint")
+    ge.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    ge.add_argument("--prompt", default="")
+    ge.add_argument("--max-new-tokens", type=int, default=100)
+    ge.add_argument("--temperature", type=float, default=0.8)
+    ge.add_argument("--top-k", type=int, default=50)
+    ge.add_argument("--seed", type=int, default=0)
+    ge.add_argument("--device", default="cpu")
+    ge.set_defaults(fn=_generate)
+
+    la = sub.add_parser("layout", help="which rank holds which mesh coordinates")
+    la.add_argument("--world", type=int, default=0, help="world size (default: from --nodes)")
+    la.add_argument("--nodes", type=int, default=0)
+    la.add_argument("--gpus-per-node", type=int, default=8)
+    la.add_argument("--dp-replicate", "--dp", type=int, default=1)
+    la.add_argument("--dp-shard", type=int, default=-1)
+    la.add_argument("--tp", type=int, default=1)
+    la.add_argument("--pp", type=int, default=1)
+    la.add_argument("--layers", type=int, default=0, help="transformer blocks to place")
+    la.add_argument("--svg", default="", help="also write the picture to this SVG file")
+    la.set_defaults(fn=_layout)
+
+    lc = sub.add_parser("launch", help="run training on N processes / nodes (torchrun inside)")
+    lc.add_argument("--nproc-per-node", type=int, default=0,
+                    help="processes per node (default: GPUs, or 2 on CPU)")
+    lc.add_argument("--nnodes", type=int, default=1)
+    lc.add_argument("--node-rank", type=int, default=0)
+    lc.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the rendezvous (multi-node)")
+    lc.add_argument("--max-restarts", type=int, default=0)
+    lc.add_argument("--cpu", action="store_true", help="run on CPU (gloo) even if GPUs exist")
+    lc.set_defaults(fn=_launch)
+
+    co = sub.add_parser("config", help="print the default config (or --fields: documented)")
+    co.add_argument("--fields", action="store_true")
+    co.set_defaults(fn=_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] in ("train", "launch"):
+        # Everything the subcommand does not know is CONFIG.toml and --section.field overrides.
+        args, rest = parser.parse_known_args(argv)
+        args.rest = rest
+    else:
+        args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except BrokenPipeError:  # output piped into `head`
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,352 @@
+"""Typed run configuration: one dataclass per section, loaded from TOML plus `--section.field=value`.
+
+Every field carries its documentation in the docstring that follows it (the attribute-docstring
+convention), which `triaxis config --help-fields` prints. Validation lives in `Config.validate`,
+the one place that knows the rules between fields; each error names the value, the rule and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from triaxis.errors import UserError, nearest
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "small"
+    """Model shape: tiny | small | 1b | 8b | 70b | 405b. Fields set below override the preset."""
+    dim: int = 0
+    """Hidden size d_model (0 = from the preset)."""
+    n_layers: int = 0
+    """Number of transformer blocks (0 = from the preset)."""
+    n_heads: int = 0
+    """Attention heads (0 = from the preset)."""
+    n_kv_heads: int = 0
+    """Key/value heads for grouped-query attention; must divide n_heads (0 = from the preset)."""
+    ffn_dim: int = 0
+    """Hidden size of the SwiGLU MLP (0 = from the preset)."""
+    vocab_size: int = 0
+    """Vocabulary size (0 = the prepared data's tokenizer, else the preset)."""
+    max_seq_len: int = 0
+    """Longest sequence the RoPE tables cover (0 = from the preset)."""
+    tie_embeddings: bool | None = None
+    """Share the input embedding with the LM head (unset = from the preset)."""
+    rope_theta: float = 0.0
+    """RoPE base frequency (0 = from the preset)."""
+    norm_eps: float = 1e-5
+    """Epsilon of RMSNorm."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/stdlib"
+    """Folder written by `triaxis prepare` (shards + manifest.json)."""
+    seq_len: int = 256
+    """Tokens per training sample (the model sees seq_len inputs and seq_len targets)."""
+    seed: int = 1234
+    """Seed of the global sample order; sample i is a pure function of (seed, i)."""
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    """Output folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
+    steps: int = 200
+    """Optimizer steps to train."""
+    global_batch: int = 16
+    """Samples per optimizer step, summed over data-parallel ranks and micro-batches."""
+    micro_batch: int = 8
+    """Samples per rank per forward pass; gradient accumulation = global_batch / (micro_batch x dp)."""
+    lr: float = 1e-3
+    """Peak learning rate of AdamW."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate of the cosine decay, as a fraction of lr."""
+    warmup_steps: int = 20
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (applied to matrices, not to norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping)."""
+    seed: int = 0
+    """Seed of the weight initialization."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: auto picks CUDA when available."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute precision: auto = bf16 autocast on GPU, fp32 on CPU. Master weights stay fp32."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+    compile_backend: str = "inductor"
+    """torch.compile backend (inductor; aot_eager for quick checks)."""
+    val_every: int = 50
+    """Run validation every this many steps (0 = never)."""
+    val_batches: int = 4
+    """Micro-batches per validation pass."""
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    """Data-parallel replicas: model copies (MiCS partition groups) that all-reduce gradients."""
+    dp_shard: int = -1
+    """Sharded-data-parallel degree: the MiCS partition-group size (-1 = the rest of the world)."""
+    tp: int = 1
+    """Tensor-parallel degree (with sequence parallelism on norms); must divide the heads."""
+    pp: int = 1
+    """Pipeline-parallel degree."""
+    reshard_after_forward: bool = True
+    """True: free gathered parameters after forward (ZeRO-3); False: keep them until backward."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and optimizer states in CPU memory."""
+    loss_parallel: bool = False
+    """With tp > 1: compute cross-entropy on vocabulary-sharded logits (no all-gather of logits)."""
+    activation_checkpoint: Literal["none", "full", "selective"] = "none"
+    """Recompute activations in backward: none | full (every block) | selective (every k-th)."""
+    ac_every: int = 2
+    """For selective checkpointing: checkpoint every k-th block."""
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 100
+    """Save every this many steps (0 = only at the end of training)."""
+    dir: str = ""
+    """Checkpoint folder (empty = RUN_DIR/checkpoints)."""
+    resume: str = "auto"
+    """auto: resume from the latest complete checkpoint in dir, if any; none: start fresh."""
+    keep_last: int = 3
+    """Keep this many most recent checkpoints (0 = keep all)."""
+    save_final: bool = True
+    """Save a checkpoint at the last step."""
+
+
+@dataclass
+class MetricsConfig:
+    log_every: int = 10
+    """Log loss, tokens/s and MFU every this many steps."""
+    tensorboard: bool = True
+    """Write TensorBoard event files into RUN_DIR/tb."""
+    progress: bool = True
+    """Show a live progress bar on a terminal."""
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "parallel": ParallelConfig,
+    "checkpoint": CheckpointConfig,
+    "metrics": MetricsConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or str(Path(self.train.run_dir) / "checkpoints")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading: TOML file, then command-line overrides, each value coerced to the field's type.
+
+
+def _coerce(section: str, name: str, raw: Any, hint: Any) -> Any:
+    """Convert `raw` (TOML value or command-line string) to the field type `hint`."""
+    where = f"{section}.{name}"
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+            return None
+        return _coerce(section, name, raw, args[0])
+    if origin is Literal:
+        choices = list(typing.get_args(hint))
+        if raw not in choices:
+            raise UserError(f"{where}={raw!r} is not a valid choice; use one of {choices}")
+        return raw
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(raw, str) and raw.lower() in ("false", "0", "no", "off"):
+            return False
+        raise UserError(f"{where}={raw!r} must be a boolean; use true or false")
+    if hint in (int, float):
+        if isinstance(raw, bool):
+            raise UserError(f"{where}={raw!r} must be {hint.__name__}, not a boolean")
+        try:
+            value = hint(raw)
+        except (TypeError, ValueError):
+            raise UserError(f"{where}={raw!r} must be {hint.__name__}; e.g. {where}=8") from None
+        if hint is int and isinstance(raw, float) and raw != value:
+            raise UserError(f"{where}={raw!r} must be a whole number")
+        return value
+    if hint is str:
+        if not isinstance(raw, str):
+            raise UserError(f'{where}={raw!r} must be a string; quote it in TOML: {name} = "..."')
+        return raw
+    raise AssertionError(f"unsupported config type {hint} for {where}")
+
+
+def _set(cfg: Config, section: str, name: str, raw: Any) -> None:
+    if section not in SECTIONS:
+        hint = nearest(section, list(SECTIONS))
+        fix = f"did you mean [{hint}]?" if hint else f"sections are {list(SECTIONS)}"
+        raise UserError(f"unknown config section [{section}]; {fix}")
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        hint = nearest(name, list(hints))
+        fix = f"did you mean {section}.{hint}?" if hint else f"valid keys: {sorted(hints)}"
+        raise UserError(f"unknown config key {section}.{name}; {fix}")
+    setattr(getattr(cfg, section), name, _coerce(section, name, raw, hints[name]))
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
+    """`--section.field=value` or `--section.field value` -> [(section, field, value)]."""
+    out: list[tuple[str, str, str]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise UserError(
+                f"unexpected argument {arg!r}; overrides look like --section.field=value, "
+                "e.g. --train.steps=100"
+            )
+        key, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise UserError(f"override {arg!r} has no value; write {arg}=VALUE")
+            value = args[i + 1]
+            i += 1
+        section, _, name = key.partition(".")
+        out.append((section, name.replace("-", "_"), value))
+        i += 1
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- TOML file <- command-line overrides. Not yet validated."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file {path} does not exist; pass an existing .toml file")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {path} is not valid TOML: {e}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise UserError(f"{path}: top-level key {section!r} must be a [section] table")
+            for name, raw in values.items():
+                _set(cfg, section, name, raw)
+    for section, name, raw in parse_overrides(overrides or []):
+        _set(cfg, section, name, raw)
+    return cfg
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML (None values are left out: they mean 'from the preset')."""
+    lines: list[str] = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for k, v in values.items():
+            if v is None:
+                continue
+            if isinstance(v, bool):
+                lines.append(f"{k} = {'true' if v else 'false'}")
+            elif isinstance(v, str):
+                lines.append(f"{k} = {_toml_str(v)}")
+            else:
+                lines.append(f"{k} = {v!r}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_str(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a config dataclass, read from its source."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for prev, node in zip(body, body[1:]):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr):
+            if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                docs[prev.target.id] = node.value.value  # type: ignore[attr-defined]
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every cross-field rule, in one place.
+
+
+def validate(cfg: Config, model_args=None, dims=None) -> None:
+    """Raise UserError naming the value, the rule and the fix. `model_args` and `dims` (the
+    resolved model shape and parallel degrees) enable the rules that need them."""
+    t, d, p = cfg.train, cfg.data, cfg.parallel
+    for where, value in (("train.steps", t.steps), ("train.global_batch", t.global_batch),
+                         ("train.micro_batch", t.micro_batch), ("data.seq_len", d.seq_len),
+                         ("metrics.log_every", cfg.metrics.log_every),
+                         ("parallel.ac_every", p.ac_every)):
+        if value < 1:
+            raise UserError(f"{where}={value} must be >= 1")
+    for where, value in (("train.lr", t.lr), ("train.warmup_steps", t.warmup_steps),
+                         ("train.val_every", t.val_every), ("train.grad_clip", t.grad_clip),
+                         ("checkpoint.interval", cfg.checkpoint.interval),
+                         ("checkpoint.keep_last", cfg.checkpoint.keep_last)):
+        if value < 0:
+            raise UserError(f"{where}={value} must be >= 0")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise UserError(f"train.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1]")
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        raise UserError(f"checkpoint.resume={cfg.checkpoint.resume!r}: use auto or none")
+    if p.loss_parallel and p.tp == 1:
+        raise UserError("parallel.loss_parallel=true needs parallel.tp > 1; set tp or drop "
+                        "loss_parallel")
+    if model_args is not None and d.seq_len > model_args.max_seq_len:
+        raise UserError(f"data.seq_len={d.seq_len} is over the model's maximum "
+                        f"max_seq_len={model_args.max_seq_len}; lower data.seq_len or raise "
+                        f"--model.max_seq_len")
+    if dims is not None:
+        if model_args is not None:
+            dims.check_model(model_args.n_heads, model_args.n_kv_heads, model_args.n_layers)
+        per_step = t.micro_batch * dims.dp_size
+        if t.global_batch % per_step:
+            ok = t.global_batch // per_step * per_step or per_step
+            raise UserError(
+                f"train.global_batch={t.global_batch} is not a multiple of micro_batch x dp = "
+                f"{t.micro_batch} x {dims.dp_size} = {per_step}; set train.global_batch={ok} "
+                f"or a smaller train.micro_batch")
+
+
+def grad_accum_steps(cfg: Config, dp_size: int) -> int:
+    return cfg.train.global_batch // (cfg.train.micro_batch * dp_size)

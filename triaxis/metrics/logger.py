@@ -1,0 +1,108 @@
+"""Rank-aware console output, metrics.jsonl, TensorBoard, and MFU.
+
+Only rank 0 prints and writes; every other rank's logger is silent. Values arrive here already
+reduced across ranks (the training loop does the collectives).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+# Dense bf16 peak per GPU (FLOP/s), by substring of torch.cuda.get_device_name().
+PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "A10G": 125e12,
+                   "L40S": 362e12, "L4": 121e12, "V100": 125e12}
+
+
+def peak_flops(device) -> float | None:
+    """The card's dense bf16 peak, or None on CPU (no meaningful MFU there)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class RankLogger:
+    def __init__(self, is_main: bool):
+        self.is_main = is_main
+        self.console = Console(stderr=False, highlight=False, soft_wrap=True)
+
+    def info(self, msg: str) -> None:
+        if self.is_main:
+            self.console.print(msg, markup=False)
+
+    def warn(self, msg: str) -> None:
+        if self.is_main:
+            self.console.print(f"warning: {msg}", style="yellow", markup=False)
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl, mirrors to TensorBoard."""
+
+    def __init__(self, run_dir: str, is_main: bool, tensorboard: bool):
+        self.is_main = is_main
+        self.tb = None
+        if not is_main:
+            return
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+
+    def write(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            step = record["step"]
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and v is not None:
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+class Progress:
+    """A live bar on a terminal (step, loss, tokens/s, MFU, ETA), plain lines elsewhere."""
+
+    def __init__(self, logger: RankLogger, total_steps: int, start_step: int, enabled: bool):
+        self.logger = logger
+        self.live = enabled and logger.is_main and sys.stdout.isatty()
+        self.total, self.start = total_steps, start_step
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if self.live:
+            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, \
+                TimeRemainingColumn
+
+            self.bar = RichProgress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
+                                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                                    console=logger.console)
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step,
+                                          info="")
+            self.bar.start()
+
+    def update(self, step: int, record: dict) -> None:
+        mfu = f" mfu {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""
+        info = (f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                f"{record['tokens_per_s']:,.0f} tok/s{mfu}")
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+            return
+        done = step - self.start
+        eta = (time.perf_counter() - self.t0) / max(done, 1) * (self.total - step)
+        self.logger.info(f"step {step:>6}/{self.total}  {info}  eta {eta:,.0f}s")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()

@@ -1,0 +1,225 @@
+"""A Llama-style decoder in single-device code.
+
+RMSNorm, rotary position embeddings, grouped-query attention through scaled_dot_product_attention,
+a SwiGLU MLP, optional tied embeddings. Nothing here knows about parallelism: tensor parallelism
+shards the Linear layers from outside (triaxis.parallel.parallelize), so every reshape infers the
+local head count with -1 instead of trusting n_heads.
+
+The model is built on the meta device, then materialized (`to_empty`) and filled by
+`init_weights`, so a sharded layout never holds the full model on one rank.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    vocab_size: int
+    max_seq_len: int
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 for stability under bf16 autocast, return in the input dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).type_as(x)
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> torch.Tensor:
+    """cos/sin tables, shape (seq_len, head_dim // 2, 2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x: (B, T, H, head_dim) by the angles in table[:T]."""
+    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    cos = table[: x.shape[1], None, :, 0]  # (T, 1, hd/2)
+    sin = table[: x.shape[1], None, :, 1]
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.head_dim = args.head_dim
+        self.kv_repeat = args.n_heads // args.n_kv_heads
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds n_heads / tp of them.
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, nkv, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
+        # Grouped-query attention: each KV head serves n_heads / n_kv_heads query heads.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           enable_gqa=self.kv_repeat > 1)  # (B, nh, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # A ModuleDict keyed by the global layer index keeps checkpoint keys stable when a
+        # pipeline stage holds only some of the blocks.
+        self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.n_layers)})
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # Not persistent: recomputed by init_weights, never part of a checkpoint.
+        self.register_buffer("rope", rope_tables(args.head_dim, args.max_seq_len, args.rope_theta),
+                             persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab). Missing parts (pipeline stages) pass through."""
+        h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        for layer in self.layers.values():
+            h = layer(h, self.rope)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Fill every parameter and buffer; call after `to_empty` from the meta device.
+
+        Each parameter draws from its own generator, seeded by (seed, its name), into a full-size
+        tensor; a sharded parameter (DTensor) then keeps its own slice. So every layout, and a
+        partial pipeline stage, starts from exactly the weights of the single-process model.
+        """
+        self.rope.copy_(rope_tables(self.args.head_dim, self.args.max_seq_len,
+                                    self.args.rope_theta, device=self.rope.device))
+        for name, param in self.named_parameters():
+            name = clean_name(name)
+            full = torch.empty(param.shape, dtype=param.dtype, device=_local(param).device)
+            gen = torch.Generator(device=full.device)
+            gen.manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            self._init_rule(name)(full, gen)
+            _copy_into(param, full)
+
+    def _init_rule(self, name: str):
+        """The initializer of one parameter, by name (the single-device definition)."""
+        if name.endswith("norm.weight"):
+            return lambda t, g: t.fill_(1.0)
+        if name.startswith("tok_embeddings"):
+            std = 0.02 if self.args.tie_embeddings else 1.0
+            return lambda t, g: nn.init.normal_(t, std=std, generator=g)
+        if name.startswith("output"):
+            std = self.args.dim**-0.5
+        elif name.endswith(("wo.weight", "w2.weight")):
+            # Depth-scaled residual projections keep the residual stream's variance flat.
+            std = 0.02 / math.sqrt(2 * (int(name.split(".")[1]) + 1))
+        else:
+            std = 0.02
+        return lambda t, g: nn.init.trunc_normal_(t, std=std, a=-3 * std, b=3 * std, generator=g)
+
+
+def clean_name(name: str) -> str:
+    """A parameter's name without the wrappers parallelism adds (checkpointing, compile)."""
+    return name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    if hasattr(param, "device_mesh"):  # a DTensor: keep this rank's slice only, no communication
+        from torch.distributed.tensor import distribute_tensor
+
+        full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(full)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes and FLOPs, from the shape alone (no tensors), so the planner can use them for 405B.
+
+
+def block_param_count(args: ModelArgs) -> int:
+    hd = args.head_dim
+    attn = args.dim * hd * (2 * args.n_heads + 2 * args.n_kv_heads)
+    mlp = 3 * args.dim * args.ffn_dim
+    return attn + mlp + 2 * args.dim
+
+
+def param_counts(args: ModelArgs) -> dict[str, int]:
+    """Parameter counts: total (tied weights once), embedding, and non-embedding + LM head."""
+    embedding = args.vocab_size * args.dim
+    head = args.vocab_size * args.dim
+    blocks = args.n_layers * block_param_count(args) + args.dim  # + final norm
+    total = blocks + embedding + (0 if args.tie_embeddings else head)
+    return {"total": total, "embedding": embedding, "non_embedding": blocks,
+            "flops_params": blocks + head}
+
+
+def flops_per_token(args: ModelArgs, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N + 12·layers·d_model·seq, N = non-embedding params + LM head.
+
+    6·N counts forward (2) and backward (4) matrix multiplies; 12·L·d·T the attention scores and
+    weighted values (causal masking not discounted, as in the PaLM/nanoGPT convention).
+    """
+    n = param_counts(args)["flops_params"]
+    return 6 * n + 12 * args.n_layers * args.dim * seq_len

@@ -1,0 +1,119 @@
+"""ParallelDims: the parallel degrees, validated, and the one named DeviceMesh built from them.
+
+Rank order (row-major over the mesh axes, last axis fastest):
+
+    pp  x  dp_replicate  x  dp_shard  x  tp
+
+`tp` is innermost, then the MiCS partition group (`dp_shard`): both sit on consecutive ranks, i.e.
+inside one node where NVLink carries their per-layer and per-micro-batch traffic. Replicas
+(`dp_replicate`) span nodes and exchange gradients once per optimizer step. Pipeline stages are
+outermost: their point-to-point activations are the lightest traffic of all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from triaxis.errors import UserError
+
+AXES = ("pp", "dp_replicate", "dp_shard", "tp")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+@dataclass
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    world_size: int
+
+    def __post_init__(self) -> None:
+        for name in ("dp_replicate", "tp", "pp"):
+            value = getattr(self, name)
+            if value < 1:
+                raise UserError(f"parallel.{name}={value} must be >= 1 (1 disables it)")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise UserError(f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 to fill "
+                            "the rest of the world")
+        others = self.dp_replicate * self.tp * self.pp
+        if self.dp_shard == -1:
+            if self.world_size % others:
+                raise UserError(
+                    f"world size {self.world_size} is not divisible by dp_replicate x tp x pp = "
+                    f"{self.dp_replicate} x {self.tp} x {self.pp} = {others}; launch a multiple "
+                    f"of {others} processes or pick degrees whose product divides "
+                    f"{self.world_size}")
+            self.dp_shard = self.world_size // others
+        product = others * self.dp_shard
+        if product != self.world_size:
+            hint = (f"set --parallel.dp_shard={self.world_size // others}"
+                    if self.world_size % others == 0 else "set --parallel.dp_shard=-1")
+            raise UserError(
+                f"parallel degrees pp x dp_replicate x dp_shard x tp = {self.pp} x "
+                f"{self.dp_replicate} x {self.dp_shard} x {self.tp} = {product} but the world "
+                f"size is {self.world_size}; {hint} or launch {product} processes")
+
+    # -- sizes -------------------------------------------------------------------------------
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+
+    @property
+    def dp_size(self) -> int:
+        """Model replicas that read different data: dp_replicate x dp_shard."""
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def fsdp_enabled(self) -> bool:
+        return self.dp_size > 1
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """Mesh coordinates of a global rank."""
+        return dict(zip(AXES, (int(c) for c in np.unravel_index(rank, self.shape))))
+
+    def dp_rank(self, rank: int) -> int:
+        c = self.coords(rank)
+        return c["dp_replicate"] * self.dp_shard + c["dp_shard"]
+
+    # -- checks against the model ------------------------------------------------------------
+    def check_model(self, n_heads: int, n_kv_heads: int, n_layers: int) -> None:
+        if n_heads % self.tp or n_kv_heads % self.tp:
+            import math
+
+            ok = _divisors(math.gcd(n_heads, n_kv_heads))
+            raise UserError(f"parallel.tp={self.tp} does not divide the attention heads "
+                            f"(n_heads={n_heads}, n_kv_heads={n_kv_heads}); choose tp in {ok}")
+        if self.pp > n_layers:
+            raise UserError(f"parallel.pp={self.pp} is larger than the {n_layers} transformer "
+                            f"blocks; choose pp <= {n_layers}")
+
+    # -- the mesh ----------------------------------------------------------------------------
+    def build_mesh(self, device_type: str):
+        """The world DeviceMesh with axes AXES, plus the flattened `dp` axis for data and loss."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=AXES)
+        # One axis for "which slice of the global batch": data loading and loss averaging.
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        return mesh
+
+    def describe(self) -> str:
+        return " x ".join(f"{a}={s}" for a, s in zip(AXES, self.shape))
+
+
+def layout_table(dims: ParallelDims, gpus_per_node: int = 0) -> list[dict[str, int]]:
+    """One row per rank: its node (when gpus_per_node is given), local rank and coordinates."""
+    rows = []
+    for rank in range(dims.world_size):
+        row = {"rank": rank}
+        if gpus_per_node:
+            row["node"], row["local"] = divmod(rank, gpus_per_node)
+        row.update(dims.coords(rank))
+        rows.append(row)
+    return rows

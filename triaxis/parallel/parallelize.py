@@ -1,0 +1,132 @@
+"""Apply parallelism to the single-device model from outside, in one fixed order.
+
+    1. tensor (+ sequence) parallel   -- must see plain nn.Linear/RMSNorm modules to swap their
+                                         weights for DTensors sharded on the `tp` axis;
+    2. activation checkpointing       -- wraps each (already TP-sharded) block, so recomputation
+                                         replays the block's TP collectives too;
+    3. torch.compile per block        -- after checkpointing, so the recompute region is traced
+                                         into the compiled graph; before FSDP, whose hooks sit
+                                         outside the compiled region;
+    4. FSDP (MiCS sharding)           -- last: shards whatever parameters the block now holds
+                                         (DTensors on `tp`, or plain tensors) over the dp axes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from triaxis.config import ParallelConfig, TrainConfig
+from triaxis.parallel.dims import ParallelDims
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg: ParallelConfig,
+                tcfg: TrainConfig, device: torch.device, mp_dtype: torch.dtype | None) -> nn.Module:
+    if dims.tp > 1:
+        apply_tp(model, mesh["tp"], loss_parallel=pcfg.loss_parallel)
+    if pcfg.activation_checkpoint != "none":
+        apply_ac(model, pcfg.activation_checkpoint, pcfg.ac_every)
+    if tcfg.compile:
+        for name, block in model.layers.named_children():
+            model.layers.register_module(name, torch.compile(block, backend=tcfg.compile_backend))
+    if dims.fsdp_enabled:
+        apply_fsdp(model, mesh, dims, pcfg, device, mp_dtype)
+    return model
+
+
+def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
+    """Megatron-style TP with sequence parallelism: activations between blocks are sharded on
+    the sequence dim (Shard(1)); each block gathers them for attention/MLP and reduce-scatters
+    back. Column-wise q/k/v and w1/w3, row-wise wo and w2: one collective pair per sub-layer."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                                   RowwiseParallel, SequenceParallel,
+                                                   parallelize_module)
+
+    tied = model.args.tie_embeddings
+    parallelize_module(model, tp_mesh, {
+        # Vocabulary-sharded embedding; its output leaves sequence-sharded for the first norm.
+        "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        "norm": SequenceParallel(),
+        # Logits stay vocabulary-sharded for loss_parallel, else are gathered for plain CE.
+        "output": ColwiseParallel(input_layouts=Shard(1),
+                                  output_layouts=Shard(-1) if loss_parallel else Replicate(),
+                                  use_local_output=not loss_parallel),
+    })
+    if tied:
+        # Both plans shard the shared (vocab, dim) weight on dim 0; re-tie the one DTensor.
+        model.output.weight = model.tok_embeddings.weight
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, {
+            "attention_norm": SequenceParallel(),
+            "attention": PrepareModuleInput(input_layouts=(Shard(1), None),
+                                            desired_input_layouts=(Replicate(), None)),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+            "ffn_norm": SequenceParallel(),
+            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),),
+                                               desired_input_layouts=(Replicate(),)),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        })
+
+
+def apply_ac(model: nn.Module, mode: str, every: int) -> None:
+    """full: recompute every block in backward; selective: every `every`-th block."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for i, (name, block) in enumerate(model.layers.named_children()):
+        if mode == "full" or (mode == "selective" and i % every == every - 1):
+            # checkpoint_wrapper (unlike torch.utils.checkpoint inline) keeps state-dict keys
+            # clean for DCP; non-reentrant so it composes with FSDP2 and DTensor.
+            model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
+
+
+def fsdp_mesh(mesh, dims: ParallelDims):
+    """The data-parallel sub-mesh FSDP uses: 2-D (replicate, shard) = HSDP = MiCS, else 1-D.
+
+    With dp_shard = 1 the 2-D mesh degenerates to plain data parallelism: no sharding, one
+    all-reduce per step.
+    """
+    if dims.dp_replicate > 1:
+        return mesh["dp_replicate", "dp_shard"]
+    return mesh["dp_shard"]
+
+
+def apply_fsdp(model: nn.Module, mesh, dims: ParallelDims, pcfg: ParallelConfig,
+               device: torch.device, mp_dtype: torch.dtype | None) -> None:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": fsdp_mesh(mesh, dims)}
+    if mp_dtype is not None:
+        # bf16 compute, fp32 gradient reduction: sums over many ranks keep their precision.
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp_dtype, reduce_dtype=torch.float32)
+    if pcfg.cpu_offload:
+        # Pinned host memory needs an accelerator; on CPU the policy is a plain no-op move.
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again at once by backward: keep them gathered.
+        reshard = pcfg.reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, reshard_after_forward=reshard, **kwargs)
+    # Root: embedding, final norm and head (tied weights included) form one more group.
+    fully_shard(model, reshard_after_forward=pcfg.reshard_after_forward, **kwargs)
+
+
+def set_grad_sync(model: nn.Module, dims: ParallelDims, last_micro_step: bool) -> None:
+    """MiCS two-hop gradient sync for one micro-batch of a gradient-accumulation cycle.
+
+    Sharded (dp_shard > 1): reduce-scatter inside the partition group on every micro-batch, so
+    each rank only ever holds its gradient shard; all-reduce across groups (dp_replicate) only
+    on the last micro-batch. Plain data parallel (dp_shard = 1): no communication at all until
+    the last micro-batch, like DDP's no_sync.
+    """
+    if not dims.fsdp_enabled:
+        return
+    if dims.dp_shard > 1:
+        model.set_requires_all_reduce(last_micro_step)
+    else:
+        model.set_requires_gradient_sync(last_micro_step)

@@ -1,0 +1,249 @@
+"""The training loop: forward, backward, step, validate, checkpoint, log, in plain sight.
+
+    config -> ParallelDims + mesh -> model on meta -> parallelize -> materialize + init
+    -> optimizer -> resume -> loop
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from triaxis.checkpoint.dcp import Checkpointer, complete_checkpoints
+from triaxis.config import Config, grad_accum_steps, to_toml, validate
+from triaxis.errors import UserError
+from triaxis.data.dataset import TokenDataset, micro_batch_start
+from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flops
+from triaxis.model import Transformer, build_model_args, flops_per_token, param_counts
+from triaxis.parallel.dims import ParallelDims
+from triaxis.parallel.parallelize import parallelize, set_grad_sync
+from triaxis.train.distributed import DistEnv, init_distributed, shutdown
+from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)
+    """Global training loss per logged step."""
+    val_losses: dict[int, float] = field(default_factory=dict)
+    final_step: int = 0
+    run_dir: str = ""
+
+
+def run(cfg: Config) -> TrainResult:
+    """Train per `cfg`, in this process (joining the process group torchrun describes)."""
+    env = init_distributed(cfg.train.device)
+    try:
+        return Trainer(cfg, env).fit()
+    finally:
+        shutdown(env)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.log = RankLogger(env.is_main)
+        self.dims, self.model_args, self.train_ds = resolve(cfg, env.world_size)
+        try:
+            self.val_ds = TokenDataset(cfg.data.path, "val", cfg.data.seq_len, cfg.data.seed)
+        except ValueError:
+            self.val_ds = None
+        self.grad_accum = grad_accum_steps(cfg, self.dims.dp_size)
+        self.device = env.device
+        self.compute_dtype = _compute_dtype(cfg.train.dtype, self.device)
+
+        self.mesh = self.dims.build_mesh(self.device.type) if env.world_size > 1 else None
+        self.dp_rank = self.dims.dp_rank(env.rank)
+        self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None else None
+
+        # Build on meta: no rank ever allocates the full model, whatever the layout.
+        with torch.device("meta"):
+            model = Transformer(self.model_args)
+        # Under FSDP, bf16 compute comes from its mixed-precision policy instead of autocast.
+        mp = self.compute_dtype if self.dims.fsdp_enabled else None
+        self.model = parallelize(model, self.dims, self.mesh, cfg.parallel, cfg.train,
+                                 self.device, mp)
+        init_device = "cpu" if cfg.parallel.cpu_offload else self.device
+        self.model.to_empty(device=init_device)
+        self.model.init_weights(cfg.train.seed)
+        self.optimizer = build_optimizer(self.model, cfg.train, self.device,
+                                         params_on_cpu=cfg.parallel.cpu_offload)
+        self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        layout = {"world_size": env.world_size, **dict(zip(
+            ("pp", "dp_replicate", "dp_shard", "tp"), self.dims.shape))}
+        self.ckpt = Checkpointer(cfg.checkpoint_dir(), self.model, self.optimizer,
+                                 self.scheduler, self.model_args, layout,
+                                 cfg.checkpoint.keep_last, env.is_main, cfg.data.path)
+        self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
+        self.peak = peak_flops(self.device)
+
+    # -- one optimizer step ------------------------------------------------------------------
+    def autocast(self):
+        if self.compute_dtype is None or self.dims.fsdp_enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
+
+    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def train_step(self, cursor: int) -> torch.Tensor:
+        """Forward + backward over grad_accum micro-batches, clip, optimizer step.
+        Returns this rank's mean loss (a tensor: no host sync here)."""
+        mb = self.cfg.train.micro_batch
+        total = torch.zeros((), device=self.device)
+        loss_ctx = contextlib.nullcontext
+        if self.cfg.parallel.loss_parallel:
+            from torch.distributed.tensor.parallel import loss_parallel as loss_ctx
+        for m in range(self.grad_accum):
+            start = micro_batch_start(cursor, m, mb, self.dims.dp_size, self.dp_rank)
+            tokens = self.train_ds.batch(start, mb).to(self.device, non_blocking=True)
+            set_grad_sync(self.model, self.dims, last_micro_step=m == self.grad_accum - 1)
+            with loss_ctx():
+                with self.autocast():
+                    logits = self.model(tokens[:, :-1])
+                loss = self.loss_fn(logits, tokens[:, 1:]) / self.grad_accum
+                loss.backward()
+            total += loss.detach()
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip_grad_norm(params, self.cfg.train.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return total
+
+    def mean_over_dp(self, value: torch.Tensor) -> float:
+        if self.dp_group is not None:
+            value = value.clone()
+            dist.all_reduce(value, group=self.dp_group)
+            value /= self.dims.dp_size
+        return float(value)
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        if self.val_ds is None or self.cfg.train.val_batches == 0:
+            return None
+        self.model.eval()
+        mb, total = self.cfg.train.micro_batch, torch.zeros((), device=self.device)
+        for m in range(self.cfg.train.val_batches):
+            start = micro_batch_start(0, m, mb, self.dims.dp_size, self.dp_rank)
+            start %= self.val_ds.num_windows
+            tokens = self.val_ds.batch(start, mb, shuffle=False).to(self.device)
+            with self.autocast():
+                logits = self.model(tokens[:, :-1])
+            if self.cfg.parallel.loss_parallel:
+                from torch.distributed.tensor.parallel import loss_parallel
+                with loss_parallel():
+                    total += self.loss_fn(logits, tokens[:, 1:])
+            else:
+                total += self.loss_fn(logits, tokens[:, 1:])
+        self.model.train()
+        return self.mean_over_dp(total / self.cfg.train.val_batches)
+
+    # -- the loop ----------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg, log = self.cfg, self.log
+        step, cursor = 0, 0
+        if cfg.checkpoint.resume == "auto":
+            found = complete_checkpoints(cfg.checkpoint_dir())
+            if found:
+                state = self.ckpt.load(found[-1])
+                step, cursor = state["step"], state["cursor"]
+                log.info(f"resumed from {found[-1]} at step {step} (sample cursor {cursor})")
+        run_dir = Path(cfg.train.run_dir)
+        if self.env.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(to_toml(cfg))
+        counts = param_counts(self.model_args)
+        log.info(f"model {cfg.model.preset}: {counts['total'] / 1e6:.1f}M parameters "
+                 f"({counts['non_embedding'] / 1e6:.1f}M non-embedding); layout "
+                 f"{self.dims.describe()} on {self.env.world_size} x {self.device.type}; "
+                 f"global batch {cfg.train.global_batch} x {cfg.data.seq_len} tokens, "
+                 f"grad accumulation {self.grad_accum}")
+        metrics = MetricsWriter(cfg.train.run_dir, self.env.is_main, cfg.metrics.tensorboard)
+        progress = Progress(log, cfg.train.steps, step, cfg.metrics.progress)
+        result = TrainResult(run_dir=str(run_dir))
+        tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+        t_last, steps_since = time.perf_counter(), 0
+        try:
+            while step < cfg.train.steps:
+                loss = self.train_step(cursor)
+                step += 1
+                cursor += cfg.train.global_batch
+                steps_since += 1
+                if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
+                    record = self._record(step, loss, tokens_per_step * steps_since,
+                                          time.perf_counter() - t_last)
+                    result.losses[step] = record["loss"]
+                    metrics.write(record)
+                    progress.update(step, record)
+                    t_last, steps_since = time.perf_counter(), 0
+                if cfg.train.val_every and step % cfg.train.val_every == 0:
+                    val = self.validate()
+                    if val is not None:
+                        result.val_losses[step] = val
+                        metrics.write({"step": step, "val_loss": val})
+                        log.info(f"step {step}: validation loss {val:.4f}")
+                    t_last = time.perf_counter()  # validation time is not training time
+                last = step == cfg.train.steps
+                if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or \
+                        (last and cfg.checkpoint.save_final):
+                    path = self.ckpt.save(step, cursor)
+                    log.info(f"saved checkpoint {path}")
+                    t_last = time.perf_counter()  # checkpoint time is not training time
+        finally:
+            progress.close()
+            metrics.close()
+        result.final_step = step
+        return result
+
+    def _record(self, step: int, loss: torch.Tensor, tokens: int, elapsed_s: float) -> dict:
+        tokens_per_s = tokens / max(elapsed_s, 1e-9)
+        per_device = tokens_per_s / self.env.world_size
+        mfu = (self.flops_per_token * per_device / self.peak) if self.peak else None
+        mem = torch.tensor([_peak_memory_bytes(self.device)], dtype=torch.float64)
+        if self.env.world_size > 1:
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        return {"step": step, "loss": self.mean_over_dp(loss),
+                "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_s,
+                "tokens_per_s_per_device": per_device, "mfu": mfu,
+                "max_memory_gib": float(mem) / 2**30}
+
+
+def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDataset]:
+    """Check everything that can be checked before any process group or model exists:
+    degrees against the world size, the data, the model shape. Used by the launcher too, so a
+    bad config fails once, in one line, instead of once per rank."""
+    p = cfg.parallel
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
+    train_ds = TokenDataset(cfg.data.path, "train", cfg.data.seq_len, cfg.data.seed)
+    vocab = train_ds.manifest["tokenizer"]["vocab_size"]
+    model_args = build_model_args(cfg.model, vocab_size=vocab)
+    if model_args.vocab_size < vocab:
+        raise UserError(f"model.vocab_size={model_args.vocab_size} is smaller than the data's "
+                        f"tokenizer vocabulary {vocab}; set --model.vocab_size=0 to take it from "
+                        "the data")
+    validate(cfg, model_args, dims)
+    if dims.pp > 1:
+        raise UserError("parallel.pp > 1 needs the pipeline runtime, which this build lacks; "
+                        "set --parallel.pp=1")
+    return dims, model_args, train_ds
+
+
+def _compute_dtype(requested: str, device: torch.device) -> torch.dtype | None:
+    """None = plain fp32. bf16 = autocast (one process) or FSDP's mixed-precision policy."""
+    if requested == "bf16" or (requested == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
