@@ -110,7 +110,7 @@ class Trainer:
                     logits = self.model(tokens[:, :-1])
                 loss = self.loss_fn(logits, tokens[:, 1:]) / self.grad_accum
                 loss.backward()
-            total += loss.detach()
+            total += _plain(loss.detach())
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip_grad_norm(params, self.cfg.train.grad_clip)
         self.optimizer.step()
@@ -140,7 +140,7 @@ class Trainer:
             if self.cfg.parallel.loss_parallel:
                 from torch.distributed.tensor.parallel import loss_parallel
                 with loss_parallel():
-                    total += self.loss_fn(logits, tokens[:, 1:])
+                    total += _plain(self.loss_fn(logits, tokens[:, 1:]))
             else:
                 total += self.loss_fn(logits, tokens[:, 1:])
         self.model.train()
@@ -247,3 +247,8 @@ def _peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """A loss from loss_parallel is a replicated DTensor; its local value is the full loss."""
+    return t.to_local() if hasattr(t, "to_local") else t

@@ -1,0 +1,61 @@
+"""Multi-process test harness: fork-started gloo workers on loopback, each with a timeout."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    try:
+        torch.set_num_threads(1)
+        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
+                           "WORLD_SIZE": str(world)})
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world, timeout=timedelta(seconds=60))
+        out = fn(rank, world, *args)
+        dist.barrier()
+        dist.destroy_process_group()
+        # Plain pickle copies tensor data; the queue's own pickler would pass shared-memory
+        # handles that die with this process.
+        queue.put((rank, "ok", pickle.dumps(out)))
+    except BaseException:  # report everything, including SystemExit, to the parent
+        queue.put((rank, "error", traceback.format_exc()))
+
+
+def run_workers(fn: Callable, world: int, *args: Any, timeout_s: float = 120) -> list[Any]:
+    """Run fn(rank, world, *args) in `world` forked processes; return their results by rank."""
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    try:
+        for _ in range(world):
+            rank, status, out = queue.get(timeout=timeout_s)
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{out}")
+            results[rank] = pickle.loads(out)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+    return [results[r] for r in range(world)]

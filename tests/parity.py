@@ -1,0 +1,67 @@
+"""Train the same tiny model under a layout and under one process; collect what to compare."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from triaxis.config import load_config
+
+BASE = {
+    "model.preset": "tiny", "data.seq_len": "32", "train.steps": "5", "train.lr": "3e-3",
+    "train.warmup_steps": "2", "train.global_batch": "8", "train.val_every": "0",
+    "train.device": "cpu", "checkpoint.interval": "0", "checkpoint.save_final": "false",
+    "metrics.log_every": "1", "metrics.tensorboard": "false", "metrics.progress": "false",
+}
+
+
+def make_config(data: str, run_dir: str, **overrides: str):
+    values = {**BASE, "data.path": data, "train.run_dir": run_dir}
+    values.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
+    return load_config(None, [f"--{k}={v}" for k, v in values.items()])
+
+
+def local_state_bytes(trainer) -> dict[str, int]:
+    """Bytes of parameters and optimizer state this rank actually holds."""
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    params = sum(local(p).numel() * local(p).element_size() for p in trainer.model.parameters())
+    optim = 0
+    for state in trainer.optimizer.state.values():
+        for v in state.values():
+            if torch.is_tensor(v) and v.ndim > 0:
+                optim += local(v).numel() * local(v).element_size()
+    return {"params": params, "optim": optim}
+
+
+def train_collect(rank: int, world: int, data: str, run_dir: str, overrides: dict) -> dict:
+    """Worker body (also used with world=1 in-process): train, return losses and full weights."""
+    from triaxis.train.distributed import init_distributed
+    from triaxis.train.loop import Trainer
+
+    cfg = make_config(data, run_dir, **overrides)
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    result = trainer.fit()
+    full = get_model_state_dict(trainer.model, options=StateDictOptions(
+        full_state_dict=True, cpu_offload=True))
+    out = {"losses": result.losses, "bytes": local_state_bytes(trainer)}
+    if rank == 0:
+        out["params"] = {k: v.clone() for k, v in full.items()}
+    return out
+
+
+def assert_same_run(got: dict, ref: dict, rtol: float = 1e-5) -> None:
+    assert sorted(got["losses"]) == sorted(ref["losses"]) and len(ref["losses"]) >= 5
+    for step, ref_loss in ref["losses"].items():
+        assert abs(got["losses"][step] - ref_loss) <= rtol * abs(ref_loss), \
+            f"step {step}: loss {got['losses'][step]!r} vs single-process {ref_loss!r}"
+    assert got["params"].keys() == ref["params"].keys()
+    for name, ref_p in ref["params"].items():
+        # Relative error of the whole tensor. Element-wise relative error is meaningless for
+        # near-zero weights: Adam turns rounding-level gradient noise into lr-sized updates there,
+        # so those elements are held to an absolute bound of a few ulps of lr instead.
+        diff = (got["params"][name] - ref_p).float()
+        rel = float(diff.norm() / ref_p.float().norm().clamp_min(1e-12))
+        assert rel <= rtol, f"{name}: relative error {rel:.2e} > {rtol:.0e}"
+        assert float(diff.abs().max()) <= 1e-5, f"{name}: max abs diff {diff.abs().max():.2e}"
