@@ -36,7 +36,7 @@ def load_for_inference(path: str, device: str = "cpu") -> tuple[Transformer, obj
     tok = load_tokenizer(data_path, read_manifest(data_path)["tokenizer"])
     with torch.device("meta"):
         model = Transformer(args)
-    model.to_empty(device=device)
+    model.materialize(device)
     model.init_weights(0)  # fills the RoPE buffer; the weights come from the checkpoint
     load_model_weights(model, ckpt)
     return model.eval(), tok, ckpt

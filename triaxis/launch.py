@@ -9,6 +9,7 @@ resumes from the last complete checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from triaxis.errors import UserError
@@ -49,6 +50,8 @@ def launch(a: argparse.Namespace) -> int:
     resolve(cfg, nproc * a.nnodes)
     if not on_gpu:
         overrides = overrides + ["--train.device=cpu"]
+        # Share the cores between the CPU workers instead of oversubscribing them.
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     argv = torchrun_args(a, nproc, config_path, overrides)
     print(f"triaxis launch: {nproc * a.nnodes} processes ({a.nnodes} node(s) x {nproc}, "
           f"{'nccl' if on_gpu else 'gloo'}): torchrun {' '.join(argv)}", file=sys.stderr)

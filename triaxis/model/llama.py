@@ -142,9 +142,25 @@ class Transformer(nn.Module):
         h = self.norm(h) if self.norm is not None else h
         return self.output(h) if self.output is not None else h
 
+    def materialize(self, device: torch.device | str) -> None:
+        """Allocate the meta-device parameters on `device` (uninitialized; see init_weights).
+
+        Plain `to_empty` re-registers each parameter separately and so unties the embedding and
+        the head; swapping storage in place keeps the one shared Parameter object.
+        """
+        swap = torch.__future__.get_swap_module_params_on_conversion()
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            self.to_empty(device=device)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(swap)
+        if self.args.tie_embeddings and self.output is not None and \
+                self.tok_embeddings is not None:
+            assert self.output.weight is self.tok_embeddings.weight, "tied weights came apart"
+
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Fill every parameter and buffer; call after `to_empty` from the meta device.
+        """Fill every parameter and buffer; call after `materialize` from the meta device.
 
         Each parameter draws from its own generator, seeded by (seed, its name), into a full-size
         tensor; a sharded parameter (DTensor) then keeps its own slice. So every layout, and a

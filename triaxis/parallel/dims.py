@@ -95,13 +95,14 @@ class ParallelDims:
 
     # -- the mesh ----------------------------------------------------------------------------
     def build_mesh(self, device_type: str):
-        """The world DeviceMesh with axes AXES, plus the flattened `dp` axis for data and loss."""
+        """(world mesh with axes AXES, the flattened `dp` mesh).
+
+        The `dp` mesh answers "which slice of the global batch": data loading, loss averaging.
+        """
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=AXES)
-        # One axis for "which slice of the global batch": data loading and loss averaging.
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        return mesh
+        return mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")
 
     def describe(self) -> str:
         return " x ".join(f"{a}={s}" for a, s in zip(AXES, self.shape))

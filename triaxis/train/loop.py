@@ -59,9 +59,10 @@ class Trainer:
         self.device = env.device
         self.compute_dtype = _compute_dtype(cfg.train.dtype, self.device)
 
-        self.mesh = self.dims.build_mesh(self.device.type) if env.world_size > 1 else None
+        self.mesh, self.dp_mesh = (self.dims.build_mesh(self.device.type)
+                                   if env.world_size > 1 else (None, None))
         self.dp_rank = self.dims.dp_rank(env.rank)
-        self.dp_group = self.mesh["dp"].get_group() if self.mesh is not None else None
+        self.dp_group = self.dp_mesh.get_group() if self.dp_mesh is not None else None
 
         # Build on meta: no rank ever allocates the full model, whatever the layout.
         with torch.device("meta"):
@@ -71,7 +72,7 @@ class Trainer:
         self.model = parallelize(model, self.dims, self.mesh, cfg.parallel, cfg.train,
                                  self.device, mp)
         init_device = "cpu" if cfg.parallel.cpu_offload else self.device
-        self.model.to_empty(device=init_device)
+        self.model.materialize(init_device)
         self.model.init_weights(cfg.train.seed)
         self.optimizer = build_optimizer(self.model, cfg.train, self.device,
                                          params_on_cpu=cfg.parallel.cpu_offload)

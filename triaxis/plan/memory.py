@@ -1,0 +1,165 @@
+"""Peak memory per GPU of a layout: states, activations, communication buffers.
+
+Activations follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models"), term by term, so that both GPT-style published models and triaxis's own
+Llama blocks are counted from one list. Bytes per token of one block (element size e = 2 in bf16,
+4 in fp32; t = tp):
+
+    norm inputs          2 x e·h       (triaxis' eager fp32 RMSNorm keeps 2 x 4h per norm)
+    q/k/v input          e·h           (gathered; only Megatron-style SP keeps it sharded)
+    q, k, v              e·(h + 2kv)/t (+ 4(h + kv)/t: triaxis's fp32 rotary copies)
+    scores               (2e + 1)·a·s/t with dropout, e·a·s/t without; 0 with flash attention
+                         (flash keeps its output and a 4-byte log-sum-exp per head instead)
+    projection input     e·h/t
+    MLP input            e·h
+    MLP inside           2e·f/t (GELU: fc1 out, GELU out); 4e·f/t (SwiGLU: w1, silu, w3, product)
+    dropout masks        2·h (GPT only)
+
+GPT with e = 2, f = 4h and no parallelism gives 34·h + 5·a·s: the paper's s·b·h·(34 + 5as/h).
+Without sequence parallelism the norms, inputs and masks are replicated over TP (10h + 24h/t).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from triaxis.plan.layout import Layout, Runtime
+from triaxis.plan.problem import MemoryBreakdown, Problem
+from triaxis.plan.shape import ModelShape
+from triaxis.plan.state_bytes import stage_blocks, stage_local_params
+
+
+@lru_cache(maxsize=4096)
+def layer_activation_bytes_per_token(shape: ModelShape, rt: Runtime, seq: int, tp: int,
+                                     elem: int) -> float:
+    """Bytes one block keeps for backward per token (no checkpointing), on one TP rank."""
+    h, kv, f, a = shape.dim, shape.kv_dim, shape.ffn_dim, shape.n_heads
+    triaxis = rt.name == "triaxis"
+    sp_div = tp if rt.sequence_parallel else 1
+    inputs_div = tp if (rt.sequence_parallel and not triaxis) else 1
+    norms = 2 * (8 if triaxis else elem) * h / sp_div
+    masks = (2 * h / sp_div) if shape.dropout else 0.0
+    inputs = 2 * elem * h / inputs_div
+    qkv = elem * (h + 2 * kv) / tp + (4 * (h + kv) / tp if triaxis else 0.0)
+    if rt.flash_attention:
+        core = (elem * h + 4 * a) / tp  # output (wo's input is a separate reshaped copy) + lse
+    else:
+        core = (2 * elem + 1 if shape.dropout else elem) * a * seq / tp
+    proj = elem * h / tp
+    mlp = (4 if shape.gated_mlp else 2) * elem * f / tp
+    return norms + masks + inputs + qkv + core + proj + mlp
+
+
+def checkpoint_bytes_per_token(shape: ModelShape, rt: Runtime, tp: int, elem: int) -> float:
+    """A checkpointed block keeps only its input: sequence-sharded under SP."""
+    return elem * shape.dim / (tp if rt.sequence_parallel else 1)
+
+
+def logits_bytes_per_token(shape: ModelShape, rt: Runtime, tp: int, elem: int) -> float:
+    """Logits, their fp32 copy, log-softmax and its gradient (triaxis: torch cross-entropy on
+    vocabulary-sharded logits with loss_parallel); Megatron's fused vocab-parallel CE keeps the
+    logits and one fp32 buffer."""
+    extra = ((4 if elem == 2 else 0) + 8) if rt.name == "triaxis" else 4
+    return (elem + extra) * shape.vocab_size / tp
+
+
+def in_flight(layout: Layout, num_micro: int) -> float:
+    """Micro-batches whose activations stage 0 holds at its peak, per schedule (in units of one
+    micro-batch through the whole stage)."""
+    p, m, v = layout.pp, num_micro, layout.virtual_stages
+    if p == 1:
+        return 1.0
+    if layout.schedule == "gpipe":
+        return float(m)
+    if layout.schedule == "interleaved-1f1b":
+        # Narayanan et al. 2021: p micro-batches of 1/v of the stage, plus the warm-up chunks.
+        return min(m, p) * (1 + (p - 1) / (p * v))
+    if layout.schedule == "zb-h2":
+        return float(min(m, 2 * p - 1))
+    return float(min(m, p))  # 1f1b, zb-h1 (same peak as 1F1B by construction)
+
+
+def activation_bytes(p: Problem, layout: Layout, blocks: int, num_micro: int,
+                     last_stage: bool) -> float:
+    """Peak activation bytes of a stage with `blocks` blocks."""
+    return _activations(p, layout.tp, layout.micro_batch, layout.activation_checkpoint,
+                        layout.ac_every, blocks, in_flight(layout, num_micro), last_stage)
+
+
+@lru_cache(maxsize=65536)
+def _activations(p: Problem, tp: int, micro_batch: int, ac: str, ac_every: int, blocks: int,
+                 in_flight_micro: float, last_stage: bool) -> float:
+    s, rt, e = p.shape, p.runtime, p.elem
+    tokens = micro_batch * p.seq_len
+    full = layer_activation_bytes_per_token(s, rt, p.seq_len, tp, e) * tokens
+    ckpt = checkpoint_bytes_per_token(s, rt, tp, e) * tokens
+    if ac == "full":
+        kept, working = blocks * ckpt, full
+    elif ac == "selective":
+        n_ckpt = blocks // ac_every
+        kept = n_ckpt * ckpt + (blocks - n_ckpt) * full
+        working = full if n_ckpt else 0.0
+    else:
+        kept, working = blocks * full, 0.0
+    total = kept * in_flight_micro + working
+    if last_stage:
+        total += logits_bytes_per_token(s, rt, tp, e) * tokens
+    return total
+
+
+@lru_cache(maxsize=65536)
+def _states(p: Problem, tp: int, shard: int, pp: int, stage: int, fsdp_on: bool,
+            gathered_blocks: int) -> tuple[float, float, float, float]:
+    """(params, grads, optim, comm buffers) bytes of rank 0 of `stage`."""
+    s, rt, e = p.shape, p.runtime, p.elem
+    numel, tensors = stage_local_params(s.dim, s.n_layers, s.n_kv_heads, s.head_dim, s.ffn_dim,
+                                        s.vocab_size, s.tie_embeddings, s.mlp_matrices, tp,
+                                        shard, pp, stage)
+    last = stage == pp - 1
+    matrix = s.vocab_size * s.dim / tp
+    head = matrix if last else 0.0
+    # The root FSDP group: embedding (stage 0) and head (last stage), one matrix if tied.
+    root = matrix * (stage == 0) + (0.0 if (s.tie_embeddings and stage == 0) else head)
+    if fsdp_on:
+        params, grads, optim = 4.0 * numel, 4.0 * numel, 8.0 * numel + 4 * tensors
+        # Gathered compute copies: 2 units (current + prefetched), or every block of the stage
+        # when kept from forward to backward; the root stays gathered all step.
+        unit = s.block_params() / tp
+        if rt.gather_per_matrix:
+            unit = max(s.dim, s.ffn_dim) * s.dim / tp  # the largest weight matrix
+        comm = e * (gathered_blocks * unit + root)
+        # One unit's unsharded gradient + its reduce-scatter input, and the head's gradient.
+        comm += (e + rt.grad_reduce_bytes) * unit + e * head
+    elif rt.fsdp:
+        # One model replica, no FSDP: fp32 states; autocast caches bf16 copies of the weights.
+        params, grads, optim = 4.0 * numel, 4.0 * numel, 8.0 * numel + 4 * tensors
+        params += 2.0 * numel if e == 2 else 0.0
+        comm = 0.0
+    else:
+        # Megatron-LM 2021: fp16 weights, fp32 main grads, fp32 master + Adam, replicated.
+        params, grads, optim, comm = 2.0 * numel, 4.0 * numel, 12.0 * numel, 0.0
+    return params, grads, optim, comm
+
+
+def memory_of(p: Problem, layout: Layout, num_micro: int) -> MemoryBreakdown:
+    """Peak bytes per GPU: the heavier of the first and last pipeline stage."""
+    fsdp_on = p.runtime.fsdp and layout.dp > 1
+    shard = layout.dp_shard if fsdp_on else 1
+    tp, pp = layout.tp, layout.pp
+    blocks = stage_blocks(p.shape.n_layers, pp)
+    # Gathered TP inputs (attention and MLP) of the block in flight.
+    tp_buffers = 2 * p.elem * layout.micro_batch * p.seq_len * p.shape.dim if tp > 1 else 0.0
+    worst = None
+    for stage in ((0, pp - 1) if pp > 1 else (0,)):
+        gathered = 2 if layout.reshard_after_forward else blocks[stage]
+        params, grads, optim, comm = _states(p, tp, shard, pp, stage, fsdp_on, gathered)
+        act = activation_bytes(p, layout, blocks[stage], num_micro, stage == pp - 1)
+        host = 0.0
+        if layout.cpu_offload:
+            host = (params + grads + optim) * p.hw.gpus_per_node
+            params = grads = optim = 0.0
+        mem = MemoryBreakdown(params, grads, optim, act, comm + tp_buffers, host)
+        if worst is None or mem.total > worst.total:
+            worst = mem
+    assert worst is not None
+    return worst

@@ -1,0 +1,110 @@
+"""Exact per-rank bytes of parameters, gradients and optimizer states under triaxis's sharding.
+
+Modelled on what triaxis.parallel.parallelize does, tensor by tensor:
+
+  * tensor parallel (DTensor): wq, wk, wv, w1, w3 and the LM head are column-wise (dim 0 split
+    by tp), wo and w2 row-wise (dim 1 split by tp), the embedding is split on the vocabulary
+    (dim 0), the RMSNorm weights are replicated;
+  * FSDP2 then splits dim 0 of each (TP-local) tensor over dp_shard, padded to a multiple of
+    dp_shard: every rank allocates ceil(dim0 / dp_shard) rows. dp_replicate copies, never splits.
+    FSDP is on only when dp_replicate x dp_shard > 1 (as in ParallelDims.fsdp_enabled);
+  * gradients have their parameter's local shape; AdamW keeps exp_avg and exp_avg_sq of that
+    shape plus a 4-byte `step` scalar per parameter tensor;
+  * pipeline stages (pp > 1) hold contiguous blocks, the first n_layers % pp stages one more;
+    stage 0 holds the embedding, the last stage the final norm and the head (with tied
+    embeddings the last stage keeps its own copy of the shared matrix, as Megatron does).
+
+The figures are those of rank 0 of a stage, which holds the largest (padded) shard.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from triaxis.model.llama import ModelArgs
+
+ADAM_STEP_BYTES = 4
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _local_numel(rows: int, cols: int, tp_dim: int | None, tp: int, shard: int) -> int:
+    """Rank 0's elements of a (rows, cols) weight (cols = 1 for a vector)."""
+    if tp_dim == 0:
+        rows = _cdiv(rows, tp)
+    elif tp_dim == 1:
+        cols = _cdiv(cols, tp)
+    return _cdiv(rows, shard) * cols
+
+
+def block_tensors(dim: int, n_kv: int, head_dim: int, ffn: int, mlp_matrices: int = 3):
+    """(rows, cols, tp_dim) of every parameter of one block."""
+    kv = n_kv * head_dim
+    out = [(dim, 1, None), (dim, dim, 0), (kv, dim, 0), (kv, dim, 0), (dim, dim, 1),
+           (dim, 1, None)]
+    if mlp_matrices == 3:
+        out += [(ffn, dim, 0), (ffn, dim, 0), (dim, ffn, 1)]
+    else:
+        out += [(ffn, dim, 0), (dim, ffn, 1)]
+    return out
+
+
+@lru_cache(maxsize=4096)
+def stage_blocks(n_layers: int, pp: int) -> tuple[int, ...]:
+    """Blocks per pipeline stage: contiguous, the first n_layers % pp stages take one more."""
+    base, extra = divmod(n_layers, pp)
+    return tuple(base + (1 if s < extra else 0) for s in range(pp))
+
+
+@lru_cache(maxsize=4096)
+def stage_local_params(dim: int, n_layers: int, n_kv: int, head_dim: int, ffn: int, vocab: int,
+                       tied: bool, mlp_matrices: int, tp: int, shard: int, pp: int,
+                       stage: int) -> tuple[int, int]:
+    """(elements, tensors) of rank 0 of `stage` after TP then FSDP sharding."""
+    blk = block_tensors(dim, n_kv, head_dim, ffn, mlp_matrices)
+    per_block = sum(_local_numel(r, c, d, tp, shard) for r, c, d in blk)
+    blocks = stage_blocks(n_layers, pp)[stage]
+    numel, tensors = per_block * blocks, len(blk) * blocks
+    first, last = stage == 0, stage == pp - 1
+    if first:
+        numel, tensors = numel + _local_numel(vocab, dim, 0, tp, shard), tensors + 1
+    if last:
+        numel += _local_numel(dim, 1, None, tp, shard)  # final norm
+        tensors += 1
+        if not tied or not first:  # a separate head, or a tied one on its own stage
+            numel, tensors = numel + _local_numel(vocab, dim, 0, tp, shard), tensors + 1
+    return numel, tensors
+
+
+def predict_state_bytes_per_rank(model_args: ModelArgs, dp_shard: int, dp_replicate: int,
+                                 tp: int, pp: int, fp32: bool = True, *,
+                                 stage: int | None = None) -> dict[str, int]:
+    """Bytes per rank of parameters, gradients and AdamW states under triaxis's sharding.
+
+    Parameters and gradients are fp32 in both cases (FSDP's mixed precision keeps fp32 masters
+    and reduces in fp32); `fp32=False` adds `bf16_working`: the bf16 copies FSDP gathers for
+    compute (two blocks, current and prefetched, plus the root's embedding and head). `stage`
+    picks a pipeline stage; None returns the stage with the most bytes. Returns params, grads,
+    optim and total (params + grads + optim).
+    """
+    a = model_args
+    fsdp_shard = dp_shard if dp_shard * dp_replicate > 1 else 1
+    stages = range(pp) if stage is None else [stage]
+    best: dict[str, int] = {}
+    for s in stages:
+        numel, tensors = stage_local_params(a.dim, a.n_layers, a.n_kv_heads, a.head_dim,
+                                            a.ffn_dim, a.vocab_size, a.tie_embeddings, 3, tp,
+                                            fsdp_shard, pp, s)
+        out = {"params": 4 * numel, "grads": 4 * numel,
+               "optim": 8 * numel + ADAM_STEP_BYTES * tensors}
+        out["total"] = out["params"] + out["grads"] + out["optim"]
+        if not fp32:
+            blk = block_tensors(a.dim, a.n_kv_heads, a.head_dim, a.ffn_dim)
+            per_block = sum(_local_numel(r, c, d, tp, 1) for r, c, d in blk)
+            root = _local_numel(a.vocab_size, a.dim, 0, tp, 1) * (1 if a.tie_embeddings else 2)
+            out["bf16_working"] = 2 * (min(2, stage_blocks(a.n_layers, pp)[s]) * per_block + root)
+        if not best or out["total"] > best["total"]:
+            best = out
+    return best
