@@ -26,14 +26,19 @@ def header(r: PlanResult) -> str:
             f"{_gib(p.hw.usable_memory_bytes)} GiB usable per GPU, {r.num_timed} timed")
 
 
-def tables(r: PlanResult) -> str:
+def _ordinal(k: int) -> str:
+    return f"{k}{'tsnrhtdd'[(k // 10 % 10 != 1) * (k % 10 < 4) * k % 10::4]}"
+
+
+def tables(r: PlanResult, top: int = 5) -> str:
+    shown = r.plans[:top]
     rows = ["", f"{'#':>2}  {'layout':<62} {'step s':>8} {'tok/s':>10} {'MFU':>6}",]
-    for i, p in enumerate(r.plans, 1):
+    for i, p in enumerate(shown, 1):
         rows.append(f"{i:>2}  {p.layout.describe():<62} {p.time.total:>8.3f} "
                     f"{p.tokens_per_s:>10.4g} {p.mfu:>6.1%}")
     rows += ["", "memory per GPU (GiB)", f"{'#':>2}  {'params':>7} {'grads':>7} {'optim':>7} "
              f"{'activ':>7} {'comm':>7} {'total':>7} {'host/node':>10}"]
-    for i, p in enumerate(r.plans, 1):
+    for i, p in enumerate(shown, 1):
         m = p.memory
         rows.append(f"{i:>2}  {_gib(m.params):>7} {_gib(m.grads):>7} {_gib(m.optim):>7} "
                     f"{_gib(m.activations):>7} {_gib(m.comm_buffers):>7} {_gib(m.total):>7} "
@@ -41,7 +46,7 @@ def tables(r: PlanResult) -> str:
     rows += ["", "step time (s): compute, exposed communication per mesh axis, pipeline bubble",
              f"{'#':>2}  {'compute':>8} " + " ".join(f"{a:>12}" for a in AXES) +
              f" {'offload':>8} {'bubble':>8} {'optim':>7} {'micro':>6}"]
-    for i, p in enumerate(r.plans, 1):
+    for i, p in enumerate(shown, 1):
         t = p.time
         rows.append(f"{i:>2}  {t.compute:>8.3f} " +
                     " ".join(f"{t.exposed_comm.get(a, 0.0):>12.3f}" for a in AXES) +
@@ -71,8 +76,8 @@ def explain(r: PlanResult) -> str:
     gpn = hw.gpus_per_node
     out = []
     if a.tp > 1:
-        out.append(f"tp={a.tp} splits every block's matrices inside one NVLink domain "
-                   f"({gpn} GPUs per node); its per-layer collectives cannot overlap and cost "
+        out.append(f"tp={a.tp} splits every block's matrices inside one node ({gpn} GPUs on "
+                   f"NVLink); its per-layer collectives cannot overlap and cost "
                    f"{t.exposed_comm['tp']:.3f} s per step.")
     else:
         out.append("tp=1: no per-layer activation traffic; the matrices stay whole and fast.")
@@ -87,14 +92,18 @@ def explain(r: PlanResult) -> str:
     where = f"{group // gpn} nodes" if group > gpn else "one node"
     state_txt = (f"{_gib(m.host_per_node / gpn)} GiB per GPU, offloaded to the host"
                  if a.cpu_offload else f"{_gib(states)} GiB per GPU")
-    out.append(f"dp_shard={a.dp_shard} (a MiCS partition group of {group} GPUs, {where}) holds "
-               f"parameters, gradients and AdamW states in {state_txt}; its gathers and "
-               f"reduce-scatters leave {t.exposed_comm['dp_shard']:.3f} s exposed.")
+    if a.dp_shard > 1:
+        out.append(f"dp_shard={a.dp_shard} (a MiCS partition group of {group} GPUs, {where}) "
+                   f"holds parameters, gradients and AdamW states in {state_txt}; its gathers "
+                   f"and reduce-scatters leave {t.exposed_comm['dp_shard']:.3f} s exposed.")
+    else:
+        out.append(f"dp_shard=1: every rank keeps whole parameters, gradients and AdamW states "
+                   f"({state_txt}), so nothing is gathered per block.")
     if a.dp_replicate > 1:
         out.append(f"dp_replicate={a.dp_replicate} replicas all-reduce gradients once per step "
                    f"({t.exposed_comm['dp_replicate']:.3f} s exposed).")
     ac = {"none": "no activation checkpointing", "full": "full activation checkpointing",
-          "selective": f"checkpointing every {a.ac_every}th block"}[a.activation_checkpoint]
+          "selective": f"checkpointing every {_ordinal(a.ac_every)} block"}[a.activation_checkpoint]
     out.append(f"Micro-batch {a.micro_batch} with {ac} keeps activations at "
                f"{_gib(m.activations)} GiB of the {_gib(m.total)} GiB peak "
                f"({_gib(hw.usable_memory_bytes)} usable).")
@@ -149,7 +158,7 @@ def plan_dict(p: Plan) -> dict[str, Any]:
             "mfu": p.mfu, "hw_tflops_per_gpu": p.hw_tflops_per_gpu, "fits": p.fits}
 
 
-def to_json(r: PlanResult) -> dict[str, Any]:
+def to_json(r: PlanResult, top: int = 5) -> dict[str, Any]:
     pr = r.problem
     return {"model": dataclasses.asdict(pr.shape), "gpus": r.world_size,
             "gpu": pr.hw.gpu.name, "cluster": pr.hw.cluster.name,
@@ -157,6 +166,16 @@ def to_json(r: PlanResult) -> dict[str, Any]:
             "global_batch": pr.global_batch, "objective": r.objective,
             "usable_memory_gib": pr.hw.usable_memory_bytes / GIB,
             "num_layouts": r.num_layouts, "num_fit": r.num_fit,
-            "plans": [plan_dict(p) for p in r.plans],
+            "plans": [plan_dict(p) for p in r.plans[:top]],
             "explanation": explain(r), "toml": toml_snippet(r) if r.plans else None,
             "leanest": plan_dict(r.leanest) if r.leanest else None, "advice": r.advice}
+
+
+def no_fit_message(r: PlanResult) -> str:
+    """Nothing fits: what the leanest layout needs, and what would make the model fit."""
+    hw, lean = r.problem.hw, r.leanest
+    need = (f"{_gib(lean.memory.total)} GiB per GPU ({lean.layout.describe()})" if lean
+            else "more memory")
+    return (f"{r.problem.shape.name} does not fit on {r.world_size} x {hw.gpu.name} under any "
+            f"of {r.num_layouts} layouts: the leanest needs {need}, "
+            f"{_gib(hw.usable_memory_bytes)} GiB is usable. " + "; ".join(r.advice))

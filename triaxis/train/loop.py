@@ -53,8 +53,10 @@ class Trainer:
         self.dims, self.model_args, self.train_ds = resolve(cfg, env.world_size)
         try:
             self.val_ds = TokenDataset(cfg.data.path, "val", cfg.data.seq_len, cfg.data.seed)
-        except ValueError:
+        except ValueError as e:
             self.val_ds = None
+            if cfg.train.val_every:
+                self.log.warn(f"no validation: {e}")
         self.grad_accum = grad_accum_steps(cfg, self.dims.dp_size)
         self.device = env.device
         self.compute_dtype = _compute_dtype(cfg.train.dtype, self.device)

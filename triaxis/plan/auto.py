@@ -1,0 +1,94 @@
+"""`triaxis train --parallel.auto=speed|memory`: plan for the world size at hand and apply it.
+
+    plan, why = plan_for_world(cfg, world_size, "speed")
+
+Picks the hardware profile from what the process sees: the named `gpu`, else the CUDA device
+(A100 40/80 GB, H100, H200 by name and memory), else the `cpu` profile. The cpu profile models
+gloo processes on one host: fp32 compute (4-byte activations, no bf16 copies, no offload), a
+nominal FLOP rate (only the ranking between layouts matters), and memory = this host's memory /
+processes per node, read at run time. Pipeline layouts are left out unless `allow_pipeline`
+(the training loop refuses pp > 1 until the pipeline runtime lands).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from triaxis.config import Config
+from triaxis.errors import UserError
+from triaxis.model.llama import ModelArgs
+from triaxis.plan.cost import Plan, Problem
+from triaxis.plan.hardware import GIB, load_catalog, resolve_hardware
+from triaxis.plan.layout import RUNTIMES, SearchSpace
+from triaxis.plan.planner import plan
+from triaxis.plan.report import explain, no_fit_message
+from triaxis.plan.shape import shape_from_args
+
+
+def detect_gpu(device: str) -> str:
+    """The hardware profile of this process's accelerator: a100-40g, a100-80g, h100, h200, cpu."""
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name()
+    mem_gib = torch.cuda.get_device_properties(0).total_memory / GIB
+    if "H200" in name:
+        return "h200"
+    if "H100" in name:
+        return "h100"
+    if "A100" in name:
+        return "a100-80g" if mem_gib > 60 else "a100-40g"
+    raise UserError(f"GPU {name!r} has no hardware profile; pass gpu= one of a100-40g, a100-80g, "
+                    "h100, h200, or add a [gpu.NAME] table with --hardware FILE")
+
+
+def plan_for_world(cfg: Config, world_size: int, objective: str, gpu: str | None = None, *,
+                   model_args: ModelArgs | None = None, cluster: str | None = None,
+                   gpus_per_node: int | None = None, hardware: str | None = None,
+                   allow_pipeline: bool = False) -> tuple[Plan, str]:
+    """Choose the best layout of `world_size` ranks for cfg's model, seq_len and global batch,
+    write it into cfg.parallel and cfg.train.micro_batch, and return (plan, explanation).
+
+    model_args: the resolved model (with the data's vocabulary); default: from cfg.model.
+    gpus_per_node: default LOCAL_WORLD_SIZE (torchrun), else all ranks on one host for CPU and
+    min(world_size, visible GPUs) on GPU.
+    """
+    from triaxis.model.presets import build_model_args
+
+    args = model_args or build_model_args(cfg.model)
+    gpu = gpu or detect_gpu(cfg.train.device)
+    catalog = load_catalog(hardware)
+    if gpus_per_node is None:
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        gpus_per_node = int(local) if local else (world_size if gpu == "cpu" else
+                                                  min(world_size, _visible_gpus()))
+    hw = resolve_hardware(catalog, gpu, cluster, max(1, gpus_per_node))
+    if cfg.train.dtype == "fp32" and hw.gpu.bf16:
+        hw = dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, bf16=False))
+    problem = Problem(shape_from_args(args, cfg.model.preset), hw, RUNTIMES["triaxis"],
+                      cfg.data.seq_len, cfg.train.global_batch)
+    space = SearchSpace(max_pp=0 if allow_pipeline else 1, allow_offload=hw.gpu.bf16,
+                        max_micro_batch=cfg.train.global_batch)
+    result = plan(problem, world_size, objective, space, keep=2, catalog=catalog)
+    if not result.plans:
+        raise UserError("parallel.auto: " + no_fit_message(result))
+    best = result.plans[0]
+    a, p = best.layout, cfg.parallel
+    p.dp_replicate, p.dp_shard, p.tp, p.pp = a.dp_replicate, a.dp_shard, a.tp, a.pp
+    p.activation_checkpoint, p.ac_every = a.activation_checkpoint, a.ac_every  # type: ignore
+    p.cpu_offload, p.reshard_after_forward = a.cpu_offload, a.reshard_after_forward
+    p.loss_parallel = a.tp > 1
+    cfg.train.micro_batch = a.micro_batch
+    why = (f"parallel.auto={objective} on {world_size} x {hw.gpu.name}: {a.describe()} "
+           f"(predicted {best.time.total:.3g} s/step, peak {best.memory.total / GIB:.2f} GiB "
+           f"per rank of {hw.usable_memory_bytes / GIB:.1f} usable; {result.num_fit} of "
+           f"{result.num_layouts} layouts fit). " + explain(result))
+    return best, why
+
+
+def _visible_gpus() -> int:
+    import torch
+
+    return max(1, torch.cuda.device_count())
