@@ -64,7 +64,9 @@ class Layout:
     dp_shard: int
     """MiCS partition-group size: ranks that shard parameters, gradients and optimizer states."""
     tp: int
+    """Tensor-parallel degree (innermost, inside a node)."""
     pp: int
+    """Pipeline stages."""
     micro_batch: int
     """Samples per rank per forward pass."""
     activation_checkpoint: str = "none"
@@ -75,7 +77,9 @@ class Layout:
     virtual_stages: int = 1
     """Model chunks per pipeline rank (interleaved-1f1b only)."""
     cpu_offload: bool = False
+    """Sharded parameters, gradients and AdamW states live in host memory (FSDP2 offload)."""
     reshard_after_forward: bool = True
+    """False: keep gathered blocks from forward to backward (one all-gather less, more memory)."""
 
     @property
     def world_size(self) -> int:
@@ -111,6 +115,7 @@ class SearchSpace:
     schedules: tuple[str, ...] = SCHEDULES
     ac_policies: tuple[str, ...] = AC_POLICIES
     ac_every: tuple[int, ...] = (2,)
+    """Values of ac_every tried with selective checkpointing."""
     allow_offload: bool = True
     allow_no_reshard: bool = True
     max_pp: int = 0
@@ -118,6 +123,7 @@ class SearchSpace:
     max_tp: int = 0
     """0 = up to GPUs per node: tensor parallelism never crosses the NVLink domain."""
     virtual_stages: tuple[int, ...] = (2, 4)
+    """Model chunks per rank tried with interleaved-1f1b."""
     max_micro_batch: int = 64
 
 
@@ -137,8 +143,9 @@ def enumerate_families(shape: ModelShape, world: int, gpus_per_node: int, global
 
     Rules: tp divides the heads, KV heads and MLP width and stays inside a node; pp <= blocks;
     dp = dp_replicate x dp_shard divides the global batch and micro_batch divides the per-replica
-    batch; interleaving needs blocks divisible by pp x virtual stages; offload and keeping
-    parameters gathered (no reshard) only mean something with dp_shard > 1.
+    batch; interleaving needs blocks divisible by pp x virtual stages; schedules need enough
+    micro-batches (schedule_fits); offload and keeping parameters gathered (no reshard) only
+    mean something with dp_shard > 1.
     """
     max_tp = space.max_tp or gpus_per_node
     max_pp = space.max_pp or shape.n_layers
@@ -162,6 +169,8 @@ def enumerate_families(shape: ModelShape, world: int, gpus_per_node: int, global
                     if mb > space.max_micro_batch:
                         break
                     for sched, v in schedules:
+                        if not schedule_fits(sched, pp, per_replica // mb):
+                            continue
                         yield [Layout(dp // dp_shard, dp_shard, tp, pp, mb, ac, every, sched, v,
                                       off, rs)
                                for ac, every in acs for off in offloads for rs in reshards]
@@ -183,6 +192,18 @@ def slower_or_equal(a: Layout, b: Layout) -> bool:
     offload, resharding)? Then a fitting `b` makes `a` pointless for speed."""
     return (recompute_rank(a) >= recompute_rank(b) and a.cpu_offload >= b.cpu_offload
             and a.reshard_after_forward >= b.reshard_after_forward)
+
+
+def schedule_fits(schedule: str, pp: int, num_micro: int) -> bool:
+    """Enough micro-batches for the schedule to be what its bubble formula assumes: interleaving
+    needs a multiple of pp (Megatron's rule), ZB-H1 at least pp, ZB-H2 at least 2·pp - 1."""
+    if schedule == "interleaved-1f1b":
+        return num_micro % pp == 0
+    if schedule == "zb-h1":
+        return num_micro >= pp
+    if schedule == "zb-h2":
+        return num_micro >= 2 * pp - 1
+    return True
 
 
 def _schedules(shape: ModelShape, pp: int, space: SearchSpace) -> list[tuple[str, int]]:

@@ -21,6 +21,18 @@ class MeasuredLayout:
     dp_replicate: int
     dp_shard: int
     tp: int
+    tied: bool | None = None
+    """Override the preset's tie_embeddings (None = keep it)."""
+
+    def model_args(self):
+        import dataclasses
+
+        from triaxis.model.presets import PRESETS
+
+        args = dataclasses.replace(PRESETS[self.preset])
+        if self.tied is not None:
+            args.tie_embeddings = self.tied
+        return args
 
     @property
     def world_size(self) -> int:
@@ -58,12 +70,11 @@ def _measure_one(m: MeasuredLayout) -> dict[str, int]:
 
     from triaxis.config import ParallelConfig, TrainConfig
     from triaxis.model import Transformer
-    from triaxis.model.presets import PRESETS
     from triaxis.parallel.dims import ParallelDims
     from triaxis.parallel.parallelize import parallelize
     from triaxis.train.optim import build_optimizer
 
-    args = PRESETS[m.preset]
+    args = m.model_args()
     dims = ParallelDims(m.dp_replicate, m.dp_shard, m.tp, 1, m.world_size)
     mesh = None
     if m.world_size > 1:
@@ -91,8 +102,11 @@ def _measure_one(m: MeasuredLayout) -> dict[str, int]:
 
 
 if __name__ == "__main__":
-    # python -m triaxis.plan.measure RANK PRESET:DR:DS:TP [...]: one JSON list on stdout.
+    # python -m triaxis.plan.measure RANK PRESET:DR:DS:TP[:tied] [...]: a JSON list on stdout.
     rank, *specs = sys.argv[1:]
-    todo = [MeasuredLayout(p, int(a), int(b), int(c))
-            for p, a, b, c in (s.split(":") for s in specs)]
+    todo = []
+    for spec in specs:
+        preset, dr, ds, tp, *tied = spec.split(":")
+        todo.append(MeasuredLayout(preset, int(dr), int(ds), int(tp),
+                                   tied[0] == "tied" if tied else None))
     print(json.dumps(measure(todo, int(rank))))

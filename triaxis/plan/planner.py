@@ -126,7 +126,7 @@ def advise(problem: Problem, world: int, space: SearchSpace,
         if fits_somewhere(bigger, n, space):
             nodes = -(-n // problem.hw.gpus_per_node)
             out.append(f"the smallest cluster that fits is {n} x {problem.hw.gpu.name} "
-                       f"({nodes} nodes), with the global batch scaled to "
+                       f"({nodes} node{'s' if nodes > 1 else ''}), with the global batch scaled to "
                        f"{bigger.global_batch}")
             break
         n *= 2

@@ -83,6 +83,23 @@ def _best_sharded(shape, hw, rt, row, dp) -> Plan:
     return best
 
 
+def traffic_bound_tflops(row: dict[str, Any]) -> float:
+    """The TFLOP/s per GPU a sharded-data-parallel row cannot exceed on its network, even with
+    free compute and perfect overlap: per micro-batch each node receives the gathered weights
+    twice and sends the reduce-scattered gradients once, all but its own 1/(nodes) share through
+    its NICs. Compared with the published figure by the tests."""
+    hw = resolve_hardware(load_catalog(), None, row["cluster"])
+    rt, shape = RUNTIMES[row["runtime"]], row_shape(row)
+    params = shape.n_layers * shape.block_params()
+    nodes = row["gpus"] // hw.gpus_per_node
+    per_node = (2 * rt.gather_bytes + rt.grad_reduce_bytes) * params * (1 - 1 / nodes)
+    seconds = per_node / hw.cluster.network_bytes_per_s
+    tokens = row["seq_len"]  # micro-batch 1: the most that fits (see published.toml)
+    flops = tokens * (shape.model_flops_per_token(row["seq_len"]) +
+                      shape.recompute_flops_per_token(row["seq_len"], shape.n_layers))
+    return flops / seconds / 1e12
+
+
 def predict_all() -> list[Prediction]:
     return [predict_row(r) for r in load_rows()]
 

@@ -32,9 +32,10 @@ def _ordinal(k: int) -> str:
 
 def tables(r: PlanResult, top: int = 5) -> str:
     shown = r.plans[:top]
-    rows = ["", f"{'#':>2}  {'layout':<62} {'step s':>8} {'tok/s':>10} {'MFU':>6}",]
+    width = max([len(p.layout.describe()) for p in shown] + [6])
+    rows = ["", f"{'#':>2}  {'layout':<{width}} {'step s':>8} {'tok/s':>10} {'MFU':>6}",]
     for i, p in enumerate(shown, 1):
-        rows.append(f"{i:>2}  {p.layout.describe():<62} {p.time.total:>8.3f} "
+        rows.append(f"{i:>2}  {p.layout.describe():<{width}} {p.time.total:>8.3f} "
                     f"{p.tokens_per_s:>10.4g} {p.mfu:>6.1%}")
     rows += ["", "memory per GPU (GiB)", f"{'#':>2}  {'params':>7} {'grads':>7} {'optim':>7} "
              f"{'activ':>7} {'comm':>7} {'total':>7} {'host/node':>10}"]
@@ -57,9 +58,9 @@ def tables(r: PlanResult, top: int = 5) -> str:
 
 def _largest_difference(a: Plan, b: Plan) -> str:
     """Which part of b's step time grew most over a's, in words."""
-    parts = {"compute (recomputation, smaller matrices)": b.time.compute - a.time.compute,
-             "pipeline bubble": b.time.bubble - a.time.bubble,
-             "optimizer step": b.time.optimizer - a.time.optimizer}
+    parts = {"compute": b.time.compute - a.time.compute,
+             "the pipeline bubble": b.time.bubble - a.time.bubble,
+             "the optimizer step": b.time.optimizer - a.time.optimizer}
     for axis in set(a.time.exposed_comm) | set(b.time.exposed_comm):
         parts[f"exposed {axis} communication"] = (b.time.exposed_comm.get(axis, 0.0) -
                                                   a.time.exposed_comm.get(axis, 0.0))
@@ -111,7 +112,7 @@ def explain(r: PlanResult) -> str:
         b = r.plans[1]
         if r.objective == "speed":
             out.append(f"Runner-up {b.layout.describe()} is "
-                       f"{b.time.total / t.total - 1:.1%} slower, mostly "
+                       f"{b.time.total / t.total - 1:.1%} slower, mostly from "
                        f"{_largest_difference(w, b)}.")
         else:
             out.append(f"Runner-up {b.layout.describe()} needs "
@@ -174,8 +175,19 @@ def to_json(r: PlanResult, top: int = 5) -> dict[str, Any]:
 def no_fit_message(r: PlanResult) -> str:
     """Nothing fits: what the leanest layout needs, and what would make the model fit."""
     hw, lean = r.problem.hw, r.leanest
-    need = (f"{_gib(lean.memory.total)} GiB per GPU ({lean.layout.describe()})" if lean
-            else "more memory")
-    return (f"{r.problem.shape.name} does not fit on {r.world_size} x {hw.gpu.name} under any "
-            f"of {r.num_layouts} layouts: the leanest needs {need}, "
-            f"{_gib(hw.usable_memory_bytes)} GiB is usable. " + "; ".join(r.advice))
+    usable = _gib(hw.usable_memory_bytes)
+    msg = f"{r.problem.shape.name} does not fit on {r.world_size} x {hw.gpu.name} under any of " \
+          f"{r.num_layouts} layouts: "
+    if lean is None:
+        msg += "none was enumerated."
+    elif lean.memory.total <= hw.usable_memory_bytes:
+        msg += (f"the leanest ({lean.layout.describe()}) needs {_gib(lean.memory.total)} of "
+                f"the {usable} GiB usable per GPU, but {_gib(lean.memory.host_per_node)} GiB of "
+                f"offloaded states per node, over 80% of the host's "
+                f"{_gib(hw.cluster.host_memory_bytes)} GiB.")
+    else:
+        msg += (f"the leanest ({lean.layout.describe()}) needs {_gib(lean.memory.total)} GiB "
+                f"per GPU, {usable} GiB is usable.")
+    if r.advice:
+        msg += " Instead: " + "; ".join(r.advice) + "."
+    return msg

@@ -30,13 +30,21 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _local_numel(rows: int, cols: int, tp_dim: int | None, tp: int, shard: int) -> int:
-    """Rank 0's elements of a (rows, cols) weight (cols = 1 for a vector)."""
+def _chunk(n: int, parts: int, index: int) -> int:
+    """Length of torch.chunk(n, parts)[index] (empty past the end), as DTensor and FSDP2 split."""
+    size = _cdiv(n, parts)
+    return max(0, min(size, n - index * size))
+
+
+def _local_numel(rows: int, cols: int, tp_dim: int | None, tp: int, shard: int,
+                 tp_index: int = 0, shard_index: int = 0) -> int:
+    """Elements of a (rows, cols) weight (cols = 1 for a vector) on the rank at (tp_index,
+    shard_index): TP splits dim tp_dim, then FSDP splits dim 0 of the TP-local tensor."""
     if tp_dim == 0:
-        rows = _cdiv(rows, tp)
+        rows = _chunk(rows, tp, tp_index)
     elif tp_dim == 1:
-        cols = _cdiv(cols, tp)
-    return _cdiv(rows, shard) * cols
+        cols = _chunk(cols, tp, tp_index)
+    return _chunk(rows, shard, shard_index) * cols
 
 
 def block_tensors(dim: int, n_kv: int, head_dim: int, ffn: int, mlp_matrices: int = 3):
@@ -61,42 +69,58 @@ def stage_blocks(n_layers: int, pp: int) -> tuple[int, ...]:
 @lru_cache(maxsize=4096)
 def stage_local_params(dim: int, n_layers: int, n_kv: int, head_dim: int, ffn: int, vocab: int,
                        tied: bool, mlp_matrices: int, tp: int, shard: int, pp: int,
-                       stage: int) -> tuple[int, int]:
-    """(elements, tensors) of rank 0 of `stage` after TP then FSDP sharding."""
+                       stage: int, tp_index: int = 0, shard_index: int = 0) -> tuple[int, int]:
+    """(elements, tensors) of one rank of `stage` after TP then FSDP sharding; rank 0 of the
+    stage by default, which holds the largest shard (= every rank's padded FSDP allocation)."""
+    def local(r, c, d):
+        return _local_numel(r, c, d, tp, shard, tp_index, shard_index)
+
     blk = block_tensors(dim, n_kv, head_dim, ffn, mlp_matrices)
-    per_block = sum(_local_numel(r, c, d, tp, shard) for r, c, d in blk)
+    per_block = sum(local(r, c, d) for r, c, d in blk)
     blocks = stage_blocks(n_layers, pp)[stage]
     numel, tensors = per_block * blocks, len(blk) * blocks
     first, last = stage == 0, stage == pp - 1
     if first:
-        numel, tensors = numel + _local_numel(vocab, dim, 0, tp, shard), tensors + 1
+        numel, tensors = numel + local(vocab, dim, 0), tensors + 1
     if last:
-        numel += _local_numel(dim, 1, None, tp, shard)  # final norm
-        tensors += 1
+        numel, tensors = numel + local(dim, 1, None), tensors + 1  # final norm
         if not tied or not first:  # a separate head, or a tied one on its own stage
-            numel, tensors = numel + _local_numel(vocab, dim, 0, tp, shard), tensors + 1
+            numel, tensors = numel + local(vocab, dim, 0), tensors + 1
     return numel, tensors
 
 
 def predict_state_bytes_per_rank(model_args: ModelArgs, dp_shard: int, dp_replicate: int,
                                  tp: int, pp: int, fp32: bool = True, *,
-                                 stage: int | None = None) -> dict[str, int]:
+                                 stage: int | None = None,
+                                 rank: int | None = None) -> dict[str, int]:
     """Bytes per rank of parameters, gradients and AdamW states under triaxis's sharding.
 
-    Parameters and gradients are fp32 in both cases (FSDP's mixed precision keeps fp32 masters
-    and reduces in fp32); `fp32=False` adds `bf16_working`: the bf16 copies FSDP gathers for
-    compute (two blocks, current and prefetched, plus the root's embedding and head). `stage`
-    picks a pipeline stage; None returns the stage with the most bytes. Returns params, grads,
-    optim and total (params + grads + optim).
+    Parameters and gradients are fp32 either way (FSDP's mixed precision keeps fp32 masters and
+    reduces in fp32). `fp32=False` adds `bf16_working`: the bf16 copies FSDP gathers for compute
+    (current and prefetched block, plus the root's embedding and head).
+
+    Which rank: by default rank 0 of the heaviest stage (`stage` picks another stage). Rank 0
+    holds the largest shard, and its size is also what every rank allocates for FSDP's padded
+    parameters. `rank` (a global rank, mesh order pp x dp_replicate x dp_shard x tp) gives that
+    rank's own local tensors instead: with dims not divisible by dp_shard the last shards are
+    shorter (torch.chunk), which is what summing `to_local()` sizes measures.
+
+    Returns params, grads, optim (exp_avg + exp_avg_sq + a 4-byte step per tensor) and total.
     """
     a = model_args
     fsdp_shard = dp_shard if dp_shard * dp_replicate > 1 else 1
+    tp_index = shard_index = 0
     stages = range(pp) if stage is None else [stage]
+    if rank is not None:
+        tp_index, rest = rank % tp, rank // tp
+        shard_index = rest % dp_shard
+        stages = [rank // (tp * dp_shard * dp_replicate)]
     best: dict[str, int] = {}
     for s in stages:
         numel, tensors = stage_local_params(a.dim, a.n_layers, a.n_kv_heads, a.head_dim,
                                             a.ffn_dim, a.vocab_size, a.tie_embeddings, 3, tp,
-                                            fsdp_shard, pp, s)
+                                            fsdp_shard, pp, s, tp_index,
+                                            shard_index if fsdp_shard > 1 else 0)
         out = {"params": 4 * numel, "grads": 4 * numel,
                "optim": 8 * numel + ADAM_STEP_BYTES * tensors}
         out["total"] = out["params"] + out["grads"] + out["optim"]
@@ -104,7 +128,8 @@ def predict_state_bytes_per_rank(model_args: ModelArgs, dp_shard: int, dp_replic
             blk = block_tensors(a.dim, a.n_kv_heads, a.head_dim, a.ffn_dim)
             per_block = sum(_local_numel(r, c, d, tp, 1) for r, c, d in blk)
             root = _local_numel(a.vocab_size, a.dim, 0, tp, 1) * (1 if a.tie_embeddings else 2)
-            out["bf16_working"] = 2 * (min(2, stage_blocks(a.n_layers, pp)[s]) * per_block + root)
+            blocks = stage_blocks(a.n_layers, pp)[s]
+            out["bf16_working"] = 2 * (min(2, blocks) * per_block + root)
         if not best or out["total"] > best["total"]:
             best = out
     return best

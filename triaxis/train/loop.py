@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from triaxis.checkpoint.dcp import Checkpointer, complete_checkpoints
 from triaxis.config import Config, grad_accum_steps, to_toml, validate
 from triaxis.errors import UserError
-from triaxis.data.dataset import TokenDataset, micro_batch_start
+from triaxis.data.dataset import SYNTHETIC, SyntheticDataset, TokenDataset, micro_batch_start
 from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flops
 from triaxis.model import Transformer, build_model_args, flops_per_token, param_counts
 from triaxis.parallel.dims import ParallelDims
@@ -52,7 +52,8 @@ class Trainer:
         self.log = RankLogger(env.is_main)
         self.dims, self.model_args, self.train_ds = resolve(cfg, env.world_size)
         try:
-            self.val_ds = TokenDataset(cfg.data.path, "val", cfg.data.seq_len, cfg.data.seed)
+            self.val_ds = None if cfg.data.path == SYNTHETIC else \
+                TokenDataset(cfg.data.path, "val", cfg.data.seq_len, cfg.data.seed)
         except ValueError as e:
             self.val_ds = None
             if cfg.train.val_every:
@@ -225,7 +226,11 @@ def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDa
     bad config fails once, in one line, instead of once per rank."""
     p = cfg.parallel
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
-    train_ds = TokenDataset(cfg.data.path, "train", cfg.data.seq_len, cfg.data.seed)
+    if cfg.data.path == SYNTHETIC:
+        model_args = build_model_args(cfg.model)
+        train_ds = SyntheticDataset(model_args.vocab_size, cfg.data.seq_len, cfg.data.seed)
+    else:
+        train_ds = TokenDataset(cfg.data.path, "train", cfg.data.seq_len, cfg.data.seed)
     vocab = train_ds.manifest["tokenizer"]["vocab_size"]
     model_args = build_model_args(cfg.model, vocab_size=vocab)
     if model_args.vocab_size < vocab:

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv with triaxis and its test dependencies (idempotent).
+# TORCH_SPEC picks the PyTorch build: the default is the pinned CPU wheel; on a GPU machine use
+# e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index of your choice.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c "import triaxis, torch, tokenizers, safetensors, rich, pytest" 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
+  .venv/bin/pip install -q --disable-pip-version-check -e ".[test]"
+fi
