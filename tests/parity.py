@@ -43,11 +43,16 @@ def train_collect(rank: int, world: int, data: str, run_dir: str, overrides: dic
     cfg = make_config(data, run_dir, **overrides)
     trainer = Trainer(cfg, init_distributed("cpu"))
     result = trainer.fit()
-    full = get_model_state_dict(trainer.model, options=StateDictOptions(
-        full_state_dict=True, cpu_offload=True))
+    # Every rank gets the full tensors of what it holds (cpu_offload=True would keep only
+    # rank 0's, and pipeline ranks hold different stages).
+    full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
     out = {"losses": result.losses, "bytes": local_state_bytes(trainer)}
-    if rank == 0:
-        out["params"] = {k: v.clone() for k, v in full.items()}
+    # With pipelining each pipeline rank holds different stages: those of dp/tp rank 0 report.
+    if rank == 0 or (trainer.pipeline is not None and trainer.dims.coords(rank)["pp"] != 0 and
+                     trainer.dims.dp_rank(rank) == 0 and trainer.dims.coords(rank)["tp"] == 0):
+        out["params"] = {k: v.detach().cpu().clone() for k, v in full.items()}
+    else:
+        out["params"] = {}
     return out
 
 
@@ -56,7 +61,8 @@ def assert_same_run(got: dict, ref: dict, rtol: float = 1e-5) -> None:
     for step, ref_loss in ref["losses"].items():
         assert abs(got["losses"][step] - ref_loss) <= rtol * abs(ref_loss), \
             f"step {step}: loss {got['losses'][step]!r} vs single-process {ref_loss!r}"
-    assert got["params"].keys() == ref["params"].keys()
+    assert got["params"].keys() == ref["params"].keys(), \
+        set(got["params"]) ^ set(ref["params"])
     for name, ref_p in ref["params"].items():
         # Relative error of the whole tensor. Element-wise relative error is meaningless for
         # near-zero weights: Adam turns rounding-level gradient noise into lr-sized updates there,

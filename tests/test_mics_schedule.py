@@ -36,7 +36,9 @@ def _count_collectives(rank, world, data, run_dir, overrides):
     finally:
         for op, fn in originals.items():
             setattr(dist, op, fn)
-    return {"counts": counts, "groups": len(trainer.model.layers) + 1,
+    # FSDP groups on this rank: one per block, plus one root per model (or per pipeline stage).
+    roots = len(trainer.pipeline.stages) if trainer.pipeline is not None else 1
+    return {"counts": counts, "groups": len(trainer.model.layers) + roots,
             "accum": trainer.grad_accum}
 
 
@@ -97,3 +99,19 @@ def test_state_bytes_shrink_by_shard_degree(world, degrees, factor, byte_data, t
     for r in got:
         ratio = (r["params"] + r["optim"]) / total_ref
         assert abs(ratio * factor - 1) <= 0.05, f"rank holds {ratio:.3f} of the state"
+
+
+def test_two_hop_sync_with_pipelining(byte_data, tmp_path):
+    """pp 2 x dp_replicate 2 x dp_shard 2: the pipeline accumulates over its micro-batches, then
+    each stage's FSDP groups run both hops once: reduce-scatter in the partition group, then
+    all-reduce across groups; nothing crosses replicas but that all-reduce."""
+    out = run_workers(_count_collectives, 8, byte_data, str(tmp_path),
+                      {"parallel__pp": 2, "parallel__dp_replicate": 2, "parallel__dp_shard": 2,
+                       "model__tie_embeddings": "false", "train__micro_batch": 1,
+                       "train__global_batch": 8}, timeout_s=240)
+    for r in out:
+        c, groups = r["counts"], r["groups"]
+        assert r["accum"] == 2
+        assert c[("reduce_scatter_single", "dp_shard")] == groups
+        assert c[("all_reduce", "dp_replicate")] == groups
+        assert not any(axis == "dp_replicate" for (op, axis) in c if op != "all_reduce")

@@ -17,7 +17,7 @@ from triaxis.plan.cli import main
 from triaxis.plan.collectives import AxisLink, all_gather_s, all_reduce_s, axis_link
 from triaxis.plan.cost import Problem, evaluate
 from triaxis.plan.efficiency import gemm_s
-from triaxis.plan.hardware import GIB, load_catalog, resolve_hardware
+from triaxis.plan.hardware import load_catalog, resolve_hardware
 from triaxis.plan.layout import RUNTIMES, Layout, SearchSpace, enumerate_layouts
 from triaxis.plan.memory import layer_activation_bytes_per_token, logits_bytes_per_token
 from triaxis.plan.planner import plan
@@ -132,6 +132,10 @@ def test_state_bytes_by_hand():
     assert tp2 == 4 * ((numel - 9 * 64) // 2 + 9 * 64)
     tied = dataclasses.replace(args, tie_embeddings=True)
     assert predict_state_bytes_per_rank(tied, 1, 1, 1, 1)["params"] == 4 * (numel - 512 * 64)
+    # TP without FSDP: the untied embedding's gradient comes back replicated (bench/plan_memory).
+    assert predict_state_bytes_per_rank(args, 1, 1, 2, 1)["grads"] == tp2 + 4 * 512 * 64 // 2
+    assert predict_state_bytes_per_rank(args, 2, 1, 2, 1)["grads"] == \
+        predict_state_bytes_per_rank(args, 2, 1, 2, 1)["params"]
 
 
 def test_pipeline_stage_holds_its_share():
@@ -141,6 +145,12 @@ def test_pipeline_stage_holds_its_share():
               for s in range(4)]
     assert sum(stages) == whole  # untied: every parameter lives on exactly one stage
     assert predict_state_bytes_per_rank(args, 1, 1, 1, 4)["params"] == max(stages)
+    split = [7, 9, 9, 7]  # a partitioner's split: lighter end stages carry embedding and head
+    custom = [predict_state_bytes_per_rank(args, 1, 1, 1, 4, stage=s, blocks_per_stage=split)
+              ["params"] for s in range(4)]
+    assert sum(custom) == whole and custom[1] == custom[2] == stages[1] * 9 // 8
+    with pytest.raises(ValueError, match="blocks_per_stage"):
+        predict_state_bytes_per_rank(args, 1, 1, 1, 4, blocks_per_stage=[8, 8, 8])
 
 
 # -- enumeration and objectives ----------------------------------------------------------------
@@ -239,7 +249,7 @@ def test_too_big_model_says_what_would_fit(capsys):
                  "--global-batch", "64"])
     err = capsys.readouterr().err
     assert code == 2
-    assert "does not fit on 8 x a100-40g" in err and "the leanest needs" in err
+    assert "does not fit on 8 x a100-40g" in err and "the leanest (" in err
     found = re.search(r"smallest cluster that fits is (\d+) x a100-40g", err)
     assert found, err
     smallest = int(found.group(1))

@@ -103,7 +103,16 @@ class ParallelConfig:
     tp: int = 1
     """Tensor-parallel degree (with sequence parallelism on norms); must divide the heads."""
     pp: int = 1
-    """Pipeline-parallel degree."""
+    """Pipeline-parallel degree: stages of contiguous blocks on different ranks."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "interleaved-zb",
+                         "zbv", "dualpipev"] = "1f1b"
+    """Pipeline schedule; interleaved ones need pp_virtual_stages >= 2, zbv/dualpipev exactly 2."""
+    pp_virtual_stages: int = 1
+    """Stages per pipeline rank (v): more, smaller stages shrink the bubble to (p-1)/(v·m)."""
+    pp_memory_weight: float = 0.0
+    """Stage partitioning objective: 0 balances compute (speed), 1 balances memory, between blends."""
+    pp_layers: str = ""
+    """Explicit blocks per stage, e.g. "5,5,6" (overrides the automatic partitioner)."""
     reshard_after_forward: bool = True
     """True: free gathered parameters after forward (ZeRO-3); False: keep them until backward."""
     cpu_offload: bool = False

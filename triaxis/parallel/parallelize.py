@@ -43,8 +43,8 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
                                                    RowwiseParallel, SequenceParallel,
                                                    parallelize_module)
 
-    tied = model.args.tie_embeddings
-    parallelize_module(model, tp_mesh, {
+    # A pipeline stage may lack the embedding or the head: plan only the modules it holds.
+    ends = {
         # Vocabulary-sharded embedding; its output leaves sequence-sharded for the first norm.
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
@@ -52,8 +52,10 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
         "output": ColwiseParallel(input_layouts=Shard(1),
                                   output_layouts=Shard(-1) if loss_parallel else Replicate(),
                                   use_local_output=not loss_parallel),
-    })
-    if tied:
+    }
+    parallelize_module(model, tp_mesh,
+                       {k: v for k, v in ends.items() if getattr(model, k, None) is not None})
+    if model.args.tie_embeddings and model.output is not None:
         # Both plans shard the shared (vocab, dim) weight on dim 0; re-tie the one DTensor.
         model.output.weight = model.tok_embeddings.weight
     for block in model.layers.values():

@@ -83,7 +83,11 @@ def run(a: argparse.Namespace) -> int:
             raise UserError(f"{flag}={value} must be >= 1")
     catalog = load_catalog(a.hardware)
     hw = resolve_hardware(catalog, a.gpu, a.cluster, a.gpus_per_node)
-    shape, _ = load_model(a.model, a.vocab_size)
+    shape, args = load_model(a.model, a.vocab_size)
+    if a.seq > args.max_seq_len:
+        raise UserError(f"--seq {a.seq} is over the model's max_seq_len={args.max_seq_len} "
+                        f"(training would refuse it); pass --seq <= {args.max_seq_len} or a "
+                        "CONFIG.toml with a larger model.max_seq_len")
     space = SearchSpace(schedules=_choices(a.schedules, SCHEDULES, "--schedules"),
                         ac_policies=_choices(a.ac, AC_POLICIES, "--ac"),
                         allow_offload=not a.no_offload and hw.gpu.bf16,

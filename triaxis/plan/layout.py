@@ -23,7 +23,8 @@ class Runtime:
     name: str
     fsdp: bool
     """Parameters, gradients and optimizer states sharded over dp_shard (FSDP2 / MiCS / ZeRO-3).
-    False: Megatron-LM 2021 — fp16 weights + fp32 master and Adam replicated over data parallel."""
+    False: Megatron-LM 2021 -- fp16 weights, fp32 master and Adam replicated over data
+    parallel."""
     flash_attention: bool
     """Fused attention: no s x s scores in memory or traffic (the 5as/h term drops)."""
     sequence_parallel: bool
@@ -31,6 +32,13 @@ class Runtime:
     instead of all-reduce: the same traffic)."""
     fused_qkv: bool
     """q, k, v projections are one GEMM."""
+    eager_fp32_kernels: bool = False
+    """Unfused RMSNorm and rotary computed in fp32 (triaxis without compile): each norm keeps
+    an fp32 input copy and its fp32 normalized output, rotary fp32 copies of q and k, and the
+    loss an fp32 copy of the logits, log-softmax and its gradient."""
+    sp_saves_gathered_inputs: bool = False
+    """Under SP, the all-gathered attention / MLP inputs are what the projections save (DTensor
+    TP); Megatron-style SP saves the sharded input and gathers it again in backward."""
     dp_overlap: bool = True
     """The data-parallel gradient all-reduce overlaps the backward pass."""
     grad_reduce_bytes: int = 4
@@ -44,7 +52,7 @@ class Runtime:
 
 RUNTIMES: dict[str, Runtime] = {
     "triaxis": Runtime("triaxis", fsdp=True, flash_attention=True, sequence_parallel=True,
-                       fused_qkv=False),
+                       fused_qkv=False, eager_fp32_kernels=True, sp_saves_gathered_inputs=True),
     # Narayanan et al. 2021: no sequence parallelism yet, fused scale-mask-softmax (not flash),
     # fp16 with fp32 main gradients all-reduced.
     "megatron-2021": Runtime("megatron-2021", fsdp=False, flash_attention=False,

@@ -26,7 +26,8 @@ from functools import lru_cache
 from triaxis.plan.layout import Layout, Runtime
 from triaxis.plan.problem import MemoryBreakdown, Problem
 from triaxis.plan.shape import ModelShape
-from triaxis.plan.state_bytes import stage_blocks, stage_local_params
+from triaxis.plan.state_bytes import (replicated_embedding_grad, stage_blocks,
+                                      stage_local_params)
 
 
 @lru_cache(maxsize=4096)
@@ -34,13 +35,13 @@ def layer_activation_bytes_per_token(shape: ModelShape, rt: Runtime, seq: int, t
                                      elem: int) -> float:
     """Bytes one block keeps for backward per token (no checkpointing), on one TP rank."""
     h, kv, f, a = shape.dim, shape.kv_dim, shape.ffn_dim, shape.n_heads
-    triaxis = rt.name == "triaxis"
+    eager = rt.eager_fp32_kernels
     sp_div = tp if rt.sequence_parallel else 1
-    inputs_div = tp if (rt.sequence_parallel and not triaxis) else 1
-    norms = 2 * (8 if triaxis else elem) * h / sp_div
+    inputs_div = tp if (rt.sequence_parallel and not rt.sp_saves_gathered_inputs) else 1
+    norms = 2 * (8 if eager else elem) * h / sp_div
     masks = (2 * h / sp_div) if shape.dropout else 0.0
     inputs = 2 * elem * h / inputs_div
-    qkv = elem * (h + 2 * kv) / tp + (4 * (h + kv) / tp if triaxis else 0.0)
+    qkv = elem * (h + 2 * kv) / tp + (4 * (h + kv) / tp if eager else 0.0)
     if rt.flash_attention:
         core = (elem * h + 4 * a) / tp  # output (wo's input is a separate reshaped copy) + lse
     else:
@@ -57,9 +58,9 @@ def checkpoint_bytes_per_token(shape: ModelShape, rt: Runtime, tp: int, elem: in
 
 def logits_bytes_per_token(shape: ModelShape, rt: Runtime, tp: int, elem: int) -> float:
     """Logits, their fp32 copy, log-softmax and its gradient (triaxis: torch cross-entropy on
-    vocabulary-sharded logits with loss_parallel); Megatron's fused vocab-parallel CE keeps the
-    logits and one fp32 buffer."""
-    extra = ((4 if elem == 2 else 0) + 8) if rt.name == "triaxis" else 4
+    vocabulary-sharded logits with loss_parallel; the fp32 copy is the logits themselves in
+    fp32); Megatron's fused vocab-parallel cross-entropy keeps the logits and one fp32 buffer."""
+    extra = ((4 if elem == 2 else 0) + 8) if rt.eager_fp32_kernels else 4
     return (elem + extra) * shape.vocab_size / tp
 
 
@@ -134,6 +135,8 @@ def _states(p: Problem, tp: int, shard: int, pp: int, stage: int, fsdp_on: bool,
         # One model replica, no FSDP: fp32 states; autocast caches bf16 copies of the weights.
         params, grads, optim = 4.0 * numel, 4.0 * numel, 8.0 * numel + 4 * tensors
         params += 2.0 * numel if e == 2 else 0.0
+        grads += 4.0 * replicated_embedding_grad(s.vocab_size, s.dim, s.tie_embeddings, tp,
+                                                 False, stage == 0)
         comm = 0.0
     else:
         # Megatron-LM 2021: fp16 weights, fp32 main grads, fp32 master + Adam, replicated.

@@ -50,8 +50,10 @@ class PlanResult:
 def plan(problem: Problem, world: int, objective: str = "speed",
          space: SearchSpace | None = None, keep: int = 10,
          catalog: Catalog | None = None) -> PlanResult:
+    """Rank the layouts of `world` GPUs for `problem` by `objective`; keep the best `keep`.
+    `catalog` lets the advice (when nothing fits) suggest a GPU with more memory."""
     if objective not in OBJECTIVES:
-        raise UserError(f"--objective {objective!r} is unknown; use one of {list(OBJECTIVES)}")
+        raise UserError(f"objective {objective!r} is unknown; use one of {list(OBJECTIVES)}")
     if world < 1:
         raise UserError(f"--gpus={world} must be >= 1")
     space = space or SearchSpace()
@@ -91,8 +93,9 @@ def plan(problem: Problem, world: int, objective: str = "speed",
 def _no_layout_message(problem: Problem, world: int) -> str:
     b = problem.global_batch
     return (f"no layout of {world} GPUs divides the global batch {b} (dp = dp_replicate x "
-            f"dp_shard must divide it) and the model's {problem.shape.n_heads} heads; choose "
-            f"--global-batch as a multiple of {world} or a GPU count that divides {b}")
+            f"dp_shard must divide it) and the model's {problem.shape.n_heads} heads; make the "
+            f"global batch (--global-batch, train.global_batch) a multiple of {world}, or use "
+            f"a GPU count that divides {b}")
 
 
 def fits_somewhere(problem: Problem, world: int, space: SearchSpace) -> bool:

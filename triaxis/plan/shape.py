@@ -75,7 +75,7 @@ class ModelShape:
         return 6.0 * n + 12.0 * self.n_layers * self.dim * seq_len
 
     def recompute_flops_per_token(self, seq_len: int, recomputed_layers: float) -> float:
-        """The extra forward of checkpointed blocks: 2·block params + 4·h·s per recomputed block."""
+        """The extra forward of checkpointed blocks: 2·block + 4·h·s per recomputed block."""
         return recomputed_layers * (2.0 * self.block_params() + 4.0 * self.dim * seq_len)
 
 

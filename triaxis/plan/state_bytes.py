@@ -8,8 +8,12 @@ Modelled on what triaxis.parallel.parallelize does, tensor by tensor:
   * FSDP2 then splits dim 0 of each (TP-local) tensor over dp_shard, padded to a multiple of
     dp_shard: every rank allocates ceil(dim0 / dp_shard) rows. dp_replicate copies, never splits.
     FSDP is on only when dp_replicate x dp_shard > 1 (as in ParallelDims.fsdp_enabled);
-  * gradients have their parameter's local shape; AdamW keeps exp_avg and exp_avg_sq of that
-    shape plus a 4-byte `step` scalar per parameter tensor;
+  * gradients have their parameter's local shape -- except, with TP and no FSDP, the untied
+    vocabulary-sharded embedding, whose gradient DTensor's embedding backward returns
+    replicated: full size on every TP rank (measured; FSDP's reduce-scatter re-shards it, and a
+    tied weight gets the head's sharded gradient);
+  * AdamW keeps exp_avg and exp_avg_sq of the parameter's local shape plus a 4-byte `step`
+    scalar per parameter tensor;
   * pipeline stages (pp > 1) hold contiguous blocks, the first n_layers % pp stages one more;
     stage 0 holds the embedding, the last stage the final norm and the head (with tied
     embeddings the last stage keeps its own copy of the shared matrix, as Megatron does).
@@ -19,6 +23,7 @@ The figures are those of rank 0 of a stage, which holds the largest (padded) sha
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
 from triaxis.model.llama import ModelArgs
@@ -69,15 +74,17 @@ def stage_blocks(n_layers: int, pp: int) -> tuple[int, ...]:
 @lru_cache(maxsize=4096)
 def stage_local_params(dim: int, n_layers: int, n_kv: int, head_dim: int, ffn: int, vocab: int,
                        tied: bool, mlp_matrices: int, tp: int, shard: int, pp: int,
-                       stage: int, tp_index: int = 0, shard_index: int = 0) -> tuple[int, int]:
+                       stage: int, tp_index: int = 0, shard_index: int = 0,
+                       blocks_per_stage: tuple[int, ...] | None = None) -> tuple[int, int]:
     """(elements, tensors) of one rank of `stage` after TP then FSDP sharding; rank 0 of the
-    stage by default, which holds the largest shard (= every rank's padded FSDP allocation)."""
+    stage by default, which holds the largest shard (= every rank's padded FSDP allocation).
+    `blocks_per_stage` overrides the even split (e.g. a partitioner's)."""
     def local(r, c, d):
         return _local_numel(r, c, d, tp, shard, tp_index, shard_index)
 
     blk = block_tensors(dim, n_kv, head_dim, ffn, mlp_matrices)
     per_block = sum(local(r, c, d) for r, c, d in blk)
-    blocks = stage_blocks(n_layers, pp)[stage]
+    blocks = (blocks_per_stage or stage_blocks(n_layers, pp))[stage]
     numel, tensors = per_block * blocks, len(blk) * blocks
     first, last = stage == 0, stage == pp - 1
     if first:
@@ -89,10 +96,21 @@ def stage_local_params(dim: int, n_layers: int, n_kv: int, head_dim: int, ffn: i
     return numel, tensors
 
 
+def replicated_embedding_grad(vocab: int, dim: int, tied: bool, tp: int, fsdp: bool,
+                              first_stage: bool, tp_index: int = 0) -> int:
+    """Extra gradient elements of the embedding whose gradient comes back replicated (TP
+    without FSDP, untied), over its sharded size."""
+    if tp == 1 or fsdp or tied or not first_stage:
+        return 0
+    return vocab * dim - _local_numel(vocab, dim, 0, tp, 1, tp_index)
+
+
 def predict_state_bytes_per_rank(model_args: ModelArgs, dp_shard: int, dp_replicate: int,
                                  tp: int, pp: int, fp32: bool = True, *,
                                  stage: int | None = None,
-                                 rank: int | None = None) -> dict[str, int]:
+                                 rank: int | None = None,
+                                 blocks_per_stage: Sequence[int] | None = None
+                                 ) -> dict[str, int]:
     """Bytes per rank of parameters, gradients and AdamW states under triaxis's sharding.
 
     Parameters and gradients are fp32 either way (FSDP's mixed precision keeps fp32 masters and
@@ -105,9 +123,16 @@ def predict_state_bytes_per_rank(model_args: ModelArgs, dp_shard: int, dp_replic
     rank's own local tensors instead: with dims not divisible by dp_shard the last shards are
     shorter (torch.chunk), which is what summing `to_local()` sizes measures.
 
+    Pipeline stages split the blocks evenly (the first n_layers % pp stages take one more)
+    unless `blocks_per_stage` gives the split (one count per stage, summing to n_layers).
+
     Returns params, grads, optim (exp_avg + exp_avg_sq + a 4-byte step per tensor) and total.
     """
     a = model_args
+    split = tuple(blocks_per_stage) if blocks_per_stage is not None else None
+    if split is not None and (len(split) != pp or sum(split) != a.n_layers):
+        raise ValueError(f"blocks_per_stage={list(split)} must have pp={pp} entries summing "
+                         f"to n_layers={a.n_layers}")
     fsdp_shard = dp_shard if dp_shard * dp_replicate > 1 else 1
     tp_index = shard_index = 0
     stages = range(pp) if stage is None else [stage]
@@ -120,15 +145,17 @@ def predict_state_bytes_per_rank(model_args: ModelArgs, dp_shard: int, dp_replic
         numel, tensors = stage_local_params(a.dim, a.n_layers, a.n_kv_heads, a.head_dim,
                                             a.ffn_dim, a.vocab_size, a.tie_embeddings, 3, tp,
                                             fsdp_shard, pp, s, tp_index,
-                                            shard_index if fsdp_shard > 1 else 0)
-        out = {"params": 4 * numel, "grads": 4 * numel,
+                                            shard_index if fsdp_shard > 1 else 0, split)
+        extra = replicated_embedding_grad(a.vocab_size, a.dim, a.tie_embeddings, tp,
+                                          fsdp_shard > 1 or dp_replicate > 1, s == 0, tp_index)
+        out = {"params": 4 * numel, "grads": 4 * (numel + extra),
                "optim": 8 * numel + ADAM_STEP_BYTES * tensors}
         out["total"] = out["params"] + out["grads"] + out["optim"]
         if not fp32:
             blk = block_tensors(a.dim, a.n_kv_heads, a.head_dim, a.ffn_dim)
             per_block = sum(_local_numel(r, c, d, tp, 1) for r, c, d in blk)
             root = _local_numel(a.vocab_size, a.dim, 0, tp, 1) * (1 if a.tie_embeddings else 2)
-            blocks = stage_blocks(a.n_layers, pp)[s]
+            blocks = (split or stage_blocks(a.n_layers, pp))[s]
             out["bf16_working"] = 2 * (min(2, blocks) * per_block + root)
         if not best or out["total"] > best["total"]:
             best = out

@@ -21,9 +21,10 @@ from triaxis.config import Config, grad_accum_steps, to_toml, validate
 from triaxis.errors import UserError
 from triaxis.data.dataset import SYNTHETIC, SyntheticDataset, TokenDataset, micro_batch_start
 from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flops
-from triaxis.model import Transformer, build_model_args, flops_per_token, param_counts
+from triaxis.model import build_model_args, flops_per_token, param_counts
 from triaxis.parallel.dims import ParallelDims
-from triaxis.parallel.parallelize import parallelize, set_grad_sync
+from triaxis.parallel.parallelize import set_grad_sync
+from triaxis.train.build import build_model, pipeline_stages
 from triaxis.train.distributed import DistEnv, init_distributed, shutdown
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 
@@ -67,16 +68,12 @@ class Trainer:
         self.dp_rank = self.dims.dp_rank(env.rank)
         self.dp_group = self.dp_mesh.get_group() if self.dp_mesh is not None else None
 
-        # Build on meta: no rank ever allocates the full model, whatever the layout.
-        with torch.device("meta"):
-            model = Transformer(self.model_args)
         # Under FSDP, bf16 compute comes from its mixed-precision policy instead of autocast.
         mp = self.compute_dtype if self.dims.fsdp_enabled else None
-        self.model = parallelize(model, self.dims, self.mesh, cfg.parallel, cfg.train,
-                                 self.device, mp)
-        init_device = "cpu" if cfg.parallel.cpu_offload else self.device
-        self.model.materialize(init_device)
-        self.model.init_weights(cfg.train.seed)
+        self.model, self.pipeline = build_model(cfg, self.model_args, self.dims, self.mesh,
+                                                self.device, mp, self.grad_accum, self.loss_fn,
+                                                self.log)
+        self.pp_group = self.mesh["pp"].get_group() if self.pipeline is not None else None
         self.optimizer = build_optimizer(self.model, cfg.train, self.device,
                                          params_on_cpu=cfg.parallel.cpu_offload)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -97,26 +94,41 @@ class Trainer:
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
+    def local_batch(self, ds, cursor: int, micro_step: int, shuffle: bool = True) -> torch.Tensor:
+        start = micro_batch_start(cursor, micro_step, self.cfg.train.micro_batch,
+                                  self.dims.dp_size, self.dp_rank)
+        return ds.batch(start, self.cfg.train.micro_batch, shuffle).to(self.device,
+                                                                       non_blocking=True)
+
+    def loss_parallel(self):
+        if not self.cfg.parallel.loss_parallel:
+            return contextlib.nullcontext()
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        return loss_parallel()
+
     def train_step(self, cursor: int) -> torch.Tensor:
         """Forward + backward over grad_accum micro-batches, clip, optimizer step.
         Returns this rank's mean loss (a tensor: no host sync here)."""
-        mb = self.cfg.train.micro_batch
-        total = torch.zeros((), device=self.device)
-        loss_ctx = contextlib.nullcontext
-        if self.cfg.parallel.loss_parallel:
-            from torch.distributed.tensor.parallel import loss_parallel as loss_ctx
-        for m in range(self.grad_accum):
-            start = micro_batch_start(cursor, m, mb, self.dims.dp_size, self.dp_rank)
-            tokens = self.train_ds.batch(start, mb).to(self.device, non_blocking=True)
-            set_grad_sync(self.model, self.dims, last_micro_step=m == self.grad_accum - 1)
-            with loss_ctx():
-                with self.autocast():
-                    logits = self.model(tokens[:, :-1])
-                loss = self.loss_fn(logits, tokens[:, 1:]) / self.grad_accum
-                loss.backward()
-            total += _plain(loss.detach())
+        if self.pipeline is not None:
+            # The schedule runs the micro-batches: hand it all of them, in micro-step order.
+            tokens = torch.cat([self.local_batch(self.train_ds, cursor, m)
+                                for m in range(self.grad_accum)])
+            with self.loss_parallel(), self.autocast():
+                total = self.pipeline.step(tokens)
+        else:
+            total = torch.zeros((), device=self.device)
+            for m in range(self.grad_accum):
+                tokens = self.local_batch(self.train_ds, cursor, m)
+                set_grad_sync(self.model, self.dims, last_micro_step=m == self.grad_accum - 1)
+                with self.loss_parallel():
+                    with self.autocast():
+                        logits = self.model(tokens[:, :-1])
+                    loss = self.loss_fn(logits, tokens[:, 1:]) / self.grad_accum
+                    loss.backward()
+                total += _plain(loss.detach())
         params = [p for p in self.model.parameters() if p.grad is not None]
-        clip_grad_norm(params, self.cfg.train.grad_clip)
+        clip_grad_norm(params, self.cfg.train.grad_clip, self.pp_group)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -131,24 +143,25 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float | None:
+        """Mean loss over the first val_batches x global_batch validation samples, in order;
+        the same samples and value for every layout."""
         if self.val_ds is None or self.cfg.train.val_batches == 0:
             return None
         self.model.eval()
-        mb, total = self.cfg.train.micro_batch, torch.zeros((), device=self.device)
-        for m in range(self.cfg.train.val_batches):
-            start = micro_batch_start(0, m, mb, self.dims.dp_size, self.dp_rank)
-            start %= self.val_ds.num_windows
-            tokens = self.val_ds.batch(start, mb, shuffle=False).to(self.device)
-            with self.autocast():
-                logits = self.model(tokens[:, :-1])
-            if self.cfg.parallel.loss_parallel:
-                from torch.distributed.tensor.parallel import loss_parallel
-                with loss_parallel():
-                    total += _plain(self.loss_fn(logits, tokens[:, 1:]))
-            else:
-                total += self.loss_fn(logits, tokens[:, 1:])
+        total = torch.zeros((), device=self.device)
+        for v in range(self.cfg.train.val_batches):
+            cursor = v * self.cfg.train.global_batch
+            batches = [self.local_batch(self.val_ds, cursor, m, shuffle=False)
+                       for m in range(self.grad_accum)]
+            with self.loss_parallel(), self.autocast():
+                if self.pipeline is not None:
+                    total += self.pipeline.eval(torch.cat(batches))
+                    continue
+                for tokens in batches:
+                    total += _plain(self.loss_fn(self.model(tokens[:, :-1]), tokens[:, 1:]))
         self.model.train()
-        return self.mean_over_dp(total / self.cfg.train.val_batches)
+        n = self.cfg.train.val_batches * (1 if self.pipeline is not None else self.grad_accum)
+        return self.mean_over_dp(total / n)
 
     # -- the loop ----------------------------------------------------------------------------
     def fit(self) -> TrainResult:
@@ -239,8 +252,17 @@ def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDa
                         "the data")
     validate(cfg, model_args, dims)
     if dims.pp > 1:
-        raise UserError("parallel.pp > 1 needs the pipeline runtime, which this build lacks; "
-                        "set --parallel.pp=1")
+        from triaxis.parallel.pipeline import check_schedule
+
+        if model_args.tie_embeddings:
+            raise UserError(f"model.tie_embeddings=true with parallel.pp={dims.pp}: the embedding "
+                            "(first stage) and the LM head (last stage) live on different ranks; "
+                            "set --model.tie_embeddings=false")
+        grad_accum = grad_accum_steps(cfg, dims.dp_size)
+        check_schedule(p.pp_schedule, dims.pp, p.pp_virtual_stages, grad_accum)
+        pipeline_stages(cfg, model_args, dims, grad_accum)  # refuses impossible splits
+    elif p.pp_virtual_stages != 1 or p.pp_layers:
+        raise UserError("parallel.pp_virtual_stages / pp_layers need parallel.pp > 1")
     return dims, model_args, train_ds
 
 

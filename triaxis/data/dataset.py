@@ -1,0 +1,163 @@
+"""Memory-mapped token shards and a global sample order.
+
+A sample is seq_len + 1 consecutive tokens of the concatenated split (inputs and shifted targets).
+Window w covers tokens [w·seq_len, w·seq_len + seq_len + 1). The sample at global index i is
+
+    epoch = i // num_windows,  window = permute(i % num_windows; seed, epoch)
+
+a pure function of (seed, i): the data cursor is one integer, and which rank reads which index
+never changes what the index holds. That makes resume exact under any data-parallel size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from triaxis.data.prepare import FORMAT, MANIFEST, sha256_file
+from triaxis.data.tokenizer import load_tokenizer
+from triaxis.errors import UserError
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(x: int) -> int:
+    """splitmix64 finalizer: a cheap, well-distributed 64-bit hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def permute(j: int, n: int, key: int, rounds: int = 4) -> int:
+    """A bijection of [0, n) chosen by `key`: a Feistel network over 2^k >= n, cycle-walking.
+
+    O(1) memory for any n, unlike materializing a permutation of billions of windows.
+    """
+    if n <= 1:
+        return 0
+    half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
+    mask = (1 << half_bits) - 1
+    x = j
+    while True:
+        left, right = x >> half_bits, x & mask
+        for r in range(rounds):
+            left, right = right, left ^ (_mix(key ^ (r << 56) ^ right) & mask)
+        x = (left << half_bits) | right
+        if x < n:
+            return x
+
+
+def read_manifest(path: str | Path) -> dict:
+    folder = Path(path)
+    if not folder.exists():
+        raise UserError(f"data path {path} does not exist; run `triaxis prepare --output {path}` "
+                        "first, or set data.path")
+    mf = folder / MANIFEST
+    if not mf.is_file():
+        raise UserError(f"data path {path} has no {MANIFEST}; it is not prepared data. "
+                        f"Run `triaxis prepare --output {path}`")
+    manifest = json.loads(mf.read_text())
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{mf} has format {manifest.get('format')!r}, expected {FORMAT!r}; "
+                        "prepare the data again with this triaxis version")
+    return manifest
+
+
+class TokenDataset:
+    """One split of prepared data, shards memory-mapped read-only."""
+
+    def __init__(self, path: str | Path, split: str, seq_len: int, seed: int = 0,
+                 verify: bool = False):
+        self.folder = Path(path)
+        self.manifest = read_manifest(path)
+        self.seq_len, self.seed = seq_len, seed
+        info = self.manifest["splits"].get(split)
+        if info is None or info["tokens"] == 0:
+            raise UserError(f"data path {path} has no {split!r} tokens; prepare more text or "
+                            "set a non-zero --val-fraction")
+        dtype = np.dtype(self.manifest["dtype"])
+        self.shards: list[np.ndarray] = []
+        for shard in info["shards"]:
+            f = self.folder / shard["file"]
+            if not f.is_file():
+                raise UserError(f"shard {f} listed in the manifest is missing; prepare again")
+            if verify and sha256_file(f) != shard["sha256"]:
+                raise UserError(f"shard {f} fails its sha256 check: the file is corrupted; "
+                                "prepare the data again")
+            self.shards.append(np.memmap(f, dtype=dtype, mode="r"))
+        self.offsets = np.cumsum([0] + [s.size for s in self.shards])
+        self.num_tokens = int(self.offsets[-1])
+        self.num_windows = (self.num_tokens - 1) // seq_len
+        if self.num_windows < 1:
+            raise UserError(f"split {split!r} of {path} has {self.num_tokens} tokens, fewer "
+                            f"than one sample of data.seq_len={seq_len} + 1; lower data.seq_len "
+                            "or prepare more text")
+
+    def tokenizer(self):
+        return load_tokenizer(self.folder, self.manifest["tokenizer"])
+
+    def _tokens(self, start: int, count: int) -> np.ndarray:
+        """`count` tokens of the concatenated split from `start` (may span shards)."""
+        out, pos = [], start
+        while count > 0:
+            s = int(np.searchsorted(self.offsets, pos, side="right")) - 1
+            local = pos - int(self.offsets[s])
+            take = min(count, self.shards[s].size - local)
+            out.append(self.shards[s][local:local + take])
+            pos, count = pos + take, count - take
+        return np.concatenate(out) if len(out) > 1 else np.asarray(out[0])
+
+    def window_of(self, index: int, shuffle: bool = True) -> int:
+        epoch, j = divmod(index, self.num_windows)
+        if not shuffle:
+            return j
+        return permute(j, self.num_windows, _mix(self.seed * 1_000_003 + epoch))
+
+    def sample(self, index: int, shuffle: bool = True) -> np.ndarray:
+        """The seq_len + 1 tokens of global sample `index`."""
+        w = self.window_of(index, shuffle)
+        return self._tokens(w * self.seq_len, self.seq_len + 1)
+
+    def batch(self, start: int, count: int, shuffle: bool = True):
+        """Samples start .. start+count-1 as an int64 tensor (count, seq_len + 1)."""
+        import torch
+
+        rows = [self.sample(i, shuffle).astype(np.int64) for i in range(start, start + count)]
+        return torch.from_numpy(np.stack(rows))
+
+
+def micro_batch_start(cursor: int, micro_step: int, micro_batch: int, dp_size: int,
+                      dp_rank: int) -> int:
+    """First global sample index of one rank's micro-batch.
+
+    A step consumes global_batch = micro_batch · grad_accum · dp_size consecutive indices from the
+    cursor; micro-step m takes the m-th slice of micro_batch · dp_size, split across dp ranks.
+    One process with dp_size=1 and micro_batch · dp_size samples per micro-step therefore sees
+    exactly the same samples per micro-step as the sharded layout.
+    """
+    return cursor + micro_step * micro_batch * dp_size + dp_rank * micro_batch
+
+
+SYNTHETIC = "synthetic"
+
+
+class SyntheticDataset:
+    """Uniform random tokens for benchmarks (`data.path = "synthetic"`): no files, no tokenizer.
+    Sample i is still a pure function of (seed, i)."""
+
+    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0):
+        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
+        self.num_windows = 2**62
+        self.manifest = {"tokenizer": {"kind": SYNTHETIC, "vocab_size": vocab_size}}
+
+    def sample(self, index: int, shuffle: bool = True) -> np.ndarray:
+        rng = np.random.default_rng((self.seed, index))
+        return rng.integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int64)
+
+    def batch(self, start: int, count: int, shuffle: bool = True):
+        import torch
+
+        return torch.from_numpy(np.stack([self.sample(i) for i in range(start, start + count)]))

@@ -1,0 +1,144 @@
+"""Pipeline parallelism on torch.distributed.pipelining.
+
+Each rank builds only its own stages: the single-device Transformer with the blocks of other
+stages deleted (and no embedding / head where they live elsewhere). Blocks keep their global
+index as their name, so parameter names, initial weights and checkpoint keys are those of the
+full model. Every stage module is then parallelized like a whole model (TP -> AC -> compile ->
+FSDP) on the rank's (dp, tp) sub-mesh.
+
+Micro-batches are the gradient-accumulation steps: the schedule splits the rank's local batch
+(micro_batch x grad_accum samples) into grad_accum chunks, averages each chunk's loss and scales
+the gradients by 1/grad_accum, which is exactly what the non-pipelined loop does.
+With FSDP, the pipeline accumulates unsharded gradients over the micro-batches of a step and runs
+both reduction hops once, after the last one (reduce-scatter in the partition group, then the
+all-reduce across groups): PyTorch's pipelining drives FSDP's backward itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from triaxis.errors import UserError
+from triaxis.model.llama import ModelArgs, Transformer
+from triaxis.parallel.partition import V_SCHEDULES, Stage
+
+SINGLE = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
+MULTI = {"interleaved-1f1b": "ScheduleInterleaved1F1B", "looped-bfs": "ScheduleLoopedBFS",
+         "interleaved-zb": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble",
+         "dualpipev": "ScheduleDualPipeV"}
+
+
+def check_schedule(name: str, pp: int, v: int, n_microbatches: int) -> None:
+    """The rules of each schedule, as one-line errors that list the valid choices."""
+    import torch.distributed.pipelining.schedules as S
+
+    available = [k for k, cls in {**SINGLE, **MULTI}.items() if hasattr(S, cls)]
+    if name not in available:
+        raise UserError(f"parallel.pp_schedule={name!r} is not in this PyTorch "
+                        f"({torch.__version__}); choose one of {available}")
+    if name in SINGLE and v != 1:
+        raise UserError(f"pp_schedule={name} runs one stage per rank but pp_virtual_stages={v}; "
+                        "set pp_virtual_stages=1 or use interleaved-1f1b / interleaved-zb")
+    if name in MULTI and v < 2:
+        raise UserError(f"pp_schedule={name} needs pp_virtual_stages >= 2 (got {v}); set "
+                        "--parallel.pp_virtual_stages=2 or use 1f1b / gpipe")
+    if name in V_SCHEDULES and v != 2:
+        raise UserError(f"pp_schedule={name} needs exactly pp_virtual_stages=2 (got {v})")
+    need = {"gpipe": 1, "1f1b": pp}.get(name, pp * v if name in V_SCHEDULES else pp)
+    if n_microbatches < need:
+        raise UserError(f"pp_schedule={name} with pp={pp}, {pp * v} stages needs at least {need} "
+                        f"micro-batches per step but gradient accumulation gives "
+                        f"{n_microbatches}; raise train.global_batch or lower train.micro_batch")
+    if name in ("interleaved-1f1b", "interleaved-zb", "looped-bfs") and n_microbatches % pp:
+        raise UserError(f"pp_schedule={name} needs micro-batches per step ({n_microbatches}) to "
+                        f"be a multiple of pp={pp}; adjust train.global_batch")
+
+
+def build_stage_module(args: ModelArgs, stage: Stage, num_stages: int) -> Transformer:
+    """The meta-device model restricted to one stage's blocks (and ends)."""
+    with torch.device("meta"):
+        model = Transformer(args)
+    for i in range(args.n_layers):
+        if i not in stage.blocks:
+            del model.layers[str(i)]
+    if stage.index != 0:
+        model.tok_embeddings = None
+    if stage.index != num_stages - 1:
+        model.norm = None
+        model.output = None
+    return model
+
+
+class LocalStages(nn.Module):
+    """A view of this rank's stage modules under the full model's names (no copies).
+
+    State dicts, the optimizer, gradient clipping and initialization all see one module whose
+    keys are the single-device model's (restricted to what this rank holds), so checkpoints are
+    layout-independent with pipelining too.
+    """
+
+    def __init__(self, parts: list[Transformer]):
+        super().__init__()
+        self.parts = parts  # a plain list: not registered twice under another prefix
+        self.layers = nn.ModuleDict()
+        for part in parts:
+            for name, block in part.layers.items():
+                self.layers[name] = block
+            for end in ("tok_embeddings", "norm", "output"):
+                if getattr(part, end, None) is not None:
+                    self.add_module(end, getattr(part, end))
+
+    def init_weights(self, seed: int) -> None:
+        for part in self.parts:
+            part.init_weights(seed)
+
+    def materialize(self, device) -> None:
+        for part in self.parts:
+            part.materialize(device)
+
+
+class Pipeline:
+    """This rank's stages and the schedule that runs them."""
+
+    def __init__(self, parts: list[nn.Module], stages: list[Stage], num_stages: int, pp_group,
+                 schedule: str, n_microbatches: int, device: torch.device, loss_fn):
+        import torch.distributed.pipelining.schedules as S
+        from torch.distributed.pipelining import PipelineStage
+
+        self.num_stages = num_stages
+        self.has_first = any(s.index == 0 for s in stages)
+        self.has_last = any(s.index == num_stages - 1 for s in stages)
+        self.pp_group = pp_group
+        self.stages = [PipelineStage(part, s.index, num_stages, device, group=pp_group)
+                       for part, s in zip(parts, stages)]
+        cls = getattr(S, SINGLE.get(schedule) or MULTI[schedule])
+        target = self.stages[0] if schedule in SINGLE else self.stages
+        self.schedule = cls(target, n_microbatches=n_microbatches, loss_fn=loss_fn,
+                            scale_grads=True)
+
+    def _run(self, fn, tokens: torch.Tensor) -> torch.Tensor:
+        """Run `fn` (step or eval) on the local batch; returns the mean micro-batch loss, the
+        same on every rank of the pipeline."""
+        args = (tokens[:, :-1],) if self.has_first else ()
+        kwargs = {}
+        losses: list[torch.Tensor] = []
+        if self.has_last:
+            kwargs = {"target": tokens[:, 1:], "losses": losses}
+        fn(*args, **kwargs)
+        loss = torch.stack([_plain(x).detach() for x in losses]).mean() if losses else \
+            torch.zeros((), device=tokens.device)
+        dist.all_reduce(loss, group=self.pp_group)  # only the last stage's rank adds a value
+        return loss
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._run(self.schedule.step, tokens)
+
+    @torch.no_grad()
+    def eval(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._run(self.schedule.eval, tokens)
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t

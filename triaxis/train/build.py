@@ -1,0 +1,60 @@
+"""Build the model for a layout: meta-device construction -> parallelize -> materialize -> init.
+
+Without pipelining that is one Transformer. With pipelining it is this rank's stage modules,
+each parallelized on its own, plus a `LocalStages` view that gives them the full model's names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from triaxis.config import Config
+from triaxis.model import ModelArgs, Transformer
+from triaxis.parallel.dims import ParallelDims
+from triaxis.parallel.parallelize import parallelize
+from triaxis.parallel.partition import PartitionInputs, Stage, parse_layers, partition
+
+
+def pipeline_stages(cfg: Config, args: ModelArgs, dims: ParallelDims,
+                    grad_accum: int) -> list[Stage]:
+    p = cfg.parallel
+    inputs = PartitionInputs(
+        args=args, pp=dims.pp, virtual_stages=p.pp_virtual_stages, schedule=p.pp_schedule,
+        seq_len=cfg.data.seq_len, micro_batch=cfg.train.micro_batch, n_microbatches=grad_accum,
+        shard_degree=dims.dp_shard * dims.tp, tp=dims.tp,
+        full_recompute=p.activation_checkpoint == "full")
+    return partition(inputs, p.pp_memory_weight, parse_layers(p.pp_layers))
+
+
+def build_model(cfg: Config, args: ModelArgs, dims: ParallelDims, mesh, device: torch.device,
+                mp_dtype: torch.dtype | None, grad_accum: int, loss_fn, log):
+    """Returns (model, pipeline): `model` holds every parameter this rank trains under the
+    single-device names; `pipeline` is None without pipelining."""
+    init_device = "cpu" if cfg.parallel.cpu_offload else device
+    if dims.pp == 1:
+        # Build on meta: no rank ever allocates the full model, whatever the layout.
+        with torch.device("meta"):
+            model: nn.Module = Transformer(args)
+        model = parallelize(model, dims, mesh, cfg.parallel, cfg.train, device, mp_dtype)
+        model.materialize(init_device)
+        model.init_weights(cfg.train.seed)
+        return model, None
+
+    from triaxis.parallel.partition import format_table
+    from triaxis.parallel.pipeline import LocalStages, Pipeline, build_stage_module
+
+    stages = pipeline_stages(cfg, args, dims, grad_accum)
+    log.info(f"pipeline: {len(stages)} stages over pp={dims.pp}, schedule "
+             f"{cfg.parallel.pp_schedule}, {grad_accum} micro-batches per step\n"
+             + format_table(stages))
+    pp_rank = dims.coords(torch.distributed.get_rank())["pp"]
+    mine = sorted((s for s in stages if s.rank == pp_rank), key=lambda s: s.index)
+    parts = [parallelize(build_stage_module(args, s, len(stages)), dims, mesh, cfg.parallel,
+                         cfg.train, device, mp_dtype) for s in mine]
+    model = LocalStages(parts)
+    model.materialize(init_device)
+    model.init_weights(cfg.train.seed)
+    pipeline = Pipeline(parts, mine, len(stages), mesh["pp"].get_group(),
+                        cfg.parallel.pp_schedule, grad_accum, device, loss_fn)
+    return model, pipeline
