@@ -151,5 +151,5 @@ def test_launch_refuses_impossible_layouts(bpe_data, tmp_path):
 def test_layout_command():
     out = triaxis("layout", "--world", 8, "--dp-replicate", 2, "--tp", 2).stdout
     rows = [line.split() for line in out.splitlines()[2:]]
-    assert rows[3] == ["3", "0", "0", "1", "1"]  # rank 3: pp 0, replica 0, shard 1, tp 1
+    assert rows[3] == ["0", "3", "3", "0", "0", "1", "1"]  # node 0, gpu 3: shard 1, tp 1
     assert "dp_shard=2" in out

@@ -207,6 +207,22 @@ def test_memory_grows_with_micro_batch_and_shrinks_with_checkpointing(catalog):
     assert full.time.compute > big.time.compute  # the recomputed forward
 
 
+
+def test_offloaded_checkpoints_leave_the_gpu_for_the_host(catalog):
+    problem = _problem(catalog, "8b", batch=256)
+    kept = evaluate(problem, Layout(1, 64, 1, 1, 4, "full"))
+    off = evaluate(problem, Layout(1, 64, 1, 1, 4, "full", offload_checkpoints=True))
+    ckpt = 4 * 4096 * problem.shape.dim * 2  # one bf16 block input
+    # 32 block inputs move to the host; 2 stay (one in use, one in transit).
+    assert kept.memory.activations - off.memory.activations == pytest.approx(30 * ckpt)
+    assert off.memory.host_per_node == pytest.approx(32 * ckpt * 8)
+    # A 128 MiB copy per block over PCIe hides behind the block's compute, except the first
+    # prefetch of backward.
+    assert 0 < off.time.exposed_comm["offload"] < 0.01 * off.time.total
+    assert off.time.compute == kept.time.compute
+    with pytest.raises(ValueError, match="activation_checkpoint='full'"):
+        Layout(1, 64, 1, 1, 4, "selective", offload_checkpoints=True)
+
 def test_bubble_per_schedule():
     base = Layout(1, 1, 1, 8, 1, "full", 2, "1f1b")
     assert bubble_slots(base) == 7

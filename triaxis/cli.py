@@ -122,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--cpu", action="store_true", help="run on CPU (gloo) even if GPUs exist")
     lc.set_defaults(fn=_launch)
 
+    from triaxis.plan.cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
+
     co = sub.add_parser("config", help="print the default config (or --fields: documented)")
     co.add_argument("--fields", action="store_true")
     co.set_defaults(fn=_config)

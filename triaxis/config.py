@@ -96,6 +96,9 @@ class TrainConfig:
 
 @dataclass
 class ParallelConfig:
+    auto: Literal["off", "speed", "memory"] = "off"
+    """Let the planner choose degrees, micro-batch, checkpointing and offload for this world
+    size (speed: fastest predicted step; memory: smallest peak memory). Overrides them below."""
     dp_replicate: int = 1
     """Data-parallel replicas: model copies (MiCS partition groups) that all-reduce gradients."""
     dp_shard: int = -1

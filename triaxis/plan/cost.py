@@ -16,7 +16,8 @@ def fits(p: Problem, layout: Layout, mem: MemoryBreakdown) -> bool:
     """Within the GPU's usable memory (and, offloaded, within 80% of the host's)."""
     if mem.total > p.hw.usable_memory_bytes:
         return False
-    return not layout.cpu_offload or mem.host_per_node <= 0.8 * p.hw.cluster.host_memory_bytes
+    offloads = layout.cpu_offload or layout.offload_checkpoints
+    return not offloads or mem.host_per_node <= 0.8 * p.hw.cluster.host_memory_bytes
 
 
 def evaluate(p: Problem, layout: Layout, with_time: bool = True,

@@ -88,6 +88,16 @@ class Layout:
     """Sharded parameters, gradients and AdamW states live in host memory (FSDP2 offload)."""
     reshard_after_forward: bool = True
     """False: keep gathered blocks from forward to backward (one all-gather less, more memory)."""
+    offload_checkpoints: bool = False
+    """With full checkpointing: each block's saved input is copied to host memory during
+    forward and prefetched back one block ahead in backward (MiCS's "prefetched activation
+    offloading"; DeepSpeed's cpu_checkpointing). Evaluated when a layout names it, not searched:
+    the triaxis training loop does not implement it."""
+
+    def __post_init__(self) -> None:
+        if self.offload_checkpoints and self.activation_checkpoint != "full":
+            raise ValueError(f"offload_checkpoints needs activation_checkpoint='full', got "
+                             f"{self.activation_checkpoint!r}: only block inputs are offloaded")
 
     @property
     def world_size(self) -> int:
@@ -111,6 +121,8 @@ class Layout:
                                         else "")
         if self.cpu_offload:
             s += " offload"
+        if self.offload_checkpoints:
+            s += " ckpt-offload"
         if not self.reshard_after_forward:
             s += " no-reshard"
         return s

@@ -80,20 +80,38 @@ def in_flight(layout: Layout, num_micro: int) -> float:
     return float(min(m, p))  # 1f1b, zb-h1 (same peak as 1F1B by construction)
 
 
+OFFLOADED_CHECKPOINTS_ON_GPU = 2
+"""With checkpoint offloading a GPU holds two block inputs: the one being copied out (forward)
+or prefetched in (backward), and the one in use."""
+
+
 def activation_bytes(p: Problem, layout: Layout, blocks: int, num_micro: int,
                      last_stage: bool) -> float:
-    """Peak activation bytes of a stage with `blocks` blocks."""
+    """Peak activation bytes on the GPU of a stage with `blocks` blocks."""
     return _activations(p, layout.tp, layout.micro_batch, layout.activation_checkpoint,
-                        layout.ac_every, blocks, in_flight(layout, num_micro), last_stage)
+                        layout.ac_every, blocks, in_flight(layout, num_micro), last_stage,
+                        layout.offload_checkpoints)
+
+
+def offloaded_checkpoint_bytes(p: Problem, layout: Layout, blocks: int, num_micro: int) -> float:
+    """Host bytes one GPU's offloaded block inputs take (0 unless offload_checkpoints)."""
+    if not layout.offload_checkpoints:
+        return 0.0
+    ckpt = checkpoint_bytes_per_token(p.shape, p.runtime, layout.tp, p.elem)
+    return blocks * ckpt * layout.micro_batch * p.seq_len * in_flight(layout, num_micro)
 
 
 @lru_cache(maxsize=65536)
 def _activations(p: Problem, tp: int, micro_batch: int, ac: str, ac_every: int, blocks: int,
-                 in_flight_micro: float, last_stage: bool) -> float:
+                 in_flight_micro: float, last_stage: bool, offload_ckpt: bool) -> float:
     s, rt, e = p.shape, p.runtime, p.elem
     tokens = micro_batch * p.seq_len
     full = layer_activation_bytes_per_token(s, rt, p.seq_len, tp, e) * tokens
     ckpt = checkpoint_bytes_per_token(s, rt, tp, e) * tokens
+    if ac == "full" and offload_ckpt:
+        # Not multiplied by the micro-batches in flight: the copies stream through 2 slots.
+        return OFFLOADED_CHECKPOINTS_ON_GPU * ckpt + full + \
+            (logits_bytes_per_token(s, rt, tp, e) * tokens if last_stage else 0.0)
     if ac == "full":
         kept, working = blocks * ckpt, full
     elif ac == "selective":
@@ -157,10 +175,11 @@ def memory_of(p: Problem, layout: Layout, num_micro: int) -> MemoryBreakdown:
         gathered = 2 if layout.reshard_after_forward else blocks[stage]
         params, grads, optim, comm = _states(p, tp, shard, pp, stage, fsdp_on, gathered)
         act = activation_bytes(p, layout, blocks[stage], num_micro, stage == pp - 1)
-        host = 0.0
+        host = offloaded_checkpoint_bytes(p, layout, blocks[stage], num_micro)
         if layout.cpu_offload:
-            host = (params + grads + optim) * p.hw.gpus_per_node
+            host += params + grads + optim
             params = grads = optim = 0.0
+        host *= p.hw.gpus_per_node
         mem = MemoryBreakdown(params, grads, optim, act, comm + tp_buffers, host)
         if worst is None or mem.total > worst.total:
             worst = mem

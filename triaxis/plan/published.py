@@ -64,19 +64,22 @@ def predict_row(row: dict[str, Any]) -> Prediction:
                         row["virtual_stages"])
         plan = evaluate(problem, layout)
     else:
-        plan = _best_sharded(shape, hw, rt, row, dp)
+        plan = _best_sharded(shape, hw, rt, row, dp, row.get("checkpoint_offload", False))
     return Prediction(row["name"], row["source"], row["published_tflops"],
                       plan.hw_tflops_per_gpu, plan, row["assumptions"])
 
 
-def _best_sharded(shape, hw, rt, row, dp) -> Plan:
-    """The fastest fitting MiCS layout (partition size x micro-batch), full recomputation."""
+def _best_sharded(shape, hw, rt, row, dp, offload_checkpoints: bool = False) -> Plan:
+    """The fastest fitting MiCS layout (partition size x micro-batch), full recomputation,
+    block inputs kept on the GPU or (as published for the row) offloaded to the host."""
     best = None
     for shard in divisors(dp):
-        for mb in (1, 2, 4, 8, 16):
+        for mb in (1, 2, 3, 4, 6, 8, 16):
             batch = dp * mb * ACCUMULATION_WHEN_UNSTATED
             problem = Problem(shape, hw, rt, row["seq_len"], batch)
-            plan = evaluate(problem, Layout(dp // shard, shard, 1, 1, mb, "full"))
+            layout = Layout(dp // shard, shard, 1, 1, mb, "full",
+                            offload_checkpoints=offload_checkpoints)
+            plan = evaluate(problem, layout)
             if plan.fits and (best is None or plan.tokens_per_s > best.tokens_per_s):
                 best = plan
     assert best is not None, f"no MiCS layout of {row['name']} fits"

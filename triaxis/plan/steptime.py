@@ -6,7 +6,8 @@
             + TP collectives                       (not overlapped: on the compute stream)
             + exposed FSDP all-gathers and reduce-scatters
             + pipeline sends                       (not overlapped)
-            + host copies when offloading
+            + host copies when offloading (states; or checkpoints: exposed only past
+              one block of compute)
 
 Overlap, axis by axis (stated, not fitted):
   * tp: Megatron-style TP (+SP) puts 2 all-reduce-equivalents of b·s·h on the critical path in
@@ -35,6 +36,7 @@ from triaxis.plan.collectives import (all_gather_s, all_reduce_s, axis_link, p2p
                                       reduce_scatter_s)
 from triaxis.plan.efficiency import block_time, head_time, optimizer_s
 from triaxis.plan.layout import Layout
+from triaxis.plan.memory import checkpoint_bytes_per_token
 from triaxis.plan.problem import Problem, TimeBreakdown
 from triaxis.plan.state_bytes import stage_blocks
 
@@ -110,6 +112,14 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
         # Sharded fp32 parameters copied in before each gather, gradients copied out after.
         per_block = 4 * s.block_params() / tp / ds / hw.cluster.host_bytes_per_s
         offload_mb = per_block * (2 * blocks + 2)
+    if layout.offload_checkpoints:
+        # Each block input goes out behind its block's forward and comes back one block ahead
+        # of its backward; only a copy longer than that block is exposed, plus the first
+        # prefetch of backward.
+        copy = checkpoint_bytes_per_token(s, p.runtime, tp, e) * mb * p.seq_len / \
+            hw.cluster.host_bytes_per_s
+        offload_mb += _exposed(blocks, copy, fwd_blk, 0.0) + \
+            _exposed(blocks, copy, bwd_compute, copy)
 
     pp_mb = 0.0
     if pp > 1:

@@ -51,7 +51,9 @@ class Trainer:
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.log = RankLogger(env.is_main)
-        self.dims, self.model_args, self.train_ds = resolve(cfg, env.world_size)
+        self.dims, self.model_args, self.train_ds, why = resolve(cfg, env.world_size)
+        if why:
+            self.log.info(why)
         try:
             self.val_ds = None if cfg.data.path == SYNTHETIC else \
                 TokenDataset(cfg.data.path, "val", cfg.data.seq_len, cfg.data.seed)
@@ -233,12 +235,12 @@ class Trainer:
                 "max_memory_gib": float(mem) / 2**30}
 
 
-def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDataset]:
+def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDataset, str]:
     """Check everything that can be checked before any process group or model exists:
     degrees against the world size, the data, the model shape. Used by the launcher too, so a
-    bad config fails once, in one line, instead of once per rank."""
+    bad config fails once, in one line, instead of once per rank. With parallel.auto the planner
+    fills in the layout first; the last value returned says why it chose it ("" otherwise)."""
     p = cfg.parallel
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
     if cfg.data.path == SYNTHETIC:
         model_args = build_model_args(cfg.model)
         train_ds = SyntheticDataset(model_args.vocab_size, cfg.data.seq_len, cfg.data.seed)
@@ -250,6 +252,12 @@ def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDa
         raise UserError(f"model.vocab_size={model_args.vocab_size} is smaller than the data's "
                         f"tokenizer vocabulary {vocab}; set --model.vocab_size=0 to take it from "
                         "the data")
+    why = ""
+    if p.auto != "off":
+        from triaxis.plan.auto import plan_for_world
+
+        _, why = plan_for_world(cfg, world_size, p.auto, model_args=model_args)
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
     validate(cfg, model_args, dims)
     if dims.pp > 1:
         from triaxis.parallel.pipeline import check_schedule
@@ -263,7 +271,7 @@ def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDa
         pipeline_stages(cfg, model_args, dims, grad_accum)  # refuses impossible splits
     elif p.pp_virtual_stages != 1 or p.pp_layers:
         raise UserError("parallel.pp_virtual_stages / pp_layers need parallel.pp > 1")
-    return dims, model_args, train_ds
+    return dims, model_args, train_ds, why
 
 
 def _compute_dtype(requested: str, device: torch.device) -> torch.dtype | None:
