@@ -7,7 +7,7 @@ Picks the hardware profile from what the process sees: the named `gpu`, else the
 gloo processes on one host: fp32 compute (4-byte activations, no bf16 copies, no offload), a
 nominal FLOP rate (only the ranking between layouts matters), and memory = this host's memory /
 processes per node, read at run time. Pipeline layouts are left out unless `allow_pipeline`
-(the training loop refuses pp > 1 until the pipeline runtime lands).
+(auto keeps to pp = 1: a pipelined layout also needs untied embeddings and a schedule choice).
 """
 
 from __future__ import annotations

@@ -137,12 +137,18 @@ def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
              f'activation_checkpoint = "{a.activation_checkpoint}"',
              f"ac_every = {a.ac_every}"]
     if a.pp > 1:
-        lines.append(f'# pipeline schedule "{a.schedule}", {a.virtual_stages} virtual stage(s) '
-                     "per rank: no [parallel] field for these yet")
+        # The runtime's nearest schedule: PyTorch implements zero-bubble as ZBV (2 stages/rank).
+        runtime, v = RUNTIME_SCHEDULE.get(a.schedule, (a.schedule, a.virtual_stages))
+        if a.schedule in RUNTIME_SCHEDULE:
+            lines.append(f"# planned {a.schedule}; the runtime's zero-bubble schedule is {runtime}")
+        lines += [f'pp_schedule = "{runtime}"', f"pp_virtual_stages = {v}"]
     lines += ["", "[train]", f"micro_batch = {a.micro_batch}",
               f"global_batch = {r.problem.global_batch}", "", "[data]",
               f"seq_len = {r.problem.seq_len}"]
     return "\n".join(lines) + "\n"
+
+
+RUNTIME_SCHEDULE = {"zb-h1": ("zbv", 2), "zb-h2": ("zbv", 2)}
 
 
 def plan_dict(p: Plan) -> dict[str, Any]:
