@@ -74,7 +74,7 @@ def test_interrupted_run_resumes_exactly(bpe_data, tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "triaxis",
                              *train_args(bpe_data, run, *common, "--checkpoint.save_final=false")],
                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = run / "checkpoints" / "step_00000008"
+    ckpt = run / "checkpoints" / "step_00000008" / "triaxis.json"
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

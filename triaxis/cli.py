@@ -13,7 +13,8 @@ def _prepare(a: argparse.Namespace) -> int:
 
     prepare(PrepareOptions(inputs=a.input or [], output=a.output, tokenizer=a.tokenizer,
                            vocab_size=a.vocab_size, max_bytes=a.max_bytes,
-                           val_fraction=a.val_fraction, shard_tokens=a.shard_tokens))
+                           val_fraction=a.val_fraction, shard_tokens=a.shard_tokens,
+                           workers=a.workers))
     return 0
 
 
@@ -30,6 +31,8 @@ def _train(a: argparse.Namespace) -> int:
 
     path, overrides = _split_config(a.rest)
     result = run(load_config(path, overrides))
+    if result.preempted:
+        return 143  # 128 + SIGTERM: stopped on request, after a final checkpoint
     return 0 if result.final_step else 1
 
 
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="read at most this many bytes of text (0 = all)")
     pr.add_argument("--val-fraction", type=float, default=0.02)
     pr.add_argument("--shard-tokens", type=int, default=16 * 2**20)
+    pr.add_argument("--workers", type=int, default=0,
+                    help="tokenizer processes (default 0 = min(cpu_count, 8)); same output")
     pr.set_defaults(fn=_prepare)
 
     tr = sub.add_parser("train", help="train: triaxis train [CONFIG.toml] [--section.field=v]")
@@ -125,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     from triaxis.plan.cli import add_parser as add_plan_parser
 
     add_plan_parser(sub)
+    from triaxis.checkpoint.cli import add_ckpt_parser
+
+    add_ckpt_parser(sub)
+    from triaxis.hf.cli import add_hf_parsers
+    add_hf_parsers(sub)
 
     co = sub.add_parser("config", help="print the default config (or --fields: documented)")
     co.add_argument("--fields", action="store_true")

@@ -47,11 +47,15 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str = "data/stdlib"
-    """Folder written by `triaxis prepare` (shards + manifest.json)."""
+    """Folder or s3:// prefix written by `triaxis prepare` (shards + manifest.json)."""
     seq_len: int = 256
     """Tokens per training sample (the model sees seq_len inputs and seq_len targets)."""
     seed: int = 1234
     """Seed of the global sample order; sample i is a pure function of (seed, i)."""
+    cache_dir: str = ""
+    """Local folder caching s3:// shards (empty = system temp); a subfolder per process, removed at exit."""
+    cache_gib: float = 4.0
+    """Bound of that cache per process and split, in GiB; least recently used shards are evicted."""
 
 
 @dataclass
@@ -91,7 +95,17 @@ class TrainConfig:
     val_every: int = 50
     """Run validation every this many steps (0 = never)."""
     val_batches: int = 4
-    """Micro-batches per validation pass."""
+    """Validation batches of global_batch samples each (the same samples for every layout)."""
+    on_bad_loss: Literal["skip", "rollback", "off"] = "skip"
+    """A non-finite or spiking loss: skip the update; rollback to the last checkpoint and skip
+    the batch; or off (no check, no per-step host sync)."""
+    spike_factor: float = 0.0
+    """A loss above spike_factor x the running mean counts as bad (0 = only non-finite ones)."""
+    max_bad_steps: int = 5
+    """Stop with an error after this many bad steps."""
+    exit_after_steps: int = 0
+    """Save and exit after this many steps in this invocation (0 = run to train.steps): for
+    time-sliced jobs that resume on the next launch."""
 
 
 @dataclass
@@ -133,11 +147,19 @@ class CheckpointConfig:
     interval: int = 100
     """Save every this many steps (0 = only at the end of training)."""
     dir: str = ""
-    """Checkpoint folder (empty = RUN_DIR/checkpoints)."""
+    """Checkpoint folder or s3://bucket/prefix (empty = RUN_DIR/checkpoints)."""
     resume: str = "auto"
     """auto: resume from the latest complete checkpoint in dir, if any; none: start fresh."""
     keep_last: int = 3
     """Keep this many most recent checkpoints (0 = keep all)."""
+    keep_every: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (0 = none)."""
+    async_save: bool = True
+    """Write checkpoints in the background; training blocks only while the state is staged."""
+    verify_on_resume: bool = True
+    """Recompute every file's checksum before resuming (ranks share the work); skip bad ones."""
+    initial: str = ""
+    """Checkpoint whose model weights start a fresh run (fine-tuning, e.g. from import-hf)."""
     save_final: bool = True
     """Save a checkpoint at the last step."""
 
@@ -175,7 +197,8 @@ class Config:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     def checkpoint_dir(self) -> str:
-        return self.checkpoint.dir or str(Path(self.train.run_dir) / "checkpoints")
+        return (self.checkpoint.dir.rstrip("/") if self.checkpoint.dir
+                else str(Path(self.train.run_dir) / "checkpoints"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,19 +6,19 @@ from pathlib import Path
 
 import torch
 
-from triaxis.checkpoint.dcp import complete_checkpoints, load_model_weights, read_meta
+from triaxis import storage
+from triaxis.checkpoint.dcp import META, complete_checkpoints, load_model_weights, read_meta
 from triaxis.data.dataset import read_manifest
 from triaxis.data.tokenizer import load_tokenizer
 from triaxis.errors import UserError
 from triaxis.model import ModelArgs, Transformer
 
 
-def find_checkpoint(path: str) -> Path:
+def find_checkpoint(path: str) -> str:
     """A run folder (its latest checkpoint), a checkpoints folder, or one checkpoint."""
-    p = Path(path)
-    if (p / "triaxis.json").is_file():
-        return p
-    for folder in (p / "checkpoints", p):
+    if storage.exists(storage.join(path, META)):
+        return str(path)
+    for folder in (storage.join(path, "checkpoints"), str(path)):
         found = complete_checkpoints(folder)
         if found:
             return found[-1]
@@ -26,7 +26,7 @@ def find_checkpoint(path: str) -> Path:
                     "with checkpoints on, or a step_XXXXXXXX folder")
 
 
-def load_for_inference(path: str, device: str = "cpu") -> tuple[Transformer, object, Path]:
+def load_for_inference(path: str, device: str = "cpu") -> tuple[Transformer, object, str]:
     ckpt = find_checkpoint(path)
     meta = read_meta(ckpt)
     args = ModelArgs(**meta["model"])

@@ -1,32 +1,45 @@
-"""Sharded checkpoints with torch.distributed.checkpoint (DCP), committed atomically.
+"""Sharded checkpoints of the whole training state with torch.distributed.checkpoint (DCP).
 
-Every rank writes its own shards; the state-dict keys are the single-device parameter names
-(get_state_dict strips FSDP, TP and wrapper prefixes), so a checkpoint saved under one layout
-loads under any other. A save goes to `step_XXXXXXXX.partial/`; after every rank has written,
-rank 0 adds `triaxis.json` (step, model shape, layout) and renames the folder to `step_XXXXXXXX`,
-an atomic rename: a crash mid-save never leaves a folder that looks complete.
+State: model and AdamW state (keys = the single-device parameter names, so any layout loads any
+checkpoint: DCP reshards on load), LR-schedule position, step, data cursor, RNG state.
+Every rank writes its own shards, then checksums them into a sidecar; rank 0 commits the
+checkpoint by writing the manifest last (see manifest.py). Async saves stage the state in host
+memory (the only part that blocks training) and write in a background thread; the commit happens
+on a later step, once every rank's sidecar has landed.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
+import os
+import time
 import warnings
-from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict,
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+from triaxis import storage
+from triaxis.checkpoint import manifest as mf
 from triaxis.errors import UserError
 
 # One process without a process group is a supported case (generation, single-device runs).
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
 
-META = "triaxis.json"
-PREFIX = "step_"
+
+def _writer_reader(path: str):
+    """DCP storage for a folder or an s3:// prefix."""
+    if not storage.is_remote(path):
+        return dcp.FileSystemWriter(path), dcp.FileSystemReader(path)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kw = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    return FsspecWriter(path, **kw), FsspecReader(path, **kw)
 
 
 def _barrier() -> None:
@@ -34,65 +47,124 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def complete_checkpoints(folder: str | Path) -> list[Path]:
-    """Committed checkpoints in `folder`, oldest first."""
-    root = Path(folder)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir()
-             if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()
-             and (p / META).is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
-
-
-def read_meta(path: str | Path) -> dict:
-    return json.loads((Path(path) / META).read_text())
-
-
 class Checkpointer:
-    def __init__(self, folder: str, model, optimizer, scheduler, model_args, layout: dict,
-                 keep_last: int, is_main: bool, data_path: str = ""):
-        self.folder = Path(folder)
+    def __init__(self, root: str, model, optimizer, scheduler, model_args, layout: dict,
+                 ckpt_cfg, rank: int, world_size: int, meta: dict, log):
+        self.root = root
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.model_args = dataclasses.asdict(model_args)
-        self.layout, self.keep_last, self.is_main = layout, keep_last, is_main
-        self.data_path = data_path
+        self.layout, self.cfg = layout, ckpt_cfg
+        self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
+        self.meta, self.log = meta, log
+        self.pending: tuple[str, dict, Future] | None = None
+        self.sidecars = ThreadPoolExecutor(max_workers=1)
+        # Async saves gather metadata in a background thread: give them their own gloo group
+        # so they never interleave with the training collectives of the main thread.
+        self.group = dist.new_group(backend="gloo") if dist.is_initialized() and \
+            ckpt_cfg.async_save else None
+        self.blocking_s: list[float] = []
 
+    # -- saving ------------------------------------------------------------------------------
     def _state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def save(self, step: int, cursor: int) -> Path:
-        final = self.folder / f"{PREFIX}{step:08d}"
-        partial = final.with_name(final.name + ".partial")
+    def save(self, step: int, cursor: int, block: bool = False) -> str:
+        """Save the state after `step`; async unless `block` or async is off."""
+        self.wait()  # one save in flight at a time
+        folder = mf.step_dir(self.root, step)
+        t0 = time.perf_counter()
         if self.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
+            storage.remove(folder)  # leftovers of an interrupted save of this step
         _barrier()
         state = self._state()
         state["train"] = {"step": step, "cursor": cursor,
-                          "scheduler": self.scheduler.state_dict()["last_epoch"]}
-        dcp.save(state, checkpoint_id=str(partial))
-        _barrier()  # every rank's shards have landed before the commit
+                          "scheduler": self.scheduler.state_dict()["last_epoch"],
+                          "rng": torch.get_rng_state()}
+        writer, _ = _writer_reader(folder)
+        meta = {"step": step, "cursor": cursor, "model": self.model_args, "layout": self.layout,
+                "world_size": self.world_size, **self.meta}
+        if self.cfg.async_save and not block:
+            fut = dcp.async_save(state, storage_writer=writer, process_group=self.group)
+            fut = getattr(fut, "upload_completion", fut)
+            side = self.sidecars.submit(self._after_write, fut, folder)
+            self.pending = (folder, meta, side)
+            self.blocking_s.append(time.perf_counter() - t0)
+            return folder
+        dcp.save(state, storage_writer=writer)
+        mf.write_sidecar(folder, self.rank)
+        _barrier()
         if self.is_main:
-            meta = {"step": step, "cursor": cursor, "model": self.model_args,
-                    "layout": self.layout, "data_path": self.data_path}
-            (partial / META).write_text(json.dumps(meta, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            partial.rename(final)
+            mf.commit(folder, self.world_size, meta)
             self._retain()
         _barrier()
-        return final
+        self.blocking_s.append(time.perf_counter() - t0)
+        return folder
+
+    def _after_write(self, fut: Future, folder: str) -> None:
+        fut.result()
+        mf.write_sidecar(folder, self.rank)
+
+    def poll(self) -> str | None:
+        """Commit a finished async save (rank 0); cheap, never blocks. Returns what it committed."""
+        if self.pending is None:
+            return None
+        folder, meta, side = self.pending
+        if not side.done():
+            return None
+        side.result()  # re-raise a failed write here, in the training loop
+        if not self.is_main:
+            self.pending = None
+            return None
+        if not mf.ready_to_commit(folder, self.world_size):
+            return None
+        mf.commit(folder, self.world_size, meta)
+        self._retain()
+        self.pending = None
+        return folder
+
+    def wait(self) -> None:
+        """Block until a pending async save is written and committed (everywhere)."""
+        if self.pending is None:
+            return
+        self.pending[2].result()
+        _barrier()  # every rank's sidecar has landed
+        committed = self.poll()
+        assert committed is not None or not self.is_main, "sidecars missing after the barrier"
+        self.pending = None
+        _barrier()
 
     def _retain(self) -> None:
-        if self.keep_last <= 0:
-            return
-        for old in complete_checkpoints(self.folder)[:-self.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        for old in mf.to_delete(mf.list_checkpoints(self.root), self.cfg.keep_last,
+                                self.cfg.keep_every):
+            storage.remove(old.path)
+        for stale in mf.uncommitted(self.root):
+            if self.pending is None or stale != self.pending[0]:
+                storage.remove(stale)
 
-    def check_compatible(self, path: Path) -> None:
-        saved = read_meta(path)["model"]
+    def close(self) -> None:
+        self.wait()
+        self.sidecars.shutdown()
+
+    # -- resuming ----------------------------------------------------------------------------
+    def find_resume(self) -> mf.Found | None:
+        """The latest complete and valid checkpoint; others are skipped with a warning. Ranks
+        share the checksum work and agree on the verdict."""
+        for found in reversed(mf.list_checkpoints(self.root)):
+            files = sorted(mf.read_meta(found.path)["files"])
+            mine = files[self.rank::self.world_size] if self.cfg.verify_on_resume else []
+            problems = mf.verify(found.path, only=mine) if mine else []
+            bad = torch.tensor([len(problems)], dtype=torch.int64)
+            if dist.is_initialized():
+                dist.all_reduce(bad)
+            if int(bad) == 0:
+                return found
+            self.log.warn(f"skipping checkpoint {found.path}: "
+                          f"{'; '.join(problems) or 'a file failed its check on another rank'}")
+        return None
+
+    def check_compatible(self, path: str) -> None:
+        saved = mf.read_meta(path)["model"]
         diffs = [f"{k}={saved.get(k)} (checkpoint) vs {v} (this run)"
                  for k, v in self.model_args.items() if saved.get(k) != v and k != "max_seq_len"]
         if diffs:
@@ -100,12 +172,14 @@ class Checkpointer:
                             " Use the checkpoint's [model] settings, point --checkpoint.dir "
                             "elsewhere, or start fresh with --checkpoint.resume=none")
 
-    def load(self, path: Path) -> dict:
-        """Load model, optimizer and schedule in place; returns {"step", "cursor"}."""
+    def load(self, path: str) -> dict:
+        """Load the whole training state in place; returns {"step", "cursor"}."""
         self.check_compatible(path)
         state = self._state()
-        state["train"] = {"step": 0, "cursor": 0, "scheduler": 0}
-        dcp.load(state, checkpoint_id=str(path))
+        state["train"] = {"step": 0, "cursor": 0, "scheduler": 0,
+                          "rng": torch.get_rng_state()}
+        _, reader = _writer_reader(path)
+        dcp.load(state, storage_reader=reader)
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         sched = self.scheduler.state_dict()
@@ -115,13 +189,31 @@ class Checkpointer:
         # LambdaLR recomputes the lr lazily; set it for the restored step now.
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
             group["lr"] = lr
+        torch.set_rng_state(state["train"]["rng"])
         return {"step": int(state["train"]["step"]), "cursor": int(state["train"]["cursor"])}
 
+    def load_initial(self, path: str) -> None:
+        """Model weights only (fine-tuning from e.g. `triaxis import-hf`), into any layout."""
+        if not storage.exists(storage.join(path, mf.META)):
+            raise UserError(f"checkpoint.initial={path} is not a triaxis checkpoint (no "
+                            f"{mf.META}); create one with `triaxis import-hf` or point at a "
+                            "step_XXXXXXXX folder")
+        self.check_compatible(path)
+        load_model_weights(self.model, path)
 
-def load_model_weights(model, path: str | Path) -> None:
+
+def load_model_weights(model, path: str) -> None:
     """Model weights only (for generation / fine-tuning), into a model of any layout."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
     sd = get_model_state_dict(model)
-    dcp.load({"model": sd}, checkpoint_id=str(path))
+    _, reader = _writer_reader(str(path))
+    dcp.load({"model": sd}, storage_reader=reader)
     set_model_state_dict(model, sd, options=StateDictOptions(strict=True))
+
+
+# Back-compatible names used by generation and tests.
+def complete_checkpoints(folder) -> list:
+    return [f.path for f in mf.list_checkpoints(str(folder))]
+
+
+read_meta = mf.read_meta
+META = mf.META

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from triaxis.checkpoint.dcp import Checkpointer, complete_checkpoints
+from triaxis.checkpoint.dcp import Checkpointer
 from triaxis.config import Config, grad_accum_steps, to_toml, validate
 from triaxis.errors import UserError
 from triaxis.data.dataset import SYNTHETIC, SyntheticDataset, TokenDataset, micro_batch_start
@@ -27,6 +27,7 @@ from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.train.build import build_model, pipeline_stages
 from triaxis.train.distributed import DistEnv, init_distributed, shutdown
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from triaxis.train.resilience import NumericsGuard, PreemptionWatch, inject_kill, inject_nan
 
 
 @dataclass
@@ -36,6 +37,8 @@ class TrainResult:
     val_losses: dict[int, float] = field(default_factory=dict)
     final_step: int = 0
     run_dir: str = ""
+    preempted: bool = False
+    """True when SIGTERM ended the run early (after a final checkpoint)."""
 
 
 def run(cfg: Config) -> TrainResult:
@@ -48,6 +51,9 @@ def run(cfg: Config) -> TrainResult:
 
 
 class Trainer:
+    data_wait_s: float = 0.0
+    """Seconds spent fetching training batches since the last logged record."""
+
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
         self.log = RankLogger(env.is_main)
@@ -56,7 +62,8 @@ class Trainer:
             self.log.info(why)
         try:
             self.val_ds = None if cfg.data.path == SYNTHETIC else \
-                TokenDataset(cfg.data.path, "val", cfg.data.seq_len, cfg.data.seed)
+                TokenDataset(cfg.data.path, "val", cfg.data.seq_len, cfg.data.seed,
+                             cache_dir=cfg.data.cache_dir, cache_gib=cfg.data.cache_gib)
         except ValueError as e:
             self.val_ds = None
             if cfg.train.val_every:
@@ -82,8 +89,10 @@ class Trainer:
         layout = {"world_size": env.world_size, **dict(zip(
             ("pp", "dp_replicate", "dp_shard", "tp"), self.dims.shape))}
         self.ckpt = Checkpointer(cfg.checkpoint_dir(), self.model, self.optimizer,
-                                 self.scheduler, self.model_args, layout,
-                                 cfg.checkpoint.keep_last, env.is_main, cfg.data.path)
+                                 self.scheduler, self.model_args, layout, cfg.checkpoint,
+                                 env.rank, env.world_size,
+                                 {"data_path": cfg.data.path, "config": to_toml(cfg)}, self.log)
+        self.ckpt_step = 0
         self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
         self.peak = peak_flops(self.device)
 
@@ -99,8 +108,11 @@ class Trainer:
     def local_batch(self, ds, cursor: int, micro_step: int, shuffle: bool = True) -> torch.Tensor:
         start = micro_batch_start(cursor, micro_step, self.cfg.train.micro_batch,
                                   self.dims.dp_size, self.dp_rank)
-        return ds.batch(start, self.cfg.train.micro_batch, shuffle).to(self.device,
-                                                                       non_blocking=True)
+        t0 = time.perf_counter()
+        batch = ds.batch(start, self.cfg.train.micro_batch, shuffle)
+        if ds is self.train_ds:  # validation reads are not training time
+            self.data_wait_s += time.perf_counter() - t0
+        return batch.to(self.device, non_blocking=True)
 
     def loss_parallel(self):
         if not self.cfg.parallel.loss_parallel:
@@ -109,32 +121,44 @@ class Trainer:
 
         return loss_parallel()
 
-    def train_step(self, cursor: int) -> torch.Tensor:
-        """Forward + backward over grad_accum micro-batches, clip, optimizer step.
+    def forward_backward(self, cursor: int, step: int) -> torch.Tensor:
+        """Forward + backward over grad_accum micro-batches; gradients left in .grad.
         Returns this rank's mean loss (a tensor: no host sync here)."""
+        if hasattr(self.train_ds, "prefetch"):  # s3:// shards of this step and the next
+            self.train_ds.prefetch(cursor, 2 * self.cfg.train.global_batch,
+                                   self.cfg.train.micro_batch, self.dims.dp_size, self.dp_rank)
         if self.pipeline is not None:
             # The schedule runs the micro-batches: hand it all of them, in micro-step order.
             tokens = torch.cat([self.local_batch(self.train_ds, cursor, m)
                                 for m in range(self.grad_accum)])
             with self.loss_parallel(), self.autocast():
-                total = self.pipeline.step(tokens)
-        else:
-            total = torch.zeros((), device=self.device)
-            for m in range(self.grad_accum):
-                tokens = self.local_batch(self.train_ds, cursor, m)
-                set_grad_sync(self.model, self.dims, last_micro_step=m == self.grad_accum - 1)
-                with self.loss_parallel():
-                    with self.autocast():
-                        logits = self.model(tokens[:, :-1])
-                    loss = self.loss_fn(logits, tokens[:, 1:]) / self.grad_accum
-                    loss.backward()
-                total += _plain(loss.detach())
+                return self.pipeline.step(tokens)
+        total = torch.zeros((), device=self.device)
+        poison = inject_nan(step)
+        for m in range(self.grad_accum):
+            tokens = self.local_batch(self.train_ds, cursor, m)
+            set_grad_sync(self.model, self.dims, last_micro_step=m == self.grad_accum - 1)
+            with self.loss_parallel():
+                with self.autocast():
+                    logits = self.model(tokens[:, :-1])
+                loss = self.loss_fn(logits, tokens[:, 1:]) / self.grad_accum
+                if poison:
+                    loss = loss * float("nan")
+                loss.backward()
+            total += _plain(loss.detach())
+        return total
+
+    def optimizer_step(self) -> None:
         params = [p for p in self.model.parameters() if p.grad is not None]
         clip_grad_norm(params, self.cfg.train.grad_clip, self.pp_group)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return total
+
+    def train_step(self, cursor: int, step: int = 0) -> torch.Tensor:
+        loss = self.forward_backward(cursor, step)
+        self.optimizer_step()
+        return loss
 
     def mean_over_dp(self, value: torch.Tensor) -> float:
         if self.dp_group is not None:
@@ -166,15 +190,25 @@ class Trainer:
         return self.mean_over_dp(total / n)
 
     # -- the loop ----------------------------------------------------------------------------
+    def resume(self) -> tuple[int, int]:
+        """(step, cursor) to start from: the latest valid checkpoint, else checkpoint.initial's
+        weights at step 0, else a fresh start."""
+        cfg = self.cfg
+        found = self.ckpt.find_resume() if cfg.checkpoint.resume == "auto" else None
+        if found is not None:
+            state = self.ckpt.load(found.path)
+            self.log.info(f"resumed from {found.path} at step {state['step']} "
+                          f"(sample cursor {state['cursor']})")
+            return state["step"], state["cursor"]
+        if cfg.checkpoint.initial:
+            self.ckpt.load_initial(cfg.checkpoint.initial)
+            self.log.info(f"initial weights from {cfg.checkpoint.initial}")
+        return 0, 0
+
     def fit(self) -> TrainResult:
         cfg, log = self.cfg, self.log
-        step, cursor = 0, 0
-        if cfg.checkpoint.resume == "auto":
-            found = complete_checkpoints(cfg.checkpoint_dir())
-            if found:
-                state = self.ckpt.load(found[-1])
-                step, cursor = state["step"], state["cursor"]
-                log.info(f"resumed from {found[-1]} at step {step} (sample cursor {cursor})")
+        step, cursor = self.resume()
+        first_step = step
         run_dir = Path(cfg.train.run_dir)
         if self.env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -188,14 +222,31 @@ class Trainer:
         metrics = MetricsWriter(cfg.train.run_dir, self.env.is_main, cfg.metrics.tensorboard)
         progress = Progress(log, cfg.train.steps, step, cfg.metrics.progress)
         result = TrainResult(run_dir=str(run_dir))
+        preempt = PreemptionWatch()
+        guard = NumericsGuard(cfg.train.spike_factor, cfg.train.max_bad_steps) \
+            if cfg.train.on_bad_loss != "off" else None
+        skip_cursors: set[int] = set()  # batches a rollback decided never to train on again
         tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         t_last, steps_since = time.perf_counter(), 0
         try:
             while step < cfg.train.steps:
-                loss = self.train_step(cursor)
+                if cursor in skip_cursors:
+                    cursor += cfg.train.global_batch
+                    continue
+                inject_kill(step + 1, self.env.rank)
+                loss = self.forward_backward(cursor, step + 1)
+                if guard is not None:
+                    reason = guard.check(self.mean_over_dp(loss), step + 1, cursor)
+                    if reason is not None:
+                        self.optimizer.zero_grad(set_to_none=True)
+                        step, cursor = self._bad_step(reason, step, cursor, skip_cursors)
+                        continue
+                self.optimizer_step()
                 step += 1
                 cursor += cfg.train.global_batch
                 steps_since += 1
+                if self.ckpt.poll():
+                    log.info(f"committed checkpoint at step {self.ckpt_step}")
                 if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
                     record = self._record(step, loss, tokens_per_step * steps_since,
                                           time.perf_counter() - t_last)
@@ -211,28 +262,72 @@ class Trainer:
                         log.info(f"step {step}: validation loss {val:.4f}")
                     t_last = time.perf_counter()  # validation time is not training time
                 last = step == cfg.train.steps
+                if cfg.train.exit_after_steps and step - first_step >= \
+                        cfg.train.exit_after_steps and not last:
+                    self.ckpt.save(step, cursor, block=True)
+                    log.info(f"exit_after_steps={cfg.train.exit_after_steps}: saved step {step}")
+                    break
+                if preempt.should_stop() and not last:
+                    self.ckpt.save(step, cursor, block=True)
+                    log.warn(f"SIGTERM: saved a final checkpoint at step {step}; exiting")
+                    result.preempted = True
+                    break
                 if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or \
                         (last and cfg.checkpoint.save_final):
-                    path = self.ckpt.save(step, cursor)
-                    log.info(f"saved checkpoint {path}")
+                    path = self.ckpt.save(step, cursor, block=last)
+                    self.ckpt_step = step
+                    blocked = self.ckpt.blocking_s[-1]
+                    log.info(f"checkpoint {path} (training blocked {blocked:.2f}s)")
+                    metrics.write({"step": step, "checkpoint_blocking_s": blocked})
                     t_last = time.perf_counter()  # checkpoint time is not training time
+            self.ckpt.close()
         finally:
+            preempt.close()
             progress.close()
             metrics.close()
         result.final_step = step
         return result
+
+    def _bad_step(self, reason: str, step: int, cursor: int,
+                  skip_cursors: set[int]) -> tuple[int, int]:
+        """A bad loss: skip this update, or roll back to the last checkpoint and never train on
+        this batch again. Returns the (step, cursor) to continue from."""
+        skip_cursors.add(cursor)
+        if self.cfg.train.on_bad_loss == "rollback":
+            self.ckpt.wait()
+            found = self.ckpt.find_resume()
+            if found is not None:
+                state = self.ckpt.load(found.path)
+                self.log.warn(f"step {step + 1}: {reason}; rolled back to step {state['step']} "
+                              f"and skipping the batch at sample cursor {cursor}")
+                return state["step"], state["cursor"]
+            self.log.warn(f"step {step + 1}: {reason}; no checkpoint to roll back to, skipping")
+        else:
+            self.log.warn(f"step {step + 1}: {reason}; update skipped, batch at sample cursor "
+                          f"{cursor} dropped")
+        return step, cursor + self.cfg.train.global_batch
 
     def _record(self, step: int, loss: torch.Tensor, tokens: int, elapsed_s: float) -> dict:
         tokens_per_s = tokens / max(elapsed_s, 1e-9)
         per_device = tokens_per_s / self.env.world_size
         mfu = (self.flops_per_token * per_device / self.peak) if self.peak else None
         mem = torch.tensor([_peak_memory_bytes(self.device)], dtype=torch.float64)
+        wait = torch.tensor([self.data_wait_s], dtype=torch.float64)
+        self.data_wait_s = 0.0
         if self.env.world_size > 1:
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+            dist.all_reduce(wait, op=dist.ReduceOp.MAX)  # the slowest rank's wait stalls all
+        steps = max(1, round(tokens / (self.cfg.train.global_batch * self.cfg.data.seq_len)))
+        wait_share = float(wait) / max(elapsed_s, 1e-9)
+        if wait_share > 0.1:
+            self.log.warn(f"step {step}: the data loader stalls training: {wait_share:.0%} of "
+                          f"step time waiting for batches ({float(wait) / steps:.3f}s per step); "
+                          "put data.path on faster storage or raise data.cache_gib (s3://)")
         return {"step": step, "loss": self.mean_over_dp(loss),
                 "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_s,
                 "tokens_per_s_per_device": per_device, "mfu": mfu,
-                "max_memory_gib": float(mem) / 2**30}
+                "max_memory_gib": float(mem) / 2**30, "data_wait_s": float(wait) / steps,
+                "data_wait_share": wait_share}
 
 
 def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDataset, str]:
@@ -245,7 +340,8 @@ def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDa
         model_args = build_model_args(cfg.model)
         train_ds = SyntheticDataset(model_args.vocab_size, cfg.data.seq_len, cfg.data.seed)
     else:
-        train_ds = TokenDataset(cfg.data.path, "train", cfg.data.seq_len, cfg.data.seed)
+        train_ds = TokenDataset(cfg.data.path, "train", cfg.data.seq_len, cfg.data.seed,
+                                cache_dir=cfg.data.cache_dir, cache_gib=cfg.data.cache_gib)
     vocab = train_ds.manifest["tokenizer"]["vocab_size"]
     model_args = build_model_args(cfg.model, vocab_size=vocab)
     if model_args.vocab_size < vocab:

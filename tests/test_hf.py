@@ -1,0 +1,269 @@
+"""import-hf / export-hf against the transformers reference: same logits in, same logits out,
+loadable under sharded layouts, and one-line errors for folders we cannot import faithfully."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import transformers  # the reference; a test dependency (pyproject's `test` extra)
+
+from tests.dist import run_workers
+from triaxis.cli import main
+from triaxis.hf.convert import args_from_hf_config, model_overrides
+from triaxis.model.llama import rope_tables
+
+SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, vocab_size=300, max_position_embeddings=128,
+             rope_theta=10000.0, rms_norm_eps=1e-6)
+TOKENS = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
+CASES = {"tied_single": (True, None), "tied_sharded": (True, "100KB"),
+         "untied_single": (False, None), "untied_sharded": (False, "100KB")}
+
+
+def hf_reference(tied: bool):
+    """A small random Llama. Weights far from transformers' init (std 0.02, unit norms): with
+    that init attention is nearly uniform and a wrong RoPE row order would hide under 1e-5."""
+    config = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+            else:
+                # std 0.1 gives attention scores of std ~2.5: sharp enough to see RoPE's order.
+                p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if "proj" in name else 0.3))
+    return model
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(TOKENS)
+    return (out.logits if hasattr(out, "logits") else out).float()
+
+
+def load_triaxis(ckpt: str):
+    from triaxis.hf.exporter import load_checkpoint_model
+
+    model, _ = load_checkpoint_model(ckpt)
+    a = model.args
+    model.rope.copy_(rope_tables(a.head_dim, a.max_seq_len, a.rope_theta))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Per case: the HF folder, its reference logits, and its import (via the CLI)."""
+    out = {}
+    for case, (tied, shard) in CASES.items():
+        root = tmp_path_factory.mktemp(case)
+        ref = hf_reference(tied)
+        kwargs = {"max_shard_size": shard} if shard else {}
+        ref.save_pretrained(root / "hf", **kwargs)
+        assert (root / "hf" / "model.safetensors.index.json").is_file() == bool(shard)
+        assert main(["import-hf", str(root / "hf"), "--output", str(root / "ckpt")]) == 0
+        out[case] = {"root": root, "hf": str(root / "hf"), "ckpt": str(root / "ckpt"),
+                     "logits": logits_of(ref), "tied": tied}
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_matches_transformers(case, converted):
+    c = converted[case]
+    meta = json.loads((Path(c["ckpt"]) / "triaxis.json").read_text())
+    assert meta["step"] == 0 and meta["layout"]["world_size"] == 1
+    assert meta["model"]["tie_embeddings"] is c["tied"] and meta["source"].startswith("hf:")
+    got = logits_of(load_triaxis(c["ckpt"]))
+    print(f"\nimport {case}: max |logits diff| = {(got - c['logits']).abs().max():.2e}")
+    torch.testing.assert_close(got, c["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_loads_in_transformers(case, converted, tmp_path):
+    c = converted[case]
+    shard = ["--max-shard-gb", "0.0001"] if case.endswith("sharded") else []
+    assert main(["export-hf", c["ckpt"], str(tmp_path / "out"), *shard]) == 0
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert ("model.safetensors.index.json" in files) == bool(shard), files
+    back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert back.config.tie_word_embeddings is c["tied"]
+    got = logits_of(back)
+    print(f"\nexport {case}: max |logits diff| = {(got - c['logits']).abs().max():.2e}")
+    torch.testing.assert_close(got, c["logits"], rtol=1e-5, atol=1e-5)
+    assert_same_tensors(tmp_path / "out", c["hf"], c["tied"])
+
+
+def assert_same_tensors(exported_dir, original_dir, tied: bool) -> None:
+    """The round trip is exact: every exported tensor equals the original one bit for bit."""
+    from safetensors.torch import load_file
+
+    def read(folder) -> dict:
+        out = {}
+        for f in Path(folder).glob("*.safetensors"):
+            out.update(load_file(str(f)))
+        return out
+
+    exported, original = read(exported_dir), read(original_dir)
+    if tied:
+        original.pop("lm_head.weight", None)
+    assert sorted(exported) == sorted(original)
+    for name, t in original.items():
+        assert torch.equal(exported[name], t), name
+
+
+def test_bf16_weights_import_as_fp32(tmp_path):
+    """Published Llama weights are bf16: they load into the fp32 model exactly (upcast)."""
+    hf_reference(tied=False).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
+    assert main(["import-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")]) == 0
+    ref = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"),
+                                                        dtype=torch.float32).eval()
+    assert ref.model.embed_tokens.weight.dtype == torch.float32
+    torch.testing.assert_close(logits_of(load_triaxis(str(tmp_path / "ckpt"))), logits_of(ref),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _sharded_logits(rank: int, world: int, ckpts: dict[str, str],
+                    save_root: str) -> dict[str, torch.Tensor]:
+    """Worker: load each checkpoint into models built as the trainer builds them (meta ->
+    parallelize -> materialize -> init), under FSDP dp_shard=2 and under TP=2; return their
+    logits, and save each sharded model again (as a training run would) for export-hf."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from triaxis.checkpoint.dcp import load_model_weights
+    from triaxis.config import load_config
+    from triaxis.model import ModelArgs, build_model_args
+    from triaxis.parallel.dims import ParallelDims
+    from triaxis.train.build import build_model
+
+    out = {}
+    for case, ckpt in ckpts.items():
+        meta = json.loads((Path(ckpt) / "triaxis.json").read_text())
+        overrides = model_overrides(ModelArgs(**meta["model"]))
+        for layout, degrees in {"dp_shard2": ["--parallel.dp_shard=2"],
+                                "tp2": ["--parallel.tp=2", "--parallel.dp_shard=1"]}.items():
+            cfg = load_config(None, ["--model.preset=tiny", "--train.device=cpu",
+                                     *overrides, *degrees])
+            args = build_model_args(cfg.model)
+            p = cfg.parallel
+            dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world)
+            mesh, _ = dims.build_mesh("cpu")
+            model, _ = build_model(cfg, args, dims, mesh, torch.device("cpu"), None, 1, None, None)
+            load_model_weights(model, ckpt)
+            with torch.no_grad():
+                logits = model(TOKENS)
+            out[f"{case} {layout}"] = logits.full_tensor() if hasattr(logits, "full_tensor") \
+                else logits
+            folder = Path(save_root) / f"{case}_{layout}"
+            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder))
+            dist.barrier()
+            if rank == 0:
+                saved = {**meta, "layout": {"world_size": world, **dict(zip(
+                    ("pp", "dp_replicate", "dp_shard", "tp"), dims.shape))}}
+                (folder / "triaxis.json").write_text(json.dumps(saved))
+    return out
+
+
+def test_import_loads_under_sharded_layouts(converted, tmp_path):
+    cases = ["tied_single", "untied_sharded"]
+    results = run_workers(_sharded_logits, 2, {c: converted[c]["ckpt"] for c in cases},
+                          str(tmp_path))
+    for rank, got in enumerate(results):
+        assert len(got) == 4
+        for key, logits in got.items():
+            want = logits_of(load_triaxis(converted[key.split()[0]]["ckpt"]))
+            diff = (logits - want).abs().max().item()
+            print(f"\n{key} rank {rank}: max |logits diff| vs one process = {diff:.2e}")
+            torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    # export-hf reads checkpoints that sharded layouts wrote: the original tensors come back.
+    for key in results[0]:
+        case, layout = key.split()
+        saved = tmp_path / f"{case}_{layout}"
+        assert json.loads((saved / "triaxis.json").read_text())["layout"]["world_size"] == 2
+        assert main(["export-hf", str(saved), str(tmp_path / f"hf_{case}_{layout}")]) == 0
+        assert_same_tensors(tmp_path / f"hf_{case}_{layout}", converted[case]["hf"],
+                            converted[case]["tied"])
+
+
+# -- bad input: one line naming the problem, exit status 2, nothing written ----------------------
+
+
+def _run_error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_folder_without_config(tmp_path, capsys):
+    (tmp_path / "hf").mkdir()
+    err = _run_error(["import-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "o")], capsys)
+    assert "has no config.json" in err
+    assert not (tmp_path / "o").exists()
+
+
+UNSUPPORTED = {
+    "v4_llama3_rope": ({"rope_parameters": None, "rope_theta": 5e5,
+                        "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'llama3'"),
+    "v5_yarn_rope": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "'yarn'"),
+    "attention_bias": ({"attention_bias": True}, "attention_bias=true"),
+    "gelu": ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    "head_dim": ({"head_dim": 32}, "head_dim=32"),
+    "qwen": ({"model_type": "qwen2"}, "model_type='qwen2'"),
+    "more_layers": ({"num_hidden_layers": 3}, "lacks 9 tensors"),
+}
+
+
+@pytest.mark.parametrize("what", list(UNSUPPORTED))
+def test_unsupported_config(what, converted, tmp_path, capsys):
+    edit, expect = UNSUPPORTED[what]
+    src = Path(converted["untied_single"]["hf"])
+    shutil.copytree(src, tmp_path / "hf")
+    config = json.loads((src / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **edit}))
+    err = _run_error(["import-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "o")], capsys)
+    assert expect in err, err
+    assert not (tmp_path / "o" / "triaxis.json").exists()
+
+
+def test_missing_shard(converted, tmp_path, capsys):
+    shutil.copytree(converted["tied_sharded"]["hf"], tmp_path / "hf")
+    gone = sorted((tmp_path / "hf").glob("model-*.safetensors"))[1]
+    gone.unlink()
+    err = _run_error(["import-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "o")], capsys)
+    assert gone.name in err and "missing" in err
+
+
+def test_no_overwrite_without_force(converted, tmp_path, capsys):
+    ckpt = converted["untied_single"]["ckpt"]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    err = _run_error(["export-hf", ckpt, str(tmp_path / "out")], capsys)
+    assert "not empty" in err and "--force" in err
+    assert main(["export-hf", ckpt, str(tmp_path / "out"), "--force"]) == 0
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    # import-hf: the same rule; --force replaces a checkpoint (here: tied over untied).
+    src, out = converted["tied_single"]["hf"], str(tmp_path / "ckpt")
+    shutil.copytree(converted["untied_single"]["ckpt"], out)
+    assert "not empty" in _run_error(["import-hf", src, "--output", out], capsys)
+    assert main(["import-hf", src, "--output", out, "--force"]) == 0
+    torch.testing.assert_close(logits_of(load_triaxis(out)), converted["tied_single"]["logits"],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_config_spellings():
+    """transformers 4.x (rope_theta, rope_scaling) and 5.x (rope_parameters) configs."""
+    base = {k: v for k, v in SHAPE.items() if k != "rope_theta"}
+    v4 = args_from_hf_config({**base, "rope_theta": 5e5, "rope_scaling": None}, True)
+    v5 = args_from_hf_config({**base, "rope_parameters": {"rope_type": "default",
+                                                          "rope_theta": 5e5}}, True)
+    assert v4 == v5 and v4.rope_theta == 5e5 and not v4.tie_embeddings
+    # No lm_head tensor: the embedding is the only faithful head.
+    assert args_from_hf_config({**base}, has_lm_head=False).tie_embeddings

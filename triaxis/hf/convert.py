@@ -1,0 +1,196 @@
+"""Hugging Face Llama <-> triaxis: parameter names, RoPE row order, config.json <-> ModelArgs.
+
+Pure functions on names, tensors and dicts; no files. The one numerical difference between the
+two models is where RoPE finds its pairs: triaxis (like Meta's reference code) rotates
+interleaved pairs (x[2i], x[2i+1]) of each head, Hugging Face rotates halves (x[i],
+x[i + head_dim/2]). The same model therefore stores the rows of wq and wk in a different order
+per head, and converting permutes them (transformers' convert_llama_weights_to_hf.py `permute`).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from triaxis.errors import UserError
+from triaxis.model.llama import ModelArgs
+
+# Per-block names: Hugging Face suffix after `model.layers.{i}.` -> triaxis suffix after
+# `layers.{i}.`
+BLOCK_NAMES = {
+    "self_attn.q_proj.weight": "attention.wq.weight",
+    "self_attn.k_proj.weight": "attention.wk.weight",
+    "self_attn.v_proj.weight": "attention.wv.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w1.weight",
+    "mlp.up_proj.weight": "feed_forward.w3.weight",
+    "mlp.down_proj.weight": "feed_forward.w2.weight",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+TOP_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+HF_LM_HEAD = "lm_head.weight"
+# Buffers some older exports saved; recomputed by both models, never weights.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+_HF_BLOCK = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_TX_BLOCK = re.compile(r"layers\.(\d+)\.(.+)")
+_BLOCK_BACK = {v: k for k, v in BLOCK_NAMES.items()}
+_TOP_BACK = {v: k for k, v in TOP_NAMES.items()}
+
+
+def hf_to_triaxis_name(name: str) -> str | None:
+    """The triaxis parameter name of an HF tensor name; None for ignorable buffers."""
+    if name.endswith(IGNORED_SUFFIXES):
+        return None
+    if name in TOP_NAMES:
+        return TOP_NAMES[name]
+    m = _HF_BLOCK.fullmatch(name)
+    if m and m.group(2) in BLOCK_NAMES:
+        return f"layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}"
+    raise UserError(f"tensor {name!r} has no triaxis counterpart (a Llama checkpoint holds only "
+                    f"embed_tokens, q/k/v/o_proj, gate/up/down_proj, the norms and lm_head); "
+                    "is this a Llama-architecture model?")
+
+
+def triaxis_to_hf_name(name: str) -> str:
+    if name in _TOP_BACK:
+        return _TOP_BACK[name]
+    m = _TX_BLOCK.fullmatch(name)
+    assert m and m.group(2) in _BLOCK_BACK, f"unexpected triaxis parameter {name}"
+    return f"model.layers.{m.group(1)}.{_BLOCK_BACK[m.group(2)]}"
+
+
+def rope_heads(triaxis_name: str, args: ModelArgs) -> int:
+    """Heads whose rows RoPE rotates in this weight (wq: n_heads, wk: n_kv_heads); 0: none."""
+    if triaxis_name.endswith("attention.wq.weight"):
+        return args.n_heads
+    if triaxis_name.endswith("attention.wk.weight"):
+        return args.n_kv_heads
+    return 0
+
+
+def hf_rows_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(heads*hd, dim) rows from HF's half-split order to interleaved pairs, per head."""
+    rows, dim = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+def interleaved_rows_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """The inverse: interleaved pairs -> HF's half-split order (transformers' `permute`)."""
+    rows, dim = w.shape
+    return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> ModelArgs
+
+_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "vocab_size")
+
+
+def _rope_type(cfg: dict) -> tuple[str | None, float | None]:
+    """(scaling type, theta) from transformers 4.x (`rope_scaling`, `rope_theta`) or 5.x
+    (`rope_parameters`) spelling; a non-default type in either wins."""
+    params = cfg.get("rope_parameters") or {}
+    scaling = cfg.get("rope_scaling") or {}
+    kinds = [params.get("rope_type"), scaling.get("rope_type") or scaling.get("type")]
+    kind = next((k for k in kinds if k not in (None, "default")), None)
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    return kind, theta
+
+
+def args_from_hf_config(cfg: dict, has_lm_head: bool, where: str = "config.json") -> ModelArgs:
+    """ModelArgs of an HF Llama config; UserError for anything triaxis does not compute the same
+    way (it would import without error and then give different outputs)."""
+    model_type = cfg.get("model_type", "llama")
+    if model_type != "llama":
+        raise UserError(f"{where}: model_type={model_type!r} is not supported; import-hf reads "
+                        "Llama-architecture models (model_type 'llama')")
+    missing = [k for k in _REQUIRED if k not in cfg]
+    if missing:
+        raise UserError(f"{where} lacks {', '.join(missing)}: not a Llama config")
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UserError(f"{where}: hidden_act={act!r} is not supported; triaxis's MLP is SwiGLU "
+                        "(hidden_act 'silu')")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            raise UserError(f"{where}: {key}=true is not supported; triaxis's Linear layers "
+                            "have no bias")
+    kind, theta = _rope_type(cfg)
+    if kind not in (None, "default"):
+        raise UserError(f"{where}: RoPE scaling type {kind!r} is not implemented (triaxis "
+                        "computes plain RoPE, rope_type 'default'); importing would change the "
+                        "model's outputs")
+    dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    n_kv_heads = cfg.get("num_key_value_heads") or n_heads
+    if dim % n_heads:
+        raise UserError(f"{where}: hidden_size={dim} is not divisible by "
+                        f"num_attention_heads={n_heads}")
+    head_dim = cfg.get("head_dim") or dim // n_heads
+    if head_dim != dim // n_heads:
+        raise UserError(f"{where}: head_dim={head_dim} differs from hidden_size / "
+                        f"num_attention_heads = {dim // n_heads}; triaxis derives the head "
+                        "size from them and cannot import this model")
+    if head_dim % 2:
+        raise UserError(f"{where}: head_dim={head_dim} is odd; RoPE needs an even head size")
+    if n_heads % n_kv_heads:
+        raise UserError(f"{where}: num_key_value_heads={n_kv_heads} does not divide "
+                        f"num_attention_heads={n_heads}")
+    return ModelArgs(
+        dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
+        ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+        max_seq_len=cfg.get("max_position_embeddings", 2048),
+        rope_theta=float(theta if theta is not None else 10000.0),  # transformers' default
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        # Without an lm_head tensor the only faithful head is the embedding itself.
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head)
+
+
+def hf_config_from_args(args: ModelArgs) -> dict:
+    """A LlamaConfig dict that transformers 4.x and 5.x both read (legacy rope_theta spelling)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "intermediate_size": args.ffn_dim,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len,
+        "rope_theta": args.rope_theta,
+        "rope_scaling": None,
+        "rms_norm_eps": args.norm_eps,
+        "tie_word_embeddings": args.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": 0.02,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": "float32",
+        # The token ids belong to the tokenizer, which a checkpoint does not record: unset rather
+        # than transformers' defaults (1, 2), which are wrong for most tokenizers.
+        "bos_token_id": None,
+        "eos_token_id": None,
+        "pad_token_id": None,
+    }
+
+
+def model_overrides(args: ModelArgs) -> list[str]:
+    """`--model.*` overrides that make `triaxis train` build exactly this shape."""
+    tie = "true" if args.tie_embeddings else "false"
+    return [f"--model.dim={args.dim}", f"--model.n_layers={args.n_layers}",
+            f"--model.n_heads={args.n_heads}", f"--model.n_kv_heads={args.n_kv_heads}",
+            f"--model.ffn_dim={args.ffn_dim}", f"--model.vocab_size={args.vocab_size}",
+            f"--model.max_seq_len={args.max_seq_len}", f"--model.rope_theta={args.rope_theta}",
+            f"--model.norm_eps={args.norm_eps}", f"--model.tie_embeddings={tie}"]

@@ -1,0 +1,98 @@
+"""`triaxis export-hf`: a triaxis checkpoint (saved under any layout) -> a Hugging Face folder
+that `LlamaForCausalLM.from_pretrained` loads: config.json + model.safetensors, or numbered
+shards plus model.safetensors.index.json when the weights exceed the shard size.
+
+The checkpoint loads into one single-process fp32 model (DCP reshards whatever layout wrote it);
+wq/wk rows go back to Hugging Face's RoPE order, one tensor at a time as each shard is written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from triaxis.errors import UserError
+from triaxis.hf.convert import (hf_config_from_args, interleaved_rows_to_hf, rope_heads,
+                                triaxis_to_hf_name)
+from triaxis.hf.importer import CONFIG, INDEX, SINGLE
+from triaxis.model.llama import ModelArgs, Transformer
+
+
+def load_checkpoint_model(checkpoint: str) -> tuple[Transformer, str]:
+    """(single-process model with the checkpoint's weights, the checkpoint folder used)."""
+    from triaxis.checkpoint.dcp import load_model_weights, read_meta
+    from triaxis.generate import find_checkpoint
+
+    ckpt = str(find_checkpoint(checkpoint))
+    args = ModelArgs(**read_meta(ckpt)["model"])
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.materialize("cpu")  # no init: every parameter comes from the checkpoint
+    load_model_weights(model, ckpt)
+    return model, ckpt
+
+
+def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    """Consecutive names grouped into shards of at most max_shard_bytes (a larger tensor gets a
+    shard of its own), in order, as transformers does."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes:
+        if shards[-1] and used + size > max_shard_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+def _prepare_output(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file; pass a folder for the Hugging Face model")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"{out} is not empty; choose another folder or pass --force to "
+                            "overwrite the model files in it")
+        # Stale shards of an earlier export would mix with the new ones; other files stay.
+        for p in [out / CONFIG, out / INDEX, *out.glob("model*.safetensors")]:
+            p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+@torch.no_grad()
+def export_hf(checkpoint: str, output: str, max_shard_gb: float = 5.0, force: bool = False,
+              log: Callable[[str], None] = print) -> list[str]:
+    """Write the HF folder; returns the names of the files written."""
+    from safetensors.torch import save_file
+
+    if max_shard_gb <= 0:
+        raise UserError(f"--max-shard-gb {max_shard_gb} must be > 0")
+    out = Path(output)
+    _prepare_output(out, force)
+    model, ckpt = load_checkpoint_model(checkpoint)
+    args = model.args
+    # named_parameters lists a tied head once, as the embedding: HF ties it back from config.
+    params = {triaxis_to_hf_name(n): (n, p) for n, p in model.named_parameters()}
+    sizes = [(hf, p.numel() * p.element_size()) for hf, (_, p) in params.items()]
+    shards = plan_shards(sizes, int(max_shard_gb * 1e9))  # GB as transformers counts them
+    names = [SINGLE] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, shard in zip(names, shards):
+        tensors = {}
+        for hf in shard:
+            name, p = params[hf]
+            heads = rope_heads(name, args)
+            tensors[hf] = (interleaved_rows_to_hf(p, heads) if heads else p).contiguous()
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(s for _, s in sizes)},
+                 "weight_map": {hf: f for f, shard in zip(names, shards) for hf in shard}}
+        (out / INDEX).write_text(json.dumps(index, indent=2))
+    # Last: without config.json the folder is not a loadable model (an interrupted export).
+    (out / CONFIG).write_text(json.dumps(hf_config_from_args(args), indent=2))
+    log(f"exported {ckpt} -> {out}: {len(names)} safetensors file(s), "
+        f"{sum(s for _, s in sizes) / 1e6:.1f} MB fp32")
+    return [CONFIG, *names] + ([INDEX] if len(shards) > 1 else [])

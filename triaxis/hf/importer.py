@@ -1,0 +1,168 @@
+"""`triaxis import-hf`: a Hugging Face Llama folder -> a triaxis checkpoint that loads under any
+layout.
+
+The folder holds config.json and either model.safetensors or shards listed in
+model.safetensors.index.json. Tensors stream one at a time from the safetensors files into a
+single-process fp32 Transformer (the source copy of a tensor is freed before the next is read),
+after the complete set of names has been checked against the model: missing or extra tensors
+fail before anything is read, like a strict `load_state_dict`. The model is then saved with DCP
+under the single-device names, which is what every layout loads (DCP reshards on load), and
+`triaxis.json` is written last: it is the commit marker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from triaxis.errors import UserError
+from triaxis.hf.convert import (HF_LM_HEAD, args_from_hf_config, hf_rows_to_interleaved,
+                                hf_to_triaxis_name, rope_heads)
+from triaxis.model.llama import ModelArgs, Transformer, rope_tables
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+META = "triaxis.json"  # the checkpoint's commit marker (triaxis.checkpoint)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def read_hf_folder(folder: str | Path) -> tuple[dict, dict[Path, list[str]]]:
+    """(config.json, {safetensors file: the tensor names it holds})."""
+    from safetensors import safe_open
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; pass a Hugging Face model folder "
+                        f"({CONFIG} + {SINGLE} or {INDEX})")
+    if not (root / CONFIG).is_file():
+        raise UserError(f"{root} has no {CONFIG}: not a Hugging Face model folder (expected "
+                        f"{CONFIG} and {SINGLE} or {INDEX})")
+    config = _read_json(root / CONFIG)
+    if (root / INDEX).is_file():
+        weight_map = _read_json(root / INDEX).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise UserError(f"{root / INDEX} has no weight_map")
+        files: dict[Path, list[str]] = {}
+        for name, file in weight_map.items():
+            files.setdefault(root / file, []).append(name)
+        missing = sorted(f.name for f in files if not f.is_file())
+        if missing:
+            raise UserError(f"{root / INDEX} lists {', '.join(missing)}, missing from {root}; "
+                            "download every shard of the model")
+        return config, files
+    if (root / SINGLE).is_file():
+        with safe_open(root / SINGLE, framework="pt") as f:
+            return config, {root / SINGLE: list(f.keys())}
+    if any(root.glob("pytorch_model*.bin")):
+        raise UserError(f"{root} holds pytorch_model*.bin but no safetensors; import-hf reads "
+                        "safetensors only: re-save with save_pretrained(safe_serialization=True)")
+    raise UserError(f"{root} has neither {SINGLE} nor {INDEX}")
+
+
+def _plan(files: dict[Path, list[str]], args: ModelArgs,
+          expected: set[str]) -> dict[Path, list[tuple[str, str]]]:
+    """Per file, the (HF name, triaxis name) pairs to copy; strict about the set of names."""
+    plan: dict[Path, list[tuple[str, str]]] = {}
+    seen: set[str] = set()
+    for file, names in files.items():
+        for hf_name in names:
+            name = hf_to_triaxis_name(hf_name)
+            if name is None or (hf_name == HF_LM_HEAD and args.tie_embeddings):
+                continue  # a recomputed buffer, or the tied head (the embedding already)
+            plan.setdefault(file, []).append((hf_name, name))
+            seen.add(name)
+    missing, extra = sorted(expected - seen), sorted(seen - expected)
+    if missing:
+        raise UserError(f"the checkpoint lacks {len(missing)} tensors that config.json implies, "
+                        f"e.g. {', '.join(missing[:3])}; are config.json and the weights from the "
+                        "same model?")
+    if extra:
+        raise UserError(f"the checkpoint has {len(extra)} tensors that config.json does not "
+                        f"account for, e.g. {', '.join(extra[:3])} (num_hidden_layers="
+                        f"{args.n_layers}); are config.json and the weights from the same model?")
+    return plan
+
+
+@torch.no_grad()
+def load_hf_model(folder: str | Path) -> Transformer:
+    """A single-process fp32 Transformer holding the weights of an HF Llama folder."""
+    from safetensors import safe_open
+
+    config, files = read_hf_folder(folder)
+    has_head = any(HF_LM_HEAD in names for names in files.values())
+    args = args_from_hf_config(config, has_head, where=str(Path(folder) / CONFIG))
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.materialize("cpu")
+    # The RoPE buffer is not part of a checkpoint; fill it so the model can run as returned.
+    model.rope.copy_(rope_tables(args.head_dim, args.max_seq_len, args.rope_theta))
+    targets = model.state_dict()  # tensors sharing the parameters' storage
+    expected = {k for k in targets if not (k == "output.weight" and args.tie_embeddings)}
+    for file, pairs in _plan(files, args, expected).items():
+        with safe_open(file, framework="pt") as f:
+            for hf_name, name in pairs:
+                t = f.get_tensor(hf_name)
+                if t.shape != targets[name].shape:
+                    raise UserError(f"{file.name}: {hf_name} has shape {tuple(t.shape)} but "
+                                    f"config.json implies {tuple(targets[name].shape)}")
+                heads = rope_heads(name, args)
+                targets[name].copy_(hf_rows_to_interleaved(t, heads) if heads else t)
+    if args.tie_embeddings:
+        assert model.output.weight is model.tok_embeddings.weight, "tied weights came apart"
+    return model.eval()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(model: Transformer, output: str | Path, source: str) -> None:
+    """A committed single-process checkpoint of `model` (weights only, step 0)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    import triaxis.checkpoint.dcp  # noqa: F401  (quiets DCP's single-process warning)
+
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(out))
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(out.iterdir()) if p.name == ".metadata" or p.name.startswith("__0_")}
+    meta = {"step": 0, "cursor": 0, "model": dataclasses.asdict(model.args),
+            "layout": {"world_size": 1, "pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1},
+            "world_size": 1, "data_path": "", "source": source, "files": files}
+    (out / META).write_text(json.dumps(meta, indent=1))  # last: the commit marker
+
+
+def import_hf(folder: str, output: str, force: bool = False,
+              log: Callable[[str], None] = print) -> ModelArgs:
+    out = Path(output)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"--output {out} is not empty; choose another folder or pass "
+                            "--force to overwrite its checkpoint")
+        (out / META).unlink(missing_ok=True)  # uncommit first: a crash leaves no checkpoint
+    model = load_hf_model(folder)
+    save_checkpoint(model, out, source=f"hf:{Path(folder).resolve()}")
+    count = sum(p.numel() for p in model.parameters())
+    log(f"imported {folder} -> {out}: {count / 1e6:.2f}M parameters "
+        f"({'tied' if model.args.tie_embeddings else 'untied'} embeddings)")
+    return model.args

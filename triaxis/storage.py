@@ -1,0 +1,172 @@
+"""The one storage seam: local (or shared, FSx-for-Lustre style) paths on plain `os`, `s3://`
+through fsspec/s3fs, with retries of transient errors and clear errors for the rest.
+
+S3 settings come from the standard AWS chain (environment, profile, instance role); an
+S3-compatible store is reached with `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from triaxis.errors import UserError
+
+T = TypeVar("T")
+
+
+def is_remote(path: str | os.PathLike) -> bool:
+    return "://" in str(path)
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    if is_remote(base):
+        return "/".join([str(base).rstrip("/"), *[p.strip("/") for p in parts]])
+    return str(Path(base).joinpath(*parts))
+
+
+def s3_filesystem():
+    import s3fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    # Our own retry loop (below) sees every error; s3fs's default retries stay as they are.
+    return s3fs.S3FileSystem(**kwargs, skip_instance_cache=True)
+
+
+def filesystem(path: str | os.PathLike):
+    """(fsspec filesystem, path as that filesystem spells it)."""
+    path = str(path)
+    if path.startswith("s3://"):
+        return s3_filesystem(), path[len("s3://"):]
+    if is_remote(path):
+        import fsspec
+
+        fs, p = fsspec.core.url_to_fs(path)
+        return fs, p
+    from fsspec.implementations.local import LocalFileSystem
+
+    return LocalFileSystem(), path
+
+
+_TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "RequestTimeout",
+                    "InternalError", "ServiceUnavailable", "Throttling"}
+
+
+def _classify(err: BaseException, what: str) -> BaseException | None:
+    """A UserError for permanent problems (missing bucket, no credentials), None if transient."""
+    name = type(err).__name__
+    text = str(err)
+    if name in ("NoCredentialsError", "PartialCredentialsError") or \
+            "Unable to locate credentials" in text:
+        return UserError(f"{what}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
+                         "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance role")
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        return UserError(f"{what}: the bucket does not exist; create it (aws s3 mb) or fix the "
+                         "s3:// URI")
+    if name in ("PermissionError",) or "AccessDenied" in text:
+        return UserError(f"{what}: access denied; grant the role s3:GetObject/PutObject/"
+                         "ListBucket on that bucket")
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
+        return err
+    if isinstance(err, OSError) and err.errno == 28:  # ENOSPC
+        return UserError(f"{what}: the disk is full; free space or point the path elsewhere")
+    code = str(getattr(err, "response", {}).get("Error", {}).get("Code", "")) \
+        if hasattr(err, "response") else ""
+    if code and code not in _TRANSIENT_CODES:
+        return err
+    return None
+
+
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 6,
+                 base_delay_s: float = 0.2) -> T:
+    """Run `fn`, retrying transient storage errors with exponential backoff and jitter."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except UserError:
+            raise
+        except Exception as err:  # storage libraries raise many types; classify them
+            permanent = _classify(err, what)
+            if permanent is not None:
+                if permanent is err:
+                    raise
+                raise permanent from None
+            if attempt == attempts - 1:
+                raise UserError(f"{what}: still failing after {attempts} attempts ({err}); "
+                                "check the storage service and the network") from None
+            time.sleep(base_delay_s * 2**attempt * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def read_bytes(path: str, start: int | None = None, end: int | None = None) -> bytes:
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            if start is not None:
+                f.seek(start)
+                return f.read((end or os.path.getsize(path)) - start)
+            return f.read()
+    fs, p = filesystem(path)
+    return with_retries(lambda: fs.cat_file(p, start=start, end=end), f"reading {path}")
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    if not is_remote(path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)  # readers never see a half-written file
+        return
+    fs, p = filesystem(path)
+    with_retries(lambda: fs.pipe_file(p, data), f"writing {path}")
+
+
+def exists(path: str) -> bool:
+    if not is_remote(path):
+        return os.path.exists(path)
+    fs, p = filesystem(path)
+    return with_retries(lambda: fs.exists(p), f"checking {path}")
+
+
+def listdir(path: str) -> list[str]:
+    """Names directly under `path` (empty if it does not exist)."""
+    if not is_remote(path):
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    fs, p = filesystem(path)
+
+    def ls() -> list[str]:
+        try:
+            return sorted(x.rstrip("/").rsplit("/", 1)[-1] for x in fs.ls(p, refresh=True))
+        except FileNotFoundError:
+            return []
+    return with_retries(ls, f"listing {path}")
+
+
+def size(path: str) -> int:
+    if not is_remote(path):
+        return os.path.getsize(path)
+    fs, p = filesystem(path)
+    return with_retries(lambda: fs.size(p), f"reading the size of {path}")
+
+
+def remove(path: str) -> None:
+    """Remove a file or a folder tree; missing is fine."""
+    if not is_remote(path):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
+        return
+    fs, p = filesystem(path)
+
+    def rm() -> None:
+        try:
+            fs.rm(p, recursive=True)
+        except FileNotFoundError:
+            pass
+    with_retries(rm, f"removing {path}")

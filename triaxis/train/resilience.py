@@ -1,0 +1,104 @@
+"""Surviving failures inside a run: preemption (SIGTERM), bad losses, and test fault injection.
+
+Elastic restarts themselves come from the launcher (torchrun --max-restarts) plus auto-resume;
+what lives here is what a running process must do by itself.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+
+import torch
+import torch.distributed as dist
+
+from triaxis.errors import UserError
+
+
+class PreemptionWatch:
+    """SIGTERM (spot interruption, scheduler preemption) sets a flag; the loop checks it after
+    every step, all ranks agreeing, and writes a final checkpoint before exiting."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._on_term)
+        except ValueError:  # not the main thread (embedded use): no handler
+            self._old = None
+
+    def _on_term(self, signum, frame) -> None:
+        self.requested = True
+
+    def should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # One rank's signal stops every rank at the same step (gloo side group not needed:
+            # a one-element all-reduce on the default group is cheap).
+            flag = flag.to("cuda") if dist.get_backend() == "nccl" else flag
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def close(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+class NumericsGuard:
+    """Flags a non-finite loss, or one over spike_factor x the running mean of recent losses."""
+
+    def __init__(self, spike_factor: float, max_bad_steps: int, warmup_steps: int = 10):
+        self.spike_factor, self.max_bad = spike_factor, max_bad_steps
+        self.warmup, self.seen, self.mean = warmup_steps, 0, 0.0
+        self.bad_steps = 0
+
+    def check(self, loss: float, step: int, cursor: int) -> str | None:
+        """None if the loss is fine (and it joins the running mean), else the reason."""
+        reason = None
+        if not math.isfinite(loss):
+            reason = f"non-finite loss {loss}"
+        elif self.spike_factor and self.seen >= self.warmup and \
+                loss > self.spike_factor * self.mean:
+            reason = f"loss spike {loss:.4f} > {self.spike_factor} x running mean {self.mean:.4f}"
+        if reason is None:
+            self.mean = loss if self.seen == 0 else 0.9 * self.mean + 0.1 * loss
+            self.seen += 1
+            return None
+        self.bad_steps += 1
+        if self.bad_steps > self.max_bad:
+            raise UserError(f"training stopped at step {step}: {self.bad_steps} bad steps "
+                            f"(last: {reason}, batch at sample cursor {cursor}) exceed "
+                            f"train.max_bad_steps={self.max_bad}; lower train.lr, check the data "
+                            "at that cursor, or raise train.max_bad_steps")
+        return reason
+
+
+# -- fault injection, for the tests of these features (documented in the README) --------------
+
+def _faults(name: str) -> dict[int, int]:
+    """TRIAXIS_FAULT_<NAME>="rank:step,..." -> {step: rank}; the first attempt of a job only."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return {}
+    out = {}
+    for item in filter(None, os.environ.get(f"TRIAXIS_FAULT_{name}", "").split(",")):
+        rank, step = item.split(":")
+        out[int(step)] = int(rank)
+    return out
+
+
+_nan_done: set[int] = set()
+
+
+def inject_nan(step: int) -> bool:
+    """TRIAXIS_FAULT_NAN="3,7": poison the loss the first time each of these steps runs."""
+    steps = {int(s) for s in filter(None, os.environ.get("TRIAXIS_FAULT_NAN", "").split(","))}
+    if step in steps and step not in _nan_done:
+        _nan_done.add(step)
+        return True
+    return False
+
+
+def inject_kill(step: int, rank: int) -> None:
+    faults = _faults("KILL")
+    if step in faults and faults[step] == rank:
+        os.kill(os.getpid(), signal.SIGKILL)
