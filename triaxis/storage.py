@@ -103,6 +103,31 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 6,
     raise AssertionError("unreachable")
 
 
+def check_location(path: str, what: str) -> None:
+    """Fail early, with the fix, when a remote location cannot be reached (missing bucket,
+    no credentials, access denied); local folders are created on demand."""
+    if not is_remote(path):
+        return
+    if str(path).startswith("s3://"):
+        import botocore.session
+
+        # Without credentials s3fs silently falls back to anonymous access, and every private
+        # bucket then looks missing: name the real problem instead.
+        if botocore.session.get_session().get_credentials() is None:
+            raise UserError(f"{what} {path}: no AWS credentials found; set AWS_ACCESS_KEY_ID "
+                            "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance "
+                            "role")
+    fs, p = filesystem(path)
+    bucket = p.split("/", 1)[0]
+
+    def probe() -> None:
+        if not fs.exists(bucket):
+            raise UserError(f"{what} {path}: the bucket {bucket!r} does not exist; create it "
+                            "(aws s3 mb s3://" + bucket + ") or fix the URI")
+        fs.ls(p, refresh=True) if fs.exists(p) else None
+    with_retries(probe, f"{what} {path}")
+
+
 def read_bytes(path: str, start: int | None = None, end: int | None = None) -> bytes:
     if not is_remote(path):
         with open(path, "rb") as f:

@@ -11,6 +11,7 @@ on a later step, once every rank's sidecar has landed.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import time
 import warnings
@@ -38,8 +39,16 @@ def _writer_reader(path: str):
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kw = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
-    return FsspecWriter(path, **kw), FsspecReader(path, **kw)
+    kw: dict = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+    # 16 MiB parts: large shards go up as multipart uploads, each part retried on its own.
+    return (FsspecWriter(path, default_block_size=16 * 2**20, **kw),
+            FsspecReader(path, **kw))
+
+
+def _disk_full(err: OSError, folder: str) -> UserError:
+    return UserError(f"checkpoint {folder}: the disk is full ({err}); free space, lower "
+                     "checkpoint.keep_last, or point checkpoint.dir elsewhere. The previous "
+                     "checkpoint is untouched")
 
 
 def _barrier() -> None:
@@ -91,7 +100,12 @@ class Checkpointer:
             self.pending = (folder, meta, side)
             self.blocking_s.append(time.perf_counter() - t0)
             return folder
-        dcp.save(state, storage_writer=writer)
+        try:
+            dcp.save(state, storage_writer=writer)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise _disk_full(err, folder) from None
+            raise
         mf.write_sidecar(folder, self.rank)
         _barrier()
         if self.is_main:
@@ -102,7 +116,12 @@ class Checkpointer:
         return folder
 
     def _after_write(self, fut: Future, folder: str) -> None:
-        fut.result()
+        try:
+            fut.result()
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise _disk_full(err, folder) from None
+            raise
         mf.write_sidecar(folder, self.rank)
 
     def poll(self) -> str | None:

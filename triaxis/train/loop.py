@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from triaxis.checkpoint.dcp import Checkpointer
 from triaxis.config import Config, grad_accum_steps, to_toml, validate
+from triaxis import storage
 from triaxis.errors import UserError
 from triaxis.data.dataset import SYNTHETIC, SyntheticDataset, TokenDataset, micro_batch_start
 from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flops
@@ -355,6 +356,7 @@ def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDa
         _, why = plan_for_world(cfg, world_size, p.auto, model_args=model_args)
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
     validate(cfg, model_args, dims)
+    storage.check_location(cfg.checkpoint_dir(), "checkpoint.dir")
     if dims.pp > 1:
         from triaxis.parallel.pipeline import check_schedule
 
