@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from triaxis import storage
-from triaxis.checkpoint.dcp import META, complete_checkpoints, load_model_weights, read_meta
+from triaxis.checkpoint.dcp import (
+    META,
+    complete_checkpoints,
+    load_model_weights,
+    read_meta,
+)
 from triaxis.data.dataset import read_manifest
 from triaxis.data.tokenizer import load_tokenizer
 from triaxis.errors import UserError

@@ -20,9 +20,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from triaxis import storage
 from triaxis.checkpoint import manifest as mf
@@ -36,7 +40,10 @@ def _writer_reader(path: str):
     """DCP storage for a folder or an s3:// prefix."""
     if not storage.is_remote(path):
         return dcp.FileSystemWriter(path), dcp.FileSystemReader(path)
-    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+    from torch.distributed.checkpoint._fsspec_filesystem import (
+        FsspecReader,
+        FsspecWriter,
+    )
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     kw: dict = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}

@@ -7,18 +7,30 @@ Window w covers tokens [w·seq_len, w·seq_len + seq_len + 1). The sample at glo
 
 a pure function of (seed, i): the data cursor is one integer, and which rank reads which index
 never changes what the index holds. That makes resume exact under any data-parallel size.
+
+Local shards are memory-mapped. Shards under s3:// are read through a bounded local cache with
+background prefetch (`remote.py`); where bytes come from never changes what sample i holds.
+
+Debugging: with TRIAXIS_TRACE_SAMPLES=FILE in the environment, every `batch` call appends one
+line "SPLIT START COUNT" to FILE (all processes append to the same file), the sample ids a run
+consumed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
+from triaxis import storage
 from triaxis.data.prepare import FORMAT, MANIFEST, sha256_file
+from triaxis.data.remote_io import RemoteFiles
 from triaxis.data.tokenizer import load_tokenizer
 from triaxis.errors import UserError
+
+TRACE_ENV = "TRIAXIS_TRACE_SAMPLES"
 
 _MASK64 = (1 << 64) - 1
 
@@ -50,16 +62,25 @@ def permute(j: int, n: int, key: int, rounds: int = 4) -> int:
             return x
 
 
-def read_manifest(path: str | Path) -> dict:
-    folder = Path(path)
-    if not folder.exists():
-        raise UserError(f"data path {path} does not exist; run `triaxis prepare --output {path}` "
-                        "first, or set data.path")
-    mf = folder / MANIFEST
-    if not mf.is_file():
-        raise UserError(f"data path {path} has no {MANIFEST}; it is not prepared data. "
-                        f"Run `triaxis prepare --output {path}`")
-    manifest = json.loads(mf.read_text())
+def read_manifest(path: str | Path, remote: RemoteFiles | None = None) -> dict:
+    if storage.is_remote(path):
+        mf = storage.join(str(path), MANIFEST)
+        try:
+            text = (remote or RemoteFiles(mf)).read(mf).decode()
+        except FileNotFoundError:
+            raise UserError(f"data path {path} has no {MANIFEST}: it is not prepared data or the "
+                            f"prefix is wrong. Run `triaxis prepare --output {path}`") from None
+    else:
+        folder = Path(path)
+        if not folder.exists():
+            raise UserError(f"data path {path} does not exist; run `triaxis prepare --output "
+                            f"{path}` first, or set data.path")
+        mf = folder / MANIFEST
+        if not mf.is_file():
+            raise UserError(f"data path {path} has no {MANIFEST}; it is not prepared data. "
+                            f"Run `triaxis prepare --output {path}`")
+        text = mf.read_text()
+    manifest = json.loads(text)
     if manifest.get("format") != FORMAT:
         raise UserError(f"{mf} has format {manifest.get('format')!r}, expected {FORMAT!r}; "
                         "prepare the data again with this triaxis version")
@@ -67,12 +88,17 @@ def read_manifest(path: str | Path) -> dict:
 
 
 class TokenDataset:
-    """One split of prepared data, shards memory-mapped read-only."""
+    """One split of prepared data: local shards memory-mapped read-only, s3:// shards through a
+    local cache of at most `cache_gib` (see remote.py)."""
 
     def __init__(self, path: str | Path, split: str, seq_len: int, seed: int = 0,
-                 verify: bool = False):
-        self.folder = Path(path)
-        self.manifest = read_manifest(path)
+                 verify: bool = False, cache_dir: str = "", cache_gib: float = 4.0,
+                 prefetch_threads: int = 4):
+        self.path, self.split = str(path), split
+        self.remote = storage.is_remote(self.path)
+        # One client for every request about this prefix (a fresh one costs ~0.5 s).
+        self._files = RemoteFiles(self.path) if self.remote else None
+        self.manifest = read_manifest(path, self._files)
         self.seq_len, self.seed = seq_len, seed
         info = self.manifest["splits"].get(split)
         if info is None or info["tokens"] == 0:
@@ -80,15 +106,16 @@ class TokenDataset:
                             "set a non-zero --val-fraction")
         dtype = np.dtype(self.manifest["dtype"])
         self.shards: list[np.ndarray] = []
-        for shard in info["shards"]:
-            f = self.folder / shard["file"]
-            if not f.is_file():
-                raise UserError(f"shard {f} listed in the manifest is missing; prepare again")
-            if verify and sha256_file(f) != shard["sha256"]:
-                raise UserError(f"shard {f} fails its sha256 check: the file is corrupted; "
-                                "prepare the data again")
-            self.shards.append(np.memmap(f, dtype=dtype, mode="r"))
-        self.offsets = np.cumsum([0] + [s.size for s in self.shards])
+        self.cache = None
+        if self.remote:
+            self.cache = self._remote_cache(info, dtype, cache_dir, cache_gib, prefetch_threads)
+            sizes = [s["tokens"] for s in info["shards"]]
+        else:
+            self.folder = Path(path)
+            self.shards = [self._map_local(s, dtype, verify) for s in info["shards"]]
+            sizes = [s.size for s in self.shards]
+        self.shard_tokens = sizes
+        self.offsets = np.cumsum([0] + sizes)
         self.num_tokens = int(self.offsets[-1])
         self.num_windows = (self.num_tokens - 1) // seq_len
         if self.num_windows < 1:
@@ -96,19 +123,79 @@ class TokenDataset:
                             f"than one sample of data.seq_len={seq_len} + 1; lower data.seq_len "
                             "or prepare more text")
 
+    def _map_local(self, shard: dict, dtype: np.dtype, verify: bool) -> np.ndarray:
+        f = self.folder / shard["file"]
+        if not f.is_file():
+            raise UserError(f"shard {f} listed in the manifest is missing; prepare again")
+        if verify and sha256_file(f) != shard["sha256"]:
+            raise UserError(f"shard {f} fails its sha256 check: the file is corrupted; "
+                            "prepare the data again")
+        return np.memmap(f, dtype=dtype, mode="r")
+
+    def _remote_cache(self, info: dict, dtype: np.dtype, cache_dir: str, cache_gib: float,
+                      threads: int):
+        from triaxis.data.remote import ShardCache
+
+        if cache_gib <= 0:
+            raise UserError(f"data.cache_gib={cache_gib} must be > 0: remote shards are read "
+                            "through a local cache of that size")
+        files = [s["file"] for s in info["shards"]]
+        present = set(self._files.listdir(self.path))  # one listing finds a missing shard now
+        missing = [f for f in files if f not in present]
+        if missing:
+            raise UserError(f"shard {storage.join(self.path, missing[0])} listed in the manifest "
+                            f"is missing ({len(missing)} of {len(files)}); prepare the data "
+                            f"again (triaxis prepare --output {self.path})")
+        return ShardCache(self.path, files, [s["tokens"] * dtype.itemsize for s in info["shards"]],
+                          [s["sha256"] for s in info["shards"]], dtype, cache_dir,
+                          int(cache_gib * 2**30), threads, self._files)
+
     def tokenizer(self):
-        return load_tokenizer(self.folder, self.manifest["tokenizer"])
+        return load_tokenizer(self.path, self.manifest["tokenizer"])
+
+    def _shard(self, s: int) -> np.ndarray:
+        return self.cache.get(s) if self.cache is not None else self.shards[s]
+
+    def _shard_of(self, pos: int) -> int:
+        return int(np.searchsorted(self.offsets, pos, side="right")) - 1
 
     def _tokens(self, start: int, count: int) -> np.ndarray:
         """`count` tokens of the concatenated split from `start` (may span shards)."""
         out, pos = [], start
         while count > 0:
-            s = int(np.searchsorted(self.offsets, pos, side="right")) - 1
+            s = self._shard_of(pos)
             local = pos - int(self.offsets[s])
-            take = min(count, self.shards[s].size - local)
-            out.append(self.shards[s][local:local + take])
+            take = min(count, self.shard_tokens[s] - local)
+            out.append(self._shard(s)[local:local + take])
             pos, count = pos + take, count - take
         return np.concatenate(out) if len(out) > 1 else np.asarray(out[0])
+
+    def shards_of(self, indices, shuffle: bool = True) -> list[int]:
+        """The shards samples `indices` touch, without repeats, in first-use order."""
+        seen: dict[int, None] = {}
+        for i in indices:
+            first = self.window_of(i, shuffle) * self.seq_len
+            for s in range(self._shard_of(first), self._shard_of(first + self.seq_len) + 1):
+                seen[s] = None
+        return list(seen)
+
+    def prefetch(self, start_index: int, count: int, micro_batch: int = 0, dp_size: int = 1,
+                 dp_rank: int = 0) -> None:
+        """Start downloading, in the background, the shards that samples start_index ..
+        start_index + count - 1 touch. With micro_batch and dp_size, only this data-parallel
+        rank's share of them (the slices micro_batch_start gives it; start_index must be a
+        step's cursor or a later step's). Local data needs none: a no-op."""
+        if self.cache is None:
+            return
+        indices = range(start_index, start_index + count)
+        if micro_batch and dp_size > 1:
+            indices = [i for i in indices if (i - start_index) // micro_batch % dp_size == dp_rank]
+        self.cache.prefetch(self.shards_of(indices))
+
+    def close(self) -> None:
+        """Stop prefetching and remove the local cache of remote shards (also done at exit)."""
+        if self.cache is not None:
+            self.cache.close()
 
     def window_of(self, index: int, shuffle: bool = True) -> int:
         epoch, j = divmod(index, self.num_windows)
@@ -125,6 +212,10 @@ class TokenDataset:
         """Samples start .. start+count-1 as an int64 tensor (count, seq_len + 1)."""
         import torch
 
+        trace = os.environ.get(TRACE_ENV)
+        if trace:
+            with open(trace, "a") as f:  # one short append: atomic across processes
+                f.write(f"{self.split} {start} {count}\n")
         rows = [self.sample(i, shuffle).astype(np.int64) for i in range(start, start + count)]
         return torch.from_numpy(np.stack(rows))
 

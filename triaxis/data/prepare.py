@@ -1,37 +1,51 @@
-"""`triaxis prepare`: text files -> token shards + manifest.json.
+"""`triaxis prepare`: text -> token shards + manifest.json, locally or on s3://.
 
-Output layout (one folder):
-    manifest.json        token counts, per-shard sha256, tokenizer, split, sources
+Output layout (one folder or s3:// prefix):
+    manifest.json        token counts, per-shard sha256, tokenizer, split, sources (written last)
     tokenizer.json       the trained BPE (byte-level tokenizers need no file)
     train_00000.bin ...  flat token ids, numpy uint16 (vocab <= 65536) or uint32
     val_00000.bin ...
 Documents are separated by the tokenizer's end-of-document token.
+
+Inputs are streamed one file at a time (`sources.py`): a first pass trains the BPE, a second
+tokenizes. Tokenization runs in a pool of worker processes fed with chunks of documents in
+order and read back in order, so the shards are byte-identical for any number of workers.
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
+import itertools
 import json
 import os
-import sysconfig
 import time
+from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Iterable, Iterator
+
 import numpy as np
 
-from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer
+from triaxis import storage
+from triaxis.data.remote_io import ClientPool
+from triaxis.data.sources import EXTENSIONS, check_bucket, embedded_corpus_files, \
+    iter_documents, resolve_inputs
+from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_state
 from triaxis.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT = "triaxis-tokens-v1"
+SPLITS = ("train", "val")
+_CHUNK_DOCS = 256
+_CHUNK_CHARS = 4_000_000
+"""A chunk of work for one tokenizer worker: at most this many documents / characters."""
 
 
 @dataclass
 class PrepareOptions:
     inputs: list[str]
-    """Files, folders or globs; empty = the embedded corpus (the Python standard library)."""
+    """Files, folders, globs or s3:// URIs; empty = the embedded corpus (the Python stdlib)."""
     output: str
+    """Output folder or s3:// prefix."""
     tokenizer: str = "bpe"
     """bpe (trained on the corpus) or byte."""
     vocab_size: int = 8192
@@ -41,123 +55,218 @@ class PrepareOptions:
     """Share of documents held out for validation (every round(1/f)-th document)."""
     shard_tokens: int = 16 * 2**20
     """Tokens per shard file."""
-    extensions: tuple[str, ...] = (".py", ".txt", ".md", ".rst")
+    extensions: tuple[str, ...] = EXTENSIONS
+    workers: int = 0
+    """Tokenizer worker processes (0 = min(cpu_count, 8)); the output does not depend on it."""
 
 
-def embedded_corpus_files() -> list[Path]:
-    """The running interpreter's standard-library sources: a corpus that needs no download."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = [p for p in stdlib.rglob("*.py") if not skip.intersection(p.relative_to(stdlib).parts)]
-    return sorted(files)
-
-
-def resolve_inputs(inputs: list[str], extensions: tuple[str, ...]) -> list[Path]:
-    files: list[Path] = []
-    for spec in inputs:
-        p = Path(spec)
-        if p.is_file():
-            files.append(p)
-        elif p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in extensions)
-            if not found:
-                raise UserError(f"input folder {spec} holds no {'/'.join(extensions)} files; "
-                                "point --input at text files or a glob like 'docs/**/*.txt'")
-            files.extend(found)
-        else:
-            found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
-            if not found:
-                raise UserError(f"input {spec!r} matches no file or folder; check the path "
-                                "(globs need quotes: --input 'data/*.txt')")
-            files.extend(found)
-    return files
-
-
-def read_documents(files: list[Path], max_bytes: int) -> list[str]:
-    docs, total = [], 0
-    for f in files:
-        text = f.read_bytes().decode("utf-8", errors="replace")
-        if not text.strip():
-            continue
-        docs.append(text)
-        total += len(text)
-        if max_bytes and total >= max_bytes:
-            break
-    return docs
+def default_workers() -> int:
+    return min(os.cpu_count() or 1, 8)
 
 
 def prepare(opts: PrepareOptions, log=print) -> dict:
     t0 = time.perf_counter()
-    files = resolve_inputs(opts.inputs, opts.extensions) if opts.inputs else embedded_corpus_files()
+    if opts.tokenizer not in ("bpe", "byte"):
+        raise UserError(f"--tokenizer {opts.tokenizer!r} is unknown; use bpe or byte")
+    if opts.tokenizer == "bpe" and opts.vocab_size < 300:
+        raise UserError(f"--vocab-size {opts.vocab_size} is too small for BPE; use >= 300")
+    if opts.workers < 0:
+        raise UserError(f"--workers {opts.workers} must be >= 0 (0 = min(cpu_count, 8))")
+    if opts.shard_tokens < 1:
+        raise UserError(f"--shard-tokens {opts.shard_tokens} must be >= 1")
+    out = str(opts.output)
+    clients = ClientPool()  # one S3 client per bucket for the whole run
+    check_bucket(out, "--output", clients)
+    files = resolve_inputs(opts.inputs, opts.extensions, clients) if opts.inputs else \
+        embedded_corpus_files()
     source = "embedded: python stdlib" if not opts.inputs else ", ".join(opts.inputs)
-    docs = read_documents(files, opts.max_bytes)
-    if not docs:
-        raise UserError(f"inputs {opts.inputs or [source]} hold no text; give non-empty files")
-    n_bytes = sum(len(d) for d in docs)
-    log(f"read {len(docs)} documents, {n_bytes / 1e6:.1f} MB from {source}")
+
+    def documents() -> Iterator[str]:
+        return iter_documents(files, opts.max_bytes, clients)
 
     if opts.tokenizer == "byte":
         tok = ByteTokenizer()
-    elif opts.tokenizer == "bpe":
-        if opts.vocab_size < 300:
-            raise UserError(f"--vocab-size {opts.vocab_size} is too small for BPE; use >= 300")
-        tok = BPETokenizer.train(iter(docs), opts.vocab_size)
-        log(f"trained BPE tokenizer, vocab {tok.vocab_size}")
     else:
-        raise UserError(f"--tokenizer {opts.tokenizer!r} is unknown; use bpe or byte")
+        seen = _Counter(documents())
+        tok = BPETokenizer.train(iter(seen), opts.vocab_size)
+        if not seen.docs:
+            raise UserError(f"inputs {opts.inputs or [source]} hold no text; give non-empty files")
+        log(f"read {seen.docs} documents, {seen.chars / 1e6:.1f} MB from {source}; trained BPE "
+            f"tokenizer, vocab {tok.vocab_size}")
 
-    out = Path(opts.output)
-    if (out / MANIFEST).exists():
-        log(f"replacing the prepared data in {out}")
-    out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.bin"):
-        old.unlink()
+    put = clients(out).write if storage.is_remote(out) else storage.write_bytes
+    _clear_output(out, log, clients)
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    writers = [_ShardWriter(out, split, dtype, opts.shard_tokens, put) for split in SPLITS]
     every = round(1 / opts.val_fraction) if opts.val_fraction > 0 else 0
-    if every > len(docs) > 1:
-        every = len(docs)  # a small corpus still gets one validation document
-    splits = {"train": [], "val": []}
-    for i, doc in enumerate(docs):
-        splits["val" if every and i % every == every - 1 else "train"].append(doc)
+    workers = opts.workers or default_workers()
+    chunks = _chunks(_assign_splits(documents(), every), writers)
+    processes = [0]  # set by encode_in_order: the worker processes it started
+    for arrays in encode_in_order(chunks, workers, tok, processes):
+        for writer, arr in zip(writers, arrays):
+            writer.add(arr)
+    if not any(w.documents for w in writers):
+        raise UserError(f"inputs {opts.inputs or [source]} hold no text; give non-empty files")
 
     manifest = {"format": FORMAT, "dtype": np.dtype(dtype).name, "source": source,
-                "tokenizer": tok.save(out), "splits": {}}
-    for split, split_docs in splits.items():
-        manifest["splits"][split] = _write_split(out, split, split_docs, tok, dtype,
-                                                 opts.shard_tokens)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    ntrain = manifest["splits"]["train"]["tokens"]
-    log(f"wrote {ntrain:,} train and {manifest['splits']['val']['tokens']:,} val tokens "
-        f"to {out} in {time.perf_counter() - t0:.1f}s")
+                "tokenizer": tok.save(out, put), "splits": {}}
+    for split, writer in zip(SPLITS, writers):
+        manifest["splits"][split] = writer.close()
+    # The manifest goes last: a folder with a manifest is complete.
+    put(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
+    docs = sum(w.documents for w in writers)
+    log(f"wrote {manifest['splits']['train']['tokens']:,} train and "
+        f"{manifest['splits']['val']['tokens']:,} val tokens ({docs} documents) to {out} "
+        f"({processes[0] or 'no'} worker processes) in {time.perf_counter() - t0:.1f}s")
     return manifest
 
 
-def _write_split(out: Path, split: str, docs: list[str], tok, dtype, shard_tokens: int) -> dict:
-    shards: list[dict] = []
-    buf: list[np.ndarray] = []
-    buffered = 0
+class _Counter:
+    """Passes documents through, counting them (for the log of the BPE pass)."""
 
-    def flush(arr: np.ndarray) -> None:
-        name = f"{split}_{len(shards):05d}.bin"
-        data = arr.astype(dtype).tobytes()
-        (out / name).write_bytes(data)
-        shards.append({"file": name, "tokens": int(arr.size),
-                       "sha256": hashlib.sha256(data).hexdigest()})
+    def __init__(self, docs: Iterable[str]):
+        self.it, self.docs, self.chars = iter(docs), 0, 0
 
-    total = 0
-    for start in range(0, len(docs), 256):
-        for ids in tok.encode_batch(docs[start:start + 256]):
-            buf.append(np.asarray(ids + [tok.eos_id], dtype=np.int64))
-            buffered += len(ids) + 1
-        while buffered >= shard_tokens:
-            flat = np.concatenate(buf)
-            flush(flat[:shard_tokens])
-            total += shard_tokens
-            buf, buffered = [flat[shard_tokens:]], flat.size - shard_tokens
-    if buffered:
-        flush(np.concatenate(buf))
-        total += buffered
-    return {"tokens": total, "documents": len(docs), "shards": shards}
+    def __iter__(self) -> Iterator[str]:
+        for doc in self.it:
+            self.docs += 1
+            self.chars += len(doc)
+            yield doc
+
+
+def _clear_output(out: str, log, clients: ClientPool) -> None:
+    """Remove a previous preparation: the manifest first, so no reader sees mixed shards."""
+    remote = storage.is_remote(out)
+    names = clients(out).listdir(out) if remote else storage.listdir(out)
+    if MANIFEST in names:
+        log(f"replacing the prepared data in {out}")
+    old = [storage.join(out, name) for name in names if name.endswith(".bin")]
+    for batch in ([storage.join(out, MANIFEST)], old):
+        if remote:
+            clients(out).remove(batch)
+        else:
+            for path in batch:
+                storage.remove(path)
+
+
+def _assign_splits(docs: Iterable[str], every: int) -> Iterator[tuple[int, str]]:
+    """(split index, document): every `every`-th document to val. A corpus smaller than
+    `every` documents (but more than one) gives its last document to val. One document of
+    look-ahead is all that rule needs, so the corpus is never counted first."""
+    held, n, any_val = None, 0, False
+    for doc in docs:
+        if held is not None:
+            yield held
+        split = 1 if every and n % every == every - 1 else 0
+        any_val |= split == 1
+        held, n = (split, doc), n + 1
+    if held is not None:
+        if every and not any_val and n > 1:
+            held = (1, held[1])
+        yield held
+
+
+def _chunks(docs: Iterable[tuple[int, str]], writers: list["_ShardWriter"]
+            ) -> Iterator[list[tuple[int, str]]]:
+    chunk, chars = [], 0
+    for split, doc in docs:
+        writers[split].documents += 1
+        chunk.append((split, doc))
+        chars += len(doc)
+        if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
+            yield chunk
+            chunk, chars = [], 0
+    if chunk:
+        yield chunk
+
+
+def _encode_chunk(tok, chunk: list[tuple[int, str]]) -> list[np.ndarray]:
+    """One array per split: the chunk's documents of that split, each followed by EOS."""
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    eos = np.array([tok.eos_id], dtype=dtype)
+    encoded = tok.encode_arrays([doc for _, doc in chunk], dtype)
+    parts: list[list[np.ndarray]] = [[] for _ in SPLITS]
+    for (split, _), ids in zip(chunk, encoded):
+        parts[split] += [ids, eos]
+    return [np.concatenate(p) if p else np.zeros(0, dtype) for p in parts]
+
+
+_worker_tok = None
+
+
+def _init_worker(state: dict) -> None:
+    global _worker_tok
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
+    _worker_tok = tokenizer_from_state(state)
+
+
+def _encode_in_worker(chunk: list[tuple[int, str]]) -> list[np.ndarray]:
+    return _encode_chunk(_worker_tok, chunk)
+
+
+def encode_in_order(chunks: Iterable[list[tuple[int, str]]], workers: int, tok,
+                    processes: list[int]) -> Iterator[list[np.ndarray]]:
+    """_encode_chunk of each chunk, in input order. With workers > 1 (and more than one chunk)
+    a pool of spawned processes encodes them, at most 2 x workers chunks in flight: memory
+    stays bounded however long the input is, and the order of the results never changes."""
+    it = iter(chunks)
+    head = [c for c in (next(it, None), next(it, None)) if c is not None]
+    if len(head) < 2 or workers <= 1:
+        for chunk in itertools.chain(head, it):
+            yield _encode_chunk(tok, chunk)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn, not fork: the parent may already run tokenizer (rayon) or torch threads.
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(tok.state(),))
+    processes[0] = workers
+    pending: deque = deque()
+    try:
+        for chunk in itertools.chain(head, it):
+            pending.append(pool.submit(_encode_in_worker, chunk))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _ShardWriter:
+    """Cuts one split's token stream into shards of exactly `shard_tokens` (the last shorter)."""
+
+    def __init__(self, out: str, split: str, dtype, shard_tokens: int, put=storage.write_bytes):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.put = put
+        self.shards: list[dict] = []
+        self.buf: list[np.ndarray] = []
+        self.buffered = self.tokens = self.documents = 0
+
+    def add(self, arr: np.ndarray) -> None:
+        if arr.size == 0:
+            return
+        self.buf.append(arr)
+        self.buffered += arr.size
+        while self.buffered >= self.shard_tokens:
+            flat = np.concatenate(self.buf)
+            self._flush(flat[:self.shard_tokens])
+            self.buf, self.buffered = [flat[self.shard_tokens:]], flat.size - self.shard_tokens
+
+    def _flush(self, arr: np.ndarray) -> None:
+        name = f"{self.split}_{len(self.shards):05d}.bin"
+        data = arr.astype(self.dtype).tobytes()
+        self.put(storage.join(self.out, name), data)
+        self.shards.append({"file": name, "tokens": int(arr.size),
+                            "sha256": hashlib.sha256(data).hexdigest()})
+        self.tokens += int(arr.size)
+
+    def close(self) -> dict:
+        if self.buffered:
+            self._flush(np.concatenate(self.buf))
+            self.buf, self.buffered = [], 0
+        return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
 
 
 def sha256_file(path: str | os.PathLike) -> str:

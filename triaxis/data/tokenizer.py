@@ -8,6 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
+
+from triaxis import storage
+
 EOS = "<|endoftext|>"
 
 
@@ -24,11 +28,18 @@ class ByteTokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_arrays(self, texts: list[str], dtype) -> list[np.ndarray]:
+        return [np.frombuffer(t.encode("utf-8"), np.uint8).astype(dtype) for t in texts]
+
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
-    def save(self, folder: Path) -> dict:
+    def save(self, folder: str | Path, write=storage.write_bytes) -> dict:
         return {"kind": self.kind, "vocab_size": self.vocab_size, "eos_id": self.eos_id}
+
+    def state(self) -> dict:
+        """What a worker process needs to rebuild this tokenizer (tokenizer_from_state)."""
+        return {"kind": self.kind}
 
 
 class BPETokenizer:
@@ -60,19 +71,37 @@ class BPETokenizer:
         # The Rust side tokenizes the batch on all cores.
         return [e.ids for e in self.tok.encode_batch(texts)]
 
+    def encode_arrays(self, texts: list[str], dtype) -> list[np.ndarray]:
+        return [np.asarray(e.ids, dtype=dtype) for e in self.tok.encode_batch(texts)]
+
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids))
 
-    def save(self, folder: Path) -> dict:
-        self.tok.save(str(folder / self.file_name))
+    def save(self, folder: str | Path, write=storage.write_bytes) -> dict:
+        """Write tokenizer.json into a local folder or an s3:// prefix (with `write`)."""
+        write(storage.join(str(folder), self.file_name), self.tok.to_str(pretty=True).encode())
         return {"kind": self.kind, "file": self.file_name, "vocab_size": self.vocab_size,
                 "eos_id": self.eos_id}
 
+    def state(self) -> dict:
+        return {"kind": self.kind, "json": self.tok.to_str()}
+
+
+def tokenizer_from_state(state: dict):
+    if state["kind"] == "byte":
+        return ByteTokenizer()
+    from tokenizers import Tokenizer
+
+    return BPETokenizer(Tokenizer.from_str(state["json"]))
+
 
 def load_tokenizer(folder: str | Path, info: dict):
-    """The tokenizer a manifest describes (its `tokenizer` entry)."""
+    """The tokenizer a manifest describes (its `tokenizer` entry), from a folder or s3://."""
     if info["kind"] == "byte":
         return ByteTokenizer()
     from tokenizers import Tokenizer
 
-    return BPETokenizer(Tokenizer.from_file(str(Path(folder) / info["file"])))
+    path = storage.join(str(folder), info["file"])
+    if storage.is_remote(path):
+        return BPETokenizer(Tokenizer.from_str(storage.read_bytes(path).decode()))
+    return BPETokenizer(Tokenizer.from_file(path))

@@ -49,7 +49,6 @@ def measure(layouts: list[MeasuredLayout], rank: int = 0) -> list[dict[str, int]
     One fake process group serves all layouts: DTensor caches process groups by name, so a
     process cannot re-create its default group; measure each world size in its own process.
     """
-    import torch
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 

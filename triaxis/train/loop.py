@@ -16,11 +16,16 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from triaxis import storage
 from triaxis.checkpoint.dcp import Checkpointer
 from triaxis.config import Config, grad_accum_steps, to_toml, validate
-from triaxis import storage
+from triaxis.data.dataset import (
+    SYNTHETIC,
+    SyntheticDataset,
+    TokenDataset,
+    micro_batch_start,
+)
 from triaxis.errors import UserError
-from triaxis.data.dataset import SYNTHETIC, SyntheticDataset, TokenDataset, micro_batch_start
 from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flops
 from triaxis.model import build_model_args, flops_per_token, param_counts
 from triaxis.parallel.dims import ParallelDims
@@ -28,7 +33,12 @@ from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.train.build import build_model, pipeline_stages
 from triaxis.train.distributed import DistEnv, init_distributed, shutdown
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from triaxis.train.resilience import NumericsGuard, PreemptionWatch, inject_kill, inject_nan
+from triaxis.train.resilience import (
+    NumericsGuard,
+    PreemptionWatch,
+    inject_kill,
+    inject_nan,
+)
 
 
 @dataclass

@@ -1,0 +1,221 @@
+"""Input documents for `triaxis prepare`: local or s3:// files, folders and globs, streamed.
+
+Formats, by extension:
+    .txt .md .rst .py (and any file named directly)   one document per file
+    .jsonl .json                                      one document per line: {"text": ...}
+                                                      (a .json file holding one array of such
+                                                      objects works too)
+    .parquet                                          one document per row of the `text` column
+
+Files are read one at a time, in a fixed order (each input's files sorted by path). JSON Lines
+and Parquet are streamed (ranged reads through `triaxis.storage` for s3://), so memory holds one
+plain-text file or one Parquet row group, not the corpus.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import sysconfig
+from pathlib import Path
+from typing import Iterator
+
+from triaxis import storage
+from triaxis.data.remote_io import ClientPool, RemoteFiles
+from triaxis.errors import UserError
+
+TEXT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
+JSON_EXTENSIONS = (".jsonl", ".json")
+PARQUET_EXTENSIONS = (".parquet",)
+EXTENSIONS = TEXT_EXTENSIONS + JSON_EXTENSIONS + PARQUET_EXTENSIONS
+_READ_CHUNK_BYTES = 8 * 2**20
+"""Size of one ranged read of a remote JSON Lines or Parquet file."""
+
+
+def embedded_corpus_files() -> list[str]:
+    """The running interpreter's standard-library sources: a corpus that needs no download."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = [p for p in stdlib.rglob("*.py") if not skip.intersection(p.relative_to(stdlib).parts)]
+    return [str(p) for p in sorted(files)]
+
+
+def resolve_inputs(inputs: list[str], extensions: tuple[str, ...],
+                   clients: ClientPool | None = None) -> list[str]:
+    """Every input file, in order: each spec (file, folder or glob) expanded and sorted."""
+    clients = clients or ClientPool()
+    files: list[str] = []
+    for spec in inputs:
+        files.extend(_resolve_remote(spec, extensions, clients) if storage.is_remote(spec)
+                     else _resolve_local(spec, extensions))
+    return files
+
+
+def _resolve_local(spec: str, extensions: tuple[str, ...]) -> list[str]:
+    p = Path(spec)
+    if p.is_file():
+        return [spec]
+    if p.is_dir():
+        found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in extensions)
+        if not found:
+            raise UserError(f"input folder {spec} holds no {'/'.join(extensions)} files; "
+                            "point --input at text files or a glob like 'docs/**/*.txt'")
+        return [str(f) for f in found]
+    found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
+    if not found:
+        raise UserError(f"input {spec!r} matches no file or folder; check the path "
+                        "(globs need quotes: --input 'data/*.txt')")
+    return [str(f) for f in found]
+
+
+def check_bucket(uri: str, role: str, clients: ClientPool) -> None:
+    """A clear error now, before any work, if the bucket of an s3:// `uri` does not exist (or
+    the credentials are missing: storage.with_retries says so)."""
+    if not uri.startswith("s3://"):
+        return
+    bucket = uri[len("s3://"):].split("/", 1)[0]
+    fs = clients(uri).fs
+    try:
+        storage.with_retries(lambda: fs.call_s3("head_bucket", Bucket=bucket),
+                             f"{role} {uri}")
+    except FileNotFoundError:
+        raise UserError(f"{role} {uri}: the bucket {bucket} does not exist; create it "
+                        f"(aws s3 mb s3://{bucket}) or fix the URI") from None
+
+
+def _resolve_remote(spec: str, extensions: tuple[str, ...], clients: ClientPool) -> list[str]:
+    check_bucket(spec, "--input", clients)
+    fs = clients(spec).fs
+    p = fs._strip_protocol(spec)
+    scheme = spec.split("://", 1)[0]
+    if any(c in p for c in "*?["):
+        found = storage.with_retries(lambda: fs.glob(p, detail=True), f"listing {spec}")
+        found = [f for f, info in found.items() if info.get("type") == "file"]
+    elif storage.with_retries(lambda: fs.isfile(p), f"checking {spec}"):
+        found = [p]
+    else:
+        found = storage.with_retries(lambda: fs.find(p), f"listing {spec}")
+        found = [f for f in found if os.path.splitext(f)[1] in extensions]
+    if not found:
+        raise UserError(f"input {spec} matches no object with a {'/'.join(extensions)} "
+                        "extension; check the bucket and prefix (aws s3 ls)")
+    return [f"{scheme}://{f}" for f in sorted(found)]
+
+
+class RangedReader(io.RawIOBase):
+    """A seekable read-only file over ranged reads of a remote object (each one retried)."""
+
+    def __init__(self, uri: str, files: RemoteFiles):
+        self.uri, self.files, self.pos = uri, files, 0
+        self.size = files.size(uri)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self.size - self.pos)
+        if n <= 0:
+            return 0
+        data = self.files.read(self.uri, self.pos, self.pos + n)
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _open(path: str, clients: ClientPool, buffered: bool = True):
+    if not storage.is_remote(path):
+        return open(path, "rb")
+    raw = RangedReader(path, clients(path))
+    # Parquet reads whole column chunks at known offsets: a read-ahead buffer would only over-read.
+    return io.BufferedReader(raw, buffer_size=_READ_CHUNK_BYTES) if buffered else raw
+
+
+def file_documents(path: str, clients: ClientPool) -> Iterator[str]:
+    """The documents of one input file, in file order (empty ones included)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in JSON_EXTENSIONS:
+        yield from _json_documents(path, clients)
+    elif ext in PARQUET_EXTENSIONS:
+        yield from _parquet_documents(path, clients)
+    elif storage.is_remote(path):
+        yield clients(path).read(path).decode("utf-8", errors="replace")
+    else:
+        yield storage.read_bytes(path).decode("utf-8", errors="replace")
+
+
+def _json_text(obj, where: str) -> str:
+    if not isinstance(obj, dict) or "text" not in obj:
+        raise UserError(f"{where} has no 'text' field; JSON Lines input needs one object per "
+                        'line like {"text": "..."}')
+    text = obj["text"]
+    if text is None:
+        return ""
+    if not isinstance(text, str):
+        raise UserError(f"{where}: 'text' is a {type(text).__name__}, not a string")
+    # JSON may escape lone surrogates, which no tokenizer accepts: replace them.
+    return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
+def _json_documents(path: str, clients: ClientPool) -> Iterator[str]:
+    with _open(path, clients) as f:
+        head = f.peek(64)[:64].lstrip()
+        if head.startswith(b"["):  # one JSON array of objects
+            try:
+                rows = json.loads(f.read())
+            except ValueError as e:
+                raise UserError(f"{path} is not valid JSON ({e}); give JSON Lines or an array")
+            for i, obj in enumerate(rows):
+                yield _json_text(obj, f"{path} item {i}")
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{path} line {n} is not valid JSON ({e}); JSON Lines input "
+                                'needs one object per line like {"text": "..."}') from None
+            yield _json_text(obj, f"{path} line {n}")
+
+
+def _parquet_documents(path: str, clients: ClientPool) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path}: reading Parquet needs pyarrow; pip install pyarrow") from None
+    with _open(path, clients, buffered=False) as f:
+        pf = pq.ParquetFile(f)
+        if "text" not in pf.schema_arrow.names:
+            raise UserError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names}); "
+                            "rename the column holding the documents to text")
+        for batch in pf.iter_batches(batch_size=1024, columns=["text"]):  # one row group at a time
+            for text in batch.column(0).to_pylist():
+                yield text or ""
+
+
+def iter_documents(files: list[str], max_bytes: int, clients: ClientPool | None = None
+                   ) -> Iterator[str]:
+    """Non-blank documents of `files` in order, stopping after the document that brings the
+    total past `max_bytes` characters (0 = no limit)."""
+    total, clients = 0, clients or ClientPool()
+    for path in files:
+        for text in file_documents(path, clients):
+            if not text.strip():
+                continue
+            yield text
+            total += len(text)
+            if max_bytes and total >= max_bytes:
+                return

@@ -1,0 +1,212 @@
+"""torchrun on this node: one node standalone, or one node of a multi-node c10d rendezvous.
+
+Multi-node, the launcher decides three things torchrun would otherwise guess from the hostname
+(a guess that fails in containers, network namespaces and on multi-NIC hosts):
+
+    is this node the rendezvous host?     it can bind the endpoint's address -> is_host
+    which address do its workers publish? the source address of the route to the endpoint
+                                          -> --local-addr (rank 0's becomes MASTER_ADDR)
+    which interface do gloo and NCCL use? the one holding that address -> *_SOCKET_IFNAME
+
+It also checks that the endpoint resolves and, from the other nodes, accepts a connection within
+the rendezvous timeout, and it bounds the rendezvous itself by that timeout (torchrun's
+join_timeout): a wrong address or a missing node fails in one line instead of hanging.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from triaxis.errors import UserError
+from triaxis.net.env import (apply_env, describe_applied, efa_devices, interface_of,
+                             is_local_address, recommended_env, resolve, source_address)
+
+DEFAULT_PORT = 29400
+
+
+def log(msg: str) -> None:
+    print(f"triaxis launch: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class TorchrunSpec:
+    nproc_per_node: int
+    nnodes: int = 1
+    rdzv_endpoint: str = ""
+    """HOST[:PORT] of the rendezvous; empty on one node = standalone."""
+    rdzv_id: str = "triaxis"
+    """Names the job in the rendezvous store: every node of one job passes the same id."""
+    rdzv_timeout_s: float = 600.0
+    """How long nodes wait for each other (and for the endpoint to accept) before failing."""
+    max_restarts: int = 0
+    gpus: bool = False
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    address: str
+    """The endpoint's IPv4 address, as every node dials it."""
+    port: int
+    is_host: bool | None
+    """True: this node serves the store. None: loopback, let torchrun try to serve and fall
+    back to a client (several launchers on one machine)."""
+    local_addr: str
+    ifname: str | None
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep:
+        return endpoint, DEFAULT_PORT
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"--rdzv-endpoint={endpoint!r} is not HOST:PORT; e.g. "
+                        f"--rdzv-endpoint=node0:{DEFAULT_PORT}")
+    return host, int(port)
+
+
+def discover_endpoint(environ: Mapping[str, str] = os.environ) -> str | None:
+    """The rank-0 host when the user gave none: MASTER_ADDR[:MASTER_PORT] (Kubernetes and most
+    schedulers), else the first node of a Slurm allocation."""
+    if environ.get("MASTER_ADDR"):
+        return f"{environ['MASTER_ADDR']}:{environ.get('MASTER_PORT', DEFAULT_PORT)}"
+    nodelist = environ.get("SLURM_JOB_NODELIST")
+    if nodelist:
+        from triaxis.launchers.slurm import first_node_address
+
+        return f"{first_node_address(nodelist)}:{DEFAULT_PORT}"
+    return None
+
+
+def wait_reachable(address: str, port: int, timeout_s: float) -> None:
+    """Block until address:port accepts a TCP connection; the host may start after us."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            socket.create_connection((address, port), timeout=max(0.1, min(5.0, remaining))
+                                     ).close()
+            return
+        except OSError as e:
+            if time.monotonic() + 0.5 >= deadline:
+                raise UserError(
+                    f"rendezvous endpoint {address}:{port} did not accept a connection within "
+                    f"{timeout_s:.0f} s ({e.strerror or e}); start `triaxis launch` on the first "
+                    "node with the same --rdzv-endpoint, check the address, port and firewall, "
+                    "or raise --rdzv-timeout") from None
+            time.sleep(0.5)
+
+
+def plan_rendezvous(endpoint: str, timeout_s: float, wait: bool = True) -> Rendezvous:
+    host, port = parse_endpoint(endpoint)
+    addrs = resolve(host)
+    if not addrs:
+        raise UserError(f"rendezvous host {host!r} does not resolve on this node; pass the first "
+                        "node's IP address or a name every node resolves (DNS, /etc/hosts)")
+    local = [a for a in addrs if is_local_address(a)]
+    if local:
+        address, src = local[0], local[0]
+        is_host: bool | None = None if ipaddress.ip_address(address).is_loopback else True
+    else:
+        address = addrs[0]
+        src = source_address(address) or ""
+        if not src:
+            raise UserError(f"no route from this node to the rendezvous host {host} "
+                            f"({address}); check the address and this node's network")
+        if wait:
+            wait_reachable(address, port, timeout_s)
+        is_host = False
+    return Rendezvous(address, port, is_host, src, interface_of(src))
+
+
+def torchrun_argv(spec: TorchrunSpec, rdzv: Rendezvous | None, entry: list[str]) -> list[str]:
+    """Arguments of torch.distributed.run; `entry` follows `python -m`."""
+    argv = [f"--nproc-per-node={spec.nproc_per_node}", f"--nnodes={spec.nnodes}",
+            f"--max-restarts={spec.max_restarts}"]
+    if rdzv is None:
+        argv.append("--standalone")
+    else:
+        conf = f"join_timeout={int(spec.rdzv_timeout_s)}"
+        if rdzv.is_host is not None:
+            conf += f",is_host={'true' if rdzv.is_host else 'false'}"
+        argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv.endpoint}",
+                 f"--rdzv-id={spec.rdzv_id}", f"--rdzv-conf={conf}",
+                 f"--local-addr={rdzv.local_addr}"]
+    return argv + ["-m", *entry]
+
+
+def prepare(spec: TorchrunSpec, environ: Mapping[str, str] = os.environ,
+            wait: bool = True) -> Rendezvous | None:
+    """Check the layout of nodes, find the rendezvous (on the other nodes: `wait` until it
+    accepts), set the network environment (logged)."""
+    if spec.nproc_per_node < 1 or spec.nnodes < 1:
+        raise UserError(f"--nproc-per-node={spec.nproc_per_node} and --nnodes={spec.nnodes} "
+                        "must be positive")
+    endpoint = spec.rdzv_endpoint
+    if spec.nnodes > 1 and not endpoint:
+        endpoint = discover_endpoint(environ) or ""
+        if not endpoint:
+            raise UserError(f"--nnodes={spec.nnodes} needs --rdzv-endpoint HOST:PORT, the "
+                            "address of the first node, reachable from every node")
+        log(f"rendezvous endpoint {endpoint} (discovered)")
+    rdzv = plan_rendezvous(endpoint, spec.rdzv_timeout_s, wait) if endpoint else None
+    if rdzv is not None and spec.nnodes > 1 and rdzv.is_host is None:
+        log(f"loopback rendezvous {rdzv.endpoint}: every node must be this machine")
+    efa = efa_devices()
+    ifname = rdzv.ifname if rdzv is not None and spec.nnodes > 1 else None
+    applied, kept = apply_env(recommended_env(bool(efa), spec.gpus, ifname))
+    if efa:
+        log(f"{len(efa)} EFA device(s) ({', '.join(efa)})")
+    if applied or kept:
+        log(f"network environment: {describe_applied(applied, kept)}")
+    return rdzv
+
+
+def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -> int:
+    """Run torch.distributed.run in this process; failures become exit codes or UserErrors."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import (RendezvousError,
+                                                         RendezvousTimeoutError)
+    from torch.distributed.run import main as torchrun_main
+
+    try:
+        torchrun_main(argv)
+    except ChildFailedError as e:
+        codes = [f.exitcode for f in e.failures.values()]
+        log(f"worker(s) failed with exit codes {codes}")
+        return next((c for c in codes if c and c > 0), 1)
+    except RendezvousTimeoutError:
+        where = rdzv.endpoint if rdzv else "standalone"
+        raise UserError(f"the rendezvous at {where} did not form within "
+                        f"{spec.rdzv_timeout_s:.0f} s: {spec.nnodes} nodes were expected; start "
+                        "`triaxis launch` with the same --rdzv-endpoint and --nnodes on every "
+                        "node, or raise --rdzv-timeout") from None
+    except RendezvousError as e:
+        raise UserError(f"rendezvous failed: {e}; check --rdzv-endpoint and that every node "
+                        "reaches it") from None
+    return 0
+
+
+def launch_module(spec: TorchrunSpec, entry: list[str], dry_run: bool = False,
+                  run: Callable[[list[str], TorchrunSpec, Rendezvous | None], int] = run_torchrun
+                  ) -> int:
+    """Start `python -m ENTRY` on spec.nproc_per_node processes of this node."""
+    rdzv = prepare(spec, wait=not dry_run)
+    argv = torchrun_argv(spec, rdzv, entry)
+    world = spec.nproc_per_node * spec.nnodes
+    log(f"{world} processes ({spec.nnodes} node(s) x {spec.nproc_per_node}, "
+        f"{'nccl' if spec.gpus else 'gloo'}): torchrun {' '.join(argv)}")
+    if dry_run:
+        print(subprocess.list2cmdline([sys.executable, "-m", "torch.distributed.run", *argv]))
+        return 0
+    return run(argv, spec, rdzv)
