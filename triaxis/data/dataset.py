@@ -88,8 +88,9 @@ def read_manifest(path: str | Path, remote: RemoteFiles | None = None) -> dict:
 
 
 class TokenDataset:
-    """One split of prepared data: local shards memory-mapped read-only, s3:// shards through a
-    local cache of at most `cache_gib` (see remote.py)."""
+    """One split of prepared data: local shards memory-mapped read-only (sha256-checked when
+    `verify`), s3:// shards through a local cache of at most `cache_gib`, each download checked
+    against its sha256 (remote.py)."""
 
     def __init__(self, path: str | Path, split: str, seq_len: int, seed: int = 0,
                  verify: bool = False, cache_dir: str = "", cache_gib: float = 4.0,

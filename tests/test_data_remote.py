@@ -1,0 +1,309 @@
+"""Training data on S3 (moto's S3 server on loopback): the remote reader returns exactly the
+local samples for any number of prefetch threads and data-parallel ranks; its cache is bounded
+in bytes, least recently used out, and leaves no files behind; corrupted, truncated and missing
+shards, a missing bucket and missing credentials give one clear error; a run trained from S3,
+killed, and resumed with another data-parallel size consumes exactly the uninterrupted run's
+sample ids."""
+
+import gc
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.s3_server import moto_s3  # noqa: F401  (fixture)
+from triaxis.cli import main
+from triaxis.data.dataset import TRACE_ENV, TokenDataset, micro_batch_start
+from triaxis.data.remote import _host
+from triaxis.errors import UserError
+
+
+def upload(s3, folder: str, uri: str) -> None:
+    for f in sorted(Path(folder).iterdir()):
+        s3.put(f"{uri}/{f.name}", f.read_bytes())
+
+
+@pytest.fixture(scope="module")
+def s3_data(moto_s3, byte_data) -> str:
+    """conftest's byte_data (6+ train shards of 60,000 tokens) copied to S3."""
+    uri = f"s3://{moto_s3.new_bucket()}/byte"
+    upload(moto_s3, byte_data, uri)
+    return uri
+
+
+def cache_files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_remote_samples_equal_local_for_any_threads_and_ranks(s3_data, byte_data, tmp_path):
+    local = TokenDataset(byte_data, "train", seq_len=32, seed=5)
+    ds = {t: TokenDataset(s3_data, "train", seq_len=32, seed=5, cache_dir=str(tmp_path),
+                          prefetch_threads=t) for t in (1, 4)}
+    assert ds[1].num_windows == local.num_windows and len(ds[1].shard_tokens) > 3
+    for start in (0, 40, local.num_windows - 3):  # the last one spans into the second epoch
+        want = local.batch(start, 8).numpy()
+        for d in ds.values():
+            d.prefetch(start, 8)
+            assert np.array_equal(d.batch(start, 8).numpy(), want)
+    # dp ranks (two readers play them in turn): each prefetches exactly the shards of its own
+    # micro-batches of this step and the next, and reads its slice of the global batch.
+    global_batch, micro, cursor = 8, 2, 16
+    for dp in (2, 4):
+        got = []
+        for r in range(dp):
+            d = ds[(1, 4)[r % 2]]
+            asked = []
+            real, d.cache.prefetch = d.cache.prefetch, asked.extend
+            d.prefetch(cursor, 2 * global_batch, micro, dp, r)
+            d.cache.prefetch = real
+            mine = [i for s in (cursor, cursor + global_batch) for m in range(global_batch //
+                    (micro * dp)) for i in range(micro_batch_start(s, m, micro, dp, r),
+                                                 micro_batch_start(s, m, micro, dp, r) + micro)]
+            assert asked == d.shards_of(mine) and len(mine) == 2 * global_batch // dp
+            got.append(d.batch(micro_batch_start(cursor, 0, micro, dp, r), micro).numpy())
+        assert np.array_equal(np.concatenate(got), local.batch(cursor, micro * dp).numpy())
+    assert ds[4].cache.stats.hits > 0
+    assert ds[1].tokenizer().decode(ds[1].sample(3)[:20].tolist()) == \
+        local.tokenizer().decode(local.sample(3)[:20].tolist())
+    for d in ds.values():
+        d.close()
+    assert cache_files(tmp_path) == [] and list(tmp_path.iterdir()) == []
+
+
+def test_cache_is_bounded_least_recently_used_out(s3_data, byte_data, tmp_path):
+    # A process killed earlier left its cache folder: the first download sweeps it.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"triaxis-cache-{_host()}-{dead.pid}-abc"
+    (stale / "train_00000.bin").parent.mkdir()
+    (stale / "train_00000.bin").write_bytes(b"old")
+    live = tmp_path / f"triaxis-cache-{_host()}-{os.getpid()}-other"
+    live.mkdir()
+
+    shard_bytes = 60_000 * 2
+    budget = int(2.5 * shard_bytes)
+    ds = TokenDataset(s3_data, "train", seq_len=32, seed=0, cache_dir=str(tmp_path),
+                      cache_gib=budget / 2**30, prefetch_threads=2)
+    cache = ds.cache
+
+    def names() -> list[str]:
+        return sorted(p.name for p in cache.folder.iterdir())
+    cache.get(0), cache.get(1), cache.get(0), cache.get(2)  # 1 is least recently used
+    assert not stale.exists() and live.exists()
+    assert names() == ["train_00000.bin", "train_00002.bin"]
+    assert cache.stats.evictions == 1 and cache.stats.hits == 1 and cache.stats.misses == 3
+    # Prefetch evicts read shards (0, then 2) but never a prefetched shard not yet read.
+    cache.prefetch([3, 4, 5])
+    assert cache.stats.prefetch_skipped == 1
+    assert np.array_equal(cache.get(4), np.fromfile(Path(byte_data, "train_00004.bin"),
+                                                    dtype=np.uint16))
+    cache.get(3)
+    assert names() == ["train_00003.bin", "train_00004.bin"] and cache.stats.waits <= 2
+    # Random access over the whole split: never more than the budget on disk, no temp files.
+    for start in range(0, 160, 16):
+        ds.batch(start, 16)
+        on_disk = sum(p.stat().st_size for p in cache.folder.iterdir())
+        assert on_disk <= budget and not [p for p in cache.folder.iterdir()
+                                          if p.name.endswith(".part")]
+    assert cache.stats.evictions > 5
+    folder = cache.folder
+    ds.close()
+    assert not folder.exists() and live.exists()
+    with pytest.raises(UserError, match="smaller than the largest shard"):
+        TokenDataset(s3_data, "train", 32, cache_dir=str(tmp_path), cache_gib=1e-6)
+
+
+def corrupt(s3, src: str, dst: str, byte_data: str, how: str) -> None:
+    upload(s3, byte_data, dst)
+    raw = bytearray(Path(byte_data, "train_00001.bin").read_bytes())
+    if how == "flip":
+        raw[1000] ^= 0xFF
+    elif how == "truncate":
+        raw = raw[:-10]
+    if how == "delete":
+        s3.client().delete_object(Bucket=dst[5:].split("/")[0],
+                                  Key=dst[5:].split("/", 1)[1] + "/train_00001.bin")
+    else:
+        s3.put(f"{dst}/train_00001.bin", bytes(raw))
+
+
+def test_corrupted_truncated_missing_shards(moto_s3, s3_data, byte_data, tmp_path):
+    bucket = moto_s3.new_bucket()
+    second_shard_sample = None
+    for how, match in (("flip", (r"train_00001.bin fails its sha256 check .* prepare the data "
+                                 r"again \(triaxis prepare --output s3://")),
+                       ("truncate", (r"train_00001.bin has 119990 bytes but the manifest says "
+                                     r"120000")),
+                       ("delete", r"train_00001.bin listed in the manifest is missing")):
+        uri = f"s3://{bucket}/{how}"
+        corrupt(moto_s3, s3_data, uri, byte_data, how)
+        if how == "delete":
+            with pytest.raises(UserError, match=match):
+                TokenDataset(uri, "train", 32, cache_dir=str(tmp_path))
+            continue
+        ds = TokenDataset(uri, "train", 32, cache_dir=str(tmp_path), prefetch_threads=1)
+        if second_shard_sample is None:
+            second_shard_sample = next(i for i in range(ds.num_windows)
+                                       if ds.shards_of([i]) == [1])
+        ds.prefetch(second_shard_sample, 1)  # the error waits in the future for the read
+        with pytest.raises(UserError, match=match):
+            ds.batch(second_shard_sample, 1)
+        assert ds.cache.folder is None or not any(ds.cache.folder.iterdir())  # nothing kept
+        ds.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_cli_missing_bucket_no_credentials_no_manifest(s3_data, tmp_path, monkeypatch, capsys):
+    args = ["train", "--model.preset=tiny", "--data.seq_len=32", "--metrics.progress=false",
+            f"--train.run_dir={tmp_path / 'run'}", "--train.steps=1"]
+    assert main(args + ["--data.path=s3://no-such-bucket-triaxis/data"]) == 2
+    assert "the bucket does not exist" in one_error_line(capsys)
+    assert main(args + [f"--data.path={s3_data}-nothing-here"]) == 2
+    assert "has no manifest.json" in one_error_line(capsys)
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    assert main(args + [f"--data.path={s3_data}"]) == 2
+    assert "no AWS credentials found" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+# -- end to end: prepare into S3, train from S3, kill, resume with another dp size -----------
+
+GLOBAL_BATCH = 8
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "triaxis", *map(str, args)]
+
+
+def train_args(data, run_dir, cache_dir, *extra) -> list[str]:
+    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=32",
+            f"--data.cache_dir={cache_dir}", f"--train.run_dir={run_dir}",
+            f"--train.global_batch={GLOBAL_BATCH}", "--train.micro_batch=4",
+            "--train.steps=24", "--train.val_every=0", "--metrics.log_every=4",
+            "--metrics.progress=false", "--metrics.tensorboard=false", *extra]
+
+
+def consumed(trace: Path) -> list[int]:
+    ids = []
+    for line in trace.read_text().splitlines():
+        split, start, count = line.split()
+        assert split == "train"
+        ids += range(int(start), int(start) + int(count))
+    return ids
+
+
+def env_with(trace: Path) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", TRACE_ENV: str(trace)}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` and every process below it (torchrun starts each rank in a session of its
+    own, so a process-group kill would leave the ranks running)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def test_train_from_s3_killed_and_resumed_with_other_dp(moto_s3, tmp_path, capsys):
+    bucket = moto_s3.new_bucket()
+    data, cache = f"s3://{bucket}/stdlib", tmp_path / "cache"
+    assert main(["prepare", "--output", data, "--max-bytes", "300000", "--vocab-size", "300",
+                 "--shard-tokens", "8000", "--workers", "2"]) == 0
+    manifest = json.loads(moto_s3.get(f"{data}/manifest.json"))
+    assert len(manifest["splits"]["train"]["shards"]) > 4
+    assert manifest["tokenizer"]["kind"] == "bpe"
+
+    # 2 processes (dp_shard=2, a checkpoint every 4 steps), killed with SIGKILL once a
+    # checkpoint is committed...
+    run = tmp_path / "run"
+    killed = subprocess.Popen(cli("launch", "--nproc-per-node", 2, *train_args(
+        data, run, cache, "--parallel.dp_shard=2", "--checkpoint.interval=4",
+        "--checkpoint.save_final=false")), env=env_with(tmp_path / "a.trace"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = run / "checkpoints" / "step_00000004" / "triaxis.json"  # committed
+    deadline = time.time() + 150
+    while not first.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    kill_tree(killed.pid)  # the launcher, its elastic agent and both rank processes
+    killed.wait()
+    assert first.exists(), "the 2-process run wrote no checkpoint"
+    steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir()
+                   if (p / "triaxis.json").exists())
+    resume_cursor, total = steps[-1] * GLOBAL_BATCH, 24 * GLOBAL_BATCH
+    assert resume_cursor < total, "the 2-process run finished before it was killed"
+
+    # ...then resumed by 1 process (dp=1, gradient accumulation 2) from that checkpoint.
+    out = finish(subprocess.Popen(cli("train", *train_args(data, run, cache,
+                                                           "--checkpoint.interval=0",
+                                                           "--checkpoint.save_final=false")),
+                                  env=env_with(tmp_path / "b.trace"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+
+    # The uninterrupted run reads global sample ids 0 .. total-1 in order (the cursor logic
+    # of test_data.py); what each run here really read comes from its trace.
+    before, after = consumed(tmp_path / "a.trace"), consumed(tmp_path / "b.trace")
+    # The 2-process run read every sample before its checkpoint's cursor exactly once...
+    assert sorted(i for i in before if i < resume_cursor) == list(range(resume_cursor))
+    # ...and the 1-process run went on exactly there: no sample repeated, none skipped.
+    assert after == list(range(resume_cursor, total))
+    # Every rank process removed its cache at exit; the killed ranks' folders were swept.
+    assert list(cache.iterdir()) == []
+    # Data-wait metrics in every record; the resumed run warned for exactly the log windows
+    # whose wait exceeded 10% of the step time (its records come last: the last one wins).
+    share = {}
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            assert rec["data_wait_s"] >= 0 and 0 <= rec["data_wait_share"] <= 1
+            share[rec["step"]] = rec["data_wait_share"]
+    warned = {int(m) for m in re.findall(r"step (\d+): the data loader stalls training", out)}
+    assert warned == {s for s, v in share.items() if s > steps[-1] and v > 0.1}
+
+
+def test_cli_train_stops_on_a_corrupted_shard(moto_s3, byte_data, tmp_path, monkeypatch,
+                                               capsys):
+    uri = f"s3://{moto_s3.new_bucket()}/flip"
+    corrupt(moto_s3, uri, uri, byte_data, "flip")
+    monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace"))
+    code = main(["train", *train_args(uri, tmp_path / "r", tmp_path / "c", "--train.steps=200",
+                                      "--checkpoint.interval=0",
+                                      "--checkpoint.save_final=false")])
+    assert code == 2
+    assert "train_00001.bin fails its sha256 check" in one_error_line(capsys)
+    assert len(consumed(tmp_path / "trace")) < 200 * GLOBAL_BATCH  # it stopped at the shard
+    gc.collect()  # the trainer's datasets, now unreachable, close their caches
+    assert list((tmp_path / "c").iterdir()) == []
