@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import triaxis, torch, tokenizers, safetensors, rich, pytest, s3fs, moto, transformers, pyarrow" 2>/dev/null; then
+if ! .venv/bin/python -c "import triaxis, torch, tokenizers, safetensors, rich, pytest, s3fs, boto3, moto, transformers, pyarrow" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
   # The constraints pin the versions the tests were run with; torch stays what TORCH_SPEC chose.
   grep -v '^torch==' scripts/constraints.txt > .venv/constraints.txt

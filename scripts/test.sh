@@ -3,4 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# Slurm + munge and the network-namespace tools the multi-node tests start (apt, as root;
+# without root those tests skip and say why).
+bash scripts/ci_services.sh
 exec .venv/bin/python -m pytest "$@"

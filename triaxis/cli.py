@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--svg", default="", help="also write the picture to this SVG file")
     la.set_defaults(fn=_layout)
 
-    lc = sub.add_parser("launch", help="run training on N processes / nodes (torchrun inside)")
+    lc = sub.add_parser("launch", help="run training on N processes / nodes, or as a Slurm / "
+                                       "SageMaker job")
     lc.add_argument("--nproc-per-node", type=int, default=0,
                     help="processes per node (default: GPUs, or 2 on CPU)")
     lc.add_argument("--nnodes", type=int, default=1)
@@ -125,7 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     lc.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the rendezvous (multi-node)")
     lc.add_argument("--max-restarts", type=int, default=0)
     lc.add_argument("--cpu", action="store_true", help="run on CPU (gloo) even if GPUs exist")
+    from triaxis.launch import add_launch_args
+
+    add_launch_args(lc)
     lc.set_defaults(fn=_launch)
+
+    from triaxis.net.cli import add_net_parser
+
+    add_net_parser(sub)
 
     from triaxis.plan.cli import add_parser as add_plan_parser
 

@@ -162,6 +162,7 @@ def launch_sagemaker(a: argparse.Namespace, config_path: str | None,
     import json
 
     from triaxis.config import load_config
+    from triaxis.data.dataset import SYNTHETIC
     from triaxis.launchers import sagemaker
 
     cfg = load_config(config_path, overrides)
@@ -173,7 +174,7 @@ def launch_sagemaker(a: argparse.Namespace, config_path: str | None,
     if a.nproc_per_node:
         opts["nproc_per_node"] = a.nproc_per_node
     hps = sagemaker.hyperparameters(_changed_fields(cfg), opts)
-    request = sagemaker.build_request(a, hps, uses_data=cfg.data.path != "synthetic")
+    request = sagemaker.build_request(a, hps, uses_data=cfg.data.path != SYNTHETIC)
     if a.dry_run:
         print(json.dumps(request, indent=1))
         return 0
@@ -186,10 +187,13 @@ def launch_sagemaker(a: argparse.Namespace, config_path: str | None,
 
 def sagemaker_gpus(instance_type: str) -> int:
     """GPUs of a SageMaker instance type, from its family and size (the known GPU families)."""
-    per_family = {"p4d": 8, "p4de": 8, "p5": 8, "p5e": 8, "p5en": 8, "p6": 8, "p3dn": 8}
+    per_family = {"p4d": 8, "p4de": 8, "p5e": 8, "p5en": 8, "p6-b200": 8, "p6-b300": 8,
+                  "p3dn": 8}
     family, _, size = instance_type.removeprefix("ml.").partition(".")
     if family in per_family:
         return per_family[family]
+    if family == "p5":
+        return 1 if size == "4xlarge" else 8
     if family == "p3":
         return {"2xlarge": 1, "8xlarge": 4, "16xlarge": 8}.get(size, 1)
     if family in ("g4dn", "g5", "g6", "g6e"):

@@ -80,7 +80,9 @@ def hyperparameters(changed: dict[str, Any], launch_opts: dict[str, Any]) -> dic
     def text(v: Any) -> str:
         return ("true" if v else "false") if isinstance(v, bool) else str(v)
 
-    hps = {k: text(v) for k, v in changed.items() if k not in JOB_SIDE_KEYS and v is not None}
+    # data.path stays when it names no folder ("synthetic": no channel to take it from).
+    hps = {k: text(v) for k, v in changed.items() if v is not None and
+           (k not in JOB_SIDE_KEYS or (k, v) == ("data.path", "synthetic"))}
     hps.update({f"launch.{k}": text(v) for k, v in launch_opts.items()})
     for k, v in hps.items():
         if len(v) > 2500:
@@ -172,6 +174,8 @@ def build_request(a: argparse.Namespace, hps: dict[str, str], uses_data: bool) -
         "ResourceConfig": {"InstanceType": a.instance_type, "InstanceCount": a.nnodes,
                            "VolumeSizeInGB": a.volume_gb},
         "StoppingCondition": {"MaxRuntimeInSeconds": a.max_run_s},
+        # Unbuffered: the loss lines reach CloudWatch (and the metric regexes) as they happen.
+        "Environment": {"PYTHONUNBUFFERED": "1"},
     }
     if channels:
         req["InputDataConfig"] = channels

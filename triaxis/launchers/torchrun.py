@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Mapping
 
 from triaxis.errors import UserError
 from triaxis.net.env import (apply_env, describe_applied, efa_devices, interface_of,
@@ -174,6 +174,7 @@ def prepare(spec: TorchrunSpec, environ: Mapping[str, str] = os.environ,
 
 def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -> int:
     """Run torch.distributed.run in this process; failures become exit codes or UserErrors."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import (RendezvousError,
                                                          RendezvousTimeoutError)
@@ -185,6 +186,12 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
         codes = [f.exitcode for f in e.failures.values()]
         log(f"worker(s) failed with exit codes {codes}")
         return next((c for c in codes if c and c > 0), 1)
+    except SignalException as e:
+        # Preemption, scancel, a requeue: the agent has passed the signal on to the workers,
+        # which write a final checkpoint on SIGTERM. The usual exit status of a signal.
+        log(f"stopped by signal {int(e.sigval)}; the next launch resumes from the last "
+            "checkpoint")
+        return 128 + int(e.sigval)
     except RendezvousTimeoutError:
         where = rdzv.endpoint if rdzv else "standalone"
         raise UserError(f"the rendezvous at {where} did not form within "
@@ -197,9 +204,7 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
     return 0
 
 
-def launch_module(spec: TorchrunSpec, entry: list[str], dry_run: bool = False,
-                  run: Callable[[list[str], TorchrunSpec, Rendezvous | None], int] = run_torchrun
-                  ) -> int:
+def launch_module(spec: TorchrunSpec, entry: list[str], dry_run: bool = False) -> int:
     """Start `python -m ENTRY` on spec.nproc_per_node processes of this node."""
     rdzv = prepare(spec, wait=not dry_run)
     argv = torchrun_argv(spec, rdzv, entry)
@@ -209,4 +214,4 @@ def launch_module(spec: TorchrunSpec, entry: list[str], dry_run: bool = False,
     if dry_run:
         print(subprocess.list2cmdline([sys.executable, "-m", "torch.distributed.run", *argv]))
         return 0
-    return run(argv, spec, rdzv)
+    return run_torchrun(argv, spec, rdzv)

@@ -1,0 +1,263 @@
+"""`triaxis launch` backends besides Slurm: the local dry run, rendezvous discovery and errors, the
+SageMaker request (botocore's validator offline, then moto's server), and a SageMaker job's
+environment handled in-job by a real 2-process run on this machine."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from triaxis.cli import main
+from triaxis.launchers import sagemaker
+from triaxis.launchers.sagemaker_entry import SageMakerEnv, entry_plan
+
+ROLE = "arn:aws:iam::123456789012:role/triaxis-trainer"
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """The launcher sets its network variables in os.environ (for its workers); in-process CLI
+    calls must not leak them into later tests' subprocesses."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def tiny(data, run_dir, *extra):
+    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=64",
+            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=4",
+            "--train.val_every=0", "--metrics.log_every=1", "--metrics.progress=false",
+            "--metrics.tensorboard=false", *extra]
+
+
+def one_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [x for x in err if x.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in "\n".join(err), err
+    return errors[0]
+
+
+# -- this node ---------------------------------------------------------------------------------
+
+def test_local_dry_run_prints_the_torchrun_command(byte_data, tmp_path, capsys):
+    assert main(["launch", "--dry-run", "--nproc-per-node", "2",
+                 *tiny(byte_data, tmp_path, "--parallel.dp_shard=2")]) == 0
+    out = capsys.readouterr().out
+    assert "torch.distributed.run --nproc-per-node=2 --nnodes=1 --max-restarts=0 --standalone" \
+        " -m triaxis train" in out and "--train.device=cpu" in out
+    assert not tmp_path.joinpath("config.toml").exists()
+
+
+def test_rendezvous_discovery_and_bad_endpoints(byte_data, tmp_path, capsys, monkeypatch):
+    args = ["launch", "--backend", "torchrun", "--nnodes", "2", "--nproc-per-node", "1",
+            "--dry-run", *tiny(byte_data, tmp_path)]
+    for var in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_NODELIST"):
+        monkeypatch.delenv(var, raising=False)
+    assert main(args) == 2
+    assert "--nnodes=2 needs --rdzv-endpoint HOST:PORT" in one_error(capsys)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")  # rank-0 host from the scheduler
+    monkeypatch.setenv("MASTER_PORT", "29533")
+    assert main(args) == 0
+    out = capsys.readouterr()
+    assert "--rdzv-endpoint=127.0.0.1:29533" in out.out and "(discovered)" in out.err
+    assert main([*args, "--rdzv-endpoint", "node0:port"]) == 2
+    assert "is not HOST:PORT" in one_error(capsys)
+    monkeypatch.setattr("triaxis.launchers.torchrun.resolve", lambda host: [])
+    assert main([*args, "--rdzv-endpoint", "node-that-is-not:29500"]) == 2
+    assert "'node-that-is-not' does not resolve on this node" in one_error(capsys)
+
+
+def test_the_launcher_sets_the_efa_environment_itself(byte_data, tmp_path, capsys, monkeypatch):
+    names = ("FI_PROVIDER", "FI_EFA_FORK_SAFE", "FI_EFA_USE_DEVICE_RDMA", "GLOO_SOCKET_IFNAME")
+    for name in names:  # absent now, and again after the test
+        monkeypatch.setenv(name, "x")
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("FI_EFA_FORK_SAFE", "0")  # the user's choice is kept
+    monkeypatch.setattr("triaxis.launchers.torchrun.efa_devices", lambda: ["rdmap16s27"])
+    assert main(["launch", "--dry-run", "--nproc-per-node", "2", *tiny(byte_data, tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert "1 EFA device(s) (rdmap16s27)" in err
+    assert "network environment: FI_PROVIDER=efa, FI_EFA_FORK_SAFE=0 (yours, kept)" in err
+    assert os.environ["FI_PROVIDER"] == "efa" and os.environ["FI_EFA_FORK_SAFE"] == "0"
+    # One node, CPU: no socket interface to pin, no GPUDirect RDMA.
+    assert "GLOO_SOCKET_IFNAME" not in os.environ and "FI_EFA_USE_DEVICE_RDMA" not in os.environ
+
+
+# -- SageMaker: the request --------------------------------------------------------------------
+
+def sm_args(data, run_dir, *extra):
+    return ["launch", "--backend", "sagemaker", "--image", "123456789012.dkr.ecr.us-east-1."
+            "amazonaws.com/triaxis:1", "--role", ROLE, "--output-s3", "s3://bucket/out",
+            *extra, *tiny(data, run_dir)]
+
+
+def test_sagemaker_request_validates_offline(byte_data, tmp_path, capsys):
+    assert main([*sm_args(byte_data, tmp_path, "--dry-run", "--instance-type", "ml.p5.48xlarge",
+                          "--nnodes", "2", "--input", "train=s3://bucket/data/stdlib",
+                          "--fsx", "checkpoints=fs-0123456789abcdef0:/fsx/ckpt",
+                          "--subnet", "subnet-0a1b", "--security-group", "sg-0a1b", "--spot",
+                          "--max-run-s", "3600", "--job-name", "tiny-run"),
+                 "--parallel.dp_replicate=2", "--parallel.dp_shard=8",
+                 "--train.global_batch=64"]) == 0
+    req = json.loads(capsys.readouterr().out)
+    sagemaker.validate(req)  # botocore's CreateTrainingJob shape
+    assert req["ResourceConfig"] == {"InstanceType": "ml.p5.48xlarge", "InstanceCount": 2,
+                                     "VolumeSizeInGB": 100}
+    assert req["EnableManagedSpotTraining"] is True
+    assert req["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
+    assert req["AlgorithmSpecification"]["ContainerEntrypoint"][-2:] == \
+        ["--backend", "sagemaker-entry"]
+    train, ckpt = req["InputDataConfig"]
+    assert train["InputMode"] == "FastFile" and \
+        train["DataSource"]["S3DataSource"]["S3Uri"] == "s3://bucket/data/stdlib"
+    assert ckpt["DataSource"]["FileSystemDataSource"] == {
+        "FileSystemId": "fs-0123456789abcdef0", "FileSystemAccessMode": "rw",
+        "FileSystemType": "FSxLustre", "DirectoryPath": "/fsx/ckpt"}
+    hps = req["HyperParameters"]
+    assert hps["model.preset"] == "tiny" and hps["parallel.dp_replicate"] == "2"
+    assert hps["metrics.progress"] == "false" and hps["launch.max_restarts"] == "0"
+    assert "data.path" not in hps and "train.run_dir" not in hps  # set in the job
+    broken = json.loads(json.dumps(req))
+    broken["ResourceConfig"]["InstanceCount"] = "two"
+    del broken["RoleArn"]
+    with pytest.raises(ValueError, match="Missing required parameter.*RoleArn"):
+        sagemaker.validate(broken)
+
+
+def test_hyperparameters_leave_job_side_paths_to_the_job():
+    hps = sagemaker.hyperparameters({"data.path": "data/stdlib", "train.run_dir": "runs/x",
+                                     "checkpoint.dir": "/ckpt", "train.compile": True,
+                                     "train.steps": 5}, {"max_restarts": 2})
+    assert hps == {"train.compile": "true", "train.steps": "5", "launch.max_restarts": "2"}
+    assert sagemaker.hyperparameters({"data.path": "synthetic"}, {}) == {"data.path": "synthetic"}
+    with pytest.raises(ValueError, match="at most 100"):
+        sagemaker.hyperparameters({f"a.k{i}": i for i in range(101)}, {})
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--instance-type", "ml.p5.48xlarg"], "did you mean ml.p5.48xlarge?"),
+    (["--instance-type", "ml.p5.48xlarge"], "which the job cannot see; pass --input train="),
+    (["--instance-type", "ml.p5.48xlarge", "--input", "train=s3://b/d", "--nnodes", "2",
+      "--checkpoint-s3", "s3://b/ckpt"], "cannot hold one sharded checkpoint"),
+    (["--instance-type", "ml.p5.48xlarge", "--input", "train=s3://b/d", "--spot",
+      "--max-run-s", "7200", "--max-wait-s", "3600"], "--max-wait-s=3600 is below"),
+    (["--instance-type", "ml.p5.48xlarge", "--input", "train=/local"], "is not CHANNEL=s3://"),
+    (["--instance-type", "ml.p5.48xlarge", "--parallel.tp=3"], "world size 8 is not divisible"),
+])
+def test_sagemaker_bad_input(byte_data, tmp_path, capsys, extra, message):
+    assert main([*sm_args(byte_data, tmp_path, "--dry-run"), "--train.global_batch=64",
+                 *extra]) == 2
+    assert message in one_error(capsys)
+
+
+def test_sagemaker_without_credentials_or_region(byte_data, tmp_path, capsys, monkeypatch):
+    for var in [v for v in os.environ if v.startswith("AWS_")]:
+        monkeypatch.delenv(var)
+    # Nowhere to find credentials, and never ask the instance-metadata service.
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    args = sm_args(byte_data, tmp_path, "--instance-type", "ml.g5.xlarge", "--input",
+                   "train=s3://b/d")
+    assert main(args) == 2
+    assert "no AWS region: pass --region" in one_error(capsys)
+    assert main([*args, "--region", "us-east-1"]) == 2
+    assert "no AWS credentials" in one_error(capsys)
+
+
+@pytest.fixture
+def moto_endpoint(monkeypatch):
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    for var, value in (("AWS_ENDPOINT_URL", f"http://{host}:{port}"),
+                       ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                       ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+        monkeypatch.setenv(var, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def test_sagemaker_job_goes_through_moto(moto_endpoint, byte_data, tmp_path, capsys):
+    import boto3
+
+    trust = {"Version": "2012-10-17", "Statement": [{
+        "Effect": "Allow", "Action": "sts:AssumeRole",
+        "Principal": {"Service": "sagemaker.amazonaws.com"}}]}
+    boto3.client("iam").create_role(RoleName="triaxis-trainer",
+                                    AssumeRolePolicyDocument=json.dumps(trust))
+    assert main([*sm_args(byte_data, tmp_path, "--instance-type", "ml.g5.12xlarge", "--input",
+                          "train=s3://bucket/data", "--checkpoint-s3", "s3://bucket/ckpt",
+                          "--spot", "--job-name", "triaxis-moto"),
+                 "--train.steps=7", "--train.global_batch=16"]) == 0  # 4 GPUs: 4 x 4
+    arn = capsys.readouterr().out.strip().splitlines()[-1]
+    assert arn.endswith(":training-job/triaxis-moto")
+    job = boto3.client("sagemaker").describe_training_job(TrainingJobName="triaxis-moto")
+    assert job["RoleArn"] == ROLE and job["HyperParameters"]["train.steps"] == "7"
+    assert job["ResourceConfig"]["InstanceType"] == "ml.g5.12xlarge"
+    assert job["CheckpointConfig"] == {"S3Uri": "s3://bucket/ckpt",
+                                       "LocalPath": "/opt/ml/checkpoints"}
+    assert job["EnableManagedSpotTraining"] is True
+
+
+# -- SageMaker: inside the job -----------------------------------------------------------------
+
+def test_sagemaker_environment_from_files_and_variables(tmp_path):
+    config = tmp_path / "input" / "config"
+    config.mkdir(parents=True)
+    (tmp_path / "input" / "data" / "train").mkdir(parents=True)
+    (config / "resourceconfig.json").write_text(json.dumps(
+        {"current_host": "algo-2", "hosts": ["algo-2", "algo-1"]}))
+    (config / "hyperparameters.json").write_text(json.dumps(
+        {"train.steps": "9", "launch.max_restarts": "2"}))
+    sm = SageMakerEnv.read({"SM_NUM_GPUS": "8"}, tmp_path)
+    plan = entry_plan(sm)
+    assert sm.node_rank == 1 and plan["rdzv_endpoint"] == "algo-1:29400"
+    assert plan["nnodes"] == 2 and plan["nproc_per_node"] == 8 and plan["max_restarts"] == 2
+    assert plan["overrides"] == ["--train.steps=9", f"--data.path={tmp_path}/input/data/train",
+                                 f"--checkpoint.dir={tmp_path}/checkpoints",
+                                 "--checkpoint.resume=auto", f"--train.run_dir={tmp_path}/model"]
+    # The toolkit's variables win, with JSON-decoded hyperparameters and an FSx checkpoint channel.
+    sm = SageMakerEnv.read({"SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1",
+                            "SM_NUM_GPUS": "0", "SM_HPS": '{"train.steps": 4, "x.y": true}',
+                            "SM_CHANNEL_CHECKPOINTS": "/fsx/ckpt"}, tmp_path)
+    assert sm.hyperparameters == {"train.steps": "4", "x.y": "true"}
+    assert sm.checkpoint_dir == "/fsx/ckpt" and entry_plan(sm)["rdzv_endpoint"] == ""
+    with pytest.raises(ValueError, match="runs inside a SageMaker training job"):
+        SageMakerEnv.read({}, tmp_path / "elsewhere")
+
+
+def test_a_sagemaker_job_runs_here(byte_data, tmp_path, capsys):
+    """The request's hyperparameters, handed back as a 1-host job's environment, train."""
+    assert main([*sm_args(byte_data, tmp_path / "ignored", "--dry-run", "--instance-type",
+                          "ml.m5.xlarge", "--nproc-per-node", "2", "--input", "train=s3://b/d"),
+                 "--parallel.dp_shard=2", "--train.steps=4", "--checkpoint.interval=2"]) == 0
+    hps = json.loads(capsys.readouterr().out)["HyperParameters"]
+    root = tmp_path / "opt_ml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SM_HOSTS": '["algo-1"]',
+           "SM_CURRENT_HOST": "algo-1", "SM_NUM_GPUS": "0", "SM_CHANNEL_TRAIN": byte_data,
+           "SM_HPS": json.dumps(hps), "SM_MODEL_DIR": str(root / "model")}
+    cmd = [sys.executable, "-m", "triaxis", "launch", "--sm-root", str(root)]
+    first = subprocess.run([*cmd, "--backend", "sagemaker-entry"], env=env, capture_output=True,
+                           text=True, timeout=240, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "SageMaker host algo-1 (1 of 1), 2 process(es)" in first.stderr
+    meta = json.loads((root / "checkpoints" / "step_00000004" / "triaxis.json").read_text())
+    assert meta["layout"]["world_size"] == 2 and meta["data_path"] == byte_data
+    records = [json.loads(x) for x in (root / "model" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert not (tmp_path / "ignored").exists()  # the job's own run folder, not the submitter's
+    # Plain `triaxis launch` finds the SageMaker environment by itself; a restarted job (spot
+    # interruption) continues from the checkpoints SageMaker restored into the same folder.
+    again = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "SageMaker job environment found" in again.stderr
+    assert f"--checkpoint.dir={root}/checkpoints --checkpoint.resume=auto" in again.stdout

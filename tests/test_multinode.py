@@ -1,0 +1,103 @@
+"""Multi-node torchrun across two hosts (network namespaces with their own address and hostname):
+2 nodes x 2 processes train MiCS-style (replicas across nodes, shards inside) with the
+single-process losses; a rendezvous that cannot form fails within its timeout, in one line."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.netns_hosts import HostNetwork, unavailable_reason
+
+_reason = unavailable_reason()
+pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+STALE = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "MASTER_ADDR", "MASTER_PORT")
+ENV = {**{k: v for k, v in os.environ.items() if k not in STALE}, "OMP_NUM_THREADS": "1"}
+PORT = 29400
+
+
+def train_args(data, run_dir, *extra):
+    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=64",
+            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=2",
+            "--train.steps=4", "--train.val_every=0", "--metrics.log_every=1",
+            "--metrics.progress=false", "--metrics.tensorboard=false", *extra]
+
+
+def losses(run_dir) -> dict[int, float]:
+    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+
+def launch_on(host, *args) -> subprocess.Popen:
+    """`triaxis launch` inside `host` (its namespace, its hostname)."""
+    return subprocess.Popen(host.prefix() + [sys.executable, "-m", "triaxis", "launch", *args],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"launcher still running after {timeout} s:\n"
+                             f"{proc.communicate()[0][-3000:]}") from None
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    with HostNetwork(["node0", "node1"], tag="m") as net:
+        yield net.hosts
+
+
+def test_two_nodes_match_the_single_process_run(hosts, byte_data, tmp_path):
+    node0, node1 = hosts
+    layout = ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]
+    common = ["--backend", "torchrun", "--nnodes", 2, "--nproc-per-node", 2,
+              "--rdzv-endpoint", f"{node0.address}:{PORT}", "--rdzv-timeout", 120]
+    run = tmp_path / "two_nodes"
+    # node1 first: it must wait for the rendezvous host rather than fail.
+    procs = [launch_on(h, *map(str, common), *train_args(byte_data, run, *layout))
+             for h in (node1, node0)]
+    ref = subprocess.run([sys.executable, "-m", "triaxis", "train",
+                          *train_args(byte_data, tmp_path / "ref")],
+                         env=ENV, capture_output=True, text=True, timeout=240)
+    out1, out0 = (finish(p, 300) for p in procs)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, out0[-3000:] + out1[-3000:]
+    # Rank-0 host discovery: node0 serves the store; each node publishes its own address and
+    # binds gloo to the interface that reaches the rendezvous host.
+    assert f"is_host=true --local-addr={node0.address}" in out0
+    assert f"is_host=false --local-addr={node1.address}" in out1
+    assert "GLOO_SOCKET_IFNAME=eth0" in out0 and "GLOO_SOCKET_IFNAME=eth0" in out1
+    assert out0.count("step      4/4") == 1 and "step      4/4" not in out1  # rank 0 logs
+    got, want = losses(run), losses(tmp_path / "ref")
+    assert sorted(got) == sorted(want) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    meta = json.loads((run / "checkpoints" / "step_00000004" / "triaxis.json").read_text())
+    assert meta["layout"]["world_size"] == 4 and meta["layout"]["dp_replicate"] == 2
+
+
+def test_rendezvous_that_cannot_form_fails_within_its_timeout(hosts, byte_data, tmp_path):
+    node0, node1 = hosts
+    timeout_s = 6
+    args = [*map(str, ["--backend", "torchrun", "--nnodes", 2, "--nproc-per-node", 1,
+                       "--rdzv-timeout", timeout_s]),
+            *train_args(byte_data, tmp_path / "r")]
+    start = time.monotonic()
+    # node0 serves a rendezvous nobody joins; node1 dials a port where nothing listens.
+    alone = launch_on(node0, "--rdzv-endpoint", f"{node0.address}:{PORT + 1}", *args)
+    unreachable = launch_on(node1, "--rdzv-endpoint", f"{node0.address}:{PORT + 2}", *args)
+    out_alone, out_unreachable = finish(alone, 120), finish(unreachable, 120)
+    elapsed = time.monotonic() - start
+    for proc, out, msg in ((alone, out_alone, f"did not form within {timeout_s} s"),
+                           (unreachable, out_unreachable, "did not accept a connection within")):
+        errors = [x for x in out.splitlines() if x.startswith("error:")]
+        assert proc.returncode == 2 and len(errors) == 1 and msg in errors[0], out[-3000:]
+        assert "Traceback" not in out
+    assert elapsed < timeout_s + 60, f"took {elapsed:.0f} s for a {timeout_s} s timeout"
+    assert not (tmp_path / "r").exists()
