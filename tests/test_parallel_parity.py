@@ -70,3 +70,10 @@ def test_variant_matches_single_process(variant, byte_data, tmp_path, tmp_path_f
     got = run_workers(train_collect, world, byte_data, str(tmp_path),
                       {**degrees, "train__micro_batch": 8 // (dp * 2)})
     assert_same_run(got[0], reference(byte_data, tmp_path_factory, 4, **extra))
+
+
+def test_fsdp_wrapping_at_world_1_is_numerically_a_no_op(byte_data, tmp_path, tmp_path_factory):
+    """parallel.fsdp_always wraps a single rank (the bench measures its cost): same training."""
+    got = run_workers(train_collect, 1, byte_data, str(tmp_path),
+                      {"parallel__fsdp_always": "true", "train__micro_batch": 4})
+    assert_same_run(got[0], reference(byte_data, tmp_path_factory, 4))

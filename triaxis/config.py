@@ -130,6 +130,9 @@ class ParallelConfig:
     """Stage partitioning objective: 0 balances compute (speed), 1 balances memory, between blends."""
     pp_layers: str = ""
     """Explicit blocks per stage, e.g. "5,5,6" (overrides the automatic partitioner)."""
+    fsdp_always: bool = False
+    """Wrap with FSDP even when there is nothing to shard (one data-parallel rank): measures
+    the wrapper's own cost (bench/gpu_speed.py --fsdp)."""
     reshard_after_forward: bool = True
     """True: free gathered parameters after forward (ZeRO-3); False: keep them until backward."""
     cpu_offload: bool = False

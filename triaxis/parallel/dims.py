@@ -32,6 +32,8 @@ class ParallelDims:
     tp: int
     pp: int
     world_size: int
+    fsdp_always: bool = False
+    """Wrap with FSDP even with nothing to shard (dp = 1): to measure the wrapper's own cost."""
 
     def __post_init__(self) -> None:
         for name in ("dp_replicate", "tp", "pp"):
@@ -71,7 +73,7 @@ class ParallelDims:
 
     @property
     def fsdp_enabled(self) -> bool:
-        return self.dp_size > 1
+        return self.dp_size > 1 or self.fsdp_always
 
     def coords(self, rank: int) -> dict[str, int]:
         """Mesh coordinates of a global rank."""

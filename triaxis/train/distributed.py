@@ -36,9 +36,11 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(requested_device: str, timeout_s: float = 300.0) -> DistEnv:
+def init_distributed(requested_device: str, timeout_s: float = 300.0,
+                     need_group: bool = False) -> DistEnv:
     """Join the job's process group: NCCL on GPUs, gloo on CPU. A group made by the caller
-    (tests) is used as it is."""
+    (tests) is used as it is. One process gets a group of its own only if `need_group`
+    (FSDP wrapping at world size 1)."""
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -47,8 +49,13 @@ def init_distributed(requested_device: str, timeout_s: float = 300.0) -> DistEnv
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(requested_device, local)
-    if world == 1:
+    if world == 1 and not need_group:
         return DistEnv(0, 1, 0, device, False)
+    if world == 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device if device.type == "cuda" else None)
+        return DistEnv(0, 1, 0, device, True)
     backend = "nccl" if device.type == "cuda" else "gloo"
     # A fresh store prefix per elastic restart: re-using the previous attempt's keys made
     # rendezvous read stale peer addresses and hang (see shared notes on torchrun restarts).

@@ -54,7 +54,7 @@ class TrainResult:
 
 def run(cfg: Config) -> TrainResult:
     """Train per `cfg`, in this process (joining the process group torchrun describes)."""
-    env = init_distributed(cfg.train.device)
+    env = init_distributed(cfg.train.device, need_group=cfg.parallel.fsdp_always)
     try:
         return Trainer(cfg, env).fit()
     finally:
@@ -84,7 +84,8 @@ class Trainer:
         self.compute_dtype = _compute_dtype(cfg.train.dtype, self.device)
 
         self.mesh, self.dp_mesh = (self.dims.build_mesh(self.device.type)
-                                   if env.world_size > 1 else (None, None))
+                                   if env.world_size > 1 or self.dims.fsdp_enabled
+                                   else (None, None))
         self.dp_rank = self.dims.dp_rank(env.rank)
         self.dp_group = self.dp_mesh.get_group() if self.dp_mesh is not None else None
 
@@ -364,7 +365,7 @@ def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDa
         from triaxis.plan.auto import plan_for_world
 
         _, why = plan_for_world(cfg, world_size, p.auto, model_args=model_args)
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size)
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world_size, p.fsdp_always)
     validate(cfg, model_args, dims)
     storage.check_location(cfg.checkpoint_dir(), "checkpoint.dir")
     if dims.pp > 1:
