@@ -17,3 +17,13 @@ def byte_data(tmp_path_factory) -> str:
     prepare(PrepareOptions(inputs=[], output=str(out), tokenizer="byte", max_bytes=400_000,
                            val_fraction=0.1, shard_tokens=60_000), log=lambda *_: None)
     return str(out)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """The launcher sets its network variables in os.environ (for its workers); in-process CLI
+    calls must not leak them into later tests' subprocesses."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -71,3 +71,11 @@ def assert_same_run(got: dict, ref: dict, rtol: float = 1e-5) -> None:
         rel = float(diff.norm() / ref_p.float().norm().clamp_min(1e-12))
         assert rel <= rtol, f"{name}: relative error {rel:.2e} > {rtol:.0e}"
         assert float(diff.abs().max()) <= 1e-5, f"{name}: max abs diff {diff.abs().max():.2e}"
+
+
+def tiny_train_args(data, run_dir, *extra) -> list[str]:
+    """Command-line overrides of a tiny, quiet training run (for CLI-level tests)."""
+    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=64",
+            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=4",
+            "--train.val_every=0", "--metrics.log_every=1", "--metrics.progress=false",
+            "--metrics.tensorboard=false", *extra]

@@ -6,10 +6,10 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.parity import tiny_train_args
 from triaxis.cli import main
 from triaxis.launchers import sagemaker
 from triaxis.launchers.sagemaker_entry import SageMakerEnv, entry_plan
@@ -17,21 +17,7 @@ from triaxis.launchers.sagemaker_entry import SageMakerEnv, entry_plan
 ROLE = "arn:aws:iam::123456789012:role/triaxis-trainer"
 
 
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """The launcher sets its network variables in os.environ (for its workers); in-process CLI
-    calls must not leak them into later tests' subprocesses."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def tiny(data, run_dir, *extra):
-    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=64",
-            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=4",
-            "--train.val_every=0", "--metrics.log_every=1", "--metrics.progress=false",
-            "--metrics.tensorboard=false", *extra]
+tiny = tiny_train_args
 
 
 def one_error(capsys) -> str:

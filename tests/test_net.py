@@ -17,16 +17,6 @@ from triaxis.net.env import apply_env, recommended_env
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """The launcher sets its network variables in os.environ (for its workers); in-process CLI
-    calls must not leak them into later tests' subprocesses."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
 def triaxis(*args, timeout=120, env=None):
     return subprocess.run([sys.executable, "-m", "triaxis", *map(str, args)], env=env or ENV,
                           capture_output=True, text=True, timeout=timeout)

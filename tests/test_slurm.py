@@ -4,7 +4,6 @@ job trains and checkpoints; requeued (`scontrol requeue`, from its time-limit tr
 from its last checkpoint."""
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -13,27 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.parity import tiny_train_args
 from triaxis.cli import main
 from triaxis.launchers.slurm import SlurmJob, render_sbatch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _restore_environ():
-    """The launcher sets its network variables in os.environ (for its workers); in-process CLI
-    calls must not leak them into later tests' subprocesses."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def train_args(data, run_dir, *extra):
-    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=64",
-            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=4",
-            "--train.val_every=0", "--metrics.log_every=1", "--metrics.progress=false",
-            "--metrics.tensorboard=false", *extra]
+train_args = tiny_train_args
 
 
 def test_sbatch_script(tmp_path):
