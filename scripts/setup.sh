@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with triaxis and its test dependencies (idempotent).
+# Create .venv with triaxis (idempotent). `setup.sh test` adds the test dependencies.
 # TORCH_SPEC picks the PyTorch build: the default is the pinned CPU wheel; on a GPU machine use
 # e.g. TORCH_SPEC="torch==2.13.0" with the CUDA index of your choice.
 set -euo pipefail
@@ -8,9 +8,13 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import triaxis, torch, tokenizers, safetensors, rich, pytest, s3fs, boto3, moto, transformers, pyarrow" 2>/dev/null; then
+extra="" check="import triaxis, torch, tokenizers, safetensors, rich, s3fs"
+if [ "${1:-}" = "test" ]; then
+  extra="[test]" check="$check, pytest, boto3, moto, transformers, pyarrow"
+fi
+if ! .venv/bin/python -c "$check" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
   # The constraints pin the versions the tests were run with; torch stays what TORCH_SPEC chose.
   grep -v '^torch==' scripts/constraints.txt > .venv/constraints.txt
-  .venv/bin/pip install -q --disable-pip-version-check -c .venv/constraints.txt -e ".[test]"
+  .venv/bin/pip install -q --disable-pip-version-check -c .venv/constraints.txt -e ".$extra"
 fi
