@@ -37,7 +37,9 @@ _READ_CHUNK_BYTES = 8 * 2**20
 def embedded_corpus_files() -> list[str]:
     """The running interpreter's standard-library sources: a corpus that needs no download."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    # Tests, and the codec / help-text tables (encodings, pydoc_data): data, not code.
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
+            "encodings", "pydoc_data"}
     files = [p for p in stdlib.rglob("*.py") if not skip.intersection(p.relative_to(stdlib).parts)]
     return [str(p) for p in sorted(files)]
 

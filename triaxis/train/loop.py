@@ -259,7 +259,8 @@ class Trainer:
                 steps_since += 1
                 if self.ckpt.poll():
                     log.info(f"committed checkpoint at step {self.ckpt_step}")
-                if step % cfg.metrics.log_every == 0 or step == cfg.train.steps:
+                if step % cfg.metrics.log_every == 0 or step == cfg.train.steps or \
+                        step == first_step + 1:  # the starting loss, to see it fall
                     record = self._record(step, loss, tokens_per_step * steps_since,
                                           time.perf_counter() - t_last)
                     result.losses[step] = record["loss"]
