@@ -2,9 +2,8 @@
 
     from tests.s3_server import moto_s3  # noqa: F401  (the fixture)
 
-    def test_x(moto_s3):
-        bucket = moto_s3.new_bucket()
-        ... f"s3://{bucket}/prefix" through triaxis.storage, s3fs, boto3 or a subprocess ...
+A test that takes a `moto_s3` argument gets the server: `bucket = moto_s3.new_bucket()`, then
+f"s3://{bucket}/prefix" through triaxis.storage, s3fs, boto3 or a subprocess.
 
 The fixture (one server per test session) points the AWS environment at the server:
 AWS_ENDPOINT_URL, dummy credentials, a region, no profile files and no instance metadata
