@@ -86,7 +86,7 @@ def launch_here(config_path: str | None, overrides: list[str], *, nproc_per_node
     import torch
 
     from triaxis.config import load_config
-    from triaxis.train.loop import resolve
+    from triaxis.train.resolve import resolve
 
     cfg = load_config(config_path, overrides)
     on_gpu = torch.cuda.is_available() and not cpu and cfg.train.device != "cpu"
@@ -111,7 +111,7 @@ def launch_here(config_path: str | None, overrides: list[str], *, nproc_per_node
 def launch_slurm(a: argparse.Namespace, config_path: str | None, overrides: list[str]) -> int:
     from triaxis.config import load_config
     from triaxis.launchers.slurm import SlurmJob, render_sbatch, submit
-    from triaxis.train.loop import resolve
+    from triaxis.train.resolve import resolve
 
     cfg = load_config(config_path, overrides)
     nproc = a.nproc_per_node or a.gpus_per_node or 1
