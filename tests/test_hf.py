@@ -14,7 +14,7 @@ import transformers  # the reference; a test dependency (pyproject's `test` extr
 from tests.dist import run_workers
 from triaxis.cli import main
 from triaxis.hf.convert import args_from_hf_config, model_overrides
-from triaxis.model.llama import rope_tables
+from triaxis.model.llama import llama3_frequencies, model_rope_tables, rope_tables
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              intermediate_size=128, vocab_size=300, max_position_embeddings=128,
@@ -24,10 +24,10 @@ CASES = {"tied_single": (True, None), "tied_sharded": (True, "100KB"),
          "untied_single": (False, None), "untied_sharded": (False, "100KB")}
 
 
-def hf_reference(tied: bool):
+def hf_reference(tied: bool, **config_extra):
     """A small random Llama. Weights far from transformers' init (std 0.02, unit norms): with
     that init attention is nearly uniform and a wrong RoPE row order would hide under 1e-5."""
-    config = transformers.LlamaConfig(**SHAPE, tie_word_embeddings=tied)
+    config = transformers.LlamaConfig(**{**SHAPE, **config_extra}, tie_word_embeddings=tied)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(2)
@@ -51,8 +51,7 @@ def load_triaxis(ckpt: str):
     from triaxis.hf.exporter import load_checkpoint_model
 
     model, _ = load_checkpoint_model(ckpt)
-    a = model.args
-    model.rope.copy_(rope_tables(a.head_dim, a.max_seq_len, a.rope_theta))
+    model.rope.copy_(model_rope_tables(model.args))
     return model.eval()
 
 
@@ -209,8 +208,10 @@ def test_folder_without_config(tmp_path, capsys):
 
 
 UNSUPPORTED = {
-    "v4_llama3_rope": ({"rope_parameters": None, "rope_theta": 5e5,
-                        "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "'llama3'"),
+    "v4_dynamic_rope": ({"rope_parameters": None, "rope_theta": 5e5,
+                         "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic'"),
+    "llama3_incomplete": ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5,
+                                               "factor": 8.0}}, "lacks low_freq_factor"),
     "v5_yarn_rope": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "'yarn'"),
     "attention_bias": ({"attention_bias": True}, "attention_bias=true"),
     "gelu": ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
@@ -267,3 +268,102 @@ def test_config_spellings():
     assert v4 == v5 and v4.rope_theta == 5e5 and not v4.tie_embeddings
     # No lm_head tensor: the embedding is the only faithful head.
     assert args_from_hf_config({**base}, has_lm_head=False).tie_embeddings
+
+
+# -- Llama 3.1 / 3.2 RoPE scaling ('llama3') ----------------------------------------------------
+
+# original_max_position_embeddings = 32 puts the 8 frequencies of a 16-wide head in all three
+# bands within 48 tokens: 1 unscaled (> 4 turns over 32 tokens), 1 blended, 6 slowed by 8.
+LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def test_llama3_frequencies_match_transformers():
+    """At Llama 3.1-8B's own numbers (head 128, theta 5e5, factor 8, 8192 original)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {**LLAMA3, "rope_theta": 500000.0, "original_max_position_embeddings": 8192}
+    config = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32,
+                                      rope_parameters=scaling)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    args = args_from_hf_config({**SHAPE, "hidden_size": 4096, "num_attention_heads": 32,
+                                "rope_parameters": scaling}, True)
+    assert args.rope_scaling == "llama3" and args.rope_original_max_seq_len == 8192
+    plain = 1.0 / (5e5 ** (torch.arange(0, 128, 2).float() / 128))
+    got = llama3_frequencies(plain, args)
+    torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=0)
+    assert (got < plain).sum() > 10 and (got == plain).sum() > 10  # both ends of the band
+
+
+def test_llama3_rope_import_export(tmp_path):
+    """A Llama with llama3 scaling imports to the same logits, exports back to the same config
+    and logits; plain RoPE on the same weights is far off (the scaling is what matches)."""
+    ref = hf_reference(tied=False, rope_parameters=LLAMA3)
+    ref.save_pretrained(tmp_path / "hf")
+    want = logits_of(ref)
+    assert main(["import-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")]) == 0
+    meta = json.loads((tmp_path / "ckpt" / "triaxis.json").read_text())
+    assert meta["model"]["rope_scaling"] == "llama3"
+    model = load_triaxis(str(tmp_path / "ckpt"))
+    torch.testing.assert_close(logits_of(model), want, rtol=1e-5, atol=1e-5)
+    a = model.args
+    model.rope.copy_(rope_tables(a.head_dim, a.max_seq_len, a.rope_theta))
+    assert (logits_of(model) - want).abs().max() > 1e-2
+
+    assert main(["export-hf", str(tmp_path / "ckpt"), str(tmp_path / "out")]) == 0
+    back = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    params = back.config.rope_parameters
+    assert {k: params[k] for k in LLAMA3} == LLAMA3, params
+    torch.testing.assert_close(logits_of(back), want, rtol=1e-5, atol=1e-5)
+
+
+def test_llama3_rope_config_spellings_and_overrides():
+    """4.x (rope_scaling + rope_theta) and 5.x (rope_parameters) read alike; the printed
+    overrides rebuild the same ModelArgs through [model]."""
+    from triaxis.config import load_config
+    from triaxis.model import build_model_args
+
+    base = {k: v for k, v in SHAPE.items() if k != "rope_theta"}
+    scaling = {k: v for k, v in LLAMA3.items() if k != "rope_theta"}
+    v4 = args_from_hf_config({**base, "rope_theta": 1e4, "rope_scaling": scaling}, True)
+    v5 = args_from_hf_config({**base, "rope_parameters": LLAMA3}, True)
+    assert v4 == v5 and v4.rope_scaling == "llama3" and v4.rope_original_max_seq_len == 32
+    cfg = load_config(None, ["--model.preset=tiny", *model_overrides(v5)])
+    assert build_model_args(cfg.model) == v5
+    assert build_model_args(load_config(None, ["--model.preset=tiny"]).model).rope_scaling == \
+        "none"
+
+
+@pytest.mark.parametrize("override,expect", [
+    ("--model.rope_scaling=llama", "did you mean 'llama3'"),
+    ("--model.rope_scaling_factor=0.5", "must be >= 1"),
+    ("--model.rope_high_freq_factor=0.5", "0 < low < high"),
+])
+def test_bad_rope_scaling(override, expect):
+    from triaxis.config import load_config
+    from triaxis.errors import UserError
+    from triaxis.model import build_model_args
+
+    extra = [] if "rope_scaling=" in override else ["--model.rope_scaling=llama3"]
+    with pytest.raises(UserError, match=expect):
+        build_model_args(load_config(None, ["--model.preset=tiny", *extra, override]).model)
+
+
+def test_checkpoint_without_rope_fields_is_compatible(tmp_path):
+    """A checkpoint written before the rope_scaling fields existed still resumes (a missing
+    field was at its default); one whose scaling differs is refused."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from triaxis.checkpoint.dcp import Checkpointer
+    from triaxis.errors import UserError
+
+    args = dataclasses.asdict(args_from_hf_config(dict(SHAPE), True))
+    old = {k: v for k, v in args.items() if not k.startswith("rope_scaling") and
+           k not in ("rope_low_freq_factor", "rope_high_freq_factor",
+                     "rope_original_max_seq_len")}
+    (tmp_path / "triaxis.json").write_text(json.dumps({"step": 1, "model": old}))
+    Checkpointer.check_compatible(SimpleNamespace(model_args=args), str(tmp_path))
+    with pytest.raises(UserError, match="rope_scaling=none .checkpoint. vs llama3"):
+        Checkpointer.check_compatible(SimpleNamespace(model_args={**args, "rope_scaling":
+                                                                  "llama3"}), str(tmp_path))

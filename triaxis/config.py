@@ -40,6 +40,19 @@ class ModelConfig:
     """Share the input embedding with the LM head (unset = from the preset)."""
     rope_theta: float = 0.0
     """RoPE base frequency (0 = from the preset)."""
+    rope_scaling: str = ""
+    """RoPE frequency scaling: none | llama3 (Llama 3.1's long-context scaling, the four
+    rope_* fields below); empty = from the preset (none for every preset)."""
+    rope_scaling_factor: float = 8.0
+    """llama3 scaling: how much the low frequencies are slowed (8 in Llama 3.1, 32 in 3.2)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: rotations turning fewer times than this over the original context are
+    fully scaled."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: rotations turning more times than this over the original context are
+    left alone; in between, the two blend linearly."""
+    rope_original_max_seq_len: int = 8192
+    """llama3 scaling: the context length of pre-training, before the extension."""
     norm_eps: float = 1e-5
     """Epsilon of RMSNorm."""
 

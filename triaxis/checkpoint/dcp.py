@@ -31,6 +31,10 @@ from torch.distributed.checkpoint.state_dict import (
 from triaxis import storage
 from triaxis.checkpoint import manifest as mf
 from triaxis.errors import UserError
+from triaxis.model.llama import ModelArgs
+
+_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelArgs)
+                   if f.default is not dataclasses.MISSING}
 
 # One process without a process group is a supported case (generation, single-device runs).
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
@@ -190,7 +194,8 @@ class Checkpointer:
         return None
 
     def check_compatible(self, path: str) -> None:
-        saved = mf.read_meta(path)["model"]
+        # A field newer than the checkpoint was at its default when the checkpoint was written.
+        saved = {**_MODEL_DEFAULTS, **mf.read_meta(path)["model"]}
         diffs = [f"{k}={saved.get(k)} (checkpoint) vs {v} (this run)"
                  for k, v in self.model_args.items() if saved.get(k) != v and k != "max_seq_len"]
         if diffs:

@@ -94,15 +94,33 @@ _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "interme
              "vocab_size")
 
 
-def _rope_type(cfg: dict) -> tuple[str | None, float | None]:
-    """(scaling type, theta) from transformers 4.x (`rope_scaling`, `rope_theta`) or 5.x
-    (`rope_parameters`) spelling; a non-default type in either wins."""
+def _rope_params(cfg: dict) -> tuple[str | None, float | None, dict]:
+    """(scaling type, theta, scaling parameters) from transformers 4.x (`rope_scaling`,
+    `rope_theta`) or 5.x (`rope_parameters`) spelling; a non-default type in either wins."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
-    kinds = [params.get("rope_type"), scaling.get("rope_type") or scaling.get("type")]
-    kind = next((k for k in kinds if k not in (None, "default")), None)
+    kinds = [(params.get("rope_type"), params),
+             (scaling.get("rope_type") or scaling.get("type"), scaling)]
+    kind, found = next(((k, d) for k, d in kinds if k not in (None, "default")), (None, {}))
     theta = params.get("rope_theta", cfg.get("rope_theta"))
-    return kind, theta
+    return kind, theta, found
+
+
+_LLAMA3_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                "high_freq_factor": "rope_high_freq_factor",
+                "original_max_position_embeddings": "rope_original_max_seq_len"}
+"""HF llama3 rope-scaling keys -> ModelArgs fields."""
+
+
+def _llama3_fields(scaling: dict, where: str) -> dict:
+    missing = [k for k in _LLAMA3_KEYS if scaling.get(k) is None]
+    if missing:
+        raise UserError(f"{where}: llama3 RoPE scaling lacks {', '.join(missing)}; a Llama 3.1 "
+                        "config has factor, low_freq_factor, high_freq_factor and "
+                        "original_max_position_embeddings")
+    fields = {field: scaling[key] for key, field in _LLAMA3_KEYS.items()}
+    fields["rope_original_max_seq_len"] = int(fields["rope_original_max_seq_len"])
+    return {"rope_scaling": "llama3", **fields}
 
 
 def args_from_hf_config(cfg: dict, has_lm_head: bool, where: str = "config.json") -> ModelArgs:
@@ -123,11 +141,12 @@ def args_from_hf_config(cfg: dict, has_lm_head: bool, where: str = "config.json"
         if cfg.get(key):
             raise UserError(f"{where}: {key}=true is not supported; triaxis's Linear layers "
                             "have no bias")
-    kind, theta = _rope_type(cfg)
-    if kind not in (None, "default"):
+    kind, theta, scaling = _rope_params(cfg)
+    if kind not in (None, "llama3"):
         raise UserError(f"{where}: RoPE scaling type {kind!r} is not implemented (triaxis "
-                        "computes plain RoPE, rope_type 'default'); importing would change the "
-                        "model's outputs")
+                        "computes plain RoPE and Llama 3.1's 'llama3' scaling); importing would "
+                        "change the model's outputs")
+    rope = _llama3_fields(scaling, where) if kind == "llama3" else {}
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     n_kv_heads = cfg.get("num_key_value_heads") or n_heads
     if dim % n_heads:
@@ -150,7 +169,7 @@ def args_from_hf_config(cfg: dict, has_lm_head: bool, where: str = "config.json"
         rope_theta=float(theta if theta is not None else 10000.0),  # transformers' default
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         # Without an lm_head tensor the only faithful head is the embedding itself.
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head)
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head, **rope)
 
 
 def hf_config_from_args(args: ModelArgs) -> dict:
@@ -167,7 +186,7 @@ def hf_config_from_args(args: ModelArgs) -> dict:
         "vocab_size": args.vocab_size,
         "max_position_embeddings": args.max_seq_len,
         "rope_theta": args.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": _hf_rope_scaling(args),
         "rms_norm_eps": args.norm_eps,
         "tie_word_embeddings": args.tie_embeddings,
         "hidden_act": "silu",
@@ -186,6 +205,14 @@ def hf_config_from_args(args: ModelArgs) -> dict:
     }
 
 
+def _hf_rope_scaling(args: ModelArgs) -> dict | None:
+    if args.rope_scaling == "none":
+        return None
+    out = {"rope_type": args.rope_scaling}
+    out.update({key: getattr(args, field) for key, field in _LLAMA3_KEYS.items()})
+    return out
+
+
 def model_overrides(args: ModelArgs) -> list[str]:
     """`--model.*` overrides that make `triaxis train` build exactly this shape."""
     tie = "true" if args.tie_embeddings else "false"
@@ -193,4 +220,9 @@ def model_overrides(args: ModelArgs) -> list[str]:
             f"--model.n_heads={args.n_heads}", f"--model.n_kv_heads={args.n_kv_heads}",
             f"--model.ffn_dim={args.ffn_dim}", f"--model.vocab_size={args.vocab_size}",
             f"--model.max_seq_len={args.max_seq_len}", f"--model.rope_theta={args.rope_theta}",
-            f"--model.norm_eps={args.norm_eps}", f"--model.tie_embeddings={tie}"]
+            f"--model.norm_eps={args.norm_eps}", f"--model.tie_embeddings={tie}",
+            f"--model.rope_scaling={args.rope_scaling}",
+            f"--model.rope_scaling_factor={args.rope_scaling_factor}",
+            f"--model.rope_low_freq_factor={args.rope_low_freq_factor}",
+            f"--model.rope_high_freq_factor={args.rope_high_freq_factor}",
+            f"--model.rope_original_max_seq_len={args.rope_original_max_seq_len}"]

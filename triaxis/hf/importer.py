@@ -23,7 +23,7 @@ import torch
 from triaxis.errors import UserError
 from triaxis.hf.convert import (HF_LM_HEAD, args_from_hf_config, hf_rows_to_interleaved,
                                 hf_to_triaxis_name, rope_heads)
-from triaxis.model.llama import ModelArgs, Transformer, rope_tables
+from triaxis.model.llama import ModelArgs, Transformer, model_rope_tables
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -107,7 +107,7 @@ def load_hf_model(folder: str | Path) -> Transformer:
         model = Transformer(args)
     model.materialize("cpu")
     # The RoPE buffer is not part of a checkpoint; fill it so the model can run as returned.
-    model.rope.copy_(rope_tables(args.head_dim, args.max_seq_len, args.rope_theta))
+    model.rope.copy_(model_rope_tables(args))
     targets = model.state_dict()  # tensors sharing the parameters' storage
     expected = {k for k in targets if not (k == "output.weight" and args.tie_embeddings)}
     for file, pairs in _plan(files, args, expected).items():

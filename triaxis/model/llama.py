@@ -32,6 +32,12 @@ class ModelArgs:
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    rope_scaling: str = "none"
+    """none, or llama3: Llama 3.1's long-context frequency scaling (the four fields below)."""
+    rope_scaling_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_seq_len: int = 8192
 
     @property
     def head_dim(self) -> int:
@@ -51,11 +57,33 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).type_as(x)
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float, device=None) -> torch.Tensor:
-    """cos/sin tables, shape (seq_len, head_dim // 2, 2)."""
+def rope_tables(head_dim: int, seq_len: int, theta: float, device=None,
+                scaling: ModelArgs | None = None) -> torch.Tensor:
+    """cos/sin tables, shape (seq_len, head_dim // 2, 2); `scaling`: the args whose
+    rope_scaling fields rescale the frequencies (None or rope_scaling "none": plain RoPE)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
+    if scaling is not None and scaling.rope_scaling == "llama3":
+        inv_freq = llama3_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(seq_len, device=device).float(), inv_freq)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def model_rope_tables(args: ModelArgs, device=None) -> torch.Tensor:
+    return rope_tables(args.head_dim, args.max_seq_len, args.rope_theta, device, scaling=args)
+
+
+def llama3_frequencies(inv_freq: torch.Tensor, a: ModelArgs) -> torch.Tensor:
+    """Llama 3.1's context extension. A rotation that turns more than high_freq_factor times over
+    the original context keeps its frequency (it already encodes position locally); one that
+    turns fewer than low_freq_factor times is slowed by `factor` (so the longer context stays
+    inside the angles seen in training); between the two, the frequency blends linearly in the
+    number of turns."""
+    wavelength = 2 * math.pi / inv_freq
+    turns = a.rope_original_max_seq_len / wavelength  # turns over the original context
+    # 0 at low_freq_factor turns (fully scaled) .. 1 at high_freq_factor turns (unscaled).
+    blend = ((turns - a.rope_low_freq_factor) /
+             (a.rope_high_freq_factor - a.rope_low_freq_factor)).clamp(0.0, 1.0)
+    return inv_freq * (blend + (1 - blend) / a.rope_scaling_factor)
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -131,8 +159,7 @@ class Transformer(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Not persistent: recomputed by init_weights, never part of a checkpoint.
-        self.register_buffer("rope", rope_tables(args.head_dim, args.max_seq_len, args.rope_theta),
-                             persistent=False)
+        self.register_buffer("rope", model_rope_tables(args), persistent=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab). Missing parts (pipeline stages) pass through."""
@@ -166,8 +193,7 @@ class Transformer(nn.Module):
         tensor; a sharded parameter (DTensor) then keeps its own slice. So every layout, and a
         partial pipeline stage, starts from exactly the weights of the single-process model.
         """
-        self.rope.copy_(rope_tables(self.args.head_dim, self.args.max_seq_len,
-                                    self.args.rope_theta, device=self.rope.device))
+        self.rope.copy_(model_rope_tables(self.args, device=self.rope.device))
         for name, param in self.named_parameters():
             name = clean_name(name)
             full = torch.empty(param.shape, dtype=param.dtype, device=_local(param).device)

@@ -41,6 +41,11 @@ def build_model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
             setattr(args, name, value)
     if model_cfg.tie_embeddings is not None:
         args.tie_embeddings = model_cfg.tie_embeddings
+    if model_cfg.rope_scaling:
+        args.rope_scaling = model_cfg.rope_scaling
+    for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                 "rope_original_max_seq_len"):
+        setattr(args, name, getattr(model_cfg, name))
     args.norm_eps = model_cfg.norm_eps
     if vocab_size and not model_cfg.vocab_size:
         args.vocab_size = vocab_size
@@ -61,3 +66,23 @@ def _check(a: ModelArgs) -> None:
     if a.n_heads % a.n_kv_heads:
         raise UserError(f"model.n_kv_heads={a.n_kv_heads} does not divide "
                         f"model.n_heads={a.n_heads}; choose a divisor of {a.n_heads}")
+    _check_rope_scaling(a)
+
+
+def _check_rope_scaling(a: ModelArgs) -> None:
+    if a.rope_scaling not in ("none", "llama3"):
+        hint = nearest(a.rope_scaling, ["none", "llama3"])
+        raise UserError(f"model.rope_scaling={a.rope_scaling!r} is unknown; use none or llama3"
+                        + (f" (did you mean {hint!r}?)" if hint else ""))
+    if a.rope_scaling == "none":
+        return
+    if a.rope_scaling_factor < 1:
+        raise UserError(f"model.rope_scaling_factor={a.rope_scaling_factor} must be >= 1 (it "
+                        "divides the low frequencies; Llama 3.1 uses 8)")
+    if not 0 < a.rope_low_freq_factor < a.rope_high_freq_factor:
+        raise UserError(f"model.rope_low_freq_factor={a.rope_low_freq_factor} and "
+                        f"model.rope_high_freq_factor={a.rope_high_freq_factor} must satisfy "
+                        "0 < low < high (Llama 3.1: 1 and 4)")
+    if a.rope_original_max_seq_len <= 0:
+        raise UserError(f"model.rope_original_max_seq_len={a.rope_original_max_seq_len} must be "
+                        "positive (Llama 3.1: 8192)")
