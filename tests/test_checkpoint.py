@@ -3,6 +3,7 @@ corruption fallback, elastic restarts, preemption, the numerics guard, list / ve
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -185,3 +186,51 @@ def test_numerics_guard_stops_past_the_limit(byte_data, tmp_path):
                                        "--train.max_bad_steps=1"), env=env, check=False)
     assert out.returncode == 2
     assert "2 bad steps" in out.stderr and "exceed train.max_bad_steps=1" in out.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
+                    reason="mounting a small tmpfs in a private mount namespace needs root")
+@pytest.mark.parametrize("async_save", ["false", "true"])
+def test_full_disk_is_one_line_and_loses_nothing(async_save, byte_data, tmp_path):
+    """A real ENOSPC: the run folder lives on a 5 MiB tmpfs (one tiny checkpoint fits, two do
+    not) in a private mount namespace. The second save fails with one line and exit 2; the first
+    checkpoint still verifies; after the disk grows, the run resumes from it and repeats the
+    losses the failed run logged after it."""
+    disk, out = tmp_path / "disk", tmp_path / "out"
+    disk.mkdir()
+    out.mkdir()
+    run = disk / "run"
+    args = " ".join(train_args(byte_data, run, "--train.steps=6", "--checkpoint.interval=2",
+                               f"--checkpoint.async_save={async_save}"))
+    py = f"{sys.executable} -m triaxis"
+    script = f"""
+    mount -t tmpfs -o size=5m tmpfs {disk} || exit 99
+    {py} train {args} > {out}/first.out 2> {out}/first.err; echo $? > {out}/first.rc
+    {py} ckpt verify {run}/checkpoints > {out}/verify.out; echo $? > {out}/verify.rc
+    mount -o remount,size=64m {disk}
+    {py} train {args} > {out}/second.out 2> {out}/second.err; echo $? > {out}/second.rc
+    cp {run}/metrics.jsonl {out}/
+    ls {run}/checkpoints > {out}/ls
+    {py} ckpt verify {run}/checkpoints >> {out}/verify.out || echo bad >> {out}/verify.rc
+    """
+    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                          env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    read = lambda name: (out / name).read_text()  # noqa: E731
+    assert read("first.rc").strip() == "2", read("first.err")[-3000:]
+    err = read("first.err").strip()
+    assert err.startswith("error: checkpoint ") and "\n" not in err, err
+    assert "step_00000004: the disk is full" in err and "previous checkpoint is untouched" in err
+    assert read("verify.rc").strip() == "0", read("verify.out")  # before and after resuming
+    assert read("verify.out").count('"ok": true') == 4, read("verify.out")
+    assert read("second.rc").strip() == "0", read("second.err")[-3000:]
+    assert "at step 2" in read("second.out")
+    # The partial step 4 was removed at start and written again, whole.
+    assert read("ls").split() == ["step_00000002", "step_00000004", "step_00000006"]
+    logged = [json.loads(x) for x in read("metrics.jsonl").splitlines()]
+    logged = [(r["step"], r["loss"]) for r in logged if "loss" in r]
+    # An async save fails in the background: the first run may log a step or two past it.
+    cut = next(i for i in range(1, len(logged)) if logged[i][0] <= logged[i - 1][0])
+    first, second = dict(logged[:cut]), logged[cut:]
+    assert [s for s, _ in second] == [3, 4, 5, 6] and min(first) == 1 and max(first) >= 4
+    assert all(first[s] == loss for s, loss in second if s in first), (first, second)

@@ -11,10 +11,15 @@ from triaxis.errors import UserError
 def _prepare(a: argparse.Namespace) -> int:
     from triaxis.data.prepare import PrepareOptions, prepare
 
+    if a.vocab_size is not None and a.tokenizer.startswith("hf:"):
+        # An HF model's vocabulary is fixed; a silently ignored size would mislead.
+        raise UserError(f"--vocab-size {a.vocab_size} applies to --tokenizer bpe only; "
+                        f"{a.tokenizer} brings its own vocabulary: drop --vocab-size")
+    vocab_size = PrepareOptions.vocab_size if a.vocab_size is None else a.vocab_size
     prepare(PrepareOptions(inputs=a.input or [], output=a.output, tokenizer=a.tokenizer,
-                           vocab_size=a.vocab_size, max_bytes=a.max_bytes,
-                           val_fraction=a.val_fraction, shard_tokens=a.shard_tokens,
-                           workers=a.workers))
+                           vocab_size=vocab_size, eos_token=a.eos_token,
+                           max_bytes=a.max_bytes, val_fraction=a.val_fraction,
+                           shard_tokens=a.shard_tokens, workers=a.workers))
     return 0
 
 
@@ -82,8 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", action="append",
                     help="file, folder or glob (repeatable); default: the Python stdlib sources")
     pr.add_argument("--output", default="data/stdlib", help="output folder")
-    pr.add_argument("--tokenizer", default="bpe", choices=["bpe", "byte"])
-    pr.add_argument("--vocab-size", type=int, default=8192)
+    pr.add_argument("--tokenizer", default="bpe", metavar="{bpe,byte,hf:PATH}",
+                    help="bpe: trained on the input (default); byte: UTF-8 bytes; hf:PATH: a "
+                         "Hugging Face tokenizer.json or model folder (local or s3://), for "
+                         "fine-tuning imported weights")
+    pr.add_argument("--eos-token", default="", metavar="TEXT",
+                    help="end-of-document token for hf:PATH (default: eos_token of its "
+                         "tokenizer_config.json)")
+    pr.add_argument("--vocab-size", type=int, default=None,
+                    help="BPE vocabulary size (bpe only; default 8192)")
     pr.add_argument("--max-bytes", type=int, default=12_000_000,
                     help="read at most this many bytes of text (0 = all)")
     pr.add_argument("--val-fraction", type=float, default=0.02)

@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -57,9 +58,27 @@ def _writer_reader(path: str):
 
 
 def _disk_full(err: OSError, folder: str) -> UserError:
-    return UserError(f"checkpoint {folder}: the disk is full ({err}); free space, lower "
-                     "checkpoint.keep_last, or point checkpoint.dir elsewhere. The previous "
-                     "checkpoint is untouched")
+    return UserError(f"checkpoint {folder}: the disk is full ({err.strerror}); free space, lower "
+                     "checkpoint.keep_last, or point checkpoint.dir elsewhere, then resume. The "
+                     "previous checkpoint is untouched; this partial one is invisible and "
+                     "removed by the next run")
+
+
+def _disk_full_in(err: BaseException) -> OSError | None:
+    """The ENOSPC inside `err`, if any: DCP reports each rank's failure wrapped in a
+    CheckpointException (a BaseException), possibly chained."""
+    todo, seen = [err], set()
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return e
+        if isinstance(e, CheckpointException):
+            todo.extend(exc for exc, _ in e.failures.values())
+        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
+    return None
 
 
 def _barrier() -> None:
@@ -113,9 +132,10 @@ class Checkpointer:
             return folder
         try:
             dcp.save(state, storage_writer=writer)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise _disk_full(err, folder) from None
+        except BaseException as err:
+            full = _disk_full_in(err)
+            if full is not None:
+                raise _disk_full(full, folder) from None
             raise
         mf.write_sidecar(folder, self.rank)
         _barrier()
@@ -129,9 +149,10 @@ class Checkpointer:
     def _after_write(self, fut: Future, folder: str) -> None:
         try:
             fut.result()
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                raise _disk_full(err, folder) from None
+        except BaseException as err:
+            full = _disk_full_in(err)
+            if full is not None:
+                raise _disk_full(full, folder) from None
             raise
         mf.write_sidecar(folder, self.rank)
 

@@ -2,14 +2,15 @@
 
 Output layout (one folder or s3:// prefix):
     manifest.json        token counts, per-shard sha256, tokenizer, split, sources (written last)
-    tokenizer.json       the trained BPE (byte-level tokenizers need no file)
+    tokenizer.json       the trained BPE, or a copy of the hf:PATH one (byte needs no file)
     train_00000.bin ...  flat token ids, numpy uint16 (vocab <= 65536) or uint32
     val_00000.bin ...
 Documents are separated by the tokenizer's end-of-document token.
 
-Inputs are streamed one file at a time (`sources.py`): a first pass trains the BPE, a second
-tokenizes. Tokenization runs in a pool of worker processes fed with chunks of documents in
-order and read back in order, so the shards are byte-identical for any number of workers.
+Inputs are streamed one file at a time (`sources.py`): a first pass trains the BPE (not for
+byte or hf:PATH), a second tokenizes. Tokenization runs in a pool of worker processes fed with
+chunks of documents in order and read back in order, so the shards are byte-identical for any
+number of workers.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from triaxis import storage
+from triaxis.data.hf_tokenizer import PREFIX as HF_PREFIX
+from triaxis.data.hf_tokenizer import open_hf_tokenizer
 from triaxis.data.remote_io import ClientPool
 from triaxis.data.sources import EXTENSIONS, check_bucket, embedded_corpus_files, \
     iter_documents, resolve_inputs
@@ -47,8 +50,12 @@ class PrepareOptions:
     output: str
     """Output folder or s3:// prefix."""
     tokenizer: str = "bpe"
-    """bpe (trained on the corpus) or byte."""
+    """bpe (trained on the corpus), byte, or hf:PATH (a Hugging Face tokenizer.json or a model
+    folder holding one, local or s3://)."""
     vocab_size: int = 8192
+    """BPE vocabulary size (bpe only: byte and hf:PATH bring their own vocabulary)."""
+    eos_token: str = ""
+    """End-of-document token for hf:PATH (default: eos_token of its tokenizer_config.json)."""
     max_bytes: int = 12_000_000
     """Stop reading input after this many bytes (0 = no limit)."""
     val_fraction: float = 0.02
@@ -66,8 +73,13 @@ def default_workers() -> int:
 
 def prepare(opts: PrepareOptions, log=print) -> dict:
     t0 = time.perf_counter()
-    if opts.tokenizer not in ("bpe", "byte"):
-        raise UserError(f"--tokenizer {opts.tokenizer!r} is unknown; use bpe or byte")
+    hf = opts.tokenizer.startswith(HF_PREFIX)
+    if opts.tokenizer not in ("bpe", "byte") and not hf:
+        raise UserError(f"--tokenizer {opts.tokenizer!r} is unknown; use bpe, byte or hf:PATH "
+                        "(a Hugging Face tokenizer.json or model folder)")
+    if opts.eos_token and not hf:
+        raise UserError(f"--eos-token {opts.eos_token!r} applies to --tokenizer hf:PATH only; "
+                        f"{opts.tokenizer} has its own end-of-document token: drop --eos-token")
     if opts.tokenizer == "bpe" and opts.vocab_size < 300:
         raise UserError(f"--vocab-size {opts.vocab_size} is too small for BPE; use >= 300")
     if opts.workers < 0:
@@ -86,6 +98,10 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
 
     if opts.tokenizer == "byte":
         tok = ByteTokenizer()
+    elif hf:
+        tok = open_hf_tokenizer(opts.tokenizer[len(HF_PREFIX):], opts.eos_token)
+        log(f"tokenizer {tok.source}: vocab {tok.vocab_size}, each document followed by "
+            f"{tok.eos_token!r} (id {tok.eos_id})")
     else:
         seen = _Counter(documents())
         tok = BPETokenizer.train(iter(seen), opts.vocab_size)
