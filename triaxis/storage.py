@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -29,13 +30,33 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return str(Path(base).joinpath(*parts))
 
 
-def s3_filesystem():
-    import s3fs
+_S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+           "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
+           "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
+"""The settings an S3 client is built from: a change of any of them gets a new client."""
+_s3_clients: dict[tuple, object] = {}
+_s3_lock = threading.Lock()
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kwargs = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
-    # Our own retry loop (below) sees every error; s3fs's default retries stay as they are.
-    return s3fs.S3FileSystem(**kwargs, skip_instance_cache=True)
+
+def s3_filesystem():
+    """This process's S3 filesystem for the current AWS settings. Building one (a botocore
+    session, credential chain, connection pool) costs ~0.3 s, a request on a warm one ~15 ms
+    (bench/storage_calls.py), so it is built once per process and settings, not per call; the
+    process id is part of the key because a client does not survive fork."""
+    key = (os.getpid(), *(os.environ.get(k) for k in _S3_ENV))
+    with _s3_lock:
+        fs = _s3_clients.get(key)
+        if fs is None:
+            import s3fs
+
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            kwargs = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+            # Our own retry loop (below) sees every error; s3fs's default retries stay as they
+            # are. skip_instance_cache: fsspec's own cache keys ignore the environment. No
+            # listings cache: other processes write the objects this one polls (manifests).
+            fs = _s3_clients[key] = s3fs.S3FileSystem(**kwargs, skip_instance_cache=True,
+                                                      use_listings_cache=False)
+        return fs
 
 
 def filesystem(path: str | os.PathLike):
