@@ -87,3 +87,13 @@ def test_per_block_compile_matches_eager(byte_data, tmp_path, tmp_path_factory):
                        "train__compile_backend": "aot_eager", "train__micro_batch": 4},
                       timeout_s=240)
     assert_same_run(got[0], reference(byte_data, tmp_path_factory, 8))
+
+
+def test_fused_chunked_loss_under_fsdp_matches_plain_loss(byte_data, tmp_path, tmp_path_factory):
+    """The fused head + loss in chunks of 24 tokens (micro-batches of 2 x 32: three chunks, the
+    last one short) under dp_shard=2 trains exactly as one process with full logits."""
+    got = run_workers(train_collect, 2, byte_data, str(tmp_path),
+                      {"parallel__dp_shard": 2, "train__micro_batch": 2,
+                       "train__loss_chunk_tokens": 24})
+    assert_same_run(got[0], reference(byte_data, tmp_path_factory, 4,
+                                      train__loss_chunk_tokens=0))

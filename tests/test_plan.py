@@ -19,7 +19,8 @@ from triaxis.plan.cost import Problem, evaluate
 from triaxis.plan.efficiency import gemm_s
 from triaxis.plan.hardware import load_catalog, resolve_hardware
 from triaxis.plan.layout import RUNTIMES, Layout, SearchSpace, enumerate_layouts
-from triaxis.plan.memory import layer_activation_bytes_per_token, logits_bytes_per_token
+from triaxis.plan.memory import (layer_activation_bytes_per_token, logits_bytes_per_token,
+                                  loss_bytes)
 from triaxis.plan.planner import plan
 from triaxis.plan.published import row_shape
 from triaxis.plan.shape import ModelShape, load_model, shape_from_args
@@ -196,11 +197,17 @@ def test_memory_grows_with_micro_batch_and_shrinks_with_checkpointing(catalog):
     problem = _problem(catalog, "8b", batch=256)
     small = evaluate(problem, Layout(1, 64, 1, 1, 1, "none"))
     big = evaluate(problem, Layout(1, 64, 1, 1, 4, "none"))
-    assert big.memory.activations == pytest.approx(4 * small.memory.activations, rel=0.01)
     full = evaluate(problem, Layout(1, 64, 1, 1, 4, "full"))
-    # Logits (+ fp32 copy, log-softmax, gradient: 14 bytes x 128k vocab a token) are not
-    # checkpointed; the 32 blocks keep only their inputs, plus one block recomputed at a time.
-    logits = logits_bytes_per_token(problem.shape, problem.runtime, 1, 2) * 4 * 4096
+    # The fused head + loss holds one 4096-token chunk's logits (bf16, fp32 and the bf16
+    # gradient: 8 bytes x 128k vocab a token), whatever the micro-batch; not checkpointed. The blocks' activations grow with the micro-batch; with
+    # full checkpointing the 32 blocks keep only their inputs, plus one block recomputed.
+    logits = loss_bytes(problem.shape, problem.runtime, 1, 2, 4 * 4096, whole_head=True)
+    assert logits == loss_bytes(problem.shape, problem.runtime, 1, 2, 4096, whole_head=True)
+    assert big.memory.activations - logits == \
+        pytest.approx(4 * (small.memory.activations - logits), rel=0.01)
+    assert logits == 8 * 128256 * 4096
+    # 4.2 GB instead of the plain head's 29.4 GB at 16k tokens.
+    assert logits < logits_bytes_per_token(problem.shape, problem.runtime, 1, 2) * 4 * 4096 / 4
     blocks_full, blocks_none = (x.memory.activations - logits for x in (full, big))
     ckpt = 4 * 4096 * problem.shape.dim * 2  # one bf16 block input
     assert blocks_full == pytest.approx(32 * ckpt + blocks_none / 32)

@@ -105,6 +105,10 @@ class TrainConfig:
     """torch.compile each transformer block."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager for quick checks)."""
+    loss_chunk_tokens: int = 4096
+    """Tokens per chunk of the fused LM head + cross-entropy, which never holds the logits of
+    the whole micro-batch (0 = the plain head, then the loss on full logits). With tp > 1 the
+    vocabulary-parallel loss and with pp > 1 the pipeline's loss are used instead."""
     val_every: int = 50
     """Run validation every this many steps (0 = never)."""
     val_batches: int = 4
@@ -373,7 +377,8 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
     for where, value in (("train.lr", t.lr), ("train.warmup_steps", t.warmup_steps),
                          ("train.val_every", t.val_every), ("train.grad_clip", t.grad_clip),
                          ("checkpoint.interval", cfg.checkpoint.interval),
-                         ("checkpoint.keep_last", cfg.checkpoint.keep_last)):
+                         ("checkpoint.keep_last", cfg.checkpoint.keep_last),
+                         ("train.loss_chunk_tokens", t.loss_chunk_tokens)):
         if value < 0:
             raise UserError(f"{where}={value} must be >= 0")
     if not 0 <= t.min_lr_ratio <= 1:

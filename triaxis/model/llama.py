@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from triaxis.model.loss import chunked_cross_entropy
+
 
 @dataclass
 class ModelArgs:
@@ -161,12 +163,18 @@ class Transformer(nn.Module):
         # Not persistent: recomputed by init_weights, never part of a checkpoint.
         self.register_buffer("rope", model_rope_tables(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, vocab). Missing parts (pipeline stages) pass through."""
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
+                loss_chunk: int = 0) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab). Missing parts (pipeline stages) pass through.
+        With targets (B, T) and loss_chunk > 0: the mean next-token loss instead, the head and
+        the loss fused a chunk of tokens at a time (triaxis.model.loss): no full logits."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         for layer in self.layers.values():
             h = layer(h, self.rope)
         h = self.norm(h) if self.norm is not None else h
+        if targets is not None and loss_chunk > 0:
+            return chunked_cross_entropy(h.flatten(0, 1), self.output.weight,
+                                         targets.flatten(), loss_chunk)
         return self.output(h) if self.output is not None else h
 
     def materialize(self, device: torch.device | str) -> None:

@@ -48,11 +48,15 @@ class Runtime:
     gather_per_matrix: bool = False
     """ZeRO-3 / MiCS gather one weight matrix at a time (prefetching the next); FSDP2 gathers a
     whole block. Sets the size of the gathered working set, not the traffic."""
+    fused_loss_chunk: int = 0
+    """Tokens per chunk of a fused LM head + cross-entropy used when the head is whole on a
+    rank (triaxis: train.loss_chunk_tokens); 0 = full logits, then the loss."""
 
 
 RUNTIMES: dict[str, Runtime] = {
     "triaxis": Runtime("triaxis", fsdp=True, flash_attention=True, sequence_parallel=True,
-                       fused_qkv=False, eager_fp32_kernels=True, sp_saves_gathered_inputs=True),
+                       fused_qkv=False, eager_fp32_kernels=True, sp_saves_gathered_inputs=True,
+                       fused_loss_chunk=4096),
     # Narayanan et al. 2021: no sequence parallelism yet, fused scale-mask-softmax (not flash),
     # fp16 with fp32 main gradients all-reduced.
     "megatron-2021": Runtime("megatron-2021", fsdp=False, flash_attention=False,

@@ -64,6 +64,19 @@ def logits_bytes_per_token(shape: ModelShape, rt: Runtime, tp: int, elem: int) -
     return (elem + extra) * shape.vocab_size / tp
 
 
+def loss_bytes(shape: ModelShape, rt: Runtime, tp: int, elem: int, tokens: int,
+               whole_head: bool) -> float:
+    """Peak bytes of the LM head's output and the loss for `tokens` tokens. With the runtime's
+    fused, chunked head + loss (triaxis when the head is whole on the rank: tp = pp = 1) only
+    one chunk's logits live at a time: in `elem`, in fp32 (turned into their gradient in place)
+    and the gradient in `elem`. (The head's gradient it accumulates is the buffer the plain
+    head's backward allocates as well; neither path counts it here.)"""
+    if rt.fused_loss_chunk and whole_head:
+        chunk = min(tokens, rt.fused_loss_chunk)
+        return (2 * elem + 4) * shape.vocab_size * chunk
+    return logits_bytes_per_token(shape, rt, tp, elem) * tokens
+
+
 def in_flight(layout: Layout, num_micro: int) -> float:
     """Micro-batches whose activations stage 0 holds at its peak, per schedule (in units of one
     micro-batch through the whole stage)."""
@@ -90,7 +103,7 @@ def activation_bytes(p: Problem, layout: Layout, blocks: int, num_micro: int,
     """Peak activation bytes on the GPU of a stage with `blocks` blocks."""
     return _activations(p, layout.tp, layout.micro_batch, layout.activation_checkpoint,
                         layout.ac_every, blocks, in_flight(layout, num_micro), last_stage,
-                        layout.offload_checkpoints)
+                        layout.offload_checkpoints, layout.tp == 1 and layout.pp == 1)
 
 
 def offloaded_checkpoint_bytes(p: Problem, layout: Layout, blocks: int, num_micro: int) -> float:
@@ -103,15 +116,16 @@ def offloaded_checkpoint_bytes(p: Problem, layout: Layout, blocks: int, num_micr
 
 @lru_cache(maxsize=65536)
 def _activations(p: Problem, tp: int, micro_batch: int, ac: str, ac_every: int, blocks: int,
-                 in_flight_micro: float, last_stage: bool, offload_ckpt: bool) -> float:
+                 in_flight_micro: float, last_stage: bool, offload_ckpt: bool,
+                 whole_head: bool) -> float:
     s, rt, e = p.shape, p.runtime, p.elem
     tokens = micro_batch * p.seq_len
+    loss = loss_bytes(s, rt, tp, e, tokens, whole_head) if last_stage else 0.0
     full = layer_activation_bytes_per_token(s, rt, p.seq_len, tp, e) * tokens
     ckpt = checkpoint_bytes_per_token(s, rt, tp, e) * tokens
     if ac == "full" and offload_ckpt:
         # Not multiplied by the micro-batches in flight: the copies stream through 2 slots.
-        return OFFLOADED_CHECKPOINTS_ON_GPU * ckpt + full + \
-            (logits_bytes_per_token(s, rt, tp, e) * tokens if last_stage else 0.0)
+        return OFFLOADED_CHECKPOINTS_ON_GPU * ckpt + full + loss
     if ac == "full":
         kept, working = blocks * ckpt, full
     elif ac == "selective":
@@ -120,10 +134,7 @@ def _activations(p: Problem, tp: int, micro_batch: int, ac: str, ac_every: int, 
         working = full if n_ckpt else 0.0
     else:
         kept, working = blocks * full, 0.0
-    total = kept * in_flight_micro + working
-    if last_stage:
-        total += logits_bytes_per_token(s, rt, tp, e) * tokens
-    return total
+    return kept * in_flight_micro + working + loss
 
 
 @lru_cache(maxsize=65536)

@@ -92,6 +92,10 @@ class Trainer:
                                                 self.device, mp, self.grad_accum, self.loss_fn,
                                                 self.log)
         self.pp_group = self.mesh["pp"].get_group() if self.pipeline is not None else None
+        # The fused head + loss needs the whole head on this rank and the loss in the model's
+        # forward: not with a vocabulary-sharded head (tp) or a pipeline's own loss (pp).
+        whole_head = self.pipeline is None and self.dims.tp == 1
+        self.loss_chunk = cfg.train.loss_chunk_tokens if whole_head else 0
         self.optimizer = build_optimizer(self.model, cfg.train, self.device,
                                          params_on_cpu=cfg.parallel.cpu_offload)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
@@ -113,6 +117,17 @@ class Trainer:
 
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+    def loss_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of a micro-batch: the fused, chunked head + loss where the
+        head is whole on this rank (triaxis.model.loss), else full logits, then the loss."""
+        if self.loss_chunk:
+            with self.autocast():
+                return self.model(tokens[:, :-1], targets=tokens[:, 1:],
+                                  loss_chunk=self.loss_chunk)
+        with self.autocast():
+            logits = self.model(tokens[:, :-1])
+        return self.loss_fn(logits, tokens[:, 1:])
 
     def local_batch(self, ds, cursor: int, micro_step: int, shuffle: bool = True) -> torch.Tensor:
         start = micro_batch_start(cursor, micro_step, self.cfg.train.micro_batch,
@@ -148,9 +163,7 @@ class Trainer:
             tokens = self.local_batch(self.train_ds, cursor, m)
             set_grad_sync(self.model, self.dims, last_micro_step=m == self.grad_accum - 1)
             with self.loss_parallel():
-                with self.autocast():
-                    logits = self.model(tokens[:, :-1])
-                loss = self.loss_fn(logits, tokens[:, 1:]) / self.grad_accum
+                loss = self.loss_of(tokens) / self.grad_accum
                 if poison:
                     loss = loss * float("nan")
                 loss.backward()
@@ -193,7 +206,7 @@ class Trainer:
                     total += self.pipeline.eval(torch.cat(batches))
                     continue
                 for tokens in batches:
-                    total += _plain(self.loss_fn(self.model(tokens[:, :-1]), tokens[:, 1:]))
+                    total += _plain(self.loss_of(tokens))
         self.model.train()
         n = self.cfg.train.val_batches * (1 if self.pipeline is not None else self.grad_accum)
         return self.mean_over_dp(total / n)
