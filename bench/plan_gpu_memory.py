@@ -68,6 +68,14 @@ def measured_gib(a: argparse.Namespace) -> float:
         tokens = torch.randint(0, args.vocab_size, (a.micro_batch, a.seq + 1), device=env.device)
         ctx = torch.autocast("cuda", torch.bfloat16) if not fsdp else torch.autocast(
             "cuda", enabled=False)
+        if a.tp == 1:  # as the trainer does: the fused, chunked head + loss
+            with ctx:
+                loss = model(tokens[:, :-1], targets=tokens[:, 1:],
+                             loss_chunk=TrainConfig().loss_chunk_tokens)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            continue
         with ctx:
             logits = model(tokens[:, :-1])
         if a.tp > 1:
