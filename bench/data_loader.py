@@ -8,7 +8,8 @@ the training step consumes; cache hit rate; data-wait share of step time.
 2. Loader alone: `batch(cursor, batch)` back to back over consecutive steps (the trainer's
    access pattern: a global shuffle over all windows), for local memory-mapped shards and for
    S3 cold (empty cache, no prefetch), S3 with prefetch (the trainer's call: this step and the
-   next), S3 warm (every shard cached) and S3 with a cache of 3 shards (thrashing).
+   next), S3 warm (every shard cached), S3 with a cache of 3 or 4 shards (thrashing), and the
+   cache of 4 shards with the shard-group shuffle (data.shuffle_shards=1), which it suffices for.
 3. The training step's rate: the `small` preset trained for a few steps on this CPU (or
    --train-tokens-per-s). Then a training loop where the step's compute is a sleep of that
    measured step time (as on a GPU, where the step leaves the host CPU to the loader) gives the
@@ -141,9 +142,9 @@ def main() -> None:
         local_path, s3_path = prepare_data(tmp, a.corpus_bytes, a.shard_tokens)
         shard_bytes = a.shard_tokens * 2
 
-        def open_ds(path: str, cache_gib: float = 4.0):
+        def open_ds(path: str, cache_gib: float = 4.0, groups: int = 0):
             return TokenDataset(path, "train", a.seq, seed=1, cache_dir=str(tmp / "cache"),
-                                cache_gib=cache_gib)
+                                cache_gib=cache_gib, shuffle_shards=groups)
 
         n_shards = len(open_ds(local_path).shards)
         results: dict[str, dict] = {}
@@ -160,6 +161,15 @@ def main() -> None:
         ds = open_ds(s3_path, cache_gib=3.2 * shard_bytes / 2**30)
         results["s3, cache of 3 shards"] = loader_rate(ds, a.steps, a.batch, a.seq, True)
         ds.close()
+        # The same small cache with the shard-group shuffle (data.shuffle_shards=1: a cache of
+        # 4 shards is what it asks for).
+        small = 4.2 * shard_bytes / 2**30
+        ds = open_ds(s3_path, cache_gib=small)
+        results["s3, cache of 4 shards"] = loader_rate(ds, a.steps, a.batch, a.seq, True)
+        ds.close()
+        ds = open_ds(s3_path, cache_gib=small, groups=1)
+        results["s3, 4 shards, groups=1"] = loader_rate(ds, a.steps, a.batch, a.seq, True)
+        ds.close()
 
         train_tps = a.train_tokens_per_s or train_rate(257, a.seq, a.batch, steps=3)
         step_s = a.batch * a.seq / train_tps
@@ -168,8 +178,10 @@ def main() -> None:
                                           ("s3 cold, prefetch", s3_path, 4.0, True),
                                           ("s3 cold, no prefetch", s3_path, 4.0, False),
                                           ("s3, cache of 3 shards", s3_path,
-                                           3.2 * shard_bytes / 2**30, True)):
-            ds = open_ds(path, gib)
+                                           3.2 * shard_bytes / 2**30, True),
+                                          ("s3, 4 shards, groups=1", s3_path,
+                                           4.2 * shard_bytes / 2**30, True)):
+            ds = open_ds(path, gib, groups=1 if "groups" in name else 0)
             waits[name] = data_wait(ds, a.wait_steps, a.batch, step_s, prefetch)
             if ds.cache is not None:
                 ds.close()
@@ -178,7 +190,8 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"{n_shards} shards of {a.shard_tokens:,} tokens ({shard_bytes / 2**20:.1f} MiB); "
-          f"steps of {a.batch} x {a.seq} tokens, global shuffle")
+          f"steps of {a.batch} x {a.seq} tokens, global shuffle unless `groups=N` "
+          "(data.shuffle_shards)")
     source = "given" if a.train_tokens_per_s else "`small`, measured on this CPU"
     print(f"training step ({source}): {train_tps:,.0f} tokens/s "
           f"({step_s * 1000:.0f} ms per step)")

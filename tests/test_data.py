@@ -92,3 +92,41 @@ def test_prepare_inputs_and_errors(tmp_path):
         prepare(PrepareOptions(inputs=[str(tmp_path / "empty.txt")], output=str(tmp_path / "y")))
     with pytest.raises(UserError, match="does not exist"):
         TokenDataset(tmp_path / "missing", "train", 32)
+
+
+def _grouped(num_windows: int, block: int, groups: int, seed: int = 5) -> TokenDataset:
+    """The order of a split of `num_windows` windows, blocks of `block`, groups of `groups`."""
+    ds = object.__new__(TokenDataset)
+    ds.num_windows, ds.block_windows, ds.group_blocks, ds.seed = num_windows, block, groups, seed
+    return ds
+
+
+def test_shard_group_shuffle_is_a_bijection_per_epoch():
+    for n, b, g in [(1, 1, 1), (10, 3, 1), (10, 3, 2), (97, 8, 3), (96, 8, 4), (200, 7, 5),
+                    (5, 8, 2), (64, 64, 8)]:
+        ds = _grouped(n, b, g)
+        for epoch in (0, 1):
+            order = [ds.window_of(epoch * n + j) for j in range(n)]
+            assert sorted(order) == list(range(n)), (n, b, g)
+    a, b = _grouped(97, 8, 3), _grouped(97, 8, 3, seed=6)
+    assert [a.window_of(j) for j in range(97)] != [b.window_of(j) for j in range(97)]
+    assert [a.window_of(j) for j in range(97)] != [a.window_of(97 + j) for j in range(97)]
+
+
+def test_shard_group_shuffle_reads_few_shards_per_step(byte_data):
+    """Global shuffle: a step of 16 samples touches most shards; groups of 1 or 2 shard-sized
+    blocks: at most 2 or 4 (a block straddles at most two shards), every window once an epoch,
+    and the samples stay pure functions of (seed, index)."""
+    touched = {}
+    for groups in (0, 1, 2):
+        ds = TokenDataset(byte_data, "train", seq_len=32, seed=1, shuffle_shards=groups)
+        steps = range(0, ds.num_windows - 16, 16)
+        touched[groups] = max(len(ds.shards_of(range(s, s + 16))) for s in steps)
+        assert sorted(ds.window_of(i) for i in range(ds.num_windows)) == \
+            list(range(ds.num_windows))
+        again = TokenDataset(byte_data, "train", seq_len=32, seed=1, shuffle_shards=groups)
+        assert np.array_equal(ds.batch(40, 8).numpy(), again.batch(40, 8).numpy())
+    assert len(TokenDataset(byte_data, "train", 32).shards) >= 5
+    assert touched[0] >= 5 and touched[1] <= 2 and touched[2] <= 4, touched
+    with pytest.raises(UserError, match="shuffle_shards=-1 must be >= 0"):
+        TokenDataset(byte_data, "train", 32, shuffle_shards=-1)

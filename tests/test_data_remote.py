@@ -307,3 +307,26 @@ def test_cli_train_stops_on_a_corrupted_shard(moto_s3, byte_data, tmp_path, monk
     assert len(consumed(tmp_path / "trace")) < 200 * GLOBAL_BATCH  # it stopped at the shard
     gc.collect()  # the trainer's datasets, now unreachable, close their caches
     assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_shard_groups_make_a_small_cache_enough(s3_data, tmp_path):
+    """One epoch through a cache of 4 of the split's shards, prefetching as the trainer does:
+    the global shuffle downloads shards over and over; groups of one shard-sized block read each
+    shard about once (a block straddles two), and a cache too small for the groups is refused."""
+    shard_bytes = 60_000 * 2
+    fetched = {}
+    for groups in (0, 1):
+        ds = TokenDataset(s3_data, "train", seq_len=32, seed=0, cache_dir=str(tmp_path),
+                          cache_gib=4 * shard_bytes / 2**30, prefetch_threads=2,
+                          shuffle_shards=groups)
+        for start in range(0, ds.num_windows - 32, 16):
+            ds.prefetch(start, 32)  # this step's samples and the next step's
+            ds.batch(start, 16)
+        split_bytes = sum(ds.shard_tokens) * 2
+        fetched[groups] = ds.cache.stats.downloaded_bytes / split_bytes
+        ds.close()
+    print(f"\nsplit bytes downloaded per epoch: {fetched}")
+    assert fetched[0] > 50 and fetched[1] <= 2.2, fetched
+    with pytest.raises(UserError, match="shuffle_shards=2 reads up to 4 shards"):
+        TokenDataset(s3_data, "train", 32, cache_dir=str(tmp_path),
+                     cache_gib=4 * shard_bytes / 2**30, shuffle_shards=2)

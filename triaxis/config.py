@@ -69,6 +69,11 @@ class DataConfig:
     """Local folder caching s3:// shards (empty = system temp); a subfolder per process, removed at exit."""
     cache_gib: float = 4.0
     """Bound of that cache per process and split, in GiB; least recently used shards are evicted."""
+    shuffle_shards: int = 0
+    """0 = one global shuffle over every window of the split (each step reads shards all over
+    it: a cache smaller than the split thrashes). N = shuffle within groups of N randomly
+    chosen shard-sized blocks: a step reads from about N shards, so an S3 cache of 4·N shards
+    suffices; N >= 8 keeps batches well mixed."""
 
 
 @dataclass

@@ -8,6 +8,14 @@ Window w covers tokens [w·seq_len, w·seq_len + seq_len + 1). The sample at glo
 a pure function of (seed, i): the data cursor is one integer, and which rank reads which index
 never changes what the index holds. That makes resume exact under any data-parallel size.
 
+That global shuffle touches shards all over the split at every step. With `shuffle_shards = N`
+the split is cut into blocks of one shard's worth of windows; each epoch the blocks are permuted,
+taken N at a time, and the windows of each group of N blocks are permuted among themselves. A
+step then reads from N scattered shards (plus the neighbours a block straddles), so a cache of
+a few N shards holds what a run needs instead of the whole split; the short tail block (the
+windows after the last whole block) comes last in every epoch. Still a pure function of
+(seed, i).
+
 Local shards are memory-mapped. Shards under s3:// are read through a bounded local cache with
 background prefetch (`remote.py`); where bytes come from never changes what sample i holds.
 
@@ -94,7 +102,7 @@ class TokenDataset:
 
     def __init__(self, path: str | Path, split: str, seq_len: int, seed: int = 0,
                  verify: bool = False, cache_dir: str = "", cache_gib: float = 4.0,
-                 prefetch_threads: int = 4):
+                 prefetch_threads: int = 4, shuffle_shards: int = 0):
         self.path, self.split = str(path), split
         self.remote = storage.is_remote(self.path)
         # One client for every request about this prefix (a fresh one costs ~0.5 s).
@@ -123,6 +131,13 @@ class TokenDataset:
             raise UserError(f"split {split!r} of {path} has {self.num_tokens} tokens, fewer "
                             f"than one sample of data.seq_len={seq_len} + 1; lower data.seq_len "
                             "or prepare more text")
+        if shuffle_shards < 0:
+            raise UserError(f"data.shuffle_shards={shuffle_shards} must be >= 0 (0 = one "
+                            "global shuffle)")
+        self.group_blocks = shuffle_shards
+        self.block_windows = max(1, max(sizes) // seq_len)
+        if shuffle_shards and self.cache is not None:
+            self._check_cache_holds_groups(shuffle_shards, dtype, cache_gib)
 
     def _map_local(self, shard: dict, dtype: np.dtype, verify: bool) -> np.ndarray:
         f = self.folder / shard["file"]
@@ -198,11 +213,37 @@ class TokenDataset:
         if self.cache is not None:
             self.cache.close()
 
+    def _check_cache_holds_groups(self, groups: int, dtype: np.dtype, cache_gib: float) -> None:
+        # A group of N blocks touches up to 2N shards; the trainer prefetches the next step's,
+        # which may open the next group.
+        need = 4 * groups * max(self.shard_tokens) * dtype.itemsize
+        if cache_gib * 2**30 < need:
+            raise UserError(f"data.shuffle_shards={groups} reads up to {2 * groups} shards at a "
+                            f"time, and the next group is prefetched: {need / 2**30:.3g} GiB, "
+                            f"over data.cache_gib={cache_gib:.3g}; raise data.cache_gib to "
+                            f"{need / 2**30:.3g} or lower data.shuffle_shards")
+
     def window_of(self, index: int, shuffle: bool = True) -> int:
         epoch, j = divmod(index, self.num_windows)
         if not shuffle:
             return j
-        return permute(j, self.num_windows, _mix(self.seed * 1_000_003 + epoch))
+        key = _mix(self.seed * 1_000_003 + epoch)
+        if not self.group_blocks:
+            return permute(j, self.num_windows, key)
+        return self._grouped_window(j, key)
+
+    def _grouped_window(self, j: int, key: int) -> int:
+        """Position j of an epoch -> window, under the shard-group shuffle (module docstring)."""
+        b, g = self.block_windows, self.group_blocks
+        blocks = self.num_windows // b
+        whole = blocks * b
+        if j >= whole:  # the short tail block, last in every epoch
+            return whole + permute(j - whole, self.num_windows - whole, _mix(key ^ 1))
+        group, within = divmod(j, g * b)
+        in_group = min(g, blocks - group * g)  # the last group may hold fewer blocks
+        r = permute(within, in_group * b, _mix(key ^ ((group + 2) << 32)))
+        block = permute(group * g + r // b, blocks, _mix(key ^ 2))
+        return block * b + r % b
 
     def sample(self, index: int, shuffle: bool = True) -> np.ndarray:
         """The seq_len + 1 tokens of global sample `index`."""

@@ -23,7 +23,8 @@ def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDa
         train_ds = SyntheticDataset(model_args.vocab_size, cfg.data.seq_len, cfg.data.seed)
     else:
         train_ds = TokenDataset(cfg.data.path, "train", cfg.data.seq_len, cfg.data.seed,
-                                cache_dir=cfg.data.cache_dir, cache_gib=cfg.data.cache_gib)
+                                cache_dir=cfg.data.cache_dir, cache_gib=cfg.data.cache_gib,
+                                shuffle_shards=cfg.data.shuffle_shards)
     vocab = train_ds.manifest["tokenizer"]["vocab_size"]
     model_args = build_model_args(cfg.model, vocab_size=vocab)
     if model_args.vocab_size < vocab:
