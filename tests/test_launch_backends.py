@@ -247,3 +247,27 @@ def test_a_sagemaker_job_runs_here(byte_data, tmp_path, capsys):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "SageMaker job environment found" in again.stderr
     assert f"--checkpoint.dir={root}/checkpoints --checkpoint.resume=auto" in again.stdout
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--nnodes", "2:x"], "is not N or MIN:MAX"),
+    (["--nnodes", "3:2"], "need 1 <= MIN <= MAX"),
+    (["--nnodes", "1:2"], "give --max-restarts >= 1"),
+    (["--nnodes", "1:2", "--max-restarts", "1", "--parallel.dp_shard=2"],
+     "may run on 1 node(s), 1 processes"),
+    (["--nnodes", "1:2", "--backend", "slurm"], "slurm runs a fixed number of nodes"),
+])
+def test_elastic_node_range_bad_input(byte_data, tmp_path, capsys, extra, message):
+    argv = ["launch", "--dry-run", "--nproc-per-node", "1", "--rdzv-endpoint", "127.0.0.1:29499",
+            *extra, *tiny(byte_data, tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+
+
+def test_elastic_node_range_dry_run(byte_data, tmp_path, capsys):
+    assert main(["launch", "--dry-run", "--nproc-per-node", "1", "--nnodes", "1:2",
+                 "--max-restarts", "2", "--rdzv-last-call", "5", "--rdzv-endpoint",
+                 "127.0.0.1:29499", *tiny(byte_data, tmp_path), "--parallel.dp_shard=-1"]) == 0
+    cmd = capsys.readouterr().out
+    assert "--nnodes=1:2" in cmd and "last_call_timeout=5" in cmd and "--max-restarts=2" in cmd

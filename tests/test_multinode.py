@@ -101,3 +101,53 @@ def test_rendezvous_that_cannot_form_fails_within_its_timeout(hosts, byte_data, 
         assert "Traceback" not in out
     assert elapsed < timeout_s + 60, f"took {elapsed:.0f} s for a {timeout_s} s timeout"
     assert not (tmp_path / "r").exists()
+
+
+def kill_host(host) -> None:
+    """The node dies: every process in its network namespace, SIGKILL."""
+    pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True,
+                          check=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), 9)
+        except ProcessLookupError:
+            pass
+
+
+def test_elastic_job_loses_a_node_and_finishes_on_the_other(hosts, byte_data, tmp_path):
+    """--nnodes 1:2 with dp_shard=-1: node1 dies mid-run; node0's worker fails on the broken
+    connection, its agent re-forms the rendezvous with the one node left, and training resumes
+    from the last checkpoint at world 1 (resharded from world 2). Every step's loss equals the
+    uninterrupted single-process run's."""
+    node0, node1 = hosts
+    steps = ["--train.steps=40", "--checkpoint.interval=4", "--checkpoint.async_save=false",
+             "--parallel.dp_shard=-1"]
+    common = ["--backend", "torchrun", "--nnodes", "1:2", "--nproc-per-node", 1,
+              "--max-restarts", 2, "--rdzv-last-call", 3,
+              "--rdzv-endpoint", f"{node0.address}:{PORT + 3}", "--rdzv-timeout", 120]
+    run = tmp_path / "elastic"
+    procs = [launch_on(h, *map(str, common), *train_args(byte_data, run, *steps))
+             for h in (node0, node1)]
+    deadline = time.monotonic() + 200
+    metrics = run / "metrics.jsonl"
+    while time.monotonic() < deadline and procs[0].poll() is None:
+        if metrics.exists() and metrics.read_text().count('"loss"') >= 10:
+            kill_host(node1)
+            break
+        time.sleep(0.1)
+    out0 = finish(procs[0], 240)
+    procs[1].wait(timeout=30)
+    ref = subprocess.run([sys.executable, "-m", "triaxis", "train",
+                          *train_args(byte_data, tmp_path / "ref", "--train.steps=40")],
+                         env=ENV, capture_output=True, text=True, timeout=240)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert procs[0].returncode == 0, out0[-4000:]
+    assert "--nnodes=1:2" in out0 and "last_call_timeout=3" in out0 and "elastic: 1 to 2" in out0
+    assert "dp_shard=2 x tp=1 on 2 x cpu" in out0 and "dp_shard=1 x tp=1 on 1 x cpu" in out0
+    assert "resumed from" in out0
+    got, want = losses(run), losses(tmp_path / "ref")
+    assert sorted(got) == sorted(want) == list(range(1, 41))
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+    final = json.loads((run / "checkpoints" / "step_00000040" / "triaxis.json").read_text())
+    assert final["layout"]["world_size"] == 1

@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "SageMaker job")
     lc.add_argument("--nproc-per-node", type=int, default=0,
                     help="processes per node (default: GPUs, or 2 on CPU)")
-    lc.add_argument("--nnodes", type=int, default=1)
+    lc.add_argument("--nnodes", default="1",
+                    help="nodes: N, or MIN:MAX for an elastic job (torchrun) that goes on with "
+                         "at least MIN nodes when nodes are lost")
     lc.add_argument("--node-rank", type=int, default=0)
     lc.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the rendezvous (multi-node)")
     lc.add_argument("--max-restarts", type=int, default=0)

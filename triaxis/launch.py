@@ -43,6 +43,9 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
                         "(default: triaxis; the job id on Slurm)")
     p.add_argument("--rdzv-timeout", type=float, default=600.0,
                    help="seconds the nodes wait for each other before the launch fails")
+    p.add_argument("--rdzv-last-call", type=float, default=30.0,
+                   help="with --nnodes MIN:MAX: seconds the rendezvous waits for more nodes "
+                        "once MIN have joined")
     add_slurm_args(p.add_argument_group("slurm"))
     add_sagemaker_args(p.add_argument_group("sagemaker"))
 
@@ -64,6 +67,12 @@ def launch(a: argparse.Namespace) -> int:
     a = _with_defaults(a)
     config_path, overrides = _split_config(a.rest)
     backend = a.backend
+    a.min_nnodes, a.nnodes = parse_nnodes(str(a.nnodes))
+    if a.min_nnodes < a.nnodes and backend not in ("local", "torchrun"):
+        raise UserError(f"--nnodes={a.min_nnodes}:{a.nnodes} (elastic) is for --backend "
+                        f"torchrun or local; {backend} runs a fixed number of nodes: give "
+                        f"--nnodes={a.nnodes} (a lost node there is handled by --max-restarts "
+                        "and requeue)")
     if backend == "local" and in_sagemaker_job():
         log("SageMaker job environment found (SM_HOSTS, SM_CURRENT_HOST): as sagemaker-entry")
         backend = "sagemaker-entry"
@@ -76,13 +85,29 @@ def launch(a: argparse.Namespace) -> int:
     return launch_here(config_path, overrides, nproc_per_node=a.nproc_per_node,
                        nnodes=a.nnodes, rdzv_endpoint=a.rdzv_endpoint, rdzv_id=a.rdzv_id,
                        rdzv_timeout_s=a.rdzv_timeout, max_restarts=a.max_restarts, cpu=a.cpu,
-                       dry_run=a.dry_run)
+                       dry_run=a.dry_run, min_nnodes=a.min_nnodes,
+                       rdzv_last_call_s=a.rdzv_last_call)
+
+
+def parse_nnodes(text: str) -> tuple[int, int]:
+    """`--nnodes N` -> (N, N); `MIN:MAX` -> (MIN, MAX), an elastic range."""
+    lo, sep, hi = text.partition(":")
+    try:
+        low, high = int(lo), int(hi if sep else lo)
+    except ValueError:
+        raise UserError(f"--nnodes={text!r} is not N or MIN:MAX (e.g. --nnodes 4, or "
+                        "--nnodes 2:4 to go on with 2 of 4 nodes)") from None
+    if not 1 <= low <= high:
+        raise UserError(f"--nnodes={text}: need 1 <= MIN <= MAX (e.g. --nnodes 2:4)")
+    return low, high
 
 
 def launch_here(config_path: str | None, overrides: list[str], *, nproc_per_node: int,
                 nnodes: int, rdzv_endpoint: str, rdzv_id: str, rdzv_timeout_s: float,
-                max_restarts: int, cpu: bool, dry_run: bool) -> int:
-    """`triaxis train` on nproc_per_node processes of this node (one node of nnodes)."""
+                max_restarts: int, cpu: bool, dry_run: bool, min_nnodes: int = 0,
+                rdzv_last_call_s: float = 30.0) -> int:
+    """`triaxis train` on nproc_per_node processes of this node (one node of nnodes; with
+    min_nnodes < nnodes, of an elastic job that goes on with min_nnodes .. nnodes)."""
     import torch
 
     from triaxis.config import load_config
@@ -98,12 +123,25 @@ def launch_here(config_path: str | None, overrides: list[str], *, nproc_per_node
         raise UserError(f"--nproc-per-node={nproc} but this node has "
                         f"{torch.cuda.device_count()} GPUs; use at most that many")
     resolve(cfg, nproc * nnodes)
+    min_nnodes = min_nnodes or nnodes
+    for n in range(min_nnodes, nnodes):
+        # After losing nodes the job restarts on n of them: the layout must hold there too.
+        try:
+            check_layout_without_data(cfg, nproc * n)
+        except UserError as e:
+            raise UserError(f"--nnodes={min_nnodes}:{nnodes} may run on {n} node(s), "
+                            f"{nproc * n} processes: {e} (give parallel.dp_shard=-1 or "
+                            "parallel.auto to let the layout follow the world size)") from None
+    if min_nnodes < nnodes and max_restarts < 1:
+        raise UserError(f"--nnodes={min_nnodes}:{nnodes} goes on after losing a node by "
+                        "restarting the survivors: give --max-restarts >= 1")
     if not on_gpu:
         overrides = overrides + ["--train.device=cpu"]
         # Share the cores between the CPU workers instead of oversubscribing them.
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     spec = TorchrunSpec(nproc, nnodes, rdzv_endpoint, rdzv_id or "triaxis", rdzv_timeout_s,
-                        max_restarts, gpus=on_gpu)
+                        max_restarts, gpus=on_gpu, min_nnodes=min_nnodes,
+                        last_call_s=rdzv_last_call_s)
     entry = ["triaxis", "train", *([config_path] if config_path else []), *overrides]
     return launch_module(spec, entry, dry_run=dry_run)
 

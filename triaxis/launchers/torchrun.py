@@ -47,6 +47,14 @@ class TorchrunSpec:
     """How long nodes wait for each other (and for the endpoint to accept) before failing."""
     max_restarts: int = 0
     gpus: bool = False
+    min_nnodes: int = 0
+    """Elastic: the job goes on with at least this many nodes (0 = nnodes, a fixed size)."""
+    last_call_s: float = 30.0
+    """Elastic: once min_nnodes have joined, how long the rendezvous waits for more."""
+
+    @property
+    def elastic(self) -> bool:
+        return 0 < self.min_nnodes < self.nnodes
 
 
 @dataclass(frozen=True)
@@ -131,12 +139,15 @@ def plan_rendezvous(endpoint: str, timeout_s: float, wait: bool = True) -> Rende
 
 def torchrun_argv(spec: TorchrunSpec, rdzv: Rendezvous | None, entry: list[str]) -> list[str]:
     """Arguments of torch.distributed.run; `entry` follows `python -m`."""
-    argv = [f"--nproc-per-node={spec.nproc_per_node}", f"--nnodes={spec.nnodes}",
+    nnodes = f"{spec.min_nnodes}:{spec.nnodes}" if spec.elastic else str(spec.nnodes)
+    argv = [f"--nproc-per-node={spec.nproc_per_node}", f"--nnodes={nnodes}",
             f"--max-restarts={spec.max_restarts}"]
     if rdzv is None:
         argv.append("--standalone")
     else:
         conf = f"join_timeout={int(spec.rdzv_timeout_s)}"
+        if spec.elastic:
+            conf += f",last_call_timeout={spec.last_call_s:g}"
         if rdzv.is_host is not None:
             conf += f",is_host={'true' if rdzv.is_host else 'false'}"
         argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv.endpoint}",
@@ -211,6 +222,10 @@ def launch_module(spec: TorchrunSpec, entry: list[str], dry_run: bool = False) -
     world = spec.nproc_per_node * spec.nnodes
     log(f"{world} processes ({spec.nnodes} node(s) x {spec.nproc_per_node}, "
         f"{'nccl' if spec.gpus else 'gloo'}): torchrun {' '.join(argv)}")
+    if spec.elastic:
+        log(f"elastic: {spec.min_nnodes} to {spec.nnodes} nodes; when a node is lost the "
+            f"others restart (up to --max-restarts={spec.max_restarts} times) on the nodes "
+            "left and resume from the last checkpoint")
     if dry_run:
         print(subprocess.list2cmdline([sys.executable, "-m", "torch.distributed.run", *argv]))
         return 0
