@@ -240,7 +240,9 @@ class Trainer:
                  f"({counts['non_embedding'] / 1e6:.1f}M non-embedding); layout "
                  f"{self.dims.describe()} on {self.env.world_size} x {self.device.type}; "
                  f"global batch {cfg.train.global_batch} x {cfg.data.seq_len} tokens, "
-                 f"grad accumulation {self.grad_accum}")
+                 f"grad accumulation {self.grad_accum}; loss: "
+                 + (f"fused head + cross-entropy, {self.loss_chunk} tokens a chunk"
+                    if self.loss_chunk else "full logits, then cross-entropy"))
         metrics = MetricsWriter(cfg.train.run_dir, self.env.is_main, cfg.metrics.tensorboard)
         progress = Progress(log, cfg.train.steps, step, cfg.metrics.progress)
         result = TrainResult(run_dir=str(run_dir))
