@@ -310,23 +310,33 @@ def test_cli_train_stops_on_a_corrupted_shard(moto_s3, byte_data, tmp_path, monk
 
 
 def test_shard_groups_make_a_small_cache_enough(s3_data, tmp_path):
-    """One epoch through a cache of 4 of the split's shards, prefetching as the trainer does:
-    the global shuffle downloads shards over and over; groups of one shard-sized block read each
-    shard about once (a block straddles two), and a cache too small for the groups is refused."""
+    """A cache of 4 of the split's shards, prefetching as the trainer does: over the first 12
+    steps the global shuffle downloads a shard for most samples; groups of one shard-sized block
+    read each shard about once in a whole epoch (a block straddles two). A cache too small for
+    the groups is refused."""
     shard_bytes = 60_000 * 2
-    fetched = {}
-    for groups in (0, 1):
+
+    def downloaded(groups: int, steps: int | None) -> tuple[float, int]:
         ds = TokenDataset(s3_data, "train", seq_len=32, seed=0, cache_dir=str(tmp_path),
                           cache_gib=4 * shard_bytes / 2**30, prefetch_threads=2,
                           shuffle_shards=groups)
-        for start in range(0, ds.num_windows - 32, 16):
+        starts = list(range(0, ds.num_windows - 32, 16))[:steps]
+        for start in starts:
             ds.prefetch(start, 32)  # this step's samples and the next step's
             ds.batch(start, 16)
-        split_bytes = sum(ds.shard_tokens) * 2
-        fetched[groups] = ds.cache.stats.downloaded_bytes / split_bytes
+        got = ds.cache.stats.downloaded_bytes
         ds.close()
-    print(f"\nsplit bytes downloaded per epoch: {fetched}")
-    assert fetched[0] > 50 and fetched[1] <= 2.2, fetched
+        return got / shard_bytes, len(starts)
+
+    global_shards, steps = downloaded(0, 12)
+    grouped_shards, _ = downloaded(1, 12)
+    epoch_shards, epoch_steps = downloaded(1, None)
+    split_shards = len(TokenDataset(s3_data, "train", 32, cache_dir=str(tmp_path)).cache.files)
+    print(f"\nshards downloaded in {steps} steps: global {global_shards:.1f}, groups of 1 "
+          f"{grouped_shards:.1f}; a whole epoch ({epoch_steps} steps) in groups of 1: "
+          f"{epoch_shards / split_shards:.2f} x the split")
+    assert global_shards > 5 * grouped_shards and grouped_shards <= 3
+    assert epoch_shards <= 2.2 * split_shards
     with pytest.raises(UserError, match="shuffle_shards=2 reads up to 4 shards"):
         TokenDataset(s3_data, "train", 32, cache_dir=str(tmp_path),
                      cache_gib=4 * shard_bytes / 2**30, shuffle_shards=2)
