@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.s3_server import AWS_ENV  # noqa: E402  (the dummy credentials moto accepts)
+from tests.s3_server import AWS_ENV  # the dummy credentials moto accepts
 
 
 def per_call_ms(fn, calls: int) -> float:
