@@ -10,6 +10,7 @@ on a later step, once every rank's sidecar has landed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import os
@@ -62,6 +63,18 @@ def _disk_full(err: OSError, folder: str) -> UserError:
                      "checkpoint.keep_last, or point checkpoint.dir elsewhere, then resume. The "
                      "previous checkpoint is untouched; this partial one is invisible and "
                      "removed by the next run")
+
+
+@contextlib.contextmanager
+def _full_disk_is_a_user_error(folder: str):
+    """Turn a write that filled the disk, however DCP wrapped it, into one line."""
+    try:
+        yield
+    except BaseException as err:
+        full = _disk_full_in(err)
+        if full is not None:
+            raise _disk_full(full, folder) from None
+        raise
 
 
 def _disk_full_in(err: BaseException) -> OSError | None:
@@ -130,13 +143,8 @@ class Checkpointer:
             self.pending = (folder, meta, side)
             self.blocking_s.append(time.perf_counter() - t0)
             return folder
-        try:
+        with _full_disk_is_a_user_error(folder):
             dcp.save(state, storage_writer=writer)
-        except BaseException as err:
-            full = _disk_full_in(err)
-            if full is not None:
-                raise _disk_full(full, folder) from None
-            raise
         mf.write_sidecar(folder, self.rank)
         _barrier()
         if self.is_main:
@@ -147,13 +155,8 @@ class Checkpointer:
         return folder
 
     def _after_write(self, fut: Future, folder: str) -> None:
-        try:
+        with _full_disk_is_a_user_error(folder):
             fut.result()
-        except BaseException as err:
-            full = _disk_full_in(err)
-            if full is not None:
-                raise _disk_full(full, folder) from None
-            raise
         mf.write_sidecar(folder, self.rank)
 
     def poll(self) -> str | None:
