@@ -205,6 +205,10 @@ def test_cli_refuses_vocab_size_with_hf(hf_dir, tmp_path, capsys):
             "--tokenizer", f"hf:{hf_dir}"]
     assert main([*args, "--vocab-size", "512"]) == 2
     assert "--vocab-size 512 applies to --tokenizer bpe only" in capsys.readouterr().err
+    byte = [*args[:-1], "byte", "--vocab-size", "300"]
+    assert main(byte) == 2
+    assert "--vocab-size 300 applies to --tokenizer bpe only; byte brings its own" in \
+        capsys.readouterr().err
     assert main([*args, "--eos-token", EOS, "--workers", "1"]) == 0
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["tokenizer"]["kind"] \
         == "hf"

@@ -11,8 +11,8 @@ from triaxis.errors import UserError
 def _prepare(a: argparse.Namespace) -> int:
     from triaxis.data.prepare import PrepareOptions, prepare
 
-    if a.vocab_size is not None and a.tokenizer.startswith("hf:"):
-        # An HF model's vocabulary is fixed; a silently ignored size would mislead.
+    if a.vocab_size is not None and a.tokenizer != "bpe":
+        # The byte and HF vocabularies are fixed; a silently ignored size would mislead.
         raise UserError(f"--vocab-size {a.vocab_size} applies to --tokenizer bpe only; "
                         f"{a.tokenizer} brings its own vocabulary: drop --vocab-size")
     vocab_size = PrepareOptions.vocab_size if a.vocab_size is None else a.vocab_size
