@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 
 from triaxis.errors import UserError
+
+DEBUG_ENV = "TRIAXIS_DEBUG"
+BUG_EXIT = 1
+"""Exit status of an unexpected exception (a bug); bad input exits 2 (UserError)."""
 
 
 def _prepare(a: argparse.Namespace) -> int:
@@ -42,7 +48,19 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
+    from triaxis.fields import Range, check_value
     from triaxis.generate import generate, load_for_inference
+
+    # Each option against its rule before the checkpoint is read.
+    for where, value, rule in (("--max-new-tokens", a.max_new_tokens, Range(ge=1, le=2**20)),
+                               ("--temperature", a.temperature, Range(ge=0, le=100)),
+                               ("--top-k", a.top_k, Range(ge=0)),
+                               ("--seed", a.seed, Range(ge=0)),
+                               ("--checkpoint", a.checkpoint, None),
+                               ("--device", a.device, None)):
+        check_value(where, value, rule)
+    if a.device != "cpu" and not a.device.startswith(("cuda", "mps")):
+        raise UserError(f"--device {a.device!r} is not a torch device; use cpu or cuda[:N]")
 
     model, tok, ckpt = load_for_inference(a.checkpoint, a.device)
     ids = generate(model, tok.encode(a.prompt), a.max_new_tokens, a.temperature, a.top_k,
@@ -79,8 +97,20 @@ def _config(a: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the house error format: one `error:` line and exit 2 (no usage block)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {self.prog}: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(UserError.exit_code)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="triaxis", description="Train LLMs with 3D parallelism.")
+    p = _Parser(prog="triaxis", description="Train LLMs with 3D parallelism.",
+                epilog=f"--debug (or {DEBUG_ENV}=1) shows the traceback of an unexpected error.")
+    p.add_argument("--debug", action="store_true",
+                   help="on an unexpected error, show the full traceback (also " + DEBUG_ENV
+                        + "=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="tokenize text into shards (default: embedded corpus)")
@@ -165,21 +195,73 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    if argv and argv[0] in ("train", "launch"):
-        # Everything the subcommand does not know is CONFIG.toml and --section.field overrides.
-        args, rest = parser.parse_known_args(argv)
-        args.rest = rest
-    else:
-        args = parser.parse_args(argv)
+    """Run one command. Bad input: one `error:` line, exit 2. Anything unexpected: one line
+    saying it is a bug, exit 1 (the traceback with --debug or TRIAXIS_DEBUG=1)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # --debug is accepted anywhere (train and launch pass unknown arguments on as overrides).
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [x for x in argv if x != "--debug"]
     try:
+        parser = build_parser()
+        if argv and argv[0] in ("train", "launch"):
+            # Everything the subcommand does not know is CONFIG.toml and --section.field
+            # overrides.
+            args, rest = parser.parse_known_args(argv)
+            args.rest = rest
+        else:
+            args = parser.parse_args(argv)
         return args.fn(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return e.exit_code
     except BrokenPipeError:  # output piped into `head`
         return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        # The machine's state, not a bug: a full disk, a path that cannot be read or written.
+        message = _os_error(e)
+        if message is None or debug:
+            if debug:
+                raise
+            return _bug(e)
+        print(f"error: {_one_line(message)}", file=sys.stderr)
+        return UserError.exit_code
+    except Exception as e:  # noqa: BLE001 - the one place that turns a bug into one line
+        if debug:
+            raise
+        return _bug(e)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) if "\n" in text or "\r" in text else text
+
+
+def _bug(e: BaseException) -> int:
+    print(f"error: {type(e).__name__}: {_one_line(str(e))} (this is a bug in triaxis; rerun "
+          "with --debug for the traceback)", file=sys.stderr)
+    return BUG_EXIT
+
+
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full; free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exceeded; free space or write elsewhere",
+    errno.EACCES: "permission denied; fix the permissions or choose another path",
+    errno.EPERM: "operation not permitted; fix the permissions or choose another path",
+    errno.EROFS: "the file system is read-only; write elsewhere",
+    errno.ENOENT: "no such file or folder; check the path",
+    errno.ENOTDIR: "a part of the path is not a folder; check the path",
+    errno.EISDIR: "it is a folder, a file was expected; check the path",
+    errno.ENAMETOOLONG: "the name is too long; choose a shorter path",
+    errno.EIO: "an input/output error; check the disk",
+}
+
+
+def _os_error(e: OSError) -> str | None:
+    """One line for an OS error on a user's path (with the fix), or None: not the user's."""
+    fix = _OS_FIXES.get(e.errno or 0)
+    if fix is None:
+        return None
+    where = e.filename if e.filename is not None else ""
+    return f"{where}: {fix}" if where else f"{e.strerror or e}: {fix}"

@@ -16,44 +16,45 @@ from pathlib import Path
 from typing import Any, Literal
 
 from triaxis.errors import UserError, nearest
+from triaxis.fields import check_fields, ranged
 
 
 @dataclass
 class ModelConfig:
     preset: str = "small"
     """Model shape: tiny | small | 1b | 8b | 70b | 405b. Fields set below override the preset."""
-    dim: int = 0
+    dim: int = ranged(0, ge=0)
     """Hidden size d_model (0 = from the preset)."""
-    n_layers: int = 0
+    n_layers: int = ranged(0, ge=0)
     """Number of transformer blocks (0 = from the preset)."""
-    n_heads: int = 0
+    n_heads: int = ranged(0, ge=0)
     """Attention heads (0 = from the preset)."""
-    n_kv_heads: int = 0
+    n_kv_heads: int = ranged(0, ge=0)
     """Key/value heads for grouped-query attention; must divide n_heads (0 = from the preset)."""
-    ffn_dim: int = 0
+    ffn_dim: int = ranged(0, ge=0)
     """Hidden size of the SwiGLU MLP (0 = from the preset)."""
-    vocab_size: int = 0
+    vocab_size: int = ranged(0, ge=0)
     """Vocabulary size (0 = the prepared data's tokenizer, else the preset)."""
-    max_seq_len: int = 0
+    max_seq_len: int = ranged(0, ge=0)
     """Longest sequence the RoPE tables cover (0 = from the preset)."""
     tie_embeddings: bool | None = None
     """Share the input embedding with the LM head (unset = from the preset)."""
-    rope_theta: float = 0.0
+    rope_theta: float = ranged(0.0, ge=0)
     """RoPE base frequency (0 = from the preset)."""
     rope_scaling: str = ""
     """RoPE frequency scaling: none | llama3 (Llama 3.1's long-context scaling, the four
     rope_* fields below); empty = from the preset (none for every preset)."""
-    rope_scaling_factor: float = 8.0
+    rope_scaling_factor: float = ranged(8.0, gt=0)
     """llama3 scaling: how much the low frequencies are slowed (8 in Llama 3.1, 32 in 3.2)."""
-    rope_low_freq_factor: float = 1.0
+    rope_low_freq_factor: float = ranged(1.0, gt=0)
     """llama3 scaling: rotations turning fewer times than this over the original context are
     fully scaled."""
-    rope_high_freq_factor: float = 4.0
+    rope_high_freq_factor: float = ranged(4.0, gt=0)
     """llama3 scaling: rotations turning more times than this over the original context are
     left alone; in between, the two blend linearly."""
-    rope_original_max_seq_len: int = 8192
+    rope_original_max_seq_len: int = ranged(8192, ge=1)
     """llama3 scaling: the context length of pre-training, before the extension."""
-    norm_eps: float = 1e-5
+    norm_eps: float = ranged(1e-5, gt=0, lt=1)
     """Epsilon of RMSNorm."""
 
 
@@ -61,15 +62,15 @@ class ModelConfig:
 class DataConfig:
     path: str = "data/stdlib"
     """Folder or s3:// prefix written by `triaxis prepare` (shards + manifest.json)."""
-    seq_len: int = 256
+    seq_len: int = ranged(256, ge=1)
     """Tokens per training sample (the model sees seq_len inputs and seq_len targets)."""
-    seed: int = 1234
+    seed: int = ranged(1234, ge=0)
     """Seed of the global sample order; sample i is a pure function of (seed, i)."""
     cache_dir: str = ""
     """Local folder caching s3:// shards (empty = system temp); a subfolder per process, removed at exit."""
-    cache_gib: float = 4.0
+    cache_gib: float = ranged(4.0, gt=0)
     """Bound of that cache per process and split, in GiB; least recently used shards are evicted."""
-    shuffle_shards: int = 0
+    shuffle_shards: int = ranged(0, ge=0)
     """0 = one global shuffle over every window of the split (each step reads shards all over
     it: a cache smaller than the split thrashes). N = shuffle within groups of N randomly
     chosen shard-sized blocks: a step reads from about N shards, so an S3 cache of 4·N shards
@@ -80,27 +81,27 @@ class DataConfig:
 class TrainConfig:
     run_dir: str = "runs/default"
     """Output folder: resolved config, metrics.jsonl, TensorBoard events, checkpoints."""
-    steps: int = 200
+    steps: int = ranged(200, ge=1)
     """Optimizer steps to train."""
-    global_batch: int = 16
+    global_batch: int = ranged(16, ge=1)
     """Samples per optimizer step, summed over data-parallel ranks and micro-batches."""
-    micro_batch: int = 8
+    micro_batch: int = ranged(8, ge=1)
     """Samples per rank per forward pass; gradient accumulation = global_batch / (micro_batch x dp)."""
-    lr: float = 1e-3
+    lr: float = ranged(1e-3, ge=0, le=10)
     """Peak learning rate of AdamW."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = ranged(0.1, ge=0, le=1)
     """Final learning rate of the cosine decay, as a fraction of lr."""
-    warmup_steps: int = 20
+    warmup_steps: int = ranged(20, ge=0)
     """Linear warm-up steps before the cosine decay."""
-    weight_decay: float = 0.1
+    weight_decay: float = ranged(0.1, ge=0, le=10)
     """AdamW decoupled weight decay (applied to matrices, not to norms)."""
-    beta1: float = 0.9
+    beta1: float = ranged(0.9, ge=0, lt=1)
     """AdamW beta1."""
-    beta2: float = 0.95
+    beta2: float = ranged(0.95, ge=0, lt=1)
     """AdamW beta2."""
-    grad_clip: float = 1.0
+    grad_clip: float = ranged(1.0, ge=0)
     """Clip the global gradient norm to this value (0 = no clipping)."""
-    seed: int = 0
+    seed: int = ranged(0, ge=0)
     """Seed of the weight initialization."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Where to train: auto picks CUDA when available."""
@@ -110,22 +111,22 @@ class TrainConfig:
     """torch.compile each transformer block."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager for quick checks)."""
-    loss_chunk_tokens: int = 4096
+    loss_chunk_tokens: int = ranged(4096, ge=0)
     """Tokens per chunk of the fused LM head + cross-entropy, which never holds the logits of
     the whole micro-batch (0 = the plain head, then the loss on full logits). With tp > 1 the
     vocabulary-parallel loss and with pp > 1 the pipeline's loss are used instead."""
-    val_every: int = 50
+    val_every: int = ranged(50, ge=0)
     """Run validation every this many steps (0 = never)."""
-    val_batches: int = 4
+    val_batches: int = ranged(4, ge=1)
     """Validation batches of global_batch samples each (the same samples for every layout)."""
     on_bad_loss: Literal["skip", "rollback", "off"] = "skip"
     """A non-finite or spiking loss: skip the update; rollback to the last checkpoint and skip
     the batch; or off (no check, no per-step host sync)."""
-    spike_factor: float = 0.0
+    spike_factor: float = ranged(0.0, ge=0)
     """A loss above spike_factor x the running mean counts as bad (0 = only non-finite ones)."""
-    max_bad_steps: int = 5
+    max_bad_steps: int = ranged(5, ge=1)
     """Stop with an error after this many bad steps."""
-    exit_after_steps: int = 0
+    exit_after_steps: int = ranged(0, ge=0)
     """Save and exit after this many steps in this invocation (0 = run to train.steps): for
     time-sliced jobs that resume on the next launch."""
 
@@ -135,20 +136,20 @@ class ParallelConfig:
     auto: Literal["off", "speed", "memory"] = "off"
     """Let the planner choose degrees, micro-batch, checkpointing and offload for this world
     size (speed: fastest predicted step; memory: smallest peak memory). Overrides them below."""
-    dp_replicate: int = 1
+    dp_replicate: int = ranged(1, ge=1)
     """Data-parallel replicas: model copies (MiCS partition groups) that all-reduce gradients."""
-    dp_shard: int = -1
+    dp_shard: int = ranged(-1, ge=-1)
     """Sharded-data-parallel degree: the MiCS partition-group size (-1 = the rest of the world)."""
-    tp: int = 1
+    tp: int = ranged(1, ge=1)
     """Tensor-parallel degree (with sequence parallelism on norms); must divide the heads."""
-    pp: int = 1
+    pp: int = ranged(1, ge=1)
     """Pipeline-parallel degree: stages of contiguous blocks on different ranks."""
     pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "interleaved-zb",
                          "zbv", "dualpipev"] = "1f1b"
     """Pipeline schedule; interleaved ones need pp_virtual_stages >= 2, zbv/dualpipev exactly 2."""
-    pp_virtual_stages: int = 1
+    pp_virtual_stages: int = ranged(1, ge=1)
     """Stages per pipeline rank (v): more, smaller stages shrink the bubble to (p-1)/(v·m)."""
-    pp_memory_weight: float = 0.0
+    pp_memory_weight: float = ranged(0.0, ge=0, le=1)
     """Stage partitioning objective: 0 balances compute (speed), 1 balances memory, between blends."""
     pp_layers: str = ""
     """Explicit blocks per stage, e.g. "5,5,6" (overrides the automatic partitioner)."""
@@ -163,21 +164,21 @@ class ParallelConfig:
     """With tp > 1: compute cross-entropy on vocabulary-sharded logits (no all-gather of logits)."""
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
     """Recompute activations in backward: none | full (every block) | selective (every k-th)."""
-    ac_every: int = 2
+    ac_every: int = ranged(2, ge=1)
     """For selective checkpointing: checkpoint every k-th block."""
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 100
+    interval: int = ranged(100, ge=0)
     """Save every this many steps (0 = only at the end of training)."""
     dir: str = ""
     """Checkpoint folder or s3://bucket/prefix (empty = RUN_DIR/checkpoints)."""
     resume: str = "auto"
     """auto: resume from the latest complete checkpoint in dir, if any; none: start fresh."""
-    keep_last: int = 3
+    keep_last: int = ranged(3, ge=0)
     """Keep this many most recent checkpoints (0 = keep all)."""
-    keep_every: int = 0
+    keep_every: int = ranged(0, ge=0)
     """Also keep every checkpoint whose step is a multiple of this (0 = none)."""
     async_save: bool = True
     """Write checkpoints in the background; training blocks only while the state is staged."""
@@ -191,7 +192,7 @@ class CheckpointConfig:
 
 @dataclass
 class MetricsConfig:
-    log_every: int = 10
+    log_every: int = ranged(10, ge=1)
     """Log loss, tokens/s and MFU every this many steps."""
     tensorboard: bool = True
     """Write TensorBoard event files into RUN_DIR/tb."""
@@ -307,7 +308,8 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str, str]]:
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- TOML file <- command-line overrides. Not yet validated."""
+    """Defaults <- TOML file <- command-line overrides, each field checked against its own
+    rules; the rules between fields are `validate`'s."""
     cfg = Config()
     if path:
         p = Path(path)
@@ -324,7 +326,14 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
                 _set(cfg, section, name, raw)
     for section, name, raw in parse_overrides(overrides or []):
         _set(cfg, section, name, raw)
+    check_config(cfg)  # each field's own rules now, before anything is touched
     return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """Every field against its own rules (range, finite, 64-bit, no control characters)."""
+    for section in SECTIONS:
+        check_fields(getattr(cfg, section), section)
 
 
 def to_toml(cfg: Config) -> str:
@@ -372,22 +381,8 @@ def field_docs(cls: type) -> dict[str, str]:
 def validate(cfg: Config, model_args=None, dims=None) -> None:
     """Raise UserError naming the value, the rule and the fix. `model_args` and `dims` (the
     resolved model shape and parallel degrees) enable the rules that need them."""
+    check_config(cfg)
     t, d, p = cfg.train, cfg.data, cfg.parallel
-    for where, value in (("train.steps", t.steps), ("train.global_batch", t.global_batch),
-                         ("train.micro_batch", t.micro_batch), ("data.seq_len", d.seq_len),
-                         ("metrics.log_every", cfg.metrics.log_every),
-                         ("parallel.ac_every", p.ac_every)):
-        if value < 1:
-            raise UserError(f"{where}={value} must be >= 1")
-    for where, value in (("train.lr", t.lr), ("train.warmup_steps", t.warmup_steps),
-                         ("train.val_every", t.val_every), ("train.grad_clip", t.grad_clip),
-                         ("checkpoint.interval", cfg.checkpoint.interval),
-                         ("checkpoint.keep_last", cfg.checkpoint.keep_last),
-                         ("train.loss_chunk_tokens", t.loss_chunk_tokens)):
-        if value < 0:
-            raise UserError(f"{where}={value} must be >= 0")
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise UserError(f"train.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1]")
     if cfg.checkpoint.resume not in ("auto", "none"):
         raise UserError(f"checkpoint.resume={cfg.checkpoint.resume!r}: use auto or none")
     if p.loss_parallel and p.tp == 1:

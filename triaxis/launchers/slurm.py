@@ -12,6 +12,15 @@ checkpoint.resume=auto, so it continues from the latest complete checkpoint in c
 which is the same folder as before: the job's working directory is the submission directory.
 Shortly before the time limit Slurm sends the batch shell USR1 (`--signal`), and the job
 requeues itself rather than being killed: a long run proceeds as a chain of time-limited jobs.
+
+Quoting: every value reaches the script quoted for the reader of its line. Body lines are bash
+(`shlex.quote`). `#SBATCH` lines are read by sbatch itself, with rules of its own
+(src/sbatch/opt.c, `get_argument`): words split at whitespace, `"..."` or `'...'` group a word,
+a backslash escapes the next character, an unquoted `#` ends the line, and a line that
+mentions "hetjob" or "packjob" anywhere starts a heterogeneous job component. So a directive
+value is written bare when it is plain, else inside double quotes with backslash and `"`
+escaped; a value naming hetjob/packjob, and any value holding a control character (a newline would end the
+directive and start a shell line), is refused with one line.
 """
 
 from __future__ import annotations
@@ -66,10 +75,49 @@ class SlurmJob:
     sbatch_options: list[str] = field(default_factory=list)
 
 
+_DIRECTIVE_SPECIAL = set(" \t\"'\\#")
+_HETJOB_WORDS = ("hetjob", "packjob")
+
+
+def _check_text(what: str, value: str) -> None:
+    from triaxis.fields import control_char
+
+    ch = control_char(value)
+    if ch is not None:
+        raise UserError(f"{what}={value!r} holds the control character {ch!r}, which would "
+                        "break the sbatch script; remove it (rename the path)")
+
+
+def directive_word(what: str, value: str) -> str:
+    """`value` as one word of an #SBATCH line, as sbatch's own parser reads it back."""
+    _check_text(what, value)
+    lower = value.lower()
+    for word in _HETJOB_WORDS:
+        if word in lower:
+            raise UserError(f"{what}={value!r} contains {word!r}: sbatch reads any #SBATCH "
+                            "line with that word as the start of a heterogeneous job; rename "
+                            "it (e.g. the folder)")
+    if value and not _DIRECTIVE_SPECIAL.intersection(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _output_pattern(run_dir: str) -> str:
+    """--output's file-name pattern: `%` is special there (`%j` = job id; `%%` = `%`), and a
+    backslash anywhere turns every replacement off."""
+    if "\\" in run_dir:
+        raise UserError(f"train.run_dir={run_dir!r} holds a backslash, which turns off Slurm's "
+                        "%j in the log name (every job would share one log); rename the folder")
+    return str(Path(run_dir.replace("%", "%%"), "slurm-%j.out"))
+
+
 def render_sbatch(job: SlurmJob) -> str:
-    out = str(Path(job.run_dir, "slurm-%j.out"))
+    for what, value in (("--python", job.python), ("workdir", job.workdir),
+                        ("train.run_dir", job.run_dir),
+                        *(("argument", a) for a in job.train_args)):
+        _check_text(what, value)
     opts = [f"--job-name={job.job_name}", f"--nodes={job.nnodes}", "--ntasks-per-node=1",
-            f"--chdir={job.workdir}", f"--output={out}",
+            f"--chdir={job.workdir}", f"--output={_output_pattern(job.run_dir)}",
             "--open-mode=append",  # a requeued run appends to the same log
             "--requeue"]
     if job.gpus_per_node:
@@ -81,6 +129,7 @@ def render_sbatch(job: SlurmJob) -> str:
     if job.requeue_margin_s > 0:
         opts.append(f"--signal=B:USR1@{job.requeue_margin_s}")
     opts += job.sbatch_options
+    opts = [directive_word(o.partition("=")[0], o) for o in opts]
     launcher = [job.python, "-m", "triaxis", "launch", "--backend", "torchrun",
                 "--nnodes", str(job.nnodes), "--nproc-per-node", str(job.nproc_per_node),
                 "--rdzv-timeout", f"{job.rdzv_timeout_s:g}",
