@@ -78,7 +78,22 @@ def _layout(a: argparse.Namespace) -> int:
 
 
 def _launch(a: argparse.Namespace) -> int:
+    from triaxis.fields import Range, check_value
     from triaxis.launch import launch
+
+    # The launcher's own options, each against its rule, before any config, file or job.
+    for where, value, rule in (
+            ("--nproc-per-node", a.nproc_per_node, Range(ge=0, le=4096)),
+            ("--node-rank", a.node_rank, Range(ge=0)),
+            ("--max-restarts", a.max_restarts, Range(ge=0, le=10_000)),
+            ("--rdzv-timeout", a.rdzv_timeout, Range(gt=0)),
+            ("--rdzv-last-call", a.rdzv_last_call, Range(ge=0)),
+            ("--rdzv-endpoint", a.rdzv_endpoint, None), ("--rdzv-id", a.rdzv_id, None),
+            ("--gpus-per-node", getattr(a, "gpus_per_node", 0), Range(ge=0, le=1024)),
+            ("--requeue-margin-s", getattr(a, "requeue_margin_s", 0), Range(ge=0)),
+            ("--job-name", getattr(a, "job_name", ""), None),
+            ("--python", getattr(a, "python", ""), None)):
+        check_value(where, value, rule)
 
     return launch(a)
 

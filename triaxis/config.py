@@ -75,6 +75,9 @@ class DataConfig:
     it: a cache smaller than the split thrashes). N = shuffle within groups of N randomly
     chosen shard-sized blocks: a step reads from about N shards, so an S3 cache of 4·N shards
     suffices; N >= 8 keeps batches well mixed."""
+    verify: Literal["sha256", "size"] = "sha256"
+    """Check local shards against the manifest when a run opens them: sha256 = size, sha256
+    and token range, each file read once (remembered until it changes); size = sizes only."""
 
 
 @dataclass
@@ -316,7 +319,10 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         if not p.is_file():
             raise UserError(f"config file {path} does not exist; pass an existing .toml file")
         try:
-            data = tomllib.loads(p.read_text())
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"config file {path} is not UTF-8 text (byte {e.start}); pass a "
+                            ".toml file") from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {path} is not valid TOML: {e}") from None
         for section, values in data.items():

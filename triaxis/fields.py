@@ -78,18 +78,22 @@ def check_value(where: str, value: Any, rule: Range | None = None, fix: str = ""
     tail = f"; {fix}" if fix else ""
     if isinstance(value, bool) or value is None:
         return
+    # A command-line option reads `--top-k -1`, a config field `train.lr=nan`.
+    shown = f"{where} {value!r}" if where.startswith("--") and isinstance(value, str) else \
+        f"{where} {value}" if where.startswith("--") else f"{where}={value}"
     if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{where}={value} must be a finite number"
+        raise UserError(f"{shown} must be a finite number"
                         + (f" ({rule.describe()})" if rule else "") + tail)
     if isinstance(value, int) and not -_INT64 <= value < _INT64:
-        raise UserError(f"{where}={value} is too large: it must fit in 64 bits"
+        raise UserError(f"{shown} is too large: it must fit in 64 bits"
                         + (f" and be {rule.describe()}" if rule else "") + tail)
     if isinstance(value, (int, float)) and rule is not None and not rule.admits(value):
-        raise UserError(f"{where}={value} must be {rule.describe()}{tail}")
+        raise UserError(f"{shown} must be {rule.describe()}{tail}")
     if isinstance(value, str):
         ch = control_char(value)
         if ch is not None:
-            raise UserError(f"{where}={value!r} holds the control character {ch!r}; paths and "
+            shown = f"{where} {value!r}" if where.startswith("--") else f"{where}={value!r}"
+            raise UserError(f"{shown} holds the control character {ch!r}; paths and "
                             "names must be printable text: remove it")
 
 

@@ -33,9 +33,11 @@ from pathlib import Path
 import numpy as np
 
 from triaxis import storage
-from triaxis.data.prepare import FORMAT, MANIFEST, sha256_file
+from triaxis.data.prepare import FORMAT, MANIFEST
 from triaxis.data.remote_io import RemoteFiles
 from triaxis.data.tokenizer import load_tokenizer
+from triaxis.data.verify import (VERIFY_MODES, check_manifest, check_shard_size,
+                                 verify_shard)
 from triaxis.errors import UserError
 
 TRACE_ENV = "TRIAXIS_TRACE_SAMPLES"
@@ -87,22 +89,36 @@ def read_manifest(path: str | Path, remote: RemoteFiles | None = None) -> dict:
         if not mf.is_file():
             raise UserError(f"data path {path} has no {MANIFEST}; it is not prepared data. "
                             f"Run `triaxis prepare --output {path}`")
-        text = mf.read_text()
-    manifest = json.loads(text)
-    if manifest.get("format") != FORMAT:
-        raise UserError(f"{mf} has format {manifest.get('format')!r}, expected {FORMAT!r}; "
+        text = mf.read_bytes().decode("utf-8", errors="replace")
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{mf} is not valid JSON ({e}): the manifest is damaged; prepare the "
+                        "data again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise UserError(f"{mf} has format {found!r}, expected {FORMAT!r}; "
                         "prepare the data again with this triaxis version")
+    check_manifest(manifest, str(mf))
     return manifest
 
 
+class EmptySplitError(UserError):
+    """The split holds too few tokens for one sample (a run may go on without validation)."""
+
+
 class TokenDataset:
-    """One split of prepared data: local shards memory-mapped read-only (sha256-checked when
-    `verify`), s3:// shards through a local cache of at most `cache_gib`, each download checked
-    against its sha256 (remote.py)."""
+    """One split of prepared data: local shards memory-mapped read-only, each checked against
+    the manifest when opened (size always; sha256 and token range once per file unless
+    verify="size": verify.py), s3:// shards through a local cache of at most `cache_gib`, each
+    download checked against its sha256 (remote.py)."""
 
     def __init__(self, path: str | Path, split: str, seq_len: int, seed: int = 0,
-                 verify: bool = False, cache_dir: str = "", cache_gib: float = 4.0,
+                 verify: bool | str = "sha256", cache_dir: str = "", cache_gib: float = 4.0,
                  prefetch_threads: int = 4, shuffle_shards: int = 0):
+        verify = {True: "sha256", False: "size"}.get(verify, verify)  # type: ignore[arg-type]
+        if verify not in VERIFY_MODES:
+            raise UserError(f"data.verify={verify!r} is not one of {list(VERIFY_MODES)}")
         self.path, self.split = str(path), split
         self.remote = storage.is_remote(self.path)
         # One client for every request about this prefix (a fresh one costs ~0.5 s).
@@ -111,7 +127,7 @@ class TokenDataset:
         self.seq_len, self.seed = seq_len, seed
         info = self.manifest["splits"].get(split)
         if info is None or info["tokens"] == 0:
-            raise UserError(f"data path {path} has no {split!r} tokens; prepare more text or "
+            raise EmptySplitError(f"data path {path} has no {split!r} tokens; prepare more text or "
                             "set a non-zero --val-fraction")
         dtype = np.dtype(self.manifest["dtype"])
         self.shards: list[np.ndarray] = []
@@ -128,9 +144,9 @@ class TokenDataset:
         self.num_tokens = int(self.offsets[-1])
         self.num_windows = (self.num_tokens - 1) // seq_len
         if self.num_windows < 1:
-            raise UserError(f"split {split!r} of {path} has {self.num_tokens} tokens, fewer "
-                            f"than one sample of data.seq_len={seq_len} + 1; lower data.seq_len "
-                            "or prepare more text")
+            raise EmptySplitError(f"split {split!r} of {path} has {self.num_tokens} tokens, "
+                                  f"fewer than one sample of data.seq_len={seq_len} + 1; lower "
+                                  "data.seq_len or prepare more text")
         if shuffle_shards < 0:
             raise UserError(f"data.shuffle_shards={shuffle_shards} must be >= 0 (0 = one "
                             "global shuffle)")
@@ -139,13 +155,13 @@ class TokenDataset:
         if shuffle_shards and self.cache is not None:
             self._check_cache_holds_groups(shuffle_shards, dtype, cache_gib)
 
-    def _map_local(self, shard: dict, dtype: np.dtype, verify: bool) -> np.ndarray:
+    def _map_local(self, shard: dict, dtype: np.dtype, verify: str) -> np.ndarray:
         f = self.folder / shard["file"]
-        if not f.is_file():
-            raise UserError(f"shard {f} listed in the manifest is missing; prepare again")
-        if verify and sha256_file(f) != shard["sha256"]:
-            raise UserError(f"shard {f} fails its sha256 check: the file is corrupted; "
-                            "prepare the data again")
+        check_shard_size(f, shard["tokens"], dtype.itemsize)
+        if verify == "sha256":
+            verify_shard(f, shard["sha256"], dtype, self.manifest["tokenizer"]["vocab_size"])
+        if shard["tokens"] == 0:
+            return np.zeros(0, dtype)  # an empty file cannot be memory-mapped
         return np.memmap(f, dtype=dtype, mode="r")
 
     def _remote_cache(self, info: dict, dtype: np.dtype, cache_dir: str, cache_gib: float,

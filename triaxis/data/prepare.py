@@ -21,7 +21,7 @@ import json
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -33,9 +33,10 @@ from triaxis.data.remote_io import ClientPool
 from triaxis.data.sources import EXTENSIONS, check_bucket, embedded_corpus_files, \
     iter_documents, resolve_inputs
 from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_state
+from triaxis.data.output import MANIFEST, StagedOutput
 from triaxis.errors import UserError
+from triaxis.fields import check_value, ranged
 
-MANIFEST = "manifest.json"
 FORMAT = "triaxis-tokens-v1"
 SPLITS = ("train", "val")
 _CHUNK_DOCS = 256
@@ -52,18 +53,18 @@ class PrepareOptions:
     tokenizer: str = "bpe"
     """bpe (trained on the corpus), byte, or hf:PATH (a Hugging Face tokenizer.json or a model
     folder holding one, local or s3://)."""
-    vocab_size: int = 8192
+    vocab_size: int = ranged(8192, ge=300, le=2**31)
     """BPE vocabulary size (bpe only: byte and hf:PATH bring their own vocabulary)."""
     eos_token: str = ""
     """End-of-document token for hf:PATH (default: eos_token of its tokenizer_config.json)."""
-    max_bytes: int = 12_000_000
+    max_bytes: int = ranged(12_000_000, ge=0)
     """Stop reading input after this many bytes (0 = no limit)."""
-    val_fraction: float = 0.02
+    val_fraction: float = ranged(0.02, ge=0, le=0.5)
     """Share of documents held out for validation (every round(1/f)-th document)."""
-    shard_tokens: int = 16 * 2**20
+    shard_tokens: int = ranged(16 * 2**20, ge=1, le=2**40)
     """Tokens per shard file."""
-    extensions: tuple[str, ...] = EXTENSIONS
-    workers: int = 0
+    extensions: tuple[str, ...] = field(default=EXTENSIONS)
+    workers: int = ranged(0, ge=0, le=1024)
     """Tokenizer worker processes (0 = min(cpu_count, 8)); the output does not depend on it."""
 
 
@@ -80,15 +81,11 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
     if opts.eos_token and not hf:
         raise UserError(f"--eos-token {opts.eos_token!r} applies to --tokenizer hf:PATH only; "
                         f"{opts.tokenizer} has its own end-of-document token: drop --eos-token")
-    if opts.tokenizer == "bpe" and opts.vocab_size < 300:
-        raise UserError(f"--vocab-size {opts.vocab_size} is too small for BPE; use >= 300")
-    if opts.workers < 0:
-        raise UserError(f"--workers {opts.workers} must be >= 0 (0 = min(cpu_count, 8))")
-    if opts.shard_tokens < 1:
-        raise UserError(f"--shard-tokens {opts.shard_tokens} must be >= 1")
+    check_options(opts)
     out = str(opts.output)
     clients = ClientPool()  # one S3 client per bucket for the whole run
     check_bucket(out, "--output", clients)
+    staged = StagedOutput(out, clients, log)  # reads only: refuses an output it must not touch
     files = resolve_inputs(opts.inputs, opts.extensions, clients) if opts.inputs else \
         embedded_corpus_files()
     source = "embedded: python stdlib" if not opts.inputs else ", ".join(opts.inputs)
@@ -110,8 +107,34 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
         log(f"read {seen.docs} documents, {seen.chars / 1e6:.1f} MB from {source}; trained BPE "
             f"tokenizer, vocab {tok.vocab_size}")
 
-    put = clients(out).write if storage.is_remote(out) else storage.write_bytes
-    _clear_output(out, log, clients)
+    # Nothing is written before this point; from here on, into a staging folder that is swapped
+    # in only if everything works (output.py).
+    try:
+        manifest, docs, processes = _write(opts, tok, documents, staged, source)
+        staged.commit(json.dumps(manifest, indent=1).encode())
+    except BaseException:
+        staged.abort()
+        raise
+    log(f"wrote {manifest['splits']['train']['tokens']:,} train and "
+        f"{manifest['splits']['val']['tokens']:,} val tokens ({docs} documents) to {out} "
+        f"({processes or 'no'} worker processes) in {time.perf_counter() - t0:.1f}s")
+    return manifest
+
+
+def check_options(opts: PrepareOptions) -> None:
+    """Every option against the range in its definition, named as on the command line."""
+    import dataclasses
+
+    for f in dataclasses.fields(opts):
+        value = getattr(opts, f.name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            check_value("--" + f.name.replace("_", "-"), item, f.metadata.get("range"))
+
+
+def _write(opts: PrepareOptions, tok, documents, staged: StagedOutput, source: str
+           ) -> tuple[dict, int, int]:
+    """Tokenize into staged shards; (manifest, documents, worker processes)."""
+    put, out = staged.put, staged.stage
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     writers = [_ShardWriter(out, split, dtype, opts.shard_tokens, put) for split in SPLITS]
     every = round(1 / opts.val_fraction) if opts.val_fraction > 0 else 0
@@ -128,13 +151,7 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
                 "tokenizer": tok.save(out, put), "splits": {}}
     for split, writer in zip(SPLITS, writers):
         manifest["splits"][split] = writer.close()
-    # The manifest goes last: a folder with a manifest is complete.
-    put(storage.join(out, MANIFEST), json.dumps(manifest, indent=1).encode())
-    docs = sum(w.documents for w in writers)
-    log(f"wrote {manifest['splits']['train']['tokens']:,} train and "
-        f"{manifest['splits']['val']['tokens']:,} val tokens ({docs} documents) to {out} "
-        f"({processes[0] or 'no'} worker processes) in {time.perf_counter() - t0:.1f}s")
-    return manifest
+    return manifest, sum(w.documents for w in writers), processes[0]
 
 
 class _Counter:
@@ -148,21 +165,6 @@ class _Counter:
             self.docs += 1
             self.chars += len(doc)
             yield doc
-
-
-def _clear_output(out: str, log, clients: ClientPool) -> None:
-    """Remove a previous preparation: the manifest first, so no reader sees mixed shards."""
-    remote = storage.is_remote(out)
-    names = clients(out).listdir(out) if remote else storage.listdir(out)
-    if MANIFEST in names:
-        log(f"replacing the prepared data in {out}")
-    old = [storage.join(out, name) for name in names if name.endswith(".bin")]
-    for batch in ([storage.join(out, MANIFEST)], old):
-        if remote:
-            clients(out).remove(batch)
-        else:
-            for path in batch:
-                storage.remove(path)
 
 
 def _assign_splits(docs: Iterable[str], every: int) -> Iterator[tuple[int, str]]:

@@ -9,6 +9,9 @@ wq/wk rows go back to Hugging Face's RoPE order, one tensor at a time as each sh
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -49,30 +52,54 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
     return shards
 
 
-def _prepare_output(out: Path, force: bool) -> None:
+def _check_output(out: Path, force: bool) -> None:
+    """Refuse an output that must not be written, before anything is read or written."""
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; pass a folder for the Hugging Face model")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise UserError(f"{out} is not empty; choose another folder or pass --force to "
-                            "overwrite the model files in it")
-        # Stale shards of an earlier export would mix with the new ones; other files stay.
-        for p in [out / CONFIG, out / INDEX, *out.glob("model*.safetensors")]:
-            p.unlink(missing_ok=True)
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} is not empty; choose another folder or pass --force to "
+                        "overwrite the model files in it")
+
+
+def _swap_in(stage: Path, out: Path, names: list[str]) -> None:
+    """Move the staged export into `out`: the old model files go first (config.json, the
+    commit, before the weights), the new ones come in with config.json last; other files in
+    `out` stay."""
     out.mkdir(parents=True, exist_ok=True)
+    old = [out / CONFIG, out / INDEX, *sorted(out.glob("model*.safetensors"))]
+    for p in old:  # stale shards of an earlier export would mix with the new ones
+        p.unlink(missing_ok=True)
+    for name in sorted(names, key=lambda n: n == CONFIG):
+        os.replace(stage / name, out / name)
 
 
 @torch.no_grad()
 def export_hf(checkpoint: str, output: str, max_shard_gb: float = 5.0, force: bool = False,
               log: Callable[[str], None] = print) -> list[str]:
     """Write the HF folder; returns the names of the files written."""
-    from safetensors.torch import save_file
-
     if max_shard_gb <= 0:
         raise UserError(f"--max-shard-gb {max_shard_gb} must be > 0")
     out = Path(output)
-    _prepare_output(out, force)
-    model, ckpt = load_checkpoint_model(checkpoint)
+    _check_output(out, force)
+    model, ckpt = load_checkpoint_model(checkpoint)  # a bad checkpoint fails here: out untouched
+    # Written into a staging sibling (same file system), swapped in only when complete.
+    where = out.resolve()
+    stage = where.parent / f".{where.name}.export-{uuid.uuid4().hex[:8]}"
+    stage.mkdir(parents=True)
+    try:
+        names = _write(model, stage, max_shard_gb)
+        _swap_in(stage, out, names)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    log(f"exported {ckpt} -> {out}: {len(names) - 1 - (INDEX in names)} safetensors file(s), "
+        f"{sum(p.numel() * 4 for p in model.parameters()) / 1e6:.1f} MB fp32")
+    return names
+
+
+def _write(model: Transformer, out: Path, max_shard_gb: float) -> list[str]:
+    """config.json + safetensors (+ index) of `model` into the folder `out`; their names."""
+    from safetensors.torch import save_file
+
     args = model.args
     # named_parameters lists a tied head once, as the embedding: HF ties it back from config.
     params = {triaxis_to_hf_name(n): (n, p) for n, p in model.named_parameters()}
@@ -93,6 +120,4 @@ def export_hf(checkpoint: str, output: str, max_shard_gb: float = 5.0, force: bo
         (out / INDEX).write_text(json.dumps(index, indent=2))
     # Last: without config.json the folder is not a loadable model (an interrupted export).
     (out / CONFIG).write_text(json.dumps(hf_config_from_args(args), indent=2))
-    log(f"exported {ckpt} -> {out}: {len(names)} safetensors file(s), "
-        f"{sum(s for _, s in sizes) / 1e6:.1f} MB fp32")
     return [CONFIG, *names] + ([INDEX] if len(shards) > 1 else [])

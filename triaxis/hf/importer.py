@@ -15,6 +15,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -155,14 +158,36 @@ def import_hf(folder: str, output: str, force: bool = False,
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise UserError(f"--output {out} is not empty; choose another folder or pass "
-                            "--force to overwrite its checkpoint")
-        (out / META).unlink(missing_ok=True)  # uncommit first: a crash leaves no checkpoint
-    model = load_hf_model(folder)
-    save_checkpoint(model, out, source=f"hf:{Path(folder).resolve()}")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--output {out} is not empty; choose another folder or pass "
+                        "--force to overwrite its checkpoint")
+    model = load_hf_model(folder)  # bad input fails here: the existing checkpoint untouched
+    # Saved into a staging sibling, swapped in only when complete.
+    where = out.resolve()
+    stage = where.parent / f".{where.name}.import-{uuid.uuid4().hex[:8]}"
+    try:
+        save_checkpoint(model, stage, source=f"hf:{Path(folder).resolve()}")
+        _swap_in(stage, out)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     count = sum(p.numel() for p in model.parameters())
     log(f"imported {folder} -> {out}: {count / 1e6:.2f}M parameters "
         f"({'tied' if model.args.tie_embeddings else 'untied'} embeddings)")
     return model.args
+
+
+def _is_checkpoint_file(name: str) -> bool:
+    return name in (META, ".metadata") or (name.startswith("__") and name.endswith(".distcp"))
+
+
+def _swap_in(stage: Path, out: Path) -> None:
+    """Replace the checkpoint in `out` by the staged one: the old commit marker goes first,
+    then the old checkpoint files, the new files come in with the marker last; other files in
+    `out` stay."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META).unlink(missing_ok=True)
+    for p in out.iterdir():
+        if p.is_file() and _is_checkpoint_file(p.name):
+            p.unlink()
+    for p in sorted(stage.iterdir(), key=lambda p: p.name == META):
+        os.replace(p, out / p.name)

@@ -20,6 +20,7 @@ from triaxis.checkpoint.dcp import Checkpointer
 from triaxis.config import Config, grad_accum_steps, to_toml
 from triaxis.data.dataset import (
     SYNTHETIC,
+    EmptySplitError,
     TokenDataset,
     micro_batch_start,
 )
@@ -71,8 +72,9 @@ class Trainer:
         try:
             self.val_ds = None if cfg.data.path == SYNTHETIC else \
                 TokenDataset(cfg.data.path, "val", cfg.data.seq_len, cfg.data.seed,
-                             cache_dir=cfg.data.cache_dir, cache_gib=cfg.data.cache_gib)
-        except ValueError as e:
+                             cache_dir=cfg.data.cache_dir, cache_gib=cfg.data.cache_gib,
+                             verify=cfg.data.verify)
+        except EmptySplitError as e:  # a damaged val shard is an error, not "no validation"
             self.val_ds = None
             if cfg.train.val_every:
                 self.log.warn(f"no validation: {e}")

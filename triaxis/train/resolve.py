@@ -24,7 +24,7 @@ def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDa
     else:
         train_ds = TokenDataset(cfg.data.path, "train", cfg.data.seq_len, cfg.data.seed,
                                 cache_dir=cfg.data.cache_dir, cache_gib=cfg.data.cache_gib,
-                                shuffle_shards=cfg.data.shuffle_shards)
+                                shuffle_shards=cfg.data.shuffle_shards, verify=cfg.data.verify)
     vocab = train_ds.manifest["tokenizer"]["vocab_size"]
     model_args = build_model_args(cfg.model, vocab_size=vocab)
     if model_args.vocab_size < vocab:

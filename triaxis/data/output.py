@@ -1,0 +1,123 @@
+"""Where `prepare` writes: a staging folder, swapped in only when the whole preparation worked.
+
+Bad input never destroys data. Before any work the output is checked: a previous preparation's
+manifest is read (a corrupt one is refused: which files are its own is then unknown), and any
+file named like an output of ours (train_NNNNN.bin, val_NNNNN.bin, tokenizer.json) that no
+manifest lists is refused, not overwritten. Everything is then written into a hidden staging
+folder (prefix) inside the output; a failure anywhere -- bad input found late, a full disk --
+removes the staging folder and leaves the output exactly as it was. On success the old
+manifest is removed first (no reader sees mixed shards), the new files are moved in (a rename
+locally; a server-side copy on S3), the new manifest is written last (it commits), and only
+then are the files the old manifest listed, and the new one does not, deleted. Files the old
+manifest did not list are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+
+from triaxis import storage
+from triaxis.data.remote_io import ClientPool
+from triaxis.errors import UserError
+
+MANIFEST = "manifest.json"
+STAGE_PREFIX = ".triaxis-prepare-"
+OUR_NAMES = re.compile(r"^((train|val)_\d{5}\.bin|tokenizer\.json)$")
+
+
+class StagedOutput:
+    def __init__(self, out: str, clients: ClientPool, log=print):
+        self.out, self.clients, self.log = out, clients, log
+        self.remote = storage.is_remote(out)
+        if not self.remote and os.path.exists(out) and not os.path.isdir(out):
+            raise UserError(f"--output {out} is a file; pass a folder (or an s3:// prefix)")
+        self.names = set(self._listdir(out))
+        self.owned = self._owned_by_old_manifest()
+        foreign = sorted(n for n in self.names if OUR_NAMES.match(n) and n not in self.owned)
+        if foreign:
+            raise UserError(f"--output {out} holds {foreign[0]} ({len(foreign)} such file(s)) "
+                            "that no triaxis manifest there lists: prepare will not overwrite "
+                            "files it did not write; move them or choose another --output")
+        self.created = not self.remote and not os.path.isdir(out)
+        self.stage = storage.join(out, f"{STAGE_PREFIX}{uuid.uuid4().hex[:12]}")
+        self.written: list[str] = []
+
+    def _listdir(self, path: str) -> list[str]:
+        return self.clients(path).listdir(path) if self.remote else storage.listdir(path)
+
+    def _owned_by_old_manifest(self) -> set[str]:
+        if MANIFEST not in self.names:
+            return set()
+        path = storage.join(self.out, MANIFEST)
+        try:
+            raw = self.clients(path).read(path) if self.remote else storage.read_bytes(path)
+            manifest = json.loads(raw)
+            owned = {MANIFEST}
+            tok = manifest.get("tokenizer", {})
+            if isinstance(tok, dict) and tok.get("file"):
+                owned.add(str(tok["file"]))
+            for split in manifest["splits"].values():
+                owned.update(str(s["file"]) for s in split["shards"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{path} is not a readable triaxis manifest, so which files in "
+                            f"{self.out} are a previous preparation's is unknown; remove or fix "
+                            "it, or choose another --output") from None
+        return owned
+
+    def put(self, path: str, data: bytes) -> None:
+        """Write one staged file (`path` is under self.stage)."""
+        if self.remote:
+            self.clients(path).write(path, data)
+        else:
+            storage.write_bytes(path, data)
+        self.written.append(path.rsplit("/", 1)[-1] if self.remote else os.path.basename(path))
+
+    def commit(self, manifest: bytes) -> None:
+        """Swap the staged files in; the manifest last; then remove the old ones."""
+        new = set(self.written) | {MANIFEST}
+        old_manifest = storage.join(self.out, MANIFEST)
+        if MANIFEST in self.names:
+            self.log(f"replacing the prepared data in {self.out}")
+            self._remove([old_manifest])  # uncommit first: no reader sees mixed shards
+        for name in self.written:
+            src, dst = storage.join(self.stage, name), storage.join(self.out, name)
+            if self.remote:
+                fs = self.clients(src).fs
+                storage.with_retries(lambda: fs.copy(fs._strip_protocol(src),
+                                                     fs._strip_protocol(dst)),
+                                     f"copying {src} to {dst}")
+            else:
+                os.replace(src, dst)
+        if self.remote:
+            self.clients(old_manifest).write(old_manifest, manifest)
+        else:
+            storage.write_bytes(old_manifest, manifest)
+        stale = sorted(self.owned - new)
+        self._remove([storage.join(self.out, n) for n in stale])
+        self.abort(keep_output=True)
+
+    def _remove(self, paths: list[str]) -> None:
+        if not paths:
+            return
+        if self.remote:
+            self.clients(paths[0]).remove(paths)
+        else:
+            for p in paths:
+                storage.remove(p)
+
+    def abort(self, keep_output: bool = False) -> None:
+        """Remove the staging folder (and the output folder if this run created it)."""
+        if self.remote:
+            staged = [storage.join(self.stage, n) for n in self._listdir(self.stage)]
+            self._remove(staged)
+            return
+        shutil.rmtree(self.stage, ignore_errors=True)
+        if self.created and not keep_output:
+            try:
+                os.rmdir(self.out)
+            except OSError:
+                pass
