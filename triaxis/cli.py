@@ -71,7 +71,16 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def _layout(a: argparse.Namespace) -> int:
+    from triaxis.fields import Range, check_value
     from triaxis.parallel.layout_cli import print_layout
+
+    for where, value, rule in (("--world", a.world, Range(ge=0)), ("--nodes", a.nodes, Range(ge=0)),
+                               ("--gpus-per-node", a.gpus_per_node, Range(ge=1)),
+                               ("--dp-replicate", a.dp_replicate, Range(ge=1)),
+                               ("--dp-shard", a.dp_shard, Range(ge=-1)),
+                               ("--tp", a.tp, Range(ge=1)), ("--pp", a.pp, Range(ge=1)),
+                               ("--layers", a.layers, Range(ge=0)), ("--svg", a.svg, None)):
+        check_value(where, value, rule)
 
     print_layout(a)
     return 0

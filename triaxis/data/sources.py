@@ -198,13 +198,29 @@ def _parquet_documents(path: str, clients: ClientPool) -> Iterator[str]:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"{path}: reading Parquet needs pyarrow; pip install pyarrow") from None
+    import pyarrow
+
     with _open(path, clients, buffered=False) as f:
-        pf = pq.ParquetFile(f)
+        try:
+            pf = pq.ParquetFile(f)
+        except pyarrow.ArrowException as e:
+            raise UserError(f"{path} is not a readable Parquet file ({e}); check the file or "
+                            "its extension") from None
         if "text" not in pf.schema_arrow.names:
             raise UserError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names}); "
                             "rename the column holding the documents to text")
-        for batch in pf.iter_batches(batch_size=1024, columns=["text"]):  # one row group at a time
+        batches = pf.iter_batches(batch_size=1024, columns=["text"])  # a row group at a time
+        while True:
+            try:
+                batch = next(batches, None)
+            except pyarrow.ArrowException as e:
+                raise UserError(f"{path} is damaged ({e}); check the file") from None
+            if batch is None:
+                return
             for text in batch.column(0).to_pylist():
+                if text is not None and not isinstance(text, str):
+                    raise UserError(f"{path}: the 'text' column holds {type(text).__name__} "
+                                    "values, not strings")
                 yield text or ""
 
 

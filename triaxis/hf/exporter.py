@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from triaxis.errors import UserError
+from triaxis.fields import Range, check_value
 from triaxis.hf.convert import (hf_config_from_args, interleaved_rows_to_hf, rope_heads,
                                 triaxis_to_hf_name)
 from triaxis.hf.importer import CONFIG, INDEX, SINGLE
@@ -77,8 +78,7 @@ def _swap_in(stage: Path, out: Path, names: list[str]) -> None:
 def export_hf(checkpoint: str, output: str, max_shard_gb: float = 5.0, force: bool = False,
               log: Callable[[str], None] = print) -> list[str]:
     """Write the HF folder; returns the names of the files written."""
-    if max_shard_gb <= 0:
-        raise UserError(f"--max-shard-gb {max_shard_gb} must be > 0")
+    check_value("--max-shard-gb", max_shard_gb, Range(gt=0))
     out = Path(output)
     _check_output(out, force)
     model, ckpt = load_checkpoint_model(checkpoint)  # a bad checkpoint fails here: out untouched

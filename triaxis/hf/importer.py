@@ -43,8 +43,6 @@ def _read_json(path: Path) -> dict:
 
 def read_hf_folder(folder: str | Path) -> tuple[dict, dict[Path, list[str]]]:
     """(config.json, {safetensors file: the tensor names it holds})."""
-    from safetensors import safe_open
-
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"{root} is not a folder; pass a Hugging Face model folder "
@@ -66,7 +64,7 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[Path, list[str]]]:
                             "download every shard of the model")
         return config, files
     if (root / SINGLE).is_file():
-        with safe_open(root / SINGLE, framework="pt") as f:
+        with _open_safetensors(root / SINGLE) as f:
             return config, {root / SINGLE: list(f.keys())}
     if any(root.glob("pytorch_model*.bin")):
         raise UserError(f"{root} holds pytorch_model*.bin but no safetensors; import-hf reads "
@@ -98,11 +96,19 @@ def _plan(files: dict[Path, list[str]], args: ModelArgs,
     return plan
 
 
+def _open_safetensors(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as e:  # SafetensorError (not importable by name in every version)
+        raise UserError(f"{path} is not a readable safetensors file ({e}); download it "
+                        "again") from None
+
+
 @torch.no_grad()
 def load_hf_model(folder: str | Path) -> Transformer:
     """A single-process fp32 Transformer holding the weights of an HF Llama folder."""
-    from safetensors import safe_open
-
     config, files = read_hf_folder(folder)
     has_head = any(HF_LM_HEAD in names for names in files.values())
     args = args_from_hf_config(config, has_head, where=str(Path(folder) / CONFIG))
@@ -114,9 +120,13 @@ def load_hf_model(folder: str | Path) -> Transformer:
     targets = model.state_dict()  # tensors sharing the parameters' storage
     expected = {k for k in targets if not (k == "output.weight" and args.tie_embeddings)}
     for file, pairs in _plan(files, args, expected).items():
-        with safe_open(file, framework="pt") as f:
+        with _open_safetensors(file) as f:
             for hf_name, name in pairs:
-                t = f.get_tensor(hf_name)
+                try:
+                    t = f.get_tensor(hf_name)
+                except Exception as e:  # SafetensorError: a damaged or truncated file
+                    raise UserError(f"{file}: cannot read {hf_name} ({e}); download the file "
+                                    "again") from None
                 if t.shape != targets[name].shape:
                     raise UserError(f"{file.name}: {hf_name} has shape {tuple(t.shape)} but "
                                     f"config.json implies {tuple(targets[name].shape)}")

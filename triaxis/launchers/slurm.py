@@ -19,8 +19,8 @@ Quoting: every value reaches the script quoted for the reader of its line. Body 
 a backslash escapes the next character, an unquoted `#` ends the line, and a line that
 mentions "hetjob" or "packjob" anywhere starts a heterogeneous job component. So a directive
 value is written bare when it is plain, else inside double quotes with backslash and `"`
-escaped; a value naming hetjob/packjob, and any value holding a control character (a newline would end the
-directive and start a shell line), is refused with one line.
+escaped; a value naming hetjob/packjob, and any value holding a control character (a newline
+would end the directive and start a shell line), is refused with one line.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def _read(path: Path | None) -> dict[str, Any]:
                         "and/or [cluster.NAME] tables (see triaxis/plan/data/hardware.toml)")
     try:
         return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--hardware {path} is not valid TOML: {e}") from None
 
 

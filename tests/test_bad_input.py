@@ -1,0 +1,413 @@
+"""The bad-input matrix: for every command, hostile values and broken files give exit status 2,
+exactly one `error:` line and no traceback, and leave every file byte-identical.
+
+Each case is one row of CASES: (id, argv with {placeholders} into the workspace, a piece of
+the expected error line). The CLI runs in-process (triaxis.cli.main), so the whole table costs
+seconds. The workspace (prepared data, a checkpoint, an HF folder, broken copies of each) is
+built once; before and after every case it is snapshot as {path: sha256}.
+Checkpoint corruption (damaged or crafted checkpoint files) is covered by the checkpoint tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from triaxis.cli import main
+
+TINY = ["--model.preset=tiny", "--data.seq_len=32", "--train.global_batch=8",
+        "--train.micro_batch=4", "--train.steps=2", "--train.val_every=0",
+        "--metrics.tensorboard=false", "--metrics.progress=false", "--train.device=cpu"]
+
+
+def _train(*extra: str) -> str:
+    """A train command line over the good data into {ws}/run, plus `extra`."""
+    return " ".join(["train", "--data.path={ws}/data", "--train.run_dir={ws}/run", *TINY,
+                     *extra])
+
+
+def _launch(backend: str, *extra: str) -> str:
+    return " ".join(["launch", "--backend", backend, "--dry-run", "--nproc-per-node", "1",
+                     "--data.path={ws}/data", "--train.run_dir={ws}/run", *TINY, *extra])
+
+
+# (id, argv: split on spaces after {ws} is filled in; "\x1f" joins words that hold spaces,
+#  expected piece of the error line)
+CASES: list[tuple[str, str, str]] = [
+    # -- prepare: options
+    ("prep-vocab-neg", "prepare --input {ws}/good.txt --output {ws}/out --vocab-size -5",
+     "--vocab-size -5 must be >= 300"),
+    ("prep-vocab-type", "prepare --output {ws}/out --vocab-size many", "invalid int value"),
+    ("prep-val-nan", "prepare --input {ws}/good.txt --output {ws}/out --val-fraction nan",
+     "must be a finite number"),
+    ("prep-val-inf", "prepare --input {ws}/good.txt --output {ws}/out --val-fraction inf",
+     "must be a finite number"),
+    ("prep-val-range", "prepare --input {ws}/good.txt --output {ws}/out --val-fraction 0.9",
+     "--val-fraction 0.9 must be >= 0 and <= 0.5"),
+    ("prep-shard-zero", "prepare --input {ws}/good.txt --output {ws}/out --shard-tokens 0",
+     "--shard-tokens 0 must be >= 1"),
+    ("prep-shard-huge", "prepare --input {ws}/good.txt --output {ws}/out "
+                        "--shard-tokens 99999999999999999999999", "fit in 64 bits"),
+    ("prep-max-bytes", "prepare --input {ws}/good.txt --output {ws}/out --max-bytes -1",
+     "--max-bytes -1 must be >= 0"),
+    ("prep-workers", "prepare --input {ws}/good.txt --output {ws}/out --workers 100000",
+     "--workers 100000 must be"),
+    ("prep-tokenizer", "prepare --input {ws}/good.txt --output {ws}/out --tokenizer nope",
+     "--tokenizer 'nope' is unknown"),
+    ("prep-hf-missing", "prepare --input {ws}/good.txt --output {ws}/out "
+                        "--tokenizer hf:{ws}/nowhere", "nowhere"),
+    ("prep-eos-bpe", "prepare --input {ws}/good.txt --output {ws}/out --eos-token X",
+     "applies to --tokenizer hf:PATH only"),
+    ("prep-vocab-byte", "prepare --output {ws}/out --tokenizer byte --vocab-size 500",
+     "applies to --tokenizer bpe only"),
+    ("prep-output-ctrl", "prepare --input {ws}/good.txt --output {ws}/o\nut", "control char"),
+    # -- prepare: inputs (written late: the staging folder is removed, nothing remains)
+    ("prep-missing-input", "prepare --input {ws}/missing.txt --output {ws}/out",
+     "matches no file"),
+    ("prep-empty-input", "prepare --input {ws}/empty.txt --output {ws}/out --tokenizer byte",
+     "hold no text"),
+    ("prep-empty-input-bpe", "prepare --input {ws}/empty.txt --output {ws}/out",
+     "hold no text"),
+    ("prep-bad-jsonl", "prepare --input {ws}/good.txt --input {ws}/bad.jsonl --output "
+                       "{ws}/out --tokenizer byte", "line 2 is not valid JSON"),
+    ("prep-invalid-utf8-jsonl", "prepare --input {ws}/good.txt --input {ws}/latin1.jsonl "
+                                "--output {ws}/out --tokenizer byte", "not valid JSON"),
+    ("prep-truncated-json", "prepare --input {ws}/truncated.json --output {ws}/out "
+                            "--tokenizer byte", "not valid JSON"),
+    ("prep-json-no-text", "prepare --input {ws}/notext.jsonl --output {ws}/out "
+                          "--tokenizer byte", "has no 'text' field"),
+    ("prep-json-text-type", "prepare --input {ws}/numtext.jsonl --output {ws}/out "
+                            "--tokenizer byte", "'text' is a int"),
+    ("prep-binary-parquet", "prepare --input {ws}/binary.parquet --output {ws}/out "
+                            "--tokenizer byte", "binary.parquet"),
+    # -- prepare: outputs it must not touch
+    ("prep-output-file", "prepare --input {ws}/good.txt --output {ws}/good.txt "
+                         "--tokenizer byte", "is a file"),
+    ("prep-foreign-bin", "prepare --input {ws}/good.txt --output {ws}/foreign --tokenizer byte",
+     "holds train_00000.bin"),
+    ("prep-corrupt-old-manifest", "prepare --input {ws}/good.txt --output {ws}/data_badjson "
+                                  "--tokenizer byte", "not a readable triaxis manifest"),
+    ("prep-bad-input-over-data", "prepare --input {ws}/good.txt --input {ws}/bad.jsonl "
+                                 "--output {ws}/data --tokenizer byte", "not valid JSON"),
+    # -- train: config values
+    ("train-lr-nan", _train("--train.lr=nan"), "train.lr=nan must be a finite number"),
+    ("train-lr-inf", _train("--train.lr=inf"), "must be a finite number"),
+    ("train-lr-neg", _train("--train.lr=-1"), "train.lr=-1.0 must be >= 0"),
+    ("train-beta1", _train("--train.beta1=2"), "train.beta1=2.0 must be >= 0 and < 1"),
+    ("train-beta2-neg", _train("--train.beta2=-0.1"), "train.beta2=-0.1 must be"),
+    ("train-wd-neg", _train("--train.weight_decay=-1"), "train.weight_decay=-1.0 must be"),
+    ("train-eps-neg", _train("--model.norm_eps=-1e-5"), "model.norm_eps=-1e-05 must be > 0"),
+    ("train-steps-type", _train("--train.steps=many"), "train.steps='many' must be int"),
+    ("train-steps-float", _train("--train.steps=2.5"), "must be int"),
+    ("train-steps-huge", _train("--train.steps=99999999999999999999999"), "fit in 64 bits"),
+    ("train-steps-zero", _train("--train.steps=0"), "train.steps=0 must be >= 1"),
+    ("train-seq-neg", _train("--data.seq_len=-3"), "data.seq_len=-3 must be >= 1"),
+    ("train-clip-nan", _train("--train.grad_clip=nan"), "train.grad_clip=nan"),
+    ("train-bool", _train("--metrics.tensorboard=maybe"), "must be a boolean"),
+    ("train-choice", _train("--train.device=tpu"), "not a valid choice"),
+    ("train-unknown-key", _train("--train.stepz=3"), "did you mean train.steps"),
+    ("train-unknown-section", _train("--trian.steps=3"), "did you mean [train]"),
+    ("train-no-value", _train("--train.steps"), "has no value"),
+    ("train-run-dir-newline", _train("--train.run_dir={ws}/r\nx"), "control character"),
+    ("train-run-dir-nul", _train("--train.run_dir={ws}/r\x00x"), "control character"),
+    ("train-verify-mode", _train("--data.verify=md5"), "data.verify='md5' is not a valid"),
+    ("train-vocab-small", _train("--model.vocab_size=100"), "smaller than the data's"),
+    ("train-tp-world", _train("--parallel.tp=2"), "world size 1"),
+    # -- train: config files
+    ("train-config-missing", "train {ws}/missing.toml", "does not exist"),
+    ("train-config-binary", "train {ws}/binary.toml", "not UTF-8"),
+    ("train-config-invalid", "train {ws}/bad.toml", "not valid TOML"),
+    ("train-config-not-table", "train {ws}/notable.toml", "must be a [section] table"),
+    ("train-config-wrong-type", "train {ws}/wrongtype.toml", "must be int"),
+    ("train-config-folder", "train {ws}/data", "does not exist"),
+    # -- train: data
+    ("data-missing", _train("--data.path={ws}/nowhere"), "does not exist"),
+    ("data-not-prepared", _train("--data.path={ws}/foreign"), "has no manifest.json"),
+    ("data-manifest-json", _train("--data.path={ws}/data_badjson"), "is not valid JSON"),
+    ("data-manifest-trunc", _train("--data.path={ws}/data_truncjson"), "is not valid JSON"),
+    ("data-manifest-fields", _train("--data.path={ws}/data_badfields"), "is damaged"),
+    ("data-manifest-escape", _train("--data.path={ws}/data_escape"), "not a plain file name"),
+    ("data-manifest-binary", _train("--data.path={ws}/data_binjson"), "manifest.json"),
+    ("data-shard-missing", _train("--data.path={ws}/data_noshard"), "is missing"),
+    ("data-shard-odd", _train("--data.path={ws}/data_odd"), "bytes but the manifest says"),
+    ("data-shard-empty", _train("--data.path={ws}/data_empty"), "bytes but the manifest says"),
+    ("data-shard-half", _train("--data.path={ws}/data_half"), "bytes but the manifest says"),
+    ("data-shard-flipped", _train("--data.path={ws}/data_flip"), "fails its sha256 check"),
+    ("data-val-flipped", _train("--data.path={ws}/data_valflip", "--train.val_every=1"),
+     "val_00000.bin fails its sha256 check"),
+    ("data-token-range", _train("--data.path={ws}/data_bigtok"), "outside the data's vocab"),
+    # -- launch: each backend's dry run
+    ("launch-local-lr", _launch("local", "--train.lr=nan"), "train.lr=nan"),
+    ("launch-torchrun-beta", _launch("torchrun", "--train.beta1=1"), "train.beta1=1.0"),
+    ("launch-slurm-name", _launch("slurm", "--job-name", "a\nb"), "control character"),
+    ("launch-slurm-hetjob", _launch("slurm", "--job-name", "my-hetjob"), "heterogeneous"),
+    ("launch-slurm-cfg", _launch("slurm", "--train.steps=-1"), "train.steps=-1"),
+    ("launch-sagemaker-cfg", _launch("sagemaker", "--train.lr=inf"), "train.lr=inf"),
+    ("launch-nnodes", _launch("local", "--nnodes", "x"), "--nnodes='x' is not N or MIN:MAX"),
+    ("launch-nproc", _launch("local", "--nproc-per-node", "-3"), "--nproc-per-node -3"),
+    ("launch-restarts", _launch("torchrun", "--max-restarts", "-1"), "--max-restarts -1"),
+    ("launch-rdzv-nan", _launch("torchrun", "--rdzv-timeout", "nan"), "--rdzv-timeout nan"),
+    ("launch-backend", _launch("kubernetes"), "invalid choice"),
+    # -- generate
+    ("gen-top-k", "generate --checkpoint {ws}/ckpt --top-k -1", "--top-k -1 must be >= 0"),
+    ("gen-temp-neg", "generate --checkpoint {ws}/ckpt --temperature -0.5",
+     "--temperature -0.5 must be >= 0"),
+    ("gen-temp-nan", "generate --checkpoint {ws}/ckpt --temperature nan", "finite"),
+    ("gen-max-new", "generate --checkpoint {ws}/ckpt --max-new-tokens 0",
+     "--max-new-tokens 0 must be >= 1"),
+    ("gen-max-new-huge", "generate --checkpoint {ws}/ckpt --max-new-tokens 10000000000",
+     "--max-new-tokens 10000000000 must be"),
+    ("gen-seed", "generate --checkpoint {ws}/ckpt --seed -1", "--seed -1 must be >= 0"),
+    ("gen-device", "generate --checkpoint {ws}/ckpt --device tpu", "not a torch device"),
+    ("gen-missing", "generate --checkpoint {ws}/nowhere", "nowhere"),
+    ("gen-no-ckpt", "generate", "required: --checkpoint"),
+    # -- ckpt
+    ("ckpt-no-verb", "ckpt", "required: verb"),
+    ("ckpt-list-missing", "ckpt list {ws}/nowhere", "nowhere"),
+    ("ckpt-verify-missing", "ckpt verify {ws}/nowhere", "nowhere"),
+    ("ckpt-verify-step", "ckpt verify {ws}/ckpt --step x", "invalid int value"),
+    # -- import-hf (the existing checkpoint in {ws}/ckpt must survive --force)
+    ("imp-missing", "import-hf {ws}/nowhere --output {ws}/ckpt --force", "is not a folder"),
+    ("imp-no-config", "import-hf {ws}/foreign --output {ws}/ckpt --force", "no config.json"),
+    ("imp-bad-config", "import-hf {ws}/hf_badconfig --output {ws}/ckpt --force",
+     "config.json"),
+    ("imp-binary-config", "import-hf {ws}/hf_binconfig --output {ws}/ckpt --force",
+     "config.json"),
+    ("imp-trunc-weights", "import-hf {ws}/hf_truncweights --output {ws}/ckpt --force",
+     "model.safetensors"),
+    ("imp-no-force", "import-hf {ws}/hf --output {ws}/ckpt", "not empty"),
+    ("imp-output-file", "import-hf {ws}/hf --output {ws}/good.txt", "is a file"),
+    # -- export-hf (the existing export in {ws}/export must survive --force)
+    ("exp-missing", "export-hf {ws}/nowhere {ws}/export --force", "nowhere"),
+    ("exp-not-ckpt", "export-hf {ws}/foreign {ws}/export --force", "foreign"),
+    ("exp-shard-nan", "export-hf {ws}/ckpt {ws}/export --force --max-shard-gb nan", "finite"),
+    ("exp-shard-neg", "export-hf {ws}/ckpt {ws}/export --force --max-shard-gb -1",
+     "--max-shard-gb -1"),
+    ("exp-no-force", "export-hf {ws}/ckpt {ws}/export", "not empty"),
+    ("exp-output-file", "export-hf {ws}/ckpt {ws}/good.txt", "is a file"),
+    # -- plan, layout, net, config
+    ("plan-gpus-zero", "plan --model tiny --gpus 0", "--gpus"),
+    ("plan-gpus-type", "plan --model tiny --gpus eight", "invalid int value"),
+    ("plan-model", "plan --model nosuch --gpus 8 --gpu h100", "nosuch"),
+    ("plan-seq", "plan --model tiny --gpus 8 --seq 0", "--seq"),
+    ("plan-batch", "plan --model tiny --gpus 8 --global-batch -4", "--global-batch"),
+    ("plan-hardware-missing", "plan --model tiny --gpus 8 --hardware {ws}/nowhere.toml",
+     "nowhere.toml"),
+    ("plan-hardware-binary", "plan --model tiny --gpus 8 --hardware {ws}/binary.toml",
+     "binary.toml"),
+    ("layout-world", "layout --world 3 --tp 2", "world size 3"),
+    ("layout-tp-zero", "layout --world 4 --tp 0", "tp"),
+    ("layout-neg", "layout --world -4", "world"),
+    ("layout-type", "layout --world four", "invalid int value"),
+    ("net-verb", "net nosuch", "invalid choice"),
+    ("net-nnodes", "net bench --nnodes x", "invalid int value"),
+    ("config-flag", "config --bogus", "unrecognized arguments"),
+    ("no-command", "", "required: command"),
+    ("bad-command", "fly", "invalid choice"),
+]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+    return out
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    m = json.loads((folder / "manifest.json").read_text())
+    edit(m)
+    (folder / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, byte_data) -> Path:
+    """The workspace every case runs against (built once, never changed by a case)."""
+    import torch
+
+    from triaxis.hf.exporter import export_hf
+    from triaxis.hf.importer import save_checkpoint
+    from triaxis.model.llama import ModelArgs, Transformer
+
+    root = tmp_path_factory.mktemp("ws")
+    (root / "good.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    (root / "empty.txt").write_text("  \n")
+    (root / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "broken\n')
+    (root / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    (root / "truncated.json").write_text('[{"text": "a"}, {"text": ')
+    (root / "notext.jsonl").write_text('{"body": "x"}\n')
+    (root / "numtext.jsonl").write_text('{"text": 5}\n')
+    (root / "binary.parquet").write_bytes(bytes(range(256)) * 4)
+    (root / "binary.toml").write_bytes(b"\xff\xfe\x00\x01garbage\x80")
+    (root / "bad.toml").write_text("[train\nsteps = 3\n")
+    (root / "notable.toml").write_text("steps = 3\n")
+    (root / "wrongtype.toml").write_text("[train]\nsteps = \"three\"\n")
+    foreign = root / "foreign"
+    foreign.mkdir()
+    (foreign / "train_00000.bin").write_bytes(b"my own file, not triaxis's")
+    (foreign / "notes.txt").write_text("keep me")
+
+    data = root / "data"
+    shutil.copytree(byte_data, data)
+
+    def variant(name: str, change) -> None:
+        shutil.copytree(data, root / name)
+        change(root / name)
+
+    shard = "train_00000.bin"
+    variant("data_badjson", lambda d: (d / "manifest.json").write_text("{not json"))
+    variant("data_truncjson", lambda d: (d / "manifest.json").write_text(
+        (data / "manifest.json").read_text()[:200]))
+    variant("data_binjson", lambda d: (d / "manifest.json").write_bytes(b"\xff\x00\x9c"))
+    variant("data_badfields", lambda d: _edit_manifest(
+        d, lambda m: m["splits"]["train"]["shards"][0].pop("tokens")))
+    variant("data_escape", lambda d: _edit_manifest(
+        d, lambda m: m["splits"]["train"]["shards"][0].update(file="../data/" + shard)))
+    variant("data_noshard", lambda d: (d / shard).unlink())
+    variant("data_odd", lambda d: (d / shard).write_bytes((data / shard).read_bytes() + b"x"))
+    variant("data_empty", lambda d: (d / shard).write_bytes(b""))
+    variant("data_half", lambda d: (d / shard).write_bytes(
+        (data / shard).read_bytes()[:(d / shard).stat().st_size // 4 * 2]))
+
+    def flip(path: Path) -> None:
+        raw = bytearray(path.read_bytes())
+        raw[100] ^= 0x01  # still a valid byte token: only the checksum can tell
+        path.write_bytes(bytes(raw))
+    variant("data_flip", lambda d: flip(d / shard))
+    variant("data_valflip", lambda d: flip(d / "val_00000.bin"))
+
+    def big_token(d: Path) -> None:
+        ids = np.fromfile(d / shard, dtype=np.uint16)
+        ids[7] = 60000  # beyond the byte vocabulary (257); the manifest's sha256 matches
+        (d / shard).write_bytes(ids.tobytes())
+        _edit_manifest(d, lambda m: m["splits"]["train"]["shards"][0].update(
+            sha256=hashlib.sha256(ids.tobytes()).hexdigest()))
+    variant("data_bigtok", big_token)
+
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=257,
+                     max_seq_len=64, rope_theta=10000.0)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.materialize("cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    save_checkpoint(model, root / "ckpt", source="test")
+    export_hf(str(root / "ckpt"), str(root / "hf"), log=lambda *_: None)
+    shutil.copytree(root / "hf", root / "export")
+    (root / "export" / "README.md").write_text("a user's own file next to the export")
+    for name, change in (
+            ("hf_badconfig", lambda d: (d / "config.json").write_text("{bad")),
+            ("hf_binconfig", lambda d: (d / "config.json").write_bytes(b"\x00\xff\xfe")),
+            ("hf_truncweights", lambda d: (d / "model.safetensors").write_bytes(
+                (root / "hf" / "model.safetensors").read_bytes()[:300]))):
+        shutil.copytree(root / "hf", root / name)
+        change(root / name)
+    return root
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    try:
+        code = main(argv)
+    except SystemExit as e:  # only --help / --version may exit; bad input must return
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(case, ws, capsys, monkeypatch):
+    name, command, expect = case
+    monkeypatch.chdir(ws)  # relative defaults (data/stdlib, runs/default) land in the snapshot
+    monkeypatch.setenv("TRIAXIS_CACHE_DIR", str(ws.parent / f"{ws.name}-cache"))
+    argv = [w.replace("{ws}", str(ws)) for w in command.split(" ")] if command else []
+    before = _snapshot(ws)
+    code, err = run_cli(argv, capsys)
+    after = _snapshot(ws)
+    lines = err.strip().splitlines()
+    errors = [x for x in lines if "error:" in x]
+    assert "Traceback" not in err, err
+    assert code == 2, f"exit {code}: {err}"
+    assert len(errors) == 1 and errors[0].startswith("error: "), err
+    assert "this is a bug" not in err, err
+    assert expect in errors[0], errors[0]
+    assert after == before, {k: (before.get(k), after.get(k))
+                             for k in set(before) | set(after) if before.get(k) != after.get(k)}
+
+
+def test_unexpected_error_is_one_line_and_debug_shows_it(monkeypatch, capsys):
+    """A bug (any exception that is not bad input) is one line saying so, exit 1; --debug and
+    TRIAXIS_DEBUG=1 show the traceback."""
+    import triaxis.cli as cli
+
+    def broken(a):
+        raise RuntimeError("kaboom\nsecond line")
+    real = cli.build_parser
+
+    def parser():
+        p = real()
+        p._subparsers._group_actions[0].choices["config"].set_defaults(fn=broken)
+        return p
+    monkeypatch.setattr(cli, "build_parser", parser)
+    assert cli.main(["config"]) == cli.BUG_EXIT
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "error: RuntimeError: kaboom second line (this is a bug in triaxis; rerun with --debug "
+        "for the traceback)"]
+    with pytest.raises(RuntimeError, match="kaboom"):
+        cli.main(["config", "--debug"])
+    monkeypatch.setenv("TRIAXIS_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="kaboom"):
+        cli.main(["config"])
+
+
+def test_full_disk_is_one_line(tmp_path, capsys, byte_data):
+    """A full disk under prepare's output and under train.run_dir: one line, exit 2, and
+    prepare leaves nothing behind."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]
+                      ).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (disk / "keep.txt").write_text("kept")
+        before = _snapshot(disk)
+        big = tmp_path / "big.txt"
+        big.write_text("x = 1\n" * 100_000)
+        code, err = run_cli(["prepare", "--input", str(big), "--output", str(disk / "out"),
+                             "--tokenizer", "byte"], capsys)
+        assert code == 2 and "Traceback" not in err, err
+        assert err.strip().splitlines()[-1].startswith("error: ") and "disk is full" in err
+        assert len([x for x in err.splitlines() if "error:" in x]) == 1
+        assert _snapshot(disk) == before
+        (disk / "filler").write_bytes(b"\0" * (60 * 1024))  # leave ~nothing for run_dir
+        code, err = run_cli(["train", f"--data.path={byte_data}",
+                             f"--train.run_dir={disk / 'run'}", *TINY], capsys)
+        assert code == 2 and "Traceback" not in err, err
+        assert "disk is full" in err or "quota" in err, err
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file: no unreadable path")
+def test_unreadable_input_is_one_line(tmp_path, capsys):
+    f = tmp_path / "secret.txt"
+    f.write_text("text")
+    f.chmod(0)
+    code, err = run_cli(["prepare", "--input", str(f), "--output", str(tmp_path / "o")], capsys)
+    assert code == 2 and "Traceback" not in err and "permission denied" in err
