@@ -40,8 +40,15 @@ from triaxis.fields import check_value, ranged
 FORMAT = "triaxis-tokens-v1"
 SPLITS = ("train", "val")
 _CHUNK_DOCS = 256
-_CHUNK_CHARS = 4_000_000
+_CHUNK_CHARS = 1_000_000
 """A chunk of work for one tokenizer worker: at most this many documents / characters."""
+PIECE_CHARS = 1 << 18
+"""Longer documents are cut into pieces of about this many characters for BPE training and for
+bpe/byte tokenization: `tokenizers` needs ~200 bytes of memory per character of one input
+string, so one 41 MB line once took 8 GB. Cuts fall on a single space between two non-space
+characters, where the byte-level pre-tokenizer splits anyway, so the token ids are the same as
+for the whole document (only a run of PIECE_CHARS characters without such a space is cut
+hard)."""
 
 
 @dataclass
@@ -101,7 +108,7 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
             f"{tok.eos_token!r} (id {tok.eos_id})")
     else:
         seen = _Counter(documents())
-        tok = BPETokenizer.train(iter(seen), opts.vocab_size)
+        tok = BPETokenizer.train((p for doc in seen for p in split_long(doc)), opts.vocab_size)
         if not seen.docs:
             raise UserError(f"inputs {opts.inputs or [source]} hold no text; give non-empty files")
         log(f"read {seen.docs} documents, {seen.chars / 1e6:.1f} MB from {source}; trained BPE "
@@ -139,7 +146,10 @@ def _write(opts: PrepareOptions, tok, documents, staged: StagedOutput, source: s
     writers = [_ShardWriter(out, split, dtype, opts.shard_tokens, put) for split in SPLITS]
     every = round(1 / opts.val_fraction) if opts.val_fraction > 0 else 0
     workers = opts.workers or default_workers()
-    chunks = _chunks(_assign_splits(documents(), every), writers)
+    # hf:PATH tokenizers may treat the start of an input specially (a prefix space, a BOS):
+    # their documents stay whole.
+    piece_chars = 0 if tok.kind == "hf" else PIECE_CHARS
+    chunks = _chunks(_assign_splits(documents(), every), writers, piece_chars)
     processes = [0]  # set by encode_in_order: the worker processes it started
     for arrays in encode_in_order(chunks, workers, tok, processes):
         for writer, arr in zip(writers, arrays):
@@ -184,28 +194,49 @@ def _assign_splits(docs: Iterable[str], every: int) -> Iterator[tuple[int, str]]
         yield held
 
 
-def _chunks(docs: Iterable[tuple[int, str]], writers: list["_ShardWriter"]
-            ) -> Iterator[list[tuple[int, str]]]:
-    chunk, chars = [], 0
+def split_long(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `piece_chars` characters, each cut (when one
+    exists in the second half of the window) just before a single space that sits between two
+    non-space characters: a place where the byte-level pre-tokenizer splits anyway."""
+    start, n = 0, len(text)
+    while n - start > piece_chars:
+        end = start + piece_chars
+        cut = text.rfind(" ", start + piece_chars // 2, end)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
+            cut = text.rfind(" ", start + piece_chars // 2, cut)
+        if cut <= start:
+            cut = end  # no clean place: a hard cut
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _chunks(docs: Iterable[tuple[int, str]], writers: list["_ShardWriter"], piece_chars: int = 0
+            ) -> Iterator[list[tuple[int, str, bool]]]:
+    """Chunks of (split, text, ends a document); with piece_chars, long documents in pieces."""
+    chunk: list[tuple[int, str, bool]] = []
+    chars = 0
     for split, doc in docs:
         writers[split].documents += 1
-        chunk.append((split, doc))
-        chars += len(doc)
-        if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
-            yield chunk
-            chunk, chars = [], 0
+        pieces = list(split_long(doc, piece_chars)) if piece_chars else [doc]
+        for i, piece in enumerate(pieces):
+            chunk.append((split, piece, i == len(pieces) - 1))
+            chars += len(piece)
+            if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
+                yield chunk
+                chunk, chars = [], 0
     if chunk:
         yield chunk
 
 
-def _encode_chunk(tok, chunk: list[tuple[int, str]]) -> list[np.ndarray]:
-    """One array per split: the chunk's documents of that split, each followed by EOS."""
+def _encode_chunk(tok, chunk: list[tuple[int, str, bool]]) -> list[np.ndarray]:
+    """One array per split: the chunk's texts of that split, EOS after each document's end."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     eos = np.array([tok.eos_id], dtype=dtype)
-    encoded = tok.encode_arrays([doc for _, doc in chunk], dtype)
+    encoded = tok.encode_arrays([text for _, text, _ in chunk], dtype)
     parts: list[list[np.ndarray]] = [[] for _ in SPLITS]
-    for (split, _), ids in zip(chunk, encoded):
-        parts[split] += [ids, eos]
+    for (split, _, ends), ids in zip(chunk, encoded):
+        parts[split] += [ids, eos] if ends else [ids]
     return [np.concatenate(p) if p else np.zeros(0, dtype) for p in parts]
 
 
@@ -218,11 +249,11 @@ def _init_worker(state: dict) -> None:
     _worker_tok = tokenizer_from_state(state)
 
 
-def _encode_in_worker(chunk: list[tuple[int, str]]) -> list[np.ndarray]:
+def _encode_in_worker(chunk: list[tuple[int, str, bool]]) -> list[np.ndarray]:
     return _encode_chunk(_worker_tok, chunk)
 
 
-def encode_in_order(chunks: Iterable[list[tuple[int, str]]], workers: int, tok,
+def encode_in_order(chunks: Iterable[list[tuple[int, str, bool]]], workers: int, tok,
                     processes: list[int]) -> Iterator[list[np.ndarray]]:
     """_encode_chunk of each chunk, in input order. With workers > 1 (and more than one chunk)
     a pool of spawned processes encodes them, at most 2 x workers chunks in flight: memory

@@ -75,7 +75,8 @@ def verify_shard(path: Path, sha256: str, dtype: np.dtype, vocab_size: int) -> N
     """sha256 and largest token id of one local shard, or a remembered earlier result."""
     st = path.stat()
     ident = [str(path.resolve()), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
-    marker = _marker_dir() / (hashlib.sha1(json.dumps(ident).encode()).hexdigest() + ".json")
+    # One marker per shard path, replaced when the file changes: markers never pile up per run.
+    marker = _marker_dir() / (hashlib.sha1(ident[0].encode()).hexdigest() + ".json")
     seen = _read_marker(marker)
     if seen is not None and seen.get("ident") == ident and seen.get("sha256") == sha256:
         max_token = int(seen["max_token"])
