@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.s3_server import moto_s3  # noqa: F401  (the fixture)
 from triaxis.cli import main
 
 TINY = ["--model.preset=tiny", "--data.seq_len=32", "--train.global_batch=8",
@@ -411,3 +412,52 @@ def test_unreadable_input_is_one_line(tmp_path, capsys):
     f.chmod(0)
     code, err = run_cli(["prepare", "--input", str(f), "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and "Traceback" not in err and "permission denied" in err
+
+
+def test_s3_output_is_untouched_by_bad_input(ws, moto_s3, capsys):
+    """On s3:// too: a preparation that fails late, an output holding files prepare did not
+    write, or a missing bucket leave every object as it was (one line, exit 2)."""
+    from triaxis.data.prepare import PrepareOptions, prepare
+
+    bucket = moto_s3.new_bucket()
+    out = f"s3://{bucket}/data"
+    prepare(PrepareOptions(inputs=[str(ws / "good.txt")], output=out, tokenizer="byte"),
+            log=lambda *_: None)
+    moto_s3.put(f"s3://{bucket}/other/train_00000.bin", b"someone else's")
+
+    def bucket_state() -> dict[str, bytes]:
+        return {k: moto_s3.get(f"s3://{bucket}/{k}") for k in moto_s3.keys(f"s3://{bucket}/")}
+    before = bucket_state()
+    for argv, expect in (
+            (["--input", str(ws / "good.txt"), "--input", str(ws / "bad.jsonl"), "--output",
+              out], "not valid JSON"),
+            (["--input", str(ws / "good.txt"), "--output", f"s3://{bucket}/other"],
+             "holds train_00000.bin"),
+            (["--input", str(ws / "good.txt"), "--output", f"s3://{bucket}-missing/x"],
+             "does not exist")):
+        code, err = run_cli(["prepare", "--tokenizer", "byte", *argv], capsys)
+        errors = [x for x in err.splitlines() if "error:" in x]
+        assert code == 2 and len(errors) == 1 and expect in errors[0], err
+        assert "Traceback" not in err
+        assert bucket_state() == before
+
+
+def test_force_replaces_only_the_model_files(ws, tmp_path, capsys):
+    """--force that works: export-hf swaps the model files and keeps a user's own files;
+    import-hf swaps the checkpoint and leaves a committed one behind."""
+    export = tmp_path / "export"
+    shutil.copytree(ws / "export", export)
+    (export / "model-00001-of-00009.safetensors").write_bytes(b"stale shard of an old export")
+    assert main(["export-hf", str(ws / "ckpt"), str(export), "--force"]) == 0
+    names = sorted(p.name for p in export.iterdir())
+    assert names == ["README.md", "config.json", "model.safetensors"]
+    assert not list(tmp_path.glob(".export*"))  # the staging sibling is gone
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(ws / "ckpt", ckpt)
+    (ckpt / "notes.txt").write_text("mine")
+    assert main(["import-hf", str(ws / "hf"), "--output", str(ckpt), "--force"]) == 0
+    meta = json.loads((ckpt / "triaxis.json").read_text())
+    assert meta["source"].startswith("hf:") and (ckpt / "notes.txt").read_text() == "mine"
+    assert set(meta["files"]) <= {p.name for p in ckpt.iterdir()}
+    assert not list(tmp_path.glob(".ckpt.import*"))
+    capsys.readouterr()
