@@ -108,14 +108,18 @@ def _launch(a: argparse.Namespace) -> int:
 
 
 def _config(a: argparse.Namespace) -> int:
+    import dataclasses
+
     from triaxis.config import SECTIONS, Config, field_docs, to_toml
 
     if a.fields:
         for section, cls in SECTIONS.items():
             print(f"[{section}]")
             defaults = getattr(Config(), section)
+            ranges = {f.name: f.metadata.get("range") for f in dataclasses.fields(cls)}
             for name, doc in field_docs(cls).items():
-                print(f"  {name} = {getattr(defaults, name)!r}\n      {doc}")
+                rule = f" [{ranges[name].describe()}]" if ranges.get(name) else ""
+                print(f"  {name} = {getattr(defaults, name)!r}{rule}\n      {doc}")
         return 0
     print(to_toml(Config()))
     return 0
