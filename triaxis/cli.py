@@ -48,20 +48,10 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from triaxis.fields import Range, check_value
     from triaxis.generate import generate, load_for_inference
 
-    # Each option against its rule before the checkpoint is read.
-    for where, value, rule in (("--max-new-tokens", a.max_new_tokens, Range(ge=1, le=2**20)),
-                               ("--temperature", a.temperature, Range(ge=0, le=100)),
-                               ("--top-k", a.top_k, Range(ge=0)),
-                               ("--seed", a.seed, Range(ge=0)),
-                               ("--checkpoint", a.checkpoint, None),
-                               ("--device", a.device, None)):
-        check_value(where, value, rule)
     if a.device != "cpu" and not a.device.startswith(("cuda", "mps")):
         raise UserError(f"--device {a.device!r} is not a torch device; use cpu or cuda[:N]")
-
     model, tok, ckpt = load_for_inference(a.checkpoint, a.device)
     ids = generate(model, tok.encode(a.prompt), a.max_new_tokens, a.temperature, a.top_k,
                    a.seed, eos_id=tok.eos_id)
@@ -71,38 +61,14 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def _layout(a: argparse.Namespace) -> int:
-    from triaxis.fields import Range, check_value
     from triaxis.parallel.layout_cli import print_layout
-
-    for where, value, rule in (("--world", a.world, Range(ge=0)), ("--nodes", a.nodes, Range(ge=0)),
-                               ("--gpus-per-node", a.gpus_per_node, Range(ge=1)),
-                               ("--dp-replicate", a.dp_replicate, Range(ge=1)),
-                               ("--dp-shard", a.dp_shard, Range(ge=-1)),
-                               ("--tp", a.tp, Range(ge=1)), ("--pp", a.pp, Range(ge=1)),
-                               ("--layers", a.layers, Range(ge=0)), ("--svg", a.svg, None)):
-        check_value(where, value, rule)
 
     print_layout(a)
     return 0
 
 
 def _launch(a: argparse.Namespace) -> int:
-    from triaxis.fields import Range, check_value
     from triaxis.launch import launch
-
-    # The launcher's own options, each against its rule, before any config, file or job.
-    for where, value, rule in (
-            ("--nproc-per-node", a.nproc_per_node, Range(ge=0, le=4096)),
-            ("--node-rank", a.node_rank, Range(ge=0)),
-            ("--max-restarts", a.max_restarts, Range(ge=0, le=10_000)),
-            ("--rdzv-timeout", a.rdzv_timeout, Range(gt=0)),
-            ("--rdzv-last-call", a.rdzv_last_call, Range(ge=0)),
-            ("--rdzv-endpoint", a.rdzv_endpoint, None), ("--rdzv-id", a.rdzv_id, None),
-            ("--gpus-per-node", getattr(a, "gpus_per_node", 0), Range(ge=0, le=1024)),
-            ("--requeue-margin-s", getattr(a, "requeue_margin_s", 0), Range(ge=0)),
-            ("--job-name", getattr(a, "job_name", ""), None),
-            ("--python", getattr(a, "python", ""), None)):
-        check_value(where, value, rule)
 
     return launch(a)
 
@@ -123,6 +89,49 @@ def _config(a: argparse.Namespace) -> int:
         return 0
     print(to_toml(Config()))
     return 0
+
+
+def _option_rules() -> dict[str, dict[str, object]]:
+    """Command -> option (argparse dest) -> its Range: the command-line options' rules in one
+    place (a config field's rule lives in its own definition, config.py; prepare's in
+    PrepareOptions). Every option also gets the generic rules of fields.check_value."""
+    from triaxis.fields import Range
+
+    return {
+        "generate": {"max_new_tokens": Range(ge=1, le=2**20), "temperature": Range(ge=0, le=100),
+                     "top_k": Range(ge=0), "seed": Range(ge=0)},
+        "launch": {"nproc_per_node": Range(ge=0, le=4096), "node_rank": Range(ge=0),
+                   "max_restarts": Range(ge=0, le=10_000), "rdzv_timeout": Range(gt=0),
+                   "rdzv_last_call": Range(ge=0), "gpus_per_node": Range(ge=0, le=1024),
+                   "requeue_margin_s": Range(ge=0)},
+        "layout": {"world": Range(ge=0), "nodes": Range(ge=0), "gpus_per_node": Range(ge=1),
+                   "dp_replicate": Range(ge=1), "dp_shard": Range(ge=-1), "tp": Range(ge=1),
+                   "pp": Range(ge=1), "layers": Range(ge=0)},
+        "plan": {"gpus": Range(ge=1), "gpus_per_node": Range(ge=1), "seq": Range(ge=1),
+                 "global_batch": Range(ge=1), "vocab_size": Range(ge=1), "top": Range(ge=1),
+                 "max_tp": Range(ge=0), "max_pp": Range(ge=0)},
+        "net": {"nproc_per_node": Range(ge=0, le=4096), "nnodes": Range(ge=1),
+                "rdzv_timeout": Range(gt=0)},
+        "export-hf": {"max_shard_gb": Range(gt=0)},
+        "ckpt": {"step": Range(ge=0)},
+    }
+
+
+_FREE_TEXT = {"prompt", "eos_token"}
+"""Options whose text may hold control characters (a prompt with newlines)."""
+
+
+def check_options(a: argparse.Namespace) -> None:
+    """Every parsed option against its rule, before the command touches anything."""
+    from triaxis.fields import check_value
+
+    rules = _option_rules().get(a.command, {})
+    for name, value in vars(a).items():
+        if name in ("fn", "rest", "command") or name in _FREE_TEXT or callable(value):
+            continue
+        where = "--" + name.replace("_", "-")
+        for item in value if isinstance(value, list) else [value]:
+            check_value(where, item, rules.get(name))  # type: ignore[arg-type]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -238,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             args.rest = rest
         else:
             args = parser.parse_args(argv)
+        check_options(args)
         return args.fn(args)
     except UserError as e:
         print(f"error: {_one_line(str(e))}", file=sys.stderr)
