@@ -79,6 +79,9 @@ CASES: list[tuple[str, str, str]] = [
                        "{ws}/out --tokenizer byte", "line 2 is not valid JSON"),
     ("prep-invalid-utf8-jsonl", "prepare --input {ws}/good.txt --input {ws}/latin1.jsonl "
                                 "--output {ws}/out --tokenizer byte", "not valid JSON"),
+    ("prep-bad-jsonl-nested-out", "prepare --input {ws}/good.txt --input {ws}/bad.jsonl "
+                                  "--output {ws}/new/deeper/out --tokenizer byte",
+     "not valid JSON"),
     ("prep-truncated-json", "prepare --input {ws}/truncated.json --output {ws}/out "
                             "--tokenizer byte", "not valid JSON"),
     ("prep-json-no-text", "prepare --input {ws}/notext.jsonl --output {ws}/out "

@@ -42,7 +42,9 @@ class StagedOutput:
             raise UserError(f"--output {out} holds {foreign[0]} ({len(foreign)} such file(s)) "
                             "that no triaxis manifest there lists: prepare will not overwrite "
                             "files it did not write; move them or choose another --output")
-        self.created = not self.remote and not os.path.isdir(out)
+        # The outermost folder this run will create (None: the output exists): removed again
+        # if the preparation fails.
+        self.created = None if self.remote or os.path.isdir(out) else _first_missing(out)
         self.stage = storage.join(out, f"{STAGE_PREFIX}{uuid.uuid4().hex[:12]}")
         self.written: list[str] = []
 
@@ -117,7 +119,12 @@ class StagedOutput:
             return
         shutil.rmtree(self.stage, ignore_errors=True)
         if self.created and not keep_output:
-            try:
-                os.rmdir(self.out)
-            except OSError:
-                pass
+            shutil.rmtree(self.created, ignore_errors=True)  # did not exist: all of it is ours
+
+
+def _first_missing(path: str) -> str:
+    """The outermost ancestor of `path` (or `path` itself) that does not exist yet."""
+    p = os.path.abspath(path)
+    while not os.path.exists(os.path.dirname(p)):
+        p = os.path.dirname(p)
+    return p
