@@ -79,9 +79,15 @@ CASES: list[tuple[str, str, str]] = [
                        "{ws}/out --tokenizer byte", "line 2 is not valid JSON"),
     ("prep-invalid-utf8-jsonl", "prepare --input {ws}/good.txt --input {ws}/latin1.jsonl "
                                 "--output {ws}/out --tokenizer byte", "not valid JSON"),
-    ("prep-bad-jsonl-nested-out", "prepare --input {ws}/good.txt --input {ws}/bad.jsonl "
-                                  "--output {ws}/new/deeper/out --tokenizer byte",
+    # big.txt fills over two chunks of work: with one worker, shards are written before
+    # bad.jsonl is read.
+    ("prep-late-error-nested-out", "prepare --input {ws}/big.txt --input {ws}/good.txt "
+                                   "--input {ws}/bad.jsonl --output {ws}/new/deeper/out "
+                                   "--tokenizer byte --shard-tokens 100000 --workers 1",
      "not valid JSON"),
+    ("prep-late-error-over-data", "prepare --input {ws}/big.txt --input {ws}/good.txt "
+                                  "--input {ws}/bad.jsonl --output {ws}/data --tokenizer byte "
+                                  "--shard-tokens 100000 --workers 1", "not valid JSON"),
     ("prep-truncated-json", "prepare --input {ws}/truncated.json --output {ws}/out "
                             "--tokenizer byte", "not valid JSON"),
     ("prep-json-no-text", "prepare --input {ws}/notext.jsonl --output {ws}/out "
@@ -251,6 +257,7 @@ def ws(tmp_path_factory, byte_data) -> Path:
 
     root = tmp_path_factory.mktemp("ws")
     (root / "good.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+    (root / "big.txt").write_text("print('hello world')\n" * 110_000)  # 2.4 M characters
     (root / "empty.txt").write_text("  \n")
     (root / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "broken\n')
     (root / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
