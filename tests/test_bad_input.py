@@ -477,3 +477,21 @@ def test_force_replaces_only_the_model_files(ws, tmp_path, capsys):
     assert set(meta["files"]) <= {p.name for p in ckpt.iterdir()}
     assert not list(tmp_path.glob(".ckpt.import*"))
     capsys.readouterr()
+
+
+def test_prepare_again_replaces_only_its_own_files(ws, tmp_path):
+    """A successful prepare over an earlier one: the old manifest's files that the new one does
+    not list go, everything else in the folder stays."""
+    from triaxis.data.prepare import PrepareOptions, prepare
+
+    out = tmp_path / "out"
+    first = prepare(PrepareOptions(inputs=[str(ws / "big.txt")], output=str(out),
+                                   tokenizer="byte", shard_tokens=200_000), log=lambda *_: None)
+    assert len(first["splits"]["train"]["shards"]) > 2
+    (out / "mine.bin").write_bytes(b"a user's file")
+    (out / "notes.txt").write_text("keep")
+    second = prepare(PrepareOptions(inputs=[str(ws / "good.txt")], output=str(out),
+                                    tokenizer="byte"), log=lambda *_: None)
+    listed = {s["file"] for split in second["splits"].values() for s in split["shards"]}
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        listed | {"manifest.json", "mine.bin", "notes.txt"})
