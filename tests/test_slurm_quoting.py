@@ -142,3 +142,28 @@ def test_launch_dry_run_with_hostile_paths(byte_data, tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert "control character" in captured.err
+
+
+def _string_fields():
+    import dataclasses
+    import typing
+
+    from triaxis.config import SECTIONS
+
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] is str:
+                yield f"{section}.{f.name}"
+
+
+@pytest.mark.parametrize("key", list(_string_fields()))
+@pytest.mark.parametrize("ch", ["\n", "\r", "\x00", "\x1b", "\u2028"])
+def test_no_config_value_can_add_a_line(key, ch):
+    """Every string field of the config refuses control characters at load time: no value
+    from a TOML file or the command line reaches a script, a path or a log line with one."""
+    from triaxis.config import load_config
+    from triaxis.errors import UserError
+
+    with pytest.raises(UserError, match="control character"):
+        load_config(None, [f"--{key}=a{ch}srun evil"])
