@@ -167,3 +167,49 @@ def test_no_config_value_can_add_a_line(key, ch):
 
     with pytest.raises(UserError, match="control character"):
         load_config(None, [f"--{key}=a{ch}srun evil"])
+
+
+def _real_sbatch_arguments(script_path, tmp_path) -> list[str]:
+    """The #SBATCH arguments the installed sbatch itself reads from a script (its debug2 log,
+    printed before it tries the controller, which is not there: we stop it then)."""
+    import os
+
+    conf = tmp_path / "slurm.conf"
+    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\nAuthType=auth/none\n"
+                    "CredType=cred/none\nNodeName=n0 CPUs=1\nPartitionName=p Nodes=n0\n")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    proc = subprocess.Popen(["sbatch", "-vvv", str(script_path)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, env=env, text=True)
+    found = []
+    try:
+        prefix = 'Found in script, argument "'
+        for line in proc.stderr:
+            if prefix in line:
+                found.append(line.rstrip("\n").split(prefix, 1)[1][:-1])
+            elif "end of defined options" in line:
+                break  # parsing is over (next it would look for the controller)
+    finally:
+        proc.kill()
+        proc.wait()
+    return found
+
+
+def test_real_sbatch_reads_the_directives_as_we_do(tmp_path):
+    """The transcription of sbatch's parser above, checked against the real one (Slurm's
+    sbatch, when installed: scripts/ci_services.sh)."""
+    import shutil
+
+    if shutil.which("sbatch") is None:
+        pytest.skip("sbatch not installed (scripts/ci_services.sh installs Slurm)")
+    value = "Ü b#c 'q' \"dq\" \\ %j $(x)"
+    job = SlurmJob(nnodes=2, nproc_per_node=1, workdir=f"/work/{value}",
+                   run_dir=f"/runs/{value.replace(chr(92), '')}", train_args=[],
+                   job_name=value, account=value,
+                   sbatch_options=[f"--comment={v}" for v in HOSTILE])
+    script = render_sbatch(job)
+    path = tmp_path / "job.sh"
+    path.write_text(script)
+    real = _real_sbatch_arguments(path, tmp_path)
+    assert real == sbatch_directives(script)
+    assert f"--job-name={value}" in real and f"--chdir=/work/{value}" in real
+    assert [a for a in real if a.startswith("--comment=")] == [f"--comment={v}" for v in HOSTILE]
