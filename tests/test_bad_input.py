@@ -94,6 +94,9 @@ CASES: list[tuple[str, str, str]] = [
                           "--tokenizer byte", "has no 'text' field"),
     ("prep-json-text-type", "prepare --input {ws}/numtext.jsonl --output {ws}/out "
                             "--tokenizer byte", "'text' is a int"),
+    ("prep-binary-text", "prepare --input {ws}/binary.parquet.txt --output {ws}/out "
+                         "--tokenizer byte", "holds NUL bytes"),
+    ("prep-utf16-text", "prepare --input {ws}/utf16.txt --output {ws}/out", "not UTF-8 text"),
     ("prep-binary-parquet", "prepare --input {ws}/binary.parquet --output {ws}/out "
                             "--tokenizer byte", "binary.parquet"),
     # -- prepare: outputs it must not touch
@@ -265,6 +268,8 @@ def ws(tmp_path_factory, byte_data) -> Path:
     (root / "notext.jsonl").write_text('{"body": "x"}\n')
     (root / "numtext.jsonl").write_text('{"text": 5}\n')
     (root / "binary.parquet").write_bytes(bytes(range(256)) * 4)
+    (root / "binary.parquet.txt").write_bytes(bytes(range(256)) * 4)
+    (root / "utf16.txt").write_text("def f():\n    pass\n" * 50, encoding="utf-16")
     (root / "binary.toml").write_bytes(b"\xff\xfe\x00\x01garbage\x80")
     (root / "bad.toml").write_text("[train\nsteps = 3\n")
     (root / "notable.toml").write_text("steps = 3\n")

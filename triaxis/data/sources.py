@@ -152,10 +152,13 @@ def file_documents(path: str, clients: ClientPool) -> Iterator[str]:
         yield from _json_documents(path, clients)
     elif ext in PARQUET_EXTENSIONS:
         yield from _parquet_documents(path, clients)
-    elif storage.is_remote(path):
-        yield clients(path).read(path).decode("utf-8", errors="replace")
     else:
-        yield storage.read_bytes(path).decode("utf-8", errors="replace")
+        data = clients(path).read(path) if storage.is_remote(path) else storage.read_bytes(path)
+        if b"\x00" in data:
+            # No text holds NUL bytes: a binary file (or UTF-16), which would train on garbage.
+            raise UserError(f"{path} holds NUL bytes: it is not UTF-8 text (a binary file, or "
+                            "UTF-16?); pass text files, or convert it to UTF-8")
+        yield data.decode("utf-8", errors="replace")
 
 
 def _json_text(obj, where: str) -> str:
