@@ -394,10 +394,45 @@ def test_unexpected_error_is_one_line_and_debug_shows_it(monkeypatch, capsys):
         cli.main(["config"])
 
 
+def test_background_thread_errors_are_one_line_too(monkeypatch, capsys):
+    """A writer thread (TensorBoard's) that meets the same full disk as the main thread adds no
+    traceback and no second line; a bug in a thread is one line saying so."""
+    import errno
+    import threading
+
+    import triaxis.cli as cli
+
+    def fails_in_a_thread(a):
+        def write():
+            raise OSError(errno.ENOSPC, "No space left on device", "/run/tb/events")
+        t = threading.Thread(target=write)
+        t.start()
+        t.join()
+        raise OSError(errno.ENOSPC, "No space left on device", "/run/tb/events")
+    real = cli.build_parser
+
+    def parser():
+        p = real()
+        p._subparsers._group_actions[0].choices["config"].set_defaults(fn=fails_in_a_thread)
+        return p
+    monkeypatch.setattr(cli, "build_parser", parser)
+    assert cli.main(["config"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "error: /run/tb/events: the disk is full; free space or write elsewhere"]
+    t = threading.Thread(target=lambda: 1 / 0)
+    t.start()
+    t.join()
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: ZeroDivisionError: division by zero (this is a bug in triaxis; rerun with "
+        "--debug for the traceback)"]
+
+
 def test_full_disk_is_one_line(tmp_path, capsys, byte_data):
     """A full disk under prepare's output and under train.run_dir: one line, exit 2, and
     prepare leaves nothing behind."""
     import subprocess
+    import sys
 
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
@@ -418,10 +453,16 @@ def test_full_disk_is_one_line(tmp_path, capsys, byte_data):
         assert len([x for x in err.splitlines() if "error:" in x]) == 1
         assert _snapshot(disk) == before
         (disk / "filler").write_bytes(b"\0" * (60 * 1024))  # leave ~nothing for run_dir
-        code, err = run_cli(["train", f"--data.path={byte_data}",
-                             f"--train.run_dir={disk / 'run'}", *TINY], capsys)
-        assert code == 2 and "Traceback" not in err, err
-        assert "disk is full" in err or "quota" in err, err
+        # As a user runs it: a subprocess, TensorBoard on (its writer thread meets the full
+        # disk too, and must not add a traceback).
+        proc = subprocess.run([sys.executable, "-m", "triaxis", "train",
+                               f"--data.path={byte_data}", f"--train.run_dir={disk / 'run'}",
+                               *TINY, "--metrics.tensorboard=true"],
+                              capture_output=True, text=True, timeout=600)
+        err = proc.stderr
+        assert proc.returncode == 2 and "Traceback" not in err, err
+        assert len([x for x in err.splitlines() if "error:" in x]) == 1, err
+        assert "disk is full" in err, err
     finally:
         subprocess.run(["umount", str(disk)])
 

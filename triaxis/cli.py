@@ -238,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     # --debug is accepted anywhere (train and launch pass unknown arguments on as overrides).
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [x for x in argv if x != "--debug"]
+    _printed.clear()
+    _install_thread_hook(debug)
     try:
         parser = build_parser()
         if argv and argv[0] in ("train", "launch"):
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         check_options(args)
         return args.fn(args)
     except UserError as e:
-        print(f"error: {_one_line(str(e))}", file=sys.stderr)
+        _print_once(f"error: {_one_line(str(e))}")
         return e.exit_code
     except BrokenPipeError:  # output piped into `head`
         return 0
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             if debug:
                 raise
             return _bug(e)
-        print(f"error: {_one_line(message)}", file=sys.stderr)
+        _print_once(f"error: {_one_line(message)}")
         return UserError.exit_code
     except Exception as e:  # noqa: BLE001 - the one place that turns a bug into one line
         if debug:
@@ -277,9 +279,43 @@ def _one_line(text: str) -> str:
 
 
 def _bug(e: BaseException) -> int:
-    print(f"error: {type(e).__name__}: {_one_line(str(e))} (this is a bug in triaxis; rerun "
-          "with --debug for the traceback)", file=sys.stderr)
+    _print_once(_bug_line(e))
     return BUG_EXIT
+
+
+def _bug_line(e: BaseException) -> str:
+    return (f"error: {type(e).__name__}: {_one_line(str(e))} (this is a bug in triaxis; rerun "
+            "with --debug for the traceback)")
+
+
+_printed: set[str] = set()
+"""Error lines printed by this command: a background thread that fails on the same cause
+(a TensorBoard writer on the same full disk) adds no second line."""
+
+
+def _print_once(line: str) -> None:
+    if line not in _printed:
+        _printed.add(line)
+        print(line, file=sys.stderr)
+
+
+def _install_thread_hook(debug: bool) -> None:
+    """Uncaught exceptions of background threads in the same one-line form as the main
+    thread's (threading prints a traceback by default)."""
+    import threading
+
+    def hook(args) -> None:
+        if debug or args.exc_type is SystemExit or args.exc_value is None:
+            threading.__excepthook__(args)
+            return
+        e = args.exc_value
+        if isinstance(e, UserError):
+            _print_once(f"error: {_one_line(str(e))}")
+        elif isinstance(e, OSError) and _os_error(e) is not None:
+            _print_once(f"error: {_one_line(_os_error(e) or '')}")
+        else:
+            _print_once(_bug_line(e))
+    threading.excepthook = hook
 
 
 _OS_FIXES = {
