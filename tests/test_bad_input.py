@@ -450,6 +450,7 @@ def test_full_disk_is_one_line(tmp_path, capsys, byte_data):
                              "--tokenizer", "byte"], capsys)
         assert code == 2 and "Traceback" not in err, err
         assert err.strip().splitlines()[-1].startswith("error: ") and "disk is full" in err
+        assert f"--output {disk / 'out'}" in err and "nothing was changed" in err
         assert len([x for x in err.splitlines() if "error:" in x]) == 1
         assert _snapshot(disk) == before
         (disk / "filler").write_bytes(b"\0" * (60 * 1024))  # leave ~nothing for run_dir

@@ -14,6 +14,7 @@ manifest did not list are never touched.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -75,7 +76,14 @@ class StagedOutput:
         if self.remote:
             self.clients(path).write(path, data)
         else:
-            storage.write_bytes(path, data)
+            try:
+                storage.write_bytes(path, data)
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise UserError(f"--output {self.out}: the disk is full (writing "
+                                f"{os.path.basename(path)}); free space or choose another "
+                                "--output; nothing was changed") from None
         self.written.append(path.rsplit("/", 1)[-1] if self.remote else os.path.basename(path))
 
     def commit(self, manifest: bytes) -> None:
