@@ -139,6 +139,7 @@ CASES: list[tuple[str, str, str]] = [
     ("train-config-not-table", "train {ws}/notable.toml", "must be a [section] table"),
     ("train-config-wrong-type", "train {ws}/wrongtype.toml", "must be int"),
     ("train-config-folder", "train {ws}/data", "does not exist"),
+    ("train-config-empty", "train {ws}/empty.toml", "data/stdlib does not exist"),
     # -- train: data
     ("data-missing", _train("--data.path={ws}/nowhere"), "does not exist"),
     ("data-not-prepared", _train("--data.path={ws}/foreign"), "has no manifest.json"),
@@ -194,6 +195,13 @@ CASES: list[tuple[str, str, str]] = [
      "config.json"),
     ("imp-trunc-weights", "import-hf {ws}/hf_truncweights --output {ws}/ckpt --force",
      "model.safetensors"),
+    ("imp-config-str", "import-hf {ws}/hf_strconfig --output {ws}/ckpt --force", "hidden_size"),
+    ("imp-config-neg", "import-hf {ws}/hf_negconfig --output {ws}/ckpt --force",
+     "num_hidden_layers"),
+    ("imp-config-nan", "import-hf {ws}/hf_nanconfig --output {ws}/ckpt --force", "rms_norm_eps"),
+    ("imp-config-list", "import-hf {ws}/hf_listconfig --output {ws}/ckpt --force",
+     "config.json"),
+    ("imp-index-escape", "import-hf {ws}/hf_badindex --output {ws}/ckpt --force", "passwd"),
     ("imp-no-force", "import-hf {ws}/hf --output {ws}/ckpt", "not empty"),
     ("imp-output-file", "import-hf {ws}/hf --output {ws}/good.txt", "is a file"),
     # -- export-hf (the existing export in {ws}/export must survive --force)
@@ -243,6 +251,10 @@ def _snapshot(root: Path) -> dict[str, str]:
     return out
 
 
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 def _edit_manifest(folder: Path, edit) -> None:
     m = json.loads((folder / "manifest.json").read_text())
     edit(m)
@@ -274,6 +286,7 @@ def ws(tmp_path_factory, byte_data) -> Path:
     (root / "bad.toml").write_text("[train\nsteps = 3\n")
     (root / "notable.toml").write_text("steps = 3\n")
     (root / "wrongtype.toml").write_text("[train]\nsteps = \"three\"\n")
+    (root / "empty.toml").write_text("")
     foreign = root / "foreign"
     foreign.mkdir()
     (foreign / "train_00000.bin").write_bytes(b"my own file, not triaxis's")
@@ -331,6 +344,12 @@ def ws(tmp_path_factory, byte_data) -> Path:
     (root / "export" / "README.md").write_text("a user's own file next to the export")
     for name, change in (
             ("hf_badconfig", lambda d: (d / "config.json").write_text("{bad")),
+            ("hf_strconfig", lambda d: _edit_json(d / "config.json", hidden_size="big")),
+            ("hf_negconfig", lambda d: _edit_json(d / "config.json", num_hidden_layers=-1)),
+            ("hf_nanconfig", lambda d: _edit_json(d / "config.json", rms_norm_eps=float("nan"))),
+            ("hf_listconfig", lambda d: (d / "config.json").write_text("[1, 2]")),
+            ("hf_badindex", lambda d: (d / "model.safetensors.index.json").write_text(
+                '{"weight_map": {"x": "../../etc/passwd"}}')),
             ("hf_binconfig", lambda d: (d / "config.json").write_bytes(b"\x00\xff\xfe")),
             ("hf_truncweights", lambda d: (d / "model.safetensors").write_bytes(
                 (root / "hf" / "model.safetensors").read_bytes()[:300]))):

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from triaxis.errors import UserError
+from triaxis.fields import Range, check_value
 from triaxis.hf.convert import (HF_LM_HEAD, args_from_hf_config, hf_rows_to_interleaved,
                                 hf_to_triaxis_name, rope_heads)
 from triaxis.model.llama import ModelArgs, Transformer, model_rope_tables
@@ -41,6 +42,34 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path}: {e}") from None
 
 
+_INT_KEYS = {"hidden_size": True, "num_hidden_layers": True, "num_attention_heads": True,
+             "intermediate_size": True, "vocab_size": True, "num_key_value_heads": False,
+             "max_position_embeddings": False, "head_dim": False}
+"""Integer fields of config.json (True: required; a missing one is convert.py's to name)."""
+_FLOAT_KEYS = {"rms_norm_eps": Range(gt=0, lt=1), "rope_theta": Range(gt=0)}
+
+
+def check_config_values(config: object, where: str) -> None:
+    """Types and ranges of the shape fields, before any of them sizes a tensor."""
+    if not isinstance(config, dict):
+        raise UserError(f"{where} holds a JSON {type(config).__name__}, not an object; not a "
+                        "Hugging Face config")
+    for key in _INT_KEYS:
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{where}: {key}={value!r} must be a whole number")
+        check_value(f"{where}: {key}", value, Range(ge=1, lt=2**31))
+    for key, rule in _FLOAT_KEYS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{where}: {key}={value!r} must be a number")
+        check_value(f"{where}: {key}", float(value), rule)
+
+
 def read_hf_folder(folder: str | Path) -> tuple[dict, dict[Path, list[str]]]:
     """(config.json, {safetensors file: the tensor names it holds})."""
     root = Path(folder)
@@ -51,12 +80,17 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[Path, list[str]]]:
         raise UserError(f"{root} has no {CONFIG}: not a Hugging Face model folder (expected "
                         f"{CONFIG} and {SINGLE} or {INDEX})")
     config = _read_json(root / CONFIG)
+    check_config_values(config, str(root / CONFIG))
     if (root / INDEX).is_file():
-        weight_map = _read_json(root / INDEX).get("weight_map")
+        index = _read_json(root / INDEX)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise UserError(f"{root / INDEX} has no weight_map")
         files: dict[Path, list[str]] = {}
         for name, file in weight_map.items():
+            if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
+                raise UserError(f"{root / INDEX}: {name} is in {file!r}, not a file name in "
+                                f"{root}; the index is damaged")
             files.setdefault(root / file, []).append(name)
         missing = sorted(f.name for f in files if not f.is_file())
         if missing:
