@@ -31,6 +31,9 @@ OUR_NAMES = re.compile(r"^((train|val)_\d{5}\.bin|tokenizer\.json)$")
 
 
 class StagedOutput:
+    """One preparation's output: checked when made, written by `put`, then `commit` or
+    `abort` (module docstring)."""
+
     def __init__(self, out: str, clients: ClientPool, log=print):
         self.out, self.clients, self.log = out, clients, log
         self.remote = storage.is_remote(out)

@@ -21,7 +21,7 @@ import json
 import os
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -70,7 +70,7 @@ class PrepareOptions:
     """Share of documents held out for validation (every round(1/f)-th document)."""
     shard_tokens: int = ranged(16 * 2**20, ge=1, le=2**40)
     """Tokens per shard file."""
-    extensions: tuple[str, ...] = field(default=EXTENSIONS)
+    extensions: tuple[str, ...] = EXTENSIONS
     workers: int = ranged(0, ge=0, le=1024)
     """Tokenizer worker processes (0 = min(cpu_count, 8)); the output does not depend on it."""
 
