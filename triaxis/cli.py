@@ -77,12 +77,13 @@ def _config(a: argparse.Namespace) -> int:
     import dataclasses
 
     from triaxis.config import SECTIONS, Config, field_docs, to_toml
+    from triaxis.fields import RANGE
 
     if a.fields:
         for section, cls in SECTIONS.items():
             print(f"[{section}]")
             defaults = getattr(Config(), section)
-            ranges = {f.name: f.metadata.get("range") for f in dataclasses.fields(cls)}
+            ranges = {f.name: f.metadata.get(RANGE) for f in dataclasses.fields(cls)}
             for name, doc in field_docs(cls).items():
                 rule = f" [{ranges[name].describe()}]" if ranges.get(name) else ""
                 print(f"  {name} = {getattr(defaults, name)!r}{rule}\n      {doc}")

@@ -35,7 +35,7 @@ from triaxis.data.sources import EXTENSIONS, check_bucket, embedded_corpus_files
 from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_state
 from triaxis.data.output import MANIFEST, StagedOutput
 from triaxis.errors import UserError
-from triaxis.fields import check_value, ranged
+from triaxis.fields import RANGE, check_value, ranged
 
 FORMAT = "triaxis-tokens-v1"
 SPLITS = ("train", "val")
@@ -135,7 +135,7 @@ def check_options(opts: PrepareOptions) -> None:
     for f in dataclasses.fields(opts):
         value = getattr(opts, f.name)
         for item in value if isinstance(value, (list, tuple)) else [value]:
-            check_value("--" + f.name.replace("_", "-"), item, f.metadata.get("range"))
+            check_value("--" + f.name.replace("_", "-"), item, f.metadata.get(RANGE))
 
 
 def _write(opts: PrepareOptions, tok, documents, staged: StagedOutput, source: str
