@@ -109,6 +109,7 @@ class Checkpointer:
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.meta, self.log = meta, log
         self.pending: tuple[str, dict, Future] | None = None
+        self.committed = False  # the pending save's manifest is written (rank 0)
         self.sidecars = ThreadPoolExecutor(max_workers=1)
         # Async saves gather metadata in a background thread: give them their own gloo group
         # so they never interleave with the training collectives of the main thread.
@@ -163,31 +164,30 @@ class Checkpointer:
 
     def poll(self) -> str | None:
         """Commit a finished async save (rank 0); cheap, never blocks. Returns what it committed."""
-        if self.pending is None:
+        if self.pending is None or self.committed:
             return None
         folder, meta, side = self.pending
         if not side.done():
             return None
         side.result()  # re-raise a failed write here, in the training loop
-        if not self.is_main:
-            self.pending = None
-            return None
-        if not mf.ready_to_commit(folder, self.world_size):
+        if not self.is_main or not mf.ready_to_commit(folder, self.world_size):
             return None
         mf.commit(folder, self.world_size, meta)
         self._retain()
-        self.pending = None
+        self.committed = True
         return folder
 
     def wait(self) -> None:
-        """Block until a pending async save is written and committed (everywhere)."""
+        """Block until a pending async save is written and committed (everywhere). Every rank
+        keeps `pending` until here, committed or not: a rank that dropped it early would skip
+        these barriers while the others wait in them."""
         if self.pending is None:
             return
         self.pending[2].result()
         _barrier()  # every rank's sidecar has landed
-        committed = self.poll()
-        assert committed is not None or not self.is_main, "sidecars missing after the barrier"
-        self.pending = None
+        self.poll()
+        assert self.committed or not self.is_main, "sidecars missing after the barrier"
+        self.pending, self.committed = None, False
         _barrier()
 
     def _retain(self) -> None:
