@@ -123,22 +123,19 @@ class Pipeline:
         self.schedule = cls(target, n_microbatches=n_microbatches, loss_fn=loss_fn,
                             scale_grads=True)
 
-    def _run(self, fn, tokens: torch.Tensor) -> torch.Tensor:
-        """Run `fn` (step or eval) on the local batch; returns the mean micro-batch loss, the
-        same on every rank of the pipeline."""
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Forward + backward of the local batch through the schedule; returns the mean
+        micro-batch loss, the same on every rank of the pipeline."""
         args = (tokens[:, :-1],) if self.has_first else ()
         kwargs = {}
         losses: list[torch.Tensor] = []
         if self.has_last:
             kwargs = {"target": tokens[:, 1:], "losses": losses}
-        fn(*args, **kwargs)
+        self.schedule.step(*args, **kwargs)
         loss = torch.stack([_plain(x).detach() for x in losses]).mean() if losses else \
             torch.zeros((), device=tokens.device)
         dist.all_reduce(loss, group=self.pp_group)  # only the last stage's rank adds a value
         return loss
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._run(self.schedule.step, tokens)
 
     @torch.no_grad()
     def eval(self, tokens: torch.Tensor) -> torch.Tensor:
