@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from tests.parity import tiny_train_args
+from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
 from triaxis.launchers import sagemaker
 from triaxis.launchers.sagemaker_entry import SageMakerEnv, entry_plan
@@ -127,8 +128,11 @@ def test_hyperparameters_leave_job_side_paths_to_the_job():
 @pytest.mark.parametrize("extra, message", [
     (["--instance-type", "ml.p5.48xlarg"], "did you mean ml.p5.48xlarge?"),
     (["--instance-type", "ml.p5.48xlarge"], "which the job cannot see; pass --input train="),
-    (["--instance-type", "ml.p5.48xlarge", "--input", "train=s3://b/d", "--nnodes", "2",
-      "--checkpoint-s3", "s3://b/ckpt"], "cannot hold one sharded checkpoint"),
+    (["--instance-type", "ml.p5.48xlarge", "--input", "train=s3://b/d", "--checkpoint-s3",
+      "s3://b/one", "--checkpoint.dir=s3://b/two"], "name two checkpoint locations; keep one"),
+    (["--instance-type", "ml.p5.48xlarge", "--input", "train=s3://b/d", "--fsx",
+      "checkpoints=fs-0123456789abcdef0:/fsx/ckpt", "--subnet", "subnet-1", "--security-group",
+      "sg-1", "--checkpoint.dir=s3://b/ckpt"], "and to the FSx channel `checkpoints`; keep one"),
     (["--instance-type", "ml.p5.48xlarge", "--input", "train=s3://b/d", "--spot",
       "--max-run-s", "7200", "--max-wait-s", "3600"], "--max-wait-s=3600 is below"),
     (["--instance-type", "ml.p5.48xlarge", "--input", "train=/local"], "is not CHANNEL=s3://"),
@@ -171,26 +175,94 @@ def moto_endpoint(monkeypatch):
     server.stop()
 
 
-def test_sagemaker_job_goes_through_moto(moto_endpoint, byte_data, tmp_path, capsys):
+@pytest.mark.parametrize("where", [["--checkpoint-s3", "s3://bucket/ckpt"],
+                                   ["--checkpoint.dir=s3://bucket/ckpt"]],
+                         ids=["flag", "config"])
+def test_sagemaker_job_goes_through_moto(where, moto_endpoint, byte_data, tmp_path, capsys):
     import boto3
 
     trust = {"Version": "2012-10-17", "Statement": [{
         "Effect": "Allow", "Action": "sts:AssumeRole",
         "Principal": {"Service": "sagemaker.amazonaws.com"}}]}
-    boto3.client("iam").create_role(RoleName="triaxis-trainer",
-                                    AssumeRolePolicyDocument=json.dumps(trust))
+    iam = boto3.client("iam")
+    try:  # moto's state outlives one server: the other parameter may have made it
+        iam.create_role(RoleName="triaxis-trainer", AssumeRolePolicyDocument=json.dumps(trust))
+    except iam.exceptions.EntityAlreadyExistsException:
+        pass
+    name = f"triaxis-moto-{len(where)}"
     assert main([*sm_args(byte_data, tmp_path, "--instance-type", "ml.g5.12xlarge", "--input",
-                          "train=s3://bucket/data", "--checkpoint-s3", "s3://bucket/ckpt",
-                          "--spot", "--job-name", "triaxis-moto"),
-                 "--train.steps=7", "--train.global_batch=16"]) == 0  # 4 GPUs: 4 x 4
+                          "train=s3://bucket/data", "--spot", "--job-name", name),
+                 *where, "--train.steps=7", "--train.global_batch=16"]) == 0  # 4 GPUs: 4 x 4
     arn = capsys.readouterr().out.strip().splitlines()[-1]
-    assert arn.endswith(":training-job/triaxis-moto")
-    job = boto3.client("sagemaker").describe_training_job(TrainingJobName="triaxis-moto")
+    assert arn.endswith(f":training-job/{name}")
+    job = boto3.client("sagemaker").describe_training_job(TrainingJobName=name)
     assert job["RoleArn"] == ROLE and job["HyperParameters"]["train.steps"] == "7"
     assert job["ResourceConfig"]["InstanceType"] == "ml.g5.12xlarge"
     assert job["CheckpointConfig"] == {"S3Uri": "s3://bucket/ckpt",
                                        "LocalPath": "/opt/ml/checkpoints"}
     assert job["EnableManagedSpotTraining"] is True
+    assert "checkpoint.dir" not in job["HyperParameters"]  # the job writes to the mirror
+
+
+def test_s3_checkpoint_dir_reaches_the_job(byte_data, tmp_path, capsys):
+    """checkpoint.dir = s3://...: one host gets SageMaker's mirror (CheckpointConfig) and writes
+    to /opt/ml/checkpoints; several hosts write straight into S3 from every rank."""
+    def request(*extra):
+        assert main([*sm_args(byte_data, tmp_path, "--dry-run", "--instance-type",
+                              "ml.p5.48xlarge", "--input", "train=s3://b/d", *extra),
+                     "--checkpoint.dir=s3://bucket/run/ckpt", "--train.global_batch=64"]) == 0
+        req = json.loads(capsys.readouterr().out)
+        sagemaker.validate(req)
+        return req
+
+    def job_side(req, host, hosts):
+        env = {"SM_HOSTS": json.dumps(hosts), "SM_CURRENT_HOST": host, "SM_NUM_GPUS": "8",
+               "SM_HPS": json.dumps(req["HyperParameters"])}
+        sm = SageMakerEnv.read(env, tmp_path / "opt_ml")
+        return [o for o in entry_plan(sm)["overrides"] if o.startswith("--checkpoint.dir=")]
+
+    one = request()
+    assert one["CheckpointConfig"] == {"S3Uri": "s3://bucket/run/ckpt",
+                                       "LocalPath": "/opt/ml/checkpoints"}
+    assert "checkpoint.dir" not in one["HyperParameters"]
+    assert job_side(one, "algo-1", ["algo-1"]) == \
+        [f"--checkpoint.dir={tmp_path}/opt_ml/checkpoints"]
+    two = request("--nnodes", "2")
+    assert "CheckpointConfig" not in two
+    assert two["HyperParameters"]["checkpoint.dir"] == "s3://bucket/run/ckpt"
+    for host in ("algo-1", "algo-2"):
+        assert job_side(two, host, ["algo-1", "algo-2"]) == \
+            ["--checkpoint.dir=s3://bucket/run/ckpt"] * 2  # the hyperparameter, then the plan's
+
+
+def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
+        moto_s3, byte_data, tmp_path, capsys):
+    """The hyperparameters of a 2-host request, run as a job here (1 host x 2 processes: the
+    rendezvous across hosts is test_multinode's subject): both ranks write their shards to S3,
+    rank 0's manifest commits them, nothing lands on the instance's disk."""
+    uri = f"s3://{moto_s3.new_bucket()}/run/ckpt"
+    assert main([*sm_args(byte_data, tmp_path / "ignored", "--dry-run", "--instance-type",
+                          "ml.m5.xlarge", "--nnodes", "2", "--input", "train=s3://b/d"),
+                 "--parallel.dp_shard=2", "--train.steps=4", "--checkpoint.interval=2",
+                 f"--checkpoint.dir={uri}"]) == 0
+    hps = json.loads(capsys.readouterr().out)["HyperParameters"]
+    root = tmp_path / "opt_ml"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SM_HOSTS": '["algo-1"]',
+           "SM_CURRENT_HOST": "algo-1", "SM_NUM_GPUS": "0", "SM_CHANNEL_TRAIN": byte_data,
+           "SM_HPS": json.dumps(hps), "SM_MODEL_DIR": str(root / "model")}
+    job = subprocess.run([sys.executable, "-m", "triaxis", "launch", "--backend",
+                          "sagemaker-entry", "--sm-root", str(root), "--nproc-per-node", "2"],
+                         env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert job.returncode == 0, job.stderr[-3000:]
+    from triaxis.checkpoint import manifest as mf
+
+    found = mf.list_checkpoints(uri)
+    assert [f.step for f in found] == [2, 4]
+    meta = mf.read_meta(found[-1].path)
+    assert meta["world_size"] == 2 and mf.verify(found[-1].path) == []
+    # DCP names each rank's shards __{rank}_{n}.distcp: both ranks' are in the one copy.
+    assert {n.split("_")[2] for n in meta["files"] if n.endswith(".distcp")} == {"0", "1"}
+    assert not (root / "checkpoints").exists()
 
 
 # -- SageMaker: inside the job -----------------------------------------------------------------

@@ -109,6 +109,7 @@ class Checkpointer:
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.meta, self.log = meta, log
         self.pending: tuple[str, dict, Future] | None = None
+        self.committed = False  # the pending save's manifest is written (rank 0)
         self.sidecars = ThreadPoolExecutor(max_workers=1)
         # Async saves gather metadata in a background thread: give them their own gloo group
         # so they never interleave with the training collectives of the main thread.
@@ -121,8 +122,10 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def save(self, step: int, cursor: int, block: bool = False) -> str:
-        """Save the state after `step`; async unless `block` or async is off."""
+    def save(self, step: int, cursor: int, block: bool = False,
+             loop_state: dict | None = None) -> str:
+        """Save the state after `step`; async unless `block` or async is off. `loop_state`
+        (JSON-able: the training loop's own carried state) goes into the manifest."""
         self.wait()  # one save in flight at a time
         folder = mf.step_dir(self.root, step)
         t0 = time.perf_counter()
@@ -135,7 +138,7 @@ class Checkpointer:
                           "rng": torch.get_rng_state()}
         writer, _ = _writer_reader(folder)
         meta = {"step": step, "cursor": cursor, "model": self.model_args, "layout": self.layout,
-                "world_size": self.world_size, **self.meta}
+                "world_size": self.world_size, **self.meta, "loop_state": loop_state or {}}
         if self.cfg.async_save and not block:
             fut = dcp.async_save(state, storage_writer=writer, process_group=self.group)
             fut = getattr(fut, "upload_completion", fut)
@@ -161,31 +164,30 @@ class Checkpointer:
 
     def poll(self) -> str | None:
         """Commit a finished async save (rank 0); cheap, never blocks. Returns what it committed."""
-        if self.pending is None:
+        if self.pending is None or self.committed:
             return None
         folder, meta, side = self.pending
         if not side.done():
             return None
         side.result()  # re-raise a failed write here, in the training loop
-        if not self.is_main:
-            self.pending = None
-            return None
-        if not mf.ready_to_commit(folder, self.world_size):
+        if not self.is_main or not mf.ready_to_commit(folder, self.world_size):
             return None
         mf.commit(folder, self.world_size, meta)
         self._retain()
-        self.pending = None
+        self.committed = True
         return folder
 
     def wait(self) -> None:
-        """Block until a pending async save is written and committed (everywhere)."""
+        """Block until a pending async save is written and committed (everywhere). Every rank
+        keeps `pending` until here, committed or not: a rank that dropped it early would skip
+        these barriers while the others wait in them."""
         if self.pending is None:
             return
         self.pending[2].result()
         _barrier()  # every rank's sidecar has landed
-        committed = self.poll()
-        assert committed is not None or not self.is_main, "sidecars missing after the barrier"
-        self.pending = None
+        self.poll()
+        assert self.committed or not self.is_main, "sidecars missing after the barrier"
+        self.pending, self.committed = None, False
         _barrier()
 
     def _retain(self) -> None:
@@ -228,13 +230,18 @@ class Checkpointer:
                             "elsewhere, or start fresh with --checkpoint.resume=none")
 
     def load(self, path: str) -> dict:
-        """Load the whole training state in place; returns {"step", "cursor"}."""
+        """Load the whole training state in place; returns {"step", "cursor", "loop_state"}."""
         self.check_compatible(path)
         state = self._state()
         state["train"] = {"step": 0, "cursor": 0, "scheduler": 0,
                           "rng": torch.get_rng_state()}
+        # Keep this rank's own param groups: DCP stores one copy of their parameter lists
+        # (rank 0's), which names none of another pipeline stage's parameters. Their
+        # hyperparameters come from the config, the lr from the schedule (set below).
+        groups = state["optim"].pop("param_groups")
         _, reader = _writer_reader(path)
         dcp.load(state, storage_reader=reader)
+        state["optim"]["param_groups"] = groups
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         sched = self.scheduler.state_dict()
@@ -245,7 +252,8 @@ class Checkpointer:
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
             group["lr"] = lr
         torch.set_rng_state(state["train"]["rng"])
-        return {"step": int(state["train"]["step"]), "cursor": int(state["train"]["cursor"])}
+        return {"step": int(state["train"]["step"]), "cursor": int(state["train"]["cursor"]),
+                "loop_state": mf.read_meta(path).get("loop_state", {})}
 
     def load_initial(self, path: str) -> None:
         """Model weights only (fine-tuning from e.g. `triaxis import-hf`), into any layout."""

@@ -10,7 +10,9 @@ sagemaker_entry.py). What the request carries:
                             "launch.*" options of the in-job launcher
     InputDataConfig         channel `train` = the prepared data folder: S3 (File or FastFile
                             mode) or FSx for Lustre; more channels by name
-    CheckpointConfig        S3 URI <-> /opt/ml/checkpoints, the in-job checkpoint.dir
+    CheckpointConfig        one host: the S3 URI (checkpoint.dir = s3://..., or --checkpoint-s3)
+                            <-> /opt/ml/checkpoints, the in-job checkpoint.dir. Several hosts:
+                            no mirror; checkpoint.dir = that URI, written by every rank
     EnableManagedSpotTraining + MaxWaitTimeInSeconds   spot capacity, resumed from checkpoints
 
 It is checked offline against botocore's service model before it is printed or sent.
@@ -52,7 +54,8 @@ def add_sagemaker_args(g: argparse._ArgumentGroup) -> None:
                    help="SageMaker: VPC security group id")
     g.add_argument("--output-s3", default="", help="SageMaker: S3 URI for the job's output")
     g.add_argument("--checkpoint-s3", default="",
-                   help="SageMaker: S3 URI synced with /opt/ml/checkpoints (resume, spot)")
+                   help="SageMaker: S3 URI of the job's checkpoints (resume, spot); the same "
+                        "as checkpoint.dir=s3://...")
     g.add_argument("--spot", action="store_true", help="SageMaker: managed spot training")
     g.add_argument("--max-run-s", type=int, default=24 * 3600,
                    help="SageMaker: stop the job after this many seconds of training")
@@ -80,9 +83,11 @@ def hyperparameters(changed: dict[str, Any], launch_opts: dict[str, Any]) -> dic
     def text(v: Any) -> str:
         return ("true" if v else "false") if isinstance(v, bool) else str(v)
 
-    # data.path stays when it names no folder ("synthetic": no channel to take it from).
+    # data.path stays when it names no folder ("synthetic": no channel to take it from), and
+    # checkpoint.dir when it is in S3 (build_request decides how the job reaches it).
     hps = {k: text(v) for k, v in changed.items() if v is not None and
-           (k not in JOB_SIDE_KEYS or (k, v) == ("data.path", "synthetic"))}
+           (k not in JOB_SIDE_KEYS or (k, v) == ("data.path", "synthetic") or
+            (k == "checkpoint.dir" and str(v).startswith("s3://")))}
     hps.update({f"launch.{k}": text(v) for k, v in launch_opts.items()})
     for k, v in hps.items():
         if len(v) > 2500:
@@ -155,11 +160,9 @@ def build_request(a: argparse.Namespace, hps: dict[str, str], uses_data: bool) -
                         "`aws s3 sync`) or --fsx train=fs-ID:/mount/path")
     if a.fsx and not (a.subnet and a.security_group):
         raise UserError("--fsx needs the file system's VPC: pass --subnet and --security-group")
-    shared_ckpt = "checkpoints" in names
-    if a.nnodes > 1 and a.checkpoint_s3 and not shared_ckpt:
-        raise UserError(f"--checkpoint-s3 with --nnodes={a.nnodes}: each host syncs its own "
-                        "/opt/ml/checkpoints, which cannot hold one sharded checkpoint; use "
-                        "--fsx checkpoints=fs-ID:/mount/path (shared, rw) or one instance")
+    hps = dict(hps)
+    ckpt_s3 = checkpoint_s3(a.checkpoint_s3, hps.pop("checkpoint.dir", ""),
+                            shared_fsx="checkpoints" in names)
     req: dict[str, Any] = {
         "TrainingJobName": name,
         "RoleArn": a.role,
@@ -181,10 +184,16 @@ def build_request(a: argparse.Namespace, hps: dict[str, str], uses_data: bool) -
         req["InputDataConfig"] = channels
     if a.subnet or a.security_group:
         req["VpcConfig"] = {"Subnets": a.subnet, "SecurityGroupIds": a.security_group}
-    if a.checkpoint_s3:
-        if not a.checkpoint_s3.startswith("s3://"):
-            raise UserError(f"--checkpoint-s3 {a.checkpoint_s3!r} must be an s3:// URI")
-        req["CheckpointConfig"] = {"S3Uri": a.checkpoint_s3, "LocalPath": CHECKPOINT_LOCAL_PATH}
+    if ckpt_s3 and a.nnodes == 1:
+        # One host: the job writes at local-disk speed and SageMaker mirrors the folder into
+        # S3 (deletions too, so checkpoint.keep_last holds there) and back on a restart.
+        req["CheckpointConfig"] = {"S3Uri": ckpt_s3, "LocalPath": CHECKPOINT_LOCAL_PATH}
+    elif ckpt_s3:
+        # Several hosts: each host's mirror would hold only its own ranks' shards (and rank 0
+        # could never see the others' to commit), and a CheckpointConfig would copy every
+        # checkpoint onto every host at start. Every rank writes its shards straight into S3
+        # instead (DCP over s3fs) and rank 0's manifest commits them: one complete copy.
+        hps["checkpoint.dir"] = ckpt_s3
     if a.spot:
         wait_s = a.max_wait_s or 2 * a.max_run_s
         if wait_s < a.max_run_s:
@@ -194,6 +203,21 @@ def build_request(a: argparse.Namespace, hps: dict[str, str], uses_data: bool) -
         req["StoppingCondition"]["MaxWaitTimeInSeconds"] = wait_s
     validate(req, model)
     return req
+
+
+def checkpoint_s3(flag: str, config_dir: str, shared_fsx: bool) -> str:
+    """The one S3 URI the job's checkpoints go to: --checkpoint-s3 or an s3:// checkpoint.dir
+    ("" = none: /opt/ml/checkpoints on the instance, or the shared FSx channel)."""
+    if flag and not flag.startswith("s3://"):
+        raise UserError(f"--checkpoint-s3 {flag!r} must be an s3:// URI")
+    if flag and config_dir and flag.rstrip("/") != config_dir.rstrip("/"):
+        raise UserError(f"--checkpoint-s3 {flag} and checkpoint.dir={config_dir} name two "
+                        "checkpoint locations; keep one")
+    uri = flag or config_dir
+    if uri and shared_fsx:
+        raise UserError(f"checkpoints would go to {uri} and to the FSx channel `checkpoints`; "
+                        "keep one (drop --fsx checkpoints=... or the S3 location)")
+    return uri
 
 
 def validate(request: dict[str, Any], model: Any | None = None) -> None:

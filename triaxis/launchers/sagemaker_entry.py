@@ -7,8 +7,9 @@ training toolkit, as SM_* environment variables. Both are read, the variables fi
     hosts, this host      SM_HOSTS, SM_CURRENT_HOST     -> nnodes; rendezvous on sorted(hosts)[0]
     processes per host    launch.nproc_per_node, else SM_NUM_GPUS, else 1
     data                  SM_CHANNEL_TRAIN              -> data.path
-    checkpoints           channel `checkpoints` (shared FSx), else /opt/ml/checkpoints (synced
-                          with S3 by SageMaker)         -> checkpoint.dir, resume=auto
+    checkpoints           an s3:// checkpoint.dir (a multi-host job: every rank writes there),
+                          else channel `checkpoints` (shared FSx), else /opt/ml/checkpoints
+                          (mirrored to S3 by SageMaker) -> checkpoint.dir, resume=auto
     run folder            SM_MODEL_DIR (uploaded at the end) -> train.run_dir
     config                the hyperparameters "section.field" -> --section.field=value
 """
@@ -81,10 +82,13 @@ class SageMakerEnv:
             import torch
 
             gpus = str(torch.cuda.device_count())
+        hps = {k: _text(v) for k, v in hps.items()}
+        remote = hps.get("checkpoint.dir", "")
         return cls(hosts=list(hosts), current_host=current, num_gpus=int(gpus),
-                   channels=channels, hyperparameters={k: _text(v) for k, v in hps.items()},
+                   channels=channels, hyperparameters=hps,
                    model_dir=environ.get("SM_MODEL_DIR", str(root / "model")),
-                   checkpoint_dir=channels.get("checkpoints", str(root / "checkpoints")))
+                   checkpoint_dir=remote if remote.startswith("s3://") else
+                   channels.get("checkpoints", str(root / "checkpoints")))
 
 
 def entry_plan(sm: SageMakerEnv) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from torch import nn
 
 from triaxis.errors import UserError
 from triaxis.model.llama import ModelArgs, Transformer
-from triaxis.parallel.partition import V_SCHEDULES, Stage
+from triaxis.parallel.partition import V_SCHEDULES, Stage, stage_rank
 
 SINGLE = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
 MULTI = {"interleaved-1f1b": "ScheduleInterleaved1F1B", "looped-bfs": "ScheduleLoopedBFS",
@@ -113,31 +113,81 @@ class Pipeline:
         self.pp_group = pp_group
         self.stages = [PipelineStage(part, s.index, num_stages, device, group=pp_group)
                        for part, s in zip(parts, stages)]
+        # For the forward-only walk of eval(): who holds each stage, and this rank's modules.
+        pp = dist.get_world_size(pp_group)
+        self.stage_ranks = [stage_rank(i, pp, schedule) for i in range(num_stages)]
+        self.parts_by_index = {s.index: part for part, s in zip(parts, stages)}
+        self.loss_fn, self._n_microbatches = loss_fn, n_microbatches
         cls = getattr(S, SINGLE.get(schedule) or MULTI[schedule])
         target = self.stages[0] if schedule in SINGLE else self.stages
         self.schedule = cls(target, n_microbatches=n_microbatches, loss_fn=loss_fn,
                             scale_grads=True)
 
-    def _run(self, fn, tokens: torch.Tensor) -> torch.Tensor:
-        """Run `fn` (step or eval) on the local batch; returns the mean micro-batch loss, the
-        same on every rank of the pipeline."""
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Forward + backward of the local batch through the schedule; returns the mean
+        micro-batch loss, the same on every rank of the pipeline."""
         args = (tokens[:, :-1],) if self.has_first else ()
         kwargs = {}
         losses: list[torch.Tensor] = []
         if self.has_last:
             kwargs = {"target": tokens[:, 1:], "losses": losses}
-        fn(*args, **kwargs)
+        self.schedule.step(*args, **kwargs)
         loss = torch.stack([_plain(x).detach() for x in losses]).mean() if losses else \
             torch.zeros((), device=tokens.device)
         dist.all_reduce(loss, group=self.pp_group)  # only the last stage's rank adds a value
         return loss
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._run(self.schedule.step, tokens)
-
     @torch.no_grad()
     def eval(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._run(self.schedule.eval, tokens)
+        """Forward only, the mean micro-batch loss on every rank of the pipeline.
+
+        Not `schedule.eval`: the runtime schedules (looped-bfs, interleaved, zbv, dualpipev)
+        replay their training action list with backward switched off, which fails on the
+        V-shaped ones (a backward-input action on a stage without backward) and leaves the
+        other ranks waiting in a receive. Validation is rare, so a plain walk is enough:
+        micro-batch by micro-batch, stage by stage, each activation sent once to the next
+        stage's rank. Every rank walks the same order, so no send waits on a receive that
+        comes later."""
+        n = self._n_microbatches
+        inputs, targets = tokens[:, :-1].chunk(n), tokens[:, 1:].chunk(n)
+        total = torch.zeros((), device=tokens.device)
+        for m in range(n):
+            h = inputs[m]
+            for s in range(self.num_stages):
+                owner, mine = self.stage_ranks[s], self.parts_by_index.get(s)
+                if mine is None:
+                    continue
+                if s > 0 and self.stage_ranks[s - 1] != owner:
+                    h = self._recv(self.stage_ranks[s - 1], tokens.device)
+                h = mine(h)
+                if s == self.num_stages - 1:
+                    total += _plain(self.loss_fn(h, targets[m])).detach().float()
+                elif self.stage_ranks[s + 1] != owner:
+                    self._send(h, self.stage_ranks[s + 1])
+        loss = total / n if self.has_last else total
+        dist.all_reduce(loss, group=self.pp_group)  # only the last stage's rank adds a value
+        return loss
+
+    def _send(self, t: torch.Tensor, pp_rank: int) -> None:
+        t = _plain(t).contiguous()
+        # A header first: the receiver learns dtype and shape (autocast, sequence sharding).
+        header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64)
+        dst = dist.get_global_rank(self.pp_group, pp_rank)
+        dist.send(torch.cat([header, header.new_zeros(8 - len(header))]).to(t.device), dst,
+                  group=self.pp_group)
+        dist.send(t, dst, group=self.pp_group)
+
+    def _recv(self, pp_rank: int, device: torch.device) -> torch.Tensor:
+        src = dist.get_global_rank(self.pp_group, pp_rank)
+        header = torch.zeros(8, dtype=torch.int64, device=device)
+        dist.recv(header, src, group=self.pp_group)
+        dtype, ndim, *shape = header.tolist()
+        out = torch.empty(shape[:ndim], dtype=_DTYPES[dtype], device=device)
+        dist.recv(out, src, group=self.pp_group)
+        return out
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

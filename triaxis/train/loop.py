@@ -108,6 +108,9 @@ class Trainer:
                                  env.rank, env.world_size,
                                  {"data_path": cfg.data.path, "config": to_toml(cfg)}, self.log)
         self.ckpt_step = 0
+        self.resumed_loop_state: dict = {}  # see loop_state()
+        self.guard: NumericsGuard | None = None
+        self.skip_cursors: set[int] = set()
         self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
         self.peak = peak_flops(self.device)
 
@@ -223,6 +226,7 @@ class Trainer:
             state = self.ckpt.load(found.path)
             self.log.info(f"resumed from {found.path} at step {state['step']} "
                           f"(sample cursor {state['cursor']})")
+            self.resumed_loop_state = state.get("loop_state", {})
             return state["step"], state["cursor"]
         if cfg.checkpoint.initial:
             self.ckpt.load_initial(cfg.checkpoint.initial)
@@ -249,23 +253,24 @@ class Trainer:
         progress = Progress(log, cfg.train.steps, step, cfg.metrics.progress)
         result = TrainResult(run_dir=str(run_dir))
         preempt = PreemptionWatch()
-        guard = NumericsGuard(cfg.train.spike_factor, cfg.train.max_bad_steps) \
+        self.guard = NumericsGuard(cfg.train.spike_factor, cfg.train.max_bad_steps) \
             if cfg.train.on_bad_loss != "off" else None
-        skip_cursors: set[int] = set()  # batches a rollback decided never to train on again
+        self.skip_cursors = set()  # batches a rollback decided never to train on again
+        self.restore_loop_state(self.resumed_loop_state)
         tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         t_last, steps_since = time.perf_counter(), 0
         try:
             while step < cfg.train.steps:
-                if cursor in skip_cursors:
+                if cursor in self.skip_cursors:
                     cursor += cfg.train.global_batch
                     continue
                 inject_kill(step + 1, self.env.rank)
                 loss = self.forward_backward(cursor, step + 1)
-                if guard is not None:
-                    reason = guard.check(self.mean_over_dp(loss), step + 1, cursor)
+                if self.guard is not None:
+                    reason = self.guard.check(self.mean_over_dp(loss), step + 1, cursor)
                     if reason is not None:
                         self.optimizer.zero_grad(set_to_none=True)
-                        step, cursor = self._bad_step(reason, step, cursor, skip_cursors)
+                        step, cursor = self._bad_step(reason, step, cursor, self.skip_cursors)
                         continue
                 self.optimizer_step()
                 step += 1
@@ -291,17 +296,17 @@ class Trainer:
                 last = step == cfg.train.steps
                 if cfg.train.exit_after_steps and step - first_step >= \
                         cfg.train.exit_after_steps and not last:
-                    self.ckpt.save(step, cursor, block=True)
+                    self.ckpt.save(step, cursor, block=True, loop_state=self.loop_state())
                     log.info(f"exit_after_steps={cfg.train.exit_after_steps}: saved step {step}")
                     break
                 if preempt.should_stop() and not last:
-                    self.ckpt.save(step, cursor, block=True)
+                    self.ckpt.save(step, cursor, block=True, loop_state=self.loop_state())
                     log.warn(f"SIGTERM: saved a final checkpoint at step {step}; exiting")
                     result.preempted = True
                     break
                 if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or \
                         (last and cfg.checkpoint.save_final):
-                    path = self.ckpt.save(step, cursor, block=last)
+                    path = self.ckpt.save(step, cursor, block=last, loop_state=self.loop_state())
                     self.ckpt_step = step
                     blocked = self.ckpt.blocking_s[-1]
                     log.info(f"checkpoint {path} (training blocked {blocked:.2f}s)")
@@ -325,6 +330,7 @@ class Trainer:
             found = self.ckpt.find_resume()
             if found is not None:
                 state = self.ckpt.load(found.path)
+                self.restore_loop_state(state.get("loop_state", {}), rollback=True)
                 self.log.warn(f"step {step + 1}: {reason}; rolled back to step {state['step']} "
                               f"and skipping the batch at sample cursor {cursor}")
                 return state["step"], state["cursor"]
@@ -333,6 +339,29 @@ class Trainer:
             self.log.warn(f"step {step + 1}: {reason}; update skipped, batch at sample cursor "
                           f"{cursor} dropped")
         return step, cursor + self.cfg.train.global_batch
+
+    # What the loop carries from step to step besides weights, optimizer, LR schedule and data
+    # cursor (those are the checkpoint's own state): saved with every checkpoint, restored on
+    # resume, so a killed and resumed run repeats the uninterrupted one exactly. Nothing else
+    # carries over: no step draws random numbers (the data order is a pure function of seed and
+    # position; there is no dropout), and the pipeline schedules start every step afresh.
+    def loop_state(self) -> dict:
+        state: dict = {"skip_cursors": sorted(self.skip_cursors)}
+        if self.guard is not None:
+            state["guard"] = {"seen": self.guard.seen, "mean": self.guard.mean,
+                              "bad_steps": self.guard.bad_steps}
+        return state
+
+    def restore_loop_state(self, state: dict, rollback: bool = False) -> None:
+        """After a resume; or after a rollback, which returns the running mean to the
+        checkpoint's but keeps counting bad steps (else max_bad_steps could never stop a run
+        that keeps rolling back) and keeps every batch already marked to skip."""
+        self.skip_cursors |= set(state.get("skip_cursors", ()))
+        guard = state.get("guard")
+        if self.guard is not None and guard is not None:
+            self.guard.seen, self.guard.mean = int(guard["seen"]), float(guard["mean"])
+            if not rollback:
+                self.guard.bad_steps = int(guard["bad_steps"])
 
     def _record(self, step: int, loss: torch.Tensor, tokens: int, elapsed_s: float) -> dict:
         tokens_per_s = tokens / max(elapsed_s, 1e-9)
