@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from triaxis.errors import UserError, nearest
-from triaxis.model.llama import ModelArgs
+from triaxis.model.args import ModelArgs
 
 PRESETS: dict[str, ModelArgs] = {
     "tiny": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=512,

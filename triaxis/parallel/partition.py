@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from triaxis.errors import UserError
-from triaxis.model.llama import ModelArgs, block_param_count
+from triaxis.model.args import ModelArgs, block_param_count
 
 # Schedules whose ranks hold stages r and 2p-1-r (a "V"), the others loop: r, r+p, r+2p, ...
 V_SCHEDULES = ("zbv", "dualpipev")

@@ -17,7 +17,7 @@ import os
 
 from triaxis.config import Config
 from triaxis.errors import UserError
-from triaxis.model.llama import ModelArgs
+from triaxis.model.args import ModelArgs
 from triaxis.plan.cost import Plan, Problem
 from triaxis.plan.hardware import GIB, load_catalog, resolve_hardware
 from triaxis.plan.layout import RUNTIMES, SearchSpace

@@ -3,8 +3,7 @@
 The planner must also evaluate published GPT-style models (a 4h GELU MLP, multi-head attention,
 dropout), which `ModelArgs` cannot describe (it has no GELU flag). So the planner works on its own
 `ModelShape`, built from `ModelArgs` for triaxis models and written out directly for the published
-rows. Parameter counts ignore biases and LayerNorm biases (under 0.1% of any row's parameters);
-the FLOPs follow the same convention as `triaxis.model.llama.flops_per_token`, which a test checks.
+rows. Its parameter and FLOP counts are the model's own (`triaxis.model.args`), applied to it.
 """
 
 from __future__ import annotations
@@ -14,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from triaxis.errors import UserError, nearest
-from triaxis.model.llama import ModelArgs
+from triaxis.model.args import (ModelArgs, block_param_count, embedding_param_count,
+                                flops_per_token, head_param_count, param_counts)
 
 
 @dataclass(frozen=True)
@@ -54,25 +54,21 @@ class ModelShape:
 
     def block_params(self) -> int:
         """Parameters of one block: q, k, v, o, the MLP matrices and two norm weights."""
-        attn = self.dim * (2 * self.dim + 2 * self.kv_dim)
-        return attn + self.mlp_matrices * self.dim * self.ffn_dim + 2 * self.dim
+        return block_param_count(self)
 
     def embedding_params(self) -> int:
-        return self.vocab_size * self.dim
+        return embedding_param_count(self)
 
     def head_params(self) -> int:
         """LM head (vocab x dim) + final norm; the head counts even when tied (it is computed)."""
-        return self.vocab_size * self.dim + self.dim
+        return head_param_count(self) + self.dim
 
     def total_params(self) -> int:
-        head = self.dim if self.tie_embeddings else self.head_params()
-        return self.n_layers * self.block_params() + self.embedding_params() + head
+        return param_counts(self)["total"]
 
     def model_flops_per_token(self, seq_len: int) -> float:
-        """6·N + 12·l·h·s with N = block + head parameters: forward (2) and backward (4) matrix
-        multiplies, plus attention scores and values (causal masking not discounted)."""
-        n = self.n_layers * self.block_params() + self.head_params()
-        return 6.0 * n + 12.0 * self.n_layers * self.dim * seq_len
+        """6·N + 12·l·h·s (triaxis.model.args.flops_per_token)."""
+        return float(flops_per_token(self, seq_len))
 
     def recompute_flops_per_token(self, seq_len: int, recomputed_layers: float) -> float:
         """The extra forward of checkpointed blocks: 2·block + 4·h·s per recomputed block."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import lru_cache
 
-from triaxis.model.llama import ModelArgs
+from triaxis.model.args import ModelArgs
 
 ADAM_STEP_BYTES = 4
 
