@@ -88,7 +88,7 @@ def param_counts(a: Sizes) -> dict[str, int]:
 
 
 def flops_per_token(a: Sizes, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N + 12·layers·d_model·seq, N = non-embedding params + LM head.
+    """Training FLOPs per token: 6·N + 12·layers·d_model·seq, N = non-embedding params + head.
 
     6·N counts forward (2) and backward (4) matrix multiplies; 12·L·d·T the attention scores and
     weighted values (causal masking not discounted, as in the PaLM/nanoGPT convention).
