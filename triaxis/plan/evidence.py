@@ -1,20 +1,21 @@
 """What the cost model is checked against: published training throughputs and the per-rank
 bytes of real triaxis layouts.
 
-Published results as data (data/published.toml) and the cost model's prediction of each.
+Published: results as data (data/published.toml) and the cost model's prediction of each.
 
 The published models are GPT-style: a 4h GELU MLP, multi-head attention, dropout, tied
 embeddings; they are described by a ModelShape (not ModelArgs, which is SwiGLU-only). Each row is
 evaluated at its published layout; a row whose micro-batch is 0 leaves the micro-batch and the
 partition-group size to the planner (the paper does not state them), over that row's runtime.
 
-Measure per-rank bytes of parameters, gradients and AdamW states of a real triaxis layout on
+Measured: per-rank bytes of parameters, gradients and AdamW states of a real triaxis layout on
 CPU, without N processes: one process joins a *fake* process group (collectives are no-ops) as
 rank `rank` of `world`, builds the model on meta, applies triaxis.parallel.parallelize, runs one
 forward, backward and optimizer step, and sums the local tensors. Shapes and placements are
 exactly those of a real run; values are not (and do not matter here).
 
-Used by tests/test_plan_memory.py and bench/plan_memory.py to check
+Used by tests/test_plan_memory.py and bench/plan_memory.py (through `python -m
+triaxis.plan.evidence measure ...`, one process per world size) to check
 `predict_state_bytes_per_rank` (the memory model's state part) against the real sharding.
 """
 
@@ -131,6 +132,7 @@ def table(predictions: list[Prediction]) -> str:
         lines.append(f"| {p.name} | {p.plan.layout.describe()} | {p.published_tflops:.0f} | "
                      f"{p.predicted_tflops:.0f} | {p.error:+.1%} |")
     return "\n".join(lines)
+
 
 # ---------------------------------------------------------------------------------------------
 # Measured per-rank state bytes

@@ -182,6 +182,7 @@ def predict_state_bytes_per_rank(model_args: ModelArgs, dp_shard: int, dp_replic
             best = out
     return best
 
+
 # ---------------------------------------------------------------------------------------------
 # Activations, buffers and the peak per GPU
 

@@ -113,6 +113,7 @@ def load_model(model: str, vocab_size: int | None = None) -> tuple[ModelShape, M
         args.vocab_size = vocab_size
     return shape_from_args(args, model), args
 
+
 # ---------------------------------------------------------------------------------------------
 # Runtimes and layouts
 
@@ -120,9 +121,10 @@ def load_model(model: str, vocab_size: int | None = None) -> tuple[ModelShape, M
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "interleaved-zb", "zbv")
 """The pipeline schedules the planner models, by the runtime's names (parallel.pp_schedule).
 The zero-bubble ones follow Qi et al. 2023 with equal F, B and W passes: interleaved-zb
-(PyTorch's ZB1P) is modelled as ZB-H1 on one stage per rank, zbv as ZB-H2 (no bubble, 2p - 1
-micro-batches in flight: an upper bound, ZB-V keeps 1F1B's p). Both run 2 stages per rank
-(`stages_per_rank`), which the model does not credit: their bubbles are upper bounds too."""
+(PyTorch's ZB1P) is modelled as ZB-H1 on one stage per rank (bubble (p - 1)/3; the 2 stages per
+rank it runs with shrink it), zbv as ZB-H2 (no bubble; 2p - 1 micro-batches in flight, an upper
+bound: ZB-V keeps 1F1B's p). Stages per rank the runtime runs:
+triaxis.parallel.partition.stages_per_rank."""
 AC_POLICIES = ("none", "selective", "full")
 
 
@@ -244,6 +246,7 @@ class Layout:
         if not self.reshard_after_forward:
             s += " no-reshard"
         return s
+
 
 # ---------------------------------------------------------------------------------------------
 # A problem and its evaluated plans

@@ -154,11 +154,9 @@ def _ac_options(space: SearchSpace) -> list[tuple[str, int]]:
             out.append((ac, 2))
     return out
 
+
 # ---------------------------------------------------------------------------------------------
 # Evaluating one layout
-
-
-__all__ = ["MemoryBreakdown", "Plan", "Problem", "TimeBreakdown", "evaluate", "fits"]
 
 
 def fits(p: Problem, layout: Layout, mem: MemoryBreakdown) -> bool:
@@ -188,6 +186,7 @@ def evaluate(p: Problem, layout: Layout, with_time: bool = True,
     return Plan(layout, mem, t, num_micro, tokens / step,
                 model_flops / (step * world * p.hw.gpu.peak_flops),
                 hw_flops / (step * world) / 1e12, ok)
+
 
 # ---------------------------------------------------------------------------------------------
 # The planner

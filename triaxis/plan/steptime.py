@@ -143,6 +143,7 @@ def optimizer_s(hw: Hardware, params_per_gpu: float, offloaded: bool) -> float:
         return params_per_gpu / hw.calib.cpu_adam_params_per_s
     return 32 * params_per_gpu / hw.gpu.hbm_bytes_per_s
 
+
 # ---------------------------------------------------------------------------------------------
 # Collectives over the link each mesh axis runs on
 
@@ -210,6 +211,7 @@ def p2p_s(hw: Hardware, nbytes: float, crosses_node: bool) -> float:
         return hw.calib.collective_launch_s + c.network_latency_s + \
             nbytes / hw.network_bytes_per_s_per_gpu
     return hw.calib.collective_launch_s + c.nvlink_latency_s + nbytes / c.nvlink_bytes_per_s
+
 
 # ---------------------------------------------------------------------------------------------
 # Step time of a layout
