@@ -17,11 +17,9 @@ import os
 
 
 def predicted_gib(a: argparse.Namespace, gpu: str) -> tuple[float, dict]:
-    from triaxis.plan.cost import Problem
     from triaxis.plan.hardware import GIB, load_catalog, resolve_hardware
-    from triaxis.plan.layout import RUNTIMES, Layout
     from triaxis.plan.memory import memory_of
-    from triaxis.plan.shape import load_model
+    from triaxis.plan.problem import RUNTIMES, Layout, Problem, load_model
 
     world = a.dp_replicate * a.dp_shard * a.tp
     shape, _ = load_model(a.preset)

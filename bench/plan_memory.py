@@ -4,7 +4,7 @@
 
 Each measurement builds the real triaxis layout (parallelize: TP, then FSDP2 MiCS sharding) in a
 process that joins a fake process group as one rank, runs a step, and sums the local tensors
-(triaxis.plan.measure); the prediction is triaxis.plan.predict_state_bytes_per_rank(...,
+(triaxis.plan.evidence); the prediction is triaxis.plan.predict_state_bytes_per_rank(...,
 rank=r). Ranks 0 and world-1 are measured: with dp_shard = 3 or 6 on a 64-wide model the last
 shards are shorter than rank 0's (which equals every rank's padded FSDP allocation).
 """
@@ -16,8 +16,8 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from triaxis.plan.measure import MeasuredLayout
-from triaxis.plan.state_bytes import predict_state_bytes_per_rank
+from triaxis.plan.evidence import MeasuredLayout
+from triaxis.plan.memory import predict_state_bytes_per_rank
 
 MATRIX = [
     MeasuredLayout("tiny", 1, 1, 1), MeasuredLayout("tiny", 1, 1, 2),
@@ -39,7 +39,7 @@ def _spec(m: MeasuredLayout) -> str:
 
 
 def run_group(world: int, rank: int, layouts: list[MeasuredLayout]) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "triaxis.plan.measure", str(rank),
+    out = subprocess.run([sys.executable, "-m", "triaxis.plan.evidence", "measure", str(rank),
                           *map(_spec, layouts)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -81,3 +81,31 @@ def test_mesh_order_puts_tp_innermost_then_partition_group():
     assert [c["dp_shard"] for c in coords[:4]] == [0, 0, 1, 1]
     assert [c["dp_replicate"] for c in coords] == [0] * 4 + [1] * 4
     assert [dims.dp_rank(r) for r in range(0, 8, 2)] == [0, 1, 2, 3]
+
+
+def test_model_fields_unset_are_none_and_round_trip(tmp_path):
+    """An unset [model] field is None (not 0 or ""): left out of the resolved TOML, None again
+    when it is read back, and taken from the preset (or the data's vocabulary)."""
+    cfg = load_config(None, ["--model.preset=tiny", "--model.dim=128"])
+    m = cfg.model
+    assert (m.n_layers, m.vocab_size, m.rope_theta, m.rope_scaling) == (None, None, None, None)
+    text = to_toml(cfg)
+    assert "dim = 128" in text and "n_layers" not in text and "rope_theta" not in text
+    f = tmp_path / "config.toml"
+    f.write_text(text)
+    again = load_config(str(f))
+    assert again == cfg and again.model.n_layers is None
+    args = build_model_args(again.model, vocab_size=300)
+    assert (args.dim, args.n_layers, args.vocab_size) == (128, 4, 300)
+    pinned = load_config(None, ["--model.preset=tiny", "--model.vocab_size=1024"])
+    assert build_model_args(pinned.model, vocab_size=300).vocab_size == 1024
+
+
+def test_model_field_zero_is_a_value_not_unset():
+    cfg = load_config(None, ["--model.preset=tiny", "--model.dim=none"])
+    assert cfg.model.dim is None
+    # An explicit 0 is a value, refused at the edge by the field's own range.
+    with pytest.raises(UserError, match=r"model\.dim=0 must be >= 1"):
+        load_config(None, ["--model.preset=tiny", "--model.dim=0"])
+    with pytest.raises(UserError, match=r"model\.rope_theta=0\.0 must be > 0"):
+        load_config(None, ["--model.preset=tiny", "--model.rope_theta=0"])

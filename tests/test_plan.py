@@ -14,18 +14,14 @@ from triaxis.errors import UserError
 from triaxis.model.llama import flops_per_token
 from triaxis.model.presets import PRESETS
 from triaxis.plan.cli import main
-from triaxis.plan.collectives import AxisLink, all_gather_s, all_reduce_s, axis_link
-from triaxis.plan.cost import Problem, evaluate
-from triaxis.plan.efficiency import gemm_s
+from triaxis.plan.evidence import row_shape
 from triaxis.plan.hardware import load_catalog, resolve_hardware
-from triaxis.plan.layout import RUNTIMES, Layout, SearchSpace, enumerate_layouts
 from triaxis.plan.memory import (layer_activation_bytes_per_token, logits_bytes_per_token,
-                                  loss_bytes)
-from triaxis.plan.planner import plan
-from triaxis.plan.published import row_shape
-from triaxis.plan.shape import ModelShape, load_model, shape_from_args
-from triaxis.plan.state_bytes import predict_state_bytes_per_rank
-from triaxis.plan.steptime import bubble_slots
+                                 loss_bytes, predict_state_bytes_per_rank)
+from triaxis.plan.problem import RUNTIMES, Layout, ModelShape, Problem, load_model, shape_from_args
+from triaxis.plan.search import SearchSpace, enumerate_layouts, evaluate, plan
+from triaxis.plan.steptime import (AxisLink, all_gather_s, all_reduce_s, axis_link, bubble_slots,
+                                   gemm_s)
 
 
 @pytest.fixture(scope="module")
@@ -236,8 +232,8 @@ def test_bubble_per_schedule():
     assert bubble_slots(dataclasses.replace(base, schedule="gpipe")) == 7
     assert bubble_slots(dataclasses.replace(base, schedule="interleaved-1f1b",
                                             virtual_stages=2)) == 3.5
-    assert bubble_slots(dataclasses.replace(base, schedule="zb-h1")) == pytest.approx(7 / 3)
-    assert bubble_slots(dataclasses.replace(base, schedule="zb-h2")) == 0
+    assert bubble_slots(dataclasses.replace(base, schedule="interleaved-zb")) == pytest.approx(7 / 3)
+    assert bubble_slots(dataclasses.replace(base, schedule="zbv")) == 0
 
 
 def test_a_slow_network_costs_time(catalog, tmp_path):
@@ -350,3 +346,37 @@ def test_plan_for_world_on_cpu_writes_the_config():
     with pytest.raises(UserError, match="objective"):
         plan_for_world(cfg, 4, "fastest", gpu="cpu")
 
+
+
+# -- one vocabulary with the runtime -----------------------------------------------------------
+
+def test_planner_schedules_are_the_runtime_schedules():
+    from triaxis.parallel.partition import MULTI, SINGLE
+    from triaxis.plan.problem import SCHEDULES
+
+    assert set(SCHEDULES) <= set(SINGLE) | set(MULTI)
+
+
+def test_step_time_columns_are_the_mesh_axes_innermost_first():
+    from triaxis.parallel.dims import AXES
+    from triaxis.plan.report import COMM_COLUMNS
+
+    assert COMM_COLUMNS == tuple(reversed(AXES))
+
+
+@pytest.mark.parametrize("schedule", ["zbv", "interleaved-zb"])
+def test_zero_bubble_snippet_runs_as_written(tmp_path, capsys, schedule):
+    """The winner's TOML names the schedule the planner modelled, with the stages per rank the
+    runtime needs, and passes the runtime's schedule rules."""
+    from triaxis.config import load_config
+    from triaxis.parallel.pipeline import check_schedule
+
+    out = tmp_path / "plan.toml"
+    assert main(["--model", "70b", "--gpus", "64", "--gpu", "a100-40g", "--no-offload",
+                 "--schedules", schedule, "--top", "1", "--write", str(out)]) == 0
+    assert f"{schedule}" in capsys.readouterr().out
+    cfg = load_config(str(out))
+    p, t = cfg.parallel, cfg.train
+    assert p.pp > 1 and p.pp_schedule == schedule and p.pp_virtual_stages == 2
+    check_schedule(p.pp_schedule, p.pp, p.pp_virtual_stages,
+                   t.global_batch // (t.micro_batch * p.dp_replicate * p.dp_shard))

@@ -13,8 +13,8 @@ import json
 import subprocess
 import sys
 
-from triaxis.plan.measure import MeasuredLayout
-from triaxis.plan.state_bytes import predict_state_bytes_per_rank
+from triaxis.plan.evidence import MeasuredLayout
+from triaxis.plan.memory import predict_state_bytes_per_rank
 
 # TP x FSDP with padding (64 rows over 3 shards) and a tied head; the bench adds MiCS replicas,
 # plain FSDP, TP alone and rank 0 (~2 s a layout here, so the unit test keeps one).
@@ -25,7 +25,8 @@ RANK = 5
 def test_predicted_state_bytes_match_measured():
     specs = [f"{m.preset}:{m.dp_replicate}:{m.dp_shard}:{m.tp}" +
              ("" if m.tied is None else (":tied" if m.tied else ":untied")) for m in LAYOUTS]
-    out = subprocess.run([sys.executable, "-m", "triaxis.plan.measure", str(RANK), *specs],
+    out = subprocess.run([sys.executable, "-m", "triaxis.plan.evidence", "measure", str(RANK),
+                          *specs],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])

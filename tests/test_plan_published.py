@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 
-from triaxis.plan.published import load_rows, predict_row, traffic_bound_tflops
+from triaxis.plan.evidence import load_rows, predict_row, traffic_bound_tflops
 
 ROWS = load_rows()
 TOLERANCE = 0.15

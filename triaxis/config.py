@@ -23,27 +23,28 @@ from triaxis.fields import check_fields, ranged
 class ModelConfig:
     preset: str = "small"
     """Model shape: tiny | small | 1b | 8b | 70b | 405b. Fields set below override the preset."""
-    dim: int = ranged(0, ge=0)
-    """Hidden size d_model (0 = from the preset)."""
-    n_layers: int = ranged(0, ge=0)
-    """Number of transformer blocks (0 = from the preset)."""
-    n_heads: int = ranged(0, ge=0)
-    """Attention heads (0 = from the preset)."""
-    n_kv_heads: int = ranged(0, ge=0)
-    """Key/value heads for grouped-query attention; must divide n_heads (0 = from the preset)."""
-    ffn_dim: int = ranged(0, ge=0)
-    """Hidden size of the SwiGLU MLP (0 = from the preset)."""
-    vocab_size: int = ranged(0, ge=0)
-    """Vocabulary size (0 = the prepared data's tokenizer, else the preset)."""
-    max_seq_len: int = ranged(0, ge=0)
-    """Longest sequence the RoPE tables cover (0 = from the preset)."""
+    dim: int | None = ranged(None, ge=1)
+    """Hidden size d_model (unset = from the preset)."""
+    n_layers: int | None = ranged(None, ge=1)
+    """Number of transformer blocks (unset = from the preset)."""
+    n_heads: int | None = ranged(None, ge=1)
+    """Attention heads (unset = from the preset)."""
+    n_kv_heads: int | None = ranged(None, ge=1)
+    """Key/value heads for grouped-query attention; must divide n_heads (unset = from the
+    preset)."""
+    ffn_dim: int | None = ranged(None, ge=1)
+    """Hidden size of the SwiGLU MLP (unset = from the preset)."""
+    vocab_size: int | None = ranged(None, ge=1)
+    """Vocabulary size (unset = the prepared data's tokenizer, else the preset)."""
+    max_seq_len: int | None = ranged(None, ge=1)
+    """Longest sequence the RoPE tables cover (unset = from the preset)."""
     tie_embeddings: bool | None = None
     """Share the input embedding with the LM head (unset = from the preset)."""
-    rope_theta: float = ranged(0.0, ge=0)
-    """RoPE base frequency (0 = from the preset)."""
-    rope_scaling: str = ""
+    rope_theta: float | None = ranged(None, gt=0)
+    """RoPE base frequency (unset = from the preset)."""
+    rope_scaling: str | None = None
     """RoPE frequency scaling: none | llama3 (Llama 3.1's long-context scaling, the four
-    rope_* fields below); empty = from the preset (none for every preset)."""
+    rope_* fields below); unset = from the preset (none for every preset)."""
     rope_scaling_factor: float = ranged(8.0, gt=0)
     """llama3 scaling: how much the low frequencies are slowed (8 in Llama 3.1, 32 in 3.2)."""
     rope_low_freq_factor: float = ranged(1.0, gt=0)

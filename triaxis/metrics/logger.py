@@ -13,19 +13,17 @@ from pathlib import Path
 
 from rich.console import Console
 
-# Dense bf16 peak per GPU (FLOP/s), by substring of torch.cuda.get_device_name().
-PEAK_BF16_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "A10G": 125e12,
-                   "L40S": 362e12, "L4": 121e12, "V100": 125e12}
+from triaxis.hardware import peak_bf16_flops
 
 
 def peak_flops(device) -> float | None:
-    """The card's dense bf16 peak, or None on CPU (no meaningful MFU there)."""
+    """The card's dense bf16 peak (from hardware.toml), or None on CPU (no meaningful MFU there)
+    and on a card hardware.toml does not list."""
     if device.type != "cuda":
         return None
     import torch
 
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_bf16_flops(torch.cuda.get_device_name(device))
 
 
 class RankLogger:

@@ -13,37 +13,15 @@ from __future__ import annotations
 
 import math
 import zlib
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The shape and its counts live in args.py (no torch there, for the planner); re-exported here.
+from triaxis.model.args import (ModelArgs, block_param_count, flops_per_token,  # noqa: F401
+                                param_counts)
 from triaxis.model.loss import chunked_cross_entropy
-
-
-@dataclass
-class ModelArgs:
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_dim: int
-    vocab_size: int
-    max_seq_len: int
-    rope_theta: float = 500000.0
-    norm_eps: float = 1e-5
-    tie_embeddings: bool = False
-    rope_scaling: str = "none"
-    """none, or llama3: Llama 3.1's long-context frequency scaling (the four fields below)."""
-    rope_scaling_factor: float = 8.0
-    rope_low_freq_factor: float = 1.0
-    rope_high_freq_factor: float = 4.0
-    rope_original_max_seq_len: int = 8192
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
 
 
 class RMSNorm(nn.Module):
@@ -242,34 +220,3 @@ def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
 
         full = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
     param.copy_(full)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sizes and FLOPs, from the shape alone (no tensors), so the planner can use them for 405B.
-
-
-def block_param_count(args: ModelArgs) -> int:
-    hd = args.head_dim
-    attn = args.dim * hd * (2 * args.n_heads + 2 * args.n_kv_heads)
-    mlp = 3 * args.dim * args.ffn_dim
-    return attn + mlp + 2 * args.dim
-
-
-def param_counts(args: ModelArgs) -> dict[str, int]:
-    """Parameter counts: total (tied weights once), embedding, and non-embedding + LM head."""
-    embedding = args.vocab_size * args.dim
-    head = args.vocab_size * args.dim
-    blocks = args.n_layers * block_param_count(args) + args.dim  # + final norm
-    total = blocks + embedding + (0 if args.tie_embeddings else head)
-    return {"total": total, "embedding": embedding, "non_embedding": blocks,
-            "flops_params": blocks + head}
-
-
-def flops_per_token(args: ModelArgs, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N + 12·layers·d_model·seq, N = non-embedding params + LM head.
-
-    6·N counts forward (2) and backward (4) matrix multiplies; 12·L·d·T the attention scores and
-    weighted values (causal masking not discounted, as in the PaLM/nanoGPT convention).
-    """
-    n = param_counts(args)["flops_params"]
-    return 6 * n + 12 * args.n_layers * args.dim * seq_len

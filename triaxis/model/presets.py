@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from triaxis.errors import UserError, nearest
-from triaxis.model.llama import ModelArgs
+from triaxis.model.args import ModelArgs
 
 PRESETS: dict[str, ModelArgs] = {
     "tiny": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=512,
@@ -27,7 +27,8 @@ PRESETS: dict[str, ModelArgs] = {
 
 
 def build_model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
-    """Preset, overridden by every non-zero field of the [model] section (and the data's vocab)."""
+    """Preset, overridden by every set (not None) field of the [model] section (and the data's
+    vocabulary when model.vocab_size is unset)."""
     if model_cfg.preset not in PRESETS:
         hint = nearest(model_cfg.preset, list(PRESETS))
         fix = f"did you mean {hint!r}?" if hint else ""
@@ -37,17 +38,17 @@ def build_model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
                  "max_seq_len", "rope_theta"):
         value = getattr(model_cfg, name)
-        if value:
+        if value is not None:
             setattr(args, name, value)
     if model_cfg.tie_embeddings is not None:
         args.tie_embeddings = model_cfg.tie_embeddings
-    if model_cfg.rope_scaling:
+    if model_cfg.rope_scaling is not None:
         args.rope_scaling = model_cfg.rope_scaling
     for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                  "rope_original_max_seq_len"):
         setattr(args, name, getattr(model_cfg, name))
     args.norm_eps = model_cfg.norm_eps
-    if vocab_size and not model_cfg.vocab_size:
+    if vocab_size and model_cfg.vocab_size is None:
         args.vocab_size = vocab_size
     _check(args)
     return args
@@ -58,6 +59,8 @@ def _check(a: ModelArgs) -> None:
                  "max_seq_len"):
         if getattr(a, name) <= 0:
             raise UserError(f"model.{name}={getattr(a, name)} must be positive")
+    if a.rope_theta <= 0:
+        raise UserError(f"model.rope_theta={a.rope_theta} must be positive (Llama 3: 500000)")
     if a.dim % a.n_heads:
         raise UserError(f"model.dim={a.dim} is not divisible by model.n_heads={a.n_heads}; "
                         f"pick n_heads among the divisors of {a.dim}")

@@ -215,11 +215,9 @@ def render_table(report: dict[str, Any]) -> str:
 
 def hardware_toml(report: dict[str, Any], base: str) -> str:
     """A [cluster.BASE-measured] table: BASE's fields with the measured ones replaced."""
-    import tomllib
-    from importlib import resources
+    from triaxis.hardware import shipped_tables
 
-    shipped = tomllib.loads(resources.files("triaxis.plan").joinpath("data/hardware.toml")
-                            .read_text())["cluster"]
+    shipped = shipped_tables()["cluster"]
     if base not in shipped:
         raise UserError(f"--base-cluster {base!r} is unknown; known: {', '.join(shipped)}")
     table = {**shipped[base], **report["planner"]["cluster_fields"],

@@ -17,10 +17,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from triaxis.errors import UserError
-from triaxis.model.llama import ModelArgs, block_param_count
+from triaxis.model.args import ModelArgs, block_param_count
 
-# Schedules whose ranks hold stages r and 2p-1-r (a "V"), the others loop: r, r+p, r+2p, ...
+# The runtime's pipeline schedules -> torch.distributed.pipelining classes (here, without torch,
+# so the planner can name and size them). One stage per rank:
+SINGLE = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
+# pp_virtual_stages >= 2 stages per rank:
+MULTI = {"interleaved-1f1b": "ScheduleInterleaved1F1B", "looped-bfs": "ScheduleLoopedBFS",
+         "interleaved-zb": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble",
+         "dualpipev": "ScheduleDualPipeV"}
+# Schedules whose ranks hold stages r and 2p-1-r (a "V", exactly 2 per rank), the others loop:
+# r, r+p, r+2p, ...
 V_SCHEDULES = ("zbv", "dualpipev")
+
+
+def stages_per_rank(schedule: str, wanted: int) -> int:
+    """The pp_virtual_stages `schedule` runs closest to `wanted`: 1 for the single-stage ones,
+    exactly 2 for the V ones, at least 2 for the other multi-stage ones."""
+    if schedule in SINGLE:
+        return 1
+    return 2 if schedule in V_SCHEDULES else max(2, wanted)
 
 
 @dataclass

@@ -22,12 +22,7 @@ from torch import nn
 
 from triaxis.errors import UserError
 from triaxis.model.llama import ModelArgs, Transformer
-from triaxis.parallel.partition import V_SCHEDULES, Stage, stage_rank
-
-SINGLE = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
-MULTI = {"interleaved-1f1b": "ScheduleInterleaved1F1B", "looped-bfs": "ScheduleLoopedBFS",
-         "interleaved-zb": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble",
-         "dualpipev": "ScheduleDualPipeV"}
+from triaxis.parallel.partition import MULTI, SINGLE, V_SCHEDULES, Stage, stage_rank
 
 
 def check_schedule(name: str, pp: int, v: int, n_microbatches: int) -> None:

@@ -3,26 +3,25 @@ schedule, micro-batch, activation checkpointing and offload for a model on a clu
 
 Data flow:
 
-    shape.py        the model: sizes, parameters, FLOPs (ModelShape; from ModelArgs or GPT rows)
-    hardware.py     GPU and cluster profiles from data/hardware.toml (+ --hardware FILE)
-    layout.py       a candidate Layout, the runtimes modelled, the enumeration
-    state_bytes.py  exact per-rank bytes of params/grads/AdamW under triaxis's sharding
-    memory.py       activations (Korthikanti et al.), buffers, peak memory per GPU
-    efficiency.py   compute time: roofline per GEMM, memory-bound elementwise kernels
-    collectives.py  ring/tree collective costs over NVLink / EFA / InfiniBand
-    steptime.py     step time: compute, exposed communication per axis, bubble, optimizer
-    cost.py         evaluate(problem, layout) -> Plan
-    planner.py      plan(...): enumerate, filter by memory, rank; advice when nothing fits
-    report.py       tables, explanation, TOML snippet, JSON
-    cli.py          `triaxis plan` (add_parser)
-    auto.py         plan_for_world: `triaxis train --parallel.auto=speed|memory`
-    published.py    published results (data/published.toml) and their predictions
-    measure.py      measured per-rank state bytes of real layouts on CPU (fake process group)
+    hardware.py   GPU and cluster profiles from data/hardware.toml (+ --hardware FILE)
+    problem.py    what is planned: the model's shape (ModelShape), the runtimes modelled, a
+                  candidate Layout, the Problem, and what an evaluated Plan predicts
+    memory.py     peak memory per GPU: exact per-rank states under triaxis's sharding,
+                  activations (Korthikanti et al.), buffers
+    steptime.py   step time: roofline compute, ring/tree collectives per mesh axis, exposed
+                  communication, pipeline bubble, optimizer
+    search.py     enumerate layouts, evaluate(problem, layout) -> Plan, plan(...): filter by
+                  memory, rank; advice when nothing fits
+    report.py     tables, explanation, TOML snippet, JSON
+    cli.py        `triaxis plan` (add_parser)
+    auto.py       plan_for_world: `triaxis train --parallel.auto=speed|memory`
+    evidence.py   what the model is checked against: published results (data/published.toml)
+                  and measured per-rank state bytes of real layouts on CPU (fake process group)
 """
 
-from triaxis.plan.cost import Plan, Problem, evaluate
-from triaxis.plan.planner import PlanResult, plan
-from triaxis.plan.state_bytes import predict_state_bytes_per_rank
+from triaxis.plan.memory import predict_state_bytes_per_rank
+from triaxis.plan.problem import Plan, Problem
+from triaxis.plan.search import PlanResult, evaluate, plan
 
 __all__ = ["Plan", "PlanResult", "Problem", "evaluate", "plan", "plan_for_world",
            "predict_state_bytes_per_rank"]

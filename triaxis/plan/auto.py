@@ -17,13 +17,11 @@ import os
 
 from triaxis.config import Config
 from triaxis.errors import UserError
-from triaxis.model.llama import ModelArgs
-from triaxis.plan.cost import Plan, Problem
+from triaxis.model.args import ModelArgs
 from triaxis.plan.hardware import GIB, load_catalog, resolve_hardware
-from triaxis.plan.layout import RUNTIMES, SearchSpace
-from triaxis.plan.planner import plan
+from triaxis.plan.problem import RUNTIMES, Plan, Problem, shape_from_args
 from triaxis.plan.report import explain, no_fit_message
-from triaxis.plan.shape import shape_from_args
+from triaxis.plan.search import SearchSpace, plan
 
 
 def detect_gpu(device: str) -> str:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from triaxis.errors import UserError
-from triaxis.plan.layout import AC_POLICIES, SCHEDULES
+from triaxis.plan.problem import AC_POLICIES, SCHEDULES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -69,13 +69,11 @@ def _choices(raw: str, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
 
 def run(a: argparse.Namespace) -> int:
     """The `plan` subcommand; returns the exit code (0 = a plan, 2 = nothing fits)."""
-    from triaxis.plan.cost import Problem
     from triaxis.plan.hardware import load_catalog, resolve_hardware
-    from triaxis.plan.layout import RUNTIMES, SearchSpace
-    from triaxis.plan.planner import plan
+    from triaxis.plan.problem import RUNTIMES, Problem, load_model
     from triaxis.plan.report import (explain, header, no_fit_message, tables, to_json,
                                       toml_snippet)
-    from triaxis.plan.shape import load_model
+    from triaxis.plan.search import SearchSpace, plan
 
     for flag, value in (("--gpus", a.gpus), ("--seq", a.seq), ("--global-batch", a.global_batch),
                         ("--top", a.top)):

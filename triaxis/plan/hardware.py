@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import tomllib
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from triaxis.errors import UserError, nearest
+from triaxis.hardware import shipped_tables
 
 GIB = 2**30
 
@@ -103,8 +103,7 @@ class Catalog:
 
 def _read(path: Path | None) -> dict[str, Any]:
     if path is None:
-        text = resources.files("triaxis.plan").joinpath("data/hardware.toml").read_text()
-        return tomllib.loads(text)
+        return shipped_tables()
     if not path.is_file():
         raise UserError(f"--hardware {path} does not exist; pass a TOML file with [gpu.NAME] "
                         "and/or [cluster.NAME] tables (see triaxis/plan/data/hardware.toml)")

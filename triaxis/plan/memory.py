@@ -17,17 +17,174 @@ Llama blocks are counted from one list. Bytes per token of one block (element si
 
 GPT with e = 2, f = 4h and no parallelism gives 34·h + 5·a·s: the paper's s·b·h·(34 + 5as/h).
 Without sequence parallelism the norms, inputs and masks are replicated over TP (10h + 24h/t).
+
+States (parameters, gradients, AdamW) are counted exactly, modelled on what
+triaxis.parallel.parallelize does, tensor by tensor:
+
+  * tensor parallel (DTensor): wq, wk, wv, w1, w3 and the LM head are column-wise (dim 0 split
+    by tp), wo and w2 row-wise (dim 1 split by tp), the embedding is split on the vocabulary
+    (dim 0), the RMSNorm weights are replicated;
+  * FSDP2 then splits dim 0 of each (TP-local) tensor over dp_shard, padded to a multiple of
+    dp_shard: every rank allocates ceil(dim0 / dp_shard) rows. dp_replicate copies, never splits.
+    FSDP is on only when dp_replicate x dp_shard > 1 (as in ParallelDims.fsdp_enabled);
+  * gradients have their parameter's local shape -- except, with TP and no FSDP, the untied
+    vocabulary-sharded embedding, whose gradient DTensor's embedding backward returns
+    replicated: full size on every TP rank (measured; FSDP's reduce-scatter re-shards it, and a
+    tied weight gets the head's sharded gradient);
+  * AdamW keeps exp_avg and exp_avg_sq of the parameter's local shape plus a 4-byte `step`
+    scalar per parameter tensor;
+  * pipeline stages (pp > 1) hold contiguous blocks, the first n_layers % pp stages one more;
+    stage 0 holds the embedding, the last stage the final norm and the head (with tied
+    embeddings the last stage keeps its own copy of the shared matrix, as Megatron does).
+
+The figures are those of rank 0 of a stage, which holds the largest (padded) shard.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 
-from triaxis.plan.layout import Layout, Runtime
-from triaxis.plan.problem import MemoryBreakdown, Problem
-from triaxis.plan.shape import ModelShape
-from triaxis.plan.state_bytes import (replicated_embedding_grad, stage_blocks,
-                                      stage_local_params)
+from triaxis.model.args import ModelArgs
+from triaxis.plan.problem import Layout, MemoryBreakdown, ModelShape, Problem, Runtime
+
+
+ADAM_STEP_BYTES = 4
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _chunk(n: int, parts: int, index: int) -> int:
+    """Length of torch.chunk(n, parts)[index] (empty past the end), as DTensor and FSDP2 split."""
+    size = _cdiv(n, parts)
+    return max(0, min(size, n - index * size))
+
+
+def _local_numel(rows: int, cols: int, tp_dim: int | None, tp: int, shard: int,
+                 tp_index: int = 0, shard_index: int = 0) -> int:
+    """Elements of a (rows, cols) weight (cols = 1 for a vector) on the rank at (tp_index,
+    shard_index): TP splits dim tp_dim, then FSDP splits dim 0 of the TP-local tensor."""
+    if tp_dim == 0:
+        rows = _chunk(rows, tp, tp_index)
+    elif tp_dim == 1:
+        cols = _chunk(cols, tp, tp_index)
+    return _chunk(rows, shard, shard_index) * cols
+
+
+def block_tensors(dim: int, n_kv: int, head_dim: int, ffn: int, mlp_matrices: int = 3):
+    """(rows, cols, tp_dim) of every parameter of one block."""
+    kv = n_kv * head_dim
+    out = [(dim, 1, None), (dim, dim, 0), (kv, dim, 0), (kv, dim, 0), (dim, dim, 1),
+           (dim, 1, None)]
+    if mlp_matrices == 3:
+        out += [(ffn, dim, 0), (ffn, dim, 0), (dim, ffn, 1)]
+    else:
+        out += [(ffn, dim, 0), (dim, ffn, 1)]
+    return out
+
+
+@lru_cache(maxsize=4096)
+def stage_blocks(n_layers: int, pp: int) -> tuple[int, ...]:
+    """Blocks per pipeline stage: contiguous, the first n_layers % pp stages take one more."""
+    base, extra = divmod(n_layers, pp)
+    return tuple(base + (1 if s < extra else 0) for s in range(pp))
+
+
+@lru_cache(maxsize=4096)
+def stage_local_params(dim: int, n_layers: int, n_kv: int, head_dim: int, ffn: int, vocab: int,
+                       tied: bool, mlp_matrices: int, tp: int, shard: int, pp: int,
+                       stage: int, tp_index: int = 0, shard_index: int = 0,
+                       blocks_per_stage: tuple[int, ...] | None = None) -> tuple[int, int]:
+    """(elements, tensors) of one rank of `stage` after TP then FSDP sharding; rank 0 of the
+    stage by default, which holds the largest shard (= every rank's padded FSDP allocation).
+    `blocks_per_stage` overrides the even split (e.g. a partitioner's)."""
+    def local(r, c, d):
+        return _local_numel(r, c, d, tp, shard, tp_index, shard_index)
+
+    blk = block_tensors(dim, n_kv, head_dim, ffn, mlp_matrices)
+    per_block = sum(local(r, c, d) for r, c, d in blk)
+    blocks = (blocks_per_stage or stage_blocks(n_layers, pp))[stage]
+    numel, tensors = per_block * blocks, len(blk) * blocks
+    first, last = stage == 0, stage == pp - 1
+    if first:
+        numel, tensors = numel + local(vocab, dim, 0), tensors + 1
+    if last:
+        numel, tensors = numel + local(dim, 1, None), tensors + 1  # final norm
+        if not tied or not first:  # a separate head, or a tied one on its own stage
+            numel, tensors = numel + local(vocab, dim, 0), tensors + 1
+    return numel, tensors
+
+
+def replicated_embedding_grad(vocab: int, dim: int, tied: bool, tp: int, fsdp: bool,
+                              first_stage: bool, tp_index: int = 0) -> int:
+    """Extra gradient elements of the embedding whose gradient comes back replicated (TP
+    without FSDP, untied), over its sharded size."""
+    if tp == 1 or fsdp or tied or not first_stage:
+        return 0
+    return vocab * dim - _local_numel(vocab, dim, 0, tp, 1, tp_index)
+
+
+def predict_state_bytes_per_rank(model_args: ModelArgs, dp_shard: int, dp_replicate: int,
+                                 tp: int, pp: int, fp32: bool = True, *,
+                                 stage: int | None = None,
+                                 rank: int | None = None,
+                                 blocks_per_stage: Sequence[int] | None = None
+                                 ) -> dict[str, int]:
+    """Bytes per rank of parameters, gradients and AdamW states under triaxis's sharding.
+
+    Parameters and gradients are fp32 either way (FSDP's mixed precision keeps fp32 masters and
+    reduces in fp32). `fp32=False` adds `bf16_working`: the bf16 copies FSDP gathers for compute
+    (current and prefetched block, plus the root's embedding and head).
+
+    Which rank: by default rank 0 of the heaviest stage (`stage` picks another stage). Rank 0
+    holds the largest shard, and its size is also what every rank allocates for FSDP's padded
+    parameters. `rank` (a global rank, mesh order pp x dp_replicate x dp_shard x tp) gives that
+    rank's own local tensors instead: with dims not divisible by dp_shard the last shards are
+    shorter (torch.chunk), which is what summing `to_local()` sizes measures.
+
+    Pipeline stages split the blocks evenly (the first n_layers % pp stages take one more)
+    unless `blocks_per_stage` gives the split (one count per stage, summing to n_layers).
+
+    Returns params, grads, optim (exp_avg + exp_avg_sq + a 4-byte step per tensor) and total.
+    """
+    a = model_args
+    split = tuple(blocks_per_stage) if blocks_per_stage is not None else None
+    if split is not None and (len(split) != pp or sum(split) != a.n_layers):
+        raise ValueError(f"blocks_per_stage={list(split)} must have pp={pp} entries summing "
+                         f"to n_layers={a.n_layers}")
+    fsdp_shard = dp_shard if dp_shard * dp_replicate > 1 else 1
+    tp_index = shard_index = 0
+    stages = range(pp) if stage is None else [stage]
+    if rank is not None:
+        tp_index, rest = rank % tp, rank // tp
+        shard_index = rest % dp_shard
+        stages = [rank // (tp * dp_shard * dp_replicate)]
+    best: dict[str, int] = {}
+    for s in stages:
+        numel, tensors = stage_local_params(a.dim, a.n_layers, a.n_kv_heads, a.head_dim,
+                                            a.ffn_dim, a.vocab_size, a.tie_embeddings, 3, tp,
+                                            fsdp_shard, pp, s, tp_index,
+                                            shard_index if fsdp_shard > 1 else 0, split)
+        extra = replicated_embedding_grad(a.vocab_size, a.dim, a.tie_embeddings, tp,
+                                          fsdp_shard > 1 or dp_replicate > 1, s == 0, tp_index)
+        out = {"params": 4 * numel, "grads": 4 * (numel + extra),
+               "optim": 8 * numel + ADAM_STEP_BYTES * tensors}
+        out["total"] = out["params"] + out["grads"] + out["optim"]
+        if not fp32:
+            blk = block_tensors(a.dim, a.n_kv_heads, a.head_dim, a.ffn_dim)
+            per_block = sum(_local_numel(r, c, d, tp, 1) for r, c, d in blk)
+            root = _local_numel(a.vocab_size, a.dim, 0, tp, 1) * (1 if a.tie_embeddings else 2)
+            blocks = (split or stage_blocks(a.n_layers, pp))[s]
+            out["bf16_working"] = 2 * (min(2, blocks) * per_block + root)
+        if not best or out["total"] > best["total"]:
+            best = out
+    return best
+
+
+# ---------------------------------------------------------------------------------------------
+# Activations, buffers and the peak per GPU
 
 
 @lru_cache(maxsize=4096)
@@ -88,9 +245,9 @@ def in_flight(layout: Layout, num_micro: int) -> float:
     if layout.schedule == "interleaved-1f1b":
         # Narayanan et al. 2021: p micro-batches of 1/v of the stage, plus the warm-up chunks.
         return min(m, p) * (1 + (p - 1) / (p * v))
-    if layout.schedule == "zb-h2":
+    if layout.schedule == "zbv":  # as ZB-H2
         return float(min(m, 2 * p - 1))
-    return float(min(m, p))  # 1f1b, zb-h1 (same peak as 1F1B by construction)
+    return float(min(m, p))  # 1f1b, interleaved-zb (ZB-H1: 1F1B's peak)
 
 
 OFFLOADED_CHECKPOINTS_ON_GPU = 2

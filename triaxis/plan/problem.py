@@ -1,12 +1,255 @@
-"""What is planned (Problem) and what an evaluated layout predicts (Plan and its breakdowns)."""
+"""What is planned and what a plan predicts: the model's shape, the runtimes modelled, a
+candidate layout, the problem (model x hardware x runtime x batch) and the evaluated plan.
+
+The planner must also evaluate published GPT-style models (a 4h GELU MLP, multi-head attention,
+dropout), which `ModelArgs` cannot describe (it has no GELU flag). So the planner works on its own
+`ModelShape`, built from `ModelArgs` for triaxis models and written out directly for the published
+rows. Its parameter and FLOP counts are the model's own (`triaxis.model.args`), applied to it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from triaxis.errors import UserError, nearest
+from triaxis.model.args import (ModelArgs, block_param_count, embedding_param_count,
+                                flops_per_token, head_param_count, param_counts)
 from triaxis.plan.hardware import Hardware
-from triaxis.plan.layout import Layout, Runtime
-from triaxis.plan.shape import ModelShape
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    """A label for reports: the preset name, the config file or the published model."""
+    dim: int
+    """Hidden size d_model (h)."""
+    n_layers: int
+    """Transformer blocks (l)."""
+    n_heads: int
+    """Attention heads (a)."""
+    n_kv_heads: int
+    """Key/value heads (= n_heads for multi-head attention)."""
+    ffn_dim: int
+    """Hidden size of the MLP (4h for GPT, ~3.5h for Llama's SwiGLU)."""
+    vocab_size: int
+    """Vocabulary size (V)."""
+    gated_mlp: bool = True
+    """True: SwiGLU, three MLP matrices (triaxis). False: GELU, two matrices (GPT)."""
+    tie_embeddings: bool = False
+    """The LM head shares the embedding matrix."""
+    dropout: bool = False
+    """GPT-style dropout after attention and MLP: its 1-byte masks are kept for backward."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def mlp_matrices(self) -> int:
+        return 3 if self.gated_mlp else 2
+
+    def block_params(self) -> int:
+        """Parameters of one block: q, k, v, o, the MLP matrices and two norm weights."""
+        return block_param_count(self)
+
+    def embedding_params(self) -> int:
+        return embedding_param_count(self)
+
+    def head_params(self) -> int:
+        """LM head (vocab x dim) + final norm; the head counts even when tied (it is computed)."""
+        return head_param_count(self) + self.dim
+
+    def total_params(self) -> int:
+        return param_counts(self)["total"]
+
+    def model_flops_per_token(self, seq_len: int) -> float:
+        """6·N + 12·l·h·s (triaxis.model.args.flops_per_token)."""
+        return float(flops_per_token(self, seq_len))
+
+    def recompute_flops_per_token(self, seq_len: int, recomputed_layers: float) -> float:
+        """The extra forward of checkpointed blocks: 2·block + 4·h·s per recomputed block."""
+        return recomputed_layers * (2.0 * self.block_params() + 4.0 * self.dim * seq_len)
+
+
+def shape_from_args(args: ModelArgs, name: str) -> ModelShape:
+    return ModelShape(name=name, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
+                      n_kv_heads=args.n_kv_heads, ffn_dim=args.ffn_dim,
+                      vocab_size=args.vocab_size, gated_mlp=True,
+                      tie_embeddings=args.tie_embeddings)
+
+
+def args_from_shape(shape: ModelShape, max_seq_len: int = 8192) -> ModelArgs:
+    """The triaxis ModelArgs of a gated (SwiGLU) shape: what `predict_state_bytes_per_rank` and
+    the training runtime consume."""
+    assert shape.gated_mlp, "triaxis models are SwiGLU; a GELU shape has no ModelArgs"
+    return ModelArgs(dim=shape.dim, n_layers=shape.n_layers, n_heads=shape.n_heads,
+                     n_kv_heads=shape.n_kv_heads, ffn_dim=shape.ffn_dim,
+                     vocab_size=shape.vocab_size, max_seq_len=max_seq_len,
+                     tie_embeddings=shape.tie_embeddings)
+
+
+def load_model(model: str, vocab_size: int | None = None) -> tuple[ModelShape, ModelArgs]:
+    """A preset name (tiny, 8b, 70b, ...) or a triaxis CONFIG.toml whose [model] section is used."""
+    from triaxis.config import load_config
+    from triaxis.model.presets import PRESETS, build_model_args
+
+    if model.endswith(".toml") or Path(model).is_file():
+        cfg = load_config(model)
+        args = build_model_args(cfg.model, vocab_size=vocab_size)
+        return shape_from_args(args, Path(model).name), args
+    if model not in PRESETS:
+        hint = nearest(model, list(PRESETS))
+        fix = f"did you mean {hint!r}?" if hint else "or pass a CONFIG.toml"
+        raise UserError(f"--model {model!r} is neither a preset nor a .toml file; presets are "
+                        f"{list(PRESETS)}; {fix}")
+    args = dataclasses.replace(PRESETS[model])
+    if vocab_size:
+        args.vocab_size = vocab_size
+    return shape_from_args(args, model), args
+
+
+# ---------------------------------------------------------------------------------------------
+# Runtimes and layouts
+
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "interleaved-zb", "zbv")
+"""The pipeline schedules the planner models, by the runtime's names (parallel.pp_schedule).
+The zero-bubble ones follow Qi et al. 2023 with equal F, B and W passes: interleaved-zb
+(PyTorch's ZB1P) is modelled as ZB-H1 on one stage per rank (bubble (p - 1)/3; the 2 stages per
+rank it runs with shrink it), zbv as ZB-H2 (no bubble; 2p - 1 micro-batches in flight, an upper
+bound: ZB-V keeps 1F1B's p). Stages per rank the runtime runs:
+triaxis.parallel.partition.stages_per_rank."""
+AC_POLICIES = ("none", "selective", "full")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a training system executes a layout: what it saves for backward, what it overlaps.
+
+    `triaxis` is this repository (FSDP2 + DTensor TP with sequence parallelism, SDPA flash
+    attention, eager RMSNorm in fp32). The other two describe the systems of the published rows.
+    """
+
+    name: str
+    fsdp: bool
+    """Parameters, gradients and optimizer states sharded over dp_shard (FSDP2 / MiCS / ZeRO-3).
+    False: Megatron-LM 2021 -- fp16 weights, fp32 master and Adam replicated over data
+    parallel."""
+    flash_attention: bool
+    """Fused attention: no s x s scores in memory or traffic (the 5as/h term drops)."""
+    sequence_parallel: bool
+    """TP shards the norm / dropout activations on the sequence (all-gather + reduce-scatter
+    instead of all-reduce: the same traffic)."""
+    fused_qkv: bool
+    """q, k, v projections are one GEMM."""
+    eager_fp32_kernels: bool = False
+    """Unfused RMSNorm and rotary computed in fp32 (triaxis without compile): each norm keeps
+    an fp32 input copy and its fp32 normalized output, rotary fp32 copies of q and k, and the
+    loss an fp32 copy of the logits, log-softmax and its gradient."""
+    sp_saves_gathered_inputs: bool = False
+    """Under SP, the all-gathered attention / MLP inputs are what the projections save (DTensor
+    TP); Megatron-style SP saves the sharded input and gathers it again in backward."""
+    dp_overlap: bool = True
+    """The data-parallel gradient all-reduce overlaps the backward pass."""
+    grad_reduce_bytes: int = 4
+    """Bytes per gradient element in reduce-scatter / all-reduce (fp32 in triaxis)."""
+    gather_bytes: int = 2
+    """Bytes per parameter element in FSDP all-gathers (bf16 compute copies)."""
+    gather_per_matrix: bool = False
+    """ZeRO-3 / MiCS gather one weight matrix at a time (prefetching the next); FSDP2 gathers a
+    whole block. Sets the size of the gathered working set, not the traffic."""
+    fused_loss_chunk: int = 0
+    """Tokens per chunk of a fused LM head + cross-entropy used when the head is whole on a
+    rank (triaxis: train.loss_chunk_tokens); 0 = full logits, then the loss."""
+
+
+RUNTIMES: dict[str, Runtime] = {
+    "triaxis": Runtime("triaxis", fsdp=True, flash_attention=True, sequence_parallel=True,
+                       fused_qkv=False, eager_fp32_kernels=True, sp_saves_gathered_inputs=True,
+                       fused_loss_chunk=4096),
+    # Narayanan et al. 2021: no sequence parallelism yet, fused scale-mask-softmax (not flash),
+    # fp16 with fp32 main gradients all-reduced.
+    "megatron-2021": Runtime("megatron-2021", fsdp=False, flash_attention=False,
+                             sequence_parallel=False, fused_qkv=True),
+    # Zhang et al. 2022: DeepSpeed-style partitioned states inside a MiCS group, fp16 gathers
+    # and fp16 gradient reduce-scatter, no tensor parallelism.
+    "mics-2022": Runtime("mics-2022", fsdp=True, flash_attention=False,
+                         sequence_parallel=False, fused_qkv=True, grad_reduce_bytes=2,
+                         gather_per_matrix=True),
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    dp_replicate: int
+    """MiCS replicas (model copies that all-reduce gradients once per step)."""
+    dp_shard: int
+    """MiCS partition-group size: ranks that shard parameters, gradients and optimizer states."""
+    tp: int
+    """Tensor-parallel degree (innermost, inside a node)."""
+    pp: int
+    """Pipeline stages."""
+    micro_batch: int
+    """Samples per rank per forward pass."""
+    activation_checkpoint: str = "none"
+    ac_every: int = 2
+    """With selective: every ac_every-th block is checkpointed."""
+    schedule: str = "none"
+    """Pipeline schedule (none when pp = 1)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved-1f1b only)."""
+    cpu_offload: bool = False
+    """Sharded parameters, gradients and AdamW states live in host memory (FSDP2 offload)."""
+    reshard_after_forward: bool = True
+    """False: keep gathered blocks from forward to backward (one all-gather less, more memory)."""
+    offload_checkpoints: bool = False
+    """With full checkpointing: each block's saved input is copied to host memory during
+    forward and prefetched back one block ahead in backward (MiCS's "prefetched activation
+    offloading"; DeepSpeed's cpu_checkpointing). Evaluated when a layout names it, not searched:
+    the triaxis training loop does not implement it."""
+
+    def __post_init__(self) -> None:
+        if self.offload_checkpoints and self.activation_checkpoint != "full":
+            raise ValueError(f"offload_checkpoints needs activation_checkpoint='full', got "
+                             f"{self.activation_checkpoint!r}: only block inputs are offloaded")
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp_replicate * self.dp_shard * self.tp
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def num_micro_batches(self, global_batch: int) -> int:
+        return global_batch // (self.micro_batch * self.dp)
+
+    def describe(self) -> str:
+        s = (f"tp={self.tp} pp={self.pp} dp_shard={self.dp_shard} "
+             f"dp_replicate={self.dp_replicate} mb={self.micro_batch} "
+             f"ac={self.activation_checkpoint}")
+        if self.activation_checkpoint == "selective":
+            s += f"/{self.ac_every}"
+        if self.pp > 1:
+            s += f" {self.schedule}" + (f"x{self.virtual_stages}" if self.virtual_stages > 1
+                                        else "")
+        if self.cpu_offload:
+            s += " offload"
+        if self.offload_checkpoints:
+            s += " ckpt-offload"
+        if not self.reshard_after_forward:
+            s += " no-reshard"
+        return s
+
+
+# ---------------------------------------------------------------------------------------------
+# A problem and its evaluated plans
 
 
 @dataclass(frozen=True, eq=False)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from triaxis.plan.cost import Plan
+from triaxis.parallel.partition import stages_per_rank
 from triaxis.plan.hardware import GIB
-from triaxis.plan.planner import PlanResult
+from triaxis.plan.problem import Plan
+from triaxis.plan.search import PlanResult
 
-AXES = ("tp", "dp_shard", "dp_replicate", "pp")
+COMM_COLUMNS = ("tp", "dp_shard", "dp_replicate", "pp")
+"""The exposed-communication columns of the step-time table: the mesh axes innermost first (the
+reverse of triaxis.parallel.dims.AXES, the mesh order)."""
 
 
 def _gib(x: float) -> str:
@@ -45,12 +48,12 @@ def tables(r: PlanResult, top: int = 5) -> str:
                     f"{_gib(m.activations):>7} {_gib(m.comm_buffers):>7} {_gib(m.total):>7} "
                     f"{_gib(m.host_per_node):>10}")
     rows += ["", "step time (s): compute, exposed communication per mesh axis, pipeline bubble",
-             f"{'#':>2}  {'compute':>8} " + " ".join(f"{a:>12}" for a in AXES) +
+             f"{'#':>2}  {'compute':>8} " + " ".join(f"{a:>12}" for a in COMM_COLUMNS) +
              f" {'offload':>8} {'bubble':>8} {'optim':>7} {'micro':>6}"]
     for i, p in enumerate(shown, 1):
         t = p.time
         rows.append(f"{i:>2}  {t.compute:>8.3f} " +
-                    " ".join(f"{t.exposed_comm.get(a, 0.0):>12.3f}" for a in AXES) +
+                    " ".join(f"{t.exposed_comm.get(a, 0.0):>12.3f}" for a in COMM_COLUMNS) +
                     f" {t.exposed_comm.get('offload', 0.0):>8.3f} {t.bubble:>8.3f} "
                     f"{t.optimizer:>7.3f} {p.num_micro_batches:>6}")
     return "\n".join(rows)
@@ -137,18 +140,15 @@ def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
              f'activation_checkpoint = "{a.activation_checkpoint}"',
              f"ac_every = {a.ac_every}"]
     if a.pp > 1:
-        # The runtime's nearest schedule: PyTorch implements zero-bubble as ZBV (2 stages/rank).
-        runtime, v = RUNTIME_SCHEDULE.get(a.schedule, (a.schedule, a.virtual_stages))
-        if a.schedule in RUNTIME_SCHEDULE:
-            lines.append(f"# planned {a.schedule}; the runtime's zero-bubble schedule is {runtime}")
-        lines += [f'pp_schedule = "{runtime}"', f"pp_virtual_stages = {v}"]
+        v = stages_per_rank(a.schedule, a.virtual_stages)
+        if v != a.virtual_stages:
+            lines.append(f"# modelled with {a.virtual_stages} stage per rank; "
+                         f"{a.schedule} runs {v}")
+        lines += [f'pp_schedule = "{a.schedule}"', f"pp_virtual_stages = {v}"]
     lines += ["", "[train]", f"micro_batch = {a.micro_batch}",
               f"global_batch = {r.problem.global_batch}", "", "[data]",
               f"seq_len = {r.problem.seq_len}"]
     return "\n".join(lines) + "\n"
-
-
-RUNTIME_SCHEDULE = {"zb-h1": ("zbv", 2), "zb-h2": ("zbv", 2)}
 
 
 def plan_dict(p: Plan) -> dict[str, Any]:

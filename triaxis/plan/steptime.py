@@ -22,23 +22,199 @@ Overlap, axis by axis (stated, not fitted):
   * dp_replicate: gradients are all-reduced across replicas once per step, block by block,
     behind the last micro-batch's backward (FSDP2 HSDP, DDP); only what exceeds it is exposed.
     Runtimes without that overlap (Megatron's local DDP) expose all of it.
-  * pp: bubble = (p - 1) micro-batch slots for GPipe and 1F1B, (p - 1)/v interleaved, (p - 1)/3
-    for ZB-H1 (Qi et al. 2023: with forward, input-gradient and weight-gradient passes of equal
-    cost the bubble keeps F + B - W of F + B + W), 0 for ZB-H2 (which holds 2p - 1
-    micro-batches instead of p).
+  * pp: bubble = (p - 1) micro-batch slots for gpipe and 1f1b, (p - 1)/v interleaved-1f1b,
+    (p - 1)/3 for interleaved-zb as ZB-H1 (Qi et al. 2023: with forward, input-gradient and
+    weight-gradient passes of equal cost the bubble keeps F + B - W of F + B + W), 0 for zbv as
+    ZB-H2 (which holds 2p - 1 micro-batches instead of p).
+
+Compute: one transformer block on one GPU, a roofline per kernel.
+
+A GEMM of (m x k) @ (k x n) does 2mnk FLOPs and moves at least e(mk + kn + mn) bytes. Its time is
+modelled as the sum of its compute time at the GPU's large-GEMM efficiency and its memory time at
+HBM bandwidth:
+
+    t = 2mnk / (peak x gemm_efficiency) + e(mk + kn + mn) / hbm_bandwidth
+
+The sum (rather than the max of a strict roofline) is the honest smooth form: a tile loads its
+operands and then multiplies, and the two overlap only partly. So the achievable fraction of peak
+depends on the matrix sizes per GPU after the TP split: 1 / (1 + ridge / intensity), with
+intensity 1 / (1/m + 1/n + 1/k) FLOP/byte (x 2/e) and ridge = peak x efficiency / bandwidth. A
+block of h = 2304 on one A100 reaches ~93% of the large-GEMM rate; attention scores with head
+dim 96 reach ~40%.
+
+Everything that is not a GEMM (norms, activations, rotary, softmax, dropout, residual adds) is
+memory-bound: it moves `elementwise_traffic` bytes per byte of activation it saves for backward
+in forward, twice that in backward (calibration constant, one for all hardware).
+
+Communication: the standard ring / tree formulas over the link a mesh axis runs on.
+
+For a group of n ranks and a buffer of S bytes (the full, unsharded size) over bus bandwidth B:
+
+    all-reduce      ring  2(n-1)/n · S/B + 2(n-1) step latencies
+                    tree  2 · S/B + 2·log2(n) step latencies    (NCCL picks the faster)
+    all-gather      ring  (n-1)/n · S/B + (n-1) step latencies  (S = gathered output)
+    reduce-scatter  ring  (n-1)/n · S/B + (n-1) step latencies  (S = unreduced input)
+    send/recv       S/B + one step latency
+
+plus a fixed launch cost per collective. Which link: mesh axes are laid out pp x dp_replicate x
+dp_shard x tp, tp innermost (triaxis.parallel.dims), so an axis of size n and rank stride st has
+min(n, gpus_per_node // st) members in each node. A group inside one node runs at the NVLink bus
+bandwidth. A group spanning nodes is bound by the network: with rail-aligned NICs, a ring that
+has g members in every node drives g NICs at once (NCCL runs one channel per NIC), so its bus
+bandwidth is g x (the node's network bandwidth / gpus per node), capped by NVLink. Collectives of
+different axes are assumed not to contend for the same link (they rarely run at the same time).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from functools import lru_cache
 
-from triaxis.plan.collectives import (all_gather_s, all_reduce_s, axis_link, p2p_s,
-                                      reduce_scatter_s)
-from triaxis.plan.efficiency import block_time, head_time, optimizer_s
-from triaxis.plan.layout import Layout
-from triaxis.plan.memory import checkpoint_bytes_per_token
-from triaxis.plan.problem import Problem, TimeBreakdown
-from triaxis.plan.state_bytes import stage_blocks
+from triaxis.plan.hardware import Hardware
+from triaxis.plan.memory import (checkpoint_bytes_per_token, layer_activation_bytes_per_token,
+                                 stage_blocks)
+from triaxis.plan.problem import Layout, ModelShape, Problem, Runtime, TimeBreakdown
+
+
+# ---------------------------------------------------------------------------------------------
+# Compute: a roofline per kernel
+
+
+def gemm_s(hw: Hardware, m: float, n: float, k: float, elem: int) -> float:
+    g = hw.gpu
+    return 2 * m * n * k / (g.peak_flops * g.gemm_efficiency) + \
+        elem * (m * k + k * n + m * n) / g.hbm_bytes_per_s
+
+
+@dataclass(frozen=True)
+class BlockTime:
+    """Seconds of one block for one micro-batch on one GPU."""
+
+    fwd_s: float
+    bwd_s: float
+
+
+def block_time(shape: ModelShape, rt: Runtime, hw: Hardware, micro_batch: int, seq: int,
+               tp: int, elem: int) -> BlockTime:
+    t_tokens = micro_batch * seq
+    h, kv, f = shape.dim, shape.kv_dim, shape.ffn_dim
+    # Projections; backward runs two GEMMs of the same size per forward GEMM (data + weight).
+    if rt.fused_qkv:
+        gemms = [(h + 2 * kv) / tp]
+    else:
+        gemms = [h / tp, kv / tp, kv / tp]
+    fwd = sum(gemm_s(hw, t_tokens, n, h, elem) for n in gemms)
+    fwd += gemm_s(hw, t_tokens, h, h / tp, elem)  # output projection (row-wise)
+    fwd += (shape.mlp_matrices - 1) * gemm_s(hw, t_tokens, f / tp, h, elem)
+    fwd += gemm_s(hw, t_tokens, h, f / tp, elem)
+    bwd = 2 * fwd
+    # Attention core: scores and weighted values, 4·b·s²·h/tp FLOPs forward.
+    heads = shape.n_heads / tp
+    if rt.flash_attention:
+        # Causal flash kernels skip the masked half; backward does 2.5x the forward's work.
+        flops = 4 * micro_batch * seq * seq * h / tp / 2
+        t_attn = flops / (hw.gpu.peak_flops * hw.gpu.flash_attention_efficiency)
+        fwd, bwd = fwd + t_attn, bwd + 2.5 * t_attn
+    else:
+        batch = micro_batch * heads
+        t_attn = batch * (gemm_s(hw, seq, seq, shape.head_dim, elem) +
+                          gemm_s(hw, seq, shape.head_dim, seq, elem))
+        fwd, bwd = fwd + t_attn, bwd + 2 * t_attn
+    act = layer_activation_bytes_per_token(shape, rt, seq, tp, elem) * t_tokens
+    t_elem = hw.calib.elementwise_traffic * act / hw.gpu.hbm_bytes_per_s
+    return BlockTime(fwd + t_elem, bwd + 2 * t_elem)
+
+
+def head_time(shape: ModelShape, hw: Hardware, micro_batch: int, seq: int, tp: int,
+              elem: int) -> BlockTime:
+    """LM head GEMM (vocabulary split by tp) and the cross-entropy over its logits."""
+    t_tokens = micro_batch * seq
+    fwd = gemm_s(hw, t_tokens, shape.vocab_size / tp, shape.dim, elem)
+    logits = t_tokens * shape.vocab_size / tp * (elem + 4)
+    t_loss = hw.calib.elementwise_traffic * logits / hw.gpu.hbm_bytes_per_s
+    return BlockTime(fwd + t_loss, 2 * fwd + 2 * t_loss)
+
+
+def optimizer_s(hw: Hardware, params_per_gpu: float, offloaded: bool) -> float:
+    """AdamW + gradient-norm clipping: memory-bound, ~32 bytes per fp32 parameter (read param,
+    grad twice, both moments; write param and moments). On the host when offloaded."""
+    if offloaded:
+        return params_per_gpu / hw.calib.cpu_adam_params_per_s
+    return 32 * params_per_gpu / hw.gpu.hbm_bytes_per_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives over the link each mesh axis runs on
+
+
+@dataclass(frozen=True)
+class AxisLink:
+    size: int
+    """Ranks in one group of this axis."""
+    per_node: int
+    """Members of one group inside one node."""
+    bus_bytes_per_s: float
+    step_latency_s: float
+    """Mean latency of one ring step: network steps for the hops between nodes, NVLink else."""
+    launch_s: float
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.size // self.per_node)
+
+
+def axis_link(hw: Hardware, size: int, stride: int) -> AxisLink:
+    """The link of a mesh axis of `size` ranks whose neighbours are `stride` ranks apart."""
+    gpn, c = hw.gpus_per_node, hw.cluster
+    per_node = max(1, min(size, gpn // stride)) if stride <= gpn else 1
+    if per_node >= size:
+        return AxisLink(size, size, c.nvlink_bytes_per_s, c.nvlink_latency_s,
+                        hw.calib.collective_launch_s)
+    bus = min(c.nvlink_bytes_per_s, per_node * hw.network_bytes_per_s_per_gpu)
+    nodes = size // per_node
+    # A ring over all members crosses the network once per node and NVLink otherwise.
+    lat = (nodes * c.network_latency_s + (size - nodes) * c.nvlink_latency_s) / size
+    return AxisLink(size, per_node, bus, lat, hw.calib.collective_launch_s)
+
+
+def all_reduce_s(link: AxisLink, nbytes: float) -> float:
+    n = link.size
+    if n == 1 or nbytes == 0:
+        return 0.0
+    ring = 2 * (n - 1) / n * nbytes / link.bus_bytes_per_s + 2 * (n - 1) * link.step_latency_s
+    tree = 2 * nbytes / link.bus_bytes_per_s + 2 * math.ceil(math.log2(n)) * link.step_latency_s
+    return link.launch_s + min(ring, tree)
+
+
+def all_gather_s(link: AxisLink, nbytes: float) -> float:
+    """`nbytes` is the gathered (full) size; each rank contributes nbytes / n."""
+    n = link.size
+    if n == 1 or nbytes == 0:
+        return 0.0
+    return link.launch_s + (n - 1) / n * nbytes / link.bus_bytes_per_s + \
+        (n - 1) * link.step_latency_s
+
+
+def reduce_scatter_s(link: AxisLink, nbytes: float) -> float:
+    """`nbytes` is the unreduced input size; each rank keeps nbytes / n."""
+    return all_gather_s(link, nbytes)
+
+
+def p2p_s(hw: Hardware, nbytes: float, crosses_node: bool) -> float:
+    """One pipeline send/recv between neighbouring stages. Across nodes every GPU sends to its
+    counterpart at once, so each gets its share of the node's network bandwidth."""
+    if nbytes == 0:
+        return 0.0
+    c = hw.cluster
+    if crosses_node:
+        return hw.calib.collective_launch_s + c.network_latency_s + \
+            nbytes / hw.network_bytes_per_s_per_gpu
+    return hw.calib.collective_launch_s + c.nvlink_latency_s + nbytes / c.nvlink_bytes_per_s
+
+
+# ---------------------------------------------------------------------------------------------
+# Step time of a layout
 
 
 def recomputed_blocks(layout: Layout, blocks: int) -> float:
@@ -152,4 +328,4 @@ def bubble_slots(layout: Layout) -> float:
     if p == 1:
         return 0.0
     return {"gpipe": p - 1.0, "1f1b": p - 1.0, "interleaved-1f1b": (p - 1) / layout.virtual_stages,
-            "zb-h1": (p - 1) / 3, "zb-h2": 0.0}[layout.schedule]
+            "interleaved-zb": (p - 1) / 3, "zbv": 0.0}[layout.schedule]

@@ -29,8 +29,8 @@ def resolve(cfg: Config, world_size: int) -> tuple[ParallelDims, object, TokenDa
     model_args = build_model_args(cfg.model, vocab_size=vocab)
     if model_args.vocab_size < vocab:
         raise UserError(f"model.vocab_size={model_args.vocab_size} is smaller than the data's "
-                        f"tokenizer vocabulary {vocab}; set --model.vocab_size=0 to take it from "
-                        "the data")
+                        f"tokenizer vocabulary {vocab}; leave model.vocab_size unset "
+                        "(--model.vocab_size=none) to take it from the data")
     why = ""
     if p.auto != "off":
         from triaxis.plan.auto import plan_for_world

@@ -1,0 +1,36 @@
+"""GPU and cluster figures, from one file: `triaxis/plan/data/hardware.toml`.
+
+The planner builds its profiles from it (triaxis.plan.hardware) and the training loop reads a
+GPU's bf16 peak from it for MFU (triaxis.metrics.logger), so each figure is written once. This
+module stays low in the import graph: no torch, no planner (metrics imports it).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+SHIPPED = "plan/data/hardware.toml"
+"""The shipped profiles, relative to the triaxis package (read without importing triaxis.plan)."""
+
+
+def shipped_tables() -> dict[str, Any]:
+    """The shipped hardware.toml, parsed: a fresh dict each call (callers merge into it)."""
+    return tomllib.loads(resources.files("triaxis").joinpath(SHIPPED).read_text())
+
+
+@lru_cache(maxsize=1)
+def _peaks_by_cuda_name() -> tuple[tuple[str, float], ...]:
+    data = shipped_tables()
+    tables = [*data.get("gpu", {}).values(), *data.get("gpu_peak", {}).values()]
+    return tuple((t["cuda_name"], t["peak_tflops"] * 1e12) for t in tables if "cuda_name" in t)
+
+
+def peak_bf16_flops(device_name: str) -> float | None:
+    """Dense bf16 peak (FLOP/s) of the GPU that torch.cuda.get_device_name() calls
+    `device_name`: the entry whose cuda_name it contains, the longest one when several do (an
+    L40S is not an L4); None for a card hardware.toml does not list."""
+    hits = [(len(name), peak) for name, peak in _peaks_by_cuda_name() if name in device_name]
+    return max(hits, key=lambda h: h[0])[1] if hits else None

@@ -1,0 +1,315 @@
+"""The search: enumerate the layouts of a cluster, evaluate each (peak memory, step time and
+the figures users compare), keep those that fit, rank them.
+
+plan(problem, world, objective, space)  -> PlanResult (ranked plans, counts, advice)
+
+Objectives: `speed` ranks by predicted step time (ties: less memory), `memory` by peak memory
+per GPU (ties: faster). Memory is checked for every layout; step time only where it can matter:
+for speed, not for a layout whose family (same degrees, micro-batch and schedule) has a fitting
+member that recomputes, offloads and reshards no more than it (it cannot be faster); for
+memory, only for the 3 x keep leanest layouts. When nothing fits, `PlanResult.advice` says what
+would: the memory-saving options the search excluded, the smallest cluster (same GPUs, global
+batch scaled with it), or a GPU with more memory.
+
+Evaluating one layout: peak memory (memory.py), step time (steptime.py), and the figures users
+compare — tokens/s, MFU, and TFLOP/s per GPU in the Megatron convention (recompute counted).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from triaxis.errors import UserError
+from triaxis.plan.hardware import GIB, Catalog
+from triaxis.plan.memory import memory_of, stage_blocks
+from triaxis.plan.problem import (AC_POLICIES, SCHEDULES, Layout, MemoryBreakdown, ModelShape,
+                                  Plan, Problem, TimeBreakdown)
+from triaxis.plan.steptime import recomputed_blocks, time_of
+
+
+# ---------------------------------------------------------------------------------------------
+# The enumeration
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Which options the enumeration may use (the CLI's restrictions)."""
+
+    schedules: tuple[str, ...] = SCHEDULES
+    ac_policies: tuple[str, ...] = AC_POLICIES
+    ac_every: tuple[int, ...] = (2,)
+    """Values of ac_every tried with selective checkpointing."""
+    allow_offload: bool = True
+    allow_no_reshard: bool = True
+    max_pp: int = 0
+    """0 = up to the number of blocks; 1 = no pipeline (the training runtime today)."""
+    max_tp: int = 0
+    """0 = up to GPUs per node: tensor parallelism never crosses the NVLink domain."""
+    virtual_stages: tuple[int, ...] = (2, 4)
+    """Model chunks per rank tried with interleaved-1f1b."""
+    max_micro_batch: int = 64
+
+
+def divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def valid_tp(shape: ModelShape, tp: int) -> bool:
+    return shape.n_heads % tp == 0 and shape.n_kv_heads % tp == 0 and shape.ffn_dim % tp == 0
+
+
+def enumerate_families(shape: ModelShape, world: int, gpus_per_node: int, global_batch: int,
+                       space: SearchSpace) -> Iterator[list[Layout]]:
+    """Every layout of `world` ranks the search space allows and the batch divides, grouped in
+    families that differ only in activation checkpointing, offload and resharding.
+
+    Rules: tp divides the heads, KV heads and MLP width and stays inside a node; pp <= blocks;
+    dp = dp_replicate x dp_shard divides the global batch and micro_batch divides the per-replica
+    batch; interleaving needs blocks divisible by pp x virtual stages; schedules need enough
+    micro-batches (schedule_fits); offload and keeping parameters gathered (no reshard) only
+    mean something with dp_shard > 1.
+    """
+    max_tp = space.max_tp or gpus_per_node
+    max_pp = space.max_pp or shape.n_layers
+    acs = _ac_options(space)
+    for tp in divisors(world):
+        if tp > max_tp or not valid_tp(shape, tp):
+            continue
+        for pp in divisors(world // tp):
+            if pp > min(max_pp, shape.n_layers):
+                continue
+            dp = world // (tp * pp)
+            if global_batch % dp:
+                continue
+            per_replica = global_batch // dp
+            schedules = _schedules(shape, pp, space)
+            for dp_shard in divisors(dp):
+                offloads = (False, True) if (space.allow_offload and dp_shard > 1) else (False,)
+                reshards = (False, True) if (space.allow_no_reshard and dp_shard > 1) \
+                    else (True,)
+                for mb in divisors(per_replica):
+                    if mb > space.max_micro_batch:
+                        break
+                    for sched, v in schedules:
+                        if not schedule_fits(sched, pp, per_replica // mb):
+                            continue
+                        yield [Layout(dp // dp_shard, dp_shard, tp, pp, mb, ac, every, sched, v,
+                                      off, rs)
+                               for ac, every in acs for off in offloads for rs in reshards]
+
+
+def enumerate_layouts(shape: ModelShape, world: int, gpus_per_node: int, global_batch: int,
+                      space: SearchSpace) -> Iterator[Layout]:
+    for family in enumerate_families(shape, world, gpus_per_node, global_batch, space):
+        yield from family
+
+
+def recompute_rank(layout: Layout) -> float:
+    """Fraction of blocks recomputed: 0 (none), 1/k (every k-th), 1 (full)."""
+    return {"none": 0.0, "full": 1.0}.get(layout.activation_checkpoint, 1 / layout.ac_every)
+
+
+def slower_or_equal(a: Layout, b: Layout) -> bool:
+    """Within a family, is `a` at least as slow as `b` in every option (more recomputation,
+    offload, resharding)? Then a fitting `b` makes `a` pointless for speed."""
+    return (recompute_rank(a) >= recompute_rank(b) and a.cpu_offload >= b.cpu_offload
+            and a.reshard_after_forward >= b.reshard_after_forward)
+
+
+def schedule_fits(schedule: str, pp: int, num_micro: int) -> bool:
+    """Enough micro-batches for the schedule to be what its bubble formula assumes: interleaving
+    needs a multiple of pp (Megatron's rule), interleaved-zb (as ZB-H1) at least pp, zbv (as
+    ZB-H2) at least 2·pp - 1."""
+    if schedule == "interleaved-1f1b":
+        return num_micro % pp == 0
+    if schedule == "interleaved-zb":
+        return num_micro >= pp
+    if schedule == "zbv":
+        return num_micro >= 2 * pp - 1
+    return True
+
+
+def _schedules(shape: ModelShape, pp: int, space: SearchSpace) -> list[tuple[str, int]]:
+    if pp == 1:
+        return [("none", 1)]
+    out = []
+    for s in space.schedules:
+        if s == "interleaved-1f1b":
+            out += [(s, v) for v in space.virtual_stages if shape.n_layers % (pp * v) == 0]
+        else:
+            out.append((s, 1))
+    return out
+
+
+def _ac_options(space: SearchSpace) -> list[tuple[str, int]]:
+    out = []
+    for ac in space.ac_policies:
+        if ac == "selective":
+            out += [(ac, k) for k in space.ac_every]
+        else:
+            out.append((ac, 2))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluating one layout
+
+
+def fits(p: Problem, layout: Layout, mem: MemoryBreakdown) -> bool:
+    """Within the GPU's usable memory (and, offloaded, within 80% of the host's)."""
+    if mem.total > p.hw.usable_memory_bytes:
+        return False
+    offloads = layout.cpu_offload or layout.offload_checkpoints
+    return not offloads or mem.host_per_node <= 0.8 * p.hw.cluster.host_memory_bytes
+
+
+def evaluate(p: Problem, layout: Layout, with_time: bool = True,
+             mem: MemoryBreakdown | None = None) -> Plan:
+    """The plan of `layout`; with_time=False skips the step time (a memory-only check)."""
+    num_micro = layout.num_micro_batches(p.global_batch)
+    mem = mem or memory_of(p, layout, num_micro)
+    ok = fits(p, layout, mem)
+    if not with_time:
+        return Plan(layout, mem, TimeBreakdown(0.0), num_micro, 0.0, 0.0, 0.0, ok)
+    t = time_of(p, layout, num_micro)
+    step = t.total
+    tokens = p.global_batch * p.seq_len
+    model_flops = p.shape.model_flops_per_token(p.seq_len) * tokens
+    recomputed = sum(recomputed_blocks(layout, b) for b in stage_blocks(p.shape.n_layers,
+                                                                         layout.pp))
+    hw_flops = model_flops + p.shape.recompute_flops_per_token(p.seq_len, recomputed) * tokens
+    world = layout.world_size
+    return Plan(layout, mem, t, num_micro, tokens / step,
+                model_flops / (step * world * p.hw.gpu.peak_flops),
+                hw_flops / (step * world) / 1e12, ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# The planner
+
+
+OBJECTIVES = ("speed", "memory")
+MAX_CLUSTER = 2**17
+"""The largest cluster the 'smallest cluster that fits' search tries."""
+
+
+@dataclass
+class PlanResult:
+    problem: Problem
+    world_size: int
+    objective: str
+    plans: list[Plan]
+    """Fitting plans, best first (at most `keep`)."""
+    num_layouts: int
+    """Layouts enumerated."""
+    num_fit: int
+    """Layouts that fit in memory."""
+    num_timed: int = 0
+    """Layouts whose step time was evaluated (the rest were dominated)."""
+    leanest: Plan | None = None
+    """The layout with the least memory, fitting or not (with its step time)."""
+    advice: list[str] = field(default_factory=list)
+    """What would make the model fit, when nothing does."""
+
+
+def plan(problem: Problem, world: int, objective: str = "speed",
+         space: SearchSpace | None = None, keep: int = 10,
+         catalog: Catalog | None = None) -> PlanResult:
+    """Rank the layouts of `world` GPUs for `problem` by `objective`; keep the best `keep`.
+    `catalog` lets the advice (when nothing fits) suggest a GPU with more memory."""
+    if objective not in OBJECTIVES:
+        raise UserError(f"objective {objective!r} is unknown; use one of {list(OBJECTIVES)}")
+    if world < 1:
+        raise UserError(f"--gpus={world} must be >= 1")
+    space = space or SearchSpace()
+    count, num_fit, fitting, leanest = 0, 0, [], None
+    for family in enumerate_families(problem.shape, world, problem.hw.gpus_per_node,
+                                     problem.global_batch, space):
+        ok = []
+        for layout in family:
+            count += 1
+            mem = memory_of(problem, layout, layout.num_micro_batches(problem.global_batch))
+            if leanest is None or mem.total < leanest[1].total:
+                leanest = (layout, mem)
+            if fits(problem, layout, mem):
+                ok.append((layout, mem))
+        num_fit += len(ok)
+        if objective == "speed":
+            ok = [(a, m) for a, m in ok
+                  if not any(b is not a and slower_or_equal(a, b) for b, _ in ok)]
+        fitting += ok
+    if count == 0:
+        raise UserError(_no_layout_message(problem, world))
+    if objective == "speed":
+        plans = sorted((evaluate(problem, a, mem=m) for a, m in fitting),
+                       key=lambda p: (p.time.total, p.memory.total))
+    else:
+        fitting.sort(key=lambda am: am[1].total)
+        plans = sorted((evaluate(problem, a, mem=m) for a, m in fitting[:3 * keep]),
+                       key=lambda p: (p.memory.total, p.time.total))
+    result = PlanResult(problem, world, objective, plans[:keep], count, num_fit, len(plans))
+    assert leanest is not None
+    result.leanest = evaluate(problem, leanest[0], mem=leanest[1])
+    if not plans:
+        result.advice = advise(problem, world, space, catalog)
+    return result
+
+
+def _no_layout_message(problem: Problem, world: int) -> str:
+    b = problem.global_batch
+    return (f"no layout of {world} GPUs divides the global batch {b} (dp = dp_replicate x "
+            f"dp_shard must divide it) and the model's {problem.shape.n_heads} heads; make the "
+            f"global batch (--global-batch, train.global_batch) a multiple of {world}, or use "
+            f"a GPU count that divides {b}")
+
+
+def fits_somewhere(problem: Problem, world: int, space: SearchSpace) -> bool:
+    """Does any layout of `world` GPUs fit? (memory only; stops at the first that does)."""
+    for layout in enumerate_layouts(problem.shape, world, problem.hw.gpus_per_node,
+                                    problem.global_batch, space):
+        if evaluate(problem, layout, with_time=False).fits:
+            return True
+    return False
+
+
+def advise(problem: Problem, world: int, space: SearchSpace,
+           catalog: Catalog | None = None) -> list[str]:
+    """Ways out when no layout fits: options, cluster size, GPU type."""
+    out: list[str] = []
+    full = SearchSpace(max_micro_batch=space.max_micro_batch)
+    if space != full and fits_somewhere(problem, world, full):
+        off = []
+        if not space.allow_offload:
+            off.append("CPU offload (drop --no-offload)")
+        if space.max_pp and space.max_pp < problem.shape.n_layers:
+            off.append("pipeline parallelism (drop --no-pipeline / raise --max-pp)")
+        if "full" not in space.ac_policies:
+            off.append("full activation checkpointing (--ac full)")
+        what = "; ".join(off) or "the options this search excluded"
+        out.append(f"it fits on these {world} GPUs with {what}")
+    per_gpu = problem.global_batch / world
+    n = world * 2
+    while n <= MAX_CLUSTER:
+        bigger = dataclasses.replace(problem, global_batch=max(1, round(per_gpu * n)))
+        if fits_somewhere(bigger, n, space):
+            nodes = -(-n // problem.hw.gpus_per_node)
+            out.append(f"the smallest cluster that fits is {n} x {problem.hw.gpu.name} "
+                       f"({nodes} node{'s' if nodes > 1 else ''}), with the global batch scaled to "
+                       f"{bigger.global_batch}")
+            break
+        n *= 2
+    else:
+        out.append(f"no cluster of up to {MAX_CLUSTER} x {problem.hw.gpu.name} fits it")
+    if catalog is not None:
+        roomier = [g for g in catalog.gpus.values()
+                   if g.memory_bytes > problem.hw.gpu.memory_bytes and g.name != "cpu"]
+        for g in sorted(roomier, key=lambda g: g.memory_bytes):
+            hw = dataclasses.replace(problem.hw, gpu=g)
+            if fits_somewhere(dataclasses.replace(problem, hw=hw), world, space):
+                out.append(f"{world} x {g.name} ({g.memory_bytes / GIB:.0f} GiB) would fit it")
+                break
+    return out
