@@ -189,17 +189,17 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import (RendezvousError,
                                                          RendezvousTimeoutError)
-    from torch.distributed.run import main as torchrun_main
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun_run
 
     try:
-        torchrun_main(argv)
+        # run(), not main(): main's @record only adds a "no error file for the parent" line.
+        torchrun_run(parse_args(argv))
     except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values()]
-        log(f"worker(s) failed with exit codes {codes}")
-        return next((c for c in codes if c and c > 0), 1)
+        return report_failures(e.failures)
     except SignalException as e:
-        # Preemption, scancel, a requeue: the agent has passed the signal on to the workers,
-        # which write a final checkpoint on SIGTERM. The usual exit status of a signal.
+        # Preemption, scancel, a requeue, Ctrl-C: the agent has passed the signal on to the
+        # workers, which write a final checkpoint. The usual exit status of a signal.
         log(f"stopped by signal {int(e.sigval)}; the next launch resumes from the last "
             "checkpoint")
         return 128 + int(e.sigval)
@@ -213,6 +213,53 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
         raise UserError(f"rendezvous failed: {e}; check --rdzv-endpoint and that every node "
                         "reaches it") from None
     return 0
+
+
+def first_failure(failures: dict) -> tuple[int, object]:
+    """The rank whose failure came first. Workers write a precise time into their error file
+    (train/distributed.py); a worker killed by a signal writes none and is taken as the cause
+    (the agent stops the others only after it has seen a failure, so they are not listed)."""
+    def key(item):
+        rank, f = item
+        info = _triaxis_info(f)
+        if info is None and f.exitcode < 0:
+            return (0, 0.0, rank)
+        return (1, info["time"] if info else float(f.timestamp), rank)
+    return min(failures.items(), key=key)
+
+
+def _triaxis_info(failure) -> dict | None:
+    data = failure.error_file_data
+    return data.get("triaxis") if isinstance(data, dict) else None
+
+
+def report_failures(failures: dict) -> int:
+    """Print the first failing rank's cause (its traceback too, for a bug) and return the exit
+    status; a user error (exit 2) becomes this launcher's own one-line error."""
+    import signal as signal_module
+
+    rank, failure = first_failure(failures)
+    info = _triaxis_info(failure)
+    others = sorted(r for r in failures if r != rank)
+    if others:
+        log(f"rank(s) {others} stopped after rank {rank} (exit codes "
+            f"{[failures[r].exitcode for r in others]})")
+    if info is None:
+        if failure.exitcode < 0:
+            name = signal_module.Signals(-failure.exitcode).name
+            line = (f"killed by {name}" + (" (out of memory? see `dmesg`)"
+                                           if name == "SIGKILL" else ""))
+            code = 128 - failure.exitcode
+        else:
+            line, code = f"exited with status {failure.exitcode}", failure.exitcode
+        log(f"rank {rank} failed: {line}")
+        return code
+    if info.get("traceback"):
+        print(info["traceback"].rstrip(), file=sys.stderr, flush=True)
+    if info.get("exit_code") == UserError.exit_code:
+        raise UserError(f"rank {rank}: {info['line']}")
+    log(f"rank {rank} failed: {info['line']}")
+    return int(info.get("exit_code") or 1)
 
 
 def launch_module(spec: TorchrunSpec, entry: list[str], dry_run: bool = False) -> int:

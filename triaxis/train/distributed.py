@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -74,3 +79,67 @@ def shutdown(env: DistEnv) -> None:
         # Without this barrier ranks sometimes abort at exit while a peer still sends.
         dist.barrier()
         dist.destroy_process_group()
+
+
+def failure_line(err: BaseException) -> str:
+    """The one line that says why a rank stopped: a UserError's own message, else the
+    exception's type and message (its traceback goes to the error file)."""
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (second Ctrl-C)"
+    return f"{type(err).__name__}: {err}".strip()
+
+
+def exit_code_of(err: BaseException) -> int:
+    if isinstance(err, UserError):
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return 130
+    return 1
+
+
+def write_error_file(path: str, rank: int, err: BaseException, kind: str = "error") -> None:
+    """torch elastic's per-worker error file (TORCHELASTIC_ERROR_FILE): the agent reads it when
+    the worker exits non-zero, and `triaxis launch` prints the first failing rank's line from
+    it. `time` is precise (torch's own timestamp is whole seconds) so the launcher can tell the
+    rank that failed first from peers that failed because it was gone."""
+    line = failure_line(err)
+    tb = "" if isinstance(err, (UserError, KeyboardInterrupt)) else "".join(
+        traceback.format_exception(type(err), err, err.__traceback__))
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": tb or line,
+                                                        "timestamp": str(int(time.time()))}},
+            "triaxis": {"rank": rank, "line": line, "traceback": tb, "time": time.time(),
+                        "kind": kind, "exit_code": exit_code_of(err)}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def leave_on_error(env: DistEnv, err: BaseException) -> None:
+    """Returns only for one process (or a group the caller made): the error is raised as usual
+    there. A rank of a job this process joined leaves at once (fail_fast)."""
+    if env.owns_group and env.world_size > 1:
+        fail_fast(env, err)
+
+
+def fail_fast(env: DistEnv, err: BaseException) -> NoReturn:
+    """A rank of a multi-process job that hits an error leaves at once: it must not enter the
+    shutdown barrier (its peers sit in some other collective, so both would wait for the
+    collective timeout), nor wait for background threads (an async checkpoint's collectives).
+    Its exit makes the agent stop the other workers within a second, and its peers' pending
+    collectives fail as soon as its sockets close. Under torchrun the cause goes to the error
+    file for `triaxis launch` to print once; elsewhere it is printed here."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    try:
+        if error_file:
+            write_error_file(error_file, env.rank, err)
+        else:
+            if not isinstance(err, (UserError, KeyboardInterrupt)):
+                traceback.print_exception(type(err), err, err.__traceback__)
+            print(f"error: rank {env.rank}: {failure_line(err)}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(exit_code_of(err))

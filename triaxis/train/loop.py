@@ -27,11 +27,12 @@ from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flo
 from triaxis.model import flops_per_token, param_counts
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.train.build import build_model
-from triaxis.train.distributed import DistEnv, init_distributed, shutdown
+from triaxis.train.distributed import DistEnv, init_distributed, leave_on_error, shutdown
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from triaxis.train.resilience import (
     NumericsGuard,
     PreemptionWatch,
+    inject_fault,
     inject_kill,
     inject_nan,
 )
@@ -54,6 +55,9 @@ def run(cfg: Config) -> TrainResult:
     env = init_distributed(cfg.train.device, need_group=cfg.parallel.fsdp_always)
     try:
         return Trainer(cfg, env).fit()
+    except BaseException as err:
+        leave_on_error(env, err)  # a rank of a job exits here, skipping the barrier below
+        raise
     finally:
         shutdown(env)
 
@@ -157,6 +161,7 @@ class Trainer:
                                 for m in range(self.grad_accum)])
             with self.loss_parallel(), self.autocast():
                 return self.pipeline.step(tokens)
+        inject_fault("forward", self.env.rank, step)
         total = torch.zeros((), device=self.device)
         poison = inject_nan(step)
         for m in range(self.grad_accum):
@@ -195,6 +200,7 @@ class Trainer:
         the same samples and value for every layout."""
         if self.val_ds is None or self.cfg.train.val_batches == 0:
             return None
+        inject_fault("validation", self.env.rank)
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for v in range(self.cfg.train.val_batches):
@@ -229,6 +235,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg, log = self.cfg, self.log
+        inject_fault("start", self.env.rank)
         step, cursor = self.resume()
         first_step = step
         run_dir = Path(cfg.train.run_dir)
@@ -299,6 +306,7 @@ class Trainer:
                     break
                 if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or \
                         (last and cfg.checkpoint.save_final):
+                    inject_fault("checkpoint", self.env.rank, step)
                     path = self.ckpt.save(step, cursor, block=last)
                     self.ckpt_step = step
                     blocked = self.ckpt.blocking_s[-1]
@@ -339,6 +347,7 @@ class Trainer:
         mem = torch.tensor([_peak_memory_bytes(self.device)], dtype=torch.float64)
         wait = torch.tensor([self.data_wait_s], dtype=torch.float64)
         self.data_wait_s = 0.0
+        inject_fault("logging", self.env.rank, step)
         if self.env.world_size > 1:
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
             dist.all_reduce(wait, op=dist.ReduceOp.MAX)  # the slowest rank's wait stalls all

@@ -6,9 +6,11 @@ what lives here is what a running process must do by itself.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -102,3 +104,44 @@ def inject_kill(step: int, rank: int) -> None:
     faults = _faults("KILL")
     if step in faults and faults[step] == rank:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InjectedFault(RuntimeError):
+    """The error TRIAXIS_FAULT_ERROR raises: a stand-in for any bug or I/O failure on one rank."""
+
+
+FAULT_POINTS = ("start", "forward", "checkpoint", "validation", "logging")
+"""Where TRIAXIS_FAULT_ERROR can strike: the places a real failure meets its peers in different
+collectives (before the first one, in FSDP's gathers, in the checkpoint's, in validation's
+reduce, in the metrics reduce)."""
+
+
+@functools.cache
+def _point_faults() -> dict[str, tuple[int, int]]:
+    """TRIAXIS_FAULT_ERROR / TRIAXIS_FAULT_HANG = "RANK:POINT[@STEP]" -> {kind: (rank, point,
+    step)}; read once, at the first hook, and only on the first attempt of a job."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return {}
+    out = {}
+    for kind in ("ERROR", "HANG"):
+        text = os.environ.get(f"TRIAXIS_FAULT_{kind}", "")
+        if text:
+            rank, _, rest = text.partition(":")
+            point, _, step = rest.partition("@")
+            assert point in FAULT_POINTS, f"TRIAXIS_FAULT_{kind}: point {point!r} not in " \
+                f"{FAULT_POINTS}"
+            out[kind] = (int(rank), point, int(step or 0))
+    return out
+
+
+def inject_fault(point: str, rank: int, step: int = 0) -> None:
+    """Test hook: raise (TRIAXIS_FAULT_ERROR) or hang forever (TRIAXIS_FAULT_HANG) on one rank
+    the first time it reaches `point` at or after step STEP."""
+    faults = _point_faults()
+    for kind, (f_rank, f_point, f_step) in list(faults.items()):
+        if f_rank == rank and f_point == point and step >= f_step:
+            del faults[kind]  # once
+            if kind == "ERROR":
+                raise InjectedFault(f"injected fault at {point}, step {step}, rank {rank}")
+            while True:  # a rank stuck outside any collective (a dead file system, a deadlock)
+                time.sleep(3600)

@@ -1,0 +1,39 @@
+"""A failure on one rank stops the whole job at once and the launcher prints that rank's cause;
+a rank that stops making progress is named by the watchdog (issue 19)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+GENEROUS_S = 240  # a bound on the wait, not a timing assertion; the collective timeout is 300 s
+
+
+def launch(data, run_dir, nproc, *extra, env=None, timeout=GENEROUS_S):
+    args = ["launch", "--nproc-per-node", nproc, "--model.preset=tiny", f"--data.path={data}",
+            "--data.seq_len=32", f"--train.run_dir={run_dir}", "--train.global_batch=8",
+            f"--train.micro_batch={8 // nproc}", "--train.steps=6", "--metrics.log_every=2",
+            "--metrics.progress=false", "--metrics.tensorboard=false",
+            "--checkpoint.interval=4", "--train.val_every=4", "--train.val_batches=1", *extra]
+    return subprocess.run([sys.executable, "-m", "triaxis", *map(str, args)],
+                          env={**ENV, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("nproc,rank,point", [
+    (2, 1, "start"), (2, 1, "forward@3"), (2, 1, "checkpoint"), (2, 0, "validation"),
+    (2, 1, "logging@2"), (4, 2, "forward@2"),
+])
+def test_one_rank_error_stops_the_job_and_names_its_cause(byte_data, tmp_path, nproc, rank,
+                                                          point):
+    # subprocess.run's timeout is the "within a bound" check: 240 s < the 300 s collective
+    # timeout peers would otherwise wait.
+    proc = launch(byte_data, tmp_path / "run", nproc,
+                  env={"TRIAXIS_FAULT_ERROR": f"{rank}:{point}"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    where = point.split("@")[0]
+    assert f"rank {rank} failed: InjectedFault: injected fault at {where}" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "Traceback" in proc.stderr  # a bug comes with its traceback
