@@ -240,7 +240,9 @@ def report_failures(failures: dict) -> int:
 
     rank, failure = first_failure(failures)
     info = _triaxis_info(failure)
-    others = sorted(r for r in failures if r != rank)
+    # Peers that failed with the same line (a refusal every rank met) add nothing.
+    others = sorted(r for r in failures if r != rank and not (
+        info and (_triaxis_info(failures[r]) or {}).get("line") == info["line"]))
     if others:
         log(f"rank(s) {others} stopped after rank {rank} (exit codes "
             f"{[failures[r].exitcode for r in others]})")

@@ -32,9 +32,11 @@ from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from triaxis.train.resilience import (
     NumericsGuard,
     PreemptionWatch,
+    hold_run_lock,
     inject_fault,
     inject_kill,
     inject_nan,
+    lock_folders,
 )
 from triaxis.train.resolve import resolve
 
@@ -54,7 +56,8 @@ def run(cfg: Config) -> TrainResult:
     """Train per `cfg`, in this process (joining the process group torchrun describes)."""
     env = init_distributed(cfg.train.device, need_group=cfg.parallel.fsdp_always)
     try:
-        return Trainer(cfg, env).fit()
+        with hold_run_lock(lock_folders(cfg.checkpoint_dir(), cfg.train.run_dir), env.is_main):
+            return Trainer(cfg, env).fit()
     except BaseException as err:
         leave_on_error(env, err)  # a rank of a job exits here, skipping the barrier below
         raise

@@ -6,6 +6,7 @@ what lives here is what a running process must do by itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -44,6 +45,48 @@ class PreemptionWatch:
     def close(self) -> None:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+
+
+def lock_folders(checkpoint_dir: str, run_dir: str) -> list[str]:
+    """The folders a run writes: its checkpoint folder, and its run folder when the
+    checkpoints live elsewhere (metrics.jsonl and config.toml must not interleave either)."""
+    from pathlib import Path
+
+    folders = [checkpoint_dir]
+    if "://" in checkpoint_dir or Path(run_dir).resolve() not in Path(checkpoint_dir).resolve(
+            ).parents:
+        folders.append(run_dir)
+    return folders
+
+
+@contextlib.contextmanager
+def hold_run_lock(folders: list[str], is_main: bool):
+    """Rank 0 takes the run lease on each folder before anything is written there; every rank
+    learns the outcome from one broadcast, so a refused run stops on all ranks at once (a
+    UserError naming the holder) instead of leaving the others waiting in a collective."""
+    from triaxis.checkpoint.lock import RunLock
+
+    held: list[RunLock] = []
+    refusal = ""
+    if is_main:
+        try:
+            for folder in folders:
+                lock = RunLock(folder)
+                lock.acquire()
+                held.append(lock)
+        except UserError as e:
+            refusal = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    try:
+        if refusal:
+            raise UserError(refusal)
+        yield held
+    finally:
+        for lock in reversed(held):
+            lock.release()
 
 
 class NumericsGuard:
