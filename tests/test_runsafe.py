@@ -170,3 +170,53 @@ def test_run_takes_over_a_dead_runs_lease(byte_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "took over the lease" in proc.stderr
     assert metric_steps(run) == [1, 2]
+
+
+# -- workers die with their launcher -------------------------------------------------------------
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting for a reaper has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_die_with_a_killed_launcher(byte_data, tmp_path):
+    run = tmp_path / "run"
+    launcher = subprocess.Popen([sys.executable, "-m", "triaxis", "launch", "--nproc-per-node",
+                                 "2", *train_args(byte_data, run, "--train.steps=100000",
+                                                  "--checkpoint.interval=0")],
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    workers: list[int] = []
+    try:
+        deadline = time.time() + 180
+        while not (run / "metrics.jsonl").exists():  # the workers are training
+            assert launcher.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        workers = children_of(launcher.pid)
+        assert len(workers) == 2
+        os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and its process group
+        launcher.wait(timeout=60)
+        deadline = time.time() + 60
+        while any(alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if alive(w)], "workers outlived their launcher"
+    finally:
+        for pid in [launcher.pid, *workers]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -278,4 +278,7 @@ def launch_module(spec: TorchrunSpec, entry: list[str], dry_run: bool = False) -
     if dry_run:
         print(subprocess.list2cmdline([sys.executable, "-m", "torch.distributed.run", *argv]))
         return 0
+    # The workers ask the kernel to kill them when this process dies (a parent-death signal;
+    # train/distributed.py): the agent runs here, in this process's main thread.
+    os.environ["TRIAXIS_LAUNCHER_PID"] = str(os.getpid())
     return run_torchrun(argv, spec, rdzv)

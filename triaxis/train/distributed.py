@@ -41,11 +41,36 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+LAUNCHER_PID_ENV = "TRIAXIS_LAUNCHER_PID"
+"""Set by `triaxis launch` for its workers: the pid whose death must end them."""
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher(environ=os.environ) -> None:
+    """Have the kernel SIGKILL this worker when its launcher dies. torch elastic starts
+    workers in sessions of their own, so a SIGKILL of the launcher (or of its process group)
+    used to leave them training and committing checkpoints into a folder a restarted job then
+    shares. The launcher's own pid is checked after the request: if it died before, this
+    process has already been re-parented and leaves at once."""
+    expected = environ.get(LAUNCHER_PID_ENV)
+    if not expected or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not permitted here (some sandboxes): the launcher's own cleanup remains
+    if os.getppid() != int(expected):
+        os._exit(128 + signal.SIGKILL)
+
+
 def init_distributed(requested_device: str, timeout_s: float = 300.0,
                      need_group: bool = False) -> DistEnv:
     """Join the job's process group: NCCL on GPUs, gloo on CPU. A group made by the caller
     (tests) is used as it is. One process gets a group of its own only if `need_group`
     (FSDP wrapping at world size 1)."""
+    die_with_launcher()
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
