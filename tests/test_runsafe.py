@@ -220,3 +220,74 @@ def test_workers_die_with_a_killed_launcher(byte_data, tmp_path):
         for pid in [launcher.pid, *workers]:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+# -- Ctrl-C saves ------------------------------------------------------------------------------
+
+def sigint_args(data, run_dir, nproc):
+    return train_args(data, run_dir, "--train.steps=40", "--checkpoint.interval=0",
+                      f"--train.micro_batch={8 // nproc}")
+
+
+def start(command, nproc, data, run_dir, env=None):
+    cmd = ["train"] if nproc == 1 else ["launch", "--nproc-per-node", str(nproc)]
+    return subprocess.Popen([sys.executable, "-m", "triaxis", *command, *cmd,
+                             *sigint_args(data, run_dir, nproc)],
+                            env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]  # a resumed run re-logs steps: the last one wins
+    return out
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_ctrl_c_saves_and_resumes_exactly(byte_data, tmp_path, nproc):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    proc = start([], nproc, byte_data, ref)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    # A slower run (0.3 s a step), interrupted as a terminal's Ctrl-C would: SIGINT to the
+    # whole foreground process group.
+    proc = start([], nproc, byte_data, run, env={"TRIAXIS_FAULT_STEP_DELAY_S": "0.3"})
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists() or len(losses(run)) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130, err[-3000:]
+    stopped = max(losses(run))
+    assert 3 <= stopped < 40
+    assert f"SIGINT: saved a final checkpoint at step {stopped}" in out + err
+    assert (run / "checkpoints" / f"step_{stopped:08d}" / "triaxis.json").exists()  # committed
+    assert "Traceback" not in err
+    proc = start([], nproc, byte_data, run)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
+    assert f"resumed from {run / 'checkpoints' / f'step_{stopped:08d}'}" in proc.stdout.read()
+    expected, got = losses(ref), losses(run)
+    assert sorted(got) == list(range(1, 41))
+    for step in range(1, 41):
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_second_ctrl_c_aborts_at_once(byte_data, tmp_path):
+    run = tmp_path / "run"
+    # Every step is slow (5 s): the first Ctrl-C waits for the end of the step, the second
+    # must not.
+    proc = start([], 1, byte_data, run, env={"TRIAXIS_FAULT_STEP_DELAY_S": "5"})
+    deadline = time.time() + 240
+    while not (run / "metrics.jsonl").exists():
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=240)
+    assert proc.returncode == 130
+    assert "interrupted again: exiting without a checkpoint" in err
+    assert "saved a final checkpoint" not in out + err

@@ -51,6 +51,9 @@ class TorchrunSpec:
     """Elastic: the job goes on with at least this many nodes (0 = nnodes, a fixed size)."""
     last_call_s: float = 30.0
     """Elastic: once min_nnodes have joined, how long the rendezvous waits for more."""
+    shutdown_timeout_s: float = 60.0
+    """After SIGTERM or Ctrl-C, how long the agent waits for the workers' final checkpoint
+    before it SIGKILLs them (torchrun's --shutdown-timeout; its own default is 30 s)."""
 
     @property
     def elastic(self) -> bool:
@@ -153,7 +156,7 @@ def torchrun_argv(spec: TorchrunSpec, rdzv: Rendezvous | None, entry: list[str])
         argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv.endpoint}",
                  f"--rdzv-id={spec.rdzv_id}", f"--rdzv-conf={conf}",
                  f"--local-addr={rdzv.local_addr}"]
-    return argv + ["-m", *entry]
+    return argv + [f"--shutdown-timeout={int(spec.shutdown_timeout_s)}", "-m", *entry]
 
 
 def prepare(spec: TorchrunSpec, environ: Mapping[str, str] = os.environ,

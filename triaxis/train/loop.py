@@ -49,7 +49,9 @@ class TrainResult:
     final_step: int = 0
     run_dir: str = ""
     preempted: bool = False
-    """True when SIGTERM ended the run early (after a final checkpoint)."""
+    """True when SIGTERM or Ctrl-C ended the run early (after a final checkpoint)."""
+    stop_signal: int = 0
+    """The signal that ended it (the exit status is 128 + this: 143, 130)."""
 
 
 def run(cfg: Config) -> TrainResult:
@@ -304,8 +306,8 @@ class Trainer:
                     break
                 if preempt.should_stop() and not last:
                     self.ckpt.save(step, cursor, block=True)
-                    log.warn(f"SIGTERM: saved a final checkpoint at step {step}; exiting")
-                    result.preempted = True
+                    log.warn(f"{preempt.name}: saved a final checkpoint at step {step}; exiting")
+                    result.preempted, result.stop_signal = True, preempt.signal
                     break
                 if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or \
                         (last and cfg.checkpoint.save_final):

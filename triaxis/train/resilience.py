@@ -11,6 +11,7 @@ import functools
 import math
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -20,31 +21,57 @@ from triaxis.errors import UserError
 
 
 class PreemptionWatch:
-    """SIGTERM (spot interruption, scheduler preemption) sets a flag; the loop checks it after
-    every step, all ranks agreeing, and writes a final checkpoint before exiting."""
+    """SIGTERM (spot interruption, scheduler preemption) or a first Ctrl-C (SIGINT) sets a
+    flag; the loop checks it after every step, all ranks agreeing, and writes a final
+    checkpoint before exiting with 128 + the signal (143, 130). A second Ctrl-C aborts at once,
+    without a checkpoint. Under `triaxis launch` Ctrl-C reaches the launcher alone (workers run
+    in sessions of their own); its agent passes SIGINT on to every worker and waits for them
+    (--shutdown-timeout) before SIGKILL."""
 
     def __init__(self) -> None:
-        self.requested = False
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._on_term)
-        except ValueError:  # not the main thread (embedded use): no handler
-            self._old = None
+        self.signal = 0
+        """The first signal received (on any rank, once should_stop has agreed on it)."""
+        self._old: dict[int, object] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread (embedded use): no handler
+                pass
 
-    def _on_term(self, signum, frame) -> None:
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return self.signal != 0
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signal and signum == signal.SIGINT:
+            # Ctrl-C while the final checkpoint is written: the user wants out now. os._exit:
+            # neither a background save nor the shutdown barrier may hold the process.
+            print("interrupted again: exiting without a checkpoint", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signal.SIGINT)
+        if not self.signal:
+            self.signal = signum
+            if signum == signal.SIGINT:
+                print("interrupted: saving a checkpoint at the end of this step "
+                      "(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
 
     def should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([float(self.signal)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             # One rank's signal stops every rank at the same step (gloo side group not needed:
             # a one-element all-reduce on the default group is cheap).
             flag = flag.to("cuda") if dist.get_backend() == "nccl" else flag
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signal = self.signal or int(flag.item())
         return bool(flag.item())
 
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else ""
+
     def close(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def lock_folders(checkpoint_dir: str, run_dir: str) -> list[str]:
@@ -181,6 +208,8 @@ def inject_fault(point: str, rank: int, step: int = 0) -> None:
     """Test hook: raise (TRIAXIS_FAULT_ERROR) or hang forever (TRIAXIS_FAULT_HANG) on one rank
     the first time it reaches `point` at or after step STEP."""
     faults = _point_faults()
+    if point == "forward" and os.environ.get("TRIAXIS_FAULT_STEP_DELAY_S"):
+        time.sleep(float(os.environ["TRIAXIS_FAULT_STEP_DELAY_S"]))  # a slower run to signal
     for kind, (f_rank, f_point, f_step) in list(faults.items()):
         if f_rank == rank and f_point == point and step >= f_step:
             del faults[kind]  # once
