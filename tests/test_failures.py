@@ -37,3 +37,30 @@ def test_one_rank_error_stops_the_job_and_names_its_cause(byte_data, tmp_path, n
     assert f"rank {rank} failed: InjectedFault: injected fault at {where}" in proc.stderr, \
         proc.stderr[-3000:]
     assert "Traceback" in proc.stderr  # a bug comes with its traceback
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_watchdog_names_the_stuck_rank(byte_data, tmp_path, nproc):
+    stuck = nproc - 1
+    cmd = ["--train.hang_timeout_s=5"]
+    if nproc == 1:  # one process: `triaxis train`
+        proc = subprocess.run(
+            [sys.executable, "-m", "triaxis", "train", "--model.preset=tiny",
+             f"--data.path={byte_data}", "--data.seq_len=32",
+             f"--train.run_dir={tmp_path / 'run'}", "--train.global_batch=8",
+             "--train.micro_batch=8", "--train.steps=6", "--metrics.progress=false",
+             "--metrics.tensorboard=false", *cmd],
+            env={**ENV, "TRIAXIS_FAULT_HANG": "0:forward@3"}, capture_output=True, text=True,
+            timeout=GENEROUS_S)
+    else:
+        proc = launch(byte_data, tmp_path / "run", nproc, *cmd,
+                      env={"TRIAXIS_FAULT_HANG": f"{stuck}:forward@3"})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [x for x in proc.stderr.splitlines() if "no progress for 5 s" in x and
+             "stuck rank(s)" in x]
+    assert lines, proc.stderr[-3000:]
+    assert f"stuck rank(s) [{stuck}]: rank {stuck} at step 2, at " in lines[-1]
+    assert "in inject_fault" in lines[-1]
+    if nproc > 1:
+        assert "rank(s) [0] waiting for them in collectives" in lines[-1]
+    assert "Thread 0x" in proc.stderr or "Current thread" in proc.stderr  # the stacks

@@ -263,7 +263,10 @@ def report_failures(failures: dict) -> int:
         print(info["traceback"].rstrip(), file=sys.stderr, flush=True)
     if info.get("exit_code") == UserError.exit_code:
         raise UserError(f"rank {rank}: {info['line']}")
-    log(f"rank {rank} failed: {info['line']}")
+    if info.get("kind") == "hang":  # the line names the stuck rank(s), not the reporter
+        log(f"stopped by the watchdog: {info['line']}")
+    else:
+        log(f"rank {rank} failed: {info['line']}")
     return int(info.get("exit_code") or 1)
 
 

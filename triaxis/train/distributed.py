@@ -124,22 +124,38 @@ def exit_code_of(err: BaseException) -> int:
     return 1
 
 
-def write_error_file(path: str, rank: int, err: BaseException, kind: str = "error") -> None:
+def write_error_file(path: str, rank: int, line: str, tb: str = "", exit_code: int = 1,
+                     kind: str = "error") -> None:
     """torch elastic's per-worker error file (TORCHELASTIC_ERROR_FILE): the agent reads it when
     the worker exits non-zero, and `triaxis launch` prints the first failing rank's line from
     it. `time` is precise (torch's own timestamp is whole seconds) so the launcher can tell the
     rank that failed first from peers that failed because it was gone."""
-    line = failure_line(err)
-    tb = "" if isinstance(err, (UserError, KeyboardInterrupt)) else "".join(
-        traceback.format_exception(type(err), err, err.__traceback__))
     data = {"message": {"message": line, "extraInfo": {"py_callstack": tb or line,
                                                         "timestamp": str(int(time.time()))}},
             "triaxis": {"rank": rank, "line": line, "traceback": tb, "time": time.time(),
-                        "kind": kind, "exit_code": exit_code_of(err)}}
+                        "kind": kind, "exit_code": exit_code}}
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f)
     os.replace(tmp, path)
+
+
+def report_and_exit(rank: int, line: str, tb: str = "", exit_code: int = 1,
+                    kind: str = "error") -> NoReturn:
+    """Leave now: under torchrun the cause goes to the error file for `triaxis launch` to print
+    once (every rank may meet the same error); elsewhere it is printed here."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    try:
+        if error_file:
+            write_error_file(error_file, rank, line, tb, exit_code, kind)
+        else:
+            if tb:
+                print(tb.rstrip(), file=sys.stderr)
+            print(f"error: rank {rank}: {line}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(exit_code)
 
 
 def leave_on_error(env: DistEnv, err: BaseException) -> None:
@@ -156,15 +172,6 @@ def fail_fast(env: DistEnv, err: BaseException) -> NoReturn:
     Its exit makes the agent stop the other workers within a second, and its peers' pending
     collectives fail as soon as its sockets close. Under torchrun the cause goes to the error
     file for `triaxis launch` to print once; elsewhere it is printed here."""
-    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    try:
-        if error_file:
-            write_error_file(error_file, env.rank, err)
-        else:
-            if not isinstance(err, (UserError, KeyboardInterrupt)):
-                traceback.print_exception(type(err), err, err.__traceback__)
-            print(f"error: rank {env.rank}: {failure_line(err)}", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        os._exit(exit_code_of(err))
+    tb = "" if isinstance(err, (UserError, KeyboardInterrupt)) else "".join(
+        traceback.format_exception(type(err), err, err.__traceback__))
+    report_and_exit(env.rank, failure_line(err), tb, exit_code_of(err))

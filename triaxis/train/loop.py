@@ -39,6 +39,7 @@ from triaxis.train.resilience import (
     lock_folders,
 )
 from triaxis.train.resolve import resolve
+from triaxis.train.watchdog import Watchdog
 
 
 @dataclass
@@ -264,8 +265,11 @@ class Trainer:
         skip_cursors: set[int] = set()  # batches a rollback decided never to train on again
         tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         t_last, steps_since = time.perf_counter(), 0
+        watchdog = Watchdog(cfg.train.hang_timeout_s, self.env.rank, self.env.world_size)
+        watchdog.start()
         try:
             while step < cfg.train.steps:
+                watchdog.beat(step)  # once per iteration: a step, its logging, validation, save
                 if cursor in skip_cursors:
                     cursor += cfg.train.global_batch
                     continue
@@ -320,6 +324,7 @@ class Trainer:
                     t_last = time.perf_counter()  # checkpoint time is not training time
             self.ckpt.close()
         finally:
+            watchdog.stop()
             preempt.close()
             progress.close()
             metrics.close()
