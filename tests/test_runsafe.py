@@ -275,19 +275,30 @@ def test_ctrl_c_saves_and_resumes_exactly(byte_data, tmp_path, nproc):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
-def test_second_ctrl_c_aborts_at_once(byte_data, tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_second_ctrl_c_aborts_at_once(byte_data, tmp_path, nproc):
     run = tmp_path / "run"
     # Every step is slow (5 s): the first Ctrl-C waits for the end of the step, the second
     # must not.
-    proc = start([], 1, byte_data, run, env={"TRIAXIS_FAULT_STEP_DELAY_S": "5"})
+    proc = start([], nproc, byte_data, run, env={"TRIAXIS_FAULT_STEP_DELAY_S": "5"})
     deadline = time.time() + 240
     while not (run / "metrics.jsonl").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
         time.sleep(0.1)
+    workers = children_of(proc.pid) if nproc > 1 else []
     os.killpg(proc.pid, signal.SIGINT)
     time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=240)
-    assert proc.returncode == 130
-    assert "interrupted again: exiting without a checkpoint" in err
-    assert "saved a final checkpoint" not in out + err
+    try:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 130, err[-3000:]
+        assert "interrupted again" in err and "without a checkpoint" in err
+        assert "saved a final checkpoint" not in out + err
+        deadline = time.time() + 60
+        while any(alive(w) for w in workers) and time.time() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if alive(w)]
+    finally:
+        for pid in workers:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -156,7 +157,9 @@ def torchrun_argv(spec: TorchrunSpec, rdzv: Rendezvous | None, entry: list[str])
         argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv.endpoint}",
                  f"--rdzv-id={spec.rdzv_id}", f"--rdzv-conf={conf}",
                  f"--local-addr={rdzv.local_addr}"]
-    return argv + [f"--shutdown-timeout={int(spec.shutdown_timeout_s)}", "-m", *entry]
+    # SIGINT is this launcher's own (run_torchrun): a second Ctrl-C must not wait again.
+    return argv + [f"--shutdown-timeout={int(spec.shutdown_timeout_s)}",
+                   "--signals-to-handle=SIGTERM,SIGHUP,SIGQUIT", "-m", *entry]
 
 
 def prepare(spec: TorchrunSpec, environ: Mapping[str, str] = os.environ,
@@ -195,6 +198,25 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun_run
 
+    import signal
+
+    def on_ctrl_c(signum, frame) -> None:
+        # The first Ctrl-C as torch elastic's own handler would: the agent passes SIGINT to the
+        # workers (they save, then exit) and waits for them. The second exits now; the
+        # workers' parent-death signal ends them. (torch's handler would start a second wait.)
+        if interrupted:
+            log("interrupted again: stopping the workers without a checkpoint")
+            os._exit(128 + signal.SIGINT)
+        interrupted.append(signum)
+        log("interrupted: the workers save a checkpoint after the current step (Ctrl-C "
+            "again to stop them without one)")
+        raise SignalException(f"Process {os.getpid()} got signal: SIGINT",
+                              sigval=signal.SIGINT)
+
+    interrupted: list[int] = []
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         # run(), not main(): main's @record only adds a "no error file for the parent" line.
         torchrun_run(parse_args(argv))
@@ -215,6 +237,9 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
     except RendezvousError as e:
         raise UserError(f"rendezvous failed: {e}; check --rdzv-endpoint and that every node "
                         "reaches it") from None
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
     return 0
 
 

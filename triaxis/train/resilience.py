@@ -51,7 +51,7 @@ class PreemptionWatch:
             os._exit(128 + signal.SIGINT)
         if not self.signal:
             self.signal = signum
-            if signum == signal.SIGINT:
+            if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
                 print("interrupted: saving a checkpoint at the end of this step "
                       "(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
 
