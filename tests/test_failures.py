@@ -22,15 +22,16 @@ def launch(data, run_dir, nproc, *extra, env=None, timeout=GENEROUS_S):
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("nproc,rank,point", [
-    (2, 1, "start"), (2, 1, "forward@3"), (2, 1, "checkpoint"), (2, 0, "validation"),
-    (2, 1, "logging@2"), (4, 2, "forward@2"),
+@pytest.mark.parametrize("nproc,rank,point,extra", [
+    (2, 1, "start", ()), (2, 1, "forward@3", ()), (2, 1, "checkpoint", ()),
+    (2, 0, "validation", ()), (2, 1, "logging@2", ()), (4, 2, "forward@2", ()),
+    (2, 0, "forward@2", ("--parallel.pp=2", "--parallel.dp_shard=1")),  # peers in send/recv
 ])
 def test_one_rank_error_stops_the_job_and_names_its_cause(byte_data, tmp_path, nproc, rank,
-                                                          point):
+                                                          point, extra):
     # subprocess.run's timeout is the "within a bound" check: 240 s < the 300 s collective
     # timeout peers would otherwise wait.
-    proc = launch(byte_data, tmp_path / "run", nproc,
+    proc = launch(byte_data, tmp_path / "run", nproc, *extra,
                   env={"TRIAXIS_FAULT_ERROR": f"{rank}:{point}"})
     assert proc.returncode == 1, proc.stderr[-3000:]
     where = point.split("@")[0]

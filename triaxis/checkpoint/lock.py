@@ -186,6 +186,8 @@ class RunLock:
     # -- the lease ----------------------------------------------------------------------------
     def acquire(self) -> None:
         """Take the lease, or raise a UserError naming its live holder."""
+        if self.remote:  # a missing bucket or no credentials: that line, not the lease's
+            storage.check_location(self.folder, "checkpoint.dir")
         now = time.time()
         mine = Lease(socket.gethostname(), os.getpid(), _pid_start(os.getpid()), now, now,
                      self.expires_s, uuid.uuid4().hex, os.environ.get("TORCHELASTIC_RUN_ID", ""))

@@ -121,6 +121,8 @@ def exit_code_of(err: BaseException) -> int:
         return err.exit_code
     if isinstance(err, KeyboardInterrupt):
         return 130
+    if isinstance(err, SystemExit):
+        return err.code if isinstance(err.code, int) and err.code else 1
     return 1
 
 

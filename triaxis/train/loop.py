@@ -158,6 +158,7 @@ class Trainer:
     def forward_backward(self, cursor: int, step: int) -> torch.Tensor:
         """Forward + backward over grad_accum micro-batches; gradients left in .grad.
         Returns this rank's mean loss (a tensor: no host sync here)."""
+        inject_fault("forward", self.env.rank, step)
         if hasattr(self.train_ds, "prefetch"):  # s3:// shards of this step and the next
             self.train_ds.prefetch(cursor, 2 * self.cfg.train.global_batch,
                                    self.cfg.train.micro_batch, self.dims.dp_size, self.dp_rank)
@@ -167,7 +168,6 @@ class Trainer:
                                 for m in range(self.grad_accum)])
             with self.loss_parallel(), self.autocast():
                 return self.pipeline.step(tokens)
-        inject_fault("forward", self.env.rank, step)
         total = torch.zeros((), device=self.device)
         poison = inject_nan(step)
         for m in range(self.grad_accum):

@@ -65,15 +65,21 @@ class Watchdog:
     def start(self) -> None:
         if self.timeout_s <= 0:
             return
-        if self.world_size > 1 and os.environ.get("MASTER_ADDR"):
+        if self.world_size > 1 and os.environ.get("TORCHELASTIC_RUN_ID") and \
+                os.environ.get("MASTER_ADDR"):
             # A connection of its own to torchrun's store (served by the agent, so it outlives
             # any worker): the main thread may be blocked while holding the default one.
             import torch.distributed as dist
 
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                                  is_master=False, timeout=timedelta(seconds=30))
-            self._store = dist.PrefixStore(f"triaxis_watchdog_{attempt}", store)
+            try:
+                store = dist.TCPStore(os.environ["MASTER_ADDR"],
+                                      int(os.environ["MASTER_PORT"]), is_master=False,
+                                      timeout=timedelta(seconds=30))
+                self._store = dist.PrefixStore(f"triaxis_watchdog_{attempt}", store)
+            except (RuntimeError, OSError, ValueError) as e:  # then each rank names only itself
+                print(f"watchdog: rank {self.rank}: no store to compare ranks ({e})",
+                      file=sys.stderr, flush=True)
         self._last = time.monotonic()
         self._thread = threading.Thread(target=self._watch, name="triaxis-watchdog",
                                         daemon=True)
