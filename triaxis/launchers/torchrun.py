@@ -157,9 +157,7 @@ def torchrun_argv(spec: TorchrunSpec, rdzv: Rendezvous | None, entry: list[str])
         argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv.endpoint}",
                  f"--rdzv-id={spec.rdzv_id}", f"--rdzv-conf={conf}",
                  f"--local-addr={rdzv.local_addr}"]
-    # SIGINT is this launcher's own (run_torchrun): a second Ctrl-C must not wait again.
-    return argv + [f"--shutdown-timeout={int(spec.shutdown_timeout_s)}",
-                   "--signals-to-handle=SIGTERM,SIGHUP,SIGQUIT", "-m", *entry]
+    return argv + ["-m", *entry]
 
 
 def prepare(spec: TorchrunSpec, environ: Mapping[str, str] = os.environ,
@@ -218,8 +216,12 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
     if threading.current_thread() is threading.main_thread():
         old_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
+        args = parse_args(argv)
+        args.shutdown_timeout = int(spec.shutdown_timeout_s)
+        if old_handler is not None:  # SIGINT is ours (above): torch's would wait a second time
+            args.signals_to_handle = "SIGTERM,SIGHUP,SIGQUIT"
         # run(), not main(): main's @record only adds a "no error file for the parent" line.
-        torchrun_run(parse_args(argv))
+        torchrun_run(args)
     except ChildFailedError as e:
         return report_failures(e.failures)
     except SignalException as e:
@@ -307,7 +309,9 @@ def launch_module(spec: TorchrunSpec, entry: list[str], dry_run: bool = False) -
             f"others restart (up to --max-restarts={spec.max_restarts} times) on the nodes "
             "left and resume from the last checkpoint")
     if dry_run:
-        print(subprocess.list2cmdline([sys.executable, "-m", "torch.distributed.run", *argv]))
+        # torchrun reads PET_<OPTION> variables: the launcher's grace period for final saves.
+        print(f"PET_SHUTDOWN_TIMEOUT={int(spec.shutdown_timeout_s)} " + subprocess.list2cmdline(
+            [sys.executable, "-m", "torch.distributed.run", *argv]))
         return 0
     # The workers ask the kernel to kill them when this process dies (a parent-death signal;
     # train/distributed.py): the agent runs here, in this process's main thread.

@@ -59,8 +59,10 @@ def run(cfg: Config) -> TrainResult:
     """Train per `cfg`, in this process (joining the process group torchrun describes)."""
     env = init_distributed(cfg.train.device, need_group=cfg.parallel.fsdp_always)
     try:
+        trainer = Trainer(cfg, env)  # checks the config and data, writes nothing
+        # Before the first write (resume may remove a partial checkpoint): one run per folder.
         with hold_run_lock(lock_folders(cfg.checkpoint_dir(), cfg.train.run_dir), env.is_main):
-            return Trainer(cfg, env).fit()
+            return trainer.fit()
     except BaseException as err:
         leave_on_error(env, err)  # a rank of a job exits here, skipping the barrier below
         raise
