@@ -155,7 +155,17 @@ class RunLock:
             except Exception as e:  # s3fs maps 412 to FileExistsError or OSError(EINVAL)
                 if isinstance(e, FileExistsError) or _precondition_failed(e):
                     return None
-                raise
+                if _error_code(e) != "NotImplemented":
+                    raise
+            # A store without conditional writes: last writer wins (see the module docstring).
+            if not _warned_unconditional:
+                _warned_unconditional.append(True)
+                print(f"warning: {self.folder}: this S3 store does not support conditional "
+                      "writes; the run lease cannot stop two runs that start together",
+                      file=sys.stderr, flush=True)
+            if condition.get("mode") == "create" and fs.exists(p):
+                return None  # check-then-write: the race the condition would have closed
+            return fs.pipe_file(p, data)
         out = storage.with_retries(put, f"writing the run lease {self.path}")
         if out is None:
             return False
@@ -254,10 +264,20 @@ class RunLock:
         self.lease = None
 
 
+_warned_unconditional: list[bool] = []
+
+
+def _error_code(err: BaseException) -> str | None:
+    for e in (err, err.__cause__):
+        code = getattr(e, "response", {}).get("Error", {}).get("Code") if e else None
+        if code:
+            return str(code)
+    return None
+
+
 def _precondition_failed(err: BaseException) -> bool:
-    cause = err.__cause__
-    code = getattr(cause, "response", {}).get("Error", {}).get("Code") if cause else None
-    return code in ("PreconditionFailed", "412") or "PreconditionFailed" in str(err)
+    return _error_code(err) in ("PreconditionFailed", "412") or \
+        "PreconditionFailed" in str(err)
 
 
 def _etag_of(response) -> str | None:
