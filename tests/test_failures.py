@@ -65,3 +65,34 @@ def test_watchdog_names_the_stuck_rank(byte_data, tmp_path, nproc):
     if nproc > 1:
         assert "rank(s) [0] waiting for them in collectives" in lines[-1]
     assert "Thread 0x" in proc.stderr or "Current thread" in proc.stderr  # the stacks
+
+
+def _failure(exitcode, line=None, t=0.0, tb="", code=1, kind="error"):
+    from types import SimpleNamespace
+
+    data = {"message": "<NONE>"} if line is None else {
+        "message": line, "triaxis": {"rank": 0, "line": line, "traceback": tb, "time": t,
+                                     "kind": kind, "exit_code": code}}
+    return SimpleNamespace(exitcode=exitcode, timestamp=int(t) + 5, error_file_data=data)
+
+
+def test_launcher_names_the_first_failure(capsys):
+    from triaxis.errors import UserError
+    from triaxis.launchers.torchrun import report_failures
+
+    # The peer's error came later (its collective broke when rank 1 left).
+    assert report_failures({0: _failure(1, "RuntimeError: Connection closed by peer", 10.5),
+                            1: _failure(1, "OSError: [Errno 13] Permission denied", 10.2,
+                                        tb="Traceback (most recent call last):\n ...")}) == 1
+    err = capsys.readouterr().err
+    assert "rank 1 failed: OSError: [Errno 13] Permission denied" in err
+    assert "rank(s) [0] stopped after rank 1" in err and "Traceback" in err
+    # A rank killed by a signal writes no error file: it is the cause.
+    assert report_failures({0: _failure(1, "RuntimeError: Connection reset", 1.0),
+                            3: _failure(-9)}) == 137
+    assert "rank 3 failed: killed by SIGKILL" in capsys.readouterr().err
+    # A user error every rank met: one line, exit 2.
+    with pytest.raises(UserError, match=r"^rank 0: folder in use$"):
+        report_failures({0: _failure(2, "folder in use", 1.0, code=2),
+                         1: _failure(2, "folder in use", 1.1, code=2)})
+    assert "stopped after" not in capsys.readouterr().err
