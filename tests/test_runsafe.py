@@ -302,3 +302,17 @@ def test_second_ctrl_c_aborts_at_once(byte_data, tmp_path, nproc):
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_racing_takeover_puts_a_fresh_lease_back(tmp_path):
+    """Run B found a stale lease; before B renames it away, run C replaced it with a fresh one.
+    B must not destroy C's lease."""
+    write_lease(tmp_path, host="elsewhere", heartbeat=0.0, token="stale")
+    lock = RunLock(str(tmp_path))
+    stale = lock._read()[0]
+    write_lease(tmp_path, host="elsewhere", token="fresh")  # C's
+    assert lock._take_over_local(stale, b"{}") is False
+    assert json.loads((tmp_path / LEASE_NAME).read_text())["token"] == "fresh"
+    with pytest.raises(UserError, match="host elsewhere"):
+        lock.acquire()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [LEASE_NAME]  # no leftovers

@@ -9,8 +9,9 @@ naming the holder. A lease whose holder is gone is taken over:
     any host, no heartbeat for `expires_s`                     -> after that long
 
 What it can and cannot prevent (docs/resilience.md has the long form):
-- Local and shared POSIX file systems: creation is atomic (O_CREAT|O_EXCL), and taking over a
-  stale lease renames it away first (atomic: one of two racing runs wins).
+- Local and shared POSIX file systems: creation is atomic (a complete file hard-linked into
+  place), and taking over a stale lease renames it away first (atomic: one of two racing runs
+  wins).
 - S3: creation is a conditional PUT (`If-None-Match: *`), a takeover and each heartbeat a PUT
   with `If-Match: <ETag>` of the lease read: of two racing runs one gets 412 Precondition
   Failed. AWS S3 honours both since 2024 (and moto does); an S3-compatible store that ignores
@@ -103,13 +104,26 @@ class RunLock:
         if self.remote:
             return self._put_if(data, {"mode": "create"})
         os.makedirs(self.folder, exist_ok=True)
+        # Write a whole file, then link it into place (atomic, fails if the name exists): a
+        # reader never sees a half-written lease, which it would take for a stale one.
+        tmp = f"{self.path}.new-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            os.link(tmp, self.path)
+            return True
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        return True
+        except OSError:  # no hard links here (some FUSE mounts): an exclusive create
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        finally:
+            os.remove(tmp)
 
     def _read(self) -> tuple[Lease | None, str | None]:
         """(lease, etag); (None, None) if there is none. An unreadable lease counts as stale."""
@@ -181,9 +195,16 @@ class RunLock:
         except FileNotFoundError:
             return self._create(data)
         moved, _ = self._read_file(aside)
-        os.remove(aside)
         if moved is not None and moved.token != stale.token:
-            return False  # someone else's fresh lease was renamed: it is theirs; give up
+            # A racing run's fresh lease was renamed: put it back (unless yet another lease
+            # appeared meanwhile) and look again.
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+            os.remove(aside)
+            return False
+        os.remove(aside)
         return self._create(data)
 
     def _read_file(self, path: str) -> tuple[Lease | None, None]:
