@@ -315,5 +315,12 @@ def launch_module(spec: TorchrunSpec, entry: list[str], dry_run: bool = False) -
         return 0
     # The workers ask the kernel to kill them when this process dies (a parent-death signal;
     # train/distributed.py): the agent runs here, in this process's main thread.
+    previous = os.environ.get("TRIAXIS_LAUNCHER_PID")
     os.environ["TRIAXIS_LAUNCHER_PID"] = str(os.getpid())
-    return run_torchrun(argv, spec, rdzv)
+    try:
+        return run_torchrun(argv, spec, rdzv)
+    finally:  # called in-process (tests, embedding): later children are not our workers
+        if previous is None:
+            os.environ.pop("TRIAXIS_LAUNCHER_PID", None)
+        else:
+            os.environ["TRIAXIS_LAUNCHER_PID"] = previous

@@ -53,7 +53,7 @@ def die_with_launcher(environ=os.environ) -> None:
     shares. The launcher's own pid is checked after the request: if it died before, this
     process has already been re-parented and leaves at once."""
     expected = environ.get(LAUNCHER_PID_ENV)
-    if not expected or not sys.platform.startswith("linux"):
+    if not expected or int(expected) == os.getpid() or not sys.platform.startswith("linux"):
         return
     import ctypes
     import signal
