@@ -43,7 +43,8 @@ def _train(a: argparse.Namespace) -> int:
     path, overrides = _split_config(a.rest)
     result = run(load_config(path, overrides))
     if result.preempted:
-        return 143  # 128 + SIGTERM: stopped on request, after a final checkpoint
+        # 128 + the signal (143 SIGTERM, 130 Ctrl-C): stopped on request, after a checkpoint
+        return 128 + (result.stop_signal or 15)
     return 0 if result.final_step else 1
 
 

@@ -133,6 +133,10 @@ class TrainConfig:
     exit_after_steps: int = ranged(0, ge=0)
     """Save and exit after this many steps in this invocation (0 = run to train.steps): for
     time-sliced jobs that resume on the next launch."""
+    hang_timeout_s: float = 1800.0
+    """Watchdog: a rank with no finished loop iteration for this long dumps its Python stacks
+    and the job stops, naming the stuck rank(s) (0 = off). Above the slowest step, validation
+    or blocking checkpoint save."""
 
 
 @dataclass

@@ -46,6 +46,9 @@ def add_launch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rdzv-last-call", type=float, default=30.0,
                    help="with --nnodes MIN:MAX: seconds the rendezvous waits for more nodes "
                         "once MIN have joined")
+    p.add_argument("--shutdown-timeout", type=float, default=60.0,
+                   help="after SIGTERM or Ctrl-C, seconds the workers get to write their final "
+                        "checkpoint before they are killed (a second Ctrl-C: at once)")
     add_slurm_args(p.add_argument_group("slurm"))
     add_sagemaker_args(p.add_argument_group("sagemaker"))
 
@@ -86,7 +89,7 @@ def launch(a: argparse.Namespace) -> int:
                        nnodes=a.nnodes, rdzv_endpoint=a.rdzv_endpoint, rdzv_id=a.rdzv_id,
                        rdzv_timeout_s=a.rdzv_timeout, max_restarts=a.max_restarts, cpu=a.cpu,
                        dry_run=a.dry_run, min_nnodes=a.min_nnodes,
-                       rdzv_last_call_s=a.rdzv_last_call)
+                       rdzv_last_call_s=a.rdzv_last_call, shutdown_timeout_s=a.shutdown_timeout)
 
 
 def parse_nnodes(text: str) -> tuple[int, int]:
@@ -105,7 +108,7 @@ def parse_nnodes(text: str) -> tuple[int, int]:
 def launch_here(config_path: str | None, overrides: list[str], *, nproc_per_node: int,
                 nnodes: int, rdzv_endpoint: str, rdzv_id: str, rdzv_timeout_s: float,
                 max_restarts: int, cpu: bool, dry_run: bool, min_nnodes: int = 0,
-                rdzv_last_call_s: float = 30.0) -> int:
+                rdzv_last_call_s: float = 30.0, shutdown_timeout_s: float = 60.0) -> int:
     """`triaxis train` on nproc_per_node processes of this node (one node of nnodes; with
     min_nnodes < nnodes, of an elastic job that goes on with min_nnodes .. nnodes)."""
     import torch
@@ -141,7 +144,7 @@ def launch_here(config_path: str | None, overrides: list[str], *, nproc_per_node
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     spec = TorchrunSpec(nproc, nnodes, rdzv_endpoint, rdzv_id or "triaxis", rdzv_timeout_s,
                         max_restarts, gpus=on_gpu, min_nnodes=min_nnodes,
-                        last_call_s=rdzv_last_call_s)
+                        last_call_s=rdzv_last_call_s, shutdown_timeout_s=shutdown_timeout_s)
     entry = ["triaxis", "train", *([config_path] if config_path else []), *overrides]
     return launch_module(spec, entry, dry_run=dry_run)
 

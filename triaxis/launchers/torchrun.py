@@ -20,6 +20,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Mapping
@@ -51,6 +52,9 @@ class TorchrunSpec:
     """Elastic: the job goes on with at least this many nodes (0 = nnodes, a fixed size)."""
     last_call_s: float = 30.0
     """Elastic: once min_nnodes have joined, how long the rendezvous waits for more."""
+    shutdown_timeout_s: float = 60.0
+    """After SIGTERM or Ctrl-C, how long the agent waits for the workers' final checkpoint
+    before it SIGKILLs them (torchrun's --shutdown-timeout; its own default is 30 s)."""
 
     @property
     def elastic(self) -> bool:
@@ -189,17 +193,40 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import (RendezvousError,
                                                          RendezvousTimeoutError)
-    from torch.distributed.run import main as torchrun_main
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun_run
 
+    import signal
+
+    def on_ctrl_c(signum, frame) -> None:
+        # The first Ctrl-C as torch elastic's own handler would: the agent passes SIGINT to the
+        # workers (they save, then exit) and waits for them. The second exits now; the
+        # workers' parent-death signal ends them. (torch's handler would start a second wait.)
+        if interrupted:
+            log("interrupted again: stopping the workers without a checkpoint")
+            os._exit(128 + signal.SIGINT)
+        interrupted.append(signum)
+        log("interrupted: the workers save a checkpoint after the current step (Ctrl-C "
+            "again to stop them without one)")
+        raise SignalException(f"Process {os.getpid()} got signal: SIGINT",
+                              sigval=signal.SIGINT)
+
+    interrupted: list[int] = []
+    old_handler = None
+    if threading.current_thread() is threading.main_thread():
+        old_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     try:
-        torchrun_main(argv)
+        args = parse_args(argv)
+        args.shutdown_timeout = int(spec.shutdown_timeout_s)
+        if old_handler is not None:  # SIGINT is ours (above): torch's would wait a second time
+            args.signals_to_handle = "SIGTERM,SIGHUP,SIGQUIT"
+        # run(), not main(): main's @record only adds a "no error file for the parent" line.
+        torchrun_run(args)
     except ChildFailedError as e:
-        codes = [f.exitcode for f in e.failures.values()]
-        log(f"worker(s) failed with exit codes {codes}")
-        return next((c for c in codes if c and c > 0), 1)
+        return report_failures(e.failures)
     except SignalException as e:
-        # Preemption, scancel, a requeue: the agent has passed the signal on to the workers,
-        # which write a final checkpoint on SIGTERM. The usual exit status of a signal.
+        # Preemption, scancel, a requeue, Ctrl-C: the agent has passed the signal on to the
+        # workers, which write a final checkpoint. The usual exit status of a signal.
         log(f"stopped by signal {int(e.sigval)}; the next launch resumes from the last "
             "checkpoint")
         return 128 + int(e.sigval)
@@ -212,7 +239,62 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
     except RendezvousError as e:
         raise UserError(f"rendezvous failed: {e}; check --rdzv-endpoint and that every node "
                         "reaches it") from None
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGINT, old_handler)
     return 0
+
+
+def first_failure(failures: dict) -> tuple[int, object]:
+    """The rank whose failure came first. Workers write a precise time into their error file
+    (train/distributed.py); a worker killed by a signal writes none and is taken as the cause
+    (the agent stops the others only after it has seen a failure, so they are not listed)."""
+    def key(item):
+        rank, f = item
+        info = _triaxis_info(f)
+        if info is None and f.exitcode < 0:
+            return (0, 0.0, rank)
+        return (1, info["time"] if info else float(f.timestamp), rank)
+    return min(failures.items(), key=key)
+
+
+def _triaxis_info(failure) -> dict | None:
+    data = failure.error_file_data
+    return data.get("triaxis") if isinstance(data, dict) else None
+
+
+def report_failures(failures: dict) -> int:
+    """Print the first failing rank's cause (its traceback too, for a bug) and return the exit
+    status; a user error (exit 2) becomes this launcher's own one-line error."""
+    import signal as signal_module
+
+    rank, failure = first_failure(failures)
+    info = _triaxis_info(failure)
+    # Peers that failed with the same line (a refusal every rank met) add nothing.
+    others = sorted(r for r in failures if r != rank and not (
+        info and (_triaxis_info(failures[r]) or {}).get("line") == info["line"]))
+    if others:
+        log(f"rank(s) {others} stopped after rank {rank} (exit codes "
+            f"{[failures[r].exitcode for r in others]})")
+    if info is None:
+        if failure.exitcode < 0:
+            name = signal_module.Signals(-failure.exitcode).name
+            line = (f"killed by {name}" + (" (out of memory? see `dmesg`)"
+                                           if name == "SIGKILL" else ""))
+            code = 128 - failure.exitcode
+        else:
+            line, code = f"exited with status {failure.exitcode}", failure.exitcode
+        log(f"rank {rank} failed: {line}")
+        return code
+    if info.get("traceback"):
+        print(info["traceback"].rstrip(), file=sys.stderr, flush=True)
+    if info.get("exit_code") == UserError.exit_code:
+        raise UserError(f"rank {rank}: {info['line']}")
+    if info.get("kind") == "hang":  # the line names the stuck rank(s), not the reporter
+        log(f"stopped by the watchdog: {info['line']}")
+    else:
+        log(f"rank {rank} failed: {info['line']}")
+    return int(info.get("exit_code") or 1)
 
 
 def launch_module(spec: TorchrunSpec, entry: list[str], dry_run: bool = False) -> int:
@@ -227,6 +309,18 @@ def launch_module(spec: TorchrunSpec, entry: list[str], dry_run: bool = False) -
             f"others restart (up to --max-restarts={spec.max_restarts} times) on the nodes "
             "left and resume from the last checkpoint")
     if dry_run:
-        print(subprocess.list2cmdline([sys.executable, "-m", "torch.distributed.run", *argv]))
+        # torchrun reads PET_<OPTION> variables: the launcher's grace period for final saves.
+        print(f"PET_SHUTDOWN_TIMEOUT={int(spec.shutdown_timeout_s)} " + subprocess.list2cmdline(
+            [sys.executable, "-m", "torch.distributed.run", *argv]))
         return 0
-    return run_torchrun(argv, spec, rdzv)
+    # The workers ask the kernel to kill them when this process dies (a parent-death signal;
+    # train/distributed.py): the agent runs here, in this process's main thread.
+    previous = os.environ.get("TRIAXIS_LAUNCHER_PID")
+    os.environ["TRIAXIS_LAUNCHER_PID"] = str(os.getpid())
+    try:
+        return run_torchrun(argv, spec, rdzv)
+    finally:  # called in-process (tests, embedding): later children are not our workers
+        if previous is None:
+            os.environ.pop("TRIAXIS_LAUNCHER_PID", None)
+        else:
+            os.environ["TRIAXIS_LAUNCHER_PID"] = previous

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import sys
+import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -36,11 +41,36 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+LAUNCHER_PID_ENV = "TRIAXIS_LAUNCHER_PID"
+"""Set by `triaxis launch` for its workers: the pid whose death must end them."""
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_launcher(environ=os.environ) -> None:
+    """Have the kernel SIGKILL this worker when its launcher dies. torch elastic starts
+    workers in sessions of their own, so a SIGKILL of the launcher (or of its process group)
+    used to leave them training and committing checkpoints into a folder a restarted job then
+    shares. The launcher's own pid is checked after the request: if it died before, this
+    process has already been re-parented and leaves at once."""
+    expected = environ.get(LAUNCHER_PID_ENV)
+    if not expected or int(expected) == os.getpid() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return  # not permitted here (some sandboxes): the launcher's own cleanup remains
+    if os.getppid() != int(expected):
+        os._exit(128 + signal.SIGKILL)
+
+
 def init_distributed(requested_device: str, timeout_s: float = 300.0,
                      need_group: bool = False) -> DistEnv:
     """Join the job's process group: NCCL on GPUs, gloo on CPU. A group made by the caller
     (tests) is used as it is. One process gets a group of its own only if `need_group`
     (FSDP wrapping at world size 1)."""
+    die_with_launcher()
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
@@ -74,3 +104,76 @@ def shutdown(env: DistEnv) -> None:
         # Without this barrier ranks sometimes abort at exit while a peer still sends.
         dist.barrier()
         dist.destroy_process_group()
+
+
+def failure_line(err: BaseException) -> str:
+    """The one line that says why a rank stopped: a UserError's own message, else the
+    exception's type and message (its traceback goes to the error file)."""
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted (second Ctrl-C)"
+    return f"{type(err).__name__}: {err}".strip()
+
+
+def exit_code_of(err: BaseException) -> int:
+    if isinstance(err, UserError):
+        return err.exit_code
+    if isinstance(err, KeyboardInterrupt):
+        return 130
+    if isinstance(err, SystemExit):
+        return err.code if isinstance(err.code, int) and err.code else 1
+    return 1
+
+
+def write_error_file(path: str, rank: int, line: str, tb: str = "", exit_code: int = 1,
+                     kind: str = "error") -> None:
+    """torch elastic's per-worker error file (TORCHELASTIC_ERROR_FILE): the agent reads it when
+    the worker exits non-zero, and `triaxis launch` prints the first failing rank's line from
+    it. `time` is precise (torch's own timestamp is whole seconds) so the launcher can tell the
+    rank that failed first from peers that failed because it was gone."""
+    data = {"message": {"message": line, "extraInfo": {"py_callstack": tb or line,
+                                                        "timestamp": str(int(time.time()))}},
+            "triaxis": {"rank": rank, "line": line, "traceback": tb, "time": time.time(),
+                        "kind": kind, "exit_code": exit_code}}
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def report_and_exit(rank: int, line: str, tb: str = "", exit_code: int = 1,
+                    kind: str = "error") -> NoReturn:
+    """Leave now: under torchrun the cause goes to the error file for `triaxis launch` to print
+    once (every rank may meet the same error); elsewhere it is printed here."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    try:
+        if error_file:
+            write_error_file(error_file, rank, line, tb, exit_code, kind)
+        else:
+            if tb:
+                print(tb.rstrip(), file=sys.stderr)
+            print(f"error: rank {rank}: {line}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(exit_code)
+
+
+def leave_on_error(env: DistEnv, err: BaseException) -> None:
+    """Returns only for one process (or a group the caller made): the error is raised as usual
+    there. A rank of a job this process joined leaves at once (fail_fast)."""
+    if env.owns_group and env.world_size > 1:
+        fail_fast(env, err)
+
+
+def fail_fast(env: DistEnv, err: BaseException) -> NoReturn:
+    """A rank of a multi-process job that hits an error leaves at once: it must not enter the
+    shutdown barrier (its peers sit in some other collective, so both would wait for the
+    collective timeout), nor wait for background threads (an async checkpoint's collectives).
+    Its exit makes the agent stop the other workers within a second, and its peers' pending
+    collectives fail as soon as its sockets close. Under torchrun the cause goes to the error
+    file for `triaxis launch` to print once; elsewhere it is printed here."""
+    tb = "" if isinstance(err, (UserError, KeyboardInterrupt)) else "".join(
+        traceback.format_exception(type(err), err, err.__traceback__))
+    report_and_exit(env.rank, failure_line(err), tb, exit_code_of(err))

@@ -28,15 +28,19 @@ from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flo
 from triaxis.model import flops_per_token, param_counts
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.train.build import build_model
-from triaxis.train.distributed import DistEnv, init_distributed, shutdown
+from triaxis.train.distributed import DistEnv, init_distributed, leave_on_error, shutdown
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from triaxis.train.resilience import (
     NumericsGuard,
     PreemptionWatch,
+    hold_run_lock,
+    inject_fault,
     inject_kill,
     inject_nan,
+    lock_folders,
 )
 from triaxis.train.resolve import resolve
+from triaxis.train.watchdog import Watchdog
 
 
 @dataclass
@@ -47,14 +51,22 @@ class TrainResult:
     final_step: int = 0
     run_dir: str = ""
     preempted: bool = False
-    """True when SIGTERM ended the run early (after a final checkpoint)."""
+    """True when SIGTERM or Ctrl-C ended the run early (after a final checkpoint)."""
+    stop_signal: int = 0
+    """The signal that ended it (the exit status is 128 + this: 143, 130)."""
 
 
 def run(cfg: Config) -> TrainResult:
     """Train per `cfg`, in this process (joining the process group torchrun describes)."""
     env = init_distributed(cfg.train.device, need_group=cfg.parallel.fsdp_always)
     try:
-        return Trainer(cfg, env).fit()
+        trainer = Trainer(cfg, env)  # checks the config and data, writes nothing
+        # Before the first write (resume may remove a partial checkpoint): one run per folder.
+        with hold_run_lock(lock_folders(cfg.checkpoint_dir(), cfg.train.run_dir), env.is_main):
+            return trainer.fit()
+    except BaseException as err:
+        leave_on_error(env, err)  # a rank of a job exits here, skipping the barrier below
+        raise
     finally:
         shutdown(env)
 
@@ -153,6 +165,7 @@ class Trainer:
     def forward_backward(self, cursor: int, step: int) -> torch.Tensor:
         """Forward + backward over grad_accum micro-batches; gradients left in .grad.
         Returns this rank's mean loss (a tensor: no host sync here)."""
+        inject_fault("forward", self.env.rank, step)
         if hasattr(self.train_ds, "prefetch"):  # s3:// shards of this step and the next
             self.train_ds.prefetch(cursor, 2 * self.cfg.train.global_batch,
                                    self.cfg.train.micro_batch, self.dims.dp_size, self.dp_rank)
@@ -200,6 +213,7 @@ class Trainer:
         the same samples and value for every layout."""
         if self.val_ds is None or self.cfg.train.val_batches == 0:
             return None
+        inject_fault("validation", self.env.rank)
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for v in range(self.cfg.train.val_batches):
@@ -235,6 +249,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg, log = self.cfg, self.log
+        inject_fault("start", self.env.rank)
         step, cursor = self.resume()
         first_step = step
         run_dir = Path(cfg.train.run_dir)
@@ -259,8 +274,11 @@ class Trainer:
         self.restore_loop_state(self.resumed_loop_state)
         tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
         t_last, steps_since = time.perf_counter(), 0
+        watchdog = Watchdog(cfg.train.hang_timeout_s, self.env.rank, self.env.world_size)
+        watchdog.start()
         try:
             while step < cfg.train.steps:
+                watchdog.beat(step)  # once per iteration: a step, its logging, validation, save
                 if cursor in self.skip_cursors:
                     cursor += cfg.train.global_batch
                     continue
@@ -301,11 +319,12 @@ class Trainer:
                     break
                 if preempt.should_stop() and not last:
                     self.ckpt.save(step, cursor, block=True, loop_state=self.loop_state())
-                    log.warn(f"SIGTERM: saved a final checkpoint at step {step}; exiting")
-                    result.preempted = True
+                    log.warn(f"{preempt.name}: saved a final checkpoint at step {step}; exiting")
+                    result.preempted, result.stop_signal = True, preempt.signal
                     break
                 if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or \
                         (last and cfg.checkpoint.save_final):
+                    inject_fault("checkpoint", self.env.rank, step)
                     path = self.ckpt.save(step, cursor, block=last, loop_state=self.loop_state())
                     self.ckpt_step = step
                     blocked = self.ckpt.blocking_s[-1]
@@ -314,6 +333,7 @@ class Trainer:
                     t_last = time.perf_counter()  # checkpoint time is not training time
             self.ckpt.close()
         finally:
+            watchdog.stop()
             preempt.close()
             progress.close()
             metrics.close()
@@ -370,6 +390,7 @@ class Trainer:
         mem = torch.tensor([_peak_memory_bytes(self.device)], dtype=torch.float64)
         wait = torch.tensor([self.data_wait_s], dtype=torch.float64)
         self.data_wait_s = 0.0
+        inject_fault("logging", self.env.rank, step)
         if self.env.world_size > 1:
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
             dist.all_reduce(wait, op=dist.ReduceOp.MAX)  # the slowest rank's wait stalls all

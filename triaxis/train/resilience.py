@@ -6,9 +6,13 @@ what lives here is what a running process must do by itself.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 import signal
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -17,31 +21,99 @@ from triaxis.errors import UserError
 
 
 class PreemptionWatch:
-    """SIGTERM (spot interruption, scheduler preemption) sets a flag; the loop checks it after
-    every step, all ranks agreeing, and writes a final checkpoint before exiting."""
+    """SIGTERM (spot interruption, scheduler preemption) or a first Ctrl-C (SIGINT) sets a
+    flag; the loop checks it after every step, all ranks agreeing, and writes a final
+    checkpoint before exiting with 128 + the signal (143, 130). A second Ctrl-C aborts at once,
+    without a checkpoint. Under `triaxis launch` Ctrl-C reaches the launcher alone (workers run
+    in sessions of their own); its agent passes SIGINT on to every worker and waits for them
+    (--shutdown-timeout) before SIGKILL."""
 
     def __init__(self) -> None:
-        self.requested = False
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._on_term)
-        except ValueError:  # not the main thread (embedded use): no handler
-            self._old = None
+        self.signal = 0
+        """The first signal received (on any rank, once should_stop has agreed on it)."""
+        self._old: dict[int, object] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread (embedded use): no handler
+                pass
 
-    def _on_term(self, signum, frame) -> None:
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return self.signal != 0
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.signal and signum == signal.SIGINT:
+            # Ctrl-C while the final checkpoint is written: the user wants out now. os._exit:
+            # neither a background save nor the shutdown barrier may hold the process.
+            print("interrupted again: exiting without a checkpoint", file=sys.stderr,
+                  flush=True)
+            os._exit(128 + signal.SIGINT)
+        if not self.signal:
+            self.signal = signum
+            if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
+                print("interrupted: saving a checkpoint at the end of this step "
+                      "(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
 
     def should_stop(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
+        flag = torch.tensor([float(self.signal)])
         if dist.is_initialized() and dist.get_world_size() > 1:
             # One rank's signal stops every rank at the same step (gloo side group not needed:
             # a one-element all-reduce on the default group is cheap).
             flag = flag.to("cuda") if dist.get_backend() == "nccl" else flag
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        self.signal = self.signal or int(flag.item())
         return bool(flag.item())
 
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal).name if self.signal else ""
+
     def close(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def lock_folders(checkpoint_dir: str, run_dir: str) -> list[str]:
+    """The folders a run writes: its checkpoint folder, and its run folder when the
+    checkpoints live elsewhere (metrics.jsonl and config.toml must not interleave either)."""
+    from pathlib import Path
+
+    folders = [checkpoint_dir]
+    if "://" in checkpoint_dir or Path(run_dir).resolve() not in Path(checkpoint_dir).resolve(
+            ).parents:
+        folders.append(run_dir)
+    return folders
+
+
+@contextlib.contextmanager
+def hold_run_lock(folders: list[str], is_main: bool):
+    """Rank 0 takes the run lease on each folder before anything is written there; every rank
+    learns the outcome from one broadcast, so a refused run stops on all ranks at once (a
+    UserError naming the holder) instead of leaving the others waiting in a collective."""
+    from triaxis.checkpoint.lock import RunLock
+
+    held: list[RunLock] = []
+    refusal = ""
+    if is_main:
+        try:
+            for folder in folders:
+                lock = RunLock(folder)
+                lock.acquire()
+                held.append(lock)
+        except UserError as e:
+            refusal = str(e)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [refusal]
+        dist.broadcast_object_list(box, src=0)
+        refusal = box[0]
+    try:
+        if refusal:
+            raise UserError(refusal)
+        yield held
+    finally:
+        for lock in reversed(held):
+            lock.release()
 
 
 class NumericsGuard:
@@ -102,3 +174,46 @@ def inject_kill(step: int, rank: int) -> None:
     faults = _faults("KILL")
     if step in faults and faults[step] == rank:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class InjectedFault(RuntimeError):
+    """The error TRIAXIS_FAULT_ERROR raises: a stand-in for any bug or I/O failure on one rank."""
+
+
+FAULT_POINTS = ("start", "forward", "checkpoint", "validation", "logging")
+"""Where TRIAXIS_FAULT_ERROR can strike: the places a real failure meets its peers in different
+collectives (before the first one, in FSDP's gathers, in the checkpoint's, in validation's
+reduce, in the metrics reduce)."""
+
+
+@functools.cache
+def _point_faults() -> dict[str, tuple[int, int]]:
+    """TRIAXIS_FAULT_ERROR / TRIAXIS_FAULT_HANG = "RANK:POINT[@STEP]" -> {kind: (rank, point,
+    step)}; read once, at the first hook, and only on the first attempt of a job."""
+    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return {}
+    out = {}
+    for kind in ("ERROR", "HANG"):
+        text = os.environ.get(f"TRIAXIS_FAULT_{kind}", "")
+        if text:
+            rank, _, rest = text.partition(":")
+            point, _, step = rest.partition("@")
+            assert point in FAULT_POINTS, f"TRIAXIS_FAULT_{kind}: point {point!r} not in " \
+                f"{FAULT_POINTS}"
+            out[kind] = (int(rank), point, int(step or 0))
+    return out
+
+
+def inject_fault(point: str, rank: int, step: int = 0) -> None:
+    """Test hook: raise (TRIAXIS_FAULT_ERROR) or hang forever (TRIAXIS_FAULT_HANG) on one rank
+    the first time it reaches `point` at or after step STEP."""
+    faults = _point_faults()
+    if point == "forward" and os.environ.get("TRIAXIS_FAULT_STEP_DELAY_S"):
+        time.sleep(float(os.environ["TRIAXIS_FAULT_STEP_DELAY_S"]))  # a slower run to signal
+    for kind, (f_rank, f_point, f_step) in list(faults.items()):
+        if f_rank == rank and f_point == point and step >= f_step:
+            del faults[kind]  # once
+            if kind == "ERROR":
+                raise InjectedFault(f"injected fault at {point}, step {step}, rank {rank}")
+            while True:  # a rank stuck outside any collective (a dead file system, a deadlock)
+                time.sleep(3600)
