@@ -187,6 +187,12 @@ class CheckpointConfig:
     """Checkpoint whose model weights start a fresh run (fine-tuning, e.g. from import-hf)."""
     save_final: bool = True
     """Save a checkpoint at the last step."""
+    retry_s: float = 300.0
+    """Keep retrying a save that meets transient storage errors (network, throttling) this
+    long, with backoff, all ranks together; then the save counts as failed."""
+    max_failed_saves: int = 3
+    """Stop the run after this many failed saves in a row; fewer are skipped with a warning
+    and tried again at the next interval (a blocking final or preemption save stops at once)."""
 
 
 @dataclass

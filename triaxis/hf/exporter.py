@@ -23,11 +23,11 @@ from triaxis.model.llama import ModelArgs, Transformer
 
 def load_checkpoint_model(checkpoint: str) -> tuple[Transformer, str]:
     """(single-process model with the checkpoint's weights, the checkpoint folder used)."""
-    from triaxis.checkpoint.dcp import load_model_weights, read_meta
+    from triaxis.checkpoint.dcp_io import checked, load_model_weights
     from triaxis.generate import find_checkpoint
 
     ckpt = str(find_checkpoint(checkpoint))
-    args = ModelArgs(**read_meta(ckpt)["model"])
+    args = ModelArgs(**checked(ckpt)["model"])  # verified; its items again as they load
     with torch.device("meta"):
         model = Transformer(args)
     model.materialize("cpu")  # no init: every parameter comes from the checkpoint

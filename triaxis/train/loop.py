@@ -216,9 +216,9 @@ class Trainer:
         """(step, cursor) to start from: the latest valid checkpoint, else checkpoint.initial's
         weights at step 0, else a fresh start."""
         cfg = self.cfg
-        found = self.ckpt.find_resume() if cfg.checkpoint.resume == "auto" else None
-        if found is not None:
-            state = self.ckpt.load(found.path)
+        resumed = self.ckpt.resume(cfg.checkpoint.resume)
+        if resumed is not None:
+            found, state = resumed
             self.log.info(f"resumed from {found.path} at step {state['step']} "
                           f"(sample cursor {state['cursor']})")
             return state["step"], state["cursor"]
@@ -320,9 +320,9 @@ class Trainer:
         skip_cursors.add(cursor)
         if self.cfg.train.on_bad_loss == "rollback":
             self.ckpt.wait()
-            found = self.ckpt.find_resume()
-            if found is not None:
-                state = self.ckpt.load(found.path)
+            resumed = self.ckpt.resume()
+            if resumed is not None:
+                state = resumed[1]
                 self.log.warn(f"step {step + 1}: {reason}; rolled back to step {state['step']} "
                               f"and skipping the batch at sample cursor {cursor}")
                 return state["step"], state["cursor"]
