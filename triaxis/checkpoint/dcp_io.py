@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 
 import torch.distributed.checkpoint as dcp
@@ -20,6 +21,17 @@ from triaxis.checkpoint import integrity
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.safe_load import SafeLoadPlanner, UnsafeMetadata, refuse
 from triaxis.errors import UserError
+
+
+class _NoMetadataFallbackWarning(logging.Filter):
+    """DCP logs a failed metadata read with its traceback on the root logger before it
+    raises; the failure reaches the user once, as one line, from load() below."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Global metadata is not found")
+
+
+logging.getLogger().addFilter(_NoMetadataFallbackWarning())
 
 
 def _s3_kwargs() -> dict:
@@ -49,11 +61,14 @@ def reader(path: str, expected: dict | None):
 
 def load(state: dict, path: str, expected: dict | None, process_group=None) -> None:
     """dcp.load, safe, verified, with its failures as one line naming the file."""
+    r = reader(path, expected)
     try:
-        dcp.load(state, storage_reader=reader(path, expected), planner=SafeLoadPlanner(),
-                 process_group=process_group)
+        dcp.load(state, storage_reader=r, planner=SafeLoadPlanner(), process_group=process_group)
     except BaseException as err:
-        raise load_error(err, path) from None
+        mapped = load_error(r.failure or err, path)
+        if mapped is err:
+            raise
+        raise mapped from None
 
 
 def load_error(err: BaseException, path: str) -> BaseException:

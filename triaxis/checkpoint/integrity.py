@@ -247,13 +247,21 @@ class _VerifyingMixin:
     def _setup_verify(self, expected: dict | None, where: str) -> None:
         self._views: list[_VerifyingView] = []
         self._where = where
+        self.failure: BaseException | None = None
         self._expected = None if expected is None else {
             name: {off: (length, crc) for off, length, crc in entry.get("items", [])}
             for name, entry in expected.items()}
         self._metadata_entry = None if expected is None else expected.get(".metadata")
         self.fs = _VerifyingFs(self.fs, self)
 
-    def read_metadata(self, *args, **kwargs):
+    def read_metadata(self):  # no **kwargs: DCP then never tries per-rank metadata files
+        try:
+            return self._read_metadata()
+        except (safe_load.UnsafeMetadata, ChecksumMismatch) as err:
+            self.failure = err  # DCP reports this one as a string in an AssertionError
+            raise
+
+    def _read_metadata(self):
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         from triaxis.checkpoint import manifest as mf
