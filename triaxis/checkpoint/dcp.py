@@ -70,9 +70,15 @@ def _is_transient(err: BaseException) -> bool:
     if dcp_io.disk_full_in(err) is not None:
         return False
     for e in integrity.walk(err):
+        if isinstance(e, storage.StorageUnavailable):
+            return True
         if isinstance(e, UserError) or isinstance(e, PermissionError):
             return False
-        if storage._classify(e, "") is not None and not isinstance(e, (FileNotFoundError,)):
+        try:
+            permanent = storage._classify(e, "")
+        except Exception:  # noqa: BLE001  (an exception shaped unlike botocore's)
+            permanent = None
+        if isinstance(permanent, UserError):
             return False  # credentials, access denied, missing bucket
     for e in integrity.walk(err):
         mod = type(e).__module__.split(".")[0]
@@ -118,26 +124,35 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
-    def _prepare(self, folder: str) -> None:
+    def _prepare(self, folder: str, block: bool) -> bool:
         """Rank 0 clears leftovers of an interrupted save of this step, but never a committed
-        checkpoint this run did not write; all ranks agree before anyone writes."""
-        err = None
+        checkpoint this run did not write; all ranks agree before anyone writes. False: the
+        storage is unreachable, this save is skipped (counted as failed)."""
+        err: BaseException | None = None
         if self.is_main:
-            if storage.exists(storage.join(folder, mf.META)) and folder not in self.written:
-                err = (f"checkpoint {folder} already exists and this run did not write it; "
-                       "refusing to replace it. Point --checkpoint.dir elsewhere")
-            else:
-                storage.remove(folder)
-        verdict = next((e for e in self._gather(err, self.ctl) if e), None)
-        if verdict:
-            raise UserError(verdict)
+            try:
+                if storage.exists(storage.join(folder, mf.META)) and folder not in self.written:
+                    err = UserError(f"checkpoint {folder} already exists and this run did not "
+                                    "write it; refusing to replace it. Point "
+                                    "--checkpoint.dir elsewhere")
+                else:
+                    storage.remove(folder)
+            except BaseException as e:  # agreed on below
+                err = e
+        failed = [o for o in self._gather(_outcome(err), self.ctl) if o is not None]
+        if failed:
+            self._failed(folder, failed, err, last_chance=block)
+            return False
+        return True
 
     def save(self, step: int, cursor: int, block: bool = False) -> str:
         """Save the state after `step`; async unless `block` or async is off."""
         self.wait()  # one save in flight at a time
         folder = mf.step_dir(self.root, step)
         t0 = time.perf_counter()
-        self._prepare(folder)
+        if not self._prepare(folder, block):
+            self.blocking_s.append(time.perf_counter() - t0)
+            return folder
         state = self._state()
         state["train"] = {"step": step, "cursor": cursor,
                           "scheduler": self.scheduler.state_dict()["last_epoch"],
@@ -156,7 +171,7 @@ class Checkpointer:
         except BaseException as err:  # concluded below, the same way on every rank
             fut.set_exception(err)
         self.pending = (folder, meta, fut)
-        self._conclude(last_chance=True)
+        self._conclude(last_chance=block)  # a final or preemption save has no next interval
         self.blocking_s.append(time.perf_counter() - t0)
         return folder
 
@@ -234,6 +249,13 @@ class Checkpointer:
             self.failed_saves = 0
             self.written.add(folder)
             return folder
+        self._failed(folder, failed, err, last_chance)
+        return None
+
+    def _failed(self, folder: str, failed: list, err: BaseException | None,
+                last_chance: bool) -> None:
+        """A save that failed on some rank(s), the same verdict on every rank: stop at once
+        (permanent), or count it and go on."""
         permanent, message = next(((p, m) for p, m in failed if p), failed[0])
         if permanent:
             if message.startswith("bug: "):  # a traceback, not a one-line error
@@ -249,14 +271,18 @@ class Checkpointer:
         self.log.warn(f"checkpoint {folder} could not be saved ({message}); training goes on "
                       f"and the next interval tries again ({self.failed_saves} of "
                       f"checkpoint.max_failed_saves={self.cfg.max_failed_saves} in a row)")
-        return None
 
     def _retain(self) -> None:
-        for old in mf.to_delete(mf.list_checkpoints(self.root), self.cfg.keep_last,
-                                self.cfg.keep_every):
-            storage.remove(old.path)
-        for stale in mf.uncommitted(self.root):
-            storage.remove(stale)  # interrupted saves (no save of this run is in flight now)
+        """Rank 0, after a commit. Best effort: what it cannot remove now, a later commit
+        removes."""
+        try:
+            for old in mf.to_delete(mf.list_checkpoints(self.root), self.cfg.keep_last,
+                                    self.cfg.keep_every):
+                storage.remove(old.path)
+            for stale in mf.uncommitted(self.root):
+                storage.remove(stale)  # interrupted saves (no save of ours is in flight now)
+        except Exception as err:  # noqa: BLE001  (storage trouble: retention can wait)
+            self.log.warn(f"retention under {self.root} postponed ({_short(err)})")
 
     def close(self) -> None:
         self.wait()
@@ -329,7 +355,13 @@ class Checkpointer:
                 n = 1
                 while storage.exists(dest):
                     dest, n = f"{found.path}.invalid{n}", n + 1
-                _move(found.path, dest)
+                try:
+                    _move(found.path, dest)
+                except Exception as err:  # noqa: BLE001  (every rank waits below)
+                    self.log.warn(f"could not move invalid checkpoint {found.path} aside "
+                                  f"({_short(err)}); move or remove it before this run "
+                                  f"reaches step {found.step}")
+                    continue
                 self.log.warn(f"moved invalid checkpoint {found.path} to {dest}")
         _barrier()
 
@@ -381,7 +413,7 @@ class Checkpointer:
 def _short(err: BaseException | None) -> str:
     inner = [e for e in integrity.walk(err)] if err is not None else []
     e = inner[-1] if inner else err
-    return f"{type(e).__name__}: {str(e)[:200]}"
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"  # one line
 
 
 class _FailedElsewhere(Exception):
@@ -393,7 +425,7 @@ def _outcome(err: BaseException | None) -> tuple[bool, str] | None:
     if err is None or isinstance(err, _FailedElsewhere):
         return None
     user = integrity.find_in(err, UserError)
-    if user is not None:
+    if user is not None and not isinstance(user, storage.StorageUnavailable):
         return True, str(user)
     full = dcp_io.disk_full_in(err)
     if full is not None:
