@@ -14,7 +14,9 @@ plain folder, alternating, --repeats times (median shown):
 
 Peak extra host memory: the peak resident set above the start of each operation
 (/proc/self/status VmHWM, reset through /proc/self/clear_refs), triaxis minus plain DCP.
-`--s3-gb` repeats save and resume against moto's S3 server on loopback (started here).
+`--s3-gb` repeats save and resume against moto's S3 server on loopback (started here, in this
+process: its stored objects count in the resident set, so the memory column means nothing
+there).
 """
 
 from __future__ import annotations
@@ -205,7 +207,11 @@ def main() -> None:
         finally:
             shutil.rmtree(root, ignore_errors=True)
     if a.s3_gb:
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
 
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()

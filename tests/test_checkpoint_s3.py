@@ -202,3 +202,26 @@ def test_a_refused_key_is_named_as_such(byte_data, tmp_path):
         server.shutdown()
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "credentials were refused" in out.stderr and "does not exist;" not in out.stderr
+
+
+def test_saves_never_read_back_what_they_wrote(moto_s3, byte_data, tmp_path):
+    """Checksums are computed as the bytes go out: saving downloads no shard and no
+    metadata (the old sidecar step re-read every file it had just uploaded)."""
+    seen: list[tuple[str, str]] = []
+
+    def record(method: str, path: str) -> bool:
+        seen.append((method, path))
+        return False
+
+    proxy = FlakyProxy(moto_s3.endpoint, fail_every=10**9, fail_if=record)
+    uri = f"s3://{moto_s3.new_bucket()}/noread"
+    try:
+        triaxis(*args(byte_data, tmp_path / "run", uri, "--train.steps=4",
+                      "--checkpoint.resume=none"), env={"AWS_ENDPOINT_URL": proxy.endpoint})
+    finally:
+        proxy.close()
+    assert any(m == "PUT" and ".distcp" in p for m, p in seen)  # the shards went up here
+    reads = [p for m, p in seen  # object downloads (listings are GETs of the bucket)
+             if m == "GET" and p.split("?")[0].endswith((".distcp", ".metadata"))]
+    assert reads == [], reads
+    assert all(mf.verify(f.path) == [] for f in mf.list_checkpoints(uri))
