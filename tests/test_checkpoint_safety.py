@@ -207,3 +207,33 @@ def test_resume_none_refuses_a_folder_with_checkpoints(trained, byte_data, tmp_p
     triaxis("train", *train_args(byte_data, run, "--train.steps=1", "--checkpoint.resume=none",
                                  f"--checkpoint.dir={other}"), env=ENV)
     assert [f.step for f in mf.list_checkpoints(str(other))] == [1]
+
+
+@pytest.mark.parametrize("numel", [1000, 6_000_000])  # 6M fp32: read and hashed in chunks
+def test_items_are_verified_in_the_read_that_loads_them(numel, tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from triaxis.checkpoint import dcp_io
+    from triaxis.errors import UserError
+
+    path = str(tmp_path / "c")
+    state = {"w": torch.randn(numel), "b": torch.randn(7), "step": 3}
+    writer = dcp_io.writer(path)
+    dcp.save(state, storage_writer=writer)
+    files = writer.digests
+    assert set(files) == {".metadata", "__0_0.distcp"}
+    items = files["__0_0.distcp"]["items"]
+    assert len(items) == 3 and sum(length for _, length, _ in items) == \
+        files["__0_0.distcp"]["size"] == (tmp_path / "c" / "__0_0.distcp").stat().st_size
+    out = {"w": torch.zeros(numel), "b": torch.zeros(7), "step": 0}
+    dcp_io.load(out, path, files)
+    assert torch.equal(out["w"], state["w"]) and out["step"] == 3
+    shard = tmp_path / "c" / "__0_0.distcp"
+    raw = bytearray(shard.read_bytes())
+    big = max(items, key=lambda it: it[1])
+    raw[big[0] + big[1] * 3 // 4] ^= 0x10  # inside the largest tensor's bytes
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"__0_0.distcp fails its checksum"):
+        dcp_io.load({"w": torch.zeros(numel), "b": torch.zeros(7), "step": 0}, path, files)
+    dcp_io.load({"b": torch.zeros(7)}, path, files)  # a partial load reads only good items

@@ -20,12 +20,22 @@ import contextlib
 import io
 import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from triaxis.checkpoint import safe_load
 
 _CHUNK = 1 << 20  # bytes hashed per read when filling gaps: the bound on memory for hashing
 _GAP = 1 << 20  # a read further ahead than this is served unhashed and hashed at the end
+_PIPE = 16 << 20  # larger reads are hashed chunk by chunk behind the reading
+_HASHER: ThreadPoolExecutor | None = None
+
+
+def _hasher() -> ThreadPoolExecutor:
+    global _HASHER
+    if _HASHER is None:
+        _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-crc")
+    return _HASHER
 
 
 def walk(err: BaseException):
@@ -203,11 +213,27 @@ class _VerifyingView(io.IOBase):
         pos = self.tell()
         self._before(pos)
         mv = memoryview(b).cast("B")[:max(0, self.len - pos)]
-        if not len(mv):
-            return 0
+        if len(mv) > _PIPE and pos == self.hashed:
+            return self._read_hashing_behind(pos, mv)
         n = self.base.readinto(mv) or 0
         self._after(pos, mv[:n])
         return n
+
+    def _read_hashing_behind(self, pos: int, mv: memoryview) -> int:
+        """A tensor's bytes in chunks, each hashed on a helper thread while the next one is
+        read (zlib releases the GIL): the checksum costs almost no time on its own."""
+        done, prev = 0, None
+        while done < len(mv):
+            n = self.base.readinto(mv[done:done + _PIPE]) or 0
+            if n == 0:
+                break
+            if prev is not None:
+                prev.result()  # in order: the running CRC is a chain
+            prev = _hasher().submit(self._after, pos + done, mv[done:done + n])
+            done += n
+        if prev is not None:
+            prev.result()
+        return done
 
     def read(self, size: int = -1) -> bytes:
         pos = self.tell()
