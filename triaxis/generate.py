@@ -37,7 +37,7 @@ def load_for_inference(path: str, device: str = "cpu") -> tuple[Transformer, obj
         model = Transformer(args)
     model.materialize(device)
     model.init_weights(0)  # fills the RoPE buffer; the weights come from the checkpoint
-    load_model_weights(model, ckpt)
+    load_model_weights(model, ckpt, meta)
     return model.eval(), tok, ckpt
 
 

@@ -407,7 +407,7 @@ class Checkpointer:
                             "step_XXXXXXXX folder")
         meta = dcp_io.checked(path)
         self.check_compatible(path, meta)
-        load_model_weights(self.model, path)
+        load_model_weights(self.model, path, meta)
 
 
 def _short(err: BaseException | None) -> str:

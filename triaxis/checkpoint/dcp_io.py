@@ -102,10 +102,10 @@ def expected_files(meta: dict) -> dict | None:
     return None if mf.is_legacy(meta) else meta["files"]
 
 
-def load_model_weights(model, path: str) -> None:
+def load_model_weights(model, path: str, meta: dict | None = None) -> None:
     """Model weights only (generation, export, fine-tuning), into a model of any layout;
-    verified and safe."""
-    meta = checked(str(path))
+    verified and safe. `meta`: what `checked(path)` returned, if the caller has it."""
+    meta = meta or checked(str(path))
     sd = get_model_state_dict(model)
     load({"model": sd}, str(path), expected_files(meta))
     set_model_state_dict(model, sd, options=StateDictOptions(strict=True))

@@ -27,11 +27,12 @@ def load_checkpoint_model(checkpoint: str) -> tuple[Transformer, str]:
     from triaxis.generate import find_checkpoint
 
     ckpt = str(find_checkpoint(checkpoint))
-    args = ModelArgs(**checked(ckpt)["model"])  # verified; its items again as they load
+    meta = checked(ckpt)  # names and sizes; each item is verified as it loads
+    args = ModelArgs(**meta["model"])
     with torch.device("meta"):
         model = Transformer(args)
     model.materialize("cpu")  # no init: every parameter comes from the checkpoint
-    load_model_weights(model, ckpt)
+    load_model_weights(model, ckpt, meta)
     return model, ckpt
 
 
