@@ -133,8 +133,9 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 6,
                     raise
                 raise permanent from None
             if attempt == attempts - 1:
-                raise StorageUnavailable(f"{what}: still failing after {attempts} attempts ({err}); "
-                                "check the storage service and the network") from None
+                raise StorageUnavailable(f"{what}: still failing after {attempts} attempts "
+                                         f"({err}); check the storage service and the "
+                                         "network") from None
             time.sleep(base_delay_s * 2**attempt * (0.5 + random.random()))
     raise AssertionError("unreachable")
 
@@ -162,7 +163,8 @@ def check_location(path: str, what: str) -> None:
                 fs.ls(bucket, refresh=True)
             except Exception as err:  # noqa: BLE001  (classified; else the bucket is missing)
                 refused = _classify(err, f"{what} {path}")
-                if isinstance(refused, UserError) and "the bucket does not exist" not in str(refused):
+                if isinstance(refused, UserError) and \
+                        "the bucket does not exist" not in str(refused):
                     raise refused from None
             raise UserError(f"{what} {path}: the bucket {bucket!r} does not exist; create it "
                             "(aws s3 mb s3://" + bucket + ") or fix the URI")

@@ -53,7 +53,7 @@ def add_ckpt_parser(sub) -> None:
     ls = verbs.add_parser("list", help="committed checkpoints, with step, cursor and layout")
     ls.add_argument("location")
     ls.set_defaults(fn=_list)
-    ve = verbs.add_parser("verify", help="recompute every file's checksums; check names and metadata")
+    ve = verbs.add_parser("verify", help="recompute every checksum; check names and metadata")
     ve.add_argument("location")
     ve.add_argument("--step", type=int, default=None)
     ve.set_defaults(fn=_verify)
