@@ -122,6 +122,17 @@ def _rm(path: str) -> None:
     storage.remove(path)
 
 
+def _clean(ours_dir: str, plain_dir: str) -> None:
+    """Both sides' earlier files go at the same moment, and the filesystem settles before
+    the next write: freeing a GB just before one side's fsync would tax that side alone."""
+    _rm(plain_dir)
+    for found in mf.list_checkpoints(ours_dir):
+        _rm(found.path)
+    if "://" not in ours_dir:
+        os.sync()
+        time.sleep(1.0)
+
+
 def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
     ours_dir, plain_dir = f"{root}/triaxis", f"{root}/plain"
     ck, cfg = build(gb, "", ours_dir)
@@ -135,7 +146,7 @@ def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
     step = 0
     for _ in range(repeats):
         step += 1
-        _rm(plain_dir)
+        _clean(ours_dir, plain_dir)
         cfg.async_save = False
         path = mf.step_dir(ours_dir, step)
         ops = {"save sync": (lambda: ck.save(step, step, block=True),
@@ -152,7 +163,7 @@ def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
         if not with_async:
             continue
         step += 1
-        _rm(plain_dir)
+        _clean(ours_dir, plain_dir)
         cfg.async_save = True
         t0 = time.perf_counter()
         ck.save(step, step)

@@ -28,6 +28,7 @@ from triaxis.checkpoint import safe_load
 _CHUNK = 1 << 20  # bytes hashed per read when filling gaps: the bound on memory for hashing
 _GAP = 1 << 20  # a read further ahead than this is served unhashed and hashed at the end
 _PIPE = 16 << 20  # larger reads are hashed chunk by chunk behind the reading
+_KEEP = 256 << 10  # reads ahead of the hash up to this size are kept to be hashed later
 _HASHER: ThreadPoolExecutor | None = None
 
 
@@ -171,6 +172,7 @@ class _VerifyingView(io.IOBase):
         super().__init__()
         self.base, self.offset, self.len, self.want, self.name = base, offset, length, want, name
         self.crc = self.hashed = 0  # bytes [0, hashed) of the item are in crc
+        self.ahead: dict[int, bytes] = {}  # small reads served ahead of the hash (zip index)
         self.base.seek(offset)
 
     def seek(self, offset: int, whence: int = os.SEEK_SET, /) -> int:
@@ -190,14 +192,23 @@ class _VerifyingView(io.IOBase):
         return True
 
     def _fill(self, upto: int) -> None:
-        """Hash [hashed, upto) by reading it; leaves the base stream at `upto`."""
+        """Hash [hashed, upto), from what was already read ahead where it covers the range
+        (no second request on S3), else by reading it; leaves the base stream at `upto`."""
         self.base.seek(self.offset + self.hashed)
         while self.hashed < upto:
-            chunk = self.base.read(min(_CHUNK, upto - self.hashed))
-            if not chunk:
-                raise ChecksumMismatch(self.name, "is shorter than its manifest says")
+            seen = next(((p, d) for p, d in self.ahead.items()
+                         if p <= self.hashed < p + len(d)), None)
+            if seen is not None:
+                p, d = seen
+                chunk = d[self.hashed - p:upto - p]
+            else:
+                nxt = min((p for p in self.ahead if p > self.hashed), default=upto)
+                chunk = self.base.read(min(_CHUNK, min(nxt, upto) - self.hashed))
+                if not chunk:
+                    raise ChecksumMismatch(self.name, "is shorter than its manifest says")
             self.crc = zlib.crc32(chunk, self.crc)
             self.hashed += len(chunk)
+        self.base.seek(self.offset + upto)
 
     def _before(self, pos: int) -> None:
         if 0 < pos - self.hashed <= _GAP:  # a skipped header: hash it, then read on
@@ -208,6 +219,8 @@ class _VerifyingView(io.IOBase):
         if pos <= self.hashed < pos + n:
             self.crc = zlib.crc32(data[self.hashed - pos:], self.crc)
             self.hashed = pos + n
+        elif pos > self.hashed and n <= _KEEP:
+            self.ahead[pos] = bytes(data)
 
     def readinto(self, b) -> int:
         pos = self.tell()
