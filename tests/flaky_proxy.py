@@ -10,8 +10,10 @@ from urllib.parse import urlparse
 
 
 class FlakyProxy:
-    def __init__(self, upstream: str, fail_every: int):
+    def __init__(self, upstream: str, fail_every: int, fail_if=None):
+        """fail_if(method, path) -> bool: also fail the requests it picks (an outage)."""
         up = urlparse(upstream)
+        self.fail_if = fail_if
         self.failed = 0
         self.requests = 0
         lock = threading.Lock()
@@ -27,7 +29,8 @@ class FlakyProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
                 with lock:
                     proxy.requests += 1
-                    fail = proxy.requests % fail_every == 0
+                    fail = proxy.requests % fail_every == 0 or (
+                        proxy.fail_if is not None and proxy.fail_if(self.command, self.path))
                     proxy.failed += fail
                 if fail:
                     err = (b'<?xml version="1.0"?><Error><Code>SlowDown</Code>'

@@ -92,11 +92,16 @@ def test_corrupted_checkpoint_falls_back_and_cli_verify(byte_data, tmp_path):
     raw[len(raw) // 2] ^= 0xFF
     shard.write_bytes(bytes(raw))
     bad = triaxis("ckpt", "verify", ckdir, "--step", 4, check=False)
-    assert bad.returncode == 1 and "fails its sha256 check" in bad.stdout
+    assert bad.returncode == 1 and "__0_0.distcp fails its checksum" in bad.stdout
     resumed = triaxis("train", *train_args(byte_data, run, "--train.steps=5",
                                            "--checkpoint.interval=2"))
+    # found while loading (one read), not by a separate pass over the files
     assert "skipping checkpoint" in resumed.stdout and "step_00000004" in resumed.stdout
+    assert "__0_0.distcp fails its checksum" in resumed.stdout
     assert "resumed from" in resumed.stdout and "at step 2" in resumed.stdout
+    # the bad checkpoint is set aside for repair, never overwritten by the new step 4
+    assert (ckdir / "step_00000004.invalid" / shard.name).read_bytes() == bytes(raw)
+    assert [f.step for f in mf.list_checkpoints(str(ckdir))] == [2, 4, 5]
 
 
 def test_sigkill_during_async_saves_never_exposes_a_partial_checkpoint(byte_data, tmp_path):
@@ -234,3 +239,30 @@ def test_full_disk_is_one_line_and_loses_nothing(async_save, byte_data, tmp_path
     first, second = dict(logged[:cut]), logged[cut:]
     assert [s for s, _ in second] == [3, 4, 5, 6] and min(first) == 1 and max(first) >= 4
     assert all(first[s] == loss for s, loss in second if s in first), (first, second)
+
+
+def _skewed_run(rank: int, world: int, data: str, run_dir: str, overrides: dict) -> list[int]:
+    train_collect(rank, world, data, run_dir, overrides)
+    return [f.step for f in mf.list_checkpoints(overrides["checkpoint__dir"])]
+
+
+@pytest.mark.parametrize("world,skew", [
+    # rank 1's sidecar lands late and rank 1 polls late: rank 0 sees the save unfinished
+    # in the very step where rank 1 sees it finished
+    (2, "1:sidecar:1.0,1:poll:0.5"),
+    # the same with a slow write on rank 0, and ranks that poll at three different times
+    (4, "0:write:0.5,3:sidecar:1.0,3:poll:0.5,1:poll:0.2"),
+])
+def test_async_saves_commit_under_rank_skew(world, skew, byte_data, tmp_path, monkeypatch):
+    """The commit protocol is symmetric: whatever rank finishes its write, its sidecar or its
+    poll first, every rank runs the same collectives, nobody hangs, and every async save of
+    the run commits."""
+    monkeypatch.setenv("TRIAXIS_TEST_CKPT_DELAY", skew)  # read once per Checkpointer
+    ckpt = str(tmp_path / "ckpt")
+    overrides = {**UNTIED, "train__steps": 8, "checkpoint__dir": ckpt, "checkpoint__interval": 2,
+                 "checkpoint__keep_last": 0, "checkpoint__async_save": "true",
+                 "parallel__dp_shard": world, "train__micro_batch": 8 // world}
+    out = run_workers(_skewed_run, world, byte_data, str(tmp_path / "run"), overrides,
+                      timeout_s=300)
+    assert out[0] == [2, 4, 6, 8]
+    assert all(mf.verify(f.path) == [] for f in mf.list_checkpoints(ckpt))

@@ -102,3 +102,126 @@ def test_one_s3_client_per_process_and_settings(moto_s3, monkeypatch):
     assert storage.s3_filesystem() is first
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply(_client_id, (0, 1)) != id(first)
+
+
+class Outage:
+    """The storage service goes away when the first request for `trigger` arrives, for
+    `seconds` (None: for good)."""
+
+    def __init__(self, trigger: str, seconds: float | None):
+        self.trigger, self.seconds, self.since = trigger, seconds, None
+
+    def __call__(self, method: str, path: str) -> bool:
+        import time
+
+        if self.since is None and self.trigger in path:
+            self.since = time.monotonic()
+        return self.since is not None and (
+            self.seconds is None or time.monotonic() - self.since < self.seconds)
+
+
+def test_outage_during_an_async_save_is_retried(moto_s3, byte_data, tmp_path):
+    """A 15 s outage that starts in the middle of an async save: the save is retried (all
+    ranks together) until the store is back; the run finishes, nothing is lost."""
+    bucket = moto_s3.new_bucket()
+    outage = Outage("step_00000004/__0_0.distcp", 15)
+    proxy = FlakyProxy(moto_s3.endpoint, fail_every=10**9, fail_if=outage)
+    uri = f"s3://{bucket}/outage"
+    try:
+        out = triaxis(*args(byte_data, tmp_path / "run", uri, "--train.steps=6",
+                            "--checkpoint.async_save=true"),
+                      env={"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "2"})
+    finally:
+        proxy.close()
+    assert outage.since is not None and proxy.failed > 0
+    assert "storage error" in out.stdout and "retrying" in out.stdout
+    found = mf.list_checkpoints(uri)
+    assert [f.step for f in found] == [2, 4, 6]
+    assert all(mf.verify(f.path) == [] for f in found)
+
+
+def test_failed_saves_are_skipped_then_stop_the_run(moto_s3, byte_data, tmp_path):
+    """The store stays away: each save is retried for checkpoint.retry_s, then skipped with a
+    warning while training goes on; checkpoint.max_failed_saves in a row stop the run with
+    one line. The checkpoint saved before the outage stays whole."""
+    bucket = moto_s3.new_bucket()
+    proxy = FlakyProxy(moto_s3.endpoint, fail_every=10**9,
+                       fail_if=Outage("step_00000004/", None))
+    uri = f"s3://{bucket}/down"
+    try:
+        out = triaxis(*args(byte_data, tmp_path / "run", uri, "--train.steps=20",
+                            "--checkpoint.retry_s=2", "--checkpoint.max_failed_saves=2"),
+                      env={"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "2"},
+                      check=False)
+    finally:
+        proxy.close()
+    err = out.stderr.strip()
+    assert out.returncode == 2 and err.startswith("error: ") and "\n" not in err, err[-3000:]
+    assert "step_00000006 could not be saved" in err and "2 failed save(s) in a row" in err
+    assert "step_00000004 could not be saved" in out.stdout and "training goes on" in out.stdout
+    assert [f.step for f in mf.list_checkpoints(uri)] == [2]
+    assert mf.verify(mf.list_checkpoints(uri)[0].path) == []
+
+
+def test_a_refused_key_is_named_as_such(byte_data, tmp_path):
+    """S3 answers a wrong access key with 403 InvalidAccessKeyId: the run says the
+    credentials were refused (not that the bucket does not exist)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidAccessKeyId</Code>'
+            b"<Message>The AWS Access Key Id you provided does not exist in our records."
+            b"</Message></Error>")
+
+    class Refuse(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):
+            pass
+
+        def _answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}",
+           "AWS_ACCESS_KEY_ID": "AKIAWRONG", "AWS_SECRET_ACCESS_KEY": "wrong",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+           "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull}
+    try:
+        out = triaxis(*args(byte_data, tmp_path / "r", "s3://some-bucket/p", "--train.steps=1"),
+                      env=env, check=False)
+    finally:
+        server.shutdown()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "credentials were refused" in out.stderr and "does not exist;" not in out.stderr
+
+
+def test_saves_never_read_back_what_they_wrote(moto_s3, byte_data, tmp_path):
+    """Checksums are computed as the bytes go out: saving downloads no shard and no
+    metadata (the old sidecar step re-read every file it had just uploaded)."""
+    seen: list[tuple[str, str]] = []
+
+    def record(method: str, path: str) -> bool:
+        seen.append((method, path))
+        return False
+
+    proxy = FlakyProxy(moto_s3.endpoint, fail_every=10**9, fail_if=record)
+    uri = f"s3://{moto_s3.new_bucket()}/noread"
+    try:
+        triaxis(*args(byte_data, tmp_path / "run", uri, "--train.steps=4",
+                      "--checkpoint.resume=none"), env={"AWS_ENDPOINT_URL": proxy.endpoint})
+    finally:
+        proxy.close()
+    assert any(m == "PUT" and ".distcp" in p for m, p in seen)  # the shards went up here
+    reads = [p for m, p in seen  # object downloads (listings are GETs of the bucket)
+             if m == "GET" and p.split("?")[0].endswith((".distcp", ".metadata"))]
+    assert reads == [], reads
+    assert all(mf.verify(f.path) == [] for f in mf.list_checkpoints(uri))

@@ -135,6 +135,8 @@ def _sharded_logits(rank: int, world: int, ckpts: dict[str, str],
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    from triaxis.checkpoint import dcp_io
+    from triaxis.checkpoint import manifest as mf
     from triaxis.checkpoint.dcp import load_model_weights
     from triaxis.config import load_config
     from triaxis.model import ModelArgs, build_model_args
@@ -160,12 +162,15 @@ def _sharded_logits(rank: int, world: int, ckpts: dict[str, str],
             out[f"{case} {layout}"] = logits.full_tensor() if hasattr(logits, "full_tensor") \
                 else logits
             folder = Path(save_root) / f"{case}_{layout}"
-            dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(folder))
+            # as the trainer saves: checksums while writing, a sidecar per rank, rank 0 commits
+            writer = dcp_io.writer(str(folder))
+            dcp.save({"model": get_model_state_dict(model)}, storage_writer=writer)
+            mf.write_sidecar(str(folder), rank, writer.digests)
             dist.barrier()
             if rank == 0:
                 saved = {**meta, "layout": {"world_size": world, **dict(zip(
                     ("pp", "dp_replicate", "dp_shard", "tp"), dims.shape))}}
-                (folder / "triaxis.json").write_text(json.dumps(saved))
+                mf.commit(str(folder), world, saved)
     return out
 
 

@@ -183,7 +183,8 @@ class CheckpointConfig:
     dir: str = ""
     """Checkpoint folder or s3://bucket/prefix (empty = RUN_DIR/checkpoints)."""
     resume: str = "auto"
-    """auto: resume from the latest complete checkpoint in dir, if any; none: start fresh."""
+    """auto: resume from the latest valid checkpoint in dir, if any; none: start fresh (dir
+    must hold no checkpoints)."""
     keep_last: int = ranged(3, ge=0)
     """Keep this many most recent checkpoints (0 = keep all)."""
     keep_every: int = ranged(0, ge=0)
@@ -191,11 +192,15 @@ class CheckpointConfig:
     async_save: bool = True
     """Write checkpoints in the background; training blocks only while the state is staged."""
     verify_on_resume: bool = True
-    """Recompute every file's checksum before resuming (ranks share the work); skip bad ones."""
+    """Check every item against its write-time checksum as it loads on resume; skip bad ones."""
     initial: str = ""
     """Checkpoint whose model weights start a fresh run (fine-tuning, e.g. from import-hf)."""
     save_final: bool = True
     """Save a checkpoint at the last step."""
+    retry_s: float = 300.0
+    """Retry a save that meets transient storage errors this long (backoff, all ranks together)."""
+    max_failed_saves: int = 3
+    """Stop after this many failed saves in a row; fewer are skipped with a warning."""
 
 
 @dataclass

@@ -5,12 +5,8 @@ from __future__ import annotations
 import torch
 
 from triaxis import storage
-from triaxis.checkpoint.dcp import (
-    META,
-    complete_checkpoints,
-    load_model_weights,
-    read_meta,
-)
+from triaxis.checkpoint.dcp import META, complete_checkpoints
+from triaxis.checkpoint.dcp_io import checked, load_model_weights
 from triaxis.data.dataset import read_manifest
 from triaxis.data.tokenizer import load_tokenizer
 from triaxis.errors import UserError
@@ -31,7 +27,7 @@ def find_checkpoint(path: str) -> str:
 
 def load_for_inference(path: str, device: str = "cpu") -> tuple[Transformer, object, str]:
     ckpt = find_checkpoint(path)
-    meta = read_meta(ckpt)
+    meta = checked(ckpt)  # names, sizes; its items are verified as they load
     args = ModelArgs(**meta["model"])
     data_path = meta.get("data_path") or ""
     if not data_path:
@@ -41,7 +37,7 @@ def load_for_inference(path: str, device: str = "cpu") -> tuple[Transformer, obj
         model = Transformer(args)
     model.materialize(device)
     model.init_weights(0)  # fills the RoPE buffer; the weights come from the checkpoint
-    load_model_weights(model, ckpt)
+    load_model_weights(model, ckpt, meta)
     return model.eval(), tok, ckpt
 
 

@@ -78,6 +78,13 @@ _TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "RequestTimeout",
                     "InternalError", "ServiceUnavailable", "Throttling"}
 
 
+_BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                    "InvalidToken", "Access Key Id you provided does not exist",
+                    "signature we calculated does not match", "security token included in "
+                    "the request is invalid", "token included in the request is expired")
+"""What S3 answers when a key is wrong (s3fs passes on the message, not the code)."""
+
+
 def _classify(err: BaseException, what: str) -> BaseException | None:
     """A UserError for permanent problems (missing bucket, no credentials), None if transient."""
     name = type(err).__name__
@@ -86,6 +93,10 @@ def _classify(err: BaseException, what: str) -> BaseException | None:
             "Unable to locate credentials" in text:
         return UserError(f"{what}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
                          "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance role")
+    if any(k in text for k in _BAD_CREDENTIALS):
+        return UserError(f"{what}: the AWS credentials were refused ({text[:120]}); check "
+                         "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile or role) "
+                         "for this endpoint")
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
         return UserError(f"{what}: the bucket does not exist; create it (aws s3 mb) or fix the "
                          "s3:// URI")
@@ -103,6 +114,10 @@ def _classify(err: BaseException, what: str) -> BaseException | None:
     return None
 
 
+class StorageUnavailable(UserError):
+    """Transient errors that outlasted the retries: the service may come back."""
+
+
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 6,
                  base_delay_s: float = 0.2) -> T:
     """Run `fn`, retrying transient storage errors with exponential backoff and jitter."""
@@ -118,8 +133,9 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 6,
                     raise
                 raise permanent from None
             if attempt == attempts - 1:
-                raise UserError(f"{what}: still failing after {attempts} attempts ({err}); "
-                                "check the storage service and the network") from None
+                raise StorageUnavailable(f"{what}: still failing after {attempts} attempts "
+                                         f"({err}); check the storage service and the "
+                                         "network") from None
             time.sleep(base_delay_s * 2**attempt * (0.5 + random.random()))
     raise AssertionError("unreachable")
 
@@ -143,6 +159,13 @@ def check_location(path: str, what: str) -> None:
 
     def probe() -> None:
         if not fs.exists(bucket):
+            try:  # exists() says False for a refused key too: ask in a way that says why
+                fs.ls(bucket, refresh=True)
+            except Exception as err:  # noqa: BLE001  (classified; else the bucket is missing)
+                refused = _classify(err, f"{what} {path}")
+                if isinstance(refused, UserError) and \
+                        "the bucket does not exist" not in str(refused):
+                    raise refused from None
             raise UserError(f"{what} {path}: the bucket {bucket!r} does not exist; create it "
                             "(aws s3 mb s3://" + bucket + ") or fix the URI")
         fs.ls(p, refresh=True) if fs.exists(p) else None

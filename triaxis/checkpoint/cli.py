@@ -17,7 +17,11 @@ def _list(a: argparse.Namespace) -> int:
                         "s3:// prefix (RUN_DIR/checkpoints by default)")
     print(f"{'step':>8}  {'cursor':>10}  {'files':>5}  {'MiB':>9}  layout")
     for f in found:
-        meta = mf.read_meta(f.path)
+        try:
+            meta = mf.load_manifest(f.path)  # names checked; no data file is opened
+        except mf.InvalidManifest as err:
+            print(f"{f.step:>8}  invalid manifest ({err}): {f.path}")
+            continue
         mib = sum(x["size"] for x in meta["files"].values()) / 2**20
         layout = " ".join(f"{k}={v}" for k, v in meta["layout"].items() if k != "world_size")
         print(f"{f.step:>8}  {meta['cursor']:>10}  {len(meta['files']):>5}  {mib:>9.2f}  "
@@ -49,7 +53,7 @@ def add_ckpt_parser(sub) -> None:
     ls = verbs.add_parser("list", help="committed checkpoints, with step, cursor and layout")
     ls.add_argument("location")
     ls.set_defaults(fn=_list)
-    ve = verbs.add_parser("verify", help="recompute every file's checksum")
+    ve = verbs.add_parser("verify", help="recompute every checksum; check names and metadata")
     ve.add_argument("location")
     ve.add_argument("--step", type=int, default=None)
     ve.set_defaults(fn=_verify)

@@ -2,18 +2,26 @@
 
 State: model and AdamW state (keys = the single-device parameter names, so any layout loads any
 checkpoint: DCP reshards on load), LR-schedule position, step, data cursor, RNG state.
-Every rank writes its own shards, then checksums them into a sidecar; rank 0 commits the
-checkpoint by writing the manifest last (see manifest.py). Async saves stage the state in host
-memory (the only part that blocks training) and write in a background thread; the commit happens
-on a later step, once every rank's sidecar has landed.
+Every rank writes its own shards, checksumming them as they are written, then a sidecar with
+those checksums; rank 0 commits the checkpoint by writing the manifest last (manifest.py).
+Async saves stage the state in host memory (the only part that blocks training) and write in a
+background thread.
+
+The commit protocol is symmetric: every rank runs the same collectives in the same order,
+whoever finishes first. A pending save is concluded at a fixed point of the loop (`poll` after
+each step, `wait` before the next save and at the end): the ranks first agree, in one small
+collective on a group of their own, whether every rank's write is done; only then do they agree
+on success, rank 0 commits, and all agree on the commit. `pending` is kept or dropped by all
+ranks together. Transient storage errors are retried with backoff for checkpoint.retry_s (the
+ranks agree on each retry); a save that still fails is skipped with a warning, and the run stops
+after checkpoint.max_failed_saves failures in a row.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
 import os
+import random
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,17 +29,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from triaxis import storage
+from triaxis.checkpoint import dcp_io
+from triaxis.checkpoint import integrity
 from triaxis.checkpoint import manifest as mf
+from triaxis.checkpoint.dcp_io import load_model_weights  # noqa: F401  (generation, export)
 from triaxis.errors import UserError
 from triaxis.model.llama import ModelArgs
 
@@ -40,63 +44,48 @@ _MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelArgs)
 
 # One process without a process group is a supported case (generation, single-device runs).
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
-
-
-def _writer_reader(path: str):
-    """DCP storage for a folder or an s3:// prefix."""
-    if not storage.is_remote(path):
-        return dcp.FileSystemWriter(path), dcp.FileSystemReader(path)
-    from torch.distributed.checkpoint._fsspec_filesystem import (
-        FsspecReader,
-        FsspecWriter,
-    )
-
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    kw: dict = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
-    # 16 MiB parts: large shards go up as multipart uploads, each part retried on its own.
-    return (FsspecWriter(path, default_block_size=16 * 2**20, **kw),
-            FsspecReader(path, **kw))
-
-
-def _disk_full(err: OSError, folder: str) -> UserError:
-    return UserError(f"checkpoint {folder}: the disk is full ({err.strerror}); free space, lower "
-                     "checkpoint.keep_last, or point checkpoint.dir elsewhere, then resume. The "
-                     "previous checkpoint is untouched; this partial one is invisible and "
-                     "removed by the next run")
-
-
-@contextlib.contextmanager
-def _full_disk_is_a_user_error(folder: str):
-    """Turn a write that filled the disk, however DCP wrapped it, into one line."""
-    try:
-        yield
-    except BaseException as err:
-        full = _disk_full_in(err)
-        if full is not None:
-            raise _disk_full(full, folder) from None
-        raise
-
-
-def _disk_full_in(err: BaseException) -> OSError | None:
-    """The ENOSPC inside `err`, if any: DCP reports each rank's failure wrapped in a
-    CheckpointException (a BaseException), possibly chained."""
-    todo, seen = [err], set()
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return e
-        if isinstance(e, CheckpointException):
-            todo.extend(exc for exc, _ in e.failures.values())
-        todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
-    return None
+# A retried save writes over its own partial files.
+warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")
 
 
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _test_delays(rank: int) -> dict[str, float]:
+    """TRIAXIS_TEST_CKPT_DELAY="RANK:WHERE:SECONDS,...": rank skew for tests (WHERE = write,
+    sidecar or poll). Read once, here."""
+    out: dict[str, float] = {}
+    for item in filter(None, os.environ.get("TRIAXIS_TEST_CKPT_DELAY", "").split(",")):
+        r, where, seconds = item.split(":")
+        if int(r) == rank:
+            out[where] = float(seconds)
+    return out
+
+
+def _is_transient(err: BaseException) -> bool:
+    """Storage trouble worth retrying (network, throttling, a service hiccup), as opposed to a
+    full disk, missing credentials or a bug."""
+    if dcp_io.disk_full_in(err) is not None:
+        return False
+    for e in integrity.walk(err):
+        if isinstance(e, storage.StorageUnavailable):
+            return True
+        if isinstance(e, UserError) or isinstance(e, PermissionError):
+            return False
+        try:
+            permanent = storage._classify(e, "")
+        except Exception:  # noqa: BLE001  (an exception shaped unlike botocore's)
+            permanent = None
+        if isinstance(permanent, UserError):
+            return False  # credentials, access denied, missing bucket
+    for e in integrity.walk(err):
+        mod = type(e).__module__.split(".")[0]
+        if isinstance(e, (OSError, TimeoutError, ConnectionError)) or \
+                mod in ("botocore", "aiobotocore", "urllib3", "aiohttp", "s3fs"):
+            return True
+    return False
 
 
 class Checkpointer:
@@ -109,18 +98,52 @@ class Checkpointer:
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.meta, self.log = meta, log
         self.pending: tuple[str, dict, Future] | None = None
-        self.committed = False  # the pending save's manifest is written (rank 0)
-        self.sidecars = ThreadPoolExecutor(max_workers=1)
-        # Async saves gather metadata in a background thread: give them their own gloo group
-        # so they never interleave with the training collectives of the main thread.
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() and \
-            ckpt_cfg.async_save else None
+        self.writes = ThreadPoolExecutor(max_workers=1)
+        # Two gloo groups of our own: `group` carries the writes' collectives (DCP's plan and
+        # our retry agreement), in the background thread during an async save; `ctl` carries
+        # the main thread's agreement on finishing a save. Neither ever interleaves with the
+        # training collectives, nor with each other.
+        on = dist.is_initialized()
+        self.group = dist.new_group(backend="gloo") if on else None
+        self.ctl = dist.new_group(backend="gloo") if on else None
         self.blocking_s: list[float] = []
+        self.failed_saves = 0
+        self.written: set[str] = set()  # checkpoints this run committed (it may replace them)
+        self.delays = _test_delays(rank)
+
+    # -- agreement ---------------------------------------------------------------------------
+    def _gather(self, obj, group) -> list:
+        if group is None:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj, group=group)
+        return out
 
     # -- saving ------------------------------------------------------------------------------
     def _state(self) -> dict:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
+
+    def _prepare(self, folder: str, block: bool) -> bool:
+        """Rank 0 clears leftovers of an interrupted save of this step, but never a committed
+        checkpoint this run did not write; all ranks agree before anyone writes. False: the
+        storage is unreachable, this save is skipped (counted as failed)."""
+        err: BaseException | None = None
+        if self.is_main:
+            try:
+                if storage.exists(storage.join(folder, mf.META)) and folder not in self.written:
+                    err = UserError(f"checkpoint {folder} already exists and this run did not "
+                                    "write it; refusing to replace it. Point "
+                                    "--checkpoint.dir elsewhere")
+                else:
+                    storage.remove(folder)
+            except BaseException as e:  # agreed on below
+                err = e
+        failed = [o for o in self._gather(_outcome(err), self.ctl) if o is not None]
+        if failed:
+            self._failed(folder, failed, err, last_chance=block)
+            return False
+        return True
 
     def save(self, step: int, cursor: int, block: bool = False,
              loop_state: dict | None = None) -> str:
@@ -129,99 +152,225 @@ class Checkpointer:
         self.wait()  # one save in flight at a time
         folder = mf.step_dir(self.root, step)
         t0 = time.perf_counter()
-        if self.is_main:
-            storage.remove(folder)  # leftovers of an interrupted save of this step
-        _barrier()
+        if not self._prepare(folder, block):
+            self.blocking_s.append(time.perf_counter() - t0)
+            return folder
         state = self._state()
         state["train"] = {"step": step, "cursor": cursor,
                           "scheduler": self.scheduler.state_dict()["last_epoch"],
                           "rng": torch.get_rng_state()}
-        writer, _ = _writer_reader(folder)
+        writer = dcp_io.writer(folder)
         meta = {"step": step, "cursor": cursor, "model": self.model_args, "layout": self.layout,
                 "world_size": self.world_size, **self.meta, "loop_state": loop_state or {}}
         if self.cfg.async_save and not block:
-            fut = dcp.async_save(state, storage_writer=writer, process_group=self.group)
-            fut = getattr(fut, "upload_completion", fut)
-            side = self.sidecars.submit(self._after_write, fut, folder)
-            self.pending = (folder, meta, side)
+            staged = writer.stage(state)  # the host copy: all that blocks training
+            self.pending = (folder, meta, self.writes.submit(self._write, staged, writer, folder))
             self.blocking_s.append(time.perf_counter() - t0)
             return folder
-        with _full_disk_is_a_user_error(folder):
-            dcp.save(state, storage_writer=writer)
-        mf.write_sidecar(folder, self.rank)
-        _barrier()
-        if self.is_main:
-            mf.commit(folder, self.world_size, meta)
-            self._retain()
-        _barrier()
+        fut: Future = Future()
+        try:
+            fut.set_result(self._write(state, writer, folder))
+        except BaseException as err:  # concluded below, the same way on every rank
+            fut.set_exception(err)
+        self.pending = (folder, meta, fut)
+        self._conclude(last_chance=block)  # a final or preemption save has no next interval
         self.blocking_s.append(time.perf_counter() - t0)
         return folder
 
-    def _after_write(self, fut: Future, folder: str) -> None:
-        with _full_disk_is_a_user_error(folder):
-            fut.result()
-        mf.write_sidecar(folder, self.rank)
+    def _write(self, state: dict, writer, folder: str) -> None:
+        """Write this rank's files and sidecar; transient failures are retried, every rank
+        retrying together (DCP's save is collective), for checkpoint.retry_s."""
+        deadline = time.monotonic() + self.cfg.retry_s
+        backoff_s = 1.0
+        while True:
+            err = None
+            try:
+                time.sleep(self.delays.get("write", 0))
+                with dcp_io.full_disk_is_a_user_error(folder):
+                    dcp.save(state, storage_writer=writer, process_group=self.group)
+                    time.sleep(self.delays.get("sidecar", 0))
+                    mf.write_sidecar(folder, self.rank, writer.digests)
+            except BaseException as e:  # agreed on below
+                err = e
+            retry = err is not None and _is_transient(err) and \
+                time.monotonic() + backoff_s < deadline
+            verdicts = self._gather((err is not None, retry), self.group)
+            if not any(failed for failed, _ in verdicts):
+                return
+            if not all(r for failed, r in verdicts if failed):
+                if err is not None:
+                    raise err
+                raise _FailedElsewhere()
+            if self.is_main:
+                self.log.warn(f"checkpoint {folder}: storage error ({_short(err)}); retrying "
+                              f"in {backoff_s:.0f}s (up to checkpoint.retry_s="
+                              f"{self.cfg.retry_s:g})")
+            time.sleep(backoff_s * (0.75 + 0.5 * random.random()))
+            backoff_s = min(2 * backoff_s, 30.0)
 
     def poll(self) -> str | None:
-        """Commit a finished async save (rank 0); cheap, never blocks. Returns what it committed."""
-        if self.pending is None or self.committed:
+        """Conclude a finished async save; returns the checkpoint committed, if any. Cheap:
+        one tiny collective while a save is pending, none otherwise."""
+        if self.pending is None:
             return None
-        folder, meta, side = self.pending
-        if not side.done():
-            return None
-        side.result()  # re-raise a failed write here, in the training loop
-        if not self.is_main or not mf.ready_to_commit(folder, self.world_size):
-            return None
-        mf.commit(folder, self.world_size, meta)
-        self._retain()
-        self.committed = True
-        return folder
+        time.sleep(self.delays.get("poll", 0))
+        not_done = torch.tensor([0 if self.pending[2].done() else 1])
+        if self.ctl is not None:
+            dist.all_reduce(not_done, group=self.ctl)
+        if int(not_done):
+            return None  # some rank is still writing: every rank keeps `pending`
+        return self._conclude(last_chance=False)
 
     def wait(self) -> None:
-        """Block until a pending async save is written and committed (everywhere). Every rank
-        keeps `pending` until here, committed or not: a rank that dropped it early would skip
-        these barriers while the others wait in them."""
+        """Block until a pending async save is written and concluded (everywhere)."""
         if self.pending is None:
             return
-        self.pending[2].result()
-        _barrier()  # every rank's sidecar has landed
-        self.poll()
-        assert self.committed or not self.is_main, "sidecars missing after the barrier"
-        self.pending, self.committed = None, False
-        _barrier()
+        try:
+            self.pending[2].exception()  # wait for this rank's write, whatever its outcome
+        except BaseException:
+            pass
+        self._conclude(last_chance=False)
+
+    def _conclude(self, last_chance: bool) -> str | None:
+        """Every rank's write is done: agree on the outcome, commit (rank 0), agree on the
+        commit. Runs on every rank, in the same order."""
+        folder, meta, fut = self.pending
+        self.pending = None
+        err = fut.exception()
+        failed = [o for o in self._gather(_outcome(err), self.ctl) if o is not None]
+        if not failed and self.is_main:
+            try:
+                mf.commit(folder, self.world_size, meta)
+            except BaseException as e:  # agreed on below
+                err = e
+            else:
+                self._retain()
+        if not failed:
+            failed = [o for o in self._gather(_outcome(err), self.ctl) if o is not None]
+        if not failed:
+            self.failed_saves = 0
+            self.written.add(folder)
+            return folder
+        self._failed(folder, failed, err, last_chance)
+        return None
+
+    def _failed(self, folder: str, failed: list, err: BaseException | None,
+                last_chance: bool) -> None:
+        """A save that failed on some rank(s), the same verdict on every rank: stop at once
+        (permanent), or count it and go on."""
+        permanent, message = next(((p, m) for p, m in failed if p), failed[0])
+        if permanent:
+            if message.startswith("bug: "):  # a traceback, not a one-line error
+                raise err if err is not None and _outcome(err) else RuntimeError(message)
+            raise UserError(message)
+        self.failed_saves += 1
+        if last_chance or self.failed_saves >= self.cfg.max_failed_saves:
+            raise UserError(
+                f"checkpoint {folder} could not be saved ({message}); "
+                f"{self.failed_saves} failed save(s) in a row (checkpoint.max_failed_saves="
+                f"{self.cfg.max_failed_saves}). Check the storage, then resume from the last "
+                "committed checkpoint")
+        self.log.warn(f"checkpoint {folder} could not be saved ({message}); training goes on "
+                      f"and the next interval tries again ({self.failed_saves} of "
+                      f"checkpoint.max_failed_saves={self.cfg.max_failed_saves} in a row)")
 
     def _retain(self) -> None:
-        for old in mf.to_delete(mf.list_checkpoints(self.root), self.cfg.keep_last,
-                                self.cfg.keep_every):
-            storage.remove(old.path)
-        for stale in mf.uncommitted(self.root):
-            if self.pending is None or stale != self.pending[0]:
-                storage.remove(stale)
+        """Rank 0, after a commit. Best effort: what it cannot remove now, a later commit
+        removes."""
+        try:
+            for old in mf.to_delete(mf.list_checkpoints(self.root), self.cfg.keep_last,
+                                    self.cfg.keep_every):
+                storage.remove(old.path)
+            for stale in mf.uncommitted(self.root):
+                storage.remove(stale)  # interrupted saves (no save of ours is in flight now)
+        except Exception as err:  # noqa: BLE001  (storage trouble: retention can wait)
+            self.log.warn(f"retention under {self.root} postponed ({_short(err)})")
 
     def close(self) -> None:
         self.wait()
-        self.sidecars.shutdown()
+        self.writes.shutdown()
 
     # -- resuming ----------------------------------------------------------------------------
-    def find_resume(self) -> mf.Found | None:
-        """The latest complete and valid checkpoint; others are skipped with a warning. Ranks
-        share the checksum work and agree on the verdict."""
-        for found in reversed(mf.list_checkpoints(self.root)):
-            files = sorted(mf.read_meta(found.path)["files"])
-            mine = files[self.rank::self.world_size] if self.cfg.verify_on_resume else []
-            problems = mf.verify(found.path, only=mine) if mine else []
-            bad = torch.tensor([len(problems)], dtype=torch.int64)
-            if dist.is_initialized():
-                dist.all_reduce(bad)
-            if int(bad) == 0:
-                return found
-            self.log.warn(f"skipping checkpoint {found.path}: "
-                          f"{'; '.join(problems) or 'a file failed its check on another rank'}")
+    def resume(self, mode: str = "auto") -> tuple[mf.Found, dict] | None:
+        """Load the latest valid checkpoint ((it, {"step", "cursor"})), or None for a fresh
+        start. Invalid ones are skipped with a warning and set aside (never deleted); if
+        every checkpoint is invalid, or `mode` is "none" in a folder that holds some, the run
+        stops with one line: it never starts over them."""
+        found_all = mf.list_checkpoints(self.root)
+        if mode == "none":
+            if found_all:
+                raise UserError(
+                    f"checkpoint.resume=none, but {self.root} already holds "
+                    f"{len(found_all)} committed checkpoint(s) (latest step "
+                    f"{found_all[-1].step}) that this run would mix with or replace; point "
+                    "--checkpoint.dir at another folder (or resume with "
+                    "--checkpoint.resume=auto)")
+            return None
+        skipped: list[tuple[mf.Found, str]] = []
+        for found in reversed(found_all):
+            reason = self._agreed(self._cheap_problems(found.path))
+            state = None
+            if reason is None:
+                self.check_compatible(found.path)
+                try:
+                    state = self.load(found.path)
+                except UserError as err:  # a checksum or unsafe metadata: every rank sees it
+                    reason = str(err)
+            if state is not None:
+                self._set_aside(skipped)
+                return found, state
+            self.log.warn(f"skipping checkpoint {found.path}: {reason}")
+            skipped.append((found, reason))
+        if skipped:
+            names = ", ".join(f.path for f, _ in skipped)
+            raise UserError(
+                f"every checkpoint under {self.root} is invalid ({names}; first problem: "
+                f"{skipped[0][1]}); nothing was changed. Repair them (`triaxis ckpt verify` "
+                "names each bad file), or start fresh with --checkpoint.resume=none and "
+                "another --checkpoint.dir")
         return None
 
-    def check_compatible(self, path: str) -> None:
+    def find_resume(self) -> mf.Found | None:
+        """The checkpoint `resume` would load (it is loaded: the state is restored)."""
+        got = self.resume("auto")
+        return None if got is None else got[0]
+
+    def _cheap_problems(self, path: str) -> str | None:
+        """This rank's view of a checkpoint before loading it: manifest, names, file sizes;
+        for legacy manifests (no per-item checksums) the ranks share the full check."""
+        meta, problems = mf.check(path)
+        if not problems and mf.is_legacy(meta) and self.cfg.verify_on_resume:
+            files = sorted(meta["files"])
+            problems = mf.verify(path, only=files[self.rank::self.world_size])
+        return "; ".join(problems) or None
+
+    def _agreed(self, reason: str | None) -> str | None:
+        reasons = self._gather(reason, self.ctl)
+        return next((r for r in reasons if r), None)
+
+    def _set_aside(self, skipped: list[tuple[mf.Found, str]]) -> None:
+        """Invalid checkpoints newer than the one resumed would be replaced as training
+        reaches their steps: rank 0 moves each to step_XXXXXXXX.invalid, for repair."""
+        if self.is_main:
+            for found, _ in skipped:
+                dest = f"{found.path}.invalid"
+                n = 1
+                while storage.exists(dest):
+                    dest, n = f"{found.path}.invalid{n}", n + 1
+                try:
+                    _move(found.path, dest)
+                except Exception as err:  # noqa: BLE001  (every rank waits below)
+                    self.log.warn(f"could not move invalid checkpoint {found.path} aside "
+                                  f"({_short(err)}); move or remove it before this run "
+                                  f"reaches step {found.step}")
+                    continue
+                self.log.warn(f"moved invalid checkpoint {found.path} to {dest}")
+        _barrier()
+
+    def check_compatible(self, path: str, meta: dict | None = None) -> None:
         # A field newer than the checkpoint was at its default when the checkpoint was written.
-        saved = {**_MODEL_DEFAULTS, **mf.read_meta(path)["model"]}
+        meta = meta or mf.read_meta(path)
+        saved = {**_MODEL_DEFAULTS, **meta["model"]}
         diffs = [f"{k}={saved.get(k)} (checkpoint) vs {v} (this run)"
                  for k, v in self.model_args.items() if saved.get(k) != v and k != "max_seq_len"]
         if diffs:
@@ -230,17 +379,20 @@ class Checkpointer:
                             "elsewhere, or start fresh with --checkpoint.resume=none")
 
     def load(self, path: str) -> dict:
-        """Load the whole training state in place; returns {"step", "cursor", "loop_state"}."""
-        self.check_compatible(path)
+        """Load the whole training state in place, checking every item read against its
+        write-time checksum (unless checkpoint.verify_on_resume=false); returns
+        {"step", "cursor", "loop_state"}."""
+        meta = mf.load_manifest(path)
+        self.check_compatible(path, meta)
         state = self._state()
         state["train"] = {"step": 0, "cursor": 0, "scheduler": 0,
                           "rng": torch.get_rng_state()}
+        expected = dcp_io.expected_files(meta) if self.cfg.verify_on_resume else None
         # Keep this rank's own param groups: DCP stores one copy of their parameter lists
         # (rank 0's), which names none of another pipeline stage's parameters. Their
         # hyperparameters come from the config, the lr from the schedule (set below).
         groups = state["optim"].pop("param_groups")
-        _, reader = _writer_reader(path)
-        dcp.load(state, storage_reader=reader)
+        dcp_io.load(state, path, expected, process_group=self.group)
         state["optim"]["param_groups"] = groups
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
@@ -253,7 +405,7 @@ class Checkpointer:
             group["lr"] = lr
         torch.set_rng_state(state["train"]["rng"])
         return {"step": int(state["train"]["step"]), "cursor": int(state["train"]["cursor"]),
-                "loop_state": mf.read_meta(path).get("loop_state", {})}
+                "loop_state": meta.get("loop_state") or {}}
 
     def load_initial(self, path: str) -> None:
         """Model weights only (fine-tuning from e.g. `triaxis import-hf`), into any layout."""
@@ -261,16 +413,43 @@ class Checkpointer:
             raise UserError(f"checkpoint.initial={path} is not a triaxis checkpoint (no "
                             f"{mf.META}); create one with `triaxis import-hf` or point at a "
                             "step_XXXXXXXX folder")
-        self.check_compatible(path)
-        load_model_weights(self.model, path)
+        meta = dcp_io.checked(path)
+        self.check_compatible(path, meta)
+        load_model_weights(self.model, path, meta)
 
 
-def load_model_weights(model, path: str) -> None:
-    """Model weights only (for generation / fine-tuning), into a model of any layout."""
-    sd = get_model_state_dict(model)
-    _, reader = _writer_reader(str(path))
-    dcp.load({"model": sd}, storage_reader=reader)
-    set_model_state_dict(model, sd, options=StateDictOptions(strict=True))
+def _short(err: BaseException | None) -> str:
+    inner = [e for e in integrity.walk(err)] if err is not None else []
+    e = inner[-1] if inner else err
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"  # one line
+
+
+class _FailedElsewhere(Exception):
+    """This rank's part of a save went well; another rank's did not."""
+
+
+def _outcome(err: BaseException | None) -> tuple[bool, str] | None:
+    """(permanent, one line) for a failed save; None when this rank has nothing to say."""
+    if err is None or isinstance(err, _FailedElsewhere):
+        return None
+    user = integrity.find_in(err, UserError)
+    if user is not None and not isinstance(user, storage.StorageUnavailable):
+        return True, str(user)
+    full = dcp_io.disk_full_in(err)
+    if full is not None:
+        return True, str(dcp_io.disk_full(full, "this save"))
+    if _is_transient(err):
+        return False, _short(err)
+    return True, f"bug: {_short(err)}"
+
+
+def _move(src: str, dst: str) -> None:
+    if not storage.is_remote(src):
+        os.rename(src, dst)
+        return
+    fs, p = storage.filesystem(src)
+    _, q = storage.filesystem(dst)
+    storage.with_retries(lambda: fs.mv(p, q, recursive=True), f"moving {src}")
 
 
 # Back-compatible names used by generation and tests.

@@ -27,15 +27,16 @@ from triaxis.model.llama import ModelArgs, Transformer
 
 def load_checkpoint_model(checkpoint: str) -> tuple[Transformer, str]:
     """(single-process model with the checkpoint's weights, the checkpoint folder used)."""
-    from triaxis.checkpoint.dcp import load_model_weights, read_meta
+    from triaxis.checkpoint.dcp_io import checked, load_model_weights
     from triaxis.generate import find_checkpoint
 
     ckpt = str(find_checkpoint(checkpoint))
-    args = ModelArgs(**read_meta(ckpt)["model"])
+    meta = checked(ckpt)  # names and sizes; each item is verified as it loads
+    args = ModelArgs(**meta["model"])
     with torch.device("meta"):
         model = Transformer(args)
     model.materialize("cpu")  # no init: every parameter comes from the checkpoint
-    load_model_weights(model, ckpt)
+    load_model_weights(model, ckpt, meta)
     return model, ckpt
 
 

@@ -235,9 +235,9 @@ class Trainer:
         """(step, cursor) to start from: the latest valid checkpoint, else checkpoint.initial's
         weights at step 0, else a fresh start."""
         cfg = self.cfg
-        found = self.ckpt.find_resume() if cfg.checkpoint.resume == "auto" else None
-        if found is not None:
-            state = self.ckpt.load(found.path)
+        resumed = self.ckpt.resume(cfg.checkpoint.resume)
+        if resumed is not None:
+            found, state = resumed
             self.log.info(f"resumed from {found.path} at step {state['step']} "
                           f"(sample cursor {state['cursor']})")
             self.resumed_loop_state = state.get("loop_state", {})
@@ -347,9 +347,9 @@ class Trainer:
         skip_cursors.add(cursor)
         if self.cfg.train.on_bad_loss == "rollback":
             self.ckpt.wait()
-            found = self.ckpt.find_resume()
-            if found is not None:
-                state = self.ckpt.load(found.path)
+            resumed = self.ckpt.resume()
+            if resumed is not None:
+                state = resumed[1]
                 self.restore_loop_state(state.get("loop_state", {}), rollback=True)
                 self.log.warn(f"step {step + 1}: {reason}; rolled back to step {state['step']} "
                               f"and skipping the batch at sample cursor {cursor}")

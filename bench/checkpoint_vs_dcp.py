@@ -1,0 +1,248 @@
+"""triaxis checkpoints side by side with plain torch.distributed.checkpoint, same state, same run.
+
+    python bench/checkpoint_vs_dcp.py [--gb 1] [--repeats 3] [--s3-gb 0.1]
+
+One process builds a model + AdamW state of about --gb GB (12 bytes per parameter), then, for
+each operation, times triaxis's Checkpointer (checksums computed while writing; verification
+on at load) and plain `dcp.save` / `dcp.async_save` / `dcp.load` of the same state dict into a
+plain folder, alternating, --repeats times (median shown):
+
+  save sync     until the checkpoint is committed (triaxis) / dcp.save returns
+  save async    blocking = until training could go on; total = until committed / written
+  staging copy  a plain copy of the state into fresh host tensors (what async must do at least)
+  resume        triaxis Checkpointer.load (every item verified as it is read) / dcp.load
+
+Peak extra host memory: the peak resident set above the start of each operation
+(/proc/self/status VmHWM, reset through /proc/self/clear_refs), triaxis minus plain DCP.
+`--s3-gb` repeats save and resume against moto's S3 server on loopback (started here, in this
+process: its stored objects count in the resident set, so the memory column means nothing
+there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from triaxis.checkpoint import manifest as mf
+from triaxis.checkpoint.dcp import Checkpointer
+from triaxis.config import CheckpointConfig
+from triaxis.model.llama import ModelArgs, Transformer
+
+
+class _Log:
+    def info(self, msg: str) -> None:
+        pass
+
+    warn = info
+
+
+def _reset_peak() -> int:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status("VmRSS")
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def measure(fn) -> tuple[float, int]:
+    """(seconds, peak resident bytes above the start)."""
+    base = _reset_peak()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0, max(0, _status("VmHWM") - base)
+
+
+def build(gb: float, folder: str, target: str):
+    params = gb * 1e9 / 12  # fp32 weights + two AdamW moments
+    layers, vocab = 8, 32000
+    # per layer ~11 dim^2 (q, o, one kv head, ffn 3 x dim x 3dim), plus two vocab x dim tables
+    a_, b_ = layers * 11, 2 * vocab
+    dim = int((-b_ + math.sqrt(b_ * b_ + 4 * a_ * params)) / (2 * a_) // 64 * 64) or 64
+    args = ModelArgs(dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=1,
+                     ffn_dim=dim * 3, vocab_size=vocab, max_seq_len=64)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.materialize("cpu")
+    model.init_weights(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    cfg = CheckpointConfig(dir=target, keep_last=0)
+    ck = Checkpointer(target, model, opt, sched, args, {"world_size": 1}, cfg, 0, 1, {}, _Log())
+    return ck, cfg
+
+
+def plain_state(ck: Checkpointer) -> dict:
+    state = ck._state()
+    state["train"] = {"step": 1, "cursor": 1, "scheduler": 0, "rng": torch.get_rng_state()}
+    return state
+
+
+def _plain_writer(path: str):
+    if "://" not in path:
+        return dcp.FileSystemWriter(path)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    from triaxis.checkpoint.dcp_io import _s3_kwargs
+    return FsspecWriter(path, default_block_size=16 * 2**20, **_s3_kwargs())
+
+
+def _plain_reader(path: str):
+    if "://" not in path:
+        return dcp.FileSystemReader(path)
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+    from triaxis.checkpoint.dcp_io import _s3_kwargs
+    return FsspecReader(path, **_s3_kwargs())
+
+
+def _rm(path: str) -> None:
+    from triaxis import storage
+    storage.remove(path)
+
+
+def _clean(ours_dir: str, plain_dir: str) -> None:
+    """Both sides' earlier files go at the same moment, and the filesystem settles before
+    the next write: freeing a GB just before one side's fsync would tax that side alone."""
+    _rm(plain_dir)
+    for found in mf.list_checkpoints(ours_dir):
+        _rm(found.path)
+    if "://" not in ours_dir:
+        os.sync()
+        time.sleep(1.0)
+
+
+def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
+    ours_dir, plain_dir = f"{root}/triaxis", f"{root}/plain"
+    ck, cfg = build(gb, "", ours_dir)
+    state = plain_state(ck)
+    nbytes = sum(t.numel() * t.element_size() for t in _tensors(state))
+    rows: dict[str, list] = {}
+
+    def add(name, ours, plain):
+        rows.setdefault(name, []).append((ours, plain))
+
+    step = 0
+    for _ in range(repeats):
+        step += 1
+        _clean(ours_dir, plain_dir)
+        cfg.async_save = False
+        path = mf.step_dir(ours_dir, step)
+        ops = {"save sync": (lambda: ck.save(step, step, block=True),
+                             lambda: dcp.save(state, storage_writer=_plain_writer(plain_dir))),
+               "resume": (lambda: ck.load(path),
+                          lambda: dcp.load(plain_state(ck),
+                                           storage_reader=_plain_reader(plain_dir)))}
+        for name, (ours, plain) in ops.items():
+            if step % 2:  # alternate who goes first: page cache and writeback favour neither
+                got_ours, got_plain = measure(ours), measure(plain)
+            else:
+                got_plain, got_ours = measure(plain), measure(ours)
+            add(name, got_ours, got_plain)
+        if not with_async:
+            continue
+        step += 1
+        _clean(ours_dir, plain_dir)
+        cfg.async_save = True
+        t0 = time.perf_counter()
+        ck.save(step, step)
+        blocking_ours = time.perf_counter() - t0
+        ck.close()
+        ck.writes = __import__("concurrent.futures").futures.ThreadPoolExecutor(1)
+        total_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fut = dcp.async_save(plain_state(ck), storage_writer=_plain_writer(plain_dir))
+        blocking_plain = time.perf_counter() - t0
+        getattr(fut, "upload_completion", fut).result()
+        total_plain = time.perf_counter() - t0
+        add("async blocking", (blocking_ours, 0), (blocking_plain, 0))
+        add("async total", (total_ours, 0), (total_plain, 0))
+        t_copy, _ = measure(lambda: [t.clone() for t in _tensors(plain_state(ck))])
+        add("staging copy", (t_copy, 0), (t_copy, 0))
+    out = []
+    for name, vals in rows.items():
+        ours = statistics.median(v[0][0] for v in vals)
+        plain = statistics.median(v[1][0] for v in vals)
+        best_ours = min(v[0][0] for v in vals)
+        best_plain = min(v[1][0] for v in vals)
+        mem = max(v[0][1] - v[1][1] for v in vals)
+        out.append({"op": name, "gb": round(nbytes / 1e9, 2), "triaxis_s": round(ours, 3),
+                    "dcp_s": round(plain, 3), "ratio": round(ours / plain, 3) if plain else None,
+                    "best_ratio": round(best_ours / best_plain, 3) if best_plain else None,
+                    "extra_peak_mib": round(mem / 2**20, 1)})
+    return out
+
+
+def _tensors(state: dict):
+    for v in state.values():
+        if isinstance(v, dict):
+            yield from _tensors(v)
+        elif isinstance(v, torch.Tensor):
+            yield v
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gb", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--s3-gb", type=float, default=0.0)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"{'target':>6} {'op':>15} {'GB':>5} {'triaxis s':>10} {'DCP s':>8} {'ratio':>6} "
+          f"{'best/best':>9} {'extra peak MiB':>14}   (medians of --repeats; best = fastest)")
+
+    def show(target: str, rows: list[dict]) -> None:
+        for r in rows:
+            print(f"{target:>6} {r['op']:>15} {r['gb']:>5} {r['triaxis_s']:>10.3f} "
+                  f"{r['dcp_s']:>8.3f} {r['ratio'] or 0:>6.2f} {r['best_ratio'] or 0:>9.2f} "
+                  f"{r['extra_peak_mib']:>14.1f}", flush=True)
+
+    for gb in a.gb:
+        root = tempfile.mkdtemp(prefix="ckbench_", dir=os.environ.get("BENCH_DIR"))
+        try:
+            show("local", compare(gb, a.repeats, root, with_async=True))
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    if a.s3_gb:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="x",
+                          AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
+        import boto3
+        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="bench")
+        try:
+            show("s3", compare(a.s3_gb, a.repeats, "s3://bench/run", with_async=False))
+        finally:
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()

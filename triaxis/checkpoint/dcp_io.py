@@ -1,0 +1,135 @@
+"""DCP readers and writers for a folder or an s3:// prefix: checksummed as they write, verified
+and safe as they read (integrity.py, safe_load.py); and the one-line errors their failures
+become."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    set_model_state_dict,
+)
+
+from triaxis import storage
+from triaxis.checkpoint import integrity
+from triaxis.checkpoint import manifest as mf
+from triaxis.checkpoint.safe_load import SafeLoadPlanner, UnsafeMetadata, refuse
+from triaxis.errors import UserError
+
+
+class _NoMetadataFallbackWarning(logging.Filter):
+    """DCP logs a failed metadata read with its traceback on the root logger before it
+    raises; the failure reaches the user once, as one line, from load() below."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Global metadata is not found")
+
+
+logging.getLogger().addFilter(_NoMetadataFallbackWarning())
+
+
+def _s3_kwargs() -> dict:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
+def writer(path: str):
+    """A DCP writer that records each file's size and per-item CRC-32 in `.digests`."""
+    if not storage.is_remote(path):
+        return integrity.hashing(dcp.FileSystemWriter(path))
+    from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+    # 16 MiB parts: large shards go up as multipart uploads, each part retried on its own.
+    return integrity.hashing(FsspecWriter(path, default_block_size=16 * 2**20, **_s3_kwargs()))
+
+
+def reader(path: str, expected: dict | None):
+    """A DCP reader that refuses unsafe metadata and, given the manifest's file table,
+    checks every item it reads against its write-time checksum."""
+    remote = storage.is_remote(path)
+    cls = integrity.reader_class(remote)
+    r = cls(path, **_s3_kwargs()) if remote else cls(path)
+    r._setup_verify(expected, path)
+    return r
+
+
+def load(state: dict, path: str, expected: dict | None, process_group=None) -> None:
+    """dcp.load, safe, verified, with its failures as one line naming the file."""
+    r = reader(path, expected)
+    try:
+        dcp.load(state, storage_reader=r, planner=SafeLoadPlanner(), process_group=process_group)
+    except BaseException as err:
+        mapped = load_error(r.failure or err, path)
+        if mapped is err:
+            raise
+        raise mapped from None
+
+
+def load_error(err: BaseException, path: str) -> BaseException:
+    unsafe = integrity.find_in(err, UnsafeMetadata)
+    if unsafe is not None:
+        return refuse(unsafe, path)
+    bad = integrity.find_in(err, integrity.ChecksumMismatch)
+    if bad is not None:
+        return UserError(f"checkpoint {path}: {bad}; refusing to load it. Restore the file, or "
+                         "use another checkpoint (`triaxis ckpt verify` checks them all)")
+    return err
+
+
+def checked(path: str) -> dict:
+    """The manifest of one checkpoint named by the user, or one line saying why it cannot be
+    used. Legacy manifests (whole-file sha256, e.g. from import-hf) are verified here, as
+    their items cannot be checked while loading."""
+    meta, problems = mf.check(path)
+    if problems:
+        raise UserError(f"checkpoint {path} is invalid: {'; '.join(problems)}. Use another "
+                        "checkpoint, or repair this one")
+    if mf.is_legacy(meta):
+        problems = mf.verify(path)
+        if problems:
+            raise UserError(f"checkpoint {path}: {'; '.join(problems)}; refusing to load it")
+    return meta
+
+
+def expected_files(meta: dict) -> dict | None:
+    """What a verifying reader checks against (None: legacy, verified beforehand)."""
+    return None if mf.is_legacy(meta) else meta["files"]
+
+
+def load_model_weights(model, path: str, meta: dict | None = None) -> None:
+    """Model weights only (generation, export, fine-tuning), into a model of any layout;
+    verified and safe. `meta`: what `checked(path)` returned, if the caller has it."""
+    meta = meta or checked(str(path))
+    sd = get_model_state_dict(model)
+    load({"model": sd}, str(path), expected_files(meta))
+    set_model_state_dict(model, sd, options=StateDictOptions(strict=True))
+
+
+def disk_full(err: OSError, folder: str) -> UserError:
+    return UserError(f"checkpoint {folder}: the disk is full ({err.strerror}); free space, lower "
+                     "checkpoint.keep_last, or point checkpoint.dir elsewhere, then resume. The "
+                     "previous checkpoint is untouched; this partial one is invisible and "
+                     "removed by the next run")
+
+
+def disk_full_in(err: BaseException) -> OSError | None:
+    return next((e for e in integrity.walk(err)
+                 if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
+
+
+@contextlib.contextmanager
+def full_disk_is_a_user_error(folder: str):
+    """Turn a write that filled the disk, however DCP wrapped it, into one line."""
+    try:
+        yield
+    except BaseException as err:
+        full = disk_full_in(err)
+        if full is not None:
+            raise disk_full(full, folder) from None
+        raise
