@@ -75,21 +75,15 @@ def _launch(a: argparse.Namespace) -> int:
 
 
 def _config(a: argparse.Namespace) -> int:
-    import dataclasses
+    from triaxis.config import Config, to_toml
+    from triaxis.config_doc import fields_markdown, fields_text
 
-    from triaxis.config import SECTIONS, Config, field_docs, to_toml
-    from triaxis.fields import RANGE
-
-    if a.fields:
-        for section, cls in SECTIONS.items():
-            print(f"[{section}]")
-            defaults = getattr(Config(), section)
-            ranges = {f.name: f.metadata.get(RANGE) for f in dataclasses.fields(cls)}
-            for name, doc in field_docs(cls).items():
-                rule = f" [{ranges[name].describe()}]" if ranges.get(name) else ""
-                print(f"  {name} = {getattr(defaults, name)!r}{rule}\n      {doc}")
-        return 0
-    print(to_toml(Config()))
+    if a.markdown:
+        print(fields_markdown(), end="")
+    elif a.fields:
+        print(fields_text())
+    else:
+        print(to_toml(Config()))
     return 0
 
 
@@ -228,7 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_hf_parsers(sub)
 
     co = sub.add_parser("config", help="print the default config (or --fields: documented)")
-    co.add_argument("--fields", action="store_true")
+    co.add_argument("--fields", action="store_true", help="every field, its default, rule and doc")
+    co.add_argument("--markdown", action="store_true",
+                    help="the same as Markdown: the configuration reference, docs/config.md")
     co.set_defaults(fn=_config)
     return p
 
