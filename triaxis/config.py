@@ -1,8 +1,9 @@
 """Typed run configuration: one dataclass per section, loaded from TOML plus `--section.field=value`.
 
 Every field carries its documentation in the docstring that follows it (the attribute-docstring
-convention), which `triaxis config --help-fields` prints. Validation lives in `Config.validate`,
-the one place that knows the rules between fields; each error names the value, the rule and the fix.
+convention), which `triaxis config --fields` prints and docs/config.md is generated from
+(`triaxis.config_doc`). Validation lives in `Config.validate`, the one place that knows the
+rules between fields; each error names the value, the rule and the fix.
 """
 
 from __future__ import annotations

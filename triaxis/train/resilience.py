@@ -145,7 +145,7 @@ class NumericsGuard:
         return reason
 
 
-# -- fault injection, for the tests of these features (documented in the README) --------------
+# -- fault injection, for the tests of these features (documented in docs/resilience.md) ------
 
 def _faults(name: str) -> dict[int, int]:
     """TRIAXIS_FAULT_<NAME>="rank:step,..." -> {step: rank}; the first attempt of a job only."""
