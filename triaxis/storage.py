@@ -107,8 +107,9 @@ def _classify(err: BaseException, what: str) -> BaseException | None:
         return err
     if isinstance(err, OSError) and err.errno == 28:  # ENOSPC
         return UserError(f"{what}: the disk is full; free space or point the path elsewhere")
-    code = str(getattr(err, "response", {}).get("Error", {}).get("Code", "")) \
-        if hasattr(err, "response") else ""
+    # botocore errors carry a response dict; some (an HTTP client error) carry None.
+    response = getattr(err, "response", None)
+    code = str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
     if code and code not in _TRANSIENT_CODES:
         return err
     return None

@@ -279,9 +279,14 @@ class RunLock:
             self._thread.join(timeout=30)
         if self.lease is None or self.lost:
             return
-        held, _ = self._read()
-        if held is not None and held.token == self.lease.token:
-            storage.remove(self.path)
+        try:
+            held, _ = self._read()
+            if held is not None and held.token == self.lease.token:
+                storage.remove(self.path)
+        except Exception as e:  # never mask how the run ended; the lease expires by itself
+            print(f"warning: could not remove the run lease {self.path} ({e}); it expires "
+                  f"{self.expires_s:.0f} s after its last heartbeat", file=sys.stderr,
+                  flush=True)
         self.lease = None
 
 
@@ -290,7 +295,8 @@ _warned_unconditional: list[bool] = []
 
 def _error_code(err: BaseException) -> str | None:
     for e in (err, err.__cause__):
-        code = getattr(e, "response", {}).get("Error", {}).get("Code") if e else None
+        response = getattr(e, "response", None)  # None on some botocore errors
+        code = response.get("Error", {}).get("Code") if isinstance(response, dict) else None
         if code:
             return str(code)
     return None
