@@ -10,7 +10,8 @@ plain folder, alternating, --repeats times (median shown):
   save sync     until the checkpoint is committed (triaxis) / dcp.save returns
   save async    blocking = until training could go on; total = until committed / written
   staging copy  a plain copy of the state into fresh host tensors (what async must do at least)
-  resume        triaxis Checkpointer.load (every item verified as it is read) / dcp.load
+  resume        triaxis Checkpointer.load (every item verified as it is read) / dcp.load,
+                then set_state_dict (both put the state into the model and optimizer)
 
 Peak extra host memory: the peak resident set above the start of each operation
 (/proc/self/status VmHWM, reset through /proc/self/clear_refs), triaxis minus plain DCP.
@@ -99,6 +100,16 @@ def plain_state(ck: Checkpointer) -> dict:
     return state
 
 
+def plain_resume(ck: Checkpointer, path: str) -> None:
+    """What a trainer on plain DCP does to resume: load, then put the state in place."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    state = plain_state(ck)
+    dcp.load(state, storage_reader=_plain_reader(path))
+    set_state_dict(ck.model, ck.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+
+
 def _plain_writer(path: str):
     if "://" not in path:
         return dcp.FileSystemWriter(path)
@@ -151,9 +162,7 @@ def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
         path = mf.step_dir(ours_dir, step)
         ops = {"save sync": (lambda: ck.save(step, step, block=True),
                              lambda: dcp.save(state, storage_writer=_plain_writer(plain_dir))),
-               "resume": (lambda: ck.load(path),
-                          lambda: dcp.load(plain_state(ck),
-                                           storage_reader=_plain_reader(plain_dir)))}
+               "resume": (lambda: ck.load(path), lambda: plain_resume(ck, plain_dir))}
         for name, (ours, plain) in ops.items():
             if step % 2:  # alternate who goes first: page cache and writeback favour neither
                 got_ours, got_plain = measure(ours), measure(plain)
