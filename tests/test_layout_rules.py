@@ -89,3 +89,29 @@ def test_the_planner_returns_a_new_config():
     assert dims.world_size == 2 and "parallel.auto=memory on 2 x" in why
     with pytest.raises(UserError, match="needs the planner"):
         layout_for_world(cfg, 2, build_model_args(cfg.model))
+
+
+def test_train_with_parallel_auto_runs_the_planners_layout(byte_data, tmp_path):
+    # `triaxis train` passes the planner down to the trainer (which does not import it).
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "triaxis", "train",
+         *tiny_train_args(byte_data, run, "--parallel.auto=memory", "--train.steps=2",
+                          "--train.device=cpu", "--checkpoint.interval=0")],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import re
+
+    chosen = re.search(r"parallel\.auto=memory on 1 x cpu: .*? mb=(\d+) ac=(\w+)",
+                       proc.stdout + proc.stderr)
+    assert chosen, proc.stdout + proc.stderr
+    # The run folder's config is the one that ran: the planner's layout, not the command line's
+    # micro_batch=4.
+    written = load_config(str(run / "config.toml"), [])
+    assert (written.train.micro_batch, written.parallel.activation_checkpoint) == \
+        (int(chosen[1]), chosen[2])
