@@ -163,7 +163,8 @@ def launch_slurm(a: argparse.Namespace, config_path: str | None, overrides: list
     if a.nnodes < 1 or nproc < 1 or a.gpus_per_node < 0:
         raise UserError(f"--nnodes={a.nnodes}, --nproc-per-node={nproc} and --gpus-per-node="
                         f"{a.gpus_per_node} must be positive")
-    resolve(cfg, nproc * a.nnodes, auto_layout)  # the data lies on the shared file system: check it all now
+    # The data lies on the shared file system: check it all now.
+    resolve(cfg, nproc * a.nnodes, auto_layout)
     train_args = ([str(Path(config_path).resolve())] if config_path else []) + overrides
     job = SlurmJob(nnodes=a.nnodes, nproc_per_node=nproc, workdir=os.getcwd(),
                    run_dir=str(Path(cfg.train.run_dir).resolve()), train_args=train_args,
