@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extra="" check="import triaxis, torch, tokenizers, safetensors, rich, s3fs"
 if [ "${1:-}" = "test" ]; then
-  extra="[test]" check="$check, pytest, boto3, moto, transformers, pyarrow"
+  extra="[test]" check="$check, pytest, boto3, moto, transformers, pyarrow, importlinter"
 fi
 if ! .venv/bin/python -c "$check" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"

@@ -12,7 +12,7 @@ import pytest
 from triaxis.errors import UserError
 from triaxis.net import bench
 from triaxis.net.check import NetFacts, evaluate, gather
-from triaxis.net.env import apply_env, recommended_env
+from triaxis.launchers.netenv import apply_env, recommended_env
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -336,7 +336,10 @@ def test_plan_for_world_on_cpu_writes_the_config():
 
     cfg = Config()
     cfg.model.preset, cfg.data.seq_len, cfg.train.global_batch = "tiny", 64, 8
-    best, why = plan_for_world(cfg, 4, "memory", gpu="cpu", gpus_per_node=4)
+    before = cfg.to_dict()
+    planned, best, why = plan_for_world(cfg, 4, "memory", gpu="cpu", gpus_per_node=4)
+    assert cfg.to_dict() == before  # a new config; the caller's is left as it was
+    cfg = planned
     p = cfg.parallel
     ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, 4)  # a valid layout of 4 ranks
     assert (p.pp, p.cpu_offload) == (1, False)  # no pipeline runtime, no offload on CPU

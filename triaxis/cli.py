@@ -29,19 +29,13 @@ def _prepare(a: argparse.Namespace) -> int:
     return 0
 
 
-def _split_config(rest: list[str]) -> tuple[str | None, list[str]]:
-    """[CONFIG.toml] [--section.field=value ...]"""
-    if rest and not rest[0].startswith("--"):
-        return rest[0], rest[1:]
-    return None, rest
-
-
 def _train(a: argparse.Namespace) -> int:
-    from triaxis.config import load_config
+    from triaxis.config import load_config, split_config_args
+    from triaxis.plan.auto import auto_layout
     from triaxis.train.loop import run
 
-    path, overrides = _split_config(a.rest)
-    result = run(load_config(path, overrides))
+    path, overrides = split_config_args(a.rest)
+    result = run(load_config(path, overrides), planner=auto_layout)
     if result.preempted:
         # 128 + the signal (143 SIGTERM, 130 Ctrl-C): stopped on request, after a checkpoint
         return 128 + (result.stop_signal or 15)
@@ -49,7 +43,8 @@ def _train(a: argparse.Namespace) -> int:
 
 
 def _generate(a: argparse.Namespace) -> int:
-    from triaxis.generate import generate, load_for_inference
+    from triaxis.checkpoint.inference import load_for_inference
+    from triaxis.generate import generate
 
     if a.device != "cpu" and not a.device.startswith(("cuda", "mps")):
         raise UserError(f"--device {a.device!r} is not a torch device; use cpu or cuda[:N]")

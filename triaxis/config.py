@@ -395,6 +395,14 @@ def field_docs(cls: type) -> dict[str, str]:
 # Validation: every cross-field rule, in one place.
 
 
+def split_config_args(rest: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG.toml] [--section.field=value ...]` -> (the file or None, the overrides): the
+    arguments `triaxis train` and `triaxis launch` pass on."""
+    if rest and not rest[0].startswith("--"):
+        return rest[0], rest[1:]
+    return None, rest
+
+
 def validate(cfg: Config, model_args=None, dims=None) -> None:
     """Raise UserError naming the value, the rule and the fix. `model_args` and `dims` (the
     resolved model shape and parallel degrees) enable the rules that need them."""

@@ -64,11 +64,11 @@ def _with_defaults(a: argparse.Namespace) -> argparse.Namespace:
 
 
 def launch(a: argparse.Namespace) -> int:
-    from triaxis.cli import _split_config
+    from triaxis.config import split_config_args
     from triaxis.launchers.sagemaker_entry import in_sagemaker_job
 
     a = _with_defaults(a)
-    config_path, overrides = _split_config(a.rest)
+    config_path, overrides = split_config_args(a.rest)
     backend = a.backend
     a.min_nnodes, a.nnodes = parse_nnodes(str(a.nnodes))
     if a.min_nnodes < a.nnodes and backend not in ("local", "torchrun"):
@@ -114,6 +114,8 @@ def launch_here(config_path: str | None, overrides: list[str], *, nproc_per_node
     import torch
 
     from triaxis.config import load_config
+    from triaxis.parallel.rules import layout_for_world
+    from triaxis.plan.auto import auto_layout
     from triaxis.train.resolve import resolve
 
     cfg = load_config(config_path, overrides)
@@ -125,12 +127,13 @@ def launch_here(config_path: str | None, overrides: list[str], *, nproc_per_node
     if on_gpu and nproc > torch.cuda.device_count():
         raise UserError(f"--nproc-per-node={nproc} but this node has "
                         f"{torch.cuda.device_count()} GPUs; use at most that many")
-    resolve(cfg, nproc * nnodes)
+    _, _, model_args, _, _ = resolve(cfg, nproc * nnodes, auto_layout)
     min_nnodes = min_nnodes or nnodes
     for n in range(min_nnodes, nnodes):
-        # After losing nodes the job restarts on n of them: the layout must hold there too.
+        # After losing nodes the job restarts on n of them: the layout (the planner's for that
+        # world with parallel.auto, as the restarted trainer plans it) must hold there too.
         try:
-            check_layout_without_data(cfg, nproc * n)
+            layout_for_world(cfg, nproc * n, model_args, auto_layout)
         except UserError as e:
             raise UserError(f"--nnodes={min_nnodes}:{nnodes} may run on {n} node(s), "
                             f"{nproc * n} processes: {e} (give parallel.dp_shard=-1 or "
@@ -152,6 +155,7 @@ def launch_here(config_path: str | None, overrides: list[str], *, nproc_per_node
 def launch_slurm(a: argparse.Namespace, config_path: str | None, overrides: list[str]) -> int:
     from triaxis.config import load_config
     from triaxis.launchers.slurm import SlurmJob, render_sbatch, submit
+    from triaxis.plan.auto import auto_layout
     from triaxis.train.resolve import resolve
 
     cfg = load_config(config_path, overrides)
@@ -159,7 +163,8 @@ def launch_slurm(a: argparse.Namespace, config_path: str | None, overrides: list
     if a.nnodes < 1 or nproc < 1 or a.gpus_per_node < 0:
         raise UserError(f"--nnodes={a.nnodes}, --nproc-per-node={nproc} and --gpus-per-node="
                         f"{a.gpus_per_node} must be positive")
-    resolve(cfg, nproc * a.nnodes)  # the data lies on the shared file system: check it all now
+    # The data lies on the shared file system: check it all now.
+    resolve(cfg, nproc * a.nnodes, auto_layout)
     train_args = ([str(Path(config_path).resolve())] if config_path else []) + overrides
     job = SlurmJob(nnodes=a.nnodes, nproc_per_node=nproc, workdir=os.getcwd(),
                    run_dir=str(Path(cfg.train.run_dir).resolve()), train_args=train_args,
@@ -188,14 +193,12 @@ def _changed_fields(cfg: Any) -> dict[str, Any]:
 
 
 def check_layout_without_data(cfg: Any, world: int) -> None:
-    """Degrees, model shape and batch against the world size, for data not on this machine."""
-    from triaxis.config import validate
+    """The layout rules (parallel.rules.check_layout, as the trainer runs them) for data not
+    on this machine: the model's vocabulary from the config, not the data."""
     from triaxis.model import build_model_args
-    from triaxis.parallel.dims import ParallelDims
+    from triaxis.parallel.rules import check_layout
 
-    p = cfg.parallel
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world)
-    validate(cfg, build_model_args(cfg.model), dims)
+    check_layout(cfg, world, build_model_args(cfg.model))
 
 
 def launch_sagemaker(a: argparse.Namespace, config_path: str | None,

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from triaxis import storage
-from triaxis.data.prepare import FORMAT, MANIFEST
+from triaxis.data.format import FORMAT, MANIFEST
 from triaxis.data.remote_io import RemoteFiles
 from triaxis.data.tokenizer import load_tokenizer
 from triaxis.data.verify import (VERIFY_MODES, check_manifest, check_shard_size,

@@ -22,10 +22,10 @@ import shutil
 import uuid
 
 from triaxis import storage
+from triaxis.data.format import MANIFEST
 from triaxis.data.remote_io import ClientPool
 from triaxis.errors import UserError
 
-MANIFEST = "manifest.json"
 STAGE_PREFIX = ".triaxis-prepare-"
 OUR_NAMES = re.compile(r"^((train|val)_\d{5}\.bin|tokenizer\.json)$")
 

@@ -33,11 +33,11 @@ from triaxis.data.remote_io import ClientPool
 from triaxis.data.sources import EXTENSIONS, check_bucket, embedded_corpus_files, \
     iter_documents, resolve_inputs
 from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_state
-from triaxis.data.output import MANIFEST, StagedOutput
+from triaxis.data.format import FORMAT
+from triaxis.data.output import StagedOutput
 from triaxis.errors import UserError
 from triaxis.fields import RANGE, check_value, ranged
 
-FORMAT = "triaxis-tokens-v1"
 SPLITS = ("train", "val")
 _CHUNK_DOCS = 256
 _CHUNK_CHARS = 1_000_000

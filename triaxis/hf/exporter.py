@@ -17,27 +17,13 @@ from typing import Callable
 
 import torch
 
+from triaxis.checkpoint.inference import load_checkpoint_model
 from triaxis.errors import UserError
 from triaxis.fields import Range, check_value
 from triaxis.hf.convert import (hf_config_from_args, interleaved_rows_to_hf, rope_heads,
                                 triaxis_to_hf_name)
 from triaxis.hf.importer import CONFIG, INDEX, SINGLE
-from triaxis.model.llama import ModelArgs, Transformer
-
-
-def load_checkpoint_model(checkpoint: str) -> tuple[Transformer, str]:
-    """(single-process model with the checkpoint's weights, the checkpoint folder used)."""
-    from triaxis.checkpoint.dcp_io import checked, load_model_weights
-    from triaxis.generate import find_checkpoint
-
-    ckpt = str(find_checkpoint(checkpoint))
-    meta = checked(ckpt)  # names and sizes; each item is verified as it loads
-    args = ModelArgs(**meta["model"])
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.materialize("cpu")  # no init: every parameter comes from the checkpoint
-    load_model_weights(model, ckpt, meta)
-    return model, ckpt
+from triaxis.model.llama import Transformer
 
 
 def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from triaxis.errors import UserError
-from triaxis.net.env import (apply_env, describe_applied, efa_devices, interface_of,
+from triaxis.launchers.netenv import (apply_env, describe_applied, efa_devices, interface_of,
                              is_local_address, recommended_env, resolve, source_address)
 
 DEFAULT_PORT = 29400

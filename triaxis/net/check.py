@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Mapping
 
-from triaxis.net.env import (SYS_INFINIBAND, default_route_interface, efa_devices,
+from triaxis.launchers.netenv import (SYS_INFINIBAND, default_route_interface, efa_devices,
                              recommended_env)
 
 Status = Literal["pass", "warn", "fail", "skip"]

@@ -1,6 +1,6 @@
 """`triaxis train --parallel.auto=speed|memory`: plan for the world size at hand and apply it.
 
-    plan, why = plan_for_world(cfg, world_size, "speed")
+    cfg, plan, why = plan_for_world(cfg, world_size, "speed")
 
 Picks the hardware profile from what the process sees: the named `gpu`, else the CUDA device
 (A100 40/80 GB, H100, H200 by name and memory), else the `cpu` profile. The cpu profile models
@@ -45,9 +45,10 @@ def detect_gpu(device: str) -> str:
 def plan_for_world(cfg: Config, world_size: int, objective: str, gpu: str | None = None, *,
                    model_args: ModelArgs | None = None, cluster: str | None = None,
                    gpus_per_node: int | None = None, hardware: str | None = None,
-                   allow_pipeline: bool = False) -> tuple[Plan, str]:
-    """Choose the best layout of `world_size` ranks for cfg's model, seq_len and global batch,
-    write it into cfg.parallel and cfg.train.micro_batch, and return (plan, explanation).
+                   allow_pipeline: bool = False) -> tuple[Config, Plan, str]:
+    """Choose the best layout of `world_size` ranks for cfg's model, seq_len and global batch;
+    return (a copy of cfg with that parallel section and train.micro_batch, plan, explanation).
+    cfg itself is left as it was.
 
     model_args: the resolved model (with the data's vocabulary); default: from cfg.model.
     gpus_per_node: default LOCAL_WORLD_SIZE (torchrun), else all ranks on one host for CPU and
@@ -73,17 +74,26 @@ def plan_for_world(cfg: Config, world_size: int, objective: str, gpu: str | None
     if not result.plans:
         raise UserError("parallel.auto: " + no_fit_message(result))
     best = result.plans[0]
-    a, p = best.layout, cfg.parallel
-    p.dp_replicate, p.dp_shard, p.tp, p.pp = a.dp_replicate, a.dp_shard, a.tp, a.pp
-    p.activation_checkpoint, p.ac_every = a.activation_checkpoint, a.ac_every  # type: ignore
-    p.cpu_offload, p.reshard_after_forward = a.cpu_offload, a.reshard_after_forward
-    p.loss_parallel = a.tp > 1
-    cfg.train.micro_batch = a.micro_batch
+    a = best.layout
+    parallel = dataclasses.replace(
+        cfg.parallel, dp_replicate=a.dp_replicate, dp_shard=a.dp_shard, tp=a.tp, pp=a.pp,
+        activation_checkpoint=a.activation_checkpoint, ac_every=a.ac_every,
+        cpu_offload=a.cpu_offload, reshard_after_forward=a.reshard_after_forward,
+        loss_parallel=a.tp > 1)
+    planned = dataclasses.replace(cfg, parallel=parallel,
+                                  train=dataclasses.replace(cfg.train, micro_batch=a.micro_batch))
     why = (f"parallel.auto={objective} on {world_size} x {hw.gpu.name}: {a.describe()} "
            f"(predicted {best.time.total:.3g} s/step, peak {best.memory.total / GIB:.2f} GiB "
            f"per rank of {hw.usable_memory_bytes / GIB:.1f} usable; {result.num_fit} of "
            f"{result.num_layouts} layouts fit). " + explain(result))
-    return best, why
+    return planned, best, why
+
+
+def auto_layout(cfg: Config, world_size: int, model_args: ModelArgs) -> tuple[Config, str]:
+    """The planner as the trainer and launcher take it (`parallel.rules.Planner`): cfg with
+    the layout parallel.auto chooses for world_size, and why."""
+    planned, _, why = plan_for_world(cfg, world_size, cfg.parallel.auto, model_args=model_args)
+    return planned, why
 
 
 def _visible_gpus() -> int:

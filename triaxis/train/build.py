@@ -13,18 +13,7 @@ from triaxis.config import Config
 from triaxis.model import ModelArgs, Transformer
 from triaxis.parallel.dims import ParallelDims
 from triaxis.parallel.parallelize import parallelize
-from triaxis.parallel.partition import PartitionInputs, Stage, parse_layers, partition
-
-
-def pipeline_stages(cfg: Config, args: ModelArgs, dims: ParallelDims,
-                    grad_accum: int) -> list[Stage]:
-    p = cfg.parallel
-    inputs = PartitionInputs(
-        args=args, pp=dims.pp, virtual_stages=p.pp_virtual_stages, schedule=p.pp_schedule,
-        seq_len=cfg.data.seq_len, micro_batch=cfg.train.micro_batch, n_microbatches=grad_accum,
-        shard_degree=dims.dp_shard * dims.tp, tp=dims.tp,
-        full_recompute=p.activation_checkpoint == "full")
-    return partition(inputs, p.pp_memory_weight, parse_layers(p.pp_layers))
+from triaxis.parallel.rules import pipeline_stages
 
 
 def build_model(cfg: Config, args: ModelArgs, dims: ParallelDims, mesh, device: torch.device,

@@ -27,6 +27,7 @@ from triaxis.data.dataset import (
 from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flops
 from triaxis.model import flops_per_token, param_counts
 from triaxis.parallel.parallelize import set_grad_sync
+from triaxis.parallel.rules import Planner
 from triaxis.train.build import build_model
 from triaxis.train.distributed import DistEnv, init_distributed, leave_on_error, shutdown
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
@@ -56,11 +57,12 @@ class TrainResult:
     """The signal that ended it (the exit status is 128 + this: 143, 130)."""
 
 
-def run(cfg: Config) -> TrainResult:
-    """Train per `cfg`, in this process (joining the process group torchrun describes)."""
+def run(cfg: Config, planner: Planner | None = None) -> TrainResult:
+    """Train per `cfg`, in this process (joining the process group torchrun describes).
+    `planner` chooses the layout for parallel.auto (the command line passes the planner's)."""
     env = init_distributed(cfg.train.device, need_group=cfg.parallel.fsdp_always)
     try:
-        trainer = Trainer(cfg, env)  # checks the config and data, writes nothing
+        trainer = Trainer(cfg, env, planner)  # checks the config and data, writes nothing
         # Before the first write (resume may remove a partial checkpoint): one run per folder.
         with hold_run_lock(lock_folders(cfg.checkpoint_dir(), cfg.train.run_dir), env.is_main):
             return trainer.fit()
@@ -75,10 +77,12 @@ class Trainer:
     data_wait_s: float = 0.0
     """Seconds spent fetching training batches since the last logged record."""
 
-    def __init__(self, cfg: Config, env: DistEnv):
+    def __init__(self, cfg: Config, env: DistEnv, planner: Planner | None = None):
+        # With parallel.auto, resolve returns a new config holding the planner's layout.
+        cfg, self.dims, self.model_args, self.train_ds, why = resolve(cfg, env.world_size,
+                                                                     planner)
         self.cfg, self.env = cfg, env
         self.log = RankLogger(env.is_main)
-        self.dims, self.model_args, self.train_ds, why = resolve(cfg, env.world_size)
         if why:
             self.log.info(why)
         try:
