@@ -120,7 +120,6 @@ class TokenDataset:
             raise UserError(f"data.verify={verify!r} is not one of {list(VERIFY_MODES)}")
         self.path, self.split = str(path), split
         self.remote = storage.is_remote(self.path)
-        # One client for every request about this prefix (a fresh one costs ~0.5 s).
         self.manifest = read_manifest(path)
         self.seq_len, self.seed = seq_len, seed
         info = self.manifest["splits"].get(split)

@@ -72,17 +72,14 @@ class StagedOutput:
 
     def put(self, path: str, data: bytes) -> None:
         """Write one staged file (`path` is under self.stage)."""
-        if self.remote:
+        try:
             storage.write_bytes(path, data)
-        else:
-            try:
-                storage.write_bytes(path, data)
-            except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                raise UserError(f"--output {self.out}: the disk is full (writing "
-                                f"{os.path.basename(path)}); free space or choose another "
-                                "--output; nothing was changed") from None
+        except OSError as e:
+            if self.remote or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(f"--output {self.out}: the disk is full (writing "
+                            f"{os.path.basename(path)}); free space or choose another "
+                            "--output; nothing was changed") from None
         self.written.append(path.rsplit("/", 1)[-1] if self.remote else os.path.basename(path))
 
     def commit(self, manifest: bytes) -> None:
