@@ -115,8 +115,8 @@ def _plain_writer(path: str):
         return dcp.FileSystemWriter(path)
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-    from triaxis.checkpoint.dcp_io import _s3_kwargs
-    return FsspecWriter(path, default_block_size=16 * 2**20, **_s3_kwargs())
+    from triaxis.storage import s3_options
+    return FsspecWriter(path, default_block_size=16 * 2**20, **s3_options())
 
 
 def _plain_reader(path: str):
@@ -124,8 +124,8 @@ def _plain_reader(path: str):
         return dcp.FileSystemReader(path)
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-    from triaxis.checkpoint.dcp_io import _s3_kwargs
-    return FsspecReader(path, **_s3_kwargs())
+    from triaxis.storage import s3_options
+    return FsspecReader(path, **s3_options())
 
 
 def _rm(path: str) -> None:

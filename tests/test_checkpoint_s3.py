@@ -66,7 +66,7 @@ def test_missing_bucket_and_credentials(moto_s3, byte_data, tmp_path):
     out = triaxis(*args(byte_data, tmp_path / "r", "s3://no-such-bucket-x/p", "--train.steps=1"),
                   check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "bucket 'no-such-bucket-x' does not exist" in out.stderr
+    assert "bucket no-such-bucket-x does not exist" in out.stderr
     uri = f"s3://{moto_s3.new_bucket()}/p"
     env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}

@@ -1,12 +1,17 @@
 """The one storage seam: local (or shared, FSx-for-Lustre style) paths on plain `os`, `s3://`
 through fsspec/s3fs, with retries of transient errors and clear errors for the rest.
 
+Every S3 access goes through here: the per-process clients, the settings they are built from
+(`s3_options`, also handed to DCP's own fsspec writer and reader), the retries, and the one
+early check of a location (`check_location`) with its messages.
+
 S3 settings come from the standard AWS chain (environment, profile, instance role); an
 S3-compatible store is reached with `AWS_ENDPOINT_URL_S3` or `AWS_ENDPOINT_URL`.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import shutil
@@ -38,6 +43,14 @@ _s3_clients: dict[tuple, object] = {}
 _s3_lock = threading.Lock()
 
 
+def s3_options() -> dict:
+    """The fsspec/s3fs keyword settings for S3 from this environment (the endpoint of an
+    S3-compatible store); credentials and region come from the AWS chain inside botocore.
+    Anything that builds its own S3 filesystem (DCP's fsspec writer and reader) takes these."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
+
+
 def s3_filesystem():
     """This process's S3 filesystem for the current AWS settings. Building one (a botocore
     session, credential chain, connection pool) costs ~0.3 s, a request on a warm one ~15 ms
@@ -49,12 +62,10 @@ def s3_filesystem():
         if fs is None:
             import s3fs
 
-            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-            kwargs = {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
             # Our own retry loop (below) sees every error; s3fs's default retries stay as they
             # are. skip_instance_cache: fsspec's own cache keys ignore the environment. No
             # listings cache: other processes write the objects this one polls (manifests).
-            fs = _s3_clients[key] = s3fs.S3FileSystem(**kwargs, skip_instance_cache=True,
+            fs = _s3_clients[key] = s3fs.S3FileSystem(**s3_options(), skip_instance_cache=True,
                                                       use_listings_cache=False)
         return fs
 
@@ -141,10 +152,16 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 6,
     raise AssertionError("unreachable")
 
 
+_BUCKET_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")
+"""Object stores whose first path component is a bucket (or container) that can be probed;
+other remote schemes (http, hf, memory) have none and are left to the first real access."""
+
+
 def check_location(path: str, what: str) -> None:
     """Fail early, with the fix, when a remote location cannot be reached (missing bucket,
-    no credentials, access denied); local folders are created on demand."""
-    if not is_remote(path):
+    no credentials, refused credentials, access denied); local folders are created on demand.
+    `what` names the setting in the message (`checkpoint.dir`, `--output`)."""
+    if not is_remote(path) or str(path).split("://", 1)[0] not in _BUCKET_SCHEMES:
         return
     if str(path).startswith("s3://"):
         import botocore.session
@@ -167,8 +184,8 @@ def check_location(path: str, what: str) -> None:
                 if isinstance(refused, UserError) and \
                         "the bucket does not exist" not in str(refused):
                     raise refused from None
-            raise UserError(f"{what} {path}: the bucket {bucket!r} does not exist; create it "
-                            "(aws s3 mb s3://" + bucket + ") or fix the URI")
+            raise UserError(f"{what} {path}: the bucket {bucket} does not exist; create it "
+                            f"(aws s3 mb s3://{bucket}) or fix the URI")
         fs.ls(p, refresh=True) if fs.exists(p) else None
     with_retries(probe, f"{what} {path}")
 
@@ -240,3 +257,90 @@ def remove(path: str) -> None:
         except FileNotFoundError:
             pass
     with_retries(rm, f"removing {path}")
+
+
+def remove_all(paths: list[str]) -> None:
+    """Remove these files (remote: in batched requests, so all on one filesystem); missing
+    ones are fine."""
+    if not paths:
+        return
+    if not is_remote(paths[0]):
+        for p in paths:
+            remove(p)
+        return
+    fs, _ = filesystem(paths[0])
+    stripped = [filesystem(p)[1] for p in paths]
+
+    def rm() -> None:
+        try:
+            fs.rm(stripped)
+        except FileNotFoundError:
+            pass
+    with_retries(rm, f"removing {len(paths)} objects under {paths[0]}")
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy one file (remote: server-side, both on one filesystem)."""
+    if not is_remote(src):
+        Path(dst).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+        return
+    fs, s = filesystem(src)
+    d = filesystem(dst)[1]
+    with_retries(lambda: fs.copy(s, d), f"copying {src} to {dst}")
+
+
+def list_files(spec: str, extensions: tuple[str, ...]) -> list[str]:
+    """The remote files `spec` names, sorted, as full URIs: a glob's matching files, the
+    object itself, or every object under the prefix with one of `extensions`."""
+    fs, p = filesystem(spec)
+    scheme = spec.split("://", 1)[0]
+    if any(c in p for c in "*?["):
+        found = with_retries(lambda: fs.glob(p, detail=True), f"listing {spec}")
+        found = [f for f, info in found.items() if info.get("type") == "file"]
+    elif with_retries(lambda: fs.isfile(p), f"checking {spec}"):
+        found = [p]
+    else:
+        found = with_retries(lambda: fs.find(p), f"listing {spec}")
+        found = [f for f in found if os.path.splitext(f)[1] in extensions]
+    return [f"{scheme}://{f}" for f in sorted(found)]
+
+
+class RangedReader(io.RawIOBase):
+    """A seekable read-only file over ranged reads of a remote object (each one retried)."""
+
+    def __init__(self, uri: str):
+        self.uri, self.pos = uri, 0
+        self.size = size(uri)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = min(len(buf), self.size - self.pos)
+        if n <= 0:
+            return 0
+        data = read_bytes(self.uri, self.pos, self.pos + n)
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def open_read(path: str, buffer_bytes: int = 0):
+    """A binary file to stream `path` from: local, or remote through ranged reads of
+    `buffer_bytes` each (0: unbuffered, for readers that seek to known offsets, like Parquet)."""
+    if not is_remote(path):
+        return open(path, "rb")
+    raw = RangedReader(path)
+    return io.BufferedReader(raw, buffer_size=buffer_bytes) if buffer_bytes else raw

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
@@ -34,11 +33,6 @@ class _NoMetadataFallbackWarning(logging.Filter):
 logging.getLogger().addFilter(_NoMetadataFallbackWarning())
 
 
-def _s3_kwargs() -> dict:
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if endpoint else {}
-
-
 def writer(path: str):
     """A DCP writer that records each file's size and per-item CRC-32 in `.digests`."""
     if not storage.is_remote(path):
@@ -46,7 +40,7 @@ def writer(path: str):
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     # 16 MiB parts: large shards go up as multipart uploads, each part retried on its own.
-    return integrity.hashing(FsspecWriter(path, default_block_size=16 * 2**20, **_s3_kwargs()))
+    return integrity.hashing(FsspecWriter(path, default_block_size=16 * 2**20, **storage.s3_options()))
 
 
 def reader(path: str, expected: dict | None):
@@ -54,7 +48,7 @@ def reader(path: str, expected: dict | None):
     checks every item it reads against its write-time checksum."""
     remote = storage.is_remote(path)
     cls = integrity.reader_class(remote)
-    r = cls(path, **_s3_kwargs()) if remote else cls(path)
+    r = cls(path, **storage.s3_options()) if remote else cls(path)
     r._setup_verify(expected, path)
     return r
 

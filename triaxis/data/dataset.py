@@ -34,7 +34,6 @@ import numpy as np
 
 from triaxis import storage
 from triaxis.data.format import FORMAT, MANIFEST
-from triaxis.data.remote_io import RemoteFiles
 from triaxis.data.tokenizer import load_tokenizer
 from triaxis.data.verify import (VERIFY_MODES, check_manifest, check_shard_size,
                                  verify_shard)
@@ -72,11 +71,11 @@ def permute(j: int, n: int, key: int, rounds: int = 4) -> int:
             return x
 
 
-def read_manifest(path: str | Path, remote: RemoteFiles | None = None) -> dict:
+def read_manifest(path: str | Path) -> dict:
     if storage.is_remote(path):
         mf = storage.join(str(path), MANIFEST)
         try:
-            text = (remote or RemoteFiles(mf)).read(mf).decode()
+            text = storage.read_bytes(mf).decode()
         except FileNotFoundError:
             raise UserError(f"data path {path} has no {MANIFEST}: it is not prepared data or the "
                             f"prefix is wrong. Run `triaxis prepare --output {path}`") from None
@@ -121,9 +120,7 @@ class TokenDataset:
             raise UserError(f"data.verify={verify!r} is not one of {list(VERIFY_MODES)}")
         self.path, self.split = str(path), split
         self.remote = storage.is_remote(self.path)
-        # One client for every request about this prefix (a fresh one costs ~0.5 s).
-        self._files = RemoteFiles(self.path) if self.remote else None
-        self.manifest = read_manifest(path, self._files)
+        self.manifest = read_manifest(path)
         self.seq_len, self.seed = seq_len, seed
         info = self.manifest["splits"].get(split)
         if info is None or info["tokens"] == 0:
@@ -172,7 +169,7 @@ class TokenDataset:
             raise UserError(f"data.cache_gib={cache_gib} must be > 0: remote shards are read "
                             "through a local cache of that size")
         files = [s["file"] for s in info["shards"]]
-        present = set(self._files.listdir(self.path))  # one listing finds a missing shard now
+        present = set(storage.listdir(self.path))  # one listing finds a missing shard now
         missing = [f for f in files if f not in present]
         if missing:
             raise UserError(f"shard {storage.join(self.path, missing[0])} listed in the manifest "
@@ -180,7 +177,7 @@ class TokenDataset:
                             f"again (triaxis prepare --output {self.path})")
         return ShardCache(self.path, files, [s["tokens"] * dtype.itemsize for s in info["shards"]],
                           [s["sha256"] for s in info["shards"]], dtype, cache_dir,
-                          int(cache_gib * 2**30), threads, self._files)
+                          int(cache_gib * 2**30), threads)
 
     def tokenizer(self):
         return load_tokenizer(self.path, self.manifest["tokenizer"])

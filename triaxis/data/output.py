@@ -23,7 +23,6 @@ import uuid
 
 from triaxis import storage
 from triaxis.data.format import MANIFEST
-from triaxis.data.remote_io import ClientPool
 from triaxis.errors import UserError
 
 STAGE_PREFIX = ".triaxis-prepare-"
@@ -34,12 +33,12 @@ class StagedOutput:
     """One preparation's output: checked when made, written by `put`, then `commit` or
     `abort` (module docstring)."""
 
-    def __init__(self, out: str, clients: ClientPool, log=print):
-        self.out, self.clients, self.log = out, clients, log
+    def __init__(self, out: str, log=print):
+        self.out, self.log = out, log
         self.remote = storage.is_remote(out)
         if not self.remote and os.path.exists(out) and not os.path.isdir(out):
             raise UserError(f"--output {out} is a file; pass a folder (or an s3:// prefix)")
-        self.names = set(self._listdir(out))
+        self.names = set(storage.listdir(out))
         self.owned = self._owned_by_old_manifest()
         foreign = sorted(n for n in self.names if OUR_NAMES.match(n) and n not in self.owned)
         if foreign:
@@ -52,15 +51,12 @@ class StagedOutput:
         self.stage = storage.join(out, f"{STAGE_PREFIX}{uuid.uuid4().hex[:12]}")
         self.written: list[str] = []
 
-    def _listdir(self, path: str) -> list[str]:
-        return self.clients(path).listdir(path) if self.remote else storage.listdir(path)
-
     def _owned_by_old_manifest(self) -> set[str]:
         if MANIFEST not in self.names:
             return set()
         path = storage.join(self.out, MANIFEST)
         try:
-            raw = self.clients(path).read(path) if self.remote else storage.read_bytes(path)
+            raw = storage.read_bytes(path)
             manifest = json.loads(raw)
             owned = {MANIFEST}
             tok = manifest.get("tokenizer", {})
@@ -76,17 +72,14 @@ class StagedOutput:
 
     def put(self, path: str, data: bytes) -> None:
         """Write one staged file (`path` is under self.stage)."""
-        if self.remote:
-            self.clients(path).write(path, data)
-        else:
-            try:
-                storage.write_bytes(path, data)
-            except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                raise UserError(f"--output {self.out}: the disk is full (writing "
-                                f"{os.path.basename(path)}); free space or choose another "
-                                "--output; nothing was changed") from None
+        try:
+            storage.write_bytes(path, data)
+        except OSError as e:
+            if self.remote or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise UserError(f"--output {self.out}: the disk is full (writing "
+                            f"{os.path.basename(path)}); free space or choose another "
+                            "--output; nothing was changed") from None
         self.written.append(path.rsplit("/", 1)[-1] if self.remote else os.path.basename(path))
 
     def commit(self, manifest: bytes) -> None:
@@ -95,38 +88,23 @@ class StagedOutput:
         old_manifest = storage.join(self.out, MANIFEST)
         if MANIFEST in self.names:
             self.log(f"replacing the prepared data in {self.out}")
-            self._remove([old_manifest])  # uncommit first: no reader sees mixed shards
+            storage.remove_all([old_manifest])  # uncommit first: no reader sees mixed shards
         for name in self.written:
             src, dst = storage.join(self.stage, name), storage.join(self.out, name)
             if self.remote:
-                fs = self.clients(src).fs
-                storage.with_retries(lambda: fs.copy(fs._strip_protocol(src),
-                                                     fs._strip_protocol(dst)),
-                                     f"copying {src} to {dst}")
+                storage.copy(src, dst)
             else:
                 os.replace(src, dst)
-        if self.remote:
-            self.clients(old_manifest).write(old_manifest, manifest)
-        else:
-            storage.write_bytes(old_manifest, manifest)
+        storage.write_bytes(old_manifest, manifest)
         stale = sorted(self.owned - new)
-        self._remove([storage.join(self.out, n) for n in stale])
+        storage.remove_all([storage.join(self.out, n) for n in stale])
         self.abort(keep_output=True)
-
-    def _remove(self, paths: list[str]) -> None:
-        if not paths:
-            return
-        if self.remote:
-            self.clients(paths[0]).remove(paths)
-        else:
-            for p in paths:
-                storage.remove(p)
 
     def abort(self, keep_output: bool = False) -> None:
         """Remove the staging folder (and the output folder if this run created it)."""
         if self.remote:
-            staged = [storage.join(self.stage, n) for n in self._listdir(self.stage)]
-            self._remove(staged)
+            staged = [storage.join(self.stage, n) for n in storage.listdir(self.stage)]
+            storage.remove_all(staged)
             return
         shutil.rmtree(self.stage, ignore_errors=True)
         if self.created and not keep_output:

@@ -29,9 +29,8 @@ import numpy as np
 from triaxis import storage
 from triaxis.data.hf_tokenizer import PREFIX as HF_PREFIX
 from triaxis.data.hf_tokenizer import open_hf_tokenizer
-from triaxis.data.remote_io import ClientPool
-from triaxis.data.sources import EXTENSIONS, check_bucket, embedded_corpus_files, \
-    iter_documents, resolve_inputs
+from triaxis.data.sources import EXTENSIONS, embedded_corpus_files, iter_documents, \
+    resolve_inputs
 from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_state
 from triaxis.data.format import FORMAT
 from triaxis.data.output import StagedOutput
@@ -90,15 +89,14 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
                         f"{opts.tokenizer} has its own end-of-document token: drop --eos-token")
     check_options(opts)
     out = str(opts.output)
-    clients = ClientPool()  # one S3 client per bucket for the whole run
-    check_bucket(out, "--output", clients)
-    staged = StagedOutput(out, clients, log)  # reads only: refuses an output it must not touch
-    files = resolve_inputs(opts.inputs, opts.extensions, clients) if opts.inputs else \
+    storage.check_location(out, "--output")
+    staged = StagedOutput(out, log)  # reads only: refuses an output it must not touch
+    files = resolve_inputs(opts.inputs, opts.extensions) if opts.inputs else \
         embedded_corpus_files()
     source = "embedded: python stdlib" if not opts.inputs else ", ".join(opts.inputs)
 
     def documents() -> Iterator[str]:
-        return iter_documents(files, opts.max_bytes, clients)
+        return iter_documents(files, opts.max_bytes)
 
     if opts.tokenizer == "byte":
         tok = ByteTokenizer()

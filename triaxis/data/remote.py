@@ -31,7 +31,6 @@ from pathlib import Path
 import numpy as np
 
 from triaxis import storage
-from triaxis.data.remote_io import RemoteFiles
 from triaxis.errors import UserError
 
 _RANGE_BYTES = 8 * 2**20
@@ -62,7 +61,7 @@ class ShardCache:
 
     def __init__(self, base: str, files: list[str], sizes_bytes: list[int], sha256: list[str],
                  dtype: np.dtype, cache_dir: str = "", budget_bytes: int = 4 * 2**30,
-                 threads: int = 4, remote: RemoteFiles | None = None):
+                 threads: int = 4):
         largest = max(sizes_bytes)
         if budget_bytes < largest:
             raise UserError(f"data.cache_gib={budget_bytes / 2**30:.3g} is smaller than the "
@@ -72,7 +71,6 @@ class ShardCache:
         self.dtype, self.budget_bytes = dtype, budget_bytes
         self.cache_root = cache_dir or tempfile.gettempdir()
         self.stats = CacheStats()
-        self._remote = remote or RemoteFiles(base)  # one client for every download
         self._cond = threading.Condition()
         self._entries: OrderedDict[int, np.ndarray] = OrderedDict()  # LRU first
         self._inflight: dict[int, Future] = {}
@@ -187,7 +185,7 @@ class ShardCache:
     def _fetch_verified(self, shard: int) -> np.ndarray:
         name, uri = self.files[shard], storage.join(self.base, self.files[shard])
         try:
-            actual = self._remote.size(uri)
+            actual = storage.size(uri)
         except FileNotFoundError:
             raise UserError(f"shard {uri} listed in the manifest is missing; prepare the data "
                             f"again (triaxis prepare --output {self.base})") from None
@@ -202,7 +200,7 @@ class ShardCache:
                 digest = hashlib.sha256()
                 with os.fdopen(fd, "wb") as f:
                     for start in range(0, actual, _RANGE_BYTES):
-                        data = self._remote.read(uri, start, min(start + _RANGE_BYTES, actual))
+                        data = storage.read_bytes(uri, start, min(start + _RANGE_BYTES, actual))
                         digest.update(data)
                         f.write(data)
                 if digest.hexdigest() == self.sha256[shard]:

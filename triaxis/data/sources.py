@@ -15,7 +15,6 @@ plain-text file or one Parquet row group, not the corpus.
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import sysconfig
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Iterator
 
 from triaxis import storage
-from triaxis.data.remote_io import ClientPool, RemoteFiles
 from triaxis.errors import UserError
 
 TEXT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
@@ -44,13 +42,11 @@ def embedded_corpus_files() -> list[str]:
     return [str(p) for p in sorted(files)]
 
 
-def resolve_inputs(inputs: list[str], extensions: tuple[str, ...],
-                   clients: ClientPool | None = None) -> list[str]:
+def resolve_inputs(inputs: list[str], extensions: tuple[str, ...]) -> list[str]:
     """Every input file, in order: each spec (file, folder or glob) expanded and sorted."""
-    clients = clients or ClientPool()
     files: list[str] = []
     for spec in inputs:
-        files.extend(_resolve_remote(spec, extensions, clients) if storage.is_remote(spec)
+        files.extend(_resolve_remote(spec, extensions) if storage.is_remote(spec)
                      else _resolve_local(spec, extensions))
     return files
 
@@ -72,88 +68,24 @@ def _resolve_local(spec: str, extensions: tuple[str, ...]) -> list[str]:
     return [str(f) for f in found]
 
 
-def check_bucket(uri: str, role: str, clients: ClientPool) -> None:
-    """A clear error now, before any work, if the bucket of an s3:// `uri` does not exist (or
-    the credentials are missing: storage.with_retries says so)."""
-    if not uri.startswith("s3://"):
-        return
-    bucket = uri[len("s3://"):].split("/", 1)[0]
-    fs = clients(uri).fs
-    try:
-        storage.with_retries(lambda: fs.call_s3("head_bucket", Bucket=bucket),
-                             f"{role} {uri}")
-    except FileNotFoundError:
-        raise UserError(f"{role} {uri}: the bucket {bucket} does not exist; create it "
-                        f"(aws s3 mb s3://{bucket}) or fix the URI") from None
-
-
-def _resolve_remote(spec: str, extensions: tuple[str, ...], clients: ClientPool) -> list[str]:
-    check_bucket(spec, "--input", clients)
-    fs = clients(spec).fs
-    p = fs._strip_protocol(spec)
-    scheme = spec.split("://", 1)[0]
-    if any(c in p for c in "*?["):
-        found = storage.with_retries(lambda: fs.glob(p, detail=True), f"listing {spec}")
-        found = [f for f, info in found.items() if info.get("type") == "file"]
-    elif storage.with_retries(lambda: fs.isfile(p), f"checking {spec}"):
-        found = [p]
-    else:
-        found = storage.with_retries(lambda: fs.find(p), f"listing {spec}")
-        found = [f for f in found if os.path.splitext(f)[1] in extensions]
+def _resolve_remote(spec: str, extensions: tuple[str, ...]) -> list[str]:
+    storage.check_location(spec, "--input")
+    found = storage.list_files(spec, extensions)
     if not found:
         raise UserError(f"input {spec} matches no object with a {'/'.join(extensions)} "
                         "extension; check the bucket and prefix (aws s3 ls)")
-    return [f"{scheme}://{f}" for f in sorted(found)]
+    return found
 
 
-class RangedReader(io.RawIOBase):
-    """A seekable read-only file over ranged reads of a remote object (each one retried)."""
-
-    def __init__(self, uri: str, files: RemoteFiles):
-        self.uri, self.files, self.pos = uri, files, 0
-        self.size = files.size(uri)
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        self.pos = max(0, base + offset)
-        return self.pos
-
-    def readinto(self, buf) -> int:
-        n = min(len(buf), self.size - self.pos)
-        if n <= 0:
-            return 0
-        data = self.files.read(self.uri, self.pos, self.pos + n)
-        buf[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
-def _open(path: str, clients: ClientPool, buffered: bool = True):
-    if not storage.is_remote(path):
-        return open(path, "rb")
-    raw = RangedReader(path, clients(path))
-    # Parquet reads whole column chunks at known offsets: a read-ahead buffer would only over-read.
-    return io.BufferedReader(raw, buffer_size=_READ_CHUNK_BYTES) if buffered else raw
-
-
-def file_documents(path: str, clients: ClientPool) -> Iterator[str]:
+def file_documents(path: str) -> Iterator[str]:
     """The documents of one input file, in file order (empty ones included)."""
     ext = os.path.splitext(path)[1].lower()
     if ext in JSON_EXTENSIONS:
-        yield from _json_documents(path, clients)
+        yield from _json_documents(path)
     elif ext in PARQUET_EXTENSIONS:
-        yield from _parquet_documents(path, clients)
+        yield from _parquet_documents(path)
     else:
-        data = clients(path).read(path) if storage.is_remote(path) else storage.read_bytes(path)
+        data = storage.read_bytes(path)
         if b"\x00" in data:
             # No text holds NUL bytes: a binary file (or UTF-16), which would train on garbage.
             raise UserError(f"{path} holds NUL bytes: it is not UTF-8 text (a binary file, or "
@@ -174,8 +106,8 @@ def _json_text(obj, where: str) -> str:
     return text.encode("utf-8", errors="replace").decode("utf-8")
 
 
-def _json_documents(path: str, clients: ClientPool) -> Iterator[str]:
-    with _open(path, clients) as f:
+def _json_documents(path: str) -> Iterator[str]:
+    with storage.open_read(path, _READ_CHUNK_BYTES) as f:
         head = f.peek(64)[:64].lstrip()
         if head.startswith(b"["):  # one JSON array of objects
             try:
@@ -196,14 +128,15 @@ def _json_documents(path: str, clients: ClientPool) -> Iterator[str]:
             yield _json_text(obj, f"{path} line {n}")
 
 
-def _parquet_documents(path: str, clients: ClientPool) -> Iterator[str]:
+def _parquet_documents(path: str) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"{path}: reading Parquet needs pyarrow; pip install pyarrow") from None
     import pyarrow
 
-    with _open(path, clients, buffered=False) as f:
+    # Parquet reads whole column chunks at known offsets: a read-ahead buffer would only over-read.
+    with storage.open_read(path) as f:
         try:
             pf = pq.ParquetFile(f)
         except pyarrow.ArrowException as e:
@@ -227,13 +160,12 @@ def _parquet_documents(path: str, clients: ClientPool) -> Iterator[str]:
                 yield text or ""
 
 
-def iter_documents(files: list[str], max_bytes: int, clients: ClientPool | None = None
-                   ) -> Iterator[str]:
+def iter_documents(files: list[str], max_bytes: int) -> Iterator[str]:
     """Non-blank documents of `files` in order, stopping after the document that brings the
     total past `max_bytes` characters (0 = no limit)."""
-    total, clients = 0, clients or ClientPool()
+    total = 0
     for path in files:
-        for text in file_documents(path, clients):
+        for text in file_documents(path):
             if not text.strip():
                 continue
             yield text
