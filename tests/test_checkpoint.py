@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import helpers
 from tests.dist import run_workers
+from tests.helpers import ENV, losses, triaxis
 from tests.parity import train_collect
 from triaxis.checkpoint import manifest as mf
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 UNTIED = {"model__tie_embeddings": "false"}
 
 
@@ -46,29 +47,8 @@ def test_reshard_chain_reproduces_the_uninterrupted_run(byte_data, tmp_path):
     assert [m["cursor"] for m in metas] == [m["step"] * 8 for m in metas]
 
 
-def triaxis(*args, env=None, timeout=240, check=True):
-    proc = subprocess.run([sys.executable, "-m", "triaxis", *map(str, args)], env=env or ENV,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
-
-
 def train_args(data, run, *extra):
-    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=32",
-            f"--train.run_dir={run}", "--train.global_batch=8", "--train.micro_batch=4",
-            "--train.lr=3e-3", "--train.warmup_steps=2", "--metrics.log_every=1",
-            "--train.val_every=0", "--metrics.progress=false", "--metrics.tensorboard=false",
-            *extra]
-
-
-def losses(run) -> dict[int, float]:
-    out = {}
-    for line in (Path(run) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
+    return helpers.train_args(data, run, "--train.lr=3e-3", "--train.warmup_steps=2", *extra)
 
 
 def final_weights(ckpt_dir) -> dict[str, torch.Tensor]:

@@ -3,21 +3,11 @@ endpoint override): async sharded saves with multipart uploads, resume, list/ver
 through a flaky proxy, and clear errors for a missing bucket or absent credentials."""
 
 import os
-import subprocess
-import sys
 
 from tests.flaky_proxy import FlakyProxy
+from tests.helpers import triaxis
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.checkpoint import manifest as mf
-
-
-def triaxis(*args, env=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "triaxis", *map(str, args)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                          capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def args(data, run, uri, *extra):

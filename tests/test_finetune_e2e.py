@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from tests.test_cli_e2e import losses, triaxis
+from tests.helpers import losses, triaxis
 from tests.test_tokenizer_hf import EOS, WORDS, llama_like_tokenizer
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,

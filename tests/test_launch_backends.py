@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests import helpers
 from tests.parity import tiny_train_args
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
@@ -333,8 +334,7 @@ def test_elastic_node_range_bad_input(byte_data, tmp_path, capsys, extra, messag
     argv = ["launch", "--dry-run", "--nproc-per-node", "1", "--rdzv-endpoint", "127.0.0.1:29499",
             *extra, *tiny(byte_data, tmp_path)]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    helpers.one_error_line(capsys.readouterr().err, message)
 
 
 def test_elastic_node_range_dry_run(byte_data, tmp_path, capsys):

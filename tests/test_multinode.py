@@ -7,10 +7,11 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests import helpers
+from tests.helpers import losses
 from tests.netns_hosts import HostNetwork, unavailable_reason
 
 _reason = unavailable_reason()
@@ -21,15 +22,8 @@ PORT = 29400
 
 
 def train_args(data, run_dir, *extra):
-    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=64",
-            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=2",
-            "--train.steps=4", "--train.val_every=0", "--metrics.log_every=1",
-            "--metrics.progress=false", "--metrics.tensorboard=false", *extra]
-
-
-def losses(run_dir) -> dict[int, float]:
-    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+    return helpers.train_args(data, run_dir, "--train.micro_batch=2", "--train.steps=4", *extra,
+                              seq_len=64)
 
 
 def launch_on(host, *args) -> subprocess.Popen:

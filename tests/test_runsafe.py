@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ENV, losses, train_args
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.checkpoint.lock import LEASE_NAME, RunLock
 from triaxis.errors import UserError
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def write_lease(folder, **fields):
@@ -118,12 +117,6 @@ def test_s3_lease(moto_s3):
 
 
 # -- the lease in a run --------------------------------------------------------------------------
-
-def train_args(data, run_dir, *extra):
-    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=32",
-            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=4",
-            "--metrics.log_every=1", "--metrics.progress=false", "--metrics.tensorboard=false",
-            "--train.val_every=0", *extra]
 
 
 def metric_steps(run_dir) -> list[int]:
@@ -235,15 +228,6 @@ def start(command, nproc, data, run_dir, env=None):
                              *sigint_args(data, run_dir, nproc)],
                             env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def losses(run_dir) -> dict[int, float]:
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]  # a resumed run re-logs steps: the last one wins
-    return out
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
