@@ -88,7 +88,7 @@ def test_sigkill_during_async_saves_never_exposes_a_partial_checkpoint(byte_data
     run = tmp_path / "run"
     args = train_args(byte_data, run, "--train.steps=400", "--checkpoint.interval=1",
                       "--checkpoint.keep_last=2", "--model.dim=128", "--model.n_layers=4")
-    for attempt in range(6):
+    for _attempt in range(6):
         proc = subprocess.Popen([sys.executable, "-m", "triaxis", "train", *args], env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         root = run / "checkpoints"

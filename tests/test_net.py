@@ -8,10 +8,9 @@ import pytest
 
 from tests.helpers import triaxis
 from triaxis.errors import UserError
+from triaxis.launchers.netenv import apply_env, recommended_env
 from triaxis.net import bench
 from triaxis.net.check import NetFacts, evaluate, gather
-from triaxis.launchers.netenv import apply_env, recommended_env
-
 
 # -- bandwidth arithmetic: nccl-tests' doc/PERFORMANCE.md --------------------------------------
 

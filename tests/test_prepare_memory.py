@@ -3,7 +3,6 @@ documents into pieces never changes a token."""
 
 import os
 import random
-import resource
 import subprocess
 import sys
 
