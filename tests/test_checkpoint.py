@@ -60,6 +60,7 @@ def final_weights(ckpt_dir) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_falls_back_and_cli_verify(byte_data, tmp_path):
     run = tmp_path / "run"
     triaxis("train", *train_args(byte_data, run, "--train.steps=4", "--checkpoint.interval=2"))
@@ -113,6 +114,7 @@ def test_sigkill_during_async_saves_never_exposes_a_partial_checkpoint(byte_data
     assert not mf.uncommitted(str(root))  # the interrupted save was cleaned up
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_sigkill_matches_uninterrupted(byte_data, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     common = ["launch", "--nproc-per-node", 2, "--max-restarts", 1]
@@ -175,7 +177,7 @@ def test_numerics_guard_stops_past_the_limit(byte_data, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
                     reason="mounting a small tmpfs in a private mount namespace needs root")
-@pytest.mark.parametrize("async_save", ["false", "true"])
+@pytest.mark.parametrize("async_save", ["false", pytest.param("true", marks=pytest.mark.slow)])
 def test_full_disk_is_one_line_and_loses_nothing(async_save, byte_data, tmp_path):
     """A real ENOSPC: the run folder lives on a 5 MiB tmpfs (one tiny checkpoint fits, two do
     not) in a private mount namespace. The second save fails with one line and exit 2; the first
@@ -231,7 +233,7 @@ def _skewed_run(rank: int, world: int, data: str, run_dir: str, overrides: dict)
     # in the very step where rank 1 sees it finished
     (2, "1:sidecar:1.0,1:poll:0.5"),
     # the same with a slow write on rank 0, and ranks that poll at three different times
-    (4, "0:write:0.5,3:sidecar:1.0,3:poll:0.5,1:poll:0.2"),
+    pytest.param(4, "0:write:0.5,3:sidecar:1.0,3:poll:0.5,1:poll:0.2", marks=pytest.mark.slow),
 ])
 def test_async_saves_commit_under_rank_skew(world, skew, byte_data, tmp_path, monkeypatch):
     """The commit protocol is symmetric: whatever rank finishes its write, its sidecar or its

@@ -4,6 +4,8 @@ through a flaky proxy, and clear errors for a missing bucket or absent credentia
 
 import os
 
+import pytest
+
 from tests.flaky_proxy import FlakyProxy
 from tests.helpers import triaxis
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
@@ -37,6 +39,7 @@ def test_s3_checkpoints_resume_and_verify(moto_s3, byte_data, tmp_path):
     assert [f.step for f in mf.list_checkpoints(uri)] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_transient_storage_errors_are_retried(moto_s3, byte_data, tmp_path):
     bucket = moto_s3.new_bucket()
     proxy = FlakyProxy(moto_s3.endpoint, fail_every=7)
@@ -110,6 +113,7 @@ class Outage:
             self.seconds is None or time.monotonic() - self.since < self.seconds)
 
 
+@pytest.mark.slow
 def test_outage_during_an_async_save_is_retried(moto_s3, byte_data, tmp_path):
     """A 15 s outage that starts in the middle of an async save: the save is retried (all
     ranks together) until the store is back; the run finishes, nothing is lost."""
@@ -130,6 +134,7 @@ def test_outage_during_an_async_save_is_retried(moto_s3, byte_data, tmp_path):
     assert all(mf.verify(f.path) == [] for f in found)
 
 
+@pytest.mark.slow
 def test_failed_saves_are_skipped_then_stop_the_run(moto_s3, byte_data, tmp_path):
     """The store stays away: each save is retried for checkpoint.retry_s, then skipped with a
     warning while training goes on; checkpoint.max_failed_saves in a row stop the run with

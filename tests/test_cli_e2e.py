@@ -47,6 +47,7 @@ def test_train_loss_falls_and_generate(bpe_data, tmp_path):
     assert out.stdout.startswith("def ") and len(out.stdout) > len("def ") + 5
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(bpe_data, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     common = ["--train.steps=16", "--checkpoint.interval=8", "--train.val_every=0"]

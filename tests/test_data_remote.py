@@ -237,6 +237,7 @@ def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_train_from_s3_killed_and_resumed_with_other_dp(moto_s3, tmp_path, capsys):
     bucket = moto_s3.new_bucket()
     data, cache = f"s3://{bucket}/stdlib", tmp_path / "cache"

@@ -40,7 +40,7 @@ def test_one_rank_error_stops_the_job_and_names_its_cause(byte_data, tmp_path, n
     assert "Traceback" in proc.stderr  # a bug comes with its traceback
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_watchdog_names_the_stuck_rank(byte_data, tmp_path, nproc):
     stuck = nproc - 1
     cmd = ["--train.hang_timeout_s=5"]

@@ -9,6 +9,7 @@ import json
 import shlex
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 
@@ -40,6 +41,7 @@ def logits(model, tokens) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out).float()
 
 
+@pytest.mark.slow
 def test_import_prepare_finetune_export(tmp_path):
     hf, ckpt, data, run, out = (tmp_path / n for n in ("hf", "ckpt", "data", "run", "out"))
     original = hf_model_folder(hf)

@@ -15,7 +15,7 @@ from tests.helpers import losses
 from tests.netns_hosts import HostNetwork, unavailable_reason
 
 _reason = unavailable_reason()
-pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
 STALE = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "MASTER_ADDR", "MASTER_PORT")
 ENV = {**{k: v for k, v in os.environ.items() if k not in STALE}, "OMP_NUM_THREADS": "1"}
 PORT = 29400

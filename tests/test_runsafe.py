@@ -230,7 +230,7 @@ def start(command, nproc, data, run_dir, env=None):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_ctrl_c_saves_and_resumes_exactly(byte_data, tmp_path, nproc):
     ref, run = tmp_path / "ref", tmp_path / "run"
     proc = start([], nproc, byte_data, ref)
