@@ -85,6 +85,7 @@ def test_corrupted_checkpoint_falls_back_and_cli_verify(byte_data, tmp_path):
     assert [f.step for f in mf.list_checkpoints(str(ckdir))] == [2, 4, 5]
 
 
+@pytest.mark.slow
 def test_sigkill_during_async_saves_never_exposes_a_partial_checkpoint(byte_data, tmp_path):
     run = tmp_path / "run"
     args = train_args(byte_data, run, "--train.steps=400", "--checkpoint.interval=1",
@@ -177,7 +178,8 @@ def test_numerics_guard_stops_past_the_limit(byte_data, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
                     reason="mounting a small tmpfs in a private mount namespace needs root")
-@pytest.mark.parametrize("async_save", ["false", pytest.param("true", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("async_save", ["false", "true"])
 def test_full_disk_is_one_line_and_loses_nothing(async_save, byte_data, tmp_path):
     """A real ENOSPC: the run folder lives on a 5 MiB tmpfs (one tiny checkpoint fits, two do
     not) in a private mount namespace. The second save fails with one line and exit 2; the first

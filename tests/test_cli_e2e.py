@@ -106,6 +106,7 @@ def test_checkpoint_of_another_shape_is_refused_untouched(bpe_data, tmp_path):
     assert (run / "config.toml").read_text() == config_before
 
 
+@pytest.mark.slow
 def test_launch_two_processes_sharded(bpe_data, tmp_path):
     run = tmp_path / "run"
     proc = triaxis("launch", "--nproc-per-node", 2,

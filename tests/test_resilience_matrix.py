@@ -291,10 +291,9 @@ SLOW = [
     ("pp_tp_dp", "val", "kill"),
     ("pp_tp_dp", "val", "slices"),
 ]
-# The fast lane (`-m "not slow"`) keeps one cell of each scenario and each family of layouts:
+# The fast lane (`-m "not slow"`) keeps a kill + resume cell and a sliced-run cell (FSDP, pipeline):
 # every cell is a multi-process launch of several seconds on 2 cores.
-FAST_LANE = [("dp_shard", "rollback", "kill"), ("tp", "plain", "slices"),
-             ("pp_1f1b", "val", "kill"), ("hsdp", "val", "uninterrupted")]
+FAST_LANE = [("dp_shard", "rollback", "kill"), ("pp_1f1b", "val", "slices")]
 CASES = [pytest.param(*c, id="-".join(c), marks=() if c in FAST_LANE else pytest.mark.slow)
          for c in FAST + SLOW]
 
