@@ -21,6 +21,7 @@ def args(data, run, uri, *extra):
             f"--checkpoint.dir={uri}", "--checkpoint.interval=2", *extra]
 
 
+@pytest.mark.slow
 def test_s3_checkpoints_resume_and_verify(moto_s3, byte_data, tmp_path):
     uri = f"s3://{moto_s3.new_bucket()}/runs/one"
     triaxis(*args(byte_data, tmp_path / "run", uri, "--train.steps=4"))

@@ -79,6 +79,7 @@ def error_of(proc) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2(bpe_data, tmp_path):
     assert "run `triaxis prepare" in error_of(triaxis(
         *train_args(tmp_path / "nodata", tmp_path / "r"), check=False))

@@ -259,7 +259,7 @@ def test_ctrl_c_saves_and_resumes_exactly(byte_data, tmp_path, nproc):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_second_ctrl_c_aborts_at_once(byte_data, tmp_path, nproc):
     run = tmp_path / "run"
     # Every step is slow (5 s): the first Ctrl-C waits for the end of the step, the second
