@@ -65,10 +65,10 @@ def main() -> None:
     targets = [""]
     server = None
     if a.s3:
+        import logging
+
         import boto3
         from moto.server import ThreadedMotoServer
-
-        import logging
 
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -74,7 +74,8 @@ def main() -> None:
             if r:
                 rows.append(r)
     ref = next((r for r in rows if r["system"] == "hf-transformers" and r["compile"]), None)
-    print(f"{'system':<16}{'compile':>8}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'vs compiled':>13}")
+    print(f"{'system':<16}{'compile':>8}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}"
+          f"{'vs compiled':>13}")
     for r in rows:
         mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "-"
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"

@@ -111,7 +111,8 @@ def main() -> None:
     ap.add_argument("--tf-ms", type=float, default=10.0)
     a = ap.parse_args()
     rows = []
-    print(f"{'schedule':<18}{'m':>4}{'step s':>9}{'bubble':>9}{'analytic':>10}  idle share per rank")
+    print(f"{'schedule':<18}{'m':>4}{'step s':>9}{'bubble':>9}{'analytic':>10}"
+          "  idle share per rank")
     for m in a.microbatches:
         for name, v in SCHEDULES.items():
             r = measure(name, v, a.pp, m, a.tf_ms / 1000)

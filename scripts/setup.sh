@@ -12,7 +12,8 @@ extra="" check="import triaxis, torch, tokenizers, safetensors, rich, s3fs"
 if [ "${1:-}" = "test" ]; then
   extra="[test]" check="$check, pytest, boto3, moto, transformers, pyarrow, importlinter"
 fi
-if ! .venv/bin/python -c "$check" 2>/dev/null; then
+# ruff is a binary, not a module: a test venv without it installs the extra too.
+if ! .venv/bin/python -c "$check" 2>/dev/null || { [ -n "$extra" ] && [ ! -x .venv/bin/ruff ]; }; then
   .venv/bin/pip install -q --disable-pip-version-check "${TORCH_SPEC:-torch==2.13.0}"
   # The constraints pin the versions the tests were run with; torch stays what TORCH_SPEC chose.
   grep -v '^torch==' scripts/constraints.txt > .venv/constraints.txt

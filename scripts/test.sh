@@ -6,4 +6,6 @@ bash scripts/setup.sh test
 # Slurm + munge and the network-namespace tools the multi-node tests start (apt, as root;
 # without root those tests skip and say why).
 bash scripts/ci_services.sh
+# Lint first ([tool.ruff] in pyproject.toml): a finding fails the command before any test runs.
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

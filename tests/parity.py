@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+from tests.helpers import train_args
 from triaxis.config import load_config
 
 BASE = {
@@ -75,7 +76,4 @@ def assert_same_run(got: dict, ref: dict, rtol: float = 1e-5) -> None:
 
 def tiny_train_args(data, run_dir, *extra) -> list[str]:
     """Command-line overrides of a tiny, quiet training run (for CLI-level tests)."""
-    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=64",
-            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=4",
-            "--train.val_every=0", "--metrics.log_every=1", "--metrics.progress=false",
-            "--metrics.tensorboard=false", *extra]
+    return train_args(data, run_dir, *extra, seq_len=64)

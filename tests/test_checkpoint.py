@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import helpers
 from tests.dist import run_workers
+from tests.helpers import ENV, losses, triaxis
 from tests.parity import train_collect
 from triaxis.checkpoint import manifest as mf
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 UNTIED = {"model__tie_embeddings": "false"}
 
 
@@ -46,29 +47,8 @@ def test_reshard_chain_reproduces_the_uninterrupted_run(byte_data, tmp_path):
     assert [m["cursor"] for m in metas] == [m["step"] * 8 for m in metas]
 
 
-def triaxis(*args, env=None, timeout=240, check=True):
-    proc = subprocess.run([sys.executable, "-m", "triaxis", *map(str, args)], env=env or ENV,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
-
-
 def train_args(data, run, *extra):
-    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=32",
-            f"--train.run_dir={run}", "--train.global_batch=8", "--train.micro_batch=4",
-            "--train.lr=3e-3", "--train.warmup_steps=2", "--metrics.log_every=1",
-            "--train.val_every=0", "--metrics.progress=false", "--metrics.tensorboard=false",
-            *extra]
-
-
-def losses(run) -> dict[int, float]:
-    out = {}
-    for line in (Path(run) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
-    return out
+    return helpers.train_args(data, run, "--train.lr=3e-3", "--train.warmup_steps=2", *extra)
 
 
 def final_weights(ckpt_dir) -> dict[str, torch.Tensor]:
@@ -80,6 +60,7 @@ def final_weights(ckpt_dir) -> dict[str, torch.Tensor]:
     return torch.load(out, weights_only=False)["model"]
 
 
+@pytest.mark.slow
 def test_corrupted_checkpoint_falls_back_and_cli_verify(byte_data, tmp_path):
     run = tmp_path / "run"
     triaxis("train", *train_args(byte_data, run, "--train.steps=4", "--checkpoint.interval=2"))
@@ -104,11 +85,12 @@ def test_corrupted_checkpoint_falls_back_and_cli_verify(byte_data, tmp_path):
     assert [f.step for f in mf.list_checkpoints(str(ckdir))] == [2, 4, 5]
 
 
+@pytest.mark.slow
 def test_sigkill_during_async_saves_never_exposes_a_partial_checkpoint(byte_data, tmp_path):
     run = tmp_path / "run"
     args = train_args(byte_data, run, "--train.steps=400", "--checkpoint.interval=1",
                       "--checkpoint.keep_last=2", "--model.dim=128", "--model.n_layers=4")
-    for attempt in range(6):
+    for _attempt in range(6):
         proc = subprocess.Popen([sys.executable, "-m", "triaxis", "train", *args], env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         root = run / "checkpoints"
@@ -133,6 +115,7 @@ def test_sigkill_during_async_saves_never_exposes_a_partial_checkpoint(byte_data
     assert not mf.uncommitted(str(root))  # the interrupted save was cleaned up
 
 
+@pytest.mark.slow
 def test_elastic_restart_after_sigkill_matches_uninterrupted(byte_data, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     common = ["launch", "--nproc-per-node", 2, "--max-restarts", 1]
@@ -195,6 +178,7 @@ def test_numerics_guard_stops_past_the_limit(byte_data, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
                     reason="mounting a small tmpfs in a private mount namespace needs root")
+@pytest.mark.slow
 @pytest.mark.parametrize("async_save", ["false", "true"])
 def test_full_disk_is_one_line_and_loses_nothing(async_save, byte_data, tmp_path):
     """A real ENOSPC: the run folder lives on a 5 MiB tmpfs (one tiny checkpoint fits, two do
@@ -251,7 +235,7 @@ def _skewed_run(rank: int, world: int, data: str, run_dir: str, overrides: dict)
     # in the very step where rank 1 sees it finished
     (2, "1:sidecar:1.0,1:poll:0.5"),
     # the same with a slow write on rank 0, and ranks that poll at three different times
-    (4, "0:write:0.5,3:sidecar:1.0,3:poll:0.5,1:poll:0.2"),
+    pytest.param(4, "0:write:0.5,3:sidecar:1.0,3:poll:0.5,1:poll:0.2", marks=pytest.mark.slow),
 ])
 def test_async_saves_commit_under_rank_skew(world, skew, byte_data, tmp_path, monkeypatch):
     """The commit protocol is symmetric: whatever rank finishes its write, its sidecar or its

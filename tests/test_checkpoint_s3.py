@@ -3,21 +3,13 @@ endpoint override): async sharded saves with multipart uploads, resume, list/ver
 through a flaky proxy, and clear errors for a missing bucket or absent credentials."""
 
 import os
-import subprocess
-import sys
+
+import pytest
 
 from tests.flaky_proxy import FlakyProxy
+from tests.helpers import triaxis
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.checkpoint import manifest as mf
-
-
-def triaxis(*args, env=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "triaxis", *map(str, args)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                          capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
 
 
 def args(data, run, uri, *extra):
@@ -29,6 +21,7 @@ def args(data, run, uri, *extra):
             f"--checkpoint.dir={uri}", "--checkpoint.interval=2", *extra]
 
 
+@pytest.mark.slow
 def test_s3_checkpoints_resume_and_verify(moto_s3, byte_data, tmp_path):
     uri = f"s3://{moto_s3.new_bucket()}/runs/one"
     triaxis(*args(byte_data, tmp_path / "run", uri, "--train.steps=4"))
@@ -47,6 +40,7 @@ def test_s3_checkpoints_resume_and_verify(moto_s3, byte_data, tmp_path):
     assert [f.step for f in mf.list_checkpoints(uri)] == [2, 4, 6]
 
 
+@pytest.mark.slow
 def test_transient_storage_errors_are_retried(moto_s3, byte_data, tmp_path):
     bucket = moto_s3.new_bucket()
     proxy = FlakyProxy(moto_s3.endpoint, fail_every=7)
@@ -120,6 +114,7 @@ class Outage:
             self.seconds is None or time.monotonic() - self.since < self.seconds)
 
 
+@pytest.mark.slow
 def test_outage_during_an_async_save_is_retried(moto_s3, byte_data, tmp_path):
     """A 15 s outage that starts in the middle of an async save: the save is retried (all
     ranks together) until the store is back; the run finishes, nothing is lost."""
@@ -140,6 +135,7 @@ def test_outage_during_an_async_save_is_retried(moto_s3, byte_data, tmp_path):
     assert all(mf.verify(f.path) == [] for f in found)
 
 
+@pytest.mark.slow
 def test_failed_saves_are_skipped_then_stop_the_run(moto_s3, byte_data, tmp_path):
     """The store stays away: each save is retried for checkpoint.retry_s, then skipped with a
     warning while training goes on; checkpoint.max_failed_saves in a row stop the run with

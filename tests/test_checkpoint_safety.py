@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import helpers
 from tests.test_checkpoint import ENV, train_args, triaxis
 from triaxis.checkpoint import manifest as mf
 
@@ -53,12 +54,8 @@ def craft_metadata(ckpt: Path, marker: Path) -> None:
 
 
 def one_error_line(proc, *words) -> str:
-    err = proc.stderr.strip()
     assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    for w in words:
-        assert w in err, (w, err)
-    return err
+    return helpers.one_error_line(proc.stderr, *words)
 
 
 def load_paths(byte_data, run: Path, ckpt: Path, tmp_path: Path) -> dict:

@@ -1,33 +1,15 @@
 """Drive the CLI as a user would: prepare -> train -> generate -> resume; bad input exits 2."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def triaxis(*args, timeout=300, check=True):
-    proc = subprocess.run([sys.executable, "-m", "triaxis", *map(str, args)], env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"triaxis {args} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def losses(run_dir) -> dict[int, float]:
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]  # a resumed run re-logs steps: the last one wins
-    return out
+from tests import helpers
+from tests.helpers import ENV, losses, triaxis
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +24,9 @@ def bpe_data(tmp_path_factory):
 
 
 def train_args(data, run_dir, *extra):
-    return ["train", "--model.preset=tiny", f"--data.path={data}", "--data.seq_len=64",
-            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=8",
-            "--train.lr=3e-3", "--train.warmup_steps=5", "--metrics.log_every=1",
-            "--train.val_every=25", "--metrics.progress=false", *extra]
+    return ["train", *helpers.train_args(
+        data, run_dir, "--train.micro_batch=8", "--train.lr=3e-3", "--train.warmup_steps=5",
+        "--train.val_every=25", "--metrics.tensorboard=true", *extra, seq_len=64)]
 
 
 def test_train_loss_falls_and_generate(bpe_data, tmp_path):
@@ -66,6 +47,7 @@ def test_train_loss_falls_and_generate(bpe_data, tmp_path):
     assert out.stdout.startswith("def ") and len(out.stdout) > len("def ") + 5
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_exactly(bpe_data, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     common = ["--train.steps=16", "--checkpoint.interval=8", "--train.val_every=0"]
@@ -97,6 +79,7 @@ def error_of(proc) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line_exit_2(bpe_data, tmp_path):
     assert "run `triaxis prepare" in error_of(triaxis(
         *train_args(tmp_path / "nodata", tmp_path / "r"), check=False))
@@ -124,6 +107,7 @@ def test_checkpoint_of_another_shape_is_refused_untouched(bpe_data, tmp_path):
     assert (run / "config.toml").read_text() == config_before
 
 
+@pytest.mark.slow
 def test_launch_two_processes_sharded(bpe_data, tmp_path):
     run = tmp_path / "run"
     proc = triaxis("launch", "--nproc-per-node", 2,

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
 from triaxis.data.dataset import TRACE_ENV, TokenDataset, micro_batch_start
@@ -161,9 +162,7 @@ def test_corrupted_truncated_missing_shards(moto_s3, s3_data, byte_data, tmp_pat
 
 
 def one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    return helpers.one_error_line(capsys.readouterr().err)
 
 
 def test_cli_missing_bucket_no_credentials_no_manifest(s3_data, tmp_path, monkeypatch, capsys):
@@ -238,6 +237,7 @@ def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
     return out
 
 
+@pytest.mark.slow
 def test_train_from_s3_killed_and_resumed_with_other_dp(moto_s3, tmp_path, capsys):
     bucket = moto_s3.new_bucket()
     data, cache = f"s3://{bucket}/stdlib", tmp_path / "cache"

@@ -23,9 +23,11 @@ def launch(data, run_dir, nproc, *extra, env=None, timeout=GENEROUS_S):
 
 
 @pytest.mark.parametrize("nproc,rank,point,extra", [
-    (2, 1, "start", ()), (2, 1, "forward@3", ()), (2, 1, "checkpoint", ()),
-    (2, 0, "validation", ()), (2, 1, "logging@2", ()), (4, 2, "forward@2", ()),
-    (2, 0, "forward@2", ("--parallel.pp=2", "--parallel.dp_shard=1")),  # peers in send/recv
+    (2, 1, "forward@3", ()),  # the fast lane's case: the others are marked slow
+    *[pytest.param(*case, marks=pytest.mark.slow) for case in [
+        (2, 1, "start", ()), (2, 1, "checkpoint", ()), (2, 0, "validation", ()),
+        (2, 1, "logging@2", ()), (4, 2, "forward@2", ()),
+        (2, 0, "forward@2", ("--parallel.pp=2", "--parallel.dp_shard=1"))]],  # send/recv peers
 ])
 def test_one_rank_error_stops_the_job_and_names_its_cause(byte_data, tmp_path, nproc, rank,
                                                           point, extra):
@@ -40,7 +42,7 @@ def test_one_rank_error_stops_the_job_and_names_its_cause(byte_data, tmp_path, n
     assert "Traceback" in proc.stderr  # a bug comes with its traceback
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_watchdog_names_the_stuck_rank(byte_data, tmp_path, nproc):
     stuck = nproc - 1
     cmd = ["--train.hang_timeout_s=5"]

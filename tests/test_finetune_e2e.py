@@ -9,10 +9,11 @@ import json
 import shlex
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 
-from tests.test_cli_e2e import losses, triaxis
+from tests.helpers import losses, triaxis
 from tests.test_tokenizer_hf import EOS, WORDS, llama_like_tokenizer
 
 SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -40,6 +41,7 @@ def logits(model, tokens) -> torch.Tensor:
     return (out.logits if hasattr(out, "logits") else out).float()
 
 
+@pytest.mark.slow
 def test_import_prepare_finetune_export(tmp_path):
     hf, ckpt, data, run, out = (tmp_path / n for n in ("hf", "ckpt", "data", "run", "out"))
     original = hf_model_folder(hf)

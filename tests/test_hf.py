@@ -11,6 +11,7 @@ import pytest
 import torch
 import transformers  # the reference; a test dependency (pyproject's `test` extra)
 
+from tests import helpers
 from tests.dist import run_workers
 from triaxis.cli import main
 from triaxis.hf.convert import args_from_hf_config, model_overrides
@@ -200,9 +201,7 @@ def test_import_loads_under_sharded_layouts(converted, tmp_path):
 
 def _run_error(argv: list[str], capsys) -> str:
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err, err
-    return err
+    return helpers.one_error_line(capsys.readouterr().err)
 
 
 def test_folder_without_config(tmp_path, capsys):

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from tests import helpers
 from tests.parity import tiny_train_args
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
@@ -235,6 +236,7 @@ def test_s3_checkpoint_dir_reaches_the_job(byte_data, tmp_path, capsys):
             ["--checkpoint.dir=s3://bucket/run/ckpt"] * 2  # the hyperparameter, then the plan's
 
 
+@pytest.mark.slow
 def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
         moto_s3, byte_data, tmp_path, capsys):
     """The hyperparameters of a 2-host request, run as a job here (1 host x 2 processes: the
@@ -292,6 +294,7 @@ def test_sagemaker_environment_from_files_and_variables(tmp_path):
         SageMakerEnv.read({}, tmp_path / "elsewhere")
 
 
+@pytest.mark.slow
 def test_a_sagemaker_job_runs_here(byte_data, tmp_path, capsys):
     """The request's hyperparameters, handed back as a 1-host job's environment, train."""
     assert main([*sm_args(byte_data, tmp_path / "ignored", "--dry-run", "--instance-type",
@@ -333,8 +336,7 @@ def test_elastic_node_range_bad_input(byte_data, tmp_path, capsys, extra, messag
     argv = ["launch", "--dry-run", "--nproc-per-node", "1", "--rdzv-endpoint", "127.0.0.1:29499",
             *extra, *tiny(byte_data, tmp_path)]
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    helpers.one_error_line(capsys.readouterr().err, message)
 
 
 def test_elastic_node_range_dry_run(byte_data, tmp_path, capsys):

@@ -93,7 +93,8 @@ def test_state_bytes_shrink_by_shard_degree(world, degrees, factor, byte_data, t
     ref = run_workers(_state_bytes, 1, byte_data, str(tmp_path / "ref"),
                       {"train__micro_batch": 8})[0]
     got = run_workers(_state_bytes, world, byte_data, str(tmp_path / "run"),
-                      {**degrees, "train__micro_batch": 8 * degrees.get("parallel__tp", 1) // world})
+                      {**degrees,
+                       "train__micro_batch": 8 * degrees.get("parallel__tp", 1) // world})
     total_ref = ref["params"] + ref["optim"]
     assert ref["optim"] == 2 * ref["params"]  # AdamW: exp_avg + exp_avg_sq
     for r in got:

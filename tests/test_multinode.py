@@ -7,29 +7,23 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from tests import helpers
+from tests.helpers import losses
 from tests.netns_hosts import HostNetwork, unavailable_reason
 
 _reason = unavailable_reason()
-pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
 STALE = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "MASTER_ADDR", "MASTER_PORT")
 ENV = {**{k: v for k, v in os.environ.items() if k not in STALE}, "OMP_NUM_THREADS": "1"}
 PORT = 29400
 
 
 def train_args(data, run_dir, *extra):
-    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=64",
-            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=2",
-            "--train.steps=4", "--train.val_every=0", "--metrics.log_every=1",
-            "--metrics.progress=false", "--metrics.tensorboard=false", *extra]
-
-
-def losses(run_dir) -> dict[int, float]:
-    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in recs if "loss" in r}
+    return helpers.train_args(data, run_dir, "--train.micro_batch=2", "--train.steps=4", *extra,
+                              seq_len=64)
 
 
 def launch_on(host, *args) -> subprocess.Popen:

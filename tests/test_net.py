@@ -2,25 +2,15 @@
 this CPU machine, and a real 2-process gloo benchmark whose JSON the planner loads."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import triaxis
 from triaxis.errors import UserError
+from triaxis.launchers.netenv import apply_env, recommended_env
 from triaxis.net import bench
 from triaxis.net.check import NetFacts, evaluate, gather
-from triaxis.launchers.netenv import apply_env, recommended_env
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def triaxis(*args, timeout=120, env=None):
-    return subprocess.run([sys.executable, "-m", "triaxis", *map(str, args)], env=env or ENV,
-                          capture_output=True, text=True, timeout=timeout)
-
 
 # -- bandwidth arithmetic: nccl-tests' doc/PERFORMANCE.md --------------------------------------
 
@@ -132,11 +122,10 @@ def test_recommended_env_is_applied_without_overriding_the_user():
 
 
 def test_net_check_on_this_cpu_machine():
-    proc = triaxis("net", "check")
+    proc = triaxis("net", "check", timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert "[skip] nccl" in proc.stdout
     assert ", 0 fail," in proc.stdout
-
 
 
 def test_net_check_json(capsys):
@@ -154,7 +143,7 @@ def test_net_bench_two_processes_gloo(tmp_path):
     out, hw = tmp_path / "bench.json", tmp_path / "measured.toml"
     proc = triaxis("net", "bench", "--nproc-per-node", 2, "--max-bytes", "64K", "--iters", 3,
                    "--warmup", 1, "--json", out, "--hardware-out", hw, "--base-cluster", "cpu",
-                   timeout=180)
+                   timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert "busbw(GB/s)" in lines[2]

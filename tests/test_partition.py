@@ -92,6 +92,7 @@ def _cli(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_pipeline_bad_input_from_the_cli(byte_data, tmp_path):
     base = ["launch", "--nproc-per-node", 2, "--model.preset=tiny", f"--data.path={byte_data}",
             f"--train.run_dir={tmp_path}", "--parallel.pp=2", "--parallel.dp_shard=1",

@@ -22,7 +22,7 @@ SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("looped-bfs", 
              ("interleaved-zb", 2), ("zbv", 2), ("dualpipev", 2)]
 
 
-@pytest.mark.parametrize("pp", [2, 4])
+@pytest.mark.parametrize("pp", [2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("schedule,v", SCHEDULES, ids=[s for s, _ in SCHEDULES])
 def test_schedule_matches_single_process(schedule, v, pp, byte_data, tmp_path, tmp_path_factory):
     micro = 1 if pp * v >= 4 else 2  # 8 or 4 micro-batches: what the deepest schedule needs
@@ -38,6 +38,7 @@ def test_schedule_matches_single_process(schedule, v, pp, byte_data, tmp_path, t
     assert_same_run(merged, reference(byte_data, tmp_path_factory, micro))
 
 
+@pytest.mark.slow
 def test_3d_layout_world8_matches_single_process(byte_data, tmp_path, tmp_path_factory):
     """pp 2 x tp 2 x dp_shard 2 on one mesh of 8 ranks."""
     got = run_workers(train_collect, 8, byte_data, str(tmp_path),

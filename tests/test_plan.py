@@ -16,12 +16,22 @@ from triaxis.model.presets import PRESETS
 from triaxis.plan.cli import main
 from triaxis.plan.evidence import row_shape
 from triaxis.plan.hardware import load_catalog, resolve_hardware
-from triaxis.plan.memory import (layer_activation_bytes_per_token, logits_bytes_per_token,
-                                 loss_bytes, predict_state_bytes_per_rank)
+from triaxis.plan.memory import (
+    layer_activation_bytes_per_token,
+    logits_bytes_per_token,
+    loss_bytes,
+    predict_state_bytes_per_rank,
+)
 from triaxis.plan.problem import RUNTIMES, Layout, ModelShape, Problem, load_model, shape_from_args
 from triaxis.plan.search import SearchSpace, enumerate_layouts, evaluate, plan
-from triaxis.plan.steptime import (AxisLink, all_gather_s, all_reduce_s, axis_link, bubble_slots,
-                                   gemm_s)
+from triaxis.plan.steptime import (
+    AxisLink,
+    all_gather_s,
+    all_reduce_s,
+    axis_link,
+    bubble_slots,
+    gemm_s,
+)
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +98,9 @@ def test_megatron_flop_convention():
     """Model FLOPs + the recomputed forward = 96·B·s·l·h²(1 + s/6h + V/16lh) / (B·s)."""
     row = {"name": "x", "dim": 12288, "n_layers": 80, "n_heads": 96, "vocab_size": 51200}
     shape, s = row_shape(row), 2048
-    h, l, v = 12288, 80, 51200
-    paper = 96 * l * h * h * (1 + s / (6 * h) + v / (16 * l * h))
-    ours = shape.model_flops_per_token(s) + shape.recompute_flops_per_token(s, l)
+    h, n, v = 12288, 80, 51200  # hidden size, layers, vocabulary
+    paper = 96 * n * h * h * (1 + s / (6 * h) + v / (16 * n * h))
+    ours = shape.model_flops_per_token(s) + shape.recompute_flops_per_token(s, n)
     assert ours == pytest.approx(paper, rel=1e-3)  # norm weights are the only difference
 
 
@@ -195,7 +205,8 @@ def test_memory_grows_with_micro_batch_and_shrinks_with_checkpointing(catalog):
     big = evaluate(problem, Layout(1, 64, 1, 1, 4, "none"))
     full = evaluate(problem, Layout(1, 64, 1, 1, 4, "full"))
     # The fused head + loss holds one 4096-token chunk's logits (bf16, fp32 and the bf16
-    # gradient: 8 bytes x 128k vocab a token), whatever the micro-batch; not checkpointed. The blocks' activations grow with the micro-batch; with
+    # gradient: 8 bytes x 128k vocab a token), whatever the micro-batch; not checkpointed. The
+    # blocks' activations grow with the micro-batch; with
     # full checkpointing the 32 blocks keep only their inputs, plus one block recomputed.
     logits = loss_bytes(problem.shape, problem.runtime, 1, 2, 4 * 4096, whole_head=True)
     assert logits == loss_bytes(problem.shape, problem.runtime, 1, 2, 4096, whole_head=True)
@@ -232,7 +243,8 @@ def test_bubble_per_schedule():
     assert bubble_slots(dataclasses.replace(base, schedule="gpipe")) == 7
     assert bubble_slots(dataclasses.replace(base, schedule="interleaved-1f1b",
                                             virtual_stages=2)) == 3.5
-    assert bubble_slots(dataclasses.replace(base, schedule="interleaved-zb")) == pytest.approx(7 / 3)
+    assert bubble_slots(dataclasses.replace(base, schedule="interleaved-zb")) == \
+        pytest.approx(7 / 3)
     assert bubble_slots(dataclasses.replace(base, schedule="zbv")) == 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import helpers
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
 from triaxis.data.prepare import _CHUNK_DOCS, PrepareOptions, prepare
@@ -157,9 +158,7 @@ def test_s3_input_and_output_match_local(tmp_path, moto_s3):
 
 
 def error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    return err[0]
+    return helpers.one_error_line(capsys.readouterr().err)
 
 
 def test_cli_missing_bucket_and_credentials(tmp_path, moto_s3, monkeypatch, capsys):

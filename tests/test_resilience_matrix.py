@@ -291,8 +291,11 @@ SLOW = [
     ("pp_tp_dp", "val", "kill"),
     ("pp_tp_dp", "val", "slices"),
 ]
-CASES = [pytest.param(*c, id="-".join(c)) for c in FAST] + \
-        [pytest.param(*c, id="-".join(c), marks=pytest.mark.slow) for c in SLOW]
+# The fast lane (`-m "not slow"`) keeps a kill + resume cell and a sliced-run cell (FSDP, pipeline):
+# every cell is a multi-process launch of several seconds on 2 cores.
+FAST_LANE = [("dp_shard", "rollback", "kill"), ("pp_1f1b", "val", "slices")]
+CASES = [pytest.param(*c, id="-".join(c), marks=() if c in FAST_LANE else pytest.mark.slow)
+         for c in FAST + SLOW]
 
 
 @pytest.mark.parametrize("layout,option,scenario", CASES)
@@ -311,7 +314,9 @@ RELAYOUT_SLOW = [("pp_interleaved-1f1b", "pp_dualpipev", "val"), ("pp_tp_dp", "t
 
 
 @pytest.mark.parametrize("first,then,option",
-                         [pytest.param(*c, id="-".join(c)) for c in RELAYOUT] +
+                         [pytest.param(*c, id="-".join(c),
+                                       marks=() if c == RELAYOUT[0] else pytest.mark.slow)
+                          for c in RELAYOUT] +
                          [pytest.param(*c, id="-".join(c), marks=pytest.mark.slow)
                           for c in RELAYOUT_SLOW])
 def test_resume_into_another_layout(first, then, option, byte_data, tmp_path,

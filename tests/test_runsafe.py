@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import ENV, losses, train_args
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.checkpoint.lock import LEASE_NAME, RunLock
 from triaxis.errors import UserError
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def write_lease(folder, **fields):
@@ -118,12 +117,6 @@ def test_s3_lease(moto_s3):
 
 
 # -- the lease in a run --------------------------------------------------------------------------
-
-def train_args(data, run_dir, *extra):
-    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=32",
-            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=4",
-            "--metrics.log_every=1", "--metrics.progress=false", "--metrics.tensorboard=false",
-            "--train.val_every=0", *extra]
 
 
 def metric_steps(run_dir) -> list[int]:
@@ -237,16 +230,7 @@ def start(command, nproc, data, run_dir, env=None):
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def losses(run_dir) -> dict[int, float]:
-    out = {}
-    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]  # a resumed run re-logs steps: the last one wins
-    return out
-
-
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_ctrl_c_saves_and_resumes_exactly(byte_data, tmp_path, nproc):
     ref, run = tmp_path / "ref", tmp_path / "run"
     proc = start([], nproc, byte_data, ref)
@@ -275,7 +259,7 @@ def test_ctrl_c_saves_and_resumes_exactly(byte_data, tmp_path, nproc):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_second_ctrl_c_aborts_at_once(byte_data, tmp_path, nproc):
     run = tmp_path / "run"
     # Every step is slow (5 s): the first Ctrl-C waits for the end of the step, the second

@@ -75,6 +75,7 @@ def cluster():
             c.stop()
 
 
+@pytest.mark.slow
 def test_two_node_job_trains_and_a_requeue_resumes(cluster, byte_data, tmp_path):
     run = tmp_path / "run"
     submit = cluster.run([sys.executable, "-m", "triaxis", "launch", "--backend", "slurm",

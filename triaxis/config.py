@@ -1,4 +1,5 @@
-"""Typed run configuration: one dataclass per section, loaded from TOML plus `--section.field=value`.
+"""Typed run configuration: one dataclass per section, loaded from TOML plus
+`--section.field=value`.
 
 Every field carries its documentation in the docstring that follows it (the attribute-docstring
 convention), which `triaxis config --fields` prints and docs/config.md is generated from
@@ -69,7 +70,7 @@ class DataConfig:
     seed: int = ranged(1234, ge=0)
     """Seed of the global sample order; sample i is a pure function of (seed, i)."""
     cache_dir: str = ""
-    """Local folder caching s3:// shards (empty = system temp); a subfolder per process, removed at exit."""
+    """Local folder caching s3:// shards (empty = system temp); a subfolder per process, removed at exit."""  # noqa: E501  (one line: docs/config.md's row)
     cache_gib: float = ranged(4.0, gt=0)
     """Bound of that cache per process and split, in GiB; least recently used shards are evicted."""
     shuffle_shards: int = ranged(0, ge=0)
@@ -91,7 +92,7 @@ class TrainConfig:
     global_batch: int = ranged(16, ge=1)
     """Samples per optimizer step, summed over data-parallel ranks and micro-batches."""
     micro_batch: int = ranged(8, ge=1)
-    """Samples per rank per forward pass; gradient accumulation = global_batch / (micro_batch x dp)."""
+    """Samples per rank per forward pass; gradient accumulation = global_batch / (micro_batch x dp)."""  # noqa: E501
     lr: float = ranged(1e-3, ge=0, le=10)
     """Peak learning rate of AdamW."""
     min_lr_ratio: float = ranged(0.1, ge=0, le=1)
@@ -159,7 +160,7 @@ class ParallelConfig:
     pp_virtual_stages: int = ranged(1, ge=1)
     """Stages per pipeline rank (v): more, smaller stages shrink the bubble to (p-1)/(v·m)."""
     pp_memory_weight: float = ranged(0.0, ge=0, le=1)
-    """Stage partitioning objective: 0 balances compute (speed), 1 balances memory, between blends."""
+    """Stage partitioning objective: 0 balances compute (speed), 1 balances memory, between blends."""  # noqa: E501
     pp_layers: str = ""
     """Explicit blocks per stage, e.g. "5,5,6" (overrides the automatic partitioner)."""
     fsdp_always: bool = False

@@ -32,8 +32,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from triaxis import storage
-from triaxis.checkpoint import dcp_io
-from triaxis.checkpoint import integrity
+from triaxis.checkpoint import dcp_io, integrity
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.dcp_io import load_model_weights  # noqa: F401  (generation, export)
 from triaxis.errors import UserError

@@ -20,8 +20,8 @@ import contextlib
 import io
 import os
 import zlib
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
 
 from triaxis.checkpoint import safe_load
 

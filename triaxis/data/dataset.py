@@ -35,8 +35,7 @@ import numpy as np
 from triaxis import storage
 from triaxis.data.format import FORMAT, MANIFEST
 from triaxis.data.tokenizer import load_tokenizer
-from triaxis.data.verify import (VERIFY_MODES, check_manifest, check_shard_size,
-                                 verify_shard)
+from triaxis.data.verify import VERIFY_MODES, check_manifest, check_shard_size, verify_shard
 from triaxis.errors import UserError
 
 TRACE_ENV = "TRIAXIS_TRACE_SAMPLES"

@@ -194,7 +194,7 @@ class ShardCache:
                             f"{self.sizes[shard]}: it was truncated or overwritten; prepare the "
                             f"data again (triaxis prepare --output {self.base})")
         folder = self._ensure_folder()
-        for attempt in range(2):  # a second try rules out corruption in transit
+        for _attempt in range(2):  # a second try rules out corruption in transit
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
             try:
                 digest = hashlib.sha256()

@@ -6,8 +6,9 @@ Each names one end-of-document token that `prepare` puts after every document.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -72,7 +73,7 @@ class BPETokenizer(_JSONTokenizer):
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
-    def train(cls, texts: Iterator[str], vocab_size: int) -> "BPETokenizer":
+    def train(cls, texts: Iterator[str], vocab_size: int) -> BPETokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())

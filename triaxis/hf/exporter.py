@@ -12,16 +12,20 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from triaxis.checkpoint.inference import load_checkpoint_model
 from triaxis.errors import UserError
 from triaxis.fields import Range, check_value
-from triaxis.hf.convert import (hf_config_from_args, interleaved_rows_to_hf, rope_heads,
-                                triaxis_to_hf_name)
+from triaxis.hf.convert import (
+    hf_config_from_args,
+    interleaved_rows_to_hf,
+    rope_heads,
+    triaxis_to_hf_name,
+)
 from triaxis.hf.importer import CONFIG, INDEX, SINGLE
 from triaxis.model.llama import Transformer
 

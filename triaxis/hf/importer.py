@@ -18,15 +18,20 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from triaxis.errors import UserError
 from triaxis.fields import Range, check_value
-from triaxis.hf.convert import (HF_LM_HEAD, args_from_hf_config, hf_rows_to_interleaved,
-                                hf_to_triaxis_name, rope_heads)
+from triaxis.hf.convert import (
+    HF_LM_HEAD,
+    args_from_hf_config,
+    hf_rows_to_interleaved,
+    hf_to_triaxis_name,
+    rope_heads,
+)
 from triaxis.model.llama import ModelArgs, Transformer, model_rope_tables
 
 CONFIG = "config.json"

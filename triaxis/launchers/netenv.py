@@ -13,9 +13,9 @@ import fcntl
 import os
 import socket
 import struct
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import MutableMapping
 
 SYS_INFINIBAND = Path("/sys/class/infiniband")
 _SIOCGIFADDR = 0x8915  # Linux ioctl: the IPv4 address of an interface

@@ -22,12 +22,20 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from triaxis.errors import UserError
-from triaxis.launchers.netenv import (apply_env, describe_applied, efa_devices, interface_of,
-                             is_local_address, recommended_env, resolve, source_address)
+from triaxis.launchers.netenv import (
+    apply_env,
+    describe_applied,
+    efa_devices,
+    interface_of,
+    is_local_address,
+    recommended_env,
+    resolve,
+    source_address,
+)
 
 DEFAULT_PORT = 29400
 
@@ -189,14 +197,13 @@ def prepare(spec: TorchrunSpec, environ: Mapping[str, str] = os.environ,
 
 def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -> int:
     """Run torch.distributed.run in this process; failures become exit codes or UserErrors."""
+    import signal
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import (RendezvousError,
-                                                         RendezvousTimeoutError)
+    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun_run
-
-    import signal
 
     def on_ctrl_c(signum, frame) -> None:
         # The first Ctrl-C as torch elastic's own handler would: the agent passes SIGINT to the

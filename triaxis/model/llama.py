@@ -19,8 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # The shape and its counts live in args.py (no torch there, for the planner); re-exported here.
-from triaxis.model.args import (ModelArgs, block_param_count, flops_per_token,  # noqa: F401
-                                param_counts)
+from triaxis.model.args import ModelArgs, block_param_count, flops_per_token, param_counts  # noqa: F401
 from triaxis.model.loss import chunked_cross_entropy
 
 

@@ -12,12 +12,17 @@ import ctypes.util
 import os
 import shutil
 import subprocess
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Literal
 
-from triaxis.launchers.netenv import (SYS_INFINIBAND, default_route_interface, efa_devices,
-                             recommended_env)
+from triaxis.launchers.netenv import (
+    SYS_INFINIBAND,
+    default_route_interface,
+    efa_devices,
+    recommended_env,
+)
 
 Status = Literal["pass", "warn", "fail", "skip"]
 EFA_PREFIX = Path("/opt/amazon/efa")

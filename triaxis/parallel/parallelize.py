@@ -39,9 +39,13 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
     the sequence dim (Shard(1)); each block gathers them for attention/MLP and reduce-scatters
     back. Column-wise q/k/v and w1/w3, row-wise wo and w2: one collective pair per sub-layer."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
-                                                   RowwiseParallel, SequenceParallel,
-                                                   parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
     # A pipeline stage may lack the embedding or the head: plan only the modules it holds.
     ends = {

@@ -7,7 +7,7 @@ classes of this PyTorch)."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from triaxis.config import Config, grad_accum_steps, validate
 from triaxis.errors import UserError

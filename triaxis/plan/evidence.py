@@ -33,7 +33,6 @@ from triaxis.plan.hardware import load_catalog, resolve_hardware
 from triaxis.plan.problem import RUNTIMES, Layout, ModelShape, Plan, Problem
 from triaxis.plan.search import divisors, evaluate
 
-
 # ---------------------------------------------------------------------------------------------
 # Published results
 

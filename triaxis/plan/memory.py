@@ -48,7 +48,6 @@ from functools import lru_cache
 from triaxis.model.args import ModelArgs
 from triaxis.plan.problem import Layout, MemoryBreakdown, ModelShape, Problem, Runtime
 
-
 ADAM_STEP_BYTES = 4
 
 

@@ -14,8 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from triaxis.errors import UserError, nearest
-from triaxis.model.args import (ModelArgs, block_param_count, embedding_param_count,
-                                flops_per_token, head_param_count, param_counts)
+from triaxis.model.args import (
+    ModelArgs,
+    block_param_count,
+    embedding_param_count,
+    flops_per_token,
+    head_param_count,
+    param_counts,
+)
 from triaxis.plan.hardware import Hardware
 
 

@@ -19,16 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 from triaxis.errors import UserError
 from triaxis.plan.hardware import GIB, Catalog
 from triaxis.plan.memory import memory_of, stage_blocks
-from triaxis.plan.problem import (AC_POLICIES, SCHEDULES, Layout, MemoryBreakdown, ModelShape,
-                                  Plan, Problem, TimeBreakdown)
+from triaxis.plan.problem import (
+    AC_POLICIES,
+    SCHEDULES,
+    Layout,
+    MemoryBreakdown,
+    ModelShape,
+    Plan,
+    Problem,
+    TimeBreakdown,
+)
 from triaxis.plan.steptime import recomputed_blocks, time_of
-
 
 # ---------------------------------------------------------------------------------------------
 # The enumeration

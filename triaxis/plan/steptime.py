@@ -72,10 +72,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from triaxis.plan.hardware import Hardware
-from triaxis.plan.memory import (checkpoint_bytes_per_token, layer_activation_bytes_per_token,
-                                 stage_blocks)
+from triaxis.plan.memory import (
+    checkpoint_bytes_per_token,
+    layer_activation_bytes_per_token,
+    stage_blocks,
+)
 from triaxis.plan.problem import Layout, ModelShape, Problem, Runtime, TimeBreakdown
-
 
 # ---------------------------------------------------------------------------------------------
 # Compute: a roofline per kernel

@@ -32,12 +32,10 @@ from triaxis.train.build import build_model
 from triaxis.train.distributed import DistEnv, init_distributed, leave_on_error, shutdown
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from triaxis.train.resilience import (
+    Faults,
     NumericsGuard,
     PreemptionWatch,
     hold_run_lock,
-    inject_fault,
-    inject_kill,
-    inject_nan,
     lock_folders,
 )
 from triaxis.train.resolve import resolve
@@ -82,6 +80,7 @@ class Trainer:
         cfg, self.dims, self.model_args, self.train_ds, why = resolve(cfg, env.world_size,
                                                                      planner)
         self.cfg, self.env = cfg, env
+        self.faults = Faults()  # test fault injection: parsed once, here
         self.log = RankLogger(env.is_main)
         if why:
             self.log.info(why)
@@ -169,7 +168,7 @@ class Trainer:
     def forward_backward(self, cursor: int, step: int) -> torch.Tensor:
         """Forward + backward over grad_accum micro-batches; gradients left in .grad.
         Returns this rank's mean loss (a tensor: no host sync here)."""
-        inject_fault("forward", self.env.rank, step)
+        self.faults.inject_fault("forward", self.env.rank, step)
         if hasattr(self.train_ds, "prefetch"):  # s3:// shards of this step and the next
             self.train_ds.prefetch(cursor, 2 * self.cfg.train.global_batch,
                                    self.cfg.train.micro_batch, self.dims.dp_size, self.dp_rank)
@@ -180,7 +179,7 @@ class Trainer:
             with self.loss_parallel(), self.autocast():
                 return self.pipeline.step(tokens)
         total = torch.zeros((), device=self.device)
-        poison = inject_nan(step)
+        poison = self.faults.inject_nan(step)
         for m in range(self.grad_accum):
             tokens = self.local_batch(self.train_ds, cursor, m)
             set_grad_sync(self.model, self.dims, last_micro_step=m == self.grad_accum - 1)
@@ -199,10 +198,19 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
 
-    def train_step(self, cursor: int, step: int = 0) -> torch.Tensor:
+    def train_step(self, cursor: int, step: int = 0) -> tuple[torch.Tensor, str | None]:
+        """One training step, the one fit() runs: forward + backward, the numerics guard's
+        verdict, then the optimizer step. Returns (this rank's loss, None), or (loss, why) for
+        a bad loss: no update was made and the gradients are dropped."""
+        self.faults.inject_kill(step, self.env.rank)
         loss = self.forward_backward(cursor, step)
+        if self.guard is not None:
+            reason = self.guard.check(self.mean_over_dp(loss), step, cursor)
+            if reason is not None:
+                self.optimizer.zero_grad(set_to_none=True)
+                return loss, reason
         self.optimizer_step()
-        return loss
+        return loss, None
 
     def mean_over_dp(self, value: torch.Tensor) -> float:
         if self.dp_group is not None:
@@ -217,7 +225,7 @@ class Trainer:
         the same samples and value for every layout."""
         if self.val_ds is None or self.cfg.train.val_batches == 0:
             return None
-        inject_fault("validation", self.env.rank)
+        self.faults.inject_fault("validation", self.env.rank)
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for v in range(self.cfg.train.val_batches):
@@ -253,7 +261,7 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         cfg, log = self.cfg, self.log
-        inject_fault("start", self.env.rank)
+        self.faults.inject_fault("start", self.env.rank)
         step, cursor = self.resume()
         first_step = step
         run_dir = Path(cfg.train.run_dir)
@@ -286,15 +294,10 @@ class Trainer:
                 if cursor in self.skip_cursors:
                     cursor += cfg.train.global_batch
                     continue
-                inject_kill(step + 1, self.env.rank)
-                loss = self.forward_backward(cursor, step + 1)
-                if self.guard is not None:
-                    reason = self.guard.check(self.mean_over_dp(loss), step + 1, cursor)
-                    if reason is not None:
-                        self.optimizer.zero_grad(set_to_none=True)
-                        step, cursor = self._bad_step(reason, step, cursor, self.skip_cursors)
-                        continue
-                self.optimizer_step()
+                loss, reason = self.train_step(cursor, step + 1)
+                if reason is not None:
+                    step, cursor = self._bad_step(reason, step, cursor, self.skip_cursors)
+                    continue
                 step += 1
                 cursor += cfg.train.global_batch
                 steps_since += 1
@@ -328,7 +331,7 @@ class Trainer:
                     break
                 if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or \
                         (last and cfg.checkpoint.save_final):
-                    inject_fault("checkpoint", self.env.rank, step)
+                    self.faults.inject_fault("checkpoint", self.env.rank, step)
                     path = self.ckpt.save(step, cursor, block=last, loop_state=self.loop_state())
                     self.ckpt_step = step
                     blocked = self.ckpt.blocking_s[-1]
@@ -394,7 +397,7 @@ class Trainer:
         mem = torch.tensor([_peak_memory_bytes(self.device)], dtype=torch.float64)
         wait = torch.tensor([self.data_wait_s], dtype=torch.float64)
         self.data_wait_s = 0.0
-        inject_fault("logging", self.env.rank, step)
+        self.faults.inject_fault("logging", self.env.rank, step)
         if self.env.world_size > 1:
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
             dist.all_reduce(wait, op=dist.ReduceOp.MAX)  # the slowest rank's wait stalls all

@@ -7,7 +7,6 @@ what lives here is what a running process must do by itself.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import signal
@@ -147,35 +146,6 @@ class NumericsGuard:
 
 # -- fault injection, for the tests of these features (documented in docs/resilience.md) ------
 
-def _faults(name: str) -> dict[int, int]:
-    """TRIAXIS_FAULT_<NAME>="rank:step,..." -> {step: rank}; the first attempt of a job only."""
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return {}
-    out = {}
-    for item in filter(None, os.environ.get(f"TRIAXIS_FAULT_{name}", "").split(",")):
-        rank, step = item.split(":")
-        out[int(step)] = int(rank)
-    return out
-
-
-_nan_done: set[int] = set()
-
-
-def inject_nan(step: int) -> bool:
-    """TRIAXIS_FAULT_NAN="3,7": poison the loss the first time each of these steps runs."""
-    steps = {int(s) for s in filter(None, os.environ.get("TRIAXIS_FAULT_NAN", "").split(","))}
-    if step in steps and step not in _nan_done:
-        _nan_done.add(step)
-        return True
-    return False
-
-
-def inject_kill(step: int, rank: int) -> None:
-    faults = _faults("KILL")
-    if step in faults and faults[step] == rank:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 class InjectedFault(RuntimeError):
     """The error TRIAXIS_FAULT_ERROR raises: a stand-in for any bug or I/O failure on one rank."""
 
@@ -186,34 +156,60 @@ collectives (before the first one, in FSDP's gathers, in the checkpoint's, in va
 reduce, in the metrics reduce)."""
 
 
-@functools.cache
-def _point_faults() -> dict[str, tuple[int, int]]:
-    """TRIAXIS_FAULT_ERROR / TRIAXIS_FAULT_HANG = "RANK:POINT[@STEP]" -> {kind: (rank, point,
-    step)}; read once, at the first hook, and only on the first attempt of a job."""
-    if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return {}
-    out = {}
-    for kind in ("ERROR", "HANG"):
-        text = os.environ.get(f"TRIAXIS_FAULT_{kind}", "")
-        if text:
-            rank, _, rest = text.partition(":")
-            point, _, step = rest.partition("@")
-            assert point in FAULT_POINTS, f"TRIAXIS_FAULT_{kind}: point {point!r} not in " \
-                f"{FAULT_POINTS}"
-            out[kind] = (int(rank), point, int(step or 0))
-    return out
+class Faults:
+    """The test faults this process injects, parsed once from the environment when the Trainer
+    starts (not on every step). All empty outside tests, and on every restart of an elastic
+    job (TORCHELASTIC_RESTART_COUNT > 0): a fault strikes the first attempt only, so the
+    restart can show the run recovering."""
 
+    def __init__(self, environ=os.environ) -> None:
+        first_attempt = environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+        get = (lambda name: environ.get(name, "")) if first_attempt else (lambda name: "")
+        self.kill: dict[int, int] = {}
+        """TRIAXIS_FAULT_KILL="RANK:STEP,...": SIGKILL rank RANK as step STEP starts."""
+        for item in filter(None, get("TRIAXIS_FAULT_KILL").split(",")):
+            rank, step = item.split(":")
+            self.kill[int(step)] = int(rank)
+        # NaN poisoning is not limited to the first attempt: a rollback re-runs the step
+        # within the same process, and the poison strikes the first time only.
+        self.nan_steps = {int(s) for s in
+                          filter(None, environ.get("TRIAXIS_FAULT_NAN", "").split(","))}
+        """TRIAXIS_FAULT_NAN="3,7": poison the loss the first time each of these steps runs."""
+        self.points: dict[str, tuple[int, str, int]] = {}
+        """TRIAXIS_FAULT_ERROR / TRIAXIS_FAULT_HANG = "RANK:POINT[@STEP]": {kind: (rank, point,
+        step)}; each strikes once."""
+        for kind in ("ERROR", "HANG"):
+            text = get(f"TRIAXIS_FAULT_{kind}")
+            if text:
+                rank, _, rest = text.partition(":")
+                point, _, step = rest.partition("@")
+                assert point in FAULT_POINTS, f"TRIAXIS_FAULT_{kind}: point {point!r} not in " \
+                    f"{FAULT_POINTS}"
+                self.points[kind] = (int(rank), point, int(step or 0))
+        delay = environ.get("TRIAXIS_FAULT_STEP_DELAY_S", "")
+        self.step_delay_s = float(delay) if delay else 0.0
+        """TRIAXIS_FAULT_STEP_DELAY_S: sleep this long before every forward (a slower run, to
+        signal mid-run)."""
 
-def inject_fault(point: str, rank: int, step: int = 0) -> None:
-    """Test hook: raise (TRIAXIS_FAULT_ERROR) or hang forever (TRIAXIS_FAULT_HANG) on one rank
-    the first time it reaches `point` at or after step STEP."""
-    faults = _point_faults()
-    if point == "forward" and os.environ.get("TRIAXIS_FAULT_STEP_DELAY_S"):
-        time.sleep(float(os.environ["TRIAXIS_FAULT_STEP_DELAY_S"]))  # a slower run to signal
-    for kind, (f_rank, f_point, f_step) in list(faults.items()):
-        if f_rank == rank and f_point == point and step >= f_step:
-            del faults[kind]  # once
-            if kind == "ERROR":
-                raise InjectedFault(f"injected fault at {point}, step {step}, rank {rank}")
-            while True:  # a rank stuck outside any collective (a dead file system, a deadlock)
-                time.sleep(3600)
+    def inject_nan(self, step: int) -> bool:
+        if step in self.nan_steps:
+            self.nan_steps.discard(step)
+            return True
+        return False
+
+    def inject_kill(self, step: int, rank: int) -> None:
+        if self.kill.get(step, -1) == rank:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def inject_fault(self, point: str, rank: int, step: int = 0) -> None:
+        """Raise (TRIAXIS_FAULT_ERROR) or hang forever (TRIAXIS_FAULT_HANG) on one rank the
+        first time it reaches `point` at or after step STEP."""
+        if point == "forward" and self.step_delay_s:
+            time.sleep(self.step_delay_s)
+        for kind, (f_rank, f_point, f_step) in list(self.points.items()):
+            if f_rank == rank and f_point == point and step >= f_step:
+                del self.points[kind]  # once
+                if kind == "ERROR":
+                    raise InjectedFault(f"injected fault at {point}, step {step}, rank {rank}")
+                while True:  # a rank stuck outside any collective (a dead file system, deadlock)
+                    time.sleep(3600)

@@ -1,0 +1,53 @@
+"""What the CLI tests share: running `python -m triaxis`, the tiny-model training flags, reading
+a run's losses, and the one-line error a user sees for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+"""A subprocess's environment: forked workers hang when OpenMP starts several threads."""
+
+
+def triaxis(*args, env: dict | None = None, timeout: float = 300,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m triaxis ARGS` in a subprocess, with one OpenMP thread (forked workers hang
+    otherwise: shared notes) plus `env` over this process's environment. check: a non-zero exit
+    fails the test with the command's stderr tail."""
+    proc = subprocess.run([sys.executable, "-m", "triaxis", *map(str, args)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"triaxis {args} exited {proc.returncode}:\n"
+                             f"{proc.stderr[-3000:]}")
+    return proc
+
+
+def train_args(data, run_dir, *extra, seq_len: int = 32) -> list[str]:
+    """Flags for a short tiny-model run logging every step. A test's own flags come last, and
+    the last value of a flag wins."""
+    return ["--model.preset=tiny", f"--data.path={data}", f"--data.seq_len={seq_len}",
+            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=4",
+            "--train.val_every=0", "--metrics.log_every=1", "--metrics.progress=false",
+            "--metrics.tensorboard=false", *map(str, extra)]
+
+
+def losses(run_dir) -> dict[int, float]:
+    """{step: loss} from the run's metrics.jsonl; a resumed run re-logs steps: the last wins."""
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            out[rec["step"]] = rec["loss"]
+    return out
+
+
+def one_error_line(stderr: str, *words: str) -> str:
+    """The whole of stderr is one `error: ...` line (no traceback), naming each of `words`."""
+    err = stderr.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, (w, err)
+    return err
