@@ -40,7 +40,8 @@ def writer(path: str):
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     # 16 MiB parts: large shards go up as multipart uploads, each part retried on its own.
-    return integrity.hashing(FsspecWriter(path, default_block_size=16 * 2**20, **storage.s3_options()))
+    return integrity.hashing(FsspecWriter(path, default_block_size=16 * 2**20,
+                                          **storage.s3_options()))
 
 
 def reader(path: str, expected: dict | None):

@@ -21,19 +21,18 @@ import json
 import os
 import time
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 
 from triaxis import storage
+from triaxis.data.format import FORMAT
 from triaxis.data.hf_tokenizer import PREFIX as HF_PREFIX
 from triaxis.data.hf_tokenizer import open_hf_tokenizer
-from triaxis.data.sources import EXTENSIONS, embedded_corpus_files, iter_documents, \
-    resolve_inputs
-from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_state
-from triaxis.data.format import FORMAT
 from triaxis.data.output import StagedOutput
+from triaxis.data.sources import EXTENSIONS, embedded_corpus_files, iter_documents, resolve_inputs
+from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_state
 from triaxis.errors import UserError
 from triaxis.fields import RANGE, check_value, ranged
 
@@ -209,7 +208,7 @@ def split_long(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
     yield text[start:]
 
 
-def _chunks(docs: Iterable[tuple[int, str]], writers: list["_ShardWriter"], piece_chars: int = 0
+def _chunks(docs: Iterable[tuple[int, str]], writers: list[_ShardWriter], piece_chars: int = 0
             ) -> Iterator[list[tuple[int, str, bool]]]:
     """Chunks of (split, text, ends a document); with piece_chars, long documents in pieces."""
     chunk: list[tuple[int, str, bool]] = []

@@ -18,8 +18,8 @@ import glob
 import json
 import os
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from triaxis import storage
 from triaxis.errors import UserError
@@ -113,7 +113,8 @@ def _json_documents(path: str) -> Iterator[str]:
             try:
                 rows = json.loads(f.read())
             except ValueError as e:
-                raise UserError(f"{path} is not valid JSON ({e}); give JSON Lines or an array")
+                raise UserError(f"{path} is not valid JSON ({e}); give JSON Lines or an "
+                                "array") from None
             for i, obj in enumerate(rows):
                 yield _json_text(obj, f"{path} item {i}")
             return
