@@ -34,14 +34,28 @@ def dims_for(millions: float) -> tuple[int, int]:
 def run(millions: float, target: str, async_save: bool) -> dict:
     dim, layers = dims_for(millions)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = load_config(None, [
-            "--model.preset=small", f"--model.dim={dim}", f"--model.n_layers={layers}",
-            f"--model.n_heads={dim // 64}", "--model.n_kv_heads=1", f"--model.ffn_dim={dim * 3}",
-            "--data.path=synthetic", "--data.seq_len=32", f"--train.run_dir={tmp}",
-            "--train.global_batch=1", "--train.micro_batch=1", "--train.device=cpu",
-            f"--checkpoint.dir={target or tmp + '/ckpt'}", "--checkpoint.keep_last=1",
-            f"--checkpoint.async_save={str(async_save).lower()}",
-            "--metrics.tensorboard=false", "--metrics.progress=false"])
+        cfg = load_config(
+            None,
+            [
+                "--model.preset=small",
+                f"--model.dim={dim}",
+                f"--model.n_layers={layers}",
+                f"--model.n_heads={dim // 64}",
+                "--model.n_kv_heads=1",
+                f"--model.ffn_dim={dim * 3}",
+                "--data.path=synthetic",
+                "--data.seq_len=32",
+                f"--train.run_dir={tmp}",
+                "--train.global_batch=1",
+                "--train.micro_batch=1",
+                "--train.device=cpu",
+                f"--checkpoint.dir={target or tmp + '/ckpt'}",
+                "--checkpoint.keep_last=1",
+                f"--checkpoint.async_save={str(async_save).lower()}",
+                "--metrics.tensorboard=false",
+                "--metrics.progress=false",
+            ],
+        )
         trainer = Trainer(cfg, init_distributed("cpu"))
         trainer.train_step(0, 1)
         t0 = time.perf_counter()
@@ -51,10 +65,15 @@ def run(millions: float, target: str, async_save: bool) -> dict:
         total = time.perf_counter() - t0
         found = mf.list_checkpoints(cfg.checkpoint_dir())[-1]
         size = sum(f["size"] for f in mf.read_meta(found.path)["files"].values())
-    return {"params_m": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 1),
-            "target": "s3" if target else "local", "async": async_save,
-            "bytes": size, "blocking_s": round(blocking, 3), "total_s": round(total, 3),
-            "gb_per_s": round(size / total / 1e9, 3)}
+    return {
+        "params_m": round(sum(p.numel() for p in trainer.model.parameters()) / 1e6, 1),
+        "target": "s3" if target else "local",
+        "async": async_save,
+        "bytes": size,
+        "blocking_s": round(blocking, 3),
+        "total_s": round(total, 3),
+        "gb_per_s": round(size / total / 1e9, 3),
+    }
 
 
 def main() -> None:
@@ -74,22 +93,32 @@ def main() -> None:
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
-        os.environ.update({"AWS_ENDPOINT_URL": f"http://{host}:{port}",
-                           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x",
-                           "AWS_DEFAULT_REGION": "us-east-1"})
+        os.environ.update(
+            {
+                "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+                "AWS_ACCESS_KEY_ID": "x",
+                "AWS_SECRET_ACCESS_KEY": "x",
+                "AWS_DEFAULT_REGION": "us-east-1",
+            }
+        )
         boto3.client("s3").create_bucket(Bucket="bench")
         targets.append("s3://bench/ckpt")
-    print(f"{'params':>8} {'target':>6} {'mode':>6} {'GB':>7} {'blocking s':>11} {'total s':>8} "
-          f"{'GB/s':>6}")
+    print(
+        f"{'params':>8} {'target':>6} {'mode':>6} {'GB':>7} {'blocking s':>11} {'total s':>8} "
+        f"{'GB/s':>6}"
+    )
     rows = []
     for m in a.sizes:
         for target in targets:
             for async_save in (False, True):
                 r = run(m, target, async_save)
                 rows.append(r)
-                print(f"{r['params_m']:>7}M {r['target']:>6} {'async' if async_save else 'sync':>6}"
-                      f" {r['bytes'] / 1e9:>7.3f} {r['blocking_s']:>11.3f} {r['total_s']:>8.3f}"
-                      f" {r['gb_per_s']:>6.3f}", flush=True)
+                print(
+                    f"{r['params_m']:>7}M {r['target']:>6} {'async' if async_save else 'sync':>6}"
+                    f" {r['bytes'] / 1e9:>7.3f} {r['blocking_s']:>11.3f} {r['total_s']:>8.3f}"
+                    f" {r['gb_per_s']:>6.3f}",
+                    flush=True,
+                )
     print(json.dumps(rows))
     if server:
         server.stop()

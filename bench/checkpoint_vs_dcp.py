@@ -77,8 +77,15 @@ def build(gb: float, folder: str, target: str):
     # per layer ~11 dim^2 (q, o, one kv head, ffn 3 x dim x 3dim), plus two vocab x dim tables
     a_, b_ = layers * 11, 2 * vocab
     dim = int((-b_ + math.sqrt(b_ * b_ + 4 * a_ * params)) / (2 * a_) // 64 * 64) or 64
-    args = ModelArgs(dim=dim, n_layers=layers, n_heads=dim // 64, n_kv_heads=1,
-                     ffn_dim=dim * 3, vocab_size=vocab, max_seq_len=64)
+    args = ModelArgs(
+        dim=dim,
+        n_layers=layers,
+        n_heads=dim // 64,
+        n_kv_heads=1,
+        ffn_dim=dim * 3,
+        vocab_size=vocab,
+        max_seq_len=64,
+    )
     with torch.device("meta"):
         model = Transformer(args)
     model.materialize("cpu")
@@ -106,8 +113,9 @@ def plain_resume(ck: Checkpointer, path: str) -> None:
 
     state = plain_state(ck)
     dcp.load(state, storage_reader=_plain_reader(path))
-    set_state_dict(ck.model, ck.optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optim"])
+    set_state_dict(
+        ck.model, ck.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
 
 
 def _plain_writer(path: str):
@@ -116,6 +124,7 @@ def _plain_writer(path: str):
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     from triaxis.storage import s3_options
+
     return FsspecWriter(path, default_block_size=16 * 2**20, **s3_options())
 
 
@@ -125,11 +134,13 @@ def _plain_reader(path: str):
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     from triaxis.storage import s3_options
+
     return FsspecReader(path, **s3_options())
 
 
 def _rm(path: str) -> None:
     from triaxis import storage
+
     storage.remove(path)
 
 
@@ -160,9 +171,13 @@ def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
         _clean(ours_dir, plain_dir)
         cfg.async_save = False
         path = mf.step_dir(ours_dir, step)
-        ops = {"save sync": (lambda: ck.save(step, step, block=True),
-                             lambda: dcp.save(state, storage_writer=_plain_writer(plain_dir))),
-               "resume": (lambda: ck.load(path), lambda: plain_resume(ck, plain_dir))}
+        ops = {
+            "save sync": (
+                lambda: ck.save(step, step, block=True),
+                lambda: dcp.save(state, storage_writer=_plain_writer(plain_dir)),
+            ),
+            "resume": (lambda: ck.load(path), lambda: plain_resume(ck, plain_dir)),
+        }
         for name, (ours, plain) in ops.items():
             if step % 2:  # alternate who goes first: page cache and writeback favour neither
                 got_ours, got_plain = measure(ours), measure(plain)
@@ -196,10 +211,17 @@ def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
         best_ours = min(v[0][0] for v in vals)
         best_plain = min(v[1][0] for v in vals)
         mem = max(v[0][1] - v[1][1] for v in vals)
-        out.append({"op": name, "gb": round(nbytes / 1e9, 2), "triaxis_s": round(ours, 3),
-                    "dcp_s": round(plain, 3), "ratio": round(ours / plain, 3) if plain else None,
-                    "best_ratio": round(best_ours / best_plain, 3) if best_plain else None,
-                    "extra_peak_mib": round(mem / 2**20, 1)})
+        out.append(
+            {
+                "op": name,
+                "gb": round(nbytes / 1e9, 2),
+                "triaxis_s": round(ours, 3),
+                "dcp_s": round(plain, 3),
+                "ratio": round(ours / plain, 3) if plain else None,
+                "best_ratio": round(best_ours / best_plain, 3) if best_plain else None,
+                "extra_peak_mib": round(mem / 2**20, 1),
+            }
+        )
     return out
 
 
@@ -218,14 +240,19 @@ def main() -> None:
     ap.add_argument("--s3-gb", type=float, default=0.0)
     a = ap.parse_args()
     torch.manual_seed(0)
-    print(f"{'target':>6} {'op':>15} {'GB':>5} {'triaxis s':>10} {'DCP s':>8} {'ratio':>6} "
-          f"{'best/best':>9} {'extra peak MiB':>14}   (medians of --repeats; best = fastest)")
+    print(
+        f"{'target':>6} {'op':>15} {'GB':>5} {'triaxis s':>10} {'DCP s':>8} {'ratio':>6} "
+        f"{'best/best':>9} {'extra peak MiB':>14}   (medians of --repeats; best = fastest)"
+    )
 
     def show(target: str, rows: list[dict]) -> None:
         for r in rows:
-            print(f"{target:>6} {r['op']:>15} {r['gb']:>5} {r['triaxis_s']:>10.3f} "
-                  f"{r['dcp_s']:>8.3f} {r['ratio'] or 0:>6.2f} {r['best_ratio'] or 0:>9.2f} "
-                  f"{r['extra_peak_mib']:>14.1f}", flush=True)
+            print(
+                f"{target:>6} {r['op']:>15} {r['gb']:>5} {r['triaxis_s']:>10.3f} "
+                f"{r['dcp_s']:>8.3f} {r['ratio'] or 0:>6.2f} {r['best_ratio'] or 0:>9.2f} "
+                f"{r['extra_peak_mib']:>14.1f}",
+                flush=True,
+            )
 
     for gb in a.gb:
         root = tempfile.mkdtemp(prefix="ckbench_", dir=os.environ.get("BENCH_DIR"))
@@ -243,9 +270,14 @@ def main() -> None:
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
-        os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="x",
-                          AWS_SECRET_ACCESS_KEY="x", AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(
+            AWS_ENDPOINT_URL=f"http://{host}:{port}",
+            AWS_ACCESS_KEY_ID="x",
+            AWS_SECRET_ACCESS_KEY="x",
+            AWS_DEFAULT_REGION="us-east-1",
+        )
         import boto3
+
         boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="bench")
         try:
             show("s3", compare(a.s3_gb, a.repeats, "s3://bench/run", with_async=False))

@@ -27,15 +27,26 @@ LAYOUTS = {
 
 def run(data: str, preset: str, steps: int, seq: int, nproc: int, extra: list[str]) -> float:
     with tempfile.TemporaryDirectory() as tmp:
-        common = [f"--model.preset={preset}", f"--data.path={data}", f"--data.seq_len={seq}",
-                  f"--train.run_dir={tmp}", f"--train.steps={steps}", "--train.global_batch=16",
-                  f"--train.micro_batch={16 // (nproc if 'tp' not in str(extra) else 1)}",
-                  "--train.val_every=0", "--checkpoint.interval=0",
-                  "--checkpoint.save_final=false", "--metrics.log_every=2",
-                  "--metrics.tensorboard=false", "--metrics.progress=false", *extra]
+        common = [
+            f"--model.preset={preset}",
+            f"--data.path={data}",
+            f"--data.seq_len={seq}",
+            f"--train.run_dir={tmp}",
+            f"--train.steps={steps}",
+            "--train.global_batch=16",
+            f"--train.micro_batch={16 // (nproc if 'tp' not in str(extra) else 1)}",
+            "--train.val_every=0",
+            "--checkpoint.interval=0",
+            "--checkpoint.save_final=false",
+            "--metrics.log_every=2",
+            "--metrics.tensorboard=false",
+            "--metrics.progress=false",
+            *extra,
+        ]
         cmd = [sys.executable, "-m", "triaxis"]
-        cmd += ["train", *common] if nproc == 1 else ["launch", f"--nproc-per-node={nproc}",
-                                                      *common]
+        cmd += (
+            ["train", *common] if nproc == 1 else ["launch", f"--nproc-per-node={nproc}", *common]
+        )
         subprocess.run(cmd, check=True, capture_output=True, env={**os.environ})
         recs = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     rates = [r["tokens_per_s"] for r in recs if "tokens_per_s" in r][1:]
@@ -53,8 +64,17 @@ def main() -> None:
     for name, (nproc, extra) in LAYOUTS.items():
         results[name] = run(a.data, a.preset, a.steps, a.seq, nproc, extra)
         print(f"{name:<28} {results[name]:>10,.0f} tokens/s", flush=True)
-    print(json.dumps({"preset": a.preset, "seq": a.seq, "global_batch": 16,
-                      "cpu_count": os.cpu_count(), "tokens_per_s": results}))
+    print(
+        json.dumps(
+            {
+                "preset": a.preset,
+                "seq": a.seq,
+                "global_batch": 16,
+                "cpu_count": os.cpu_count(),
+                "tokens_per_s": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -38,9 +38,13 @@ def start_s3() -> tuple[object, str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
-                      AWS_EC2_METADATA_DISABLED="true")
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
     return server, f"http://{host}:{port}"
 
 
@@ -50,9 +54,17 @@ def prepare_data(tmp: Path, corpus_bytes: int, shard_tokens: int) -> tuple[str, 
     from triaxis.data.prepare import PrepareOptions, prepare
 
     local = tmp / "local"
-    prepare(PrepareOptions(inputs=[], output=str(local), tokenizer="byte",
-                           max_bytes=corpus_bytes, shard_tokens=shard_tokens, workers=1),
-            log=lambda *_: None)
+    prepare(
+        PrepareOptions(
+            inputs=[],
+            output=str(local),
+            tokenizer="byte",
+            max_bytes=corpus_bytes,
+            shard_tokens=shard_tokens,
+            workers=1,
+        ),
+        log=lambda *_: None,
+    )
     client = boto3.client("s3")
     client.create_bucket(Bucket="bench")
     for f in sorted(local.iterdir()):
@@ -72,8 +84,9 @@ def loader_rate(ds, steps: int, batch: int, seq: int, prefetch: bool) -> dict:
     out = {"tokens_per_s": steps * batch * seq / elapsed}
     if ds.cache is not None:
         s = ds.cache.stats
-        out.update(hit_rate=s.hit_rate, downloaded_mib=s.downloaded_bytes / 2**20,
-                   evictions=s.evictions)
+        out.update(
+            hit_rate=s.hit_rate, downloaded_mib=s.downloaded_bytes / 2**20, evictions=s.evictions
+        )
     return out
 
 
@@ -123,13 +136,21 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--batch", type=int, default=8, help="samples per step")
     ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--wait-steps", type=int, default=8,
-                    help="steps of the loop with compute (a sleep of the step time)")
+    ap.add_argument(
+        "--wait-steps",
+        type=int,
+        default=8,
+        help="steps of the loop with compute (a sleep of the step time)",
+    )
     ap.add_argument("--corpus-bytes", type=int, default=8_000_000)
     ap.add_argument("--shard-tokens", type=int, default=1_000_000)
-    ap.add_argument("--train-tokens-per-s", type=float, default=0.0,
-                    help="the training step's rate (0 = measure `small` on this CPU); e.g. a "
-                         "GPU's rate, to see where the loader would stall it")
+    ap.add_argument(
+        "--train-tokens-per-s",
+        type=float,
+        default=0.0,
+        help="the training step's rate (0 = measure `small` on this CPU); e.g. a "
+        "GPU's rate, to see where the loader would stall it",
+    )
     a = ap.parse_args()
 
     import torch  # noqa: F401  (imported now: batch() would import it inside the first timing)
@@ -143,8 +164,15 @@ def main() -> None:
         shard_bytes = a.shard_tokens * 2
 
         def open_ds(path: str, cache_gib: float = 4.0, groups: int = 0):
-            return TokenDataset(path, "train", a.seq, seed=1, cache_dir=str(tmp / "cache"),
-                                cache_gib=cache_gib, shuffle_shards=groups)
+            return TokenDataset(
+                path,
+                "train",
+                a.seq,
+                seed=1,
+                cache_dir=str(tmp / "cache"),
+                cache_gib=cache_gib,
+                shuffle_shards=groups,
+            )
 
         n_shards = len(open_ds(local_path).shards)
         results: dict[str, dict] = {}
@@ -174,13 +202,13 @@ def main() -> None:
         train_tps = a.train_tokens_per_s or train_rate(257, a.seq, a.batch, steps=3)
         step_s = a.batch * a.seq / train_tps
         waits = {}
-        for name, path, gib, prefetch in (("local (mmap)", local_path, 4.0, False),
-                                          ("s3 cold, prefetch", s3_path, 4.0, True),
-                                          ("s3 cold, no prefetch", s3_path, 4.0, False),
-                                          ("s3, cache of 3 shards", s3_path,
-                                           3.2 * shard_bytes / 2**30, True),
-                                          ("s3, 4 shards, groups=1", s3_path,
-                                           4.2 * shard_bytes / 2**30, True)):
+        for name, path, gib, prefetch in (
+            ("local (mmap)", local_path, 4.0, False),
+            ("s3 cold, prefetch", s3_path, 4.0, True),
+            ("s3 cold, no prefetch", s3_path, 4.0, False),
+            ("s3, cache of 3 shards", s3_path, 3.2 * shard_bytes / 2**30, True),
+            ("s3, 4 shards, groups=1", s3_path, 4.2 * shard_bytes / 2**30, True),
+        ):
             ds = open_ds(path, gib, groups=1 if "groups" in name else 0)
             waits[name] = data_wait(ds, a.wait_steps, a.batch, step_s, prefetch)
             if ds.cache is not None:
@@ -189,27 +217,44 @@ def main() -> None:
         server.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"{n_shards} shards of {a.shard_tokens:,} tokens ({shard_bytes / 2**20:.1f} MiB); "
-          f"steps of {a.batch} x {a.seq} tokens, global shuffle unless `groups=N` "
-          "(data.shuffle_shards)")
+    print(
+        f"{n_shards} shards of {a.shard_tokens:,} tokens ({shard_bytes / 2**20:.1f} MiB); "
+        f"steps of {a.batch} x {a.seq} tokens, global shuffle unless `groups=N` "
+        "(data.shuffle_shards)"
+    )
     source = "given" if a.train_tokens_per_s else "`small`, measured on this CPU"
-    print(f"training step ({source}): {train_tps:,.0f} tokens/s "
-          f"({step_s * 1000:.0f} ms per step)")
-    print(f"{'source':<23}{'loader tok/s':>13}{'x train':>9}{'hit rate':>9}{'MiB got':>9}"
-          f"{'1st step wait':>14}{'then data wait':>15}")
+    print(f"training step ({source}): {train_tps:,.0f} tokens/s ({step_s * 1000:.0f} ms per step)")
+    print(
+        f"{'source':<23}{'loader tok/s':>13}{'x train':>9}{'hit rate':>9}{'MiB got':>9}"
+        f"{'1st step wait':>14}{'then data wait':>15}"
+    )
     for name, r in results.items():
         hit = f"{r['hit_rate']:.0%}" if "hit_rate" in r else "-"
         mib = f"{r['downloaded_mib']:.1f}" if "downloaded_mib" in r else "-"
-        first, share = (f"{waits[name][0]:.3f} s", f"{waits[name][1]:.1%}") if name in waits \
-            else ("-", "-")
-        print(f"{name:<23}{r['tokens_per_s']:>13,.0f}{r['tokens_per_s'] / train_tps:>9.1f}"
-              f"{hit:>9}{mib:>9}{first:>14}{share:>15}")
-    print(json.dumps({"seq": a.seq, "batch": a.batch, "steps": a.steps, "shards": n_shards,
-                      "shard_tokens": a.shard_tokens, "train_tokens_per_s": train_tps,
-                      "loader": results,
-                      "data_wait": {k: {"first_step_s": v[0], "share_after": v[1]}
-                                    for k, v in waits.items()},
-                      "cpu_count": os.cpu_count()}))
+        first, share = (
+            (f"{waits[name][0]:.3f} s", f"{waits[name][1]:.1%}") if name in waits else ("-", "-")
+        )
+        print(
+            f"{name:<23}{r['tokens_per_s']:>13,.0f}{r['tokens_per_s'] / train_tps:>9.1f}"
+            f"{hit:>9}{mib:>9}{first:>14}{share:>15}"
+        )
+    print(
+        json.dumps(
+            {
+                "seq": a.seq,
+                "batch": a.batch,
+                "steps": a.steps,
+                "shards": n_shards,
+                "shard_tokens": a.shard_tokens,
+                "train_tokens_per_s": train_tps,
+                "loader": results,
+                "data_wait": {
+                    k: {"first_step_s": v[0], "share_after": v[1]} for k, v in waits.items()
+                },
+                "cpu_count": os.cpu_count(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -19,25 +19,46 @@ import tempfile
 from pathlib import Path
 
 
-def run_triaxis(preset: str, steps: int, batch: int, seq: int, compile_: bool, device: str,
-                extra: list[str]) -> dict:
+def run_triaxis(
+    preset: str, steps: int, batch: int, seq: int, compile_: bool, device: str, extra: list[str]
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "triaxis", "train", f"--model.preset={preset}",
-               "--data.path=synthetic", f"--data.seq_len={seq}", f"--train.run_dir={tmp}",
-               f"--train.steps={steps}", f"--train.global_batch={batch}",
-               f"--train.micro_batch={batch}", f"--train.device={device}",
-               f"--train.compile={str(compile_).lower()}", "--train.val_every=0",
-               "--train.warmup_steps=2", "--checkpoint.interval=0",
-               "--checkpoint.save_final=false", "--metrics.log_every=5",
-               "--train.on_bad_loss=off",  # no per-step host sync in a speed benchmark
-               "--metrics.progress=false", "--metrics.tensorboard=false", *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "triaxis",
+            "train",
+            f"--model.preset={preset}",
+            "--data.path=synthetic",
+            f"--data.seq_len={seq}",
+            f"--train.run_dir={tmp}",
+            f"--train.steps={steps}",
+            f"--train.global_batch={batch}",
+            f"--train.micro_batch={batch}",
+            f"--train.device={device}",
+            f"--train.compile={str(compile_).lower()}",
+            "--train.val_every=0",
+            "--train.warmup_steps=2",
+            "--checkpoint.interval=0",
+            "--checkpoint.save_final=false",
+            "--metrics.log_every=5",
+            "--train.on_bad_loss=off",  # no per-step host sync in a speed benchmark
+            "--metrics.progress=false",
+            "--metrics.tensorboard=false",
+            *extra,
+        ]
         subprocess.run(cmd, check=True)
         recs = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     recs = [r for r in recs if "tokens_per_s" in r][1:]  # the first window holds warm-up
     best = max(recs, key=lambda r: r["tokens_per_s"])
     system = "triaxis+fsdp" if "--parallel.fsdp_always=true" in extra else "triaxis"
-    return {"system": system, "compile": compile_, "tokens_per_s": best["tokens_per_s"],
-            "mfu": best["mfu"], "peak_mem_gib": best["max_memory_gib"]}
+    return {
+        "system": system,
+        "compile": compile_,
+        "tokens_per_s": best["tokens_per_s"],
+        "mfu": best["mfu"],
+        "peak_mem_gib": best["max_memory_gib"],
+    }
 
 
 def run_baseline(path: str, batch: int, seq: int, compile_: bool) -> dict | None:
@@ -45,15 +66,18 @@ def run_baseline(path: str, batch: int, seq: int, compile_: bool) -> dict | None
         print(f"baseline {path} not found: skipping the peer", file=sys.stderr)
         return None
     cmd = [sys.executable, path, "--batch", str(batch), "--seq", str(seq)]
-    out = subprocess.run(cmd + (["--compile"] if compile_ else []), check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        cmd + (["--compile"] if compile_ else []), check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--baseline", default=str(Path(__file__).resolve().parents[2] /
-                                              "shared/bench/hf_llama_baseline.py"))
+    ap.add_argument(
+        "--baseline",
+        default=str(Path(__file__).resolve().parents[2] / "shared/bench/hf_llama_baseline.py"),
+    )
     ap.add_argument("--preset", default="1b")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
@@ -64,8 +88,17 @@ def main() -> None:
     a = ap.parse_args()
     rows = [run_triaxis(a.preset, a.steps, a.batch, a.seq, not a.no_compile, a.device, [])]
     # The same run wrapped by FSDP with nothing to shard: the wrapper's own cost (dp_shard=1).
-    rows.append(run_triaxis(a.preset, a.steps, a.batch, a.seq, not a.no_compile, a.device,
-                            ["--parallel.fsdp_always=true"]))
+    rows.append(
+        run_triaxis(
+            a.preset,
+            a.steps,
+            a.batch,
+            a.seq,
+            not a.no_compile,
+            a.device,
+            ["--parallel.fsdp_always=true"],
+        )
+    )
     cost = 1 - rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
     print(f"FSDP wrapping at dp_shard=1 costs {cost * 100:.1f}% tokens/s")
     if a.device == "cuda":
@@ -74,13 +107,16 @@ def main() -> None:
             if r:
                 rows.append(r)
     ref = next((r for r in rows if r["system"] == "hf-transformers" and r["compile"]), None)
-    print(f"{'system':<16}{'compile':>8}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}"
-          f"{'vs compiled':>13}")
+    print(
+        f"{'system':<16}{'compile':>8}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'vs compiled':>13}"
+    )
     for r in rows:
         mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "-"
         ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x" if ref else "-"
-        print(f"{r['system']:<16}{str(r['compile']):>8}{r['tokens_per_s']:>12,.0f}{mfu:>8}"
-              f"{r['peak_mem_gib']:>10.1f}{ratio:>13}")
+        print(
+            f"{r['system']:<16}{str(r['compile']):>8}{r['tokens_per_s']:>12,.0f}{mfu:>8}"
+            f"{r['peak_mem_gib']:>10.1f}{ratio:>13}"
+        )
     Path(a.out).write_text(json.dumps(rows, indent=1))
 
 

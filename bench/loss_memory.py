@@ -30,10 +30,17 @@ def one(args: argparse.Namespace, chunk: int) -> dict:
     from triaxis.model import PRESETS, Transformer
 
     dev = torch.device(args.device)
-    margs = dataclasses.replace(PRESETS["tiny"], dim=args.dim, n_layers=args.layers,
-                                n_heads=args.dim // 64, n_kv_heads=max(1, args.dim // 256),
-                                ffn_dim=int(args.dim * 3.5) // 64 * 64, vocab_size=args.vocab,
-                                max_seq_len=args.seq, tie_embeddings=True)
+    margs = dataclasses.replace(
+        PRESETS["tiny"],
+        dim=args.dim,
+        n_layers=args.layers,
+        n_heads=args.dim // 64,
+        n_kv_heads=max(1, args.dim // 256),
+        ffn_dim=int(args.dim * 3.5) // 64 * 64,
+        vocab_size=args.vocab,
+        max_seq_len=args.seq,
+        tie_embeddings=True,
+    )
     with torch.device("meta"):
         model = Transformer(margs)
     model.materialize(dev)
@@ -70,8 +77,12 @@ def one(args: argparse.Namespace, chunk: int) -> dict:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"chunk": chunk, "step_s": statistics.median(times), "peak_gib": peak / 2**30,
-            "tokens": args.batch * args.seq}
+    return {
+        "chunk": chunk,
+        "step_s": statistics.median(times),
+        "peak_gib": peak / 2**30,
+        "tokens": args.batch * args.seq,
+    }
 
 
 def _rss_kib() -> int:
@@ -103,8 +114,10 @@ def main() -> None:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
     plain = next((r for r in rows if r["chunk"] == 0), None)
-    print(f"{args.device}: dim {args.dim}, {args.layers} layers, vocab {args.vocab}, "
-          f"{args.batch} x {args.seq} tokens")
+    print(
+        f"{args.device}: dim {args.dim}, {args.layers} layers, vocab {args.vocab}, "
+        f"{args.batch} x {args.seq} tokens"
+    )
     print(f"{'loss':<16} {'step s':>8} {'peak GiB':>9} {'vs plain':>9}")
     for r in rows:
         name = "plain head" if r["chunk"] == 0 else f"fused, {r['chunk']} tok"

@@ -24,8 +24,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved-1f1b": 2, "looped-bfs": 2,
-             "interleaved-zb": 2, "zbv": 2}
+SCHEDULES = {
+    "gpipe": 1,
+    "1f1b": 1,
+    "interleaved-1f1b": 2,
+    "looped-bfs": 2,
+    "interleaved-zb": 2,
+    "zbv": 2,
+}
 
 
 class _Sleep(torch.autograd.Function):
@@ -59,14 +65,22 @@ def worker(rank: int, world: int, port: int, schedule: str, v: int, m: int, tf: 
     from triaxis.parallel.pipeline import MULTI, SINGLE
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=120),
+    )
     num_stages = world * v
     mine = [s for s in range(num_stages) if stage_rank(s, world, schedule) == rank]
     stages = [PipelineStage(SleepStage(tf), s, num_stages, torch.device("cpu")) for s in mine]
     cls = getattr(S, SINGLE.get(schedule) or MULTI[schedule])
-    sched = cls(stages[0] if schedule in SINGLE else stages, n_microbatches=m,
-                loss_fn=lambda out, tgt: out.mean())
+    sched = cls(
+        stages[0] if schedule in SINGLE else stages,
+        n_microbatches=m,
+        loss_fn=lambda out, tgt: out.mean(),
+    )
     x = torch.ones(m, 4)
     times = []
     for _ in range(3):
@@ -88,8 +102,7 @@ def measure(schedule: str, v: int, p: int, m: int, tf: float) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [ctx.Process(target=worker, args=(r, p, port, schedule, v, m, tf, q))
-             for r in range(p)]
+    procs = [ctx.Process(target=worker, args=(r, p, port, schedule, v, m, tf, q)) for r in range(p)]
     for proc in procs:
         proc.start()
     out = [q.get(timeout=300) for _ in procs]
@@ -99,9 +112,16 @@ def measure(schedule: str, v: int, p: int, m: int, tf: float) -> dict:
     busy = out[0][2]
     per_rank = {r: round(1 - b / step, 3) for r, _, b in sorted(out)}
     analytic = (p - 1) / (v * m) if v > 1 else (p - 1) / m
-    return {"schedule": schedule, "p": p, "v": v, "m": m, "step_s": round(step, 3),
-            "bubble": round((step - busy) / busy, 3), "analytic": round(analytic, 3),
-            "idle_share_per_rank": per_rank}
+    return {
+        "schedule": schedule,
+        "p": p,
+        "v": v,
+        "m": m,
+        "step_s": round(step, 3),
+        "bubble": round((step - busy) / busy, 3),
+        "analytic": round(analytic, 3),
+        "idle_share_per_rank": per_rank,
+    }
 
 
 def main() -> None:
@@ -111,14 +131,18 @@ def main() -> None:
     ap.add_argument("--tf-ms", type=float, default=10.0)
     a = ap.parse_args()
     rows = []
-    print(f"{'schedule':<18}{'m':>4}{'step s':>9}{'bubble':>9}{'analytic':>10}"
-          "  idle share per rank")
+    print(
+        f"{'schedule':<18}{'m':>4}{'step s':>9}{'bubble':>9}{'analytic':>10}  idle share per rank"
+    )
     for m in a.microbatches:
         for name, v in SCHEDULES.items():
             r = measure(name, v, a.pp, m, a.tf_ms / 1000)
             rows.append(r)
-            print(f"{name:<18}{m:>4}{r['step_s']:>9.3f}{r['bubble']:>9.3f}{r['analytic']:>10.3f}"
-                  f"  {list(r['idle_share_per_rank'].values())}", flush=True)
+            print(
+                f"{name:<18}{m:>4}{r['step_s']:>9.3f}{r['bubble']:>9.3f}{r['analytic']:>10.3f}"
+                f"  {list(r['idle_share_per_rank'].values())}",
+                flush=True,
+            )
     print(json.dumps(rows))
 
 

@@ -20,15 +20,23 @@ from triaxis.plan.evidence import MeasuredLayout
 from triaxis.plan.memory import predict_state_bytes_per_rank
 
 MATRIX = [
-    MeasuredLayout("tiny", 1, 1, 1), MeasuredLayout("tiny", 1, 1, 2),
-    MeasuredLayout("tiny", 1, 2, 1), MeasuredLayout("tiny", 2, 1, 1),
-    MeasuredLayout("tiny", 1, 4, 1), MeasuredLayout("tiny", 2, 2, 1),
-    MeasuredLayout("tiny", 1, 2, 2), MeasuredLayout("tiny", 2, 1, 2),
+    MeasuredLayout("tiny", 1, 1, 1),
+    MeasuredLayout("tiny", 1, 1, 2),
+    MeasuredLayout("tiny", 1, 2, 1),
+    MeasuredLayout("tiny", 2, 1, 1),
+    MeasuredLayout("tiny", 1, 4, 1),
+    MeasuredLayout("tiny", 2, 2, 1),
+    MeasuredLayout("tiny", 1, 2, 2),
+    MeasuredLayout("tiny", 2, 1, 2),
     MeasuredLayout("tiny", 1, 2, 2, tied=True),
-    MeasuredLayout("tiny", 1, 3, 1), MeasuredLayout("tiny", 1, 3, 2),
-    MeasuredLayout("tiny", 2, 3, 1), MeasuredLayout("tiny", 1, 6, 1),
-    MeasuredLayout("tiny", 1, 8, 1), MeasuredLayout("tiny", 2, 4, 1),
-    MeasuredLayout("tiny", 1, 4, 2), MeasuredLayout("tiny", 2, 2, 2),
+    MeasuredLayout("tiny", 1, 3, 1),
+    MeasuredLayout("tiny", 1, 3, 2),
+    MeasuredLayout("tiny", 2, 3, 1),
+    MeasuredLayout("tiny", 1, 6, 1),
+    MeasuredLayout("tiny", 1, 8, 1),
+    MeasuredLayout("tiny", 2, 4, 1),
+    MeasuredLayout("tiny", 1, 4, 2),
+    MeasuredLayout("tiny", 2, 2, 2),
     MeasuredLayout("small", 1, 2, 2),
 ]
 
@@ -39,8 +47,12 @@ def _spec(m: MeasuredLayout) -> str:
 
 
 def run_group(world: int, rank: int, layouts: list[MeasuredLayout]) -> list[dict]:
-    out = subprocess.run([sys.executable, "-m", "triaxis.plan.evidence", "measure", str(rank),
-                          *map(_spec, layouts)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "triaxis.plan.evidence", "measure", str(rank), *map(_spec, layouts)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -54,23 +66,33 @@ def compare(layouts: list[MeasuredLayout], jobs: int = 2) -> list[dict]:
         futures = {key: pool.submit(run_group, *key, ms) for key, ms in groups.items()}
         for (world, rank), fut in futures.items():
             for m, got in zip(groups[(world, rank)], fut.result()):
-                pred = predict_state_bytes_per_rank(m.model_args(), m.dp_shard, m.dp_replicate,
-                                                    m.tp, 1, rank=rank)
-                rows.append({"layout": _spec(m), "world": world, "rank": rank,
-                             **{f"{k}_measured": got[k] for k in got},
-                             **{f"{k}_predicted": pred[k] for k in got},
-                             "max_rel_error": max(abs(pred[k] / got[k] - 1) for k in got)})
+                pred = predict_state_bytes_per_rank(
+                    m.model_args(), m.dp_shard, m.dp_replicate, m.tp, 1, rank=rank
+                )
+                rows.append(
+                    {
+                        "layout": _spec(m),
+                        "world": world,
+                        "rank": rank,
+                        **{f"{k}_measured": got[k] for k in got},
+                        **{f"{k}_predicted": pred[k] for k in got},
+                        "max_rel_error": max(abs(pred[k] / got[k] - 1) for k in got),
+                    }
+                )
     return rows
 
 
 if __name__ == "__main__":
     rows = compare(MATRIX)
-    print("| layout (preset:dp_rep:dp_shard:tp) | rank | params meas / pred | grads meas / pred "
-          "| optim meas / pred | max error |")
+    print(
+        "| layout (preset:dp_rep:dp_shard:tp) | rank | params meas / pred | grads meas / pred "
+        "| optim meas / pred | max error |"
+    )
     print("|---|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: (r["world"], r["layout"], r["rank"])):
-        cells = " | ".join(f"{r[k + '_measured']} / {r[k + '_predicted']}"
-                           for k in ("params", "grads", "optim"))
+        cells = " | ".join(
+            f"{r[k + '_measured']} / {r[k + '_predicted']}" for k in ("params", "grads", "optim")
+        )
         print(f"| {r['layout']} | {r['rank']} | {cells} | {r['max_rel_error']:.2%} |")
     worst = max(r["max_rel_error"] for r in rows)
     print(f"\nworst relative error: {worst:.2%} over {len(rows)} (layout, rank) pairs")

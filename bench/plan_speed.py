@@ -26,8 +26,9 @@ def once() -> tuple[float, object]:
     catalog = load_catalog()
     shape, _ = load_model("70b")
     # A fresh Problem: the cost model's caches are keyed on it, so nothing carries over.
-    problem = Problem(shape, resolve_hardware(catalog, "h100", "p5"), RUNTIMES["triaxis"],
-                      4096, 1024)
+    problem = Problem(
+        shape, resolve_hardware(catalog, "h100", "p5"), RUNTIMES["triaxis"], 4096, 1024
+    )
     result = plan(problem, 1024, "speed", catalog=catalog)
     tables(result), explain(result), toml_snippet(result)
     return time.perf_counter() - start, result
@@ -40,7 +41,9 @@ if __name__ == "__main__":
     runs = [once() for _ in range(a.repeat)]
     best, result = min(runs, key=lambda r: r[0])
     print(f"imports (no torch): {IMPORT_S:.2f} s")
-    print(f"plan 70b on 1024 x h100 (p5), seq 4096, batch 1024: best {best:.2f} s of "
-          f"{[round(r[0], 2) for r in runs]}; {result.num_layouts} layouts, {result.num_fit} "
-          f"fit, {result.num_timed} timed")
+    print(
+        f"plan 70b on 1024 x h100 (p5), seq 4096, batch 1024: best {best:.2f} s of "
+        f"{[round(r[0], 2) for r in runs]}; {result.num_layouts} layouts, {result.num_fit} "
+        f"fit, {result.num_timed} timed"
+    )
     print(f"winner: {result.plans[0].layout.describe()}")

@@ -55,23 +55,34 @@ def main() -> None:
     storage.write_bytes("s3://bench/x", b"x" * 1024)
 
     def fresh():
-        return s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]},
-                                 skip_instance_cache=True, use_listings_cache=False)
+        return s3fs.S3FileSystem(
+            client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]},
+            skip_instance_cache=True,
+            use_listings_cache=False,
+        )
 
     rows = {
-        "exists": (per_call_ms(lambda i: storage.exists("s3://bench/x"), calls),
-                   per_call_ms(lambda i: fresh().exists("bench/x"), calls)),
-        "write 1 KB": (per_call_ms(lambda i: storage.write_bytes(f"s3://bench/a{i}", b"a" * 1024),
-                                   calls),
-                       per_call_ms(lambda i: fresh().pipe_file(f"bench/b{i}", b"b" * 1024),
-                                   calls)),
+        "exists": (
+            per_call_ms(lambda i: storage.exists("s3://bench/x"), calls),
+            per_call_ms(lambda i: fresh().exists("bench/x"), calls),
+        ),
+        "write 1 KB": (
+            per_call_ms(lambda i: storage.write_bytes(f"s3://bench/a{i}", b"a" * 1024), calls),
+            per_call_ms(lambda i: fresh().pipe_file(f"bench/b{i}", b"b" * 1024), calls),
+        ),
     }
     server.stop()
     print(f"{'operation':<12} {'cached client ms':>17} {'client per call ms':>19} {'ratio':>6}")
     for op, (cached, per_call) in rows.items():
         print(f"{op:<12} {cached:>17.1f} {per_call:>19.1f} {per_call / cached:>6.1f}")
-    print(json.dumps({op: {"cached_ms": round(c, 2), "client_per_call_ms": round(p, 2)}
-                      for op, (c, p) in rows.items()}))
+    print(
+        json.dumps(
+            {
+                op: {"cached_ms": round(c, 2), "client_per_call_ms": round(p, 2)}
+                for op, (c, p) in rows.items()
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,4 +8,5 @@ bash scripts/setup.sh test
 bash scripts/ci_services.sh
 # Lint first ([tool.ruff] in pyproject.toml): a finding fails the command before any test runs.
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest "$@"

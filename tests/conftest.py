@@ -14,8 +14,17 @@ def byte_data(tmp_path_factory) -> str:
     from triaxis.data.prepare import PrepareOptions, prepare
 
     out = tmp_path_factory.mktemp("byte_data")
-    prepare(PrepareOptions(inputs=[], output=str(out), tokenizer="byte", max_bytes=400_000,
-                           val_fraction=0.1, shard_tokens=60_000), log=lambda *_: None)
+    prepare(
+        PrepareOptions(
+            inputs=[],
+            output=str(out),
+            tokenizer="byte",
+            max_bytes=400_000,
+            val_fraction=0.1,
+            shard_tokens=60_000,
+        ),
+        log=lambda *_: None,
+    )
     return str(out)
 
 

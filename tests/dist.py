@@ -24,10 +24,14 @@ def free_port() -> int:
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
     try:
         torch.set_num_threads(1)
-        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
-                           "WORLD_SIZE": str(world)})
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=60))
+        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=60),
+        )
         out = fn(rank, world, *args)
         dist.barrier()
         dist.destroy_process_group()
@@ -43,8 +47,10 @@ def run_workers(fn: Callable, world: int, *args: Any, timeout_s: float = 120) ->
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue), daemon=True)
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, fn, args, queue), daemon=True)
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

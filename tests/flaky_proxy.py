@@ -30,11 +30,14 @@ class FlakyProxy:
                 with lock:
                     proxy.requests += 1
                     fail = proxy.requests % fail_every == 0 or (
-                        proxy.fail_if is not None and proxy.fail_if(self.command, self.path))
+                        proxy.fail_if is not None and proxy.fail_if(self.command, self.path)
+                    )
                     proxy.failed += fail
                 if fail:
-                    err = (b'<?xml version="1.0"?><Error><Code>SlowDown</Code>'
-                           b"<Message>injected</Message></Error>")
+                    err = (
+                        b'<?xml version="1.0"?><Error><Code>SlowDown</Code>'
+                        b"<Message>injected</Message></Error>"
+                    )
                     self.send_response(503)
                     self.send_header("Content-Length", str(len(err)))
                     self.end_headers()

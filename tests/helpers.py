@@ -11,27 +11,40 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 """A subprocess's environment: forked workers hang when OpenMP starts several threads."""
 
 
-def triaxis(*args, env: dict | None = None, timeout: float = 300,
-            check: bool = True) -> subprocess.CompletedProcess:
+def triaxis(
+    *args, env: dict | None = None, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     """`python -m triaxis ARGS` in a subprocess, with one OpenMP thread (forked workers hang
     otherwise: shared notes) plus `env` over this process's environment. check: a non-zero exit
     fails the test with the command's stderr tail."""
-    proc = subprocess.run([sys.executable, "-m", "triaxis", *map(str, args)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "triaxis", *map(str, args)],
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"triaxis {args} exited {proc.returncode}:\n"
-                             f"{proc.stderr[-3000:]}")
+        raise AssertionError(f"triaxis {args} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
 
 
 def train_args(data, run_dir, *extra, seq_len: int = 32) -> list[str]:
     """Flags for a short tiny-model run logging every step. A test's own flags come last, and
     the last value of a flag wins."""
-    return ["--model.preset=tiny", f"--data.path={data}", f"--data.seq_len={seq_len}",
-            f"--train.run_dir={run_dir}", "--train.global_batch=8", "--train.micro_batch=4",
-            "--train.val_every=0", "--metrics.log_every=1", "--metrics.progress=false",
-            "--metrics.tensorboard=false", *map(str, extra)]
+    return [
+        "--model.preset=tiny",
+        f"--data.path={data}",
+        f"--data.seq_len={seq_len}",
+        f"--train.run_dir={run_dir}",
+        "--train.global_batch=8",
+        "--train.micro_batch=4",
+        "--train.val_every=0",
+        "--metrics.log_every=1",
+        "--metrics.progress=false",
+        "--metrics.tensorboard=false",
+        *map(str, extra),
+    ]
 
 
 def losses(run_dir) -> dict[int, float]:

@@ -81,8 +81,20 @@ class HostNetwork:
             _ip("netns", "add", h.netns)
             self._made.append(h.netns)
             _ip("-n", h.netns, "link", "set", "lo", "up")
-            _ip("link", "add", "eth0", "netns", h.netns, "type", "veth",
-                "peer", "name", f"v{i}", "netns", login)
+            _ip(
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                h.netns,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"v{i}",
+                "netns",
+                login,
+            )
             _ip("-n", login, "link", "set", f"v{i}", "master", "br0")
             _ip("-n", login, "link", "set", f"v{i}", "up")
             _ip("-n", h.netns, "addr", "add", f"{h.address}/24", "dev", "eth0")

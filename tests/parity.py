@@ -9,10 +9,19 @@ from tests.helpers import train_args
 from triaxis.config import load_config
 
 BASE = {
-    "model.preset": "tiny", "data.seq_len": "32", "train.steps": "5", "train.lr": "3e-3",
-    "train.warmup_steps": "2", "train.global_batch": "8", "train.val_every": "0",
-    "train.device": "cpu", "checkpoint.interval": "0", "checkpoint.save_final": "false",
-    "metrics.log_every": "1", "metrics.tensorboard": "false", "metrics.progress": "false",
+    "model.preset": "tiny",
+    "data.seq_len": "32",
+    "train.steps": "5",
+    "train.lr": "3e-3",
+    "train.warmup_steps": "2",
+    "train.global_batch": "8",
+    "train.val_every": "0",
+    "train.device": "cpu",
+    "checkpoint.interval": "0",
+    "checkpoint.save_final": "false",
+    "metrics.log_every": "1",
+    "metrics.tensorboard": "false",
+    "metrics.progress": "false",
 }
 
 
@@ -24,6 +33,7 @@ def make_config(data: str, run_dir: str, **overrides: str):
 
 def local_state_bytes(trainer) -> dict[str, int]:
     """Bytes of parameters and optimizer state this rank actually holds."""
+
     def local(t):
         return t.to_local() if hasattr(t, "to_local") else t
 
@@ -49,8 +59,12 @@ def train_collect(rank: int, world: int, data: str, run_dir: str, overrides: dic
     full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
     out = {"losses": result.losses, "bytes": local_state_bytes(trainer)}
     # With pipelining each pipeline rank holds different stages: those of dp/tp rank 0 report.
-    if rank == 0 or (trainer.pipeline is not None and trainer.dims.coords(rank)["pp"] != 0 and
-                     trainer.dims.dp_rank(rank) == 0 and trainer.dims.coords(rank)["tp"] == 0):
+    if rank == 0 or (
+        trainer.pipeline is not None
+        and trainer.dims.coords(rank)["pp"] != 0
+        and trainer.dims.dp_rank(rank) == 0
+        and trainer.dims.coords(rank)["tp"] == 0
+    ):
         out["params"] = {k: v.detach().cpu().clone() for k, v in full.items()}
     else:
         out["params"] = {}
@@ -60,10 +74,10 @@ def train_collect(rank: int, world: int, data: str, run_dir: str, overrides: dic
 def assert_same_run(got: dict, ref: dict, rtol: float = 1e-5) -> None:
     assert sorted(got["losses"]) == sorted(ref["losses"]) and len(ref["losses"]) >= 5
     for step, ref_loss in ref["losses"].items():
-        assert abs(got["losses"][step] - ref_loss) <= rtol * abs(ref_loss), \
+        assert abs(got["losses"][step] - ref_loss) <= rtol * abs(ref_loss), (
             f"step {step}: loss {got['losses'][step]!r} vs single-process {ref_loss!r}"
-    assert got["params"].keys() == ref["params"].keys(), \
-        set(got["params"]) ^ set(ref["params"])
+        )
+    assert got["params"].keys() == ref["params"].keys(), set(got["params"]) ^ set(ref["params"])
     for name, ref_p in ref["params"].items():
         # Relative error of the whole tensor. Element-wise relative error is meaningless for
         # near-zero weights: Adam turns rounding-level gradient noise into lr-sized updates there,

@@ -22,92 +22,189 @@ import pytest
 from tests.s3_server import moto_s3  # noqa: F401  (the fixture)
 from triaxis.cli import main
 
-TINY = ["--model.preset=tiny", "--data.seq_len=32", "--train.global_batch=8",
-        "--train.micro_batch=4", "--train.steps=2", "--train.val_every=0",
-        "--metrics.tensorboard=false", "--metrics.progress=false", "--train.device=cpu"]
+TINY = [
+    "--model.preset=tiny",
+    "--data.seq_len=32",
+    "--train.global_batch=8",
+    "--train.micro_batch=4",
+    "--train.steps=2",
+    "--train.val_every=0",
+    "--metrics.tensorboard=false",
+    "--metrics.progress=false",
+    "--train.device=cpu",
+]
 
 
 def _train(*extra: str) -> str:
     """A train command line over the good data into {ws}/run, plus `extra`."""
-    return " ".join(["train", "--data.path={ws}/data", "--train.run_dir={ws}/run", *TINY,
-                     *extra])
+    return " ".join(["train", "--data.path={ws}/data", "--train.run_dir={ws}/run", *TINY, *extra])
 
 
 def _launch(backend: str, *extra: str) -> str:
-    return " ".join(["launch", "--backend", backend, "--dry-run", "--nproc-per-node", "1",
-                     "--data.path={ws}/data", "--train.run_dir={ws}/run", *TINY, *extra])
+    return " ".join(
+        [
+            "launch",
+            "--backend",
+            backend,
+            "--dry-run",
+            "--nproc-per-node",
+            "1",
+            "--data.path={ws}/data",
+            "--train.run_dir={ws}/run",
+            *TINY,
+            *extra,
+        ]
+    )
 
 
 # (id, argv: split on spaces after {ws} is filled in; "\x1f" joins words that hold spaces,
 #  expected piece of the error line)
 CASES: list[tuple[str, str, str]] = [
     # -- prepare: options
-    ("prep-vocab-neg", "prepare --input {ws}/good.txt --output {ws}/out --vocab-size -5",
-     "--vocab-size -5 must be >= 300"),
+    (
+        "prep-vocab-neg",
+        "prepare --input {ws}/good.txt --output {ws}/out --vocab-size -5",
+        "--vocab-size -5 must be >= 300",
+    ),
     ("prep-vocab-type", "prepare --output {ws}/out --vocab-size many", "invalid int value"),
-    ("prep-val-nan", "prepare --input {ws}/good.txt --output {ws}/out --val-fraction nan",
-     "must be a finite number"),
-    ("prep-val-inf", "prepare --input {ws}/good.txt --output {ws}/out --val-fraction inf",
-     "must be a finite number"),
-    ("prep-val-range", "prepare --input {ws}/good.txt --output {ws}/out --val-fraction 0.9",
-     "--val-fraction 0.9 must be >= 0 and <= 0.5"),
-    ("prep-shard-zero", "prepare --input {ws}/good.txt --output {ws}/out --shard-tokens 0",
-     "--shard-tokens 0 must be >= 1"),
-    ("prep-shard-huge", "prepare --input {ws}/good.txt --output {ws}/out "
-                        "--shard-tokens 99999999999999999999999", "fit in 64 bits"),
-    ("prep-max-bytes", "prepare --input {ws}/good.txt --output {ws}/out --max-bytes -1",
-     "--max-bytes -1 must be >= 0"),
-    ("prep-workers", "prepare --input {ws}/good.txt --output {ws}/out --workers 100000",
-     "--workers 100000 must be"),
-    ("prep-tokenizer", "prepare --input {ws}/good.txt --output {ws}/out --tokenizer nope",
-     "--tokenizer 'nope' is unknown"),
-    ("prep-hf-missing", "prepare --input {ws}/good.txt --output {ws}/out "
-                        "--tokenizer hf:{ws}/nowhere", "nowhere"),
-    ("prep-eos-bpe", "prepare --input {ws}/good.txt --output {ws}/out --eos-token X",
-     "applies to --tokenizer hf:PATH only"),
-    ("prep-vocab-byte", "prepare --output {ws}/out --tokenizer byte --vocab-size 500",
-     "applies to --tokenizer bpe only"),
+    (
+        "prep-val-nan",
+        "prepare --input {ws}/good.txt --output {ws}/out --val-fraction nan",
+        "must be a finite number",
+    ),
+    (
+        "prep-val-inf",
+        "prepare --input {ws}/good.txt --output {ws}/out --val-fraction inf",
+        "must be a finite number",
+    ),
+    (
+        "prep-val-range",
+        "prepare --input {ws}/good.txt --output {ws}/out --val-fraction 0.9",
+        "--val-fraction 0.9 must be >= 0 and <= 0.5",
+    ),
+    (
+        "prep-shard-zero",
+        "prepare --input {ws}/good.txt --output {ws}/out --shard-tokens 0",
+        "--shard-tokens 0 must be >= 1",
+    ),
+    (
+        "prep-shard-huge",
+        "prepare --input {ws}/good.txt --output {ws}/out --shard-tokens 99999999999999999999999",
+        "fit in 64 bits",
+    ),
+    (
+        "prep-max-bytes",
+        "prepare --input {ws}/good.txt --output {ws}/out --max-bytes -1",
+        "--max-bytes -1 must be >= 0",
+    ),
+    (
+        "prep-workers",
+        "prepare --input {ws}/good.txt --output {ws}/out --workers 100000",
+        "--workers 100000 must be",
+    ),
+    (
+        "prep-tokenizer",
+        "prepare --input {ws}/good.txt --output {ws}/out --tokenizer nope",
+        "--tokenizer 'nope' is unknown",
+    ),
+    (
+        "prep-hf-missing",
+        "prepare --input {ws}/good.txt --output {ws}/out --tokenizer hf:{ws}/nowhere",
+        "nowhere",
+    ),
+    (
+        "prep-eos-bpe",
+        "prepare --input {ws}/good.txt --output {ws}/out --eos-token X",
+        "applies to --tokenizer hf:PATH only",
+    ),
+    (
+        "prep-vocab-byte",
+        "prepare --output {ws}/out --tokenizer byte --vocab-size 500",
+        "applies to --tokenizer bpe only",
+    ),
     ("prep-output-ctrl", "prepare --input {ws}/good.txt --output {ws}/o\nut", "control char"),
     # -- prepare: inputs (written late: the staging folder is removed, nothing remains)
-    ("prep-missing-input", "prepare --input {ws}/missing.txt --output {ws}/out",
-     "matches no file"),
-    ("prep-empty-input", "prepare --input {ws}/empty.txt --output {ws}/out --tokenizer byte",
-     "hold no text"),
-    ("prep-empty-input-bpe", "prepare --input {ws}/empty.txt --output {ws}/out",
-     "hold no text"),
-    ("prep-bad-jsonl", "prepare --input {ws}/good.txt --input {ws}/bad.jsonl --output "
-                       "{ws}/out --tokenizer byte", "line 2 is not valid JSON"),
-    ("prep-invalid-utf8-jsonl", "prepare --input {ws}/good.txt --input {ws}/latin1.jsonl "
-                                "--output {ws}/out --tokenizer byte", "not valid JSON"),
+    ("prep-missing-input", "prepare --input {ws}/missing.txt --output {ws}/out", "matches no file"),
+    (
+        "prep-empty-input",
+        "prepare --input {ws}/empty.txt --output {ws}/out --tokenizer byte",
+        "hold no text",
+    ),
+    ("prep-empty-input-bpe", "prepare --input {ws}/empty.txt --output {ws}/out", "hold no text"),
+    (
+        "prep-bad-jsonl",
+        "prepare --input {ws}/good.txt --input {ws}/bad.jsonl --output {ws}/out --tokenizer byte",
+        "line 2 is not valid JSON",
+    ),
+    (
+        "prep-invalid-utf8-jsonl",
+        "prepare --input {ws}/good.txt --input {ws}/latin1.jsonl "
+        "--output {ws}/out --tokenizer byte",
+        "not valid JSON",
+    ),
     # big.txt fills over two chunks of work: with one worker, shards are written before
     # bad.jsonl is read.
-    ("prep-late-error-nested-out", "prepare --input {ws}/big.txt --input {ws}/good.txt "
-                                   "--input {ws}/bad.jsonl --output {ws}/new/deeper/out "
-                                   "--tokenizer byte --shard-tokens 100000 --workers 1",
-     "not valid JSON"),
-    ("prep-late-error-over-data", "prepare --input {ws}/big.txt --input {ws}/good.txt "
-                                  "--input {ws}/bad.jsonl --output {ws}/data --tokenizer byte "
-                                  "--shard-tokens 100000 --workers 1", "not valid JSON"),
-    ("prep-truncated-json", "prepare --input {ws}/truncated.json --output {ws}/out "
-                            "--tokenizer byte", "not valid JSON"),
-    ("prep-json-no-text", "prepare --input {ws}/notext.jsonl --output {ws}/out "
-                          "--tokenizer byte", "has no 'text' field"),
-    ("prep-json-text-type", "prepare --input {ws}/numtext.jsonl --output {ws}/out "
-                            "--tokenizer byte", "'text' is a int"),
-    ("prep-binary-text", "prepare --input {ws}/binary.parquet.txt --output {ws}/out "
-                         "--tokenizer byte", "holds NUL bytes"),
+    (
+        "prep-late-error-nested-out",
+        "prepare --input {ws}/big.txt --input {ws}/good.txt "
+        "--input {ws}/bad.jsonl --output {ws}/new/deeper/out "
+        "--tokenizer byte --shard-tokens 100000 --workers 1",
+        "not valid JSON",
+    ),
+    (
+        "prep-late-error-over-data",
+        "prepare --input {ws}/big.txt --input {ws}/good.txt "
+        "--input {ws}/bad.jsonl --output {ws}/data --tokenizer byte "
+        "--shard-tokens 100000 --workers 1",
+        "not valid JSON",
+    ),
+    (
+        "prep-truncated-json",
+        "prepare --input {ws}/truncated.json --output {ws}/out --tokenizer byte",
+        "not valid JSON",
+    ),
+    (
+        "prep-json-no-text",
+        "prepare --input {ws}/notext.jsonl --output {ws}/out --tokenizer byte",
+        "has no 'text' field",
+    ),
+    (
+        "prep-json-text-type",
+        "prepare --input {ws}/numtext.jsonl --output {ws}/out --tokenizer byte",
+        "'text' is a int",
+    ),
+    (
+        "prep-binary-text",
+        "prepare --input {ws}/binary.parquet.txt --output {ws}/out --tokenizer byte",
+        "holds NUL bytes",
+    ),
     ("prep-utf16-text", "prepare --input {ws}/utf16.txt --output {ws}/out", "not UTF-8 text"),
-    ("prep-binary-parquet", "prepare --input {ws}/binary.parquet --output {ws}/out "
-                            "--tokenizer byte", "binary.parquet"),
+    (
+        "prep-binary-parquet",
+        "prepare --input {ws}/binary.parquet --output {ws}/out --tokenizer byte",
+        "binary.parquet",
+    ),
     # -- prepare: outputs it must not touch
-    ("prep-output-file", "prepare --input {ws}/good.txt --output {ws}/good.txt "
-                         "--tokenizer byte", "is a file"),
-    ("prep-foreign-bin", "prepare --input {ws}/good.txt --output {ws}/foreign --tokenizer byte",
-     "holds train_00000.bin"),
-    ("prep-corrupt-old-manifest", "prepare --input {ws}/good.txt --output {ws}/data_badjson "
-                                  "--tokenizer byte", "not a readable triaxis manifest"),
-    ("prep-bad-input-over-data", "prepare --input {ws}/good.txt --input {ws}/bad.jsonl "
-                                 "--output {ws}/data --tokenizer byte", "not valid JSON"),
+    (
+        "prep-output-file",
+        "prepare --input {ws}/good.txt --output {ws}/good.txt --tokenizer byte",
+        "is a file",
+    ),
+    (
+        "prep-foreign-bin",
+        "prepare --input {ws}/good.txt --output {ws}/foreign --tokenizer byte",
+        "holds train_00000.bin",
+    ),
+    (
+        "prep-corrupt-old-manifest",
+        "prepare --input {ws}/good.txt --output {ws}/data_badjson --tokenizer byte",
+        "not a readable triaxis manifest",
+    ),
+    (
+        "prep-bad-input-over-data",
+        "prepare --input {ws}/good.txt --input {ws}/bad.jsonl --output {ws}/data --tokenizer byte",
+        "not valid JSON",
+    ),
     # -- train: config values
     ("train-lr-nan", _train("--train.lr=nan"), "train.lr=nan must be a finite number"),
     ("train-lr-inf", _train("--train.lr=inf"), "must be a finite number"),
@@ -153,8 +250,11 @@ CASES: list[tuple[str, str, str]] = [
     ("data-shard-empty", _train("--data.path={ws}/data_empty"), "bytes but the manifest says"),
     ("data-shard-half", _train("--data.path={ws}/data_half"), "bytes but the manifest says"),
     ("data-shard-flipped", _train("--data.path={ws}/data_flip"), "fails its sha256 check"),
-    ("data-val-flipped", _train("--data.path={ws}/data_valflip", "--train.val_every=1"),
-     "val_00000.bin fails its sha256 check"),
+    (
+        "data-val-flipped",
+        _train("--data.path={ws}/data_valflip", "--train.val_every=1"),
+        "val_00000.bin fails its sha256 check",
+    ),
     ("data-token-range", _train("--data.path={ws}/data_bigtok"), "outside the data's vocab"),
     # -- launch: each backend's dry run
     ("launch-local-lr", _launch("local", "--train.lr=nan"), "train.lr=nan"),
@@ -170,13 +270,22 @@ CASES: list[tuple[str, str, str]] = [
     ("launch-backend", _launch("kubernetes"), "invalid choice"),
     # -- generate
     ("gen-top-k", "generate --checkpoint {ws}/ckpt --top-k -1", "--top-k -1 must be >= 0"),
-    ("gen-temp-neg", "generate --checkpoint {ws}/ckpt --temperature -0.5",
-     "--temperature -0.5 must be >= 0"),
+    (
+        "gen-temp-neg",
+        "generate --checkpoint {ws}/ckpt --temperature -0.5",
+        "--temperature -0.5 must be >= 0",
+    ),
     ("gen-temp-nan", "generate --checkpoint {ws}/ckpt --temperature nan", "finite"),
-    ("gen-max-new", "generate --checkpoint {ws}/ckpt --max-new-tokens 0",
-     "--max-new-tokens 0 must be >= 1"),
-    ("gen-max-new-huge", "generate --checkpoint {ws}/ckpt --max-new-tokens 10000000000",
-     "--max-new-tokens 10000000000 must be"),
+    (
+        "gen-max-new",
+        "generate --checkpoint {ws}/ckpt --max-new-tokens 0",
+        "--max-new-tokens 0 must be >= 1",
+    ),
+    (
+        "gen-max-new-huge",
+        "generate --checkpoint {ws}/ckpt --max-new-tokens 10000000000",
+        "--max-new-tokens 10000000000 must be",
+    ),
     ("gen-seed", "generate --checkpoint {ws}/ckpt --seed -1", "--seed -1 must be >= 0"),
     ("gen-device", "generate --checkpoint {ws}/ckpt --device tpu", "not a torch device"),
     ("gen-missing", "generate --checkpoint {ws}/nowhere", "nowhere"),
@@ -189,18 +298,21 @@ CASES: list[tuple[str, str, str]] = [
     # -- import-hf (the existing checkpoint in {ws}/ckpt must survive --force)
     ("imp-missing", "import-hf {ws}/nowhere --output {ws}/ckpt --force", "is not a folder"),
     ("imp-no-config", "import-hf {ws}/foreign --output {ws}/ckpt --force", "no config.json"),
-    ("imp-bad-config", "import-hf {ws}/hf_badconfig --output {ws}/ckpt --force",
-     "config.json"),
-    ("imp-binary-config", "import-hf {ws}/hf_binconfig --output {ws}/ckpt --force",
-     "config.json"),
-    ("imp-trunc-weights", "import-hf {ws}/hf_truncweights --output {ws}/ckpt --force",
-     "model.safetensors"),
+    ("imp-bad-config", "import-hf {ws}/hf_badconfig --output {ws}/ckpt --force", "config.json"),
+    ("imp-binary-config", "import-hf {ws}/hf_binconfig --output {ws}/ckpt --force", "config.json"),
+    (
+        "imp-trunc-weights",
+        "import-hf {ws}/hf_truncweights --output {ws}/ckpt --force",
+        "model.safetensors",
+    ),
     ("imp-config-str", "import-hf {ws}/hf_strconfig --output {ws}/ckpt --force", "hidden_size"),
-    ("imp-config-neg", "import-hf {ws}/hf_negconfig --output {ws}/ckpt --force",
-     "num_hidden_layers"),
+    (
+        "imp-config-neg",
+        "import-hf {ws}/hf_negconfig --output {ws}/ckpt --force",
+        "num_hidden_layers",
+    ),
     ("imp-config-nan", "import-hf {ws}/hf_nanconfig --output {ws}/ckpt --force", "rms_norm_eps"),
-    ("imp-config-list", "import-hf {ws}/hf_listconfig --output {ws}/ckpt --force",
-     "config.json"),
+    ("imp-config-list", "import-hf {ws}/hf_listconfig --output {ws}/ckpt --force", "config.json"),
     ("imp-index-escape", "import-hf {ws}/hf_badindex --output {ws}/ckpt --force", "passwd"),
     ("imp-no-force", "import-hf {ws}/hf --output {ws}/ckpt", "not empty"),
     ("imp-output-file", "import-hf {ws}/hf --output {ws}/good.txt", "is a file"),
@@ -208,8 +320,11 @@ CASES: list[tuple[str, str, str]] = [
     ("exp-missing", "export-hf {ws}/nowhere {ws}/export --force", "nowhere"),
     ("exp-not-ckpt", "export-hf {ws}/foreign {ws}/export --force", "foreign"),
     ("exp-shard-nan", "export-hf {ws}/ckpt {ws}/export --force --max-shard-gb nan", "finite"),
-    ("exp-shard-neg", "export-hf {ws}/ckpt {ws}/export --force --max-shard-gb -1",
-     "--max-shard-gb -1"),
+    (
+        "exp-shard-neg",
+        "export-hf {ws}/ckpt {ws}/export --force --max-shard-gb -1",
+        "--max-shard-gb -1",
+    ),
     ("exp-no-force", "export-hf {ws}/ckpt {ws}/export", "not empty"),
     ("exp-output-file", "export-hf {ws}/ckpt {ws}/good.txt", "is a file"),
     # -- plan, layout, net, config
@@ -218,16 +333,28 @@ CASES: list[tuple[str, str, str]] = [
     ("plan-model", "plan --model nosuch --gpus 8 --gpu h100", "nosuch"),
     ("plan-seq", "plan --model tiny --gpus 8 --seq 0", "--seq"),
     ("plan-batch", "plan --model tiny --gpus 8 --global-batch -4", "--global-batch"),
-    ("plan-vocab", "plan --model tiny --gpus 8 --gpu h100 --seq 128 --vocab-size -5",
-     "--vocab-size -5 must be >= 1"),
-    ("plan-gpn", "plan --model tiny --gpus 8 --gpu h100 --seq 128 --gpus-per-node 0",
-     "--gpus-per-node 0 must be >= 1"),
+    (
+        "plan-vocab",
+        "plan --model tiny --gpus 8 --gpu h100 --seq 128 --vocab-size -5",
+        "--vocab-size -5 must be >= 1",
+    ),
+    (
+        "plan-gpn",
+        "plan --model tiny --gpus 8 --gpu h100 --seq 128 --gpus-per-node 0",
+        "--gpus-per-node 0 must be >= 1",
+    ),
     ("net-timeout", "net bench --nproc-per-node 2 --rdzv-timeout nan", "--rdzv-timeout nan"),
     ("ckpt-step-neg", "ckpt verify {ws}/ckpt --step -1", "--step -1 must be >= 0"),
-    ("plan-hardware-missing", "plan --model tiny --gpus 8 --hardware {ws}/nowhere.toml",
-     "nowhere.toml"),
-    ("plan-hardware-binary", "plan --model tiny --gpus 8 --hardware {ws}/binary.toml",
-     "binary.toml"),
+    (
+        "plan-hardware-missing",
+        "plan --model tiny --gpus 8 --hardware {ws}/nowhere.toml",
+        "nowhere.toml",
+    ),
+    (
+        "plan-hardware-binary",
+        "plan --model tiny --gpus 8 --hardware {ws}/binary.toml",
+        "binary.toml",
+    ),
     ("layout-world", "layout --world 3 --tp 2", "world size 3"),
     ("layout-tp-zero", "layout --world 4 --tp 0", "tp"),
     ("layout-neg", "layout --world -4", "world"),
@@ -285,7 +412,7 @@ def ws(tmp_path_factory, byte_data) -> Path:
     (root / "binary.toml").write_bytes(b"\xff\xfe\x00\x01garbage\x80")
     (root / "bad.toml").write_text("[train\nsteps = 3\n")
     (root / "notable.toml").write_text("steps = 3\n")
-    (root / "wrongtype.toml").write_text("[train]\nsteps = \"three\"\n")
+    (root / "wrongtype.toml").write_text('[train]\nsteps = "three"\n')
     (root / "empty.toml").write_text("")
     foreign = root / "foreign"
     foreign.mkdir()
@@ -301,23 +428,36 @@ def ws(tmp_path_factory, byte_data) -> Path:
 
     shard = "train_00000.bin"
     variant("data_badjson", lambda d: (d / "manifest.json").write_text("{not json"))
-    variant("data_truncjson", lambda d: (d / "manifest.json").write_text(
-        (data / "manifest.json").read_text()[:200]))
+    variant(
+        "data_truncjson",
+        lambda d: (d / "manifest.json").write_text((data / "manifest.json").read_text()[:200]),
+    )
     variant("data_binjson", lambda d: (d / "manifest.json").write_bytes(b"\xff\x00\x9c"))
-    variant("data_badfields", lambda d: _edit_manifest(
-        d, lambda m: m["splits"]["train"]["shards"][0].pop("tokens")))
-    variant("data_escape", lambda d: _edit_manifest(
-        d, lambda m: m["splits"]["train"]["shards"][0].update(file="../data/" + shard)))
+    variant(
+        "data_badfields",
+        lambda d: _edit_manifest(d, lambda m: m["splits"]["train"]["shards"][0].pop("tokens")),
+    )
+    variant(
+        "data_escape",
+        lambda d: _edit_manifest(
+            d, lambda m: m["splits"]["train"]["shards"][0].update(file="../data/" + shard)
+        ),
+    )
     variant("data_noshard", lambda d: (d / shard).unlink())
     variant("data_odd", lambda d: (d / shard).write_bytes((data / shard).read_bytes() + b"x"))
     variant("data_empty", lambda d: (d / shard).write_bytes(b""))
-    variant("data_half", lambda d: (d / shard).write_bytes(
-        (data / shard).read_bytes()[:(d / shard).stat().st_size // 4 * 2]))
+    variant(
+        "data_half",
+        lambda d: (d / shard).write_bytes(
+            (data / shard).read_bytes()[: (d / shard).stat().st_size // 4 * 2]
+        ),
+    )
 
     def flip(path: Path) -> None:
         raw = bytearray(path.read_bytes())
         raw[100] ^= 0x01  # still a valid byte token: only the checksum can tell
         path.write_bytes(bytes(raw))
+
     variant("data_flip", lambda d: flip(d / shard))
     variant("data_valflip", lambda d: flip(d / "val_00000.bin"))
 
@@ -325,12 +465,25 @@ def ws(tmp_path_factory, byte_data) -> Path:
         ids = np.fromfile(d / shard, dtype=np.uint16)
         ids[7] = 60000  # beyond the byte vocabulary (257); the manifest's sha256 matches
         (d / shard).write_bytes(ids.tobytes())
-        _edit_manifest(d, lambda m: m["splits"]["train"]["shards"][0].update(
-            sha256=hashlib.sha256(ids.tobytes()).hexdigest()))
+        _edit_manifest(
+            d,
+            lambda m: m["splits"]["train"]["shards"][0].update(
+                sha256=hashlib.sha256(ids.tobytes()).hexdigest()
+            ),
+        )
+
     variant("data_bigtok", big_token)
 
-    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, vocab_size=257,
-                     max_seq_len=64, rope_theta=10000.0)
+    args = ModelArgs(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=64,
+        vocab_size=257,
+        max_seq_len=64,
+        rope_theta=10000.0,
+    )
     torch.manual_seed(0)
     with torch.device("meta"):
         model = Transformer(args)
@@ -343,16 +496,25 @@ def ws(tmp_path_factory, byte_data) -> Path:
     shutil.copytree(root / "hf", root / "export")
     (root / "export" / "README.md").write_text("a user's own file next to the export")
     for name, change in (
-            ("hf_badconfig", lambda d: (d / "config.json").write_text("{bad")),
-            ("hf_strconfig", lambda d: _edit_json(d / "config.json", hidden_size="big")),
-            ("hf_negconfig", lambda d: _edit_json(d / "config.json", num_hidden_layers=-1)),
-            ("hf_nanconfig", lambda d: _edit_json(d / "config.json", rms_norm_eps=float("nan"))),
-            ("hf_listconfig", lambda d: (d / "config.json").write_text("[1, 2]")),
-            ("hf_badindex", lambda d: (d / "model.safetensors.index.json").write_text(
-                '{"weight_map": {"x": "../../etc/passwd"}}')),
-            ("hf_binconfig", lambda d: (d / "config.json").write_bytes(b"\x00\xff\xfe")),
-            ("hf_truncweights", lambda d: (d / "model.safetensors").write_bytes(
-                (root / "hf" / "model.safetensors").read_bytes()[:300]))):
+        ("hf_badconfig", lambda d: (d / "config.json").write_text("{bad")),
+        ("hf_strconfig", lambda d: _edit_json(d / "config.json", hidden_size="big")),
+        ("hf_negconfig", lambda d: _edit_json(d / "config.json", num_hidden_layers=-1)),
+        ("hf_nanconfig", lambda d: _edit_json(d / "config.json", rms_norm_eps=float("nan"))),
+        ("hf_listconfig", lambda d: (d / "config.json").write_text("[1, 2]")),
+        (
+            "hf_badindex",
+            lambda d: (d / "model.safetensors.index.json").write_text(
+                '{"weight_map": {"x": "../../etc/passwd"}}'
+            ),
+        ),
+        ("hf_binconfig", lambda d: (d / "config.json").write_bytes(b"\x00\xff\xfe")),
+        (
+            "hf_truncweights",
+            lambda d: (d / "model.safetensors").write_bytes(
+                (root / "hf" / "model.safetensors").read_bytes()[:300]
+            ),
+        ),
+    ):
         shutil.copytree(root / "hf", root / name)
         change(root / name)
     return root
@@ -383,8 +545,11 @@ def test_bad_input(case, ws, capsys, monkeypatch):
     assert len(errors) == 1 and errors[0].startswith("error: "), err
     assert "this is a bug" not in err, err
     assert expect in errors[0], errors[0]
-    assert after == before, {k: (before.get(k), after.get(k))
-                             for k in set(before) | set(after) if before.get(k) != after.get(k)}
+    assert after == before, {
+        k: (before.get(k), after.get(k))
+        for k in set(before) | set(after)
+        if before.get(k) != after.get(k)
+    }
 
 
 def test_unexpected_error_is_one_line_and_debug_shows_it(monkeypatch, capsys):
@@ -394,18 +559,21 @@ def test_unexpected_error_is_one_line_and_debug_shows_it(monkeypatch, capsys):
 
     def broken(a):
         raise RuntimeError("kaboom\nsecond line")
+
     real = cli.build_parser
 
     def parser():
         p = real()
         p._subparsers._group_actions[0].choices["config"].set_defaults(fn=broken)
         return p
+
     monkeypatch.setattr(cli, "build_parser", parser)
     assert cli.main(["config"]) == cli.BUG_EXIT
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
         "error: RuntimeError: kaboom second line (this is a bug in triaxis; rerun with --debug "
-        "for the traceback)"]
+        "for the traceback)"
+    ]
     with pytest.raises(RuntimeError, match="kaboom"):
         cli.main(["config", "--debug"])
     monkeypatch.setenv("TRIAXIS_DEBUG", "1")
@@ -424,27 +592,32 @@ def test_background_thread_errors_are_one_line_too(monkeypatch, capsys):
     def fails_in_a_thread(a):
         def write():
             raise OSError(errno.ENOSPC, "No space left on device", "/run/tb/events")
+
         t = threading.Thread(target=write)
         t.start()
         t.join()
         raise OSError(errno.ENOSPC, "No space left on device", "/run/tb/events")
+
     real = cli.build_parser
 
     def parser():
         p = real()
         p._subparsers._group_actions[0].choices["config"].set_defaults(fn=fails_in_a_thread)
         return p
+
     monkeypatch.setattr(cli, "build_parser", parser)
     assert cli.main(["config"]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == [
-        "error: /run/tb/events: the disk is full; free space or write elsewhere"]
+        "error: /run/tb/events: the disk is full; free space or write elsewhere"
+    ]
     t = threading.Thread(target=lambda: 1 / 0)
     t.start()
     t.join()
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: ZeroDivisionError: division by zero (this is a bug in triaxis; rerun with "
-        "--debug for the traceback)"]
+        "--debug for the traceback)"
+    ]
 
 
 def test_full_disk_is_one_line(tmp_path, capsys, byte_data):
@@ -457,16 +630,20 @@ def test_full_disk_is_one_line(tmp_path, capsys, byte_data):
         pytest.skip("mounting a small tmpfs needs root")
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]
-                      ).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here")
     try:
         (disk / "keep.txt").write_text("kept")
         before = _snapshot(disk)
         big = tmp_path / "big.txt"
         big.write_text("x = 1\n" * 100_000)
-        code, err = run_cli(["prepare", "--input", str(big), "--output", str(disk / "out"),
-                             "--tokenizer", "byte"], capsys)
+        code, err = run_cli(
+            ["prepare", "--input", str(big), "--output", str(disk / "out"), "--tokenizer", "byte"],
+            capsys,
+        )
         assert code == 2 and "Traceback" not in err, err
         assert err.strip().splitlines()[-1].startswith("error: ") and "disk is full" in err
         assert f"--output {disk / 'out'}" in err and "nothing was changed" in err
@@ -475,10 +652,21 @@ def test_full_disk_is_one_line(tmp_path, capsys, byte_data):
         (disk / "filler").write_bytes(b"\0" * (60 * 1024))  # leave ~nothing for run_dir
         # As a user runs it: a subprocess, TensorBoard on (its writer thread meets the full
         # disk too, and must not add a traceback).
-        proc = subprocess.run([sys.executable, "-m", "triaxis", "train",
-                               f"--data.path={byte_data}", f"--train.run_dir={disk / 'run'}",
-                               *TINY, "--metrics.tensorboard=true"],
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "triaxis",
+                "train",
+                f"--data.path={byte_data}",
+                f"--train.run_dir={disk / 'run'}",
+                *TINY,
+                "--metrics.tensorboard=true",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         err = proc.stderr
         assert proc.returncode == 2 and "Traceback" not in err, err
         assert len([x for x in err.splitlines() if "error:" in x]) == 1, err
@@ -503,20 +691,30 @@ def test_s3_output_is_untouched_by_bad_input(ws, moto_s3, capsys):
 
     bucket = moto_s3.new_bucket()
     out = f"s3://{bucket}/data"
-    prepare(PrepareOptions(inputs=[str(ws / "good.txt")], output=out, tokenizer="byte"),
-            log=lambda *_: None)
+    prepare(
+        PrepareOptions(inputs=[str(ws / "good.txt")], output=out, tokenizer="byte"),
+        log=lambda *_: None,
+    )
     moto_s3.put(f"s3://{bucket}/other/train_00000.bin", b"someone else's")
 
     def bucket_state() -> dict[str, bytes]:
         return {k: moto_s3.get(f"s3://{bucket}/{k}") for k in moto_s3.keys(f"s3://{bucket}/")}
+
     before = bucket_state()
     for argv, expect in (
-            (["--input", str(ws / "good.txt"), "--input", str(ws / "bad.jsonl"), "--output",
-              out], "not valid JSON"),
-            (["--input", str(ws / "good.txt"), "--output", f"s3://{bucket}/other"],
-             "holds train_00000.bin"),
-            (["--input", str(ws / "good.txt"), "--output", f"s3://{bucket}-missing/x"],
-             "does not exist")):
+        (
+            ["--input", str(ws / "good.txt"), "--input", str(ws / "bad.jsonl"), "--output", out],
+            "not valid JSON",
+        ),
+        (
+            ["--input", str(ws / "good.txt"), "--output", f"s3://{bucket}/other"],
+            "holds train_00000.bin",
+        ),
+        (
+            ["--input", str(ws / "good.txt"), "--output", f"s3://{bucket}-missing/x"],
+            "does not exist",
+        ),
+    ):
         code, err = run_cli(["prepare", "--tokenizer", "byte", *argv], capsys)
         errors = [x for x in err.splitlines() if "error:" in x]
         assert code == 2 and len(errors) == 1 and expect in errors[0], err
@@ -551,13 +749,20 @@ def test_prepare_again_replaces_only_its_own_files(ws, tmp_path):
     from triaxis.data.prepare import PrepareOptions, prepare
 
     out = tmp_path / "out"
-    first = prepare(PrepareOptions(inputs=[str(ws / "big.txt")], output=str(out),
-                                   tokenizer="byte", shard_tokens=200_000), log=lambda *_: None)
+    first = prepare(
+        PrepareOptions(
+            inputs=[str(ws / "big.txt")], output=str(out), tokenizer="byte", shard_tokens=200_000
+        ),
+        log=lambda *_: None,
+    )
     assert len(first["splits"]["train"]["shards"]) > 2
     (out / "mine.bin").write_bytes(b"a user's file")
     (out / "notes.txt").write_text("keep")
-    second = prepare(PrepareOptions(inputs=[str(ws / "good.txt")], output=str(out),
-                                    tokenizer="byte"), log=lambda *_: None)
+    second = prepare(
+        PrepareOptions(inputs=[str(ws / "good.txt")], output=str(out), tokenizer="byte"),
+        log=lambda *_: None,
+    )
     listed = {s["file"] for split in second["splits"].values() for s in split["shards"]}
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        listed | {"manifest.json", "mine.bin", "notes.txt"})
+        listed | {"manifest.json", "mine.bin", "notes.txt"}
+    )

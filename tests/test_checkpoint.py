@@ -26,18 +26,37 @@ def test_reshard_chain_reproduces_the_uninterrupted_run(byte_data, tmp_path):
     """Save under dp_shard=4, resume under tp2 x dp_shard2, then pp2, then one process: the
     losses at every step (data cursor included) equal one uninterrupted single-process run."""
     ckpt = str(tmp_path / "ckpt")
-    common = {**UNTIED, "train__steps": 8, "checkpoint__dir": ckpt, "checkpoint__interval": 2,
-              "train__exit_after_steps": 2, "checkpoint__async_save": "true"}
-    ref = train_collect(0, 1, byte_data, str(tmp_path / "ref"),
-                        {**UNTIED, "train__steps": 8, "train__micro_batch": 4})
-    layouts = [(4, {"parallel__dp_shard": 4, "train__micro_batch": 1}),
-               (4, {"parallel__tp": 2, "parallel__dp_shard": 2, "train__micro_batch": 2}),
-               (2, {"parallel__pp": 2, "parallel__dp_shard": 1, "train__micro_batch": 4}),
-               (1, {"train__micro_batch": 4})]
+    common = {
+        **UNTIED,
+        "train__steps": 8,
+        "checkpoint__dir": ckpt,
+        "checkpoint__interval": 2,
+        "train__exit_after_steps": 2,
+        "checkpoint__async_save": "true",
+    }
+    ref = train_collect(
+        0,
+        1,
+        byte_data,
+        str(tmp_path / "ref"),
+        {**UNTIED, "train__steps": 8, "train__micro_batch": 4},
+    )
+    layouts = [
+        (4, {"parallel__dp_shard": 4, "train__micro_batch": 1}),
+        (4, {"parallel__tp": 2, "parallel__dp_shard": 2, "train__micro_batch": 2}),
+        (2, {"parallel__pp": 2, "parallel__dp_shard": 1, "train__micro_batch": 4}),
+        (1, {"train__micro_batch": 4}),
+    ]
     losses = {}
     for world, degrees in layouts:
-        out = run_workers(train_collect, world, byte_data, str(tmp_path / "run"),
-                          {**common, **degrees}, timeout_s=240)
+        out = run_workers(
+            train_collect,
+            world,
+            byte_data,
+            str(tmp_path / "run"),
+            {**common, **degrees},
+            timeout_s=240,
+        )
         assert len(out[0]["losses"]) == 2
         losses.update(out[0]["losses"])
     assert sorted(losses) == list(range(1, 9))
@@ -74,8 +93,9 @@ def test_corrupted_checkpoint_falls_back_and_cli_verify(byte_data, tmp_path):
     shard.write_bytes(bytes(raw))
     bad = triaxis("ckpt", "verify", ckdir, "--step", 4, check=False)
     assert bad.returncode == 1 and "__0_0.distcp fails its checksum" in bad.stdout
-    resumed = triaxis("train", *train_args(byte_data, run, "--train.steps=5",
-                                           "--checkpoint.interval=2"))
+    resumed = triaxis(
+        "train", *train_args(byte_data, run, "--train.steps=5", "--checkpoint.interval=2")
+    )
     # found while loading (one read), not by a separate pass over the files
     assert "skipping checkpoint" in resumed.stdout and "step_00000004" in resumed.stdout
     assert "__0_0.distcp fails its checksum" in resumed.stdout
@@ -88,11 +108,22 @@ def test_corrupted_checkpoint_falls_back_and_cli_verify(byte_data, tmp_path):
 @pytest.mark.slow
 def test_sigkill_during_async_saves_never_exposes_a_partial_checkpoint(byte_data, tmp_path):
     run = tmp_path / "run"
-    args = train_args(byte_data, run, "--train.steps=400", "--checkpoint.interval=1",
-                      "--checkpoint.keep_last=2", "--model.dim=128", "--model.n_layers=4")
+    args = train_args(
+        byte_data,
+        run,
+        "--train.steps=400",
+        "--checkpoint.interval=1",
+        "--checkpoint.keep_last=2",
+        "--model.dim=128",
+        "--model.n_layers=4",
+    )
     for _attempt in range(6):
-        proc = subprocess.Popen([sys.executable, "-m", "triaxis", "train", *args], env=ENV,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "triaxis", "train", *args],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         root = run / "checkpoints"
         deadline = time.time() + 120
         # wait for two commits, then for a save in flight (a step folder without a manifest)
@@ -109,8 +140,14 @@ def test_sigkill_during_async_saves_never_exposes_a_partial_checkpoint(byte_data
     for found in mf.list_checkpoints(str(root)):
         assert mf.verify(found.path) == []  # every visible checkpoint is whole
     latest = mf.list_checkpoints(str(root))[-1].step
-    out = triaxis("train", *args[:-3], f"--train.steps={latest + 2}", "--checkpoint.interval=1",
-                  "--model.dim=128", "--model.n_layers=4")
+    out = triaxis(
+        "train",
+        *args[:-3],
+        f"--train.steps={latest + 2}",
+        "--checkpoint.interval=1",
+        "--model.dim=128",
+        "--model.n_layers=4",
+    )
     assert f"at step {latest}" in out.stdout
     assert not mf.uncommitted(str(root))  # the interrupted save was cleaned up
 
@@ -135,10 +172,19 @@ def test_elastic_restart_after_sigkill_matches_uninterrupted(byte_data, tmp_path
 
 def test_sigterm_writes_a_final_checkpoint(byte_data, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "triaxis", "train",
-                             *train_args(byte_data, run, "--train.steps=100000",
-                                         "--checkpoint.interval=0")],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "triaxis",
+            "train",
+            *train_args(byte_data, run, "--train.steps=100000", "--checkpoint.interval=0"),
+        ],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "metrics.jsonl").exists():
         time.sleep(0.05)
@@ -155,9 +201,17 @@ def test_sigterm_writes_a_final_checkpoint(byte_data, tmp_path):
 def test_numerics_guard(mode, byte_data, tmp_path):
     run = tmp_path / "run"
     env = {**ENV, "TRIAXIS_FAULT_NAN": "3"}
-    out = triaxis("train", *train_args(byte_data, run, "--train.steps=5",
-                                       "--checkpoint.interval=2", f"--train.on_bad_loss={mode}"),
-                  env=env)
+    out = triaxis(
+        "train",
+        *train_args(
+            byte_data,
+            run,
+            "--train.steps=5",
+            "--checkpoint.interval=2",
+            f"--train.on_bad_loss={mode}",
+        ),
+        env=env,
+    )
     word = "update skipped" if mode == "skip" else "rolled back to step 2"
     assert word in out.stdout and "non-finite loss nan" in out.stdout
     got = losses(run)
@@ -170,14 +224,20 @@ def test_numerics_guard(mode, byte_data, tmp_path):
 
 def test_numerics_guard_stops_past_the_limit(byte_data, tmp_path):
     env = {**ENV, "TRIAXIS_FAULT_NAN": "2,3"}
-    out = triaxis("train", *train_args(byte_data, tmp_path / "r", "--train.steps=5",
-                                       "--train.max_bad_steps=1"), env=env, check=False)
+    out = triaxis(
+        "train",
+        *train_args(byte_data, tmp_path / "r", "--train.steps=5", "--train.max_bad_steps=1"),
+        env=env,
+        check=False,
+    )
     assert out.returncode == 2
     assert "2 bad steps" in out.stderr and "exceed train.max_bad_steps=1" in out.stderr
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"),
-                    reason="mounting a small tmpfs in a private mount namespace needs root")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"),
+    reason="mounting a small tmpfs in a private mount namespace needs root",
+)
 @pytest.mark.slow
 @pytest.mark.parametrize("async_save", ["false", "true"])
 def test_full_disk_is_one_line_and_loses_nothing(async_save, byte_data, tmp_path):
@@ -189,8 +249,15 @@ def test_full_disk_is_one_line_and_loses_nothing(async_save, byte_data, tmp_path
     disk.mkdir()
     out.mkdir()
     run = disk / "run"
-    args = " ".join(train_args(byte_data, run, "--train.steps=6", "--checkpoint.interval=2",
-                               f"--checkpoint.async_save={async_save}"))
+    args = " ".join(
+        train_args(
+            byte_data,
+            run,
+            "--train.steps=6",
+            "--checkpoint.interval=2",
+            f"--checkpoint.async_save={async_save}",
+        )
+    )
     py = f"{sys.executable} -m triaxis"
     script = f"""
     mount -t tmpfs -o size=5m tmpfs {disk} || exit 99
@@ -202,8 +269,13 @@ def test_full_disk_is_one_line_and_loses_nothing(async_save, byte_data, tmp_path
     ls {run}/checkpoints > {out}/ls
     {py} ckpt verify {run}/checkpoints >> {out}/verify.out || echo bad >> {out}/verify.rc
     """
-    proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                          env=ENV, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     read = lambda name: (out / name).read_text()  # noqa: E731
     assert read("first.rc").strip() == "2", read("first.err")[-3000:]
@@ -230,23 +302,34 @@ def _skewed_run(rank: int, world: int, data: str, run_dir: str, overrides: dict)
     return [f.step for f in mf.list_checkpoints(overrides["checkpoint__dir"])]
 
 
-@pytest.mark.parametrize("world,skew", [
-    # rank 1's sidecar lands late and rank 1 polls late: rank 0 sees the save unfinished
-    # in the very step where rank 1 sees it finished
-    (2, "1:sidecar:1.0,1:poll:0.5"),
-    # the same with a slow write on rank 0, and ranks that poll at three different times
-    pytest.param(4, "0:write:0.5,3:sidecar:1.0,3:poll:0.5,1:poll:0.2", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "world,skew",
+    [
+        # rank 1's sidecar lands late and rank 1 polls late: rank 0 sees the save unfinished
+        # in the very step where rank 1 sees it finished
+        (2, "1:sidecar:1.0,1:poll:0.5"),
+        # the same with a slow write on rank 0, and ranks that poll at three different times
+        pytest.param(4, "0:write:0.5,3:sidecar:1.0,3:poll:0.5,1:poll:0.2", marks=pytest.mark.slow),
+    ],
+)
 def test_async_saves_commit_under_rank_skew(world, skew, byte_data, tmp_path, monkeypatch):
     """The commit protocol is symmetric: whatever rank finishes its write, its sidecar or its
     poll first, every rank runs the same collectives, nobody hangs, and every async save of
     the run commits."""
     monkeypatch.setenv("TRIAXIS_TEST_CKPT_DELAY", skew)  # read once per Checkpointer
     ckpt = str(tmp_path / "ckpt")
-    overrides = {**UNTIED, "train__steps": 8, "checkpoint__dir": ckpt, "checkpoint__interval": 2,
-                 "checkpoint__keep_last": 0, "checkpoint__async_save": "true",
-                 "parallel__dp_shard": world, "train__micro_batch": 8 // world}
-    out = run_workers(_skewed_run, world, byte_data, str(tmp_path / "run"), overrides,
-                      timeout_s=300)
+    overrides = {
+        **UNTIED,
+        "train__steps": 8,
+        "checkpoint__dir": ckpt,
+        "checkpoint__interval": 2,
+        "checkpoint__keep_last": 0,
+        "checkpoint__async_save": "true",
+        "parallel__dp_shard": world,
+        "train__micro_batch": 8 // world,
+    }
+    out = run_workers(
+        _skewed_run, world, byte_data, str(tmp_path / "run"), overrides, timeout_s=300
+    )
     assert out[0] == [2, 4, 6, 8]
     assert all(mf.verify(f.path) == [] for f in mf.list_checkpoints(ckpt))

@@ -14,11 +14,24 @@ from triaxis.checkpoint import manifest as mf
 
 def args(data, run, uri, *extra):
     # ~2.3M parameters: the shard (~28 MB with AdamW state) goes up in 16 MiB multipart parts
-    return ["train", "--model.preset=tiny", "--model.dim=192", "--model.ffn_dim=768",
-            f"--data.path={data}", "--data.seq_len=32", f"--train.run_dir={run}",
-            "--train.global_batch=8", "--train.micro_batch=8", "--metrics.log_every=1",
-            "--train.val_every=0", "--metrics.progress=false", "--metrics.tensorboard=false",
-            f"--checkpoint.dir={uri}", "--checkpoint.interval=2", *extra]
+    return [
+        "train",
+        "--model.preset=tiny",
+        "--model.dim=192",
+        "--model.ffn_dim=768",
+        f"--data.path={data}",
+        "--data.seq_len=32",
+        f"--train.run_dir={run}",
+        "--train.global_batch=8",
+        "--train.micro_batch=8",
+        "--metrics.log_every=1",
+        "--train.val_every=0",
+        "--metrics.progress=false",
+        "--metrics.tensorboard=false",
+        f"--checkpoint.dir={uri}",
+        "--checkpoint.interval=2",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -57,15 +70,19 @@ def test_transient_storage_errors_are_retried(moto_s3, byte_data, tmp_path):
 
 
 def test_missing_bucket_and_credentials(moto_s3, byte_data, tmp_path):
-    out = triaxis(*args(byte_data, tmp_path / "r", "s3://no-such-bucket-x/p", "--train.steps=1"),
-                  check=False)
+    out = triaxis(
+        *args(byte_data, tmp_path / "r", "s3://no-such-bucket-x/p", "--train.steps=1"), check=False
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "bucket no-such-bucket-x does not exist" in out.stderr
     uri = f"s3://{moto_s3.new_bucket()}/p"
-    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "",
-           "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
-    out = triaxis(*args(byte_data, tmp_path / "r2", uri, "--train.steps=1"), env=env,
-                  check=False)
+    env = {
+        "AWS_ACCESS_KEY_ID": "",
+        "AWS_SECRET_ACCESS_KEY": "",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent",
+        "AWS_CONFIG_FILE": "/nonexistent",
+    }
+    out = triaxis(*args(byte_data, tmp_path / "r2", uri, "--train.steps=1"), env=env, check=False)
     assert out.returncode == 2 and "no AWS credentials found" in out.stderr, out.stderr[-2000:]
 
 
@@ -111,7 +128,8 @@ class Outage:
         if self.since is None and self.trigger in path:
             self.since = time.monotonic()
         return self.since is not None and (
-            self.seconds is None or time.monotonic() - self.since < self.seconds)
+            self.seconds is None or time.monotonic() - self.since < self.seconds
+        )
 
 
 @pytest.mark.slow
@@ -123,9 +141,12 @@ def test_outage_during_an_async_save_is_retried(moto_s3, byte_data, tmp_path):
     proxy = FlakyProxy(moto_s3.endpoint, fail_every=10**9, fail_if=outage)
     uri = f"s3://{bucket}/outage"
     try:
-        out = triaxis(*args(byte_data, tmp_path / "run", uri, "--train.steps=6",
-                            "--checkpoint.async_save=true"),
-                      env={"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "2"})
+        out = triaxis(
+            *args(
+                byte_data, tmp_path / "run", uri, "--train.steps=6", "--checkpoint.async_save=true"
+            ),
+            env={"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "2"},
+        )
     finally:
         proxy.close()
     assert outage.since is not None and proxy.failed > 0
@@ -141,22 +162,30 @@ def test_failed_saves_are_skipped_then_stop_the_run(moto_s3, byte_data, tmp_path
     warning while training goes on; checkpoint.max_failed_saves in a row stop the run with
     one line. The checkpoint saved before the outage stays whole."""
     bucket = moto_s3.new_bucket()
-    proxy = FlakyProxy(moto_s3.endpoint, fail_every=10**9,
-                       fail_if=Outage("step_00000004/", None))
+    proxy = FlakyProxy(moto_s3.endpoint, fail_every=10**9, fail_if=Outage("step_00000004/", None))
     uri = f"s3://{bucket}/down"
     try:
-        out = triaxis(*args(byte_data, tmp_path / "run", uri, "--train.steps=20",
-                            "--checkpoint.retry_s=2", "--checkpoint.max_failed_saves=2"),
-                      env={"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "2"},
-                      check=False)
+        out = triaxis(
+            *args(
+                byte_data,
+                tmp_path / "run",
+                uri,
+                "--train.steps=20",
+                "--checkpoint.retry_s=2",
+                "--checkpoint.max_failed_saves=2",
+            ),
+            env={"AWS_ENDPOINT_URL": proxy.endpoint, "AWS_MAX_ATTEMPTS": "2"},
+            check=False,
+        )
     finally:
         proxy.close()
     # The run lease lives in the same bucket: its heartbeat may warn during the outage too.
     lines = out.stderr.strip().splitlines()
     errors = [line for line in lines if line.startswith("error: ")]
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
-    assert len(errors) == 1 and all(line.startswith("warning: ") for line in lines
-                                    if line not in errors), out.stderr[-3000:]
+    assert len(errors) == 1 and all(
+        line.startswith("warning: ") for line in lines if line not in errors
+    ), out.stderr[-3000:]
     err = errors[0]
     assert "step_00000006 could not be saved" in err and "2 failed save(s) in a row" in err
     assert "step_00000004 could not be saved" in out.stdout and "training goes on" in out.stdout
@@ -170,9 +199,11 @@ def test_a_refused_key_is_named_as_such(byte_data, tmp_path):
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidAccessKeyId</Code>'
-            b"<Message>The AWS Access Key Id you provided does not exist in our records."
-            b"</Message></Error>")
+    body = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidAccessKeyId</Code>'
+        b"<Message>The AWS Access Key Id you provided does not exist in our records."
+        b"</Message></Error>"
+    )
 
     class Refuse(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -188,17 +219,26 @@ def test_a_refused_key_is_named_as_such(byte_data, tmp_path):
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)
+
         do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _answer
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}",
-           "AWS_ACCESS_KEY_ID": "AKIAWRONG", "AWS_SECRET_ACCESS_KEY": "wrong",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-           "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull}
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.server_address[1]}",
+        "AWS_ACCESS_KEY_ID": "AKIAWRONG",
+        "AWS_SECRET_ACCESS_KEY": "wrong",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_CONFIG_FILE": os.devnull,
+    }
     try:
-        out = triaxis(*args(byte_data, tmp_path / "r", "s3://some-bucket/p", "--train.steps=1"),
-                      env=env, check=False)
+        out = triaxis(
+            *args(byte_data, tmp_path / "r", "s3://some-bucket/p", "--train.steps=1"),
+            env=env,
+            check=False,
+        )
     finally:
         server.shutdown()
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
@@ -217,12 +257,17 @@ def test_saves_never_read_back_what_they_wrote(moto_s3, byte_data, tmp_path):
     proxy = FlakyProxy(moto_s3.endpoint, fail_every=10**9, fail_if=record)
     uri = f"s3://{moto_s3.new_bucket()}/noread"
     try:
-        triaxis(*args(byte_data, tmp_path / "run", uri, "--train.steps=4",
-                      "--checkpoint.resume=none"), env={"AWS_ENDPOINT_URL": proxy.endpoint})
+        triaxis(
+            *args(byte_data, tmp_path / "run", uri, "--train.steps=4", "--checkpoint.resume=none"),
+            env={"AWS_ENDPOINT_URL": proxy.endpoint},
+        )
     finally:
         proxy.close()
     assert any(m == "PUT" and ".distcp" in p for m, p in seen)  # the shards went up here
-    reads = [p for m, p in seen  # object downloads (listings are GETs of the bucket)
-             if m == "GET" and p.split("?")[0].endswith((".distcp", ".metadata"))]
+    reads = [
+        p
+        for m, p in seen  # object downloads (listings are GETs of the bucket)
+        if m == "GET" and p.split("?")[0].endswith((".distcp", ".metadata"))
+    ]
     assert reads == [], reads
     assert all(mf.verify(f.path) == [] for f in mf.list_checkpoints(uri))

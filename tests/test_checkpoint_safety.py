@@ -20,8 +20,12 @@ from triaxis.checkpoint import manifest as mf
 def trained(byte_data, tmp_path_factory) -> Path:
     """A run with committed checkpoints at steps 1 and 2."""
     run = tmp_path_factory.mktemp("trained") / "run"
-    triaxis("train", *train_args(byte_data, run, "--train.steps=2", "--checkpoint.interval=1",
-                                 "--checkpoint.keep_last=0"))
+    triaxis(
+        "train",
+        *train_args(
+            byte_data, run, "--train.steps=2", "--checkpoint.interval=1", "--checkpoint.keep_last=0"
+        ),
+    )
     return run
 
 
@@ -61,19 +65,24 @@ def one_error_line(proc, *words) -> str:
 def load_paths(byte_data, run: Path, ckpt: Path, tmp_path: Path) -> dict:
     """Every command that opens a checkpoint, each as a user would run it."""
     return {
-        "resume": lambda: triaxis("train", *train_args(byte_data, run, "--train.steps=3"),
-                                  check=False),
-        "initial": lambda: triaxis("train", *train_args(
-            byte_data, tmp_path / "fresh", "--train.steps=1", f"--checkpoint.initial={ckpt}"),
-            check=False),
-        "generate": lambda: triaxis("generate", "--checkpoint", ckpt, "--max-new-tokens", 2,
-                                    check=False),
+        "resume": lambda: triaxis(
+            "train", *train_args(byte_data, run, "--train.steps=3"), check=False
+        ),
+        "initial": lambda: triaxis(
+            "train",
+            *train_args(
+                byte_data, tmp_path / "fresh", "--train.steps=1", f"--checkpoint.initial={ckpt}"
+            ),
+            check=False,
+        ),
+        "generate": lambda: triaxis(
+            "generate", "--checkpoint", ckpt, "--max-new-tokens", 2, check=False
+        ),
         "export-hf": lambda: triaxis("export-hf", ckpt, tmp_path / "hf", check=False),
     }
 
 
-@pytest.mark.parametrize("path", ["resume", "initial", "generate", "export-hf", "verify",
-                                  "list"])
+@pytest.mark.parametrize("path", ["resume", "initial", "generate", "export-hf", "verify", "list"])
 def test_crafted_metadata_pickle_runs_nothing(path, trained, byte_data, tmp_path):
     run = copy_run(trained, tmp_path)
     marker = tmp_path / "pwned"
@@ -89,8 +98,7 @@ def test_crafted_metadata_pickle_runs_nothing(path, trained, byte_data, tmp_path
         assert "       2" in proc.stdout
     else:
         proc = load_paths(byte_data, run, ckpt, tmp_path)[path]()
-        one_error_line(proc, ".metadata is not DCP metadata", "posix.system",
-                       "nothing was run")
+        one_error_line(proc, ".metadata is not DCP metadata", "posix.system", "nothing was run")
     assert not marker.exists(), f"{path} ran code from the checkpoint"
 
 
@@ -133,6 +141,7 @@ def test_manifest_names_outside_the_folder_make_it_invalid(bad, trained, byte_da
             secret = tmp_path / "secret"
             secret.write_bytes(b"not yours")
             import hashlib
+
             rel = os.path.relpath(secret, ckpt)
             assert rel.startswith("../")
             meta["files"][rel] = {"size": 9, "sha256": hashlib.sha256(b"not yours").hexdigest()}
@@ -179,12 +188,23 @@ def test_every_checkpoint_invalid_stops_and_changes_nothing(trained, byte_data, 
     for found in mf.list_checkpoints(str(root)):
         _flip(Path(found.path))
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    proc = triaxis("train", *train_args(byte_data, run, "--train.steps=4",
-                                        "--checkpoint.interval=1"), check=False)
-    one_error_line(proc, "every checkpoint under", "step_00000001", "step_00000002",
-                   "fails its checksum", "--checkpoint.resume=none", "another --checkpoint.dir")
+    proc = triaxis(
+        "train",
+        *train_args(byte_data, run, "--train.steps=4", "--checkpoint.interval=1"),
+        check=False,
+    )
+    one_error_line(
+        proc,
+        "every checkpoint under",
+        "step_00000001",
+        "step_00000002",
+        "fails its checksum",
+        "--checkpoint.resume=none",
+        "another --checkpoint.dir",
+    )
     assert "step 1 " not in proc.stdout and not (run / "metrics.jsonl").read_text().count(
-        '"step": 3')
+        '"step": 3'
+    )
     assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
@@ -193,16 +213,35 @@ def test_resume_none_refuses_a_folder_with_checkpoints(trained, byte_data, tmp_p
     run = copy_run(trained, tmp_path)
     root = run / "checkpoints"
     before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
-    proc = triaxis("train", *train_args(byte_data, run, "--train.steps=2",
-                                        "--checkpoint.interval=1", "--checkpoint.keep_last=1",
-                                        "--checkpoint.resume=none"), check=False)
-    one_error_line(proc, "checkpoint.resume=none", str(root), "2 committed checkpoint(s)",
-                   "--checkpoint.dir")
+    proc = triaxis(
+        "train",
+        *train_args(
+            byte_data,
+            run,
+            "--train.steps=2",
+            "--checkpoint.interval=1",
+            "--checkpoint.keep_last=1",
+            "--checkpoint.resume=none",
+        ),
+        check=False,
+    )
+    one_error_line(
+        proc, "checkpoint.resume=none", str(root), "2 committed checkpoint(s)", "--checkpoint.dir"
+    )
     assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
     # ... and into another folder it trains from scratch
     other = tmp_path / "other"
-    triaxis("train", *train_args(byte_data, run, "--train.steps=1", "--checkpoint.resume=none",
-                                 f"--checkpoint.dir={other}"), env=ENV)
+    triaxis(
+        "train",
+        *train_args(
+            byte_data,
+            run,
+            "--train.steps=1",
+            "--checkpoint.resume=none",
+            f"--checkpoint.dir={other}",
+        ),
+        env=ENV,
+    )
     assert [f.step for f in mf.list_checkpoints(str(other))] == [1]
 
 
@@ -221,8 +260,12 @@ def test_items_are_verified_in_the_read_that_loads_them(numel, tmp_path):
     files = writer.digests
     assert set(files) == {".metadata", "__0_0.distcp"}
     items = files["__0_0.distcp"]["items"]
-    assert len(items) == 3 and sum(length for _, length, _ in items) == \
-        files["__0_0.distcp"]["size"] == (tmp_path / "c" / "__0_0.distcp").stat().st_size
+    assert (
+        len(items) == 3
+        and sum(length for _, length, _ in items)
+        == files["__0_0.distcp"]["size"]
+        == (tmp_path / "c" / "__0_0.distcp").stat().st_size
+    )
     out = {"w": torch.zeros(numel), "b": torch.zeros(7), "step": 0}
     dcp_io.load(out, path, files)
     assert torch.equal(out["w"], state["w"]) and out["step"] == 3

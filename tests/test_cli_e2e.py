@@ -24,9 +24,20 @@ def bpe_data(tmp_path_factory):
 
 
 def train_args(data, run_dir, *extra):
-    return ["train", *helpers.train_args(
-        data, run_dir, "--train.micro_batch=8", "--train.lr=3e-3", "--train.warmup_steps=5",
-        "--train.val_every=25", "--metrics.tensorboard=true", *extra, seq_len=64)]
+    return [
+        "train",
+        *helpers.train_args(
+            data,
+            run_dir,
+            "--train.micro_batch=8",
+            "--train.lr=3e-3",
+            "--train.warmup_steps=5",
+            "--train.val_every=25",
+            "--metrics.tensorboard=true",
+            *extra,
+            seq_len=64,
+        ),
+    ]
 
 
 def test_train_loss_falls_and_generate(bpe_data, tmp_path):
@@ -41,8 +52,10 @@ def test_train_loss_falls_and_generate(bpe_data, tmp_path):
     assert list((run / "tb").glob("events.out.tfevents.*"))
     resolved = (run / "config.toml").read_text()
     assert "steps = 50" in resolved and 'preset = "tiny"' in resolved
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
-        ["step_00000025", "step_00000050"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "step_00000025",
+        "step_00000050",
+    ]
     out = triaxis("generate", "--checkpoint", run, "--prompt", "def ", "--max-new-tokens", 20)
     assert out.stdout.startswith("def ") and len(out.stdout) > len("def ") + 5
 
@@ -53,9 +66,17 @@ def test_interrupted_run_resumes_exactly(bpe_data, tmp_path):
     common = ["--train.steps=16", "--checkpoint.interval=8", "--train.val_every=0"]
     triaxis(*train_args(bpe_data, ref, *common))
     # Kill the second run with SIGKILL once its step-8 checkpoint is committed.
-    proc = subprocess.Popen([sys.executable, "-m", "triaxis",
-                             *train_args(bpe_data, run, *common, "--checkpoint.save_final=false")],
-                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "triaxis",
+            *train_args(bpe_data, run, *common, "--checkpoint.save_final=false"),
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpt = run / "checkpoints" / "step_00000008" / "triaxis.json"
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
@@ -81,16 +102,23 @@ def error_of(proc) -> str:
 
 @pytest.mark.slow
 def test_bad_input_is_one_line_exit_2(bpe_data, tmp_path):
-    assert "run `triaxis prepare" in error_of(triaxis(
-        *train_args(tmp_path / "nodata", tmp_path / "r"), check=False))
-    assert "did you mean train.steps" in error_of(triaxis(
-        *train_args(bpe_data, tmp_path / "r", "--train.stpes=3"), check=False))
-    assert "must be int" in error_of(triaxis(
-        *train_args(bpe_data, tmp_path / "r", "--train.steps=ten"), check=False))
-    assert "max_seq_len=256" in error_of(triaxis(
-        *train_args(bpe_data, tmp_path / "r", "--data.seq_len=1000"), check=False))
-    assert "matches no file" in error_of(triaxis(
-        "prepare", "--input", tmp_path / "none*.txt", "--output", tmp_path / "p", check=False))
+    assert "run `triaxis prepare" in error_of(
+        triaxis(*train_args(tmp_path / "nodata", tmp_path / "r"), check=False)
+    )
+    assert "did you mean train.steps" in error_of(
+        triaxis(*train_args(bpe_data, tmp_path / "r", "--train.stpes=3"), check=False)
+    )
+    assert "must be int" in error_of(
+        triaxis(*train_args(bpe_data, tmp_path / "r", "--train.steps=ten"), check=False)
+    )
+    assert "max_seq_len=256" in error_of(
+        triaxis(*train_args(bpe_data, tmp_path / "r", "--data.seq_len=1000"), check=False)
+    )
+    assert "matches no file" in error_of(
+        triaxis(
+            "prepare", "--input", tmp_path / "none*.txt", "--output", tmp_path / "p", check=False
+        )
+    )
     assert not (tmp_path / "r").exists()  # nothing written by a refused run
 
 
@@ -100,8 +128,9 @@ def test_checkpoint_of_another_shape_is_refused_untouched(bpe_data, tmp_path):
     ckpt = run / "checkpoints" / "step_00000002"
     before = {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()}
     config_before = (run / "config.toml").read_text()
-    msg = error_of(triaxis(*train_args(bpe_data, run, "--train.steps=4", "--model.dim=128"),
-                           check=False))
+    msg = error_of(
+        triaxis(*train_args(bpe_data, run, "--train.steps=4", "--model.dim=128"), check=False)
+    )
     assert "different model shape" in msg and "dim=64 (checkpoint) vs 128" in msg
     assert {p.name: p.stat().st_mtime_ns for p in ckpt.iterdir()} == before
     assert (run / "config.toml").read_text() == config_before
@@ -110,10 +139,20 @@ def test_checkpoint_of_another_shape_is_refused_untouched(bpe_data, tmp_path):
 @pytest.mark.slow
 def test_launch_two_processes_sharded(bpe_data, tmp_path):
     run = tmp_path / "run"
-    proc = triaxis("launch", "--nproc-per-node", 2,
-                   *train_args(bpe_data, run, "--train.steps=4", "--parallel.dp_shard=2",
-                               "--train.micro_batch=4", "--train.val_every=4")[1:],
-                   timeout=180)
+    proc = triaxis(
+        "launch",
+        "--nproc-per-node",
+        2,
+        *train_args(
+            bpe_data,
+            run,
+            "--train.steps=4",
+            "--parallel.dp_shard=2",
+            "--train.micro_batch=4",
+            "--train.val_every=4",
+        )[1:],
+        timeout=180,
+    )
     assert proc.stdout.count("step      4/4") == 1  # progress from rank 0 only
     assert "validation loss" in proc.stdout
     assert sorted(losses(run)) == [1, 2, 3, 4]
@@ -122,13 +161,25 @@ def test_launch_two_processes_sharded(bpe_data, tmp_path):
 
 
 def test_launch_refuses_impossible_layouts(bpe_data, tmp_path):
-    msg = error_of(triaxis("launch", "--nproc-per-node", 2,
-                           *train_args(bpe_data, tmp_path / "r", "--parallel.tp=2",
-                                       "--parallel.dp_shard=2")[1:], check=False))
+    msg = error_of(
+        triaxis(
+            "launch",
+            "--nproc-per-node",
+            2,
+            *train_args(bpe_data, tmp_path / "r", "--parallel.tp=2", "--parallel.dp_shard=2")[1:],
+            check=False,
+        )
+    )
     assert "= 4 but the world size is 2" in msg
-    msg = error_of(triaxis("launch", "--nproc-per-node", 2,
-                           *train_args(bpe_data, tmp_path / "r", "--parallel.tp=2",
-                                       "--model.n_kv_heads=1")[1:], check=False))
+    msg = error_of(
+        triaxis(
+            "launch",
+            "--nproc-per-node",
+            2,
+            *train_args(bpe_data, tmp_path / "r", "--parallel.tp=2", "--model.n_kv_heads=1")[1:],
+            check=False,
+        )
+    )
     assert "choose tp in [1]" in msg
 
 

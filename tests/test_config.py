@@ -8,9 +8,10 @@ from triaxis.parallel.dims import ParallelDims
 
 def test_toml_then_overrides(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('[train]\nsteps = 7\nlr = 0.5\n[parallel]\ntp = 2\n')
-    cfg = load_config(str(f), ["--train.steps=9", "--parallel.cpu_offload", "true",
-                               "--data.path=x"])
+    f.write_text("[train]\nsteps = 7\nlr = 0.5\n[parallel]\ntp = 2\n")
+    cfg = load_config(
+        str(f), ["--train.steps=9", "--parallel.cpu_offload", "true", "--data.path=x"]
+    )
     assert (cfg.train.steps, cfg.train.lr, cfg.parallel.tp) == (9, 0.5, 2)
     assert cfg.parallel.cpu_offload is True and cfg.data.path == "x"
 

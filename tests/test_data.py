@@ -52,8 +52,9 @@ def test_same_samples_whatever_the_number_of_readers(byte_data):
             ids += list(range(start, start + micro))
         seen[dp] = sorted(ids)
         batches = [ds.batch(micro_batch_start(cursor, 0, micro, dp, r), micro) for r in range(dp)]
-        assert np.array_equal(np.concatenate([b.numpy() for b in batches]),
-                              ds.batch(cursor, global_batch).numpy())
+        assert np.array_equal(
+            np.concatenate([b.numpy() for b in batches]), ds.batch(cursor, global_batch).numpy()
+        )
     assert seen[1] == seen[2] == seen[4] == list(range(40, 48))
 
 
@@ -81,8 +82,15 @@ def test_prepare_inputs_and_errors(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("hello world " * 50)
     (tmp_path / "docs" / "b.md").write_text("more text " * 50)
-    m = prepare(PrepareOptions(inputs=[str(tmp_path / "docs")], output=str(tmp_path / "out"),
-                               tokenizer="byte", val_fraction=0.5), log=lambda *_: None)
+    m = prepare(
+        PrepareOptions(
+            inputs=[str(tmp_path / "docs")],
+            output=str(tmp_path / "out"),
+            tokenizer="byte",
+            val_fraction=0.5,
+        ),
+        log=lambda *_: None,
+    )
     assert m["splits"]["train"]["documents"] == 1 and m["splits"]["val"]["documents"] == 1
     assert m["dtype"] == "uint16"
     with pytest.raises(UserError, match="matches no file"):
@@ -102,8 +110,16 @@ def _grouped(num_windows: int, block: int, groups: int, seed: int = 5) -> TokenD
 
 
 def test_shard_group_shuffle_is_a_bijection_per_epoch():
-    for n, b, g in [(1, 1, 1), (10, 3, 1), (10, 3, 2), (97, 8, 3), (96, 8, 4), (200, 7, 5),
-                    (5, 8, 2), (64, 64, 8)]:
+    for n, b, g in [
+        (1, 1, 1),
+        (10, 3, 1),
+        (10, 3, 2),
+        (97, 8, 3),
+        (96, 8, 4),
+        (200, 7, 5),
+        (5, 8, 2),
+        (64, 64, 8),
+    ]:
         ds = _grouped(n, b, g)
         for epoch in (0, 1):
             order = [ds.window_of(epoch * n + j) for j in range(n)]
@@ -122,8 +138,7 @@ def test_shard_group_shuffle_reads_few_shards_per_step(byte_data):
         ds = TokenDataset(byte_data, "train", seq_len=32, seed=1, shuffle_shards=groups)
         steps = range(0, ds.num_windows - 16, 16)
         touched[groups] = max(len(ds.shards_of(range(s, s + 16))) for s in steps)
-        assert sorted(ds.window_of(i) for i in range(ds.num_windows)) == \
-            list(range(ds.num_windows))
+        assert sorted(ds.window_of(i) for i in range(ds.num_windows)) == list(range(ds.num_windows))
         again = TokenDataset(byte_data, "train", seq_len=32, seed=1, shuffle_shards=groups)
         assert np.array_equal(ds.batch(40, 8).numpy(), again.batch(40, 8).numpy())
     assert len(TokenDataset(byte_data, "train", 32).shards) >= 5

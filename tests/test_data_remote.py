@@ -45,8 +45,12 @@ def cache_files(root: Path) -> list[Path]:
 
 def test_remote_samples_equal_local_for_any_threads_and_ranks(s3_data, byte_data, tmp_path):
     local = TokenDataset(byte_data, "train", seq_len=32, seed=5)
-    ds = {t: TokenDataset(s3_data, "train", seq_len=32, seed=5, cache_dir=str(tmp_path),
-                          prefetch_threads=t) for t in (1, 4)}
+    ds = {
+        t: TokenDataset(
+            s3_data, "train", seq_len=32, seed=5, cache_dir=str(tmp_path), prefetch_threads=t
+        )
+        for t in (1, 4)
+    }
     assert ds[1].num_windows == local.num_windows and len(ds[1].shard_tokens) > 3
     for start in (0, 40, local.num_windows - 3):  # the last one spans into the second epoch
         want = local.batch(start, 8).numpy()
@@ -64,15 +68,22 @@ def test_remote_samples_equal_local_for_any_threads_and_ranks(s3_data, byte_data
             real, d.cache.prefetch = d.cache.prefetch, asked.extend
             d.prefetch(cursor, 2 * global_batch, micro, dp, r)
             d.cache.prefetch = real
-            mine = [i for s in (cursor, cursor + global_batch) for m in range(global_batch //
-                    (micro * dp)) for i in range(micro_batch_start(s, m, micro, dp, r),
-                                                 micro_batch_start(s, m, micro, dp, r) + micro)]
+            mine = [
+                i
+                for s in (cursor, cursor + global_batch)
+                for m in range(global_batch // (micro * dp))
+                for i in range(
+                    micro_batch_start(s, m, micro, dp, r),
+                    micro_batch_start(s, m, micro, dp, r) + micro,
+                )
+            ]
             assert asked == d.shards_of(mine) and len(mine) == 2 * global_batch // dp
             got.append(d.batch(micro_batch_start(cursor, 0, micro, dp, r), micro).numpy())
         assert np.array_equal(np.concatenate(got), local.batch(cursor, micro * dp).numpy())
     assert ds[4].cache.stats.hits > 0
-    assert ds[1].tokenizer().decode(ds[1].sample(3)[:20].tolist()) == \
-        local.tokenizer().decode(local.sample(3)[:20].tolist())
+    assert ds[1].tokenizer().decode(ds[1].sample(3)[:20].tolist()) == local.tokenizer().decode(
+        local.sample(3)[:20].tolist()
+    )
     for d in ds.values():
         d.close()
     assert cache_files(tmp_path) == [] and list(tmp_path.iterdir()) == []
@@ -90,12 +101,20 @@ def test_cache_is_bounded_least_recently_used_out(s3_data, byte_data, tmp_path):
 
     shard_bytes = 60_000 * 2
     budget = int(2.5 * shard_bytes)
-    ds = TokenDataset(s3_data, "train", seq_len=32, seed=0, cache_dir=str(tmp_path),
-                      cache_gib=budget / 2**30, prefetch_threads=2)
+    ds = TokenDataset(
+        s3_data,
+        "train",
+        seq_len=32,
+        seed=0,
+        cache_dir=str(tmp_path),
+        cache_gib=budget / 2**30,
+        prefetch_threads=2,
+    )
     cache = ds.cache
 
     def names() -> list[str]:
         return sorted(p.name for p in cache.folder.iterdir())
+
     cache.get(0), cache.get(1), cache.get(0), cache.get(2)  # 1 is least recently used
     assert not stale.exists() and live.exists()
     assert names() == ["train_00000.bin", "train_00002.bin"]
@@ -103,16 +122,18 @@ def test_cache_is_bounded_least_recently_used_out(s3_data, byte_data, tmp_path):
     # Prefetch evicts read shards (0, then 2) but never a prefetched shard not yet read.
     cache.prefetch([3, 4, 5])
     assert cache.stats.prefetch_skipped == 1
-    assert np.array_equal(cache.get(4), np.fromfile(Path(byte_data, "train_00004.bin"),
-                                                    dtype=np.uint16))
+    assert np.array_equal(
+        cache.get(4), np.fromfile(Path(byte_data, "train_00004.bin"), dtype=np.uint16)
+    )
     cache.get(3)
     assert names() == ["train_00003.bin", "train_00004.bin"] and cache.stats.waits <= 2
     # Random access over the whole split: never more than the budget on disk, no temp files.
     for start in range(0, 160, 16):
         ds.batch(start, 16)
         on_disk = sum(p.stat().st_size for p in cache.folder.iterdir())
-        assert on_disk <= budget and not [p for p in cache.folder.iterdir()
-                                          if p.name.endswith(".part")]
+        assert on_disk <= budget and not [
+            p for p in cache.folder.iterdir() if p.name.endswith(".part")
+        ]
     assert cache.stats.evictions > 5
     folder = cache.folder
     ds.close()
@@ -129,8 +150,9 @@ def corrupt(s3, src: str, dst: str, byte_data: str, how: str) -> None:
     elif how == "truncate":
         raw = raw[:-10]
     if how == "delete":
-        s3.client().delete_object(Bucket=dst[5:].split("/")[0],
-                                  Key=dst[5:].split("/", 1)[1] + "/train_00001.bin")
+        s3.client().delete_object(
+            Bucket=dst[5:].split("/")[0], Key=dst[5:].split("/", 1)[1] + "/train_00001.bin"
+        )
     else:
         s3.put(f"{dst}/train_00001.bin", bytes(raw))
 
@@ -138,11 +160,23 @@ def corrupt(s3, src: str, dst: str, byte_data: str, how: str) -> None:
 def test_corrupted_truncated_missing_shards(moto_s3, s3_data, byte_data, tmp_path):
     bucket = moto_s3.new_bucket()
     second_shard_sample = None
-    for how, match in (("flip", (r"train_00001.bin fails its sha256 check .* prepare the data "
-                                 r"again \(triaxis prepare --output s3://")),
-                       ("truncate", (r"train_00001.bin has 119990 bytes but the manifest says "
-                                     r"120000")),
-                       ("delete", r"train_00001.bin listed in the manifest is missing")):
+    for how, match in (
+        (
+            "flip",
+            (
+                r"train_00001.bin fails its sha256 check .* prepare the data "
+                r"again \(triaxis prepare --output s3://"
+            ),
+        ),
+        (
+            "truncate",
+            (
+                r"train_00001.bin has 119990 bytes but the manifest says "
+                r"120000"
+            ),
+        ),
+        ("delete", r"train_00001.bin listed in the manifest is missing"),
+    ):
         uri = f"s3://{bucket}/{how}"
         corrupt(moto_s3, s3_data, uri, byte_data, how)
         if how == "delete":
@@ -151,8 +185,7 @@ def test_corrupted_truncated_missing_shards(moto_s3, s3_data, byte_data, tmp_pat
             continue
         ds = TokenDataset(uri, "train", 32, cache_dir=str(tmp_path), prefetch_threads=1)
         if second_shard_sample is None:
-            second_shard_sample = next(i for i in range(ds.num_windows)
-                                       if ds.shards_of([i]) == [1])
+            second_shard_sample = next(i for i in range(ds.num_windows) if ds.shards_of([i]) == [1])
         ds.prefetch(second_shard_sample, 1)  # the error waits in the future for the read
         with pytest.raises(UserError, match=match):
             ds.batch(second_shard_sample, 1)
@@ -166,8 +199,14 @@ def one_error_line(capsys) -> str:
 
 
 def test_cli_missing_bucket_no_credentials_no_manifest(s3_data, tmp_path, monkeypatch, capsys):
-    args = ["train", "--model.preset=tiny", "--data.seq_len=32", "--metrics.progress=false",
-            f"--train.run_dir={tmp_path / 'run'}", "--train.steps=1"]
+    args = [
+        "train",
+        "--model.preset=tiny",
+        "--data.seq_len=32",
+        "--metrics.progress=false",
+        f"--train.run_dir={tmp_path / 'run'}",
+        "--train.steps=1",
+    ]
     assert main(args + ["--data.path=s3://no-such-bucket-triaxis/data"]) == 2
     assert "the bucket does not exist" in one_error_line(capsys)
     assert main(args + [f"--data.path={s3_data}-nothing-here"]) == 2
@@ -189,11 +228,21 @@ def cli(*args) -> list[str]:
 
 
 def train_args(data, run_dir, cache_dir, *extra) -> list[str]:
-    return ["--model.preset=tiny", f"--data.path={data}", "--data.seq_len=32",
-            f"--data.cache_dir={cache_dir}", f"--train.run_dir={run_dir}",
-            f"--train.global_batch={GLOBAL_BATCH}", "--train.micro_batch=4",
-            "--train.steps=24", "--train.val_every=0", "--metrics.log_every=4",
-            "--metrics.progress=false", "--metrics.tensorboard=false", *extra]
+    return [
+        "--model.preset=tiny",
+        f"--data.path={data}",
+        "--data.seq_len=32",
+        f"--data.cache_dir={cache_dir}",
+        f"--train.run_dir={run_dir}",
+        f"--train.global_batch={GLOBAL_BATCH}",
+        "--train.micro_batch=4",
+        "--train.steps=24",
+        "--train.val_every=0",
+        "--metrics.log_every=4",
+        "--metrics.progress=false",
+        "--metrics.tensorboard=false",
+        *extra,
+    ]
 
 
 def consumed(trace: Path) -> list[int]:
@@ -241,8 +290,24 @@ def finish(proc: subprocess.Popen, timeout: float = 150) -> str:
 def test_train_from_s3_killed_and_resumed_with_other_dp(moto_s3, tmp_path, capsys):
     bucket = moto_s3.new_bucket()
     data, cache = f"s3://{bucket}/stdlib", tmp_path / "cache"
-    assert main(["prepare", "--output", data, "--max-bytes", "300000", "--vocab-size", "300",
-                 "--shard-tokens", "8000", "--workers", "2"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--output",
+                data,
+                "--max-bytes",
+                "300000",
+                "--vocab-size",
+                "300",
+                "--shard-tokens",
+                "8000",
+                "--workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     manifest = json.loads(moto_s3.get(f"{data}/manifest.json"))
     assert len(manifest["splits"]["train"]["shards"]) > 4
     assert manifest["tokenizer"]["kind"] == "bpe"
@@ -250,10 +315,24 @@ def test_train_from_s3_killed_and_resumed_with_other_dp(moto_s3, tmp_path, capsy
     # 2 processes (dp_shard=2, a checkpoint every 4 steps), killed with SIGKILL once a
     # checkpoint is committed...
     run = tmp_path / "run"
-    killed = subprocess.Popen(cli("launch", "--nproc-per-node", 2, *train_args(
-        data, run, cache, "--parallel.dp_shard=2", "--checkpoint.interval=4",
-        "--checkpoint.save_final=false")), env=env_with(tmp_path / "a.trace"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.Popen(
+        cli(
+            "launch",
+            "--nproc-per-node",
+            2,
+            *train_args(
+                data,
+                run,
+                cache,
+                "--parallel.dp_shard=2",
+                "--checkpoint.interval=4",
+                "--checkpoint.save_final=false",
+            ),
+        ),
+        env=env_with(tmp_path / "a.trace"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     first = run / "checkpoints" / "step_00000004" / "triaxis.json"  # committed
     deadline = time.time() + 150
     while not first.exists() and killed.poll() is None and time.time() < deadline:
@@ -261,17 +340,27 @@ def test_train_from_s3_killed_and_resumed_with_other_dp(moto_s3, tmp_path, capsy
     kill_tree(killed.pid)  # the launcher, its elastic agent and both rank processes
     killed.wait()
     assert first.exists(), "the 2-process run wrote no checkpoint"
-    steps = sorted(int(p.name[5:]) for p in (run / "checkpoints").iterdir()
-                   if (p / "triaxis.json").exists())
+    steps = sorted(
+        int(p.name[5:]) for p in (run / "checkpoints").iterdir() if (p / "triaxis.json").exists()
+    )
     resume_cursor, total = steps[-1] * GLOBAL_BATCH, 24 * GLOBAL_BATCH
     assert resume_cursor < total, "the 2-process run finished before it was killed"
 
     # ...then resumed by 1 process (dp=1, gradient accumulation 2) from that checkpoint.
-    out = finish(subprocess.Popen(cli("train", *train_args(data, run, cache,
-                                                           "--checkpoint.interval=0",
-                                                           "--checkpoint.save_final=false")),
-                                  env=env_with(tmp_path / "b.trace"), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True))
+    out = finish(
+        subprocess.Popen(
+            cli(
+                "train",
+                *train_args(
+                    data, run, cache, "--checkpoint.interval=0", "--checkpoint.save_final=false"
+                ),
+            ),
+            env=env_with(tmp_path / "b.trace"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    )
 
     # The uninterrupted run reads global sample ids 0 .. total-1 in order (the cursor logic
     # of test_data.py); what each run here really read comes from its trace.
@@ -294,14 +383,23 @@ def test_train_from_s3_killed_and_resumed_with_other_dp(moto_s3, tmp_path, capsy
     assert warned == {s for s, v in share.items() if s > steps[-1] and v > 0.1}
 
 
-def test_cli_train_stops_on_a_corrupted_shard(moto_s3, byte_data, tmp_path, monkeypatch,
-                                               capsys):
+def test_cli_train_stops_on_a_corrupted_shard(moto_s3, byte_data, tmp_path, monkeypatch, capsys):
     uri = f"s3://{moto_s3.new_bucket()}/flip"
     corrupt(moto_s3, uri, uri, byte_data, "flip")
     monkeypatch.setenv(TRACE_ENV, str(tmp_path / "trace"))
-    code = main(["train", *train_args(uri, tmp_path / "r", tmp_path / "c", "--train.steps=200",
-                                      "--checkpoint.interval=0",
-                                      "--checkpoint.save_final=false")])
+    code = main(
+        [
+            "train",
+            *train_args(
+                uri,
+                tmp_path / "r",
+                tmp_path / "c",
+                "--train.steps=200",
+                "--checkpoint.interval=0",
+                "--checkpoint.save_final=false",
+            ),
+        ]
+    )
     assert code == 2
     assert "train_00001.bin fails its sha256 check" in one_error_line(capsys)
     assert len(consumed(tmp_path / "trace")) < 200 * GLOBAL_BATCH  # it stopped at the shard
@@ -317,9 +415,16 @@ def test_shard_groups_make_a_small_cache_enough(s3_data, tmp_path):
     shard_bytes = 60_000 * 2
 
     def downloaded(groups: int, steps: int | None) -> tuple[float, int]:
-        ds = TokenDataset(s3_data, "train", seq_len=32, seed=0, cache_dir=str(tmp_path),
-                          cache_gib=4 * shard_bytes / 2**30, prefetch_threads=2,
-                          shuffle_shards=groups)
+        ds = TokenDataset(
+            s3_data,
+            "train",
+            seq_len=32,
+            seed=0,
+            cache_dir=str(tmp_path),
+            cache_gib=4 * shard_bytes / 2**30,
+            prefetch_threads=2,
+            shuffle_shards=groups,
+        )
         starts = list(range(0, ds.num_windows - 32, 16))[:steps]
         for start in starts:
             ds.prefetch(start, 32)  # this step's samples and the next step's
@@ -332,11 +437,19 @@ def test_shard_groups_make_a_small_cache_enough(s3_data, tmp_path):
     grouped_shards, _ = downloaded(1, 12)
     epoch_shards, epoch_steps = downloaded(1, None)
     split_shards = len(TokenDataset(s3_data, "train", 32, cache_dir=str(tmp_path)).cache.files)
-    print(f"\nshards downloaded in {steps} steps: global {global_shards:.1f}, groups of 1 "
-          f"{grouped_shards:.1f}; a whole epoch ({epoch_steps} steps) in groups of 1: "
-          f"{epoch_shards / split_shards:.2f} x the split")
+    print(
+        f"\nshards downloaded in {steps} steps: global {global_shards:.1f}, groups of 1 "
+        f"{grouped_shards:.1f}; a whole epoch ({epoch_steps} steps) in groups of 1: "
+        f"{epoch_shards / split_shards:.2f} x the split"
+    )
     assert global_shards > 5 * grouped_shards and grouped_shards <= 3
     assert epoch_shards <= 2.2 * split_shards
     with pytest.raises(UserError, match="shuffle_shards=2 reads up to 4 shards"):
-        TokenDataset(s3_data, "train", 32, cache_dir=str(tmp_path),
-                     cache_gib=4 * shard_bytes / 2**30, shuffle_shards=2)
+        TokenDataset(
+            s3_data,
+            "train",
+            32,
+            cache_dir=str(tmp_path),
+            cache_gib=4 * shard_bytes / 2**30,
+            shuffle_shards=2,
+        )

@@ -25,6 +25,7 @@ def count_hashes(monkeypatch) -> list[str]:
     def counting(path, dtype):
         hashed.append(path.name)
         return real(path, dtype)
+
     monkeypatch.setattr(verify, "_hash_and_max", counting)
     return hashed
 

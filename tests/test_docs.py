@@ -18,7 +18,8 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 def test_config_reference_is_current():
     assert CONFIG_MD.exists(), f"docs/config.md is missing; generate it: {REGENERATE}"
     assert CONFIG_MD.read_text() == fields_markdown(), (
-        f"docs/config.md is out of date with triaxis/config.py; regenerate it: {REGENERATE}")
+        f"docs/config.md is out of date with triaxis/config.py; regenerate it: {REGENERATE}"
+    )
 
 
 def test_config_reference_has_every_field_with_default_range_and_doc():
@@ -26,16 +27,21 @@ def test_config_reference_has_every_field_with_default_range_and_doc():
     for section in SECTIONS:
         assert f"## [{section}]" in text
         for fd in section_fields(section):
-            row = next((line for line in text.splitlines()
-                        if line.startswith(f"| `{fd.name}` |")
-                        and fd.doc.replace("|", "\\|") in line), None)
+            row = next(
+                (
+                    line
+                    for line in text.splitlines()
+                    if line.startswith(f"| `{fd.name}` |") and fd.doc.replace("|", "\\|") in line
+                ),
+                None,
+            )
             assert row is not None, f"{section}.{fd.name} is not in docs/config.md"
             if fd.allowed:
                 assert fd.allowed in row, (section, fd.name)
     # the field the hand-written README table had missed
     assert "| `fsdp_always` | `false` |" in text
     assert "| `lr` | `0.001` | >= 0 and <= 10 |" in text
-    assert "| `pp_schedule` | `\"1f1b\"` | one of gpipe, 1f1b," in text
+    assert '| `pp_schedule` | `"1f1b"` | one of gpipe, 1f1b,' in text
 
 
 def test_cli_prints_the_same_reference(capsys):
@@ -101,7 +107,9 @@ def test_every_relative_link_resolves(page):
 def test_link_checker_sees_a_broken_link(tmp_path):
     page = tmp_path / "p.md"
     (tmp_path / "there.md").write_text("# A heading: `code`\n")
-    page.write_text("[ok](there.md#a-heading-code) [gone](missing.md) `[code](no.md)`\n"
-                    "```\n[fenced](no.md)\n```\n")
+    page.write_text(
+        "[ok](there.md#a-heading-code) [gone](missing.md) `[code](no.md)`\n"
+        "```\n[fenced](no.md)\n```\n"
+    )
     assert _links(page) == ["there.md#a-heading-code", "missing.md"]
     assert "a-heading-code" in _anchors(tmp_path / "there.md")

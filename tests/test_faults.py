@@ -6,8 +6,12 @@ from triaxis.train.resilience import Faults, InjectedFault
 
 
 def test_faults_parsed_once_and_first_attempt_only(monkeypatch):
-    env = {"TRIAXIS_FAULT_KILL": "1:4", "TRIAXIS_FAULT_NAN": "3",
-           "TRIAXIS_FAULT_ERROR": "0:forward@2", "TRIAXIS_FAULT_STEP_DELAY_S": "0.5"}
+    env = {
+        "TRIAXIS_FAULT_KILL": "1:4",
+        "TRIAXIS_FAULT_NAN": "3",
+        "TRIAXIS_FAULT_ERROR": "0:forward@2",
+        "TRIAXIS_FAULT_STEP_DELAY_S": "0.5",
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     faults = Faults()

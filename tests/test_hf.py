@@ -17,12 +17,24 @@ from triaxis.cli import main
 from triaxis.hf.convert import args_from_hf_config, model_overrides
 from triaxis.model.llama import llama3_frequencies, model_rope_tables, rope_tables
 
-SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=128, vocab_size=300, max_position_embeddings=128,
-             rope_theta=10000.0, rms_norm_eps=1e-6)
+SHAPE = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=300,
+    max_position_embeddings=128,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+)
 TOKENS = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
-CASES = {"tied_single": (True, None), "tied_sharded": (True, "100KB"),
-         "untied_single": (False, None), "untied_sharded": (False, "100KB")}
+CASES = {
+    "tied_single": (True, None),
+    "tied_sharded": (True, "100KB"),
+    "untied_single": (False, None),
+    "untied_sharded": (False, "100KB"),
+}
 
 
 def hf_reference(tied: bool, **config_extra):
@@ -67,8 +79,13 @@ def converted(tmp_path_factory):
         ref.save_pretrained(root / "hf", **kwargs)
         assert (root / "hf" / "model.safetensors.index.json").is_file() == bool(shard)
         assert main(["import-hf", str(root / "hf"), "--output", str(root / "ckpt")]) == 0
-        out[case] = {"root": root, "hf": str(root / "hf"), "ckpt": str(root / "ckpt"),
-                     "logits": logits_of(ref), "tied": tied}
+        out[case] = {
+            "root": root,
+            "hf": str(root / "hf"),
+            "ckpt": str(root / "ckpt"),
+            "logits": logits_of(ref),
+            "tied": tied,
+        }
     return out
 
 
@@ -120,15 +137,18 @@ def test_bf16_weights_import_as_fp32(tmp_path):
     """Published Llama weights are bf16: they load into the fp32 model exactly (upcast)."""
     hf_reference(tied=False).to(torch.bfloat16).save_pretrained(tmp_path / "hf")
     assert main(["import-hf", str(tmp_path / "hf"), "--output", str(tmp_path / "ckpt")]) == 0
-    ref = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"),
-                                                        dtype=torch.float32).eval()
+    ref = transformers.LlamaForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), dtype=torch.float32
+    ).eval()
     assert ref.model.embed_tokens.weight.dtype == torch.float32
-    torch.testing.assert_close(logits_of(load_triaxis(str(tmp_path / "ckpt"))), logits_of(ref),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits_of(load_triaxis(str(tmp_path / "ckpt"))), logits_of(ref), rtol=1e-5, atol=1e-5
+    )
 
 
-def _sharded_logits(rank: int, world: int, ckpts: dict[str, str],
-                    save_root: str) -> dict[str, torch.Tensor]:
+def _sharded_logits(
+    rank: int, world: int, ckpts: dict[str, str], save_root: str
+) -> dict[str, torch.Tensor]:
     """Worker: load each checkpoint into models built as the trainer builds them (meta ->
     parallelize -> materialize -> init), under FSDP dp_shard=2 and under TP=2; return their
     logits, and save each sharded model again (as a training run would) for export-hf."""
@@ -148,10 +168,13 @@ def _sharded_logits(rank: int, world: int, ckpts: dict[str, str],
     for case, ckpt in ckpts.items():
         meta = json.loads((Path(ckpt) / "triaxis.json").read_text())
         overrides = model_overrides(ModelArgs(**meta["model"]))
-        for layout, degrees in {"dp_shard2": ["--parallel.dp_shard=2"],
-                                "tp2": ["--parallel.tp=2", "--parallel.dp_shard=1"]}.items():
-            cfg = load_config(None, ["--model.preset=tiny", "--train.device=cpu",
-                                     *overrides, *degrees])
+        for layout, degrees in {
+            "dp_shard2": ["--parallel.dp_shard=2"],
+            "tp2": ["--parallel.tp=2", "--parallel.dp_shard=1"],
+        }.items():
+            cfg = load_config(
+                None, ["--model.preset=tiny", "--train.device=cpu", *overrides, *degrees]
+            )
             args = build_model_args(cfg.model)
             p = cfg.parallel
             dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world)
@@ -160,8 +183,9 @@ def _sharded_logits(rank: int, world: int, ckpts: dict[str, str],
             load_model_weights(model, ckpt)
             with torch.no_grad():
                 logits = model(TOKENS)
-            out[f"{case} {layout}"] = logits.full_tensor() if hasattr(logits, "full_tensor") \
-                else logits
+            out[f"{case} {layout}"] = (
+                logits.full_tensor() if hasattr(logits, "full_tensor") else logits
+            )
             folder = Path(save_root) / f"{case}_{layout}"
             # as the trainer saves: checksums while writing, a sidecar per rank, rank 0 commits
             writer = dcp_io.writer(str(folder))
@@ -169,16 +193,22 @@ def _sharded_logits(rank: int, world: int, ckpts: dict[str, str],
             mf.write_sidecar(str(folder), rank, writer.digests)
             dist.barrier()
             if rank == 0:
-                saved = {**meta, "layout": {"world_size": world, **dict(zip(
-                    ("pp", "dp_replicate", "dp_shard", "tp"), dims.shape))}}
+                saved = {
+                    **meta,
+                    "layout": {
+                        "world_size": world,
+                        **dict(zip(("pp", "dp_replicate", "dp_shard", "tp"), dims.shape)),
+                    },
+                }
                 mf.commit(str(folder), world, saved)
     return out
 
 
 def test_import_loads_under_sharded_layouts(converted, tmp_path):
     cases = ["tied_single", "untied_sharded"]
-    results = run_workers(_sharded_logits, 2, {c: converted[c]["ckpt"] for c in cases},
-                          str(tmp_path))
+    results = run_workers(
+        _sharded_logits, 2, {c: converted[c]["ckpt"] for c in cases}, str(tmp_path)
+    )
     for rank, got in enumerate(results):
         assert len(got) == 4
         for key, logits in got.items():
@@ -192,8 +222,9 @@ def test_import_loads_under_sharded_layouts(converted, tmp_path):
         saved = tmp_path / f"{case}_{layout}"
         assert json.loads((saved / "triaxis.json").read_text())["layout"]["world_size"] == 2
         assert main(["export-hf", str(saved), str(tmp_path / f"hf_{case}_{layout}")]) == 0
-        assert_same_tensors(tmp_path / f"hf_{case}_{layout}", converted[case]["hf"],
-                            converted[case]["tied"])
+        assert_same_tensors(
+            tmp_path / f"hf_{case}_{layout}", converted[case]["hf"], converted[case]["tied"]
+        )
 
 
 # -- bad input: one line naming the problem, exit status 2, nothing written ----------------------
@@ -212,10 +243,18 @@ def test_folder_without_config(tmp_path, capsys):
 
 
 UNSUPPORTED = {
-    "v4_dynamic_rope": ({"rope_parameters": None, "rope_theta": 5e5,
-                         "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "'dynamic'"),
-    "llama3_incomplete": ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5,
-                                               "factor": 8.0}}, "lacks low_freq_factor"),
+    "v4_dynamic_rope": (
+        {
+            "rope_parameters": None,
+            "rope_theta": 5e5,
+            "rope_scaling": {"rope_type": "dynamic", "factor": 2.0},
+        },
+        "'dynamic'",
+    ),
+    "llama3_incomplete": (
+        {"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}},
+        "lacks low_freq_factor",
+    ),
     "v5_yarn_rope": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "'yarn'"),
     "attention_bias": ({"attention_bias": True}, "attention_bias=true"),
     "gelu": ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
@@ -259,16 +298,18 @@ def test_no_overwrite_without_force(converted, tmp_path, capsys):
     shutil.copytree(converted["untied_single"]["ckpt"], out)
     assert "not empty" in _run_error(["import-hf", src, "--output", out], capsys)
     assert main(["import-hf", src, "--output", out, "--force"]) == 0
-    torch.testing.assert_close(logits_of(load_triaxis(out)), converted["tied_single"]["logits"],
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits_of(load_triaxis(out)), converted["tied_single"]["logits"], rtol=1e-5, atol=1e-5
+    )
 
 
 def test_config_spellings():
     """transformers 4.x (rope_theta, rope_scaling) and 5.x (rope_parameters) configs."""
     base = {k: v for k, v in SHAPE.items() if k != "rope_theta"}
     v4 = args_from_hf_config({**base, "rope_theta": 5e5, "rope_scaling": None}, True)
-    v5 = args_from_hf_config({**base, "rope_parameters": {"rope_type": "default",
-                                                          "rope_theta": 5e5}}, True)
+    v5 = args_from_hf_config(
+        {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, True
+    )
     assert v4 == v5 and v4.rope_theta == 5e5 and not v4.tie_embeddings
     # No lm_head tensor: the embedding is the only faithful head.
     assert args_from_hf_config({**base}, has_lm_head=False).tie_embeddings
@@ -278,8 +319,14 @@ def test_config_spellings():
 
 # original_max_position_embeddings = 32 puts the 8 frequencies of a 16-wide head in all three
 # bands within 48 tokens: 1 unscaled (> 4 turns over 32 tokens), 1 blended, 6 slowed by 8.
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+}
 
 
 def test_llama3_frequencies_match_transformers():
@@ -287,11 +334,13 @@ def test_llama3_frequencies_match_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     scaling = {**LLAMA3, "rope_theta": 500000.0, "original_max_position_embeddings": 8192}
-    config = transformers.LlamaConfig(hidden_size=4096, num_attention_heads=32,
-                                      rope_parameters=scaling)
+    config = transformers.LlamaConfig(
+        hidden_size=4096, num_attention_heads=32, rope_parameters=scaling
+    )
     want, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
-    args = args_from_hf_config({**SHAPE, "hidden_size": 4096, "num_attention_heads": 32,
-                                "rope_parameters": scaling}, True)
+    args = args_from_hf_config(
+        {**SHAPE, "hidden_size": 4096, "num_attention_heads": 32, "rope_parameters": scaling}, True
+    )
     assert args.rope_scaling == "llama3" and args.rope_original_max_seq_len == 8192
     plain = 1.0 / (5e5 ** (torch.arange(0, 128, 2).float() / 128))
     got = llama3_frequencies(plain, args)
@@ -334,15 +383,17 @@ def test_llama3_rope_config_spellings_and_overrides():
     assert v4 == v5 and v4.rope_scaling == "llama3" and v4.rope_original_max_seq_len == 32
     cfg = load_config(None, ["--model.preset=tiny", *model_overrides(v5)])
     assert build_model_args(cfg.model) == v5
-    assert build_model_args(load_config(None, ["--model.preset=tiny"]).model).rope_scaling == \
-        "none"
+    assert build_model_args(load_config(None, ["--model.preset=tiny"]).model).rope_scaling == "none"
 
 
-@pytest.mark.parametrize("override,expect", [
-    ("--model.rope_scaling=llama", "did you mean 'llama3'"),
-    ("--model.rope_scaling_factor=0.5", "must be >= 1"),
-    ("--model.rope_high_freq_factor=0.5", "0 < low < high"),
-])
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        ("--model.rope_scaling=llama", "did you mean 'llama3'"),
+        ("--model.rope_scaling_factor=0.5", "must be >= 1"),
+        ("--model.rope_high_freq_factor=0.5", "0 < low < high"),
+    ],
+)
 def test_bad_rope_scaling(override, expect):
     from triaxis.config import load_config
     from triaxis.errors import UserError
@@ -363,11 +414,15 @@ def test_checkpoint_without_rope_fields_is_compatible(tmp_path):
     from triaxis.errors import UserError
 
     args = dataclasses.asdict(args_from_hf_config(dict(SHAPE), True))
-    old = {k: v for k, v in args.items() if not k.startswith("rope_scaling") and
-           k not in ("rope_low_freq_factor", "rope_high_freq_factor",
-                     "rope_original_max_seq_len")}
+    old = {
+        k: v
+        for k, v in args.items()
+        if not k.startswith("rope_scaling")
+        and k not in ("rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len")
+    }
     (tmp_path / "triaxis.json").write_text(json.dumps({"step": 1, "model": old}))
     Checkpointer.check_compatible(SimpleNamespace(model_args=args), str(tmp_path))
     with pytest.raises(UserError, match="rope_scaling=none .checkpoint. vs llama3"):
-        Checkpointer.check_compatible(SimpleNamespace(model_args={**args, "rope_scaling":
-                                                                  "llama3"}), str(tmp_path))
+        Checkpointer.check_compatible(
+            SimpleNamespace(model_args={**args, "rope_scaling": "llama3"}), str(tmp_path)
+        )

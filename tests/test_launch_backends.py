@@ -31,18 +31,42 @@ def one_error(capsys) -> str:
 
 # -- this node ---------------------------------------------------------------------------------
 
+
 def test_local_dry_run_prints_the_torchrun_command(byte_data, tmp_path, capsys):
-    assert main(["launch", "--dry-run", "--nproc-per-node", "2",
-                 *tiny(byte_data, tmp_path, "--parallel.dp_shard=2")]) == 0
+    assert (
+        main(
+            [
+                "launch",
+                "--dry-run",
+                "--nproc-per-node",
+                "2",
+                *tiny(byte_data, tmp_path, "--parallel.dp_shard=2"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "torch.distributed.run --nproc-per-node=2 --nnodes=1 --max-restarts=0 --standalone" \
-        " -m triaxis train" in out and "--train.device=cpu" in out
+    assert (
+        "torch.distributed.run --nproc-per-node=2 --nnodes=1 --max-restarts=0 --standalone"
+        " -m triaxis train"
+        in out
+        and "--train.device=cpu" in out
+    )
     assert not tmp_path.joinpath("config.toml").exists()
 
 
 def test_rendezvous_discovery_and_bad_endpoints(byte_data, tmp_path, capsys, monkeypatch):
-    args = ["launch", "--backend", "torchrun", "--nnodes", "2", "--nproc-per-node", "1",
-            "--dry-run", *tiny(byte_data, tmp_path)]
+    args = [
+        "launch",
+        "--backend",
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "1",
+        "--dry-run",
+        *tiny(byte_data, tmp_path),
+    ]
     for var in ("MASTER_ADDR", "MASTER_PORT", "SLURM_JOB_NODELIST"):
         monkeypatch.delenv(var, raising=False)
     assert main(args) == 2
@@ -77,34 +101,80 @@ def test_the_launcher_sets_the_efa_environment_itself(byte_data, tmp_path, capsy
 
 # -- SageMaker: the request --------------------------------------------------------------------
 
+
 def sm_args(data, run_dir, *extra):
-    return ["launch", "--backend", "sagemaker", "--image", "123456789012.dkr.ecr.us-east-1."
-            "amazonaws.com/triaxis:1", "--role", ROLE, "--output-s3", "s3://bucket/out",
-            *extra, *tiny(data, run_dir)]
+    return [
+        "launch",
+        "--backend",
+        "sagemaker",
+        "--image",
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com/triaxis:1",
+        "--role",
+        ROLE,
+        "--output-s3",
+        "s3://bucket/out",
+        *extra,
+        *tiny(data, run_dir),
+    ]
 
 
 def test_sagemaker_request_validates_offline(byte_data, tmp_path, capsys):
-    assert main([*sm_args(byte_data, tmp_path, "--dry-run", "--instance-type", "ml.p5.48xlarge",
-                          "--nnodes", "2", "--input", "train=s3://bucket/data/stdlib",
-                          "--fsx", "checkpoints=fs-0123456789abcdef0:/fsx/ckpt",
-                          "--subnet", "subnet-0a1b", "--security-group", "sg-0a1b", "--spot",
-                          "--max-run-s", "3600", "--job-name", "tiny-run"),
-                 "--parallel.dp_replicate=2", "--parallel.dp_shard=8",
-                 "--train.global_batch=64"]) == 0
+    assert (
+        main(
+            [
+                *sm_args(
+                    byte_data,
+                    tmp_path,
+                    "--dry-run",
+                    "--instance-type",
+                    "ml.p5.48xlarge",
+                    "--nnodes",
+                    "2",
+                    "--input",
+                    "train=s3://bucket/data/stdlib",
+                    "--fsx",
+                    "checkpoints=fs-0123456789abcdef0:/fsx/ckpt",
+                    "--subnet",
+                    "subnet-0a1b",
+                    "--security-group",
+                    "sg-0a1b",
+                    "--spot",
+                    "--max-run-s",
+                    "3600",
+                    "--job-name",
+                    "tiny-run",
+                ),
+                "--parallel.dp_replicate=2",
+                "--parallel.dp_shard=8",
+                "--train.global_batch=64",
+            ]
+        )
+        == 0
+    )
     req = json.loads(capsys.readouterr().out)
     sagemaker.validate(req)  # botocore's CreateTrainingJob shape
-    assert req["ResourceConfig"] == {"InstanceType": "ml.p5.48xlarge", "InstanceCount": 2,
-                                     "VolumeSizeInGB": 100}
+    assert req["ResourceConfig"] == {
+        "InstanceType": "ml.p5.48xlarge",
+        "InstanceCount": 2,
+        "VolumeSizeInGB": 100,
+    }
     assert req["EnableManagedSpotTraining"] is True
     assert req["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
-    assert req["AlgorithmSpecification"]["ContainerEntrypoint"][-2:] == \
-        ["--backend", "sagemaker-entry"]
+    assert req["AlgorithmSpecification"]["ContainerEntrypoint"][-2:] == [
+        "--backend",
+        "sagemaker-entry",
+    ]
     train, ckpt = req["InputDataConfig"]
-    assert train["InputMode"] == "FastFile" and \
-        train["DataSource"]["S3DataSource"]["S3Uri"] == "s3://bucket/data/stdlib"
+    assert (
+        train["InputMode"] == "FastFile"
+        and train["DataSource"]["S3DataSource"]["S3Uri"] == "s3://bucket/data/stdlib"
+    )
     assert ckpt["DataSource"]["FileSystemDataSource"] == {
-        "FileSystemId": "fs-0123456789abcdef0", "FileSystemAccessMode": "rw",
-        "FileSystemType": "FSxLustre", "DirectoryPath": "/fsx/ckpt"}
+        "FileSystemId": "fs-0123456789abcdef0",
+        "FileSystemAccessMode": "rw",
+        "FileSystemType": "FSxLustre",
+        "DirectoryPath": "/fsx/ckpt",
+    }
     hps = req["HyperParameters"]
     assert hps["model.preset"] == "tiny" and hps["parallel.dp_replicate"] == "2"
     assert hps["metrics.progress"] == "false" and hps["launch.max_restarts"] == "0"
@@ -117,31 +187,77 @@ def test_sagemaker_request_validates_offline(byte_data, tmp_path, capsys):
 
 
 def test_hyperparameters_leave_job_side_paths_to_the_job():
-    hps = sagemaker.hyperparameters({"data.path": "data/stdlib", "train.run_dir": "runs/x",
-                                     "checkpoint.dir": "/ckpt", "train.compile": True,
-                                     "train.steps": 5}, {"max_restarts": 2})
+    hps = sagemaker.hyperparameters(
+        {
+            "data.path": "data/stdlib",
+            "train.run_dir": "runs/x",
+            "checkpoint.dir": "/ckpt",
+            "train.compile": True,
+            "train.steps": 5,
+        },
+        {"max_restarts": 2},
+    )
     assert hps == {"train.compile": "true", "train.steps": "5", "launch.max_restarts": "2"}
     assert sagemaker.hyperparameters({"data.path": "synthetic"}, {}) == {"data.path": "synthetic"}
     with pytest.raises(ValueError, match="at most 100"):
         sagemaker.hyperparameters({f"a.k{i}": i for i in range(101)}, {})
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--instance-type", "ml.p5.48xlarg"], "did you mean ml.p5.48xlarge?"),
-    (["--instance-type", "ml.p5.48xlarge"], "which the job cannot see; pass --input train="),
-    (["--instance-type", "ml.p5.48xlarge", "--input", "train=s3://b/d", "--checkpoint-s3",
-      "s3://b/one", "--checkpoint.dir=s3://b/two"], "name two checkpoint locations; keep one"),
-    (["--instance-type", "ml.p5.48xlarge", "--input", "train=s3://b/d", "--fsx",
-      "checkpoints=fs-0123456789abcdef0:/fsx/ckpt", "--subnet", "subnet-1", "--security-group",
-      "sg-1", "--checkpoint.dir=s3://b/ckpt"], "and to the FSx channel `checkpoints`; keep one"),
-    (["--instance-type", "ml.p5.48xlarge", "--input", "train=s3://b/d", "--spot",
-      "--max-run-s", "7200", "--max-wait-s", "3600"], "--max-wait-s=3600 is below"),
-    (["--instance-type", "ml.p5.48xlarge", "--input", "train=/local"], "is not CHANNEL=s3://"),
-    (["--instance-type", "ml.p5.48xlarge", "--parallel.tp=3"], "world size 8 is not divisible"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--instance-type", "ml.p5.48xlarg"], "did you mean ml.p5.48xlarge?"),
+        (["--instance-type", "ml.p5.48xlarge"], "which the job cannot see; pass --input train="),
+        (
+            [
+                "--instance-type",
+                "ml.p5.48xlarge",
+                "--input",
+                "train=s3://b/d",
+                "--checkpoint-s3",
+                "s3://b/one",
+                "--checkpoint.dir=s3://b/two",
+            ],
+            "name two checkpoint locations; keep one",
+        ),
+        (
+            [
+                "--instance-type",
+                "ml.p5.48xlarge",
+                "--input",
+                "train=s3://b/d",
+                "--fsx",
+                "checkpoints=fs-0123456789abcdef0:/fsx/ckpt",
+                "--subnet",
+                "subnet-1",
+                "--security-group",
+                "sg-1",
+                "--checkpoint.dir=s3://b/ckpt",
+            ],
+            "and to the FSx channel `checkpoints`; keep one",
+        ),
+        (
+            [
+                "--instance-type",
+                "ml.p5.48xlarge",
+                "--input",
+                "train=s3://b/d",
+                "--spot",
+                "--max-run-s",
+                "7200",
+                "--max-wait-s",
+                "3600",
+            ],
+            "--max-wait-s=3600 is below",
+        ),
+        (["--instance-type", "ml.p5.48xlarge", "--input", "train=/local"], "is not CHANNEL=s3://"),
+        (["--instance-type", "ml.p5.48xlarge", "--parallel.tp=3"], "world size 8 is not divisible"),
+    ],
+)
 def test_sagemaker_bad_input(byte_data, tmp_path, capsys, extra, message):
-    assert main([*sm_args(byte_data, tmp_path, "--dry-run"), "--train.global_batch=64",
-                 *extra]) == 2
+    assert (
+        main([*sm_args(byte_data, tmp_path, "--dry-run"), "--train.global_batch=64", *extra]) == 2
+    )
     assert message in one_error(capsys)
 
 
@@ -152,8 +268,9 @@ def test_sagemaker_without_credentials_or_region(byte_data, tmp_path, capsys, mo
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
-    args = sm_args(byte_data, tmp_path, "--instance-type", "ml.g5.xlarge", "--input",
-                   "train=s3://b/d")
+    args = sm_args(
+        byte_data, tmp_path, "--instance-type", "ml.g5.xlarge", "--input", "train=s3://b/d"
+    )
     assert main(args) == 2
     assert "no AWS region: pass --region" in one_error(capsys)
     assert main([*args, "--region", "us-east-1"]) == 2
@@ -167,40 +284,73 @@ def moto_endpoint(monkeypatch):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    for var, value in (("AWS_ENDPOINT_URL", f"http://{host}:{port}"),
-                       ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                       ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_EC2_METADATA_DISABLED", "true")):
+    for var, value in (
+        ("AWS_ENDPOINT_URL", f"http://{host}:{port}"),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ):
         monkeypatch.setenv(var, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     yield f"http://{host}:{port}"
     server.stop()
 
 
-@pytest.mark.parametrize("where", [["--checkpoint-s3", "s3://bucket/ckpt"],
-                                   ["--checkpoint.dir=s3://bucket/ckpt"]],
-                         ids=["flag", "config"])
+@pytest.mark.parametrize(
+    "where",
+    [["--checkpoint-s3", "s3://bucket/ckpt"], ["--checkpoint.dir=s3://bucket/ckpt"]],
+    ids=["flag", "config"],
+)
 def test_sagemaker_job_goes_through_moto(where, moto_endpoint, byte_data, tmp_path, capsys):
     import boto3
 
-    trust = {"Version": "2012-10-17", "Statement": [{
-        "Effect": "Allow", "Action": "sts:AssumeRole",
-        "Principal": {"Service": "sagemaker.amazonaws.com"}}]}
+    trust = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Action": "sts:AssumeRole",
+                "Principal": {"Service": "sagemaker.amazonaws.com"},
+            }
+        ],
+    }
     iam = boto3.client("iam")
     try:  # moto's state outlives one server: the other parameter may have made it
         iam.create_role(RoleName="triaxis-trainer", AssumeRolePolicyDocument=json.dumps(trust))
     except iam.exceptions.EntityAlreadyExistsException:
         pass
     name = f"triaxis-moto-{len(where)}"
-    assert main([*sm_args(byte_data, tmp_path, "--instance-type", "ml.g5.12xlarge", "--input",
-                          "train=s3://bucket/data", "--spot", "--job-name", name),
-                 *where, "--train.steps=7", "--train.global_batch=16"]) == 0  # 4 GPUs: 4 x 4
+    assert (
+        main(
+            [
+                *sm_args(
+                    byte_data,
+                    tmp_path,
+                    "--instance-type",
+                    "ml.g5.12xlarge",
+                    "--input",
+                    "train=s3://bucket/data",
+                    "--spot",
+                    "--job-name",
+                    name,
+                ),
+                *where,
+                "--train.steps=7",
+                "--train.global_batch=16",
+            ]
+        )
+        == 0
+    )  # 4 GPUs: 4 x 4
     arn = capsys.readouterr().out.strip().splitlines()[-1]
     assert arn.endswith(f":training-job/{name}")
     job = boto3.client("sagemaker").describe_training_job(TrainingJobName=name)
     assert job["RoleArn"] == ROLE and job["HyperParameters"]["train.steps"] == "7"
     assert job["ResourceConfig"]["InstanceType"] == "ml.g5.12xlarge"
-    assert job["CheckpointConfig"] == {"S3Uri": "s3://bucket/ckpt",
-                                       "LocalPath": "/opt/ml/checkpoints"}
+    assert job["CheckpointConfig"] == {
+        "S3Uri": "s3://bucket/ckpt",
+        "LocalPath": "/opt/ml/checkpoints",
+    }
     assert job["EnableManagedSpotTraining"] is True
     assert "checkpoint.dir" not in job["HyperParameters"]  # the job writes to the mirror
 
@@ -208,53 +358,121 @@ def test_sagemaker_job_goes_through_moto(where, moto_endpoint, byte_data, tmp_pa
 def test_s3_checkpoint_dir_reaches_the_job(byte_data, tmp_path, capsys):
     """checkpoint.dir = s3://...: one host gets SageMaker's mirror (CheckpointConfig) and writes
     to /opt/ml/checkpoints; several hosts write straight into S3 from every rank."""
+
     def request(*extra):
-        assert main([*sm_args(byte_data, tmp_path, "--dry-run", "--instance-type",
-                              "ml.p5.48xlarge", "--input", "train=s3://b/d", *extra),
-                     "--checkpoint.dir=s3://bucket/run/ckpt", "--train.global_batch=64"]) == 0
+        assert (
+            main(
+                [
+                    *sm_args(
+                        byte_data,
+                        tmp_path,
+                        "--dry-run",
+                        "--instance-type",
+                        "ml.p5.48xlarge",
+                        "--input",
+                        "train=s3://b/d",
+                        *extra,
+                    ),
+                    "--checkpoint.dir=s3://bucket/run/ckpt",
+                    "--train.global_batch=64",
+                ]
+            )
+            == 0
+        )
         req = json.loads(capsys.readouterr().out)
         sagemaker.validate(req)
         return req
 
     def job_side(req, host, hosts):
-        env = {"SM_HOSTS": json.dumps(hosts), "SM_CURRENT_HOST": host, "SM_NUM_GPUS": "8",
-               "SM_HPS": json.dumps(req["HyperParameters"])}
+        env = {
+            "SM_HOSTS": json.dumps(hosts),
+            "SM_CURRENT_HOST": host,
+            "SM_NUM_GPUS": "8",
+            "SM_HPS": json.dumps(req["HyperParameters"]),
+        }
         sm = SageMakerEnv.read(env, tmp_path / "opt_ml")
         return [o for o in entry_plan(sm)["overrides"] if o.startswith("--checkpoint.dir=")]
 
     one = request()
-    assert one["CheckpointConfig"] == {"S3Uri": "s3://bucket/run/ckpt",
-                                       "LocalPath": "/opt/ml/checkpoints"}
+    assert one["CheckpointConfig"] == {
+        "S3Uri": "s3://bucket/run/ckpt",
+        "LocalPath": "/opt/ml/checkpoints",
+    }
     assert "checkpoint.dir" not in one["HyperParameters"]
-    assert job_side(one, "algo-1", ["algo-1"]) == \
-        [f"--checkpoint.dir={tmp_path}/opt_ml/checkpoints"]
+    assert job_side(one, "algo-1", ["algo-1"]) == [
+        f"--checkpoint.dir={tmp_path}/opt_ml/checkpoints"
+    ]
     two = request("--nnodes", "2")
     assert "CheckpointConfig" not in two
     assert two["HyperParameters"]["checkpoint.dir"] == "s3://bucket/run/ckpt"
     for host in ("algo-1", "algo-2"):
-        assert job_side(two, host, ["algo-1", "algo-2"]) == \
-            ["--checkpoint.dir=s3://bucket/run/ckpt"] * 2  # the hyperparameter, then the plan's
+        assert (
+            job_side(two, host, ["algo-1", "algo-2"])
+            == ["--checkpoint.dir=s3://bucket/run/ckpt"] * 2
+        )  # the hyperparameter, then the plan's
 
 
 @pytest.mark.slow
 def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
-        moto_s3, byte_data, tmp_path, capsys):
+    moto_s3, byte_data, tmp_path, capsys
+):
     """The hyperparameters of a 2-host request, run as a job here (1 host x 2 processes: the
     rendezvous across hosts is test_multinode's subject): both ranks write their shards to S3,
     rank 0's manifest commits them, nothing lands on the instance's disk."""
     uri = f"s3://{moto_s3.new_bucket()}/run/ckpt"
-    assert main([*sm_args(byte_data, tmp_path / "ignored", "--dry-run", "--instance-type",
-                          "ml.m5.xlarge", "--nnodes", "2", "--input", "train=s3://b/d"),
-                 "--parallel.dp_shard=2", "--train.steps=4", "--checkpoint.interval=2",
-                 f"--checkpoint.dir={uri}"]) == 0
+    assert (
+        main(
+            [
+                *sm_args(
+                    byte_data,
+                    tmp_path / "ignored",
+                    "--dry-run",
+                    "--instance-type",
+                    "ml.m5.xlarge",
+                    "--nnodes",
+                    "2",
+                    "--input",
+                    "train=s3://b/d",
+                ),
+                "--parallel.dp_shard=2",
+                "--train.steps=4",
+                "--checkpoint.interval=2",
+                f"--checkpoint.dir={uri}",
+            ]
+        )
+        == 0
+    )
     hps = json.loads(capsys.readouterr().out)["HyperParameters"]
     root = tmp_path / "opt_ml"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SM_HOSTS": '["algo-1"]',
-           "SM_CURRENT_HOST": "algo-1", "SM_NUM_GPUS": "0", "SM_CHANNEL_TRAIN": byte_data,
-           "SM_HPS": json.dumps(hps), "SM_MODEL_DIR": str(root / "model")}
-    job = subprocess.run([sys.executable, "-m", "triaxis", "launch", "--backend",
-                          "sagemaker-entry", "--sm-root", str(root), "--nproc-per-node", "2"],
-                         env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SM_HOSTS": '["algo-1"]',
+        "SM_CURRENT_HOST": "algo-1",
+        "SM_NUM_GPUS": "0",
+        "SM_CHANNEL_TRAIN": byte_data,
+        "SM_HPS": json.dumps(hps),
+        "SM_MODEL_DIR": str(root / "model"),
+    }
+    job = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "triaxis",
+            "launch",
+            "--backend",
+            "sagemaker-entry",
+            "--sm-root",
+            str(root),
+            "--nproc-per-node",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
     assert job.returncode == 0, job.stderr[-3000:]
     from triaxis.checkpoint import manifest as mf
 
@@ -269,25 +487,39 @@ def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
 
 # -- SageMaker: inside the job -----------------------------------------------------------------
 
+
 def test_sagemaker_environment_from_files_and_variables(tmp_path):
     config = tmp_path / "input" / "config"
     config.mkdir(parents=True)
     (tmp_path / "input" / "data" / "train").mkdir(parents=True)
-    (config / "resourceconfig.json").write_text(json.dumps(
-        {"current_host": "algo-2", "hosts": ["algo-2", "algo-1"]}))
-    (config / "hyperparameters.json").write_text(json.dumps(
-        {"train.steps": "9", "launch.max_restarts": "2"}))
+    (config / "resourceconfig.json").write_text(
+        json.dumps({"current_host": "algo-2", "hosts": ["algo-2", "algo-1"]})
+    )
+    (config / "hyperparameters.json").write_text(
+        json.dumps({"train.steps": "9", "launch.max_restarts": "2"})
+    )
     sm = SageMakerEnv.read({"SM_NUM_GPUS": "8"}, tmp_path)
     plan = entry_plan(sm)
     assert sm.node_rank == 1 and plan["rdzv_endpoint"] == "algo-1:29400"
     assert plan["nnodes"] == 2 and plan["nproc_per_node"] == 8 and plan["max_restarts"] == 2
-    assert plan["overrides"] == ["--train.steps=9", f"--data.path={tmp_path}/input/data/train",
-                                 f"--checkpoint.dir={tmp_path}/checkpoints",
-                                 "--checkpoint.resume=auto", f"--train.run_dir={tmp_path}/model"]
+    assert plan["overrides"] == [
+        "--train.steps=9",
+        f"--data.path={tmp_path}/input/data/train",
+        f"--checkpoint.dir={tmp_path}/checkpoints",
+        "--checkpoint.resume=auto",
+        f"--train.run_dir={tmp_path}/model",
+    ]
     # The toolkit's variables win, with JSON-decoded hyperparameters and an FSx checkpoint channel.
-    sm = SageMakerEnv.read({"SM_HOSTS": '["algo-1"]', "SM_CURRENT_HOST": "algo-1",
-                            "SM_NUM_GPUS": "0", "SM_HPS": '{"train.steps": 4, "x.y": true}',
-                            "SM_CHANNEL_CHECKPOINTS": "/fsx/ckpt"}, tmp_path)
+    sm = SageMakerEnv.read(
+        {
+            "SM_HOSTS": '["algo-1"]',
+            "SM_CURRENT_HOST": "algo-1",
+            "SM_NUM_GPUS": "0",
+            "SM_HPS": '{"train.steps": 4, "x.y": true}',
+            "SM_CHANNEL_CHECKPOINTS": "/fsx/ckpt",
+        },
+        tmp_path,
+    )
     assert sm.hyperparameters == {"train.steps": "4", "x.y": "true"}
     assert sm.checkpoint_dir == "/fsx/ckpt" and entry_plan(sm)["rdzv_endpoint"] == ""
     with pytest.raises(ValueError, match="runs inside a SageMaker training job"):
@@ -297,17 +529,48 @@ def test_sagemaker_environment_from_files_and_variables(tmp_path):
 @pytest.mark.slow
 def test_a_sagemaker_job_runs_here(byte_data, tmp_path, capsys):
     """The request's hyperparameters, handed back as a 1-host job's environment, train."""
-    assert main([*sm_args(byte_data, tmp_path / "ignored", "--dry-run", "--instance-type",
-                          "ml.m5.xlarge", "--nproc-per-node", "2", "--input", "train=s3://b/d"),
-                 "--parallel.dp_shard=2", "--train.steps=4", "--checkpoint.interval=2"]) == 0
+    assert (
+        main(
+            [
+                *sm_args(
+                    byte_data,
+                    tmp_path / "ignored",
+                    "--dry-run",
+                    "--instance-type",
+                    "ml.m5.xlarge",
+                    "--nproc-per-node",
+                    "2",
+                    "--input",
+                    "train=s3://b/d",
+                ),
+                "--parallel.dp_shard=2",
+                "--train.steps=4",
+                "--checkpoint.interval=2",
+            ]
+        )
+        == 0
+    )
     hps = json.loads(capsys.readouterr().out)["HyperParameters"]
     root = tmp_path / "opt_ml"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "SM_HOSTS": '["algo-1"]',
-           "SM_CURRENT_HOST": "algo-1", "SM_NUM_GPUS": "0", "SM_CHANNEL_TRAIN": byte_data,
-           "SM_HPS": json.dumps(hps), "SM_MODEL_DIR": str(root / "model")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "SM_HOSTS": '["algo-1"]',
+        "SM_CURRENT_HOST": "algo-1",
+        "SM_NUM_GPUS": "0",
+        "SM_CHANNEL_TRAIN": byte_data,
+        "SM_HPS": json.dumps(hps),
+        "SM_MODEL_DIR": str(root / "model"),
+    }
     cmd = [sys.executable, "-m", "triaxis", "launch", "--sm-root", str(root)]
-    first = subprocess.run([*cmd, "--backend", "sagemaker-entry"], env=env, capture_output=True,
-                           text=True, timeout=240, cwd=tmp_path)
+    first = subprocess.run(
+        [*cmd, "--backend", "sagemaker-entry"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert "SageMaker host algo-1 (1 of 1), 2 process(es)" in first.stderr
     meta = json.loads((root / "checkpoints" / "step_00000004" / "triaxis.json").read_text())
@@ -317,31 +580,63 @@ def test_a_sagemaker_job_runs_here(byte_data, tmp_path, capsys):
     assert not (tmp_path / "ignored").exists()  # the job's own run folder, not the submitter's
     # Plain `triaxis launch` finds the SageMaker environment by itself; a restarted job (spot
     # interruption) continues from the checkpoints SageMaker restored into the same folder.
-    again = subprocess.run([*cmd, "--dry-run"], env=env, capture_output=True, text=True,
-                           timeout=120, cwd=tmp_path)
+    again = subprocess.run(
+        [*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "SageMaker job environment found" in again.stderr
     assert f"--checkpoint.dir={root}/checkpoints --checkpoint.resume=auto" in again.stdout
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--nnodes", "2:x"], "is not N or MIN:MAX"),
-    (["--nnodes", "3:2"], "need 1 <= MIN <= MAX"),
-    (["--nnodes", "1:2"], "give --max-restarts >= 1"),
-    (["--nnodes", "1:2", "--max-restarts", "1", "--parallel.dp_shard=2"],
-     "may run on 1 node(s), 1 processes"),
-    (["--nnodes", "1:2", "--backend", "slurm"], "slurm runs a fixed number of nodes"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--nnodes", "2:x"], "is not N or MIN:MAX"),
+        (["--nnodes", "3:2"], "need 1 <= MIN <= MAX"),
+        (["--nnodes", "1:2"], "give --max-restarts >= 1"),
+        (
+            ["--nnodes", "1:2", "--max-restarts", "1", "--parallel.dp_shard=2"],
+            "may run on 1 node(s), 1 processes",
+        ),
+        (["--nnodes", "1:2", "--backend", "slurm"], "slurm runs a fixed number of nodes"),
+    ],
+)
 def test_elastic_node_range_bad_input(byte_data, tmp_path, capsys, extra, message):
-    argv = ["launch", "--dry-run", "--nproc-per-node", "1", "--rdzv-endpoint", "127.0.0.1:29499",
-            *extra, *tiny(byte_data, tmp_path)]
+    argv = [
+        "launch",
+        "--dry-run",
+        "--nproc-per-node",
+        "1",
+        "--rdzv-endpoint",
+        "127.0.0.1:29499",
+        *extra,
+        *tiny(byte_data, tmp_path),
+    ]
     assert main(argv) == 2
     helpers.one_error_line(capsys.readouterr().err, message)
 
 
 def test_elastic_node_range_dry_run(byte_data, tmp_path, capsys):
-    assert main(["launch", "--dry-run", "--nproc-per-node", "1", "--nnodes", "1:2",
-                 "--max-restarts", "2", "--rdzv-last-call", "5", "--rdzv-endpoint",
-                 "127.0.0.1:29499", *tiny(byte_data, tmp_path), "--parallel.dp_shard=-1"]) == 0
+    assert (
+        main(
+            [
+                "launch",
+                "--dry-run",
+                "--nproc-per-node",
+                "1",
+                "--nnodes",
+                "1:2",
+                "--max-restarts",
+                "2",
+                "--rdzv-last-call",
+                "5",
+                "--rdzv-endpoint",
+                "127.0.0.1:29499",
+                *tiny(byte_data, tmp_path),
+                "--parallel.dp_shard=-1",
+            ]
+        )
+        == 0
+    )
     cmd = capsys.readouterr().out
     assert "--nnodes=1:2" in cmd and "last_call_timeout=5" in cmd and "--max-restarts=2" in cmd

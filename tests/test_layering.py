@@ -23,9 +23,11 @@ def test_the_linter_sees_a_violation(tmp_path, capsys):
     # The same tool on a contract the code breaks (the trainer imports the model): if the
     # contract check above could not fail, neither would this.
     config = tmp_path / "reversed.toml"
-    config.write_text('[tool.importlinter]\nroot_package = "triaxis"\n\n'
-                      '[[tool.importlinter.contracts]]\nname = "model above train"\n'
-                      'type = "layers"\nlayers = ["triaxis.model", "triaxis.train"]\n')
+    config.write_text(
+        '[tool.importlinter]\nroot_package = "triaxis"\n\n'
+        '[[tool.importlinter.contracts]]\nname = "model above train"\n'
+        'type = "layers"\nlayers = ["triaxis.model", "triaxis.train"]\n'
+    )
     assert lint(config) == 1
     out = capsys.readouterr().out
     assert "BROKEN" in out and "triaxis.train" in out, out

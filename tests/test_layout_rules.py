@@ -13,24 +13,49 @@ from triaxis.train.resolve import resolve
 BAD_LAYOUTS = {
     "tied embeddings across a pipeline": (
         ["--parallel.pp=2", "--model.tie_embeddings=true"],
-        "model.tie_embeddings=true with parallel.pp=2"),
+        "model.tie_embeddings=true with parallel.pp=2",
+    ),
     "too few micro-batches for the schedule": (
-        ["--parallel.pp=2", "--model.tie_embeddings=false", "--parallel.pp_schedule=1f1b",
-         "--train.micro_batch=8"],
-        "pp_schedule=1f1b with pp=2, 2 stages needs at least 2 micro-batches"),
+        [
+            "--parallel.pp=2",
+            "--model.tie_embeddings=false",
+            "--parallel.pp_schedule=1f1b",
+            "--train.micro_batch=8",
+        ],
+        "pp_schedule=1f1b with pp=2, 2 stages needs at least 2 micro-batches",
+    ),
     "degrees that do not divide the world": (
-        ["--parallel.tp=3"], "world size 2 is not divisible by dp_replicate x tp x pp"),
+        ["--parallel.tp=3"],
+        "world size 2 is not divisible by dp_replicate x tp x pp",
+    ),
 }
 
 ROLE = "arn:aws:iam::123456789012:role/triaxis-trainer"
 BACKENDS = {  # each runs the layout on 2 ranks
     "local": ["--nproc-per-node", "2"],
-    "torchrun": ["--backend", "torchrun", "--nproc-per-node", "2", "--rdzv-endpoint",
-                 "127.0.0.1:29499"],
+    "torchrun": [
+        "--backend",
+        "torchrun",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-endpoint",
+        "127.0.0.1:29499",
+    ],
     "slurm": ["--backend", "slurm", "--nproc-per-node", "2"],
-    "sagemaker": ["--backend", "sagemaker", "--nproc-per-node", "2", "--image",
-                  "123456789012.dkr.ecr.us-east-1.amazonaws.com/triaxis:1", "--role", ROLE,
-                  "--output-s3", "s3://bucket/out", "--instance-type", "ml.p5.48xlarge"],
+    "sagemaker": [
+        "--backend",
+        "sagemaker",
+        "--nproc-per-node",
+        "2",
+        "--image",
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com/triaxis:1",
+        "--role",
+        ROLE,
+        "--output-s3",
+        "s3://bucket/out",
+        "--instance-type",
+        "ml.p5.48xlarge",
+    ],
 }
 
 
@@ -42,8 +67,7 @@ def one_error(capsys) -> str:
 
 
 @pytest.mark.parametrize("layout", BAD_LAYOUTS)
-def test_every_backend_refuses_a_bad_layout_with_the_same_line(layout, byte_data, tmp_path,
-                                                               capsys):
+def test_every_backend_refuses_a_bad_layout_with_the_same_line(layout, byte_data, tmp_path, capsys):
     overrides, message = BAD_LAYOUTS[layout]
     args = tiny_train_args(byte_data, tmp_path, *overrides)
     with pytest.raises(UserError) as trainer_error:  # what the trainer itself says on 2 ranks
@@ -56,16 +80,29 @@ def test_every_backend_refuses_a_bad_layout_with_the_same_line(layout, byte_data
     assert set(lines.values()) == {f"error: {trainer_error.value}"}, lines
 
 
-def test_an_elastic_range_is_checked_at_every_world_size_it_may_run_at(byte_data, tmp_path,
-                                                                       capsys):
+def test_an_elastic_range_is_checked_at_every_world_size_it_may_run_at(byte_data, tmp_path, capsys):
     # 3 nodes x 2: dp=3, 12 / (2 x 3) = 2 micro-batches, a multiple of pp=2. After losing a
     # node, 2 x 2: dp=2, 3 micro-batches, which interleaved-1f1b cannot run with pp=2.
-    args = tiny_train_args(byte_data, tmp_path, "--parallel.pp=2", "--model.tie_embeddings=false",
-                           "--parallel.pp_schedule=interleaved-1f1b",
-                           "--parallel.pp_virtual_stages=2", "--train.global_batch=12",
-                           "--train.micro_batch=2")
-    elastic = ["launch", "--dry-run", "--nproc-per-node", "2", "--max-restarts", "1",
-               "--rdzv-endpoint", "127.0.0.1:29499"]
+    args = tiny_train_args(
+        byte_data,
+        tmp_path,
+        "--parallel.pp=2",
+        "--model.tie_embeddings=false",
+        "--parallel.pp_schedule=interleaved-1f1b",
+        "--parallel.pp_virtual_stages=2",
+        "--train.global_batch=12",
+        "--train.micro_batch=2",
+    )
+    elastic = [
+        "launch",
+        "--dry-run",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "1",
+        "--rdzv-endpoint",
+        "127.0.0.1:29499",
+    ]
     assert main([*elastic, "--nnodes", "3", *args]) == 0  # fine at the full size
     capsys.readouterr()
     assert main([*elastic, "--nnodes", "2:3", *args]) == 2
@@ -99,19 +136,36 @@ def test_train_with_parallel_auto_runs_the_planners_layout(byte_data, tmp_path):
 
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "triaxis", "train",
-         *tiny_train_args(byte_data, run, "--parallel.auto=memory", "--train.steps=2",
-                          "--train.device=cpu", "--checkpoint.interval=0")],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        [
+            sys.executable,
+            "-m",
+            "triaxis",
+            "train",
+            *tiny_train_args(
+                byte_data,
+                run,
+                "--parallel.auto=memory",
+                "--train.steps=2",
+                "--train.device=cpu",
+                "--checkpoint.interval=0",
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import re
 
-    chosen = re.search(r"parallel\.auto=memory on 1 x cpu: .*? mb=(\d+) ac=(\w+)",
-                       proc.stdout + proc.stderr)
+    chosen = re.search(
+        r"parallel\.auto=memory on 1 x cpu: .*? mb=(\d+) ac=(\w+)", proc.stdout + proc.stderr
+    )
     assert chosen, proc.stdout + proc.stderr
     # The run folder's config is the one that ran: the planner's layout, not the command line's
     # micro_batch=4.
     written = load_config(str(run / "config.toml"), [])
-    assert (written.train.micro_batch, written.parallel.activation_checkpoint) == \
-        (int(chosen[1]), chosen[2])
+    assert (written.train.micro_batch, written.parallel.activation_checkpoint) == (
+        int(chosen[1]),
+        chosen[2],
+    )

@@ -67,8 +67,11 @@ def test_never_materializes_the_batch_logits():
     sizes = {}
     for name, chunk in (("plain", 0), ("fused", 128)):
         with LargestLogits(1000) as mode:
-            out = model(inputs, targets=targets, loss_chunk=chunk) if chunk else \
-                F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+            out = (
+                model(inputs, targets=targets, loss_chunk=chunk)
+                if chunk
+                else F.cross_entropy(model(inputs).flatten(0, 1), targets.flatten())
+            )
             out.backward()
         sizes[name] = mode.numel
     assert sizes["plain"] == 8 * 64 * 1000  # the logits of all 512 tokens

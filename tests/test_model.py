@@ -66,7 +66,7 @@ def test_rope_preserves_norm_and_encodes_relative_position():
     k = torch.randn(1, 1, 1, 16).expand(1, 64, 1, 16)
     rq, rk = apply_rope(q, table), apply_rope(k, table)
     torch.testing.assert_close(rq.norm(dim=-1), q.norm(dim=-1))
-    dots = (rq[0, :, 0] @ rk[0, :, 0].T)  # (64, 64): depends on m - n only
+    dots = rq[0, :, 0] @ rk[0, :, 0].T  # (64, 64): depends on m - n only
     torch.testing.assert_close(dots[10, 7], dots[40, 37], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dots[5, 5], dots[50, 50], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(dots[10, 7], dots[10, 2])

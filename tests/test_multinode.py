@@ -22,14 +22,20 @@ PORT = 29400
 
 
 def train_args(data, run_dir, *extra):
-    return helpers.train_args(data, run_dir, "--train.micro_batch=2", "--train.steps=4", *extra,
-                              seq_len=64)
+    return helpers.train_args(
+        data, run_dir, "--train.micro_batch=2", "--train.steps=4", *extra, seq_len=64
+    )
 
 
 def launch_on(host, *args) -> subprocess.Popen:
     """`triaxis launch` inside `host` (its namespace, its hostname)."""
-    return subprocess.Popen(host.prefix() + [sys.executable, "-m", "triaxis", "launch", *args],
-                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        host.prefix() + [sys.executable, "-m", "triaxis", "launch", *args],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> str:
@@ -37,8 +43,9 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
         return proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise AssertionError(f"launcher still running after {timeout} s:\n"
-                             f"{proc.communicate()[0][-3000:]}") from None
+        raise AssertionError(
+            f"launcher still running after {timeout} s:\n{proc.communicate()[0][-3000:]}"
+        ) from None
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +57,31 @@ def hosts():
 def test_two_nodes_match_the_single_process_run(hosts, byte_data, tmp_path):
     node0, node1 = hosts
     layout = ["--parallel.dp_replicate=2", "--parallel.dp_shard=2"]
-    common = ["--backend", "torchrun", "--nnodes", 2, "--nproc-per-node", 2,
-              "--rdzv-endpoint", f"{node0.address}:{PORT}", "--rdzv-timeout", 120]
+    common = [
+        "--backend",
+        "torchrun",
+        "--nnodes",
+        2,
+        "--nproc-per-node",
+        2,
+        "--rdzv-endpoint",
+        f"{node0.address}:{PORT}",
+        "--rdzv-timeout",
+        120,
+    ]
     run = tmp_path / "two_nodes"
     # node1 first: it must wait for the rendezvous host rather than fail.
-    procs = [launch_on(h, *map(str, common), *train_args(byte_data, run, *layout))
-             for h in (node1, node0)]
-    ref = subprocess.run([sys.executable, "-m", "triaxis", "train",
-                          *train_args(byte_data, tmp_path / "ref")],
-                         env=ENV, capture_output=True, text=True, timeout=240)
+    procs = [
+        launch_on(h, *map(str, common), *train_args(byte_data, run, *layout))
+        for h in (node1, node0)
+    ]
+    ref = subprocess.run(
+        [sys.executable, "-m", "triaxis", "train", *train_args(byte_data, tmp_path / "ref")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     out1, out0 = (finish(p, 300) for p in procs)
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert procs[0].returncode == 0 and procs[1].returncode == 0, out0[-3000:] + out1[-3000:]
@@ -79,17 +102,32 @@ def test_two_nodes_match_the_single_process_run(hosts, byte_data, tmp_path):
 def test_rendezvous_that_cannot_form_fails_within_its_timeout(hosts, byte_data, tmp_path):
     node0, node1 = hosts
     timeout_s = 6
-    args = [*map(str, ["--backend", "torchrun", "--nnodes", 2, "--nproc-per-node", 1,
-                       "--rdzv-timeout", timeout_s]),
-            *train_args(byte_data, tmp_path / "r")]
+    args = [
+        *map(
+            str,
+            [
+                "--backend",
+                "torchrun",
+                "--nnodes",
+                2,
+                "--nproc-per-node",
+                1,
+                "--rdzv-timeout",
+                timeout_s,
+            ],
+        ),
+        *train_args(byte_data, tmp_path / "r"),
+    ]
     start = time.monotonic()
     # node0 serves a rendezvous nobody joins; node1 dials a port where nothing listens.
     alone = launch_on(node0, "--rdzv-endpoint", f"{node0.address}:{PORT + 1}", *args)
     unreachable = launch_on(node1, "--rdzv-endpoint", f"{node0.address}:{PORT + 2}", *args)
     out_alone, out_unreachable = finish(alone, 120), finish(unreachable, 120)
     elapsed = time.monotonic() - start
-    for proc, out, msg in ((alone, out_alone, f"did not form within {timeout_s} s"),
-                           (unreachable, out_unreachable, "did not accept a connection within")):
+    for proc, out, msg in (
+        (alone, out_alone, f"did not form within {timeout_s} s"),
+        (unreachable, out_unreachable, "did not accept a connection within"),
+    ):
         errors = [x for x in out.splitlines() if x.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1 and msg in errors[0], out[-3000:]
         assert "Traceback" not in out
@@ -99,8 +137,9 @@ def test_rendezvous_that_cannot_form_fails_within_its_timeout(hosts, byte_data, 
 
 def kill_host(host) -> None:
     """The node dies: every process in its network namespace, SIGKILL."""
-    pids = subprocess.run(["ip", "netns", "pids", host.netns], capture_output=True, text=True,
-                          check=True).stdout.split()
+    pids = subprocess.run(
+        ["ip", "netns", "pids", host.netns], capture_output=True, text=True, check=True
+    ).stdout.split()
     for pid in pids:
         try:
             os.kill(int(pid), 9)
@@ -114,14 +153,32 @@ def test_elastic_job_loses_a_node_and_finishes_on_the_other(hosts, byte_data, tm
     from the last checkpoint at world 1 (resharded from world 2). Every step's loss equals the
     uninterrupted single-process run's."""
     node0, node1 = hosts
-    steps = ["--train.steps=40", "--checkpoint.interval=4", "--checkpoint.async_save=false",
-             "--parallel.dp_shard=-1"]
-    common = ["--backend", "torchrun", "--nnodes", "1:2", "--nproc-per-node", 1,
-              "--max-restarts", 2, "--rdzv-last-call", 3,
-              "--rdzv-endpoint", f"{node0.address}:{PORT + 3}", "--rdzv-timeout", 120]
+    steps = [
+        "--train.steps=40",
+        "--checkpoint.interval=4",
+        "--checkpoint.async_save=false",
+        "--parallel.dp_shard=-1",
+    ]
+    common = [
+        "--backend",
+        "torchrun",
+        "--nnodes",
+        "1:2",
+        "--nproc-per-node",
+        1,
+        "--max-restarts",
+        2,
+        "--rdzv-last-call",
+        3,
+        "--rdzv-endpoint",
+        f"{node0.address}:{PORT + 3}",
+        "--rdzv-timeout",
+        120,
+    ]
     run = tmp_path / "elastic"
-    procs = [launch_on(h, *map(str, common), *train_args(byte_data, run, *steps))
-             for h in (node0, node1)]
+    procs = [
+        launch_on(h, *map(str, common), *train_args(byte_data, run, *steps)) for h in (node0, node1)
+    ]
     deadline = time.monotonic() + 200
     metrics = run / "metrics.jsonl"
     while time.monotonic() < deadline and procs[0].poll() is None:
@@ -131,9 +188,19 @@ def test_elastic_job_loses_a_node_and_finishes_on_the_other(hosts, byte_data, tm
         time.sleep(0.1)
     out0 = finish(procs[0], 240)
     procs[1].wait(timeout=30)
-    ref = subprocess.run([sys.executable, "-m", "triaxis", "train",
-                          *train_args(byte_data, tmp_path / "ref", "--train.steps=40")],
-                         env=ENV, capture_output=True, text=True, timeout=240)
+    ref = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "triaxis",
+            "train",
+            *train_args(byte_data, tmp_path / "ref", "--train.steps=40"),
+        ],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert procs[0].returncode == 0, out0[-4000:]
     assert "--nnodes=1:2" in out0 and "last_call_timeout=3" in out0 and "elastic: 1 to 2" in out0

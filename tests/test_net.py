@@ -14,8 +14,11 @@ from triaxis.net.check import NetFacts, evaluate, gather
 
 # -- bandwidth arithmetic: nccl-tests' doc/PERFORMANCE.md --------------------------------------
 
-@pytest.mark.parametrize("n, all_reduce, gather_like", [(2, 1.0, 0.5), (4, 1.5, 0.75),
-                                                         (8, 1.75, 0.875), (16, 1.875, 0.9375)])
+
+@pytest.mark.parametrize(
+    "n, all_reduce, gather_like",
+    [(2, 1.0, 0.5), (4, 1.5, 0.75), (8, 1.75, 0.875), (16, 1.875, 0.9375)],
+)
 def test_bus_factors_are_the_nccl_tests_formulas(n, all_reduce, gather_like):
     assert bench.bus_factor("all_reduce", n) == pytest.approx(all_reduce)
     for op in ("all_gather", "reduce_scatter", "all_to_all"):
@@ -46,16 +49,25 @@ def test_sizes_and_their_errors():
 
 
 def test_planner_fields_from_measurements():
-    report = {"world_size": 4, "nnodes": 2, "results": [
-        {"op": "all_reduce", "size_bytes": 1024, "time_us": 60.0, "busbw_gbps": 0.1},
-        {"op": "all_reduce", "size_bytes": 2**30, "time_us": 5e4, "busbw_gbps": 40.0}]}
+    report = {
+        "world_size": 4,
+        "nnodes": 2,
+        "results": [
+            {"op": "all_reduce", "size_bytes": 1024, "time_us": 60.0, "busbw_gbps": 0.1},
+            {"op": "all_reduce", "size_bytes": 2**30, "time_us": 5e4, "busbw_gbps": 40.0},
+        ],
+    }
     fields = bench.planner_fields(report)
     assert fields["link"] == "inter_node"
-    assert fields["cluster_fields"] == {"network_gbit": 320.0, "network_efficiency": 1.0,
-                                        "network_latency_us": 10.0}
+    assert fields["cluster_fields"] == {
+        "network_gbit": 320.0,
+        "network_efficiency": 1.0,
+        "network_latency_us": 10.0,
+    }
 
 
 # -- preflight ---------------------------------------------------------------------------------
+
 
 def _fake_efa_node(tmp_path: Path) -> dict:
     """sysfs with two EFA devices, a fi_info that lists them, nvidia_peermem, the plugin."""
@@ -68,19 +80,27 @@ def _fake_efa_node(tmp_path: Path) -> dict:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fi_info = bin_dir / "fi_info"
-    fi_info.write_text('#!/bin/sh\n[ "$1 $2" = "-p efa" ] || exit 61\n'
-                       'for d in rdmap16s27 rdmap32s27; do\n'
-                       '  printf "provider: efa\\n    fabric: efa\\n    domain: %s-rdm\\n" $d\n'
-                       'done\n')
+    fi_info.write_text(
+        '#!/bin/sh\n[ "$1 $2" = "-p efa" ] || exit 61\n'
+        "for d in rdmap16s27 rdmap32s27; do\n"
+        '  printf "provider: efa\\n    fabric: efa\\n    domain: %s-rdm\\n" $d\n'
+        "done\n"
+    )
     fi_info.chmod(0o755)
     plugin_dir = tmp_path / "ofi"
     plugin_dir.mkdir()
     (plugin_dir / "libnccl-net-ofi.so").write_bytes(b"")
     modules = tmp_path / "modules"
     modules.write_text("nvidia_peermem 16384 0 - Live 0x0\nefa 147456 0 - Live 0x0\n")
-    return {"sysfs": tmp_path / "ib", "modules": modules,
-            "environ": {"PATH": f"{bin_dir}:/usr/bin:/bin", "LD_LIBRARY_PATH": str(plugin_dir),
-                        "FI_PROVIDER": "tcp"}}
+    return {
+        "sysfs": tmp_path / "ib",
+        "modules": modules,
+        "environ": {
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "LD_LIBRARY_PATH": str(plugin_dir),
+            "FI_PROVIDER": "tcp",
+        },
+    }
 
 
 def test_gather_reads_an_efa_node(tmp_path):
@@ -90,33 +110,56 @@ def test_gather_reads_an_efa_node(tmp_path):
     assert f.ofi_nccl_plugin.endswith("libnccl-net-ofi.so") and f.peermem_loaded
     f.gpus, f.nccl_version, f.libfabric = 8, "2.21.5", "/opt/amazon/efa/lib/libfabric.so.1"
     status = {c.name: c for c in evaluate(f)}
-    for name in ("efa devices", "fi_info -p efa", "libfabric", "aws-ofi-nccl", "gpudirect rdma",
-                 "nccl", "env FI_EFA_USE_DEVICE_RDMA"):
+    for name in (
+        "efa devices",
+        "fi_info -p efa",
+        "libfabric",
+        "aws-ofi-nccl",
+        "gpudirect rdma",
+        "nccl",
+        "env FI_EFA_USE_DEVICE_RDMA",
+    ):
         assert status[name].status == "pass", status[name]
     assert "2 endpoint(s)" in status["fi_info -p efa"].detail
     # The user's FI_PROVIDER=tcp is kept, but flagged with the fix.
-    assert status["env FI_PROVIDER"].status == "warn" and "unset FI_PROVIDER" in \
-        status["env FI_PROVIDER"].fix
+    assert (
+        status["env FI_PROVIDER"].status == "warn"
+        and "unset FI_PROVIDER" in status["env FI_PROVIDER"].fix
+    )
 
 
 def test_an_efa_node_missing_its_software_fails_with_fixes():
-    f = NetFacts(efa_devices=["rdmap16s27"], gpus=8, nccl_version="2.21.5",
-                 interface="ens32", environ={"NCCL_NET": "Socket"})
+    f = NetFacts(
+        efa_devices=["rdmap16s27"],
+        gpus=8,
+        nccl_version="2.21.5",
+        interface="ens32",
+        environ={"NCCL_NET": "Socket"},
+    )
     status = {c.name: c for c in evaluate(f)}
-    assert status["fi_info -p efa"].status == "fail" and "aws-efa-installer" in \
-        status["fi_info -p efa"].fix
-    assert status["aws-ofi-nccl"].status == "fail" and "LD_LIBRARY_PATH" in \
-        status["aws-ofi-nccl"].fix
-    assert status["gpudirect rdma"].status == "fail" and "modprobe nvidia_peermem" in \
-        status["gpudirect rdma"].fix
+    assert (
+        status["fi_info -p efa"].status == "fail"
+        and "aws-efa-installer" in status["fi_info -p efa"].fix
+    )
+    assert (
+        status["aws-ofi-nccl"].status == "fail" and "LD_LIBRARY_PATH" in status["aws-ofi-nccl"].fix
+    )
+    assert (
+        status["gpudirect rdma"].status == "fail"
+        and "modprobe nvidia_peermem" in status["gpudirect rdma"].fix
+    )
     assert status["env NCCL_NET"].status == "fail"
 
 
 def test_recommended_env_is_applied_without_overriding_the_user():
     env = {"NCCL_SOCKET_IFNAME": "ens5"}
     applied, kept = apply_env(recommended_env(efa=True, gpus=True, ifname="eth0"), env)
-    assert applied == {"GLOO_SOCKET_IFNAME": "eth0", "FI_PROVIDER": "efa",
-                       "FI_EFA_FORK_SAFE": "1", "FI_EFA_USE_DEVICE_RDMA": "1"}
+    assert applied == {
+        "GLOO_SOCKET_IFNAME": "eth0",
+        "FI_PROVIDER": "efa",
+        "FI_EFA_FORK_SAFE": "1",
+        "FI_EFA_USE_DEVICE_RDMA": "1",
+    }
     assert kept == {"NCCL_SOCKET_IFNAME": "ens5"} and env["NCCL_SOCKET_IFNAME"] == "ens5"
     assert [v.name for v in recommended_env(efa=False, gpus=False, ifname=None)] == []
 
@@ -139,11 +182,29 @@ def test_net_check_json(capsys):
 
 # -- the benchmark itself ----------------------------------------------------------------------
 
+
 def test_net_bench_two_processes_gloo(tmp_path):
     out, hw = tmp_path / "bench.json", tmp_path / "measured.toml"
-    proc = triaxis("net", "bench", "--nproc-per-node", 2, "--max-bytes", "64K", "--iters", 3,
-                   "--warmup", 1, "--json", out, "--hardware-out", hw, "--base-cluster", "cpu",
-                   timeout=180, check=False)
+    proc = triaxis(
+        "net",
+        "bench",
+        "--nproc-per-node",
+        2,
+        "--max-bytes",
+        "64K",
+        "--iters",
+        3,
+        "--warmup",
+        1,
+        "--json",
+        out,
+        "--hardware-out",
+        hw,
+        "--base-cluster",
+        "cpu",
+        timeout=180,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert "busbw(GB/s)" in lines[2]
@@ -169,9 +230,11 @@ def test_net_bench_two_processes_gloo(tmp_path):
 def test_net_bench_bad_input_is_one_line(capsys):
     from triaxis.cli import main
 
-    for args, msg in ((["--ops", "all_reduce,gather"], "--ops gather unknown"),
-                      (["--nproc-per-node", "1"], "one process measures no collective"),
-                      (["--max-bytes", "lots"], "not a byte count")):
+    for args, msg in (
+        (["--ops", "all_reduce,gather"], "--ops gather unknown"),
+        (["--nproc-per-node", "1"], "one process measures no collective"),
+        (["--max-bytes", "lots"], "not a byte count"),
+    ):
         assert main(["net", "bench", *args]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error:") and msg in err[0], err

@@ -15,8 +15,17 @@ from triaxis.parallel.pipeline import check_schedule
 
 def inputs(preset="8b", pp=4, v=1, schedule="1f1b", **kw) -> PartitionInputs:
     args = dataclasses.replace(PRESETS[preset], **kw)
-    return PartitionInputs(args=args, pp=pp, virtual_stages=v, schedule=schedule, seq_len=4096,
-                           micro_batch=1, n_microbatches=8, shard_degree=8, tp=1)
+    return PartitionInputs(
+        args=args,
+        pp=pp,
+        virtual_stages=v,
+        schedule=schedule,
+        seq_len=4096,
+        micro_batch=1,
+        n_microbatches=8,
+        shard_degree=8,
+        tp=1,
+    )
 
 
 def test_every_block_placed_once_contiguously():
@@ -88,21 +97,35 @@ def test_schedule_rules():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "triaxis", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "triaxis", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 @pytest.mark.slow
 def test_pipeline_bad_input_from_the_cli(byte_data, tmp_path):
-    base = ["launch", "--nproc-per-node", 2, "--model.preset=tiny", f"--data.path={byte_data}",
-            f"--train.run_dir={tmp_path}", "--parallel.pp=2", "--parallel.dp_shard=1",
-            "--model.tie_embeddings=false"]
+    base = [
+        "launch",
+        "--nproc-per-node",
+        2,
+        "--model.preset=tiny",
+        f"--data.path={byte_data}",
+        f"--train.run_dir={tmp_path}",
+        "--parallel.pp=2",
+        "--parallel.dp_shard=1",
+        "--model.tie_embeddings=false",
+    ]
     cases = {
         ("--model.n_layers=1",): "parallel.pp=2 is larger than the 1 transformer blocks",
         ("--train.micro_batch=8",): "needs at least 2 micro-batches",
         ("--parallel.pp_schedule=zbv",): "needs pp_virtual_stages >= 2",
-        ("--parallel.pp_schedule=zbv", "--parallel.pp_virtual_stages=3"):
-            "exactly pp_virtual_stages=2",
+        (
+            "--parallel.pp_schedule=zbv",
+            "--parallel.pp_virtual_stages=3",
+        ): "exactly pp_virtual_stages=2",
         ("--parallel.pp_schedule=zb",): "not a valid choice",
         ("--parallel.pp_layers=3,3",): "places 6 blocks but the model has 4",
     }
@@ -110,14 +133,28 @@ def test_pipeline_bad_input_from_the_cli(byte_data, tmp_path):
         proc = _cli(*base, "--train.global_batch=8", "--train.micro_batch=4", *extra)
         assert proc.returncode == 2, (extra, proc.stderr)
         assert message in proc.stderr and "Traceback" not in proc.stderr, (extra, proc.stderr)
-    tied = _cli(*base[:-1], "--model.tie_embeddings=true", "--train.global_batch=8",
-                "--train.micro_batch=4")
+    tied = _cli(
+        *base[:-1], "--model.tie_embeddings=true", "--train.global_batch=8", "--train.micro_batch=4"
+    )
     assert tied.returncode == 2 and "tie_embeddings=false" in tied.stderr
 
 
 def test_layout_picture(tmp_path):
-    out = _cli("layout", "--nodes", 3, "--gpus-per-node", 8, "--tp", 4, "--pp", 6, "--layers", 6,
-               "--svg", tmp_path / "l.svg")
+    out = _cli(
+        "layout",
+        "--nodes",
+        3,
+        "--gpus-per-node",
+        8,
+        "--tp",
+        4,
+        "--pp",
+        6,
+        "--layers",
+        6,
+        "--svg",
+        tmp_path / "l.svg",
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert sum(line.startswith("server ") for line in lines) == 3

@@ -12,24 +12,47 @@ _refs: dict = {}
 
 def reference(data, tmp_path_factory, micro_batch: int) -> dict:
     if micro_batch not in _refs:
-        _refs[micro_batch] = train_collect(0, 1, data, str(tmp_path_factory.mktemp("ref")),
-                                           {**UNTIED, "train__micro_batch": micro_batch})
+        _refs[micro_batch] = train_collect(
+            0,
+            1,
+            data,
+            str(tmp_path_factory.mktemp("ref")),
+            {**UNTIED, "train__micro_batch": micro_batch},
+        )
     return _refs[micro_batch]
 
 
 # (schedule, virtual stages per rank); micro-batches per step = 8 / micro_batch.
-SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("looped-bfs", 2),
-             ("interleaved-zb", 2), ("zbv", 2), ("dualpipev", 2)]
+SCHEDULES = [
+    ("gpipe", 1),
+    ("1f1b", 1),
+    ("interleaved-1f1b", 2),
+    ("looped-bfs", 2),
+    ("interleaved-zb", 2),
+    ("zbv", 2),
+    ("dualpipev", 2),
+]
 
 
 @pytest.mark.parametrize("pp", [2, pytest.param(4, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("schedule,v", SCHEDULES, ids=[s for s, _ in SCHEDULES])
 def test_schedule_matches_single_process(schedule, v, pp, byte_data, tmp_path, tmp_path_factory):
     micro = 1 if pp * v >= 4 else 2  # 8 or 4 micro-batches: what the deepest schedule needs
-    got = run_workers(train_collect, pp, byte_data, str(tmp_path),
-                      {**UNTIED, "parallel__pp": pp, "parallel__dp_shard": 1,
-                       "parallel__pp_schedule": schedule, "parallel__pp_virtual_stages": v,
-                       "train__micro_batch": micro}, timeout_s=180)
+    got = run_workers(
+        train_collect,
+        pp,
+        byte_data,
+        str(tmp_path),
+        {
+            **UNTIED,
+            "parallel__pp": pp,
+            "parallel__dp_shard": 1,
+            "parallel__pp_schedule": schedule,
+            "parallel__pp_virtual_stages": v,
+            "train__micro_batch": micro,
+        },
+        timeout_s=180,
+    )
     # Each rank returns its own stages' parameters; together they are the whole model.
     merged = {"losses": got[0]["losses"], "params": {}}
     for r in got:
@@ -41,9 +64,20 @@ def test_schedule_matches_single_process(schedule, v, pp, byte_data, tmp_path, t
 @pytest.mark.slow
 def test_3d_layout_world8_matches_single_process(byte_data, tmp_path, tmp_path_factory):
     """pp 2 x tp 2 x dp_shard 2 on one mesh of 8 ranks."""
-    got = run_workers(train_collect, 8, byte_data, str(tmp_path),
-                      {**UNTIED, "parallel__pp": 2, "parallel__tp": 2, "parallel__dp_shard": 2,
-                       "train__micro_batch": 2}, timeout_s=240)
+    got = run_workers(
+        train_collect,
+        8,
+        byte_data,
+        str(tmp_path),
+        {
+            **UNTIED,
+            "parallel__pp": 2,
+            "parallel__tp": 2,
+            "parallel__dp_shard": 2,
+            "train__micro_batch": 2,
+        },
+        timeout_s=240,
+    )
     merged = {"losses": got[0]["losses"], "params": {}}
     for r in got:
         merged["params"].update(r["params"])

@@ -41,11 +41,11 @@ def catalog():
 
 def _problem(catalog, model="70b", gpu="h100", cluster="p5", seq=4096, batch=1024):
     shape, _ = load_model(model)
-    return Problem(shape, resolve_hardware(catalog, gpu, cluster), RUNTIMES["triaxis"], seq,
-                   batch)
+    return Problem(shape, resolve_hardware(catalog, gpu, cluster), RUNTIMES["triaxis"], seq, batch)
 
 
 # -- collectives -------------------------------------------------------------------------------
+
 
 def test_ring_and_tree_formulas():
     link = AxisLink(size=8, per_node=8, bus_bytes_per_s=100e9, step_latency_s=0.0, launch_s=0.0)
@@ -87,6 +87,7 @@ def test_gemm_efficiency_grows_with_matrix_size(catalog):
 
 # -- model shape and memory ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("preset", ["tiny", "small", "8b", "70b"])
 def test_flops_match_the_models_own_formula(preset):
     args = PRESETS[preset]
@@ -106,15 +107,26 @@ def test_megatron_flop_convention():
 
 def test_korthikanti_activation_formula():
     """GPT, fp16, no recomputation: s·b·h·(34 + 5as/h) per layer; TP without SP: 10 + 24/t."""
-    shape = ModelShape("gpt", dim=6144, n_layers=40, n_heads=48, n_kv_heads=48, ffn_dim=4 * 6144,
-                       vocab_size=51200, gated_mlp=False, dropout=True)
+    shape = ModelShape(
+        "gpt",
+        dim=6144,
+        n_layers=40,
+        n_heads=48,
+        n_kv_heads=48,
+        ffn_dim=4 * 6144,
+        vocab_size=51200,
+        gated_mlp=False,
+        dropout=True,
+    )
     rt, h, a, s = RUNTIMES["megatron-2021"], 6144, 48, 2048
     assert layer_activation_bytes_per_token(shape, rt, s, 1, 2) == 34 * h + 5 * a * s
     assert layer_activation_bytes_per_token(shape, rt, s, 8, 2) == pytest.approx(
-        10 * h + 24 * h / 8 + 5 * a * s / 8)
+        10 * h + 24 * h / 8 + 5 * a * s / 8
+    )
     sp = dataclasses.replace(rt, name="megatron-sp", sequence_parallel=True)
     assert layer_activation_bytes_per_token(shape, sp, s, 8, 2) == pytest.approx(
-        (34 * h + 5 * a * s) / 8)
+        (34 * h + 5 * a * s) / 8
+    )
 
 
 def test_state_bytes_by_hand():
@@ -132,8 +144,9 @@ def test_state_bytes_by_hand():
     padded = 4 * padded_block + 2 * c(512) * 64 + c(64)
     assert predict_state_bytes_per_rank(args, 3, 1, 1, 1)["params"] == 4 * padded
     # dp_replicate copies, it does not split.
-    assert predict_state_bytes_per_rank(args, 2, 4, 1, 1) == \
-        predict_state_bytes_per_rank(args, 2, 1, 1, 1)
+    assert predict_state_bytes_per_rank(args, 2, 4, 1, 1) == predict_state_bytes_per_rank(
+        args, 2, 1, 1, 1
+    )
     # TP: norms replicated, everything else split; tied: the shared matrix counted once.
     tp2 = predict_state_bytes_per_rank(args, 1, 1, 2, 1)["params"]
     assert tp2 == 4 * ((numel - 9 * 64) // 2 + 9 * 64)
@@ -141,26 +154,30 @@ def test_state_bytes_by_hand():
     assert predict_state_bytes_per_rank(tied, 1, 1, 1, 1)["params"] == 4 * (numel - 512 * 64)
     # TP without FSDP: the untied embedding's gradient comes back replicated (bench/plan_memory).
     assert predict_state_bytes_per_rank(args, 1, 1, 2, 1)["grads"] == tp2 + 4 * 512 * 64 // 2
-    assert predict_state_bytes_per_rank(args, 2, 1, 2, 1)["grads"] == \
-        predict_state_bytes_per_rank(args, 2, 1, 2, 1)["params"]
+    assert (
+        predict_state_bytes_per_rank(args, 2, 1, 2, 1)["grads"]
+        == predict_state_bytes_per_rank(args, 2, 1, 2, 1)["params"]
+    )
 
 
 def test_pipeline_stage_holds_its_share():
     args = PRESETS["8b"]
     whole = predict_state_bytes_per_rank(args, 1, 1, 1, 1)["params"]
-    stages = [predict_state_bytes_per_rank(args, 1, 1, 1, 4, stage=s)["params"]
-              for s in range(4)]
+    stages = [predict_state_bytes_per_rank(args, 1, 1, 1, 4, stage=s)["params"] for s in range(4)]
     assert sum(stages) == whole  # untied: every parameter lives on exactly one stage
     assert predict_state_bytes_per_rank(args, 1, 1, 1, 4)["params"] == max(stages)
     split = [7, 9, 9, 7]  # a partitioner's split: lighter end stages carry embedding and head
-    custom = [predict_state_bytes_per_rank(args, 1, 1, 1, 4, stage=s, blocks_per_stage=split)
-              ["params"] for s in range(4)]
+    custom = [
+        predict_state_bytes_per_rank(args, 1, 1, 1, 4, stage=s, blocks_per_stage=split)["params"]
+        for s in range(4)
+    ]
     assert sum(custom) == whole and custom[1] == custom[2] == stages[1] * 9 // 8
     with pytest.raises(ValueError, match="blocks_per_stage"):
         predict_state_bytes_per_rank(args, 1, 1, 1, 4, blocks_per_stage=[8, 8, 8])
 
 
 # -- enumeration and objectives ----------------------------------------------------------------
+
 
 def test_enumeration_obeys_the_rules(catalog):
     shape, _ = load_model("70b")
@@ -186,8 +203,9 @@ def test_plan_keeps_only_fitting_layouts_and_ranks_them(catalog):
     assert times == sorted(times)
     for p in r.plans:
         assert p.memory.total <= r.problem.hw.usable_memory_bytes
-        assert p.time.total == pytest.approx(p.time.compute + sum(p.time.exposed_comm.values())
-                                             + p.time.bubble + p.time.optimizer)
+        assert p.time.total == pytest.approx(
+            p.time.compute + sum(p.time.exposed_comm.values()) + p.time.bubble + p.time.optimizer
+        )
 
 
 def test_objectives_pick_different_winners(catalog):
@@ -210,8 +228,9 @@ def test_memory_grows_with_micro_batch_and_shrinks_with_checkpointing(catalog):
     # full checkpointing the 32 blocks keep only their inputs, plus one block recomputed.
     logits = loss_bytes(problem.shape, problem.runtime, 1, 2, 4 * 4096, whole_head=True)
     assert logits == loss_bytes(problem.shape, problem.runtime, 1, 2, 4096, whole_head=True)
-    assert big.memory.activations - logits == \
-        pytest.approx(4 * (small.memory.activations - logits), rel=0.01)
+    assert big.memory.activations - logits == pytest.approx(
+        4 * (small.memory.activations - logits), rel=0.01
+    )
     assert logits == 8 * 128256 * 4096
     # 4.2 GB instead of the plain head's 29.4 GB at 16k tokens.
     assert logits < logits_bytes_per_token(problem.shape, problem.runtime, 1, 2) * 4 * 4096 / 4
@@ -219,7 +238,6 @@ def test_memory_grows_with_micro_batch_and_shrinks_with_checkpointing(catalog):
     ckpt = 4 * 4096 * problem.shape.dim * 2  # one bf16 block input
     assert blocks_full == pytest.approx(32 * ckpt + blocks_none / 32)
     assert full.time.compute > big.time.compute  # the recomputed forward
-
 
 
 def test_offloaded_checkpoints_leave_the_gpu_for_the_host(catalog):
@@ -237,33 +255,42 @@ def test_offloaded_checkpoints_leave_the_gpu_for_the_host(catalog):
     with pytest.raises(ValueError, match="activation_checkpoint='full'"):
         Layout(1, 64, 1, 1, 4, "selective", offload_checkpoints=True)
 
+
 def test_bubble_per_schedule():
     base = Layout(1, 1, 1, 8, 1, "full", 2, "1f1b")
     assert bubble_slots(base) == 7
     assert bubble_slots(dataclasses.replace(base, schedule="gpipe")) == 7
-    assert bubble_slots(dataclasses.replace(base, schedule="interleaved-1f1b",
-                                            virtual_stages=2)) == 3.5
-    assert bubble_slots(dataclasses.replace(base, schedule="interleaved-zb")) == \
-        pytest.approx(7 / 3)
+    assert (
+        bubble_slots(dataclasses.replace(base, schedule="interleaved-1f1b", virtual_stages=2))
+        == 3.5
+    )
+    assert bubble_slots(dataclasses.replace(base, schedule="interleaved-zb")) == pytest.approx(
+        7 / 3
+    )
     assert bubble_slots(dataclasses.replace(base, schedule="zbv")) == 0
 
 
 def test_a_slow_network_costs_time(catalog, tmp_path):
     slow = tmp_path / "slow.toml"
-    slow.write_text('[cluster.slow]\ngpu = "h100"\ngpus_per_node = 8\nnvlink_busbw_gbps = 360.0\n'
-                    "nvlink_latency_us = 1.0\nnetwork_gbit = 100.0\nnetwork_efficiency = 0.8\n"
-                    "network_latency_us = 30.0\nhost_gbps = 40.0\nhost_memory_gib = 2048.0\n")
+    slow.write_text(
+        '[cluster.slow]\ngpu = "h100"\ngpus_per_node = 8\nnvlink_busbw_gbps = 360.0\n'
+        "nvlink_latency_us = 1.0\nnetwork_gbit = 100.0\nnetwork_efficiency = 0.8\n"
+        "network_latency_us = 30.0\nhost_gbps = 40.0\nhost_memory_gib = 2048.0\n"
+    )
     fast_hw = resolve_hardware(catalog, "h100", "p5")
     slow_hw = resolve_hardware(load_catalog(slow), None, "slow")
     shape, _ = load_model("8b")
     layout = Layout(1, 64, 1, 1, 1, "none")
-    t = [evaluate(Problem(shape, hw, RUNTIMES["triaxis"], 4096, 256), layout).time
-         for hw in (fast_hw, slow_hw)]
+    t = [
+        evaluate(Problem(shape, hw, RUNTIMES["triaxis"], 4096, 256), layout).time
+        for hw in (fast_hw, slow_hw)
+    ]
     assert t[1].exposed_comm["dp_shard"] > 5 * t[0].exposed_comm["dp_shard"]
     assert t[1].compute == t[0].compute
 
 
 # -- bad input -------------------------------------------------------------------------------
+
 
 def test_unknown_names_list_the_known_ones(catalog):
     with pytest.raises(UserError, match="a100-80g.*h100") as e:
@@ -276,8 +303,20 @@ def test_unknown_names_list_the_known_ones(catalog):
 
 
 def test_too_big_model_says_what_would_fit(capsys):
-    code = main(["--model", "405b", "--gpus", "8", "--gpu", "a100-40g", "--seq", "4096",
-                 "--global-batch", "64"])
+    code = main(
+        [
+            "--model",
+            "405b",
+            "--gpus",
+            "8",
+            "--gpu",
+            "a100-40g",
+            "--seq",
+            "4096",
+            "--global-batch",
+            "64",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "does not fit on 8 x a100-40g" in err and "the leanest (" in err
@@ -287,55 +326,155 @@ def test_too_big_model_says_what_would_fit(capsys):
     # 6.5 TB of fp32 states: even offloaded, 8 hosts of 1152 GiB are needed.
     assert 16 < smallest <= 256 and math.log2(smallest).is_integer()
     batch = re.search(r"global batch scaled to (\d+)", err).group(1)
-    assert main(["--model", "405b", "--gpus", str(smallest), "--gpu", "a100-40g", "--seq",
-                 "4096", "--global-batch", batch, "--top", "1"]) == 0
-    assert main(["--model", "405b", "--gpus", str(smallest // 2), "--gpu", "a100-40g",
-                 "--seq", "4096", "--global-batch", str(int(batch) // 2)]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                "405b",
+                "--gpus",
+                str(smallest),
+                "--gpu",
+                "a100-40g",
+                "--seq",
+                "4096",
+                "--global-batch",
+                batch,
+                "--top",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "--model",
+                "405b",
+                "--gpus",
+                str(smallest // 2),
+                "--gpu",
+                "a100-40g",
+                "--seq",
+                "4096",
+                "--global-batch",
+                str(int(batch) // 2),
+            ]
+        )
+        == 2
+    )
 
 
 def test_excluded_options_are_named_when_they_would_fit(capsys):
     """8B on 2 x 40 GB: 64 GB of states per GPU, but offloaded to the host it fits."""
-    code = main(["--model", "8b", "--gpus", "2", "--gpu", "a100-40g", "--seq", "2048",
-                 "--global-batch", "16", "--no-offload"])
+    code = main(
+        [
+            "--model",
+            "8b",
+            "--gpus",
+            "2",
+            "--gpu",
+            "a100-40g",
+            "--seq",
+            "2048",
+            "--global-batch",
+            "16",
+            "--no-offload",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2
     assert "fits on these 2 GPUs with CPU offload" in err
 
 
 def test_batch_that_no_layout_divides(capsys):
-    code = main(["--model", "tiny", "--gpus", "3", "--gpu", "h100", "--global-batch", "8",
-                 "--seq", "128", "--no-pipeline"])
+    code = main(
+        [
+            "--model",
+            "tiny",
+            "--gpus",
+            "3",
+            "--gpu",
+            "h100",
+            "--global-batch",
+            "8",
+            "--seq",
+            "128",
+            "--no-pipeline",
+        ]
+    )
     assert code == 2
     assert "divides the global batch 8" in capsys.readouterr().err
 
 
 # -- command line -------------------------------------------------------------------------------
 
+
 def test_cli_text_output_and_snippet_loads(capsys, tmp_path):
     from triaxis.config import load_config
 
     out_file = tmp_path / "plan.toml"
-    code = main(["--model", "8b", "--gpus", "64", "--gpu", "h100", "--cluster", "p5",
-                 "--seq", "4096", "--global-batch", "256", "--top", "3",
-                 "--write", str(out_file)])
+    code = main(
+        [
+            "--model",
+            "8b",
+            "--gpus",
+            "64",
+            "--gpu",
+            "h100",
+            "--cluster",
+            "p5",
+            "--seq",
+            "4096",
+            "--global-batch",
+            "256",
+            "--top",
+            "3",
+            "--write",
+            str(out_file),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0
-    for text in ("memory per GPU (GiB)", "dp_replicate", "bubble", "Why #1:", "[parallel]",
-                 "MFU"):
+    for text in ("memory per GPU (GiB)", "dp_replicate", "bubble", "Why #1:", "[parallel]", "MFU"):
         assert text in out
     cfg = load_config(str(out_file))  # every key is a real config field
-    assert cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp_shard * \
-        cfg.parallel.dp_replicate == 64
+    assert (
+        cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.dp_shard * cfg.parallel.dp_replicate == 64
+    )
 
 
 def test_cli_json_is_parseable(capsys):
-    assert main(["--model", "8b", "--gpus", "16", "--gpu", "a100-80g", "--seq", "2048",
-                 "--global-batch", "64", "--json", "--top", "2"]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "8b",
+                "--gpus",
+                "16",
+                "--gpu",
+                "a100-80g",
+                "--seq",
+                "2048",
+                "--global-batch",
+                "64",
+                "--json",
+                "--top",
+                "2",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
     assert data["gpus"] == 16 and data["cluster"] == "p4de" and len(data["plans"]) == 2
     best = data["plans"][0]
-    assert set(best["memory_gib"]) >= {"params", "grads", "optim", "activations",
-                                       "comm_buffers", "total"}
+    assert set(best["memory_gib"]) >= {
+        "params",
+        "grads",
+        "optim",
+        "activations",
+        "comm_buffers",
+        "total",
+    }
     assert set(best["time_s"]["exposed_comm"]) >= {"tp", "dp_shard", "dp_replicate", "pp"}
     assert 0 < best["mfu"] < 1 and best["memory_gib"]["total"] <= data["usable_memory_gib"]
     assert "[parallel]" in data["toml"]
@@ -362,8 +501,8 @@ def test_plan_for_world_on_cpu_writes_the_config():
         plan_for_world(cfg, 4, "fastest", gpu="cpu")
 
 
-
 # -- one vocabulary with the runtime -----------------------------------------------------------
+
 
 def test_planner_schedules_are_the_runtime_schedules():
     from triaxis.parallel.partition import MULTI, SINGLE
@@ -387,11 +526,33 @@ def test_zero_bubble_snippet_runs_as_written(tmp_path, capsys, schedule):
     from triaxis.parallel.pipeline import check_schedule
 
     out = tmp_path / "plan.toml"
-    assert main(["--model", "70b", "--gpus", "64", "--gpu", "a100-40g", "--no-offload",
-                 "--schedules", schedule, "--top", "1", "--write", str(out)]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                "70b",
+                "--gpus",
+                "64",
+                "--gpu",
+                "a100-40g",
+                "--no-offload",
+                "--schedules",
+                schedule,
+                "--top",
+                "1",
+                "--write",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert f"{schedule}" in capsys.readouterr().out
     cfg = load_config(str(out))
     p, t = cfg.parallel, cfg.train
     assert p.pp > 1 and p.pp_schedule == schedule and p.pp_virtual_stages == 2
-    check_schedule(p.pp_schedule, p.pp, p.pp_virtual_stages,
-                   t.global_batch // (t.micro_batch * p.dp_replicate * p.dp_shard))
+    check_schedule(
+        p.pp_schedule,
+        p.pp,
+        p.pp_virtual_stages,
+        t.global_batch // (t.micro_batch * p.dp_replicate * p.dp_shard),
+    )

@@ -23,16 +23,23 @@ RANK = 5
 
 
 def test_predicted_state_bytes_match_measured():
-    specs = [f"{m.preset}:{m.dp_replicate}:{m.dp_shard}:{m.tp}" +
-             ("" if m.tied is None else (":tied" if m.tied else ":untied")) for m in LAYOUTS]
-    out = subprocess.run([sys.executable, "-m", "triaxis.plan.evidence", "measure", str(RANK),
-                          *specs],
-                         capture_output=True, text=True, timeout=300)
+    specs = [
+        f"{m.preset}:{m.dp_replicate}:{m.dp_shard}:{m.tp}"
+        + ("" if m.tied is None else (":tied" if m.tied else ":untied"))
+        for m in LAYOUTS
+    ]
+    out = subprocess.run(
+        [sys.executable, "-m", "triaxis.plan.evidence", "measure", str(RANK), *specs],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     measured = json.loads(out.stdout.strip().splitlines()[-1])
     for m, got in zip(LAYOUTS, measured):
-        pred = predict_state_bytes_per_rank(m.model_args(), m.dp_shard, m.dp_replicate, m.tp, 1,
-                                            rank=RANK)
+        pred = predict_state_bytes_per_rank(
+            m.model_args(), m.dp_shard, m.dp_replicate, m.tp, 1, rank=RANK
+        )
         for key in ("params", "grads", "optim"):
             assert abs(pred[key] / got[key] - 1) <= 0.05, (m, key, pred[key], got[key])
         # Rank 0's (padded) figure bounds every rank: what the planner budgets.

@@ -17,18 +17,42 @@ ROWS = load_rows()
 TOLERANCE = 0.15
 
 # A row states its setup and sources, never a tuning knob: no per-row fudge factor can hide here.
-ALLOWED_KEYS = {"name", "source", "published_tflops", "dim", "n_layers", "n_heads", "vocab_size",
-                "seq_len", "gpus", "global_batch", "tp", "pp", "micro_batch", "schedule",
-                "virtual_stages", "cluster", "runtime", "dp_overlap", "checkpoint_offload",
-                "assumptions", "status"}
+ALLOWED_KEYS = {
+    "name",
+    "source",
+    "published_tflops",
+    "dim",
+    "n_layers",
+    "n_heads",
+    "vocab_size",
+    "seq_len",
+    "gpus",
+    "global_batch",
+    "tp",
+    "pp",
+    "micro_batch",
+    "schedule",
+    "virtual_stages",
+    "cluster",
+    "runtime",
+    "dp_overlap",
+    "checkpoint_offload",
+    "assumptions",
+    "status",
+}
 
 
 def _param(row):
     marks = []
     if row.get("status") == "unreproduced":
-        marks.append(pytest.mark.xfail(strict=True, reason="see the row's comment in "
-                                       "published.toml: network-bound without checkpoint "
-                                       "offloading, compute-bound above it with"))
+        marks.append(
+            pytest.mark.xfail(
+                strict=True,
+                reason="see the row's comment in "
+                "published.toml: network-bound without checkpoint "
+                "offloading, compute-bound above it with",
+            )
+        )
     return pytest.param(row, id=row["name"], marks=marks)
 
 
@@ -37,7 +61,8 @@ def test_predicted_tflops_within_15_percent(row):
     p = predict_row(row)
     assert abs(p.error) <= TOLERANCE, (
         f"{row['name']}: predicted {p.predicted_tflops:.1f} TFLOP/s per GPU vs published "
-        f"{row['published_tflops']:.0f} ({p.error:+.1%}) with {p.plan.layout.describe()}")
+        f"{row['published_tflops']:.0f} ({p.error:+.1%}) with {p.plan.layout.describe()}"
+    )
 
 
 def test_rows_carry_setups_not_knobs():
@@ -51,8 +76,12 @@ def test_megatron_rows_use_their_published_layout():
         if row["runtime"] != "megatron-2021":
             continue
         a = predict_row(row).plan.layout
-        assert (a.tp, a.pp, a.micro_batch, a.world_size) == \
-            (row["tp"], row["pp"], row["micro_batch"], row["gpus"])
+        assert (a.tp, a.pp, a.micro_batch, a.world_size) == (
+            row["tp"],
+            row["pp"],
+            row["micro_batch"],
+            row["gpus"],
+        )
         assert a.activation_checkpoint == "full"
 
 

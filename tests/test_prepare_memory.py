@@ -15,8 +15,9 @@ def _text(n_words: int, seed: int = 0) -> str:
     rng = random.Random(seed)
     seps = [" "] * 12 + ["  ", "\n", "\t", " \n ", "   "]
     words = ["alpha", "beta", "return", "def", "x_1", "ünï", "€uro", "(", ")", "+=", "42", "'s"]
-    return "".join(rng.choice(words) + str(rng.randint(0, 99)) + rng.choice(seps)
-                   for _ in range(n_words))
+    return "".join(
+        rng.choice(words) + str(rng.randint(0, 99)) + rng.choice(seps) for _ in range(n_words)
+    )
 
 
 def test_pieces_join_to_the_text_and_give_the_same_tokens():
@@ -41,13 +42,32 @@ def test_long_single_line_document_memory_is_bounded(tmp_path):
     assert size_mb > 5
     # VmHWM is this process image's own peak. ru_maxrss is not: Linux carries the forked
     # parent's peak across exec, so inside a long pytest run it read 1.2 GB for a 0.3 GB job.
-    code = ("import re, sys; from triaxis.cli import main; rc = main(sys.argv[1:]); "
-            "print('PEAK', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]);"
-            " sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, "prepare", "--input", str(doc),
-                           "--output", str(tmp_path / "out"), "--vocab-size", "600",
-                           "--max-bytes", "0", "--workers", "1"],
-                          capture_output=True, text=True, timeout=600)
+    code = (
+        "import re, sys; from triaxis.cli import main; rc = main(sys.argv[1:]); "
+        "print('PEAK', re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]);"
+        " sys.exit(rc)"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "prepare",
+            "--input",
+            str(doc),
+            "--output",
+            str(tmp_path / "out"),
+            "--vocab-size",
+            "600",
+            "--max-bytes",
+            "0",
+            "--workers",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     peak_mb = int(proc.stdout.split("PEAK")[-1]) / 1024  # VmHWM is in kB
     print(f"input {size_mb:.1f} MB, peak RSS {peak_mb:.0f} MB")

@@ -46,8 +46,9 @@ def make_corpus(root: Path) -> list[str]:
     (root / "c.json").write_text(json.dumps([{"text": t} for t in array]))
     docs += array
     rows = [doc() for _ in range(200)]  # Parquet, two row groups
-    pq.write_table(pa.table({"text": rows, "n": list(range(200))}), root / "d.parquet",
-                   row_group_size=120)
+    pq.write_table(
+        pa.table({"text": rows, "n": list(range(200))}), root / "d.parquet", row_group_size=120
+    )
     docs += rows
     (root / "ignored.bin").write_bytes(b"\x00\x01")  # not a text extension
     assert len(docs) > _CHUNK_DOCS  # more than one chunk: the pool really runs
@@ -64,19 +65,29 @@ def test_workers_give_identical_shards_and_every_format(tmp_path):
     logs: list[str] = []
     manifests = {}
     for workers in (1, 2, 3):
-        manifests[workers] = prepare(PrepareOptions(
-            inputs=[str(tmp_path / "in")], output=str(tmp_path / f"out{workers}"),
-            tokenizer="byte", val_fraction=0.1, shard_tokens=20_000, workers=workers),
-            log=logs.append)
+        manifests[workers] = prepare(
+            PrepareOptions(
+                inputs=[str(tmp_path / "in")],
+                output=str(tmp_path / f"out{workers}"),
+                tokenizer="byte",
+                val_fraction=0.1,
+                shard_tokens=20_000,
+                workers=workers,
+            ),
+            log=logs.append,
+        )
     assert "(2 worker processes)" in logs[1] and "(3 worker processes)" in logs[2]
     assert manifests[1]["splits"] == manifests[2]["splits"] == manifests[3]["splits"]
     assert len(manifests[1]["splits"]["train"]["shards"]) > 3
     for shard in manifests[1]["splits"]["train"]["shards"]:
-        assert (tmp_path / "out1" / shard["file"]).read_bytes() == \
-            (tmp_path / "out3" / shard["file"]).read_bytes()
+        assert (tmp_path / "out1" / shard["file"]).read_bytes() == (
+            tmp_path / "out3" / shard["file"]
+        ).read_bytes()
     # Every document, in order, each followed by EOS; every 10th document in val.
-    for split, want in (("train", [d for i, d in enumerate(docs) if i % 10 != 9]),
-                        ("val", [d for i, d in enumerate(docs) if i % 10 == 9])):
+    for split, want in (
+        ("train", [d for i, d in enumerate(docs) if i % 10 != 9]),
+        ("val", [d for i, d in enumerate(docs) if i % 10 == 9]),
+    ):
         tokens = read_split(tmp_path / "out2", manifests[2], split)
         assert tokens[-1] == 256 and (tokens == 256).sum() == len(want)
         eos_at = np.flatnonzero(tokens == 256)
@@ -89,35 +100,56 @@ def test_bpe_identical_for_any_worker_count(tmp_path):
     make_corpus(tmp_path / "in")
     out = {}
     for workers in (1, 2):
-        out[workers] = prepare(PrepareOptions(
-            inputs=[str(tmp_path / "in" / "b.jsonl"), str(tmp_path / "in" / "d.parquet")],
-            output=str(tmp_path / f"bpe{workers}"), vocab_size=320, shard_tokens=5_000,
-            workers=workers), log=lambda *_: None)
+        out[workers] = prepare(
+            PrepareOptions(
+                inputs=[str(tmp_path / "in" / "b.jsonl"), str(tmp_path / "in" / "d.parquet")],
+                output=str(tmp_path / f"bpe{workers}"),
+                vocab_size=320,
+                shard_tokens=5_000,
+                workers=workers,
+            ),
+            log=lambda *_: None,
+        )
     assert out[1] == out[2]
-    assert (tmp_path / "bpe1" / "tokenizer.json").read_bytes() == \
-        (tmp_path / "bpe2" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "bpe1" / "tokenizer.json").read_bytes() == (
+        tmp_path / "bpe2" / "tokenizer.json"
+    ).read_bytes()
 
 
 def test_small_corpus_gives_its_last_document_to_val(tmp_path):
     for i in range(3):
         (tmp_path / f"{i}.txt").write_text(f"document {i} " * 10)
-    m = prepare(PrepareOptions(inputs=[str(tmp_path / "*.txt")], output=str(tmp_path / "o"),
-                               tokenizer="byte", val_fraction=0.1), log=lambda *_: None)
+    m = prepare(
+        PrepareOptions(
+            inputs=[str(tmp_path / "*.txt")],
+            output=str(tmp_path / "o"),
+            tokenizer="byte",
+            val_fraction=0.1,
+        ),
+        log=lambda *_: None,
+    )
     assert m["splits"]["train"]["documents"] == 2 and m["splits"]["val"]["documents"] == 1
     val = np.fromfile(tmp_path / "o" / "val_00000.bin", dtype=np.uint16)
     assert bytes(val[:-1].astype(np.uint8)).decode() == "document 2 " * 10
 
 
-@pytest.mark.parametrize("name,content,match", [
-    ("x.jsonl", '{"text": "ok"}\n{"body": "no text"}\n', "x.jsonl line 2 has no 'text' field"),
-    ("y.jsonl", '{"text": "ok"}\nnot json\n', "y.jsonl line 2 is not valid JSON"),
-    ("z.json", '[{"text": 3}]', "'text' is a int, not a string"),
-])
+@pytest.mark.parametrize(
+    "name,content,match",
+    [
+        ("x.jsonl", '{"text": "ok"}\n{"body": "no text"}\n', "x.jsonl line 2 has no 'text' field"),
+        ("y.jsonl", '{"text": "ok"}\nnot json\n', "y.jsonl line 2 is not valid JSON"),
+        ("z.json", '[{"text": 3}]', "'text' is a int, not a string"),
+    ],
+)
 def test_bad_json_inputs_are_named(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(UserError, match=match):
-        prepare(PrepareOptions(inputs=[str(tmp_path / name)], output=str(tmp_path / "o"),
-                               tokenizer="byte"), log=lambda *_: None)
+        prepare(
+            PrepareOptions(
+                inputs=[str(tmp_path / name)], output=str(tmp_path / "o"), tokenizer="byte"
+            ),
+            log=lambda *_: None,
+        )
 
 
 def test_parquet_without_text_column(tmp_path):
@@ -127,8 +159,12 @@ def test_parquet_without_text_column(tmp_path):
 
     pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "p.parquet")
     with pytest.raises(UserError, match=r"p.parquet has no 'text' column \(columns: \['content'"):
-        prepare(PrepareOptions(inputs=[str(tmp_path / "p.parquet")], output=str(tmp_path / "o"),
-                               tokenizer="byte"), log=lambda *_: None)
+        prepare(
+            PrepareOptions(
+                inputs=[str(tmp_path / "p.parquet")], output=str(tmp_path / "o"), tokenizer="byte"
+            ),
+            log=lambda *_: None,
+        )
 
 
 def test_s3_input_and_output_match_local(tmp_path, moto_s3):
@@ -138,19 +174,29 @@ def test_s3_input_and_output_match_local(tmp_path, moto_s3):
         if f.is_file():
             moto_s3.put(f"s3://{bucket}/in/{f.relative_to(tmp_path / 'in')}", f.read_bytes())
     opts = {"tokenizer": "byte", "val_fraction": 0.1, "shard_tokens": 20_000, "workers": 2}
-    local = prepare(PrepareOptions(inputs=[str(tmp_path / "in")], output=str(tmp_path / "l"),
-                                   **{**opts, "workers": 1}), log=lambda *_: None)
-    remote = prepare(PrepareOptions(inputs=[f"s3://{bucket}/in"], output=f"s3://{bucket}/out",
-                                    **opts), log=lambda *_: None)
+    local = prepare(
+        PrepareOptions(
+            inputs=[str(tmp_path / "in")], output=str(tmp_path / "l"), **{**opts, "workers": 1}
+        ),
+        log=lambda *_: None,
+    )
+    remote = prepare(
+        PrepareOptions(inputs=[f"s3://{bucket}/in"], output=f"s3://{bucket}/out", **opts),
+        log=lambda *_: None,
+    )
     assert remote["splits"] == local["splits"]
     stored = json.loads(moto_s3.get(f"s3://{bucket}/out/manifest.json"))
     assert stored["splits"] == local["splits"]
     for shard in local["splits"]["train"]["shards"]:
-        assert moto_s3.get(f"s3://{bucket}/out/{shard['file']}") == \
-            (tmp_path / "l" / shard["file"]).read_bytes()
+        assert (
+            moto_s3.get(f"s3://{bucket}/out/{shard['file']}")
+            == (tmp_path / "l" / shard["file"]).read_bytes()
+        )
     # A glob over s3://, and preparing again into the same prefix replaces the old shards.
-    again = prepare(PrepareOptions(inputs=[f"s3://{bucket}/in/*.jsonl"],
-                                   output=f"s3://{bucket}/out", **opts), log=lambda *_: None)
+    again = prepare(
+        PrepareOptions(inputs=[f"s3://{bucket}/in/*.jsonl"], output=f"s3://{bucket}/out", **opts),
+        log=lambda *_: None,
+    )
     assert again["splits"]["train"]["documents"] + again["splits"]["val"]["documents"] == 288
     names = {k.rsplit("/", 1)[1] for k in moto_s3.keys(f"s3://{bucket}/out/")}
     want = {s["file"] for split in again["splits"].values() for s in split["shards"]}
@@ -166,12 +212,24 @@ def test_cli_missing_bucket_and_credentials(tmp_path, moto_s3, monkeypatch, caps
     base = ["prepare", "--input", str(tmp_path / "a.txt"), "--tokenizer", "byte"]
     assert main(base + ["--output", "s3://no-such-bucket-triaxis/out"]) == 2
     assert "bucket no-such-bucket-triaxis does not exist" in error_line(capsys)
-    assert main(["prepare", "--input", "s3://no-such-bucket-triaxis/in", "--output",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "--input",
+                "s3://no-such-bucket-triaxis/in",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "bucket no-such-bucket-triaxis does not exist" in error_line(capsys)
     bucket = moto_s3.new_bucket()
-    assert main(["prepare", "--input", f"s3://{bucket}/nothing/", "--output",
-                 str(tmp_path / "o")]) == 2
+    assert (
+        main(["prepare", "--input", f"s3://{bucket}/nothing/", "--output", str(tmp_path / "o")])
+        == 2
+    )
     assert "matches no object" in error_line(capsys)
     monkeypatch.delenv("AWS_ACCESS_KEY_ID")
     monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")

@@ -52,35 +52,82 @@ LAUNCH_TIMEOUT_S = 240
 """Outer bound of one launch (all ranks) on a loaded 2-core machine; a run takes a few seconds."""
 
 BASE = {
-    "model.preset": "tiny", "model.n_layers": "4", "model.tie_embeddings": "false",
-    "data.seq_len": "32", "train.steps": "8", "train.lr": "3e-3", "train.warmup_steps": "2",
-    "train.global_batch": "8", "train.device": "cpu", "train.val_every": "0",
-    "train.val_batches": "1", "checkpoint.interval": "2", "metrics.log_every": "1",
-    "metrics.tensorboard": "false", "metrics.progress": "false",
+    "model.preset": "tiny",
+    "model.n_layers": "4",
+    "model.tie_embeddings": "false",
+    "data.seq_len": "32",
+    "train.steps": "8",
+    "train.lr": "3e-3",
+    "train.warmup_steps": "2",
+    "train.global_batch": "8",
+    "train.device": "cpu",
+    "train.val_every": "0",
+    "train.val_batches": "1",
+    "checkpoint.interval": "2",
+    "metrics.log_every": "1",
+    "metrics.tensorboard": "false",
+    "metrics.progress": "false",
 }
 KILL_STEP = 6
 """Rank 1 SIGKILLs itself as step 6 starts: after the checkpoints of steps 2 and 4 (async:
 either may be the latest committed one; both must give the same numbers)."""
 
 # Layout families: (world, degrees). Gradient accumulation is 2 or 4 in every one of them.
-SCHEDULES = {"gpipe": 1, "1f1b": 1, "interleaved-1f1b": 2, "looped-bfs": 2,
-             "interleaved-zb": 2, "zbv": 2, "dualpipev": 2}
+SCHEDULES = {
+    "gpipe": 1,
+    "1f1b": 1,
+    "interleaved-1f1b": 2,
+    "looped-bfs": 2,
+    "interleaved-zb": 2,
+    "zbv": 2,
+    "dualpipev": 2,
+}
 LAYOUTS = {
     "single": (1, {"train.micro_batch": "4"}),
     "dp_shard": (2, {"parallel.dp_shard": "2", "train.micro_batch": "2"}),
-    "hsdp": (4, {"parallel.dp_replicate": "2", "parallel.dp_shard": "2",
-                 "train.micro_batch": "1"}),
+    "hsdp": (4, {"parallel.dp_replicate": "2", "parallel.dp_shard": "2", "train.micro_batch": "1"}),
     "tp": (2, {"parallel.tp": "2", "parallel.dp_shard": "1", "train.micro_batch": "4"}),
-    "tp_loss_parallel": (2, {"parallel.tp": "2", "parallel.dp_shard": "1",
-                             "parallel.loss_parallel": "true", "train.micro_batch": "4"}),
-    **{f"pp_{name}": (2, {"parallel.pp": "2", "parallel.dp_shard": "1",
-                          "parallel.pp_schedule": name, "parallel.pp_virtual_stages": str(v),
-                          "train.micro_batch": "2"}) for name, v in SCHEDULES.items()},
+    "tp_loss_parallel": (
+        2,
+        {
+            "parallel.tp": "2",
+            "parallel.dp_shard": "1",
+            "parallel.loss_parallel": "true",
+            "train.micro_batch": "4",
+        },
+    ),
+    **{
+        f"pp_{name}": (
+            2,
+            {
+                "parallel.pp": "2",
+                "parallel.dp_shard": "1",
+                "parallel.pp_schedule": name,
+                "parallel.pp_virtual_stages": str(v),
+                "train.micro_batch": "2",
+            },
+        )
+        for name, v in SCHEDULES.items()
+    },
     "pp_dp": (4, {"parallel.pp": "2", "parallel.dp_shard": "2", "train.micro_batch": "1"}),
-    "pp_tp": (4, {"parallel.pp": "2", "parallel.tp": "2", "parallel.dp_shard": "1",
-                  "train.micro_batch": "2"}),
-    "pp_tp_dp": (8, {"parallel.pp": "2", "parallel.tp": "2", "parallel.dp_shard": "2",
-                     "train.micro_batch": "1"}),
+    "pp_tp": (
+        4,
+        {
+            "parallel.pp": "2",
+            "parallel.tp": "2",
+            "parallel.dp_shard": "1",
+            "train.micro_batch": "2",
+        },
+    ),
+    "pp_tp_dp": (
+        8,
+        {
+            "parallel.pp": "2",
+            "parallel.tp": "2",
+            "parallel.dp_shard": "2",
+            "train.micro_batch": "1",
+        },
+    ),
 }
 VAL = {"train.val_every": "2"}
 OPTIONS = {
@@ -96,16 +143,23 @@ OPTIONS = {
 
 # -- the harness ------------------------------------------------------------------------------
 
+
 def _worker(rank: int, world: int, port: int, overrides: dict, env: dict, queue) -> None:
     try:
         torch.set_num_threads(1)
-        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank),
-                           "WORLD_SIZE": str(world), **env})
+        os.environ.update(
+            {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world), **env}
+        )
         if env.get("TEST_SLOW_SIDECAR_RANK") == str(rank):
             _slow_sidecar()
         if world > 1:
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                    world_size=world, timeout=timedelta(seconds=60))
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=rank,
+                world_size=world,
+                timeout=timedelta(seconds=60),
+            )
         cfg = load_config(None, [f"--{k}={v}" for k, v in overrides.items()])
         trainer = Trainer(cfg, init_distributed("cpu"))
         result = trainer.fit()
@@ -139,8 +193,10 @@ def launch(world: int, overrides: dict, env: dict | None = None) -> list[dict] |
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, overrides, env or {}, queue),
-                         daemon=True) for r in range(world)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world, port, overrides, env or {}, queue), daemon=True)
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     results: dict[int, dict] = {}
@@ -150,8 +206,10 @@ def launch(world: int, overrides: dict, env: dict | None = None) -> list[dict] |
             if _killed(procs, wait_s=0):
                 return None
             if time.monotonic() > deadline:
-                raise AssertionError(f"launch of {world} ranks still running after "
-                                     f"{LAUNCH_TIMEOUT_S}s: a hang ({overrides})")
+                raise AssertionError(
+                    f"launch of {world} ranks still running after "
+                    f"{LAUNCH_TIMEOUT_S}s: a hang ({overrides})"
+                )
             try:
                 rank, status, out = queue.get(timeout=0.2)
             except Empty:  # look at the processes again
@@ -182,12 +240,19 @@ def _killed(procs, wait_s: float) -> bool:
         time.sleep(0.05)
 
 
-def config(data: str, run_dir: Path, layout: str, option: str = "plain",
-           **extra: str) -> tuple[int, dict, dict]:
+def config(
+    data: str, run_dir: Path, layout: str, option: str = "plain", **extra: str
+) -> tuple[int, dict, dict]:
     """(world, overrides, env) of one run."""
     world, degrees = LAYOUTS[layout]
-    values = {**BASE, "data.path": data, "train.run_dir": str(run_dir), **degrees,
-              **OPTIONS[option], **extra}
+    values = {
+        **BASE,
+        "data.path": data,
+        "train.run_dir": str(run_dir),
+        **degrees,
+        **OPTIONS[option],
+        **extra,
+    }
     env = {k[4:]: v for k, v in values.items() if k.startswith("env.")}
     return world, {k: v for k, v in values.items() if not k.startswith("env.")}, env
 
@@ -225,8 +290,9 @@ def assert_matches(run_dir: Path, ref: tuple[dict, dict], rtol: float = 1e-5) ->
         assert sorted(got) == sorted(want), f"{what}: steps {sorted(got)} vs {sorted(want)}"
         for step, values in got.items():
             for v in values:  # a step logged twice (before the kill, after resume) both times
-                assert abs(v - want[step][0]) <= rtol * abs(want[step][0]), \
+                assert abs(v - want[step][0]) <= rtol * abs(want[step][0]), (
                     f"step {step}: {what} {v!r} vs uninterrupted {want[step][0]!r}"
+                )
 
 
 def run_scenario(scenario: str, data: str, run: Path, layout: str, option: str) -> None:
@@ -294,8 +360,10 @@ SLOW = [
 # The fast lane (`-m "not slow"`) keeps a kill + resume cell and a sliced-run cell (FSDP, pipeline):
 # every cell is a multi-process launch of several seconds on 2 cores.
 FAST_LANE = [("dp_shard", "rollback", "kill"), ("pp_1f1b", "val", "slices")]
-CASES = [pytest.param(*c, id="-".join(c), marks=() if c in FAST_LANE else pytest.mark.slow)
-         for c in FAST + SLOW]
+CASES = [
+    pytest.param(*c, id="-".join(c), marks=() if c in FAST_LANE else pytest.mark.slow)
+    for c in FAST + SLOW
+]
 
 
 @pytest.mark.parametrize("layout,option,scenario", CASES)
@@ -306,24 +374,31 @@ def test_matrix(layout, option, scenario, byte_data, tmp_path, tmp_path_factory)
 
 # Resume into a different layout: the first half in one, the rest in another (and the pipeline
 # ones both ways, since their checkpoints hold each stage's own optimizer groups).
-RELAYOUT = [("dp_shard", "tp", "val"), ("tp_loss_parallel", "pp_1f1b", "val"),
-            ("pp_zbv", "hsdp", "val"), ("pp_tp", "single", "plain"),
-            ("hsdp", "pp_dp", "ac")]
-RELAYOUT_SLOW = [("pp_interleaved-1f1b", "pp_dualpipev", "val"), ("pp_tp_dp", "tp", "val"),
-                 ("single", "pp_tp_dp", "val")]
+RELAYOUT = [
+    ("dp_shard", "tp", "val"),
+    ("tp_loss_parallel", "pp_1f1b", "val"),
+    ("pp_zbv", "hsdp", "val"),
+    ("pp_tp", "single", "plain"),
+    ("hsdp", "pp_dp", "ac"),
+]
+RELAYOUT_SLOW = [
+    ("pp_interleaved-1f1b", "pp_dualpipev", "val"),
+    ("pp_tp_dp", "tp", "val"),
+    ("single", "pp_tp_dp", "val"),
+]
 
 
-@pytest.mark.parametrize("first,then,option",
-                         [pytest.param(*c, id="-".join(c),
-                                       marks=() if c == RELAYOUT[0] else pytest.mark.slow)
-                          for c in RELAYOUT] +
-                         [pytest.param(*c, id="-".join(c), marks=pytest.mark.slow)
-                          for c in RELAYOUT_SLOW])
-def test_resume_into_another_layout(first, then, option, byte_data, tmp_path,
-                                    tmp_path_factory):
+@pytest.mark.parametrize(
+    "first,then,option",
+    [
+        pytest.param(*c, id="-".join(c), marks=() if c == RELAYOUT[0] else pytest.mark.slow)
+        for c in RELAYOUT
+    ]
+    + [pytest.param(*c, id="-".join(c), marks=pytest.mark.slow) for c in RELAYOUT_SLOW],
+)
+def test_resume_into_another_layout(first, then, option, byte_data, tmp_path, tmp_path_factory):
     run = tmp_path / "run"
-    world, overrides, env = config(byte_data, run, first, option,
-                                   **{"train.exit_after_steps": "4"})
+    world, overrides, env = config(byte_data, run, first, option, **{"train.exit_after_steps": "4"})
     out = launch(world, overrides, env)
     assert out is not None and out[0]["final_step"] == 4
     world, overrides, env = config(byte_data, run, then, option)
@@ -334,15 +409,21 @@ def test_resume_into_another_layout(first, then, option, byte_data, tmp_path,
 
 # -- complete resume state: each stateful option, killed and resumed == never killed ----------
 
+
 def test_spike_guard_state_survives_a_kill(byte_data, tmp_path):
     """The loss-spike guard decides by its running mean and by how many losses it has seen
     (none are judged in its first 10). Here the uninterrupted run skips step 20's update; a
     resumed run that restarted the guard (nothing judged until step 22) would train on it.
     A factor under 1 makes a short run's ordinary wobble count as a spike: what matters is that
     the decision depends on the guard's state."""
-    guard = {"train.steps": "20", "train.lr": "1e-2", "train.spike_factor": "0.85",
-             "checkpoint.interval": "4", "checkpoint.async_save": "false",
-             "checkpoint.keep_last": "0"}
+    guard = {
+        "train.steps": "20",
+        "train.lr": "1e-2",
+        "train.spike_factor": "0.85",
+        "checkpoint.interval": "4",
+        "checkpoint.async_save": "false",
+        "checkpoint.keep_last": "0",
+    }
     ref_run = tmp_path / "ref"
     world, overrides, env = config(byte_data, ref_run, "dp_shard", "plain", **guard)
     out = launch(world, overrides, env)
@@ -361,8 +442,11 @@ def test_spike_guard_state_survives_a_kill(byte_data, tmp_path):
 def test_bad_step_count_survives_a_kill(byte_data, tmp_path):
     """max_bad_steps counts over the whole run: a NaN before the kill and one after it stop a
     resumed run exactly where they stop the uninterrupted one."""
-    opts = {"train.max_bad_steps": "1", "checkpoint.async_save": "false",
-            "env.TRIAXIS_FAULT_NAN": "3,7"}
+    opts = {
+        "train.max_bad_steps": "1",
+        "checkpoint.async_save": "false",
+        "env.TRIAXIS_FAULT_NAN": "3,7",
+    }
     ref_run, run = tmp_path / "ref", tmp_path / "run"
     world, overrides, env = config(byte_data, ref_run, "dp_shard", "plain", **opts)
     with pytest.raises(AssertionError, match="training stopped at step 7: 2 bad steps"):
@@ -375,9 +459,9 @@ def test_bad_step_count_survives_a_kill(byte_data, tmp_path):
     assert logged(run)[0].keys() == logged(ref_run)[0].keys()
 
 
-def test_a_rank_that_finishes_an_async_save_last_does_not_hang_the_next_save(byte_data,
-                                                                           tmp_path,
-                                                                           tmp_path_factory):
+def test_a_rank_that_finishes_an_async_save_last_does_not_hang_the_next_save(
+    byte_data, tmp_path, tmp_path_factory
+):
     """Rank 0 finishes each async save a second after rank 1, so for a while rank 1 has
     concluded the save and rank 0 has not. The next save must still meet on every rank (it
     once waited for rank 0 in a barrier rank 1 had skipped: a hang until the group timeout)."""
@@ -390,11 +474,16 @@ def test_a_training_step_draws_no_random_numbers(byte_data, tmp_path):
     """Why no RNG state needs restoring per rank: nothing in a step (data order, model,
     optimizer, validation, checkpointing) consumes the global generators. Should that change
     (dropout, random masking), this fails and the generators must join the loop state."""
-    world, overrides, env = config(byte_data, tmp_path / "run", "single", "val",
-                                   **{"train.steps": "3", "train.on_bad_loss": "skip",
-                                      "train.spike_factor": "2"})
-    trainer = Trainer(load_config(None, [f"--{k}={v}" for k, v in overrides.items()]),
-                      init_distributed("cpu"))
+    world, overrides, env = config(
+        byte_data,
+        tmp_path / "run",
+        "single",
+        "val",
+        **{"train.steps": "3", "train.on_bad_loss": "skip", "train.spike_factor": "2"},
+    )
+    trainer = Trainer(
+        load_config(None, [f"--{k}={v}" for k, v in overrides.items()]), init_distributed("cpu")
+    )
     torch_state, np_state = torch.get_rng_state(), np.random.get_state()
     trainer.fit()
     assert torch.equal(torch.get_rng_state(), torch_state)
@@ -403,17 +492,33 @@ def test_a_training_step_draws_no_random_numbers(byte_data, tmp_path):
 
 # -- the real launcher: torchrun's agent restarts the group after a SIGKILL -------------------
 
+
 @pytest.mark.slow
-def test_torchrun_restart_of_a_killed_pipeline_matches_uninterrupted(byte_data, tmp_path,
-                                                                    tmp_path_factory):
+def test_torchrun_restart_of_a_killed_pipeline_matches_uninterrupted(
+    byte_data, tmp_path, tmp_path_factory
+):
     """The issue's own report: pp=2, SIGKILL, relaunched by `triaxis launch --max-restarts`."""
     run = tmp_path / "run"
     _, overrides, _ = config(byte_data, run, "pp_1f1b", "val")
     args = [f"--{k}={v}" for k, v in overrides.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRIAXIS_FAULT_KILL": f"1:{KILL_STEP}"}
-    proc = subprocess.run([sys.executable, "-m", "triaxis", "launch", "--nproc-per-node", "2",
-                           "--max-restarts", "1", *args], env=env, capture_output=True,
-                          text=True, timeout=LAUNCH_TIMEOUT_S * 2)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "triaxis",
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "1",
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=LAUNCH_TIMEOUT_S * 2,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout
     assert_matches(run, reference(byte_data, tmp_path_factory, "val"))

@@ -19,9 +19,16 @@ from triaxis.errors import UserError
 
 
 def write_lease(folder, **fields):
-    lease = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": "",
-             "started": time.time(), "heartbeat": time.time(), "expires_s": 120.0,
-             "token": "other", "job": ""}
+    lease = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": "",
+        "started": time.time(),
+        "heartbeat": time.time(),
+        "expires_s": 120.0,
+        "token": "other",
+        "job": "",
+    }
     lease.update(fields)
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / LEASE_NAME).write_text(json.dumps(lease))
@@ -34,6 +41,7 @@ def dead_pid() -> int:
 
 
 # -- the lease, alone ----------------------------------------------------------------------------
+
 
 def test_lease_refuses_a_live_holder_and_is_released(tmp_path):
     first = RunLock(str(tmp_path))
@@ -106,9 +114,21 @@ def test_s3_lease(moto_s3):
     first.release()
     assert moto_s3.keys(key) == []
     # A dead run's lease is taken over; a stale ETag (someone changed it since) is refused.
-    moto_s3.put(key, json.dumps({"host": "elsewhere", "pid": 1, "pid_start": "", "started": 0.0,
-                                 "heartbeat": 0.0, "expires_s": 120.0, "token": "t",
-                                 "job": ""}).encode())
+    moto_s3.put(
+        key,
+        json.dumps(
+            {
+                "host": "elsewhere",
+                "pid": 1,
+                "pid_start": "",
+                "started": 0.0,
+                "heartbeat": 0.0,
+                "expires_s": 120.0,
+                "token": "t",
+                "job": "",
+            }
+        ).encode(),
+    )
     second = RunLock(folder)
     assert second._replace(b"{}", '"0123"', None) is False
     second.acquire()
@@ -120,26 +140,49 @@ def test_s3_lease(moto_s3):
 
 
 def metric_steps(run_dir) -> list[int]:
-    return [json.loads(x)["step"] for x in (Path(run_dir) / "metrics.jsonl").read_text()
-            .splitlines() if "loss" in json.loads(x)]
+    return [
+        json.loads(x)["step"]
+        for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(x)
+    ]
 
 
 def test_second_run_into_a_live_run_folder_is_refused(byte_data, tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "triaxis", "train",
-                              *train_args(byte_data, run, "--train.steps=100000",
-                                          "--checkpoint.interval=5")],
-                             env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+    first = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "triaxis",
+            "train",
+            *train_args(byte_data, run, "--train.steps=100000", "--checkpoint.interval=5"),
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 180
         while not (run / "metrics.jsonl").exists():
             assert first.poll() is None and time.time() < deadline, first.stderr.read()
             time.sleep(0.1)
         config_before = (run / "config.toml").read_text()
-        second = subprocess.run([sys.executable, "-m", "triaxis", "launch", "--nproc-per-node",
-                                 "2", *train_args(byte_data, run, "--train.steps=7")],
-                                env=ENV, capture_output=True, text=True, timeout=240)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "triaxis",
+                "launch",
+                "--nproc-per-node",
+                "2",
+                *train_args(byte_data, run, "--train.steps=7"),
+            ],
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert second.returncode == 2, second.stderr[-3000:]
         errors = [x for x in second.stderr.splitlines() if x.startswith("error:")]
         assert len(errors) == 1, second.stderr[-3000:]
@@ -157,15 +200,20 @@ def test_second_run_into_a_live_run_folder_is_refused(byte_data, tmp_path):
 def test_run_takes_over_a_dead_runs_lease(byte_data, tmp_path):
     run = tmp_path / "run"
     write_lease(run / "checkpoints", pid=dead_pid())
-    proc = subprocess.run([sys.executable, "-m", "triaxis", "train",
-                           *train_args(byte_data, run, "--train.steps=2")],
-                          env=ENV, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "triaxis", "train", *train_args(byte_data, run, "--train.steps=2")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "took over the lease" in proc.stderr
     assert metric_steps(run) == [1, 2]
 
 
 # -- workers die with their launcher -------------------------------------------------------------
+
 
 def children_of(pid: int) -> list[int]:
     out = []
@@ -190,11 +238,21 @@ def alive(pid: int) -> bool:
 
 def test_workers_die_with_a_killed_launcher(byte_data, tmp_path):
     run = tmp_path / "run"
-    launcher = subprocess.Popen([sys.executable, "-m", "triaxis", "launch", "--nproc-per-node",
-                                 "2", *train_args(byte_data, run, "--train.steps=100000",
-                                                  "--checkpoint.interval=0")],
-                                env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                start_new_session=True)
+    launcher = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "triaxis",
+            "launch",
+            "--nproc-per-node",
+            "2",
+            *train_args(byte_data, run, "--train.steps=100000", "--checkpoint.interval=0"),
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     workers: list[int] = []
     try:
         deadline = time.time() + 180
@@ -217,17 +275,27 @@ def test_workers_die_with_a_killed_launcher(byte_data, tmp_path):
 
 # -- Ctrl-C saves ------------------------------------------------------------------------------
 
+
 def sigint_args(data, run_dir, nproc):
-    return train_args(data, run_dir, "--train.steps=40", "--checkpoint.interval=0",
-                      f"--train.micro_batch={8 // nproc}")
+    return train_args(
+        data,
+        run_dir,
+        "--train.steps=40",
+        "--checkpoint.interval=0",
+        f"--train.micro_batch={8 // nproc}",
+    )
 
 
 def start(command, nproc, data, run_dir, env=None):
     cmd = ["train"] if nproc == 1 else ["launch", "--nproc-per-node", str(nproc)]
-    return subprocess.Popen([sys.executable, "-m", "triaxis", *command, *cmd,
-                             *sigint_args(data, run_dir, nproc)],
-                            env={**ENV, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "triaxis", *command, *cmd, *sigint_args(data, run_dir, nproc)],
+        env={**ENV, **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
 
 
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])

@@ -23,20 +23,39 @@ train_args = tiny_train_args
 
 
 def test_sbatch_script(tmp_path):
-    job = SlurmJob(nnodes=4, nproc_per_node=8, workdir="/shared/work", run_dir="/shared/run",
-                   train_args=["/shared/my.toml", "--train.steps=9"], gpus_per_node=8,
-                   partition="gpu", time_limit="04:00:00", python="/venv/bin/python",
-                   sbatch_options=["--exclusive"])
+    job = SlurmJob(
+        nnodes=4,
+        nproc_per_node=8,
+        workdir="/shared/work",
+        run_dir="/shared/run",
+        train_args=["/shared/my.toml", "--train.steps=9"],
+        gpus_per_node=8,
+        partition="gpu",
+        time_limit="04:00:00",
+        python="/venv/bin/python",
+        sbatch_options=["--exclusive"],
+    )
     script = render_sbatch(job)
-    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --requeue", "#SBATCH --signal=B:USR1@120", "#SBATCH --partition=gpu",
-                 "#SBATCH --time=04:00:00", "#SBATCH --chdir=/shared/work", "#SBATCH --exclusive",
-                 "#SBATCH --output=/shared/run/slurm-%j.out", "#SBATCH --open-mode=append"):
+    for line in (
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --requeue",
+        "#SBATCH --signal=B:USR1@120",
+        "#SBATCH --partition=gpu",
+        "#SBATCH --time=04:00:00",
+        "#SBATCH --chdir=/shared/work",
+        "#SBATCH --exclusive",
+        "#SBATCH --output=/shared/run/slurm-%j.out",
+        "#SBATCH --open-mode=append",
+    ):
         assert line in script.splitlines(), line
     assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
     assert "srun --nodes=4 --ntasks-per-node=1 --kill-on-bad-exit=1" in script
-    assert "/venv/bin/python -m triaxis launch --backend torchrun --nnodes 4 " \
-           "--nproc-per-node 8" in script
+    assert (
+        "/venv/bin/python -m triaxis launch --backend torchrun --nnodes 4 "
+        "--nproc-per-node 8" in script
+    )
     assert "resume=(--checkpoint.resume=auto)" in script and "scontrol requeue" in script
     path = tmp_path / "s.sh"
     path.write_text(script)
@@ -78,10 +97,24 @@ def cluster():
 @pytest.mark.slow
 def test_two_node_job_trains_and_a_requeue_resumes(cluster, byte_data, tmp_path):
     run = tmp_path / "run"
-    submit = cluster.run([sys.executable, "-m", "triaxis", "launch", "--backend", "slurm",
-                          "--nnodes", "2", "--nproc-per-node", "1", "--time", "10",
-                          *train_args(byte_data, run, "--train.steps=40",
-                                      "--checkpoint.interval=5")], cwd=tmp_path)
+    submit = cluster.run(
+        [
+            sys.executable,
+            "-m",
+            "triaxis",
+            "launch",
+            "--backend",
+            "slurm",
+            "--nnodes",
+            "2",
+            "--nproc-per-node",
+            "1",
+            "--time",
+            "10",
+            *train_args(byte_data, run, "--train.steps=40", "--checkpoint.interval=5"),
+        ],
+        cwd=tmp_path,
+    )
     job = submit.stdout.strip().splitlines()[-1]
     assert job.isdigit() and (run / "sbatch.sh").is_file(), submit.stderr
     first = run / "checkpoints" / "step_00000005"
@@ -89,8 +122,10 @@ def test_two_node_job_trains_and_a_requeue_resumes(cluster, byte_data, tmp_path)
     while not first.exists():
         state = cluster.job_field(job, "JobState")
         if state not in ("PENDING", "CONFIGURING", "RUNNING") or time.monotonic() > deadline:
-            pytest.fail(f"job {job} {state} before its first checkpoint:\n"
-                        f"{_log(run, job)[-8000:]}\n{cluster.logs()}")
+            pytest.fail(
+                f"job {job} {state} before its first checkpoint:\n"
+                f"{_log(run, job)[-8000:]}\n{cluster.logs()}"
+            )
         time.sleep(0.1)
     # What Slurm does --requeue-margin-s before the time limit: USR1 to the batch shell, whose
     # trap runs `scontrol requeue` (the same requeue as a preemption or an operator's).

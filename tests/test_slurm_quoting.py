@@ -24,7 +24,7 @@ def sbatch_directives(script: str) -> list[str]:
                 break  # the first command: sbatch reads no further
             continue
         assert "hetjob" not in line.lower() and "packjob" not in line.lower(), line
-        ptr, n = line[len("#SBATCH"):], 0
+        ptr, n = line[len("#SBATCH") :], 0
         while True:
             while n < len(ptr) and ptr[n].isspace():
                 n += 1
@@ -67,8 +67,19 @@ def srun_command(script: str) -> list[str]:
     return shlex.split(text.rstrip("&"))
 
 
-HOSTILE = ["with space", "hash#tag", "quote'single", 'quote"double', "back\\slash", "ünï €",
-           "semi;colon $(rm -rf x) `id` && |", "50%j", "*glob?[x]", "-leading-dash", "trail "]
+HOSTILE = [
+    "with space",
+    "hash#tag",
+    "quote'single",
+    'quote"double',
+    "back\\slash",
+    "ünï €",
+    "semi;colon $(rm -rf x) `id` && |",
+    "50%j",
+    "*glob?[x]",
+    "-leading-dash",
+    "trail ",
+]
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -82,16 +93,32 @@ def test_directive_words_round_trip(value):
 @pytest.mark.parametrize("value", HOSTILE)
 def test_job_values_survive_the_script(value, tmp_path):
     run_dir = f"/runs/{value}" if "\\" not in value else "/runs/plain"
-    job = SlurmJob(nnodes=2, nproc_per_node=2, workdir=f"/work/{value}", run_dir=run_dir,
-                   train_args=[f"/cfg/{value}.toml", f"--train.run_dir={run_dir}"],
-                   python=f"/venv {value}/python", job_name=value, partition=value,
-                   account=value, time_limit="1:00:00", sbatch_options=[f"--comment={value}"])
+    job = SlurmJob(
+        nnodes=2,
+        nproc_per_node=2,
+        workdir=f"/work/{value}",
+        run_dir=run_dir,
+        train_args=[f"/cfg/{value}.toml", f"--train.run_dir={run_dir}"],
+        python=f"/venv {value}/python",
+        job_name=value,
+        partition=value,
+        account=value,
+        time_limit="1:00:00",
+        sbatch_options=[f"--comment={value}"],
+    )
     script = render_sbatch(job)
     argv = sbatch_directives(script)
     expect_out = run_dir.replace("%", "%%") + "/slurm-%j.out"
-    for want in (f"--job-name={value}", f"--chdir=/work/{value}", f"--output={expect_out}",
-                 f"--partition={value}", f"--account={value}", f"--comment={value}",
-                 "--nodes=2", "--requeue"):
+    for want in (
+        f"--job-name={value}",
+        f"--chdir=/work/{value}",
+        f"--output={expect_out}",
+        f"--partition={value}",
+        f"--account={value}",
+        f"--comment={value}",
+        "--nodes=2",
+        "--requeue",
+    ):
         assert want in argv, (want, argv)
     words = srun_command(script)
     assert words[:4] == ["srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
@@ -102,11 +129,20 @@ def test_job_values_survive_the_script(value, tmp_path):
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
 
 
-@pytest.mark.parametrize("field,value", [
-    ("job_name", "a\nsrun rm -rf /"), ("partition", "gpu\r"), ("account", "x\x00y"),
-    ("workdir", "/w/\nexit"), ("run_dir", "/r/\x1b[31m"), ("python", "/p\n"),
-    ("job_name", "my-hetjob"), ("run_dir", "/runs/PackJob"), ("run_dir", "C:\\runs"),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("job_name", "a\nsrun rm -rf /"),
+        ("partition", "gpu\r"),
+        ("account", "x\x00y"),
+        ("workdir", "/w/\nexit"),
+        ("run_dir", "/r/\x1b[31m"),
+        ("python", "/p\n"),
+        ("job_name", "my-hetjob"),
+        ("run_dir", "/runs/PackJob"),
+        ("run_dir", "C:\\runs"),
+    ],
+)
 def test_unsafe_values_are_refused(field, value):
     from triaxis.errors import UserError
 
@@ -121,14 +157,30 @@ def test_train_arg_with_newline_is_refused():
     from triaxis.errors import UserError
 
     with pytest.raises(UserError, match="control character"):
-        render_sbatch(SlurmJob(nnodes=1, nproc_per_node=1, workdir="/w", run_dir="/r",
-                               train_args=["--data.path=x\n rm -rf /"]))
+        render_sbatch(
+            SlurmJob(
+                nnodes=1,
+                nproc_per_node=1,
+                workdir="/w",
+                run_dir="/r",
+                train_args=["--data.path=x\n rm -rf /"],
+            )
+        )
 
 
 def test_launch_dry_run_with_hostile_paths(byte_data, tmp_path, capsys):
     run_dir = tmp_path / "my run #1 'q' \"dq\" ü %x"
-    args = ["launch", "--backend", "slurm", "--nnodes", "2", "--dry-run", "--job-name", "a b#c",
-            *tiny_train_args(byte_data, run_dir)]
+    args = [
+        "launch",
+        "--backend",
+        "slurm",
+        "--nnodes",
+        "2",
+        "--dry-run",
+        "--job-name",
+        "a b#c",
+        *tiny_train_args(byte_data, run_dir),
+    ]
     assert main(args) == 0
     script = capsys.readouterr().out
     argv = sbatch_directives(script)
@@ -136,8 +188,10 @@ def test_launch_dry_run_with_hostile_paths(byte_data, tmp_path, capsys):
     assert "--job-name=a b#c" in argv
     assert f"--train.run_dir={run_dir}" in srun_command(script)
     # A newline in any config value never reaches the script: one line, exit 2.
-    bad = [*args[:-len(tiny_train_args(byte_data, run_dir))],
-           *tiny_train_args(byte_data, tmp_path / "x\nsrun evil")]
+    bad = [
+        *args[: -len(tiny_train_args(byte_data, run_dir))],
+        *tiny_train_args(byte_data, tmp_path / "x\nsrun evil"),
+    ]
     assert main(bad) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
@@ -175,11 +229,18 @@ def _real_sbatch_arguments(script_path, tmp_path) -> list[str]:
     import os
 
     conf = tmp_path / "slurm.conf"
-    conf.write_text("ClusterName=t\nSlurmctldHost=localhost\nAuthType=auth/none\n"
-                    "CredType=cred/none\nNodeName=n0 CPUs=1\nPartitionName=p Nodes=n0\n")
+    conf.write_text(
+        "ClusterName=t\nSlurmctldHost=localhost\nAuthType=auth/none\n"
+        "CredType=cred/none\nNodeName=n0 CPUs=1\nPartitionName=p Nodes=n0\n"
+    )
     env = {**os.environ, "SLURM_CONF": str(conf)}
-    proc = subprocess.Popen(["sbatch", "-vvv", str(script_path)], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, env=env, text=True)
+    proc = subprocess.Popen(
+        ["sbatch", "-vvv", str(script_path)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        env=env,
+        text=True,
+    )
     found = []
     try:
         prefix = 'Found in script, argument "'
@@ -202,10 +263,16 @@ def test_real_sbatch_reads_the_directives_as_we_do(tmp_path):
     if shutil.which("sbatch") is None:
         pytest.skip("sbatch not installed (scripts/ci_services.sh installs Slurm)")
     value = "Ü b#c 'q' \"dq\" \\ %j $(x)"
-    job = SlurmJob(nnodes=2, nproc_per_node=1, workdir=f"/work/{value}",
-                   run_dir=f"/runs/{value.replace(chr(92), '')}", train_args=[],
-                   job_name=value, account=value,
-                   sbatch_options=[f"--comment={v}" for v in HOSTILE])
+    job = SlurmJob(
+        nnodes=2,
+        nproc_per_node=1,
+        workdir=f"/work/{value}",
+        run_dir=f"/runs/{value.replace(chr(92), '')}",
+        train_args=[],
+        job_name=value,
+        account=value,
+        sbatch_options=[f"--comment={v}" for v in HOSTILE],
+    )
     script = render_sbatch(job)
     path = tmp_path / "job.sh"
     path.write_text(script)

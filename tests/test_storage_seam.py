@@ -14,15 +14,20 @@ from triaxis import storage
 from triaxis.errors import UserError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "triaxis"
-S3_SETTINGS = re.compile(r"environ[^\n]*AWS_ENDPOINT_URL|S3FileSystem\(|endpoint_url|"
-                         r"boto3\.client\(\s*['\"]s3|call_s3\(")
+S3_SETTINGS = re.compile(
+    r"environ[^\n]*AWS_ENDPOINT_URL|S3FileSystem\(|endpoint_url|"
+    r"boto3\.client\(\s*['\"]s3|call_s3\("
+)
 """Code that builds an S3 client or reads its settings itself, outside the seam."""
 
 
 def test_only_storage_builds_s3_clients_or_reads_their_settings():
-    offenders = [f"{p.relative_to(PACKAGE)}: {m.group(0)}"
-                 for p in sorted(PACKAGE.rglob("*.py")) if p.name != "storage.py"
-                 for m in S3_SETTINGS.finditer(p.read_text())]
+    offenders = [
+        f"{p.relative_to(PACKAGE)}: {m.group(0)}"
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if p.name != "storage.py"
+        for m in S3_SETTINGS.finditer(p.read_text())
+    ]
     assert offenders == []
     assert not (PACKAGE / "data" / "remote_io.py").exists()  # the second client pool is gone
 
@@ -49,9 +54,11 @@ def test_one_bucket_check_one_message(moto_s3):  # noqa: F811
     for what in ("checkpoint.dir", "--input", "--output"):
         with pytest.raises(UserError) as e:
             storage.check_location("s3://no-such-bucket-seam/p", what)
-        assert str(e.value) == (f"{what} s3://no-such-bucket-seam/p: the bucket "
-                                "no-such-bucket-seam does not exist; create it (aws s3 mb "
-                                "s3://no-such-bucket-seam) or fix the URI")
+        assert str(e.value) == (
+            f"{what} s3://no-such-bucket-seam/p: the bucket "
+            "no-such-bucket-seam does not exist; create it (aws s3 mb "
+            "s3://no-such-bucket-seam) or fix the URI"
+        )
     storage.check_location(f"s3://{moto_s3.new_bucket()}/p", "--output")  # exists: no error
     # Schemes without buckets (memory, http, hf) are left to their first real access.
     storage.check_location("memory://nowhere/p", "--input")

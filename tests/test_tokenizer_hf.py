@@ -32,12 +32,16 @@ def llama_like_tokenizer():
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=[BOS, EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=[BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator([" ".join(WORDS)] * 20, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))])
+        single=f"{BOS} $A", special_tokens=[(BOS, tok.token_to_id(BOS))]
+    )
     return tok
 
 
@@ -51,8 +55,11 @@ def write_folder(folder: Path, tok, config: dict | None) -> Path:
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory) -> Path:
-    return write_folder(tmp_path_factory.mktemp("hf"), llama_like_tokenizer(),
-                        {"eos_token": EOS, "bos_token": {"content": BOS, "special": True}})
+    return write_folder(
+        tmp_path_factory.mktemp("hf"),
+        llama_like_tokenizer(),
+        {"eos_token": EOS, "bos_token": {"content": BOS, "special": True}},
+    )
 
 
 def write_docs(folder: Path, n: int) -> list[str]:
@@ -68,8 +75,17 @@ def read_split(folder: Path, manifest: dict, split: str) -> np.ndarray:
 
 
 def run(inputs: Path, out: Path, tokenizer: str, **kw) -> dict:
-    return prepare(PrepareOptions(inputs=[str(inputs)], output=str(out), tokenizer=tokenizer,
-                                  val_fraction=0.25, workers=1, **kw), log=lambda *_: None)
+    return prepare(
+        PrepareOptions(
+            inputs=[str(inputs)],
+            output=str(out),
+            tokenizer=tokenizer,
+            val_fraction=0.25,
+            workers=1,
+            **kw,
+        ),
+        log=lambda *_: None,
+    )
 
 
 def test_shards_hold_each_document_encoded_then_eos(hf_dir, tmp_path):
@@ -77,15 +93,22 @@ def test_shards_hold_each_document_encoded_then_eos(hf_dir, tmp_path):
     m = run(tmp_path / "in", tmp_path / "out", f"hf:{hf_dir}")
     tok = llama_like_tokenizer()
     eos = tok.token_to_id(EOS)
-    for split, want in (("train", [d for i, d in enumerate(docs) if i % 4 != 3]),
-                        ("val", [d for i, d in enumerate(docs) if i % 4 == 3])):
+    for split, want in (
+        ("train", [d for i, d in enumerate(docs) if i % 4 != 3]),
+        ("val", [d for i, d in enumerate(docs) if i % 4 == 3]),
+    ):
         expected = [i for d in want for i in tok.encode(d).ids + [eos]]
         assert read_split(tmp_path / "out", m, split).tolist() == expected, split
         assert expected[0] == tok.token_to_id(BOS)  # the post-processor ran
     assert m["dtype"] == "uint16"
-    assert m["tokenizer"] == {"kind": "hf", "file": "tokenizer.json",
-                              "vocab_size": tok.get_vocab_size(with_added_tokens=True),
-                              "eos_id": eos, "eos_token": EOS, "source": str(hf_dir)}
+    assert m["tokenizer"] == {
+        "kind": "hf",
+        "file": "tokenizer.json",
+        "vocab_size": tok.get_vocab_size(with_added_tokens=True),
+        "eos_id": eos,
+        "eos_token": EOS,
+        "source": str(hf_dir),
+    }
 
     loaded = load_tokenizer(tmp_path / "out", m["tokenizer"])  # from the data folder alone
     assert isinstance(loaded, HFTokenizer) and loaded.eos_id == eos
@@ -99,9 +122,19 @@ def test_shards_hold_each_document_encoded_then_eos(hf_dir, tmp_path):
 def test_workers_give_identical_shards(hf_dir, tmp_path):
     write_docs(tmp_path / "in", _CHUNK_DOCS + 50)  # two chunks: the pool really runs
     logs: list[str] = []
-    manifests = [prepare(PrepareOptions(inputs=[str(tmp_path / "in")], tokenizer=f"hf:{hf_dir}",
-                                        output=str(tmp_path / f"w{w}"), workers=w,
-                                        shard_tokens=1_000), log=logs.append) for w in (1, 2)]
+    manifests = [
+        prepare(
+            PrepareOptions(
+                inputs=[str(tmp_path / "in")],
+                tokenizer=f"hf:{hf_dir}",
+                output=str(tmp_path / f"w{w}"),
+                workers=w,
+                shard_tokens=1_000,
+            ),
+            log=logs.append,
+        )
+        for w in (1, 2)
+    ]
     assert "(2 worker processes)" in logs[-1]
     assert manifests[0] == manifests[1] and len(manifests[0]["splits"]["train"]["shards"]) > 1
     for name in [s["file"] for sp in manifests[0]["splits"].values() for s in sp["shards"]]:
@@ -118,8 +151,12 @@ def test_tokenizer_json_path_eos_override_and_large_vocab(tmp_path):
     write_folder(tmp_path / "m", tok, config=None)  # no tokenizer_config.json: --eos-token
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.txt").write_text("w1 w69999 w65536")
-    m = run(tmp_path / "in", tmp_path / "out", f"hf:{tmp_path / 'm' / 'tokenizer.json'}",
-            eos_token="</s>")
+    m = run(
+        tmp_path / "in",
+        tmp_path / "out",
+        f"hf:{tmp_path / 'm' / 'tokenizer.json'}",
+        eos_token="</s>",
+    )
     assert m["dtype"] == "uint32" and m["tokenizer"]["vocab_size"] == 70_002
     tokens = read_split(tmp_path / "out", m, "train").tolist()
     assert tokens == [1, 69_999, 65_536, 70_001]
@@ -140,8 +177,9 @@ def test_vocab_size_covers_the_largest_id(tmp_path):
 def test_transformers_saved_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
 
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=llama_like_tokenizer(),
-                                                bos_token=BOS, eos_token=EOS)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=llama_like_tokenizer(), bos_token=BOS, eos_token=EOS
+    )
     fast.save_pretrained(str(tmp_path / "model"))
     docs = write_docs(tmp_path / "in", 4)
     m = run(tmp_path / "in", tmp_path / "out", f"hf:{tmp_path / 'model'}")
@@ -177,19 +215,22 @@ def bad_folders(root: Path) -> None:
     (root / "bad_config" / "tokenizer_config.json").write_text("{eos_token: oops")
 
 
-@pytest.mark.parametrize("tokenizer,eos,match", [
-    ("hf:{root}/missing", "", r"missing does not exist; give a tokenizer.json or a Hugging"),
-    ("hf:{root}/empty", "", r"empty/tokenizer.json does not exist; give a tokenizer.json"),
-    ("hf:{root}/broken", "", r"broken/tokenizer.json is not a tokenizer.json the `tokenizers`"),
-    ("hf:{root}/no_eos", "", r"no eos_token in a tokenizer_config.json .*--eos-token TEXT"),
-    ("hf:{root}/odd_eos", "", r"'</s>' \(from .*tokenizer_config.json\) is not in the vocab"),
-    ("hf:{root}/odd_eos", "", r"special tokens \['<\|begin_of_text\|>', '<\|end_of_text\|>'\]"),
-    ("hf:{root}/no_eos", "<eos>", r"'<eos>' \(from --eos-token\) is not in the vocabulary"),
-    ("hf:{root}/bad_config", "", r"tokenizer_config.json is not valid JSON"),
-    ("hf:", "", r"no path after 'hf:'"),
-    ("hf/{root}", "", r"is unknown; use bpe, byte or hf:PATH"),
-    ("byte", "</s>", r"--eos-token '</s>' applies to --tokenizer hf:PATH only"),
-])
+@pytest.mark.parametrize(
+    "tokenizer,eos,match",
+    [
+        ("hf:{root}/missing", "", r"missing does not exist; give a tokenizer.json or a Hugging"),
+        ("hf:{root}/empty", "", r"empty/tokenizer.json does not exist; give a tokenizer.json"),
+        ("hf:{root}/broken", "", r"broken/tokenizer.json is not a tokenizer.json the `tokenizers`"),
+        ("hf:{root}/no_eos", "", r"no eos_token in a tokenizer_config.json .*--eos-token TEXT"),
+        ("hf:{root}/odd_eos", "", r"'</s>' \(from .*tokenizer_config.json\) is not in the vocab"),
+        ("hf:{root}/odd_eos", "", r"special tokens \['<\|begin_of_text\|>', '<\|end_of_text\|>'\]"),
+        ("hf:{root}/no_eos", "<eos>", r"'<eos>' \(from --eos-token\) is not in the vocabulary"),
+        ("hf:{root}/bad_config", "", r"tokenizer_config.json is not valid JSON"),
+        ("hf:", "", r"no path after 'hf:'"),
+        ("hf/{root}", "", r"is unknown; use bpe, byte or hf:PATH"),
+        ("byte", "</s>", r"--eos-token '</s>' applies to --tokenizer hf:PATH only"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, tokenizer, eos, match):
     bad_folders(tmp_path)
     write_docs(tmp_path / "in", 2)
@@ -201,14 +242,22 @@ def test_bad_input_is_one_line(tmp_path, tokenizer, eos, match):
 
 def test_cli_refuses_vocab_size_with_hf(hf_dir, tmp_path, capsys):
     write_docs(tmp_path / "in", 2)
-    args = ["prepare", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
-            "--tokenizer", f"hf:{hf_dir}"]
+    args = [
+        "prepare",
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--tokenizer",
+        f"hf:{hf_dir}",
+    ]
     assert main([*args, "--vocab-size", "512"]) == 2
     assert "--vocab-size 512 applies to --tokenizer bpe only" in capsys.readouterr().err
     byte = [*args[:-1], "byte", "--vocab-size", "300"]
     assert main(byte) == 2
-    assert "--vocab-size 300 applies to --tokenizer bpe only; byte brings its own" in \
-        capsys.readouterr().err
+    assert (
+        "--vocab-size 300 applies to --tokenizer bpe only; byte brings its own"
+        in capsys.readouterr().err
+    )
     assert main([*args, "--eos-token", EOS, "--workers", "1"]) == 0
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["tokenizer"]["kind"] \
-        == "hf"
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["tokenizer"]["kind"] == "hf"

@@ -19,13 +19,24 @@ def _prepare(a: argparse.Namespace) -> int:
 
     if a.vocab_size is not None and a.tokenizer != "bpe":
         # The byte and HF vocabularies are fixed; a silently ignored size would mislead.
-        raise UserError(f"--vocab-size {a.vocab_size} applies to --tokenizer bpe only; "
-                        f"{a.tokenizer} brings its own vocabulary: drop --vocab-size")
+        raise UserError(
+            f"--vocab-size {a.vocab_size} applies to --tokenizer bpe only; "
+            f"{a.tokenizer} brings its own vocabulary: drop --vocab-size"
+        )
     vocab_size = PrepareOptions.vocab_size if a.vocab_size is None else a.vocab_size
-    prepare(PrepareOptions(inputs=a.input or [], output=a.output, tokenizer=a.tokenizer,
-                           vocab_size=vocab_size, eos_token=a.eos_token,
-                           max_bytes=a.max_bytes, val_fraction=a.val_fraction,
-                           shard_tokens=a.shard_tokens, workers=a.workers))
+    prepare(
+        PrepareOptions(
+            inputs=a.input or [],
+            output=a.output,
+            tokenizer=a.tokenizer,
+            vocab_size=vocab_size,
+            eos_token=a.eos_token,
+            max_bytes=a.max_bytes,
+            val_fraction=a.val_fraction,
+            shard_tokens=a.shard_tokens,
+            workers=a.workers,
+        )
+    )
     return 0
 
 
@@ -49,8 +60,15 @@ def _generate(a: argparse.Namespace) -> int:
     if a.device != "cpu" and not a.device.startswith(("cuda", "mps")):
         raise UserError(f"--device {a.device!r} is not a torch device; use cpu or cuda[:N]")
     model, tok, ckpt = load_for_inference(a.checkpoint, a.device)
-    ids = generate(model, tok.encode(a.prompt), a.max_new_tokens, a.temperature, a.top_k,
-                   a.seed, eos_id=tok.eos_id)
+    ids = generate(
+        model,
+        tok.encode(a.prompt),
+        a.max_new_tokens,
+        a.temperature,
+        a.top_k,
+        a.seed,
+        eos_id=tok.eos_id,
+    )
     print(f"# sample from {ckpt}", file=sys.stderr)
     print(a.prompt + tok.decode(ids))
     return 0
@@ -89,20 +107,46 @@ def _option_rules() -> dict[str, dict[str, object]]:
     from triaxis.fields import Range
 
     return {
-        "generate": {"max_new_tokens": Range(ge=1, le=2**20), "temperature": Range(ge=0, le=100),
-                     "top_k": Range(ge=0), "seed": Range(ge=0)},
-        "launch": {"nproc_per_node": Range(ge=0, le=4096), "node_rank": Range(ge=0),
-                   "max_restarts": Range(ge=0, le=10_000), "rdzv_timeout": Range(gt=0),
-                   "rdzv_last_call": Range(ge=0), "gpus_per_node": Range(ge=0, le=1024),
-                   "requeue_margin_s": Range(ge=0)},
-        "layout": {"world": Range(ge=0), "nodes": Range(ge=0), "gpus_per_node": Range(ge=1),
-                   "dp_replicate": Range(ge=1), "dp_shard": Range(ge=-1), "tp": Range(ge=1),
-                   "pp": Range(ge=1), "layers": Range(ge=0)},
-        "plan": {"gpus": Range(ge=1), "gpus_per_node": Range(ge=1), "seq": Range(ge=1),
-                 "global_batch": Range(ge=1), "vocab_size": Range(ge=1), "top": Range(ge=1),
-                 "max_tp": Range(ge=0), "max_pp": Range(ge=0)},
-        "net": {"nproc_per_node": Range(ge=0, le=4096), "nnodes": Range(ge=1),
-                "rdzv_timeout": Range(gt=0)},
+        "generate": {
+            "max_new_tokens": Range(ge=1, le=2**20),
+            "temperature": Range(ge=0, le=100),
+            "top_k": Range(ge=0),
+            "seed": Range(ge=0),
+        },
+        "launch": {
+            "nproc_per_node": Range(ge=0, le=4096),
+            "node_rank": Range(ge=0),
+            "max_restarts": Range(ge=0, le=10_000),
+            "rdzv_timeout": Range(gt=0),
+            "rdzv_last_call": Range(ge=0),
+            "gpus_per_node": Range(ge=0, le=1024),
+            "requeue_margin_s": Range(ge=0),
+        },
+        "layout": {
+            "world": Range(ge=0),
+            "nodes": Range(ge=0),
+            "gpus_per_node": Range(ge=1),
+            "dp_replicate": Range(ge=1),
+            "dp_shard": Range(ge=-1),
+            "tp": Range(ge=1),
+            "pp": Range(ge=1),
+            "layers": Range(ge=0),
+        },
+        "plan": {
+            "gpus": Range(ge=1),
+            "gpus_per_node": Range(ge=1),
+            "seq": Range(ge=1),
+            "global_batch": Range(ge=1),
+            "vocab_size": Range(ge=1),
+            "top": Range(ge=1),
+            "max_tp": Range(ge=0),
+            "max_pp": Range(ge=0),
+        },
+        "net": {
+            "nproc_per_node": Range(ge=0, le=4096),
+            "nnodes": Range(ge=1),
+            "rdzv_timeout": Range(gt=0),
+        },
         "export-hf": {"max_shard_gb": Range(gt=0)},
         "ckpt": {"step": Range(ge=0)},
     }
@@ -134,32 +178,56 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="triaxis", description="Train LLMs with 3D parallelism.",
-                epilog=f"--debug (or {DEBUG_ENV}=1) shows the traceback of an unexpected error.")
-    p.add_argument("--debug", action="store_true",
-                   help="on an unexpected error, show the full traceback (also " + DEBUG_ENV
-                        + "=1)")
+    p = _Parser(
+        prog="triaxis",
+        description="Train LLMs with 3D parallelism.",
+        epilog=f"--debug (or {DEBUG_ENV}=1) shows the traceback of an unexpected error.",
+    )
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an unexpected error, show the full traceback (also " + DEBUG_ENV + "=1)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     pr = sub.add_parser("prepare", help="tokenize text into shards (default: embedded corpus)")
-    pr.add_argument("--input", action="append",
-                    help="file, folder or glob (repeatable); default: the Python stdlib sources")
+    pr.add_argument(
+        "--input",
+        action="append",
+        help="file, folder or glob (repeatable); default: the Python stdlib sources",
+    )
     pr.add_argument("--output", default="data/stdlib", help="output folder")
-    pr.add_argument("--tokenizer", default="bpe", metavar="{bpe,byte,hf:PATH}",
-                    help="bpe: trained on the input (default); byte: UTF-8 bytes; hf:PATH: a "
-                         "Hugging Face tokenizer.json or model folder (local or s3://), for "
-                         "fine-tuning imported weights")
-    pr.add_argument("--eos-token", default="", metavar="TEXT",
-                    help="end-of-document token for hf:PATH (default: eos_token of its "
-                         "tokenizer_config.json)")
-    pr.add_argument("--vocab-size", type=int, default=None,
-                    help="BPE vocabulary size (bpe only; default 8192)")
-    pr.add_argument("--max-bytes", type=int, default=12_000_000,
-                    help="read at most this many bytes of text (0 = all)")
+    pr.add_argument(
+        "--tokenizer",
+        default="bpe",
+        metavar="{bpe,byte,hf:PATH}",
+        help="bpe: trained on the input (default); byte: UTF-8 bytes; hf:PATH: a "
+        "Hugging Face tokenizer.json or model folder (local or s3://), for "
+        "fine-tuning imported weights",
+    )
+    pr.add_argument(
+        "--eos-token",
+        default="",
+        metavar="TEXT",
+        help="end-of-document token for hf:PATH (default: eos_token of its tokenizer_config.json)",
+    )
+    pr.add_argument(
+        "--vocab-size", type=int, default=None, help="BPE vocabulary size (bpe only; default 8192)"
+    )
+    pr.add_argument(
+        "--max-bytes",
+        type=int,
+        default=12_000_000,
+        help="read at most this many bytes of text (0 = all)",
+    )
     pr.add_argument("--val-fraction", type=float, default=0.02)
     pr.add_argument("--shard-tokens", type=int, default=16 * 2**20)
-    pr.add_argument("--workers", type=int, default=0,
-                    help="tokenizer processes (default 0 = min(cpu_count, 8)); same output")
+    pr.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="tokenizer processes (default 0 = min(cpu_count, 8)); same output",
+    )
     pr.set_defaults(fn=_prepare)
 
     tr = sub.add_parser("train", help="train: triaxis train [CONFIG.toml] [--section.field=v]")
@@ -187,13 +255,21 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--svg", default="", help="also write the picture to this SVG file")
     la.set_defaults(fn=_layout)
 
-    lc = sub.add_parser("launch", help="run training on N processes / nodes, or as a Slurm / "
-                                       "SageMaker job")
-    lc.add_argument("--nproc-per-node", type=int, default=0,
-                    help="processes per node (default: GPUs, or 2 on CPU)")
-    lc.add_argument("--nnodes", default="1",
-                    help="nodes: N, or MIN:MAX for an elastic job (torchrun) that goes on with "
-                         "at least MIN nodes when nodes are lost")
+    lc = sub.add_parser(
+        "launch", help="run training on N processes / nodes, or as a Slurm / SageMaker job"
+    )
+    lc.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=0,
+        help="processes per node (default: GPUs, or 2 on CPU)",
+    )
+    lc.add_argument(
+        "--nnodes",
+        default="1",
+        help="nodes: N, or MIN:MAX for an elastic job (torchrun) that goes on with "
+        "at least MIN nodes when nodes are lost",
+    )
     lc.add_argument("--node-rank", type=int, default=0)
     lc.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the rendezvous (multi-node)")
     lc.add_argument("--max-restarts", type=int, default=0)
@@ -214,12 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ckpt_parser(sub)
     from triaxis.hf.cli import add_hf_parsers
+
     add_hf_parsers(sub)
 
     co = sub.add_parser("config", help="print the default config (or --fields: documented)")
     co.add_argument("--fields", action="store_true", help="every field, its default, rule and doc")
-    co.add_argument("--markdown", action="store_true",
-                    help="the same as Markdown: the configuration reference, docs/config.md")
+    co.add_argument(
+        "--markdown",
+        action="store_true",
+        help="the same as Markdown: the configuration reference, docs/config.md",
+    )
     co.set_defaults(fn=_config)
     return p
 
@@ -277,8 +357,10 @@ def _bug(e: BaseException) -> int:
 
 
 def _bug_line(e: BaseException) -> str:
-    return (f"error: {type(e).__name__}: {_one_line(str(e))} (this is a bug in triaxis; rerun "
-            "with --debug for the traceback)")
+    return (
+        f"error: {type(e).__name__}: {_one_line(str(e))} (this is a bug in triaxis; rerun "
+        "with --debug for the traceback)"
+    )
 
 
 _printed: set[str] = set()
@@ -308,6 +390,7 @@ def _install_thread_hook(debug: bool) -> None:
             _print_once(f"error: {_one_line(_os_error(e) or '')}")
         else:
             _print_once(_bug_line(e))
+
     threading.excepthook = hook
 
 

@@ -154,8 +154,9 @@ class ParallelConfig:
     """Tensor-parallel degree (with sequence parallelism on norms); must divide the heads."""
     pp: int = ranged(1, ge=1)
     """Pipeline-parallel degree: stages of contiguous blocks on different ranks."""
-    pp_schedule: Literal["gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "interleaved-zb",
-                         "zbv", "dualpipev"] = "1f1b"
+    pp_schedule: Literal[
+        "gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "interleaved-zb", "zbv", "dualpipev"
+    ] = "1f1b"
     """Pipeline schedule; interleaved ones need pp_virtual_stages >= 2, zbv/dualpipev exactly 2."""
     pp_virtual_stages: int = ranged(1, ge=1)
     """Stages per pipeline rank (v): more, smaller stages shrink the bubble to (p-1)/(v·m)."""
@@ -238,8 +239,11 @@ class Config:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
 
     def checkpoint_dir(self) -> str:
-        return (self.checkpoint.dir.rstrip("/") if self.checkpoint.dir
-                else str(Path(self.train.run_dir) / "checkpoints"))
+        return (
+            self.checkpoint.dir.rstrip("/")
+            if self.checkpoint.dir
+            else str(Path(self.train.run_dir) / "checkpoints")
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,8 +337,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         try:
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
-            raise UserError(f"config file {path} is not UTF-8 text (byte {e.start}); pass a "
-                            ".toml file") from None
+            raise UserError(
+                f"config file {path} is not UTF-8 text (byte {e.start}); pass a .toml file"
+            ) from None
         except tomllib.TOMLDecodeError as e:
             raise UserError(f"config file {path} is not valid TOML: {e}") from None
         for section, values in data.items():
@@ -412,12 +417,15 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
     if cfg.checkpoint.resume not in ("auto", "none"):
         raise UserError(f"checkpoint.resume={cfg.checkpoint.resume!r}: use auto or none")
     if p.loss_parallel and p.tp == 1:
-        raise UserError("parallel.loss_parallel=true needs parallel.tp > 1; set tp or drop "
-                        "loss_parallel")
+        raise UserError(
+            "parallel.loss_parallel=true needs parallel.tp > 1; set tp or drop loss_parallel"
+        )
     if model_args is not None and d.seq_len > model_args.max_seq_len:
-        raise UserError(f"data.seq_len={d.seq_len} is over the model's maximum "
-                        f"max_seq_len={model_args.max_seq_len}; lower data.seq_len or raise "
-                        f"--model.max_seq_len")
+        raise UserError(
+            f"data.seq_len={d.seq_len} is over the model's maximum "
+            f"max_seq_len={model_args.max_seq_len}; lower data.seq_len or raise "
+            f"--model.max_seq_len"
+        )
     if dims is not None:
         if model_args is not None:
             dims.check_model(model_args.n_heads, model_args.n_kv_heads, model_args.n_layers)
@@ -427,7 +435,8 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
             raise UserError(
                 f"train.global_batch={t.global_batch} is not a multiple of micro_batch x dp = "
                 f"{t.micro_batch} x {dims.dp_size} = {per_step}; set train.global_batch={ok} "
-                f"or a smaller train.micro_batch")
+                f"or a smaller train.micro_batch"
+            )
 
 
 def grad_accum_steps(cfg: Config, dp_size: int) -> int:

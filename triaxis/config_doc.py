@@ -52,9 +52,15 @@ def section_fields(section: str) -> list[FieldDoc]:
     defaults = getattr(Config(), section)
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
-    return [FieldDoc(f.name, getattr(defaults, f.name), _allowed(f, hints[f.name]),
-                     " ".join(docs.get(f.name, "").split()))
-            for f in dataclasses.fields(cls)]
+    return [
+        FieldDoc(
+            f.name,
+            getattr(defaults, f.name),
+            _allowed(f, hints[f.name]),
+            " ".join(docs.get(f.name, "").split()),
+        )
+        for f in dataclasses.fields(cls)
+    ]
 
 
 def fields_text() -> str:
@@ -93,14 +99,21 @@ def fields_markdown() -> str:
         "read from the config dataclasses in `triaxis/config.py` (`triaxis config --fields` prints",
         "the same). Set a field in a TOML file under its `[section]` table or on the command line",
         "as `--section.field=value`; the resolved config is written to `RUN_DIR/config.toml`.",
-        "\"unset\" means the value comes from elsewhere (the preset, the data), as the field says.",
+        '"unset" means the value comes from elsewhere (the preset, the data), as the field says.',
         "Besides the rule shown, every number must be finite and fit in 64 bits, and every string",
         "must be free of control characters ([bad-input.md](bad-input.md)).",
     ]
     for section in SECTIONS:
-        out += ["", f"## [{section}]", "",
-                "| key | default | allowed | meaning |", "|---|---|---|---|"]
+        out += [
+            "",
+            f"## [{section}]",
+            "",
+            "| key | default | allowed | meaning |",
+            "|---|---|---|---|",
+        ]
         for fd in section_fields(section):
-            out.append(f"| `{fd.name}` | {_toml_value(fd.default)} | {_cell(fd.allowed)} "
-                       f"| {_cell(fd.doc)} |")
+            out.append(
+                f"| `{fd.name}` | {_toml_value(fd.default)} | {_cell(fd.allowed)} "
+                f"| {_cell(fd.doc)} |"
+            )
     return "\n".join(out) + "\n"

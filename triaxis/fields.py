@@ -40,13 +40,19 @@ class Range:
     lt: float | None = None
 
     def admits(self, v: float) -> bool:
-        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
-                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+        return (
+            (self.ge is None or v >= self.ge)
+            and (self.gt is None or v > self.gt)
+            and (self.le is None or v <= self.le)
+            and (self.lt is None or v < self.lt)
+        )
 
     def describe(self) -> str:
-        parts = [f"{op} {_num(b)}" for op, b in ((">=", self.ge), (">", self.gt),
-                                                   ("<=", self.le), ("<", self.lt))
-                 if b is not None]
+        parts = [
+            f"{op} {_num(b)}"
+            for op, b in ((">=", self.ge), (">", self.gt), ("<=", self.le), ("<", self.lt))
+            if b is not None
+        ]
         return " and ".join(parts)
 
 
@@ -54,11 +60,16 @@ def _num(x: float) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def ranged(default: Any, *, ge: float | None = None, gt: float | None = None,
-           le: float | None = None, lt: float | None = None) -> Any:
+def ranged(
+    default: Any,
+    *,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
     """A dataclass field with a default and an allowed range (see the module docstring)."""
-    return dataclasses.field(default=default,
-                             metadata={RANGE: Range(ge=ge, gt=gt, le=le, lt=lt)})
+    return dataclasses.field(default=default, metadata={RANGE: Range(ge=ge, gt=gt, le=le, lt=lt)})
 
 
 _INT64 = 2**63
@@ -79,22 +90,33 @@ def check_value(where: str, value: Any, rule: Range | None = None, fix: str = ""
     if isinstance(value, bool) or value is None:
         return
     # A command-line option reads `--top-k -1`, a config field `train.lr=nan`.
-    shown = f"{where} {value!r}" if where.startswith("--") and isinstance(value, str) else \
-        f"{where} {value}" if where.startswith("--") else f"{where}={value}"
+    shown = (
+        f"{where} {value!r}"
+        if where.startswith("--") and isinstance(value, str)
+        else f"{where} {value}"
+        if where.startswith("--")
+        else f"{where}={value}"
+    )
     if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{shown} must be a finite number"
-                        + (f" ({rule.describe()})" if rule else "") + tail)
+        raise UserError(
+            f"{shown} must be a finite number" + (f" ({rule.describe()})" if rule else "") + tail
+        )
     if isinstance(value, int) and not -_INT64 <= value < _INT64:
-        raise UserError(f"{shown} is too large: it must fit in 64 bits"
-                        + (f" and be {rule.describe()}" if rule else "") + tail)
+        raise UserError(
+            f"{shown} is too large: it must fit in 64 bits"
+            + (f" and be {rule.describe()}" if rule else "")
+            + tail
+        )
     if isinstance(value, (int, float)) and rule is not None and not rule.admits(value):
         raise UserError(f"{shown} must be {rule.describe()}{tail}")
     if isinstance(value, str):
         ch = control_char(value)
         if ch is not None:
             shown = f"{where} {value!r}" if where.startswith("--") else f"{where}={value!r}"
-            raise UserError(f"{shown} holds the control character {ch!r}; paths and "
-                            "names must be printable text: remove it")
+            raise UserError(
+                f"{shown} holds the control character {ch!r}; paths and "
+                "names must be printable text: remove it"
+            )
 
 
 def check_fields(obj: Any, prefix: str) -> None:

@@ -10,9 +10,15 @@ from triaxis.model import Transformer
 
 
 @torch.no_grad()
-def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
-             temperature: float = 0.8, top_k: int = 50, seed: int = 0,
-             eos_id: int | None = None) -> list[int]:
+def generate(
+    model: Transformer,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    eos_id: int | None = None,
+) -> list[int]:
     if temperature < 0:
         raise UserError(f"--temperature {temperature} must be >= 0 (0 = greedy)")
     device = next(model.parameters()).device
@@ -32,4 +38,4 @@ def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
         ids = torch.cat([ids, nxt], dim=1)
         if eos_id is not None and int(nxt) == eos_id:
             break
-    return ids[0, len(prompt_ids):].tolist()
+    return ids[0, len(prompt_ids) :].tolist()

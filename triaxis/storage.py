@@ -36,9 +36,18 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     return str(Path(base).joinpath(*parts))
 
 
-_S3_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-           "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_REGION",
-           "AWS_DEFAULT_REGION", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE")
+_S3_ENV = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+)
 """The settings an S3 client is built from: a change of any of them gets a new client."""
 _s3_clients: dict[tuple, object] = {}
 _s3_lock = threading.Lock()
@@ -66,8 +75,9 @@ def s3_filesystem():
             # Our own retry loop (below) sees every error; s3fs's default retries stay as they
             # are. skip_instance_cache: fsspec's own cache keys ignore the environment. No
             # listings cache: other processes write the objects this one polls (manifests).
-            fs = _s3_clients[key] = s3fs.S3FileSystem(**s3_options(), skip_instance_cache=True,
-                                                      use_listings_cache=False)
+            fs = _s3_clients[key] = s3fs.S3FileSystem(
+                **s3_options(), skip_instance_cache=True, use_listings_cache=False
+            )
         return fs
 
 
@@ -75,7 +85,7 @@ def filesystem(path: str | os.PathLike):
     """(fsspec filesystem, path as that filesystem spells it)."""
     path = str(path)
     if path.startswith("s3://"):
-        return s3_filesystem(), path[len("s3://"):]
+        return s3_filesystem(), path[len("s3://") :]
     if is_remote(path):
         import fsspec
 
@@ -86,14 +96,29 @@ def filesystem(path: str | os.PathLike):
     return LocalFileSystem(), path
 
 
-_TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "RequestTimeout",
-                    "InternalError", "ServiceUnavailable", "Throttling"}
+_TRANSIENT_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "Throttling",
+}
 
 
-_BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-                    "InvalidToken", "Access Key Id you provided does not exist",
-                    "signature we calculated does not match", "security token included in "
-                    "the request is invalid", "token included in the request is expired")
+_BAD_CREDENTIALS = (
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "Access Key Id you provided does not exist",
+    "signature we calculated does not match",
+    "security token included in the request is invalid",
+    "token included in the request is expired",
+)
 """What S3 answers when a key is wrong (s3fs passes on the message, not the code)."""
 
 
@@ -101,20 +126,29 @@ def _classify(err: BaseException, what: str) -> BaseException | None:
     """A UserError for permanent problems (missing bucket, no credentials), None if transient."""
     name = type(err).__name__
     text = str(err)
-    if name in ("NoCredentialsError", "PartialCredentialsError") or \
-            "Unable to locate credentials" in text:
-        return UserError(f"{what}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
-                         "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance role")
+    if (
+        name in ("NoCredentialsError", "PartialCredentialsError")
+        or "Unable to locate credentials" in text
+    ):
+        return UserError(
+            f"{what}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance role"
+        )
     if any(k in text for k in _BAD_CREDENTIALS):
-        return UserError(f"{what}: the AWS credentials were refused ({text[:120]}); check "
-                         "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile or role) "
-                         "for this endpoint")
+        return UserError(
+            f"{what}: the AWS credentials were refused ({text[:120]}); check "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile or role) "
+            "for this endpoint"
+        )
     if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-        return UserError(f"{what}: the bucket does not exist; create it (aws s3 mb) or fix the "
-                         "s3:// URI")
+        return UserError(
+            f"{what}: the bucket does not exist; create it (aws s3 mb) or fix the s3:// URI"
+        )
     if name in ("PermissionError",) or "AccessDenied" in text:
-        return UserError(f"{what}: access denied; grant the role s3:GetObject/PutObject/"
-                         "ListBucket on that bucket")
+        return UserError(
+            f"{what}: access denied; grant the role s3:GetObject/PutObject/"
+            "ListBucket on that bucket"
+        )
     if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError)):
         return err
     if isinstance(err, OSError) and err.errno == 28:  # ENOSPC
@@ -131,8 +165,7 @@ class StorageUnavailable(UserError):
     """Transient errors that outlasted the retries: the service may come back."""
 
 
-def with_retries(fn: Callable[[], T], what: str, attempts: int = 6,
-                 base_delay_s: float = 0.2) -> T:
+def with_retries(fn: Callable[[], T], what: str, attempts: int = 6, base_delay_s: float = 0.2) -> T:
     """Run `fn`, retrying transient storage errors with exponential backoff and jitter."""
     for attempt in range(attempts):
         try:
@@ -146,9 +179,11 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 6,
                     raise
                 raise permanent from None
             if attempt == attempts - 1:
-                raise StorageUnavailable(f"{what}: still failing after {attempts} attempts "
-                                         f"({err}); check the storage service and the "
-                                         "network") from None
+                raise StorageUnavailable(
+                    f"{what}: still failing after {attempts} attempts "
+                    f"({err}); check the storage service and the "
+                    "network"
+                ) from None
             time.sleep(base_delay_s * 2**attempt * (0.5 + random.random()))
     raise AssertionError("unreachable")
 
@@ -170,9 +205,11 @@ def check_location(path: str, what: str) -> None:
         # Without credentials s3fs silently falls back to anonymous access, and every private
         # bucket then looks missing: name the real problem instead.
         if botocore.session.get_session().get_credentials() is None:
-            raise UserError(f"{what} {path}: no AWS credentials found; set AWS_ACCESS_KEY_ID "
-                            "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance "
-                            "role")
+            raise UserError(
+                f"{what} {path}: no AWS credentials found; set AWS_ACCESS_KEY_ID "
+                "and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or run with an instance "
+                "role"
+            )
     fs, p = filesystem(path)
     bucket = p.split("/", 1)[0]
 
@@ -182,12 +219,16 @@ def check_location(path: str, what: str) -> None:
                 fs.ls(bucket, refresh=True)
             except Exception as err:  # noqa: BLE001  (classified; else the bucket is missing)
                 refused = _classify(err, f"{what} {path}")
-                if isinstance(refused, UserError) and \
-                        "the bucket does not exist" not in str(refused):
+                if isinstance(refused, UserError) and "the bucket does not exist" not in str(
+                    refused
+                ):
                     raise refused from None
-            raise UserError(f"{what} {path}: the bucket {bucket} does not exist; create it "
-                            f"(aws s3 mb s3://{bucket}) or fix the URI")
+            raise UserError(
+                f"{what} {path}: the bucket {bucket} does not exist; create it "
+                f"(aws s3 mb s3://{bucket}) or fix the URI"
+            )
         fs.ls(p, refresh=True) if fs.exists(p) else None
+
     with_retries(probe, f"{what} {path}")
 
 
@@ -232,6 +273,7 @@ def listdir(path: str) -> list[str]:
             return sorted(x.rstrip("/").rsplit("/", 1)[-1] for x in fs.ls(p, refresh=True))
         except FileNotFoundError:
             return []
+
     return with_retries(ls, f"listing {path}")
 
 
@@ -257,6 +299,7 @@ def remove(path: str) -> None:
             fs.rm(p, recursive=True)
         except FileNotFoundError:
             pass
+
     with_retries(rm, f"removing {path}")
 
 
@@ -277,6 +320,7 @@ def remove_all(paths: list[str]) -> None:
             fs.rm(stripped)
         except FileNotFoundError:
             pass
+
     with_retries(rm, f"removing {len(paths)} objects under {paths[0]}")
 
 
@@ -333,7 +377,7 @@ class RangedReader(io.RawIOBase):
         if n <= 0:
             return 0
         data = read_bytes(self.uri, self.pos, self.pos + n)
-        buf[:len(data)] = data
+        buf[: len(data)] = data
         self.pos += len(data)
         return len(data)
 

@@ -13,8 +13,10 @@ def _list(a: argparse.Namespace) -> int:
     found = mf.list_checkpoints(a.location)
     partial = mf.uncommitted(a.location)
     if not found and not partial:
-        raise UserError(f"no checkpoints under {a.location}; pass a checkpoint folder or "
-                        "s3:// prefix (RUN_DIR/checkpoints by default)")
+        raise UserError(
+            f"no checkpoints under {a.location}; pass a checkpoint folder or "
+            "s3:// prefix (RUN_DIR/checkpoints by default)"
+        )
     print(f"{'step':>8}  {'cursor':>10}  {'files':>5}  {'MiB':>9}  layout")
     for f in found:
         try:
@@ -24,8 +26,10 @@ def _list(a: argparse.Namespace) -> int:
             continue
         mib = sum(x["size"] for x in meta["files"].values()) / 2**20
         layout = " ".join(f"{k}={v}" for k, v in meta["layout"].items() if k != "world_size")
-        print(f"{f.step:>8}  {meta['cursor']:>10}  {len(meta['files']):>5}  {mib:>9.2f}  "
-              f"world {meta['layout'].get('world_size', '?')}: {layout}")
+        print(
+            f"{f.step:>8}  {meta['cursor']:>10}  {len(meta['files']):>5}  {mib:>9.2f}  "
+            f"world {meta['layout'].get('world_size', '?')}: {layout}"
+        )
     for p in partial:
         print(f"{'-':>8}  incomplete (no manifest, ignored): {p}")
     return 0
@@ -36,13 +40,16 @@ def _verify(a: argparse.Namespace) -> int:
     if a.step is not None:
         found = [f for f in found if f.step == a.step]
     if not found:
-        raise UserError(f"no complete checkpoint{'' if a.step is None else f' at step {a.step}'}"
-                        f" under {a.location}")
+        raise UserError(
+            f"no complete checkpoint{'' if a.step is None else f' at step {a.step}'}"
+            f" under {a.location}"
+        )
     bad = 0
     for f in found:
         problems = mf.verify(f.path)
-        print(json.dumps({"step": f.step, "path": f.path, "ok": not problems,
-                          "problems": problems}))
+        print(
+            json.dumps({"step": f.step, "path": f.path, "ok": not problems, "problems": problems})
+        )
         bad += bool(problems)
     return 1 if bad else 0
 

@@ -38,8 +38,9 @@ from triaxis.checkpoint.dcp_io import load_model_weights  # noqa: F401  (generat
 from triaxis.errors import UserError
 from triaxis.model.llama import ModelArgs
 
-_MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelArgs)
-                   if f.default is not dataclasses.MISSING}
+_MODEL_DEFAULTS = {
+    f.name: f.default for f in dataclasses.fields(ModelArgs) if f.default is not dataclasses.MISSING
+}
 
 # One process without a process group is a supported case (generation, single-device runs).
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
@@ -81,15 +82,32 @@ def _is_transient(err: BaseException) -> bool:
             return False  # credentials, access denied, missing bucket
     for e in integrity.walk(err):
         mod = type(e).__module__.split(".")[0]
-        if isinstance(e, (OSError, TimeoutError, ConnectionError)) or \
-                mod in ("botocore", "aiobotocore", "urllib3", "aiohttp", "s3fs"):
+        if isinstance(e, (OSError, TimeoutError, ConnectionError)) or mod in (
+            "botocore",
+            "aiobotocore",
+            "urllib3",
+            "aiohttp",
+            "s3fs",
+        ):
             return True
     return False
 
 
 class Checkpointer:
-    def __init__(self, root: str, model, optimizer, scheduler, model_args, layout: dict,
-                 ckpt_cfg, rank: int, world_size: int, meta: dict, log):
+    def __init__(
+        self,
+        root: str,
+        model,
+        optimizer,
+        scheduler,
+        model_args,
+        layout: dict,
+        ckpt_cfg,
+        rank: int,
+        world_size: int,
+        meta: dict,
+        log,
+    ):
         self.root = root
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.model_args = dataclasses.asdict(model_args)
@@ -131,9 +149,11 @@ class Checkpointer:
         if self.is_main:
             try:
                 if storage.exists(storage.join(folder, mf.META)) and folder not in self.written:
-                    err = UserError(f"checkpoint {folder} already exists and this run did not "
-                                    "write it; refusing to replace it. Point "
-                                    "--checkpoint.dir elsewhere")
+                    err = UserError(
+                        f"checkpoint {folder} already exists and this run did not "
+                        "write it; refusing to replace it. Point "
+                        "--checkpoint.dir elsewhere"
+                    )
                 else:
                     storage.remove(folder)
             except BaseException as e:  # agreed on below
@@ -144,8 +164,9 @@ class Checkpointer:
             return False
         return True
 
-    def save(self, step: int, cursor: int, block: bool = False,
-             loop_state: dict | None = None) -> str:
+    def save(
+        self, step: int, cursor: int, block: bool = False, loop_state: dict | None = None
+    ) -> str:
         """Save the state after `step`; async unless `block` or async is off. `loop_state`
         (JSON-able: the training loop's own carried state) goes into the manifest."""
         self.wait()  # one save in flight at a time
@@ -155,12 +176,22 @@ class Checkpointer:
             self.blocking_s.append(time.perf_counter() - t0)
             return folder
         state = self._state()
-        state["train"] = {"step": step, "cursor": cursor,
-                          "scheduler": self.scheduler.state_dict()["last_epoch"],
-                          "rng": torch.get_rng_state()}
+        state["train"] = {
+            "step": step,
+            "cursor": cursor,
+            "scheduler": self.scheduler.state_dict()["last_epoch"],
+            "rng": torch.get_rng_state(),
+        }
         writer = dcp_io.writer(folder)
-        meta = {"step": step, "cursor": cursor, "model": self.model_args, "layout": self.layout,
-                "world_size": self.world_size, **self.meta, "loop_state": loop_state or {}}
+        meta = {
+            "step": step,
+            "cursor": cursor,
+            "model": self.model_args,
+            "layout": self.layout,
+            "world_size": self.world_size,
+            **self.meta,
+            "loop_state": loop_state or {},
+        }
         if self.cfg.async_save and not block:
             staged = writer.stage(state)  # the host copy: all that blocks training
             self.pending = (folder, meta, self.writes.submit(self._write, staged, writer, folder))
@@ -191,8 +222,9 @@ class Checkpointer:
                     mf.write_sidecar(folder, self.rank, writer.digests)
             except BaseException as e:  # agreed on below
                 err = e
-            retry = err is not None and _is_transient(err) and \
-                time.monotonic() + backoff_s < deadline
+            retry = (
+                err is not None and _is_transient(err) and time.monotonic() + backoff_s < deadline
+            )
             verdicts = self._gather((err is not None, retry), self.group)
             if not any(failed for failed, _ in verdicts):
                 return
@@ -201,9 +233,11 @@ class Checkpointer:
                     raise err
                 raise _FailedElsewhere()
             if self.is_main:
-                self.log.warn(f"checkpoint {folder}: storage error ({_short(err)}); retrying "
-                              f"in {backoff_s:.0f}s (up to checkpoint.retry_s="
-                              f"{self.cfg.retry_s:g})")
+                self.log.warn(
+                    f"checkpoint {folder}: storage error ({_short(err)}); retrying "
+                    f"in {backoff_s:.0f}s (up to checkpoint.retry_s="
+                    f"{self.cfg.retry_s:g})"
+                )
             time.sleep(backoff_s * (0.75 + 0.5 * random.random()))
             backoff_s = min(2 * backoff_s, 30.0)
 
@@ -253,8 +287,9 @@ class Checkpointer:
         self._failed(folder, failed, err, last_chance)
         return None
 
-    def _failed(self, folder: str, failed: list, err: BaseException | None,
-                last_chance: bool) -> None:
+    def _failed(
+        self, folder: str, failed: list, err: BaseException | None, last_chance: bool
+    ) -> None:
         """A save that failed on some rank(s), the same verdict on every rank: stop at once
         (permanent), or count it and go on."""
         permanent, message = next(((p, m) for p, m in failed if p), failed[0])
@@ -268,17 +303,21 @@ class Checkpointer:
                 f"checkpoint {folder} could not be saved ({message}); "
                 f"{self.failed_saves} failed save(s) in a row (checkpoint.max_failed_saves="
                 f"{self.cfg.max_failed_saves}). Check the storage, then resume from the last "
-                "committed checkpoint")
-        self.log.warn(f"checkpoint {folder} could not be saved ({message}); training goes on "
-                      f"and the next interval tries again ({self.failed_saves} of "
-                      f"checkpoint.max_failed_saves={self.cfg.max_failed_saves} in a row)")
+                "committed checkpoint"
+            )
+        self.log.warn(
+            f"checkpoint {folder} could not be saved ({message}); training goes on "
+            f"and the next interval tries again ({self.failed_saves} of "
+            f"checkpoint.max_failed_saves={self.cfg.max_failed_saves} in a row)"
+        )
 
     def _retain(self) -> None:
         """Rank 0, after a commit. Best effort: what it cannot remove now, a later commit
         removes."""
         try:
-            for old in mf.to_delete(mf.list_checkpoints(self.root), self.cfg.keep_last,
-                                    self.cfg.keep_every):
+            for old in mf.to_delete(
+                mf.list_checkpoints(self.root), self.cfg.keep_last, self.cfg.keep_every
+            ):
                 storage.remove(old.path)
             for stale in mf.uncommitted(self.root):
                 storage.remove(stale)  # interrupted saves (no save of ours is in flight now)
@@ -303,7 +342,8 @@ class Checkpointer:
                     f"{len(found_all)} committed checkpoint(s) (latest step "
                     f"{found_all[-1].step}) that this run would mix with or replace; point "
                     "--checkpoint.dir at another folder (or resume with "
-                    "--checkpoint.resume=auto)")
+                    "--checkpoint.resume=auto)"
+                )
             return None
         skipped: list[tuple[mf.Found, str]] = []
         for found in reversed(found_all):
@@ -326,7 +366,8 @@ class Checkpointer:
                 f"every checkpoint under {self.root} is invalid ({names}; first problem: "
                 f"{skipped[0][1]}); nothing was changed. Repair them (`triaxis ckpt verify` "
                 "names each bad file), or start fresh with --checkpoint.resume=none and "
-                "another --checkpoint.dir")
+                "another --checkpoint.dir"
+            )
         return None
 
     def find_resume(self) -> mf.Found | None:
@@ -340,7 +381,7 @@ class Checkpointer:
         meta, problems = mf.check(path)
         if not problems and mf.is_legacy(meta) and self.cfg.verify_on_resume:
             files = sorted(meta["files"])
-            problems = mf.verify(path, only=files[self.rank::self.world_size])
+            problems = mf.verify(path, only=files[self.rank :: self.world_size])
         return "; ".join(problems) or None
 
     def _agreed(self, reason: str | None) -> str | None:
@@ -359,9 +400,11 @@ class Checkpointer:
                 try:
                     _move(found.path, dest)
                 except Exception as err:  # noqa: BLE001  (every rank waits below)
-                    self.log.warn(f"could not move invalid checkpoint {found.path} aside "
-                                  f"({_short(err)}); move or remove it before this run "
-                                  f"reaches step {found.step}")
+                    self.log.warn(
+                        f"could not move invalid checkpoint {found.path} aside "
+                        f"({_short(err)}); move or remove it before this run "
+                        f"reaches step {found.step}"
+                    )
                     continue
                 self.log.warn(f"moved invalid checkpoint {found.path} to {dest}")
         _barrier()
@@ -370,12 +413,17 @@ class Checkpointer:
         # A field newer than the checkpoint was at its default when the checkpoint was written.
         meta = meta or mf.read_meta(path)
         saved = {**_MODEL_DEFAULTS, **meta["model"]}
-        diffs = [f"{k}={saved.get(k)} (checkpoint) vs {v} (this run)"
-                 for k, v in self.model_args.items() if saved.get(k) != v and k != "max_seq_len"]
+        diffs = [
+            f"{k}={saved.get(k)} (checkpoint) vs {v} (this run)"
+            for k, v in self.model_args.items()
+            if saved.get(k) != v and k != "max_seq_len"
+        ]
         if diffs:
-            raise UserError(f"checkpoint {path} holds a different model shape: {'; '.join(diffs)}."
-                            " Use the checkpoint's [model] settings, point --checkpoint.dir "
-                            "elsewhere, or start fresh with --checkpoint.resume=none")
+            raise UserError(
+                f"checkpoint {path} holds a different model shape: {'; '.join(diffs)}."
+                " Use the checkpoint's [model] settings, point --checkpoint.dir "
+                "elsewhere, or start fresh with --checkpoint.resume=none"
+            )
 
     def load(self, path: str) -> dict:
         """Load the whole training state in place, checking every item read against its
@@ -384,8 +432,7 @@ class Checkpointer:
         meta = mf.load_manifest(path)
         self.check_compatible(path, meta)
         state = self._state()
-        state["train"] = {"step": 0, "cursor": 0, "scheduler": 0,
-                          "rng": torch.get_rng_state()}
+        state["train"] = {"step": 0, "cursor": 0, "scheduler": 0, "rng": torch.get_rng_state()}
         expected = dcp_io.expected_files(meta) if self.cfg.verify_on_resume else None
         # Keep this rank's own param groups: DCP stores one copy of their parameter lists
         # (rank 0's), which names none of another pipeline stage's parameters. Their
@@ -393,8 +440,12 @@ class Checkpointer:
         groups = state["optim"].pop("param_groups")
         dcp_io.load(state, path, expected, process_group=self.group)
         state["optim"]["param_groups"] = groups
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+        )
         sched = self.scheduler.state_dict()
         sched["last_epoch"] = int(state["train"]["scheduler"])
         sched["_step_count"] = sched["last_epoch"] + 1
@@ -403,15 +454,20 @@ class Checkpointer:
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
             group["lr"] = lr
         torch.set_rng_state(state["train"]["rng"])
-        return {"step": int(state["train"]["step"]), "cursor": int(state["train"]["cursor"]),
-                "loop_state": meta.get("loop_state") or {}}
+        return {
+            "step": int(state["train"]["step"]),
+            "cursor": int(state["train"]["cursor"]),
+            "loop_state": meta.get("loop_state") or {},
+        }
 
     def load_initial(self, path: str) -> None:
         """Model weights only (fine-tuning from e.g. `triaxis import-hf`), into any layout."""
         if not storage.exists(storage.join(path, mf.META)):
-            raise UserError(f"checkpoint.initial={path} is not a triaxis checkpoint (no "
-                            f"{mf.META}); create one with `triaxis import-hf` or point at a "
-                            "step_XXXXXXXX folder")
+            raise UserError(
+                f"checkpoint.initial={path} is not a triaxis checkpoint (no "
+                f"{mf.META}); create one with `triaxis import-hf` or point at a "
+                "step_XXXXXXXX folder"
+            )
         meta = dcp_io.checked(path)
         self.check_compatible(path, meta)
         load_model_weights(self.model, path, meta)

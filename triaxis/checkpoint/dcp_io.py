@@ -40,8 +40,9 @@ def writer(path: str):
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
     # 16 MiB parts: large shards go up as multipart uploads, each part retried on its own.
-    return integrity.hashing(FsspecWriter(path, default_block_size=16 * 2**20,
-                                          **storage.s3_options()))
+    return integrity.hashing(
+        FsspecWriter(path, default_block_size=16 * 2**20, **storage.s3_options())
+    )
 
 
 def reader(path: str, expected: dict | None):
@@ -72,8 +73,10 @@ def load_error(err: BaseException, path: str) -> BaseException:
         return refuse(unsafe, path)
     bad = integrity.find_in(err, integrity.ChecksumMismatch)
     if bad is not None:
-        return UserError(f"checkpoint {path}: {bad}; refusing to load it. Restore the file, or "
-                         "use another checkpoint (`triaxis ckpt verify` checks them all)")
+        return UserError(
+            f"checkpoint {path}: {bad}; refusing to load it. Restore the file, or "
+            "use another checkpoint (`triaxis ckpt verify` checks them all)"
+        )
     return err
 
 
@@ -83,8 +86,10 @@ def checked(path: str) -> dict:
     their items cannot be checked while loading."""
     meta, problems = mf.check(path)
     if problems:
-        raise UserError(f"checkpoint {path} is invalid: {'; '.join(problems)}. Use another "
-                        "checkpoint, or repair this one")
+        raise UserError(
+            f"checkpoint {path} is invalid: {'; '.join(problems)}. Use another "
+            "checkpoint, or repair this one"
+        )
     if mf.is_legacy(meta):
         problems = mf.verify(path)
         if problems:
@@ -107,15 +112,18 @@ def load_model_weights(model, path: str, meta: dict | None = None) -> None:
 
 
 def disk_full(err: OSError, folder: str) -> UserError:
-    return UserError(f"checkpoint {folder}: the disk is full ({err.strerror}); free space, lower "
-                     "checkpoint.keep_last, or point checkpoint.dir elsewhere, then resume. The "
-                     "previous checkpoint is untouched; this partial one is invisible and "
-                     "removed by the next run")
+    return UserError(
+        f"checkpoint {folder}: the disk is full ({err.strerror}); free space, lower "
+        "checkpoint.keep_last, or point checkpoint.dir elsewhere, then resume. The "
+        "previous checkpoint is untouched; this partial one is invisible and "
+        "removed by the next run"
+    )
 
 
 def disk_full_in(err: BaseException) -> OSError | None:
-    return next((e for e in integrity.walk(err)
-                 if isinstance(e, OSError) and e.errno == errno.ENOSPC), None)
+    return next(
+        (e for e in integrity.walk(err) if isinstance(e, OSError) and e.errno == errno.ENOSPC), None
+    )
 
 
 @contextlib.contextmanager

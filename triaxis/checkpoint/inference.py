@@ -22,8 +22,10 @@ def find_checkpoint(path: str) -> str:
         found = complete_checkpoints(folder)
         if found:
             return found[-1]
-    raise UserError(f"no complete checkpoint under {path}; pass a run folder that has trained "
-                    "with checkpoints on, or a step_XXXXXXXX folder")
+    raise UserError(
+        f"no complete checkpoint under {path}; pass a run folder that has trained "
+        "with checkpoints on, or a step_XXXXXXXX folder"
+    )
 
 
 def _model_from(ckpt: str, meta: dict, device: str, fill_buffers: bool) -> Transformer:

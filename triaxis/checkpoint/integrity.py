@@ -144,6 +144,7 @@ class _HashingFs(_FsProxy):
 
             def done(size: int, segments: list) -> None:
                 self._digests[name] = {"size": size, "items": segments}
+
             stream = _HashingStream(raw, done)
             yield stream
             stream.close()
@@ -196,11 +197,12 @@ class _VerifyingView(io.IOBase):
         (no second request on S3), else by reading it; leaves the base stream at `upto`."""
         self.base.seek(self.offset + self.hashed)
         while self.hashed < upto:
-            seen = next(((p, d) for p, d in self.ahead.items()
-                         if p <= self.hashed < p + len(d)), None)
+            seen = next(
+                ((p, d) for p, d in self.ahead.items() if p <= self.hashed < p + len(d)), None
+            )
             if seen is not None:
                 p, d = seen
-                chunk = d[self.hashed - p:upto - p]
+                chunk = d[self.hashed - p : upto - p]
             else:
                 nxt = min((p for p in self.ahead if p > self.hashed), default=upto)
                 chunk = self.base.read(min(_CHUNK, min(nxt, upto) - self.hashed))
@@ -217,7 +219,7 @@ class _VerifyingView(io.IOBase):
     def _after(self, pos: int, data) -> None:
         n = len(data)
         if pos <= self.hashed < pos + n:
-            self.crc = zlib.crc32(data[self.hashed - pos:], self.crc)
+            self.crc = zlib.crc32(data[self.hashed - pos :], self.crc)
             self.hashed = pos + n
         elif pos > self.hashed and n <= _KEEP:
             self.ahead[pos] = bytes(data)
@@ -225,7 +227,7 @@ class _VerifyingView(io.IOBase):
     def readinto(self, b) -> int:
         pos = self.tell()
         self._before(pos)
-        mv = memoryview(b).cast("B")[:max(0, self.len - pos)]
+        mv = memoryview(b).cast("B")[: max(0, self.len - pos)]
         if len(mv) > _PIPE and pos == self.hashed:
             return self._read_hashing_behind(pos, mv)
         n = self.base.readinto(mv) or 0
@@ -237,12 +239,12 @@ class _VerifyingView(io.IOBase):
         read (zlib releases the GIL): the checksum costs almost no time on its own."""
         done, prev = 0, None
         while done < len(mv):
-            n = self.base.readinto(mv[done:done + _PIPE]) or 0
+            n = self.base.readinto(mv[done : done + _PIPE]) or 0
             if n == 0:
                 break
             if prev is not None:
                 prev.result()  # in order: the running CRC is a chain
-            prev = _hasher().submit(self._after, pos + done, mv[done:done + n])
+            prev = _hasher().submit(self._after, pos + done, mv[done : done + n])
             done += n
         if prev is not None:
             prev.result()
@@ -259,8 +261,9 @@ class _VerifyingView(io.IOBase):
     def finish(self) -> None:
         self._fill(self.len)
         if self.crc != self.want:
-            raise ChecksumMismatch(self.name, "fails its checksum (its bytes changed after they "
-                                   "were written)")
+            raise ChecksumMismatch(
+                self.name, "fails its checksum (its bytes changed after they were written)"
+            )
 
 
 class _VerifyingFs(_FsProxy):
@@ -287,9 +290,14 @@ class _VerifyingMixin:
         self._views: list[_VerifyingView] = []
         self._where = where
         self.failure: BaseException | None = None
-        self._expected = None if expected is None else {
-            name: {off: (length, crc) for off, length, crc in entry.get("items", [])}
-            for name, entry in expected.items()}
+        self._expected = (
+            None
+            if expected is None
+            else {
+                name: {off: (length, crc) for off, length, crc in entry.get("items", [])}
+                for name, entry in expected.items()
+            }
+        )
         self._metadata_entry = None if expected is None else expected.get(".metadata")
         self.fs = _VerifyingFs(self.fs, self)
 
@@ -318,11 +326,15 @@ class _VerifyingMixin:
         # metadata must not send the reader outside the folder.
         for info in md.storage_data.values():
             rel = getattr(info, "relative_path", None)
-            if not isinstance(rel, str) or not mf.DATA_NAME.fullmatch(rel) or (
-                    self._expected is not None and rel not in self._expected):
+            if (
+                not isinstance(rel, str)
+                or not mf.DATA_NAME.fullmatch(rel)
+                or (self._expected is not None and rel not in self._expected)
+            ):
                 raise safe_load.UnsafeMetadata(
                     f"{self._where}/.metadata points at {rel!r}, which is not a data file of "
-                    "this checkpoint; refusing to open it")
+                    "this checkpoint; refusing to open it"
+                )
         if getattr(md, "storage_meta", None) is None:
             md.storage_meta = StorageMeta()
         md.storage_meta.load_id = self.load_id
@@ -334,8 +346,10 @@ class _VerifyingMixin:
         table = self._expected.get(sinfo.relative_path, {})
         length, crc = table.get(sinfo.offset, (None, None))
         if length != sinfo.length:
-            raise ChecksumMismatch(sinfo.relative_path, f"has no checksum for bytes "
-                                   f"{sinfo.offset}..{sinfo.offset + sinfo.length}")
+            raise ChecksumMismatch(
+                sinfo.relative_path,
+                f"has no checksum for bytes {sinfo.offset}..{sinfo.offset + sinfo.length}",
+            )
         view = _VerifyingView(file, sinfo.offset, sinfo.length, crc, sinfo.relative_path)
         self._views.append(view)
         return view
@@ -345,11 +359,14 @@ def reader_class(remote: bool):
     from torch.distributed.checkpoint import FileSystemReader
 
     if not remote:
+
         class LocalReader(_VerifyingMixin, FileSystemReader):
             pass
+
         return LocalReader
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
     class RemoteReader(_VerifyingMixin, FsspecReader):
         pass
+
     return RemoteReader

@@ -86,8 +86,7 @@ def holder_is_dead(lease: Lease, now: float) -> str | None:
 class RunLock:
     """The lease on one folder (local path or s3:// prefix), held by this process."""
 
-    def __init__(self, folder: str, heartbeat_s: float = HEARTBEAT_S,
-                 expires_s: float = EXPIRES_S):
+    def __init__(self, folder: str, heartbeat_s: float = HEARTBEAT_S, expires_s: float = EXPIRES_S):
         self.folder = str(folder).rstrip("/")
         self.path = storage.join(self.folder, LEASE_NAME)
         self.heartbeat_s, self.expires_s = heartbeat_s, expires_s
@@ -132,8 +131,9 @@ class RunLock:
             if self.remote:
                 fs, p = storage.filesystem(self.path)
                 # ETag first: if the lease changes before it is read, a PUT If-Match fails.
-                etag = storage.with_retries(lambda: fs.info(p, refresh=True).get("ETag"),
-                                            f"reading {self.path}")
+                etag = storage.with_retries(
+                    lambda: fs.info(p, refresh=True).get("ETag"), f"reading {self.path}"
+                )
                 raw = storage.read_bytes(self.path)
             else:
                 with open(self.path, "rb") as f:
@@ -174,12 +174,16 @@ class RunLock:
             # A store without conditional writes: last writer wins (see the module docstring).
             if not _warned_unconditional:
                 _warned_unconditional.append(True)
-                print(f"warning: {self.folder}: this S3 store does not support conditional "
-                      "writes; the run lease cannot stop two runs that start together",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"warning: {self.folder}: this S3 store does not support conditional "
+                    "writes; the run lease cannot stop two runs that start together",
+                    file=sys.stderr,
+                    flush=True,
+                )
             if condition.get("mode") == "create" and fs.exists(p):
                 return None  # check-then-write: the race the condition would have closed
             return fs.pipe_file(p, data)
+
         out = storage.with_retries(put, f"writing the run lease {self.path}")
         if out is None:
             return False
@@ -220,8 +224,16 @@ class RunLock:
         if self.remote:  # a missing bucket or no credentials: that line, not the lease's
             storage.check_location(self.folder, "checkpoint.dir")
         now = time.time()
-        mine = Lease(socket.gethostname(), os.getpid(), _pid_start(os.getpid()), now, now,
-                     self.expires_s, uuid.uuid4().hex, os.environ.get("TORCHELASTIC_RUN_ID", ""))
+        mine = Lease(
+            socket.gethostname(),
+            os.getpid(),
+            _pid_start(os.getpid()),
+            now,
+            now,
+            self.expires_s,
+            uuid.uuid4().hex,
+            os.environ.get("TORCHELASTIC_RUN_ID", ""),
+        )
         data = json.dumps(asdict(mine)).encode()
         for _ in range(3):  # a lease that vanishes or changes while we look: look again
             if self._create(data):
@@ -230,25 +242,37 @@ class RunLock:
             if held is None:
                 continue
             why = holder_is_dead(held, time.time())
-            restart = (mine.job and held.job == mine.job and
-                       os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0")
+            restart = (
+                mine.job
+                and held.job == mine.job
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+            )
             if why is None and not restart:
                 raise UserError(
                     f"{self.folder} is in use by another run ({held.describe()}, last "
                     f"heartbeat {time.time() - held.heartbeat:.0f} s ago); stop that run, or "
                     f"give this one another train.run_dir / checkpoint.dir. If it is dead on "
                     f"another host, its lease expires {held.expires_s:.0f} s after its last "
-                    f"heartbeat (or delete {self.path})")
-            took = (self._replace(data, etag, held.token) if self.remote
-                    else self._take_over_local(held, data))
+                    f"heartbeat (or delete {self.path})"
+                )
+            took = (
+                self._replace(data, etag, held.token)
+                if self.remote
+                else self._take_over_local(held, data)
+            )
             if took:
-                print(f"warning: took over the lease on {self.folder} from a dead run "
-                      f"({held.describe()}: {why or 'an earlier attempt of this job'})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"warning: took over the lease on {self.folder} from a dead run "
+                    f"({held.describe()}: {why or 'an earlier attempt of this job'})",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 break
         else:
-            raise UserError(f"could not take the run lease {self.path}: other runs keep "
-                            "changing it; stop them and start again")
+            raise UserError(
+                f"could not take the run lease {self.path}: other runs keep "
+                "changing it; stop them and start again"
+            )
         self.lease = mine
         self._thread = threading.Thread(target=self._beat, name="triaxis-lease", daemon=True)
         self._thread.start()
@@ -258,18 +282,26 @@ class RunLock:
         while not self._stop.wait(self.heartbeat_s):
             self.lease.heartbeat = time.time()
             try:
-                kept = self._replace(json.dumps(asdict(self.lease)).encode(), self._etag,
-                                     self.lease.token)
+                kept = self._replace(
+                    json.dumps(asdict(self.lease)).encode(), self._etag, self.lease.token
+                )
             except Exception as e:  # a storage hiccup: try again at the next beat
-                print(f"warning: could not refresh the run lease {self.path}: {e}",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"warning: could not refresh the run lease {self.path}: {e}",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 continue
             if not kept:
                 held, _ = self._read()
                 self.lost = held.describe() if held else "(removed)"
-                print(f"warning: lost the run lease on {self.folder} to {self.lost}: this run "
-                      "was silent for longer than the lease lasts; another run may now write "
-                      "the same folder", file=sys.stderr, flush=True)
+                print(
+                    f"warning: lost the run lease on {self.folder} to {self.lost}: this run "
+                    "was silent for longer than the lease lasts; another run may now write "
+                    "the same folder",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return
 
     def release(self) -> None:
@@ -284,9 +316,12 @@ class RunLock:
             if held is not None and held.token == self.lease.token:
                 storage.remove(self.path)
         except Exception as e:  # never mask how the run ended; the lease expires by itself
-            print(f"warning: could not remove the run lease {self.path} ({e}); it expires "
-                  f"{self.expires_s:.0f} s after its last heartbeat", file=sys.stderr,
-                  flush=True)
+            print(
+                f"warning: could not remove the run lease {self.path} ({e}); it expires "
+                f"{self.expires_s:.0f} s after its last heartbeat",
+                file=sys.stderr,
+                flush=True,
+            )
         self.lease = None
 
 
@@ -303,8 +338,7 @@ def _error_code(err: BaseException) -> str | None:
 
 
 def _precondition_failed(err: BaseException) -> bool:
-    return _error_code(err) in ("PreconditionFailed", "412") or \
-        "PreconditionFailed" in str(err)
+    return _error_code(err) in ("PreconditionFailed", "412") or "PreconditionFailed" in str(err)
 
 
 def _etag_of(response) -> str | None:

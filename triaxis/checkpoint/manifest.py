@@ -55,8 +55,9 @@ def commit(folder: str, world_size: int, meta: dict) -> None:
     problems = _entry_problems(files)
     if problems or ".metadata" not in files:
         raise RuntimeError(f"sidecars of {folder} are inconsistent: {problems or 'no .metadata'}")
-    storage.write_bytes(storage.join(folder, META),
-                        json.dumps({**meta, "files": files}, indent=1).encode())
+    storage.write_bytes(
+        storage.join(folder, META), json.dumps({**meta, "files": files}, indent=1).encode()
+    )
 
 
 @dataclass
@@ -79,8 +80,11 @@ def list_checkpoints(root: str) -> list[Found]:
 
 def uncommitted(root: str) -> list[str]:
     """Step folders without a manifest: interrupted saves."""
-    return [storage.join(root, n) for n in storage.listdir(root)
-            if STEP_NAME.fullmatch(n) and not storage.exists(storage.join(root, n, META))]
+    return [
+        storage.join(root, n)
+        for n in storage.listdir(root)
+        if STEP_NAME.fullmatch(n) and not storage.exists(storage.join(root, n, META))
+    ]
 
 
 def read_meta(path: str) -> dict:
@@ -97,11 +101,17 @@ def _entry_problems(files) -> list[str]:
     problems = []
     for name, entry in files.items():
         if not isinstance(name, str) or not FILE_NAME.fullmatch(name):
-            problems.append(f"it names the file {name!r}, which is not a plain name of a DCP "
-                            "file (.metadata, __R_N.distcp)")
+            problems.append(
+                f"it names the file {name!r}, which is not a plain name of a DCP "
+                "file (.metadata, __R_N.distcp)"
+            )
             continue
-        ok = isinstance(entry, dict) and isinstance(entry.get("size"), int) and \
-            entry["size"] >= 0 and (isinstance(entry.get("sha256"), str) or _items_ok(entry))
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("size"), int)
+            and entry["size"] >= 0
+            and (isinstance(entry.get("sha256"), str) or _items_ok(entry))
+        )
         if not ok:
             problems.append(f"its entry for {name} is malformed")
     return problems
@@ -114,8 +124,13 @@ def _items_ok(entry: dict) -> bool:
         return False
     pos = 0
     for it in items:
-        if not (isinstance(it, list) and len(it) == 3 and all(isinstance(x, int) for x in it)
-                and it[0] == pos and it[1] > 0):
+        if not (
+            isinstance(it, list)
+            and len(it) == 3
+            and all(isinstance(x, int) for x in it)
+            and it[0] == pos
+            and it[1] > 0
+        ):
             return False
         pos += it[1]
     return pos == entry["size"]
@@ -165,8 +180,11 @@ def check(path: str) -> tuple[dict | None, list[str]]:
         meta = load_manifest(path)
     except InvalidManifest as err:
         return None, [str(err)]
-    problems = [p for name, want in sorted(meta["files"].items())
-                if (p := _file_problem(path, name, want)) is not None]
+    problems = [
+        p
+        for name, want in sorted(meta["files"].items())
+        if (p := _file_problem(path, name, want)) is not None
+    ]
     return meta, problems
 
 
@@ -201,11 +219,13 @@ def _content_problem(path: str, name: str, want: dict) -> str | None:
             if i == len(items):
                 return f"{name} is longer than its manifest says"
             take = mv[:left]
-            crc, left, mv = zlib.crc32(take, crc), left - len(take), mv[len(take):]
+            crc, left, mv = zlib.crc32(take, crc), left - len(take), mv[len(take) :]
             if left == 0:
                 if crc != items[i][2]:
-                    return f"{name} fails its checksum (bytes {items[i][0]}.." \
-                           f"{items[i][0] + items[i][1]} changed after they were written)"
+                    return (
+                        f"{name} fails its checksum (bytes {items[i][0]}.."
+                        f"{items[i][0] + items[i][1]} changed after they were written)"
+                    )
                 i, crc = i + 1, 0
                 left = items[i][1] if i < len(items) else 0
     return None if i == len(items) else f"{name} is shorter than its manifest says"
@@ -250,5 +270,6 @@ def to_delete(found: list[Found], keep_last: int, keep_every: int) -> list[Found
     if keep_last <= 0:
         return []
     recent = {f.step for f in found[-keep_last:]}
-    return [f for f in found
-            if f.step not in recent and not (keep_every and f.step % keep_every == 0)]
+    return [
+        f for f in found if f.step not in recent and not (keep_every and f.step % keep_every == 0)
+    ]

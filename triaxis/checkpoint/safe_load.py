@@ -20,14 +20,21 @@ from triaxis.errors import UserError
 
 _DCP_MD = "torch.distributed.checkpoint.metadata"
 _ALLOWED = {
-    (_DCP_MD, "Metadata"), (_DCP_MD, "MetadataIndex"), (_DCP_MD, "StorageMeta"),
-    (_DCP_MD, "TensorStorageMetadata"), (_DCP_MD, "BytesStorageMetadata"),
-    (_DCP_MD, "ChunkStorageMetadata"), (_DCP_MD, "TensorProperties"),
+    (_DCP_MD, "Metadata"),
+    (_DCP_MD, "MetadataIndex"),
+    (_DCP_MD, "StorageMeta"),
+    (_DCP_MD, "TensorStorageMetadata"),
+    (_DCP_MD, "BytesStorageMetadata"),
+    (_DCP_MD, "ChunkStorageMetadata"),
+    (_DCP_MD, "TensorProperties"),
     (_DCP_MD, "_MEM_FORMAT_ENCODING"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
     # StorageMeta.checkpoint_id is the folder the writer was given
-    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
     ("collections", "OrderedDict"),
 }
 
@@ -56,10 +63,12 @@ def load_metadata(raw: bytes, where: str):
     except pickle.UnpicklingError as err:
         raise UnsafeMetadata(
             f"{where} is not DCP metadata: it asks to load {err}, which a checkpoint never "
-            "holds; refusing to open it (nothing was run)") from None
+            "holds; refusing to open it (nothing was run)"
+        ) from None
     except Exception as err:  # truncated or garbled: not metadata either
-        raise UnsafeMetadata(f"{where} is not readable DCP metadata ({type(err).__name__}: "
-                             f"{err})") from None
+        raise UnsafeMetadata(
+            f"{where} is not readable DCP metadata ({type(err).__name__}: {err})"
+        ) from None
     if not isinstance(md, Metadata):
         raise UnsafeMetadata(f"{where} holds a {type(md).__name__}, not DCP metadata")
     return md
@@ -73,8 +82,10 @@ def unsafe_in(err: BaseException) -> UnsafeMetadata | None:
 
 
 def refuse(err: UnsafeMetadata, path: str) -> UserError:
-    return UserError(f"checkpoint {path}: {err}. Use a checkpoint from a source you trust, or "
-                     "re-create it (e.g. `triaxis import-hf`)")
+    return UserError(
+        f"checkpoint {path}: {err}. Use a checkpoint from a source you trust, or "
+        "re-create it (e.g. `triaxis import-hf`)"
+    )
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -87,7 +98,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         except pickle.UnpicklingError as err:
             raise UnsafeMetadata(
                 f"the value {read_item.dest_index.fqn!r} is not plain data ({str(err)[:200]}); "
-                "refusing to load it (nothing was run)") from None
+                "refusing to load it (nothing was run)"
+            ) from None
         if self.flatten_state_dict:
             from torch.distributed.checkpoint._traverse import set_element
 

@@ -76,27 +76,36 @@ def read_manifest(path: str | Path) -> dict:
         try:
             text = storage.read_bytes(mf).decode()
         except FileNotFoundError:
-            raise UserError(f"data path {path} has no {MANIFEST}: it is not prepared data or the "
-                            f"prefix is wrong. Run `triaxis prepare --output {path}`") from None
+            raise UserError(
+                f"data path {path} has no {MANIFEST}: it is not prepared data or the "
+                f"prefix is wrong. Run `triaxis prepare --output {path}`"
+            ) from None
     else:
         folder = Path(path)
         if not folder.exists():
-            raise UserError(f"data path {path} does not exist; run `triaxis prepare --output "
-                            f"{path}` first, or set data.path")
+            raise UserError(
+                f"data path {path} does not exist; run `triaxis prepare --output "
+                f"{path}` first, or set data.path"
+            )
         mf = folder / MANIFEST
         if not mf.is_file():
-            raise UserError(f"data path {path} has no {MANIFEST}; it is not prepared data. "
-                            f"Run `triaxis prepare --output {path}`")
+            raise UserError(
+                f"data path {path} has no {MANIFEST}; it is not prepared data. "
+                f"Run `triaxis prepare --output {path}`"
+            )
         text = mf.read_bytes().decode("utf-8", errors="replace")
     try:
         manifest = json.loads(text)
     except ValueError as e:
-        raise UserError(f"{mf} is not valid JSON ({e}): the manifest is damaged; prepare the "
-                        "data again") from None
+        raise UserError(
+            f"{mf} is not valid JSON ({e}): the manifest is damaged; prepare the data again"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else None
-        raise UserError(f"{mf} has format {found!r}, expected {FORMAT!r}; "
-                        "prepare the data again with this triaxis version")
+        raise UserError(
+            f"{mf} has format {found!r}, expected {FORMAT!r}; "
+            "prepare the data again with this triaxis version"
+        )
     check_manifest(manifest, str(mf))
     return manifest
 
@@ -111,9 +120,18 @@ class TokenDataset:
     verify="size": verify.py), s3:// shards through a local cache of at most `cache_gib`, each
     download checked against its sha256 (remote.py)."""
 
-    def __init__(self, path: str | Path, split: str, seq_len: int, seed: int = 0,
-                 verify: bool | str = "sha256", cache_dir: str = "", cache_gib: float = 4.0,
-                 prefetch_threads: int = 4, shuffle_shards: int = 0):
+    def __init__(
+        self,
+        path: str | Path,
+        split: str,
+        seq_len: int,
+        seed: int = 0,
+        verify: bool | str = "sha256",
+        cache_dir: str = "",
+        cache_gib: float = 4.0,
+        prefetch_threads: int = 4,
+        shuffle_shards: int = 0,
+    ):
         verify = {True: "sha256", False: "size"}.get(verify, verify)  # type: ignore[arg-type]
         if verify not in VERIFY_MODES:
             raise UserError(f"data.verify={verify!r} is not one of {list(VERIFY_MODES)}")
@@ -123,8 +141,10 @@ class TokenDataset:
         self.seq_len, self.seed = seq_len, seed
         info = self.manifest["splits"].get(split)
         if info is None or info["tokens"] == 0:
-            raise EmptySplitError(f"data path {path} has no {split!r} tokens; prepare more text or "
-                            "set a non-zero --val-fraction")
+            raise EmptySplitError(
+                f"data path {path} has no {split!r} tokens; prepare more text or "
+                "set a non-zero --val-fraction"
+            )
         dtype = np.dtype(self.manifest["dtype"])
         self.shards: list[np.ndarray] = []
         self.cache = None
@@ -140,12 +160,15 @@ class TokenDataset:
         self.num_tokens = int(self.offsets[-1])
         self.num_windows = (self.num_tokens - 1) // seq_len
         if self.num_windows < 1:
-            raise EmptySplitError(f"split {split!r} of {path} has {self.num_tokens} tokens, "
-                                  f"fewer than one sample of data.seq_len={seq_len} + 1; lower "
-                                  "data.seq_len or prepare more text")
+            raise EmptySplitError(
+                f"split {split!r} of {path} has {self.num_tokens} tokens, "
+                f"fewer than one sample of data.seq_len={seq_len} + 1; lower "
+                "data.seq_len or prepare more text"
+            )
         if shuffle_shards < 0:
-            raise UserError(f"data.shuffle_shards={shuffle_shards} must be >= 0 (0 = one "
-                            "global shuffle)")
+            raise UserError(
+                f"data.shuffle_shards={shuffle_shards} must be >= 0 (0 = one global shuffle)"
+            )
         self.group_blocks = shuffle_shards
         self.block_windows = max(1, max(sizes) // seq_len)
         if shuffle_shards and self.cache is not None:
@@ -160,23 +183,35 @@ class TokenDataset:
             return np.zeros(0, dtype)  # an empty file cannot be memory-mapped
         return np.memmap(f, dtype=dtype, mode="r")
 
-    def _remote_cache(self, info: dict, dtype: np.dtype, cache_dir: str, cache_gib: float,
-                      threads: int):
+    def _remote_cache(
+        self, info: dict, dtype: np.dtype, cache_dir: str, cache_gib: float, threads: int
+    ):
         from triaxis.data.remote import ShardCache
 
         if cache_gib <= 0:
-            raise UserError(f"data.cache_gib={cache_gib} must be > 0: remote shards are read "
-                            "through a local cache of that size")
+            raise UserError(
+                f"data.cache_gib={cache_gib} must be > 0: remote shards are read "
+                "through a local cache of that size"
+            )
         files = [s["file"] for s in info["shards"]]
         present = set(storage.listdir(self.path))  # one listing finds a missing shard now
         missing = [f for f in files if f not in present]
         if missing:
-            raise UserError(f"shard {storage.join(self.path, missing[0])} listed in the manifest "
-                            f"is missing ({len(missing)} of {len(files)}); prepare the data "
-                            f"again (triaxis prepare --output {self.path})")
-        return ShardCache(self.path, files, [s["tokens"] * dtype.itemsize for s in info["shards"]],
-                          [s["sha256"] for s in info["shards"]], dtype, cache_dir,
-                          int(cache_gib * 2**30), threads)
+            raise UserError(
+                f"shard {storage.join(self.path, missing[0])} listed in the manifest "
+                f"is missing ({len(missing)} of {len(files)}); prepare the data "
+                f"again (triaxis prepare --output {self.path})"
+            )
+        return ShardCache(
+            self.path,
+            files,
+            [s["tokens"] * dtype.itemsize for s in info["shards"]],
+            [s["sha256"] for s in info["shards"]],
+            dtype,
+            cache_dir,
+            int(cache_gib * 2**30),
+            threads,
+        )
 
     def tokenizer(self):
         return load_tokenizer(self.path, self.manifest["tokenizer"])
@@ -194,7 +229,7 @@ class TokenDataset:
             s = self._shard_of(pos)
             local = pos - int(self.offsets[s])
             take = min(count, self.shard_tokens[s] - local)
-            out.append(self._shard(s)[local:local + take])
+            out.append(self._shard(s)[local : local + take])
             pos, count = pos + take, count - take
         return np.concatenate(out) if len(out) > 1 else np.asarray(out[0])
 
@@ -207,8 +242,9 @@ class TokenDataset:
                 seen[s] = None
         return list(seen)
 
-    def prefetch(self, start_index: int, count: int, micro_batch: int = 0, dp_size: int = 1,
-                 dp_rank: int = 0) -> None:
+    def prefetch(
+        self, start_index: int, count: int, micro_batch: int = 0, dp_size: int = 1, dp_rank: int = 0
+    ) -> None:
         """Start downloading, in the background, the shards that samples start_index ..
         start_index + count - 1 touch. With micro_batch and dp_size, only this data-parallel
         rank's share of them (the slices micro_batch_start gives it; start_index must be a
@@ -230,10 +266,12 @@ class TokenDataset:
         # which may open the next group.
         need = 4 * groups * max(self.shard_tokens) * dtype.itemsize
         if cache_gib * 2**30 < need:
-            raise UserError(f"data.shuffle_shards={groups} reads up to {2 * groups} shards at a "
-                            f"time, and the next group is prefetched: {need / 2**30:.3g} GiB, "
-                            f"over data.cache_gib={cache_gib:.3g}; raise data.cache_gib to "
-                            f"{need / 2**30:.3g} or lower data.shuffle_shards")
+            raise UserError(
+                f"data.shuffle_shards={groups} reads up to {2 * groups} shards at a "
+                f"time, and the next group is prefetched: {need / 2**30:.3g} GiB, "
+                f"over data.cache_gib={cache_gib:.3g}; raise data.cache_gib to "
+                f"{need / 2**30:.3g} or lower data.shuffle_shards"
+            )
 
     def window_of(self, index: int, shuffle: bool = True) -> int:
         epoch, j = divmod(index, self.num_windows)
@@ -274,8 +312,9 @@ class TokenDataset:
         return torch.from_numpy(np.stack(rows))
 
 
-def micro_batch_start(cursor: int, micro_step: int, micro_batch: int, dp_size: int,
-                      dp_rank: int) -> int:
+def micro_batch_start(
+    cursor: int, micro_step: int, micro_batch: int, dp_size: int, dp_rank: int
+) -> int:
     """First global sample index of one rank's micro-batch.
 
     A step consumes global_batch = micro_batch · grad_accum · dp_size consecutive indices from the

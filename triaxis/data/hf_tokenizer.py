@@ -26,8 +26,10 @@ def open_hf_tokenizer(path: str, eos_token: str = "") -> HFTokenizer:
     """The tokenizer at PATH (`hf:PATH` without the prefix); every problem is one UserError."""
     what = f"--tokenizer {PREFIX}{path}"
     if not path:
-        raise UserError(f"{what}: no path after '{PREFIX}'; give {_EXPECTED}, e.g. "
-                        f"{PREFIX}~/models/Llama-3.2-1B")
+        raise UserError(
+            f"{what}: no path after '{PREFIX}'; give {_EXPECTED}, e.g. "
+            f"{PREFIX}~/models/Llama-3.2-1B"
+        )
     file = _tokenizer_file(path, what)
     try:
         raw = storage.read_bytes(file)
@@ -38,21 +40,27 @@ def open_hf_tokenizer(path: str, eos_token: str = "") -> HFTokenizer:
     try:
         tok = Tokenizer.from_str(raw.decode())
     except Exception as e:  # noqa: BLE001  (the Rust side raises a bare Exception)
-        raise UserError(f"{what}: {file} is not a tokenizer.json the `tokenizers` library can "
-                        f"read ({e}); give the tokenizer.json of a Hugging Face model") from None
+        raise UserError(
+            f"{what}: {file} is not a tokenizer.json the `tokenizers` library can "
+            f"read ({e}); give the tokenizer.json of a Hugging Face model"
+        ) from None
     where = "--eos-token"
     if not eos_token:
         folder = file.rsplit("/", 1)[0] if storage.is_remote(file) else os.path.dirname(file)
         eos_token, where = _configured_eos(folder, what)
     if not eos_token:
-        raise UserError(f"{what}: no eos_token in a tokenizer_config.json beside {file}; pass "
-                        "the end-of-document token with --eos-token TEXT, e.g. "
-                        "--eos-token '<|end_of_text|>'")
+        raise UserError(
+            f"{what}: no eos_token in a tokenizer_config.json beside {file}; pass "
+            "the end-of-document token with --eos-token TEXT, e.g. "
+            "--eos-token '<|end_of_text|>'"
+        )
     if tok.token_to_id(eos_token) is None:
         special = [t.content for t in tok.get_added_tokens_decoder().values() if t.special]
         hint = f"one of its special tokens {special[:8]}" if special else "a token it holds"
-        raise UserError(f"{what}: the end-of-document token {eos_token!r} (from {where}) is not "
-                        f"in the vocabulary of {file}; pass --eos-token with {hint}")
+        raise UserError(
+            f"{what}: the end-of-document token {eos_token!r} (from {where}) is not "
+            f"in the vocabulary of {file}; pass --eos-token with {hint}"
+        )
     return HFTokenizer(tok, eos_token, path)
 
 
@@ -79,8 +87,10 @@ def _configured_eos(folder: str, what: str) -> tuple[str, str]:
         try:
             config = json.loads(storage.read_bytes(file))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{what}: {file} is not valid JSON ({e}); fix or remove it, or pass "
-                            "--eos-token TEXT") from None
+            raise UserError(
+                f"{what}: {file} is not valid JSON ({e}); fix or remove it, or pass "
+                "--eos-token TEXT"
+            ) from None
         eos = config.get("eos_token") if isinstance(config, dict) else None
         if isinstance(eos, dict):  # an AddedToken written out: {"content": ..., ...}
             eos = eos.get("content")

@@ -42,9 +42,11 @@ class StagedOutput:
         self.owned = self._owned_by_old_manifest()
         foreign = sorted(n for n in self.names if OUR_NAMES.match(n) and n not in self.owned)
         if foreign:
-            raise UserError(f"--output {out} holds {foreign[0]} ({len(foreign)} such file(s)) "
-                            "that no triaxis manifest there lists: prepare will not overwrite "
-                            "files it did not write; move them or choose another --output")
+            raise UserError(
+                f"--output {out} holds {foreign[0]} ({len(foreign)} such file(s)) "
+                "that no triaxis manifest there lists: prepare will not overwrite "
+                "files it did not write; move them or choose another --output"
+            )
         # The outermost folder this run will create (None: the output exists): removed again
         # if the preparation fails.
         self.created = None if self.remote or os.path.isdir(out) else _first_missing(out)
@@ -65,9 +67,11 @@ class StagedOutput:
             for split in manifest["splits"].values():
                 owned.update(str(s["file"]) for s in split["shards"])
         except (ValueError, KeyError, TypeError, AttributeError):
-            raise UserError(f"{path} is not a readable triaxis manifest, so which files in "
-                            f"{self.out} are a previous preparation's is unknown; remove or fix "
-                            "it, or choose another --output") from None
+            raise UserError(
+                f"{path} is not a readable triaxis manifest, so which files in "
+                f"{self.out} are a previous preparation's is unknown; remove or fix "
+                "it, or choose another --output"
+            ) from None
         return owned
 
     def put(self, path: str, data: bytes) -> None:
@@ -77,9 +81,11 @@ class StagedOutput:
         except OSError as e:
             if self.remote or e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            raise UserError(f"--output {self.out}: the disk is full (writing "
-                            f"{os.path.basename(path)}); free space or choose another "
-                            "--output; nothing was changed") from None
+            raise UserError(
+                f"--output {self.out}: the disk is full (writing "
+                f"{os.path.basename(path)}); free space or choose another "
+                "--output; nothing was changed"
+            ) from None
         self.written.append(path.rsplit("/", 1)[-1] if self.remote else os.path.basename(path))
 
     def commit(self, manifest: bytes) -> None:

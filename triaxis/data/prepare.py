@@ -81,17 +81,20 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
     t0 = time.perf_counter()
     hf = opts.tokenizer.startswith(HF_PREFIX)
     if opts.tokenizer not in ("bpe", "byte") and not hf:
-        raise UserError(f"--tokenizer {opts.tokenizer!r} is unknown; use bpe, byte or hf:PATH "
-                        "(a Hugging Face tokenizer.json or model folder)")
+        raise UserError(
+            f"--tokenizer {opts.tokenizer!r} is unknown; use bpe, byte or hf:PATH "
+            "(a Hugging Face tokenizer.json or model folder)"
+        )
     if opts.eos_token and not hf:
-        raise UserError(f"--eos-token {opts.eos_token!r} applies to --tokenizer hf:PATH only; "
-                        f"{opts.tokenizer} has its own end-of-document token: drop --eos-token")
+        raise UserError(
+            f"--eos-token {opts.eos_token!r} applies to --tokenizer hf:PATH only; "
+            f"{opts.tokenizer} has its own end-of-document token: drop --eos-token"
+        )
     check_options(opts)
     out = str(opts.output)
     storage.check_location(out, "--output")
     staged = StagedOutput(out, log)  # reads only: refuses an output it must not touch
-    files = resolve_inputs(opts.inputs, opts.extensions) if opts.inputs else \
-        embedded_corpus_files()
+    files = resolve_inputs(opts.inputs, opts.extensions) if opts.inputs else embedded_corpus_files()
     source = "embedded: python stdlib" if not opts.inputs else ", ".join(opts.inputs)
 
     def documents() -> Iterator[str]:
@@ -100,16 +103,20 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
     if opts.tokenizer == "byte":
         tok = ByteTokenizer()
     elif hf:
-        tok = open_hf_tokenizer(opts.tokenizer[len(HF_PREFIX):], opts.eos_token)
-        log(f"tokenizer {tok.source}: vocab {tok.vocab_size}, each document followed by "
-            f"{tok.eos_token!r} (id {tok.eos_id})")
+        tok = open_hf_tokenizer(opts.tokenizer[len(HF_PREFIX) :], opts.eos_token)
+        log(
+            f"tokenizer {tok.source}: vocab {tok.vocab_size}, each document followed by "
+            f"{tok.eos_token!r} (id {tok.eos_id})"
+        )
     else:
         seen = _Counter(documents())
         tok = BPETokenizer.train((p for doc in seen for p in split_long(doc)), opts.vocab_size)
         if not seen.docs:
             raise UserError(f"inputs {opts.inputs or [source]} hold no text; give non-empty files")
-        log(f"read {seen.docs} documents, {seen.chars / 1e6:.1f} MB from {source}; trained BPE "
-            f"tokenizer, vocab {tok.vocab_size}")
+        log(
+            f"read {seen.docs} documents, {seen.chars / 1e6:.1f} MB from {source}; trained BPE "
+            f"tokenizer, vocab {tok.vocab_size}"
+        )
 
     # Nothing is written before this point; from here on, into a staging folder that is swapped
     # in only if everything works (output.py).
@@ -119,9 +126,11 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
     except BaseException:
         staged.abort()
         raise
-    log(f"wrote {manifest['splits']['train']['tokens']:,} train and "
+    log(
+        f"wrote {manifest['splits']['train']['tokens']:,} train and "
         f"{manifest['splits']['val']['tokens']:,} val tokens ({docs} documents) to {out} "
-        f"({processes or 'no'} worker processes) in {time.perf_counter() - t0:.1f}s")
+        f"({processes or 'no'} worker processes) in {time.perf_counter() - t0:.1f}s"
+    )
     return manifest
 
 
@@ -135,8 +144,9 @@ def check_options(opts: PrepareOptions) -> None:
             check_value("--" + f.name.replace("_", "-"), item, f.metadata.get(RANGE))
 
 
-def _write(opts: PrepareOptions, tok, documents, staged: StagedOutput, source: str
-           ) -> tuple[dict, int, int]:
+def _write(
+    opts: PrepareOptions, tok, documents, staged: StagedOutput, source: str
+) -> tuple[dict, int, int]:
     """Tokenize into staged shards; (manifest, documents, worker processes)."""
     put, out = staged.put, staged.stage
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
@@ -154,8 +164,13 @@ def _write(opts: PrepareOptions, tok, documents, staged: StagedOutput, source: s
     if not any(w.documents for w in writers):
         raise UserError(f"inputs {opts.inputs or [source]} hold no text; give non-empty files")
 
-    manifest = {"format": FORMAT, "dtype": np.dtype(dtype).name, "source": source,
-                "tokenizer": tok.save(out, put), "splits": {}}
+    manifest = {
+        "format": FORMAT,
+        "dtype": np.dtype(dtype).name,
+        "source": source,
+        "tokenizer": tok.save(out, put),
+        "splits": {},
+    }
     for split, writer in zip(SPLITS, writers):
         manifest["splits"][split] = writer.close()
     return manifest, sum(w.documents for w in writers), processes[0]
@@ -208,8 +223,9 @@ def split_long(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
     yield text[start:]
 
 
-def _chunks(docs: Iterable[tuple[int, str]], writers: list[_ShardWriter], piece_chars: int = 0
-            ) -> Iterator[list[tuple[int, str, bool]]]:
+def _chunks(
+    docs: Iterable[tuple[int, str]], writers: list[_ShardWriter], piece_chars: int = 0
+) -> Iterator[list[tuple[int, str, bool]]]:
     """Chunks of (split, text, ends a document); with piece_chars, long documents in pieces."""
     chunk: list[tuple[int, str, bool]] = []
     chars = 0
@@ -250,8 +266,9 @@ def _encode_in_worker(chunk: list[tuple[int, str, bool]]) -> list[np.ndarray]:
     return _encode_chunk(_worker_tok, chunk)
 
 
-def encode_in_order(chunks: Iterable[list[tuple[int, str, bool]]], workers: int, tok,
-                    processes: list[int]) -> Iterator[list[np.ndarray]]:
+def encode_in_order(
+    chunks: Iterable[list[tuple[int, str, bool]]], workers: int, tok, processes: list[int]
+) -> Iterator[list[np.ndarray]]:
     """_encode_chunk of each chunk, in input order. With workers > 1 (and more than one chunk)
     a pool of spawned processes encodes them, at most 2 x workers chunks in flight: memory
     stays bounded however long the input is, and the order of the results never changes."""
@@ -265,8 +282,12 @@ def encode_in_order(chunks: Iterable[list[tuple[int, str, bool]]], workers: int,
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn, not fork: the parent may already run tokenizer (rayon) or torch threads.
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(tok.state(),))
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(tok.state(),),
+    )
     processes[0] = workers
     pending: deque = deque()
     try:
@@ -297,15 +318,16 @@ class _ShardWriter:
         self.buffered += arr.size
         while self.buffered >= self.shard_tokens:
             flat = np.concatenate(self.buf)
-            self._flush(flat[:self.shard_tokens])
-            self.buf, self.buffered = [flat[self.shard_tokens:]], flat.size - self.shard_tokens
+            self._flush(flat[: self.shard_tokens])
+            self.buf, self.buffered = [flat[self.shard_tokens :]], flat.size - self.shard_tokens
 
     def _flush(self, arr: np.ndarray) -> None:
         name = f"{self.split}_{len(self.shards):05d}.bin"
         data = arr.astype(self.dtype).tobytes()
         self.put(storage.join(self.out, name), data)
-        self.shards.append({"file": name, "tokens": int(arr.size),
-                            "sha256": hashlib.sha256(data).hexdigest()})
+        self.shards.append(
+            {"file": name, "tokens": int(arr.size), "sha256": hashlib.sha256(data).hexdigest()}
+        )
         self.tokens += int(arr.size)
 
     def close(self) -> dict:

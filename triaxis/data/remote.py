@@ -59,14 +59,24 @@ class CacheStats:
 class ShardCache:
     """Shards `files[i]` of the prefix `base`, each of `sizes_bytes[i]` with digest `sha256[i]`."""
 
-    def __init__(self, base: str, files: list[str], sizes_bytes: list[int], sha256: list[str],
-                 dtype: np.dtype, cache_dir: str = "", budget_bytes: int = 4 * 2**30,
-                 threads: int = 4):
+    def __init__(
+        self,
+        base: str,
+        files: list[str],
+        sizes_bytes: list[int],
+        sha256: list[str],
+        dtype: np.dtype,
+        cache_dir: str = "",
+        budget_bytes: int = 4 * 2**30,
+        threads: int = 4,
+    ):
         largest = max(sizes_bytes)
         if budget_bytes < largest:
-            raise UserError(f"data.cache_gib={budget_bytes / 2**30:.3g} is smaller than the "
-                            f"largest shard of {base} ({largest / 2**30:.3g} GiB); raise "
-                            f"data.cache_gib to at least {2 * largest / 2**30:.3g}")
+            raise UserError(
+                f"data.cache_gib={budget_bytes / 2**30:.3g} is smaller than the "
+                f"largest shard of {base} ({largest / 2**30:.3g} GiB); raise "
+                f"data.cache_gib to at least {2 * largest / 2**30:.3g}"
+            )
         self.base, self.files, self.sizes, self.sha256 = base, files, sizes_bytes, sha256
         self.dtype, self.budget_bytes = dtype, budget_bytes
         self.cache_root = cache_dir or tempfile.gettempdir()
@@ -187,12 +197,16 @@ class ShardCache:
         try:
             actual = storage.size(uri)
         except FileNotFoundError:
-            raise UserError(f"shard {uri} listed in the manifest is missing; prepare the data "
-                            f"again (triaxis prepare --output {self.base})") from None
+            raise UserError(
+                f"shard {uri} listed in the manifest is missing; prepare the data "
+                f"again (triaxis prepare --output {self.base})"
+            ) from None
         if actual != self.sizes[shard]:
-            raise UserError(f"shard {uri} has {actual} bytes but the manifest says "
-                            f"{self.sizes[shard]}: it was truncated or overwritten; prepare the "
-                            f"data again (triaxis prepare --output {self.base})")
+            raise UserError(
+                f"shard {uri} has {actual} bytes but the manifest says "
+                f"{self.sizes[shard]}: it was truncated or overwritten; prepare the "
+                f"data again (triaxis prepare --output {self.base})"
+            )
         folder = self._ensure_folder()
         for _attempt in range(2):  # a second try rules out corruption in transit
             fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".part")
@@ -210,10 +224,12 @@ class ShardCache:
             finally:
                 if os.path.exists(tmp):
                     os.remove(tmp)
-        raise UserError(f"shard {uri} fails its sha256 check (got {digest.hexdigest()[:12]}..., "
-                        f"the manifest says {self.sha256[shard][:12]}...): the object is "
-                        f"corrupted or was overwritten after prepare; prepare the data again "
-                        f"(triaxis prepare --output {self.base})")
+        raise UserError(
+            f"shard {uri} fails its sha256 check (got {digest.hexdigest()[:12]}..., "
+            f"the manifest says {self.sha256[shard][:12]}...): the object is "
+            f"corrupted or was overwritten after prepare; prepare the data again "
+            f"(triaxis prepare --output {self.base})"
+        )
 
     def _ensure_folder(self) -> Path:
         with self._cond:
@@ -221,8 +237,9 @@ class ShardCache:
                 root = Path(self.cache_root)
                 root.mkdir(parents=True, exist_ok=True)
                 sweep_stale(root)
-                self._folder[0] = Path(tempfile.mkdtemp(
-                    dir=root, prefix=f"triaxis-cache-{_host()}-{os.getpid()}-"))
+                self._folder[0] = Path(
+                    tempfile.mkdtemp(dir=root, prefix=f"triaxis-cache-{_host()}-{os.getpid()}-")
+                )
             return self._folder[0]
 
 

@@ -36,8 +36,16 @@ def embedded_corpus_files() -> list[str]:
     """The running interpreter's standard-library sources: a corpus that needs no download."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     # Tests, and the codec / help-text tables (encodings, pydoc_data): data, not code.
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__",
-            "encodings", "pydoc_data"}
+    skip = {
+        "site-packages",
+        "dist-packages",
+        "test",
+        "tests",
+        "idle_test",
+        "__pycache__",
+        "encodings",
+        "pydoc_data",
+    }
     files = [p for p in stdlib.rglob("*.py") if not skip.intersection(p.relative_to(stdlib).parts)]
     return [str(p) for p in sorted(files)]
 
@@ -46,8 +54,11 @@ def resolve_inputs(inputs: list[str], extensions: tuple[str, ...]) -> list[str]:
     """Every input file, in order: each spec (file, folder or glob) expanded and sorted."""
     files: list[str] = []
     for spec in inputs:
-        files.extend(_resolve_remote(spec, extensions) if storage.is_remote(spec)
-                     else _resolve_local(spec, extensions))
+        files.extend(
+            _resolve_remote(spec, extensions)
+            if storage.is_remote(spec)
+            else _resolve_local(spec, extensions)
+        )
     return files
 
 
@@ -58,13 +69,17 @@ def _resolve_local(spec: str, extensions: tuple[str, ...]) -> list[str]:
     if p.is_dir():
         found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in extensions)
         if not found:
-            raise UserError(f"input folder {spec} holds no {'/'.join(extensions)} files; "
-                            "point --input at text files or a glob like 'docs/**/*.txt'")
+            raise UserError(
+                f"input folder {spec} holds no {'/'.join(extensions)} files; "
+                "point --input at text files or a glob like 'docs/**/*.txt'"
+            )
         return [str(f) for f in found]
     found = sorted(Path(f) for f in glob.glob(spec, recursive=True) if Path(f).is_file())
     if not found:
-        raise UserError(f"input {spec!r} matches no file or folder; check the path "
-                        "(globs need quotes: --input 'data/*.txt')")
+        raise UserError(
+            f"input {spec!r} matches no file or folder; check the path "
+            "(globs need quotes: --input 'data/*.txt')"
+        )
     return [str(f) for f in found]
 
 
@@ -72,8 +87,10 @@ def _resolve_remote(spec: str, extensions: tuple[str, ...]) -> list[str]:
     storage.check_location(spec, "--input")
     found = storage.list_files(spec, extensions)
     if not found:
-        raise UserError(f"input {spec} matches no object with a {'/'.join(extensions)} "
-                        "extension; check the bucket and prefix (aws s3 ls)")
+        raise UserError(
+            f"input {spec} matches no object with a {'/'.join(extensions)} "
+            "extension; check the bucket and prefix (aws s3 ls)"
+        )
     return found
 
 
@@ -88,15 +105,19 @@ def file_documents(path: str) -> Iterator[str]:
         data = storage.read_bytes(path)
         if b"\x00" in data:
             # No text holds NUL bytes: a binary file (or UTF-16), which would train on garbage.
-            raise UserError(f"{path} holds NUL bytes: it is not UTF-8 text (a binary file, or "
-                            "UTF-16?); pass text files, or convert it to UTF-8")
+            raise UserError(
+                f"{path} holds NUL bytes: it is not UTF-8 text (a binary file, or "
+                "UTF-16?); pass text files, or convert it to UTF-8"
+            )
         yield data.decode("utf-8", errors="replace")
 
 
 def _json_text(obj, where: str) -> str:
     if not isinstance(obj, dict) or "text" not in obj:
-        raise UserError(f"{where} has no 'text' field; JSON Lines input needs one object per "
-                        'line like {"text": "..."}')
+        raise UserError(
+            f"{where} has no 'text' field; JSON Lines input needs one object per "
+            'line like {"text": "..."}'
+        )
     text = obj["text"]
     if text is None:
         return ""
@@ -113,8 +134,9 @@ def _json_documents(path: str) -> Iterator[str]:
             try:
                 rows = json.loads(f.read())
             except ValueError as e:
-                raise UserError(f"{path} is not valid JSON ({e}); give JSON Lines or an "
-                                "array") from None
+                raise UserError(
+                    f"{path} is not valid JSON ({e}); give JSON Lines or an array"
+                ) from None
             for i, obj in enumerate(rows):
                 yield _json_text(obj, f"{path} item {i}")
             return
@@ -124,8 +146,10 @@ def _json_documents(path: str) -> Iterator[str]:
             try:
                 obj = json.loads(line)
             except ValueError as e:
-                raise UserError(f"{path} line {n} is not valid JSON ({e}); JSON Lines input "
-                                'needs one object per line like {"text": "..."}') from None
+                raise UserError(
+                    f"{path} line {n} is not valid JSON ({e}); JSON Lines input "
+                    'needs one object per line like {"text": "..."}'
+                ) from None
             yield _json_text(obj, f"{path} line {n}")
 
 
@@ -141,11 +165,14 @@ def _parquet_documents(path: str) -> Iterator[str]:
         try:
             pf = pq.ParquetFile(f)
         except pyarrow.ArrowException as e:
-            raise UserError(f"{path} is not a readable Parquet file ({e}); check the file or "
-                            "its extension") from None
+            raise UserError(
+                f"{path} is not a readable Parquet file ({e}); check the file or its extension"
+            ) from None
         if "text" not in pf.schema_arrow.names:
-            raise UserError(f"{path} has no 'text' column (columns: {pf.schema_arrow.names}); "
-                            "rename the column holding the documents to text")
+            raise UserError(
+                f"{path} has no 'text' column (columns: {pf.schema_arrow.names}); "
+                "rename the column holding the documents to text"
+            )
         batches = pf.iter_batches(batch_size=1024, columns=["text"])  # a row group at a time
         while True:
             try:
@@ -156,8 +183,9 @@ def _parquet_documents(path: str) -> Iterator[str]:
                 return
             for text in batch.column(0).to_pylist():
                 if text is not None and not isinstance(text, str):
-                    raise UserError(f"{path}: the 'text' column holds {type(text).__name__} "
-                                    "values, not strings")
+                    raise UserError(
+                        f"{path}: the 'text' column holds {type(text).__name__} values, not strings"
+                    )
                 yield text or ""
 
 

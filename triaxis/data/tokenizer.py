@@ -79,17 +79,24 @@ class BPETokenizer(_JSONTokenizer):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
     def save(self, folder: str | Path, write=storage.write_bytes) -> dict:
         """Write tokenizer.json into a local folder or an s3:// prefix (with `write`)."""
         write(storage.join(str(folder), self.file_name), self.tok.to_str(pretty=True).encode())
-        return {"kind": self.kind, "file": self.file_name, "vocab_size": self.vocab_size,
-                "eos_id": self.eos_id}
+        return {
+            "kind": self.kind,
+            "file": self.file_name,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+        }
 
     def state(self) -> dict:
         return {"kind": self.kind, "json": self.tok.to_str()}
@@ -119,12 +126,22 @@ class HFTokenizer(_JSONTokenizer):
         """Write the tokenizer as used (no truncation, no padding) next to the shards, so the
         data folder alone serves `load_tokenizer` and `triaxis generate`."""
         write(storage.join(str(folder), self.file_name), self.tok.to_str().encode())
-        return {"kind": self.kind, "file": self.file_name, "vocab_size": self.vocab_size,
-                "eos_id": self.eos_id, "eos_token": self.eos_token, "source": self.source}
+        return {
+            "kind": self.kind,
+            "file": self.file_name,
+            "vocab_size": self.vocab_size,
+            "eos_id": self.eos_id,
+            "eos_token": self.eos_token,
+            "source": self.source,
+        }
 
     def state(self) -> dict:
-        return {"kind": self.kind, "json": self.tok.to_str(), "eos_token": self.eos_token,
-                "source": self.source}
+        return {
+            "kind": self.kind,
+            "json": self.tok.to_str(),
+            "eos_token": self.eos_token,
+            "source": self.source,
+        }
 
 
 def _from_json(text: str, info: dict):

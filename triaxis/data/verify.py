@@ -28,6 +28,7 @@ _READ_BYTES = 16 * 2**20
 
 def check_manifest(manifest: object, where: str) -> None:
     """The fields a reader relies on, with their types: a damaged manifest is one line."""
+
     def bad(what: str) -> UserError:
         return UserError(f"{where} is damaged ({what}); prepare the data again")
 
@@ -40,20 +41,31 @@ def check_manifest(manifest: object, where: str) -> None:
     if manifest["dtype"] not in ("uint16", "uint32"):
         raise bad(f"dtype {manifest['dtype']!r} is not uint16 or uint32")
     tok = manifest.get("tokenizer")
-    if not isinstance(tok, dict) or not isinstance(tok.get("vocab_size"), int) or \
-            tok["vocab_size"] < 1 or not isinstance(tok.get("kind"), str):
+    if (
+        not isinstance(tok, dict)
+        or not isinstance(tok.get("vocab_size"), int)
+        or tok["vocab_size"] < 1
+        or not isinstance(tok.get("kind"), str)
+    ):
         raise bad("no tokenizer with a vocab_size")
     splits = manifest.get("splits")
     if not isinstance(splits, dict):
         raise bad("no splits")
     for name, split in splits.items():
-        if not isinstance(split, dict) or not isinstance(split.get("shards"), list) or \
-                not isinstance(split.get("tokens"), int):
+        if (
+            not isinstance(split, dict)
+            or not isinstance(split.get("shards"), list)
+            or not isinstance(split.get("tokens"), int)
+        ):
             raise bad(f"split {name!r} has no shard list")
         for s in split["shards"]:
-            if not isinstance(s, dict) or not isinstance(s.get("file"), str) or \
-                    not isinstance(s.get("tokens"), int) or s["tokens"] < 0 or \
-                    not isinstance(s.get("sha256"), str):
+            if (
+                not isinstance(s, dict)
+                or not isinstance(s.get("file"), str)
+                or not isinstance(s.get("tokens"), int)
+                or s["tokens"] < 0
+                or not isinstance(s.get("sha256"), str)
+            ):
                 raise bad(f"a shard entry of split {name!r} lacks file, tokens or sha256")
             if os.path.basename(s["file"]) != s["file"] or s["file"] in ("", ".", ".."):
                 raise bad(f"shard name {s['file']!r} is not a plain file name")
@@ -66,9 +78,11 @@ def check_shard_size(path: Path, tokens: int, itemsize: int) -> None:
         raise UserError(f"shard {path} listed in the manifest is missing; prepare again")
     size = path.stat().st_size
     if size != tokens * itemsize:
-        raise UserError(f"shard {path} has {size} bytes but the manifest says {tokens} tokens "
-                        f"x {itemsize} bytes = {tokens * itemsize}: the file is truncated or "
-                        "replaced; prepare the data again")
+        raise UserError(
+            f"shard {path} has {size} bytes but the manifest says {tokens} tokens "
+            f"x {itemsize} bytes = {tokens * itemsize}: the file is truncated or "
+            "replaced; prepare the data again"
+        )
 
 
 def verify_shard(path: Path, sha256: str, dtype: np.dtype, vocab_size: int) -> None:
@@ -83,13 +97,17 @@ def verify_shard(path: Path, sha256: str, dtype: np.dtype, vocab_size: int) -> N
     else:
         digest, max_token = _hash_and_max(path, dtype)
         if digest != sha256:
-            raise UserError(f"shard {path} fails its sha256 check: the file is corrupted or "
-                            "changed since `triaxis prepare` wrote it; prepare the data again")
+            raise UserError(
+                f"shard {path} fails its sha256 check: the file is corrupted or "
+                "changed since `triaxis prepare` wrote it; prepare the data again"
+            )
         _write_marker(marker, {"ident": ident, "sha256": sha256, "max_token": max_token})
     if max_token >= vocab_size:
-        raise UserError(f"shard {path} holds token id {max_token}, outside the data's "
-                        f"vocabulary of {vocab_size}; the shard does not belong to this "
-                        "manifest: prepare the data again")
+        raise UserError(
+            f"shard {path} holds token id {max_token}, outside the data's "
+            f"vocabulary of {vocab_size}; the shard does not belong to this "
+            "manifest: prepare the data again"
+        )
 
 
 def _hash_and_max(path: Path, dtype: np.dtype) -> tuple[str, int]:
@@ -97,16 +115,16 @@ def _hash_and_max(path: Path, dtype: np.dtype) -> tuple[str, int]:
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(_READ_BYTES), b""):
             h.update(block)
-            ids = np.frombuffer(block[:len(block) // dtype.itemsize * dtype.itemsize], dtype)
+            ids = np.frombuffer(block[: len(block) // dtype.itemsize * dtype.itemsize], dtype)
             if ids.size:
                 max_token = max(max_token, int(ids.max()))
     return h.hexdigest(), max_token
 
 
 def _marker_dir() -> Path:
-    root = os.environ.get("TRIAXIS_CACHE_DIR") or \
-        os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                     "triaxis")
+    root = os.environ.get("TRIAXIS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "triaxis"
+    )
     return Path(root, "verified")
 
 

@@ -10,8 +10,10 @@ def _import(a: argparse.Namespace) -> int:
     from triaxis.hf.importer import import_hf
 
     args = import_hf(a.dir, a.output, force=a.force)
-    print("fine-tune from it with the same model shape:\n  triaxis train CONFIG.toml "
-          f"--checkpoint.initial={a.output} " + " ".join(model_overrides(args)))
+    print(
+        "fine-tune from it with the same model shape:\n  triaxis train CONFIG.toml "
+        f"--checkpoint.initial={a.output} " + " ".join(model_overrides(args))
+    )
     return 0
 
 
@@ -24,26 +26,40 @@ def _export(a: argparse.Namespace) -> int:
 
 def add_hf_parsers(subparsers) -> None:
     im = subparsers.add_parser(
-        "import-hf", help="Hugging Face Llama folder (safetensors) -> triaxis checkpoint",
+        "import-hf",
+        help="Hugging Face Llama folder (safetensors) -> triaxis checkpoint",
         description="Convert a Llama-architecture Hugging Face model folder (config.json + "
-                    "model.safetensors or sharded safetensors with an index) into a triaxis "
-                    "checkpoint that loads under any parallel layout; fine-tune from it with "
-                    "--checkpoint.initial=OUTPUT.")
+        "model.safetensors or sharded safetensors with an index) into a triaxis "
+        "checkpoint that loads under any parallel layout; fine-tune from it with "
+        "--checkpoint.initial=OUTPUT.",
+    )
     im.add_argument("dir", metavar="DIR", help="Hugging Face model folder")
     im.add_argument("--output", required=True, metavar="OUT", help="checkpoint folder to write")
     im.add_argument("--force", action="store_true", help="overwrite a non-empty OUT")
     im.set_defaults(fn=_import)
 
     ex = subparsers.add_parser(
-        "export-hf", help="triaxis checkpoint -> Hugging Face Llama folder (safetensors)",
+        "export-hf",
+        help="triaxis checkpoint -> Hugging Face Llama folder (safetensors)",
         description="Write a checkpoint (a run folder's latest, a checkpoints folder's latest, "
-                    "or one step_XXXXXXXX folder; saved under any layout) as a Hugging Face "
-                    "LlamaForCausalLM folder: config.json + fp32 safetensors.")
-    ex.add_argument("checkpoint", metavar="CHECKPOINT",
-                    help="run folder, checkpoints folder or step_XXXXXXXX folder")
+        "or one step_XXXXXXXX folder; saved under any layout) as a Hugging Face "
+        "LlamaForCausalLM folder: config.json + fp32 safetensors.",
+    )
+    ex.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="run folder, checkpoints folder or step_XXXXXXXX folder",
+    )
     ex.add_argument("dir", metavar="DIR", help="output folder")
-    ex.add_argument("--max-shard-gb", type=float, default=5.0,
-                    help="split the weights into shards of at most this many GB (default 5)")
-    ex.add_argument("--force", action="store_true",
-                    help="write into a non-empty DIR (its old config/safetensors are replaced)")
+    ex.add_argument(
+        "--max-shard-gb",
+        type=float,
+        default=5.0,
+        help="split the weights into shards of at most this many GB (default 5)",
+    )
+    ex.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty DIR (its old config/safetensors are replaced)",
+    )
     ex.set_defaults(fn=_export)

@@ -53,9 +53,11 @@ def hf_to_triaxis_name(name: str) -> str | None:
     m = _HF_BLOCK.fullmatch(name)
     if m and m.group(2) in BLOCK_NAMES:
         return f"layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}"
-    raise UserError(f"tensor {name!r} has no triaxis counterpart (a Llama checkpoint holds only "
-                    f"embed_tokens, q/k/v/o_proj, gate/up/down_proj, the norms and lm_head); "
-                    "is this a Llama-architecture model?")
+    raise UserError(
+        f"tensor {name!r} has no triaxis counterpart (a Llama checkpoint holds only "
+        f"embed_tokens, q/k/v/o_proj, gate/up/down_proj, the norms and lm_head); "
+        "is this a Llama-architecture model?"
+    )
 
 
 def triaxis_to_hf_name(name: str) -> str:
@@ -90,8 +92,13 @@ def interleaved_rows_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # config.json <-> ModelArgs
 
-_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-             "vocab_size")
+_REQUIRED = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 def _rope_params(cfg: dict) -> tuple[str | None, float | None, dict]:
@@ -99,25 +106,32 @@ def _rope_params(cfg: dict) -> tuple[str | None, float | None, dict]:
     `rope_theta`) or 5.x (`rope_parameters`) spelling; a non-default type in either wins."""
     params = cfg.get("rope_parameters") or {}
     scaling = cfg.get("rope_scaling") or {}
-    kinds = [(params.get("rope_type"), params),
-             (scaling.get("rope_type") or scaling.get("type"), scaling)]
+    kinds = [
+        (params.get("rope_type"), params),
+        (scaling.get("rope_type") or scaling.get("type"), scaling),
+    ]
     kind, found = next(((k, d) for k, d in kinds if k not in (None, "default")), (None, {}))
     theta = params.get("rope_theta", cfg.get("rope_theta"))
     return kind, theta, found
 
 
-_LLAMA3_KEYS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
-                "high_freq_factor": "rope_high_freq_factor",
-                "original_max_position_embeddings": "rope_original_max_seq_len"}
+_LLAMA3_KEYS = {
+    "factor": "rope_scaling_factor",
+    "low_freq_factor": "rope_low_freq_factor",
+    "high_freq_factor": "rope_high_freq_factor",
+    "original_max_position_embeddings": "rope_original_max_seq_len",
+}
 """HF llama3 rope-scaling keys -> ModelArgs fields."""
 
 
 def _llama3_fields(scaling: dict, where: str) -> dict:
     missing = [k for k in _LLAMA3_KEYS if scaling.get(k) is None]
     if missing:
-        raise UserError(f"{where}: llama3 RoPE scaling lacks {', '.join(missing)}; a Llama 3.1 "
-                        "config has factor, low_freq_factor, high_freq_factor and "
-                        "original_max_position_embeddings")
+        raise UserError(
+            f"{where}: llama3 RoPE scaling lacks {', '.join(missing)}; a Llama 3.1 "
+            "config has factor, low_freq_factor, high_freq_factor and "
+            "original_max_position_embeddings"
+        )
     fields = {field: scaling[key] for key, field in _LLAMA3_KEYS.items()}
     fields["rope_original_max_seq_len"] = int(fields["rope_original_max_seq_len"])
     return {"rope_scaling": "llama3", **fields}
@@ -128,48 +142,66 @@ def args_from_hf_config(cfg: dict, has_lm_head: bool, where: str = "config.json"
     way (it would import without error and then give different outputs)."""
     model_type = cfg.get("model_type", "llama")
     if model_type != "llama":
-        raise UserError(f"{where}: model_type={model_type!r} is not supported; import-hf reads "
-                        "Llama-architecture models (model_type 'llama')")
+        raise UserError(
+            f"{where}: model_type={model_type!r} is not supported; import-hf reads "
+            "Llama-architecture models (model_type 'llama')"
+        )
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise UserError(f"{where} lacks {', '.join(missing)}: not a Llama config")
     act = cfg.get("hidden_act", "silu")
     if act not in ("silu", "swish"):
-        raise UserError(f"{where}: hidden_act={act!r} is not supported; triaxis's MLP is SwiGLU "
-                        "(hidden_act 'silu')")
+        raise UserError(
+            f"{where}: hidden_act={act!r} is not supported; triaxis's MLP is SwiGLU "
+            "(hidden_act 'silu')"
+        )
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
-            raise UserError(f"{where}: {key}=true is not supported; triaxis's Linear layers "
-                            "have no bias")
+            raise UserError(
+                f"{where}: {key}=true is not supported; triaxis's Linear layers have no bias"
+            )
     kind, theta, scaling = _rope_params(cfg)
     if kind not in (None, "llama3"):
-        raise UserError(f"{where}: RoPE scaling type {kind!r} is not implemented (triaxis "
-                        "computes plain RoPE and Llama 3.1's 'llama3' scaling); importing would "
-                        "change the model's outputs")
+        raise UserError(
+            f"{where}: RoPE scaling type {kind!r} is not implemented (triaxis "
+            "computes plain RoPE and Llama 3.1's 'llama3' scaling); importing would "
+            "change the model's outputs"
+        )
     rope = _llama3_fields(scaling, where) if kind == "llama3" else {}
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     n_kv_heads = cfg.get("num_key_value_heads") or n_heads
     if dim % n_heads:
-        raise UserError(f"{where}: hidden_size={dim} is not divisible by "
-                        f"num_attention_heads={n_heads}")
+        raise UserError(
+            f"{where}: hidden_size={dim} is not divisible by num_attention_heads={n_heads}"
+        )
     head_dim = cfg.get("head_dim") or dim // n_heads
     if head_dim != dim // n_heads:
-        raise UserError(f"{where}: head_dim={head_dim} differs from hidden_size / "
-                        f"num_attention_heads = {dim // n_heads}; triaxis derives the head "
-                        "size from them and cannot import this model")
+        raise UserError(
+            f"{where}: head_dim={head_dim} differs from hidden_size / "
+            f"num_attention_heads = {dim // n_heads}; triaxis derives the head "
+            "size from them and cannot import this model"
+        )
     if head_dim % 2:
         raise UserError(f"{where}: head_dim={head_dim} is odd; RoPE needs an even head size")
     if n_heads % n_kv_heads:
-        raise UserError(f"{where}: num_key_value_heads={n_kv_heads} does not divide "
-                        f"num_attention_heads={n_heads}")
+        raise UserError(
+            f"{where}: num_key_value_heads={n_kv_heads} does not divide "
+            f"num_attention_heads={n_heads}"
+        )
     return ModelArgs(
-        dim=dim, n_layers=cfg["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
-        ffn_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+        dim=dim,
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        ffn_dim=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
         max_seq_len=cfg.get("max_position_embeddings", 2048),
         rope_theta=float(theta if theta is not None else 10000.0),  # transformers' default
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         # Without an lm_head tensor the only faithful head is the embedding itself.
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head, **rope)
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
+        **rope,
+    )
 
 
 def hf_config_from_args(args: ModelArgs) -> dict:
@@ -216,13 +248,20 @@ def _hf_rope_scaling(args: ModelArgs) -> dict | None:
 def model_overrides(args: ModelArgs) -> list[str]:
     """`--model.*` overrides that make `triaxis train` build exactly this shape."""
     tie = "true" if args.tie_embeddings else "false"
-    return [f"--model.dim={args.dim}", f"--model.n_layers={args.n_layers}",
-            f"--model.n_heads={args.n_heads}", f"--model.n_kv_heads={args.n_kv_heads}",
-            f"--model.ffn_dim={args.ffn_dim}", f"--model.vocab_size={args.vocab_size}",
-            f"--model.max_seq_len={args.max_seq_len}", f"--model.rope_theta={args.rope_theta}",
-            f"--model.norm_eps={args.norm_eps}", f"--model.tie_embeddings={tie}",
-            f"--model.rope_scaling={args.rope_scaling}",
-            f"--model.rope_scaling_factor={args.rope_scaling_factor}",
-            f"--model.rope_low_freq_factor={args.rope_low_freq_factor}",
-            f"--model.rope_high_freq_factor={args.rope_high_freq_factor}",
-            f"--model.rope_original_max_seq_len={args.rope_original_max_seq_len}"]
+    return [
+        f"--model.dim={args.dim}",
+        f"--model.n_layers={args.n_layers}",
+        f"--model.n_heads={args.n_heads}",
+        f"--model.n_kv_heads={args.n_kv_heads}",
+        f"--model.ffn_dim={args.ffn_dim}",
+        f"--model.vocab_size={args.vocab_size}",
+        f"--model.max_seq_len={args.max_seq_len}",
+        f"--model.rope_theta={args.rope_theta}",
+        f"--model.norm_eps={args.norm_eps}",
+        f"--model.tie_embeddings={tie}",
+        f"--model.rope_scaling={args.rope_scaling}",
+        f"--model.rope_scaling_factor={args.rope_scaling_factor}",
+        f"--model.rope_low_freq_factor={args.rope_low_freq_factor}",
+        f"--model.rope_high_freq_factor={args.rope_high_freq_factor}",
+        f"--model.rope_original_max_seq_len={args.rope_original_max_seq_len}",
+    ]

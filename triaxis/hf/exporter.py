@@ -49,8 +49,10 @@ def _check_output(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file; pass a folder for the Hugging Face model")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} is not empty; choose another folder or pass --force to "
-                        "overwrite the model files in it")
+        raise UserError(
+            f"{out} is not empty; choose another folder or pass --force to "
+            "overwrite the model files in it"
+        )
 
 
 def _swap_in(stage: Path, out: Path, names: list[str]) -> None:
@@ -66,8 +68,13 @@ def _swap_in(stage: Path, out: Path, names: list[str]) -> None:
 
 
 @torch.no_grad()
-def export_hf(checkpoint: str, output: str, max_shard_gb: float = 5.0, force: bool = False,
-              log: Callable[[str], None] = print) -> list[str]:
+def export_hf(
+    checkpoint: str,
+    output: str,
+    max_shard_gb: float = 5.0,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+) -> list[str]:
     """Write the HF folder; returns the names of the files written."""
     check_value("--max-shard-gb", max_shard_gb, Range(gt=0))
     out = Path(output)
@@ -82,8 +89,10 @@ def export_hf(checkpoint: str, output: str, max_shard_gb: float = 5.0, force: bo
         _swap_in(stage, out, names)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    log(f"exported {ckpt} -> {out}: {len(names) - 1 - (INDEX in names)} safetensors file(s), "
-        f"{sum(p.numel() * 4 for p in model.parameters()) / 1e6:.1f} MB fp32")
+    log(
+        f"exported {ckpt} -> {out}: {len(names) - 1 - (INDEX in names)} safetensors file(s), "
+        f"{sum(p.numel() * 4 for p in model.parameters()) / 1e6:.1f} MB fp32"
+    )
     return names
 
 
@@ -96,8 +105,11 @@ def _write(model: Transformer, out: Path, max_shard_gb: float) -> list[str]:
     params = {triaxis_to_hf_name(n): (n, p) for n, p in model.named_parameters()}
     sizes = [(hf, p.numel() * p.element_size()) for hf, (_, p) in params.items()]
     shards = plan_shards(sizes, int(max_shard_gb * 1e9))  # GB as transformers counts them
-    names = [SINGLE] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    names = (
+        [SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
     for file, shard in zip(names, shards):
         tensors = {}
         for hf in shard:
@@ -106,8 +118,10 @@ def _write(model: Transformer, out: Path, max_shard_gb: float) -> list[str]:
             tensors[hf] = (interleaved_rows_to_hf(p, heads) if heads else p).contiguous()
         save_file(tensors, str(out / file), metadata={"format": "pt"})
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(s for _, s in sizes)},
-                 "weight_map": {hf: f for f, shard in zip(names, shards) for hf in shard}}
+        index = {
+            "metadata": {"total_size": sum(s for _, s in sizes)},
+            "weight_map": {hf: f for f, shard in zip(names, shards) for hf in shard},
+        }
         (out / INDEX).write_text(json.dumps(index, indent=2))
     # Last: without config.json the folder is not a loadable model (an interrupted export).
     (out / CONFIG).write_text(json.dumps(hf_config_from_args(args), indent=2))

@@ -47,9 +47,16 @@ def _read_json(path: Path) -> dict:
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-_INT_KEYS = {"hidden_size": True, "num_hidden_layers": True, "num_attention_heads": True,
-             "intermediate_size": True, "vocab_size": True, "num_key_value_heads": False,
-             "max_position_embeddings": False, "head_dim": False}
+_INT_KEYS = {
+    "hidden_size": True,
+    "num_hidden_layers": True,
+    "num_attention_heads": True,
+    "intermediate_size": True,
+    "vocab_size": True,
+    "num_key_value_heads": False,
+    "max_position_embeddings": False,
+    "head_dim": False,
+}
 """Integer fields of config.json (True: required; a missing one is convert.py's to name)."""
 _FLOAT_KEYS = {"rms_norm_eps": Range(gt=0, lt=1), "rope_theta": Range(gt=0)}
 
@@ -57,8 +64,10 @@ _FLOAT_KEYS = {"rms_norm_eps": Range(gt=0, lt=1), "rope_theta": Range(gt=0)}
 def check_config_values(config: object, where: str) -> None:
     """Types and ranges of the shape fields, before any of them sizes a tensor."""
     if not isinstance(config, dict):
-        raise UserError(f"{where} holds a JSON {type(config).__name__}, not an object; not a "
-                        "Hugging Face config")
+        raise UserError(
+            f"{where} holds a JSON {type(config).__name__}, not an object; not a "
+            "Hugging Face config"
+        )
     for key in _INT_KEYS:
         value = config.get(key)
         if value is None:
@@ -79,11 +88,15 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[Path, list[str]]]:
     """(config.json, {safetensors file: the tensor names it holds})."""
     root = Path(folder)
     if not root.is_dir():
-        raise UserError(f"{root} is not a folder; pass a Hugging Face model folder "
-                        f"({CONFIG} + {SINGLE} or {INDEX})")
+        raise UserError(
+            f"{root} is not a folder; pass a Hugging Face model folder "
+            f"({CONFIG} + {SINGLE} or {INDEX})"
+        )
     if not (root / CONFIG).is_file():
-        raise UserError(f"{root} has no {CONFIG}: not a Hugging Face model folder (expected "
-                        f"{CONFIG} and {SINGLE} or {INDEX})")
+        raise UserError(
+            f"{root} has no {CONFIG}: not a Hugging Face model folder (expected "
+            f"{CONFIG} and {SINGLE} or {INDEX})"
+        )
     config = _read_json(root / CONFIG)
     check_config_values(config, str(root / CONFIG))
     if (root / INDEX).is_file():
@@ -94,25 +107,32 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[Path, list[str]]]:
         files: dict[Path, list[str]] = {}
         for name, file in weight_map.items():
             if not isinstance(file, str) or Path(file).name != file or file in (".", ".."):
-                raise UserError(f"{root / INDEX}: {name} is in {file!r}, not a file name in "
-                                f"{root}; the index is damaged")
+                raise UserError(
+                    f"{root / INDEX}: {name} is in {file!r}, not a file name in "
+                    f"{root}; the index is damaged"
+                )
             files.setdefault(root / file, []).append(name)
         missing = sorted(f.name for f in files if not f.is_file())
         if missing:
-            raise UserError(f"{root / INDEX} lists {', '.join(missing)}, missing from {root}; "
-                            "download every shard of the model")
+            raise UserError(
+                f"{root / INDEX} lists {', '.join(missing)}, missing from {root}; "
+                "download every shard of the model"
+            )
         return config, files
     if (root / SINGLE).is_file():
         with _open_safetensors(root / SINGLE) as f:
             return config, {root / SINGLE: list(f.keys())}
     if any(root.glob("pytorch_model*.bin")):
-        raise UserError(f"{root} holds pytorch_model*.bin but no safetensors; import-hf reads "
-                        "safetensors only: re-save with save_pretrained(safe_serialization=True)")
+        raise UserError(
+            f"{root} holds pytorch_model*.bin but no safetensors; import-hf reads "
+            "safetensors only: re-save with save_pretrained(safe_serialization=True)"
+        )
     raise UserError(f"{root} has neither {SINGLE} nor {INDEX}")
 
 
-def _plan(files: dict[Path, list[str]], args: ModelArgs,
-          expected: set[str]) -> dict[Path, list[tuple[str, str]]]:
+def _plan(
+    files: dict[Path, list[str]], args: ModelArgs, expected: set[str]
+) -> dict[Path, list[tuple[str, str]]]:
     """Per file, the (HF name, triaxis name) pairs to copy; strict about the set of names."""
     plan: dict[Path, list[tuple[str, str]]] = {}
     seen: set[str] = set()
@@ -125,13 +145,17 @@ def _plan(files: dict[Path, list[str]], args: ModelArgs,
             seen.add(name)
     missing, extra = sorted(expected - seen), sorted(seen - expected)
     if missing:
-        raise UserError(f"the checkpoint lacks {len(missing)} tensors that config.json implies, "
-                        f"e.g. {', '.join(missing[:3])}; are config.json and the weights from the "
-                        "same model?")
+        raise UserError(
+            f"the checkpoint lacks {len(missing)} tensors that config.json implies, "
+            f"e.g. {', '.join(missing[:3])}; are config.json and the weights from the "
+            "same model?"
+        )
     if extra:
-        raise UserError(f"the checkpoint has {len(extra)} tensors that config.json does not "
-                        f"account for, e.g. {', '.join(extra[:3])} (num_hidden_layers="
-                        f"{args.n_layers}); are config.json and the weights from the same model?")
+        raise UserError(
+            f"the checkpoint has {len(extra)} tensors that config.json does not "
+            f"account for, e.g. {', '.join(extra[:3])} (num_hidden_layers="
+            f"{args.n_layers}); are config.json and the weights from the same model?"
+        )
     return plan
 
 
@@ -141,8 +165,9 @@ def _open_safetensors(path: Path):
     try:
         return safe_open(path, framework="pt")
     except Exception as e:  # SafetensorError (not importable by name in every version)
-        raise UserError(f"{path} is not a readable safetensors file ({e}); download it "
-                        "again") from None
+        raise UserError(
+            f"{path} is not a readable safetensors file ({e}); download it again"
+        ) from None
 
 
 @torch.no_grad()
@@ -164,11 +189,14 @@ def load_hf_model(folder: str | Path) -> Transformer:
                 try:
                     t = f.get_tensor(hf_name)
                 except Exception as e:  # SafetensorError: a damaged or truncated file
-                    raise UserError(f"{file}: cannot read {hf_name} ({e}); download the file "
-                                    "again") from None
+                    raise UserError(
+                        f"{file}: cannot read {hf_name} ({e}); download the file again"
+                    ) from None
                 if t.shape != targets[name].shape:
-                    raise UserError(f"{file.name}: {hf_name} has shape {tuple(t.shape)} but "
-                                    f"config.json implies {tuple(targets[name].shape)}")
+                    raise UserError(
+                        f"{file.name}: {hf_name} has shape {tuple(t.shape)} but "
+                        f"config.json implies {tuple(targets[name].shape)}"
+                    )
                 heads = rope_heads(name, args)
                 targets[name].copy_(hf_rows_to_interleaved(t, heads) if heads else t)
     if args.tie_embeddings:
@@ -194,22 +222,35 @@ def save_checkpoint(model: Transformer, output: str | Path, source: str) -> None
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(out))
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(out.iterdir()) if p.name == ".metadata" or p.name.startswith("__0_")}
-    meta = {"step": 0, "cursor": 0, "model": dataclasses.asdict(model.args),
-            "layout": {"world_size": 1, "pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1},
-            "world_size": 1, "data_path": "", "source": source, "files": files}
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(out.iterdir())
+        if p.name == ".metadata" or p.name.startswith("__0_")
+    }
+    meta = {
+        "step": 0,
+        "cursor": 0,
+        "model": dataclasses.asdict(model.args),
+        "layout": {"world_size": 1, "pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 1},
+        "world_size": 1,
+        "data_path": "",
+        "source": source,
+        "files": files,
+    }
     (out / META).write_text(json.dumps(meta, indent=1))  # last: the commit marker
 
 
-def import_hf(folder: str, output: str, force: bool = False,
-              log: Callable[[str], None] = print) -> ModelArgs:
+def import_hf(
+    folder: str, output: str, force: bool = False, log: Callable[[str], None] = print
+) -> ModelArgs:
     out = Path(output)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output {out} is a file; pass a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--output {out} is not empty; choose another folder or pass "
-                        "--force to overwrite its checkpoint")
+        raise UserError(
+            f"--output {out} is not empty; choose another folder or pass "
+            "--force to overwrite its checkpoint"
+        )
     model = load_hf_model(folder)  # bad input fails here: the existing checkpoint untouched
     # Saved into a staging sibling, swapped in only when complete.
     where = out.resolve()
@@ -220,8 +261,10 @@ def import_hf(folder: str, output: str, force: bool = False,
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     count = sum(p.numel() for p in model.parameters())
-    log(f"imported {folder} -> {out}: {count / 1e6:.2f}M parameters "
-        f"({'tied' if model.args.tie_embeddings else 'untied'} embeddings)")
+    log(
+        f"imported {folder} -> {out}: {count / 1e6:.2f}M parameters "
+        f"({'tied' if model.args.tie_embeddings else 'untied'} embeddings)"
+    )
     return model.args
 
 

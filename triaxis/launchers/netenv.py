@@ -57,8 +57,7 @@ def interface_of(addr: str) -> str | None:
     for _, name in socket.if_nameindex():
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             try:
-                raw = fcntl.ioctl(s.fileno(), _SIOCGIFADDR,
-                                  struct.pack("256s", name.encode()[:15]))
+                raw = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name.encode()[:15]))
             except OSError:
                 continue  # no IPv4 address on this interface
         if socket.inet_ntoa(raw[20:24]) == addr:
@@ -102,28 +101,48 @@ def recommended_env(efa: bool, gpus: bool, ifname: str | None) -> list[EnvVar]:
     """What triaxis sets on a node (the user's own value always wins, see `apply_env`)."""
     out: list[EnvVar] = []
     if ifname:
-        out.append(EnvVar("GLOO_SOCKET_IFNAME", ifname,
-                          "gloo binds the interface that reaches the rendezvous host, not the "
-                          "one the hostname resolves to"))
-        out.append(EnvVar("NCCL_SOCKET_IFNAME", ifname,
-                          "NCCL's bootstrap (and its socket transport without EFA) uses the same "
-                          "interface"))
+        out.append(
+            EnvVar(
+                "GLOO_SOCKET_IFNAME",
+                ifname,
+                "gloo binds the interface that reaches the rendezvous host, not the "
+                "one the hostname resolves to",
+            )
+        )
+        out.append(
+            EnvVar(
+                "NCCL_SOCKET_IFNAME",
+                ifname,
+                "NCCL's bootstrap (and its socket transport without EFA) uses the same interface",
+            )
+        )
     if efa:
-        out.append(EnvVar("FI_PROVIDER", "efa",
-                          "libfabric must pick the EFA provider, not TCP sockets"))
-        out.append(EnvVar("FI_EFA_FORK_SAFE", "1",
-                          "data and checkpoint workers fork after memory is registered with the "
-                          "device (older libfabric corrupts memory otherwise)"))
+        out.append(
+            EnvVar("FI_PROVIDER", "efa", "libfabric must pick the EFA provider, not TCP sockets")
+        )
+        out.append(
+            EnvVar(
+                "FI_EFA_FORK_SAFE",
+                "1",
+                "data and checkpoint workers fork after memory is registered with the "
+                "device (older libfabric corrupts memory otherwise)",
+            )
+        )
         if gpus:
-            out.append(EnvVar("FI_EFA_USE_DEVICE_RDMA", "1",
-                              "GPUDirect RDMA: the NIC reads and writes GPU memory directly "
-                              "(p4d, p5; needs nvidia_peermem)"))
+            out.append(
+                EnvVar(
+                    "FI_EFA_USE_DEVICE_RDMA",
+                    "1",
+                    "GPUDirect RDMA: the NIC reads and writes GPU memory directly "
+                    "(p4d, p5; needs nvidia_peermem)",
+                )
+            )
     return out
 
 
-def apply_env(recommended: list[EnvVar],
-              environ: MutableMapping[str, str] = os.environ) -> tuple[dict[str, str],
-                                                                       dict[str, str]]:
+def apply_env(
+    recommended: list[EnvVar], environ: MutableMapping[str, str] = os.environ
+) -> tuple[dict[str, str], dict[str, str]]:
     """Set each recommended variable the user has not set. Returns (set, kept): what triaxis
     set, and the user's values it left alone (an explicit choice beats a recommendation)."""
     applied: dict[str, str] = {}

@@ -40,33 +40,64 @@ def add_sagemaker_args(g: argparse._ArgumentGroup) -> None:
     g.add_argument("--image", default="", help="SageMaker: training image URI (with triaxis)")
     g.add_argument("--role", default="", help="SageMaker: execution role ARN")
     g.add_argument("--instance-type", default="", help="SageMaker: e.g. ml.p5.48xlarge")
-    g.add_argument("--input", action="append", default=[], metavar="CHANNEL=s3://...",
-                   help="SageMaker: input channel from S3 (`train` = the prepared data)")
-    g.add_argument("--input-mode", default="FastFile", choices=["File", "FastFile"],
-                   help="SageMaker: S3 channels copied before start (File) or streamed "
-                        "(FastFile)")
-    g.add_argument("--fsx", action="append", default=[],
-                   metavar="CHANNEL=fs-ID:/MOUNT/PATH[:ro|rw]",
-                   help="SageMaker: channel from FSx for Lustre (needs --subnet and "
-                        "--security-group); `checkpoints` (rw) holds shared checkpoints")
+    g.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="CHANNEL=s3://...",
+        help="SageMaker: input channel from S3 (`train` = the prepared data)",
+    )
+    g.add_argument(
+        "--input-mode",
+        default="FastFile",
+        choices=["File", "FastFile"],
+        help="SageMaker: S3 channels copied before start (File) or streamed (FastFile)",
+    )
+    g.add_argument(
+        "--fsx",
+        action="append",
+        default=[],
+        metavar="CHANNEL=fs-ID:/MOUNT/PATH[:ro|rw]",
+        help="SageMaker: channel from FSx for Lustre (needs --subnet and "
+        "--security-group); `checkpoints` (rw) holds shared checkpoints",
+    )
     g.add_argument("--subnet", action="append", default=[], help="SageMaker: VPC subnet id")
-    g.add_argument("--security-group", action="append", default=[],
-                   help="SageMaker: VPC security group id")
+    g.add_argument(
+        "--security-group", action="append", default=[], help="SageMaker: VPC security group id"
+    )
     g.add_argument("--output-s3", default="", help="SageMaker: S3 URI for the job's output")
-    g.add_argument("--checkpoint-s3", default="",
-                   help="SageMaker: S3 URI of the job's checkpoints (resume, spot); the same "
-                        "as checkpoint.dir=s3://...")
+    g.add_argument(
+        "--checkpoint-s3",
+        default="",
+        help="SageMaker: S3 URI of the job's checkpoints (resume, spot); the same "
+        "as checkpoint.dir=s3://...",
+    )
     g.add_argument("--spot", action="store_true", help="SageMaker: managed spot training")
-    g.add_argument("--max-run-s", type=int, default=24 * 3600,
-                   help="SageMaker: stop the job after this many seconds of training")
-    g.add_argument("--max-wait-s", type=int, default=0,
-                   help="SageMaker spot: give up after this many seconds of waiting plus "
-                        "training (default 2 x --max-run-s)")
-    g.add_argument("--volume-gb", type=int, default=100,
-                   help="SageMaker: EBS volume per instance (File-mode data, checkpoints)")
+    g.add_argument(
+        "--max-run-s",
+        type=int,
+        default=24 * 3600,
+        help="SageMaker: stop the job after this many seconds of training",
+    )
+    g.add_argument(
+        "--max-wait-s",
+        type=int,
+        default=0,
+        help="SageMaker spot: give up after this many seconds of waiting plus "
+        "training (default 2 x --max-run-s)",
+    )
+    g.add_argument(
+        "--volume-gb",
+        type=int,
+        default=100,
+        help="SageMaker: EBS volume per instance (File-mode data, checkpoints)",
+    )
     g.add_argument("--region", default="", help="SageMaker: AWS region (default: AWS_REGION)")
-    g.add_argument("--sm-root", default="/opt/ml",
-                   help="sagemaker-entry: where the job's /opt/ml lies (for local tests)")
+    g.add_argument(
+        "--sm-root",
+        default="/opt/ml",
+        help="sagemaker-entry: where the job's /opt/ml lies (for local tests)",
+    )
 
 
 def service_model() -> Any:
@@ -80,46 +111,77 @@ def service_model() -> Any:
 def hyperparameters(changed: dict[str, Any], launch_opts: dict[str, Any]) -> dict[str, str]:
     """Config fields as "section.field" -> string (what SageMaker stores), launcher options as
     "launch.name"."""
+
     def text(v: Any) -> str:
         return ("true" if v else "false") if isinstance(v, bool) else str(v)
 
     # data.path stays when it names no folder ("synthetic": no channel to take it from), and
     # checkpoint.dir when it is in S3 (build_request decides how the job reaches it).
-    hps = {k: text(v) for k, v in changed.items() if v is not None and
-           (k not in JOB_SIDE_KEYS or (k, v) == ("data.path", "synthetic") or
-            (k == "checkpoint.dir" and str(v).startswith("s3://")))}
+    hps = {
+        k: text(v)
+        for k, v in changed.items()
+        if v is not None
+        and (
+            k not in JOB_SIDE_KEYS
+            or (k, v) == ("data.path", "synthetic")
+            or (k == "checkpoint.dir" and str(v).startswith("s3://"))
+        )
+    }
     hps.update({f"launch.{k}": text(v) for k, v in launch_opts.items()})
     for k, v in hps.items():
         if len(v) > 2500:
-            raise UserError(f"{k} is {len(v)} characters; SageMaker hyperparameters hold at most "
-                            "2500")
+            raise UserError(
+                f"{k} is {len(v)} characters; SageMaker hyperparameters hold at most 2500"
+            )
     if len(hps) > 100:
-        raise UserError(f"{len(hps)} hyperparameters; SageMaker takes at most 100: move "
-                        "settings into fewer non-default fields")
+        raise UserError(
+            f"{len(hps)} hyperparameters; SageMaker takes at most 100: move "
+            "settings into fewer non-default fields"
+        )
     return hps
 
 
 def _channel_s3(spec: str, mode: str) -> dict[str, Any]:
     name, sep, uri = spec.partition("=")
     if not sep or not uri.startswith("s3://") or not name:
-        raise UserError(f"--input {spec!r} is not CHANNEL=s3://bucket/prefix; e.g. "
-                        "--input train=s3://my-bucket/data/stdlib")
-    return {"ChannelName": name, "InputMode": mode,
-            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": uri,
-                                            "S3DataDistributionType": "FullyReplicated"}}}
+        raise UserError(
+            f"--input {spec!r} is not CHANNEL=s3://bucket/prefix; e.g. "
+            "--input train=s3://my-bucket/data/stdlib"
+        )
+    return {
+        "ChannelName": name,
+        "InputMode": mode,
+        "DataSource": {
+            "S3DataSource": {
+                "S3DataType": "S3Prefix",
+                "S3Uri": uri,
+                "S3DataDistributionType": "FullyReplicated",
+            }
+        },
+    }
 
 
 def _channel_fsx(spec: str) -> dict[str, Any]:
     name, sep, rest = spec.partition("=")
     m = FSX.match(rest)
     if not sep or not name or not m:
-        raise UserError(f"--fsx {spec!r} is not CHANNEL=fs-ID:/MOUNT/PATH[:ro|rw]; e.g. "
-                        "--fsx train=fs-0123456789abcdef0:/fsx/data/stdlib")
+        raise UserError(
+            f"--fsx {spec!r} is not CHANNEL=fs-ID:/MOUNT/PATH[:ro|rw]; e.g. "
+            "--fsx train=fs-0123456789abcdef0:/fsx/data/stdlib"
+        )
     mode = m.group(3) or ("rw" if name == "checkpoints" else "ro")
-    return {"ChannelName": name, "InputMode": "File",
-            "DataSource": {"FileSystemDataSource": {
-                "FileSystemId": m.group(1), "FileSystemAccessMode": mode,
-                "FileSystemType": "FSxLustre", "DirectoryPath": m.group(2)}}}
+    return {
+        "ChannelName": name,
+        "InputMode": "File",
+        "DataSource": {
+            "FileSystemDataSource": {
+                "FileSystemId": m.group(1),
+                "FileSystemAccessMode": mode,
+                "FileSystemType": "FSxLustre",
+                "DirectoryPath": m.group(2),
+            }
+        },
+    }
 
 
 def check_instance_type(name: str, model: Any) -> None:
@@ -128,54 +190,73 @@ def check_instance_type(name: str, model: Any) -> None:
         raise UserError("--backend sagemaker needs --instance-type, e.g. ml.p5.48xlarge")
     if name not in known:
         hint = nearest(name, known)
-        raise UserError(f"--instance-type {name!r} is not a SageMaker training instance type"
-                        f"{f'; did you mean {hint}?' if hint else ''} (list: botocore's "
-                        "TrainingInstanceType, or the SageMaker pricing page)")
+        raise UserError(
+            f"--instance-type {name!r} is not a SageMaker training instance type"
+            f"{f'; did you mean {hint}?' if hint else ''} (list: botocore's "
+            "TrainingInstanceType, or the SageMaker pricing page)"
+        )
 
 
 def build_request(a: argparse.Namespace, hps: dict[str, str], uses_data: bool) -> dict[str, Any]:
     """The CreateTrainingJob request for the parsed `triaxis launch` options `a`."""
     model = service_model()
     if not a.image:
-        raise UserError("--backend sagemaker needs --image, the URI of a training image with "
-                        "triaxis installed (e.g. an ECR image built FROM a PyTorch DLC)")
+        raise UserError(
+            "--backend sagemaker needs --image, the URI of a training image with "
+            "triaxis installed (e.g. an ECR image built FROM a PyTorch DLC)"
+        )
     if not ROLE_ARN.match(a.role or ""):
-        raise UserError(f"--role {a.role!r} is not an IAM role ARN; pass the execution role, "
-                        "e.g. --role arn:aws:iam::123456789012:role/SageMakerTrainer")
+        raise UserError(
+            f"--role {a.role!r} is not an IAM role ARN; pass the execution role, "
+            "e.g. --role arn:aws:iam::123456789012:role/SageMakerTrainer"
+        )
     if not a.output_s3.startswith("s3://"):
-        raise UserError("--backend sagemaker needs --output-s3 s3://bucket/prefix for the "
-                        "job's output (model folder, metrics)")
+        raise UserError(
+            "--backend sagemaker needs --output-s3 s3://bucket/prefix for the "
+            "job's output (model folder, metrics)"
+        )
     check_instance_type(a.instance_type, model)
     name = a.job_name if a.job_name != "triaxis" else f"triaxis-{time.strftime('%Y%m%d-%H%M%S')}"
     if not JOB_NAME.match(name):
-        raise UserError(f"--job-name {name!r}: SageMaker job names are 1-63 letters, digits and "
-                        "hyphens, starting with a letter or digit")
+        raise UserError(
+            f"--job-name {name!r}: SageMaker job names are 1-63 letters, digits and "
+            "hyphens, starting with a letter or digit"
+        )
     channels = [_channel_s3(s, a.input_mode) for s in a.input] + [_channel_fsx(s) for s in a.fsx]
     names = [c["ChannelName"] for c in channels]
     if len(set(names)) != len(names):
         raise UserError(f"input channels {names} repeat a name; give each channel one source")
     if uses_data and "train" not in names:
-        raise UserError("data.path is a folder on this machine, which the job cannot see; pass "
-                        "--input train=s3://bucket/prefix (the prepared folder, uploaded with "
-                        "`aws s3 sync`) or --fsx train=fs-ID:/mount/path")
+        raise UserError(
+            "data.path is a folder on this machine, which the job cannot see; pass "
+            "--input train=s3://bucket/prefix (the prepared folder, uploaded with "
+            "`aws s3 sync`) or --fsx train=fs-ID:/mount/path"
+        )
     if a.fsx and not (a.subnet and a.security_group):
         raise UserError("--fsx needs the file system's VPC: pass --subnet and --security-group")
     hps = dict(hps)
-    ckpt_s3 = checkpoint_s3(a.checkpoint_s3, hps.pop("checkpoint.dir", ""),
-                            shared_fsx="checkpoints" in names)
+    ckpt_s3 = checkpoint_s3(
+        a.checkpoint_s3, hps.pop("checkpoint.dir", ""), shared_fsx="checkpoints" in names
+    )
     req: dict[str, Any] = {
         "TrainingJobName": name,
         "RoleArn": a.role,
         "AlgorithmSpecification": {
-            "TrainingImage": a.image, "TrainingInputMode": a.input_mode,
+            "TrainingImage": a.image,
+            "TrainingInputMode": a.input_mode,
             "ContainerEntrypoint": ENTRYPOINT,
             "MetricDefinitions": [
                 {"Name": "train:loss", "Regex": r"step +\d+/\d+ +loss ([0-9.]+)"},
-                {"Name": "validation:loss", "Regex": r"validation loss ([0-9.]+)"}]},
+                {"Name": "validation:loss", "Regex": r"validation loss ([0-9.]+)"},
+            ],
+        },
         "HyperParameters": hps,
         "OutputDataConfig": {"S3OutputPath": a.output_s3},
-        "ResourceConfig": {"InstanceType": a.instance_type, "InstanceCount": a.nnodes,
-                           "VolumeSizeInGB": a.volume_gb},
+        "ResourceConfig": {
+            "InstanceType": a.instance_type,
+            "InstanceCount": a.nnodes,
+            "VolumeSizeInGB": a.volume_gb,
+        },
         "StoppingCondition": {"MaxRuntimeInSeconds": a.max_run_s},
         # Unbuffered: the loss lines reach CloudWatch (and the metric regexes) as they happen.
         "Environment": {"PYTHONUNBUFFERED": "1"},
@@ -197,8 +278,10 @@ def build_request(a: argparse.Namespace, hps: dict[str, str], uses_data: bool) -
     if a.spot:
         wait_s = a.max_wait_s or 2 * a.max_run_s
         if wait_s < a.max_run_s:
-            raise UserError(f"--max-wait-s={wait_s} is below --max-run-s={a.max_run_s}; spot "
-                            "waiting time counts too: set --max-wait-s >= --max-run-s")
+            raise UserError(
+                f"--max-wait-s={wait_s} is below --max-run-s={a.max_run_s}; spot "
+                "waiting time counts too: set --max-wait-s >= --max-run-s"
+            )
         req["EnableManagedSpotTraining"] = True
         req["StoppingCondition"]["MaxWaitTimeInSeconds"] = wait_s
     validate(req, model)
@@ -211,12 +294,16 @@ def checkpoint_s3(flag: str, config_dir: str, shared_fsx: bool) -> str:
     if flag and not flag.startswith("s3://"):
         raise UserError(f"--checkpoint-s3 {flag!r} must be an s3:// URI")
     if flag and config_dir and flag.rstrip("/") != config_dir.rstrip("/"):
-        raise UserError(f"--checkpoint-s3 {flag} and checkpoint.dir={config_dir} name two "
-                        "checkpoint locations; keep one")
+        raise UserError(
+            f"--checkpoint-s3 {flag} and checkpoint.dir={config_dir} name two "
+            "checkpoint locations; keep one"
+        )
     uri = flag or config_dir
     if uri and shared_fsx:
-        raise UserError(f"checkpoints would go to {uri} and to the FSx channel `checkpoints`; "
-                        "keep one (drop --fsx checkpoints=... or the S3 location)")
+        raise UserError(
+            f"checkpoints would go to {uri} and to the FSx channel `checkpoints`; "
+            "keep one (drop --fsx checkpoints=... or the S3 location)"
+        )
     return uri
 
 
@@ -237,20 +324,25 @@ def submit(request: dict[str, Any], region: str) -> str:
         import boto3
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
-        raise UserError("--backend sagemaker needs boto3: pip install 'boto3>=1.34', or add "
-                        "--dry-run to print the request") from None
+        raise UserError(
+            "--backend sagemaker needs boto3: pip install 'boto3>=1.34', or add "
+            "--dry-run to print the request"
+        ) from None
     session = boto3.session.Session(region_name=region or None)
     if not session.region_name:
         raise UserError("no AWS region: pass --region or set AWS_REGION (or --dry-run)")
     if session.get_credentials() is None:
-        raise UserError("no AWS credentials: set AWS_PROFILE or AWS_ACCESS_KEY_ID and "
-                        "AWS_SECRET_ACCESS_KEY, or run `aws sso login` (or --dry-run)")
+        raise UserError(
+            "no AWS credentials: set AWS_PROFILE or AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or run `aws sso login` (or --dry-run)"
+        )
     try:
         resp = session.client("sagemaker").create_training_job(**request)
     except ClientError as e:
         err = e.response.get("Error", {})
-        raise UserError(f"SageMaker refused the job: {err.get('Code')}: "
-                        f"{err.get('Message')}") from None
+        raise UserError(
+            f"SageMaker refused the job: {err.get('Code')}: {err.get('Message')}"
+        ) from None
     except BotoCoreError as e:
         raise UserError(f"could not reach SageMaker: {e}") from None
     return str(resp["TrainingJobArn"])

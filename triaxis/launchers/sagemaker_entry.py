@@ -62,19 +62,28 @@ class SageMakerEnv:
     def read(cls, environ: Mapping[str, str], root: Path) -> SageMakerEnv:
         config = root / "input" / "config"
         resource = _read_json(config / "resourceconfig.json") or {}
-        hosts = json.loads(environ["SM_HOSTS"]) if environ.get("SM_HOSTS") else \
-            resource.get("hosts")
+        hosts = (
+            json.loads(environ["SM_HOSTS"]) if environ.get("SM_HOSTS") else resource.get("hosts")
+        )
         current = environ.get("SM_CURRENT_HOST") or resource.get("current_host")
         if not hosts or not current:
-            raise UserError(f"--backend sagemaker-entry runs inside a SageMaker training job: "
-                            f"neither SM_HOSTS / SM_CURRENT_HOST nor {config}/resourceconfig.json"
-                            " describes one; use --backend local here")
+            raise UserError(
+                f"--backend sagemaker-entry runs inside a SageMaker training job: "
+                f"neither SM_HOSTS / SM_CURRENT_HOST nor {config}/resourceconfig.json"
+                " describes one; use --backend local here"
+            )
         if current not in hosts:
             raise UserError(f"SM_CURRENT_HOST={current!r} is not in SM_HOSTS={hosts}")
-        hps = json.loads(environ["SM_HPS"]) if environ.get("SM_HPS") else \
-            _read_json(config / "hyperparameters.json") or {}
-        channels = {k[len("SM_CHANNEL_"):].lower(): v for k, v in environ.items()
-                    if k.startswith("SM_CHANNEL_")}
+        hps = (
+            json.loads(environ["SM_HPS"])
+            if environ.get("SM_HPS")
+            else _read_json(config / "hyperparameters.json") or {}
+        )
+        channels = {
+            k[len("SM_CHANNEL_") :].lower(): v
+            for k, v in environ.items()
+            if k.startswith("SM_CHANNEL_")
+        }
         data_root = root / "input" / "data"
         if not channels and data_root.is_dir():
             channels = {p.name: str(p) for p in data_root.iterdir() if p.is_dir()}
@@ -85,24 +94,33 @@ class SageMakerEnv:
             gpus = str(torch.cuda.device_count())
         hps = {k: _text(v) for k, v in hps.items()}
         remote = hps.get("checkpoint.dir", "")
-        return cls(hosts=list(hosts), current_host=current, num_gpus=int(gpus),
-                   channels=channels, hyperparameters=hps,
-                   model_dir=environ.get("SM_MODEL_DIR", str(root / "model")),
-                   checkpoint_dir=remote if remote.startswith("s3://") else
-                   channels.get("checkpoints", str(root / "checkpoints")))
+        return cls(
+            hosts=list(hosts),
+            current_host=current,
+            num_gpus=int(gpus),
+            channels=channels,
+            hyperparameters=hps,
+            model_dir=environ.get("SM_MODEL_DIR", str(root / "model")),
+            checkpoint_dir=remote
+            if remote.startswith("s3://")
+            else channels.get("checkpoints", str(root / "checkpoints")),
+        )
 
 
 def entry_plan(sm: SageMakerEnv) -> dict[str, Any]:
     """What the in-job launcher runs: overrides, processes, nodes, rendezvous."""
     hps = dict(sm.hyperparameters)
-    opts = {k[len("launch."):]: hps.pop(k) for k in list(hps) if k.startswith("launch.")}
+    opts = {k[len("launch.") :]: hps.pop(k) for k in list(hps) if k.startswith("launch.")}
     overrides = [f"--{k}={v}" for k, v in hps.items()]
     if "train" in sm.channels:
         overrides.append(f"--data.path={sm.channels['train']}")
     # Spot interruptions and retries restart the job: always continue from the checkpoints
     # SageMaker restored into checkpoint_dir.
-    overrides += [f"--checkpoint.dir={sm.checkpoint_dir}", "--checkpoint.resume=auto",
-                  f"--train.run_dir={sm.model_dir}"]
+    overrides += [
+        f"--checkpoint.dir={sm.checkpoint_dir}",
+        "--checkpoint.resume=auto",
+        f"--train.run_dir={sm.model_dir}",
+    ]
     nnodes = len(sm.hosts)
     return {
         "overrides": overrides,

@@ -90,8 +90,10 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     if not sep:
         return endpoint, DEFAULT_PORT
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise UserError(f"--rdzv-endpoint={endpoint!r} is not HOST:PORT; e.g. "
-                        f"--rdzv-endpoint=node0:{DEFAULT_PORT}")
+        raise UserError(
+            f"--rdzv-endpoint={endpoint!r} is not HOST:PORT; e.g. "
+            f"--rdzv-endpoint=node0:{DEFAULT_PORT}"
+        )
     return host, int(port)
 
 
@@ -114,8 +116,7 @@ def wait_reachable(address: str, port: int, timeout_s: float) -> None:
     while True:
         remaining = deadline - time.monotonic()
         try:
-            socket.create_connection((address, port), timeout=max(0.1, min(5.0, remaining))
-                                     ).close()
+            socket.create_connection((address, port), timeout=max(0.1, min(5.0, remaining))).close()
             return
         except OSError as e:
             if time.monotonic() + 0.5 >= deadline:
@@ -123,7 +124,8 @@ def wait_reachable(address: str, port: int, timeout_s: float) -> None:
                     f"rendezvous endpoint {address}:{port} did not accept a connection within "
                     f"{timeout_s:.0f} s ({e.strerror or e}); start `triaxis launch` on the first "
                     "node with the same --rdzv-endpoint, check the address, port and firewall, "
-                    "or raise --rdzv-timeout") from None
+                    "or raise --rdzv-timeout"
+                ) from None
             time.sleep(0.5)
 
 
@@ -131,8 +133,10 @@ def plan_rendezvous(endpoint: str, timeout_s: float, wait: bool = True) -> Rende
     host, port = parse_endpoint(endpoint)
     addrs = resolve(host)
     if not addrs:
-        raise UserError(f"rendezvous host {host!r} does not resolve on this node; pass the first "
-                        "node's IP address or a name every node resolves (DNS, /etc/hosts)")
+        raise UserError(
+            f"rendezvous host {host!r} does not resolve on this node; pass the first "
+            "node's IP address or a name every node resolves (DNS, /etc/hosts)"
+        )
     local = [a for a in addrs if is_local_address(a)]
     if local:
         address, src = local[0], local[0]
@@ -141,8 +145,10 @@ def plan_rendezvous(endpoint: str, timeout_s: float, wait: bool = True) -> Rende
         address = addrs[0]
         src = source_address(address) or ""
         if not src:
-            raise UserError(f"no route from this node to the rendezvous host {host} "
-                            f"({address}); check the address and this node's network")
+            raise UserError(
+                f"no route from this node to the rendezvous host {host} "
+                f"({address}); check the address and this node's network"
+            )
         if wait:
             wait_reachable(address, port, timeout_s)
         is_host = False
@@ -152,8 +158,11 @@ def plan_rendezvous(endpoint: str, timeout_s: float, wait: bool = True) -> Rende
 def torchrun_argv(spec: TorchrunSpec, rdzv: Rendezvous | None, entry: list[str]) -> list[str]:
     """Arguments of torch.distributed.run; `entry` follows `python -m`."""
     nnodes = f"{spec.min_nnodes}:{spec.nnodes}" if spec.elastic else str(spec.nnodes)
-    argv = [f"--nproc-per-node={spec.nproc_per_node}", f"--nnodes={nnodes}",
-            f"--max-restarts={spec.max_restarts}"]
+    argv = [
+        f"--nproc-per-node={spec.nproc_per_node}",
+        f"--nnodes={nnodes}",
+        f"--max-restarts={spec.max_restarts}",
+    ]
     if rdzv is None:
         argv.append("--standalone")
     else:
@@ -162,25 +171,33 @@ def torchrun_argv(spec: TorchrunSpec, rdzv: Rendezvous | None, entry: list[str])
             conf += f",last_call_timeout={spec.last_call_s:g}"
         if rdzv.is_host is not None:
             conf += f",is_host={'true' if rdzv.is_host else 'false'}"
-        argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv.endpoint}",
-                 f"--rdzv-id={spec.rdzv_id}", f"--rdzv-conf={conf}",
-                 f"--local-addr={rdzv.local_addr}"]
+        argv += [
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv.endpoint}",
+            f"--rdzv-id={spec.rdzv_id}",
+            f"--rdzv-conf={conf}",
+            f"--local-addr={rdzv.local_addr}",
+        ]
     return argv + ["-m", *entry]
 
 
-def prepare(spec: TorchrunSpec, environ: Mapping[str, str] = os.environ,
-            wait: bool = True) -> Rendezvous | None:
+def prepare(
+    spec: TorchrunSpec, environ: Mapping[str, str] = os.environ, wait: bool = True
+) -> Rendezvous | None:
     """Check the layout of nodes, find the rendezvous (on the other nodes: `wait` until it
     accepts), set the network environment (logged)."""
     if spec.nproc_per_node < 1 or spec.nnodes < 1:
-        raise UserError(f"--nproc-per-node={spec.nproc_per_node} and --nnodes={spec.nnodes} "
-                        "must be positive")
+        raise UserError(
+            f"--nproc-per-node={spec.nproc_per_node} and --nnodes={spec.nnodes} must be positive"
+        )
     endpoint = spec.rdzv_endpoint
     if spec.nnodes > 1 and not endpoint:
         endpoint = discover_endpoint(environ) or ""
         if not endpoint:
-            raise UserError(f"--nnodes={spec.nnodes} needs --rdzv-endpoint HOST:PORT, the "
-                            "address of the first node, reachable from every node")
+            raise UserError(
+                f"--nnodes={spec.nnodes} needs --rdzv-endpoint HOST:PORT, the "
+                "address of the first node, reachable from every node"
+            )
         log(f"rendezvous endpoint {endpoint} (discovered)")
     rdzv = plan_rendezvous(endpoint, spec.rdzv_timeout_s, wait) if endpoint else None
     if rdzv is not None and spec.nnodes > 1 and rdzv.is_host is None:
@@ -213,10 +230,11 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
             log("interrupted again: stopping the workers without a checkpoint")
             os._exit(128 + signal.SIGINT)
         interrupted.append(signum)
-        log("interrupted: the workers save a checkpoint after the current step (Ctrl-C "
-            "again to stop them without one)")
-        raise SignalException(f"Process {os.getpid()} got signal: SIGINT",
-                              sigval=signal.SIGINT)
+        log(
+            "interrupted: the workers save a checkpoint after the current step (Ctrl-C "
+            "again to stop them without one)"
+        )
+        raise SignalException(f"Process {os.getpid()} got signal: SIGINT", sigval=signal.SIGINT)
 
     interrupted: list[int] = []
     old_handler = None
@@ -234,18 +252,20 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
     except SignalException as e:
         # Preemption, scancel, a requeue, Ctrl-C: the agent has passed the signal on to the
         # workers, which write a final checkpoint. The usual exit status of a signal.
-        log(f"stopped by signal {int(e.sigval)}; the next launch resumes from the last "
-            "checkpoint")
+        log(f"stopped by signal {int(e.sigval)}; the next launch resumes from the last checkpoint")
         return 128 + int(e.sigval)
     except RendezvousTimeoutError:
         where = rdzv.endpoint if rdzv else "standalone"
-        raise UserError(f"the rendezvous at {where} did not form within "
-                        f"{spec.rdzv_timeout_s:.0f} s: {spec.nnodes} nodes were expected; start "
-                        "`triaxis launch` with the same --rdzv-endpoint and --nnodes on every "
-                        "node, or raise --rdzv-timeout") from None
+        raise UserError(
+            f"the rendezvous at {where} did not form within "
+            f"{spec.rdzv_timeout_s:.0f} s: {spec.nnodes} nodes were expected; start "
+            "`triaxis launch` with the same --rdzv-endpoint and --nnodes on every "
+            "node, or raise --rdzv-timeout"
+        ) from None
     except RendezvousError as e:
-        raise UserError(f"rendezvous failed: {e}; check --rdzv-endpoint and that every node "
-                        "reaches it") from None
+        raise UserError(
+            f"rendezvous failed: {e}; check --rdzv-endpoint and that every node reaches it"
+        ) from None
     finally:
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
@@ -256,12 +276,14 @@ def first_failure(failures: dict) -> tuple[int, object]:
     """The rank whose failure came first. Workers write a precise time into their error file
     (train/distributed.py); a worker killed by a signal writes none and is taken as the cause
     (the agent stops the others only after it has seen a failure, so they are not listed)."""
+
     def key(item):
         rank, f = item
         info = _triaxis_info(f)
         if info is None and f.exitcode < 0:
             return (0, 0.0, rank)
         return (1, info["time"] if info else float(f.timestamp), rank)
+
     return min(failures.items(), key=key)
 
 
@@ -278,16 +300,23 @@ def report_failures(failures: dict) -> int:
     rank, failure = first_failure(failures)
     info = _triaxis_info(failure)
     # Peers that failed with the same line (a refusal every rank met) add nothing.
-    others = sorted(r for r in failures if r != rank and not (
-        info and (_triaxis_info(failures[r]) or {}).get("line") == info["line"]))
+    others = sorted(
+        r
+        for r in failures
+        if r != rank
+        and not (info and (_triaxis_info(failures[r]) or {}).get("line") == info["line"])
+    )
     if others:
-        log(f"rank(s) {others} stopped after rank {rank} (exit codes "
-            f"{[failures[r].exitcode for r in others]})")
+        log(
+            f"rank(s) {others} stopped after rank {rank} (exit codes "
+            f"{[failures[r].exitcode for r in others]})"
+        )
     if info is None:
         if failure.exitcode < 0:
             name = signal_module.Signals(-failure.exitcode).name
-            line = (f"killed by {name}" + (" (out of memory? see `dmesg`)"
-                                           if name == "SIGKILL" else ""))
+            line = f"killed by {name}" + (
+                " (out of memory? see `dmesg`)" if name == "SIGKILL" else ""
+            )
             code = 128 - failure.exitcode
         else:
             line, code = f"exited with status {failure.exitcode}", failure.exitcode
@@ -309,16 +338,22 @@ def launch_module(spec: TorchrunSpec, entry: list[str], dry_run: bool = False) -
     rdzv = prepare(spec, wait=not dry_run)
     argv = torchrun_argv(spec, rdzv, entry)
     world = spec.nproc_per_node * spec.nnodes
-    log(f"{world} processes ({spec.nnodes} node(s) x {spec.nproc_per_node}, "
-        f"{'nccl' if spec.gpus else 'gloo'}): torchrun {' '.join(argv)}")
+    log(
+        f"{world} processes ({spec.nnodes} node(s) x {spec.nproc_per_node}, "
+        f"{'nccl' if spec.gpus else 'gloo'}): torchrun {' '.join(argv)}"
+    )
     if spec.elastic:
-        log(f"elastic: {spec.min_nnodes} to {spec.nnodes} nodes; when a node is lost the "
+        log(
+            f"elastic: {spec.min_nnodes} to {spec.nnodes} nodes; when a node is lost the "
             f"others restart (up to --max-restarts={spec.max_restarts} times) on the nodes "
-            "left and resume from the last checkpoint")
+            "left and resume from the last checkpoint"
+        )
     if dry_run:
         # torchrun reads PET_<OPTION> variables: the launcher's grace period for final saves.
-        print(f"PET_SHUTDOWN_TIMEOUT={int(spec.shutdown_timeout_s)} " + subprocess.list2cmdline(
-            [sys.executable, "-m", "torch.distributed.run", *argv]))
+        print(
+            f"PET_SHUTDOWN_TIMEOUT={int(spec.shutdown_timeout_s)} "
+            + subprocess.list2cmdline([sys.executable, "-m", "torch.distributed.run", *argv])
+        )
         return 0
     # The workers ask the kernel to kill them when this process dies (a parent-death signal;
     # train/distributed.py): the agent runs here, in this process's main thread.

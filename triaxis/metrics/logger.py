@@ -83,17 +83,22 @@ class Progress:
             from rich.progress import BarColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as RichProgress
 
-            self.bar = RichProgress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),
-                                    TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                                    console=logger.console)
-            self.task = self.bar.add_task("train", total=total_steps, completed=start_step,
-                                          info="")
+            self.bar = RichProgress(
+                TextColumn("step {task.completed}/{task.total}"),
+                BarColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=logger.console,
+            )
+            self.task = self.bar.add_task("train", total=total_steps, completed=start_step, info="")
             self.bar.start()
 
     def update(self, step: int, record: dict) -> None:
         mfu = f" mfu {record['mfu'] * 100:.1f}%" if record.get("mfu") is not None else ""
-        info = (f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                f"{record['tokens_per_s']:,.0f} tok/s{mfu}")
+        info = (
+            f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+            f"{record['tokens_per_s']:,.0f} tok/s{mfu}"
+        )
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)
             return

@@ -1,8 +1,14 @@
 from triaxis.model.args import ModelArgs, flops_per_token, param_counts
 from triaxis.model.presets import PRESETS, build_model_args
 
-__all__ = ["ModelArgs", "Transformer", "flops_per_token", "param_counts", "PRESETS",
-           "build_model_args"]
+__all__ = [
+    "ModelArgs",
+    "Transformer",
+    "flops_per_token",
+    "param_counts",
+    "PRESETS",
+    "build_model_args",
+]
 
 
 def __getattr__(name: str):

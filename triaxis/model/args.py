@@ -83,8 +83,12 @@ def param_counts(a: Sizes) -> dict[str, int]:
     head = head_param_count(a)
     blocks = a.n_layers * block_param_count(a) + a.dim  # + final norm
     total = blocks + embedding + (0 if a.tie_embeddings else head)
-    return {"total": total, "embedding": embedding, "non_embedding": blocks,
-            "flops_params": blocks + head}
+    return {
+        "total": total,
+        "embedding": embedding,
+        "non_embedding": blocks,
+        "flops_params": blocks + head,
+    }
 
 
 def flops_per_token(a: Sizes, seq_len: int) -> float:

@@ -36,8 +36,9 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).type_as(x)
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float, device=None,
-                scaling: ModelArgs | None = None) -> torch.Tensor:
+def rope_tables(
+    head_dim: int, seq_len: int, theta: float, device=None, scaling: ModelArgs | None = None
+) -> torch.Tensor:
     """cos/sin tables, shape (seq_len, head_dim // 2, 2); `scaling`: the args whose
     rope_scaling fields rescale the frequencies (None or rope_scaling "none": plain RoPE)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim))
@@ -60,8 +61,9 @@ def llama3_frequencies(inv_freq: torch.Tensor, a: ModelArgs) -> torch.Tensor:
     wavelength = 2 * math.pi / inv_freq
     turns = a.rope_original_max_seq_len / wavelength  # turns over the original context
     # 0 at low_freq_factor turns (fully scaled) .. 1 at high_freq_factor turns (unscaled).
-    blend = ((turns - a.rope_low_freq_factor) /
-             (a.rope_high_freq_factor - a.rope_low_freq_factor)).clamp(0.0, 1.0)
+    blend = (
+        (turns - a.rope_low_freq_factor) / (a.rope_high_freq_factor - a.rope_low_freq_factor)
+    ).clamp(0.0, 1.0)
     return inv_freq * (blend + (1 - blend) / a.rope_scaling_factor)
 
 
@@ -94,8 +96,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         # Grouped-query attention: each KV head serves n_heads / n_kv_heads query heads.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=self.kv_repeat > 1)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.kv_repeat > 1
+        )  # (B, nh, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -140,8 +143,9 @@ class Transformer(nn.Module):
         # Not persistent: recomputed by init_weights, never part of a checkpoint.
         self.register_buffer("rope", model_rope_tables(args), persistent=False)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None,
-                loss_chunk: int = 0) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, loss_chunk: int = 0
+    ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab). Missing parts (pipeline stages) pass through.
         With targets (B, T) and loss_chunk > 0: the mean next-token loss instead, the head and
         the loss fused a chunk of tokens at a time (triaxis.model.loss): no full logits."""
@@ -150,8 +154,9 @@ class Transformer(nn.Module):
             h = layer(h, self.rope)
         h = self.norm(h) if self.norm is not None else h
         if targets is not None and loss_chunk > 0:
-            return chunked_cross_entropy(h.flatten(0, 1), self.output.weight,
-                                         targets.flatten(), loss_chunk)
+            return chunked_cross_entropy(
+                h.flatten(0, 1), self.output.weight, targets.flatten(), loss_chunk
+            )
         return self.output(h) if self.output is not None else h
 
     def materialize(self, device: torch.device | str) -> None:
@@ -166,8 +171,7 @@ class Transformer(nn.Module):
             self.to_empty(device=device)
         finally:
             torch.__future__.set_swap_module_params_on_conversion(swap)
-        if self.args.tie_embeddings and self.output is not None and \
-                self.tok_embeddings is not None:
+        if self.args.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
             assert self.output.weight is self.tok_embeddings.weight, "tied weights came apart"
 
     @torch.no_grad()

@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 
 
-def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk: int) -> torch.Tensor:
+def chunked_cross_entropy(
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
     """Mean cross-entropy of `targets` (N,) under logits h @ weight.T, h (N, d), weight (V, d),
     computed `chunk` rows at a time; differentiable in h and weight."""
     dtype = h.dtype
@@ -32,13 +33,20 @@ def chunked_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _FusedHeadLoss.apply(h, weight, targets, chunk, dtype)
     with torch.autocast(h.device.type, enabled=False):
-        total = sum(_chunk_loss(h[s:s + chunk], weight, targets[s:s + chunk], dtype, None)[0]
-                    for s in range(0, h.shape[0], chunk))
+        total = sum(
+            _chunk_loss(h[s : s + chunk], weight, targets[s : s + chunk], dtype, None)[0]
+            for s in range(0, h.shape[0], chunk)
+        )
     return total / h.shape[0]
 
 
-def _chunk_loss(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                dtype: torch.dtype, grad_scale: float | None):
+def _chunk_loss(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    dtype: torch.dtype,
+    grad_scale: float | None,
+):
     """(summed loss of the chunk in fp32, d(loss x grad_scale)/d(logits) in `dtype` or None)."""
     logits = (h.to(dtype) @ weight.to(dtype).T).float()
     lse = torch.logsumexp(logits, dim=-1)
@@ -65,10 +73,10 @@ class _FusedHeadLoss(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dtype)
             for s in range(0, n, chunk):
-                hc, tc = h[s:s + chunk], targets[s:s + chunk]
+                hc, tc = h[s : s + chunk], targets[s : s + chunk]
                 loss, g = _chunk_loss(hc, w, tc, dtype, 1.0 / n)
                 total += loss
-                grad_h[s:s + chunk] = (g @ w).to(h.dtype)
+                grad_h[s : s + chunk] = (g @ w).to(h.dtype)
                 grad_w += (g.T @ hc.to(dtype)).to(grad_w.dtype)
         ctx.save_for_backward(grad_h, grad_w)
         return total / n
@@ -77,4 +85,3 @@ class _FusedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         return grad_h * grad_out, grad_w * grad_out, None, None, None
-

@@ -8,21 +8,66 @@ from triaxis.errors import UserError, nearest
 from triaxis.model.args import ModelArgs
 
 PRESETS: dict[str, ModelArgs] = {
-    "tiny": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=512,
-                      max_seq_len=256, rope_theta=10000.0),
+    "tiny": ModelArgs(
+        dim=64,
+        n_layers=4,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=192,
+        vocab_size=512,
+        max_seq_len=256,
+        rope_theta=10000.0,
+    ),
     # ~12M parameters with an 8k BPE vocabulary: trains visibly in minutes on two CPU cores.
-    "small": ModelArgs(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, ffn_dim=1024,
-                       vocab_size=8192, max_seq_len=1024, rope_theta=10000.0,
-                       tie_embeddings=True),
+    "small": ModelArgs(
+        dim=384,
+        n_layers=6,
+        n_heads=6,
+        n_kv_heads=2,
+        ffn_dim=1024,
+        vocab_size=8192,
+        max_seq_len=1024,
+        rope_theta=10000.0,
+        tie_embeddings=True,
+    ),
     # Llama-3.2-1B shape.
-    "1b": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
-                    vocab_size=128256, max_seq_len=8192, tie_embeddings=True),
-    "8b": ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336,
-                    vocab_size=128256, max_seq_len=8192),
-    "70b": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
-                     vocab_size=128256, max_seq_len=8192),
-    "405b": ModelArgs(dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, ffn_dim=53248,
-                      vocab_size=128256, max_seq_len=8192),
+    "1b": ModelArgs(
+        dim=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_dim=8192,
+        vocab_size=128256,
+        max_seq_len=8192,
+        tie_embeddings=True,
+    ),
+    "8b": ModelArgs(
+        dim=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=8,
+        ffn_dim=14336,
+        vocab_size=128256,
+        max_seq_len=8192,
+    ),
+    "70b": ModelArgs(
+        dim=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        ffn_dim=28672,
+        vocab_size=128256,
+        max_seq_len=8192,
+    ),
+    "405b": ModelArgs(
+        dim=16384,
+        n_layers=126,
+        n_heads=128,
+        n_kv_heads=8,
+        ffn_dim=53248,
+        vocab_size=128256,
+        max_seq_len=8192,
+    ),
 }
 
 
@@ -32,11 +77,21 @@ def build_model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
     if model_cfg.preset not in PRESETS:
         hint = nearest(model_cfg.preset, list(PRESETS))
         fix = f"did you mean {hint!r}?" if hint else ""
-        raise UserError(f"model.preset={model_cfg.preset!r} is unknown; choose one of "
-                        f"{list(PRESETS)} {fix}".rstrip())
+        raise UserError(
+            f"model.preset={model_cfg.preset!r} is unknown; choose one of "
+            f"{list(PRESETS)} {fix}".rstrip()
+        )
     args = dataclasses.replace(PRESETS[model_cfg.preset])
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
-                 "max_seq_len", "rope_theta"):
+    for name in (
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "ffn_dim",
+        "vocab_size",
+        "max_seq_len",
+        "rope_theta",
+    ):
         value = getattr(model_cfg, name)
         if value is not None:
             setattr(args, name, value)
@@ -44,8 +99,12 @@ def build_model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
         args.tie_embeddings = model_cfg.tie_embeddings
     if model_cfg.rope_scaling is not None:
         args.rope_scaling = model_cfg.rope_scaling
-    for name in ("rope_scaling_factor", "rope_low_freq_factor", "rope_high_freq_factor",
-                 "rope_original_max_seq_len"):
+    for name in (
+        "rope_scaling_factor",
+        "rope_low_freq_factor",
+        "rope_high_freq_factor",
+        "rope_original_max_seq_len",
+    ):
         setattr(args, name, getattr(model_cfg, name))
     args.norm_eps = model_cfg.norm_eps
     if vocab_size and model_cfg.vocab_size is None:
@@ -55,37 +114,56 @@ def build_model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
 
 
 def _check(a: ModelArgs) -> None:
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size",
-                 "max_seq_len"):
+    for name in (
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "ffn_dim",
+        "vocab_size",
+        "max_seq_len",
+    ):
         if getattr(a, name) <= 0:
             raise UserError(f"model.{name}={getattr(a, name)} must be positive")
     if a.rope_theta <= 0:
         raise UserError(f"model.rope_theta={a.rope_theta} must be positive (Llama 3: 500000)")
     if a.dim % a.n_heads:
-        raise UserError(f"model.dim={a.dim} is not divisible by model.n_heads={a.n_heads}; "
-                        f"pick n_heads among the divisors of {a.dim}")
+        raise UserError(
+            f"model.dim={a.dim} is not divisible by model.n_heads={a.n_heads}; "
+            f"pick n_heads among the divisors of {a.dim}"
+        )
     if a.head_dim % 2:
         raise UserError(f"head dim {a.head_dim} (dim/n_heads) must be even for RoPE")
     if a.n_heads % a.n_kv_heads:
-        raise UserError(f"model.n_kv_heads={a.n_kv_heads} does not divide "
-                        f"model.n_heads={a.n_heads}; choose a divisor of {a.n_heads}")
+        raise UserError(
+            f"model.n_kv_heads={a.n_kv_heads} does not divide "
+            f"model.n_heads={a.n_heads}; choose a divisor of {a.n_heads}"
+        )
     _check_rope_scaling(a)
 
 
 def _check_rope_scaling(a: ModelArgs) -> None:
     if a.rope_scaling not in ("none", "llama3"):
         hint = nearest(a.rope_scaling, ["none", "llama3"])
-        raise UserError(f"model.rope_scaling={a.rope_scaling!r} is unknown; use none or llama3"
-                        + (f" (did you mean {hint!r}?)" if hint else ""))
+        raise UserError(
+            f"model.rope_scaling={a.rope_scaling!r} is unknown; use none or llama3"
+            + (f" (did you mean {hint!r}?)" if hint else "")
+        )
     if a.rope_scaling == "none":
         return
     if a.rope_scaling_factor < 1:
-        raise UserError(f"model.rope_scaling_factor={a.rope_scaling_factor} must be >= 1 (it "
-                        "divides the low frequencies; Llama 3.1 uses 8)")
+        raise UserError(
+            f"model.rope_scaling_factor={a.rope_scaling_factor} must be >= 1 (it "
+            "divides the low frequencies; Llama 3.1 uses 8)"
+        )
     if not 0 < a.rope_low_freq_factor < a.rope_high_freq_factor:
-        raise UserError(f"model.rope_low_freq_factor={a.rope_low_freq_factor} and "
-                        f"model.rope_high_freq_factor={a.rope_high_freq_factor} must satisfy "
-                        "0 < low < high (Llama 3.1: 1 and 4)")
+        raise UserError(
+            f"model.rope_low_freq_factor={a.rope_low_freq_factor} and "
+            f"model.rope_high_freq_factor={a.rope_high_freq_factor} must satisfy "
+            "0 < low < high (Llama 3.1: 1 and 4)"
+        )
     if a.rope_original_max_seq_len <= 0:
-        raise UserError(f"model.rope_original_max_seq_len={a.rope_original_max_seq_len} must be "
-                        "positive (Llama 3.1: 8192)")
+        raise UserError(
+            f"model.rope_original_max_seq_len={a.rope_original_max_seq_len} must be "
+            "positive (Llama 3.1: 8192)"
+        )

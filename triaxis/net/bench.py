@@ -118,8 +118,9 @@ def time_op(op: str, count: int, dtype: Any, device: Any, iters: int, warmup: in
     n = dist.get_world_size()
     full = torch.ones(count, dtype=dtype, device=device)
     # (full buffer, other buffer): the shard for all-gather / reduce-scatter, a twin otherwise.
-    other = torch.ones(count // n if op in ("all_gather", "reduce_scatter") else count,
-                       dtype=dtype, device=device)
+    other = torch.ones(
+        count // n if op in ("all_gather", "reduce_scatter") else count, dtype=dtype, device=device
+    )
     bufs = (full, other)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
@@ -130,8 +131,9 @@ def time_op(op: str, count: int, dtype: Any, device: Any, iters: int, warmup: in
     for _ in range(iters):
         _call(op, bufs)
     sync()
-    elapsed = torch.tensor([(time.perf_counter() - start) / iters], dtype=torch.float64,
-                           device=device)
+    elapsed = torch.tensor(
+        [(time.perf_counter() - start) / iters], dtype=torch.float64, device=device
+    )
     dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
     return float(elapsed)
 
@@ -148,8 +150,11 @@ def run_worker(a: argparse.Namespace) -> dict[str, Any] | None:
         torch.cuda.set_device(device)
     from datetime import timedelta
 
-    dist.init_process_group("nccl" if on_gpu else "gloo", timeout=timedelta(seconds=120),
-                            device_id=device if on_gpu else None)
+    dist.init_process_group(
+        "nccl" if on_gpu else "gloo",
+        timeout=timedelta(seconds=120),
+        device_id=device if on_gpu else None,
+    )
     try:
         n = dist.get_world_size()
         elem = DTYPES[a.dtype]
@@ -161,14 +166,23 @@ def run_worker(a: argparse.Namespace) -> dict[str, Any] | None:
                 t = time_op(op, count, getattr(torch, a.dtype), device, a.iters, a.warmup)
                 rows.append(make_row(op, count, elem, t, n))
         report = {
-            "schema": SCHEMA, "backend": dist.get_backend(), "device": device.type,
-            "dtype": a.dtype, "torch": torch.__version__,
+            "schema": SCHEMA,
+            "backend": dist.get_backend(),
+            "device": device.type,
+            "dtype": a.dtype,
+            "torch": torch.__version__,
             "nccl": ".".join(map(str, torch.cuda.nccl.version())) if on_gpu else None,
-            "world_size": n, "nnodes": n // int(os.environ.get("LOCAL_WORLD_SIZE", n)),
+            "world_size": n,
+            "nnodes": n // int(os.environ.get("LOCAL_WORLD_SIZE", n)),
             "nproc_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", n)),
-            "iters": a.iters, "warmup": a.warmup, "results": [asdict(r) for r in rows]}
-        report["peak_busbw_gbps"] = {op: max(r.busbw_gbps for r in rows if r.op == op)
-                                     for op in dict.fromkeys(r.op for r in rows)}
+            "iters": a.iters,
+            "warmup": a.warmup,
+            "results": [asdict(r) for r in rows],
+        }
+        report["peak_busbw_gbps"] = {
+            op: max(r.busbw_gbps for r in rows if r.op == op)
+            for op in dict.fromkeys(r.op for r in rows)
+        }
         report["planner"] = planner_fields(report)
         dist.barrier()
         return report if dist.get_rank() == 0 else None
@@ -185,29 +199,41 @@ def planner_fields(report: dict[str, Any]) -> dict[str, Any]:
     busbw = max(r["busbw_gbps"] for r in ar)
     # A ring all-reduce of a tiny message is 2(n-1) latency-bound steps: the fastest one of at
     # most 8 KiB (the least disturbed) bounds the step latency from above (launch cost included).
-    small = [r for r in ar if r["size_bytes"] <= 8 * KIB] or \
-        [min(ar, key=lambda r: r["size_bytes"])]
+    small = [r for r in ar if r["size_bytes"] <= 8 * KIB] or [
+        min(ar, key=lambda r: r["size_bytes"])
+    ]
     step_us = round(min(r["time_us"] for r in small) / (2 * (n - 1)), 3)
     if report["nnodes"] > 1:
-        return {"link": "inter_node", "cluster_fields": {
-            "network_gbit": round(busbw * 8, 3), "network_efficiency": 1.0,
-            "network_latency_us": step_us}}
-    return {"link": "intra_node", "cluster_fields": {
-        "nvlink_busbw_gbps": round(busbw, 3), "nvlink_latency_us": step_us}}
+        return {
+            "link": "inter_node",
+            "cluster_fields": {
+                "network_gbit": round(busbw * 8, 3),
+                "network_efficiency": 1.0,
+                "network_latency_us": step_us,
+            },
+        }
+    return {
+        "link": "intra_node",
+        "cluster_fields": {"nvlink_busbw_gbps": round(busbw, 3), "nvlink_latency_us": step_us},
+    }
 
 
 def render_table(report: dict[str, Any]) -> str:
-    lines = [f"# triaxis net bench: {report['backend']} on {report['device']}, "
-             f"{report['world_size']} ranks ({report['nnodes']} node(s) x "
-             f"{report['nproc_per_node']}), {report['dtype']}, {report['warmup']} warm-up + "
-             f"{report['iters']} timed calls per size",
-             "# busbw = algbw x 2(n-1)/n (all_reduce), (n-1)/n (all_gather, reduce_scatter, "
-             "all_to_all), 1 (broadcast); GB/s = 1e9 B/s",
-             f"{'op':<15}{'size(B)':>12}{'count':>12}{'time(us)':>12}{'algbw(GB/s)':>13}"
-             f"{'busbw(GB/s)':>13}"]
+    lines = [
+        f"# triaxis net bench: {report['backend']} on {report['device']}, "
+        f"{report['world_size']} ranks ({report['nnodes']} node(s) x "
+        f"{report['nproc_per_node']}), {report['dtype']}, {report['warmup']} warm-up + "
+        f"{report['iters']} timed calls per size",
+        "# busbw = algbw x 2(n-1)/n (all_reduce), (n-1)/n (all_gather, reduce_scatter, "
+        "all_to_all), 1 (broadcast); GB/s = 1e9 B/s",
+        f"{'op':<15}{'size(B)':>12}{'count':>12}{'time(us)':>12}{'algbw(GB/s)':>13}"
+        f"{'busbw(GB/s)':>13}",
+    ]
     for r in report["results"]:
-        lines.append(f"{r['op']:<15}{r['size_bytes']:>12}{r['count']:>12}{r['time_us']:>12.1f}"
-                     f"{r['algbw_gbps']:>13.3f}{r['busbw_gbps']:>13.3f}")
+        lines.append(
+            f"{r['op']:<15}{r['size_bytes']:>12}{r['count']:>12}{r['time_us']:>12.1f}"
+            f"{r['algbw_gbps']:>13.3f}{r['busbw_gbps']:>13.3f}"
+        )
     peaks = ", ".join(f"{op} {v:.3f}" for op, v in report["peak_busbw_gbps"].items())
     lines.append(f"# peak busbw (GB/s): {peaks}")
     return "\n".join(lines)
@@ -220,11 +246,16 @@ def hardware_toml(report: dict[str, Any], base: str) -> str:
     shipped = shipped_tables()["cluster"]
     if base not in shipped:
         raise UserError(f"--base-cluster {base!r} is unknown; known: {', '.join(shipped)}")
-    table = {**shipped[base], **report["planner"]["cluster_fields"],
-             "source": f"triaxis net bench {report['backend']} {report['world_size']} ranks "
-                       f"{time.strftime('%Y-%m-%d')}"}
-    lines = [f"# Written by `triaxis net bench`: {base} with measured bus bandwidth.",
-             f"[cluster.{base}-measured]"]
+    table = {
+        **shipped[base],
+        **report["planner"]["cluster_fields"],
+        "source": f"triaxis net bench {report['backend']} {report['world_size']} ranks "
+        f"{time.strftime('%Y-%m-%d')}",
+    }
+    lines = [
+        f"# Written by `triaxis net bench`: {base} with measured bus bandwidth.",
+        f"[cluster.{base}-measured]",
+    ]
     lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
@@ -232,16 +263,20 @@ def hardware_toml(report: dict[str, Any], base: str) -> str:
 def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", default=",".join(OPS), help=f"collectives (default {','.join(OPS)})")
     p.add_argument("--min-bytes", default="1K", help="smallest message (default 1K)")
-    p.add_argument("--max-bytes", default="",
-                   help="largest message, e.g. 64M (default 1G on GPUs, 16M on CPU)")
+    p.add_argument(
+        "--max-bytes", default="", help="largest message, e.g. 64M (default 1G on GPUs, 16M on CPU)"
+    )
     p.add_argument("--iters", type=int, default=20, help="timed calls per size")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls per size")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES))
     p.add_argument("--cpu", action="store_true", help="gloo on CPU even if GPUs exist")
     p.add_argument("--json", default="", metavar="PATH", help="also write the report as JSON")
-    p.add_argument("--hardware-out", default="", metavar="PATH",
-                   help="write a cluster table for `triaxis plan --hardware` (needs "
-                        "--base-cluster)")
+    p.add_argument(
+        "--hardware-out",
+        default="",
+        metavar="PATH",
+        help="write a cluster table for `triaxis plan --hardware` (needs --base-cluster)",
+    )
     p.add_argument("--base-cluster", default="", help="cluster whose other fields to keep")
 
 
@@ -253,8 +288,9 @@ def check_args(a: argparse.Namespace) -> None:
         raise UserError(f"--iters={a.iters} must be >= 1 and --warmup={a.warmup} >= 0")
     message_sizes(parse_size(a.min_bytes), parse_size(a.max_bytes or "1G"))
     if a.hardware_out and not a.base_cluster:
-        raise UserError("--hardware-out needs --base-cluster (e.g. p5): the fields not measured "
-                        "come from it")
+        raise UserError(
+            "--hardware-out needs --base-cluster (e.g. p5): the fields not measured come from it"
+        )
 
 
 def publish(report: dict[str, Any], a: argparse.Namespace) -> None:

@@ -27,8 +27,14 @@ from triaxis.launchers.netenv import (
 Status = Literal["pass", "warn", "fail", "skip"]
 EFA_PREFIX = Path("/opt/amazon/efa")
 # Where the AWS images and the EFA installer put the aws-ofi-nccl plugin.
-OFI_NCCL_DIRS = ("/opt/amazon/ofi-nccl/lib", "/opt/amazon/ofi-nccl/lib64", "/opt/aws-ofi-nccl/lib",
-                 "/usr/local/lib", "/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu")
+OFI_NCCL_DIRS = (
+    "/opt/amazon/ofi-nccl/lib",
+    "/opt/amazon/ofi-nccl/lib64",
+    "/opt/aws-ofi-nccl/lib",
+    "/usr/local/lib",
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+)
 OFI_NCCL_NAMES = ("libnccl-net-ofi.so", "libnccl-net.so")
 
 
@@ -73,25 +79,35 @@ def _find_libfabric() -> str | None:
     return ctypes.util.find_library("fabric")
 
 
-def gather(environ: Mapping[str, str] = os.environ, sysfs: Path = SYS_INFINIBAND,
-           modules: Path = Path("/proc/modules")) -> NetFacts:
+def gather(
+    environ: Mapping[str, str] = os.environ,
+    sysfs: Path = SYS_INFINIBAND,
+    modules: Path = Path("/proc/modules"),
+) -> NetFacts:
     """Read this node: sysfs, /proc/modules, libraries on disk, fi_info, torch."""
     import torch
 
     path = environ.get("PATH", os.defpath) + os.pathsep + str(EFA_PREFIX / "bin")
-    facts = NetFacts(efa_devices=efa_devices(sysfs), fi_info=shutil.which("fi_info", path=path),
-                     libfabric=_find_libfabric(), ofi_nccl_plugin=_find_plugin(environ),
-                     interface=default_route_interface(), environ=dict(environ))
+    facts = NetFacts(
+        efa_devices=efa_devices(sysfs),
+        fi_info=shutil.which("fi_info", path=path),
+        libfabric=_find_libfabric(),
+        ofi_nccl_plugin=_find_plugin(environ),
+        interface=default_route_interface(),
+        environ=dict(environ),
+    )
     if facts.fi_info and facts.efa_devices:
         try:
-            p = subprocess.run([facts.fi_info, "-p", "efa"], capture_output=True, text=True,
-                               timeout=20)
+            p = subprocess.run(
+                [facts.fi_info, "-p", "efa"], capture_output=True, text=True, timeout=20
+            )
             facts.fi_info_efa = (p.returncode, p.stdout + p.stderr)
         except subprocess.TimeoutExpired:
             facts.fi_info_efa = (124, "fi_info -p efa did not answer within 20 s")
     try:
-        facts.peermem_loaded = any(line.split()[0] == "nvidia_peermem"
-                                   for line in modules.read_text().splitlines() if line)
+        facts.peermem_loaded = any(
+            line.split()[0] == "nvidia_peermem" for line in modules.read_text().splitlines() if line
+        )
     except OSError:
         pass
     facts.gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -104,40 +120,71 @@ def evaluate(f: NetFacts) -> list[Check]:
     efa, gpu = bool(f.efa_devices), f.gpus > 0
     out: list[Check] = []
     if efa:
-        out.append(Check("efa devices", "pass",
-                         f"{len(f.efa_devices)} EFA device(s): {', '.join(f.efa_devices)}"))
+        out.append(
+            Check(
+                "efa devices",
+                "pass",
+                f"{len(f.efa_devices)} EFA device(s): {', '.join(f.efa_devices)}",
+            )
+        )
     else:
-        out.append(Check("efa devices", "warn" if gpu else "skip",
-                         "no EFA device in /sys/class/infiniband: traffic between nodes goes "
-                         "over TCP sockets",
-                         "fine on one node or on CPU; on AWS use an EFA instance type (p4d, p5, "
-                         "trn1) with EFA interfaces attached (InterfaceType=efa)"))
+        out.append(
+            Check(
+                "efa devices",
+                "warn" if gpu else "skip",
+                "no EFA device in /sys/class/infiniband: traffic between nodes goes "
+                "over TCP sockets",
+                "fine on one node or on CPU; on AWS use an EFA instance type (p4d, p5, "
+                "trn1) with EFA interfaces attached (InterfaceType=efa)",
+            )
+        )
     if not efa:
         out.append(Check("fi_info -p efa", "skip", "no EFA device"))
     elif not f.fi_info:
-        out.append(Check("fi_info -p efa", "fail", "fi_info not found",
-                         "install the EFA software (aws-efa-installer): /opt/amazon/efa/bin"))
-    elif f.fi_info_efa is None or f.fi_info_efa[0] != 0 or "provider: efa" not in \
-            f.fi_info_efa[1]:
+        out.append(
+            Check(
+                "fi_info -p efa",
+                "fail",
+                "fi_info not found",
+                "install the EFA software (aws-efa-installer): /opt/amazon/efa/bin",
+            )
+        )
+    elif f.fi_info_efa is None or f.fi_info_efa[0] != 0 or "provider: efa" not in f.fi_info_efa[1]:
         msg = (f.fi_info_efa[1].strip().splitlines() or [""])[-1] if f.fi_info_efa else ""
-        out.append(Check("fi_info -p efa", "fail", f"libfabric lists no efa provider: {msg}",
-                         "check the EFA driver (`lsmod | grep efa`) and reinstall "
-                         "aws-efa-installer"))
+        out.append(
+            Check(
+                "fi_info -p efa",
+                "fail",
+                f"libfabric lists no efa provider: {msg}",
+                "check the EFA driver (`lsmod | grep efa`) and reinstall aws-efa-installer",
+            )
+        )
     else:
         n = f.fi_info_efa[1].count("provider: efa")
         out.append(Check("fi_info -p efa", "pass", f"efa provider: {n} endpoint(s)"))
     if f.libfabric:
         out.append(Check("libfabric", "pass", f.libfabric))
     else:
-        out.append(Check("libfabric", "fail" if efa else "skip", "libfabric not found",
-                         "install aws-efa-installer (it ships libfabric in /opt/amazon/efa)"))
+        out.append(
+            Check(
+                "libfabric",
+                "fail" if efa else "skip",
+                "libfabric not found",
+                "install aws-efa-installer (it ships libfabric in /opt/amazon/efa)",
+            )
+        )
     if f.ofi_nccl_plugin:
         out.append(Check("aws-ofi-nccl", "pass", f.ofi_nccl_plugin))
     elif efa and gpu:
-        out.append(Check("aws-ofi-nccl", "fail",
-                         "no NCCL OFI plugin: NCCL would use TCP sockets instead of EFA",
-                         "install aws-ofi-nccl (the AWS DLCs have it in /opt/amazon/ofi-nccl) "
-                         "and put its lib folder on LD_LIBRARY_PATH"))
+        out.append(
+            Check(
+                "aws-ofi-nccl",
+                "fail",
+                "no NCCL OFI plugin: NCCL would use TCP sockets instead of EFA",
+                "install aws-ofi-nccl (the AWS DLCs have it in /opt/amazon/ofi-nccl) "
+                "and put its lib folder on LD_LIBRARY_PATH",
+            )
+        )
     else:
         out.append(Check("aws-ofi-nccl", "skip", "needs EFA and GPUs"))
     if not (efa and gpu):
@@ -145,22 +192,42 @@ def evaluate(f: NetFacts) -> list[Check]:
     elif f.peermem_loaded:
         out.append(Check("gpudirect rdma", "pass", "nvidia_peermem loaded"))
     else:
-        out.append(Check("gpudirect rdma", "fail",
-                         "nvidia_peermem not loaded: the NIC cannot read GPU memory directly",
-                         "sudo modprobe nvidia_peermem (and add it to /etc/modules-load.d)"))
+        out.append(
+            Check(
+                "gpudirect rdma",
+                "fail",
+                "nvidia_peermem not loaded: the NIC cannot read GPU memory directly",
+                "sudo modprobe nvidia_peermem (and add it to /etc/modules-load.d)",
+            )
+        )
     if not gpu:
         out.append(Check("nccl", "skip", "no GPU visible: gloo on CPU"))
     elif f.nccl_version:
         out.append(Check("nccl", "pass", f"NCCL {f.nccl_version}"))
     else:
-        out.append(Check("nccl", "fail", "this PyTorch build has no NCCL",
-                         "install a CUDA build of PyTorch"))
+        out.append(
+            Check(
+                "nccl", "fail", "this PyTorch build has no NCCL", "install a CUDA build of PyTorch"
+            )
+        )
     if f.interface:
-        out.append(Check("interface", "pass", f"default route on {f.interface}; a multi-node "
-                         "launch binds the interface that reaches the rendezvous host"))
+        out.append(
+            Check(
+                "interface",
+                "pass",
+                f"default route on {f.interface}; a multi-node "
+                "launch binds the interface that reaches the rendezvous host",
+            )
+        )
     else:
-        out.append(Check("interface", "warn", "no default IPv4 route",
-                         "multi-node jobs need a route between the nodes"))
+        out.append(
+            Check(
+                "interface",
+                "warn",
+                "no default IPv4 route",
+                "multi-node jobs need a route between the nodes",
+            )
+        )
     out += _env_checks(f, efa, gpu)
     return out
 
@@ -171,15 +238,24 @@ def _env_checks(f: NetFacts, efa: bool, gpu: bool) -> list[Check]:
         mine = f.environ.get(var.name)
         when = "multi-node: " if var.name.endswith("SOCKET_IFNAME") else ""
         if mine is None or mine == var.value:
-            out.append(Check(f"env {var.name}", "pass", f"{when}triaxis sets "
-                             f"{var.name}={var.value}: {var.why}"))
+            out.append(
+                Check(
+                    f"env {var.name}",
+                    "pass",
+                    f"{when}triaxis sets {var.name}={var.value}: {var.why}",
+                )
+            )
         else:
-            out.append(Check(f"env {var.name}", "warn",
-                             f"{var.name}={mine} is set; triaxis keeps it instead of {var.value}",
-                             f"unset {var.name} unless you mean it ({var.why})"))
+            out.append(
+                Check(
+                    f"env {var.name}",
+                    "warn",
+                    f"{var.name}={mine} is set; triaxis keeps it instead of {var.value}",
+                    f"unset {var.name} unless you mean it ({var.why})",
+                )
+            )
     if efa and f.environ.get("NCCL_NET", "").lower() == "socket":
-        out.append(Check("env NCCL_NET", "fail", "NCCL_NET=Socket bypasses EFA",
-                         "unset NCCL_NET"))
+        out.append(Check("env NCCL_NET", "fail", "NCCL_NET=Socket bypasses EFA", "unset NCCL_NET"))
     return out
 
 

@@ -29,19 +29,25 @@ def _bench(a: argparse.Namespace) -> int:
     on_gpu = torch.cuda.is_available() and not a.cpu
     nproc = a.nproc_per_node or (torch.cuda.device_count() if on_gpu else 2)
     if nproc * a.nnodes < 2:
-        raise UserError("one process measures no collective; use --nproc-per-node 2 or more "
-                        "(or --nnodes 2)")
+        raise UserError(
+            "one process measures no collective; use --nproc-per-node 2 or more (or --nnodes 2)"
+        )
     if not on_gpu:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-    spec = TorchrunSpec(nproc, a.nnodes, a.rdzv_endpoint, a.rdzv_id, a.rdzv_timeout,
-                        gpus=on_gpu)
+    spec = TorchrunSpec(nproc, a.nnodes, a.rdzv_endpoint, a.rdzv_id, a.rdzv_timeout, gpus=on_gpu)
     return launch_module(spec, ["triaxis.net.bench", *_bench_argv(a)])
 
 
 def _bench_argv(a: argparse.Namespace) -> list[str]:
     """The bench options, handed to every worker unchanged."""
-    argv = [f"--ops={a.ops}", f"--min-bytes={a.min_bytes}", f"--max-bytes={a.max_bytes}",
-            f"--iters={a.iters}", f"--warmup={a.warmup}", f"--dtype={a.dtype}"]
+    argv = [
+        f"--ops={a.ops}",
+        f"--min-bytes={a.min_bytes}",
+        f"--max-bytes={a.max_bytes}",
+        f"--iters={a.iters}",
+        f"--warmup={a.warmup}",
+        f"--dtype={a.dtype}",
+    ]
     for flag in ("json", "hardware_out", "base_cluster"):
         value = getattr(a, flag)
         if value:
@@ -56,18 +62,27 @@ def add_net_parser(sub: argparse._SubParsersAction) -> None:
 
     net = sub.add_parser("net", help="network preflight (check) and collective bandwidth (bench)")
     cmds = net.add_subparsers(dest="net_command", required=True)
-    ch = cmds.add_parser("check", help="EFA, libfabric, aws-ofi-nccl, GPUDirect RDMA, NCCL and "
-                         "the environment triaxis sets: pass / warn / fail / skip with the fix")
+    ch = cmds.add_parser(
+        "check",
+        help="EFA, libfabric, aws-ofi-nccl, GPUDirect RDMA, NCCL and "
+        "the environment triaxis sets: pass / warn / fail / skip with the fix",
+    )
     ch.add_argument("--json", action="store_true", help="print JSON instead of the list")
     ch.set_defaults(fn=_check)
-    be = cmds.add_parser("bench", help="all-reduce, all-gather, reduce-scatter, all-to-all and "
-                         "broadcast bandwidth (nccl-tests formulas) on N processes / nodes")
-    be.add_argument("--nproc-per-node", type=int, default=0,
-                    help="processes per node (default: GPUs, or 2 on CPU)")
+    be = cmds.add_parser(
+        "bench",
+        help="all-reduce, all-gather, reduce-scatter, all-to-all and "
+        "broadcast bandwidth (nccl-tests formulas) on N processes / nodes",
+    )
+    be.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=0,
+        help="processes per node (default: GPUs, or 2 on CPU)",
+    )
     be.add_argument("--nnodes", type=int, default=1)
     be.add_argument("--rdzv-endpoint", default="", help="HOST:PORT of the rendezvous")
     be.add_argument("--rdzv-id", default="triaxis-net-bench")
     be.add_argument("--rdzv-timeout", type=float, default=600.0)
     add_bench_args(be)
     be.set_defaults(fn=_bench)
-

@@ -41,8 +41,10 @@ class ParallelDims:
             if value < 1:
                 raise UserError(f"parallel.{name}={value} must be >= 1 (1 disables it)")
         if self.dp_shard == 0 or self.dp_shard < -1:
-            raise UserError(f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 to fill "
-                            "the rest of the world")
+            raise UserError(
+                f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 to fill "
+                "the rest of the world"
+            )
         others = self.dp_replicate * self.tp * self.pp
         if self.dp_shard == -1:
             if self.world_size % others:
@@ -50,16 +52,21 @@ class ParallelDims:
                     f"world size {self.world_size} is not divisible by dp_replicate x tp x pp = "
                     f"{self.dp_replicate} x {self.tp} x {self.pp} = {others}; launch a multiple "
                     f"of {others} processes or pick degrees whose product divides "
-                    f"{self.world_size}")
+                    f"{self.world_size}"
+                )
             self.dp_shard = self.world_size // others
         product = others * self.dp_shard
         if product != self.world_size:
-            hint = (f"set --parallel.dp_shard={self.world_size // others}"
-                    if self.world_size % others == 0 else "set --parallel.dp_shard=-1")
+            hint = (
+                f"set --parallel.dp_shard={self.world_size // others}"
+                if self.world_size % others == 0
+                else "set --parallel.dp_shard=-1"
+            )
             raise UserError(
                 f"parallel degrees pp x dp_replicate x dp_shard x tp = {self.pp} x "
                 f"{self.dp_replicate} x {self.dp_shard} x {self.tp} = {product} but the world "
-                f"size is {self.world_size}; {hint} or launch {product} processes")
+                f"size is {self.world_size}; {hint} or launch {product} processes"
+            )
 
     # -- sizes -------------------------------------------------------------------------------
     @property
@@ -89,11 +96,15 @@ class ParallelDims:
             import math
 
             ok = _divisors(math.gcd(n_heads, n_kv_heads))
-            raise UserError(f"parallel.tp={self.tp} does not divide the attention heads "
-                            f"(n_heads={n_heads}, n_kv_heads={n_kv_heads}); choose tp in {ok}")
+            raise UserError(
+                f"parallel.tp={self.tp} does not divide the attention heads "
+                f"(n_heads={n_heads}, n_kv_heads={n_kv_heads}); choose tp in {ok}"
+            )
         if self.pp > n_layers:
-            raise UserError(f"parallel.pp={self.pp} is larger than the {n_layers} transformer "
-                            f"blocks; choose pp <= {n_layers}")
+            raise UserError(
+                f"parallel.pp={self.pp} is larger than the {n_layers} transformer "
+                f"blocks; choose pp <= {n_layers}"
+            )
 
     # -- the mesh ----------------------------------------------------------------------------
     def build_mesh(self, device_type: str):

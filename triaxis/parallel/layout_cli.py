@@ -22,8 +22,10 @@ class Cell:
 def even_split(num_layers: int, num_stages: int) -> list[range]:
     """Contiguous blocks per pipeline stage, the remainder going to the last stages."""
     if num_stages > num_layers:
-        raise UserError(f"--pp {num_stages} is larger than --layers {num_layers}: every stage "
-                        f"needs at least one layer; use --pp <= {num_layers}")
+        raise UserError(
+            f"--pp {num_stages} is larger than --layers {num_layers}: every stage "
+            f"needs at least one layer; use --pp <= {num_layers}"
+        )
     base, extra = divmod(num_layers, num_stages)
     sizes = [base + (1 if s >= num_stages - extra else 0) for s in range(num_stages)]
     starts = [sum(sizes[:s]) for s in range(num_stages)]
@@ -35,23 +37,34 @@ def cells(dims: ParallelDims, gpus_per_node: int, num_layers: int) -> list[Cell]
     out = []
     for row in layout_table(dims, gpus_per_node):
         coords = {a: row[a] for a in AXES}
-        out.append(Cell(row["rank"], row["node"], row["local"], coords,
-                        split[coords["pp"]] if split else None))
+        out.append(
+            Cell(
+                row["rank"],
+                row["node"],
+                row["local"],
+                coords,
+                split[coords["pp"]] if split else None,
+            )
+        )
     return out
 
 
 def _what(c: Cell, dims: ParallelDims) -> str:
     parts = []
     if c.layers is not None:
-        span = f"layer {c.layers[0]}" if len(c.layers) == 1 else \
-            f"layers {c.layers[0]}-{c.layers[-1]}"
+        span = (
+            f"layer {c.layers[0]}" if len(c.layers) == 1 else f"layers {c.layers[0]}-{c.layers[-1]}"
+        )
         parts.append(span)
     if dims.tp > 1:
         parts.append(f"tp shard {c.coords['tp'] + 1}/{dims.tp}")
     if dims.dp_shard > 1:
         parts.append(f"1/{dims.dp_shard} of states")
-    parts.append(f"replica {c.coords['dp_replicate'] * dims.dp_shard + c.coords['dp_shard']}"
-                 if dims.dp_shard == 1 else f"group {c.coords['dp_replicate']}")
+    parts.append(
+        f"replica {c.coords['dp_replicate'] * dims.dp_shard + c.coords['dp_shard']}"
+        if dims.dp_shard == 1
+        else f"group {c.coords['dp_replicate']}"
+    )
     return ", ".join(parts)
 
 
@@ -61,8 +74,10 @@ def print_layout(a: argparse.Namespace) -> None:
     world = a.world or a.nodes * gpn or ranks_needed
     dims = ParallelDims(a.dp_replicate, a.dp_shard, a.tp, a.pp, world)
     nodes = -(-world // gpn)
-    print(f"world {world} = {nodes} server(s) x {gpn} GPUs: {dims.describe()}  "
-          "(tp innermost, then the MiCS partition group)")
+    print(
+        f"world {world} = {nodes} server(s) x {gpn} GPUs: {dims.describe()}  "
+        "(tp innermost, then the MiCS partition group)"
+    )
     grid = cells(dims, gpn, a.layers)
     if not a.layers:
         header = ["node", "local", "rank", *AXES]
@@ -74,22 +89,37 @@ def print_layout(a: argparse.Namespace) -> None:
         for node in range(nodes):
             print(f"server {node}")
             for c in (c for c in grid if c.node == node):
-                print(f"  gpu {c.local}  rank {c.rank:>4}  stage {c.coords['pp']}:  "
-                      f"{_what(c, dims)}")
+                print(
+                    f"  gpu {c.local}  rank {c.rank:>4}  stage {c.coords['pp']}:  {_what(c, dims)}"
+                )
         copy = dims.pp * dims.tp
-        print(f"one model copy = pp x tp = {copy} GPUs = {copy / gpn:g} server(s); "
-              f"{dims.dp_size} copies (data-parallel ranks)")
+        print(
+            f"one model copy = pp x tp = {copy} GPUs = {copy / gpn:g} server(s); "
+            f"{dims.dp_size} copies (data-parallel ranks)"
+        )
     if dims.dp_shard * dims.tp > gpn:
-        print(f"note: a partition group x tp = {dims.dp_shard * dims.tp} ranks spans servers; "
-              "MiCS works best with it inside one server")
+        print(
+            f"note: a partition group x tp = {dims.dp_shard * dims.tp} ranks spans servers; "
+            "MiCS works best with it inside one server"
+        )
     if a.svg:
         with open(a.svg, "w") as f:
             f.write(svg(dims, grid, gpn, nodes))
         print(f"wrote {a.svg}")
 
 
-PALETTE = ["#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1",
-           "#ff9da7", "#9c755f", "#bab0ac"]
+PALETTE = [
+    "#4e79a7",
+    "#f28e2b",
+    "#e15759",
+    "#76b7b2",
+    "#59a14f",
+    "#edc948",
+    "#b07aa1",
+    "#ff9da7",
+    "#9c755f",
+    "#bab0ac",
+]
 
 
 def svg(dims: ParallelDims, grid: list[Cell], gpn: int, nodes: int) -> str:
@@ -98,22 +128,34 @@ def svg(dims: ParallelDims, grid: list[Cell], gpn: int, nodes: int) -> str:
     cw, ch, pad, head = 118, 54, 12, 26
     width = pad * 2 + gpn * (cw + 6)
     height = pad + nodes * (ch + head + pad * 2)
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           'font-family="sans-serif" font-size="11">']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        'font-family="sans-serif" font-size="11">'
+    ]
     for node in range(nodes):
         y0 = pad + node * (ch + head + pad * 2)
-        out.append(f'<rect x="{pad / 2}" y="{y0}" width="{width - pad}" height="{ch + head + pad}"'
-                   ' fill="none" stroke="#333" rx="6"/>')
+        out.append(
+            f'<rect x="{pad / 2}" y="{y0}" width="{width - pad}" height="{ch + head + pad}"'
+            ' fill="none" stroke="#333" rx="6"/>'
+        )
         out.append(f'<text x="{pad}" y="{y0 + 16}" font-weight="bold">server {node}</text>')
         for c in (c for c in grid if c.node == node):
             x, y = pad + c.local * (cw + 6), y0 + head
             color = PALETTE[c.coords["pp"] % len(PALETTE)]
-            out.append(f'<rect x="{x}" y="{y}" width="{cw}" height="{ch}" fill="{color}" '
-                       'fill-opacity="0.8" rx="3"/>')
-            layers = "" if c.layers is None else (
-                f"L{c.layers[0]}" if len(c.layers) == 1 else f"L{c.layers[0]}-{c.layers[-1]}")
-            lines = [f"gpu {c.local} · stage {c.coords['pp']}", layers,
-                     f"tp {c.coords['tp'] + 1}/{dims.tp}" if dims.tp > 1 else ""]
+            out.append(
+                f'<rect x="{x}" y="{y}" width="{cw}" height="{ch}" fill="{color}" '
+                'fill-opacity="0.8" rx="3"/>'
+            )
+            layers = (
+                ""
+                if c.layers is None
+                else (f"L{c.layers[0]}" if len(c.layers) == 1 else f"L{c.layers[0]}-{c.layers[-1]}")
+            )
+            lines = [
+                f"gpu {c.local} · stage {c.coords['pp']}",
+                layers,
+                f"tp {c.coords['tp'] + 1}/{dims.tp}" if dims.tp > 1 else "",
+            ]
             for i, text in enumerate(t for t in lines if t):
                 out.append(f'<text x="{x + 5}" y="{y + 15 + 14 * i}" fill="white">{text}</text>')
     out.append("</svg>")

@@ -1,14 +1,14 @@
 """Apply parallelism to the single-device model from outside, in one fixed order.
 
-    1. tensor (+ sequence) parallel   -- must see plain nn.Linear/RMSNorm modules to swap their
-                                         weights for DTensors sharded on the `tp` axis;
-    2. activation checkpointing       -- wraps each (already TP-sharded) block, so recomputation
-                                         replays the block's TP collectives too;
-    3. torch.compile per block        -- after checkpointing, so the recompute region is traced
-                                         into the compiled graph; before FSDP, whose hooks sit
-                                         outside the compiled region;
-    4. FSDP (MiCS sharding)           -- last: shards whatever parameters the block now holds
-                                         (DTensors on `tp`, or plain tensors) over the dp axes.
+1. tensor (+ sequence) parallel   -- must see plain nn.Linear/RMSNorm modules to swap their
+                                     weights for DTensors sharded on the `tp` axis;
+2. activation checkpointing       -- wraps each (already TP-sharded) block, so recomputation
+                                     replays the block's TP collectives too;
+3. torch.compile per block        -- after checkpointing, so the recompute region is traced
+                                     into the compiled graph; before FSDP, whose hooks sit
+                                     outside the compiled region;
+4. FSDP (MiCS sharding)           -- last: shards whatever parameters the block now holds
+                                     (DTensors on `tp`, or plain tensors) over the dp axes.
 """
 
 from __future__ import annotations
@@ -20,8 +20,15 @@ from triaxis.config import ParallelConfig, TrainConfig
 from triaxis.parallel.dims import ParallelDims
 
 
-def parallelize(model: nn.Module, dims: ParallelDims, mesh, pcfg: ParallelConfig,
-                tcfg: TrainConfig, device: torch.device, mp_dtype: torch.dtype | None) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    dims: ParallelDims,
+    mesh,
+    pcfg: ParallelConfig,
+    tcfg: TrainConfig,
+    device: torch.device,
+    mp_dtype: torch.dtype | None,
+) -> nn.Module:
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel=pcfg.loss_parallel)
     if pcfg.activation_checkpoint != "none":
@@ -53,31 +60,40 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
         "tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
         "norm": SequenceParallel(),
         # Logits stay vocabulary-sharded for loss_parallel, else are gathered for plain CE.
-        "output": ColwiseParallel(input_layouts=Shard(1),
-                                  output_layouts=Shard(-1) if loss_parallel else Replicate(),
-                                  use_local_output=not loss_parallel),
+        "output": ColwiseParallel(
+            input_layouts=Shard(1),
+            output_layouts=Shard(-1) if loss_parallel else Replicate(),
+            use_local_output=not loss_parallel,
+        ),
     }
-    parallelize_module(model, tp_mesh,
-                       {k: v for k, v in ends.items() if getattr(model, k, None) is not None})
+    parallelize_module(
+        model, tp_mesh, {k: v for k, v in ends.items() if getattr(model, k, None) is not None}
+    )
     if model.args.tie_embeddings and model.output is not None:
         # Both plans shard the shared (vocab, dim) weight on dim 0; re-tie the one DTensor.
         model.output.weight = model.tok_embeddings.weight
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, {
-            "attention_norm": SequenceParallel(),
-            "attention": PrepareModuleInput(input_layouts=(Shard(1), None),
-                                            desired_input_layouts=(Replicate(), None)),
-            "attention.wq": ColwiseParallel(),
-            "attention.wk": ColwiseParallel(),
-            "attention.wv": ColwiseParallel(),
-            "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
-            "ffn_norm": SequenceParallel(),
-            "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),),
-                                               desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
-        })
+        parallelize_module(
+            block,
+            tp_mesh,
+            {
+                "attention_norm": SequenceParallel(),
+                "attention": PrepareModuleInput(
+                    input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+                ),
+                "attention.wq": ColwiseParallel(),
+                "attention.wk": ColwiseParallel(),
+                "attention.wv": ColwiseParallel(),
+                "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+                "ffn_norm": SequenceParallel(),
+                "feed_forward": PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                ),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            },
+        )
 
 
 def apply_ac(model: nn.Module, mode: str, every: int) -> None:
@@ -102,8 +118,14 @@ def fsdp_mesh(mesh, dims: ParallelDims):
     return mesh["dp_shard"]
 
 
-def apply_fsdp(model: nn.Module, mesh, dims: ParallelDims, pcfg: ParallelConfig,
-               device: torch.device, mp_dtype: torch.dtype | None) -> None:
+def apply_fsdp(
+    model: nn.Module,
+    mesh,
+    dims: ParallelDims,
+    pcfg: ParallelConfig,
+    device: torch.device,
+    mp_dtype: torch.dtype | None,
+) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     kwargs = {"mesh": fsdp_mesh(mesh, dims)}

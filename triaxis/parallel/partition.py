@@ -23,9 +23,13 @@ from triaxis.model.args import ModelArgs, block_param_count
 # so the planner can name and size them). One stage per rank:
 SINGLE = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B"}
 # pp_virtual_stages >= 2 stages per rank:
-MULTI = {"interleaved-1f1b": "ScheduleInterleaved1F1B", "looped-bfs": "ScheduleLoopedBFS",
-         "interleaved-zb": "ScheduleInterleavedZeroBubble", "zbv": "ScheduleZBVZeroBubble",
-         "dualpipev": "ScheduleDualPipeV"}
+MULTI = {
+    "interleaved-1f1b": "ScheduleInterleaved1F1B",
+    "looped-bfs": "ScheduleLoopedBFS",
+    "interleaved-zb": "ScheduleInterleavedZeroBubble",
+    "zbv": "ScheduleZBVZeroBubble",
+    "dualpipev": "ScheduleDualPipeV",
+}
 # Schedules whose ranks hold stages r and 2p-1-r (a "V", exactly 2 per rank), the others loop:
 # r, r+p, r+2p, ...
 V_SCHEDULES = ("zbv", "dualpipev")
@@ -98,30 +102,46 @@ def _costs(x: PartitionInputs):
     embed_flops = 2 * a.dim  # gather forward, scatter-add backward: negligible but counted
     head_flops = 6 * a.vocab_size * a.dim + 4 * a.vocab_size  # matmuls + softmax/CE
     head_act = tokens * a.vocab_size * 4 / x.tp  # fp32 logits for the loss
-    return (block_flops, act, bp * state, embed_flops, emb_params * state,
-            head_flops, emb_params * state, head_act)
+    return (
+        block_flops,
+        act,
+        bp * state,
+        embed_flops,
+        emb_params * state,
+        head_flops,
+        emb_params * state,
+        head_act,
+    )
 
 
-def partition(x: PartitionInputs, memory_weight: float = 0.0,
-              explicit: list[int] | None = None) -> list[Stage]:
+def partition(
+    x: PartitionInputs, memory_weight: float = 0.0, explicit: list[int] | None = None
+) -> list[Stage]:
     """Split x.args.n_layers blocks into pp x virtual_stages stages (see module docstring)."""
     num_stages = x.pp * x.virtual_stages
     n = x.args.n_layers
     if num_stages > n:
-        raise UserError(f"pp x virtual stages = {x.pp} x {x.virtual_stages} = {num_stages} stages "
-                        f"but the model has {n} blocks: every stage needs at least one block; "
-                        f"lower parallel.pp or parallel.pp_virtual_stages")
+        raise UserError(
+            f"pp x virtual stages = {x.pp} x {x.virtual_stages} = {num_stages} stages "
+            f"but the model has {n} blocks: every stage needs at least one block; "
+            f"lower parallel.pp or parallel.pp_virtual_stages"
+        )
     if not 0.0 <= memory_weight <= 1.0:
-        raise UserError(f"parallel.pp_memory_weight={memory_weight} must lie in [0, 1] "
-                        "(0 = balance compute, 1 = balance memory)")
+        raise UserError(
+            f"parallel.pp_memory_weight={memory_weight} must lie in [0, 1] "
+            "(0 = balance compute, 1 = balance memory)"
+        )
     bf, bact, bstate, ef, eb, hf, hb, hact = _costs(x)
 
     def stage_cost(s: int, count: int) -> tuple[float, float]:
         r = stage_rank(s, x.pp, x.schedule)
         k = in_flight(r, x.pp, x.n_microbatches, x.schedule)
         flops = count * bf + (ef if s == 0 else 0) + (hf if s == num_stages - 1 else 0)
-        mem = count * (bstate + k * bact) + (eb if s == 0 else 0) + \
-            ((hb if not x.args.tie_embeddings else 0) + k * hact if s == num_stages - 1 else 0)
+        mem = (
+            count * (bstate + k * bact)
+            + (eb if s == 0 else 0)
+            + ((hb if not x.args.tie_embeddings else 0) + k * hact if s == num_stages - 1 else 0)
+        )
         return flops, mem
 
     if explicit is not None:
@@ -148,14 +168,20 @@ def partition(x: PartitionInputs, memory_weight: float = 0.0,
 
 def _check_explicit(counts: list[int], num_stages: int, n: int) -> list[int]:
     if len(counts) != num_stages:
-        raise UserError(f"parallel.pp_layers lists {len(counts)} stages but pp x virtual stages "
-                        f"= {num_stages}; give {num_stages} comma-separated block counts")
+        raise UserError(
+            f"parallel.pp_layers lists {len(counts)} stages but pp x virtual stages "
+            f"= {num_stages}; give {num_stages} comma-separated block counts"
+        )
     if any(c < 1 for c in counts):
-        raise UserError(f"parallel.pp_layers={','.join(map(str, counts))} leaves a stage empty; "
-                        "every stage needs at least one block")
+        raise UserError(
+            f"parallel.pp_layers={','.join(map(str, counts))} leaves a stage empty; "
+            "every stage needs at least one block"
+        )
     if sum(counts) != n:
-        raise UserError(f"parallel.pp_layers={','.join(map(str, counts))} places {sum(counts)} "
-                        f"blocks but the model has {n}; the counts must add up to {n}")
+        raise UserError(
+            f"parallel.pp_layers={','.join(map(str, counts))} places {sum(counts)} "
+            f"blocks but the model has {n}; the counts must add up to {n}"
+        )
     return counts
 
 
@@ -189,17 +215,23 @@ def parse_layers(spec: str) -> list[int] | None:
     try:
         return [int(c) for c in spec.split(",")]
     except ValueError:
-        raise UserError(f"parallel.pp_layers={spec!r} must be comma-separated block counts per "
-                        "stage, e.g. \"5,5,6\"") from None
+        raise UserError(
+            f"parallel.pp_layers={spec!r} must be comma-separated block counts per "
+            'stage, e.g. "5,5,6"'
+        ) from None
 
 
 def format_table(stages: list[Stage]) -> str:
-    lines = [f"{'stage':>5} {'rank':>4} {'blocks':>10} {'params':>10} {'GFLOP/token':>12} "
-             f"{'est. memory':>12}"]
+    lines = [
+        f"{'stage':>5} {'rank':>4} {'blocks':>10} {'params':>10} {'GFLOP/token':>12} "
+        f"{'est. memory':>12}"
+    ]
     for s in stages:
         blocks = f"{s.first_block}-{s.first_block + s.num_blocks - 1}"
         extra = ("+emb " if s.index == 0 else "") + ("+head" if s.index == len(stages) - 1 else "")
-        lines.append(f"{s.index:>5} {s.rank:>4} {blocks:>10} {s.params / 1e6:>9.1f}M "
-                     f"{s.flops_per_token / 1e9:>12.3f} {s.memory_bytes / 2**30:>10.2f}GiB "
-                     f"{extra}")
+        lines.append(
+            f"{s.index:>5} {s.rank:>4} {blocks:>10} {s.params / 1e6:>9.1f}M "
+            f"{s.flops_per_token / 1e9:>12.3f} {s.memory_bytes / 2**30:>10.2f}GiB "
+            f"{extra}"
+        )
     return "\n".join(lines)

@@ -31,24 +31,34 @@ def check_schedule(name: str, pp: int, v: int, n_microbatches: int) -> None:
 
     available = [k for k, cls in {**SINGLE, **MULTI}.items() if hasattr(S, cls)]
     if name not in available:
-        raise UserError(f"parallel.pp_schedule={name!r} is not in this PyTorch "
-                        f"({torch.__version__}); choose one of {available}")
+        raise UserError(
+            f"parallel.pp_schedule={name!r} is not in this PyTorch "
+            f"({torch.__version__}); choose one of {available}"
+        )
     if name in SINGLE and v != 1:
-        raise UserError(f"pp_schedule={name} runs one stage per rank but pp_virtual_stages={v}; "
-                        "set pp_virtual_stages=1 or use interleaved-1f1b / interleaved-zb")
+        raise UserError(
+            f"pp_schedule={name} runs one stage per rank but pp_virtual_stages={v}; "
+            "set pp_virtual_stages=1 or use interleaved-1f1b / interleaved-zb"
+        )
     if name in MULTI and v < 2:
-        raise UserError(f"pp_schedule={name} needs pp_virtual_stages >= 2 (got {v}); set "
-                        "--parallel.pp_virtual_stages=2 or use 1f1b / gpipe")
+        raise UserError(
+            f"pp_schedule={name} needs pp_virtual_stages >= 2 (got {v}); set "
+            "--parallel.pp_virtual_stages=2 or use 1f1b / gpipe"
+        )
     if name in V_SCHEDULES and v != 2:
         raise UserError(f"pp_schedule={name} needs exactly pp_virtual_stages=2 (got {v})")
     need = {"gpipe": 1, "1f1b": pp}.get(name, pp * v if name in V_SCHEDULES else pp)
     if n_microbatches < need:
-        raise UserError(f"pp_schedule={name} with pp={pp}, {pp * v} stages needs at least {need} "
-                        f"micro-batches per step but gradient accumulation gives "
-                        f"{n_microbatches}; raise train.global_batch or lower train.micro_batch")
+        raise UserError(
+            f"pp_schedule={name} with pp={pp}, {pp * v} stages needs at least {need} "
+            f"micro-batches per step but gradient accumulation gives "
+            f"{n_microbatches}; raise train.global_batch or lower train.micro_batch"
+        )
     if name in ("interleaved-1f1b", "interleaved-zb", "looped-bfs") and n_microbatches % pp:
-        raise UserError(f"pp_schedule={name} needs micro-batches per step ({n_microbatches}) to "
-                        f"be a multiple of pp={pp}; adjust train.global_batch")
+        raise UserError(
+            f"pp_schedule={name} needs micro-batches per step ({n_microbatches}) to "
+            f"be a multiple of pp={pp}; adjust train.global_batch"
+        )
 
 
 def build_stage_module(args: ModelArgs, stage: Stage, num_stages: int) -> Transformer:
@@ -97,8 +107,17 @@ class LocalStages(nn.Module):
 class Pipeline:
     """This rank's stages and the schedule that runs them."""
 
-    def __init__(self, parts: list[nn.Module], stages: list[Stage], num_stages: int, pp_group,
-                 schedule: str, n_microbatches: int, device: torch.device, loss_fn):
+    def __init__(
+        self,
+        parts: list[nn.Module],
+        stages: list[Stage],
+        num_stages: int,
+        pp_group,
+        schedule: str,
+        n_microbatches: int,
+        device: torch.device,
+        loss_fn,
+    ):
         import torch.distributed.pipelining.schedules as S
         from torch.distributed.pipelining import PipelineStage
 
@@ -106,8 +125,10 @@ class Pipeline:
         self.has_first = any(s.index == 0 for s in stages)
         self.has_last = any(s.index == num_stages - 1 for s in stages)
         self.pp_group = pp_group
-        self.stages = [PipelineStage(part, s.index, num_stages, device, group=pp_group)
-                       for part, s in zip(parts, stages)]
+        self.stages = [
+            PipelineStage(part, s.index, num_stages, device, group=pp_group)
+            for part, s in zip(parts, stages)
+        ]
         # For the forward-only walk of eval(): who holds each stage, and this rank's modules.
         pp = dist.get_world_size(pp_group)
         self.stage_ranks = [stage_rank(i, pp, schedule) for i in range(num_stages)]
@@ -115,8 +136,9 @@ class Pipeline:
         self.loss_fn, self._n_microbatches = loss_fn, n_microbatches
         cls = getattr(S, SINGLE.get(schedule) or MULTI[schedule])
         target = self.stages[0] if schedule in SINGLE else self.stages
-        self.schedule = cls(target, n_microbatches=n_microbatches, loss_fn=loss_fn,
-                            scale_grads=True)
+        self.schedule = cls(
+            target, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=True
+        )
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Forward + backward of the local batch through the schedule; returns the mean
@@ -127,8 +149,11 @@ class Pipeline:
         if self.has_last:
             kwargs = {"target": tokens[:, 1:], "losses": losses}
         self.schedule.step(*args, **kwargs)
-        loss = torch.stack([_plain(x).detach() for x in losses]).mean() if losses else \
-            torch.zeros((), device=tokens.device)
+        loss = (
+            torch.stack([_plain(x).detach() for x in losses]).mean()
+            if losses
+            else torch.zeros((), device=tokens.device)
+        )
         dist.all_reduce(loss, group=self.pp_group)  # only the last stage's rank adds a value
         return loss
 
@@ -168,8 +193,11 @@ class Pipeline:
         # A header first: the receiver learns dtype and shape (autocast, sequence sharding).
         header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64)
         dst = dist.get_global_rank(self.pp_group, pp_rank)
-        dist.send(torch.cat([header, header.new_zeros(8 - len(header))]).to(t.device), dst,
-                  group=self.pp_group)
+        dist.send(
+            torch.cat([header, header.new_zeros(8 - len(header))]).to(t.device),
+            dst,
+            group=self.pp_group,
+        )
         dist.send(t, dst, group=self.pp_group)
 
     def _recv(self, pp_rank: int, device: torch.device) -> torch.Tensor:

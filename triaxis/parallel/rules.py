@@ -26,9 +26,11 @@ def check_layout(cfg: Config, world: int, model_args: ModelArgs) -> ParallelDims
         from triaxis.parallel.pipeline import check_schedule  # torch: only when pipelining
 
         if model_args.tie_embeddings:
-            raise UserError(f"model.tie_embeddings=true with parallel.pp={dims.pp}: the embedding "
-                            "(first stage) and the LM head (last stage) live on different ranks; "
-                            "set --model.tie_embeddings=false")
+            raise UserError(
+                f"model.tie_embeddings=true with parallel.pp={dims.pp}: the embedding "
+                "(first stage) and the LM head (last stage) live on different ranks; "
+                "set --model.tie_embeddings=false"
+            )
         grad_accum = grad_accum_steps(cfg, dims.dp_size)
         check_schedule(p.pp_schedule, dims.pp, p.pp_virtual_stages, grad_accum)
         pipeline_stages(cfg, model_args, dims, grad_accum)  # refuses impossible splits
@@ -42,28 +44,39 @@ Planner = Callable[[Config, int, ModelArgs], "tuple[Config, str]"]
 lives above the trainer (triaxis.plan.auto.auto_layout); the command line passes it down."""
 
 
-def layout_for_world(cfg: Config, world: int, model_args: ModelArgs,
-                     planner: Planner | None = None) -> tuple[Config, ParallelDims, str]:
+def layout_for_world(
+    cfg: Config, world: int, model_args: ModelArgs, planner: Planner | None = None
+) -> tuple[Config, ParallelDims, str]:
     """The layout that runs on `world` ranks: cfg's own, or with parallel.auto the planner's
     (a new Config; cfg is left as it was), checked. Returns (cfg, dims, why the planner chose
     it or "")."""
     why = ""
     if cfg.parallel.auto != "off":
         if planner is None:
-            raise UserError(f"parallel.auto={cfg.parallel.auto} needs the planner, which this "
-                            "caller did not pass; run `triaxis train` / `triaxis launch`, or "
-                            "set --parallel.auto=off and give the degrees")
+            raise UserError(
+                f"parallel.auto={cfg.parallel.auto} needs the planner, which this "
+                "caller did not pass; run `triaxis train` / `triaxis launch`, or "
+                "set --parallel.auto=off and give the degrees"
+            )
         cfg, why = planner(cfg, world, model_args)
     return cfg, check_layout(cfg, world, model_args), why
 
 
-def pipeline_stages(cfg: Config, args: ModelArgs, dims: ParallelDims,
-                    grad_accum: int) -> list[Stage]:
+def pipeline_stages(
+    cfg: Config, args: ModelArgs, dims: ParallelDims, grad_accum: int
+) -> list[Stage]:
     """The pipeline's stages for this layout (raises UserError for an impossible split)."""
     p = cfg.parallel
     inputs = PartitionInputs(
-        args=args, pp=dims.pp, virtual_stages=p.pp_virtual_stages, schedule=p.pp_schedule,
-        seq_len=cfg.data.seq_len, micro_batch=cfg.train.micro_batch, n_microbatches=grad_accum,
-        shard_degree=dims.dp_shard * dims.tp, tp=dims.tp,
-        full_recompute=p.activation_checkpoint == "full")
+        args=args,
+        pp=dims.pp,
+        virtual_stages=p.pp_virtual_stages,
+        schedule=p.pp_schedule,
+        seq_len=cfg.data.seq_len,
+        micro_batch=cfg.train.micro_batch,
+        n_microbatches=grad_accum,
+        shard_degree=dims.dp_shard * dims.tp,
+        tp=dims.tp,
+        full_recompute=p.activation_checkpoint == "full",
+    )
     return partition(inputs, p.pp_memory_weight, parse_layers(p.pp_layers))

@@ -23,8 +23,15 @@ from triaxis.plan.memory import predict_state_bytes_per_rank
 from triaxis.plan.problem import Plan, Problem
 from triaxis.plan.search import PlanResult, evaluate, plan
 
-__all__ = ["Plan", "PlanResult", "Problem", "evaluate", "plan", "plan_for_world",
-           "predict_state_bytes_per_rank"]
+__all__ = [
+    "Plan",
+    "PlanResult",
+    "Problem",
+    "evaluate",
+    "plan",
+    "plan_for_world",
+    "predict_state_bytes_per_rank",
+]
 
 
 def __getattr__(name: str):

@@ -38,14 +38,24 @@ def detect_gpu(device: str) -> str:
         return "h100"
     if "A100" in name:
         return "a100-80g" if mem_gib > 60 else "a100-40g"
-    raise UserError(f"GPU {name!r} has no hardware profile; pass gpu= one of a100-40g, a100-80g, "
-                    "h100, h200, or add a [gpu.NAME] table with --hardware FILE")
+    raise UserError(
+        f"GPU {name!r} has no hardware profile; pass gpu= one of a100-40g, a100-80g, "
+        "h100, h200, or add a [gpu.NAME] table with --hardware FILE"
+    )
 
 
-def plan_for_world(cfg: Config, world_size: int, objective: str, gpu: str | None = None, *,
-                   model_args: ModelArgs | None = None, cluster: str | None = None,
-                   gpus_per_node: int | None = None, hardware: str | None = None,
-                   allow_pipeline: bool = False) -> tuple[Config, Plan, str]:
+def plan_for_world(
+    cfg: Config,
+    world_size: int,
+    objective: str,
+    gpu: str | None = None,
+    *,
+    model_args: ModelArgs | None = None,
+    cluster: str | None = None,
+    gpus_per_node: int | None = None,
+    hardware: str | None = None,
+    allow_pipeline: bool = False,
+) -> tuple[Config, Plan, str]:
     """Choose the best layout of `world_size` ranks for cfg's model, seq_len and global batch;
     return (a copy of cfg with that parallel section and train.micro_batch, plan, explanation).
     cfg itself is left as it was.
@@ -61,31 +71,52 @@ def plan_for_world(cfg: Config, world_size: int, objective: str, gpu: str | None
     catalog = load_catalog(hardware)
     if gpus_per_node is None:
         local = os.environ.get("LOCAL_WORLD_SIZE")
-        gpus_per_node = int(local) if local else (world_size if gpu == "cpu" else
-                                                  min(world_size, _visible_gpus()))
+        gpus_per_node = (
+            int(local)
+            if local
+            else (world_size if gpu == "cpu" else min(world_size, _visible_gpus()))
+        )
     hw = resolve_hardware(catalog, gpu, cluster, max(1, gpus_per_node))
     if cfg.train.dtype == "fp32" and hw.gpu.bf16:
         hw = dataclasses.replace(hw, gpu=dataclasses.replace(hw.gpu, bf16=False))
-    problem = Problem(shape_from_args(args, cfg.model.preset), hw, RUNTIMES["triaxis"],
-                      cfg.data.seq_len, cfg.train.global_batch)
-    space = SearchSpace(max_pp=0 if allow_pipeline else 1, allow_offload=hw.gpu.bf16,
-                        max_micro_batch=cfg.train.global_batch)
+    problem = Problem(
+        shape_from_args(args, cfg.model.preset),
+        hw,
+        RUNTIMES["triaxis"],
+        cfg.data.seq_len,
+        cfg.train.global_batch,
+    )
+    space = SearchSpace(
+        max_pp=0 if allow_pipeline else 1,
+        allow_offload=hw.gpu.bf16,
+        max_micro_batch=cfg.train.global_batch,
+    )
     result = plan(problem, world_size, objective, space, keep=2, catalog=catalog)
     if not result.plans:
         raise UserError("parallel.auto: " + no_fit_message(result))
     best = result.plans[0]
     a = best.layout
     parallel = dataclasses.replace(
-        cfg.parallel, dp_replicate=a.dp_replicate, dp_shard=a.dp_shard, tp=a.tp, pp=a.pp,
-        activation_checkpoint=a.activation_checkpoint, ac_every=a.ac_every,
-        cpu_offload=a.cpu_offload, reshard_after_forward=a.reshard_after_forward,
-        loss_parallel=a.tp > 1)
-    planned = dataclasses.replace(cfg, parallel=parallel,
-                                  train=dataclasses.replace(cfg.train, micro_batch=a.micro_batch))
-    why = (f"parallel.auto={objective} on {world_size} x {hw.gpu.name}: {a.describe()} "
-           f"(predicted {best.time.total:.3g} s/step, peak {best.memory.total / GIB:.2f} GiB "
-           f"per rank of {hw.usable_memory_bytes / GIB:.1f} usable; {result.num_fit} of "
-           f"{result.num_layouts} layouts fit). " + explain(result))
+        cfg.parallel,
+        dp_replicate=a.dp_replicate,
+        dp_shard=a.dp_shard,
+        tp=a.tp,
+        pp=a.pp,
+        activation_checkpoint=a.activation_checkpoint,
+        ac_every=a.ac_every,
+        cpu_offload=a.cpu_offload,
+        reshard_after_forward=a.reshard_after_forward,
+        loss_parallel=a.tp > 1,
+    )
+    planned = dataclasses.replace(
+        cfg, parallel=parallel, train=dataclasses.replace(cfg.train, micro_batch=a.micro_batch)
+    )
+    why = (
+        f"parallel.auto={objective} on {world_size} x {hw.gpu.name}: {a.describe()} "
+        f"(predicted {best.time.total:.3g} s/step, peak {best.memory.total / GIB:.2f} GiB "
+        f"per rank of {hw.usable_memory_bytes / GIB:.1f} usable; {result.num_fit} of "
+        f"{result.num_layouts} layouts fit). " + explain(result)
+    )
     return planned, best, why
 
 

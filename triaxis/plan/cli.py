@@ -20,40 +20,70 @@ from triaxis.plan.problem import AC_POLICIES, SCHEDULES
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `plan` on the subparsers of the triaxis command line."""
     p = subparsers.add_parser(
-        "plan", help="choose the parallel layout (dp, MiCS shard, tp, pp, schedule, micro-batch, "
-                     "checkpointing, offload) of a model on a cluster",
+        "plan",
+        help="choose the parallel layout (dp, MiCS shard, tp, pp, schedule, micro-batch, "
+        "checkpointing, offload) of a model on a cluster",
         description="Enumerate parallel layouts, drop those that do not fit, rank the rest by "
-                    "predicted step time or peak memory.")
-    p.add_argument("--model", required=True, help="preset (tiny, small, 1b, 8b, 70b, 405b) or "
-                                                  "a CONFIG.toml with a [model] section")
+        "predicted step time or peak memory.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help="preset (tiny, small, 1b, 8b, 70b, 405b) or a CONFIG.toml with a [model] section",
+    )
     p.add_argument("--gpus", type=int, required=True, help="GPUs in the cluster")
-    p.add_argument("--gpus-per-node", type=int, default=None,
-                   help="default: the cluster profile's (8 for all shipped instance types)")
-    p.add_argument("--gpu", default=None, help="a100-40g | a100-80g | h100 | h200 | ... "
-                                               "(default: the cluster's)")
-    p.add_argument("--cluster", default=None, help="p4d | p4de | p5 | p5e | p5en | dgx-a100 | "
-                                                   "dgx-h100 | ... (default: the GPU's)")
-    p.add_argument("--hardware", default=None, metavar="FILE",
-                   help="TOML with [gpu.NAME] / [cluster.NAME] / [calibration] tables merged "
-                        "over the shipped profiles (e.g. your own measured bandwidths)")
+    p.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="default: the cluster profile's (8 for all shipped instance types)",
+    )
+    p.add_argument(
+        "--gpu",
+        default=None,
+        help="a100-40g | a100-80g | h100 | h200 | ... (default: the cluster's)",
+    )
+    p.add_argument(
+        "--cluster",
+        default=None,
+        help="p4d | p4de | p5 | p5e | p5en | dgx-a100 | dgx-h100 | ... (default: the GPU's)",
+    )
+    p.add_argument(
+        "--hardware",
+        default=None,
+        metavar="FILE",
+        help="TOML with [gpu.NAME] / [cluster.NAME] / [calibration] tables merged "
+        "over the shipped profiles (e.g. your own measured bandwidths)",
+    )
     p.add_argument("--seq", type=int, default=4096, help="tokens per sample (default 4096)")
-    p.add_argument("--global-batch", type=int, default=1024,
-                   help="samples per optimizer step (default 1024)")
+    p.add_argument(
+        "--global-batch", type=int, default=1024, help="samples per optimizer step (default 1024)"
+    )
     p.add_argument("--vocab-size", type=int, default=None, help="override the model's vocabulary")
     p.add_argument("--objective", default="speed", choices=["speed", "memory"])
     p.add_argument("--top", type=int, default=5, help="layouts to print (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--write", default=None, metavar="PATH",
-                   help="also write the winner's TOML snippet to PATH")
-    p.add_argument("--no-pipeline", action="store_true",
-                   help="pp = 1 only (the training runtime has no pipeline schedule yet)")
+    p.add_argument(
+        "--write", default=None, metavar="PATH", help="also write the winner's TOML snippet to PATH"
+    )
+    p.add_argument(
+        "--no-pipeline",
+        action="store_true",
+        help="pp = 1 only (the training runtime has no pipeline schedule yet)",
+    )
     p.add_argument("--no-offload", action="store_true", help="never offload states to the host")
     p.add_argument("--max-tp", type=int, default=0, help="largest tp (default: GPUs per node)")
     p.add_argument("--max-pp", type=int, default=0, help="largest pp (default: blocks)")
-    p.add_argument("--ac", default=",".join(AC_POLICIES),
-                   help=f"checkpointing policies to try, comma-separated ({','.join(AC_POLICIES)})")
-    p.add_argument("--schedules", default=",".join(SCHEDULES),
-                   help=f"pipeline schedules to try ({','.join(SCHEDULES)})")
+    p.add_argument(
+        "--ac",
+        default=",".join(AC_POLICIES),
+        help=f"checkpointing policies to try, comma-separated ({','.join(AC_POLICIES)})",
+    )
+    p.add_argument(
+        "--schedules",
+        default=",".join(SCHEDULES),
+        help=f"pipeline schedules to try ({','.join(SCHEDULES)})",
+    )
     p.set_defaults(fn=run)
     return p
 
@@ -62,8 +92,10 @@ def _choices(raw: str, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
     picked = tuple(x.strip() for x in raw.split(",") if x.strip())
     bad = [x for x in picked if x not in known]
     if bad or not picked:
-        raise UserError(f"{flag} {raw!r}: {bad or 'empty'} not among {list(known)}; pass a "
-                        f"comma-separated subset, e.g. {flag} {','.join(known)}")
+        raise UserError(
+            f"{flag} {raw!r}: {bad or 'empty'} not among {list(known)}; pass a "
+            f"comma-separated subset, e.g. {flag} {','.join(known)}"
+        )
     return picked
 
 
@@ -74,21 +106,30 @@ def run(a: argparse.Namespace) -> int:
     from triaxis.plan.report import explain, header, no_fit_message, tables, to_json, toml_snippet
     from triaxis.plan.search import SearchSpace, plan
 
-    for flag, value in (("--gpus", a.gpus), ("--seq", a.seq), ("--global-batch", a.global_batch),
-                        ("--top", a.top)):
+    for flag, value in (
+        ("--gpus", a.gpus),
+        ("--seq", a.seq),
+        ("--global-batch", a.global_batch),
+        ("--top", a.top),
+    ):
         if value < 1:
             raise UserError(f"{flag}={value} must be >= 1")
     catalog = load_catalog(a.hardware)
     hw = resolve_hardware(catalog, a.gpu, a.cluster, a.gpus_per_node)
     shape, args = load_model(a.model, a.vocab_size)
     if a.seq > args.max_seq_len:
-        raise UserError(f"--seq {a.seq} is over the model's max_seq_len={args.max_seq_len} "
-                        f"(training would refuse it); pass --seq <= {args.max_seq_len} or a "
-                        "CONFIG.toml with a larger model.max_seq_len")
-    space = SearchSpace(schedules=_choices(a.schedules, SCHEDULES, "--schedules"),
-                        ac_policies=_choices(a.ac, AC_POLICIES, "--ac"),
-                        allow_offload=not a.no_offload and hw.gpu.bf16,
-                        max_pp=1 if a.no_pipeline else a.max_pp, max_tp=a.max_tp)
+        raise UserError(
+            f"--seq {a.seq} is over the model's max_seq_len={args.max_seq_len} "
+            f"(training would refuse it); pass --seq <= {args.max_seq_len} or a "
+            "CONFIG.toml with a larger model.max_seq_len"
+        )
+    space = SearchSpace(
+        schedules=_choices(a.schedules, SCHEDULES, "--schedules"),
+        ac_policies=_choices(a.ac, AC_POLICIES, "--ac"),
+        allow_offload=not a.no_offload and hw.gpu.bf16,
+        max_pp=1 if a.no_pipeline else a.max_pp,
+        max_tp=a.max_tp,
+    )
     problem = Problem(shape, hw, RUNTIMES["triaxis"], a.seq, a.global_batch)
     # Keep a runner-up even for --top 1: the explanation compares the winner with it.
     result = plan(problem, a.gpus, a.objective, space, keep=max(a.top, 2), catalog=catalog)

@@ -63,9 +63,18 @@ def load_rows() -> list[dict[str, Any]]:
 
 def row_shape(row: dict[str, Any]) -> ModelShape:
     h = row["dim"]
-    return ModelShape(name=row["name"], dim=h, n_layers=row["n_layers"], n_heads=row["n_heads"],
-                      n_kv_heads=row["n_heads"], ffn_dim=4 * h, vocab_size=row["vocab_size"],
-                      gated_mlp=False, tie_embeddings=True, dropout=True)
+    return ModelShape(
+        name=row["name"],
+        dim=h,
+        n_layers=row["n_layers"],
+        n_heads=row["n_heads"],
+        n_kv_heads=row["n_heads"],
+        ffn_dim=4 * h,
+        vocab_size=row["vocab_size"],
+        gated_mlp=False,
+        tie_embeddings=True,
+        dropout=True,
+    )
 
 
 def predict_row(row: dict[str, Any]) -> Prediction:
@@ -78,13 +87,20 @@ def predict_row(row: dict[str, Any]) -> Prediction:
     if row["micro_batch"]:
         problem = Problem(shape, hw, rt, row["seq_len"], row["global_batch"])
         # Megatron 2021 has no sharded states: its data-parallel axis is dp_replicate.
-        layout = Layout(dp, 1, tp, pp, row["micro_batch"], "full", 2, row["schedule"],
-                        row["virtual_stages"])
+        layout = Layout(
+            dp, 1, tp, pp, row["micro_batch"], "full", 2, row["schedule"], row["virtual_stages"]
+        )
         plan = evaluate(problem, layout)
     else:
         plan = _best_sharded(shape, hw, rt, row, dp, row.get("checkpoint_offload", False))
-    return Prediction(row["name"], row["source"], row["published_tflops"],
-                      plan.hw_tflops_per_gpu, plan, row["assumptions"])
+    return Prediction(
+        row["name"],
+        row["source"],
+        row["published_tflops"],
+        plan.hw_tflops_per_gpu,
+        plan,
+        row["assumptions"],
+    )
 
 
 def _best_sharded(shape, hw, rt, row, dp, offload_checkpoints: bool = False) -> Plan:
@@ -95,8 +111,9 @@ def _best_sharded(shape, hw, rt, row, dp, offload_checkpoints: bool = False) -> 
         for mb in (1, 2, 3, 4, 6, 8, 16):
             batch = dp * mb * ACCUMULATION_WHEN_UNSTATED
             problem = Problem(shape, hw, rt, row["seq_len"], batch)
-            layout = Layout(dp // shard, shard, 1, 1, mb, "full",
-                            offload_checkpoints=offload_checkpoints)
+            layout = Layout(
+                dp // shard, shard, 1, 1, mb, "full", offload_checkpoints=offload_checkpoints
+            )
             plan = evaluate(problem, layout)
             if plan.fits and (best is None or plan.tokens_per_s > best.tokens_per_s):
                 best = plan
@@ -116,8 +133,10 @@ def traffic_bound_tflops(row: dict[str, Any]) -> float:
     per_node = (2 * rt.gather_bytes + rt.grad_reduce_bytes) * params * (1 - 1 / nodes)
     seconds = per_node / hw.cluster.network_bytes_per_s
     tokens = row["seq_len"]  # micro-batch 1: the most that fits (see published.toml)
-    flops = tokens * (shape.model_flops_per_token(row["seq_len"]) +
-                      shape.recompute_flops_per_token(row["seq_len"], shape.n_layers))
+    flops = tokens * (
+        shape.model_flops_per_token(row["seq_len"])
+        + shape.recompute_flops_per_token(row["seq_len"], shape.n_layers)
+    )
     return flops / seconds / 1e12
 
 
@@ -128,8 +147,10 @@ def predict_all() -> list[Prediction]:
 def table(predictions: list[Prediction]) -> str:
     lines = ["| model | layout | published TFLOP/s | predicted | error |", "|---|---|---|---|---|"]
     for p in predictions:
-        lines.append(f"| {p.name} | {p.plan.layout.describe()} | {p.published_tflops:.0f} | "
-                     f"{p.predicted_tflops:.0f} | {p.error:+.1%} |")
+        lines.append(
+            f"| {p.name} | {p.plan.layout.describe()} | {p.published_tflops:.0f} | "
+            f"{p.predicted_tflops:.0f} | {p.error:+.1%} |"
+        )
     return "\n".join(lines)
 
 
@@ -214,11 +235,18 @@ def _measure_one(m: MeasuredLayout) -> dict[str, int]:
     model(torch.randint(0, args.vocab_size, (1, 8))).float().sum().backward()
     opt.step()
     params = sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
-    grads = sum(_local(p.grad).numel() * _local(p.grad).element_size()
-                for p in model.parameters() if p.grad is not None)
+    grads = sum(
+        _local(p.grad).numel() * _local(p.grad).element_size()
+        for p in model.parameters()
+        if p.grad is not None
+    )
     # Every optimizer tensor, the 4-byte `step` scalars included (they are real bytes).
-    optim = sum(_local(v).numel() * _local(v).element_size()
-                for state in opt.state.values() for v in state.values() if torch.is_tensor(v))
+    optim = sum(
+        _local(v).numel() * _local(v).element_size()
+        for state in opt.state.values()
+        for v in state.values()
+        if torch.is_tensor(v)
+    )
     return {"params": params, "grads": grads, "optim": optim}
 
 
@@ -231,8 +259,11 @@ if __name__ == "__main__":
         todo = []
         for spec in specs:
             preset, dr, ds, tp, *tied = spec.split(":")
-            todo.append(MeasuredLayout(preset, int(dr), int(ds), int(tp),
-                                       tied[0] == "tied" if tied else None))
+            todo.append(
+                MeasuredLayout(
+                    preset, int(dr), int(ds), int(tp), tied[0] == "tied" if tied else None
+                )
+            )
         print(json.dumps(measure(todo, int(rank))))
     else:
         print(table(predict_all()))

@@ -79,8 +79,10 @@ class Hardware:
 
     @property
     def usable_memory_bytes(self) -> float:
-        return self.gpu.memory_bytes * self.calib.memory_usable_fraction - \
-            self.calib.memory_reserved_bytes
+        return (
+            self.gpu.memory_bytes * self.calib.memory_usable_fraction
+            - self.calib.memory_reserved_bytes
+        )
 
     @property
     def network_bytes_per_s_per_gpu(self) -> float:
@@ -88,10 +90,12 @@ class Hardware:
 
     def describe(self) -> str:
         c = self.cluster
-        return (f"{self.gpu.name} ({self.gpu.peak_flops / 1e12:.0f} TFLOP/s bf16, "
-                f"{self.gpu.memory_bytes / GIB:.0f} GiB) on {c.name}: {self.gpus_per_node} per "
-                f"node, NVLink {c.nvlink_bytes_per_s / 1e9:.0f} GB/s, network "
-                f"{c.network_bytes_per_s / 1e9:.0f} GB/s per node")
+        return (
+            f"{self.gpu.name} ({self.gpu.peak_flops / 1e12:.0f} TFLOP/s bf16, "
+            f"{self.gpu.memory_bytes / GIB:.0f} GiB) on {c.name}: {self.gpus_per_node} per "
+            f"node, NVLink {c.nvlink_bytes_per_s / 1e9:.0f} GB/s, network "
+            f"{c.network_bytes_per_s / 1e9:.0f} GB/s per node"
+        )
 
 
 @dataclass
@@ -105,8 +109,10 @@ def _read(path: Path | None) -> dict[str, Any]:
     if path is None:
         return shipped_tables()
     if not path.is_file():
-        raise UserError(f"--hardware {path} does not exist; pass a TOML file with [gpu.NAME] "
-                        "and/or [cluster.NAME] tables (see triaxis/plan/data/hardware.toml)")
+        raise UserError(
+            f"--hardware {path} does not exist; pass a TOML file with [gpu.NAME] "
+            "and/or [cluster.NAME] tables (see triaxis/plan/data/hardware.toml)"
+        )
     try:
         return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
@@ -114,21 +120,31 @@ def _read(path: Path | None) -> dict[str, Any]:
 
 
 def _gpu(name: str, t: dict[str, Any]) -> GpuSpec:
-    return GpuSpec(name=name, peak_flops=t["peak_tflops"] * 1e12,
-                   memory_bytes=t["memory_gib"] * GIB, hbm_bytes_per_s=t["hbm_gbps"] * 1e9,
-                   gemm_efficiency=t["gemm_efficiency"],
-                   flash_attention_efficiency=t["flash_attention_efficiency"],
-                   default_cluster=t.get("default_cluster", ""), bf16=t.get("bf16", True))
+    return GpuSpec(
+        name=name,
+        peak_flops=t["peak_tflops"] * 1e12,
+        memory_bytes=t["memory_gib"] * GIB,
+        hbm_bytes_per_s=t["hbm_gbps"] * 1e9,
+        gemm_efficiency=t["gemm_efficiency"],
+        flash_attention_efficiency=t["flash_attention_efficiency"],
+        default_cluster=t.get("default_cluster", ""),
+        bf16=t.get("bf16", True),
+    )
 
 
 def _cluster(name: str, t: dict[str, Any]) -> ClusterSpec:
-    return ClusterSpec(name=name, gpu=t["gpu"], gpus_per_node=t["gpus_per_node"],
-                       nvlink_bytes_per_s=t["nvlink_busbw_gbps"] * 1e9,
-                       nvlink_latency_s=t["nvlink_latency_us"] * 1e-6,
-                       network_bytes_per_s=t["network_gbit"] / 8 * 1e9 * t["network_efficiency"],
-                       network_latency_s=t["network_latency_us"] * 1e-6,
-                       host_bytes_per_s=t["host_gbps"] * 1e9,
-                       host_memory_bytes=t["host_memory_gib"] * GIB, source=t.get("source", ""))
+    return ClusterSpec(
+        name=name,
+        gpu=t["gpu"],
+        gpus_per_node=t["gpus_per_node"],
+        nvlink_bytes_per_s=t["nvlink_busbw_gbps"] * 1e9,
+        nvlink_latency_s=t["nvlink_latency_us"] * 1e-6,
+        network_bytes_per_s=t["network_gbit"] / 8 * 1e9 * t["network_efficiency"],
+        network_latency_s=t["network_latency_us"] * 1e-6,
+        host_bytes_per_s=t["host_gbps"] * 1e9,
+        host_memory_bytes=t["host_memory_gib"] * GIB,
+        source=t.get("source", ""),
+    )
 
 
 def load_catalog(extra: str | Path | None = None) -> Catalog:
@@ -144,30 +160,41 @@ def load_catalog(extra: str | Path | None = None) -> Catalog:
         gpus = {n: _gpu(n, t) for n, t in data["gpu"].items()}
         clusters = {n: _cluster(n, t) for n, t in data["cluster"].items()}
     except KeyError as e:
-        raise UserError(f"hardware profile{where} lacks the field {e}; copy a complete table "
-                        "from triaxis/plan/data/hardware.toml") from None
+        raise UserError(
+            f"hardware profile{where} lacks the field {e}; copy a complete table "
+            "from triaxis/plan/data/hardware.toml"
+        ) from None
     c = data["calibration"]
-    calib = Calibration(c["elementwise_traffic"], c["memory_usable_fraction"],
-                        c["memory_reserved_gib"] * GIB, c["collective_launch_us"] * 1e-6,
-                        c["cpu_adam_params_per_s"])
+    calib = Calibration(
+        c["elementwise_traffic"],
+        c["memory_usable_fraction"],
+        c["memory_reserved_gib"] * GIB,
+        c["collective_launch_us"] * 1e-6,
+        c["cpu_adam_params_per_s"],
+    )
     return Catalog(gpus, clusters, calib)
 
 
 def _unknown(kind: str, name: str, known: list[str]) -> UserError:
     hint = nearest(name, known)
     fix = f"did you mean {hint!r}? " if hint else ""
-    return UserError(f"--{kind} {name!r} is unknown; known {kind}s: {', '.join(known)}. {fix}"
-                     f"Add your own with --hardware FILE ([{kind}.NAME] tables)")
+    return UserError(
+        f"--{kind} {name!r} is unknown; known {kind}s: {', '.join(known)}. {fix}"
+        f"Add your own with --hardware FILE ([{kind}.NAME] tables)"
+    )
 
 
-def resolve_hardware(catalog: Catalog, gpu: str | None, cluster: str | None,
-                     gpus_per_node: int | None = None) -> Hardware:
+def resolve_hardware(
+    catalog: Catalog, gpu: str | None, cluster: str | None, gpus_per_node: int | None = None
+) -> Hardware:
     """GPU and cluster by name. Either may be omitted: the cluster implies its GPU, the GPU its
     default cluster. Naming both runs that GPU on that cluster's network (a what-if)."""
     if gpu is None and cluster is None:
-        raise UserError("name the hardware: --gpu (one of "
-                        f"{', '.join(catalog.gpus)}) and/or --cluster (one of "
-                        f"{', '.join(catalog.clusters)})")
+        raise UserError(
+            "name the hardware: --gpu (one of "
+            f"{', '.join(catalog.gpus)}) and/or --cluster (one of "
+            f"{', '.join(catalog.clusters)})"
+        )
     if cluster is not None and cluster not in catalog.clusters:
         raise _unknown("cluster", cluster, list(catalog.clusters))
     if gpu is not None and gpu not in catalog.gpus:
@@ -175,8 +202,10 @@ def resolve_hardware(catalog: Catalog, gpu: str | None, cluster: str | None,
     if cluster is None:
         cluster = catalog.gpus[gpu].default_cluster  # type: ignore[index]
         if cluster not in catalog.clusters:
-            raise UserError(f"gpu {gpu!r} names default_cluster {cluster!r}, which is not a "
-                            "known cluster; pass --cluster")
+            raise UserError(
+                f"gpu {gpu!r} names default_cluster {cluster!r}, which is not a "
+                "known cluster; pass --cluster"
+            )
     cl = catalog.clusters[cluster]
     g = catalog.gpus[gpu or cl.gpu]
     if g.memory_bytes == 0 or cl.host_memory_bytes == 0:

@@ -61,8 +61,15 @@ def _chunk(n: int, parts: int, index: int) -> int:
     return max(0, min(size, n - index * size))
 
 
-def _local_numel(rows: int, cols: int, tp_dim: int | None, tp: int, shard: int,
-                 tp_index: int = 0, shard_index: int = 0) -> int:
+def _local_numel(
+    rows: int,
+    cols: int,
+    tp_dim: int | None,
+    tp: int,
+    shard: int,
+    tp_index: int = 0,
+    shard_index: int = 0,
+) -> int:
     """Elements of a (rows, cols) weight (cols = 1 for a vector) on the rank at (tp_index,
     shard_index): TP splits dim tp_dim, then FSDP splits dim 0 of the TP-local tensor."""
     if tp_dim == 0:
@@ -75,8 +82,7 @@ def _local_numel(rows: int, cols: int, tp_dim: int | None, tp: int, shard: int,
 def block_tensors(dim: int, n_kv: int, head_dim: int, ffn: int, mlp_matrices: int = 3):
     """(rows, cols, tp_dim) of every parameter of one block."""
     kv = n_kv * head_dim
-    out = [(dim, 1, None), (dim, dim, 0), (kv, dim, 0), (kv, dim, 0), (dim, dim, 1),
-           (dim, 1, None)]
+    out = [(dim, 1, None), (dim, dim, 0), (kv, dim, 0), (kv, dim, 0), (dim, dim, 1), (dim, 1, None)]
     if mlp_matrices == 3:
         out += [(ffn, dim, 0), (ffn, dim, 0), (dim, ffn, 1)]
     else:
@@ -92,13 +98,27 @@ def stage_blocks(n_layers: int, pp: int) -> tuple[int, ...]:
 
 
 @lru_cache(maxsize=4096)
-def stage_local_params(dim: int, n_layers: int, n_kv: int, head_dim: int, ffn: int, vocab: int,
-                       tied: bool, mlp_matrices: int, tp: int, shard: int, pp: int,
-                       stage: int, tp_index: int = 0, shard_index: int = 0,
-                       blocks_per_stage: tuple[int, ...] | None = None) -> tuple[int, int]:
+def stage_local_params(
+    dim: int,
+    n_layers: int,
+    n_kv: int,
+    head_dim: int,
+    ffn: int,
+    vocab: int,
+    tied: bool,
+    mlp_matrices: int,
+    tp: int,
+    shard: int,
+    pp: int,
+    stage: int,
+    tp_index: int = 0,
+    shard_index: int = 0,
+    blocks_per_stage: tuple[int, ...] | None = None,
+) -> tuple[int, int]:
     """(elements, tensors) of one rank of `stage` after TP then FSDP sharding; rank 0 of the
     stage by default, which holds the largest shard (= every rank's padded FSDP allocation).
     `blocks_per_stage` overrides the even split (e.g. a partitioner's)."""
+
     def local(r, c, d):
         return _local_numel(r, c, d, tp, shard, tp_index, shard_index)
 
@@ -116,8 +136,9 @@ def stage_local_params(dim: int, n_layers: int, n_kv: int, head_dim: int, ffn: i
     return numel, tensors
 
 
-def replicated_embedding_grad(vocab: int, dim: int, tied: bool, tp: int, fsdp: bool,
-                              first_stage: bool, tp_index: int = 0) -> int:
+def replicated_embedding_grad(
+    vocab: int, dim: int, tied: bool, tp: int, fsdp: bool, first_stage: bool, tp_index: int = 0
+) -> int:
     """Extra gradient elements of the embedding whose gradient comes back replicated (TP
     without FSDP, untied), over its sharded size."""
     if tp == 1 or fsdp or tied or not first_stage:
@@ -125,12 +146,18 @@ def replicated_embedding_grad(vocab: int, dim: int, tied: bool, tp: int, fsdp: b
     return vocab * dim - _local_numel(vocab, dim, 0, tp, 1, tp_index)
 
 
-def predict_state_bytes_per_rank(model_args: ModelArgs, dp_shard: int, dp_replicate: int,
-                                 tp: int, pp: int, fp32: bool = True, *,
-                                 stage: int | None = None,
-                                 rank: int | None = None,
-                                 blocks_per_stage: Sequence[int] | None = None
-                                 ) -> dict[str, int]:
+def predict_state_bytes_per_rank(
+    model_args: ModelArgs,
+    dp_shard: int,
+    dp_replicate: int,
+    tp: int,
+    pp: int,
+    fp32: bool = True,
+    *,
+    stage: int | None = None,
+    rank: int | None = None,
+    blocks_per_stage: Sequence[int] | None = None,
+) -> dict[str, int]:
     """Bytes per rank of parameters, gradients and AdamW states under triaxis's sharding.
 
     Parameters and gradients are fp32 either way (FSDP's mixed precision keeps fp32 masters and
@@ -151,8 +178,10 @@ def predict_state_bytes_per_rank(model_args: ModelArgs, dp_shard: int, dp_replic
     a = model_args
     split = tuple(blocks_per_stage) if blocks_per_stage is not None else None
     if split is not None and (len(split) != pp or sum(split) != a.n_layers):
-        raise ValueError(f"blocks_per_stage={list(split)} must have pp={pp} entries summing "
-                         f"to n_layers={a.n_layers}")
+        raise ValueError(
+            f"blocks_per_stage={list(split)} must have pp={pp} entries summing "
+            f"to n_layers={a.n_layers}"
+        )
     fsdp_shard = dp_shard if dp_shard * dp_replicate > 1 else 1
     tp_index = shard_index = 0
     stages = range(pp) if stage is None else [stage]
@@ -162,14 +191,37 @@ def predict_state_bytes_per_rank(model_args: ModelArgs, dp_shard: int, dp_replic
         stages = [rank // (tp * dp_shard * dp_replicate)]
     best: dict[str, int] = {}
     for s in stages:
-        numel, tensors = stage_local_params(a.dim, a.n_layers, a.n_kv_heads, a.head_dim,
-                                            a.ffn_dim, a.vocab_size, a.tie_embeddings, 3, tp,
-                                            fsdp_shard, pp, s, tp_index,
-                                            shard_index if fsdp_shard > 1 else 0, split)
-        extra = replicated_embedding_grad(a.vocab_size, a.dim, a.tie_embeddings, tp,
-                                          fsdp_shard > 1 or dp_replicate > 1, s == 0, tp_index)
-        out = {"params": 4 * numel, "grads": 4 * (numel + extra),
-               "optim": 8 * numel + ADAM_STEP_BYTES * tensors}
+        numel, tensors = stage_local_params(
+            a.dim,
+            a.n_layers,
+            a.n_kv_heads,
+            a.head_dim,
+            a.ffn_dim,
+            a.vocab_size,
+            a.tie_embeddings,
+            3,
+            tp,
+            fsdp_shard,
+            pp,
+            s,
+            tp_index,
+            shard_index if fsdp_shard > 1 else 0,
+            split,
+        )
+        extra = replicated_embedding_grad(
+            a.vocab_size,
+            a.dim,
+            a.tie_embeddings,
+            tp,
+            fsdp_shard > 1 or dp_replicate > 1,
+            s == 0,
+            tp_index,
+        )
+        out = {
+            "params": 4 * numel,
+            "grads": 4 * (numel + extra),
+            "optim": 8 * numel + ADAM_STEP_BYTES * tensors,
+        }
         out["total"] = out["params"] + out["grads"] + out["optim"]
         if not fp32:
             blk = block_tensors(a.dim, a.n_kv_heads, a.head_dim, a.ffn_dim)
@@ -187,8 +239,9 @@ def predict_state_bytes_per_rank(model_args: ModelArgs, dp_shard: int, dp_replic
 
 
 @lru_cache(maxsize=4096)
-def layer_activation_bytes_per_token(shape: ModelShape, rt: Runtime, seq: int, tp: int,
-                                     elem: int) -> float:
+def layer_activation_bytes_per_token(
+    shape: ModelShape, rt: Runtime, seq: int, tp: int, elem: int
+) -> float:
     """Bytes one block keeps for backward per token (no checkpointing), on one TP rank."""
     h, kv, f, a = shape.dim, shape.kv_dim, shape.ffn_dim, shape.n_heads
     eager = rt.eager_fp32_kernels
@@ -220,8 +273,9 @@ def logits_bytes_per_token(shape: ModelShape, rt: Runtime, tp: int, elem: int) -
     return (elem + extra) * shape.vocab_size / tp
 
 
-def loss_bytes(shape: ModelShape, rt: Runtime, tp: int, elem: int, tokens: int,
-               whole_head: bool) -> float:
+def loss_bytes(
+    shape: ModelShape, rt: Runtime, tp: int, elem: int, tokens: int, whole_head: bool
+) -> float:
     """Peak bytes of the LM head's output and the loss for `tokens` tokens. With the runtime's
     fused, chunked head + loss (triaxis when the head is whole on the rank: tp = pp = 1) only
     one chunk's logits live at a time: in `elem`, in fp32 (turned into their gradient in place)
@@ -254,12 +308,22 @@ OFFLOADED_CHECKPOINTS_ON_GPU = 2
 or prefetched in (backward), and the one in use."""
 
 
-def activation_bytes(p: Problem, layout: Layout, blocks: int, num_micro: int,
-                     last_stage: bool) -> float:
+def activation_bytes(
+    p: Problem, layout: Layout, blocks: int, num_micro: int, last_stage: bool
+) -> float:
     """Peak activation bytes on the GPU of a stage with `blocks` blocks."""
-    return _activations(p, layout.tp, layout.micro_batch, layout.activation_checkpoint,
-                        layout.ac_every, blocks, in_flight(layout, num_micro), last_stage,
-                        layout.offload_checkpoints, layout.tp == 1 and layout.pp == 1)
+    return _activations(
+        p,
+        layout.tp,
+        layout.micro_batch,
+        layout.activation_checkpoint,
+        layout.ac_every,
+        blocks,
+        in_flight(layout, num_micro),
+        last_stage,
+        layout.offload_checkpoints,
+        layout.tp == 1 and layout.pp == 1,
+    )
 
 
 def offloaded_checkpoint_bytes(p: Problem, layout: Layout, blocks: int, num_micro: int) -> float:
@@ -271,9 +335,18 @@ def offloaded_checkpoint_bytes(p: Problem, layout: Layout, blocks: int, num_micr
 
 
 @lru_cache(maxsize=65536)
-def _activations(p: Problem, tp: int, micro_batch: int, ac: str, ac_every: int, blocks: int,
-                 in_flight_micro: float, last_stage: bool, offload_ckpt: bool,
-                 whole_head: bool) -> float:
+def _activations(
+    p: Problem,
+    tp: int,
+    micro_batch: int,
+    ac: str,
+    ac_every: int,
+    blocks: int,
+    in_flight_micro: float,
+    last_stage: bool,
+    offload_ckpt: bool,
+    whole_head: bool,
+) -> float:
     s, rt, e = p.shape, p.runtime, p.elem
     tokens = micro_batch * p.seq_len
     loss = loss_bytes(s, rt, tp, e, tokens, whole_head) if last_stage else 0.0
@@ -294,13 +367,25 @@ def _activations(p: Problem, tp: int, micro_batch: int, ac: str, ac_every: int, 
 
 
 @lru_cache(maxsize=65536)
-def _states(p: Problem, tp: int, shard: int, pp: int, stage: int, fsdp_on: bool,
-            gathered_blocks: int) -> tuple[float, float, float, float]:
+def _states(
+    p: Problem, tp: int, shard: int, pp: int, stage: int, fsdp_on: bool, gathered_blocks: int
+) -> tuple[float, float, float, float]:
     """(params, grads, optim, comm buffers) bytes of rank 0 of `stage`."""
     s, rt, e = p.shape, p.runtime, p.elem
-    numel, tensors = stage_local_params(s.dim, s.n_layers, s.n_kv_heads, s.head_dim, s.ffn_dim,
-                                        s.vocab_size, s.tie_embeddings, s.mlp_matrices, tp,
-                                        shard, pp, stage)
+    numel, tensors = stage_local_params(
+        s.dim,
+        s.n_layers,
+        s.n_kv_heads,
+        s.head_dim,
+        s.ffn_dim,
+        s.vocab_size,
+        s.tie_embeddings,
+        s.mlp_matrices,
+        tp,
+        shard,
+        pp,
+        stage,
+    )
     last = stage == pp - 1
     matrix = s.vocab_size * s.dim / tp
     head = matrix if last else 0.0
@@ -320,8 +405,9 @@ def _states(p: Problem, tp: int, shard: int, pp: int, stage: int, fsdp_on: bool,
         # One model replica, no FSDP: fp32 states; autocast caches bf16 copies of the weights.
         params, grads, optim = 4.0 * numel, 4.0 * numel, 8.0 * numel + 4 * tensors
         params += 2.0 * numel if e == 2 else 0.0
-        grads += 4.0 * replicated_embedding_grad(s.vocab_size, s.dim, s.tie_embeddings, tp,
-                                                 False, stage == 0)
+        grads += 4.0 * replicated_embedding_grad(
+            s.vocab_size, s.dim, s.tie_embeddings, tp, False, stage == 0
+        )
         comm = 0.0
     else:
         # Megatron-LM 2021: fp16 weights, fp32 main grads, fp32 master + Adam, replicated.
@@ -338,7 +424,7 @@ def memory_of(p: Problem, layout: Layout, num_micro: int) -> MemoryBreakdown:
     # Gathered TP inputs (attention and MLP) of the block in flight.
     tp_buffers = 2 * p.elem * layout.micro_batch * p.seq_len * p.shape.dim if tp > 1 else 0.0
     worst = None
-    for stage in ((0, pp - 1) if pp > 1 else (0,)):
+    for stage in (0, pp - 1) if pp > 1 else (0,):
         gathered = 2 if layout.reshard_after_forward else blocks[stage]
         params, grads, optim, comm = _states(p, tp, shard, pp, stage, fsdp_on, gathered)
         act = activation_bytes(p, layout, blocks[stage], num_micro, stage == pp - 1)

@@ -84,20 +84,33 @@ class ModelShape:
 
 
 def shape_from_args(args: ModelArgs, name: str) -> ModelShape:
-    return ModelShape(name=name, dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads,
-                      n_kv_heads=args.n_kv_heads, ffn_dim=args.ffn_dim,
-                      vocab_size=args.vocab_size, gated_mlp=True,
-                      tie_embeddings=args.tie_embeddings)
+    return ModelShape(
+        name=name,
+        dim=args.dim,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+        ffn_dim=args.ffn_dim,
+        vocab_size=args.vocab_size,
+        gated_mlp=True,
+        tie_embeddings=args.tie_embeddings,
+    )
 
 
 def args_from_shape(shape: ModelShape, max_seq_len: int = 8192) -> ModelArgs:
     """The triaxis ModelArgs of a gated (SwiGLU) shape: what `predict_state_bytes_per_rank` and
     the training runtime consume."""
     assert shape.gated_mlp, "triaxis models are SwiGLU; a GELU shape has no ModelArgs"
-    return ModelArgs(dim=shape.dim, n_layers=shape.n_layers, n_heads=shape.n_heads,
-                     n_kv_heads=shape.n_kv_heads, ffn_dim=shape.ffn_dim,
-                     vocab_size=shape.vocab_size, max_seq_len=max_seq_len,
-                     tie_embeddings=shape.tie_embeddings)
+    return ModelArgs(
+        dim=shape.dim,
+        n_layers=shape.n_layers,
+        n_heads=shape.n_heads,
+        n_kv_heads=shape.n_kv_heads,
+        ffn_dim=shape.ffn_dim,
+        vocab_size=shape.vocab_size,
+        max_seq_len=max_seq_len,
+        tie_embeddings=shape.tie_embeddings,
+    )
 
 
 def load_model(model: str, vocab_size: int | None = None) -> tuple[ModelShape, ModelArgs]:
@@ -112,8 +125,10 @@ def load_model(model: str, vocab_size: int | None = None) -> tuple[ModelShape, M
     if model not in PRESETS:
         hint = nearest(model, list(PRESETS))
         fix = f"did you mean {hint!r}?" if hint else "or pass a CONFIG.toml"
-        raise UserError(f"--model {model!r} is neither a preset nor a .toml file; presets are "
-                        f"{list(PRESETS)}; {fix}")
+        raise UserError(
+            f"--model {model!r} is neither a preset nor a .toml file; presets are "
+            f"{list(PRESETS)}; {fix}"
+        )
     args = dataclasses.replace(PRESETS[model])
     if vocab_size:
         args.vocab_size = vocab_size
@@ -176,18 +191,32 @@ class Runtime:
 
 
 RUNTIMES: dict[str, Runtime] = {
-    "triaxis": Runtime("triaxis", fsdp=True, flash_attention=True, sequence_parallel=True,
-                       fused_qkv=False, eager_fp32_kernels=True, sp_saves_gathered_inputs=True,
-                       fused_loss_chunk=4096),
+    "triaxis": Runtime(
+        "triaxis",
+        fsdp=True,
+        flash_attention=True,
+        sequence_parallel=True,
+        fused_qkv=False,
+        eager_fp32_kernels=True,
+        sp_saves_gathered_inputs=True,
+        fused_loss_chunk=4096,
+    ),
     # Narayanan et al. 2021: no sequence parallelism yet, fused scale-mask-softmax (not flash),
     # fp16 with fp32 main gradients all-reduced.
-    "megatron-2021": Runtime("megatron-2021", fsdp=False, flash_attention=False,
-                             sequence_parallel=False, fused_qkv=True),
+    "megatron-2021": Runtime(
+        "megatron-2021", fsdp=False, flash_attention=False, sequence_parallel=False, fused_qkv=True
+    ),
     # Zhang et al. 2022: DeepSpeed-style partitioned states inside a MiCS group, fp16 gathers
     # and fp16 gradient reduce-scatter, no tensor parallelism.
-    "mics-2022": Runtime("mics-2022", fsdp=True, flash_attention=False,
-                         sequence_parallel=False, fused_qkv=True, grad_reduce_bytes=2,
-                         gather_per_matrix=True),
+    "mics-2022": Runtime(
+        "mics-2022",
+        fsdp=True,
+        flash_attention=False,
+        sequence_parallel=False,
+        fused_qkv=True,
+        grad_reduce_bytes=2,
+        gather_per_matrix=True,
+    ),
 }
 
 
@@ -222,8 +251,10 @@ class Layout:
 
     def __post_init__(self) -> None:
         if self.offload_checkpoints and self.activation_checkpoint != "full":
-            raise ValueError(f"offload_checkpoints needs activation_checkpoint='full', got "
-                             f"{self.activation_checkpoint!r}: only block inputs are offloaded")
+            raise ValueError(
+                f"offload_checkpoints needs activation_checkpoint='full', got "
+                f"{self.activation_checkpoint!r}: only block inputs are offloaded"
+            )
 
     @property
     def world_size(self) -> int:
@@ -237,14 +268,17 @@ class Layout:
         return global_batch // (self.micro_batch * self.dp)
 
     def describe(self) -> str:
-        s = (f"tp={self.tp} pp={self.pp} dp_shard={self.dp_shard} "
-             f"dp_replicate={self.dp_replicate} mb={self.micro_batch} "
-             f"ac={self.activation_checkpoint}")
+        s = (
+            f"tp={self.tp} pp={self.pp} dp_shard={self.dp_shard} "
+            f"dp_replicate={self.dp_replicate} mb={self.micro_batch} "
+            f"ac={self.activation_checkpoint}"
+        )
         if self.activation_checkpoint == "selective":
             s += f"/{self.ac_every}"
         if self.pp > 1:
-            s += f" {self.schedule}" + (f"x{self.virtual_stages}" if self.virtual_stages > 1
-                                        else "")
+            s += f" {self.schedule}" + (
+                f"x{self.virtual_stages}" if self.virtual_stages > 1 else ""
+            )
         if self.cpu_offload:
             s += " offload"
         if self.offload_checkpoints:

@@ -22,51 +22,73 @@ def _gib(x: float) -> str:
 def header(r: PlanResult) -> str:
     p, s = r.problem, r.problem.shape
     tokens = p.global_batch * p.seq_len
-    return (f"triaxis plan: {s.name} ({s.total_params() / 1e9:.2f}B parameters) on "
-            f"{r.world_size} x {p.hw.describe()}\n"
-            f"seq {p.seq_len}, global batch {p.global_batch} ({tokens / 1e6:.2f}M tokens), "
-            f"objective {r.objective}: {r.num_layouts} layouts enumerated, {r.num_fit} fit in "
-            f"{_gib(p.hw.usable_memory_bytes)} GiB usable per GPU, {r.num_timed} timed")
+    return (
+        f"triaxis plan: {s.name} ({s.total_params() / 1e9:.2f}B parameters) on "
+        f"{r.world_size} x {p.hw.describe()}\n"
+        f"seq {p.seq_len}, global batch {p.global_batch} ({tokens / 1e6:.2f}M tokens), "
+        f"objective {r.objective}: {r.num_layouts} layouts enumerated, {r.num_fit} fit in "
+        f"{_gib(p.hw.usable_memory_bytes)} GiB usable per GPU, {r.num_timed} timed"
+    )
 
 
 def _ordinal(k: int) -> str:
-    return f"{k}{'tsnrhtdd'[(k // 10 % 10 != 1) * (k % 10 < 4) * k % 10::4]}"
+    return f"{k}{'tsnrhtdd'[(k // 10 % 10 != 1) * (k % 10 < 4) * k % 10 :: 4]}"
 
 
 def tables(r: PlanResult, top: int = 5) -> str:
     shown = r.plans[:top]
     width = max([len(p.layout.describe()) for p in shown] + [6])
-    rows = ["", f"{'#':>2}  {'layout':<{width}} {'step s':>8} {'tok/s':>10} {'MFU':>6}",]
+    rows = [
+        "",
+        f"{'#':>2}  {'layout':<{width}} {'step s':>8} {'tok/s':>10} {'MFU':>6}",
+    ]
     for i, p in enumerate(shown, 1):
-        rows.append(f"{i:>2}  {p.layout.describe():<{width}} {p.time.total:>8.3f} "
-                    f"{p.tokens_per_s:>10.4g} {p.mfu:>6.1%}")
-    rows += ["", "memory per GPU (GiB)", f"{'#':>2}  {'params':>7} {'grads':>7} {'optim':>7} "
-             f"{'activ':>7} {'comm':>7} {'total':>7} {'host/node':>10}"]
+        rows.append(
+            f"{i:>2}  {p.layout.describe():<{width}} {p.time.total:>8.3f} "
+            f"{p.tokens_per_s:>10.4g} {p.mfu:>6.1%}"
+        )
+    rows += [
+        "",
+        "memory per GPU (GiB)",
+        f"{'#':>2}  {'params':>7} {'grads':>7} {'optim':>7} "
+        f"{'activ':>7} {'comm':>7} {'total':>7} {'host/node':>10}",
+    ]
     for i, p in enumerate(shown, 1):
         m = p.memory
-        rows.append(f"{i:>2}  {_gib(m.params):>7} {_gib(m.grads):>7} {_gib(m.optim):>7} "
-                    f"{_gib(m.activations):>7} {_gib(m.comm_buffers):>7} {_gib(m.total):>7} "
-                    f"{_gib(m.host_per_node):>10}")
-    rows += ["", "step time (s): compute, exposed communication per mesh axis, pipeline bubble",
-             f"{'#':>2}  {'compute':>8} " + " ".join(f"{a:>12}" for a in COMM_COLUMNS) +
-             f" {'offload':>8} {'bubble':>8} {'optim':>7} {'micro':>6}"]
+        rows.append(
+            f"{i:>2}  {_gib(m.params):>7} {_gib(m.grads):>7} {_gib(m.optim):>7} "
+            f"{_gib(m.activations):>7} {_gib(m.comm_buffers):>7} {_gib(m.total):>7} "
+            f"{_gib(m.host_per_node):>10}"
+        )
+    rows += [
+        "",
+        "step time (s): compute, exposed communication per mesh axis, pipeline bubble",
+        f"{'#':>2}  {'compute':>8} "
+        + " ".join(f"{a:>12}" for a in COMM_COLUMNS)
+        + f" {'offload':>8} {'bubble':>8} {'optim':>7} {'micro':>6}",
+    ]
     for i, p in enumerate(shown, 1):
         t = p.time
-        rows.append(f"{i:>2}  {t.compute:>8.3f} " +
-                    " ".join(f"{t.exposed_comm.get(a, 0.0):>12.3f}" for a in COMM_COLUMNS) +
-                    f" {t.exposed_comm.get('offload', 0.0):>8.3f} {t.bubble:>8.3f} "
-                    f"{t.optimizer:>7.3f} {p.num_micro_batches:>6}")
+        rows.append(
+            f"{i:>2}  {t.compute:>8.3f} "
+            + " ".join(f"{t.exposed_comm.get(a, 0.0):>12.3f}" for a in COMM_COLUMNS)
+            + f" {t.exposed_comm.get('offload', 0.0):>8.3f} {t.bubble:>8.3f} "
+            f"{t.optimizer:>7.3f} {p.num_micro_batches:>6}"
+        )
     return "\n".join(rows)
 
 
 def _largest_difference(a: Plan, b: Plan) -> str:
     """Which part of b's step time grew most over a's, in words."""
-    parts = {"compute": b.time.compute - a.time.compute,
-             "the pipeline bubble": b.time.bubble - a.time.bubble,
-             "the optimizer step": b.time.optimizer - a.time.optimizer}
+    parts = {
+        "compute": b.time.compute - a.time.compute,
+        "the pipeline bubble": b.time.bubble - a.time.bubble,
+        "the optimizer step": b.time.optimizer - a.time.optimizer,
+    }
     for axis in set(a.time.exposed_comm) | set(b.time.exposed_comm):
-        parts[f"exposed {axis} communication"] = (b.time.exposed_comm.get(axis, 0.0) -
-                                                  a.time.exposed_comm.get(axis, 0.0))
+        parts[f"exposed {axis} communication"] = b.time.exposed_comm.get(
+            axis, 0.0
+        ) - a.time.exposed_comm.get(axis, 0.0)
     name, delta = max(parts.items(), key=lambda kv: kv[1])
     return f"{name} (+{delta:.3f} s)"
 
@@ -80,46 +102,69 @@ def explain(r: PlanResult) -> str:
     gpn = hw.gpus_per_node
     out = []
     if a.tp > 1:
-        out.append(f"tp={a.tp} splits every block's matrices inside one node ({gpn} GPUs on "
-                   f"NVLink); its per-layer collectives cannot overlap and cost "
-                   f"{t.exposed_comm['tp']:.3f} s per step.")
+        out.append(
+            f"tp={a.tp} splits every block's matrices inside one node ({gpn} GPUs on "
+            f"NVLink); its per-layer collectives cannot overlap and cost "
+            f"{t.exposed_comm['tp']:.3f} s per step."
+        )
     else:
         out.append("tp=1: no per-layer activation traffic; the matrices stay whole and fast.")
     if a.pp > 1:
         frac = t.bubble / t.total
-        sched = a.schedule + (f" with {a.virtual_stages} virtual stages"
-                              if a.virtual_stages > 1 else "")
-        out.append(f"pp={a.pp} ({sched}) over {w.num_micro_batches} micro-batches costs a "
-                   f"{frac:.1%} bubble.")
+        sched = a.schedule + (
+            f" with {a.virtual_stages} virtual stages" if a.virtual_stages > 1 else ""
+        )
+        out.append(
+            f"pp={a.pp} ({sched}) over {w.num_micro_batches} micro-batches costs a "
+            f"{frac:.1%} bubble."
+        )
     states = m.params + m.grads + m.optim
     group = a.dp_shard * a.tp
     where = f"{group // gpn} nodes" if group > gpn else "one node"
-    state_txt = (f"{_gib(m.host_per_node / gpn)} GiB per GPU, offloaded to the host"
-                 if a.cpu_offload else f"{_gib(states)} GiB per GPU")
+    state_txt = (
+        f"{_gib(m.host_per_node / gpn)} GiB per GPU, offloaded to the host"
+        if a.cpu_offload
+        else f"{_gib(states)} GiB per GPU"
+    )
     if a.dp_shard > 1:
-        out.append(f"dp_shard={a.dp_shard} (a MiCS partition group of {group} GPUs, {where}) "
-                   f"holds parameters, gradients and AdamW states in {state_txt}; its gathers "
-                   f"and reduce-scatters leave {t.exposed_comm['dp_shard']:.3f} s exposed.")
+        out.append(
+            f"dp_shard={a.dp_shard} (a MiCS partition group of {group} GPUs, {where}) "
+            f"holds parameters, gradients and AdamW states in {state_txt}; its gathers "
+            f"and reduce-scatters leave {t.exposed_comm['dp_shard']:.3f} s exposed."
+        )
     else:
-        out.append(f"dp_shard=1: every rank keeps whole parameters, gradients and AdamW states "
-                   f"({state_txt}), so nothing is gathered per block.")
+        out.append(
+            f"dp_shard=1: every rank keeps whole parameters, gradients and AdamW states "
+            f"({state_txt}), so nothing is gathered per block."
+        )
     if a.dp_replicate > 1:
-        out.append(f"dp_replicate={a.dp_replicate} replicas all-reduce gradients once per step "
-                   f"({t.exposed_comm['dp_replicate']:.3f} s exposed).")
-    ac = {"none": "no activation checkpointing", "full": "full activation checkpointing",
-          "selective": f"checkpointing every {_ordinal(a.ac_every)} block"}[a.activation_checkpoint]
-    out.append(f"Micro-batch {a.micro_batch} with {ac} keeps activations at "
-               f"{_gib(m.activations)} GiB of the {_gib(m.total)} GiB peak "
-               f"({_gib(hw.usable_memory_bytes)} usable).")
+        out.append(
+            f"dp_replicate={a.dp_replicate} replicas all-reduce gradients once per step "
+            f"({t.exposed_comm['dp_replicate']:.3f} s exposed)."
+        )
+    ac = {
+        "none": "no activation checkpointing",
+        "full": "full activation checkpointing",
+        "selective": f"checkpointing every {_ordinal(a.ac_every)} block",
+    }[a.activation_checkpoint]
+    out.append(
+        f"Micro-batch {a.micro_batch} with {ac} keeps activations at "
+        f"{_gib(m.activations)} GiB of the {_gib(m.total)} GiB peak "
+        f"({_gib(hw.usable_memory_bytes)} usable)."
+    )
     if len(r.plans) > 1:
         b = r.plans[1]
         if r.objective == "speed":
-            out.append(f"Runner-up {b.layout.describe()} is "
-                       f"{b.time.total / t.total - 1:.1%} slower, mostly from "
-                       f"{_largest_difference(w, b)}.")
+            out.append(
+                f"Runner-up {b.layout.describe()} is "
+                f"{b.time.total / t.total - 1:.1%} slower, mostly from "
+                f"{_largest_difference(w, b)}."
+            )
         else:
-            out.append(f"Runner-up {b.layout.describe()} needs "
-                       f"{_gib(b.memory.total - m.total)} GiB more per GPU.")
+            out.append(
+                f"Runner-up {b.layout.describe()} needs "
+                f"{_gib(b.memory.total - m.total)} GiB more per GPU."
+            )
     return " ".join(out)
 
 
@@ -127,73 +172,114 @@ def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
     """A [parallel] + [train] + [data] snippet that `triaxis train CONFIG.toml` accepts."""
     p = plan or r.plans[0]
     a = p.layout
-    lines = [f"# triaxis plan: {r.problem.shape.name} on {r.world_size} x "
-             f"{r.problem.hw.gpu.name} ({r.problem.hw.cluster.name}), objective "
-             f"{r.objective}",
-             f"# predicted {p.time.total:.3f} s/step, {p.tokens_per_s:.4g} tokens/s, MFU "
-             f"{p.mfu:.1%}, peak {_gib(p.memory.total)} GiB per GPU",
-             "[parallel]", f"dp_replicate = {a.dp_replicate}", f"dp_shard = {a.dp_shard}",
-             f"tp = {a.tp}", f"pp = {a.pp}",
-             f"reshard_after_forward = {str(a.reshard_after_forward).lower()}",
-             f"cpu_offload = {str(a.cpu_offload).lower()}",
-             f"loss_parallel = {str(a.tp > 1).lower()}",
-             f'activation_checkpoint = "{a.activation_checkpoint}"',
-             f"ac_every = {a.ac_every}"]
+    lines = [
+        f"# triaxis plan: {r.problem.shape.name} on {r.world_size} x "
+        f"{r.problem.hw.gpu.name} ({r.problem.hw.cluster.name}), objective "
+        f"{r.objective}",
+        f"# predicted {p.time.total:.3f} s/step, {p.tokens_per_s:.4g} tokens/s, MFU "
+        f"{p.mfu:.1%}, peak {_gib(p.memory.total)} GiB per GPU",
+        "[parallel]",
+        f"dp_replicate = {a.dp_replicate}",
+        f"dp_shard = {a.dp_shard}",
+        f"tp = {a.tp}",
+        f"pp = {a.pp}",
+        f"reshard_after_forward = {str(a.reshard_after_forward).lower()}",
+        f"cpu_offload = {str(a.cpu_offload).lower()}",
+        f"loss_parallel = {str(a.tp > 1).lower()}",
+        f'activation_checkpoint = "{a.activation_checkpoint}"',
+        f"ac_every = {a.ac_every}",
+    ]
     if a.pp > 1:
         v = stages_per_rank(a.schedule, a.virtual_stages)
         if v != a.virtual_stages:
-            lines.append(f"# modelled with {a.virtual_stages} stage per rank; "
-                         f"{a.schedule} runs {v}")
+            lines.append(
+                f"# modelled with {a.virtual_stages} stage per rank; {a.schedule} runs {v}"
+            )
         lines += [f'pp_schedule = "{a.schedule}"', f"pp_virtual_stages = {v}"]
-    lines += ["", "[train]", f"micro_batch = {a.micro_batch}",
-              f"global_batch = {r.problem.global_batch}", "", "[data]",
-              f"seq_len = {r.problem.seq_len}"]
+    lines += [
+        "",
+        "[train]",
+        f"micro_batch = {a.micro_batch}",
+        f"global_batch = {r.problem.global_batch}",
+        "",
+        "[data]",
+        f"seq_len = {r.problem.seq_len}",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def plan_dict(p: Plan) -> dict[str, Any]:
     m = p.memory
-    return {"layout": dataclasses.asdict(p.layout),
-            "memory_gib": {"params": m.params / GIB, "grads": m.grads / GIB,
-                           "optim": m.optim / GIB, "activations": m.activations / GIB,
-                           "comm_buffers": m.comm_buffers / GIB, "total": m.total / GIB,
-                           "host_per_node": m.host_per_node / GIB},
-            "time_s": {"compute": p.time.compute, "exposed_comm": p.time.exposed_comm,
-                       "bubble": p.time.bubble, "optimizer": p.time.optimizer,
-                       "total": p.time.total},
-            "num_micro_batches": p.num_micro_batches, "tokens_per_s": p.tokens_per_s,
-            "mfu": p.mfu, "hw_tflops_per_gpu": p.hw_tflops_per_gpu, "fits": p.fits}
+    return {
+        "layout": dataclasses.asdict(p.layout),
+        "memory_gib": {
+            "params": m.params / GIB,
+            "grads": m.grads / GIB,
+            "optim": m.optim / GIB,
+            "activations": m.activations / GIB,
+            "comm_buffers": m.comm_buffers / GIB,
+            "total": m.total / GIB,
+            "host_per_node": m.host_per_node / GIB,
+        },
+        "time_s": {
+            "compute": p.time.compute,
+            "exposed_comm": p.time.exposed_comm,
+            "bubble": p.time.bubble,
+            "optimizer": p.time.optimizer,
+            "total": p.time.total,
+        },
+        "num_micro_batches": p.num_micro_batches,
+        "tokens_per_s": p.tokens_per_s,
+        "mfu": p.mfu,
+        "hw_tflops_per_gpu": p.hw_tflops_per_gpu,
+        "fits": p.fits,
+    }
 
 
 def to_json(r: PlanResult, top: int = 5) -> dict[str, Any]:
     pr = r.problem
-    return {"model": dataclasses.asdict(pr.shape), "gpus": r.world_size,
-            "gpu": pr.hw.gpu.name, "cluster": pr.hw.cluster.name,
-            "gpus_per_node": pr.hw.gpus_per_node, "seq_len": pr.seq_len,
-            "global_batch": pr.global_batch, "objective": r.objective,
-            "usable_memory_gib": pr.hw.usable_memory_bytes / GIB,
-            "num_layouts": r.num_layouts, "num_fit": r.num_fit,
-            "plans": [plan_dict(p) for p in r.plans[:top]],
-            "explanation": explain(r), "toml": toml_snippet(r) if r.plans else None,
-            "leanest": plan_dict(r.leanest) if r.leanest else None, "advice": r.advice}
+    return {
+        "model": dataclasses.asdict(pr.shape),
+        "gpus": r.world_size,
+        "gpu": pr.hw.gpu.name,
+        "cluster": pr.hw.cluster.name,
+        "gpus_per_node": pr.hw.gpus_per_node,
+        "seq_len": pr.seq_len,
+        "global_batch": pr.global_batch,
+        "objective": r.objective,
+        "usable_memory_gib": pr.hw.usable_memory_bytes / GIB,
+        "num_layouts": r.num_layouts,
+        "num_fit": r.num_fit,
+        "plans": [plan_dict(p) for p in r.plans[:top]],
+        "explanation": explain(r),
+        "toml": toml_snippet(r) if r.plans else None,
+        "leanest": plan_dict(r.leanest) if r.leanest else None,
+        "advice": r.advice,
+    }
 
 
 def no_fit_message(r: PlanResult) -> str:
     """Nothing fits: what the leanest layout needs, and what would make the model fit."""
     hw, lean = r.problem.hw, r.leanest
     usable = _gib(hw.usable_memory_bytes)
-    msg = f"{r.problem.shape.name} does not fit on {r.world_size} x {hw.gpu.name} under any of " \
-          f"{r.num_layouts} layouts: "
+    msg = (
+        f"{r.problem.shape.name} does not fit on {r.world_size} x {hw.gpu.name} under any of "
+        f"{r.num_layouts} layouts: "
+    )
     if lean is None:
         msg += "none was enumerated."
     elif lean.memory.total <= hw.usable_memory_bytes:
-        msg += (f"the leanest ({lean.layout.describe()}) needs {_gib(lean.memory.total)} of "
-                f"the {usable} GiB usable per GPU, but {_gib(lean.memory.host_per_node)} GiB of "
-                f"offloaded states per node, over 80% of the host's "
-                f"{_gib(hw.cluster.host_memory_bytes)} GiB.")
+        msg += (
+            f"the leanest ({lean.layout.describe()}) needs {_gib(lean.memory.total)} of "
+            f"the {usable} GiB usable per GPU, but {_gib(lean.memory.host_per_node)} GiB of "
+            f"offloaded states per node, over 80% of the host's "
+            f"{_gib(hw.cluster.host_memory_bytes)} GiB."
+        )
     else:
-        msg += (f"the leanest ({lean.layout.describe()}) needs {_gib(lean.memory.total)} GiB "
-                f"per GPU, {usable} GiB is usable.")
+        msg += (
+            f"the leanest ({lean.layout.describe()}) needs {_gib(lean.memory.total)} GiB "
+            f"per GPU, {usable} GiB is usable."
+        )
     if r.advice:
         msg += " Instead: " + "; ".join(r.advice) + "."
     return msg

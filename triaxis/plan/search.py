@@ -69,8 +69,9 @@ def valid_tp(shape: ModelShape, tp: int) -> bool:
     return shape.n_heads % tp == 0 and shape.n_kv_heads % tp == 0 and shape.ffn_dim % tp == 0
 
 
-def enumerate_families(shape: ModelShape, world: int, gpus_per_node: int, global_batch: int,
-                       space: SearchSpace) -> Iterator[list[Layout]]:
+def enumerate_families(
+    shape: ModelShape, world: int, gpus_per_node: int, global_batch: int, space: SearchSpace
+) -> Iterator[list[Layout]]:
     """Every layout of `world` ranks the search space allows and the batch divides, grouped in
     families that differ only in activation checkpointing, offload and resharding.
 
@@ -96,21 +97,26 @@ def enumerate_families(shape: ModelShape, world: int, gpus_per_node: int, global
             schedules = _schedules(shape, pp, space)
             for dp_shard in divisors(dp):
                 offloads = (False, True) if (space.allow_offload and dp_shard > 1) else (False,)
-                reshards = (False, True) if (space.allow_no_reshard and dp_shard > 1) \
-                    else (True,)
+                reshards = (False, True) if (space.allow_no_reshard and dp_shard > 1) else (True,)
                 for mb in divisors(per_replica):
                     if mb > space.max_micro_batch:
                         break
                     for sched, v in schedules:
                         if not schedule_fits(sched, pp, per_replica // mb):
                             continue
-                        yield [Layout(dp // dp_shard, dp_shard, tp, pp, mb, ac, every, sched, v,
-                                      off, rs)
-                               for ac, every in acs for off in offloads for rs in reshards]
+                        yield [
+                            Layout(
+                                dp // dp_shard, dp_shard, tp, pp, mb, ac, every, sched, v, off, rs
+                            )
+                            for ac, every in acs
+                            for off in offloads
+                            for rs in reshards
+                        ]
 
 
-def enumerate_layouts(shape: ModelShape, world: int, gpus_per_node: int, global_batch: int,
-                      space: SearchSpace) -> Iterator[Layout]:
+def enumerate_layouts(
+    shape: ModelShape, world: int, gpus_per_node: int, global_batch: int, space: SearchSpace
+) -> Iterator[Layout]:
     for family in enumerate_families(shape, world, gpus_per_node, global_batch, space):
         yield from family
 
@@ -123,8 +129,11 @@ def recompute_rank(layout: Layout) -> float:
 def slower_or_equal(a: Layout, b: Layout) -> bool:
     """Within a family, is `a` at least as slow as `b` in every option (more recomputation,
     offload, resharding)? Then a fitting `b` makes `a` pointless for speed."""
-    return (recompute_rank(a) >= recompute_rank(b) and a.cpu_offload >= b.cpu_offload
-            and a.reshard_after_forward >= b.reshard_after_forward)
+    return (
+        recompute_rank(a) >= recompute_rank(b)
+        and a.cpu_offload >= b.cpu_offload
+        and a.reshard_after_forward >= b.reshard_after_forward
+    )
 
 
 def schedule_fits(schedule: str, pp: int, num_micro: int) -> bool:
@@ -174,8 +183,9 @@ def fits(p: Problem, layout: Layout, mem: MemoryBreakdown) -> bool:
     return not offloads or mem.host_per_node <= 0.8 * p.hw.cluster.host_memory_bytes
 
 
-def evaluate(p: Problem, layout: Layout, with_time: bool = True,
-             mem: MemoryBreakdown | None = None) -> Plan:
+def evaluate(
+    p: Problem, layout: Layout, with_time: bool = True, mem: MemoryBreakdown | None = None
+) -> Plan:
     """The plan of `layout`; with_time=False skips the step time (a memory-only check)."""
     num_micro = layout.num_micro_batches(p.global_batch)
     mem = mem or memory_of(p, layout, num_micro)
@@ -186,13 +196,21 @@ def evaluate(p: Problem, layout: Layout, with_time: bool = True,
     step = t.total
     tokens = p.global_batch * p.seq_len
     model_flops = p.shape.model_flops_per_token(p.seq_len) * tokens
-    recomputed = sum(recomputed_blocks(layout, b) for b in stage_blocks(p.shape.n_layers,
-                                                                         layout.pp))
+    recomputed = sum(
+        recomputed_blocks(layout, b) for b in stage_blocks(p.shape.n_layers, layout.pp)
+    )
     hw_flops = model_flops + p.shape.recompute_flops_per_token(p.seq_len, recomputed) * tokens
     world = layout.world_size
-    return Plan(layout, mem, t, num_micro, tokens / step,
-                model_flops / (step * world * p.hw.gpu.peak_flops),
-                hw_flops / (step * world) / 1e12, ok)
+    return Plan(
+        layout,
+        mem,
+        t,
+        num_micro,
+        tokens / step,
+        model_flops / (step * world * p.hw.gpu.peak_flops),
+        hw_flops / (step * world) / 1e12,
+        ok,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,9 +241,14 @@ class PlanResult:
     """What would make the model fit, when nothing does."""
 
 
-def plan(problem: Problem, world: int, objective: str = "speed",
-         space: SearchSpace | None = None, keep: int = 10,
-         catalog: Catalog | None = None) -> PlanResult:
+def plan(
+    problem: Problem,
+    world: int,
+    objective: str = "speed",
+    space: SearchSpace | None = None,
+    keep: int = 10,
+    catalog: Catalog | None = None,
+) -> PlanResult:
     """Rank the layouts of `world` GPUs for `problem` by `objective`; keep the best `keep`.
     `catalog` lets the advice (when nothing fits) suggest a GPU with more memory."""
     if objective not in OBJECTIVES:
@@ -234,8 +257,9 @@ def plan(problem: Problem, world: int, objective: str = "speed",
         raise UserError(f"--gpus={world} must be >= 1")
     space = space or SearchSpace()
     count, num_fit, fitting, leanest = 0, 0, [], None
-    for family in enumerate_families(problem.shape, world, problem.hw.gpus_per_node,
-                                     problem.global_batch, space):
+    for family in enumerate_families(
+        problem.shape, world, problem.hw.gpus_per_node, problem.global_batch, space
+    ):
         ok = []
         for layout in family:
             count += 1
@@ -246,18 +270,25 @@ def plan(problem: Problem, world: int, objective: str = "speed",
                 ok.append((layout, mem))
         num_fit += len(ok)
         if objective == "speed":
-            ok = [(a, m) for a, m in ok
-                  if not any(b is not a and slower_or_equal(a, b) for b, _ in ok)]
+            ok = [
+                (a, m)
+                for a, m in ok
+                if not any(b is not a and slower_or_equal(a, b) for b, _ in ok)
+            ]
         fitting += ok
     if count == 0:
         raise UserError(_no_layout_message(problem, world))
     if objective == "speed":
-        plans = sorted((evaluate(problem, a, mem=m) for a, m in fitting),
-                       key=lambda p: (p.time.total, p.memory.total))
+        plans = sorted(
+            (evaluate(problem, a, mem=m) for a, m in fitting),
+            key=lambda p: (p.time.total, p.memory.total),
+        )
     else:
         fitting.sort(key=lambda am: am[1].total)
-        plans = sorted((evaluate(problem, a, mem=m) for a, m in fitting[:3 * keep]),
-                       key=lambda p: (p.memory.total, p.time.total))
+        plans = sorted(
+            (evaluate(problem, a, mem=m) for a, m in fitting[: 3 * keep]),
+            key=lambda p: (p.memory.total, p.time.total),
+        )
     result = PlanResult(problem, world, objective, plans[:keep], count, num_fit, len(plans))
     assert leanest is not None
     result.leanest = evaluate(problem, leanest[0], mem=leanest[1])
@@ -268,23 +299,27 @@ def plan(problem: Problem, world: int, objective: str = "speed",
 
 def _no_layout_message(problem: Problem, world: int) -> str:
     b = problem.global_batch
-    return (f"no layout of {world} GPUs divides the global batch {b} (dp = dp_replicate x "
-            f"dp_shard must divide it) and the model's {problem.shape.n_heads} heads; make the "
-            f"global batch (--global-batch, train.global_batch) a multiple of {world}, or use "
-            f"a GPU count that divides {b}")
+    return (
+        f"no layout of {world} GPUs divides the global batch {b} (dp = dp_replicate x "
+        f"dp_shard must divide it) and the model's {problem.shape.n_heads} heads; make the "
+        f"global batch (--global-batch, train.global_batch) a multiple of {world}, or use "
+        f"a GPU count that divides {b}"
+    )
 
 
 def fits_somewhere(problem: Problem, world: int, space: SearchSpace) -> bool:
     """Does any layout of `world` GPUs fit? (memory only; stops at the first that does)."""
-    for layout in enumerate_layouts(problem.shape, world, problem.hw.gpus_per_node,
-                                    problem.global_batch, space):
+    for layout in enumerate_layouts(
+        problem.shape, world, problem.hw.gpus_per_node, problem.global_batch, space
+    ):
         if evaluate(problem, layout, with_time=False).fits:
             return True
     return False
 
 
-def advise(problem: Problem, world: int, space: SearchSpace,
-           catalog: Catalog | None = None) -> list[str]:
+def advise(
+    problem: Problem, world: int, space: SearchSpace, catalog: Catalog | None = None
+) -> list[str]:
     """Ways out when no layout fits: options, cluster size, GPU type."""
     out: list[str] = []
     full = SearchSpace(max_micro_batch=space.max_micro_batch)
@@ -304,16 +339,21 @@ def advise(problem: Problem, world: int, space: SearchSpace,
         bigger = dataclasses.replace(problem, global_batch=max(1, round(per_gpu * n)))
         if fits_somewhere(bigger, n, space):
             nodes = -(-n // problem.hw.gpus_per_node)
-            out.append(f"the smallest cluster that fits is {n} x {problem.hw.gpu.name} "
-                       f"({nodes} node{'s' if nodes > 1 else ''}), with the global batch scaled to "
-                       f"{bigger.global_batch}")
+            out.append(
+                f"the smallest cluster that fits is {n} x {problem.hw.gpu.name} "
+                f"({nodes} node{'s' if nodes > 1 else ''}), with the global batch scaled to "
+                f"{bigger.global_batch}"
+            )
             break
         n *= 2
     else:
         out.append(f"no cluster of up to {MAX_CLUSTER} x {problem.hw.gpu.name} fits it")
     if catalog is not None:
-        roomier = [g for g in catalog.gpus.values()
-                   if g.memory_bytes > problem.hw.gpu.memory_bytes and g.name != "cpu"]
+        roomier = [
+            g
+            for g in catalog.gpus.values()
+            if g.memory_bytes > problem.hw.gpu.memory_bytes and g.name != "cpu"
+        ]
         for g in sorted(roomier, key=lambda g: g.memory_bytes):
             hw = dataclasses.replace(problem.hw, gpu=g)
             if fits_somewhere(dataclasses.replace(problem, hw=hw), world, space):

@@ -85,8 +85,10 @@ from triaxis.plan.problem import Layout, ModelShape, Problem, Runtime, TimeBreak
 
 def gemm_s(hw: Hardware, m: float, n: float, k: float, elem: int) -> float:
     g = hw.gpu
-    return 2 * m * n * k / (g.peak_flops * g.gemm_efficiency) + \
-        elem * (m * k + k * n + m * n) / g.hbm_bytes_per_s
+    return (
+        2 * m * n * k / (g.peak_flops * g.gemm_efficiency)
+        + elem * (m * k + k * n + m * n) / g.hbm_bytes_per_s
+    )
 
 
 @dataclass(frozen=True)
@@ -97,8 +99,9 @@ class BlockTime:
     bwd_s: float
 
 
-def block_time(shape: ModelShape, rt: Runtime, hw: Hardware, micro_batch: int, seq: int,
-               tp: int, elem: int) -> BlockTime:
+def block_time(
+    shape: ModelShape, rt: Runtime, hw: Hardware, micro_batch: int, seq: int, tp: int, elem: int
+) -> BlockTime:
     t_tokens = micro_batch * seq
     h, kv, f = shape.dim, shape.kv_dim, shape.ffn_dim
     # Projections; backward runs two GEMMs of the same size per forward GEMM (data + weight).
@@ -120,16 +123,18 @@ def block_time(shape: ModelShape, rt: Runtime, hw: Hardware, micro_batch: int, s
         fwd, bwd = fwd + t_attn, bwd + 2.5 * t_attn
     else:
         batch = micro_batch * heads
-        t_attn = batch * (gemm_s(hw, seq, seq, shape.head_dim, elem) +
-                          gemm_s(hw, seq, shape.head_dim, seq, elem))
+        t_attn = batch * (
+            gemm_s(hw, seq, seq, shape.head_dim, elem) + gemm_s(hw, seq, shape.head_dim, seq, elem)
+        )
         fwd, bwd = fwd + t_attn, bwd + 2 * t_attn
     act = layer_activation_bytes_per_token(shape, rt, seq, tp, elem) * t_tokens
     t_elem = hw.calib.elementwise_traffic * act / hw.gpu.hbm_bytes_per_s
     return BlockTime(fwd + t_elem, bwd + 2 * t_elem)
 
 
-def head_time(shape: ModelShape, hw: Hardware, micro_batch: int, seq: int, tp: int,
-              elem: int) -> BlockTime:
+def head_time(
+    shape: ModelShape, hw: Hardware, micro_batch: int, seq: int, tp: int, elem: int
+) -> BlockTime:
     """LM head GEMM (vocabulary split by tp) and the cross-entropy over its logits."""
     t_tokens = micro_batch * seq
     fwd = gemm_s(hw, t_tokens, shape.vocab_size / tp, shape.dim, elem)
@@ -171,8 +176,9 @@ def axis_link(hw: Hardware, size: int, stride: int) -> AxisLink:
     gpn, c = hw.gpus_per_node, hw.cluster
     per_node = max(1, min(size, gpn // stride)) if stride <= gpn else 1
     if per_node >= size:
-        return AxisLink(size, size, c.nvlink_bytes_per_s, c.nvlink_latency_s,
-                        hw.calib.collective_launch_s)
+        return AxisLink(
+            size, size, c.nvlink_bytes_per_s, c.nvlink_latency_s, hw.calib.collective_launch_s
+        )
     bus = min(c.nvlink_bytes_per_s, per_node * hw.network_bytes_per_s_per_gpu)
     nodes = size // per_node
     # A ring over all members crosses the network once per node and NVLink otherwise.
@@ -194,8 +200,9 @@ def all_gather_s(link: AxisLink, nbytes: float) -> float:
     n = link.size
     if n == 1 or nbytes == 0:
         return 0.0
-    return link.launch_s + (n - 1) / n * nbytes / link.bus_bytes_per_s + \
-        (n - 1) * link.step_latency_s
+    return (
+        link.launch_s + (n - 1) / n * nbytes / link.bus_bytes_per_s + (n - 1) * link.step_latency_s
+    )
 
 
 def reduce_scatter_s(link: AxisLink, nbytes: float) -> float:
@@ -210,8 +217,11 @@ def p2p_s(hw: Hardware, nbytes: float, crosses_node: bool) -> float:
         return 0.0
     c = hw.cluster
     if crosses_node:
-        return hw.calib.collective_launch_s + c.network_latency_s + \
-            nbytes / hw.network_bytes_per_s_per_gpu
+        return (
+            hw.calib.collective_launch_s
+            + c.network_latency_s
+            + nbytes / hw.network_bytes_per_s_per_gpu
+        )
     return hw.calib.collective_launch_s + c.nvlink_latency_s + nbytes / c.nvlink_bytes_per_s
 
 
@@ -250,10 +260,12 @@ def _fsdp_collectives(p: Problem, tp: int, ds: int) -> tuple[float, float, float
     link = axis_link(p.hw, ds, tp)
     blk = s.block_params() / tp
     root = (s.embedding_params() + s.head_params()) / tp
-    return (all_gather_s(link, rt.gather_bytes * blk),
-            reduce_scatter_s(link, rt.grad_reduce_bytes * blk),
-            all_gather_s(link, rt.gather_bytes * root),
-            reduce_scatter_s(link, rt.grad_reduce_bytes * root))
+    return (
+        all_gather_s(link, rt.gather_bytes * blk),
+        reduce_scatter_s(link, rt.grad_reduce_bytes * blk),
+        all_gather_s(link, rt.gather_bytes * root),
+        reduce_scatter_s(link, rt.grad_reduce_bytes * root),
+    )
 
 
 @lru_cache(maxsize=65536)
@@ -268,8 +280,13 @@ def _replica_all_reduce(p: Problem, tp: int, pp: int, ds: int, dr: int) -> float
 
 def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
     s, hw, e = p.shape, p.hw, p.elem
-    tp, pp, ds, dr, mb = layout.tp, layout.pp, layout.dp_shard, layout.dp_replicate, \
-        layout.micro_batch
+    tp, pp, ds, dr, mb = (
+        layout.tp,
+        layout.pp,
+        layout.dp_shard,
+        layout.dp_replicate,
+        layout.micro_batch,
+    )
     blocks = max(stage_blocks(s.n_layers, pp))
     fwd_blk, bwd_blk, head = _compute(p, tp, mb)
     recompute = recomputed_blocks(layout, blocks)
@@ -283,8 +300,12 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
     bwd_compute = bwd_blk + (recompute / blocks) * fwd_blk
     fsdp_mb = 0.0
     if ag or rs:
-        fsdp_mb = _exposed(blocks, ag, fwd_blk, ag) + \
-            _exposed(blocks, bwd_gather + rs, bwd_compute, rs) + 2 * ag_root + rs_root
+        fsdp_mb = (
+            _exposed(blocks, ag, fwd_blk, ag)
+            + _exposed(blocks, bwd_gather + rs, bwd_compute, rs)
+            + 2 * ag_root
+            + rs_root
+        )
     offload_mb = 0.0
     if layout.cpu_offload:
         # Sharded fp32 parameters copied in before each gather, gradients copied out after.
@@ -294,10 +315,15 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
         # Each block input goes out behind its block's forward and comes back one block ahead
         # of its backward; only a copy longer than that block is exposed, plus the first
         # prefetch of backward.
-        copy = checkpoint_bytes_per_token(s, p.runtime, tp, e) * mb * p.seq_len / \
-            hw.cluster.host_bytes_per_s
-        offload_mb += _exposed(blocks, copy, fwd_blk, 0.0) + \
-            _exposed(blocks, copy, bwd_compute, copy)
+        copy = (
+            checkpoint_bytes_per_token(s, p.runtime, tp, e)
+            * mb
+            * p.seq_len
+            / hw.cluster.host_bytes_per_s
+        )
+        offload_mb += _exposed(blocks, copy, fwd_blk, 0.0) + _exposed(
+            blocks, copy, bwd_compute, copy
+        )
 
     pp_mb = 0.0
     if pp > 1:
@@ -315,8 +341,12 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
         ar_exposed = ar
 
     out = TimeBreakdown(compute=num_micro * compute_mb)
-    out.exposed_comm = {"tp": num_micro * tp_mb, "dp_shard": num_micro * fsdp_mb,
-                        "dp_replicate": ar_exposed, "pp": num_micro * pp_mb}
+    out.exposed_comm = {
+        "tp": num_micro * tp_mb,
+        "dp_shard": num_micro * fsdp_mb,
+        "dp_replicate": ar_exposed,
+        "pp": num_micro * pp_mb,
+    }
     if offload_mb:
         out.exposed_comm["offload"] = num_micro * offload_mb
     out.bubble = bubble_slots(layout) * t_micro
@@ -329,5 +359,10 @@ def bubble_slots(layout: Layout) -> float:
     p = layout.pp
     if p == 1:
         return 0.0
-    return {"gpipe": p - 1.0, "1f1b": p - 1.0, "interleaved-1f1b": (p - 1) / layout.virtual_stages,
-            "interleaved-zb": (p - 1) / 3, "zbv": 0.0}[layout.schedule]
+    return {
+        "gpipe": p - 1.0,
+        "1f1b": p - 1.0,
+        "interleaved-1f1b": (p - 1) / layout.virtual_stages,
+        "interleaved-zb": (p - 1) / 3,
+        "zbv": 0.0,
+    }[layout.schedule]

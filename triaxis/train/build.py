@@ -16,8 +16,17 @@ from triaxis.parallel.parallelize import parallelize
 from triaxis.parallel.rules import pipeline_stages
 
 
-def build_model(cfg: Config, args: ModelArgs, dims: ParallelDims, mesh, device: torch.device,
-                mp_dtype: torch.dtype | None, grad_accum: int, loss_fn, log):
+def build_model(
+    cfg: Config,
+    args: ModelArgs,
+    dims: ParallelDims,
+    mesh,
+    device: torch.device,
+    mp_dtype: torch.dtype | None,
+    grad_accum: int,
+    loss_fn,
+    log,
+):
     """Returns (model, pipeline): `model` holds every parameter this rank trains under the
     single-device names; `pipeline` is None without pipelining."""
     init_device = "cpu" if cfg.parallel.cpu_offload else device
@@ -34,16 +43,35 @@ def build_model(cfg: Config, args: ModelArgs, dims: ParallelDims, mesh, device: 
     from triaxis.parallel.pipeline import LocalStages, Pipeline, build_stage_module
 
     stages = pipeline_stages(cfg, args, dims, grad_accum)
-    log.info(f"pipeline: {len(stages)} stages over pp={dims.pp}, schedule "
-             f"{cfg.parallel.pp_schedule}, {grad_accum} micro-batches per step\n"
-             + format_table(stages))
+    log.info(
+        f"pipeline: {len(stages)} stages over pp={dims.pp}, schedule "
+        f"{cfg.parallel.pp_schedule}, {grad_accum} micro-batches per step\n" + format_table(stages)
+    )
     pp_rank = dims.coords(torch.distributed.get_rank())["pp"]
     mine = sorted((s for s in stages if s.rank == pp_rank), key=lambda s: s.index)
-    parts = [parallelize(build_stage_module(args, s, len(stages)), dims, mesh, cfg.parallel,
-                         cfg.train, device, mp_dtype) for s in mine]
+    parts = [
+        parallelize(
+            build_stage_module(args, s, len(stages)),
+            dims,
+            mesh,
+            cfg.parallel,
+            cfg.train,
+            device,
+            mp_dtype,
+        )
+        for s in mine
+    ]
     model = LocalStages(parts)
     model.materialize(init_device)
     model.init_weights(cfg.train.seed)
-    pipeline = Pipeline(parts, mine, len(stages), mesh["pp"].get_group(),
-                        cfg.parallel.pp_schedule, grad_accum, device, loss_fn)
+    pipeline = Pipeline(
+        parts,
+        mine,
+        len(stages),
+        mesh["pp"].get_group(),
+        cfg.parallel.pp_schedule,
+        grad_accum,
+        device,
+        loss_fn,
+    )
     return model, pipeline

@@ -33,8 +33,9 @@ class DistEnv:
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device='cuda' but no CUDA GPU is visible; use --train.device=cpu "
-                        "or auto")
+        raise UserError(
+            "train.device='cuda' but no CUDA GPU is visible; use --train.device=cpu or auto"
+        )
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
@@ -65,8 +66,9 @@ def die_with_launcher(environ=os.environ) -> None:
         os._exit(128 + signal.SIGKILL)
 
 
-def init_distributed(requested_device: str, timeout_s: float = 300.0,
-                     need_group: bool = False) -> DistEnv:
+def init_distributed(
+    requested_device: str, timeout_s: float = 300.0, need_group: bool = False
+) -> DistEnv:
     """Join the job's process group: NCCL on GPUs, gloo on CPU. A group made by the caller
     (tests) is used as it is. One process gets a group of its own only if `need_group`
     (FSDP wrapping at world size 1)."""
@@ -83,19 +85,33 @@ def init_distributed(requested_device: str, timeout_s: float = 300.0,
         return DistEnv(0, 1, 0, device, False)
     if world == 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            store=dist.HashStore(),
+            rank=0,
+            world_size=1,
+            device_id=device if device.type == "cuda" else None,
+        )
         return DistEnv(0, 1, 0, device, True)
     backend = "nccl" if device.type == "cuda" else "gloo"
     # A fresh store prefix per elastic restart: re-using the previous attempt's keys made
     # rendezvous read stale peer addresses and hang (see shared notes on torchrun restarts).
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
-                          is_master=False, timeout=timedelta(seconds=timeout_s))
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
     store = dist.PrefixStore(f"triaxis_attempt_{attempt}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
     return DistEnv(rank, world, local, device, True)
 
 
@@ -126,24 +142,36 @@ def exit_code_of(err: BaseException) -> int:
     return 1
 
 
-def write_error_file(path: str, rank: int, line: str, tb: str = "", exit_code: int = 1,
-                     kind: str = "error") -> None:
+def write_error_file(
+    path: str, rank: int, line: str, tb: str = "", exit_code: int = 1, kind: str = "error"
+) -> None:
     """torch elastic's per-worker error file (TORCHELASTIC_ERROR_FILE): the agent reads it when
     the worker exits non-zero, and `triaxis launch` prints the first failing rank's line from
     it. `time` is precise (torch's own timestamp is whole seconds) so the launcher can tell the
     rank that failed first from peers that failed because it was gone."""
-    data = {"message": {"message": line, "extraInfo": {"py_callstack": tb or line,
-                                                        "timestamp": str(int(time.time()))}},
-            "triaxis": {"rank": rank, "line": line, "traceback": tb, "time": time.time(),
-                        "kind": kind, "exit_code": exit_code}}
+    data = {
+        "message": {
+            "message": line,
+            "extraInfo": {"py_callstack": tb or line, "timestamp": str(int(time.time()))},
+        },
+        "triaxis": {
+            "rank": rank,
+            "line": line,
+            "traceback": tb,
+            "time": time.time(),
+            "kind": kind,
+            "exit_code": exit_code,
+        },
+    }
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(data, f)
     os.replace(tmp, path)
 
 
-def report_and_exit(rank: int, line: str, tb: str = "", exit_code: int = 1,
-                    kind: str = "error") -> NoReturn:
+def report_and_exit(
+    rank: int, line: str, tb: str = "", exit_code: int = 1, kind: str = "error"
+) -> NoReturn:
     """Leave now: under torchrun the cause goes to the error file for `triaxis launch` to print
     once (every rank may meet the same error); elsewhere it is printed here."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
@@ -174,6 +202,9 @@ def fail_fast(env: DistEnv, err: BaseException) -> NoReturn:
     Its exit makes the agent stop the other workers within a second, and its peers' pending
     collectives fail as soon as its sockets close. Under torchrun the cause goes to the error
     file for `triaxis launch` to print once; elsewhere it is printed here."""
-    tb = "" if isinstance(err, (UserError, KeyboardInterrupt)) else "".join(
-        traceback.format_exception(type(err), err, err.__traceback__))
+    tb = (
+        ""
+        if isinstance(err, (UserError, KeyboardInterrupt))
+        else "".join(traceback.format_exception(type(err), err, err.__traceback__))
+    )
     report_and_exit(env.rank, failure_line(err), tb, exit_code_of(err))

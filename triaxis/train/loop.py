@@ -1,7 +1,7 @@
 """The training loop: forward, backward, step, validate, checkpoint, log, in plain sight.
 
-    config -> ParallelDims + mesh -> model on meta -> parallelize -> materialize + init
-    -> optimizer -> resume -> loop
+config -> ParallelDims + mesh -> model on meta -> parallelize -> materialize + init
+-> optimizer -> resume -> loop
 """
 
 from __future__ import annotations
@@ -77,18 +77,26 @@ class Trainer:
 
     def __init__(self, cfg: Config, env: DistEnv, planner: Planner | None = None):
         # With parallel.auto, resolve returns a new config holding the planner's layout.
-        cfg, self.dims, self.model_args, self.train_ds, why = resolve(cfg, env.world_size,
-                                                                     planner)
+        cfg, self.dims, self.model_args, self.train_ds, why = resolve(cfg, env.world_size, planner)
         self.cfg, self.env = cfg, env
         self.faults = Faults()  # test fault injection: parsed once, here
         self.log = RankLogger(env.is_main)
         if why:
             self.log.info(why)
         try:
-            self.val_ds = None if cfg.data.path == SYNTHETIC else \
-                TokenDataset(cfg.data.path, "val", cfg.data.seq_len, cfg.data.seed,
-                             cache_dir=cfg.data.cache_dir, cache_gib=cfg.data.cache_gib,
-                             verify=cfg.data.verify)
+            self.val_ds = (
+                None
+                if cfg.data.path == SYNTHETIC
+                else TokenDataset(
+                    cfg.data.path,
+                    "val",
+                    cfg.data.seq_len,
+                    cfg.data.seed,
+                    cache_dir=cfg.data.cache_dir,
+                    cache_gib=cfg.data.cache_gib,
+                    verify=cfg.data.verify,
+                )
+            )
         except EmptySplitError as e:  # a damaged val shard is an error, not "no validation"
             self.val_ds = None
             if cfg.train.val_every:
@@ -97,31 +105,53 @@ class Trainer:
         self.device = env.device
         self.compute_dtype = _compute_dtype(cfg.train.dtype, self.device)
 
-        self.mesh, self.dp_mesh = (self.dims.build_mesh(self.device.type)
-                                   if env.world_size > 1 or self.dims.fsdp_enabled
-                                   else (None, None))
+        self.mesh, self.dp_mesh = (
+            self.dims.build_mesh(self.device.type)
+            if env.world_size > 1 or self.dims.fsdp_enabled
+            else (None, None)
+        )
         self.dp_rank = self.dims.dp_rank(env.rank)
         self.dp_group = self.dp_mesh.get_group() if self.dp_mesh is not None else None
 
         # Under FSDP, bf16 compute comes from its mixed-precision policy instead of autocast.
         mp = self.compute_dtype if self.dims.fsdp_enabled else None
-        self.model, self.pipeline = build_model(cfg, self.model_args, self.dims, self.mesh,
-                                                self.device, mp, self.grad_accum, self.loss_fn,
-                                                self.log)
+        self.model, self.pipeline = build_model(
+            cfg,
+            self.model_args,
+            self.dims,
+            self.mesh,
+            self.device,
+            mp,
+            self.grad_accum,
+            self.loss_fn,
+            self.log,
+        )
         self.pp_group = self.mesh["pp"].get_group() if self.pipeline is not None else None
         # The fused head + loss needs the whole head on this rank and the loss in the model's
         # forward: not with a vocabulary-sharded head (tp) or a pipeline's own loss (pp).
         whole_head = self.pipeline is None and self.dims.tp == 1
         self.loss_chunk = cfg.train.loss_chunk_tokens if whole_head else 0
-        self.optimizer = build_optimizer(self.model, cfg.train, self.device,
-                                         params_on_cpu=cfg.parallel.cpu_offload)
+        self.optimizer = build_optimizer(
+            self.model, cfg.train, self.device, params_on_cpu=cfg.parallel.cpu_offload
+        )
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        layout = {"world_size": env.world_size, **dict(zip(
-            ("pp", "dp_replicate", "dp_shard", "tp"), self.dims.shape))}
-        self.ckpt = Checkpointer(cfg.checkpoint_dir(), self.model, self.optimizer,
-                                 self.scheduler, self.model_args, layout, cfg.checkpoint,
-                                 env.rank, env.world_size,
-                                 {"data_path": cfg.data.path, "config": to_toml(cfg)}, self.log)
+        layout = {
+            "world_size": env.world_size,
+            **dict(zip(("pp", "dp_replicate", "dp_shard", "tp"), self.dims.shape)),
+        }
+        self.ckpt = Checkpointer(
+            cfg.checkpoint_dir(),
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.model_args,
+            layout,
+            cfg.checkpoint,
+            env.rank,
+            env.world_size,
+            {"data_path": cfg.data.path, "config": to_toml(cfg)},
+            self.log,
+        )
         self.ckpt_step = 0
         self.resumed_loop_state: dict = {}  # see loop_state()
         self.guard: NumericsGuard | None = None
@@ -143,15 +173,15 @@ class Trainer:
         head is whole on this rank (triaxis.model.loss), else full logits, then the loss."""
         if self.loss_chunk:
             with self.autocast():
-                return self.model(tokens[:, :-1], targets=tokens[:, 1:],
-                                  loss_chunk=self.loss_chunk)
+                return self.model(tokens[:, :-1], targets=tokens[:, 1:], loss_chunk=self.loss_chunk)
         with self.autocast():
             logits = self.model(tokens[:, :-1])
         return self.loss_fn(logits, tokens[:, 1:])
 
     def local_batch(self, ds, cursor: int, micro_step: int, shuffle: bool = True) -> torch.Tensor:
-        start = micro_batch_start(cursor, micro_step, self.cfg.train.micro_batch,
-                                  self.dims.dp_size, self.dp_rank)
+        start = micro_batch_start(
+            cursor, micro_step, self.cfg.train.micro_batch, self.dims.dp_size, self.dp_rank
+        )
         t0 = time.perf_counter()
         batch = ds.batch(start, self.cfg.train.micro_batch, shuffle)
         if ds is self.train_ds:  # validation reads are not training time
@@ -170,12 +200,18 @@ class Trainer:
         Returns this rank's mean loss (a tensor: no host sync here)."""
         self.faults.inject_fault("forward", self.env.rank, step)
         if hasattr(self.train_ds, "prefetch"):  # s3:// shards of this step and the next
-            self.train_ds.prefetch(cursor, 2 * self.cfg.train.global_batch,
-                                   self.cfg.train.micro_batch, self.dims.dp_size, self.dp_rank)
+            self.train_ds.prefetch(
+                cursor,
+                2 * self.cfg.train.global_batch,
+                self.cfg.train.micro_batch,
+                self.dims.dp_size,
+                self.dp_rank,
+            )
         if self.pipeline is not None:
             # The schedule runs the micro-batches: hand it all of them, in micro-step order.
-            tokens = torch.cat([self.local_batch(self.train_ds, cursor, m)
-                                for m in range(self.grad_accum)])
+            tokens = torch.cat(
+                [self.local_batch(self.train_ds, cursor, m) for m in range(self.grad_accum)]
+            )
             with self.loss_parallel(), self.autocast():
                 return self.pipeline.step(tokens)
         total = torch.zeros((), device=self.device)
@@ -230,8 +266,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         for v in range(self.cfg.train.val_batches):
             cursor = v * self.cfg.train.global_batch
-            batches = [self.local_batch(self.val_ds, cursor, m, shuffle=False)
-                       for m in range(self.grad_accum)]
+            batches = [
+                self.local_batch(self.val_ds, cursor, m, shuffle=False)
+                for m in range(self.grad_accum)
+            ]
             with self.loss_parallel(), self.autocast():
                 if self.pipeline is not None:
                     total += self.pipeline.eval(torch.cat(batches))
@@ -250,8 +288,10 @@ class Trainer:
         resumed = self.ckpt.resume(cfg.checkpoint.resume)
         if resumed is not None:
             found, state = resumed
-            self.log.info(f"resumed from {found.path} at step {state['step']} "
-                          f"(sample cursor {state['cursor']})")
+            self.log.info(
+                f"resumed from {found.path} at step {state['step']} "
+                f"(sample cursor {state['cursor']})"
+            )
             self.resumed_loop_state = state.get("loop_state", {})
             return state["step"], state["cursor"]
         if cfg.checkpoint.initial:
@@ -269,19 +309,27 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(to_toml(cfg))
         counts = param_counts(self.model_args)
-        log.info(f"model {cfg.model.preset}: {counts['total'] / 1e6:.1f}M parameters "
-                 f"({counts['non_embedding'] / 1e6:.1f}M non-embedding); layout "
-                 f"{self.dims.describe()} on {self.env.world_size} x {self.device.type}; "
-                 f"global batch {cfg.train.global_batch} x {cfg.data.seq_len} tokens, "
-                 f"grad accumulation {self.grad_accum}; loss: "
-                 + (f"fused head + cross-entropy, {self.loss_chunk} tokens a chunk"
-                    if self.loss_chunk else "full logits, then cross-entropy"))
+        log.info(
+            f"model {cfg.model.preset}: {counts['total'] / 1e6:.1f}M parameters "
+            f"({counts['non_embedding'] / 1e6:.1f}M non-embedding); layout "
+            f"{self.dims.describe()} on {self.env.world_size} x {self.device.type}; "
+            f"global batch {cfg.train.global_batch} x {cfg.data.seq_len} tokens, "
+            f"grad accumulation {self.grad_accum}; loss: "
+            + (
+                f"fused head + cross-entropy, {self.loss_chunk} tokens a chunk"
+                if self.loss_chunk
+                else "full logits, then cross-entropy"
+            )
+        )
         metrics = MetricsWriter(cfg.train.run_dir, self.env.is_main, cfg.metrics.tensorboard)
         progress = Progress(log, cfg.train.steps, step, cfg.metrics.progress)
         result = TrainResult(run_dir=str(run_dir))
         preempt = PreemptionWatch()
-        self.guard = NumericsGuard(cfg.train.spike_factor, cfg.train.max_bad_steps) \
-            if cfg.train.on_bad_loss != "off" else None
+        self.guard = (
+            NumericsGuard(cfg.train.spike_factor, cfg.train.max_bad_steps)
+            if cfg.train.on_bad_loss != "off"
+            else None
+        )
         self.skip_cursors = set()  # batches a rollback decided never to train on again
         self.restore_loop_state(self.resumed_loop_state)
         tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
@@ -303,10 +351,14 @@ class Trainer:
                 steps_since += 1
                 if self.ckpt.poll():
                     log.info(f"committed checkpoint at step {self.ckpt_step}")
-                if step % cfg.metrics.log_every == 0 or step == cfg.train.steps or \
-                        step == first_step + 1:  # the starting loss, to see it fall
-                    record = self._record(step, loss, tokens_per_step * steps_since,
-                                          time.perf_counter() - t_last)
+                if (
+                    step % cfg.metrics.log_every == 0
+                    or step == cfg.train.steps
+                    or step == first_step + 1
+                ):  # the starting loss, to see it fall
+                    record = self._record(
+                        step, loss, tokens_per_step * steps_since, time.perf_counter() - t_last
+                    )
                     result.losses[step] = record["loss"]
                     metrics.write(record)
                     progress.update(step, record)
@@ -319,8 +371,11 @@ class Trainer:
                         log.info(f"step {step}: validation loss {val:.4f}")
                     t_last = time.perf_counter()  # validation time is not training time
                 last = step == cfg.train.steps
-                if cfg.train.exit_after_steps and step - first_step >= \
-                        cfg.train.exit_after_steps and not last:
+                if (
+                    cfg.train.exit_after_steps
+                    and step - first_step >= cfg.train.exit_after_steps
+                    and not last
+                ):
                     self.ckpt.save(step, cursor, block=True, loop_state=self.loop_state())
                     log.info(f"exit_after_steps={cfg.train.exit_after_steps}: saved step {step}")
                     break
@@ -329,8 +384,9 @@ class Trainer:
                     log.warn(f"{preempt.name}: saved a final checkpoint at step {step}; exiting")
                     result.preempted, result.stop_signal = True, preempt.signal
                     break
-                if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or \
-                        (last and cfg.checkpoint.save_final):
+                if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (
+                    last and cfg.checkpoint.save_final
+                ):
                     self.faults.inject_fault("checkpoint", self.env.rank, step)
                     path = self.ckpt.save(step, cursor, block=last, loop_state=self.loop_state())
                     self.ckpt_step = step
@@ -347,8 +403,9 @@ class Trainer:
         result.final_step = step
         return result
 
-    def _bad_step(self, reason: str, step: int, cursor: int,
-                  skip_cursors: set[int]) -> tuple[int, int]:
+    def _bad_step(
+        self, reason: str, step: int, cursor: int, skip_cursors: set[int]
+    ) -> tuple[int, int]:
         """A bad loss: skip this update, or roll back to the last checkpoint and never train on
         this batch again. Returns the (step, cursor) to continue from."""
         skip_cursors.add(cursor)
@@ -358,13 +415,17 @@ class Trainer:
             if resumed is not None:
                 state = resumed[1]
                 self.restore_loop_state(state.get("loop_state", {}), rollback=True)
-                self.log.warn(f"step {step + 1}: {reason}; rolled back to step {state['step']} "
-                              f"and skipping the batch at sample cursor {cursor}")
+                self.log.warn(
+                    f"step {step + 1}: {reason}; rolled back to step {state['step']} "
+                    f"and skipping the batch at sample cursor {cursor}"
+                )
                 return state["step"], state["cursor"]
             self.log.warn(f"step {step + 1}: {reason}; no checkpoint to roll back to, skipping")
         else:
-            self.log.warn(f"step {step + 1}: {reason}; update skipped, batch at sample cursor "
-                          f"{cursor} dropped")
+            self.log.warn(
+                f"step {step + 1}: {reason}; update skipped, batch at sample cursor "
+                f"{cursor} dropped"
+            )
         return step, cursor + self.cfg.train.global_batch
 
     # What the loop carries from step to step besides weights, optimizer, LR schedule and data
@@ -375,8 +436,11 @@ class Trainer:
     def loop_state(self) -> dict:
         state: dict = {"skip_cursors": sorted(self.skip_cursors)}
         if self.guard is not None:
-            state["guard"] = {"seen": self.guard.seen, "mean": self.guard.mean,
-                              "bad_steps": self.guard.bad_steps}
+            state["guard"] = {
+                "seen": self.guard.seen,
+                "mean": self.guard.mean,
+                "bad_steps": self.guard.bad_steps,
+            }
         return state
 
     def restore_loop_state(self, state: dict, rollback: bool = False) -> None:
@@ -404,14 +468,22 @@ class Trainer:
         steps = max(1, round(tokens / (self.cfg.train.global_batch * self.cfg.data.seq_len)))
         wait_share = float(wait) / max(elapsed_s, 1e-9)
         if wait_share > 0.1:
-            self.log.warn(f"step {step}: the data loader stalls training: {wait_share:.0%} of "
-                          f"step time waiting for batches ({float(wait) / steps:.3f}s per step); "
-                          "put data.path on faster storage or raise data.cache_gib (s3://)")
-        return {"step": step, "loss": self.mean_over_dp(loss),
-                "lr": self.optimizer.param_groups[0]["lr"], "tokens_per_s": tokens_per_s,
-                "tokens_per_s_per_device": per_device, "mfu": mfu,
-                "max_memory_gib": float(mem) / 2**30, "data_wait_s": float(wait) / steps,
-                "data_wait_share": wait_share}
+            self.log.warn(
+                f"step {step}: the data loader stalls training: {wait_share:.0%} of "
+                f"step time waiting for batches ({float(wait) / steps:.3f}s per step); "
+                "put data.path on faster storage or raise data.cache_gib (s3://)"
+            )
+        return {
+            "step": step,
+            "loss": self.mean_over_dp(loss),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_device": per_device,
+            "mfu": mfu,
+            "max_memory_gib": float(mem) / 2**30,
+            "data_wait_s": float(wait) / steps,
+            "data_wait_share": wait_share,
+        }
 
 
 def _compute_dtype(requested: str, device: torch.device) -> torch.dtype | None:

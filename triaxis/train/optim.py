@@ -10,18 +10,27 @@ from torch import nn
 from triaxis.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
-                    params_on_cpu: bool = False) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, params_on_cpu: bool = False
+) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     # Fused kernels need the parameters on the accelerator; foreach elsewhere.
     fused = device.type == "cuda" and not params_on_cpu
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                             fused=fused, foreach=None if fused else True)
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=1e-8,
+        fused=fused,
+        foreach=None if fused else True,
+    )
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

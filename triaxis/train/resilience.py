@@ -45,14 +45,17 @@ class PreemptionWatch:
         if self.signal and signum == signal.SIGINT:
             # Ctrl-C while the final checkpoint is written: the user wants out now. os._exit:
             # neither a background save nor the shutdown barrier may hold the process.
-            print("interrupted again: exiting without a checkpoint", file=sys.stderr,
-                  flush=True)
+            print("interrupted again: exiting without a checkpoint", file=sys.stderr, flush=True)
             os._exit(128 + signal.SIGINT)
         if not self.signal:
             self.signal = signum
             if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
-                print("interrupted: saving a checkpoint at the end of this step "
-                      "(Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+                print(
+                    "interrupted: saving a checkpoint at the end of this step "
+                    "(Ctrl-C again to abort without one)",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def should_stop(self) -> bool:
         flag = torch.tensor([float(self.signal)])
@@ -79,8 +82,10 @@ def lock_folders(checkpoint_dir: str, run_dir: str) -> list[str]:
     from pathlib import Path
 
     folders = [checkpoint_dir]
-    if "://" in checkpoint_dir or Path(run_dir).resolve() not in Path(checkpoint_dir).resolve(
-            ).parents:
+    if (
+        "://" in checkpoint_dir
+        or Path(run_dir).resolve() not in Path(checkpoint_dir).resolve().parents
+    ):
         folders.append(run_dir)
     return folders
 
@@ -128,8 +133,9 @@ class NumericsGuard:
         reason = None
         if not math.isfinite(loss):
             reason = f"non-finite loss {loss}"
-        elif self.spike_factor and self.seen >= self.warmup and \
-                loss > self.spike_factor * self.mean:
+        elif (
+            self.spike_factor and self.seen >= self.warmup and loss > self.spike_factor * self.mean
+        ):
             reason = f"loss spike {loss:.4f} > {self.spike_factor} x running mean {self.mean:.4f}"
         if reason is None:
             self.mean = loss if self.seen == 0 else 0.9 * self.mean + 0.1 * loss
@@ -137,14 +143,17 @@ class NumericsGuard:
             return None
         self.bad_steps += 1
         if self.bad_steps > self.max_bad:
-            raise UserError(f"training stopped at step {step}: {self.bad_steps} bad steps "
-                            f"(last: {reason}, batch at sample cursor {cursor}) exceed "
-                            f"train.max_bad_steps={self.max_bad}; lower train.lr, check the data "
-                            "at that cursor, or raise train.max_bad_steps")
+            raise UserError(
+                f"training stopped at step {step}: {self.bad_steps} bad steps "
+                f"(last: {reason}, batch at sample cursor {cursor}) exceed "
+                f"train.max_bad_steps={self.max_bad}; lower train.lr, check the data "
+                "at that cursor, or raise train.max_bad_steps"
+            )
         return reason
 
 
 # -- fault injection, for the tests of these features (documented in docs/resilience.md) ------
+
 
 class InjectedFault(RuntimeError):
     """The error TRIAXIS_FAULT_ERROR raises: a stand-in for any bug or I/O failure on one rank."""
@@ -172,8 +181,9 @@ class Faults:
             self.kill[int(step)] = int(rank)
         # NaN poisoning is not limited to the first attempt: a rollback re-runs the step
         # within the same process, and the poison strikes the first time only.
-        self.nan_steps = {int(s) for s in
-                          filter(None, environ.get("TRIAXIS_FAULT_NAN", "").split(","))}
+        self.nan_steps = {
+            int(s) for s in filter(None, environ.get("TRIAXIS_FAULT_NAN", "").split(","))
+        }
         """TRIAXIS_FAULT_NAN="3,7": poison the loss the first time each of these steps runs."""
         self.points: dict[str, tuple[int, str, int]] = {}
         """TRIAXIS_FAULT_ERROR / TRIAXIS_FAULT_HANG = "RANK:POINT[@STEP]": {kind: (rank, point,
@@ -183,8 +193,9 @@ class Faults:
             if text:
                 rank, _, rest = text.partition(":")
                 point, _, step = rest.partition("@")
-                assert point in FAULT_POINTS, f"TRIAXIS_FAULT_{kind}: point {point!r} not in " \
-                    f"{FAULT_POINTS}"
+                assert point in FAULT_POINTS, (
+                    f"TRIAXIS_FAULT_{kind}: point {point!r} not in {FAULT_POINTS}"
+                )
                 self.points[kind] = (int(rank), point, int(step or 0))
         delay = environ.get("TRIAXIS_FAULT_STEP_DELAY_S", "")
         self.step_delay_s = float(delay) if delay else 0.0

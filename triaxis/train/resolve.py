@@ -13,8 +13,9 @@ from triaxis.parallel.dims import ParallelDims
 from triaxis.parallel.rules import Planner, layout_for_world
 
 
-def resolve(cfg: Config, world_size: int, planner: Planner | None = None
-            ) -> tuple[Config, ParallelDims, object, TokenDataset, str]:
+def resolve(
+    cfg: Config, world_size: int, planner: Planner | None = None
+) -> tuple[Config, ParallelDims, object, TokenDataset, str]:
     """Check everything that can be checked before any process group or model exists:
     degrees against the world size, the data, the model shape. Used by the launcher too, so a
     bad config fails once, in one line, instead of once per rank. With parallel.auto the
@@ -24,15 +25,24 @@ def resolve(cfg: Config, world_size: int, planner: Planner | None = None
         model_args = build_model_args(cfg.model)
         train_ds = SyntheticDataset(model_args.vocab_size, cfg.data.seq_len, cfg.data.seed)
     else:
-        train_ds = TokenDataset(cfg.data.path, "train", cfg.data.seq_len, cfg.data.seed,
-                                cache_dir=cfg.data.cache_dir, cache_gib=cfg.data.cache_gib,
-                                shuffle_shards=cfg.data.shuffle_shards, verify=cfg.data.verify)
+        train_ds = TokenDataset(
+            cfg.data.path,
+            "train",
+            cfg.data.seq_len,
+            cfg.data.seed,
+            cache_dir=cfg.data.cache_dir,
+            cache_gib=cfg.data.cache_gib,
+            shuffle_shards=cfg.data.shuffle_shards,
+            verify=cfg.data.verify,
+        )
     vocab = train_ds.manifest["tokenizer"]["vocab_size"]
     model_args = build_model_args(cfg.model, vocab_size=vocab)
     if model_args.vocab_size < vocab:
-        raise UserError(f"model.vocab_size={model_args.vocab_size} is smaller than the data's "
-                        f"tokenizer vocabulary {vocab}; leave model.vocab_size unset "
-                        "(--model.vocab_size=none) to take it from the data")
+        raise UserError(
+            f"model.vocab_size={model_args.vocab_size} is smaller than the data's "
+            f"tokenizer vocabulary {vocab}; leave model.vocab_size unset "
+            "(--model.vocab_size=none) to take it from the data"
+        )
     cfg, dims, why = layout_for_world(cfg, world_size, model_args, planner)
     storage.check_location(cfg.checkpoint_dir(), "checkpoint.dir")
     return cfg, dims, model_args, train_ds, why

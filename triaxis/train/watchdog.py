@@ -49,7 +49,7 @@ def main_thread_place() -> tuple[bool, str]:
 def _short(path: str) -> str:
     for marker in ("site-packages" + os.sep, "triaxis" + os.sep):
         if marker in path:
-            return path[path.index(marker) + (len(marker) if marker.startswith("site") else 0):]
+            return path[path.index(marker) + (len(marker) if marker.startswith("site") else 0) :]
     return path
 
 
@@ -65,24 +65,32 @@ class Watchdog:
     def start(self) -> None:
         if self.timeout_s <= 0:
             return
-        if self.world_size > 1 and os.environ.get("TORCHELASTIC_RUN_ID") and \
-                os.environ.get("MASTER_ADDR"):
+        if (
+            self.world_size > 1
+            and os.environ.get("TORCHELASTIC_RUN_ID")
+            and os.environ.get("MASTER_ADDR")
+        ):
             # A connection of its own to torchrun's store (served by the agent, so it outlives
             # any worker): the main thread may be blocked while holding the default one.
             import torch.distributed as dist
 
             attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
             try:
-                store = dist.TCPStore(os.environ["MASTER_ADDR"],
-                                      int(os.environ["MASTER_PORT"]), is_master=False,
-                                      timeout=timedelta(seconds=30))
+                store = dist.TCPStore(
+                    os.environ["MASTER_ADDR"],
+                    int(os.environ["MASTER_PORT"]),
+                    is_master=False,
+                    timeout=timedelta(seconds=30),
+                )
                 self._store = dist.PrefixStore(f"triaxis_watchdog_{attempt}", store)
             except (RuntimeError, OSError, ValueError) as e:  # then each rank names only itself
-                print(f"watchdog: rank {self.rank}: no store to compare ranks ({e})",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"watchdog: rank {self.rank}: no store to compare ranks ({e})",
+                    file=sys.stderr,
+                    flush=True,
+                )
         self._last = time.monotonic()
-        self._thread = threading.Thread(target=self._watch, name="triaxis-watchdog",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._watch, name="triaxis-watchdog", daemon=True)
         self._thread.start()
 
     def beat(self, step: int) -> None:
@@ -100,19 +108,27 @@ class Watchdog:
 
     def _fire(self) -> None:
         in_collective, where = main_thread_place()
-        print(f"watchdog: rank {self.rank}: no progress for {self.timeout_s:g} s after step "
-              f"{self.step}; Python stacks of this rank:", file=sys.stderr, flush=True)
+        print(
+            f"watchdog: rank {self.rank}: no progress for {self.timeout_s:g} s after step "
+            f"{self.step}; Python stacks of this rank:",
+            file=sys.stderr,
+            flush=True,
+        )
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         places = self._gather(f"{int(in_collective)}|{self.step}|{where}")
         places.setdefault(self.rank, f"{int(in_collective)}|{self.step}|{where}")
         stuck = {r: p for r, p in places.items() if p.startswith("0|")}
         waiting = {r: p for r, p in places.items() if p.startswith("1|")}
         named = stuck or waiting
-        parts = [f"rank {r} at step {p.split('|')[1]}, "
-                 f"{'in torch.distributed ' if p.startswith('1|') else 'at '}{p.split('|', 2)[2]}"
-                 for r, p in sorted(named.items())]
-        line = (f"no progress for {self.timeout_s:g} s (train.hang_timeout_s): "
-                f"stuck rank(s) {sorted(named)}: {'; '.join(parts)}")
+        parts = [
+            f"rank {r} at step {p.split('|')[1]}, "
+            f"{'in torch.distributed ' if p.startswith('1|') else 'at '}{p.split('|', 2)[2]}"
+            for r, p in sorted(named.items())
+        ]
+        line = (
+            f"no progress for {self.timeout_s:g} s (train.hang_timeout_s): "
+            f"stuck rank(s) {sorted(named)}: {'; '.join(parts)}"
+        )
         if stuck and waiting:
             line += f"; rank(s) {sorted(waiting)} waiting for them in collectives"
         if len(places) < self.world_size:
@@ -133,6 +149,9 @@ class Watchdog:
                         out[r] = self._store.get(f"place/{r}").decode()
                 time.sleep(0.2)
         except Exception as e:  # the store is gone (agent stopped): name what we know
-            print(f"watchdog: rank {self.rank}: could not reach the other ranks ({e})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"watchdog: rank {self.rank}: could not reach the other ranks ({e})",
+                file=sys.stderr,
+                flush=True,
+            )
         return out
