@@ -11,6 +11,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 """A subprocess's environment: forked workers hang when OpenMP starts several threads."""
 
 
+def command(*args) -> list[str]:
+    """The argv of `python -m triaxis ARGS` (this interpreter)."""
+    return [sys.executable, "-m", "triaxis", *map(str, args)]
+
+
 def triaxis(
     *args, env: dict | None = None, timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
@@ -18,7 +23,7 @@ def triaxis(
     otherwise: shared notes) plus `env` over this process's environment. check: a non-zero exit
     fails the test with the command's stderr tail."""
     proc = subprocess.run(
-        [sys.executable, "-m", "triaxis", *map(str, args)],
+        command(*args),
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
         capture_output=True,
         text=True,

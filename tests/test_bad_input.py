@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.helpers import command
 from tests.s3_server import moto_s3  # noqa: F401  (the fixture)
 from triaxis.cli import main
 
@@ -624,7 +625,6 @@ def test_full_disk_is_one_line(tmp_path, capsys, byte_data):
     """A full disk under prepare's output and under train.run_dir: one line, exit 2, and
     prepare leaves nothing behind."""
     import subprocess
-    import sys
 
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
@@ -653,16 +653,13 @@ def test_full_disk_is_one_line(tmp_path, capsys, byte_data):
         # As a user runs it: a subprocess, TensorBoard on (its writer thread meets the full
         # disk too, and must not add a traceback).
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "triaxis",
+            command(
                 "train",
                 f"--data.path={byte_data}",
                 f"--train.run_dir={disk / 'run'}",
                 *TINY,
                 "--metrics.tensorboard=true",
-            ],
+            ),
             capture_output=True,
             text=True,
             timeout=600,

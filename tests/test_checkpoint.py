@@ -15,7 +15,7 @@ import torch
 
 from tests import helpers
 from tests.dist import run_workers
-from tests.helpers import ENV, losses, triaxis
+from tests.helpers import ENV, command, losses, triaxis
 from tests.parity import train_collect
 from triaxis.checkpoint import manifest as mf
 
@@ -119,7 +119,7 @@ def test_sigkill_during_async_saves_never_exposes_a_partial_checkpoint(byte_data
     )
     for _attempt in range(6):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "triaxis", "train", *args],
+            command("train", *args),
             env=ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -173,13 +173,10 @@ def test_elastic_restart_after_sigkill_matches_uninterrupted(byte_data, tmp_path
 def test_sigterm_writes_a_final_checkpoint(byte_data, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "triaxis",
+        command(
             "train",
             *train_args(byte_data, run, "--train.steps=100000", "--checkpoint.interval=0"),
-        ],
+        ),
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

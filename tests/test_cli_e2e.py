@@ -3,13 +3,12 @@
 import json
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests import helpers
-from tests.helpers import ENV, losses, triaxis
+from tests.helpers import ENV, command, losses, triaxis
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +66,9 @@ def test_interrupted_run_resumes_exactly(bpe_data, tmp_path):
     triaxis(*train_args(bpe_data, ref, *common))
     # Kill the second run with SIGKILL once its step-8 checkpoint is committed.
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "triaxis",
+        command(
             *train_args(bpe_data, run, *common, "--checkpoint.save_final=false"),
-        ],
+        ),
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
+from tests.helpers import command
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
 from triaxis.data.dataset import TRACE_ENV, TokenDataset, micro_batch_start
@@ -224,7 +225,7 @@ GLOBAL_BATCH = 8
 
 
 def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "triaxis", *map(str, args)]
+    return command(*map(str, args))
 
 
 def train_args(data, run_dir, cache_dir, *extra) -> list[str]:

@@ -3,9 +3,10 @@ a rank that stops making progress is named by the watchdog (issue 19)."""
 
 import os
 import subprocess
-import sys
 
 import pytest
+
+from tests.helpers import command
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 GENEROUS_S = 240  # a bound on the wait, not a timing assertion; the collective timeout is 300 s
@@ -32,7 +33,7 @@ def launch(data, run_dir, nproc, *extra, env=None, timeout=GENEROUS_S):
         *extra,
     ]
     return subprocess.run(
-        [sys.executable, "-m", "triaxis", *map(str, args)],
+        command(*map(str, args)),
         env={**ENV, **(env or {})},
         capture_output=True,
         text=True,
@@ -79,10 +80,7 @@ def test_watchdog_names_the_stuck_rank(byte_data, tmp_path, nproc):
     cmd = ["--train.hang_timeout_s=5"]
     if nproc == 1:  # one process: `triaxis train`
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "triaxis",
+            command(
                 "train",
                 "--model.preset=tiny",
                 f"--data.path={byte_data}",
@@ -94,7 +92,7 @@ def test_watchdog_names_the_stuck_rank(byte_data, tmp_path, nproc):
                 "--metrics.progress=false",
                 "--metrics.tensorboard=false",
                 *cmd,
-            ],
+            ),
             env={**ENV, "TRIAXIS_FAULT_HANG": "0:forward@3"},
             capture_output=True,
             text=True,

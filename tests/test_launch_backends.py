@@ -5,11 +5,11 @@ environment handled in-job by a real 2-process run on this machine."""
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 
 from tests import helpers
+from tests.helpers import command
 from tests.parity import tiny_train_args
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
@@ -455,10 +455,7 @@ def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
         "SM_MODEL_DIR": str(root / "model"),
     }
     job = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "triaxis",
+        command(
             "launch",
             "--backend",
             "sagemaker-entry",
@@ -466,7 +463,7 @@ def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
             str(root),
             "--nproc-per-node",
             "2",
-        ],
+        ),
         env=env,
         capture_output=True,
         text=True,
@@ -562,7 +559,7 @@ def test_a_sagemaker_job_runs_here(byte_data, tmp_path, capsys):
         "SM_HPS": json.dumps(hps),
         "SM_MODEL_DIR": str(root / "model"),
     }
-    cmd = [sys.executable, "-m", "triaxis", "launch", "--sm-root", str(root)]
+    cmd = command("launch", "--sm-root", str(root))
     first = subprocess.run(
         [*cmd, "--backend", "sagemaker-entry"],
         env=env,

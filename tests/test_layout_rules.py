@@ -4,6 +4,7 @@ every world size it may run at."""
 
 import pytest
 
+from tests.helpers import command
 from tests.parity import tiny_train_args
 from triaxis.cli import main
 from triaxis.config import load_config
@@ -136,10 +137,7 @@ def test_train_with_parallel_auto_runs_the_planners_layout(byte_data, tmp_path):
 
     run = tmp_path / "run"
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "triaxis",
+        command(
             "train",
             *tiny_train_args(
                 byte_data,
@@ -149,7 +147,7 @@ def test_train_with_parallel_auto_runs_the_planners_layout(byte_data, tmp_path):
                 "--train.device=cpu",
                 "--checkpoint.interval=0",
             ),
-        ],
+        ),
         capture_output=True,
         text=True,
         timeout=600,

@@ -5,13 +5,12 @@ single-process losses; a rendezvous that cannot form fails within its timeout, i
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
 
 from tests import helpers
-from tests.helpers import losses
+from tests.helpers import command, losses
 from tests.netns_hosts import HostNetwork, unavailable_reason
 
 _reason = unavailable_reason()
@@ -30,7 +29,7 @@ def train_args(data, run_dir, *extra):
 def launch_on(host, *args) -> subprocess.Popen:
     """`triaxis launch` inside `host` (its namespace, its hostname)."""
     return subprocess.Popen(
-        host.prefix() + [sys.executable, "-m", "triaxis", "launch", *args],
+        host.prefix() + command("launch", *args),
         env=ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -76,7 +75,7 @@ def test_two_nodes_match_the_single_process_run(hosts, byte_data, tmp_path):
         for h in (node1, node0)
     ]
     ref = subprocess.run(
-        [sys.executable, "-m", "triaxis", "train", *train_args(byte_data, tmp_path / "ref")],
+        command("train", *train_args(byte_data, tmp_path / "ref")),
         env=ENV,
         capture_output=True,
         text=True,
@@ -189,13 +188,10 @@ def test_elastic_job_loses_a_node_and_finishes_on_the_other(hosts, byte_data, tm
     out0 = finish(procs[0], 240)
     procs[1].wait(timeout=30)
     ref = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "triaxis",
+        command(
             "train",
             *train_args(byte_data, tmp_path / "ref", "--train.steps=40"),
-        ],
+        ),
         env=ENV,
         capture_output=True,
         text=True,

@@ -2,11 +2,11 @@
 
 import dataclasses
 import subprocess
-import sys
 import xml.dom.minidom
 
 import pytest
 
+from tests.helpers import command
 from triaxis.errors import UserError
 from triaxis.model import PRESETS
 from triaxis.parallel.partition import PartitionInputs, partition, stage_rank
@@ -98,7 +98,7 @@ def test_schedule_rules():
 
 def _cli(*args):
     return subprocess.run(
-        [sys.executable, "-m", "triaxis", *map(str, args)],
+        command(*map(str, args)),
         capture_output=True,
         text=True,
         timeout=120,

@@ -26,7 +26,6 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import time
 import traceback
 from datetime import timedelta
@@ -43,6 +42,7 @@ import torch.distributed.pipelining  # noqa: F401
 import torch.distributed.tensor.parallel  # noqa: F401
 
 from tests.dist import free_port
+from tests.helpers import command
 from triaxis.checkpoint import manifest as mf
 from triaxis.config import load_config
 from triaxis.train.distributed import init_distributed
@@ -503,17 +503,14 @@ def test_torchrun_restart_of_a_killed_pipeline_matches_uninterrupted(
     args = [f"--{k}={v}" for k, v in overrides.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRIAXIS_FAULT_KILL": f"1:{KILL_STEP}"}
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "triaxis",
+        command(
             "launch",
             "--nproc-per-node",
             "2",
             "--max-restarts",
             "1",
             *args,
-        ],
+        ),
         env=env,
         capture_output=True,
         text=True,

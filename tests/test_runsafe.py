@@ -6,13 +6,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ENV, losses, train_args
+from tests.helpers import ENV, command, losses, train_args
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.checkpoint.lock import LEASE_NAME, RunLock
 from triaxis.errors import UserError
@@ -150,13 +149,10 @@ def metric_steps(run_dir) -> list[int]:
 def test_second_run_into_a_live_run_folder_is_refused(byte_data, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "triaxis",
+        command(
             "train",
             *train_args(byte_data, run, "--train.steps=100000", "--checkpoint.interval=5"),
-        ],
+        ),
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -169,15 +165,12 @@ def test_second_run_into_a_live_run_folder_is_refused(byte_data, tmp_path):
             time.sleep(0.1)
         config_before = (run / "config.toml").read_text()
         second = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "triaxis",
+            command(
                 "launch",
                 "--nproc-per-node",
                 "2",
                 *train_args(byte_data, run, "--train.steps=7"),
-            ],
+            ),
             env=ENV,
             capture_output=True,
             text=True,
@@ -201,7 +194,7 @@ def test_run_takes_over_a_dead_runs_lease(byte_data, tmp_path):
     run = tmp_path / "run"
     write_lease(run / "checkpoints", pid=dead_pid())
     proc = subprocess.run(
-        [sys.executable, "-m", "triaxis", "train", *train_args(byte_data, run, "--train.steps=2")],
+        command("train", *train_args(byte_data, run, "--train.steps=2")),
         env=ENV,
         capture_output=True,
         text=True,
@@ -239,15 +232,12 @@ def alive(pid: int) -> bool:
 def test_workers_die_with_a_killed_launcher(byte_data, tmp_path):
     run = tmp_path / "run"
     launcher = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "triaxis",
+        command(
             "launch",
             "--nproc-per-node",
             "2",
             *train_args(byte_data, run, "--train.steps=100000", "--checkpoint.interval=0"),
-        ],
+        ),
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -286,10 +276,10 @@ def sigint_args(data, run_dir, nproc):
     )
 
 
-def start(command, nproc, data, run_dir, env=None):
+def start(nproc, data, run_dir, env=None):
     cmd = ["train"] if nproc == 1 else ["launch", "--nproc-per-node", str(nproc)]
     return subprocess.Popen(
-        [sys.executable, "-m", "triaxis", *command, *cmd, *sigint_args(data, run_dir, nproc)],
+        command(*cmd, *sigint_args(data, run_dir, nproc)),
         env={**ENV, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -301,11 +291,11 @@ def start(command, nproc, data, run_dir, env=None):
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_ctrl_c_saves_and_resumes_exactly(byte_data, tmp_path, nproc):
     ref, run = tmp_path / "ref", tmp_path / "run"
-    proc = start([], nproc, byte_data, ref)
+    proc = start(nproc, byte_data, ref)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     # A slower run (0.3 s a step), interrupted as a terminal's Ctrl-C would: SIGINT to the
     # whole foreground process group.
-    proc = start([], nproc, byte_data, run, env={"TRIAXIS_FAULT_STEP_DELAY_S": "0.3"})
+    proc = start(nproc, byte_data, run, env={"TRIAXIS_FAULT_STEP_DELAY_S": "0.3"})
     deadline = time.time() + 240
     while not (run / "metrics.jsonl").exists() or len(losses(run)) < 3:
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]
@@ -318,7 +308,7 @@ def test_ctrl_c_saves_and_resumes_exactly(byte_data, tmp_path, nproc):
     assert f"SIGINT: saved a final checkpoint at step {stopped}" in out + err
     assert (run / "checkpoints" / f"step_{stopped:08d}" / "triaxis.json").exists()  # committed
     assert "Traceback" not in err
-    proc = start([], nproc, byte_data, run)
+    proc = start(nproc, byte_data, run)
     assert proc.wait(timeout=300) == 0, proc.stderr.read()[-3000:]
     assert f"resumed from {run / 'checkpoints' / f'step_{stopped:08d}'}" in proc.stdout.read()
     expected, got = losses(ref), losses(run)
@@ -332,7 +322,7 @@ def test_second_ctrl_c_aborts_at_once(byte_data, tmp_path, nproc):
     run = tmp_path / "run"
     # Every step is slow (5 s): the first Ctrl-C waits for the end of the step, the second
     # must not.
-    proc = start([], nproc, byte_data, run, env={"TRIAXIS_FAULT_STEP_DELAY_S": "5"})
+    proc = start(nproc, byte_data, run, env={"TRIAXIS_FAULT_STEP_DELAY_S": "5"})
     deadline = time.time() + 240
     while not (run / "metrics.jsonl").exists():
         assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-3000:]

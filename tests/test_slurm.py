@@ -6,12 +6,12 @@ from its last checkpoint."""
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import command
 from tests.parity import tiny_train_args
 from triaxis.cli import main
 from triaxis.launchers.slurm import SlurmJob, render_sbatch
@@ -98,10 +98,7 @@ def cluster():
 def test_two_node_job_trains_and_a_requeue_resumes(cluster, byte_data, tmp_path):
     run = tmp_path / "run"
     submit = cluster.run(
-        [
-            sys.executable,
-            "-m",
-            "triaxis",
+        command(
             "launch",
             "--backend",
             "slurm",
@@ -112,7 +109,7 @@ def test_two_node_job_trains_and_a_requeue_resumes(cluster, byte_data, tmp_path)
             "--time",
             "10",
             *train_args(byte_data, run, "--train.steps=40", "--checkpoint.interval=5"),
-        ],
+        ),
         cwd=tmp_path,
     )
     job = submit.stdout.strip().splitlines()[-1]
