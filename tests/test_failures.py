@@ -167,6 +167,9 @@ def test_launcher_names_the_first_failure(capsys):
         == 137
     )
     assert "rank 3 failed: killed by SIGKILL" in capsys.readouterr().err
+    # SIGTERM is the agent closing the group after a failure: the rank with the error is first.
+    assert report_failures({0: _failure(-15), 2: _failure(1, "RuntimeError: injected", 3.0)}) == 1
+    assert "rank 2 failed: RuntimeError: injected" in capsys.readouterr().err
     # A user error every rank met: one line, exit 2.
     with pytest.raises(UserError, match=r"^rank 0: folder in use$"):
         report_failures(

@@ -275,13 +275,15 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
 def first_failure(failures: dict) -> tuple[int, object]:
     """The rank whose failure came first. Workers write a precise time into their error file
     (train/distributed.py); a worker killed by a signal writes none and is taken as the cause
-    (the agent stops the others only after it has seen a failure, so they are not listed)."""
+    (an OOM kill breaks its peers' collectives, whose errors come later) - except SIGTERM,
+    the signal the agent itself sends to close the group once it has seen a failure: a rank
+    it caught before that rank could exit is a bystander, listed after every error file."""
 
     def key(item):
         rank, f = item
         info = _triaxis_info(f)
         if info is None and f.exitcode < 0:
-            return (0, 0.0, rank)
+            return (0 if -f.exitcode != 15 else 2, 0.0, rank)  # 15: SIGTERM
         return (1, info["time"] if info else float(f.timestamp), rank)
 
     return min(failures.items(), key=key)
