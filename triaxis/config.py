@@ -62,9 +62,30 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a weighted mixture: a `[[data.sources]]` table (docs/data.md#mixtures)."""
+
+    path: str = ""
+    """Folder or s3:// prefix written by `triaxis prepare` (every source: the same tokenizer)."""
+    weight: float = ranged(1.0, gt=0)
+    """Share of the samples drawn from this source, relative to the other sources' weights."""
+    epochs: float | None = ranged(None, gt=0)
+    """At most this many passes over the source's training windows (unset = repeat it as
+    needed); once exhausted, its weight goes to the other sources in proportion to theirs."""
+    name: str = ""
+    """Label in metrics (tokens/NAME, val_loss/NAME); empty = the path's last component."""
+
+    def label(self) -> str:
+        return self.name or self.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+@dataclass
 class DataConfig:
     path: str = "data/stdlib"
     """Folder or s3:// prefix written by `triaxis prepare` (shards + manifest.json)."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture instead of data.path: `[[data.sources]]` tables in the TOML file,
+    each with path, weight, optional epochs and name (the [[data.sources]] table below)."""
     seq_len: int = ranged(256, ge=1)
     """Tokens per training sample (the model sees seq_len inputs and seq_len targets)."""
     seed: int = ranged(1234, ge=0)
@@ -81,6 +102,10 @@ class DataConfig:
     verify: Literal["sha256", "size"] = "sha256"
     """Check local shards against the manifest when a run opens them: sha256 = size, sha256
     and token range, each file read once (remembered until it changes); size = sizes only."""
+
+    def tokenizer_path(self) -> str:
+        """The prepared folder whose tokenizer the run uses (a mixture's sources share one)."""
+        return self.sources[0].path if self.sources else self.path
 
 
 @dataclass
@@ -282,11 +307,34 @@ def _coerce(section: str, name: str, raw: Any, hint: Any) -> Any:
         if hint is int and isinstance(raw, float) and raw != value:
             raise UserError(f"{where}={raw!r} must be a whole number")
         return value
+    if origin is list and dataclasses.is_dataclass(typing.get_args(hint)[0]):
+        return _coerce_tables(where, raw, typing.get_args(hint)[0])
     if hint is str:
         if not isinstance(raw, str):
             raise UserError(f'{where}={raw!r} must be a string; quote it in TOML: {name} = "..."')
         return raw
     raise AssertionError(f"unsupported config type {hint} for {where}")
+
+
+def _coerce_tables(where: str, raw: Any, cls: type) -> list:
+    """A TOML array of tables (`[[data.sources]]`) -> a list of `cls`, each key checked."""
+    example = f'[[{where}]] tables in the TOML config file, e.g. [[{where}]] path = "data/web"'
+    if not isinstance(raw, list) or not all(isinstance(t, dict) for t in raw):
+        raise UserError(f"{where}={raw!r} must be given as {example}")
+    if not raw:
+        raise UserError(f"{where} is an empty list; give one or more {example}, or drop it")
+    hints = typing.get_type_hints(cls)
+    items = []
+    for i, table in enumerate(raw):
+        item = cls()
+        for key, value in table.items():
+            if key not in hints:
+                hint = nearest(key, list(hints))
+                fix = f"did you mean {hint}?" if hint else f"valid keys: {sorted(hints)}"
+                raise UserError(f"unknown key {where}[{i}].{key}; {fix}")
+            setattr(item, key, _coerce(f"{where}[{i}]", key, value, hints[key]))
+        items.append(item)
+    return items
 
 
 def _set(cfg: Config, section: str, name: str, raw: Any) -> None:
@@ -330,6 +378,7 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     """Defaults <- TOML file <- command-line overrides, each field checked against its own
     rules; the rules between fields are `validate`'s."""
     cfg = Config()
+    given: set[tuple[str, str]] = set()  # (section, key) set by the file or an override
     if path:
         p = Path(path)
         if not p.is_file():
@@ -347,8 +396,15 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
                 raise UserError(f"{path}: top-level key {section!r} must be a [section] table")
             for name, raw in values.items():
                 _set(cfg, section, name, raw)
+                given.add((section, name))
     for section, name, raw in parse_overrides(overrides or []):
         _set(cfg, section, name, raw)
+        given.add((section, name))
+    if cfg.data.sources and ("data", "path") in given:
+        raise UserError(
+            f"data.path={cfg.data.path!r} and data.sources are both set; a mixture reads only "
+            "its [[data.sources]]: drop data.path (or drop data.sources for one source)"
+        )
     check_config(cfg)  # each field's own rules now, before anything is touched
     return cfg
 
@@ -357,6 +413,17 @@ def check_config(cfg: Config) -> None:
     """Every field against its own rules (range, finite, 64-bit, no control characters)."""
     for section in SECTIONS:
         check_fields(getattr(cfg, section), section)
+    labels: dict[str, int] = {}
+    for i, src in enumerate(cfg.data.sources):
+        where = f"data.sources[{i}]"
+        if not src.path:
+            raise UserError(f'{where} has no path; set path = "FOLDER or s3://PREFIX" in it')
+        if src.label() in labels:
+            raise UserError(
+                f"{where} and data.sources[{labels[src.label()]}] are both named "
+                f'{src.label()!r} in metrics; give one of them another name = "..."'
+            )
+        labels[src.label()] = i
 
 
 def to_toml(cfg: Config) -> str:
@@ -364,7 +431,13 @@ def to_toml(cfg: Config) -> str:
     lines: list[str] = []
     for section, values in cfg.to_dict().items():
         lines.append(f"[{section}]")
+        tables: list[tuple[str, dict]] = []  # arrays of tables come after the plain keys
+        if section == "data" and values["sources"]:
+            del values["path"]  # a mixture reads only its sources (load_config refuses both)
         for k, v in values.items():
+            if isinstance(v, list):
+                tables += [(f"{section}.{k}", t) for t in v]
+                continue
             if v is None:
                 continue
             if isinstance(v, bool):
@@ -374,7 +447,17 @@ def to_toml(cfg: Config) -> str:
             else:
                 lines.append(f"{k} = {v!r}")
         lines.append("")
+        for name, table in tables:
+            lines.append(f"[[{name}]]")
+            lines += [_toml_pair(k, v) for k, v in table.items() if v is not None]
+            lines.append("")
     return "\n".join(lines)
+
+
+def _toml_pair(k: str, v: Any) -> str:
+    if isinstance(v, bool):
+        return f"{k} = {'true' if v else 'false'}"
+    return f"{k} = {_toml_str(v) if isinstance(v, str) else repr(v)}"
 
 
 def _toml_str(s: str) -> str:

@@ -48,8 +48,10 @@ def _allowed(f: dataclasses.Field, hint: Any) -> str:
 
 def section_fields(section: str) -> list[FieldDoc]:
     """Every field of one config section, in declaration order."""
-    cls = SECTIONS[section]
-    defaults = getattr(Config(), section)
+    return _fields_of(SECTIONS[section], getattr(Config(), section))
+
+
+def _fields_of(cls: type, defaults: Any) -> list[FieldDoc]:
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     return [
@@ -63,6 +65,16 @@ def section_fields(section: str) -> list[FieldDoc]:
     ]
 
 
+def table_arrays(section: str) -> list[tuple[str, list[FieldDoc]]]:
+    """The section's arrays of tables (`[[data.sources]]`): (their name, their fields)."""
+    out = []
+    for name, hint in typing.get_type_hints(SECTIONS[section]).items():
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is list and args and dataclasses.is_dataclass(args[0]):
+            out.append((f"{section}.{name}", _fields_of(args[0], args[0]())))
+    return out
+
+
 def fields_text() -> str:
     """Every section and field as plain text (`triaxis config --fields`)."""
     lines: list[str] = []
@@ -71,6 +83,11 @@ def fields_text() -> str:
         for fd in section_fields(section):
             rule = f" [{fd.allowed}]" if fd.allowed else ""
             lines.append(f"  {fd.name} = {fd.default!r}{rule}\n      {fd.doc}")
+        for name, fds in table_arrays(section):
+            lines.append(f"[[{name}]]")
+            for fd in fds:
+                rule = f" [{fd.allowed}]" if fd.allowed else ""
+                lines.append(f"  {fd.name} = {fd.default!r}{rule}\n      {fd.doc}")
     return "\n".join(lines)
 
 
@@ -86,6 +103,10 @@ def _toml_value(v: Any) -> str:
 
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
+
+
+def _row(fd: FieldDoc) -> str:
+    return f"| `{fd.name}` | {_toml_value(fd.default)} | {_cell(fd.allowed)} | {_cell(fd.doc)} |"
 
 
 def fields_markdown() -> str:
@@ -111,9 +132,8 @@ def fields_markdown() -> str:
             "| key | default | allowed | meaning |",
             "|---|---|---|---|",
         ]
-        for fd in section_fields(section):
-            out.append(
-                f"| `{fd.name}` | {_toml_value(fd.default)} | {_cell(fd.allowed)} "
-                f"| {_cell(fd.doc)} |"
-            )
+        out += [_row(fd) for fd in section_fields(section)]
+        for name, fds in table_arrays(section):
+            out += ["", f"### [[{name}]]", "", "| key | default | allowed | meaning |"]
+            out += ["|---|---|---|---|", *(_row(fd) for fd in fds)]
     return "\n".join(out) + "\n"

@@ -125,7 +125,10 @@ def check_fields(obj: Any, prefix: str) -> None:
         value = getattr(obj, f.name)
         where = f"{prefix}.{f.name}" if prefix else f.name
         if isinstance(value, (list, tuple)):
-            for item in value:
-                check_value(where, item, f.metadata.get(RANGE))
+            for i, item in enumerate(value):
+                if dataclasses.is_dataclass(item):  # a table of an array ([[data.sources]])
+                    check_fields(item, f"{where}[{i}]")
+                else:
+                    check_value(where, item, f.metadata.get(RANGE))
         else:
             check_value(where, value, f.metadata.get(RANGE))

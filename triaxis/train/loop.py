@@ -18,12 +18,8 @@ import torch.nn.functional as F
 
 from triaxis.checkpoint.dcp import Checkpointer
 from triaxis.config import Config, grad_accum_steps, to_toml
-from triaxis.data.dataset import (
-    SYNTHETIC,
-    EmptySplitError,
-    TokenDataset,
-    micro_batch_start,
-)
+from triaxis.data.dataset import micro_batch_start
+from triaxis.data.mixture import open_val_sets, source_tokens, val_record
 from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flops
 from triaxis.model import flops_per_token, param_counts
 from triaxis.parallel.parallelize import set_grad_sync
@@ -83,24 +79,8 @@ class Trainer:
         self.log = RankLogger(env.is_main)
         if why:
             self.log.info(why)
-        try:
-            self.val_ds = (
-                None
-                if cfg.data.path == SYNTHETIC
-                else TokenDataset(
-                    cfg.data.path,
-                    "val",
-                    cfg.data.seq_len,
-                    cfg.data.seed,
-                    cache_dir=cfg.data.cache_dir,
-                    cache_gib=cfg.data.cache_gib,
-                    verify=cfg.data.verify,
-                )
-            )
-        except EmptySplitError as e:  # a damaged val shard is an error, not "no validation"
-            self.val_ds = None
-            if cfg.train.val_every:
-                self.log.warn(f"no validation: {e}")
+        # {"": data.path's val split} or {source name: its val split} for a mixture
+        self.val_sets = open_val_sets(cfg, self.log.warn if cfg.train.val_every else None)
         self.grad_accum = grad_accum_steps(cfg, self.dims.dp_size)
         self.device = env.device
         self.compute_dtype = _compute_dtype(cfg.train.dtype, self.device)
@@ -149,7 +129,7 @@ class Trainer:
             cfg.checkpoint,
             env.rank,
             env.world_size,
-            {"data_path": cfg.data.path, "config": to_toml(cfg)},
+            {"data_path": cfg.data.tokenizer_path(), "config": to_toml(cfg)},
             self.log,
         )
         self.ckpt_step = 0
@@ -255,11 +235,16 @@ class Trainer:
             value /= self.dims.dp_size
         return float(value)
 
+    def validate_all(self) -> dict[str, float]:
+        """Validation metrics: val_loss, and per source of a mixture val_loss/NAME (val_loss
+        is then their mean weighted by the mixture: data/mixture.py)."""
+        return val_record({k: self.validate(ds) for k, ds in self.val_sets.items()}, self.train_ds)
+
     @torch.no_grad()
-    def validate(self) -> float | None:
-        """Mean loss over the first val_batches x global_batch validation samples, in order;
+    def validate(self, val_ds) -> float | None:
+        """Mean loss over the first val_batches x global_batch samples of `val_ds`, in order;
         the same samples and value for every layout."""
-        if self.val_ds is None or self.cfg.train.val_batches == 0:
+        if self.cfg.train.val_batches == 0:
             return None
         self.faults.inject_fault("validation", self.env.rank)
         self.model.eval()
@@ -267,8 +252,7 @@ class Trainer:
         for v in range(self.cfg.train.val_batches):
             cursor = v * self.cfg.train.global_batch
             batches = [
-                self.local_batch(self.val_ds, cursor, m, shuffle=False)
-                for m in range(self.grad_accum)
+                self.local_batch(val_ds, cursor, m, shuffle=False) for m in range(self.grad_accum)
             ]
             with self.loss_parallel(), self.autocast():
                 if self.pipeline is not None:
@@ -360,14 +344,20 @@ class Trainer:
                         step, loss, tokens_per_step * steps_since, time.perf_counter() - t_last
                     )
                     result.losses[step] = record["loss"]
+                    # per source of a mixture, from the cursor alone (host arithmetic)
+                    record.update(
+                        source_tokens(
+                            self.train_ds, cursor, self.skip_cursors, cfg.train.global_batch
+                        )
+                    )
                     metrics.write(record)
                     progress.update(step, record)
                     t_last, steps_since = time.perf_counter(), 0
                 if cfg.train.val_every and step % cfg.train.val_every == 0:
-                    val = self.validate()
-                    if val is not None:
-                        result.val_losses[step] = val
-                        metrics.write({"step": step, "val_loss": val})
+                    vals = self.validate_all()
+                    if vals:
+                        val = result.val_losses[step] = vals["val_loss"]
+                        metrics.write({"step": step, **vals})
                         log.info(f"step {step}: validation loss {val:.4f}")
                     t_last = time.perf_counter()  # validation time is not training time
                 last = step == cfg.train.steps

@@ -7,6 +7,7 @@ from __future__ import annotations
 from triaxis import storage
 from triaxis.config import Config
 from triaxis.data.dataset import SYNTHETIC, SyntheticDataset, TokenDataset
+from triaxis.data.mixture import open_train_data
 from triaxis.errors import UserError
 from triaxis.model import build_model_args
 from triaxis.parallel.dims import ParallelDims
@@ -21,20 +22,11 @@ def resolve(
     bad config fails once, in one line, instead of once per rank. With parallel.auto the
     planner fills in the layout first: the config returned is the one to run (a new one; cfg is
     left as it was), and the last value says why it chose it ("" otherwise)."""
-    if cfg.data.path == SYNTHETIC:
+    if cfg.data.path == SYNTHETIC and not cfg.data.sources:
         model_args = build_model_args(cfg.model)
         train_ds = SyntheticDataset(model_args.vocab_size, cfg.data.seq_len, cfg.data.seed)
     else:
-        train_ds = TokenDataset(
-            cfg.data.path,
-            "train",
-            cfg.data.seq_len,
-            cfg.data.seed,
-            cache_dir=cfg.data.cache_dir,
-            cache_gib=cfg.data.cache_gib,
-            shuffle_shards=cfg.data.shuffle_shards,
-            verify=cfg.data.verify,
-        )
+        train_ds = open_train_data(cfg)  # data.path, or the data.sources mixture
     vocab = train_ds.manifest["tokenizer"]["vocab_size"]
     model_args = build_model_args(cfg.model, vocab_size=vocab)
     if model_args.vocab_size < vocab:

@@ -1,0 +1,376 @@
+"""A weighted mixture of prepared sources (`[[data.sources]]`), read as one global sample order.
+
+Sample i of the mixture is (source s, index k within s), then s's own sample k (its epochs
+and keyed permutation, `dataset.TokenDataset`, seeded per source). Both steps are pure
+functions of (seed, i): the cursor stays one integer, and resume and a data-parallel change
+behave exactly as with one source.
+
+Which source index i goes to is deterministic and low-discrepancy, not random. The sources
+(in config order) are the leaves of a balanced binary tree. A node holding sources of total
+weight W splits its own index stream j = 0, 1, 2, ... between its halves: with q = W_left / W,
+the first j indices hold A(j) = floor(j·q + 1/2) left ones (j goes left iff A(j+1) > A(j)), so
+a left child's index is A(j) and a right child's j - A(j). Weights are exact fractions of the
+configured floats: integer arithmetic, no rounding, the same on every machine.
+
+The bound. At one split, any window of L consecutive indices holds A(b) - A(a) left ones, and
+|A(b) - A(a) - L·q| < 1 (each A is within 1/2 of j·q). Down a path of d splits the errors add,
+each scaled by the fractions below it: for ANY window of L consecutive samples, source s's
+count differs from L·p_s (p_s = its weight over the total) by less than
+
+    B_s = 1 + r_d + r_d·r_(d-1) + ... + r_d···r_2   <=  d  <=  ceil(log2 K)
+
+samples (K sources, r_t the fraction taken at the t-th split of s's path; B_s is
+`MixtureDataset.window_bound`). Two sources: < 1 sample; three or four: < 2.
+
+An `epochs` cap ends a source after floor(epochs · its windows) samples. From the next index on,
+the tree is rebuilt over the remaining sources (their weights as configured: the exhausted one's
+share goes to them in proportion), each continuing where it was; the bound holds within each
+such phase. When every source is capped the mixture is finite, and a run that needs more
+samples is refused before it starts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from triaxis import storage
+from triaxis.config import Config, SourceConfig
+from triaxis.data.dataset import (
+    SYNTHETIC,
+    TRACE_ENV,
+    EmptySplitError,
+    TokenDataset,
+    _mix,
+)
+from triaxis.errors import UserError
+
+# A tree is a source id (a leaf) or (num, den, left, right): the left subtree takes a fraction
+# num/den of the node's indices.
+Tree = int | tuple
+
+
+def _build(ids: list[int], weights: list[Fraction]) -> Tree:
+    if len(ids) == 1:
+        return ids[0]
+    half = len(ids) // 2
+    left, total = ids[:half], sum(weights[i] for i in ids)
+    q = sum(weights[i] for i in left) / total
+    return (q.numerator, q.denominator, _build(left, weights), _build(ids[half:], weights))
+
+
+def _left_before(j: int, num: int, den: int) -> int:
+    """A(j) = floor(j·q + 1/2): indices among the first j of a node that went left."""
+    return (2 * j * num + den) // (2 * den)
+
+
+def _locate(tree: Tree, j: int) -> tuple[int, int]:
+    """Index j of the tree's stream -> (source, index within the source)."""
+    while not isinstance(tree, int):
+        num, den, left, right = tree
+        a = _left_before(j, num, den)
+        if _left_before(j + 1, num, den) > a:
+            tree, j = left, a
+        else:
+            tree, j = right, j - a
+    return tree, j
+
+
+def _paths(tree: Tree, path: tuple = ()) -> dict[int, tuple]:
+    """source -> its path: ((num, den, went_left), ...) from the root."""
+    if isinstance(tree, int):
+        return {tree: path}
+    num, den, left, right = tree
+    return {**_paths(left, (*path, (num, den, True))), **_paths(right, (*path, (num, den, False)))}
+
+
+def _count(path: tuple, j: int) -> int:
+    """How many of the tree's first j indices went to the source at the end of `path`."""
+    for num, den, went_left in path:
+        a = _left_before(j, num, den)
+        j = a if went_left else j - a
+    return j
+
+
+def _bound(path: tuple) -> float:
+    """B_s of the module docstring: the window bound of the source at the end of `path`."""
+    bound, scale = 0.0, 1.0
+    for num, den, went_left in reversed(path):
+        bound += scale
+        scale *= num / den if went_left else 1 - num / den
+    return bound
+
+
+@dataclass
+class _Phase:
+    """Global indices [start, end) mixed by one tree; `offset[s]`: s's samples before start."""
+
+    start: int
+    end: int | None
+    tree: Tree
+    paths: dict[int, tuple]
+    offset: dict[int, int]
+
+
+def build_phases(weights: list[float], caps: list[int | None]) -> list[_Phase]:
+    """The mixture's phases: a new one each time a capped source runs out (module docstring)."""
+    exact = [Fraction(w) for w in weights]
+    active = list(range(len(weights)))
+    offset = dict.fromkeys(active, 0)
+    phases, start = [], 0
+    while active:
+        tree = _build(active, exact)
+        paths = _paths(tree)
+        ends = {s: _first_reaching(paths[s], caps[s] - offset[s]) for s in active if caps[s]}
+        end = min(ends.values()) if ends else None
+        phases.append(_Phase(start, None if end is None else start + end, tree, paths, offset))
+        if end is None:
+            break
+        offset = {s: offset[s] + _count(paths[s], end) for s in active}
+        active = [s for s in active if not caps[s] or offset[s] < caps[s]]
+        start += end
+    return phases
+
+
+def _first_reaching(path: tuple, need: int) -> int:
+    """The smallest j with _count(path, j) == need (counts grow by 0 or 1 per index)."""
+    lo, hi = 0, 1
+    while _count(path, hi) < need:
+        lo, hi = hi, hi * 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if _count(path, mid) < need else (lo, mid)
+    return lo
+
+
+class MixtureDataset:
+    """The train split of every source, read as one global order (module docstring). Offers
+    what the trainer asks of a TokenDataset: sample, batch, prefetch, close, manifest."""
+
+    def __init__(
+        self,
+        sources: list[TokenDataset],
+        weights: list[float],
+        names: list[str],
+        caps: list[int | None],
+    ):
+        self.sources, self.names = sources, names
+        self.weights = [w / sum(weights) for w in weights]
+        self.caps = caps
+        self.phases = build_phases(weights, caps)
+        self._starts = [p.start for p in self.phases]
+        self.num_samples = self.phases[-1].end  # None: endless
+        self.manifest = sources[0].manifest
+        self.seq_len = sources[0].seq_len
+        self.window_bound = [_bound(self.phases[0].paths[s]) for s in range(len(sources))]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Global sample `index` -> (source, sample index within that source)."""
+        if self.num_samples is not None and index >= self.num_samples:
+            raise UserError(
+                f"sample {index} is past the end of the mixture: every source is capped by "
+                f"its epochs, {self.num_samples} samples in all; raise an epochs cap"
+            )
+        phase = self.phases[bisect.bisect_right(self._starts, index) - 1]
+        s, k = _locate(phase.tree, index - phase.start)
+        return s, phase.offset[s] + k
+
+    def counts(self, stop: int) -> list[int]:
+        """Samples of each source among global samples 0 .. stop-1."""
+        out = [0] * len(self.sources)
+        for p in self.phases:
+            if stop <= p.start:
+                break
+            j = stop - p.start if p.end is None else min(stop, p.end) - p.start
+            for s, path in p.paths.items():
+                out[s] = p.offset[s] + _count(path, j)
+        return out
+
+    def sample(self, index: int, shuffle: bool = True) -> np.ndarray:
+        s, k = self.locate(index)
+        return self.sources[s].sample(k, shuffle)
+
+    def batch(self, start: int, count: int, shuffle: bool = True):
+        """Samples start .. start+count-1 as an int64 tensor (count, seq_len + 1)."""
+        import torch
+
+        trace = os.environ.get(TRACE_ENV)
+        if trace:
+            with open(trace, "a") as f:  # the global ids, as TokenDataset.batch writes them
+                f.write(f"train {start} {count}\n")
+        rows = [self.sample(i, shuffle).astype(np.int64) for i in range(start, start + count)]
+        return torch.from_numpy(np.stack(rows))
+
+    def prefetch(
+        self, start_index: int, count: int, micro_batch: int = 0, dp_size: int = 1, dp_rank: int = 0
+    ) -> None:
+        """TokenDataset.prefetch per source: the s3:// shards this rank's samples touch."""
+        indices = range(start_index, start_index + count)
+        if micro_batch and dp_size > 1:
+            indices = [i for i in indices if (i - start_index) // micro_batch % dp_size == dp_rank]
+        if self.num_samples is not None:
+            indices = [i for i in indices if i < self.num_samples]
+        per_source: dict[int, list[int]] = {}
+        for i in indices:
+            s, k = self.locate(i)
+            per_source.setdefault(s, []).append(k)
+        for s, ks in per_source.items():
+            if self.sources[s].cache is not None:
+                self.sources[s].cache.prefetch(self.sources[s].shards_of(ks))
+
+    def close(self) -> None:
+        for ds in self.sources:
+            ds.close()
+
+    def tokenizer(self):
+        return self.sources[0].tokenizer()
+
+    def check_length(self, samples: int) -> None:
+        """Refuse a run that needs more samples than a fully capped mixture holds."""
+        if self.num_samples is not None and samples > self.num_samples:
+            raise UserError(
+                f"the mixture holds {self.num_samples} samples (every source has an epochs "
+                f"cap) but train.steps x global_batch needs {samples}; raise the epochs "
+                "caps, drop one, or lower train.steps"
+            )
+
+
+def source_seed(seed: int, index: int) -> int:
+    """Each source's own order seed: distinct per source, a pure function of data.seed."""
+    return _mix(seed ^ ((index + 1) << 40)) >> 2
+
+
+def _tokenizer_identity(ds: TokenDataset) -> tuple:
+    """What must agree between sources: dtype, vocabulary, end-of-document id, and the tokenizer
+    file's content (parsed: the same tokenizer saved by bpe and by hf:PATH compares equal)."""
+    info = ds.manifest["tokenizer"]
+    digest = ""
+    if info.get("file"):
+        raw = storage.read_bytes(storage.join(ds.path, info["file"]))
+        canonical = json.dumps(json.loads(raw), sort_keys=True).encode()
+        digest = hashlib.sha256(canonical).hexdigest()[:12]
+    return ds.manifest["dtype"], info["vocab_size"], info.get("eos_id"), digest
+
+
+def _describe(identity: tuple) -> str:
+    dtype, vocab, eos, digest = identity
+    file = f", tokenizer.json {digest}" if digest else ", byte tokenizer"
+    return f"vocab {vocab}, eos id {eos}, {dtype}{file}"
+
+
+def _open_source(cfg: Config, src: SourceConfig, i: int, split: str) -> TokenDataset:
+    d = cfg.data
+    return TokenDataset(
+        src.path,
+        split,
+        d.seq_len,
+        source_seed(d.seed, i),
+        cache_dir=d.cache_dir,
+        cache_gib=d.cache_gib,
+        shuffle_shards=d.shuffle_shards if split == "train" else 0,
+        verify=d.verify,
+    )
+
+
+def open_train_data(cfg: Config) -> TokenDataset | MixtureDataset:
+    """The train split data.path or data.sources names (not "synthetic": the caller's)."""
+    d = cfg.data
+    if not d.sources:
+        return TokenDataset(
+            d.path,
+            "train",
+            d.seq_len,
+            d.seed,
+            cache_dir=d.cache_dir,
+            cache_gib=d.cache_gib,
+            shuffle_shards=d.shuffle_shards,
+            verify=d.verify,
+        )
+    opened = [_open_source(cfg, src, i, "train") for i, src in enumerate(d.sources)]
+    first = _tokenizer_identity(opened[0])
+    for i, ds in enumerate(opened[1:], 1):
+        other = _tokenizer_identity(ds)
+        if other != first:
+            raise UserError(
+                f"data.sources[{i}] ({ds.path}: {_describe(other)}) has another tokenizer than "
+                f"data.sources[0] ({opened[0].path}: {_describe(first)}); a mixture needs one "
+                "tokenizer: prepare every source with the same --tokenizer (hf:PATH, byte, or "
+                "the first source's tokenizer.json)"
+            )
+    caps: list[int | None] = []
+    for i, (src, ds) in enumerate(zip(d.sources, opened)):
+        if src.epochs is None:
+            caps.append(None)
+            continue
+        cap = int(src.epochs * ds.num_windows)
+        if cap < 1:
+            raise UserError(
+                f"data.sources[{i}].epochs={src.epochs} of {ds.num_windows} windows is no whole "
+                f"sample; raise epochs to at least {1 / ds.num_windows:.3g} or drop the cap"
+            )
+        caps.append(cap)
+    ds = MixtureDataset(opened, [s.weight for s in d.sources], [s.label() for s in d.sources], caps)
+    ds.check_length(cfg.train.steps * cfg.train.global_batch)
+    return ds
+
+
+def open_val_sets(cfg: Config, warn=None) -> dict[str, TokenDataset]:
+    """Validation splits: {"": data.path's} or {name: each source's}; a source without one is
+    left out (`warn` says so), "synthetic" has none."""
+    d = cfg.data
+    named = [("", d.path, None)] if not d.sources else []
+    named += [(src.label(), src.path, (src, i)) for i, src in enumerate(d.sources)]
+    out: dict[str, TokenDataset] = {}
+    for name, path, source in named:
+        if path == SYNTHETIC:
+            continue
+        try:
+            if source is None:
+                out[name] = TokenDataset(
+                    path,
+                    "val",
+                    d.seq_len,
+                    d.seed,
+                    cache_dir=d.cache_dir,
+                    cache_gib=d.cache_gib,
+                    verify=d.verify,
+                )
+            else:
+                out[name] = _open_source(cfg, source[0], source[1], "val")
+        except EmptySplitError as e:  # a damaged val shard is an error, not "no validation"
+            if warn is not None:
+                warn(f"no validation{f' for source {name}' if name else ''}: {e}")
+    return out
+
+
+def val_record(losses: dict[str, float | None], train_ds) -> dict[str, float]:
+    """The validation metrics: {"val_loss": v} for one source; for a mixture "val_loss/NAME"
+    per source and, as val_loss, their mean weighted by the mixture's weights."""
+    got = {k: v for k, v in losses.items() if v is not None}
+    if not got:
+        return {}
+    if "" in got:
+        return {"val_loss": got[""]}
+    weight = dict(zip(train_ds.names, train_ds.weights))
+    total = sum(weight[k] for k in got)
+    mean = sum(weight[k] * v for k, v in got.items()) / total
+    return {"val_loss": mean, **{f"val_loss/{k}": v for k, v in got.items()}}
+
+
+def source_tokens(train_ds, cursor: int, skipped, global_batch: int) -> dict[str, int]:
+    """{"tokens/NAME": tokens of that source trained on before `cursor`}, from the sample ->
+    source function alone (no device sync); batches in `skipped` (dropped bad steps) are not
+    counted. {} for one source."""
+    if not isinstance(train_ds, MixtureDataset):
+        return {}
+    seen = np.array(train_ds.counts(cursor))
+    for c in skipped:
+        if c < cursor:
+            seen -= np.array(train_ds.counts(c + global_batch)) - train_ds.counts(c)
+    return {f"tokens/{n}": int(k) * train_ds.seq_len for n, k in zip(train_ds.names, seen)}
