@@ -41,6 +41,29 @@ def _train(*extra: str) -> str:
     return " ".join(["train", "--data.path={ws}/data", "--train.run_dir={ws}/run", *TINY, *extra])
 
 
+def _mix(toml: str, *extra: str) -> str:
+    """A train command line over the mixture config {ws}/`toml` (the ws fixture writes it)."""
+    return " ".join(["train", f"{{ws}}/{toml}", "--train.run_dir={ws}/run", *TINY, *extra])
+
+
+# Mixture configs: {name: [[data.sources]] tables}; "D" is the good data, "O" a copy of it
+# whose tokenizer has another end-of-document id.
+MIXES = {
+    "mix_w0.toml": '[[data.sources]]\npath = "D"\n[[data.sources]]\npath = "D"\n'
+    'name = "b"\nweight = 0',
+    "mix_wneg.toml": '[[data.sources]]\npath = "D"\nweight = -2',
+    "mix_empty.toml": "[data]\nsources = []",
+    "mix_tok.toml": '[[data.sources]]\npath = "D"\n[[data.sources]]\npath = "O"',
+    "mix_nopath.toml": "[[data.sources]]\nweight = 1",
+    "mix_dup.toml": '[[data.sources]]\npath = "D"\n[[data.sources]]\npath = "D"',
+    "mix_typo.toml": '[[data.sources]]\npath = "D"\nweigth = 2',
+    "mix_ep0.toml": '[[data.sources]]\npath = "D"\nepochs = 0',
+    "mix_short.toml": '[[data.sources]]\npath = "D"\nepochs = 1e-9',
+    "mix_cap.toml": '[[data.sources]]\npath = "D"\nepochs = 1',
+    "mix_ok.toml": '[[data.sources]]\npath = "D"\nweight = 2',
+}
+
+
 def _launch(backend: str, *extra: str) -> str:
     return " ".join(
         [
@@ -257,6 +280,19 @@ CASES: list[tuple[str, str, str]] = [
         "val_00000.bin fails its sha256 check",
     ),
     ("data-token-range", _train("--data.path={ws}/data_bigtok"), "outside the data's vocab"),
+    # -- train: weighted mixtures ([[data.sources]])
+    ("mix-weight-zero", _mix("mix_w0.toml"), "data.sources[1].weight=0.0 must be > 0"),
+    ("mix-weight-neg", _mix("mix_wneg.toml"), "data.sources[0].weight=-2.0 must be > 0"),
+    ("mix-empty", _mix("mix_empty.toml"), "data.sources is an empty list"),
+    ("mix-and-path", _mix("mix_ok.toml", "--data.path={ws}/data"), "are both set"),
+    ("mix-tokenizer", _mix("mix_tok.toml"), "data.sources[1]"),
+    ("mix-no-path", _mix("mix_nopath.toml"), "data.sources[0] has no path"),
+    ("mix-same-name", _mix("mix_dup.toml"), "are both named 'data'"),
+    ("mix-key-typo", _mix("mix_typo.toml"), "did you mean weight?"),
+    ("mix-epochs-zero", _mix("mix_ep0.toml"), "data.sources[0].epochs=0.0 must be > 0"),
+    ("mix-epochs-tiny", _mix("mix_short.toml"), "is no whole sample"),
+    ("mix-too-short", _mix("mix_cap.toml", "--train.steps=99999999"), "but train.steps"),
+    ("mix-override", _mix("mix_ok.toml", "--data.sources=x"), "[[data.sources]] tables"),
     # -- launch: each backend's dry run
     ("launch-local-lr", _launch("local", "--train.lr=nan"), "train.lr=nan"),
     ("launch-torchrun-beta", _launch("torchrun", "--train.beta1=1"), "train.beta1=1.0"),
@@ -474,6 +510,12 @@ def ws(tmp_path_factory, byte_data) -> Path:
         )
 
     variant("data_bigtok", big_token)
+    variant("data_othertok", lambda d: _edit_manifest(d, lambda m: m["tokenizer"].update(eos_id=9)))
+    for name, text in MIXES.items():
+        paths = {'"D"': f'"{data}"', '"O"': f'"{root / "data_othertok"}"'}
+        for k, v in paths.items():
+            text = text.replace(k, v)
+        (root / name).write_text(text + "\n")
 
     args = ModelArgs(
         dim=32,

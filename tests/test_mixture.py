@@ -18,7 +18,7 @@ from tests import helpers
 from tests.dist import run_workers
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.config import load_config
-from triaxis.data.dataset import micro_batch_start
+from triaxis.data.dataset import TokenDataset, micro_batch_start
 from triaxis.data.mixture import MixtureDataset, build_phases, open_train_data, source_tokens
 from triaxis.errors import UserError
 
@@ -249,7 +249,11 @@ def mix_collect(rank: int, world: int, toml: str, run_dir: str, extra: list[str]
 def test_resume_exact_and_across_a_data_parallel_change(sources, tmp_path):
     """One uninterrupted process; then steps 1-3 in one process, 4-6 under dp_shard=2 (world 2),
     7-8 in one process again, each resumed from the last one's checkpoint: the same losses."""
-    toml = mixture_toml(tmp_path / "m.toml", sources, numbers={"epochs": 0.2})
+    # "numbers" capped at 6 samples: it runs out during step 4 of 8 (a phase change inside)
+    windows = TokenDataset(sources["numbers"], "train", 32).num_windows
+    toml = mixture_toml(tmp_path / "m.toml", sources, numbers={"epochs": 6.5 / windows})
+    ds = open_train_data(load_config(toml, ["--data.seq_len=32"]))
+    assert ds.caps[2] == 6 and 24 < ds.phases[1].start < 40
     ref = mix_collect(0, 1, toml, str(tmp_path / "ref"), ["--train.steps=8"])["losses"]
     steps = ["--train.steps=8", "--train.exit_after_steps=3", "--checkpoint.interval=3"]
     run = str(tmp_path / "run")
