@@ -291,7 +291,10 @@ def test_cli_trains_three_sources_and_logs_each(sources, tmp_path):
     for r in vals:
         per = [r[f"val_loss/{n}"] for n in NAMES]
         assert abs(r["val_loss"] - (0.5 * per[0] + 0.3 * per[1] + 0.2 * per[2])) < 1e-6
-    assert list((run / "tb").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = EventAccumulator(str(run / "tb")).Reload().Tags()["scalars"]
+    assert {f"{k}/{n}" for k in ("tokens", "val_loss") for n in NAMES} <= set(tags)
     # the resolved config reloads as the same mixture (and without data.path)
     resolved = load_config(str(run / "config.toml"))
     assert [s.path for s in resolved.data.sources] == list(sources.values())
