@@ -211,6 +211,8 @@ class MixtureDataset:
         self, start_index: int, count: int, micro_batch: int = 0, dp_size: int = 1, dp_rank: int = 0
     ) -> None:
         """TokenDataset.prefetch per source: the s3:// shards this rank's samples touch."""
+        if all(ds.cache is None for ds in self.sources):
+            return  # local sources: nothing to fetch, no samples to locate
         indices = range(start_index, start_index + count)
         if micro_batch and dp_size > 1:
             indices = [i for i in indices if (i - start_index) // micro_batch % dp_size == dp_rank]
