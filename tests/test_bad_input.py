@@ -293,6 +293,12 @@ CASES: list[tuple[str, str, str]] = [
     ("mix-epochs-tiny", _mix("mix_short.toml"), "is no whole sample"),
     ("mix-too-short", _mix("mix_cap.toml", "--train.steps=99999999"), "but train.steps"),
     ("mix-override", _mix("mix_ok.toml", "--data.sources=x"), "[[data.sources]] tables"),
+    (
+        "mix-sagemaker",
+        "launch --backend sagemaker --dry-run --nproc-per-node 1 {ws}/mix_ok.toml "
+        "--train.run_dir={ws}/run",
+        "does not run on --backend sagemaker",
+    ),
     # -- launch: each backend's dry run
     ("launch-local-lr", _launch("local", "--train.lr=nan"), "train.lr=nan"),
     ("launch-torchrun-beta", _launch("torchrun", "--train.beta1=1"), "train.beta1=1.0"),

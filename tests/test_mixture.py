@@ -278,7 +278,14 @@ def test_cli_trains_three_sources_and_logs_each(sources, tmp_path):
     run = tmp_path / "run"
     toml = mixture_toml(tmp_path / "m.toml", sources)
     args = [*COMMON, f"--train.run_dir={run}", "--train.steps=6", "--train.val_every=3"]
-    helpers.triaxis("train", toml, *args, "--metrics.tensorboard=true", "--train.val_batches=1")
+    helpers.triaxis(
+        "train",
+        toml,
+        *args,
+        "--metrics.tensorboard=true",
+        "--train.val_batches=1",
+        "--checkpoint.save_final=true",
+    )
     records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in records if "loss" in r}
     for step, rec in steps.items():
@@ -295,6 +302,11 @@ def test_cli_trains_three_sources_and_logs_each(sources, tmp_path):
 
     tags = EventAccumulator(str(run / "tb")).Reload().Tags()["scalars"]
     assert {f"{k}/{n}" for k in ("tokens", "val_loss") for n in NAMES} <= set(tags)
+    # generate finds the (shared) tokenizer through the first source
+    out = helpers.triaxis(
+        "generate", "--checkpoint", run, "--prompt", "def ", "--max-new-tokens", 8
+    )
+    assert out.stdout.startswith("def ")
     # the resolved config reloads as the same mixture (and without data.path)
     resolved = load_config(str(run / "config.toml"))
     assert [s.path for s in resolved.data.sources] == list(sources.values())

@@ -290,6 +290,11 @@ def launch_sagemaker(a: argparse.Namespace, config_path: str | None, overrides: 
     from triaxis.launchers import sagemaker
 
     cfg = load_config(config_path, overrides)
+    if cfg.data.sources:  # hyperparameters carry flat section.field values only
+        raise UserError(
+            "data.sources (a mixture) does not run on --backend sagemaker yet; use the "
+            "torchrun or slurm backend, or one data.path"
+        )
     model = sagemaker.service_model()
     sagemaker.check_instance_type(a.instance_type, model)
     gpus = a.nproc_per_node or sagemaker_gpus(a.instance_type)
