@@ -105,6 +105,23 @@ def test_every_source_capped_makes_a_finite_mixture():
     assert [p.end for p in build_phases([1, 3], [25, 30])][-1] == 55
 
 
+def test_resolved_config_round_trips(tmp_path):
+    from triaxis.config import to_toml
+
+    toml = tmp_path / "m.toml"
+    toml.write_text(
+        '[data]\nseq_len = 64\n[[data.sources]]\npath = "s3://b/web/"\nweight = 0.7\n'
+        '[[data.sources]]\npath = "data/code"\nweight = 3\nepochs = 2\nname = "c"\n'
+    )
+    cfg = load_config(str(toml))
+    assert [(s.label(), s.weight, s.epochs) for s in cfg.data.sources] == [
+        ("web", 0.7, None),
+        ("c", 3.0, 2.0),
+    ]
+    (tmp_path / "r.toml").write_text(to_toml(cfg))
+    assert load_config(str(tmp_path / "r.toml")) == cfg  # and not refused for data.path
+
+
 # -- over prepared data ----------------------------------------------------------------------
 
 NAMES = ("prose", "code", "numbers")

@@ -437,15 +437,8 @@ def to_toml(cfg: Config) -> str:
         for k, v in values.items():
             if isinstance(v, list):
                 tables += [(f"{section}.{k}", t) for t in v]
-                continue
-            if v is None:
-                continue
-            if isinstance(v, bool):
-                lines.append(f"{k} = {'true' if v else 'false'}")
-            elif isinstance(v, str):
-                lines.append(f"{k} = {_toml_str(v)}")
-            else:
-                lines.append(f"{k} = {v!r}")
+            elif v is not None:
+                lines.append(_toml_pair(k, v))
         lines.append("")
         for name, table in tables:
             lines.append(f"[[{name}]]")
