@@ -172,8 +172,8 @@ def mixture_toml(path: Path, srcs: dict[str, str], weights=(5, 3, 2), **extra) -
 
 
 def test_samples_are_the_sources_own_and_any_reader_sees_the_same(sources, tmp_path):
-    cfg = load_config(mixture_toml(tmp_path / "m.toml", sources), ["--data.seq_len=32"])
-    ds = open_train_data(cfg)
+    cfg_path = mixture_toml(tmp_path / "m.toml", sources)
+    ds = open_train_data(load_config(cfg_path, ["--data.seq_len=32"]))
     assert isinstance(ds, MixtureDataset) and ds.names == list(NAMES)
     for i in [0, 1, 2, 3, 50, 10**9]:
         s, k = ds.locate(i)
@@ -187,9 +187,12 @@ def test_samples_are_the_sources_own_and_any_reader_sees_the_same(sources, tmp_p
     for start, part in zip(order, parts):
         assert np.array_equal(whole[start : start + 2], part)
     # a second open gives the same samples; the sources' orders differ from each other's
-    again = open_train_data(cfg)
+    again = open_train_data(load_config(cfg_path, ["--data.seq_len=32"]))
     assert np.array_equal(again.batch(0, 64).numpy(), ds.batch(0, 64).numpy())
     assert len({ds.sources[s].seed for s in range(3)}) == 3
+    reseeded = open_train_data(load_config(cfg_path, ["--data.seq_len=32", "--data.seed=7"]))
+    assert [reseeded.locate(i) for i in range(64)] == [ds.locate(i) for i in range(64)]
+    assert not np.array_equal(reseeded.batch(0, 64).numpy(), ds.batch(0, 64).numpy())
     # per-source tokens: from the cursor alone, dropped batches not counted
     got = source_tokens(ds, 80, {16}, 16)
     want = np.array(ds.counts(80)) - (np.array(ds.counts(32)) - ds.counts(16))
