@@ -226,6 +226,25 @@ def test_s3_source_reads_what_the_local_one_does(sources, moto_s3, tmp_path):
     mixed.close()
 
 
+@pytest.mark.slow
+def test_cli_trains_from_an_s3_source_as_from_the_local_one(sources, moto_s3, tmp_path):
+    bucket = moto_s3.new_bucket()
+    remote = {"prose": sources["prose"], "code": f"s3://{bucket}/code"}
+    for f in sorted(Path(sources["code"]).iterdir()):
+        moto_s3.put(f"{remote['code']}/{f.name}", f.read_bytes())
+    local = {"prose": sources["prose"], "code": sources["code"]}
+    got = {}
+    for label, srcs in (("local", local), ("s3", remote)):
+        run = tmp_path / label
+        toml = mixture_toml(tmp_path / f"{label}.toml", srcs, (1, 1))
+        extra = [f"--train.run_dir={run}", "--train.steps=3", f"--data.cache_dir={tmp_path}/c"]
+        helpers.triaxis("train", toml, *COMMON, *extra)
+        got[label] = helpers.losses(run)
+        last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()][-1]
+        assert last["tokens/prose"] + last["tokens/code"] == 3 * 8 * 32
+    assert got["s3"] == got["local"] and len(got["s3"]) == 3
+
+
 def test_sources_with_another_tokenizer_are_refused(sources, tmp_path):
     other = tmp_path / "other"
     import shutil
