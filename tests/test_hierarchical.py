@@ -184,3 +184,78 @@ def test_cross_node_traffic_only_between_same_local_ranks(byte_data, tmp_path):
             assert g2 == (local, local + 2) and b2 == full // 2
         # Cross-node bytes per rank (= per NIC): divided by the 2 local ranks.
         assert 2 * _cross_node_bytes(calls, rank) == _cross_node_bytes(flat_calls, rank) > 0
+
+
+# -- the planner's cost model ----------------------------------------------------------------
+
+
+def _p4d_problem(model="8b"):
+    from triaxis.plan.hardware import load_catalog, resolve_hardware
+    from triaxis.plan.problem import RUNTIMES, Problem, load_model
+
+    shape, _ = load_model(model)
+    return Problem(
+        shape, resolve_hardware(load_catalog(), None, "p4d"), RUNTIMES["triaxis"], 2048, 512
+    )
+
+
+def test_cost_model_divides_cross_node_bytes_per_nic():
+    """Over 2 p4d nodes (8 GPUs, 4 x 100 Gbit EFA each) the cross-node phase moves
+    (n-1)/n·S/g per NIC against the flat ring's (ng-1)/(ng)·S/g: the MiCS win. At 64 nodes
+    the two volumes are within 1.5% and the NVLink phase makes the flat gather faster."""
+    from triaxis.plan.steptime import all_gather_s, axis_link, hierarchical_gather_s
+
+    hw, size = _p4d_problem().hw, 1 << 30
+    nic = hw.network_bytes_per_s_per_gpu
+    flat = all_gather_s(axis_link(hw, 16, 1), size)
+    two = hierarchical_gather_s(hw, 16, 1, size)
+    assert flat == pytest.approx(15 / 16 * size / (8 * nic), rel=0.01)
+    nvlink = 7 / 8 * size / hw.cluster.nvlink_bytes_per_s
+    assert two == pytest.approx(1 / 2 * size / 8 / nic + nvlink, rel=0.01)
+    assert two < 0.75 * flat
+    assert hierarchical_gather_s(hw, 512, 1, size) > all_gather_s(axis_link(hw, 512, 1), size)
+
+
+def test_planner_offers_and_times_the_two_phase_layouts():
+    import dataclasses
+
+    from triaxis.plan.problem import Layout
+    from triaxis.plan.search import SearchSpace, enumerate_layouts, evaluate
+    from triaxis.plan.steptime import hierarchical_applies
+
+    p = _p4d_problem()
+    assert hierarchical_applies(8, 16, 1) and hierarchical_applies(8, 8, 2)
+    assert not hierarchical_applies(8, 8, 1)  # one node
+    assert not hierarchical_applies(8, 2, 8)  # one member a node
+    space = SearchSpace(max_pp=1, max_tp=1, allow_offload=False, max_micro_batch=2)
+    layouts = list(enumerate_layouts(p.shape, 16, 8, 512, space))
+    two = [x for x in layouts if x.hierarchical]
+    assert two and all(x.dp_shard == 16 for x in two)
+    assert len(two) == sum(x.dp_shard == 16 for x in layouts) // 2
+    flat = Layout(1, 16, 1, 1, 2)
+    fast, slow = (evaluate(p, dataclasses.replace(flat, hierarchical=h)) for h in (True, False))
+    assert fast.time.exposed_comm["dp_shard"] < slow.time.exposed_comm["dp_shard"]
+    assert "hierarchical" in fast.layout.describe()
+
+
+@pytest.mark.parametrize("world,per_node", [(16, 8), (32, 8), (8, 2), (12, 4)])
+def test_every_two_phase_layout_the_planner_emits_runs(world, per_node):
+    """The trainer accepts parallel.hierarchical=on for every layout the planner times with it
+    (the same node split), and auto turns it on for each of them."""
+    from triaxis.plan.search import SearchSpace, enumerate_layouts
+
+    p = _p4d_problem()
+    space = SearchSpace(max_pp=2, allow_offload=False, max_micro_batch=1)
+    layouts = list(enumerate_layouts(p.shape, world, per_node, 96, space))
+    offered = {(x.dp_shard, x.tp, x.pp) for x in layouts if x.hierarchical}
+    assert offered
+    for x in layouts:
+        d = ParallelDims(x.dp_replicate, x.dp_shard, x.tp, x.pp, world)
+        if x.hierarchical:
+            assert (
+                resolve("on", d, per_node)
+                == resolve("auto", d, per_node)
+                == node_split(d, per_node)
+            )
+        elif resolve("auto", d, per_node) is not None:  # the trainer could: so is it timed
+            assert (x.dp_shard, x.tp, x.pp) in offered, x

@@ -112,6 +112,11 @@ def resolve(mode: str, dims: ParallelDims, ranks_per_node: int) -> NodeSplit | N
     return split
 
 
+def refuse_without_shards(dims: ParallelDims) -> None:
+    """parallel.hierarchical=on where nothing is sharded (no FSDP): a UserError, not a no-op."""
+    resolve("on", dims, node_size(dims.world_size))
+
+
 def build_groups(
     dims: ParallelDims, split: NodeSplit, rank: int
 ) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:

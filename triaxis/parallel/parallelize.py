@@ -38,6 +38,10 @@ def parallelize(
             model.layers.register_module(name, torch.compile(block, backend=tcfg.compile_backend))
     if dims.fsdp_enabled:
         apply_fsdp(model, mesh, dims, pcfg, device, mp_dtype)
+    elif pcfg.hierarchical == "on":
+        from triaxis.parallel.hierarchical import refuse_without_shards
+
+        refuse_without_shards(dims)
     return model
 
 
