@@ -112,6 +112,18 @@ def resolve(mode: str, dims: ParallelDims, ranks_per_node: int) -> NodeSplit | N
     return split
 
 
+def describe(mode: str, dims: ParallelDims) -> str:
+    """One log line when the gathers are hierarchical, else empty."""
+    split = resolve(mode, dims, node_size(dims.world_size))
+    if split is None:
+        return ""
+    return (
+        f"MiCS hierarchical all-gather / reduce-scatter: each dp_shard group spans "
+        f"{split.nodes} nodes x {split.per_node} ranks (across nodes among same-local ranks, "
+        "then within the node)"
+    )
+
+
 def refuse_without_shards(dims: ParallelDims) -> None:
     """parallel.hierarchical=on where nothing is sharded (no FSDP): a UserError, not a no-op."""
     resolve("on", dims, node_size(dims.world_size))
