@@ -259,3 +259,23 @@ def test_every_two_phase_layout_the_planner_emits_runs(world, per_node):
             )
         elif resolve("auto", d, per_node) is not None:  # the trainer could: so is it timed
             assert (x.dp_shard, x.tp, x.pp) in offered, x
+
+
+def test_plan_snippet_and_auto_carry_the_choice(tmp_path, byte_data):
+    from triaxis.config import load_config
+    from triaxis.plan.auto import plan_for_world
+    from triaxis.plan.report import toml_snippet
+    from triaxis.plan.search import SearchSpace, plan
+
+    space = SearchSpace(max_pp=1, max_tp=1, allow_offload=False)
+    result = plan(_p4d_problem(), 16, "speed", space, keep=5)
+    for p in result.plans:
+        path = tmp_path / "plan.toml"
+        path.write_text(toml_snippet(result, p))
+        cfg = load_config(str(path), [f"--data.path={byte_data}"])
+        assert cfg.parallel.hierarchical == ("on" if p.layout.hierarchical else "off")
+    assert {p.layout.hierarchical for p in result.plans} == {True, False}
+    # parallel.auto writes the planner's choice, never leaves it to auto.
+    cfg = make_config(byte_data, str(tmp_path / "run"), parallel__auto="speed")
+    planned, best, _ = plan_for_world(cfg, 4, "speed", "cpu", gpus_per_node=2)
+    assert planned.parallel.hierarchical == ("on" if best.layout.hierarchical else "off")
