@@ -279,3 +279,17 @@ def test_plan_snippet_and_auto_carry_the_choice(tmp_path, byte_data):
     cfg = make_config(byte_data, str(tmp_path / "run"), parallel__auto="speed")
     planned, best, _ = plan_for_world(cfg, 4, "speed", "cpu", gpus_per_node=2)
     assert planned.parallel.hierarchical == ("on" if best.layout.hierarchical else "off")
+
+
+def test_memory_model_counts_the_reordering_buffer():
+    import dataclasses
+
+    from triaxis.plan.memory import hierarchical_buffer_bytes, memory_of
+    from triaxis.plan.problem import Layout
+
+    p = _p4d_problem()
+    flat = Layout(1, 16, 1, 1, 2)
+    two = dataclasses.replace(flat, hierarchical=True)
+    extra = memory_of(p, two, 16).comm_buffers - memory_of(p, flat, 16).comm_buffers
+    # 8b: the vocabulary matrix (128256 x 4096) is the largest group, reduced in fp32.
+    assert extra == hierarchical_buffer_bytes(p, 1) == 4 * 128256 * 4096
