@@ -9,8 +9,9 @@ A group of n x g ranks over n nodes, g members per node, group rank = node x g +
                     then reorder (local, node) -> (node, local): the flat collective's order
     reduce-scatter  the mirror: 1. within the node, 2. across nodes (same local index)
 
-Each rank receives (n-1) chunks across nodes instead of the flat ring's ~(n x g - 1) passing
-through its node's boundary: a node's cross-node bytes per NIC drop by about g for small n.
+Each rank receives (n-1) chunks across nodes, where a direct exchange over the whole group
+receives (n-1) x g. Against NCCL's flat ring (one channel per NIC) each NIC's cross-node bytes
+fall from (ng-1)/(ng)·S/g to (n-1)/n·S/g for a gathered size S: half at n = 2.
 The result is the flat collective's, bit for bit in the all-gather; the reduce-scatter sums in
 a different order (fp rounding only).
 
