@@ -82,7 +82,7 @@ def _collectives(rank, world, node):
     return out
 
 
-@pytest.mark.parametrize("world,node", [(4, 2), (6, 3)], ids=["2x2", "2x3"])
+@pytest.mark.parametrize("world,node", [(4, 2), (6, 3), (4, 1)], ids=["2x2", "2x3", "4x1"])
 def test_two_phase_collectives_equal_the_flat_ones(world, node):
     for r in run_workers(_collectives, world, node):
         assert r["all_gather"], r  # bit for bit, in the flat order
@@ -94,8 +94,8 @@ def test_two_phase_collectives_equal_the_flat_ones(world, node):
 LAYOUT = {"parallel__dp_shard": 4, "train__micro_batch": 1}  # 2 micro-batches per step
 
 
-def _as_two_nodes(rank, world, data, run_dir, overrides):
-    os.environ["LOCAL_WORLD_SIZE"] = "2"  # ranks 0,1 = node 0; ranks 2,3 = node 1
+def _as_nodes_of(rank, world, data, run_dir, overrides, node=2):
+    os.environ["LOCAL_WORLD_SIZE"] = str(node)  # node 2: ranks 0,1 = node 0; 2,3 = node 1
     return train_collect(rank, world, data, run_dir, overrides)
 
 
@@ -104,7 +104,7 @@ def test_training_matches_flat_and_one_process(byte_data, tmp_path):
     ref = train_collect(0, 1, byte_data, str(tmp_path / "ref"), {"train__micro_batch": 4})
     runs = {
         mode: run_workers(
-            _as_two_nodes,
+            _as_nodes_of,
             4,
             byte_data,
             str(tmp_path / mode),
@@ -116,6 +116,24 @@ def test_training_matches_flat_and_one_process(byte_data, tmp_path):
     assert_same_run(runs["on"], ref)
     assert_same_run(runs["off"], ref)
     assert_same_run(runs["on"], runs["off"])
+
+
+@pytest.mark.slow
+def test_hsdp_with_two_phase_partition_groups_matches_one_process(byte_data, tmp_path):
+    """dp_replicate=2 x dp_shard=2, one rank a node: each partition group spans 2 nodes with one
+    member in each (on: phase 2 is a group of one), and replicas all-reduce on top."""
+    ref = train_collect(0, 1, byte_data, str(tmp_path / "ref"), {"train__micro_batch": 4})
+    layout = {"parallel__dp_replicate": 2, "parallel__dp_shard": 2, "parallel__hierarchical": "on"}
+    got = run_workers(
+        _as_nodes_of,
+        4,
+        byte_data,
+        str(tmp_path / "hsdp"),
+        {**layout, "train__micro_batch": 1},
+        1,
+        timeout_s=300,
+    )[0]
+    assert_same_run(got, ref)
 
 
 def _record_traffic(rank, world, data, run_dir, mode):
