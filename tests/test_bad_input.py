@@ -253,6 +253,11 @@ CASES: list[tuple[str, str, str]] = [
     ("train-verify-mode", _train("--data.verify=md5"), "data.verify='md5' is not a valid"),
     ("train-vocab-small", _train("--model.vocab_size=100"), "smaller than the data's"),
     ("train-tp-world", _train("--parallel.tp=2"), "world size 1"),
+    (
+        "train-hierarchical-one-node",
+        _train("--parallel.hierarchical=on"),
+        "parallel.hierarchical=on needs a dp_shard group that spans nodes",
+    ),
     # -- train: config files
     ("train-config-missing", "train {ws}/missing.toml", "does not exist"),
     ("train-config-binary", "train {ws}/binary.toml", "not UTF-8"),

@@ -196,6 +196,10 @@ class ParallelConfig:
     """True: free gathered parameters after forward (ZeRO-3); False: keep them until backward."""
     cpu_offload: bool = False
     """Keep sharded parameters, gradients and optimizer states in CPU memory."""
+    hierarchical: Literal["auto", "on", "off"] = "auto"
+    """MiCS hierarchical all-gather and reduce-scatter when a dp_shard group spans nodes: across
+    nodes among same-local-rank peers (every NIC at once), then within the node. auto: on when
+    a group spans nodes with several members in each (node size: torchrun's LOCAL_WORLD_SIZE)."""
     loss_parallel: bool = False
     """With tp > 1: compute cross-entropy on vocabulary-sharded logits (no all-gather of logits)."""
     activation_checkpoint: Literal["none", "full", "selective"] = "none"

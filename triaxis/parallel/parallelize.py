@@ -38,6 +38,10 @@ def parallelize(
             model.layers.register_module(name, torch.compile(block, backend=tcfg.compile_backend))
     if dims.fsdp_enabled:
         apply_fsdp(model, mesh, dims, pcfg, device, mp_dtype)
+    elif pcfg.hierarchical == "on":
+        from triaxis.parallel.hierarchical import refuse_without_shards
+
+        refuse_without_shards(dims)
     return model
 
 
@@ -135,6 +139,11 @@ def apply_fsdp(
     if pcfg.cpu_offload:
         # Pinned host memory needs an accelerator; on CPU the policy is a plain no-op move.
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    # MiCS hierarchical collectives (a partition group spanning nodes); None: FSDP's flat ones.
+    # Building their groups is collective: every rank resolves the same answer from dims + env.
+    from triaxis.parallel.hierarchical import hierarchical_comms
+
+    comms = hierarchical_comms(pcfg.hierarchical, dims)
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
@@ -142,6 +151,10 @@ def apply_fsdp(
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     # Root: embedding, final norm and head (tied weights included) form one more group.
     fully_shard(model, reshard_after_forward=pcfg.reshard_after_forward, **kwargs)
+    if comms is not None:
+        for module in [*blocks, model]:
+            module.set_custom_all_gather(comms[0])
+            module.set_custom_reduce_scatter(comms[1])
 
 
 def set_grad_sync(model: nn.Module, dims: ParallelDims, last_micro_step: bool) -> None:

@@ -106,6 +106,7 @@ def plan_for_world(
         ac_every=a.ac_every,
         cpu_offload=a.cpu_offload,
         reshard_after_forward=a.reshard_after_forward,
+        hierarchical="on" if a.hierarchical else "off",
         loss_parallel=a.tp > 1,
     )
     planned = dataclasses.replace(

@@ -415,6 +415,15 @@ def _states(
     return params, grads, optim, comm
 
 
+def hierarchical_buffer_bytes(p: Problem, tp: int) -> float:
+    """MiCS two-phase gathers (parallel.hierarchical) stage the full buffer of one FSDP group
+    once more for the reordering copy: the largest group (a block or the vocabulary matrix),
+    gathered in the compute dtype or reduced in grad_reduce_bytes."""
+    s = p.shape
+    width = max(p.elem, p.runtime.grad_reduce_bytes)
+    return width * max(s.block_params(), s.vocab_size * s.dim) / tp
+
+
 def memory_of(p: Problem, layout: Layout, num_micro: int) -> MemoryBreakdown:
     """Peak bytes per GPU: the heavier of the first and last pipeline stage."""
     fsdp_on = p.runtime.fsdp and layout.dp > 1
@@ -433,6 +442,8 @@ def memory_of(p: Problem, layout: Layout, num_micro: int) -> MemoryBreakdown:
             host += params + grads + optim
             params = grads = optim = 0.0
         host *= p.hw.gpus_per_node
+        if layout.hierarchical and fsdp_on:
+            comm += hierarchical_buffer_bytes(p, tp)
         mem = MemoryBreakdown(params, grads, optim, act, comm + tp_buffers, host)
         if worst is None or mem.total > worst.total:
             worst = mem

@@ -249,6 +249,10 @@ class Layout:
     offloading"; DeepSpeed's cpu_checkpointing). Evaluated when a layout names it, not searched:
     the triaxis training loop does not implement it."""
 
+    hierarchical: bool = False
+    """MiCS hierarchical all-gather / reduce-scatter (parallel.hierarchical): a dp_shard group
+    spanning nodes gathers across nodes among same-local-rank peers, then inside the node."""
+
     def __post_init__(self) -> None:
         if self.offload_checkpoints and self.activation_checkpoint != "full":
             raise ValueError(
@@ -285,6 +289,8 @@ class Layout:
             s += " ckpt-offload"
         if not self.reshard_after_forward:
             s += " no-reshard"
+        if self.hierarchical:
+            s += " hierarchical"
         return s
 
 

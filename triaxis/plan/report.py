@@ -188,6 +188,7 @@ def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
         f"loss_parallel = {str(a.tp > 1).lower()}",
         f'activation_checkpoint = "{a.activation_checkpoint}"',
         f"ac_every = {a.ac_every}",
+        f'hierarchical = "{"on" if a.hierarchical else "off"}"',
     ]
     if a.pp > 1:
         v = stages_per_rank(a.schedule, a.virtual_stages)

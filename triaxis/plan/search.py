@@ -35,7 +35,7 @@ from triaxis.plan.problem import (
     Problem,
     TimeBreakdown,
 )
-from triaxis.plan.steptime import recomputed_blocks, time_of
+from triaxis.plan.steptime import hierarchical_applies, recomputed_blocks, time_of
 
 # ---------------------------------------------------------------------------------------------
 # The enumeration
@@ -98,13 +98,14 @@ def enumerate_families(
             for dp_shard in divisors(dp):
                 offloads = (False, True) if (space.allow_offload and dp_shard > 1) else (False,)
                 reshards = (False, True) if (space.allow_no_reshard and dp_shard > 1) else (True,)
+                two_phase = hierarchical_applies(gpus_per_node, dp_shard, tp)
                 for mb in divisors(per_replica):
                     if mb > space.max_micro_batch:
                         break
                     for sched, v in schedules:
                         if not schedule_fits(sched, pp, per_replica // mb):
                             continue
-                        yield [
+                        family = [
                             Layout(
                                 dp // dp_shard, dp_shard, tp, pp, mb, ac, every, sched, v, off, rs
                             )
@@ -112,6 +113,9 @@ def enumerate_families(
                             for off in offloads
                             for rs in reshards
                         ]
+                        if two_phase:  # the same layouts with MiCS hierarchical gathers
+                            family += [dataclasses.replace(x, hierarchical=True) for x in family]
+                        yield family
 
 
 def enumerate_layouts(
@@ -133,6 +137,7 @@ def slower_or_equal(a: Layout, b: Layout) -> bool:
         recompute_rank(a) >= recompute_rank(b)
         and a.cpu_offload >= b.cpu_offload
         and a.reshard_after_forward >= b.reshard_after_forward
+        and a.hierarchical == b.hierarchical  # either may be the faster: both are timed
     )
 
 

@@ -69,7 +69,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 
 from triaxis.plan.hardware import Hardware
 from triaxis.plan.memory import (
@@ -210,6 +210,26 @@ def reduce_scatter_s(link: AxisLink, nbytes: float) -> float:
     return all_gather_s(link, nbytes)
 
 
+def hierarchical_applies(gpus_per_node: int, dp_shard: int, tp: int) -> bool:
+    """Does a dp_shard group (stride tp) span whole nodes with several members in each? Then
+    the trainer can gather it in two phases (triaxis.parallel.hierarchical)."""
+    group = dp_shard * tp
+    return group > gpus_per_node and group % gpus_per_node == 0 and gpus_per_node // tp > 1
+
+
+def hierarchical_gather_s(hw: Hardware, size: int, stride: int, nbytes: float) -> float:
+    """MiCS two-phase all-gather (or, mirrored, reduce-scatter) of `nbytes` over a group that
+    spans n nodes with g members each: across nodes among the g same-local-rank peers at once,
+    each ring on its own NIC gathering nbytes / g, then inside the node over NVLink. Per NIC the
+    cross-node bytes are (n-1)/n·S/g against the flat ring's (ng-1)/(ng)·S/g (that ring also
+    runs g channels, one per NIC); the NVLink phase is not overlapped with it."""
+    flat = axis_link(hw, size, stride)
+    g, n = flat.per_node, flat.nodes
+    across = axis_link(hw, n, stride * g)  # one member per node: one NIC each
+    within = axis_link(hw, g, stride)
+    return all_gather_s(across, nbytes / g) + all_gather_s(within, nbytes)
+
+
 def p2p_s(hw: Hardware, nbytes: float, crosses_node: bool) -> float:
     """One pipeline send/recv between neighbouring stages. Across nodes every GPU sends to its
     counterpart at once, so each gets its share of the node's network bandwidth."""
@@ -252,7 +272,9 @@ def _compute(p: Problem, tp: int, mb: int) -> tuple[float, float, float]:
 
 
 @lru_cache(maxsize=65536)
-def _fsdp_collectives(p: Problem, tp: int, ds: int) -> tuple[float, float, float, float]:
+def _fsdp_collectives(
+    p: Problem, tp: int, ds: int, hierarchical: bool = False
+) -> tuple[float, float, float, float]:
     """(block all-gather, block reduce-scatter, root all-gather, root reduce-scatter) seconds."""
     s, rt = p.shape, p.runtime
     if not rt.fsdp or ds == 1:
@@ -260,11 +282,16 @@ def _fsdp_collectives(p: Problem, tp: int, ds: int) -> tuple[float, float, float
     link = axis_link(p.hw, ds, tp)
     blk = s.block_params() / tp
     root = (s.embedding_params() + s.head_params()) / tp
+    if hierarchical:
+        two = lambda nbytes: hierarchical_gather_s(p.hw, ds, tp, nbytes)  # noqa: E731
+        ag, rs = two, two
+    else:
+        ag, rs = partial(all_gather_s, link), partial(reduce_scatter_s, link)
     return (
-        all_gather_s(link, rt.gather_bytes * blk),
-        reduce_scatter_s(link, rt.grad_reduce_bytes * blk),
-        all_gather_s(link, rt.gather_bytes * root),
-        reduce_scatter_s(link, rt.grad_reduce_bytes * root),
+        ag(rt.gather_bytes * blk),
+        rs(rt.grad_reduce_bytes * blk),
+        ag(rt.gather_bytes * root),
+        rs(rt.grad_reduce_bytes * root),
     )
 
 
@@ -295,7 +322,7 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
     act_bytes = e * mb * p.seq_len * s.dim
     tp_mb = all_reduce_s(axis_link(hw, tp, 1), act_bytes) * (4 * blocks + 2 * recompute + 2)
 
-    ag, rs, ag_root, rs_root = _fsdp_collectives(p, tp, ds)
+    ag, rs, ag_root, rs_root = _fsdp_collectives(p, tp, ds, layout.hierarchical)
     bwd_gather = ag if layout.reshard_after_forward else 0.0
     bwd_compute = bwd_blk + (recompute / blocks) * fwd_blk
     fsdp_mb = 0.0

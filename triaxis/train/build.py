@@ -30,6 +30,11 @@ def build_model(
     """Returns (model, pipeline): `model` holds every parameter this rank trains under the
     single-device names; `pipeline` is None without pipelining."""
     init_device = "cpu" if cfg.parallel.cpu_offload else device
+    if dims.fsdp_enabled:
+        from triaxis.parallel.hierarchical import describe
+
+        if line := describe(cfg.parallel.hierarchical, dims):
+            log.info(line)
     if dims.pp == 1:
         # Build on meta: no rank ever allocates the full model, whatever the layout.
         with torch.device("meta"):
