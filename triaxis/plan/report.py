@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from triaxis.parallel.partition import stages_per_rank
 from triaxis.plan.hardware import GIB
 from triaxis.plan.problem import Plan
-from triaxis.plan.search import PlanResult
+from triaxis.plan.search import PlanResult, parallel_config
 
 COMM_COLUMNS = ("tp", "dp_shard", "dp_replicate", "pp")
 """The exposed-communication columns of the step-time table: the mesh axes innermost first (the
@@ -168,10 +167,34 @@ def explain(r: PlanResult) -> str:
     return " ".join(out)
 
 
+SNIPPET_FIELDS = (
+    "dp_replicate",
+    "dp_shard",
+    "tp",
+    "pp",
+    "reshard_after_forward",
+    "cpu_offload",
+    "loss_parallel",
+    "activation_checkpoint",
+    "ac_every",
+)
+"""The [parallel] fields every snippet states; a pipelined one adds its schedule, stages per
+rank and stage split."""
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    return f'"{v}"' if isinstance(v, str) else str(v)
+
+
 def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
-    """A [parallel] + [train] + [data] snippet that `triaxis train CONFIG.toml` accepts."""
+    """A [parallel] + [train] + [data] snippet that `triaxis train CONFIG.toml` accepts: the
+    ParallelConfig `search.parallel_config` makes of the layout (what parallel.auto runs)."""
     p = plan or r.plans[0]
     a = p.layout
+    par = parallel_config(a, r.problem.shape.n_layers)
+    names = SNIPPET_FIELDS + (("pp_schedule", "pp_virtual_stages", "pp_layers") if a.pp > 1 else ())
     lines = [
         f"# triaxis plan: {r.problem.shape.name} on {r.world_size} x "
         f"{r.problem.hw.gpu.name} ({r.problem.hw.cluster.name}), objective "
@@ -179,24 +202,7 @@ def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
         f"# predicted {p.time.total:.3f} s/step, {p.tokens_per_s:.4g} tokens/s, MFU "
         f"{p.mfu:.1%}, peak {_gib(p.memory.total)} GiB per GPU",
         "[parallel]",
-        f"dp_replicate = {a.dp_replicate}",
-        f"dp_shard = {a.dp_shard}",
-        f"tp = {a.tp}",
-        f"pp = {a.pp}",
-        f"reshard_after_forward = {str(a.reshard_after_forward).lower()}",
-        f"cpu_offload = {str(a.cpu_offload).lower()}",
-        f"loss_parallel = {str(a.tp > 1).lower()}",
-        f'activation_checkpoint = "{a.activation_checkpoint}"',
-        f"ac_every = {a.ac_every}",
-    ]
-    if a.pp > 1:
-        v = stages_per_rank(a.schedule, a.virtual_stages)
-        if v != a.virtual_stages:
-            lines.append(
-                f"# modelled with {a.virtual_stages} stage per rank; {a.schedule} runs {v}"
-            )
-        lines += [f'pp_schedule = "{a.schedule}"', f"pp_virtual_stages = {v}"]
-    lines += [
+        *(f"{n} = {_toml_value(getattr(par, n))}" for n in names),
         "",
         "[train]",
         f"micro_batch = {a.micro_batch}",
