@@ -55,8 +55,15 @@ def run_auto(data, tmp_path, tmp_path_factory, world: int, objective: str):
     merged = {"losses": got[0]["losses"], "params": {}}
     for r in got:
         merged["params"].update(r["params"])
-    ref = train_collect(
-        0, 1, data, str(tmp_path_factory.mktemp("ref")), {**MODEL, "train__micro_batch": micro}
+    # The reference runs in a worker too: a parent that has trained forks unreliably (torch's
+    # threads; a world-8 run once died in malloc after an in-process reference).
+    (ref,) = run_workers(
+        train_collect,
+        1,
+        data,
+        str(tmp_path_factory.mktemp("ref")),
+        {**MODEL, "train__micro_batch": micro},
+        timeout_s=300,
     )
     assert_same_run(merged, ref)
     return layout

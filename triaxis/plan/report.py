@@ -7,7 +7,7 @@ from typing import Any
 
 from triaxis.plan.hardware import GIB
 from triaxis.plan.problem import Plan
-from triaxis.plan.search import PlanResult, parallel_config
+from triaxis.plan.search import MODEL_ERROR, PlanResult, degrees, parallel_config
 
 COMM_COLUMNS = ("tp", "dp_shard", "dp_replicate", "pp")
 """The exposed-communication columns of the step-time table: the mesh axes innermost first (the
@@ -77,8 +77,28 @@ def tables(r: PlanResult, top: int = 5) -> str:
     return "\n".join(rows)
 
 
-def _largest_difference(a: Plan, b: Plan) -> str:
-    """Which part of b's step time grew most over a's, in words."""
+MINOR_KNOBS = {
+    "micro_batch": "micro-batch",
+    "activation_checkpoint": "checkpointing",
+    "ac_every": "checkpointing interval",
+    "schedule": "pipeline schedule",
+    "virtual_stages": "stages per rank",
+    "cpu_offload": "offload",
+    "reshard_after_forward": "resharding",
+}
+"""Layout knobs that leave the mesh (search.degrees) as it is, in words."""
+
+
+def _knobs_differing(a: Plan, b: Plan) -> list[str]:
+    return [
+        words
+        for knob, words in MINOR_KNOBS.items()
+        if getattr(a.layout, knob) != getattr(b.layout, knob)
+    ]
+
+
+def _gain_and_loss(a: Plan, b: Plan) -> tuple[str, str]:
+    """Where b's step time grows most over a's, and where it shrinks most, in words."""
     parts = {
         "compute": b.time.compute - a.time.compute,
         "the pipeline bubble": b.time.bubble - a.time.bubble,
@@ -88,8 +108,54 @@ def _largest_difference(a: Plan, b: Plan) -> str:
         parts[f"exposed {axis} communication"] = b.time.exposed_comm.get(
             axis, 0.0
         ) - a.time.exposed_comm.get(axis, 0.0)
-    name, delta = max(parts.items(), key=lambda kv: kv[1])
-    return f"{name} (+{delta:.3f} s)"
+    lost = max(parts.items(), key=lambda kv: kv[1])
+    won = min(parts.items(), key=lambda kv: kv[1])
+    return f"{lost[0]} (+{lost[1]:.3f} s)", (f"{won[0]} ({won[1]:.3f} s)" if won[1] < 0 else "")
+
+
+def _runner_up_words(r: PlanResult) -> list[str]:
+    """The runner-up, honestly: a tie when within the model's error; and when it differs only
+    in minor knobs, the nearest layout with other degrees and why #1 beats it."""
+    if len(r.plans) < 2:
+        return []
+    w, b = r.plans[0], r.plans[1]
+    if r.objective == "memory":
+        return [
+            f"Runner-up {b.layout.describe()} needs "
+            f"{_gib(b.memory.total - w.memory.total)} GiB more per GPU."
+        ]
+    out = []
+    gap = b.time.total / w.time.total - 1
+    if gap <= MODEL_ERROR:
+        out.append(
+            f"{r.num_tied} layouts (#1 to #{r.num_tied}) are predicted within "
+            f"{MODEL_ERROR:.0%} of #1's step time, the cost model's own error against "
+            f"published runs (the runner-up: {gap:+.1%}): on paper they tie, so their order "
+            "is not a prediction; measure the ones you would consider (a few steps each) "
+            "before preferring one."
+        )
+    else:
+        lost, _ = _gain_and_loss(w, b)
+        out.append(f"Runner-up {b.layout.describe()} is {gap:.1%} slower, mostly from {lost}.")
+    knobs = _knobs_differing(w, b)
+    alt = r.alternative
+    if knobs and degrees(b.layout) == degrees(w.layout) and alt is not None:
+        lost, won = _gain_and_loss(w, alt)
+        diff = ", ".join(
+            f"{name}={getattr(alt.layout, name)} instead of {getattr(w.layout, name)}"
+            for name in ("tp", "pp", "dp_shard", "dp_replicate")
+            if getattr(alt.layout, name) != getattr(w.layout, name)
+        )
+        alt_gap = alt.time.total / w.time.total - 1
+        verdict = (
+            "a tie within the model's error" if alt_gap <= MODEL_ERROR else f"{alt_gap:.1%} slower"
+        )
+        out.append(
+            f"The runner-up differs only in {' and '.join(knobs)}; the nearest layout with "
+            f"other degrees ({diff}: {alt.layout.describe()}) is {verdict}: it loses on "
+            f"{lost}" + (f" and gains on {won}" if won else "") + "."
+        )
+    return out
 
 
 def explain(r: PlanResult) -> str:
@@ -151,19 +217,7 @@ def explain(r: PlanResult) -> str:
         f"{_gib(m.activations)} GiB of the {_gib(m.total)} GiB peak "
         f"({_gib(hw.usable_memory_bytes)} usable)."
     )
-    if len(r.plans) > 1:
-        b = r.plans[1]
-        if r.objective == "speed":
-            out.append(
-                f"Runner-up {b.layout.describe()} is "
-                f"{b.time.total / t.total - 1:.1%} slower, mostly from "
-                f"{_largest_difference(w, b)}."
-            )
-        else:
-            out.append(
-                f"Runner-up {b.layout.describe()} needs "
-                f"{_gib(b.memory.total - m.total)} GiB more per GPU."
-            )
+    out += _runner_up_words(r)
     return " ".join(out)
 
 

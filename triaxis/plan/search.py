@@ -270,6 +270,12 @@ MAX_CLUSTER = 2**17
 """The largest cluster the 'smallest cluster that fits' search tries."""
 
 
+MODEL_ERROR = 0.08
+"""The cost model's own error on step time: every reproduced published row is predicted within
+it (tests/test_plan_published.py checks that it covers them). Speed-ranked layouts closer than
+this are a tie on paper, and the report says so."""
+
+
 @dataclass
 class PlanResult:
     problem: Problem
@@ -287,6 +293,16 @@ class PlanResult:
     """The layout with the least memory, fitting or not (with its step time)."""
     advice: list[str] = field(default_factory=list)
     """What would make the model fit, when nothing does."""
+    num_tied: int = 1
+    """Plans (speed) predicted within MODEL_ERROR of the fastest, the fastest included."""
+    alternative: Plan | None = None
+    """The best evaluated plan whose degrees (tp, pp, dp_shard, dp_replicate) differ from the
+    winner's: the nearest structurally different option, for the explanation."""
+
+
+def degrees(layout: Layout) -> tuple[int, int, int, int]:
+    """A layout's structure: what its mesh looks like (the other knobs are minor)."""
+    return (layout.tp, layout.pp, layout.dp_shard, layout.dp_replicate)
 
 
 def plan(
@@ -338,6 +354,12 @@ def plan(
             key=lambda p: (p.memory.total, p.time.total),
         )
     result = PlanResult(problem, world, objective, plans[:keep], count, num_fit, len(plans))
+    if plans:
+        shape = degrees(plans[0].layout)
+        result.alternative = next((q for q in plans if degrees(q.layout) != shape), None)
+        if objective == "speed":
+            limit = plans[0].time.total * (1 + MODEL_ERROR)
+            result.num_tied = sum(q.time.total <= limit for q in plans)
     assert leanest is not None
     result.leanest = evaluate(problem, leanest[0], mem=leanest[1])
     if not plans:
