@@ -493,7 +493,10 @@ def test_plan_for_world_on_cpu_writes_the_config():
     cfg = planned
     p = cfg.parallel
     ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, 4)  # a valid layout of 4 ranks
-    assert (p.pp, p.cpu_offload) == (1, False)  # no pipeline runtime, no offload on CPU
+    assert p.cpu_offload is False  # no offload on CPU
+    # The whole layout, pipeline included (memory picks one for the untied tiny model).
+    assert (p.pp, p.pp_virtual_stages) == (best.layout.pp, best.layout.virtual_stages) and p.pp > 1
+    assert p.pp_schedule == best.layout.schedule and p.pp_layers
     assert cfg.train.micro_batch == best.layout.micro_batch
     assert cfg.train.global_batch % (cfg.train.micro_batch * p.dp_replicate * p.dp_shard) == 0
     assert "parallel.auto=memory on 4 x cpu" in why
