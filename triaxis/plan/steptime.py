@@ -328,7 +328,15 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
     pp_mb = 0.0
     if pp > 1:
         crosses = tp * ds * dr >= hw.gpus_per_node
-        pp_mb = 2 * layout.virtual_stages * p2p_s(hw, act_bytes / tp, crosses)
+        # Each micro-batch crosses 2·v stage boundaries on a rank (activations forward, their
+        # gradients back). Every rank sends its 1/tp of the activation: the sequence shard
+        # under SP; without SP Megatron's scatter/gather, whose receiver then all-gathers the
+        # whole activation over NVLink before the next chunk can start -- a cost interleaving
+        # multiplies by v like the sends themselves.
+        hop = p2p_s(hw, act_bytes / tp, crosses)
+        if tp > 1 and not p.runtime.sequence_parallel:
+            hop += all_gather_s(axis_link(hw, tp, 1), act_bytes)
+        pp_mb = 2 * layout.virtual_stages * hop
 
     t_micro = compute_mb + tp_mb + fsdp_mb + pp_mb + offload_mb
 
