@@ -129,3 +129,26 @@ def test_each_option_trains_like_one_process(knob, value, layout, byte_data, tmp
             train_collect, 1, byte_data, str(tmp_path_factory.mktemp("ref")), overrides
         )
     assert_same_run(_runs[layout], _refs[layout.micro_batch])
+
+
+@pytest.mark.parametrize("objective", ["speed", "memory"])
+def test_the_plans_of_real_models_pass_the_trainers_rules(objective):
+    """What `triaxis plan` prints for a 70B on 256 H100s (pipelines, offload, interleaving among
+    them) is what the trainer accepts, stage split included."""
+    from triaxis.model.presets import PRESETS
+    from triaxis.parallel.rules import check_layout
+    from triaxis.plan.hardware import load_catalog, resolve_hardware
+    from triaxis.plan.problem import RUNTIMES, Problem
+    from triaxis.plan.search import plan
+
+    args = dataclasses.replace(PRESETS["70b"])
+    hw = resolve_hardware(load_catalog(), "h100", "p5", None)
+    problem = Problem(shape_from_args(args, "70b"), hw, RUNTIMES["triaxis"], 4096, 256)
+    result = plan(problem, 256, objective, keep=20)
+    assert objective == "speed" or any(p.layout.pp > 1 for p in result.plans)
+    for p in result.plans:
+        cfg = make_config("synthetic", "unused")
+        cfg.model.preset, cfg.data.seq_len, cfg.train.global_batch = "70b", 4096, 256
+        cfg.train.micro_batch = p.layout.micro_batch
+        cfg.parallel = parallel_config(p.layout, args.n_layers)
+        check_layout(cfg, 256, args)
