@@ -129,3 +129,22 @@ def test_interleaving_pays_the_scatter_gather_per_chunk():
     assert pp_s == pytest.approx(2 * a.virtual_stages * m * per_hop)
     one = predict_row({**row, "schedule": "1f1b", "virtual_stages": 1}).plan
     assert pp_s == pytest.approx(a.virtual_stages * one.time.exposed_comm["pp"])
+
+
+def test_interleaving_exposes_the_fsdp_tails_of_every_chunk():
+    """With FSDP, prefetch runs within a pipeline chunk: v chunks per rank expose v first
+    gathers and v last reduce-scatters per micro-batch, where one stage exposes one of each."""
+    from triaxis.plan.hardware import load_catalog, resolve_hardware
+    from triaxis.plan.problem import RUNTIMES, Layout, Problem, load_model
+    from triaxis.plan.steptime import _fsdp_collectives, time_of
+
+    shape, _ = load_model("8b")
+    hw = resolve_hardware(load_catalog(), "h100", "p5", None)
+    problem = Problem(shape, hw, RUNTIMES["triaxis"], 4096, 64)
+    one = Layout(1, 4, 1, 2, 1, "none", schedule="1f1b")
+    two = Layout(1, 4, 1, 2, 1, "none", schedule="interleaved-1f1b", virtual_stages=2)
+    m = one.num_micro_batches(64)
+    ag, rs, _, _ = _fsdp_collectives(problem, 1, 4)
+    extra = time_of(problem, two, m).exposed_comm["dp_shard"]
+    extra -= time_of(problem, one, m).exposed_comm["dp_shard"]
+    assert extra == pytest.approx(m * (ag + rs))  # the block collectives hide; the tails do not

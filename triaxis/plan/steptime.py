@@ -17,7 +17,8 @@ Overlap, axis by axis (stated, not fitted):
     block ahead) and, when resharded after forward, again in backward; gradients are
     reduce-scattered per block in backward. A block's collectives hide behind one block of
     compute; what exceeds it is exposed, and the first all-gather and last reduce-scatter of
-    every micro-batch are exposed entirely. The root group (embedding + head) is gathered at the
+    every micro-batch (of every chunk, with v pipeline chunks per rank) are exposed entirely.
+    The root group (embedding + head) is gathered at the
     start of forward and of backward and reduced at the end: exposed.
   * dp_replicate: gradients are all-reduced across replicas once per step, block by block,
     behind the last micro-batch's backward (FSDP2 HSDP, DDP); only what exceeds it is exposed.
@@ -300,9 +301,17 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
     bwd_compute = bwd_blk + (recompute / blocks) * fwd_blk
     fsdp_mb = 0.0
     if ag or rs:
+        # Prefetch runs within a chunk: each of a rank's v pipeline chunks starts with a gather
+        # and ends with a reduce-scatter that nothing hides (the chunk before it waited on a
+        # pipeline receive), so interleaving exposes v tails per micro-batch, not one.
+        chunks = layout.virtual_stages if pp > 1 else 1
+        per_chunk = blocks / chunks
         fsdp_mb = (
-            _exposed(blocks, ag, fwd_blk, ag)
-            + _exposed(blocks, bwd_gather + rs, bwd_compute, rs)
+            chunks
+            * (
+                _exposed(per_chunk, ag, fwd_blk, ag)
+                + _exposed(per_chunk, bwd_gather + rs, bwd_compute, rs)
+            )
             + 2 * ag_root
             + rs_root
         )
