@@ -299,22 +299,29 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
     ag, rs, ag_root, rs_root = _fsdp_collectives(p, tp, ds)
     bwd_gather = ag if layout.reshard_after_forward else 0.0
     bwd_compute = bwd_blk + (recompute / blocks) * fwd_blk
-    fsdp_mb = 0.0
+    fsdp_mb = fsdp_step = 0.0
     if ag or rs:
         # Prefetch runs within a chunk: each of a rank's v pipeline chunks starts with a gather
         # and ends with a reduce-scatter that nothing hides (the chunk before it waited on a
         # pipeline receive), so interleaving exposes v tails per micro-batch, not one.
         chunks = layout.virtual_stages if pp > 1 else 1
-        per_chunk = blocks / chunks
-        fsdp_mb = (
-            chunks
-            * (
-                _exposed(per_chunk, ag, fwd_blk, ag)
-                + _exposed(per_chunk, bwd_gather + rs, bwd_compute, rs)
+        n = blocks / chunks
+        if pp == 1:
+            fsdp_mb = (
+                _exposed(n, ag, fwd_blk, ag)
+                + _exposed(n, bwd_gather + rs, bwd_compute, rs)
+                + 2 * ag_root
+                + rs_root
             )
-            + 2 * ag_root
-            + rs_root
-        )
+        else:
+            # torch's pipeline schedules keep blocks gathered after backward and reduce the
+            # gradients once, after the last micro-batch (memory.memory_of): per step one
+            # forward gather and one reduce-scatter; per micro-batch only the backward
+            # re-gather of a block resharded after its forward.
+            fsdp_mb = chunks * _exposed(n, bwd_gather, bwd_compute, bwd_gather)
+            fsdp_step = chunks * (
+                _exposed(n, ag, fwd_blk, ag) + _exposed(n, rs, bwd_compute, rs)
+            ) + (2 * ag_root + rs_root)
     offload_mb = 0.0
     if layout.cpu_offload:
         # Sharded fp32 parameters copied in before each gather, gradients copied out after.
@@ -360,7 +367,7 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
     out = TimeBreakdown(compute=num_micro * compute_mb)
     out.exposed_comm = {
         "tp": num_micro * tp_mb,
-        "dp_shard": num_micro * fsdp_mb,
+        "dp_shard": num_micro * fsdp_mb + fsdp_step,
         "dp_replicate": ar_exposed,
         "pp": num_micro * pp_mb,
     }
