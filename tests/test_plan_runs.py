@@ -71,11 +71,13 @@ def test_activation_offload_is_modelled_but_never_searched():
         parallel_config(lean, 8)
 
 
-def test_every_enumerated_layout_passes_the_trainers_rules():
+@pytest.mark.parametrize("world", [1, 2, 4, 8])
+def test_every_enumerated_layout_passes_the_trainers_rules(world):
     from triaxis.parallel.rules import check_layout
 
-    assert len(ALL) > 500 and any(a.pp > 1 for _, _, a in ALL)
-    for args, world, a in ALL:
+    mine = [(args, a) for args, w, a in ALL if w == world]
+    assert mine and (world == 1 or any(a.pp > 1 for _, a in mine))
+    for args, a in mine:
         dims = check_layout(config_for(a, args), world, args)  # raises what the trainer would
         assert (dims.pp, dims.tp, dims.dp_shard, dims.dp_replicate) == (
             a.pp,
