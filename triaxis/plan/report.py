@@ -168,8 +168,9 @@ def explain(r: PlanResult) -> str:
     out = []
     if a.tp > 1:
         out.append(
-            f"tp={a.tp} splits every block's matrices inside one node ({gpn} GPUs on "
-            f"NVLink); its per-layer collectives cannot overlap and cost "
+            f"tp={a.tp} splits every block's matrices inside one node "
+            + (f"({gpn} processes)" if hw.gpu.name == "cpu" else f"({gpn} GPUs on NVLink)")
+            + "; its per-layer collectives cannot overlap and cost "
             f"{t.exposed_comm['tp']:.3f} s per step."
         )
     else:
