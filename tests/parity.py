@@ -46,18 +46,26 @@ def local_state_bytes(trainer) -> dict[str, int]:
     return {"params": params, "optim": optim}
 
 
-def train_collect(rank: int, world: int, data: str, run_dir: str, overrides: dict) -> dict:
-    """Worker body (also used with world=1 in-process): train, return losses and full weights."""
+def train_collect(
+    rank: int, world: int, data: str, run_dir: str, overrides: dict, planner=None
+) -> dict:
+    """Worker body (also used with world=1 in-process): train, return losses and full weights
+    (and the [parallel] section that ran). `planner`: parallel.auto's (plan.auto.auto_layout)."""
     from triaxis.train.distributed import init_distributed
     from triaxis.train.loop import Trainer
 
     cfg = make_config(data, run_dir, **overrides)
-    trainer = Trainer(cfg, init_distributed("cpu"))
+    trainer = Trainer(cfg, init_distributed("cpu"), planner)
     result = trainer.fit()
     # Every rank gets the full tensors of what it holds (cpu_offload=True would keep only
     # rank 0's, and pipeline ranks hold different stages).
     full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
-    out = {"losses": result.losses, "bytes": local_state_bytes(trainer)}
+    out = {
+        "losses": result.losses,
+        "bytes": local_state_bytes(trainer),
+        "parallel": trainer.cfg.parallel,
+        "micro_batch": trainer.cfg.train.micro_batch,
+    }
     # With pipelining each pipeline rank holds different stages: those of dp/tp rank 0 report.
     if rank == 0 or (
         trainer.pipeline is not None

@@ -493,7 +493,10 @@ def test_plan_for_world_on_cpu_writes_the_config():
     cfg = planned
     p = cfg.parallel
     ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, 4)  # a valid layout of 4 ranks
-    assert (p.pp, p.cpu_offload) == (1, False)  # no pipeline runtime, no offload on CPU
+    assert p.cpu_offload is False  # no offload on CPU
+    # The whole layout, pipeline included (memory picks one for the untied tiny model).
+    assert (p.pp, p.pp_virtual_stages) == (best.layout.pp, best.layout.virtual_stages) and p.pp > 1
+    assert p.pp_schedule == best.layout.schedule and p.pp_layers
     assert cfg.train.micro_batch == best.layout.micro_batch
     assert cfg.train.global_batch % (cfg.train.micro_batch * p.dp_replicate * p.dp_shard) == 0
     assert "parallel.auto=memory on 4 x cpu" in why
@@ -556,3 +559,27 @@ def test_zero_bubble_snippet_runs_as_written(tmp_path, capsys, schedule):
         p.pp_virtual_stages,
         t.global_batch // (t.micro_batch * p.dp_replicate * p.dp_shard),
     )
+
+
+def test_a_pipelined_fsdp_stage_keeps_its_blocks_gathered_and_reduces_once(catalog):
+    """torch's pipeline schedules keep a stage's FSDP blocks gathered after backward and their
+    gradients unsharded until the last micro-batch: the stage's whole gathered blocks and
+    unsharded gradients are in its peak, and the reduce-scatter is paid once per step."""
+    from triaxis.plan.memory import memory_of
+    from triaxis.plan.steptime import time_of
+
+    shape, _ = load_model("8b")
+    hw = resolve_hardware(catalog, "h100", "p5", None)
+    p = Problem(shape, hw, RUNTIMES["triaxis"], 4096, 64)
+    piped = Layout(1, 4, 1, 2, 1, "full", schedule="1f1b")
+    m = piped.num_micro_batches(64)
+    blocks = shape.n_layers // 2
+    unit = shape.block_params()
+    gathered = memory_of(p, piped, m).comm_buffers
+    # bf16 gathered copies and fp32 unsharded gradients of the stage's 16 blocks at least.
+    assert gathered >= (2 + 4) * blocks * unit
+    # Kept gathered from forward to backward, the stage gathers and reduces once per step, so
+    # twice the micro-batches expose no more dp_shard time.
+    kept = dataclasses.replace(piped, reshard_after_forward=False)
+    once = time_of(p, kept, m).exposed_comm["dp_shard"]
+    assert once > 0 and time_of(p, kept, 2 * m).exposed_comm["dp_shard"] == pytest.approx(once)

@@ -2,7 +2,7 @@
 
 Every row is predicted from its published setup with the one calibration in hardware.toml;
 the predicted TFLOP/s per GPU (Megatron convention: recomputed forward counted) must be within
-15% of the published figure. A row marked `status = "unreproduced"` is expected to miss, with
+10% of the published figure. A row marked `status = "unreproduced"` is expected to miss, with
 the reason beside it in the data file; it fails here if it starts to pass (strict xfail), so
 the mark cannot outlive the problem.
 """
@@ -14,7 +14,7 @@ import pytest
 from triaxis.plan.evidence import load_rows, predict_row, traffic_bound_tflops
 
 ROWS = load_rows()
-TOLERANCE = 0.15
+TOLERANCE = 0.10
 
 # A row states its setup and sources, never a tuning knob: no per-row fudge factor can hide here.
 ALLOWED_KEYS = {
@@ -57,7 +57,7 @@ def _param(row):
 
 
 @pytest.mark.parametrize("row", [_param(r) for r in ROWS])
-def test_predicted_tflops_within_15_percent(row):
+def test_predicted_tflops_within_10_percent(row):
     p = predict_row(row)
     assert abs(p.error) <= TOLERANCE, (
         f"{row['name']}: predicted {p.predicted_tflops:.1f} TFLOP/s per GPU vs published "
@@ -101,3 +101,53 @@ def test_unreproduced_rows_are_bracketed_by_network_and_compute():
         assert offloaded.error > TOLERANCE
         t = offloaded.plan.time
         assert sum(t.exposed_comm.values()) < 0.01 * t.total
+
+
+def test_the_reports_tie_band_covers_the_models_error():
+    """`search.MODEL_ERROR`, the band within which the report calls layouts a tie, is at least
+    the error of every reproduced row (and inside the tolerance)."""
+    from triaxis.plan.search import MODEL_ERROR
+
+    errors = [abs(predict_row(r).error) for r in ROWS if r.get("status") != "unreproduced"]
+    assert max(errors) <= MODEL_ERROR <= TOLERANCE
+
+
+def test_interleaving_pays_the_scatter_gather_per_chunk():
+    """Beyond the sends: without sequence parallelism each received activation is all-gathered
+    over NVLink (Megatron's scatter/gather) before the next chunk runs, once per stage boundary,
+    so interleaving v chunks pays it v times; with SP (triaxis) the shard is what runs."""
+    from triaxis.plan.hardware import load_catalog, resolve_hardware
+    from triaxis.plan.steptime import all_gather_s, axis_link, p2p_s
+
+    row = next(r for r in ROWS if r["schedule"] == "interleaved-1f1b")
+    plan = predict_row(row).plan
+    a, m = plan.layout, plan.num_micro_batches
+    hw = resolve_hardware(load_catalog(), None, row["cluster"])
+    act = 2 * a.micro_batch * row["seq_len"] * row["dim"]  # fp16 activations of a micro-batch
+    per_hop = p2p_s(hw, act / a.tp, True) + all_gather_s(axis_link(hw, a.tp, 1), act)
+    pp_s = plan.time.exposed_comm["pp"]
+    assert pp_s == pytest.approx(2 * a.virtual_stages * m * per_hop)
+    one = predict_row({**row, "schedule": "1f1b", "virtual_stages": 1}).plan
+    assert pp_s == pytest.approx(a.virtual_stages * one.time.exposed_comm["pp"])
+
+
+def test_interleaving_exposes_the_fsdp_tails_of_every_chunk():
+    """With FSDP, prefetch runs within a pipeline chunk: v chunks per rank expose v first
+    gathers where one stage exposes one -- per micro-batch for the backward re-gather, per step
+    for the forward gather and the one reduce-scatter (memory.memory_of: the pipeline reduces
+    once, after the last micro-batch)."""
+    from triaxis.plan.hardware import load_catalog, resolve_hardware
+    from triaxis.plan.problem import RUNTIMES, Layout, Problem, load_model
+    from triaxis.plan.steptime import _fsdp_collectives, time_of
+
+    shape, _ = load_model("8b")
+    hw = resolve_hardware(load_catalog(), "h100", "p5", None)
+    problem = Problem(shape, hw, RUNTIMES["triaxis"], 4096, 64)
+    one = Layout(1, 4, 1, 2, 1, "none", schedule="1f1b")
+    two = Layout(1, 4, 1, 2, 1, "none", schedule="interleaved-1f1b", virtual_stages=2)
+    m = one.num_micro_batches(64)
+    ag, rs, _, _ = _fsdp_collectives(problem, 1, 4)
+    extra = time_of(problem, two, m).exposed_comm["dp_shard"]
+    extra -= time_of(problem, one, m).exposed_comm["dp_shard"]
+    # The block collectives hide; the tails do not.
+    assert extra == pytest.approx(m * ag + ag + rs)

@@ -169,8 +169,9 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     auto: Literal["off", "speed", "memory"] = "off"
-    """Let the planner choose degrees, micro-batch, checkpointing and offload for this world
-    size (speed: fastest predicted step; memory: smallest peak memory). Overrides them below."""
+    """Let the planner choose the whole layout `triaxis plan` prints for this world size --
+    degrees, pipeline schedule, stages per rank and stage split, micro-batch, checkpointing,
+    offload (speed: fastest predicted step; memory: smallest peak memory). Overrides them below."""
     dp_replicate: int = ranged(1, ge=1)
     """Data-parallel replicas: model copies (MiCS partition groups) that all-reduce gradients."""
     dp_shard: int = ranged(-1, ge=-1)

@@ -43,6 +43,37 @@ def stages_per_rank(schedule: str, wanted: int) -> int:
     return 2 if schedule in V_SCHEDULES else max(2, wanted)
 
 
+def schedule_problem(name: str, pp: int, v: int, n_microbatches: int) -> str | None:
+    """Why `name` cannot run pp ranks x v stages per rank over n_microbatches micro-batches per
+    step (one line naming the rule and the fix), or None when it can. The one rule the planner
+    (`plan.search.schedule_fits`) and the trainer (`pipeline.check_schedule`) both apply."""
+    if name in SINGLE and v != 1:
+        return (
+            f"pp_schedule={name} runs one stage per rank but pp_virtual_stages={v}; "
+            "set pp_virtual_stages=1 or use interleaved-1f1b / interleaved-zb"
+        )
+    if name in MULTI and v < 2:
+        return (
+            f"pp_schedule={name} needs pp_virtual_stages >= 2 (got {v}); set "
+            "--parallel.pp_virtual_stages=2 or use 1f1b / gpipe"
+        )
+    if name in V_SCHEDULES and v != 2:
+        return f"pp_schedule={name} needs exactly pp_virtual_stages=2 (got {v})"
+    need = {"gpipe": 1, "1f1b": pp}.get(name, pp * v if name in V_SCHEDULES else pp)
+    if n_microbatches < need:
+        return (
+            f"pp_schedule={name} with pp={pp}, {pp * v} stages needs at least {need} "
+            f"micro-batches per step but gradient accumulation gives "
+            f"{n_microbatches}; raise train.global_batch or lower train.micro_batch"
+        )
+    if name in ("interleaved-1f1b", "interleaved-zb", "looped-bfs") and n_microbatches % pp:
+        return (
+            f"pp_schedule={name} needs micro-batches per step ({n_microbatches}) to "
+            f"be a multiple of pp={pp}; adjust train.global_batch"
+        )
+    return None
+
+
 @dataclass
 class PartitionInputs:
     args: ModelArgs

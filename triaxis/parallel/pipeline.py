@@ -22,11 +22,12 @@ from torch import nn
 
 from triaxis.errors import UserError
 from triaxis.model.llama import ModelArgs, Transformer
-from triaxis.parallel.partition import MULTI, SINGLE, V_SCHEDULES, Stage, stage_rank
+from triaxis.parallel.partition import MULTI, SINGLE, Stage, schedule_problem, stage_rank
 
 
 def check_schedule(name: str, pp: int, v: int, n_microbatches: int) -> None:
-    """The rules of each schedule, as one-line errors that list the valid choices."""
+    """The rules of each schedule, as one-line errors that list the valid choices: this
+    PyTorch has it, and `partition.schedule_problem` (the planner's rule too)."""
     import torch.distributed.pipelining.schedules as S
 
     available = [k for k, cls in {**SINGLE, **MULTI}.items() if hasattr(S, cls)]
@@ -35,30 +36,9 @@ def check_schedule(name: str, pp: int, v: int, n_microbatches: int) -> None:
             f"parallel.pp_schedule={name!r} is not in this PyTorch "
             f"({torch.__version__}); choose one of {available}"
         )
-    if name in SINGLE and v != 1:
-        raise UserError(
-            f"pp_schedule={name} runs one stage per rank but pp_virtual_stages={v}; "
-            "set pp_virtual_stages=1 or use interleaved-1f1b / interleaved-zb"
-        )
-    if name in MULTI and v < 2:
-        raise UserError(
-            f"pp_schedule={name} needs pp_virtual_stages >= 2 (got {v}); set "
-            "--parallel.pp_virtual_stages=2 or use 1f1b / gpipe"
-        )
-    if name in V_SCHEDULES and v != 2:
-        raise UserError(f"pp_schedule={name} needs exactly pp_virtual_stages=2 (got {v})")
-    need = {"gpipe": 1, "1f1b": pp}.get(name, pp * v if name in V_SCHEDULES else pp)
-    if n_microbatches < need:
-        raise UserError(
-            f"pp_schedule={name} with pp={pp}, {pp * v} stages needs at least {need} "
-            f"micro-batches per step but gradient accumulation gives "
-            f"{n_microbatches}; raise train.global_batch or lower train.micro_batch"
-        )
-    if name in ("interleaved-1f1b", "interleaved-zb", "looped-bfs") and n_microbatches % pp:
-        raise UserError(
-            f"pp_schedule={name} needs micro-batches per step ({n_microbatches}) to "
-            f"be a multiple of pp={pp}; adjust train.global_batch"
-        )
+    problem = schedule_problem(name, pp, v, n_microbatches)
+    if problem:
+        raise UserError(problem)
 
 
 def build_stage_module(args: ModelArgs, stage: Stage, num_stages: int) -> Transformer:

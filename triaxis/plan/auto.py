@@ -6,8 +6,13 @@ Picks the hardware profile from what the process sees: the named `gpu`, else the
 (A100 40/80 GB, H100, H200 by name and memory), else the `cpu` profile. The cpu profile models
 gloo processes on one host: fp32 compute (4-byte activations, no bf16 copies, no offload), a
 nominal FLOP rate (only the ranking between layouts matters), and memory = this host's memory /
-processes per node, read at run time. Pipeline layouts are left out unless `allow_pipeline`
-(auto keeps to pp = 1: a pipelined layout also needs untied embeddings and a schedule choice).
+processes per node, read at run time.
+
+The layout is the whole of what `triaxis plan` prints for the same problem -- degrees, pipeline
+schedule, stages per rank and the stage split (parallel.pp_layers), checkpointing, offload,
+micro-batch -- mapped onto [parallel] by the one function the plan's TOML snippet uses
+(search.parallel_config). A pipeline is considered whenever the model's embeddings are untied
+(the trainer refuses pp > 1 with tied ones).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from triaxis.model.args import ModelArgs
 from triaxis.plan.hardware import GIB, load_catalog, resolve_hardware
 from triaxis.plan.problem import RUNTIMES, Plan, Problem, shape_from_args
 from triaxis.plan.report import explain, no_fit_message
-from triaxis.plan.search import SearchSpace, plan
+from triaxis.plan.search import SearchSpace, parallel_config, plan
 
 
 def detect_gpu(device: str) -> str:
@@ -54,7 +59,6 @@ def plan_for_world(
     cluster: str | None = None,
     gpus_per_node: int | None = None,
     hardware: str | None = None,
-    allow_pipeline: bool = False,
 ) -> tuple[Config, Plan, str]:
     """Choose the best layout of `world_size` ranks for cfg's model, seq_len and global batch;
     return (a copy of cfg with that parallel section and train.micro_batch, plan, explanation).
@@ -87,7 +91,6 @@ def plan_for_world(
         cfg.train.global_batch,
     )
     space = SearchSpace(
-        max_pp=0 if allow_pipeline else 1,
         allow_offload=hw.gpu.bf16,
         max_micro_batch=cfg.train.global_batch,
     )
@@ -96,19 +99,7 @@ def plan_for_world(
         raise UserError("parallel.auto: " + no_fit_message(result))
     best = result.plans[0]
     a = best.layout
-    parallel = dataclasses.replace(
-        cfg.parallel,
-        dp_replicate=a.dp_replicate,
-        dp_shard=a.dp_shard,
-        tp=a.tp,
-        pp=a.pp,
-        activation_checkpoint=a.activation_checkpoint,
-        ac_every=a.ac_every,
-        cpu_offload=a.cpu_offload,
-        reshard_after_forward=a.reshard_after_forward,
-        hierarchical="on" if a.hierarchical else "off",
-        loss_parallel=a.tp > 1,
-    )
+    parallel = parallel_config(a, args.n_layers, cfg.parallel)
     planned = dataclasses.replace(
         cfg, parallel=parallel, train=dataclasses.replace(cfg.train, micro_batch=a.micro_batch)
     )

@@ -69,7 +69,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument(
         "--no-pipeline",
         action="store_true",
-        help="pp = 1 only (the training runtime has no pipeline schedule yet)",
+        help="pp = 1 only",
     )
     p.add_argument("--no-offload", action="store_true", help="never offload states to the host")
     p.add_argument("--max-tp", type=int, default=0, help="largest tp (default: GPUs per node)")

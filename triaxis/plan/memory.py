@@ -433,9 +433,16 @@ def memory_of(p: Problem, layout: Layout, num_micro: int) -> MemoryBreakdown:
     # Gathered TP inputs (attention and MLP) of the block in flight.
     tp_buffers = 2 * p.elem * layout.micro_batch * p.seq_len * p.shape.dim if tp > 1 else 0.0
     worst = None
+    # torch's pipeline schedules skip FSDP's reshard-after-backward and gradient reduction until
+    # the last micro-batch (PipelineStage: set_reshard_after_backward / set_requires_gradient_sync
+    # off): a stage's blocks stay gathered and their unsharded gradients accumulate all step.
+    piped_fsdp = pp > 1 and fsdp_on
     for stage in (0, pp - 1) if pp > 1 else (0,):
-        gathered = 2 if layout.reshard_after_forward else blocks[stage]
+        kept = piped_fsdp or not layout.reshard_after_forward
+        gathered = blocks[stage] if kept else 2
         params, grads, optim, comm = _states(p, tp, shard, pp, stage, fsdp_on, gathered)
+        if piped_fsdp:
+            comm += p.runtime.grad_reduce_bytes * blocks[stage] * p.shape.block_params() / tp
         act = activation_bytes(p, layout, blocks[stage], num_micro, stage == pp - 1)
         host = offloaded_checkpoint_bytes(p, layout, blocks[stage], num_micro)
         if layout.cpu_offload:

@@ -140,13 +140,29 @@ def load_model(model: str, vocab_size: int | None = None) -> tuple[ModelShape, M
 
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "interleaved-zb", "zbv")
-"""The pipeline schedules the planner models, by the runtime's names (parallel.pp_schedule).
-The zero-bubble ones follow Qi et al. 2023 with equal F, B and W passes: interleaved-zb
-(PyTorch's ZB1P) is modelled as ZB-H1 on one stage per rank (bubble (p - 1)/3; the 2 stages per
-rank it runs with shrink it), zbv as ZB-H2 (no bubble; 2p - 1 micro-batches in flight, an upper
-bound: ZB-V keeps 1F1B's p). Stages per rank the runtime runs:
-triaxis.parallel.partition.stages_per_rank."""
+"""The pipeline schedules the planner models, by the runtime's names (parallel.pp_schedule),
+each with the stages per rank the runtime runs it with (triaxis.parallel.partition
+.stages_per_rank: 2 for zbv and interleaved-zb). The zero-bubble ones follow Qi et al. 2023 with
+equal F, B and W passes: interleaved-zb (PyTorch's ZB1P) is modelled as ZB-H1 (bubble
+(p - 1)/3, an upper bound: its 2 stages per rank shrink it), zbv as ZB-H2 (no bubble; 2p - 1
+micro-batches in flight, an upper bound: ZB-V keeps 1F1B's p)."""
 AC_POLICIES = ("none", "selective", "full")
+
+SEARCHED_OPTIONS: dict[str, tuple] = {
+    "schedule": SCHEDULES,
+    "activation_checkpoint": AC_POLICIES,
+    "cpu_offload": (False, True),
+    "reshard_after_forward": (True, False),
+    "offload_checkpoints": (False,),
+    "hierarchical": (False, True),
+}
+"""Every value the search may give each Layout knob besides the degrees, micro-batch, ac_every
+and virtual stages: the table tests/test_plan_runs.py walks, proving the trainer accepts and runs
+each one (`search.parallel_config` maps a layout onto the trainer's [parallel] section). A knob
+the cost model knows but the trainer lacks stays at its off value here (offload_checkpoints:
+modelled for the published MiCS row, not built). Adding an option to the search means adding
+its values here and its field to `parallel_config`. `hierarchical` is searched only where a
+dp_shard group spans nodes (several members in each)."""
 
 
 @dataclass(frozen=True)
@@ -238,7 +254,8 @@ class Layout:
     schedule: str = "none"
     """Pipeline schedule (none when pp = 1)."""
     virtual_stages: int = 1
-    """Model chunks per pipeline rank (interleaved-1f1b only)."""
+    """Stages per pipeline rank (parallel.pp_virtual_stages): v for interleaved-1f1b, 2 for zbv
+    and interleaved-zb (as the runtime runs them), 1 otherwise."""
     cpu_offload: bool = False
     """Sharded parameters, gradients and AdamW states live in host memory (FSDP2 offload)."""
     reshard_after_forward: bool = True
@@ -247,7 +264,7 @@ class Layout:
     """With full checkpointing: each block's saved input is copied to host memory during
     forward and prefetched back one block ahead in backward (MiCS's "prefetched activation
     offloading"; DeepSpeed's cpu_checkpointing). Evaluated when a layout names it, not searched:
-    the triaxis training loop does not implement it."""
+    the triaxis training loop does not implement it (SEARCHED_OPTIONS)."""
 
     hierarchical: bool = False
     """MiCS hierarchical all-gather / reduce-scatter (parallel.hierarchical): a dp_shard group

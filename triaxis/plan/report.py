@@ -5,10 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from triaxis.parallel.partition import stages_per_rank
 from triaxis.plan.hardware import GIB
 from triaxis.plan.problem import Plan
-from triaxis.plan.search import PlanResult
+from triaxis.plan.search import MODEL_ERROR, PlanResult, degrees, parallel_config
 
 COMM_COLUMNS = ("tp", "dp_shard", "dp_replicate", "pp")
 """The exposed-communication columns of the step-time table: the mesh axes innermost first (the
@@ -78,8 +77,28 @@ def tables(r: PlanResult, top: int = 5) -> str:
     return "\n".join(rows)
 
 
-def _largest_difference(a: Plan, b: Plan) -> str:
-    """Which part of b's step time grew most over a's, in words."""
+MINOR_KNOBS = {
+    "micro_batch": "micro-batch",
+    "activation_checkpoint": "checkpointing",
+    "ac_every": "checkpointing interval",
+    "schedule": "pipeline schedule",
+    "virtual_stages": "stages per rank",
+    "cpu_offload": "offload",
+    "reshard_after_forward": "resharding",
+}
+"""Layout knobs that leave the mesh (search.degrees) as it is, in words."""
+
+
+def _knobs_differing(a: Plan, b: Plan) -> list[str]:
+    return [
+        words
+        for knob, words in MINOR_KNOBS.items()
+        if getattr(a.layout, knob) != getattr(b.layout, knob)
+    ]
+
+
+def _gain_and_loss(a: Plan, b: Plan) -> tuple[str, str]:
+    """Where b's step time grows most over a's, and where it shrinks most, in words."""
     parts = {
         "compute": b.time.compute - a.time.compute,
         "the pipeline bubble": b.time.bubble - a.time.bubble,
@@ -89,8 +108,54 @@ def _largest_difference(a: Plan, b: Plan) -> str:
         parts[f"exposed {axis} communication"] = b.time.exposed_comm.get(
             axis, 0.0
         ) - a.time.exposed_comm.get(axis, 0.0)
-    name, delta = max(parts.items(), key=lambda kv: kv[1])
-    return f"{name} (+{delta:.3f} s)"
+    lost = max(parts.items(), key=lambda kv: kv[1])
+    won = min(parts.items(), key=lambda kv: kv[1])
+    return f"{lost[0]} (+{lost[1]:.3f} s)", (f"{won[0]} ({won[1]:.3f} s)" if won[1] < 0 else "")
+
+
+def _runner_up_words(r: PlanResult) -> list[str]:
+    """The runner-up, honestly: a tie when within the model's error; and when it differs only
+    in minor knobs, the nearest layout with other degrees and why #1 beats it."""
+    if len(r.plans) < 2:
+        return []
+    w, b = r.plans[0], r.plans[1]
+    if r.objective == "memory":
+        return [
+            f"Runner-up {b.layout.describe()} needs "
+            f"{_gib(b.memory.total - w.memory.total)} GiB more per GPU."
+        ]
+    out = []
+    gap = b.time.total / w.time.total - 1
+    if gap <= MODEL_ERROR:
+        out.append(
+            f"{r.num_tied} layouts (#1 to #{r.num_tied}) are predicted within "
+            f"{MODEL_ERROR:.0%} of #1's step time, the cost model's own error against "
+            f"published runs (the runner-up: {gap:+.1%}): on paper they tie, so their order "
+            "is not a prediction; measure the ones you would consider (a few steps each) "
+            "before preferring one."
+        )
+    else:
+        lost, _ = _gain_and_loss(w, b)
+        out.append(f"Runner-up {b.layout.describe()} is {gap:.1%} slower, mostly from {lost}.")
+    knobs = _knobs_differing(w, b)
+    alt = r.alternative
+    if knobs and degrees(b.layout) == degrees(w.layout) and alt is not None:
+        lost, won = _gain_and_loss(w, alt)
+        diff = ", ".join(
+            f"{name}={getattr(alt.layout, name)} instead of {getattr(w.layout, name)}"
+            for name in ("tp", "pp", "dp_shard", "dp_replicate")
+            if getattr(alt.layout, name) != getattr(w.layout, name)
+        )
+        alt_gap = alt.time.total / w.time.total - 1
+        verdict = (
+            "a tie within the model's error" if alt_gap <= MODEL_ERROR else f"{alt_gap:.1%} slower"
+        )
+        out.append(
+            f"The runner-up differs only in {' and '.join(knobs)}; the nearest layout with "
+            f"other degrees ({diff}: {alt.layout.describe()}) is {verdict}: it loses on "
+            f"{lost}" + (f" and gains on {won}" if won else "") + "."
+        )
+    return out
 
 
 def explain(r: PlanResult) -> str:
@@ -103,8 +168,9 @@ def explain(r: PlanResult) -> str:
     out = []
     if a.tp > 1:
         out.append(
-            f"tp={a.tp} splits every block's matrices inside one node ({gpn} GPUs on "
-            f"NVLink); its per-layer collectives cannot overlap and cost "
+            f"tp={a.tp} splits every block's matrices inside one node "
+            + (f"({gpn} processes)" if hw.gpu.name == "cpu" else f"({gpn} GPUs on NVLink)")
+            + "; its per-layer collectives cannot overlap and cost "
             f"{t.exposed_comm['tp']:.3f} s per step."
         )
     else:
@@ -152,26 +218,39 @@ def explain(r: PlanResult) -> str:
         f"{_gib(m.activations)} GiB of the {_gib(m.total)} GiB peak "
         f"({_gib(hw.usable_memory_bytes)} usable)."
     )
-    if len(r.plans) > 1:
-        b = r.plans[1]
-        if r.objective == "speed":
-            out.append(
-                f"Runner-up {b.layout.describe()} is "
-                f"{b.time.total / t.total - 1:.1%} slower, mostly from "
-                f"{_largest_difference(w, b)}."
-            )
-        else:
-            out.append(
-                f"Runner-up {b.layout.describe()} needs "
-                f"{_gib(b.memory.total - m.total)} GiB more per GPU."
-            )
+    out += _runner_up_words(r)
     return " ".join(out)
 
 
+SNIPPET_FIELDS = (
+    "dp_replicate",
+    "dp_shard",
+    "tp",
+    "pp",
+    "reshard_after_forward",
+    "cpu_offload",
+    "loss_parallel",
+    "activation_checkpoint",
+    "ac_every",
+    "hierarchical",
+)
+"""The [parallel] fields every snippet states; a pipelined one adds its schedule, stages per
+rank and stage split."""
+
+
+def _toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    return f'"{v}"' if isinstance(v, str) else str(v)
+
+
 def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
-    """A [parallel] + [train] + [data] snippet that `triaxis train CONFIG.toml` accepts."""
+    """A [parallel] + [train] + [data] snippet that `triaxis train CONFIG.toml` accepts: the
+    ParallelConfig `search.parallel_config` makes of the layout (what parallel.auto runs)."""
     p = plan or r.plans[0]
     a = p.layout
+    par = parallel_config(a, r.problem.shape.n_layers)
+    names = SNIPPET_FIELDS + (("pp_schedule", "pp_virtual_stages", "pp_layers") if a.pp > 1 else ())
     lines = [
         f"# triaxis plan: {r.problem.shape.name} on {r.world_size} x "
         f"{r.problem.hw.gpu.name} ({r.problem.hw.cluster.name}), objective "
@@ -179,25 +258,7 @@ def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
         f"# predicted {p.time.total:.3f} s/step, {p.tokens_per_s:.4g} tokens/s, MFU "
         f"{p.mfu:.1%}, peak {_gib(p.memory.total)} GiB per GPU",
         "[parallel]",
-        f"dp_replicate = {a.dp_replicate}",
-        f"dp_shard = {a.dp_shard}",
-        f"tp = {a.tp}",
-        f"pp = {a.pp}",
-        f"reshard_after_forward = {str(a.reshard_after_forward).lower()}",
-        f"cpu_offload = {str(a.cpu_offload).lower()}",
-        f"loss_parallel = {str(a.tp > 1).lower()}",
-        f'activation_checkpoint = "{a.activation_checkpoint}"',
-        f"ac_every = {a.ac_every}",
-        f'hierarchical = "{"on" if a.hierarchical else "off"}"',
-    ]
-    if a.pp > 1:
-        v = stages_per_rank(a.schedule, a.virtual_stages)
-        if v != a.virtual_stages:
-            lines.append(
-                f"# modelled with {a.virtual_stages} stage per rank; {a.schedule} runs {v}"
-            )
-        lines += [f'pp_schedule = "{a.schedule}"', f"pp_virtual_stages = {v}"]
-    lines += [
+        *(f"{n} = {_toml_value(getattr(par, n))}" for n in names),
         "",
         "[train]",
         f"micro_batch = {a.micro_batch}",

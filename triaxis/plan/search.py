@@ -22,7 +22,9 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from triaxis.config import ParallelConfig
 from triaxis.errors import UserError
+from triaxis.parallel.partition import V_SCHEDULES, schedule_problem, stages_per_rank
 from triaxis.plan.hardware import GIB, Catalog
 from triaxis.plan.memory import memory_of, stage_blocks
 from triaxis.plan.problem import (
@@ -78,11 +80,14 @@ def enumerate_families(
     Rules: tp divides the heads, KV heads and MLP width and stays inside a node; pp <= blocks;
     dp = dp_replicate x dp_shard divides the global batch and micro_batch divides the per-replica
     batch; interleaving needs blocks divisible by pp x virtual stages; schedules need enough
-    micro-batches (schedule_fits); offload and keeping parameters gathered (no reshard) only
+    micro-batches (schedule_fits, the trainer's rule); no pipeline for tied embeddings (the
+    trainer refuses it); offload and keeping parameters gathered (no reshard) only
     mean something with dp_shard > 1.
     """
     max_tp = space.max_tp or gpus_per_node
     max_pp = space.max_pp or shape.n_layers
+    if shape.tie_embeddings:
+        max_pp = 1  # the embedding (first stage) and the head (last) would be one tensor
     acs = _ac_options(space)
     for tp in divisors(world):
         if tp > max_tp or not valid_tp(shape, tp):
@@ -103,7 +108,7 @@ def enumerate_families(
                     if mb > space.max_micro_batch:
                         break
                     for sched, v in schedules:
-                        if not schedule_fits(sched, pp, per_replica // mb):
+                        if not schedule_fits(sched, pp, v, per_replica // mb):
                             continue
                         family = [
                             Layout(
@@ -125,6 +130,52 @@ def enumerate_layouts(
         yield from family
 
 
+def stage_split(n_layers: int, layout: Layout) -> tuple[int, ...]:
+    """Blocks of each pipeline stage, in the runtime's stage order (parallel.pp_layers): each
+    rank holds the blocks the cost model gives it (memory.stage_blocks), split as evenly as
+    possible over its stages; rank r holds stages r, r + pp, ... (V schedules: r and
+    2·pp - 1 - r, triaxis.parallel.partition.stage_rank)."""
+    pp, v = layout.pp, layout.virtual_stages
+    counts = [0] * (pp * v)
+    for r, blocks in enumerate(stage_blocks(n_layers, pp)):
+        base, extra = divmod(blocks, v)
+        for j in range(v):
+            s = (r if j == 0 else 2 * pp - 1 - r) if layout.schedule in V_SCHEDULES else j * pp + r
+            counts[s] = base + (1 if j < extra else 0)
+    return tuple(counts)
+
+
+def parallel_config(
+    layout: Layout, n_layers: int, base: ParallelConfig | None = None
+) -> ParallelConfig:
+    """The trainer's [parallel] section that runs `layout` exactly (degrees, schedule, stages per
+    rank, the stage split, checkpointing, offload): a new ParallelConfig over `base` (its other
+    fields kept). The one mapping `triaxis plan`'s snippet and parallel.auto both use; the
+    micro-batch is train.micro_batch = layout.micro_batch."""
+    if layout.offload_checkpoints:
+        raise UserError(
+            "the layout offloads checkpointed activations, which the trainer does not build; "
+            "plan without it (it is never searched)"
+        )
+    piped = layout.pp > 1
+    return dataclasses.replace(
+        base or ParallelConfig(),
+        dp_replicate=layout.dp_replicate,
+        dp_shard=layout.dp_shard,
+        tp=layout.tp,
+        pp=layout.pp,
+        pp_schedule=layout.schedule if piped else (base or ParallelConfig()).pp_schedule,
+        pp_virtual_stages=layout.virtual_stages if piped else 1,
+        pp_layers=",".join(map(str, stage_split(n_layers, layout))) if piped else "",
+        activation_checkpoint=layout.activation_checkpoint,
+        ac_every=layout.ac_every,
+        cpu_offload=layout.cpu_offload,
+        reshard_after_forward=layout.reshard_after_forward,
+        loss_parallel=layout.tp > 1,
+        hierarchical="on" if layout.hierarchical else "off",
+    )
+
+
 def recompute_rank(layout: Layout) -> float:
     """Fraction of blocks recomputed: 0 (none), 1/k (every k-th), 1 (full)."""
     return {"none": 0.0, "full": 1.0}.get(layout.activation_checkpoint, 1 / layout.ac_every)
@@ -141,28 +192,26 @@ def slower_or_equal(a: Layout, b: Layout) -> bool:
     )
 
 
-def schedule_fits(schedule: str, pp: int, num_micro: int) -> bool:
-    """Enough micro-batches for the schedule to be what its bubble formula assumes: interleaving
-    needs a multiple of pp (Megatron's rule), interleaved-zb (as ZB-H1) at least pp, zbv (as
-    ZB-H2) at least 2·pp - 1."""
-    if schedule == "interleaved-1f1b":
-        return num_micro % pp == 0
-    if schedule == "interleaved-zb":
-        return num_micro >= pp
-    if schedule == "zbv":
-        return num_micro >= 2 * pp - 1
-    return True
+def schedule_fits(schedule: str, pp: int, virtual_stages: int, num_micro: int) -> bool:
+    """The trainer's own rule (`parallel.partition.schedule_problem`): enough micro-batches for
+    the schedule (1f1b and the interleaved ones at least pp, interleaving a multiple of pp, zbv
+    2·pp), the stages per rank it runs. One rule, so the planner never picks what the trainer
+    refuses."""
+    return pp == 1 or schedule_problem(schedule, pp, virtual_stages, num_micro) is None
 
 
 def _schedules(shape: ModelShape, pp: int, space: SearchSpace) -> list[tuple[str, int]]:
+    """(schedule, stages per rank) pairs for pp ranks: interleaved-1f1b with each of the
+    space's virtual stages that divide the blocks evenly, the other schedules with the stages
+    per rank the runtime runs them with (zbv and interleaved-zb: 2). Every stage needs a block."""
     if pp == 1:
         return [("none", 1)]
     out = []
     for s in space.schedules:
         if s == "interleaved-1f1b":
             out += [(s, v) for v in space.virtual_stages if shape.n_layers % (pp * v) == 0]
-        else:
-            out.append((s, 1))
+        elif pp * stages_per_rank(s, 1) <= shape.n_layers:
+            out.append((s, stages_per_rank(s, 1)))
     return out
 
 
@@ -227,6 +276,12 @@ MAX_CLUSTER = 2**17
 """The largest cluster the 'smallest cluster that fits' search tries."""
 
 
+MODEL_ERROR = 0.08
+"""The cost model's own error on step time: every reproduced published row is predicted within
+it (tests/test_plan_published.py checks that it covers them). Speed-ranked layouts closer than
+this are a tie on paper, and the report says so."""
+
+
 @dataclass
 class PlanResult:
     problem: Problem
@@ -244,6 +299,16 @@ class PlanResult:
     """The layout with the least memory, fitting or not (with its step time)."""
     advice: list[str] = field(default_factory=list)
     """What would make the model fit, when nothing does."""
+    num_tied: int = 1
+    """Plans (speed) predicted within MODEL_ERROR of the fastest, the fastest included."""
+    alternative: Plan | None = None
+    """The best evaluated plan whose degrees (tp, pp, dp_shard, dp_replicate) differ from the
+    winner's: the nearest structurally different option, for the explanation."""
+
+
+def degrees(layout: Layout) -> tuple[int, int, int, int]:
+    """A layout's structure: what its mesh looks like (the other knobs are minor)."""
+    return (layout.tp, layout.pp, layout.dp_shard, layout.dp_replicate)
 
 
 def plan(
@@ -295,6 +360,12 @@ def plan(
             key=lambda p: (p.memory.total, p.time.total),
         )
     result = PlanResult(problem, world, objective, plans[:keep], count, num_fit, len(plans))
+    if plans:
+        shape = degrees(plans[0].layout)
+        result.alternative = next((q for q in plans if degrees(q.layout) != shape), None)
+        if objective == "speed":
+            limit = plans[0].time.total * (1 + MODEL_ERROR)
+            result.num_tied = sum(q.time.total <= limit for q in plans)
     assert leanest is not None
     result.leanest = evaluate(problem, leanest[0], mem=leanest[1])
     if not plans:

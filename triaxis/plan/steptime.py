@@ -17,7 +17,8 @@ Overlap, axis by axis (stated, not fitted):
     block ahead) and, when resharded after forward, again in backward; gradients are
     reduce-scattered per block in backward. A block's collectives hide behind one block of
     compute; what exceeds it is exposed, and the first all-gather and last reduce-scatter of
-    every micro-batch are exposed entirely. The root group (embedding + head) is gathered at the
+    every micro-batch (of every chunk, with v pipeline chunks per rank) are exposed entirely.
+    The root group (embedding + head) is gathered at the
     start of forward and of backward and reduced at the end: exposed.
   * dp_replicate: gradients are all-reduced across replicas once per step, block by block,
     behind the last micro-batch's backward (FSDP2 HSDP, DDP); only what exceeds it is exposed.
@@ -325,14 +326,29 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
     ag, rs, ag_root, rs_root = _fsdp_collectives(p, tp, ds, layout.hierarchical)
     bwd_gather = ag if layout.reshard_after_forward else 0.0
     bwd_compute = bwd_blk + (recompute / blocks) * fwd_blk
-    fsdp_mb = 0.0
+    fsdp_mb = fsdp_step = 0.0
     if ag or rs:
-        fsdp_mb = (
-            _exposed(blocks, ag, fwd_blk, ag)
-            + _exposed(blocks, bwd_gather + rs, bwd_compute, rs)
-            + 2 * ag_root
-            + rs_root
-        )
+        # Prefetch runs within a chunk: each of a rank's v pipeline chunks starts with a gather
+        # and ends with a reduce-scatter that nothing hides (the chunk before it waited on a
+        # pipeline receive), so interleaving exposes v tails per micro-batch, not one.
+        chunks = layout.virtual_stages if pp > 1 else 1
+        n = blocks / chunks
+        if pp == 1:
+            fsdp_mb = (
+                _exposed(n, ag, fwd_blk, ag)
+                + _exposed(n, bwd_gather + rs, bwd_compute, rs)
+                + 2 * ag_root
+                + rs_root
+            )
+        else:
+            # torch's pipeline schedules keep blocks gathered after backward and reduce the
+            # gradients once, after the last micro-batch (memory.memory_of): per step one
+            # forward gather and one reduce-scatter; per micro-batch only the backward
+            # re-gather of a block resharded after its forward.
+            fsdp_mb = chunks * _exposed(n, bwd_gather, bwd_compute, bwd_gather)
+            fsdp_step = chunks * (
+                _exposed(n, ag, fwd_blk, ag) + _exposed(n, rs, bwd_compute, rs)
+            ) + (2 * ag_root + rs_root)
     offload_mb = 0.0
     if layout.cpu_offload:
         # Sharded fp32 parameters copied in before each gather, gradients copied out after.
@@ -355,7 +371,15 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
     pp_mb = 0.0
     if pp > 1:
         crosses = tp * ds * dr >= hw.gpus_per_node
-        pp_mb = 2 * layout.virtual_stages * p2p_s(hw, act_bytes / tp, crosses)
+        # Each micro-batch crosses 2·v stage boundaries on a rank (activations forward, their
+        # gradients back). Every rank sends its 1/tp of the activation: the sequence shard
+        # under SP; without SP Megatron's scatter/gather, whose receiver then all-gathers the
+        # whole activation over NVLink before the next chunk can start -- a cost interleaving
+        # multiplies by v like the sends themselves.
+        hop = p2p_s(hw, act_bytes / tp, crosses)
+        if tp > 1 and not p.runtime.sequence_parallel:
+            hop += all_gather_s(axis_link(hw, tp, 1), act_bytes)
+        pp_mb = 2 * layout.virtual_stages * hop
 
     t_micro = compute_mb + tp_mb + fsdp_mb + pp_mb + offload_mb
 
@@ -370,7 +394,7 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
     out = TimeBreakdown(compute=num_micro * compute_mb)
     out.exposed_comm = {
         "tp": num_micro * tp_mb,
-        "dp_shard": num_micro * fsdp_mb,
+        "dp_shard": num_micro * fsdp_mb + fsdp_step,
         "dp_replicate": ar_exposed,
         "pp": num_micro * pp_mb,
     }
