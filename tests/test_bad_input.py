@@ -230,6 +230,20 @@ CASES: list[tuple[str, str, str]] = [
     ("train-verify-mode", _train("--data.verify=md5"), "data.verify='md5' is not a valid"),
     ("train-vocab-small", _train("--model.vocab_size=100"), "smaller than the data's"),
     ("train-tp-world", _train("--parallel.tp=2"), "world size 1"),
+    (
+        "train-offload-no-ac",
+        _train("--parallel.activation_offload=true"),
+        "activation_checkpoint=full or drop activation_offload",
+    ),
+    (
+        "train-offload-op-ac",
+        _train(
+            "--parallel.activation_offload=true",
+            "--parallel.activation_checkpoint=selective",
+            "--parallel.ac_selective=op",
+        ),
+        "ac_selective='op' checkpoints no whole block",
+    ),
     # -- train: config files
     ("train-config-missing", "train {ws}/missing.toml", "does not exist"),
     ("train-config-binary", "train {ws}/binary.toml", "not UTF-8"),
