@@ -24,6 +24,7 @@ CASES = {
     "offload_shard2": (2, {**OFFLOAD, "parallel__dp_shard": 2}),
     "block_offload_shard2": (2, {**BLOCK_OFFLOAD, "parallel__dp_shard": 2}),
     "op_tp2": (2, {**OP_AC, "parallel__tp": 2, "parallel__dp_shard": 1}),
+    "offload_pp2": (2, {**OFFLOAD, "parallel__pp": 2, "parallel__dp_shard": 1}),
 }
 
 
@@ -56,7 +57,8 @@ def reference(byte_data, tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_no_checkpointing(case, byte_data, tmp_path, reference):
     world, degrees = CASES[case]
-    dp = world // degrees.get("parallel__tp", 1)
+    pp = degrees.get("parallel__pp", 1)
+    dp = world // degrees.get("parallel__tp", 1) // pp
     got = run_workers(
         collect_counting,
         world,
@@ -65,9 +67,13 @@ def test_matches_no_checkpointing(case, byte_data, tmp_path, reference):
         {**degrees, "train__micro_batch": 8 // (dp * 2)},
         timeout_s=300,
     )
-    assert_same_run(got[0], reference)
+    # Pipeline ranks hold different stages: their parameters together are the model.
+    merged = {**got[0], "params": {k: v for g in got for k, v in g["params"].items()}}
+    assert_same_run(merged, reference)
     if degrees.get("parallel__activation_offload"):
-        # The trainer's path really moved block inputs: 4 blocks (2 when every 2nd) per
-        # micro-batch, 2 micro-batches per step, 5 steps.
-        blocks = 2 if "parallel__ac_every" in degrees else 4
-        assert [g["offloaded"] for g in got] == [blocks * 2 * 5] * world
+        # The trainer's path really moved block inputs: the rank's 4 / pp blocks (half when
+        # every 2nd) per micro-batch, 2 micro-batches per step, 5 steps.
+        blocks = 4 // pp // (2 if "parallel__ac_every" in degrees else 1)
+        # A pipeline stage also runs one shape-inference forward on its first step.
+        expected = blocks * (2 * 5 + (pp > 1))
+        assert [g["offloaded"] for g in got] == [expected] * world

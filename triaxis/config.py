@@ -436,7 +436,11 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
         raise UserError(
             f"parallel.activation_offload=true offloads the inputs checkpointed blocks save, "
             f"but activation_checkpoint={p.activation_checkpoint!r}"
-            + (f" with ac_selective={p.ac_selective!r}" if p.activation_checkpoint != "none" else "")
+            + (
+                f" with ac_selective={p.ac_selective!r}"
+                if p.activation_checkpoint != "none"
+                else ""
+            )
             + " checkpoints no whole block; set parallel.activation_checkpoint=full or drop "
             "activation_offload"
         )

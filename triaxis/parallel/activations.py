@@ -78,6 +78,11 @@ class ActivationOffload:
         self.bytes_offloaded = 0
         self._last = None  # weakref to the most recently packed _Saved
 
+    def new_pass(self, *_) -> None:
+        """A new forward pass (micro-batch) starts: its first block prefetches nothing, so a
+        pipeline's interleaved micro-batches never pull another one's input in early."""
+        self._last = None
+
     def hooks(self) -> torch.autograd.graph.saved_tensors_hooks:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
@@ -159,6 +164,8 @@ def apply_ac(
         kwargs["context_fn"] = op_sac_context
     hooks = ActivationOffload(device or torch.device("cpu")) if offload else None
     kwargs["checkpoint_fn"] = partial(_checkpoint, hooks)
+    if hooks is not None:
+        model.register_forward_pre_hook(hooks.new_pass)
     names = list(model.layers.keys())
     for i in checkpointed_blocks(len(names), mode, selective, every):
         # checkpoint_wrapper (unlike torch.utils.checkpoint inline) keeps state-dict keys
