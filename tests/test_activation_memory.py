@@ -122,3 +122,62 @@ def test_op_level_checkpointing_keeps_less_than_none_and_recomputes_less_than_fu
     assert kept["op"][1] == kept["none"][1] < kept["every_2nd_block"][1] < kept["full"][1], kept
     assert kept["full"][1] - kept["none"][1] == 4 * 6, kept
     assert kept["every_2nd_block"][1] - kept["none"][1] == 2 * 6, kept
+
+
+def test_planner_op_level_bytes_are_the_measured_ones(base):
+    """The planner's op-level term (memory.op_saved_bytes_per_token) against the measurement:
+    op-level keeps, over full checkpointing, exactly the 4 blocks' matmul outputs."""
+    from triaxis.plan.memory import op_saved_bytes_per_token
+    from triaxis.plan.problem import RUNTIMES, shape_from_args
+
+    shape = shape_from_args(PRESETS["tiny"], "tiny")
+    per_token = op_saved_bytes_per_token(shape, RUNTIMES["triaxis"], 1, 4)  # fp32 on CPU
+    (op, _), (full, _) = _measure(base, "op"), _measure(base, "full")
+    assert op - full == 4 * per_token * 2 * 32
+
+
+@pytest.fixture(scope="module")
+def problem():
+    from triaxis.plan.hardware import load_catalog, resolve_hardware
+    from triaxis.plan.problem import RUNTIMES, Problem, load_model
+
+    shape, _ = load_model("8b")
+    hw = resolve_hardware(load_catalog(), "h100", "p5")
+    return Problem(shape, hw, RUNTIMES["triaxis"], 4096, 256)
+
+
+def test_planner_costs_op_level_between_none_and_full(problem):
+    from triaxis.plan.problem import Layout
+    from triaxis.plan.search import evaluate
+
+    plans = {ac: evaluate(problem, Layout(1, 32, 2, 1, 1, ac)) for ac in ("none", "op", "full")}
+    mem = {ac: p.memory.activations for ac, p in plans.items()}
+    step = {ac: p.time.total for ac, p in plans.items()}
+    assert mem["full"] < mem["op"] < mem["none"], mem
+    assert step["none"] < step["op"] < step["full"], step
+    # Op-level reruns no projection: its extra time is a fraction of full's.
+    assert step["op"] - step["none"] < 0.5 * (step["full"] - step["none"]), step
+
+
+def test_every_checkpointing_option_the_planner_emits_runs_in_the_trainer(problem):
+    """Each (checkpointing, offload) the search enumerates becomes [parallel] fields that pass
+    the trainer's validation and select the matching wrapping."""
+    from triaxis.config import load_config, validate
+    from triaxis.plan.search import SearchSpace, enumerate_layouts
+
+    seen = set()
+    for layout in enumerate_layouts(problem.shape, 16, 8, 256, SearchSpace(max_pp=1)):
+        key = (layout.activation_checkpoint, layout.ac_every, layout.offload_checkpoints)
+        if key in seen:
+            continue
+        seen.add(key)
+        fields = layout.runtime_ac()
+        cfg = load_config(None, [f"--parallel.{k}={str(v).lower()}" for k, v in fields.items()])
+        validate(cfg)
+        p = cfg.parallel
+        blocks = checkpointed_blocks(32, p.activation_checkpoint, p.ac_selective, p.ac_every)
+        want = {"none": 0, "selective": 32 // layout.ac_every}.get(layout.activation_checkpoint, 32)
+        assert len(blocks) == want, (layout.describe(), fields)
+        assert p.activation_offload == layout.offload_checkpoints
+    assert {k[0] for k in seen} == {"none", "selective", "op", "full"}
+    assert ("full", 2, True) in seen

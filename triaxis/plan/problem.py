@@ -146,7 +146,10 @@ The zero-bubble ones follow Qi et al. 2023 with equal F, B and W passes: interle
 rank it runs with shrink it), zbv as ZB-H2 (no bubble; 2p - 1 micro-batches in flight, an upper
 bound: ZB-V keeps 1F1B's p). Stages per rank the runtime runs:
 triaxis.parallel.partition.stages_per_rank."""
-AC_POLICIES = ("none", "selective", "full")
+AC_POLICIES = ("none", "selective", "op", "full")
+"""Activation checkpointing the planner models: none, selective (every ac_every-th block),
+op (op-level selective: every block keeps its matmul outputs, recomputes the cheap ops), full.
+The runtime's spelling of each: runtime_ac."""
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,7 @@ class Layout:
     micro_batch: int
     """Samples per rank per forward pass."""
     activation_checkpoint: str = "none"
+    """One of AC_POLICIES."""
     ac_every: int = 2
     """With selective: every ac_every-th block is checkpointed."""
     schedule: str = "none"
@@ -246,8 +250,7 @@ class Layout:
     offload_checkpoints: bool = False
     """With full checkpointing: each block's saved input is copied to host memory during
     forward and prefetched back one block ahead in backward (MiCS's "prefetched activation
-    offloading"; DeepSpeed's cpu_checkpointing). Evaluated when a layout names it, not searched:
-    the triaxis training loop does not implement it."""
+    offloading"; DeepSpeed's cpu_checkpointing). The trainer's parallel.activation_offload."""
 
     def __post_init__(self) -> None:
         if self.offload_checkpoints and self.activation_checkpoint != "full":
@@ -259,6 +262,16 @@ class Layout:
     @property
     def world_size(self) -> int:
         return self.pp * self.dp_replicate * self.dp_shard * self.tp
+
+    def runtime_ac(self) -> dict[str, object]:
+        """The trainer's [parallel] fields for this layout's checkpointing and its offload."""
+        op = self.activation_checkpoint == "op"
+        return {
+            "activation_checkpoint": "selective" if op else self.activation_checkpoint,
+            "ac_selective": "op" if op else "block",
+            "ac_every": self.ac_every,
+            "activation_offload": self.offload_checkpoints,
+        }
 
     @property
     def dp(self) -> int:

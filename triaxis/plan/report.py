@@ -146,7 +146,10 @@ def explain(r: PlanResult) -> str:
         "none": "no activation checkpointing",
         "full": "full activation checkpointing",
         "selective": f"checkpointing every {_ordinal(a.ac_every)} block",
+        "op": "op-level selective checkpointing (matmul outputs kept)",
     }[a.activation_checkpoint]
+    if a.offload_checkpoints:
+        ac += " (block inputs offloaded to the host)"
     out.append(
         f"Micro-batch {a.micro_batch} with {ac} keeps activations at "
         f"{_gib(m.activations)} GiB of the {_gib(m.total)} GiB peak "
@@ -186,9 +189,12 @@ def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
         f"reshard_after_forward = {str(a.reshard_after_forward).lower()}",
         f"cpu_offload = {str(a.cpu_offload).lower()}",
         f"loss_parallel = {str(a.tp > 1).lower()}",
-        f'activation_checkpoint = "{a.activation_checkpoint}"',
-        f"ac_every = {a.ac_every}",
     ]
+    for key, value in a.runtime_ac().items():
+        if isinstance(value, bool):
+            lines.append(f"{key} = {str(value).lower()}")
+        else:
+            lines.append(f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}")
     if a.pp > 1:
         v = stages_per_rank(a.schedule, a.virtual_stages)
         if v != a.virtual_stages:
