@@ -24,6 +24,7 @@ CASES = {
     "offload_shard2": (2, {**OFFLOAD, "parallel__dp_shard": 2}),
     "block_offload_shard2": (2, {**BLOCK_OFFLOAD, "parallel__dp_shard": 2}),
     "op_tp2": (2, {**OP_AC, "parallel__tp": 2, "parallel__dp_shard": 1}),
+    "offload_tp2": (2, {**OFFLOAD, "parallel__tp": 2, "parallel__dp_shard": 1}),
     "offload_pp2": (2, {**OFFLOAD, "parallel__pp": 2, "parallel__dp_shard": 1}),
 }
 

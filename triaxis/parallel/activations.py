@@ -87,10 +87,15 @@ class ActivationOffload:
         return torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
 
     def _pack(self, t: torch.Tensor):
-        # Only plain activations move: the rope table and masks every block shares (no grad)
-        # and tensor subclasses (a DTensor input) stay where they are.
-        if type(t) is not torch.Tensor or not t.requires_grad:
+        # Only activations move: the rope table and masks every block shares (no grad) stay.
+        if not t.requires_grad:
             return t
+        if hasattr(t, "trigger_wait"):
+            # An AsyncCollectiveTensor (under TP, the embedding's reduce-scattered output, the
+            # first block's input): the collective's result as a plain tensor.
+            t = t.trigger_wait()
+        if type(t) is not torch.Tensor:
+            return t  # other subclasses (a DTensor) stay where they are
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda and t.is_cuda)
         if self.cuda and t.is_cuda:
             self.stream.wait_stream(torch.cuda.current_stream(t.device))
