@@ -181,3 +181,32 @@ def test_every_checkpointing_option_the_planner_emits_runs_in_the_trainer(proble
         assert p.activation_offload == layout.offload_checkpoints
     assert {k[0] for k in seen} == {"none", "selective", "op", "full"}
     assert ("full", 2, True) in seen
+
+
+def test_offload_fetches_each_input_once_and_prefetches_within_a_pass(base, monkeypatch):
+    """Backward fetches a block's input together with the previous block's (the next one
+    backward needs); each comes back exactly once, and a new forward pass (micro-batch) starts
+    a new chain, so no pass prefetches another's input."""
+    from triaxis.parallel.activations import ActivationOffload
+
+    copies, prefetched = [], []
+    fetch, unpack = ActivationOffload._fetch, ActivationOffload._unpack
+
+    def counting_fetch(self, saved):
+        if saved.gpu is None:
+            copies.append(saved)
+        fetch(self, saved)
+
+    def counting_unpack(self, saved):
+        if not isinstance(saved, torch.Tensor):  # the rope table passes through as it is
+            prefetched.append(saved.gpu is not None)  # on its way before backward asked
+        return unpack(self, saved)
+
+    monkeypatch.setattr(ActivationOffload, "_fetch", counting_fetch)
+    monkeypatch.setattr(ActivationOffload, "_unpack", counting_unpack)
+    model, hooks = _model(base, "full_offload")
+    losses = [_loss(model, base[1]) for _ in range(2)]  # two micro-batches, then backward
+    sum(losses).backward()
+    assert hooks.num_offloaded == 8 and len(copies) == 8 and len(set(map(id, copies))) == 8
+    # Per pass: the last block's input is fetched on demand, the other three were prefetched.
+    assert sorted(prefetched) == [False] * 2 + [True] * 6, prefetched
