@@ -17,6 +17,10 @@ BLOCK_OFFLOAD = {
     "parallel__activation_offload": "true",
 }
 
+# Per-block torch.compile (aot_eager: graph capture and autograd, no C++ compile) around the
+# checkpointed blocks: the selective policy and the offload hooks are traced through.
+COMPILE = {"train__compile": "true", "train__compile_backend": "aot_eager"}
+
 CASES = {
     "op_world1": (1, OP_AC),
     "offload_world1": (1, OFFLOAD),
@@ -25,6 +29,8 @@ CASES = {
     "block_offload_shard2": (2, {**BLOCK_OFFLOAD, "parallel__dp_shard": 2}),
     "op_tp2": (2, {**OP_AC, "parallel__tp": 2, "parallel__dp_shard": 1}),
     "offload_tp2": (2, {**OFFLOAD, "parallel__tp": 2, "parallel__dp_shard": 1}),
+    "op_compiled": (1, {**OP_AC, **COMPILE}),
+    "offload_compiled": (1, {**OFFLOAD, **COMPILE}),
     "offload_pp2": (2, {**OFFLOAD, "parallel__pp": 2, "parallel__dp_shard": 1}),
 }
 
