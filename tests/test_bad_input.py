@@ -258,6 +258,20 @@ CASES: list[tuple[str, str, str]] = [
         _train("--parallel.hierarchical=on"),
         "parallel.hierarchical=on needs a dp_shard group that spans nodes",
     ),
+    (
+        "train-offload-no-ac",
+        _train("--parallel.activation_offload=true"),
+        "activation_checkpoint=full or drop activation_offload",
+    ),
+    (
+        "train-offload-op-ac",
+        _train(
+            "--parallel.activation_offload=true",
+            "--parallel.activation_checkpoint=selective",
+            "--parallel.ac_selective=op",
+        ),
+        "ac_selective='op' checkpoints no whole block",
+    ),
     # -- train: config files
     ("train-config-missing", "train {ws}/missing.toml", "does not exist"),
     ("train-config-binary", "train {ws}/binary.toml", "not UTF-8"),

@@ -62,17 +62,6 @@ def test_search_emits_exactly_the_tabled_options():
     assert {f.name for f in dataclasses.fields(Layout)} == listed | degrees
 
 
-def test_activation_offload_is_modelled_but_never_searched():
-    """The cost model prices offloaded checkpoints (the published MiCS row) but the trainer
-    has no activation offload: the search must not emit it, and the mapping refuses it."""
-    from triaxis.errors import UserError
-
-    assert SEARCHED_OPTIONS["offload_checkpoints"] == (False,)
-    lean = Layout(1, 2, 1, 1, 1, "full", offload_checkpoints=True)
-    with pytest.raises(UserError, match="does not build"):
-        parallel_config(lean, 8)
-
-
 @pytest.mark.parametrize("world", [1, 2, 4, 8])
 def test_every_enumerated_layout_passes_the_trainers_rules(world):
     from triaxis.parallel.rules import check_layout

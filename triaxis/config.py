@@ -204,9 +204,18 @@ class ParallelConfig:
     loss_parallel: bool = False
     """With tp > 1: compute cross-entropy on vocabulary-sharded logits (no all-gather of logits)."""
     activation_checkpoint: Literal["none", "full", "selective"] = "none"
-    """Recompute activations in backward: none | full (every block) | selective (every k-th)."""
+    """Recompute activations in backward: none | full (every block) | selective (ac_selective
+    says which part: every ac_every-th block, or the cheap ops of every block)."""
+    ac_selective: Literal["block", "op"] = "block"
+    """What selective checkpointing recomputes. block: every ac_every-th block whole; op: in
+    every block the cheap ops (norms, rotary, attention core, SiLU), keeping the matmul outputs
+    (Megatron's and torchtitan's selective)."""
     ac_every: int = ranged(2, ge=1)
-    """For selective checkpointing: checkpoint every k-th block."""
+    """For selective checkpointing by block: checkpoint every k-th block."""
+    activation_offload: bool = False
+    """Keep the inputs checkpointed blocks save in host memory (pinned; copied on a side stream
+    on GPU) and bring each back for its recompute. Needs checkpointed blocks: full, or
+    selective by block."""
 
 
 @dataclass
@@ -500,6 +509,21 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
     if p.loss_parallel and p.tp == 1:
         raise UserError(
             "parallel.loss_parallel=true needs parallel.tp > 1; set tp or drop loss_parallel"
+        )
+    if p.activation_offload and (
+        p.activation_checkpoint == "none"
+        or (p.activation_checkpoint == "selective" and p.ac_selective == "op")
+    ):
+        raise UserError(
+            f"parallel.activation_offload=true offloads the inputs checkpointed blocks save, "
+            f"but activation_checkpoint={p.activation_checkpoint!r}"
+            + (
+                f" with ac_selective={p.ac_selective!r}"
+                if p.activation_checkpoint != "none"
+                else ""
+            )
+            + " checkpoints no whole block; set parallel.activation_checkpoint=full or drop "
+            "activation_offload"
         )
     if model_args is not None and d.seq_len > model_args.max_seq_len:
         raise UserError(

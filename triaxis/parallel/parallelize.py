@@ -3,7 +3,8 @@
 1. tensor (+ sequence) parallel   -- must see plain nn.Linear/RMSNorm modules to swap their
                                      weights for DTensors sharded on the `tp` axis;
 2. activation checkpointing       -- wraps each (already TP-sharded) block, so recomputation
-                                     replays the block's TP collectives too;
+                                     replays the block's TP collectives too (block or op
+                                     level, inputs optionally offloaded: activations.py);
 3. torch.compile per block        -- after checkpointing, so the recompute region is traced
                                      into the compiled graph; before FSDP, whose hooks sit
                                      outside the compiled region;
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from triaxis.config import ParallelConfig, TrainConfig
+from triaxis.parallel.activations import apply_ac
 from triaxis.parallel.dims import ParallelDims
 
 
@@ -32,7 +34,15 @@ def parallelize(
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel=pcfg.loss_parallel)
     if pcfg.activation_checkpoint != "none":
-        apply_ac(model, pcfg.activation_checkpoint, pcfg.ac_every)
+        # The offload hooks' owner stays reachable for logs and tests (None without offload).
+        model.activation_offload = apply_ac(
+            model,
+            pcfg.activation_checkpoint,
+            pcfg.ac_every,
+            pcfg.ac_selective,
+            pcfg.activation_offload,
+            device,
+        )
     if tcfg.compile:
         for name, block in model.layers.named_children():
             model.layers.register_module(name, torch.compile(block, backend=tcfg.compile_backend))
@@ -98,17 +108,6 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
                 "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
             },
         )
-
-
-def apply_ac(model: nn.Module, mode: str, every: int) -> None:
-    """full: recompute every block in backward; selective: every `every`-th block."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    for i, (name, block) in enumerate(model.layers.named_children()):
-        if mode == "full" or (mode == "selective" and i % every == every - 1):
-            # checkpoint_wrapper (unlike torch.utils.checkpoint inline) keeps state-dict keys
-            # clean for DCP; non-reentrant so it composes with FSDP2 and DTensor.
-            model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
 
 
 def fsdp_mesh(mesh, dims: ParallelDims):

@@ -265,6 +265,19 @@ def checkpoint_bytes_per_token(shape: ModelShape, rt: Runtime, tp: int, elem: in
     return elem * shape.dim / (tp if rt.sequence_parallel else 1)
 
 
+def op_saved_bytes_per_token(shape: ModelShape, rt: Runtime, tp: int, elem: int) -> float:
+    """What op-level selective checkpointing keeps of a block besides its input, on one TP
+    rank (triaxis.parallel.activations.op_save_list): every matmul output -- q, k, v and the
+    MLP's inner ones split by tp, wo's and w2's whole (under TP: partial sums before their
+    reduce-scatter) -- plus, under TP, the two reduce-scattered outputs."""
+    h, kv, f = shape.dim, shape.kv_dim, shape.ffn_dim
+    inner = (2 if shape.gated_mlp else 1) * f
+    saved = elem * ((h + 2 * kv + inner) / tp + 2 * h)
+    if tp > 1:
+        saved += 2 * elem * h / (tp if rt.sequence_parallel else 1)
+    return saved
+
+
 def logits_bytes_per_token(shape: ModelShape, rt: Runtime, tp: int, elem: int) -> float:
     """Logits, their fp32 copy, log-softmax and its gradient (triaxis: torch cross-entropy on
     vocabulary-sharded logits with loss_parallel; the fp32 copy is the logits themselves in
@@ -357,6 +370,10 @@ def _activations(
         return OFFLOADED_CHECKPOINTS_ON_GPU * ckpt + full + loss
     if ac == "full":
         kept, working = blocks * ckpt, full
+    elif ac == "op":
+        # Every block recomputes its cheap ops, one block at a time in backward.
+        kept = blocks * (ckpt + op_saved_bytes_per_token(s, rt, tp, e) * tokens)
+        working = full
     elif ac == "selective":
         n_ckpt = blocks // ac_every
         kept = n_ckpt * ckpt + (blocks - n_ckpt) * full

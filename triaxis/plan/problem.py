@@ -146,23 +146,26 @@ each with the stages per rank the runtime runs it with (triaxis.parallel.partiti
 equal F, B and W passes: interleaved-zb (PyTorch's ZB1P) is modelled as ZB-H1 (bubble
 (p - 1)/3, an upper bound: its 2 stages per rank shrink it), zbv as ZB-H2 (no bubble; 2p - 1
 micro-batches in flight, an upper bound: ZB-V keeps 1F1B's p)."""
-AC_POLICIES = ("none", "selective", "full")
+AC_POLICIES = ("none", "selective", "op", "full")
+"""Activation checkpointing the planner models: none, selective (every ac_every-th block),
+op (op-level selective: every block keeps its matmul outputs, recomputes the cheap ops), full.
+The runtime's spelling of each: Layout.runtime_ac."""
 
 SEARCHED_OPTIONS: dict[str, tuple] = {
     "schedule": SCHEDULES,
     "activation_checkpoint": AC_POLICIES,
     "cpu_offload": (False, True),
     "reshard_after_forward": (True, False),
-    "offload_checkpoints": (False,),
+    "offload_checkpoints": (False, True),
     "hierarchical": (False, True),
 }
 """Every value the search may give each Layout knob besides the degrees, micro-batch, ac_every
 and virtual stages: the table tests/test_plan_runs.py walks, proving the trainer accepts and runs
 each one (`search.parallel_config` maps a layout onto the trainer's [parallel] section). A knob
-the cost model knows but the trainer lacks stays at its off value here (offload_checkpoints:
-modelled for the published MiCS row, not built). Adding an option to the search means adding
-its values here and its field to `parallel_config`. `hierarchical` is searched only where a
-dp_shard group spans nodes (several members in each)."""
+the cost model knows but the trainer lacks stays at its off value here. Adding an option to the
+search means adding its values here and its field to `parallel_config`. `hierarchical` is
+searched only where a dp_shard group spans nodes (several members in each); `offload_checkpoints`
+only with full checkpointing, where a bf16 run allows offload."""
 
 
 @dataclass(frozen=True)
@@ -249,6 +252,7 @@ class Layout:
     micro_batch: int
     """Samples per rank per forward pass."""
     activation_checkpoint: str = "none"
+    """One of AC_POLICIES."""
     ac_every: int = 2
     """With selective: every ac_every-th block is checkpointed."""
     schedule: str = "none"
@@ -263,8 +267,7 @@ class Layout:
     offload_checkpoints: bool = False
     """With full checkpointing: each block's saved input is copied to host memory during
     forward and prefetched back one block ahead in backward (MiCS's "prefetched activation
-    offloading"; DeepSpeed's cpu_checkpointing). Evaluated when a layout names it, not searched:
-    the triaxis training loop does not implement it (SEARCHED_OPTIONS)."""
+    offloading"; DeepSpeed's cpu_checkpointing). The trainer's parallel.activation_offload."""
 
     hierarchical: bool = False
     """MiCS hierarchical all-gather / reduce-scatter (parallel.hierarchical): a dp_shard group
@@ -280,6 +283,16 @@ class Layout:
     @property
     def world_size(self) -> int:
         return self.pp * self.dp_replicate * self.dp_shard * self.tp
+
+    def runtime_ac(self) -> dict[str, object]:
+        """The trainer's [parallel] fields for this layout's checkpointing and its offload."""
+        op = self.activation_checkpoint == "op"
+        return {
+            "activation_checkpoint": "selective" if op else self.activation_checkpoint,
+            "ac_selective": "op" if op else "block",
+            "ac_every": self.ac_every,
+            "activation_offload": self.offload_checkpoints,
+        }
 
     @property
     def dp(self) -> int:

@@ -212,7 +212,10 @@ def explain(r: PlanResult) -> str:
         "none": "no activation checkpointing",
         "full": "full activation checkpointing",
         "selective": f"checkpointing every {_ordinal(a.ac_every)} block",
+        "op": "op-level selective checkpointing (matmul outputs kept)",
     }[a.activation_checkpoint]
+    if a.offload_checkpoints:
+        ac += " (block inputs offloaded to the host)"
     out.append(
         f"Micro-batch {a.micro_batch} with {ac} keeps activations at "
         f"{_gib(m.activations)} GiB of the {_gib(m.total)} GiB peak "
@@ -231,7 +234,9 @@ SNIPPET_FIELDS = (
     "cpu_offload",
     "loss_parallel",
     "activation_checkpoint",
+    "ac_selective",
     "ac_every",
+    "activation_offload",
     "hierarchical",
 )
 """The [parallel] fields every snippet states; a pipelined one adds its schedule, stages per

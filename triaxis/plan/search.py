@@ -112,11 +112,27 @@ def enumerate_families(
                             continue
                         family = [
                             Layout(
-                                dp // dp_shard, dp_shard, tp, pp, mb, ac, every, sched, v, off, rs
+                                dp // dp_shard,
+                                dp_shard,
+                                tp,
+                                pp,
+                                mb,
+                                ac,
+                                every,
+                                sched,
+                                v,
+                                off,
+                                rs,
+                                ckpt_off,
                             )
                             for ac, every in acs
                             for off in offloads
                             for rs in reshards
+                            # Block inputs to the host (parallel.activation_offload): full
+                            # checkpointing only, where they are all that is kept.
+                            for ckpt_off in (
+                                (False, True) if ac == "full" and space.allow_offload else (False,)
+                            )
                         ]
                         if two_phase:  # the same layouts with MiCS hierarchical gathers
                             family += [dataclasses.replace(x, hierarchical=True) for x in family]
@@ -152,11 +168,6 @@ def parallel_config(
     rank, the stage split, checkpointing, offload): a new ParallelConfig over `base` (its other
     fields kept). The one mapping `triaxis plan`'s snippet and parallel.auto both use; the
     micro-batch is train.micro_batch = layout.micro_batch."""
-    if layout.offload_checkpoints:
-        raise UserError(
-            "the layout offloads checkpointed activations, which the trainer does not build; "
-            "plan without it (it is never searched)"
-        )
     piped = layout.pp > 1
     return dataclasses.replace(
         base or ParallelConfig(),
@@ -167,8 +178,7 @@ def parallel_config(
         pp_schedule=layout.schedule if piped else (base or ParallelConfig()).pp_schedule,
         pp_virtual_stages=layout.virtual_stages if piped else 1,
         pp_layers=",".join(map(str, stage_split(n_layers, layout))) if piped else "",
-        activation_checkpoint=layout.activation_checkpoint,
-        ac_every=layout.ac_every,
+        **layout.runtime_ac(),
         cpu_offload=layout.cpu_offload,
         reshard_after_forward=layout.reshard_after_forward,
         loss_parallel=layout.tp > 1,
@@ -181,11 +191,26 @@ def recompute_rank(layout: Layout) -> float:
     return {"none": 0.0, "full": 1.0}.get(layout.activation_checkpoint, 1 / layout.ac_every)
 
 
+def recomputes_no_less(a: Layout, b: Layout) -> bool:
+    """Does `a` recompute at least what `b` does? Op-level (every block's cheap ops) sits
+    between none and full, and is not comparable with every k-th block (which costs more
+    depends on the sequence length)."""
+    ops = (a.activation_checkpoint == "op", b.activation_checkpoint == "op")
+    if ops == (True, True):
+        return True
+    if ops[0]:
+        return b.activation_checkpoint == "none"
+    if ops[1]:
+        return a.activation_checkpoint == "full"
+    return recompute_rank(a) >= recompute_rank(b)
+
+
 def slower_or_equal(a: Layout, b: Layout) -> bool:
     """Within a family, is `a` at least as slow as `b` in every option (more recomputation,
     offload, resharding)? Then a fitting `b` makes `a` pointless for speed."""
     return (
-        recompute_rank(a) >= recompute_rank(b)
+        recomputes_no_less(a, b)
+        and a.offload_checkpoints >= b.offload_checkpoints
         and a.cpu_offload >= b.cpu_offload
         and a.reshard_after_forward >= b.reshard_after_forward
         and a.hierarchical == b.hierarchical  # either may be the faster: both are timed

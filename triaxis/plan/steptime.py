@@ -98,6 +98,9 @@ class BlockTime:
 
     fwd_s: float
     bwd_s: float
+    cheap_fwd_s: float = 0.0
+    """The forward's ops other than the projections (attention core, norms, rotary, SiLU):
+    what op-level selective checkpointing runs again."""
 
 
 def block_time(
@@ -130,7 +133,7 @@ def block_time(
         fwd, bwd = fwd + t_attn, bwd + 2 * t_attn
     act = layer_activation_bytes_per_token(shape, rt, seq, tp, elem) * t_tokens
     t_elem = hw.calib.elementwise_traffic * act / hw.gpu.hbm_bytes_per_s
-    return BlockTime(fwd + t_elem, bwd + 2 * t_elem)
+    return BlockTime(fwd + t_elem, bwd + 2 * t_elem, t_attn + t_elem)
 
 
 def head_time(
@@ -251,6 +254,7 @@ def p2p_s(hw: Hardware, nbytes: float, crosses_node: bool) -> float:
 
 
 def recomputed_blocks(layout: Layout, blocks: int) -> float:
+    """Blocks whose whole forward runs again (op-level recomputes no projection: 0)."""
     if layout.activation_checkpoint == "full":
         return float(blocks)
     if layout.activation_checkpoint == "selective":
@@ -265,11 +269,12 @@ def _exposed(n_blocks: int, comm: float, compute: float, tail: float) -> float:
 
 
 @lru_cache(maxsize=65536)
-def _compute(p: Problem, tp: int, mb: int) -> tuple[float, float, float]:
-    """(block forward, block backward, head forward + backward) seconds per micro-batch."""
+def _compute(p: Problem, tp: int, mb: int) -> tuple[float, float, float, float]:
+    """(block forward, block backward, head forward + backward, block cheap ops forward)
+    seconds per micro-batch."""
     bt = block_time(p.shape, p.runtime, p.hw, mb, p.seq_len, tp, p.elem)
     ht = head_time(p.shape, p.hw, mb, p.seq_len, tp, p.elem)
-    return bt.fwd_s, bt.bwd_s, ht.fwd_s + ht.bwd_s
+    return bt.fwd_s, bt.bwd_s, ht.fwd_s + ht.bwd_s, bt.cheap_fwd_s
 
 
 @lru_cache(maxsize=65536)
@@ -316,16 +321,21 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
         layout.micro_batch,
     )
     blocks = max(stage_blocks(s.n_layers, pp))
-    fwd_blk, bwd_blk, head = _compute(p, tp, mb)
+    fwd_blk, bwd_blk, head, cheap_blk = _compute(p, tp, mb)
     recompute = recomputed_blocks(layout, blocks)
-    compute_mb = blocks * (fwd_blk + bwd_blk) + recompute * fwd_blk + head
+    # Op-level: every block runs its cheap ops again, and (TP) its two all-gathers: the
+    # projections' saved outputs need their gathered inputs again in backward.
+    op = layout.activation_checkpoint == "op"
+    recompute_s = recompute * fwd_blk + (blocks * cheap_blk if op else 0.0)
+    compute_mb = blocks * (fwd_blk + bwd_blk) + recompute_s + head
 
     act_bytes = e * mb * p.seq_len * s.dim
-    tp_mb = all_reduce_s(axis_link(hw, tp, 1), act_bytes) * (4 * blocks + 2 * recompute + 2)
+    tp_collectives = 4 * blocks + 2 * recompute + 2 + (blocks if op else 0)
+    tp_mb = all_reduce_s(axis_link(hw, tp, 1), act_bytes) * tp_collectives
 
     ag, rs, ag_root, rs_root = _fsdp_collectives(p, tp, ds, layout.hierarchical)
     bwd_gather = ag if layout.reshard_after_forward else 0.0
-    bwd_compute = bwd_blk + (recompute / blocks) * fwd_blk
+    bwd_compute = bwd_blk + recompute_s / blocks
     fsdp_mb = fsdp_step = 0.0
     if ag or rs:
         # Prefetch runs within a chunk: each of a rank's v pipeline chunks starts with a gather
