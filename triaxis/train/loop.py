@@ -7,7 +7,6 @@ config -> ParallelDims + mesh -> model on meta -> parallelize -> materialize + i
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,20 +23,28 @@ from triaxis.data.dataset import (
     TokenDataset,
     micro_batch_start,
 )
-from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flops
+from triaxis.metrics.logger import (
+    MetricsWriter,
+    Progress,
+    RankLogger,
+    peak_flops,
+    peak_memory_bytes,
+    step_record,
+)
 from triaxis.model import flops_per_token, param_counts
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.parallel.rules import Planner
 from triaxis.train.build import build_model
+from triaxis.train.cadence import Cadence
 from triaxis.train.distributed import DistEnv, init_distributed, leave_on_error, shutdown
-from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from triaxis.train.resilience import (
-    Faults,
-    NumericsGuard,
-    PreemptionWatch,
-    hold_run_lock,
-    lock_folders,
+from triaxis.train.numerics import BadStep, DeviceChecks, NumericsGuard
+from triaxis.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    clip_grad_norm,
+    rewind_scheduler,
 )
+from triaxis.train.resilience import Faults, PreemptionWatch, hold_run_lock, lock_folders
 from triaxis.train.resolve import resolve
 from triaxis.train.watchdog import Watchdog
 
@@ -155,6 +162,7 @@ class Trainer:
         self.ckpt_step = 0
         self.resumed_loop_state: dict = {}  # see loop_state()
         self.guard: NumericsGuard | None = None
+        self.checks: DeviceChecks | None = None  # the guard's device side; both set by fit()
         self.skip_cursors: set[int] = set()
         self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
         self.peak = peak_flops(self.device)
@@ -184,6 +192,8 @@ class Trainer:
         )
         t0 = time.perf_counter()
         batch = ds.batch(start, self.cfg.train.micro_batch, shuffle)
+        if self.device.type == "cuda":  # a copy from pinned memory does not wait for the GPU
+            batch = batch.pin_memory()
         if ds is self.train_ds:  # validation reads are not training time
             self.data_wait_s += time.perf_counter() - t0
         return batch.to(self.device, non_blocking=True)
@@ -227,33 +237,36 @@ class Trainer:
             total += _plain(loss.detach())
         return total
 
-    def optimizer_step(self) -> None:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip_grad_norm(params, self.cfg.train.grad_clip, self.pp_group)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-
-    def train_step(self, cursor: int, step: int = 0) -> tuple[torch.Tensor, str | None]:
-        """One training step, the one fit() runs: forward + backward, the numerics guard's
-        verdict, then the optimizer step. Returns (this rank's loss, None), or (loss, why) for
-        a bad loss: no update was made and the gradients are dropped."""
+    def train_step(self, cursor: int, step: int = 0, logs: bool = False) -> torch.Tensor:
+        """One training step, the one fit() runs: forward + backward, clipping, the update.
+        Nothing is read on the host. With the numerics guard on (fit sets it), the update is a
+        no-op on the device when the gradients are not finite, or on a log step when the mean
+        loss is not finite or spikes; fit() learns of it at the next step that syncs anyway.
+        Returns this rank's loss, or on a log step (`logs`) its mean over data-parallel ranks
+        (a device tensor either way)."""
         self.faults.inject_kill(step, self.env.rank)
         loss = self.forward_backward(cursor, step)
-        if self.guard is not None:
-            reason = self.guard.check(self.mean_over_dp(loss), step, cursor)
-            if reason is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-                return loss, reason
-        self.optimizer_step()
-        return loss, None
+        if logs:
+            loss = self.reduce_over_dp(loss)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = clip_grad_norm(params, self.cfg.train.grad_clip, self.pp_group)
+        if self.checks is not None:
+            self.optimizer.found_inf = self.checks.flag(step, cursor, norm, loss if logs else None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # also after a skipped update: fit() rewinds it once it knows
+        return loss
+
+    def reduce_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over data-parallel ranks, on the device (a collective, no host read)."""
+        if self.dp_group is None:
+            return value
+        value = value.clone()
+        dist.all_reduce(value, group=self.dp_group)
+        return value / self.dims.dp_size
 
     def mean_over_dp(self, value: torch.Tensor) -> float:
-        if self.dp_group is not None:
-            value = value.clone()
-            dist.all_reduce(value, group=self.dp_group)
-            value /= self.dims.dp_size
-        return float(value)
+        return float(self.reduce_over_dp(value))
 
     @torch.no_grad()
     def validate(self) -> float | None:
@@ -303,33 +316,19 @@ class Trainer:
         cfg, log = self.cfg, self.log
         self.faults.inject_fault("start", self.env.rank)
         step, cursor = self.resume()
-        first_step = step
         run_dir = Path(cfg.train.run_dir)
         if self.env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(to_toml(cfg))
-        counts = param_counts(self.model_args)
-        log.info(
-            f"model {cfg.model.preset}: {counts['total'] / 1e6:.1f}M parameters "
-            f"({counts['non_embedding'] / 1e6:.1f}M non-embedding); layout "
-            f"{self.dims.describe()} on {self.env.world_size} x {self.device.type}; "
-            f"global batch {cfg.train.global_batch} x {cfg.data.seq_len} tokens, "
-            f"grad accumulation {self.grad_accum}; loss: "
-            + (
-                f"fused head + cross-entropy, {self.loss_chunk} tokens a chunk"
-                if self.loss_chunk
-                else "full logits, then cross-entropy"
-            )
-        )
+        self._describe()
         metrics = MetricsWriter(cfg.train.run_dir, self.env.is_main, cfg.metrics.tensorboard)
         progress = Progress(log, cfg.train.steps, step, cfg.metrics.progress)
         result = TrainResult(run_dir=str(run_dir))
+        cadence = Cadence.of(cfg, step, self.val_ds is not None)
         preempt = PreemptionWatch()
-        self.guard = (
-            NumericsGuard(cfg.train.spike_factor, cfg.train.max_bad_steps)
-            if cfg.train.on_bad_loss != "off"
-            else None
-        )
+        if cfg.train.on_bad_loss != "off":
+            self.guard = NumericsGuard(cfg.train.spike_factor, cfg.train.max_bad_steps)
+            self.checks = DeviceChecks(self.guard)
         self.skip_cursors = set()  # batches a rollback decided never to train on again
         self.restore_loop_state(self.resumed_loop_state)
         tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
@@ -342,58 +341,55 @@ class Trainer:
                 if cursor in self.skip_cursors:
                     cursor += cfg.train.global_batch
                     continue
-                loss, reason = self.train_step(cursor, step + 1)
-                if reason is not None:
-                    step, cursor = self._bad_step(reason, step, cursor, self.skip_cursors)
-                    continue
+                logs = cadence.logs(step + 1)
+                loss = self.train_step(cursor, step + 1, logs)
                 step += 1
                 cursor += cfg.train.global_batch
                 steps_since += 1
+                stop = preempt.should_stop()  # non-blocking; the same answer on every rank
+                if not (stop or cadence.syncs(step)):
+                    continue  # the hot path: the host queues the next step at once
+                # From here on the host reads device values (once): steps that sync anyway.
+                logged, bad = self.checks.settle() if self.checks else (None, [])
+                if bad:
+                    step, cursor = self._bad_steps(bad, step, cursor)
+                    continue
                 if self.ckpt.poll():
                     log.info(f"committed checkpoint at step {self.ckpt_step}")
-                if (
-                    step % cfg.metrics.log_every == 0
-                    or step == cfg.train.steps
-                    or step == first_step + 1
-                ):  # the starting loss, to see it fall
-                    record = self._record(
-                        step, loss, tokens_per_step * steps_since, time.perf_counter() - t_last
-                    )
+                if logs:
+                    value = float(loss) if logged is None else logged  # the mean over dp
+                    elapsed_s = time.perf_counter() - t_last  # after the read: the device's time
+                    record = self._record(step, value, tokens_per_step * steps_since, elapsed_s)
                     result.losses[step] = record["loss"]
                     metrics.write(record)
                     progress.update(step, record)
                     t_last, steps_since = time.perf_counter(), 0
-                if cfg.train.val_every and step % cfg.train.val_every == 0:
+                if cadence.validates(step):
                     val = self.validate()
                     if val is not None:
                         result.val_losses[step] = val
                         metrics.write({"step": step, "val_loss": val})
                         log.info(f"step {step}: validation loss {val:.4f}")
                     t_last = time.perf_counter()  # validation time is not training time
-                last = step == cfg.train.steps
-                if (
-                    cfg.train.exit_after_steps
-                    and step - first_step >= cfg.train.exit_after_steps
-                    and not last
-                ):
+                if cadence.exits(step):
                     self.ckpt.save(step, cursor, block=True, loop_state=self.loop_state())
                     log.info(f"exit_after_steps={cfg.train.exit_after_steps}: saved step {step}")
                     break
-                if preempt.should_stop() and not last:
+                if stop and step < cfg.train.steps:
                     self.ckpt.save(step, cursor, block=True, loop_state=self.loop_state())
                     log.warn(f"{preempt.name}: saved a final checkpoint at step {step}; exiting")
                     result.preempted, result.stop_signal = True, preempt.signal
                     break
-                if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (
-                    last and cfg.checkpoint.save_final
-                ):
+                if cadence.saves(step):
                     self.faults.inject_fault("checkpoint", self.env.rank, step)
+                    last = step == cfg.train.steps
                     path = self.ckpt.save(step, cursor, block=last, loop_state=self.loop_state())
                     self.ckpt_step = step
                     blocked = self.ckpt.blocking_s[-1]
                     log.info(f"checkpoint {path} (training blocked {blocked:.2f}s)")
                     metrics.write({"step": step, "checkpoint_blocking_s": blocked})
                     t_last = time.perf_counter()  # checkpoint time is not training time
+            preempt.finish()
             self.ckpt.close()
         finally:
             watchdog.stop()
@@ -403,12 +399,31 @@ class Trainer:
         result.final_step = step
         return result
 
-    def _bad_step(
-        self, reason: str, step: int, cursor: int, skip_cursors: set[int]
-    ) -> tuple[int, int]:
-        """A bad loss: skip this update, or roll back to the last checkpoint and never train on
-        this batch again. Returns the (step, cursor) to continue from."""
-        skip_cursors.add(cursor)
+    def _describe(self) -> None:
+        cfg, counts = self.cfg, param_counts(self.model_args)
+        self.log.info(
+            f"model {cfg.model.preset}: {counts['total'] / 1e6:.1f}M parameters "
+            f"({counts['non_embedding'] / 1e6:.1f}M non-embedding); layout "
+            f"{self.dims.describe()} on {self.env.world_size} x {self.device.type}; "
+            f"global batch {cfg.train.global_batch} x {cfg.data.seq_len} tokens, "
+            f"grad accumulation {self.grad_accum}; loss: "
+            + (
+                f"fused head + cross-entropy, {self.loss_chunk} tokens a chunk"
+                if self.loss_chunk
+                else "full logits, then cross-entropy"
+            )
+        )
+
+    def _bad_steps(self, bad: list[BadStep], step: int, cursor: int) -> tuple[int, int]:
+        """Updates the device skipped (the numerics guard): count them (past max_bad_steps the
+        run stops), never train on their batches again, and either take the steps back (skip:
+        the step count and the LR schedule as if they never ran) or roll back to the last
+        checkpoint (rollback). Returns the (step, cursor) to continue from."""
+        assert self.guard is not None
+        for b in bad:
+            self.skip_cursors.add(b.cursor)
+            self.guard.count(b)
+        first = bad[0]
         if self.cfg.train.on_bad_loss == "rollback":
             self.ckpt.wait()
             resumed = self.ckpt.resume()
@@ -416,17 +431,18 @@ class Trainer:
                 state = resumed[1]
                 self.restore_loop_state(state.get("loop_state", {}), rollback=True)
                 self.log.warn(
-                    f"step {step + 1}: {reason}; rolled back to step {state['step']} "
-                    f"and skipping the batch at sample cursor {cursor}"
+                    f"step {first.step}: {first.reason}; rolled back to step {state['step']} "
+                    f"and skipping the batch at sample cursor {first.cursor}"
                 )
                 return state["step"], state["cursor"]
-            self.log.warn(f"step {step + 1}: {reason}; no checkpoint to roll back to, skipping")
-        else:
+            self.log.warn(f"step {first.step}: {first.reason}; no checkpoint to roll back to")
+        for b in bad:
             self.log.warn(
-                f"step {step + 1}: {reason}; update skipped, batch at sample cursor "
-                f"{cursor} dropped"
+                f"step {b.step}: {b.reason}; update skipped, batch at sample cursor "
+                f"{b.cursor} dropped"
             )
-        return step, cursor + self.cfg.train.global_batch
+        rewind_scheduler(self.scheduler, len(bad))
+        return step - len(bad), cursor
 
     # What the loop carries from step to step besides weights, optimizer, LR schedule and data
     # cursor (those are the checkpoint's own state): saved with every checkpoint, restored on
@@ -436,11 +452,7 @@ class Trainer:
     def loop_state(self) -> dict:
         state: dict = {"skip_cursors": sorted(self.skip_cursors)}
         if self.guard is not None:
-            state["guard"] = {
-                "seen": self.guard.seen,
-                "mean": self.guard.mean,
-                "bad_steps": self.guard.bad_steps,
-            }
+            state["guard"] = self.guard.state()
         return state
 
     def restore_loop_state(self, state: dict, rollback: bool = False) -> None:
@@ -448,42 +460,34 @@ class Trainer:
         checkpoint's but keeps counting bad steps (else max_bad_steps could never stop a run
         that keeps rolling back) and keeps every batch already marked to skip."""
         self.skip_cursors |= set(state.get("skip_cursors", ()))
-        guard = state.get("guard")
-        if self.guard is not None and guard is not None:
-            self.guard.seen, self.guard.mean = int(guard["seen"]), float(guard["mean"])
-            if not rollback:
-                self.guard.bad_steps = int(guard["bad_steps"])
+        if self.guard is not None and state.get("guard") is not None:
+            self.guard.load_state(state["guard"], rollback)
 
-    def _record(self, step: int, loss: torch.Tensor, tokens: int, elapsed_s: float) -> dict:
-        tokens_per_s = tokens / max(elapsed_s, 1e-9)
-        per_device = tokens_per_s / self.env.world_size
-        mfu = (self.flops_per_token * per_device / self.peak) if self.peak else None
-        mem = torch.tensor([_peak_memory_bytes(self.device)], dtype=torch.float64)
+    def _record(self, step: int, loss: float, tokens: int, elapsed_s: float) -> dict:
+        """The log record of a step (rank 0 writes it); every rank takes part in the reduce."""
+        mem = torch.tensor([peak_memory_bytes(self.device)], dtype=torch.float64)
         wait = torch.tensor([self.data_wait_s], dtype=torch.float64)
         self.data_wait_s = 0.0
         self.faults.inject_fault("logging", self.env.rank, step)
         if self.env.world_size > 1:
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
             dist.all_reduce(wait, op=dist.ReduceOp.MAX)  # the slowest rank's wait stalls all
-        steps = max(1, round(tokens / (self.cfg.train.global_batch * self.cfg.data.seq_len)))
-        wait_share = float(wait) / max(elapsed_s, 1e-9)
-        if wait_share > 0.1:
-            self.log.warn(
-                f"step {step}: the data loader stalls training: {wait_share:.0%} of "
-                f"step time waiting for batches ({float(wait) / steps:.3f}s per step); "
-                "put data.path on faster storage or raise data.cache_gib (s3://)"
-            )
-        return {
-            "step": step,
-            "loss": self.mean_over_dp(loss),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_device": per_device,
-            "mfu": mfu,
-            "max_memory_gib": float(mem) / 2**30,
-            "data_wait_s": float(wait) / steps,
-            "data_wait_share": wait_share,
-        }
+        record, stall = step_record(
+            step,
+            loss=loss,
+            lr=self.optimizer.param_groups[0]["lr"],
+            tokens=tokens,
+            steps=round(tokens / (self.cfg.train.global_batch * self.cfg.data.seq_len)),
+            elapsed_s=elapsed_s,
+            world_size=self.env.world_size,
+            flops_per_token=self.flops_per_token,
+            peak=self.peak,
+            max_memory_bytes=float(mem),
+            data_wait_s=float(wait),
+        )
+        if stall:
+            self.log.warn(stall)
+        return record
 
 
 def _compute_dtype(requested: str, device: torch.device) -> torch.dtype | None:
@@ -491,12 +495,6 @@ def _compute_dtype(requested: str, device: torch.device) -> torch.dtype | None:
     if requested == "bf16" or (requested == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
-
-
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:
