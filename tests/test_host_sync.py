@@ -6,10 +6,10 @@ behind the current one. Here every such read and every collective that triaxis i
 without `async_op=True` is counted per training step; outside logging, checkpoint and
 validation steps there must be none, at world 1 and at world 2 (FSDP, gloo, forked ranks).
 
-What is deliberately not counted: other threads (an async checkpoint's writer), collectives that torch issues inside FSDP / DTensor (on NCCL
-they are ordered on the device streams, not waited for by the host), and the preemption flag,
-which lives in host memory (a gloo all-reduce started one step earlier, read through numpy): no
-device work is waited for there.
+What is deliberately not counted: other threads (an async checkpoint's writer), collectives
+that torch issues inside FSDP / DTensor (on NCCL they are ordered on the device streams, not
+waited for by the host), and the preemption flag, which lives in host memory (a gloo
+all-reduce started one step earlier, read through numpy): no device work is waited for there.
 """
 
 from __future__ import annotations
@@ -178,3 +178,134 @@ def test_no_host_sync_between_log_steps_fsdp_world_2(byte_data, tmp_path):
     results = run_workers(_count, 2, byte_data, str(tmp_path / "run"), extra, timeout_s=240)
     for by_step in results:
         _assert_no_sync_outside(by_step)
+
+
+# -- what the hot path does instead -----------------------------------------------------------
+
+
+def _trainer(data: str, run_dir, **extra: str):
+    from triaxis.train.loop import Trainer
+
+    values = {
+        **BASE,
+        "data.path": data,
+        "train.run_dir": str(run_dir),
+        "train.micro_batch": "4",
+        "train.val_every": "0",
+        "checkpoint.interval": "0",
+        "checkpoint.save_final": "false",
+        **extra,
+    }
+    cfg = load_config(None, [f"--{k}={v}" for k, v in values.items()])
+    return Trainer(cfg, init_distributed("cpu"))
+
+
+def test_a_non_finite_step_is_a_no_op_on_the_device(byte_data, tmp_path):
+    """The update of a poisoned step changes nothing (weights, moments, AdamW's step count),
+    and the host hears of it only when it settles the flags."""
+    from triaxis.train.numerics import DeviceChecks, NumericsGuard
+
+    trainer = _trainer(byte_data, tmp_path / "run")
+    trainer.guard = NumericsGuard(0.0, 5)
+    trainer.checks = DeviceChecks(trainer.guard)
+    trainer.train_step(0, 1)  # one good step: the optimizer state exists
+    weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    moments = {
+        id(p): {k: v.clone() for k, v in s.items()} for p, s in trainer.optimizer.state.items()
+    }
+    trainer.faults.nan_steps = {2}
+    trainer.train_step(8, 2)
+    for k, v in trainer.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for p, s in trainer.optimizer.state.items():
+        for k, v in s.items():
+            assert torch.equal(v, moments[id(p)][k]), k  # exp_avg, exp_avg_sq, step
+    logged, bad = trainer.checks.settle()
+    assert logged is None and [(b.step, b.cursor) for b in bad] == [(2, 8)]
+    assert "non-finite gradients" in bad[0].reason
+    trainer.train_step(8, 2)  # the same batch, unpoisoned: an update again
+    assert not torch.equal(trainer.model.state_dict()["norm.weight"], weights["norm.weight"])
+
+
+def test_a_skip_learned_at_the_next_log_step_matches_one_learned_at_once(byte_data, tmp_path):
+    """A NaN at step 3: logging every step, the host learns of it at once; logging every 4th
+    step, at step 4. Either way the update is skipped, the batch is dropped and step 3 is
+    trained on the next batch: the same losses and weights (at a constant learning rate: until
+    the host learns of a skip the schedule runs one step ahead, see docs/resilience.md)."""
+    import os
+
+    runs = {}
+    for log_every in ("1", "4"):
+        os.environ["TRIAXIS_FAULT_NAN"] = "3"
+        trainer = _trainer(
+            byte_data,
+            tmp_path / log_every,
+            **{
+                "train.steps": "8",
+                "train.warmup_steps": "0",
+                "train.min_lr_ratio": "1",
+                "metrics.log_every": log_every,
+            },
+        )
+        result = trainer.fit()
+        runs[log_every] = (result, trainer.loop_state(), trainer.model.state_dict())
+    (every, every_state, every_w), (fourth, fourth_state, fourth_w) = runs["1"], runs["4"]
+    assert sorted(fourth.losses) == [1, 4, 8] and fourth.final_step == 8
+    for step in fourth.losses:
+        assert fourth.losses[step] == pytest.approx(every.losses[step], rel=1e-6), step
+    # The same batch dropped, the same count (the running mean differs: it follows the losses
+    # the host reads, which are the logged ones).
+    for state in (every_state, fourth_state):
+        assert state["skip_cursors"] == [16] and state["guard"]["bad_steps"] == 1
+    for k, v in every_w.items():
+        torch.testing.assert_close(fourth_w[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_rewind_scheduler_is_the_schedule_without_the_skipped_steps():
+    from triaxis.config import TrainConfig
+    from triaxis.train.optim import build_scheduler, rewind_scheduler
+
+    cfg = TrainConfig(steps=20, warmup_steps=4)
+    opts = [torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1.0) for _ in range(2)]
+    skipped, plain = (build_scheduler(o, cfg) for o in opts)
+    for _ in range(6):
+        skipped.step()
+    for _ in range(4):
+        plain.step()
+    rewind_scheduler(skipped, 2)
+    assert skipped.get_last_lr() == plain.get_last_lr()
+    assert opts[0].param_groups[0]["lr"] == opts[1].param_groups[0]["lr"]
+    skipped.step()
+    plain.step()
+    assert opts[0].param_groups[0]["lr"] == opts[1].param_groups[0]["lr"]
+    assert skipped.state_dict()["last_epoch"] == plain.state_dict()["last_epoch"] == 5
+
+
+def _agree(rank: int, world: int, signal_at: int) -> list[bool]:
+    import os
+    import signal
+
+    from triaxis.train.resilience import PreemptionWatch
+
+    watch = PreemptionWatch()
+    answers = []
+    try:
+        for step in range(1, 7):
+            if rank == 1 and step == signal_at:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives during this step, on one rank
+            answers.append(watch.should_stop())
+        watch.finish()
+    finally:
+        watch.close()
+    return [answers, watch.signal]
+
+
+def test_preemption_is_agreed_one_step_later_on_every_rank():
+    """Rank 1 alone is signalled during step 2: without waiting on anything, both ranks say
+    stop from step 3 on (the all-reduce started after step 2 is read after step 3)."""
+    import signal
+
+    results = run_workers(_agree, 2, 2, timeout_s=120)
+    for answers, sig in results:
+        assert answers == [False, False, True, True, True, True]
+        assert sig == signal.SIGTERM  # rank 0 learns which signal it was
