@@ -203,11 +203,10 @@ def _trainer(data: str, run_dir, **extra: str):
 def test_a_non_finite_step_is_a_no_op_on_the_device(byte_data, tmp_path):
     """The update of a poisoned step changes nothing (weights, moments, AdamW's step count),
     and the host hears of it only when it settles the flags."""
-    from triaxis.train.numerics import DeviceChecks, NumericsGuard
+    from triaxis.train.numerics import Numerics
 
     trainer = _trainer(byte_data, tmp_path / "run")
-    trainer.guard = NumericsGuard(0.0, 5)
-    trainer.checks = DeviceChecks(trainer.guard)
+    trainer.numerics = Numerics(trainer.cfg.train, trainer.log)  # as fit() does
     trainer.train_step(0, 1)  # one good step: the optimizer state exists
     weights = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     moments = {
@@ -220,7 +219,7 @@ def test_a_non_finite_step_is_a_no_op_on_the_device(byte_data, tmp_path):
     for p, s in trainer.optimizer.state.items():
         for k, v in s.items():
             assert torch.equal(v, moments[id(p)][k]), k  # exp_avg, exp_avg_sq, step
-    logged, bad = trainer.checks.settle()
+    logged, bad = trainer.numerics.settle()
     assert logged is None and [(b.step, b.cursor) for b in bad] == [(2, 8)]
     assert "non-finite gradients" in bad[0].reason
     trainer.train_step(8, 2)  # the same batch, unpoisoned: an update again

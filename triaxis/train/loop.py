@@ -37,13 +37,8 @@ from triaxis.parallel.rules import Planner
 from triaxis.train.build import build_model
 from triaxis.train.cadence import Cadence
 from triaxis.train.distributed import DistEnv, init_distributed, leave_on_error, shutdown
-from triaxis.train.numerics import BadStep, DeviceChecks, NumericsGuard
-from triaxis.train.optim import (
-    build_optimizer,
-    build_scheduler,
-    clip_grad_norm,
-    rewind_scheduler,
-)
+from triaxis.train.numerics import Numerics
+from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from triaxis.train.resilience import Faults, PreemptionWatch, hold_run_lock, lock_folders
 from triaxis.train.resolve import resolve
 from triaxis.train.watchdog import Watchdog
@@ -161,9 +156,7 @@ class Trainer:
         )
         self.ckpt_step = 0
         self.resumed_loop_state: dict = {}  # see loop_state()
-        self.guard: NumericsGuard | None = None
-        self.checks: DeviceChecks | None = None  # the guard's device side; both set by fit()
-        self.skip_cursors: set[int] = set()
+        self.numerics = Numerics(cfg.train, self.log, on=False)  # fit() turns it on
         self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
         self.peak = peak_flops(self.device)
 
@@ -250,8 +243,9 @@ class Trainer:
             loss = self.reduce_over_dp(loss)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = clip_grad_norm(params, self.cfg.train.grad_clip, self.pp_group)
-        if self.checks is not None:
-            self.optimizer.found_inf = self.checks.flag(step, cursor, norm, loss if logs else None)
+        if self.numerics.checks is not None:
+            flag = self.numerics.checks.flag(step, cursor, norm, loss if logs else None)
+            self.optimizer.found_inf = flag
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # also after a skipped update: fit() rewinds it once it knows
@@ -326,19 +320,15 @@ class Trainer:
         result = TrainResult(run_dir=str(run_dir))
         cadence = Cadence.of(cfg, step, self.val_ds is not None)
         preempt = PreemptionWatch()
-        if cfg.train.on_bad_loss != "off":
-            self.guard = NumericsGuard(cfg.train.spike_factor, cfg.train.max_bad_steps)
-            self.checks = DeviceChecks(self.guard)
-        self.skip_cursors = set()  # batches a rollback decided never to train on again
-        self.restore_loop_state(self.resumed_loop_state)
-        tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+        self.numerics = Numerics(cfg.train, log)
+        self.numerics.restore(self.resumed_loop_state)
         t_last, steps_since = time.perf_counter(), 0
         watchdog = Watchdog(cfg.train.hang_timeout_s, self.env.rank, self.env.world_size)
         watchdog.start()
         try:
             while step < cfg.train.steps:
                 watchdog.beat(step)  # once per iteration: a step, its logging, validation, save
-                if cursor in self.skip_cursors:
+                if cursor in self.numerics.skip_cursors:
                     cursor += cfg.train.global_batch
                     continue
                 logs = cadence.logs(step + 1)
@@ -350,16 +340,18 @@ class Trainer:
                 if not (stop or cadence.syncs(step)):
                     continue  # the hot path: the host queues the next step at once
                 # From here on the host reads device values (once): steps that sync anyway.
-                logged, bad = self.checks.settle() if self.checks else (None, [])
+                logged, bad = self.numerics.settle()
                 if bad:
-                    step, cursor = self._bad_steps(bad, step, cursor)
+                    step, cursor = self.numerics.handle(
+                        bad, step, cursor, self.ckpt, self.scheduler
+                    )
                     continue
                 if self.ckpt.poll():
                     log.info(f"committed checkpoint at step {self.ckpt_step}")
                 if logs:
                     value = float(loss) if logged is None else logged  # the mean over dp
                     elapsed_s = time.perf_counter() - t_last  # after the read: the device's time
-                    record = self._record(step, value, tokens_per_step * steps_since, elapsed_s)
+                    record = self._record(step, value, steps_since, elapsed_s)
                     result.losses[step] = record["loss"]
                     metrics.write(record)
                     progress.update(step, record)
@@ -414,57 +406,12 @@ class Trainer:
             )
         )
 
-    def _bad_steps(self, bad: list[BadStep], step: int, cursor: int) -> tuple[int, int]:
-        """Updates the device skipped (the numerics guard): count them (past max_bad_steps the
-        run stops), never train on their batches again, and either take the steps back (skip:
-        the step count and the LR schedule as if they never ran) or roll back to the last
-        checkpoint (rollback). Returns the (step, cursor) to continue from."""
-        assert self.guard is not None
-        for b in bad:
-            self.skip_cursors.add(b.cursor)
-            self.guard.count(b)
-        first = bad[0]
-        if self.cfg.train.on_bad_loss == "rollback":
-            self.ckpt.wait()
-            resumed = self.ckpt.resume()
-            if resumed is not None:
-                state = resumed[1]
-                self.restore_loop_state(state.get("loop_state", {}), rollback=True)
-                self.log.warn(
-                    f"step {first.step}: {first.reason}; rolled back to step {state['step']} "
-                    f"and skipping the batch at sample cursor {first.cursor}"
-                )
-                return state["step"], state["cursor"]
-            self.log.warn(f"step {first.step}: {first.reason}; no checkpoint to roll back to")
-        for b in bad:
-            self.log.warn(
-                f"step {b.step}: {b.reason}; update skipped, batch at sample cursor "
-                f"{b.cursor} dropped"
-            )
-        rewind_scheduler(self.scheduler, len(bad))
-        return step - len(bad), cursor
-
-    # What the loop carries from step to step besides weights, optimizer, LR schedule and data
-    # cursor (those are the checkpoint's own state): saved with every checkpoint, restored on
-    # resume, so a killed and resumed run repeats the uninterrupted one exactly. Nothing else
-    # carries over: no step draws random numbers (the data order is a pure function of seed and
-    # position; there is no dropout), and the pipeline schedules start every step afresh.
     def loop_state(self) -> dict:
-        state: dict = {"skip_cursors": sorted(self.skip_cursors)}
-        if self.guard is not None:
-            state["guard"] = self.guard.state()
-        return state
+        """What the loop carries besides the checkpoint's own state (Numerics.state)."""
+        return self.numerics.state()
 
-    def restore_loop_state(self, state: dict, rollback: bool = False) -> None:
-        """After a resume; or after a rollback, which returns the running mean to the
-        checkpoint's but keeps counting bad steps (else max_bad_steps could never stop a run
-        that keeps rolling back) and keeps every batch already marked to skip."""
-        self.skip_cursors |= set(state.get("skip_cursors", ()))
-        if self.guard is not None and state.get("guard") is not None:
-            self.guard.load_state(state["guard"], rollback)
-
-    def _record(self, step: int, loss: float, tokens: int, elapsed_s: float) -> dict:
-        """The log record of a step (rank 0 writes it); every rank takes part in the reduce."""
+    def _record(self, step: int, loss: float, steps: int, elapsed_s: float) -> dict:
+        """A logged step's record, over the `steps` steps since the last; all ranks reduce."""
         mem = torch.tensor([peak_memory_bytes(self.device)], dtype=torch.float64)
         wait = torch.tensor([self.data_wait_s], dtype=torch.float64)
         self.data_wait_s = 0.0
@@ -476,8 +423,8 @@ class Trainer:
             step,
             loss=loss,
             lr=self.optimizer.param_groups[0]["lr"],
-            tokens=tokens,
-            steps=round(tokens / (self.cfg.train.global_batch * self.cfg.data.seq_len)),
+            tokens=steps * self.cfg.train.global_batch * self.cfg.data.seq_len,
+            steps=steps,
             elapsed_s=elapsed_s,
             world_size=self.env.world_size,
             flops_per_token=self.flops_per_token,

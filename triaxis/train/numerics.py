@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from triaxis.config import TrainConfig
 from triaxis.errors import UserError
+from triaxis.train.optim import rewind_scheduler
 
 
 @dataclass
@@ -142,3 +144,74 @@ class DeviceChecks:
             bad.append(BadStep(p.step - len(bad), p.cursor, reason))
         last = pending[-1]
         return (None if last.loss is None else rows[-1][2]), bad
+
+
+class Numerics:
+    """The numerics guard as the loop carries it: the device flags, the host's judgement,
+    the batches never to train on again, and what a bad step does: `skip` takes the step back
+    (the step count and the LR schedule as if it never ran), `rollback` returns to the last
+    checkpoint; `off` checks nothing."""
+
+    def __init__(self, cfg: TrainConfig, log, on: bool = True) -> None:
+        """`on=False`: no checks whatever cfg says (a Trainer before fit())."""
+        self.rollback, self.log = cfg.on_bad_loss == "rollback", log
+        self.guard = (
+            NumericsGuard(cfg.spike_factor, cfg.max_bad_steps)
+            if on and cfg.on_bad_loss != "off"
+            else None
+        )
+        self.checks = None if self.guard is None else DeviceChecks(self.guard)
+        self.skip_cursors: set[int] = set()
+        """Batches (sample cursors) never to train on again: a bad step's, kept across resumes."""
+
+    # What the loop carries from step to step besides weights, optimizer, LR schedule and data
+    # cursor (those are the checkpoint's own state): saved with every checkpoint, restored on
+    # resume, so a killed and resumed run repeats the uninterrupted one exactly. Nothing else
+    # carries over: no step draws random numbers (the data order is a pure function of seed and
+    # position; there is no dropout), and the pipeline schedules start every step afresh.
+    def state(self) -> dict:
+        state: dict = {"skip_cursors": sorted(self.skip_cursors)}
+        if self.guard is not None:
+            state["guard"] = self.guard.state()
+        return state
+
+    def restore(self, state: dict, rollback: bool = False) -> None:
+        """After a resume; or after a rollback, which returns the running mean to the
+        checkpoint's but keeps counting bad steps and keeps every batch already marked."""
+        self.skip_cursors |= set(state.get("skip_cursors", ()))
+        if self.guard is not None and state.get("guard") is not None:
+            self.guard.load_state(state["guard"], rollback)
+
+    def settle(self) -> tuple[float | None, list[BadStep]]:
+        return self.checks.settle() if self.checks is not None else (None, [])
+
+    def handle(
+        self, bad: list[BadStep], step: int, cursor: int, ckpt, scheduler
+    ) -> tuple[int, int]:
+        """Bad steps found by settle(): count them (past max_bad_steps the run stops), never
+        train on their batches again, then skip or roll back. Returns the (step, cursor) to
+        continue from."""
+        assert self.guard is not None
+        for b in bad:
+            self.skip_cursors.add(b.cursor)
+            self.guard.count(b)
+        first = bad[0]
+        if self.rollback:
+            ckpt.wait()
+            resumed = ckpt.resume()
+            if resumed is not None:
+                state = resumed[1]
+                self.restore(state.get("loop_state", {}), rollback=True)
+                self.log.warn(
+                    f"step {first.step}: {first.reason}; rolled back to step {state['step']} "
+                    f"and skipping the batch at sample cursor {first.cursor}"
+                )
+                return state["step"], state["cursor"]
+            self.log.warn(f"step {first.step}: {first.reason}; no checkpoint to roll back to")
+        for b in bad:
+            self.log.warn(
+                f"step {b.step}: {b.reason}; update skipped, batch at sample cursor "
+                f"{b.cursor} dropped"
+            )
+        rewind_scheduler(scheduler, len(bad))
+        return step - len(bad), cursor
