@@ -86,6 +86,7 @@ class SyncCounter:
     def __init__(self) -> None:
         self.step = 0
         self.by_step: dict[int, list[str]] = defaultdict(list)
+        self.before_step = lambda: None  # a hook: called as each step starts
 
     def _seen(self, what: str) -> None:
         # The loop's own thread: an async checkpoint's writer thread (DCP's background write of
@@ -126,6 +127,7 @@ class SyncCounter:
         train_step = trainer_cls.train_step
 
         def counted_step(trainer, cursor, step=0, *args, **kwargs):
+            self.before_step()
             self.step = step
             return train_step(trainer, cursor, step, *args, **kwargs)
 
@@ -140,17 +142,46 @@ class SyncCounter:
                     delattr(owner, name)
 
 
-def _count(rank: int, world: int, data: str, run_dir: str, extra: dict) -> dict[int, list[str]]:
+def _count(
+    rank: int, world: int, data: str, run_dir: str, extra: dict, device: str = "cpu"
+) -> dict[int, list[str]]:
     from triaxis.train.loop import Trainer
 
     values = {**BASE, "data.path": data, "train.run_dir": run_dir, **extra}
+    values["train.device"] = device
     cfg = load_config(None, [f"--{k}={v}" for k, v in values.items()])
-    trainer = Trainer(cfg, init_distributed("cpu"))
+    trainer = Trainer(cfg, init_distributed(device))
     counter = SyncCounter()
-    with counter.installed(Trainer):
+    with counter.installed(Trainer), _cuda_syncs(counter, device):
         result = trainer.fit()
     assert result.final_step == 12
     return dict(counter.by_step)
+
+
+@contextlib.contextmanager
+def _cuda_syncs(counter: SyncCounter, device: str):
+    """On a GPU, also every synchronizing CUDA call torch itself makes (C++ included), as
+    torch.cuda.set_sync_debug_mode reports them, by step."""
+    if device != "cuda":
+        yield
+        return
+    import warnings
+
+    def flush() -> None:  # what was reported so far belongs to the step that was running
+        while caught:
+            w = caught.pop(0)
+            if "synchroniz" in str(w.message):
+                counter.by_step[counter.step].append(f"cuda sync: {str(w.message)[:80]}")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counter.before_step = flush
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+            flush()
 
 
 def _assert_no_sync_outside(by_step: dict[int, list[str]]) -> None:
@@ -169,6 +200,13 @@ def test_no_host_sync_between_log_steps_one_process(on_bad_loss, byte_data, tmp_
         str(tmp_path / "run"),
         {"train.on_bad_loss": on_bad_loss, "train.micro_batch": "4"},
     )
+    _assert_no_sync_outside(by_step)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_no_cuda_sync_between_log_steps_on_a_gpu(byte_data, tmp_path):
+    extra = {"train.micro_batch": "4", "train.dtype": "bf16"}
+    by_step = _count(0, 1, byte_data, str(tmp_path / "run"), extra, "cuda")
     _assert_no_sync_outside(by_step)
 
 
