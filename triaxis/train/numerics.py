@@ -105,7 +105,7 @@ class DeviceChecks:
         bad = ~torch.isfinite(norm)
         threshold = None
         if loss is not None:
-            loss = loss.detach().to(norm.device)
+            loss = loss.detach().float().to(norm.device)
             bad = bad | ~torch.isfinite(loss)
             threshold = self.guard.spike_threshold()
             if threshold is not None:
