@@ -37,6 +37,23 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def describe_run(cfg, counts: dict, where: str, grad_accum: int, loss_chunk: int) -> str:
+    """The line a run starts with: the model, the layout (`where`: the layout and the devices),
+    the batch, the loss path."""
+    return (
+        f"model {cfg.model.preset}: {counts['total'] / 1e6:.1f}M parameters "
+        f"({counts['non_embedding'] / 1e6:.1f}M non-embedding); layout "
+        f"{where}; "
+        f"global batch {cfg.train.global_batch} x {cfg.data.seq_len} tokens, "
+        f"grad accumulation {grad_accum}; loss: "
+        + (
+            f"fused head + cross-entropy, {loss_chunk} tokens a chunk"
+            if loss_chunk
+            else "full logits, then cross-entropy"
+        )
+    )
+
+
 def step_record(
     step: int,
     *,

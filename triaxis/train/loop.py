@@ -27,6 +27,7 @@ from triaxis.metrics.logger import (
     MetricsWriter,
     Progress,
     RankLogger,
+    describe_run,
     peak_flops,
     peak_memory_bytes,
     step_record,
@@ -314,7 +315,9 @@ class Trainer:
         if self.env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(to_toml(cfg))
-        self._describe()
+        counts = param_counts(self.model_args)
+        where = f"{self.dims.describe()} on {self.env.world_size} x {self.device.type}"
+        log.info(describe_run(cfg, counts, where, self.grad_accum, self.loss_chunk))
         metrics = MetricsWriter(cfg.train.run_dir, self.env.is_main, cfg.metrics.tensorboard)
         progress = Progress(log, cfg.train.steps, step, cfg.metrics.progress)
         result = TrainResult(run_dir=str(run_dir))
@@ -390,21 +393,6 @@ class Trainer:
             metrics.close()
         result.final_step = step
         return result
-
-    def _describe(self) -> None:
-        cfg, counts = self.cfg, param_counts(self.model_args)
-        self.log.info(
-            f"model {cfg.model.preset}: {counts['total'] / 1e6:.1f}M parameters "
-            f"({counts['non_embedding'] / 1e6:.1f}M non-embedding); layout "
-            f"{self.dims.describe()} on {self.env.world_size} x {self.device.type}; "
-            f"global batch {cfg.train.global_batch} x {cfg.data.seq_len} tokens, "
-            f"grad accumulation {self.grad_accum}; loss: "
-            + (
-                f"fused head + cross-entropy, {self.loss_chunk} tokens a chunk"
-                if self.loss_chunk
-                else "full logits, then cross-entropy"
-            )
-        )
 
     def loop_state(self) -> dict:
         """What the loop carries besides the checkpoint's own state (Numerics.state)."""
