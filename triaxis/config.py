@@ -151,10 +151,12 @@ class TrainConfig:
     val_batches: int = ranged(4, ge=1)
     """Validation batches of global_batch samples each (the same samples for every layout)."""
     on_bad_loss: Literal["skip", "rollback", "off"] = "skip"
-    """A non-finite or spiking loss: skip the update; rollback to the last checkpoint and skip
-    the batch; or off (no check, no per-step host sync)."""
+    """Non-finite gradients or loss, or a spiking logged loss: skip the update (decided on the
+    device, no host sync; the host learns of it at the next log step); rollback to the last
+    checkpoint and skip the batch; or off (no check)."""
     spike_factor: float = ranged(0.0, ge=0)
-    """A loss above spike_factor x the running mean counts as bad (0 = only non-finite ones)."""
+    """A logged loss above spike_factor x the running mean of the logged losses counts as bad
+    (0 = only non-finite ones)."""
     max_bad_steps: int = ranged(5, ge=1)
     """Stop with an error after this many bad steps."""
     exit_after_steps: int = ranged(0, ge=0)

@@ -26,6 +26,76 @@ def peak_flops(device) -> float | None:
     return peak_bf16_flops(torch.cuda.get_device_name(device))
 
 
+def peak_memory_bytes(device) -> int:
+    """The most memory this process has held: allocated on the GPU, else resident (Linux)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def describe_run(cfg, counts: dict, where: str, grad_accum: int, loss_chunk: int) -> str:
+    """The line a run starts with: the model, the layout (`where`: the layout and the devices),
+    the batch, the loss path."""
+    return (
+        f"model {cfg.model.preset}: {counts['total'] / 1e6:.1f}M parameters "
+        f"({counts['non_embedding'] / 1e6:.1f}M non-embedding); layout "
+        f"{where}; "
+        f"global batch {cfg.train.global_batch} x {cfg.data.seq_len} tokens, "
+        f"grad accumulation {grad_accum}; loss: "
+        + (
+            f"fused head + cross-entropy, {loss_chunk} tokens a chunk"
+            if loss_chunk
+            else "full logits, then cross-entropy"
+        )
+    )
+
+
+def step_record(
+    step: int,
+    *,
+    loss: float,
+    lr: float,
+    tokens: int,
+    steps: int,
+    elapsed_s: float,
+    world_size: int,
+    flops_per_token: float,
+    peak: float | None,
+    max_memory_bytes: float,
+    data_wait_s: float,
+) -> tuple[dict, str | None]:
+    """The record of a logged step, over the `steps` steps (`tokens` tokens, `elapsed_s`) since
+    the last one, from values already reduced across ranks; and a warning when waiting for
+    data took over a tenth of that time."""
+    tokens_per_s = tokens / max(elapsed_s, 1e-9)
+    per_device = tokens_per_s / world_size
+    wait_share = data_wait_s / max(elapsed_s, 1e-9)
+    steps = max(1, steps)
+    stall = None
+    if wait_share > 0.1:
+        stall = (
+            f"step {step}: the data loader stalls training: {wait_share:.0%} of "
+            f"step time waiting for batches ({data_wait_s / steps:.3f}s per step); "
+            "put data.path on faster storage or raise data.cache_gib (s3://)"
+        )
+    record = {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_per_device": per_device,
+        "mfu": (flops_per_token * per_device / peak) if peak else None,
+        "max_memory_gib": max_memory_bytes / 2**30,
+        "data_wait_s": data_wait_s / steps,
+        "data_wait_share": wait_share,
+    }
+    return record, stall
+
+
 class RankLogger:
     def __init__(self, is_main: bool):
         self.is_main = is_main

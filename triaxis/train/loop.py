@@ -7,7 +7,6 @@ config -> ParallelDims + mesh -> model on meta -> parallelize -> materialize + i
 from __future__ import annotations
 
 import contextlib
-import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,20 +19,24 @@ from triaxis.checkpoint.dcp import Checkpointer
 from triaxis.config import Config, grad_accum_steps, to_toml
 from triaxis.data.dataset import micro_batch_start
 from triaxis.data.mixture import open_val_sets, source_tokens, val_record
-from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flops
+from triaxis.metrics.logger import (
+    MetricsWriter,
+    Progress,
+    RankLogger,
+    describe_run,
+    peak_flops,
+    peak_memory_bytes,
+    step_record,
+)
 from triaxis.model import flops_per_token, param_counts
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.parallel.rules import Planner
 from triaxis.train.build import build_model
+from triaxis.train.cadence import Cadence
 from triaxis.train.distributed import DistEnv, init_distributed, leave_on_error, shutdown
+from triaxis.train.numerics import Numerics
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from triaxis.train.resilience import (
-    Faults,
-    NumericsGuard,
-    PreemptionWatch,
-    hold_run_lock,
-    lock_folders,
-)
+from triaxis.train.resilience import Faults, PreemptionWatch, hold_run_lock, lock_folders
 from triaxis.train.resolve import resolve
 from triaxis.train.watchdog import Watchdog
 
@@ -134,8 +137,7 @@ class Trainer:
         )
         self.ckpt_step = 0
         self.resumed_loop_state: dict = {}  # see loop_state()
-        self.guard: NumericsGuard | None = None
-        self.skip_cursors: set[int] = set()
+        self.numerics = Numerics(cfg.train, self.log, on=False)  # fit() turns it on
         self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
         self.peak = peak_flops(self.device)
 
@@ -164,6 +166,8 @@ class Trainer:
         )
         t0 = time.perf_counter()
         batch = ds.batch(start, self.cfg.train.micro_batch, shuffle)
+        if self.device.type == "cuda":  # a copy from pinned memory does not wait for the GPU
+            batch = batch.pin_memory()
         if ds is self.train_ds:  # validation reads are not training time
             self.data_wait_s += time.perf_counter() - t0
         return batch.to(self.device, non_blocking=True)
@@ -207,33 +211,37 @@ class Trainer:
             total += _plain(loss.detach())
         return total
 
-    def optimizer_step(self) -> None:
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        clip_grad_norm(params, self.cfg.train.grad_clip, self.pp_group)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-
-    def train_step(self, cursor: int, step: int = 0) -> tuple[torch.Tensor, str | None]:
-        """One training step, the one fit() runs: forward + backward, the numerics guard's
-        verdict, then the optimizer step. Returns (this rank's loss, None), or (loss, why) for
-        a bad loss: no update was made and the gradients are dropped."""
+    def train_step(self, cursor: int, step: int = 0, logs: bool = False) -> torch.Tensor:
+        """One training step, the one fit() runs: forward + backward, clipping, the update.
+        Nothing is read on the host. With the numerics guard on (fit sets it), the update is a
+        no-op on the device when the gradients are not finite, or on a log step when the mean
+        loss is not finite or spikes; fit() learns of it at the next step that syncs anyway.
+        Returns this rank's loss, or on a log step (`logs`) its mean over data-parallel ranks
+        (a device tensor either way)."""
         self.faults.inject_kill(step, self.env.rank)
         loss = self.forward_backward(cursor, step)
-        if self.guard is not None:
-            reason = self.guard.check(self.mean_over_dp(loss), step, cursor)
-            if reason is not None:
-                self.optimizer.zero_grad(set_to_none=True)
-                return loss, reason
-        self.optimizer_step()
-        return loss, None
+        if logs:
+            loss = self.reduce_over_dp(loss)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = clip_grad_norm(params, self.cfg.train.grad_clip, self.pp_group)
+        if self.numerics.checks is not None:
+            flag = self.numerics.checks.flag(step, cursor, norm, loss if logs else None)
+            self.optimizer.found_inf = flag
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()  # also after a skipped update: fit() rewinds it once it knows
+        return loss
+
+    def reduce_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean over data-parallel ranks, on the device (a collective, no host read)."""
+        if self.dp_group is None:
+            return value
+        value = value.clone()
+        dist.all_reduce(value, group=self.dp_group)
+        return value / self.dims.dp_size
 
     def mean_over_dp(self, value: torch.Tensor) -> float:
-        if self.dp_group is not None:
-            value = value.clone()
-            dist.all_reduce(value, group=self.dp_group)
-            value /= self.dims.dp_size
-        return float(value)
+        return float(self.reduce_over_dp(value))
 
     def validate_all(self) -> dict[str, float]:
         """Validation metrics: val_loss, and per source of a mixture val_loss/NAME (val_loss
@@ -287,103 +295,89 @@ class Trainer:
         cfg, log = self.cfg, self.log
         self.faults.inject_fault("start", self.env.rank)
         step, cursor = self.resume()
-        first_step = step
         run_dir = Path(cfg.train.run_dir)
         if self.env.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(to_toml(cfg))
         counts = param_counts(self.model_args)
-        log.info(
-            f"model {cfg.model.preset}: {counts['total'] / 1e6:.1f}M parameters "
-            f"({counts['non_embedding'] / 1e6:.1f}M non-embedding); layout "
-            f"{self.dims.describe()} on {self.env.world_size} x {self.device.type}; "
-            f"global batch {cfg.train.global_batch} x {cfg.data.seq_len} tokens, "
-            f"grad accumulation {self.grad_accum}; loss: "
-            + (
-                f"fused head + cross-entropy, {self.loss_chunk} tokens a chunk"
-                if self.loss_chunk
-                else "full logits, then cross-entropy"
-            )
-        )
+        where = f"{self.dims.describe()} on {self.env.world_size} x {self.device.type}"
+        log.info(describe_run(cfg, counts, where, self.grad_accum, self.loss_chunk))
         metrics = MetricsWriter(cfg.train.run_dir, self.env.is_main, cfg.metrics.tensorboard)
         progress = Progress(log, cfg.train.steps, step, cfg.metrics.progress)
         result = TrainResult(run_dir=str(run_dir))
+        cadence = Cadence.of(cfg, step, bool(self.val_sets))
         preempt = PreemptionWatch()
-        self.guard = (
-            NumericsGuard(cfg.train.spike_factor, cfg.train.max_bad_steps)
-            if cfg.train.on_bad_loss != "off"
-            else None
-        )
-        self.skip_cursors = set()  # batches a rollback decided never to train on again
-        self.restore_loop_state(self.resumed_loop_state)
-        tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+        self.numerics = Numerics(cfg.train, log)
+        self.numerics.restore(self.resumed_loop_state)
         t_last, steps_since = time.perf_counter(), 0
         watchdog = Watchdog(cfg.train.hang_timeout_s, self.env.rank, self.env.world_size)
         watchdog.start()
         try:
             while step < cfg.train.steps:
                 watchdog.beat(step)  # once per iteration: a step, its logging, validation, save
-                if cursor in self.skip_cursors:
+                if cursor in self.numerics.skip_cursors:
                     cursor += cfg.train.global_batch
                     continue
-                loss, reason = self.train_step(cursor, step + 1)
-                if reason is not None:
-                    step, cursor = self._bad_step(reason, step, cursor, self.skip_cursors)
-                    continue
+                logs = cadence.logs(step + 1)
+                loss = self.train_step(cursor, step + 1, logs)
                 step += 1
                 cursor += cfg.train.global_batch
                 steps_since += 1
+                stop = preempt.should_stop()  # non-blocking; the same answer on every rank
+                if not (stop or cadence.syncs(step)):
+                    continue  # the hot path: the host queues the next step at once
+                # From here on the host reads device values (once): steps that sync anyway.
+                logged, bad = self.numerics.settle()
+                if bad:
+                    step, cursor = self.numerics.handle(
+                        bad, step, cursor, self.ckpt, self.scheduler
+                    )
+                    continue
                 if self.ckpt.poll():
                     log.info(f"committed checkpoint at step {self.ckpt_step}")
-                if (
-                    step % cfg.metrics.log_every == 0
-                    or step == cfg.train.steps
-                    or step == first_step + 1
-                ):  # the starting loss, to see it fall
-                    record = self._record(
-                        step, loss, tokens_per_step * steps_since, time.perf_counter() - t_last
-                    )
+                if logs:
+                    value = float(loss) if logged is None else logged  # the mean over dp
+                    elapsed_s = time.perf_counter() - t_last  # after the read: the device's time
+                    record = self._record(step, value, steps_since, elapsed_s)
                     result.losses[step] = record["loss"]
                     # per source of a mixture, from the cursor alone (host arithmetic)
                     record.update(
                         source_tokens(
-                            self.train_ds, cursor, self.skip_cursors, cfg.train.global_batch
+                            self.train_ds,
+                            cursor,
+                            self.numerics.skip_cursors,
+                            cfg.train.global_batch,
                         )
                     )
                     metrics.write(record)
                     progress.update(step, record)
                     t_last, steps_since = time.perf_counter(), 0
-                if cfg.train.val_every and step % cfg.train.val_every == 0:
+                if cadence.validates(step):
                     vals = self.validate_all()
                     if vals:
                         val = result.val_losses[step] = vals["val_loss"]
                         metrics.write({"step": step, **vals})
                         log.info(f"step {step}: validation loss {val:.4f}")
                     t_last = time.perf_counter()  # validation time is not training time
-                last = step == cfg.train.steps
-                if (
-                    cfg.train.exit_after_steps
-                    and step - first_step >= cfg.train.exit_after_steps
-                    and not last
-                ):
+                if cadence.exits(step):
                     self.ckpt.save(step, cursor, block=True, loop_state=self.loop_state())
                     log.info(f"exit_after_steps={cfg.train.exit_after_steps}: saved step {step}")
                     break
-                if preempt.should_stop() and not last:
+                if stop and step < cfg.train.steps:
                     self.ckpt.save(step, cursor, block=True, loop_state=self.loop_state())
                     log.warn(f"{preempt.name}: saved a final checkpoint at step {step}; exiting")
                     result.preempted, result.stop_signal = True, preempt.signal
                     break
-                if (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or (
-                    last and cfg.checkpoint.save_final
-                ):
+                if cadence.saves(step):
                     self.faults.inject_fault("checkpoint", self.env.rank, step)
+                    last = step == cfg.train.steps
                     path = self.ckpt.save(step, cursor, block=last, loop_state=self.loop_state())
                     self.ckpt_step = step
                     blocked = self.ckpt.blocking_s[-1]
                     log.info(f"checkpoint {path} (training blocked {blocked:.2f}s)")
                     metrics.write({"step": step, "checkpoint_blocking_s": blocked})
                     t_last = time.perf_counter()  # checkpoint time is not training time
+            preempt.finish()
             self.ckpt.close()
         finally:
             watchdog.stop()
@@ -393,87 +387,35 @@ class Trainer:
         result.final_step = step
         return result
 
-    def _bad_step(
-        self, reason: str, step: int, cursor: int, skip_cursors: set[int]
-    ) -> tuple[int, int]:
-        """A bad loss: skip this update, or roll back to the last checkpoint and never train on
-        this batch again. Returns the (step, cursor) to continue from."""
-        skip_cursors.add(cursor)
-        if self.cfg.train.on_bad_loss == "rollback":
-            self.ckpt.wait()
-            resumed = self.ckpt.resume()
-            if resumed is not None:
-                state = resumed[1]
-                self.restore_loop_state(state.get("loop_state", {}), rollback=True)
-                self.log.warn(
-                    f"step {step + 1}: {reason}; rolled back to step {state['step']} "
-                    f"and skipping the batch at sample cursor {cursor}"
-                )
-                return state["step"], state["cursor"]
-            self.log.warn(f"step {step + 1}: {reason}; no checkpoint to roll back to, skipping")
-        else:
-            self.log.warn(
-                f"step {step + 1}: {reason}; update skipped, batch at sample cursor "
-                f"{cursor} dropped"
-            )
-        return step, cursor + self.cfg.train.global_batch
-
-    # What the loop carries from step to step besides weights, optimizer, LR schedule and data
-    # cursor (those are the checkpoint's own state): saved with every checkpoint, restored on
-    # resume, so a killed and resumed run repeats the uninterrupted one exactly. Nothing else
-    # carries over: no step draws random numbers (the data order is a pure function of seed and
-    # position; there is no dropout), and the pipeline schedules start every step afresh.
     def loop_state(self) -> dict:
-        state: dict = {"skip_cursors": sorted(self.skip_cursors)}
-        if self.guard is not None:
-            state["guard"] = {
-                "seen": self.guard.seen,
-                "mean": self.guard.mean,
-                "bad_steps": self.guard.bad_steps,
-            }
-        return state
+        """What the loop carries besides the checkpoint's own state (Numerics.state)."""
+        return self.numerics.state()
 
-    def restore_loop_state(self, state: dict, rollback: bool = False) -> None:
-        """After a resume; or after a rollback, which returns the running mean to the
-        checkpoint's but keeps counting bad steps (else max_bad_steps could never stop a run
-        that keeps rolling back) and keeps every batch already marked to skip."""
-        self.skip_cursors |= set(state.get("skip_cursors", ()))
-        guard = state.get("guard")
-        if self.guard is not None and guard is not None:
-            self.guard.seen, self.guard.mean = int(guard["seen"]), float(guard["mean"])
-            if not rollback:
-                self.guard.bad_steps = int(guard["bad_steps"])
-
-    def _record(self, step: int, loss: torch.Tensor, tokens: int, elapsed_s: float) -> dict:
-        tokens_per_s = tokens / max(elapsed_s, 1e-9)
-        per_device = tokens_per_s / self.env.world_size
-        mfu = (self.flops_per_token * per_device / self.peak) if self.peak else None
-        mem = torch.tensor([_peak_memory_bytes(self.device)], dtype=torch.float64)
+    def _record(self, step: int, loss: float, steps: int, elapsed_s: float) -> dict:
+        """A logged step's record, over the `steps` steps since the last; all ranks reduce."""
+        mem = torch.tensor([peak_memory_bytes(self.device)], dtype=torch.float64)
         wait = torch.tensor([self.data_wait_s], dtype=torch.float64)
         self.data_wait_s = 0.0
         self.faults.inject_fault("logging", self.env.rank, step)
         if self.env.world_size > 1:
             dist.all_reduce(mem, op=dist.ReduceOp.MAX)
             dist.all_reduce(wait, op=dist.ReduceOp.MAX)  # the slowest rank's wait stalls all
-        steps = max(1, round(tokens / (self.cfg.train.global_batch * self.cfg.data.seq_len)))
-        wait_share = float(wait) / max(elapsed_s, 1e-9)
-        if wait_share > 0.1:
-            self.log.warn(
-                f"step {step}: the data loader stalls training: {wait_share:.0%} of "
-                f"step time waiting for batches ({float(wait) / steps:.3f}s per step); "
-                "put data.path on faster storage or raise data.cache_gib (s3://)"
-            )
-        return {
-            "step": step,
-            "loss": self.mean_over_dp(loss),
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "tokens_per_s": tokens_per_s,
-            "tokens_per_s_per_device": per_device,
-            "mfu": mfu,
-            "max_memory_gib": float(mem) / 2**30,
-            "data_wait_s": float(wait) / steps,
-            "data_wait_share": wait_share,
-        }
+        record, stall = step_record(
+            step,
+            loss=loss,
+            lr=self.optimizer.param_groups[0]["lr"],
+            tokens=steps * self.cfg.train.global_batch * self.cfg.data.seq_len,
+            steps=steps,
+            elapsed_s=elapsed_s,
+            world_size=self.env.world_size,
+            flops_per_token=self.flops_per_token,
+            peak=self.peak,
+            max_memory_bytes=float(mem),
+            data_wait_s=float(wait),
+        )
+        if stall:
+            self.log.warn(stall)
+        return record
 
 
 def _compute_dtype(requested: str, device: torch.device) -> torch.dtype | None:
@@ -481,12 +423,6 @@ def _compute_dtype(requested: str, device: torch.device) -> torch.dtype | None:
     if requested == "bf16" or (requested == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
-
-
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,9 @@ from triaxis.config import TrainConfig
 def build_optimizer(
     model: nn.Module, cfg: TrainConfig, device: torch.device, params_on_cpu: bool = False
 ) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters; decay on matrices only. `device` and
+    `params_on_cpu` no longer change the choice (fused kernels exist for CUDA and CPU
+    parameters alike); kept for callers."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -21,16 +24,11 @@ def build_optimizer(
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    # Fused kernels need the parameters on the accelerator; foreach elsewhere.
-    fused = device.type == "cuda" and not params_on_cpu
-    return torch.optim.AdamW(
-        groups,
-        lr=cfg.lr,
-        betas=(cfg.beta1, cfg.beta2),
-        eps=1e-8,
-        fused=fused,
-        foreach=None if fused else True,
-    )
+    # Fused, on every device (CPU included): one kernel per group, the step counts stay on
+    # the parameters' device (foreach reads them on the host every step), and it honours
+    # `optimizer.found_inf`, the device-side flag that makes a step with non-finite gradients
+    # a no-op (triaxis.train.numerics) without the host looking.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -44,6 +42,20 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+
+
+def rewind_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
+    """Take back `steps` scheduler steps: updates the device skipped (non-finite gradients)
+    that the host learns of only at the next log step. The learning rate is set from the
+    rewound step at once, so the next update uses the schedule's own value."""
+    scheduler.last_epoch -= steps
+    lrs = [
+        base * fn(scheduler.last_epoch)
+        for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)
+    ]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
 
 
 def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Surviving failures inside a run: preemption (SIGTERM), bad losses, and test fault injection.
+"""Surviving failures inside a run: preemption (SIGTERM, Ctrl-C), one run per folder, and test
+fault injection. (Bad losses: triaxis.train.numerics.)
 
 Elastic restarts themselves come from the launcher (torchrun --max-restarts) plus auto-resume;
 what lives here is what a running process must do by itself.
@@ -7,7 +8,6 @@ what lives here is what a running process must do by itself.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import sys
@@ -21,21 +21,34 @@ from triaxis.errors import UserError
 
 class PreemptionWatch:
     """SIGTERM (spot interruption, scheduler preemption) or a first Ctrl-C (SIGINT) sets a
-    flag; the loop checks it after every step, all ranks agreeing, and writes a final
+    flag; the loop asks should_stop() after every step, all ranks agreeing, and writes a final
     checkpoint before exiting with 128 + the signal (143, 130). A second Ctrl-C aborts at once,
     without a checkpoint. Under `triaxis launch` Ctrl-C reaches the launcher alone (workers run
     in sessions of their own); its agent passes SIGINT on to every worker and waits for them
-    (--shutdown-timeout) before SIGKILL."""
+    (--shutdown-timeout) before SIGKILL.
+
+    With several ranks the agreement costs no host sync: the flag lives in host memory and is
+    all-reduced over a gloo group of its own, started by one should_stop() and read by the next
+    (a step later, when it has long completed). The device is never waited for; the price is
+    that every rank stops one step after the signal instead of at the end of the current one."""
 
     def __init__(self) -> None:
         self.signal = 0
         """The first signal received (on any rank, once should_stop has agreed on it)."""
+        self.agreed = False
+        """Every rank has agreed to stop (sticky: should_stop stays True)."""
         self._old: dict[int, object] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread (embedded use): no handler
                 pass
+        self._group = None
+        self._work = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            self._group = dist.new_group(backend="gloo")  # every rank builds the watch in fit()
+            self._flag = torch.zeros(1)
+            self._host = self._flag.numpy()  # the same memory: read without a Tensor call
 
     @property
     def requested(self) -> bool:
@@ -51,21 +64,39 @@ class PreemptionWatch:
             self.signal = signum
             if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
                 print(
-                    "interrupted: saving a checkpoint at the end of this step "
-                    "(Ctrl-C again to abort without one)",
+                    "interrupted: saving a checkpoint at the end of this step (with several "
+                    "ranks, the next one); Ctrl-C again to abort without one",
                     file=sys.stderr,
                     flush=True,
                 )
 
     def should_stop(self) -> bool:
-        flag = torch.tensor([float(self.signal)])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # One rank's signal stops every rank at the same step (gloo side group not needed:
-            # a one-element all-reduce on the default group is cheap).
-            flag = flag.to("cuda") if dist.get_backend() == "nccl" else flag
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        self.signal = self.signal or int(flag.item())
-        return bool(flag.item())
+        """Whether to stop after this step. Called once per step on every rank: every rank
+        answers True from the same step on."""
+        if self.agreed:
+            return True
+        if self._group is None:
+            self.agreed = self.requested
+            return self.agreed
+        if self._work is not None:
+            self._work.wait()  # started a step ago: done, unless a peer is a step behind
+            self._work = None
+            if self._host[0]:
+                self.signal = self.signal or int(self._host[0])
+                self.agreed = True
+                return True
+        self._host[0] = self.signal
+        self._work = dist.all_reduce(
+            self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True
+        )
+        return False
+
+    def finish(self) -> None:
+        """After the last step (not after an error: a failed peer may never answer): the last
+        all-reduce is complete on every rank before the group goes away."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
 
     @property
     def name(self) -> str:
@@ -118,38 +149,6 @@ def hold_run_lock(folders: list[str], is_main: bool):
     finally:
         for lock in reversed(held):
             lock.release()
-
-
-class NumericsGuard:
-    """Flags a non-finite loss, or one over spike_factor x the running mean of recent losses."""
-
-    def __init__(self, spike_factor: float, max_bad_steps: int, warmup_steps: int = 10):
-        self.spike_factor, self.max_bad = spike_factor, max_bad_steps
-        self.warmup, self.seen, self.mean = warmup_steps, 0, 0.0
-        self.bad_steps = 0
-
-    def check(self, loss: float, step: int, cursor: int) -> str | None:
-        """None if the loss is fine (and it joins the running mean), else the reason."""
-        reason = None
-        if not math.isfinite(loss):
-            reason = f"non-finite loss {loss}"
-        elif (
-            self.spike_factor and self.seen >= self.warmup and loss > self.spike_factor * self.mean
-        ):
-            reason = f"loss spike {loss:.4f} > {self.spike_factor} x running mean {self.mean:.4f}"
-        if reason is None:
-            self.mean = loss if self.seen == 0 else 0.9 * self.mean + 0.1 * loss
-            self.seen += 1
-            return None
-        self.bad_steps += 1
-        if self.bad_steps > self.max_bad:
-            raise UserError(
-                f"training stopped at step {step}: {self.bad_steps} bad steps "
-                f"(last: {reason}, batch at sample cursor {cursor}) exceed "
-                f"train.max_bad_steps={self.max_bad}; lower train.lr, check the data "
-                "at that cursor, or raise train.max_bad_steps"
-            )
-        return reason
 
 
 # -- fault injection, for the tests of these features (documented in docs/resilience.md) ------
