@@ -230,6 +230,17 @@ CASES: list[tuple[str, str, str]] = [
     ("train-verify-mode", _train("--data.verify=md5"), "data.verify='md5' is not a valid"),
     ("train-vocab-small", _train("--model.vocab_size=100"), "smaller than the data's"),
     ("train-tp-world", _train("--parallel.tp=2"), "world size 1"),
+    (
+        "train-docmask-no-eos",
+        _train("--data.path=synthetic", "--data.document_mask=true"),
+        "data.document_mask=true needs an end-of-document token",
+    ),
+    (
+        "train-doctokens-no-mask",
+        _train("--data.mean_document_tokens=512"),
+        "data.mean_document_tokens=512 counts masked attention FLOPs",
+    ),
+    ("train-doctokens-neg", _train("--data.mean_document_tokens=-1"), "must be >= 0"),
     # -- train: config files
     ("train-config-missing", "train {ws}/missing.toml", "does not exist"),
     ("train-config-binary", "train {ws}/binary.toml", "not UTF-8"),

@@ -279,3 +279,36 @@ def test_masked_training_matches_single_process(layout, short_docs, tmp_path):
     assert_same_run(merged, ref)
     unmasked = train_collect(0, 1, short_docs, str(tmp_path / "plain"), {"train__micro_batch": 4})
     assert unmasked["losses"][5] != pytest.approx(ref["losses"][5], rel=1e-4)
+
+
+# -- FLOPs: the planner and MFU count the keys each query really attends --------------------
+
+
+def test_planner_counts_masked_attention_flops():
+    from triaxis.config import attention_span
+    from triaxis.model.args import flops_per_token
+    from triaxis.plan.hardware import load_catalog, resolve_hardware
+    from triaxis.plan.problem import RUNTIMES, Layout, Problem, load_model
+    from triaxis.plan.search import evaluate
+
+    shape, _ = load_model("8b")
+    hw = resolve_hardware(load_catalog(), "h100", "p5")
+    layout = Layout(1, 8, 1, 1, 1, "none")
+    whole = Problem(shape, hw, RUNTIMES["triaxis"], 8192, 64)
+    docs = Problem(shape, hw, RUNTIMES["triaxis"], 8192, 64, attention_span=1024)
+    a, b = evaluate(whole, layout), evaluate(docs, layout)
+    # Attention is 12·layers·dim·keys per token: 8x fewer keys, the same tokens.
+    flops_ratio = flops_per_token(shape, 1024) / flops_per_token(shape, 8192)
+    step_ratio = b.time.total / a.time.total
+    assert b.tokens_per_s * b.time.total == pytest.approx(a.tokens_per_s * a.time.total)
+    assert b.mfu / a.mfu == pytest.approx(flops_ratio / step_ratio, rel=1e-9)
+    assert step_ratio < 0.95  # the flash kernel skips the blocks outside the documents
+    # A span over the window counts the window; the knob reaches the planner from the config.
+    longer = Problem(shape, hw, RUNTIMES["triaxis"], 8192, 64, attention_span=100_000)
+    assert evaluate(longer, layout).time.total == a.time.total
+    cfg = make_config("synthetic", "unused", data__document_mask="true")
+    assert attention_span(cfg.data) == 32  # unknown document length: the window
+    cfg.data.mean_document_tokens = 8
+    assert attention_span(cfg.data) == 8
+    cfg.data.document_mask = False
+    assert attention_span(cfg.data) == 32
