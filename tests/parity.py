@@ -57,7 +57,11 @@ def train_collect(rank: int, world: int, data: str, run_dir: str, overrides: dic
     # Every rank gets the full tensors of what it holds (cpu_offload=True would keep only
     # rank 0's, and pipeline ranks hold different stages).
     full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
-    out = {"losses": result.losses, "bytes": local_state_bytes(trainer)}
+    out = {
+        "losses": result.losses,
+        "val_losses": result.val_losses,
+        "bytes": local_state_bytes(trainer),
+    }
     # With pipelining each pipeline rank holds different stages: those of dp/tp rank 0 report.
     if rank == 0 or (
         trainer.pipeline is not None

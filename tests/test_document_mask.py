@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from tests.dist import run_workers
 from tests.parity import assert_same_run, make_config, train_collect
-from triaxis.model import PRESETS, Transformer
+from triaxis.model import PRESETS, Transformer, flops_per_token
 from triaxis.model.attention import (
     attend,
     attention_backend,
@@ -223,8 +223,16 @@ def test_trainer_loss_is_the_documents_alone(short_docs, tmp_path):
     from triaxis.train.distributed import init_distributed
     from triaxis.train.loop import Trainer
 
-    cfg = make_config(short_docs, str(tmp_path), data__document_mask="true", train__micro_batch=4)
+    cfg = make_config(
+        short_docs,
+        str(tmp_path),
+        data__document_mask="true",
+        data__mean_document_tokens=8,
+        train__micro_batch=4,
+    )
     trainer = Trainer(cfg, init_distributed("cpu"))
+    # MFU counts 8 keys per query, not the 32-token window.
+    assert trainer.flops_per_token == flops_per_token(trainer.model_args, 8)
     eos = trainer.train_ds.manifest["tokenizer"]["eos_id"]
     tokens = trainer.local_batch(trainer.train_ds, 0, 0)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
@@ -272,6 +280,7 @@ TRAIN_LAYOUTS = {
         "parallel__dp_shard": 1,
         "model__tie_embeddings": "false",
         "train__micro_batch": 4,
+        "train__val_every": 5,  # the pipeline's forward-only walk carries the documents too
     },
 }
 
@@ -283,13 +292,16 @@ def test_masked_training_matches_single_process(layout, short_docs, tmp_path):
     (pipelining: every stage derives the document ids from the batch it holds)."""
     degrees = {**TRAIN_LAYOUTS[layout], "data__document_mask": "true"}
     got = run_workers(train_collect, 2, short_docs, str(tmp_path / "got"), degrees, timeout_s=240)
-    extra = {k: v for k, v in degrees.items() if k.startswith(("model", "data"))}
+    extra = {k: v for k, v in degrees.items() if k.startswith(("model", "data", "train__val"))}
     ref = train_collect(0, 1, short_docs, str(tmp_path / "ref"), {"train__micro_batch": 4, **extra})
     # With pipelining each pipeline rank reports the parameters of its own stages.
     merged = {"losses": got[0]["losses"], "params": {}}
     for r in got:
         merged["params"].update(r["params"])
     assert_same_run(merged, ref)
+    assert bool(ref["val_losses"]) == ("train__val_every" in degrees)
+    for step, val in ref["val_losses"].items():
+        assert got[0]["val_losses"][step] == pytest.approx(val, rel=1e-5)
     unmasked = train_collect(0, 1, short_docs, str(tmp_path / "plain"), {"train__micro_batch": 4})
     assert unmasked["losses"][5] != pytest.approx(ref["losses"][5], rel=1e-4)
 
@@ -299,7 +311,6 @@ def test_masked_training_matches_single_process(layout, short_docs, tmp_path):
 
 def test_planner_counts_masked_attention_flops():
     from triaxis.config import attention_span
-    from triaxis.model.args import flops_per_token
     from triaxis.plan.hardware import load_catalog, resolve_hardware
     from triaxis.plan.problem import RUNTIMES, Layout, Problem, load_model
     from triaxis.plan.search import evaluate
