@@ -236,6 +236,11 @@ CASES: list[tuple[str, str, str]] = [
         "data.document_mask=true needs an end-of-document token",
     ),
     (
+        "train-docmask-manifest-no-eos",
+        _train("--data.path={ws}/data_noeos", "--data.document_mask=true"),
+        "data_noeos has none (tokenizer byte)",
+    ),
+    (
         "train-doctokens-no-mask",
         _train("--data.mean_document_tokens=512"),
         "data.mean_document_tokens=512 counts masked attention FLOPs",
@@ -485,6 +490,7 @@ def ws(tmp_path_factory, byte_data) -> Path:
         )
 
     variant("data_bigtok", big_token)
+    variant("data_noeos", lambda d: _edit_manifest(d, lambda m: m["tokenizer"].pop("eos_id")))
 
     args = ModelArgs(
         dim=32,
