@@ -336,3 +336,27 @@ def test_planner_counts_masked_attention_flops():
     assert attention_span(cfg.data) == 8
     cfg.data.document_mask = False
     assert attention_span(cfg.data) == 32
+
+
+def test_plan_command_takes_the_document_length(capsys):
+    from triaxis.plan.cli import main
+
+    rates = []
+    for doc in ("0", "512"):
+        argv = [
+            "--model",
+            "8b",
+            "--gpus",
+            "8",
+            "--gpu",
+            "h100",
+            "--seq",
+            "8192",
+            "--global-batch",
+            "64",
+        ]
+        assert main([*argv, "--doc-tokens", doc, "--json", "--top", "1"]) == 0
+        rates.append(json.loads(capsys.readouterr().out)["plans"][0]["tokens_per_s"])
+    assert rates[1] > 1.05 * rates[0]  # shorter documents: less attention work per token
+    assert main([*argv, "--doc-tokens", "-1"]) == 2
+    assert "--doc-tokens=-1 must be >= 0" in capsys.readouterr().err
