@@ -8,8 +8,9 @@ lengths, mean --doc-tokens, each ended by EOS): unmasked (plain PyTorch scaled_d
 with is_causal, what data.document_mask=false runs) and masked (data.document_mask=true: the
 dense block-diagonal mask through SDPA on CPU, FlexAttention compiled on CUDA). Also: the
 documents run one by one, batch 1 each (the plain-PyTorch way to keep them apart without a
-mask). Median of --repeats steps after two warm-ups (the compile on CUDA). Not a test: prints
-a table, the ratios and one JSON line.
+mask). And the attention op alone, masked and not (its rows' ratio is to the unmasked op).
+Median of --repeats steps after two warm-ups (the compile on CUDA), the variants taking turns.
+Not a test: prints a table, the ratios and one JSON line.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main() -> None:
     import torch.nn.functional as F
 
     from triaxis.model import PRESETS, Transformer
-    from triaxis.model.attention import attention_backend, document_ids
+    from triaxis.model.attention import attend, attention_backend, document_ids, document_mask
 
     dev = torch.device(args.device)
     margs = dataclasses.replace(
@@ -84,26 +85,46 @@ def main() -> None:
         for row, s, e in spans:
             loss_of(inputs[row : row + 1, s:e], targets[row : row + 1, s:e]).backward()
 
-    def timed(fn) -> float:
-        times = []
-        for i in range(args.repeats + 2):
-            model.zero_grad(set_to_none=False)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    def once(fn) -> float:
+        model.zero_grad(set_to_none=False)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-    rows = {
-        "unmasked (is_causal)": timed(unmasked),
-        f"masked ({attention_backend(dev)})": timed(masked),
-        "documents one by one": timed(one_by_one),
+    # The attention op alone (one layer's q, k, v; the mask built inside, as each step does):
+    # in the whole step the projections, MLP and head dominate at these lengths.
+    heads, kv = margs.n_heads, margs.n_kv_heads
+    q = torch.randn(args.batch, heads, args.seq, margs.head_dim, device=dev, requires_grad=True)
+    k, v = (
+        torch.randn(args.batch, kv, args.seq, margs.head_dim, device=dev, requires_grad=True)
+        for _ in range(2)
+    )
+
+    def op(doc_mask: bool):
+        mask = document_mask(document_ids(inputs, eos)) if doc_mask else None
+        attend(q, k, v, mask, gqa=heads != kv).sum().backward()
+
+    variants = {
+        "unmasked (is_causal)": unmasked,
+        f"masked ({attention_backend(dev)})": masked,
+        "documents one by one": one_by_one,
+        "attention op alone, unmasked": lambda: op(False),
+        "attention op alone, masked": lambda: op(True),
     }
+    for fn in variants.values():  # warm-up (and the compile on CUDA)
+        once(fn), once(fn)
+    # Round-robin, so a change in the machine's load hits every variant alike.
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):
+        for name, fn in variants.items():
+            times[name].append(once(fn))
+    rows = {name: statistics.median(t) for name, t in times.items()}
     base = rows["unmasked (is_causal)"]
+    op_ratio = rows["attention op alone, masked"] / rows["attention op alone, unmasked"]
     docs = len(spans)
     print(
         f"{args.device}: dim {args.dim}, {args.layers} layers, {args.batch} x {args.seq} tokens, "
@@ -111,7 +132,9 @@ def main() -> None:
     )
     print("| attention | step s | vs unmasked |\n|---|---|---|")
     for name, t in rows.items():
-        print(f"| {name} | {t:.3f} | {t / base:.2f}x |")
+        ratio = t / base if "alone" not in name else t / rows["attention op alone, unmasked"]
+        print(f"| {name} | {t:.4f} | {ratio:.2f}x |")
+    print(f"step masked/unmasked {rows[list(rows)[1]] / base:.2f}x, attention op {op_ratio:.2f}x")
     print(json.dumps({"device": args.device, "documents": docs, **vars(args), "step_s": rows}))
 
 
