@@ -62,6 +62,7 @@ def train_collect(
     full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))
     out = {
         "losses": result.losses,
+        "val_losses": result.val_losses,
         "bytes": local_state_bytes(trainer),
         "parallel": trainer.cfg.parallel,
         "micro_batch": trainer.cfg.train.micro_batch,

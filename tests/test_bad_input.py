@@ -272,6 +272,22 @@ CASES: list[tuple[str, str, str]] = [
         ),
         "ac_selective='op' checkpoints no whole block",
     ),
+    (
+        "train-docmask-no-eos",
+        _train("--data.path=synthetic", "--data.document_mask=true"),
+        "data.document_mask=true needs an end-of-document token",
+    ),
+    (
+        "train-docmask-manifest-no-eos",
+        _train("--data.path={ws}/data_noeos", "--data.document_mask=true"),
+        "data_noeos has none (tokenizer byte)",
+    ),
+    (
+        "train-doctokens-no-mask",
+        _train("--data.mean_document_tokens=512"),
+        "data.mean_document_tokens=512 counts masked attention FLOPs",
+    ),
+    ("train-doctokens-neg", _train("--data.mean_document_tokens=-1"), "must be >= 0"),
     # -- train: config files
     ("train-config-missing", "train {ws}/missing.toml", "does not exist"),
     ("train-config-binary", "train {ws}/binary.toml", "not UTF-8"),
@@ -541,6 +557,7 @@ def ws(tmp_path_factory, byte_data) -> Path:
         for k, v in paths.items():
             text = text.replace(k, v)
         (root / name).write_text(text + "\n")
+    variant("data_noeos", lambda d: _edit_manifest(d, lambda m: m["tokenizer"].pop("eos_id")))
 
     args = ModelArgs(
         dim=32,

@@ -102,6 +102,14 @@ class DataConfig:
     verify: Literal["sha256", "size"] = "sha256"
     """Check local shards against the manifest when a run opens them: sha256 = size, sha256
     and token range, each file read once (remembered until it changes); size = sizes only."""
+    document_mask: bool = False
+    """Attend only within each document of a packed window (documents end with the tokenizer's
+    end-of-document token, which belongs to the document it ends) and restart RoPE positions at
+    each document; false = one causal sequence across document boundaries."""
+    mean_document_tokens: int = ranged(0, ge=0)
+    """With document_mask: the expected document length in tokens (sum of len² / sum of len for
+    mixed lengths); attention FLOPs in the planner and MFU count min(seq_len, this) keys per
+    query instead of seq_len. 0 = unknown: count the full window."""
 
     def tokenizer_path(self) -> str:
         """The prepared folder whose tokenizer the run uses (a mixture's sources share one)."""
@@ -527,6 +535,11 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
             + " checkpoints no whole block; set parallel.activation_checkpoint=full or drop "
             "activation_offload"
         )
+    if d.mean_document_tokens and not d.document_mask:
+        raise UserError(
+            f"data.mean_document_tokens={d.mean_document_tokens} counts masked attention "
+            "FLOPs, but data.document_mask=false; set --data.document_mask=true or drop it"
+        )
     if model_args is not None and d.seq_len > model_args.max_seq_len:
         raise UserError(
             f"data.seq_len={d.seq_len} is over the model's maximum "
@@ -544,6 +557,14 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
                 f"{t.micro_batch} x {dims.dp_size} = {per_step}; set train.global_batch={ok} "
                 f"or a smaller train.micro_batch"
             )
+
+
+def attention_span(d: DataConfig) -> int:
+    """Keys per query that attention FLOPs count: the window, or with document masking the
+    expected document length (data.mean_document_tokens) when it is shorter."""
+    if d.document_mask and d.mean_document_tokens:
+        return min(d.seq_len, d.mean_document_tokens)
+    return d.seq_len
 
 
 def grad_accum_steps(cfg: Config, dp_size: int) -> int:

@@ -1,9 +1,10 @@
 """A Llama-style decoder in single-device code.
 
-RMSNorm, rotary position embeddings, grouped-query attention through scaled_dot_product_attention,
-a SwiGLU MLP, optional tied embeddings. Nothing here knows about parallelism: tensor parallelism
-shards the Linear layers from outside (triaxis.parallel.parallelize), so every reshape infers the
-local head count with -1 instead of trusting n_heads.
+RMSNorm, rotary position embeddings, grouped-query attention (triaxis.model.attention: causal
+over the window, or within each packed document), a SwiGLU MLP, optional tied embeddings.
+Nothing here knows about parallelism: tensor parallelism shards the Linear layers from outside
+(triaxis.parallel.parallelize), so every reshape infers the local head count with -1 instead of
+trusting n_heads.
 
 The model is built on the meta device, then materialized (`to_empty`) and filled by
 `init_weights`, so a sharded layout never holds the full model on one rank.
@@ -20,6 +21,7 @@ from torch import nn
 
 # The shape and its counts live in args.py (no torch there, for the planner); re-exported here.
 from triaxis.model.args import ModelArgs, block_param_count, flops_per_token, param_counts  # noqa: F401
+from triaxis.model.attention import attend, document_mask, document_positions
 from triaxis.model.loss import chunked_cross_entropy
 
 
@@ -68,10 +70,13 @@ def llama3_frequencies(inv_freq: torch.Tensor, a: ModelArgs) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x: (B, T, H, head_dim) by the angles in table[:T]."""
+    """Rotate pairs (x[2i], x[2i+1]) of x: (B, T, H, head_dim) by the angles in table[:T], or,
+    with per-token positions, by a table already gathered at them: (B, T, head_dim / 2, 2)."""
     xf = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    cos = table[: x.shape[1], None, :, 0]  # (T, 1, hd/2)
-    sin = table[: x.shape[1], None, :, 1]
+    if table.ndim == 3:
+        table = table[: x.shape[1]]  # positions 0..T-1, shared by every row
+    cos = table[..., None, :, 0]  # (T, 1, hd/2) or (B, T, 1, hd/2)
+    sin = table[..., None, :, 1]
     x0, x1 = xf[..., 0], xf[..., 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return out.flatten(-2).type_as(x)
@@ -87,7 +92,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask=None) -> torch.Tensor:
+        """`mask`: None (causal over the window) or a document mask (triaxis.model.attention)."""
         B, T, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds n_heads / tp of them.
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, nh, hd)
@@ -96,9 +102,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, hd)
         # Grouped-query attention: each KV head serves n_heads / n_kv_heads query heads.
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.kv_repeat > 1
-        )  # (B, nh, T, hd)
+        y = attend(q, k, v, mask, gqa=self.kv_repeat > 1)  # (B, nh, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -123,8 +127,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, mask=None) -> torch.Tensor:
+        # Positional: tensor parallelism's input plan for `attention` names each argument.
+        h = x + self.attention(self.attention_norm(x), rope, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -144,14 +149,24 @@ class Transformer(nn.Module):
         self.register_buffer("rope", model_rope_tables(args), persistent=False)
 
     def forward(
-        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, loss_chunk: int = 0
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        loss_chunk: int = 0,
+        doc_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, vocab). Missing parts (pipeline stages) pass through.
         With targets (B, T) and loss_chunk > 0: the mean next-token loss instead, the head and
-        the loss fused a chunk of tokens at a time (triaxis.model.loss): no full logits."""
+        the loss fused a chunk of tokens at a time (triaxis.model.loss): no full logits.
+        doc_ids (B, T) (triaxis.model.attention.document_ids): attend within each document
+        only, RoPE positions restarting at each; None = one causal sequence."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
+        rope, mask = self.rope, None
+        if doc_ids is not None:
+            rope = self.rope[document_positions(doc_ids)]  # (B, T, hd/2, 2)
+            mask = document_mask(doc_ids)
         for layer in self.layers.values():
-            h = layer(h, self.rope)
+            h = layer(h, rope, mask)
         h = self.norm(h) if self.norm is not None else h
         if targets is not None and loss_chunk > 0:
             return chunked_cross_entropy(

@@ -92,8 +92,11 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
             tp_mesh,
             {
                 "attention_norm": SequenceParallel(),
+                # (x, rope, document mask): the rope table and the mask span the whole
+                # sequence on every rank already; only x is gathered.
                 "attention": PrepareModuleInput(
-                    input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+                    input_layouts=(Shard(1), None, None),
+                    desired_input_layouts=(Replicate(), None, None),
                 ),
                 "attention.wq": ColwiseParallel(),
                 "attention.wk": ColwiseParallel(),

@@ -120,14 +120,17 @@ class Pipeline:
             target, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=True
         )
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Forward + backward of the local batch through the schedule; returns the mean
-        micro-batch loss, the same on every rank of the pipeline."""
+        micro-batch loss, the same on every rank of the pipeline. `doc_ids` (document masking,
+        of tokens[:, :-1]): every rank holds the batch and derives them itself, so each stage
+        gets them as a keyword argument (split into micro-batches like the inputs) instead of
+        receiving them from the previous stage."""
         args = (tokens[:, :-1],) if self.has_first else ()
-        kwargs = {}
+        kwargs = {} if doc_ids is None else {"doc_ids": doc_ids}
         losses: list[torch.Tensor] = []
         if self.has_last:
-            kwargs = {"target": tokens[:, 1:], "losses": losses}
+            kwargs |= {"target": tokens[:, 1:], "losses": losses}
         self.schedule.step(*args, **kwargs)
         loss = (
             torch.stack([_plain(x).detach() for x in losses]).mean()
@@ -138,7 +141,7 @@ class Pipeline:
         return loss
 
     @torch.no_grad()
-    def eval(self, tokens: torch.Tensor) -> torch.Tensor:
+    def eval(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Forward only, the mean micro-batch loss on every rank of the pipeline.
 
         Not `schedule.eval`: the runtime schedules (looped-bfs, interleaved, zbv, dualpipev)
@@ -150,6 +153,7 @@ class Pipeline:
         comes later."""
         n = self._n_microbatches
         inputs, targets = tokens[:, :-1].chunk(n), tokens[:, 1:].chunk(n)
+        docs = doc_ids.chunk(n) if doc_ids is not None else [None] * n
         total = torch.zeros((), device=tokens.device)
         for m in range(n):
             h = inputs[m]
@@ -159,7 +163,7 @@ class Pipeline:
                     continue
                 if s > 0 and self.stage_ranks[s - 1] != owner:
                     h = self._recv(self.stage_ranks[s - 1], tokens.device)
-                h = mine(h)
+                h = mine(h, doc_ids=docs[m])
                 if s == self.num_stages - 1:
                     total += _plain(self.loss_fn(h, targets[m])).detach().float()
                 elif self.stage_ranks[s + 1] != owner:

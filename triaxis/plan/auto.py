@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from triaxis.config import Config
+from triaxis.config import Config, attention_span
 from triaxis.errors import UserError
 from triaxis.model.args import ModelArgs
 from triaxis.plan.hardware import GIB, load_catalog, resolve_hardware
@@ -89,6 +89,7 @@ def plan_for_world(
         RUNTIMES["triaxis"],
         cfg.data.seq_len,
         cfg.train.global_batch,
+        attention_span=attention_span(cfg.data),
     )
     space = SearchSpace(
         allow_offload=hw.gpu.bf16,

@@ -60,6 +60,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--global-batch", type=int, default=1024, help="samples per optimizer step (default 1024)"
     )
     p.add_argument("--vocab-size", type=int, default=None, help="override the model's vocabulary")
+    p.add_argument(
+        "--doc-tokens",
+        type=int,
+        default=0,
+        help="document masking (data.mean_document_tokens): attention counts min(seq, this) "
+        "keys per query (default 0: the whole sample)",
+    )
     p.add_argument("--objective", default="speed", choices=["speed", "memory"])
     p.add_argument("--top", type=int, default=5, help="layouts to print (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -114,6 +121,8 @@ def run(a: argparse.Namespace) -> int:
     ):
         if value < 1:
             raise UserError(f"{flag}={value} must be >= 1")
+    if a.doc_tokens < 0:
+        raise UserError(f"--doc-tokens={a.doc_tokens} must be >= 0 (0 = the whole sample)")
     catalog = load_catalog(a.hardware)
     hw = resolve_hardware(catalog, a.gpu, a.cluster, a.gpus_per_node)
     shape, args = load_model(a.model, a.vocab_size)
@@ -130,7 +139,7 @@ def run(a: argparse.Namespace) -> int:
         max_pp=1 if a.no_pipeline else a.max_pp,
         max_tp=a.max_tp,
     )
-    problem = Problem(shape, hw, RUNTIMES["triaxis"], a.seq, a.global_batch)
+    problem = Problem(shape, hw, RUNTIMES["triaxis"], a.seq, a.global_batch, a.doc_tokens)
     # Keep a runner-up even for --top 1: the explanation compares the winner with it.
     result = plan(problem, a.gpus, a.objective, space, keep=max(a.top, 2), catalog=catalog)
     if a.json:

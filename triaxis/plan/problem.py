@@ -339,6 +339,13 @@ class Problem:
     seq_len: int
     global_batch: int
     """Samples per optimizer step."""
+    attention_span: int = 0
+    """Keys per query that attention costs: with document masking the expected document
+    length (data.mean_document_tokens), 0 = seq_len (one causal sequence)."""
+
+    @property
+    def attn_keys(self) -> int:
+        return min(self.seq_len, self.attention_span) if self.attention_span else self.seq_len
 
     @property
     def elem(self) -> int:

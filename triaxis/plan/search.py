@@ -274,11 +274,12 @@ def evaluate(
     t = time_of(p, layout, num_micro)
     step = t.total
     tokens = p.global_batch * p.seq_len
-    model_flops = p.shape.model_flops_per_token(p.seq_len) * tokens
+    # Attention counts the keys each query really attends (document masking: fewer).
+    model_flops = p.shape.model_flops_per_token(p.attn_keys) * tokens
     recomputed = sum(
         recomputed_blocks(layout, b) for b in stage_blocks(p.shape.n_layers, layout.pp)
     )
-    hw_flops = model_flops + p.shape.recompute_flops_per_token(p.seq_len, recomputed) * tokens
+    hw_flops = model_flops + p.shape.recompute_flops_per_token(p.attn_keys, recomputed) * tokens
     world = layout.world_size
     return Plan(
         layout,

@@ -104,8 +104,17 @@ class BlockTime:
 
 
 def block_time(
-    shape: ModelShape, rt: Runtime, hw: Hardware, micro_batch: int, seq: int, tp: int, elem: int
+    shape: ModelShape,
+    rt: Runtime,
+    hw: Hardware,
+    micro_batch: int,
+    seq: int,
+    tp: int,
+    elem: int,
+    keys: int = 0,
 ) -> BlockTime:
+    """`keys`: keys per query under document masking (0 = seq): a flash kernel skips the blocks
+    outside the documents; the dense path still computes the whole seq x seq."""
     t_tokens = micro_batch * seq
     h, kv, f = shape.dim, shape.kv_dim, shape.ffn_dim
     # Projections; backward runs two GEMMs of the same size per forward GEMM (data + weight).
@@ -122,7 +131,7 @@ def block_time(
     heads = shape.n_heads / tp
     if rt.flash_attention:
         # Causal flash kernels skip the masked half; backward does 2.5x the forward's work.
-        flops = 4 * micro_batch * seq * seq * h / tp / 2
+        flops = 4 * micro_batch * seq * (keys or seq) * h / tp / 2
         t_attn = flops / (hw.gpu.peak_flops * hw.gpu.flash_attention_efficiency)
         fwd, bwd = fwd + t_attn, bwd + 2.5 * t_attn
     else:
@@ -272,7 +281,7 @@ def _exposed(n_blocks: int, comm: float, compute: float, tail: float) -> float:
 def _compute(p: Problem, tp: int, mb: int) -> tuple[float, float, float, float]:
     """(block forward, block backward, head forward + backward, block cheap ops forward)
     seconds per micro-batch."""
-    bt = block_time(p.shape, p.runtime, p.hw, mb, p.seq_len, tp, p.elem)
+    bt = block_time(p.shape, p.runtime, p.hw, mb, p.seq_len, tp, p.elem, p.attn_keys)
     ht = head_time(p.shape, p.hw, mb, p.seq_len, tp, p.elem)
     return bt.fwd_s, bt.bwd_s, ht.fwd_s + ht.bwd_s, bt.cheap_fwd_s
 

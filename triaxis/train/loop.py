@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from triaxis.checkpoint.dcp import Checkpointer
-from triaxis.config import Config, grad_accum_steps, to_toml
+from triaxis.config import Config, attention_span, grad_accum_steps, to_toml
 from triaxis.data.dataset import micro_batch_start
 from triaxis.data.mixture import open_val_sets, source_tokens, val_record
 from triaxis.metrics.logger import (
@@ -29,6 +29,7 @@ from triaxis.metrics.logger import (
     step_record,
 )
 from triaxis.model import flops_per_token, param_counts
+from triaxis.model.attention import document_ids
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.parallel.rules import Planner
 from triaxis.train.build import build_model
@@ -138,7 +139,11 @@ class Trainer:
         self.ckpt_step = 0
         self.resumed_loop_state: dict = {}  # see loop_state()
         self.numerics = Numerics(cfg.train, self.log, on=False)  # fit() turns it on
-        self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
+        self.flops_per_token = flops_per_token(self.model_args, attention_span(cfg.data))
+        # Document masking: the EOS id that ends each document of a packed window (None = off).
+        self.eos_id = (
+            self.train_ds.manifest["tokenizer"]["eos_id"] if cfg.data.document_mask else None
+        )
         self.peak = peak_flops(self.device)
 
     # -- one optimizer step ------------------------------------------------------------------
@@ -150,14 +155,22 @@ class Trainer:
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
 
+    def doc_ids(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Document index of each input token with data.document_mask, else None."""
+        return None if self.eos_id is None else document_ids(inputs, self.eos_id)
+
     def loss_of(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token loss of a micro-batch: the fused, chunked head + loss where the
         head is whole on this rank (triaxis.model.loss), else full logits, then the loss."""
+        inputs = tokens[:, :-1]
+        doc_ids = self.doc_ids(inputs)
         if self.loss_chunk:
             with self.autocast():
-                return self.model(tokens[:, :-1], targets=tokens[:, 1:], loss_chunk=self.loss_chunk)
+                return self.model(
+                    inputs, targets=tokens[:, 1:], loss_chunk=self.loss_chunk, doc_ids=doc_ids
+                )
         with self.autocast():
-            logits = self.model(tokens[:, :-1])
+            logits = self.model(inputs, doc_ids=doc_ids)
         return self.loss_fn(logits, tokens[:, 1:])
 
     def local_batch(self, ds, cursor: int, micro_step: int, shuffle: bool = True) -> torch.Tensor:
@@ -197,7 +210,7 @@ class Trainer:
                 [self.local_batch(self.train_ds, cursor, m) for m in range(self.grad_accum)]
             )
             with self.loss_parallel(), self.autocast():
-                return self.pipeline.step(tokens)
+                return self.pipeline.step(tokens, self.doc_ids(tokens[:, :-1]))
         total = torch.zeros((), device=self.device)
         poison = self.faults.inject_nan(step)
         for m in range(self.grad_accum):
@@ -264,7 +277,8 @@ class Trainer:
             ]
             with self.loss_parallel(), self.autocast():
                 if self.pipeline is not None:
-                    total += self.pipeline.eval(torch.cat(batches))
+                    tokens = torch.cat(batches)
+                    total += self.pipeline.eval(tokens, self.doc_ids(tokens[:, :-1]))
                     continue
                 for tokens in batches:
                     total += _plain(self.loss_of(tokens))

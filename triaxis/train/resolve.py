@@ -28,6 +28,12 @@ def resolve(
     else:
         train_ds = open_train_data(cfg)  # data.path, or the data.sources mixture
     vocab = train_ds.manifest["tokenizer"]["vocab_size"]
+    if cfg.data.document_mask and train_ds.manifest["tokenizer"].get("eos_id") is None:
+        raise UserError(
+            f"data.document_mask=true needs an end-of-document token, but the data at "
+            f"{cfg.data.path} has none (tokenizer {train_ds.manifest['tokenizer']['kind']}); "
+            "prepare the data with `triaxis prepare` or set --data.document_mask=false"
+        )
     model_args = build_model_args(cfg.model, vocab_size=vocab)
     if model_args.vocab_size < vocab:
         raise UserError(
