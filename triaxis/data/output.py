@@ -66,6 +66,7 @@ class StagedOutput:
                 owned.add(str(tok["file"]))
             for split in manifest["splits"].values():
                 owned.update(str(s["file"]) for s in split["shards"])
+                owned.update(str(s["mask_file"]) for s in split["shards"] if "mask_file" in s)
         except (ValueError, KeyError, TypeError, AttributeError):
             raise UserError(
                 f"{path} is not a readable triaxis manifest, so which files in "
