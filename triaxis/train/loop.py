@@ -26,6 +26,7 @@ from triaxis.data.dataset import (
 )
 from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flops
 from triaxis.model import flops_per_token, param_counts
+from triaxis.model.loss import IGNORE_INDEX
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.parallel.rules import Planner
 from triaxis.train.build import build_model
@@ -158,6 +159,10 @@ class Trainer:
         self.skip_cursors: set[int] = set()
         self.flops_per_token = flops_per_token(self.model_args, cfg.data.seq_len)
         self.peak = peak_flops(self.device)
+        # Loss-masked data (prepare --format chat): each micro-batch's loss is its summed token
+        # losses x this, set per step (`_masked_scale`) so the step's loss is the mean over the
+        # valid targets of the whole global batch, whatever the layout.
+        self.loss_scale: torch.Tensor | None = None
 
     # -- one optimizer step ------------------------------------------------------------------
     def autocast(self):
@@ -166,27 +171,48 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        flat = logits.flatten(0, 1).float(), targets.flatten()  # -100 targets are skipped
+        if self.loss_scale is None:
+            return F.cross_entropy(*flat)
+        return _plain(F.cross_entropy(*flat, reduction="sum")) * self.loss_scale
 
-    def loss_of(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss of a micro-batch: the fused, chunked head + loss where the
-        head is whole on this rank (triaxis.model.loss), else full logits, then the loss."""
+    def loss_of(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of a micro-batch (with a loss mask: its share of the global
+        batch's mean, see loss_scale): the fused, chunked head + loss where the head is whole
+        on this rank (triaxis.model.loss), else full logits, then the loss."""
         if self.loss_chunk:
             with self.autocast():
-                return self.model(tokens[:, :-1], targets=tokens[:, 1:], loss_chunk=self.loss_chunk)
+                loss = self.model(inputs, targets=targets, loss_chunk=self.loss_chunk)
+            if self.loss_scale is None:
+                return loss
+            return loss * (targets != IGNORE_INDEX).sum() * self.loss_scale  # the sum, scaled
         with self.autocast():
-            logits = self.model(tokens[:, :-1])
-        return self.loss_fn(logits, tokens[:, 1:])
+            logits = self.model(inputs)
+        return self.loss_fn(logits, targets)
 
-    def local_batch(self, ds, cursor: int, micro_step: int, shuffle: bool = True) -> torch.Tensor:
+    def local_batch(self, ds, cursor: int, micro_step: int, shuffle: bool = True):
+        """This rank's (inputs, targets) of one micro-step, on the device."""
         start = micro_batch_start(
             cursor, micro_step, self.cfg.train.micro_batch, self.dims.dp_size, self.dp_rank
         )
         t0 = time.perf_counter()
-        batch = ds.batch(start, self.cfg.train.micro_batch, shuffle)
+        inputs, targets = ds.inputs_targets(start, self.cfg.train.micro_batch, shuffle)
         if ds is self.train_ds:  # validation reads are not training time
             self.data_wait_s += time.perf_counter() - t0
-        return batch.to(self.device, non_blocking=True)
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    def _masked_scale(self, ds, batches: list) -> torch.Tensor | None:
+        """For loss-masked data: data-parallel size / valid targets of the whole global batch
+        (x micro-batches with a pipeline, whose schedule averages them). FSDP averages the
+        gradients over the data-parallel ranks, so the summed token losses x this give the
+        gradient of the global mean: the same numbers as one process. None without a mask."""
+        if not getattr(ds, "has_loss_mask", False):
+            return None
+        count = sum((t != IGNORE_INDEX).sum() for _, t in batches)  # int64: exact
+        if self.dp_group is not None:
+            dist.all_reduce(count, group=self.dp_group)
+        micro = len(batches) if self.pipeline is not None else 1
+        return (self.dims.dp_size * micro / count.clamp(min=1).double()).float()
 
     def loss_parallel(self):
         if not self.cfg.parallel.loss_parallel:
@@ -207,20 +233,21 @@ class Trainer:
                 self.dims.dp_size,
                 self.dp_rank,
             )
+        batches = [self.local_batch(self.train_ds, cursor, m) for m in range(self.grad_accum)]
+        self.loss_scale = self._masked_scale(self.train_ds, batches)
         if self.pipeline is not None:
             # The schedule runs the micro-batches: hand it all of them, in micro-step order.
-            tokens = torch.cat(
-                [self.local_batch(self.train_ds, cursor, m) for m in range(self.grad_accum)]
-            )
+            inputs, targets = (torch.cat(t) for t in zip(*batches))
             with self.loss_parallel(), self.autocast():
-                return self.pipeline.step(tokens)
+                return self.pipeline.step(inputs, targets)
         total = torch.zeros((), device=self.device)
         poison = self.faults.inject_nan(step)
-        for m in range(self.grad_accum):
-            tokens = self.local_batch(self.train_ds, cursor, m)
+        for m, (inputs, targets) in enumerate(batches):
             set_grad_sync(self.model, self.dims, last_micro_step=m == self.grad_accum - 1)
             with self.loss_parallel():
-                loss = self.loss_of(tokens) / self.grad_accum
+                loss = self.loss_of(inputs, targets)
+                if self.loss_scale is None:
+                    loss = loss / self.grad_accum
                 if poison:
                     loss = loss * float("nan")
                 loss.backward()
@@ -270,14 +297,20 @@ class Trainer:
                 self.local_batch(self.val_ds, cursor, m, shuffle=False)
                 for m in range(self.grad_accum)
             ]
+            self.loss_scale = self._masked_scale(self.val_ds, batches)
+            if self.loss_scale is not None:  # the mean of each global batch, then of those
+                self.loss_scale = self.loss_scale / self.cfg.train.val_batches
             with self.loss_parallel(), self.autocast():
                 if self.pipeline is not None:
-                    total += self.pipeline.eval(torch.cat(batches))
+                    total += self.pipeline.eval(*(torch.cat(t) for t in zip(*batches)))
                     continue
-                for tokens in batches:
-                    total += _plain(self.loss_of(tokens))
+                for inputs, targets in batches:
+                    total += _plain(self.loss_of(inputs, targets))
         self.model.train()
         n = self.cfg.train.val_batches * (1 if self.pipeline is not None else self.grad_accum)
+        if self.loss_scale is not None:
+            n = 1  # already a mean: the scale divided by the valid targets
+        self.loss_scale = None
         return self.mean_over_dp(total / n)
 
     # -- the loop ----------------------------------------------------------------------------
