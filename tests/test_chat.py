@@ -297,3 +297,26 @@ def test_masked_loss_under_dp_shard_matches_one_process(layout, chat_data, tmp_p
     ref = train_collect(0, 1, chat_data, str(tmp_path / "ref"), {"train__micro_batch": 8})
     got = run_workers(train_collect, world, chat_data, str(tmp_path / "run"), degrees)
     assert_same_run(got[0], ref)
+
+
+UNTIED = {"model__tie_embeddings": "false", "model__n_layers": 4}
+OTHER_LOSS_PATHS = {
+    "tp2_loss_parallel": {"parallel__tp": 2, "parallel__loss_parallel": "true"},
+    "pp2_1f1b": {"parallel__pp": 2, "parallel__pp_schedule": "1f1b", "train__micro_batch": 2},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", list(OTHER_LOSS_PATHS))
+def test_masked_loss_of_vocab_parallel_and_pipeline_losses_matches_one_process(
+    layout, chat_data, tmp_path
+):
+    """The masked mean also holds for the vocabulary-parallel loss (tp) and the pipeline's
+    per-micro-batch loss, whose schedule averages micro-batches."""
+    degrees = {**UNTIED, "parallel__dp_shard": 1, **OTHER_LOSS_PATHS[layout]}
+    ref = train_collect(0, 1, chat_data, str(tmp_path / "ref"), {**UNTIED, "train__micro_batch": 8})
+    got = run_workers(train_collect, 2, chat_data, str(tmp_path / "run"), degrees, timeout_s=180)
+    merged = {"losses": got[0]["losses"], "params": {}}
+    for r in got:  # pipeline ranks each hold their own stages
+        merged["params"].update(r["params"])
+    assert_same_run(merged, ref)
