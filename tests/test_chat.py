@@ -57,6 +57,32 @@ def tokenizer_folder(folder: Path, template: str | None) -> Path:
     return folder
 
 
+def bad_input_workspace(root: Path) -> None:
+    """The chat files and tokenizer folders of tests/test_bad_input.py's prepare rows."""
+    tokenizer_folder(root / "chat_hf", CHATML)
+    tokenizer_folder(root / "chat_hf_plain", None)
+    tokenizer_folder(root / "chat_hf_unstable", UNSTABLE)
+    eot = tokenizer_folder(root / "chat_hf_eot", CHATML)
+    (eot / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": END, "bos_token": BOS, "chat_template": CHATML})
+    )
+    good = json.dumps({"messages": conversation(1)})
+    lines = {
+        "chat_ok": [good],
+        "chat_badrole": [
+            good,
+            '{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}',
+        ],
+        "chat_badjson": [good, '{"messages": [}'],
+        "chat_nomessages": ['{"text": "a"}'],
+        "chat_noassistant": ['{"messages": [{"role": "user", "content": "a"}]}'],
+        "pc_types": ['{"prompt": 5, "completion": "x"}'],
+        "pc_missing": ['{"prompt": "x"}'],
+    }
+    for name, rows in lines.items():
+        (root / f"{name}.jsonl").write_text("\n".join(rows) + "\n")
+
+
 def conversation(i: int) -> list[dict]:
     # Replies of words without edge whitespace: no token straddles a reply's first character
     # (one that does counts as a target: it overlaps the reply).
