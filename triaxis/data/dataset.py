@@ -369,6 +369,15 @@ class TokenDataset:
         return tokens[:, :-1], targets
 
 
+def inputs_targets(ds, start: int, count: int, shuffle: bool = True):
+    """(inputs, targets) of samples start .. start+count-1 of any dataset: its own
+    `inputs_targets` (a loss mask makes some targets IGNORE_INDEX), else `batch` split."""
+    if hasattr(ds, "inputs_targets"):
+        return ds.inputs_targets(start, count, shuffle)
+    tokens = ds.batch(start, count, shuffle)
+    return tokens[:, :-1], tokens[:, 1:]
+
+
 def micro_batch_start(
     cursor: int, micro_step: int, micro_batch: int, dp_size: int, dp_rank: int
 ) -> int:
@@ -402,9 +411,3 @@ class SyntheticDataset:
         import torch
 
         return torch.from_numpy(np.stack([self.sample(i) for i in range(start, start + count)]))
-
-    has_loss_mask = False
-
-    def inputs_targets(self, start: int, count: int, shuffle: bool = True):
-        tokens = self.batch(start, count, shuffle)
-        return tokens[:, :-1], tokens[:, 1:]

@@ -22,6 +22,7 @@ from triaxis.data.dataset import (
     SYNTHETIC,
     EmptySplitError,
     TokenDataset,
+    inputs_targets,
     micro_batch_start,
 )
 from triaxis.metrics.logger import MetricsWriter, Progress, RankLogger, peak_flops
@@ -196,7 +197,7 @@ class Trainer:
             cursor, micro_step, self.cfg.train.micro_batch, self.dims.dp_size, self.dp_rank
         )
         t0 = time.perf_counter()
-        inputs, targets = ds.inputs_targets(start, self.cfg.train.micro_batch, shuffle)
+        inputs, targets = inputs_targets(ds, start, self.cfg.train.micro_batch, shuffle)
         if ds is self.train_ds:  # validation reads are not training time
             self.data_wait_s += time.perf_counter() - t0
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
