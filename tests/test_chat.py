@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from tests.dist import run_workers
 from tests.parity import assert_same_run, train_collect
+from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from tests.test_tokenizer_hf import BOS, EOS, WORDS, llama_like_tokenizer
 from triaxis.data.dataset import TokenDataset
 from triaxis.data.prepare import _CHUNK_DOCS, PrepareOptions, prepare
@@ -237,6 +238,35 @@ def test_dataset_targets_are_ignored_exactly_where_the_mask_is_zero(chat_data):
         expect = torch.where(torch.from_numpy(mask == 1), tokens[row, 1:], IGNORE_INDEX)
         assert torch.equal(targets[row], expect)
     assert (targets == IGNORE_INDEX).any() and (targets != IGNORE_INDEX).any()
+
+
+def test_s3_template_and_masks_read_like_local(tmp_path, moto_s3):  # noqa: F811
+    """hf:s3://... with its chat template, output to s3://, read back through the shard cache:
+    the same tokens, masks and targets as the local preparation."""
+    bucket = moto_s3.new_bucket()
+    folder = tokenizer_folder(tmp_path / "hf", CHATML)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        moto_s3.put(f"s3://{bucket}/tok/{name}", (folder / name).read_bytes())
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": conversation(i)} for i in range(60)])
+    local = run_prepare(src, tmp_path / "out", folder, shard_tokens=700)
+    remote = prepare(
+        PrepareOptions(
+            inputs=[str(src)],
+            output=f"s3://{bucket}/data",
+            tokenizer=f"hf:s3://{bucket}/tok",
+            format="chat",
+            workers=1,
+            shard_tokens=700,
+        ),
+        log=lambda *_: None,
+    )
+    assert remote["splits"] == local["splits"]
+    a = TokenDataset(tmp_path / "out", "train", 32)
+    b = TokenDataset(f"s3://{bucket}/data", "train", 32, cache_dir=str(tmp_path / "cache"))
+    b.prefetch(0, 8)
+    for x, y in zip(a.inputs_targets(0, 8), b.inputs_targets(0, 8)):
+        assert torch.equal(x, y)
+    b.close()
 
 
 def test_damaged_mask_is_refused(chat_data, tmp_path, monkeypatch):

@@ -293,7 +293,10 @@ class TokenDataset:
         indices = range(start_index, start_index + count)
         if micro_batch and dp_size > 1:
             indices = [i for i in indices if (i - start_index) // micro_batch % dp_size == dp_rank]
-        self.cache.prefetch(self.shards_of(indices))
+        shards = self.shards_of(indices)
+        self.cache.prefetch(shards)
+        if self.mask_cache is not None:
+            self.mask_cache.prefetch(shards)
 
     def close(self) -> None:
         """Stop prefetching and remove the local cache of remote shards (also done at exit)."""
