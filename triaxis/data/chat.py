@@ -174,7 +174,7 @@ def _messages(value, where: str, field: str) -> list[dict]:
                 f"{where}: message {i} has role {role!r}; roles are {', '.join(ROLES)} "
                 "(rename it, e.g. 'bot' -> 'assistant', 'human' -> 'user')"
             )
-        out.append({"role": role, "content": m["content"]})
+        out.append(dict(m))  # other keys (name, tool_calls, ...) are the template's to use
     return out
 
 
