@@ -216,6 +216,24 @@ def test_workers_give_identical_tokens_and_masks(tmp_path):
             assert a.read_bytes() == b.read_bytes()
 
 
+def test_prepare_again_replaces_its_masks_and_refuses_foreign_ones(tmp_path):
+    folder = tokenizer_folder(tmp_path / "hf", CHATML)
+    src = write_jsonl(tmp_path / "a.jsonl", [{"messages": conversation(i)} for i in range(60)])
+    first = run_prepare(src, tmp_path / "out", folder, shard_tokens=500, val_fraction=0)
+    assert len(first["splits"]["train"]["shards"]) > 2
+    small = write_jsonl(tmp_path / "b.jsonl", [{"messages": conversation(1)}])
+    run_prepare(small, tmp_path / "out", folder, shard_tokens=500, val_fraction=0)
+    assert sorted(p.name for p in (tmp_path / "out").glob("train_*")) == [
+        "train_00000.bin",
+        "train_00000.mask",
+    ]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "val_00000.mask").write_bytes(b"\x01")
+    with pytest.raises(UserError, match="val_00000.mask"):
+        run_prepare(small, tmp_path / "other", folder)
+    assert (tmp_path / "other" / "val_00000.mask").read_bytes() == b"\x01"
+
+
 @pytest.fixture(scope="module")
 def chat_data(tmp_path_factory) -> str:
     """A prepared chat set for training: varied lengths, so micro-batches hold varied numbers
