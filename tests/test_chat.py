@@ -17,7 +17,7 @@ from tests.dist import run_workers
 from tests.parity import assert_same_run, train_collect
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from tests.test_tokenizer_hf import BOS, EOS, WORDS, llama_like_tokenizer
-from triaxis.data.dataset import TokenDataset
+from triaxis.data.dataset import TokenDataset, has_loss_mask, inputs_targets
 from triaxis.data.prepare import _CHUNK_DOCS, PrepareOptions, prepare
 from triaxis.errors import UserError
 from triaxis.model.loss import IGNORE_INDEX, chunked_cross_entropy
@@ -256,6 +256,34 @@ def test_dataset_targets_are_ignored_exactly_where_the_mask_is_zero(chat_data):
         expect = torch.where(torch.from_numpy(mask == 1), tokens[row, 1:], IGNORE_INDEX)
         assert torch.equal(targets[row], expect)
     assert (targets == IGNORE_INDEX).any() and (targets != IGNORE_INDEX).any()
+
+
+class _Mixture:
+    """What the trainer's reader needs of a mixture (data/mixture.py): batch, sources, locate."""
+
+    def __init__(self, sources):
+        self.sources = sources
+
+    def locate(self, i: int) -> tuple[int, int]:
+        return i % 2, i // 2 + 3
+
+    def batch(self, start: int, count: int, shuffle: bool = True):
+        rows = [self.sources[s].sample(k) for s, k in map(self.locate, range(start, start + count))]
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+def test_a_mixture_takes_each_samples_mask_from_its_source(chat_data):
+    chat = TokenDataset(chat_data, "train", 32)
+    plain = TokenDataset(chat_data, "train", 32)
+    plain.has_loss_mask = False  # a source prepared without --format chat
+    mix = _Mixture([chat, plain])
+    assert has_loss_mask(mix) and not has_loss_mask(_Mixture([plain, plain]))
+    inputs, targets = inputs_targets(mix, 4, 6)
+    for row, i in enumerate(range(4, 10)):
+        s, k = mix.locate(i)
+        want = mix.sources[s].inputs_targets(k, 1)
+        assert torch.equal(inputs[row], want[0][0]) and torch.equal(targets[row], want[1][0])
+    assert (targets[0::2] == IGNORE_INDEX).any() and not (targets[1::2] == IGNORE_INDEX).any()
 
 
 def test_s3_template_and_masks_read_like_local(tmp_path, moto_s3):  # noqa: F811

@@ -354,31 +354,42 @@ class TokenDataset:
         rows = [self.sample(i, shuffle).astype(np.int64) for i in range(start, start + count)]
         return torch.from_numpy(np.stack(rows))
 
+    def loss_mask_of(self, index: int, shuffle: bool = True) -> np.ndarray:
+        """The loss-mask bytes of global sample `index`'s targets (its tokens 1 .. seq_len)."""
+        return self._tokens(self.window_of(index, shuffle) * self.seq_len + 1, self.seq_len, True)
+
     def inputs_targets(self, start: int, count: int, shuffle: bool = True):
         """(inputs, targets), each (count, seq_len) int64: `batch` split into the model's input
         and its next tokens, a target being IGNORE_INDEX where the loss mask says 0."""
-        import torch
+        return inputs_targets(self, start, count, shuffle)
 
-        from triaxis.model.loss import IGNORE_INDEX  # what every loss path skips
 
-        tokens = self.batch(start, count, shuffle)
-        targets = tokens[:, 1:].clone()
-        if self.has_loss_mask:
-            first = [
-                self.window_of(i, shuffle) * self.seq_len + 1 for i in range(start, start + count)
-            ]
-            keep = np.stack([self._tokens(p, self.seq_len, mask=True) for p in first])
-            targets[torch.from_numpy(keep == 0)] = IGNORE_INDEX
-        return tokens[:, :-1], targets
+def has_loss_mask(ds) -> bool:
+    """Whether some targets of `ds` are masked: a TokenDataset prepared with a loss mask, or a
+    mixture (anything with `sources`) holding one."""
+    return any(getattr(d, "has_loss_mask", False) for d in [ds, *getattr(ds, "sources", [])])
 
 
 def inputs_targets(ds, start: int, count: int, shuffle: bool = True):
-    """(inputs, targets) of samples start .. start+count-1 of any dataset: its own
-    `inputs_targets` (a loss mask makes some targets IGNORE_INDEX), else `batch` split."""
-    if hasattr(ds, "inputs_targets"):
-        return ds.inputs_targets(start, count, shuffle)
+    """(inputs, targets) of samples start .. start+count-1 of any dataset (`batch` split into
+    the model's input and its next tokens); where a loss mask says 0, the target is
+    IGNORE_INDEX. A mixture's samples take their masks from their own source (`locate`)."""
     tokens = ds.batch(start, count, shuffle)
-    return tokens[:, :-1], tokens[:, 1:]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if not has_loss_mask(ds):
+        return inputs, targets
+    import torch
+
+    from triaxis.model.loss import IGNORE_INDEX  # what every loss path skips
+
+    targets = targets.clone()
+    for row, i in enumerate(range(start, start + count)):
+        src, k = ds.locate(i) if hasattr(ds, "sources") else (ds, i)
+        if not isinstance(src, TokenDataset):
+            src = ds.sources[src]
+        if src.has_loss_mask:
+            targets[row][torch.from_numpy(src.loss_mask_of(k, shuffle) == 0)] = IGNORE_INDEX
+    return inputs, targets
 
 
 def micro_batch_start(

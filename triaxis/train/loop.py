@@ -22,6 +22,7 @@ from triaxis.data.dataset import (
     SYNTHETIC,
     EmptySplitError,
     TokenDataset,
+    has_loss_mask,
     inputs_targets,
     micro_batch_start,
 )
@@ -207,7 +208,7 @@ class Trainer:
         (x micro-batches with a pipeline, whose schedule averages them). FSDP averages the
         gradients over the data-parallel ranks, so the summed token losses x this give the
         gradient of the global mean: the same numbers as one process. None without a mask."""
-        if not getattr(ds, "has_loss_mask", False):
+        if not has_loss_mask(ds):
             return None
         count = sum((t != IGNORE_INDEX).sum() for _, t in batches)  # int64: exact
         if self.dp_group is not None:
