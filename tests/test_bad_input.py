@@ -145,6 +145,11 @@ CASES: list[tuple[str, str, str]] = [
         _chat("chat_ok", tok="hf:{ws}/chat_hf_unstable"),
         "renders earlier turns differently",
     ),
+    (
+        "chat-template-raises",
+        _chat("chat_assistant_first", tok="hf:{ws}/chat_hf_strict"),
+        "must start with the user",
+    ),
     ("chat-eos-ends-turns", _chat("chat_ok", tok="hf:{ws}/chat_hf_eot"), "occurs inside"),
     ("pc-types", _chat("pc_types", fmt="prompt-completion"), "give two strings"),
     ("pc-missing", _chat("pc_missing", fmt="prompt-completion"), "lacks 'prompt' or"),

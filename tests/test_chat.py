@@ -63,6 +63,9 @@ def bad_input_workspace(root: Path) -> None:
     tokenizer_folder(root / "chat_hf", CHATML)
     tokenizer_folder(root / "chat_hf_plain", None)
     tokenizer_folder(root / "chat_hf_unstable", UNSTABLE)
+    strict = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('Conversations "
+    strict += "must start with the user') }}{% endif %}" + CHATML
+    tokenizer_folder(root / "chat_hf_strict", strict)
     eot = tokenizer_folder(root / "chat_hf_eot", CHATML)
     (eot / "tokenizer_config.json").write_text(
         json.dumps({"eos_token": END, "bos_token": BOS, "chat_template": CHATML})
@@ -70,6 +73,9 @@ def bad_input_workspace(root: Path) -> None:
     good = json.dumps({"messages": conversation(1)})
     lines = {
         "chat_ok": [good],
+        "chat_assistant_first": [
+            json.dumps({"messages": [{"role": "assistant", "content": "a"}] + conversation(0)})
+        ],
         "chat_badrole": [
             good,
             '{"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]}',
