@@ -17,11 +17,15 @@ from tests.dist import run_workers
 from tests.parity import assert_same_run, train_collect
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from tests.test_tokenizer_hf import BOS, EOS, WORDS, llama_like_tokenizer
+from triaxis.config import DataConfig
 from triaxis.data.dataset import TokenDataset, has_loss_mask, inputs_targets
 from triaxis.data.prepare import _CHUNK_DOCS, PrepareOptions, prepare
 from triaxis.errors import UserError
 from triaxis.model.loss import IGNORE_INDEX, chunked_cross_entropy
 
+# Conversations are packed with document masking where the trainer has it (data.document_mask,
+# issue 16 item 2): each one attends only to itself.
+DOC_MASK = {"data__document_mask": "true"} if hasattr(DataConfig, "document_mask") else {}
 START, END = "<|im_start|>", "<|im_end|>"
 CHATML = (
     "{{ bos_token }}{% for m in messages %}"
@@ -402,8 +406,11 @@ MASKED_LAYOUTS = {
 @pytest.mark.parametrize("layout", list(MASKED_LAYOUTS))
 def test_masked_loss_under_dp_shard_matches_one_process(layout, chat_data, tmp_path):
     world, degrees = MASKED_LAYOUTS[layout]
-    ref = train_collect(0, 1, chat_data, str(tmp_path / "ref"), {"train__micro_batch": 8})
-    got = run_workers(train_collect, world, chat_data, str(tmp_path / "run"), degrees)
+    ref_overrides = {**DOC_MASK, "train__micro_batch": 8}
+    ref = train_collect(0, 1, chat_data, str(tmp_path / "ref"), ref_overrides)
+    got = run_workers(
+        train_collect, world, chat_data, str(tmp_path / "run"), {**DOC_MASK, **degrees}
+    )
     assert_same_run(got[0], ref)
 
 
@@ -421,8 +428,9 @@ def test_masked_loss_of_vocab_parallel_and_pipeline_losses_matches_one_process(
 ):
     """The masked mean also holds for the vocabulary-parallel loss (tp) and the pipeline's
     per-micro-batch loss, whose schedule averages micro-batches."""
-    degrees = {**UNTIED, "parallel__dp_shard": 1, **OTHER_LOSS_PATHS[layout]}
-    ref = train_collect(0, 1, chat_data, str(tmp_path / "ref"), {**UNTIED, "train__micro_batch": 8})
+    degrees = {**DOC_MASK, **UNTIED, "parallel__dp_shard": 1, **OTHER_LOSS_PATHS[layout]}
+    ref_overrides = {**DOC_MASK, **UNTIED, "train__micro_batch": 8}
+    ref = train_collect(0, 1, chat_data, str(tmp_path / "ref"), ref_overrides)
     got = run_workers(train_collect, 2, chat_data, str(tmp_path / "run"), degrees, timeout_s=180)
     merged = {"losses": got[0]["losses"], "params": {}}
     for r in got:  # pipeline ranks each hold their own stages

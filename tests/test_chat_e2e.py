@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from tests.helpers import losses, triaxis
-from tests.test_chat import BOS, CHATML, END, EOS, WORDS, chat_tokenizer
+from tests.test_chat import BOS, CHATML, DOC_MASK, END, EOS, WORDS, chat_tokenizer
 
 SHAPE = dict(
     hidden_size=64,
@@ -78,6 +78,7 @@ def test_chat_finetune_export_generate(tmp_path):
         "--metrics.tensorboard=false",
         "--parallel.dp_shard=2",
         f"--checkpoint.initial={ckpt}",
+        *(f"--{k.replace('__', '.')}={v}" for k, v in DOC_MASK.items()),
         *overrides,
         timeout=600,
     )
