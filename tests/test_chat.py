@@ -414,6 +414,32 @@ def test_masked_loss_under_dp_shard_matches_one_process(layout, chat_data, tmp_p
     assert_same_run(got[0], ref)
 
 
+def _val_losses(rank: int, world: int, data: str, run_dir: str, overrides: dict) -> dict:
+    from tests.parity import make_config
+    from triaxis.train.distributed import init_distributed
+    from triaxis.train.loop import Trainer
+
+    cfg = make_config(data, run_dir, **overrides)
+    return Trainer(cfg, init_distributed("cpu")).fit().val_losses
+
+
+def test_masked_validation_loss_under_dp_shard_matches_one_process(chat_data, tmp_path):
+    """Validation takes the same global mean over the valid targets (val_batches x global
+    batch, in order): its value does not depend on the layout."""
+    common = {**DOC_MASK, "train__steps": 2, "train__val_every": 1, "train__val_batches": 2}
+    ref = _val_losses(0, 1, chat_data, str(tmp_path / "ref"), {**common, "train__micro_batch": 8})
+    got = run_workers(
+        _val_losses,
+        2,
+        chat_data,
+        str(tmp_path / "run"),
+        {**common, "parallel__dp_shard": 2, "train__micro_batch": 2},
+    )
+    assert sorted(ref) == [1, 2] and got[0].keys() == ref.keys()
+    for step, value in ref.items():
+        assert got[0][step] == pytest.approx(value, rel=1e-5)
+
+
 UNTIED = {"model__tie_embeddings": "false", "model__n_layers": 4}
 OTHER_LOSS_PATHS = {
     "tp2_loss_parallel": {"parallel__tp": 2, "parallel__loss_parallel": "true"},

@@ -164,6 +164,7 @@ class Trainer:
         # Loss-masked data (prepare --format chat): each micro-batch's loss is its summed token
         # losses x this, set per step (`_masked_scale`) so the step's loss is the mean over the
         # valid targets of the whole global batch, whatever the layout.
+        self.masked_loss = has_loss_mask(self.train_ds)
         self.loss_scale: torch.Tensor | None = None
 
     # -- one optimizer step ------------------------------------------------------------------
@@ -203,12 +204,13 @@ class Trainer:
             self.data_wait_s += time.perf_counter() - t0
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
-    def _masked_scale(self, ds, batches: list) -> torch.Tensor | None:
+    def _masked_scale(self, batches: list) -> torch.Tensor | None:
         """For loss-masked data: data-parallel size / valid targets of the whole global batch
         (x micro-batches with a pipeline, whose schedule averages them). FSDP averages the
         gradients over the data-parallel ranks, so the summed token losses x this give the
-        gradient of the global mean: the same numbers as one process. None without a mask."""
-        if not has_loss_mask(ds):
+        gradient of the global mean: the same numbers as one process. None without a mask
+        (a split without one, validating a mixture's unmasked source, gets the same mean)."""
+        if not self.masked_loss:
             return None
         count = sum((t != IGNORE_INDEX).sum() for _, t in batches)  # int64: exact
         if self.dp_group is not None:
@@ -236,7 +238,7 @@ class Trainer:
                 self.dp_rank,
             )
         batches = [self.local_batch(self.train_ds, cursor, m) for m in range(self.grad_accum)]
-        self.loss_scale = self._masked_scale(self.train_ds, batches)
+        self.loss_scale = self._masked_scale(batches)
         if self.pipeline is not None:
             # The schedule runs the micro-batches: hand it all of them, in micro-step order.
             inputs, targets = (torch.cat(t) for t in zip(*batches))
@@ -299,7 +301,7 @@ class Trainer:
                 self.local_batch(self.val_ds, cursor, m, shuffle=False)
                 for m in range(self.grad_accum)
             ]
-            self.loss_scale = self._masked_scale(self.val_ds, batches)
+            self.loss_scale = self._masked_scale(batches)
             if self.loss_scale is not None:  # the mean of each global batch, then of those
                 self.loss_scale = self.loss_scale / self.cfg.train.val_batches
             with self.loss_parallel(), self.autocast():
