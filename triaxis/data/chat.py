@@ -79,7 +79,12 @@ class ChatTemplate:
                 f"tokenizer_config.json) in {folder}; use the folder of a chat (-Instruct) "
                 "model, or --format prompt-completion with plain-text prompts"
             )
-        return cls(template, config, what)
+        try:
+            return cls(template, config, what)
+        except UserError:
+            if required:
+                raise
+            return None  # plain-text prompt-completion renders nothing: no transformers needed
 
     def __init__(self, template: str, config: dict, what: str):
         self.what = what
