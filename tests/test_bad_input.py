@@ -21,6 +21,7 @@ import pytest
 
 from tests.helpers import command
 from tests.s3_server import moto_s3  # noqa: F401  (the fixture)
+from tests.test_chat import bad_input_workspace
 from triaxis.cli import main
 
 TINY = [
@@ -34,6 +35,13 @@ TINY = [
     "--metrics.progress=false",
     "--train.device=cpu",
 ]
+
+
+def _chat(name: str, fmt: str = "chat", tok: str = "hf:{ws}/chat_hf") -> str:
+    """A prepare command line over {ws}/NAME.jsonl with --format and --tokenizer."""
+    return (
+        f"prepare --input {{ws}}/{name}.jsonl --output {{ws}}/out --format {fmt} --tokenizer {tok}"
+    )
 
 
 def _train(*extra: str) -> str:
@@ -147,6 +155,27 @@ CASES: list[tuple[str, str, str]] = [
         "applies to --tokenizer bpe only",
     ),
     ("prep-output-ctrl", "prepare --input {ws}/good.txt --output {ws}/o\nut", "control char"),
+    # -- prepare --format chat / prompt-completion (tests/test_chat.py builds the inputs)
+    ("chat-format-unknown", _chat("chat_ok", fmt="yaml"), "--format 'yaml' is unknown"),
+    ("chat-needs-hf", _chat("chat_ok", tok="byte"), "needs --tokenizer hf:PATH"),
+    ("chat-no-template", _chat("chat_ok", tok="hf:{ws}/chat_hf_plain"), "no chat template"),
+    ("chat-unknown-role", _chat("chat_badrole"), "line 2: message 1 has role 'bot'"),
+    ("chat-malformed-line", _chat("chat_badjson"), "line 2 is not valid JSON"),
+    ("chat-no-messages", _chat("chat_nomessages"), "line 1 has no 'messages' field"),
+    ("chat-no-assistant", _chat("chat_noassistant"), "no assistant message"),
+    (
+        "chat-unstable-template",
+        _chat("chat_ok", tok="hf:{ws}/chat_hf_unstable"),
+        "renders earlier turns differently",
+    ),
+    (
+        "chat-template-raises",
+        _chat("chat_assistant_first", tok="hf:{ws}/chat_hf_strict"),
+        "must start with the user",
+    ),
+    ("chat-eos-ends-turns", _chat("chat_ok", tok="hf:{ws}/chat_hf_eot"), "occurs inside"),
+    ("pc-types", _chat("pc_types", fmt="prompt-completion"), "give two strings"),
+    ("pc-missing", _chat("pc_missing", fmt="prompt-completion"), "lacks 'prompt' or"),
     # -- prepare: inputs (written late: the staging folder is removed, nothing remains)
     ("prep-missing-input", "prepare --input {ws}/missing.txt --output {ws}/out", "matches no file"),
     (
@@ -492,6 +521,7 @@ def ws(tmp_path_factory, byte_data) -> Path:
     (root / "notable.toml").write_text("steps = 3\n")
     (root / "wrongtype.toml").write_text('[train]\nsteps = "three"\n')
     (root / "empty.toml").write_text("")
+    bad_input_workspace(root)  # chat / prompt-completion inputs (tests/test_chat.py)
     foreign = root / "foreign"
     foreign.mkdir()
     (foreign / "train_00000.bin").write_bytes(b"my own file, not triaxis's")

@@ -234,11 +234,10 @@ def test_trainer_loss_is_the_documents_alone(short_docs, tmp_path):
     # MFU counts 8 keys per query, not the 32-token window.
     assert trainer.flops_per_token == flops_per_token(trainer.model_args, 8)
     eos = trainer.train_ds.manifest["tokenizer"]["eos_id"]
-    tokens = trainer.local_batch(trainer.train_ds, 0, 0)
-    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    inputs, targets = trainer.local_batch(trainer.train_ds, 0, 0)
     assert int((inputs == eos).sum()) >= 8  # several documents per window (4 rows)
     with torch.no_grad():
-        masked = float(trainer.loss_of(tokens))
+        masked = float(trainer.loss_of(inputs, targets))
         reference = 0.0
         for row in range(inputs.shape[0]):
             ends = (inputs[row] == eos).nonzero().flatten().tolist()
@@ -252,7 +251,7 @@ def test_trainer_loss_is_the_documents_alone(short_docs, tmp_path):
                         )
                     )
         trainer.eos_id = None
-        unmasked = float(trainer.loss_of(tokens))
+        unmasked = float(trainer.loss_of(inputs, targets))
     # At initialization the model is near uniform, so masking moves the loss only ~1e-4
     # (relative): the match is held ten times tighter than that gap.
     assert masked == pytest.approx(reference / targets.numel(), rel=2e-6)

@@ -35,6 +35,7 @@ def _prepare(a: argparse.Namespace) -> int:
             val_fraction=a.val_fraction,
             shard_tokens=a.shard_tokens,
             workers=a.workers,
+            format=a.format,
         )
     )
     return 0
@@ -227,6 +228,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="tokenizer processes (default 0 = min(cpu_count, 8)); same output",
+    )
+    pr.add_argument(
+        "--format",
+        default="text",
+        metavar="{text,chat,prompt-completion}",
+        help="text: documents (default); chat: JSON Lines of {messages: [{role, content}]}, "
+        "rendered by the hf:PATH chat template; prompt-completion: {prompt, completion} "
+        "lines. The last two write a loss mask: only assistant / completion tokens count",
     )
     pr.set_defaults(fn=_prepare)
 

@@ -16,6 +16,10 @@ a few N shards holds what a run needs instead of the whole split; the short tail
 windows after the last whole block) comes last in every epoch. Still a pure function of
 (seed, i).
 
+A split prepared with a loss mask (`prepare --format chat`) has a `.mask` file beside each
+shard, one byte per token; `inputs_targets` gives the targets of masked tokens as -100
+(IGNORE_INDEX, which every loss path honours), so only assistant / completion tokens are trained on.
+
 Local shards are memory-mapped. Shards under s3:// are read through a bounded local cache with
 background prefetch (`remote.py`); where bytes come from never changes what sample i holds.
 
@@ -33,9 +37,15 @@ from pathlib import Path
 import numpy as np
 
 from triaxis import storage
-from triaxis.data.format import FORMAT, MANIFEST
+from triaxis.data.format import FORMAT, MANIFEST, MASK_DTYPE
 from triaxis.data.tokenizer import load_tokenizer
-from triaxis.data.verify import VERIFY_MODES, check_manifest, check_shard_size, verify_shard
+from triaxis.data.verify import (
+    VERIFY_MODES,
+    check_manifest,
+    check_shard_size,
+    verify_mask,
+    verify_shard,
+)
 from triaxis.errors import UserError
 
 TRACE_ENV = "TRIAXIS_TRACE_SAMPLES"
@@ -148,12 +158,21 @@ class TokenDataset:
         dtype = np.dtype(self.manifest["dtype"])
         self.shards: list[np.ndarray] = []
         self.cache = None
+        self.has_loss_mask = "loss_mask" in self.manifest
+        self.masks: list[np.ndarray] = []
+        self.mask_cache = None
         if self.remote:
             self.cache = self._remote_cache(info, dtype, cache_dir, cache_gib, prefetch_threads)
+            if self.has_loss_mask:
+                self.mask_cache = self._remote_cache(
+                    info, np.dtype(MASK_DTYPE), cache_dir, cache_gib, prefetch_threads, "mask_"
+                )
             sizes = [s["tokens"] for s in info["shards"]]
         else:
             self.folder = Path(path)
             self.shards = [self._map_local(s, dtype, verify) for s in info["shards"]]
+            if self.has_loss_mask:
+                self.masks = [self._map_mask(s, verify) for s in info["shards"]]
             sizes = [s.size for s in self.shards]
         self.shard_tokens = sizes
         self.offsets = np.cumsum([0] + sizes)
@@ -183,8 +202,23 @@ class TokenDataset:
             return np.zeros(0, dtype)  # an empty file cannot be memory-mapped
         return np.memmap(f, dtype=dtype, mode="r")
 
+    def _map_mask(self, shard: dict, verify: str) -> np.ndarray:
+        f = self.folder / shard["mask_file"]
+        check_shard_size(f, shard["tokens"], 1)
+        if verify == "sha256":
+            verify_mask(f, shard["mask_sha256"])
+        if shard["tokens"] == 0:
+            return np.zeros(0, MASK_DTYPE)
+        return np.memmap(f, dtype=MASK_DTYPE, mode="r")
+
     def _remote_cache(
-        self, info: dict, dtype: np.dtype, cache_dir: str, cache_gib: float, threads: int
+        self,
+        info: dict,
+        dtype: np.dtype,
+        cache_dir: str,
+        cache_gib: float,
+        threads: int,
+        key: str = "",
     ):
         from triaxis.data.remote import ShardCache
 
@@ -193,7 +227,7 @@ class TokenDataset:
                 f"data.cache_gib={cache_gib} must be > 0: remote shards are read "
                 "through a local cache of that size"
             )
-        files = [s["file"] for s in info["shards"]]
+        files = [s[key + "file"] for s in info["shards"]]
         present = set(storage.listdir(self.path))  # one listing finds a missing shard now
         missing = [f for f in files if f not in present]
         if missing:
@@ -206,7 +240,7 @@ class TokenDataset:
             self.path,
             files,
             [s["tokens"] * dtype.itemsize for s in info["shards"]],
-            [s["sha256"] for s in info["shards"]],
+            [s[key + "sha256"] for s in info["shards"]],
             dtype,
             cache_dir,
             int(cache_gib * 2**30),
@@ -222,14 +256,19 @@ class TokenDataset:
     def _shard_of(self, pos: int) -> int:
         return int(np.searchsorted(self.offsets, pos, side="right")) - 1
 
-    def _tokens(self, start: int, count: int) -> np.ndarray:
-        """`count` tokens of the concatenated split from `start` (may span shards)."""
+    def _mask_shard(self, s: int) -> np.ndarray:
+        return self.mask_cache.get(s) if self.mask_cache is not None else self.masks[s]
+
+    def _tokens(self, start: int, count: int, mask: bool = False) -> np.ndarray:
+        """`count` tokens (or their loss-mask bytes) of the concatenated split from `start`
+        (may span shards)."""
         out, pos = [], start
+        shard = self._mask_shard if mask else self._shard
         while count > 0:
             s = self._shard_of(pos)
             local = pos - int(self.offsets[s])
             take = min(count, self.shard_tokens[s] - local)
-            out.append(self._shard(s)[local : local + take])
+            out.append(shard(s)[local : local + take])
             pos, count = pos + take, count - take
         return np.concatenate(out) if len(out) > 1 else np.asarray(out[0])
 
@@ -254,12 +293,16 @@ class TokenDataset:
         indices = range(start_index, start_index + count)
         if micro_batch and dp_size > 1:
             indices = [i for i in indices if (i - start_index) // micro_batch % dp_size == dp_rank]
-        self.cache.prefetch(self.shards_of(indices))
+        shards = self.shards_of(indices)
+        self.cache.prefetch(shards)
+        if self.mask_cache is not None:
+            self.mask_cache.prefetch(shards)
 
     def close(self) -> None:
         """Stop prefetching and remove the local cache of remote shards (also done at exit)."""
-        if self.cache is not None:
-            self.cache.close()
+        for cache in (self.cache, self.mask_cache):
+            if cache is not None:
+                cache.close()
 
     def _check_cache_holds_groups(self, groups: int, dtype: np.dtype, cache_gib: float) -> None:
         # A group of N blocks touches up to 2N shards; the trainer prefetches the next step's,
@@ -310,6 +353,43 @@ class TokenDataset:
                 f.write(f"{self.split} {start} {count}\n")
         rows = [self.sample(i, shuffle).astype(np.int64) for i in range(start, start + count)]
         return torch.from_numpy(np.stack(rows))
+
+    def loss_mask_of(self, index: int, shuffle: bool = True) -> np.ndarray:
+        """The loss-mask bytes of global sample `index`'s targets (its tokens 1 .. seq_len)."""
+        return self._tokens(self.window_of(index, shuffle) * self.seq_len + 1, self.seq_len, True)
+
+    def inputs_targets(self, start: int, count: int, shuffle: bool = True):
+        """(inputs, targets), each (count, seq_len) int64: `batch` split into the model's input
+        and its next tokens, a target being IGNORE_INDEX where the loss mask says 0."""
+        return inputs_targets(self, start, count, shuffle)
+
+
+def has_loss_mask(ds) -> bool:
+    """Whether some targets of `ds` are masked: a TokenDataset prepared with a loss mask, or a
+    mixture (anything with `sources`) holding one."""
+    return any(getattr(d, "has_loss_mask", False) for d in [ds, *getattr(ds, "sources", [])])
+
+
+def inputs_targets(ds, start: int, count: int, shuffle: bool = True):
+    """(inputs, targets) of samples start .. start+count-1 of any dataset (`batch` split into
+    the model's input and its next tokens); where a loss mask says 0, the target is
+    IGNORE_INDEX. A mixture's samples take their masks from their own source (`locate`)."""
+    tokens = ds.batch(start, count, shuffle)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    if not has_loss_mask(ds):
+        return inputs, targets
+    import torch
+
+    from triaxis.model.loss import IGNORE_INDEX  # what every loss path skips
+
+    targets = targets.clone()
+    for row, i in enumerate(range(start, start + count)):
+        src, k = ds.locate(i) if hasattr(ds, "sources") else (ds, i)
+        if not isinstance(src, TokenDataset):
+            src = ds.sources[src]
+        if src.has_loss_mask:
+            targets[row][torch.from_numpy(src.loss_mask_of(k, shuffle) == 0)] = IGNORE_INDEX
+    return inputs, targets
 
 
 def micro_batch_start(

@@ -64,6 +64,13 @@ def open_hf_tokenizer(path: str, eos_token: str = "") -> HFTokenizer:
     return HFTokenizer(tok, eos_token, path)
 
 
+def tokenizer_folder(path: str) -> str:
+    """The folder holding the tokenizer.json of hf:PATH (`path` without the prefix): where its
+    tokenizer_config.json and chat template live."""
+    file = _tokenizer_file(path, f"--tokenizer {PREFIX}{path}")
+    return file.rsplit("/", 1)[0] if storage.is_remote(file) else os.path.dirname(file)
+
+
 def _tokenizer_file(path: str, what: str) -> str:
     """PATH itself if it names a file, else PATH/tokenizer.json."""
     if storage.is_remote(path):

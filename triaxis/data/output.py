@@ -2,7 +2,7 @@
 
 Bad input never destroys data. Before any work the output is checked: a previous preparation's
 manifest is read (a corrupt one is refused: which files are its own is then unknown), and any
-file named like an output of ours (train_NNNNN.bin, val_NNNNN.bin, tokenizer.json) that no
+file named like an output of ours (train_NNNNN.bin / .mask, val_NNNNN.bin, tokenizer.json) that no
 manifest lists is refused, not overwritten. Everything is then written into a hidden staging
 folder (prefix) inside the output; a failure anywhere -- bad input found late, a full disk --
 removes the staging folder and leaves the output exactly as it was. On success the old
@@ -26,7 +26,7 @@ from triaxis.data.format import MANIFEST
 from triaxis.errors import UserError
 
 STAGE_PREFIX = ".triaxis-prepare-"
-OUR_NAMES = re.compile(r"^((train|val)_\d{5}\.bin|tokenizer\.json)$")
+OUR_NAMES = re.compile(r"^((train|val)_\d{5}\.(bin|mask)|tokenizer\.json)$")
 
 
 class StagedOutput:
@@ -66,6 +66,7 @@ class StagedOutput:
                 owned.add(str(tok["file"]))
             for split in manifest["splits"].values():
                 owned.update(str(s["file"]) for s in split["shards"])
+                owned.update(str(s["mask_file"]) for s in split["shards"] if "mask_file" in s)
         except (ValueError, KeyError, TypeError, AttributeError):
             raise UserError(
                 f"{path} is not a readable triaxis manifest, so which files in "

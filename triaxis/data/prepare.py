@@ -5,6 +5,8 @@ Output layout (one folder or s3:// prefix):
     tokenizer.json       the trained BPE, or a copy of the hf:PATH one (byte needs no file)
     train_00000.bin ...  flat token ids, numpy uint16 (vocab <= 65536) or uint32
     val_00000.bin ...
+    train_00000.mask ... with --format chat / prompt-completion: one uint8 per token, 1 where the
+                         token is a target the loss counts (assistant / completion), 0 else
 Documents are separated by the tokenizer's end-of-document token.
 
 Inputs are streamed one file at a time (`sources.py`): a first pass trains the BPE (not for
@@ -27,9 +29,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from triaxis import storage
-from triaxis.data.format import FORMAT
+from triaxis.data.chat import FORMATS, ChatTemplate, encode_example, iter_examples
+from triaxis.data.format import FORMAT, MASK_DTYPE, MASK_SUFFIX
 from triaxis.data.hf_tokenizer import PREFIX as HF_PREFIX
-from triaxis.data.hf_tokenizer import open_hf_tokenizer
+from triaxis.data.hf_tokenizer import open_hf_tokenizer, tokenizer_folder
 from triaxis.data.output import StagedOutput
 from triaxis.data.sources import EXTENSIONS, embedded_corpus_files, iter_documents, resolve_inputs
 from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_state
@@ -71,6 +74,9 @@ class PrepareOptions:
     extensions: tuple[str, ...] = EXTENSIONS
     workers: int = ranged(0, ge=0, le=1024)
     """Tokenizer worker processes (0 = min(cpu_count, 8)); the output does not depend on it."""
+    format: str = "text"
+    """text (documents), chat ({"messages": [...]} lines rendered by the hf:PATH chat template)
+    or prompt-completion ({"prompt", "completion"} lines): the last two write a loss mask."""
 
 
 def default_workers() -> int:
@@ -91,13 +97,24 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
             f"{opts.tokenizer} has its own end-of-document token: drop --eos-token"
         )
     check_options(opts)
+    if opts.format not in FORMATS:
+        raise UserError(f"--format {opts.format!r} is unknown; use one of {', '.join(FORMATS)}")
+    if opts.format != "text" and not hf:
+        raise UserError(
+            f"--format {opts.format} needs --tokenizer hf:PATH (the model's tokenizer and "
+            f"chat template), not {opts.tokenizer}; pass the Hugging Face model folder"
+        )
     out = str(opts.output)
     storage.check_location(out, "--output")
     staged = StagedOutput(out, log)  # reads only: refuses an output it must not touch
     files = resolve_inputs(opts.inputs, opts.extensions) if opts.inputs else embedded_corpus_files()
     source = "embedded: python stdlib" if not opts.inputs else ", ".join(opts.inputs)
 
-    def documents() -> Iterator[str]:
+    template = None
+
+    def documents() -> Iterator:
+        if opts.format != "text":
+            return iter_examples(files, opts.format, template, opts.max_bytes)
         return iter_documents(files, opts.max_bytes)
 
     if opts.tokenizer == "byte":
@@ -108,6 +125,9 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
             f"tokenizer {tok.source}: vocab {tok.vocab_size}, each document followed by "
             f"{tok.eos_token!r} (id {tok.eos_id})"
         )
+        if opts.format != "text":
+            folder = tokenizer_folder(opts.tokenizer[len(HF_PREFIX) :])
+            template = ChatTemplate.load(folder, opts.tokenizer, opts.format == "chat")
     else:
         seen = _Counter(documents())
         tok = BPETokenizer.train((p for doc in seen for p in split_long(doc)), opts.vocab_size)
@@ -126,6 +146,12 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
     except BaseException:
         staged.abort()
         raise
+    train = manifest["splits"]["train"]
+    if "target_tokens" in train:
+        log(
+            f"loss mask: {train['target_tokens']:,} of {train['tokens']:,} train tokens are "
+            f"targets ({opts.format}: assistant / completion tokens and their end)"
+        )
     log(
         f"wrote {manifest['splits']['train']['tokens']:,} train and "
         f"{manifest['splits']['val']['tokens']:,} val tokens ({docs} documents) to {out} "
@@ -150,7 +176,8 @@ def _write(
     """Tokenize into staged shards; (manifest, documents, worker processes)."""
     put, out = staged.put, staged.stage
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    writers = [_ShardWriter(out, split, dtype, opts.shard_tokens, put) for split in SPLITS]
+    masked = opts.format != "text"
+    writers = [_ShardWriter(out, split, dtype, opts.shard_tokens, put, masked) for split in SPLITS]
     every = round(1 / opts.val_fraction) if opts.val_fraction > 0 else 0
     workers = opts.workers or default_workers()
     # hf:PATH tokenizers may treat the start of an input specially (a prefix space, a BOS):
@@ -158,9 +185,10 @@ def _write(
     piece_chars = 0 if tok.kind == "hf" else PIECE_CHARS
     chunks = _chunks(_assign_splits(documents(), every), writers, piece_chars)
     processes = [0]  # set by encode_in_order: the worker processes it started
-    for arrays in encode_in_order(chunks, workers, tok, processes):
+    fn = _encode_examples if masked else _encode_chunk
+    for arrays in encode_in_order(chunks, workers, tok, processes, fn):
         for writer, arr in zip(writers, arrays):
-            writer.add(arr)
+            writer.add(*arr) if masked else writer.add(arr)
     if not any(w.documents for w in writers):
         raise UserError(f"inputs {opts.inputs or [source]} hold no text; give non-empty files")
 
@@ -171,6 +199,9 @@ def _write(
         "tokenizer": tok.save(out, put),
         "splits": {},
     }
+    if masked:
+        manifest["input_format"] = opts.format
+        manifest["loss_mask"] = {"dtype": np.dtype(MASK_DTYPE).name, "suffix": MASK_SUFFIX}
     for split, writer in zip(SPLITS, writers):
         manifest["splits"][split] = writer.close()
     return manifest, sum(w.documents for w in writers), processes[0]
@@ -253,6 +284,20 @@ def _encode_chunk(tok, chunk: list[tuple[int, str, bool]]) -> list[np.ndarray]:
     return [np.concatenate(p) if p else np.zeros(0, dtype) for p in parts]
 
 
+def _encode_examples(tok, chunk: list) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, loss mask) per split: the chunk's chat / prompt-completion examples."""
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    parts: list[list] = [[] for _ in SPLITS]
+    for split, example, _ in chunk:
+        parts[split].append(encode_example(tok, example, dtype))
+    return [
+        (np.concatenate([i for i, _ in p]), np.concatenate([m for _, m in p]))
+        if p
+        else (np.zeros(0, dtype), np.zeros(0, MASK_DTYPE))
+        for p in parts
+    ]
+
+
 _worker_tok = None
 
 
@@ -262,13 +307,13 @@ def _init_worker(state: dict) -> None:
     _worker_tok = tokenizer_from_state(state)
 
 
-def _encode_in_worker(chunk: list[tuple[int, str, bool]]) -> list[np.ndarray]:
-    return _encode_chunk(_worker_tok, chunk)
+def _encode_in_worker(fn, chunk: list) -> list:
+    return fn(_worker_tok, chunk)
 
 
 def encode_in_order(
-    chunks: Iterable[list[tuple[int, str, bool]]], workers: int, tok, processes: list[int]
-) -> Iterator[list[np.ndarray]]:
+    chunks: Iterable[list], workers: int, tok, processes: list[int], fn=_encode_chunk
+) -> Iterator[list]:
     """_encode_chunk of each chunk, in input order. With workers > 1 (and more than one chunk)
     a pool of spawned processes encodes them, at most 2 x workers chunks in flight: memory
     stays bounded however long the input is, and the order of the results never changes."""
@@ -276,7 +321,7 @@ def encode_in_order(
     head = [c for c in (next(it, None), next(it, None)) if c is not None]
     if len(head) < 2 or workers <= 1:
         for chunk in itertools.chain(head, it):
-            yield _encode_chunk(tok, chunk)
+            yield fn(tok, chunk)
         return
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -292,7 +337,7 @@ def encode_in_order(
     pending: deque = deque()
     try:
         for chunk in itertools.chain(head, it):
-            pending.append(pool.submit(_encode_in_worker, chunk))
+            pending.append(pool.submit(_encode_in_worker, fn, chunk))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:
@@ -304,37 +349,66 @@ def encode_in_order(
 class _ShardWriter:
     """Cuts one split's token stream into shards of exactly `shard_tokens` (the last shorter)."""
 
-    def __init__(self, out: str, split: str, dtype, shard_tokens: int, put=storage.write_bytes):
+    def __init__(
+        self,
+        out: str,
+        split: str,
+        dtype,
+        shard_tokens: int,
+        put=storage.write_bytes,
+        masked: bool = False,
+    ):
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
         self.put = put
         self.shards: list[dict] = []
         self.buf: list[np.ndarray] = []
-        self.buffered = self.tokens = self.documents = 0
+        self.mask_buf: list[np.ndarray] | None = [] if masked else None  # cut with the tokens
+        self.buffered = self.tokens = self.documents = self.targets = 0
 
-    def add(self, arr: np.ndarray) -> None:
+    def add(self, arr: np.ndarray, mask: np.ndarray | None = None) -> None:
         if arr.size == 0:
             return
         self.buf.append(arr)
+        if self.mask_buf is not None:
+            assert mask is not None and mask.size == arr.size, "a mask byte per token"
+            self.mask_buf.append(mask)
         self.buffered += arr.size
         while self.buffered >= self.shard_tokens:
-            flat = np.concatenate(self.buf)
-            self._flush(flat[: self.shard_tokens])
-            self.buf, self.buffered = [flat[self.shard_tokens :]], flat.size - self.shard_tokens
+            flat, n = np.concatenate(self.buf), self.shard_tokens
+            masks = np.concatenate(self.mask_buf) if self.mask_buf is not None else None
+            self._flush(flat[:n], None if masks is None else masks[:n])
+            self.buf, self.buffered = [flat[n:]], flat.size - n
+            if masks is not None:
+                self.mask_buf = [masks[n:]]
 
-    def _flush(self, arr: np.ndarray) -> None:
-        name = f"{self.split}_{len(self.shards):05d}.bin"
+    def _flush(self, arr: np.ndarray, mask: np.ndarray | None) -> None:
+        stem = f"{self.split}_{len(self.shards):05d}"
         data = arr.astype(self.dtype).tobytes()
-        self.put(storage.join(self.out, name), data)
-        self.shards.append(
-            {"file": name, "tokens": int(arr.size), "sha256": hashlib.sha256(data).hexdigest()}
-        )
+        self.put(storage.join(self.out, stem + ".bin"), data)
+        shard = {
+            "file": stem + ".bin",
+            "tokens": int(arr.size),
+            "sha256": hashlib.sha256(data).hexdigest(),
+        }
+        if mask is not None:
+            raw = mask.astype(MASK_DTYPE).tobytes()
+            self.put(storage.join(self.out, stem + MASK_SUFFIX), raw)
+            shard["mask_file"] = stem + MASK_SUFFIX
+            shard["mask_sha256"] = hashlib.sha256(raw).hexdigest()
+            self.targets += int(np.count_nonzero(mask))
+        self.shards.append(shard)
         self.tokens += int(arr.size)
 
     def close(self) -> dict:
         if self.buffered:
-            self._flush(np.concatenate(self.buf))
+            masks = self.mask_buf
+            self._flush(np.concatenate(self.buf), None if masks is None else np.concatenate(masks))
+            self.mask_buf = None if masks is None else []
             self.buf, self.buffered = [], 0
-        return {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
+        out = {"tokens": self.tokens, "documents": self.documents, "shards": self.shards}
+        if self.mask_buf is not None:
+            out["target_tokens"] = self.targets  # tokens the loss counts (mask 1)
+        return out
 
 
 def sha256_file(path: str | os.PathLike) -> str:

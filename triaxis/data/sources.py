@@ -127,7 +127,16 @@ def _json_text(obj, where: str) -> str:
     return text.encode("utf-8", errors="replace").decode("utf-8")
 
 
-def _json_documents(path: str) -> Iterator[str]:
+_EXAMPLES = {
+    "text": '{"text": "..."}',
+    "chat": '{"messages": [{"role": "user", "content": "..."}, ...]}',
+    "prompt-completion": '{"prompt": "...", "completion": "..."}',
+}
+
+
+def json_records(path: str, fmt: str = "text") -> Iterator[tuple[object, str]]:
+    """(object, where) for each item of a JSON array file or each non-blank JSON line."""
+    example = _EXAMPLES.get(fmt, _EXAMPLES["text"])
     with storage.open_read(path, _READ_CHUNK_BYTES) as f:
         head = f.peek(64)[:64].lstrip()
         if head.startswith(b"["):  # one JSON array of objects
@@ -138,7 +147,7 @@ def _json_documents(path: str) -> Iterator[str]:
                     f"{path} is not valid JSON ({e}); give JSON Lines or an array"
                 ) from None
             for i, obj in enumerate(rows):
-                yield _json_text(obj, f"{path} item {i}")
+                yield obj, f"{path} item {i}"
             return
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -148,9 +157,14 @@ def _json_documents(path: str) -> Iterator[str]:
             except ValueError as e:
                 raise UserError(
                     f"{path} line {n} is not valid JSON ({e}); JSON Lines input "
-                    'needs one object per line like {"text": "..."}'
+                    f"needs one object per line like {example}"
                 ) from None
-            yield _json_text(obj, f"{path} line {n}")
+            yield obj, f"{path} line {n}"
+
+
+def _json_documents(path: str) -> Iterator[str]:
+    for obj, where in json_records(path):
+        yield _json_text(obj, where)
 
 
 def _parquet_documents(path: str) -> Iterator[str]:

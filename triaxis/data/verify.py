@@ -69,6 +69,12 @@ def check_manifest(manifest: object, where: str) -> None:
                 raise bad(f"a shard entry of split {name!r} lacks file, tokens or sha256")
             if os.path.basename(s["file"]) != s["file"] or s["file"] in ("", ".", ".."):
                 raise bad(f"shard name {s['file']!r} is not a plain file name")
+            if "loss_mask" in manifest:
+                mask = s.get("mask_file")
+                if not isinstance(mask, str) or not isinstance(s.get("mask_sha256"), str):
+                    raise bad(f"a shard of split {name!r} lacks its loss mask_file / mask_sha256")
+                if os.path.basename(mask) != mask or mask in ("", ".", ".."):
+                    raise bad(f"mask name {mask!r} is not a plain file name")
         if sum(s["tokens"] for s in split["shards"]) != split["tokens"]:
             raise bad(f"split {name!r}: the shards' tokens do not add up to its total")
 
@@ -85,7 +91,14 @@ def check_shard_size(path: Path, tokens: int, itemsize: int) -> None:
         )
 
 
-def verify_shard(path: Path, sha256: str, dtype: np.dtype, vocab_size: int) -> None:
+def verify_mask(path: Path, sha256: str) -> None:
+    """A loss-mask file: its sha256, and bytes that are 0 or 1 only (same remembered check)."""
+    verify_shard(path, sha256, np.dtype(np.uint8), 2, "loss-mask value")
+
+
+def verify_shard(
+    path: Path, sha256: str, dtype: np.dtype, vocab_size: int, what: str = "token id"
+) -> None:
     """sha256 and largest token id of one local shard, or a remembered earlier result."""
     st = path.stat()
     ident = [str(path.resolve()), st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
@@ -104,8 +117,9 @@ def verify_shard(path: Path, sha256: str, dtype: np.dtype, vocab_size: int) -> N
         _write_marker(marker, {"ident": ident, "sha256": sha256, "max_token": max_token})
     if max_token >= vocab_size:
         raise UserError(
-            f"shard {path} holds token id {max_token}, outside the data's "
-            f"vocabulary of {vocab_size}; the shard does not belong to this "
+            f"shard {path} holds {what} {max_token}, outside the data's "
+            f"{'vocabulary' if what == 'token id' else 'range'} of {vocab_size}; the shard "
+            "does not belong to this "
             "manifest: prepare the data again"
         )
 

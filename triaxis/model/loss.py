@@ -15,18 +15,25 @@ softmax and the loss in fp32; the weight gradient accumulates over chunks in the
 sum of a few chunk products rounds a few times where the plain head's one product rounds once).
 Single-device code: tensor-parallel (vocabulary-sharded) heads and pipeline stages keep the plain
 head and loss (triaxis.train.loop decides).
+
+A target of IGNORE_INDEX (-100, torch's cross_entropy default) is skipped as cross_entropy skips
+it: no loss, no gradient, and the mean is over the other targets (0, not NaN, when none is
+left). Loss-masked fine-tuning data (prompt tokens) arrives that way.
 """
 
 from __future__ import annotations
 
 import torch
 
+IGNORE_INDEX = -100
+
 
 def chunked_cross_entropy(
     h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
 ) -> torch.Tensor:
     """Mean cross-entropy of `targets` (N,) under logits h @ weight.T, h (N, d), weight (V, d),
-    computed `chunk` rows at a time; differentiable in h and weight."""
+    over the targets that are not IGNORE_INDEX, computed `chunk` rows at a time;
+    differentiable in h and weight."""
     dtype = h.dtype
     if torch.is_autocast_enabled(h.device.type):
         dtype = torch.get_autocast_dtype(h.device.type)
@@ -37,7 +44,12 @@ def chunked_cross_entropy(
             _chunk_loss(h[s : s + chunk], weight, targets[s : s + chunk], dtype, None)[0]
             for s in range(0, h.shape[0], chunk)
         )
-    return total / h.shape[0]
+    return total / _count(targets)
+
+
+def _count(targets: torch.Tensor) -> torch.Tensor:
+    """Targets the loss counts, at least 1: a tensor, so no host sync."""
+    return (targets != IGNORE_INDEX).sum().clamp_(min=1)
 
 
 def _chunk_loss(
@@ -45,25 +57,28 @@ def _chunk_loss(
     weight: torch.Tensor,
     targets: torch.Tensor,
     dtype: torch.dtype,
-    grad_scale: float | None,
+    grad_scale: torch.Tensor | None,
 ):
     """(summed loss of the chunk in fp32, d(loss x grad_scale)/d(logits) in `dtype` or None)."""
     logits = (h.to(dtype) @ weight.to(dtype).T).float()
     lse = torch.logsumexp(logits, dim=-1)
     rows = torch.arange(targets.shape[0], device=targets.device)
-    loss = (lse - logits[rows, targets]).sum()
+    keep = targets != IGNORE_INDEX
+    safe = torch.where(keep, targets, 0)  # any real row: its loss is multiplied by 0
+    loss = torch.where(keep, lse - logits[rows, safe], 0.0).sum()
     if grad_scale is None:
         return loss, None
     # softmax - onehot, in place on the fp32 logits: the chunk holds one vocab-wide fp32 buffer.
     grad = logits.sub_(lse[:, None]).exp_()
-    grad[rows, targets] -= 1.0
-    return loss, grad.mul_(grad_scale).to(dtype)
+    grad[rows, safe] -= 1.0
+    grad.mul_(torch.where(keep, grad_scale, 0.0)[:, None])  # ignored rows: no gradient
+    return loss, grad.to(dtype)
 
 
 class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, targets, chunk, dtype):
-        n = h.shape[0]
+        n = _count(targets)
         grad_h = torch.empty_like(h)
         # In the weight's own dtype: the buffer is the head's gradient the plain path would
         # allocate in backward (bf16 under FSDP mixed precision, fp32 under autocast), not an
@@ -72,7 +87,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dtype)
-            for s in range(0, n, chunk):
+            for s in range(0, h.shape[0], chunk):
                 hc, tc = h[s : s + chunk], targets[s : s + chunk]
                 loss, g = _chunk_loss(hc, w, tc, dtype, 1.0 / n)
                 total += loss

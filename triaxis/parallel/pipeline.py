@@ -120,28 +120,32 @@ class Pipeline:
             target, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=True
         )
 
-    def step(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Forward + backward of the local batch through the schedule; returns the mean
-        micro-batch loss, the same on every rank of the pipeline. `doc_ids` (document masking,
-        of tokens[:, :-1]): every rank holds the batch and derives them itself, so each stage
-        gets them as a keyword argument (split into micro-batches like the inputs) instead of
-        receiving them from the previous stage."""
-        args = (tokens[:, :-1],) if self.has_first else ()
+    def step(
+        self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Forward + backward of the local batch (inputs, targets) through the schedule;
+        returns the mean micro-batch loss, the same on every rank of the pipeline. `doc_ids`
+        (document masking, of the inputs): every rank holds the batch and derives them itself,
+        so each stage gets them as a keyword argument (split into micro-batches like the
+        inputs) instead of receiving them from the previous stage."""
+        args = (inputs,) if self.has_first else ()
         kwargs = {} if doc_ids is None else {"doc_ids": doc_ids}
         losses: list[torch.Tensor] = []
         if self.has_last:
-            kwargs |= {"target": tokens[:, 1:], "losses": losses}
+            kwargs |= {"target": targets, "losses": losses}
         self.schedule.step(*args, **kwargs)
         loss = (
             torch.stack([_plain(x).detach() for x in losses]).mean()
             if losses
-            else torch.zeros((), device=tokens.device)
+            else torch.zeros((), device=inputs.device)
         )
         dist.all_reduce(loss, group=self.pp_group)  # only the last stage's rank adds a value
         return loss
 
     @torch.no_grad()
-    def eval(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def eval(
+        self, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Forward only, the mean micro-batch loss on every rank of the pipeline.
 
         Not `schedule.eval`: the runtime schedules (looped-bfs, interleaved, zbv, dualpipev)
@@ -152,9 +156,10 @@ class Pipeline:
         stage's rank. Every rank walks the same order, so no send waits on a receive that
         comes later."""
         n = self._n_microbatches
-        inputs, targets = tokens[:, :-1].chunk(n), tokens[:, 1:].chunk(n)
+        device = inputs.device
         docs = doc_ids.chunk(n) if doc_ids is not None else [None] * n
-        total = torch.zeros((), device=tokens.device)
+        inputs, targets = inputs.chunk(n), targets.chunk(n)
+        total = torch.zeros((), device=device)
         for m in range(n):
             h = inputs[m]
             for s in range(self.num_stages):
@@ -162,7 +167,7 @@ class Pipeline:
                 if mine is None:
                     continue
                 if s > 0 and self.stage_ranks[s - 1] != owner:
-                    h = self._recv(self.stage_ranks[s - 1], tokens.device)
+                    h = self._recv(self.stage_ranks[s - 1], device)
                 h = mine(h, doc_ids=docs[m])
                 if s == self.num_stages - 1:
                     total += _plain(self.loss_fn(h, targets[m])).detach().float()

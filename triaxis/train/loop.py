@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from triaxis.checkpoint.dcp import Checkpointer
 from triaxis.config import Config, attention_span, grad_accum_steps, to_toml
-from triaxis.data.dataset import micro_batch_start
+from triaxis.data.dataset import has_loss_mask, inputs_targets, micro_batch_start
 from triaxis.data.mixture import open_val_sets, source_tokens, val_record
 from triaxis.metrics.logger import (
     MetricsWriter,
@@ -30,6 +30,7 @@ from triaxis.metrics.logger import (
 )
 from triaxis.model import flops_per_token, param_counts
 from triaxis.model.attention import document_ids
+from triaxis.model.loss import IGNORE_INDEX
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.parallel.rules import Planner
 from triaxis.train.build import build_model
@@ -145,6 +146,11 @@ class Trainer:
             self.train_ds.manifest["tokenizer"]["eos_id"] if cfg.data.document_mask else None
         )
         self.peak = peak_flops(self.device)
+        # Loss-masked data (prepare --format chat): each micro-batch's loss is its summed token
+        # losses x this, set per step (`_masked_scale`) so the step's loss is the mean over the
+        # valid targets of the whole global batch, whatever the layout.
+        self.masked_loss = has_loss_mask(self.train_ds)
+        self.loss_scale: torch.Tensor | None = None
 
     # -- one optimizer step ------------------------------------------------------------------
     def autocast(self):
@@ -153,37 +159,58 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        flat = logits.flatten(0, 1).float(), targets.flatten()  # -100 targets are skipped
+        if self.loss_scale is None:
+            return F.cross_entropy(*flat)
+        return _plain(F.cross_entropy(*flat, reduction="sum")) * self.loss_scale
 
     def doc_ids(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """Document index of each input token with data.document_mask, else None."""
         return None if self.eos_id is None else document_ids(inputs, self.eos_id)
 
-    def loss_of(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean next-token loss of a micro-batch: the fused, chunked head + loss where the
-        head is whole on this rank (triaxis.model.loss), else full logits, then the loss."""
-        inputs = tokens[:, :-1]
+    def loss_of(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token loss of a micro-batch (with a loss mask: its share of the global
+        batch's mean, see loss_scale): the fused, chunked head + loss where the head is whole
+        on this rank (triaxis.model.loss), else full logits, then the loss."""
         doc_ids = self.doc_ids(inputs)
         if self.loss_chunk:
             with self.autocast():
-                return self.model(
-                    inputs, targets=tokens[:, 1:], loss_chunk=self.loss_chunk, doc_ids=doc_ids
+                loss = self.model(
+                    inputs, targets=targets, loss_chunk=self.loss_chunk, doc_ids=doc_ids
                 )
+            if self.loss_scale is None:
+                return loss
+            return loss * (targets != IGNORE_INDEX).sum() * self.loss_scale  # the sum, scaled
         with self.autocast():
             logits = self.model(inputs, doc_ids=doc_ids)
-        return self.loss_fn(logits, tokens[:, 1:])
+        return self.loss_fn(logits, targets)
 
-    def local_batch(self, ds, cursor: int, micro_step: int, shuffle: bool = True) -> torch.Tensor:
+    def local_batch(self, ds, cursor: int, micro_step: int, shuffle: bool = True):
+        """This rank's (inputs, targets) of one micro-step, on the device."""
         start = micro_batch_start(
             cursor, micro_step, self.cfg.train.micro_batch, self.dims.dp_size, self.dp_rank
         )
         t0 = time.perf_counter()
-        batch = ds.batch(start, self.cfg.train.micro_batch, shuffle)
+        inputs, targets = inputs_targets(ds, start, self.cfg.train.micro_batch, shuffle)
         if self.device.type == "cuda":  # a copy from pinned memory does not wait for the GPU
-            batch = batch.pin_memory()
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
         if ds is self.train_ds:  # validation reads are not training time
             self.data_wait_s += time.perf_counter() - t0
-        return batch.to(self.device, non_blocking=True)
+        return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
+
+    def _masked_scale(self, batches: list) -> torch.Tensor | None:
+        """For loss-masked data: data-parallel size / valid targets of the whole global batch
+        (x micro-batches with a pipeline, whose schedule averages them). FSDP averages the
+        gradients over the data-parallel ranks, so the summed token losses x this give the
+        gradient of the global mean: the same numbers as one process. None without a mask
+        (a split without one, validating a mixture's unmasked source, gets the same mean)."""
+        if not self.masked_loss:
+            return None
+        count = sum((t != IGNORE_INDEX).sum() for _, t in batches)  # int64: exact
+        if self.dp_group is not None:
+            dist.all_reduce(count, group=self.dp_group)
+        micro = len(batches) if self.pipeline is not None else 1
+        return (self.dims.dp_size * micro / count.clamp(min=1).double()).float()
 
     def loss_parallel(self):
         if not self.cfg.parallel.loss_parallel:
@@ -204,20 +231,21 @@ class Trainer:
                 self.dims.dp_size,
                 self.dp_rank,
             )
+        batches = [self.local_batch(self.train_ds, cursor, m) for m in range(self.grad_accum)]
+        self.loss_scale = self._masked_scale(batches)
         if self.pipeline is not None:
             # The schedule runs the micro-batches: hand it all of them, in micro-step order.
-            tokens = torch.cat(
-                [self.local_batch(self.train_ds, cursor, m) for m in range(self.grad_accum)]
-            )
+            inputs, targets = (torch.cat(t) for t in zip(*batches))
             with self.loss_parallel(), self.autocast():
-                return self.pipeline.step(tokens, self.doc_ids(tokens[:, :-1]))
+                return self.pipeline.step(inputs, targets, self.doc_ids(inputs))
         total = torch.zeros((), device=self.device)
         poison = self.faults.inject_nan(step)
-        for m in range(self.grad_accum):
-            tokens = self.local_batch(self.train_ds, cursor, m)
+        for m, (inputs, targets) in enumerate(batches):
             set_grad_sync(self.model, self.dims, last_micro_step=m == self.grad_accum - 1)
             with self.loss_parallel():
-                loss = self.loss_of(tokens) / self.grad_accum
+                loss = self.loss_of(inputs, targets)
+                if self.loss_scale is None:
+                    loss = loss / self.grad_accum
                 if poison:
                     loss = loss * float("nan")
                 loss.backward()
@@ -275,15 +303,21 @@ class Trainer:
             batches = [
                 self.local_batch(val_ds, cursor, m, shuffle=False) for m in range(self.grad_accum)
             ]
+            self.loss_scale = self._masked_scale(batches)
+            if self.loss_scale is not None:  # the mean of each global batch, then of those
+                self.loss_scale = self.loss_scale / self.cfg.train.val_batches
             with self.loss_parallel(), self.autocast():
                 if self.pipeline is not None:
-                    tokens = torch.cat(batches)
-                    total += self.pipeline.eval(tokens, self.doc_ids(tokens[:, :-1]))
+                    inputs, targets = (torch.cat(t) for t in zip(*batches))
+                    total += self.pipeline.eval(inputs, targets, self.doc_ids(inputs))
                     continue
-                for tokens in batches:
-                    total += _plain(self.loss_of(tokens))
+                for inputs, targets in batches:
+                    total += _plain(self.loss_of(inputs, targets))
         self.model.train()
         n = self.cfg.train.val_batches * (1 if self.pipeline is not None else self.grad_accum)
+        if self.loss_scale is not None:
+            n = 1  # already a mean: the scale divided by the valid targets
+        self.loss_scale = None
         return self.mean_over_dp(total / n)
 
     # -- the loop ----------------------------------------------------------------------------
