@@ -62,10 +62,24 @@ def train_config(a: argparse.Namespace, world: int, run_dir: str):
     )
 
 
+CLOCKS = ("wall", "cpu")
+"""Wall time is what a step costs; on a shared, loaded machine it is mostly other jobs' time, so
+the process's CPU time (gloo waits block, they do not spin) is reported beside it."""
+
+
+def now() -> dict[str, float]:
+    return {"wall": time.perf_counter(), "cpu": time.process_time()}
+
+
+def since(t0: dict[str, float]) -> dict[str, float]:
+    t = now()
+    return {c: t[c] - t0[c] for c in CLOCKS}
+
+
 class Timed:
     """Wraps obj.name (an instance or a class attribute) to add its time to a bucket."""
 
-    def __init__(self, buckets: dict[str, float]):
+    def __init__(self, buckets: dict[str, dict[str, float]]):
         self.buckets, self.undo = buckets, []
 
     def wrap(self, obj, name: str, bucket: str) -> None:
@@ -75,11 +89,12 @@ class Timed:
         inst = not isinstance(obj, type)
 
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = now()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.buckets[bucket] += time.perf_counter() - t0
+                for c, dt in since(t0).items():
+                    self.buckets[bucket][c] += dt
 
         setattr(obj, name, timed)
         self.undo.append((obj, name, fn if not inst else None))
@@ -93,21 +108,22 @@ class Timed:
         self.undo.clear()
 
 
-def run_trainer(trainer, steps: int, warmup: int) -> tuple[float, dict[str, float], float]:
-    """One fit() of `steps` steps: (mean step s, {part: share of step time}, first loss)."""
+def run_trainer(trainer, steps: int, warmup: int) -> tuple[dict, dict, float]:
+    """One fit() of `steps` steps: ({clock: mean step s}, {clock: {part: share of step time}},
+    first loss)."""
     from triaxis.metrics import logger as metrics_logger
     from triaxis.train import loop, resilience, watchdog
 
-    starts: list[float] = []
-    buckets = {"data": 0.0, "metrics": 0.0, "polling": 0.0}
+    starts: list[dict[str, float]] = []
+    buckets = {k: dict.fromkeys(CLOCKS, 0.0) for k in ("data", "metrics", "polling")}
     timer = Timed(buckets)
     step_fn = trainer.train_step
 
     def train_step(*args, **kwargs):
-        starts.append(time.perf_counter())
+        starts.append(now())
         if len(starts) == warmup + 1:
-            for k in buckets:
-                buckets[k] = 0.0  # count from the first measured step on
+            for b in buckets.values():
+                b.update(dict.fromkeys(CLOCKS, 0.0))  # count from the first measured step on
         return step_fn(*args, **kwargs)
 
     trainer.train_step = train_step
@@ -125,12 +141,10 @@ def run_trainer(trainer, steps: int, warmup: int) -> tuple[float, dict[str, floa
     finally:
         timer.restore()
         del trainer.train_step
-    # The buckets ran from step warmup+1's start to the loop's end; the last step's tail
-    # (its logging) falls after the last start: spread over the measured steps + 1.
-    measured = starts[-1] - starts[warmup]
-    step_s = measured / (len(starts) - 1 - warmup)
-    total = time.perf_counter() - starts[warmup]
-    shares = {k: v / total for k, v in buckets.items()}
+    total = since(starts[warmup])  # to the loop's end: the last step's logging included
+    n = len(starts) - 1 - warmup
+    step_s = {c: (starts[-1][c] - starts[warmup][c]) / n for c in CLOCKS}
+    shares = {c: {k: b[c] / total[c] for k, b in buckets.items()} for c in CLOCKS}
     return step_s, shares, result.losses[min(result.losses)]
 
 
@@ -153,7 +167,9 @@ class MinimalLoop:
             blocks = list(model.layers.values())
             for i, block in enumerate(blocks):
                 fully_shard(block, mesh=mesh, reshard_after_forward=i < len(blocks) - 1)
-            fully_shard(model, mesh=mesh)
+            # Explicit, as triaxis passes it (parallel.reshard_after_forward): FSDP's own
+            # default would keep the root (embedding, head) gathered from forward to backward.
+            fully_shard(model, mesh=mesh, reshard_after_forward=True)
         model.materialize("cpu")
         model.init_weights(cfg.train.seed)
         decay = [p for p in model.parameters() if p.ndim >= 2]
@@ -179,12 +195,12 @@ class MinimalLoop:
         ]
         trainer.data_wait_s = 0.0
 
-    def run(self, steps: int, warmup: int) -> tuple[float, float]:
-        """(mean step s after warm-up, first step's loss)."""
+    def run(self, steps: int, warmup: int) -> tuple[dict, float]:
+        """({clock: mean step s after warm-up}, first step's loss)."""
         chunk, first = self.cfg.train.loss_chunk_tokens, None
         starts = []
         for step in range(steps):
-            starts.append(time.perf_counter())
+            starts.append(now())
             total = torch.zeros(())
             for tokens in self.batches[step]:
                 loss = self.model(tokens[:, :-1], targets=tokens[:, 1:], loss_chunk=chunk)
@@ -204,8 +220,8 @@ class MinimalLoop:
                     torch.distributed.all_reduce(total)
                     total /= torch.distributed.get_world_size()
                 first = float(total)
-        starts.append(time.perf_counter())
-        return (starts[-1] - starts[warmup]) / (steps - warmup), first
+        starts.append(now())
+        return {c: (starts[-1][c] - starts[warmup][c]) / (steps - warmup) for c in CLOCKS}, first
 
 
 def worker(rank: int, world: int, a: argparse.Namespace) -> dict:
@@ -235,18 +251,20 @@ def worker(rank: int, world: int, a: argparse.Namespace) -> dict:
 
 
 def summarize(world: int, rows: dict) -> dict:
-    t, m = statistics.median(rows["triaxis"]), statistics.median(rows["minimal"])
-    shares = {k: statistics.median(s[k] for s in rows["shares"]) for k in rows["shares"][0]}
-    loss = rows["loss"][0]
-    return {
-        "world": world,
-        "triaxis_step_s": t,
-        "minimal_step_s": m,
-        "ratio": t / m,
-        "ratio_per_round": [a / b for a, b in zip(rows["triaxis"], rows["minimal"])],
-        "shares": shares,
-        "first_loss": loss,
-    }
+    out: dict = {"world": world, "first_loss": rows["loss"][0]}
+    for c in CLOCKS:
+        t = [r[c] for r in rows["triaxis"]]
+        m = [r[c] for r in rows["minimal"]]
+        out[c] = {
+            "triaxis_step_s": statistics.median(t),
+            "minimal_step_s": statistics.median(m),
+            "ratio": statistics.median(t) / statistics.median(m),
+            "ratio_per_round": [round(a / b, 4) for a, b in zip(t, m)],
+            "shares": {
+                k: statistics.median(s[c][k] for s in rows["shares"]) for k in rows["shares"][0][c]
+            },
+        }
+    return out
 
 
 def main() -> None:
@@ -268,13 +286,15 @@ def main() -> None:
         out.append(s)
         if abs(s["first_loss"]["triaxis"] - s["first_loss"]["minimal"]) > 1e-4:
             raise SystemExit(f"world {world}: the two loops trained different things: {s}")
-        parts = ", ".join(f"{k} {v:.2%}" for k, v in s["shares"].items())
-        print(
-            f"world {world}: triaxis {s['triaxis_step_s'] * 1e3:.1f} ms/step, minimal "
-            f"{s['minimal_step_s'] * 1e3:.1f} ms/step, ratio {s['ratio']:.3f}x; "
-            f"of the Trainer's step: {parts}",
-            flush=True,
-        )
+        for c in CLOCKS:
+            r = s[c]
+            parts = ", ".join(f"{k} {v:.2%}" for k, v in r["shares"].items())
+            print(
+                f"world {world}, {c:>4} time: triaxis {r['triaxis_step_s'] * 1e3:.1f} ms/step, "
+                f"minimal {r['minimal_step_s'] * 1e3:.1f} ms/step, ratio {r['ratio']:.3f}x "
+                f"(rounds {r['ratio_per_round']}); of the Trainer's step: {parts}",
+                flush=True,
+            )
     print(
         json.dumps(
             {
