@@ -50,6 +50,15 @@ def test_the_pins_satisfy_the_ranges():
     assert checked >= 10  # the S3 stack, torch, the test tools: the pins do name them
 
 
+_OFFLINE = (
+    "Failed to establish a new connection",
+    "Temporary failure in name resolution",
+    "Could not fetch URL",
+    "ConnectTimeoutError",
+)
+"""pip's words for an index it cannot reach (a conflict reads ResolutionImpossible instead)."""
+
+
 def _pip(venv: Path, *args: str, timeout: float) -> subprocess.CompletedProcess:
     # Without PIP_CONSTRAINT: the point is resolving without constraints.
     env = {
@@ -89,6 +98,9 @@ def test_a_fresh_venv_resolves_the_test_extra_without_constraints(tmp_path):
     proc = _pip(
         venv, "install", "--dry-run", "--report", str(report), "-e", f"{ROOT}[test]", timeout=2400
     )
+    offline = any(m in proc.stderr for m in _OFFLINE) and "ResolutionImpossible" not in proc.stderr
+    if proc.returncode != 0 and offline:
+        pytest.skip(f"the package index went unreachable: {proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     chosen = {
         canonicalize_name(x["metadata"]["name"]): x["metadata"]["version"]
