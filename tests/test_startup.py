@@ -7,11 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.parity import tiny_train_args
 
+ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "numpy")
 
 _WRAPPER = """
@@ -56,6 +58,17 @@ PLAN_70B = ("plan", "--model", "70b", "--gpus", "1024", "--gpu", "h100")
         PLAN_70B,
         (*PLAN_70B, "--json"),
         ("plan", "--help"),
+        (
+            "plan",
+            "--model",
+            "REPO/configs/demo.toml",
+            "--gpus",
+            "16",
+            "--gpu",
+            "h100",
+            "--seq",
+            "512",
+        ),
         ("layout", "--nodes", "2", "--tp", "2", "--pp", "2", "--layers", "8"),
         ("config",),
         ("config", "--fields"),
@@ -64,10 +77,15 @@ PLAN_70B = ("plan", "--model", "70b", "--gpus", "1024", "--gpu", "h100")
         ("launch", "--help"),
         ("prepare", "--help"),
         ("generate", "--help"),
+        ("net", "--help"),
+        ("ckpt", "--help"),
+        ("import-hf", "--help"),
+        ("export-hf", "--help"),
     ],
     ids=" ".join,
 )
 def test_no_torch_nor_numpy(tmp_path, args):
+    args = [str(x).replace("REPO", str(ROOT)) for x in args]
     modules, out = imported(tmp_path, *args)
     assert modules == set(), f"triaxis {' '.join(args)} imported {sorted(modules)}"
     assert out.strip()
