@@ -34,3 +34,21 @@ def peak_bf16_flops(device_name: str) -> float | None:
     L40S is not an L4); None for a card hardware.toml does not list."""
     hits = [(len(name), peak) for name, peak in _peaks_by_cuda_name() if name in device_name]
     return max(hits, key=lambda h: h[0])[1] if hits else None
+
+
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
+"""What a GPU torch could use leaves on the node: NVIDIA's kernel driver (CUDA), ROCm's /dev/kfd,
+WSL's /dev/dxg. Without any of them torch.cuda.is_available() is False."""
+
+
+def local_gpu_count(want_gpu: bool = True) -> int:
+    """GPUs torch sees on this node (torch.cuda.device_count(), honouring CUDA_VISIBLE_DEVICES);
+    0 without want_gpu or without a GPU driver. The driver check comes first because it needs no
+    torch: a launch dry run or a --cpu launch then starts without torch's seconds-long import."""
+    import os
+
+    if not want_gpu or not any(os.path.exists(p) for p in GPU_DRIVER_PATHS):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0

@@ -159,22 +159,22 @@ def launch_here(
 ) -> int:
     """`triaxis train` on nproc_per_node processes of this node (one node of nnodes; with
     min_nnodes < nnodes, of an elastic job that goes on with min_nnodes .. nnodes)."""
-    import torch
-
     from triaxis.config import load_config
+    from triaxis.hardware import local_gpu_count
     from triaxis.parallel.rules import layout_for_world
     from triaxis.plan.auto import auto_layout
     from triaxis.train.resolve import resolve
 
     cfg = load_config(config_path, overrides)
-    on_gpu = torch.cuda.is_available() and not cpu and cfg.train.device != "cpu"
-    nproc = nproc_per_node or (torch.cuda.device_count() if on_gpu else 2)
+    # No torch here: the workers import it; this process only builds their command line.
+    gpus = local_gpu_count(not cpu and cfg.train.device != "cpu")
+    on_gpu = gpus > 0
+    nproc = nproc_per_node or (gpus if on_gpu else 2)
     if nproc_per_node < 0 or nnodes < 1:
         raise UserError(f"--nproc-per-node={nproc_per_node} and --nnodes={nnodes} must be positive")
-    if on_gpu and nproc > torch.cuda.device_count():
+    if on_gpu and nproc > gpus:
         raise UserError(
-            f"--nproc-per-node={nproc} but this node has "
-            f"{torch.cuda.device_count()} GPUs; use at most that many"
+            f"--nproc-per-node={nproc} but this node has {gpus} GPUs; use at most that many"
         )
     _, _, model_args, _, _ = resolve(cfg, nproc * nnodes, auto_layout)
     min_nnodes = min_nnodes or nnodes

@@ -89,9 +89,9 @@ class SageMakerEnv:
             channels = {p.name: str(p) for p in data_root.iterdir() if p.is_dir()}
         gpus = environ.get("SM_NUM_GPUS")
         if gpus is None:
-            import torch
+            from triaxis.hardware import local_gpu_count
 
-            gpus = str(torch.cuda.device_count())
+            gpus = str(local_gpu_count())
         hps = {k: _text(v) for k, v in hps.items()}
         remote = hps.get("checkpoint.dir", "")
         return cls(

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from triaxis.errors import UserError
 
 AXES = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -83,8 +81,15 @@ class ParallelDims:
         return self.dp_size > 1 or self.fsdp_always
 
     def coords(self, rank: int) -> dict[str, int]:
-        """Mesh coordinates of a global rank."""
-        return dict(zip(AXES, (int(c) for c in np.unravel_index(rank, self.shape))))
+        """Mesh coordinates of a global rank (row-major, last axis fastest). Plain integer
+        arithmetic: `triaxis layout` imports no numpy."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the world of {self.world_size}")
+        coords: list[int] = []
+        for size in reversed(self.shape):
+            rank, c = divmod(rank, size)
+            coords.append(c)
+        return dict(zip(AXES, reversed(coords)))
 
     def dp_rank(self, rank: int) -> int:
         c = self.coords(rank)
