@@ -208,6 +208,7 @@ def test_every_checkpoint_invalid_stops_and_changes_nothing(trained, byte_data, 
     assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_resume_none_refuses_a_folder_with_checkpoints(trained, byte_data, tmp_path):
     """A fresh start never deletes or replaces committed checkpoints it did not write."""
     run = copy_run(trained, tmp_path)

@@ -129,6 +129,7 @@ def test_the_planner_returns_a_new_config():
         layout_for_world(cfg, 2, build_model_args(cfg.model))
 
 
+@pytest.mark.slow
 def test_train_with_parallel_auto_runs_the_planners_layout(byte_data, tmp_path):
     # `triaxis train` passes the planner down to the trainer (which does not import it).
     import os

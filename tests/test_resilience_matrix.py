@@ -357,9 +357,9 @@ SLOW = [
     ("pp_tp_dp", "val", "kill"),
     ("pp_tp_dp", "val", "slices"),
 ]
-# The fast lane (`-m "not slow"`) keeps a kill + resume cell and a sliced-run cell (FSDP, pipeline):
+# The fast lane (`-m "not slow"`) keeps one kill + resume cell (FSDP; plus one relayout below):
 # every cell is a multi-process launch of several seconds on 2 cores.
-FAST_LANE = [("dp_shard", "rollback", "kill"), ("pp_1f1b", "val", "slices")]
+FAST_LANE = [("dp_shard", "rollback", "kill")]
 CASES = [
     pytest.param(*c, id="-".join(c), marks=() if c in FAST_LANE else pytest.mark.slow)
     for c in FAST + SLOW
@@ -410,6 +410,7 @@ def test_resume_into_another_layout(first, then, option, byte_data, tmp_path, tm
 # -- complete resume state: each stateful option, killed and resumed == never killed ----------
 
 
+@pytest.mark.slow
 def test_spike_guard_state_survives_a_kill(byte_data, tmp_path):
     """The loss-spike guard decides by its running mean and by how many losses it has seen
     (none are judged in its first 10). Here the uninterrupted run skips step 20's update; a
@@ -439,6 +440,7 @@ def test_spike_guard_state_survives_a_kill(byte_data, tmp_path):
     assert final["cursor"] == 21 * 8  # one batch skipped: 20 steps took 21 batches
 
 
+@pytest.mark.slow
 def test_bad_step_count_survives_a_kill(byte_data, tmp_path):
     """max_bad_steps counts over the whole run: a NaN before the kill and one after it stop a
     resumed run exactly where they stop the uninterrupted one."""
@@ -459,6 +461,7 @@ def test_bad_step_count_survives_a_kill(byte_data, tmp_path):
     assert logged(run)[0].keys() == logged(ref_run)[0].keys()
 
 
+@pytest.mark.slow
 def test_a_rank_that_finishes_an_async_save_last_does_not_hang_the_next_save(
     byte_data, tmp_path, tmp_path_factory
 ):
