@@ -69,3 +69,17 @@ def one_error_line(stderr: str, *words: str) -> str:
     for w in words:
         assert w in err, (w, err)
     return err
+
+
+SAGEMAKER_ROLE = "arn:aws:iam::123456789012:role/triaxis-trainer"
+SAGEMAKER = [
+    "--backend",
+    "sagemaker",
+    "--image",
+    "123456789012.dkr.ecr.us-east-1.amazonaws.com/triaxis:1",
+    "--role",
+    SAGEMAKER_ROLE,
+    "--output-s3",
+    "s3://bucket/out",
+]
+"""`triaxis launch` flags for a SageMaker request (moto, or --dry-run, answers it)."""

@@ -9,15 +9,12 @@ import subprocess
 import pytest
 
 from tests import helpers
-from tests.helpers import command
+from tests.helpers import SAGEMAKER, SAGEMAKER_ROLE, command
 from tests.parity import tiny_train_args
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
 from triaxis.launchers import sagemaker
 from triaxis.launchers.sagemaker_entry import SageMakerEnv, entry_plan
-
-ROLE = "arn:aws:iam::123456789012:role/triaxis-trainer"
-
 
 tiny = tiny_train_args
 
@@ -105,14 +102,7 @@ def test_the_launcher_sets_the_efa_environment_itself(byte_data, tmp_path, capsy
 def sm_args(data, run_dir, *extra):
     return [
         "launch",
-        "--backend",
-        "sagemaker",
-        "--image",
-        "123456789012.dkr.ecr.us-east-1.amazonaws.com/triaxis:1",
-        "--role",
-        ROLE,
-        "--output-s3",
-        "s3://bucket/out",
+        *SAGEMAKER,
         *extra,
         *tiny(data, run_dir),
     ]
@@ -345,7 +335,7 @@ def test_sagemaker_job_goes_through_moto(where, moto_endpoint, byte_data, tmp_pa
     arn = capsys.readouterr().out.strip().splitlines()[-1]
     assert arn.endswith(f":training-job/{name}")
     job = boto3.client("sagemaker").describe_training_job(TrainingJobName=name)
-    assert job["RoleArn"] == ROLE and job["HyperParameters"]["train.steps"] == "7"
+    assert job["RoleArn"] == SAGEMAKER_ROLE and job["HyperParameters"]["train.steps"] == "7"
     assert job["ResourceConfig"]["InstanceType"] == "ml.g5.12xlarge"
     assert job["CheckpointConfig"] == {
         "S3Uri": "s3://bucket/ckpt",
@@ -412,39 +402,20 @@ def test_s3_checkpoint_dir_reaches_the_job(byte_data, tmp_path, capsys):
         )  # the hyperparameter, then the plan's
 
 
-@pytest.mark.slow
-def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
-    moto_s3, byte_data, tmp_path, capsys
-):
-    """The hyperparameters of a 2-host request, run as a job here (1 host x 2 processes: the
-    rendezvous across hosts is test_multinode's subject): both ranks write their shards to S3,
-    rank 0's manifest commits them, nothing lands on the instance's disk."""
-    uri = f"s3://{moto_s3.new_bucket()}/run/ckpt"
-    assert (
-        main(
-            [
-                *sm_args(
-                    byte_data,
-                    tmp_path / "ignored",
-                    "--dry-run",
-                    "--instance-type",
-                    "ml.m5.xlarge",
-                    "--nnodes",
-                    "2",
-                    "--input",
-                    "train=s3://b/d",
-                ),
-                "--parallel.dp_shard=2",
-                "--train.steps=4",
-                "--checkpoint.interval=2",
-                f"--checkpoint.dir={uri}",
-            ]
-        )
-        == 0
-    )
+def requested_job_env(capsys, byte_data, tmp_path, root, hosts: list, extra=()) -> dict:
+    """A dry-run SageMaker request (2 ranks, 4 steps, a checkpoint every 2), handed back as the
+    environment SageMaker gives a 1-host job rooted at `root`."""
+    launch = ["--dry-run", "--instance-type", "ml.m5.xlarge", *hosts, "--input", "train=s3://b/d"]
+    request = [
+        *sm_args(byte_data, tmp_path / "ignored", *launch),
+        "--parallel.dp_shard=2",
+        "--train.steps=4",
+        "--checkpoint.interval=2",
+        *extra,
+    ]
+    assert main(request) == 0
     hps = json.loads(capsys.readouterr().out)["HyperParameters"]
-    root = tmp_path / "opt_ml"
-    env = {
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "SM_HOSTS": '["algo-1"]',
@@ -454,6 +425,20 @@ def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
         "SM_HPS": json.dumps(hps),
         "SM_MODEL_DIR": str(root / "model"),
     }
+
+
+@pytest.mark.slow
+def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
+    moto_s3, byte_data, tmp_path, capsys
+):
+    """The hyperparameters of a 2-host request, run as a job here (1 host x 2 processes: the
+    rendezvous across hosts is test_multinode's subject): both ranks write their shards to S3,
+    rank 0's manifest commits them, nothing lands on the instance's disk."""
+    uri = f"s3://{moto_s3.new_bucket()}/run/ckpt"
+    root = tmp_path / "opt_ml"
+    env = requested_job_env(
+        capsys, byte_data, tmp_path, root, ["--nnodes", "2"], [f"--checkpoint.dir={uri}"]
+    )
     job = subprocess.run(
         command(
             "launch",
@@ -526,39 +511,8 @@ def test_sagemaker_environment_from_files_and_variables(tmp_path):
 @pytest.mark.slow
 def test_a_sagemaker_job_runs_here(byte_data, tmp_path, capsys):
     """The request's hyperparameters, handed back as a 1-host job's environment, train."""
-    assert (
-        main(
-            [
-                *sm_args(
-                    byte_data,
-                    tmp_path / "ignored",
-                    "--dry-run",
-                    "--instance-type",
-                    "ml.m5.xlarge",
-                    "--nproc-per-node",
-                    "2",
-                    "--input",
-                    "train=s3://b/d",
-                ),
-                "--parallel.dp_shard=2",
-                "--train.steps=4",
-                "--checkpoint.interval=2",
-            ]
-        )
-        == 0
-    )
-    hps = json.loads(capsys.readouterr().out)["HyperParameters"]
     root = tmp_path / "opt_ml"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "SM_HOSTS": '["algo-1"]',
-        "SM_CURRENT_HOST": "algo-1",
-        "SM_NUM_GPUS": "0",
-        "SM_CHANNEL_TRAIN": byte_data,
-        "SM_HPS": json.dumps(hps),
-        "SM_MODEL_DIR": str(root / "model"),
-    }
+    env = requested_job_env(capsys, byte_data, tmp_path, root, ["--nproc-per-node", "2"])
     cmd = command("launch", "--sm-root", str(root))
     first = subprocess.run(
         [*cmd, "--backend", "sagemaker-entry"],
