@@ -21,17 +21,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join the workers' gloo group on loopback (a 60 s timeout on each collective)."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
+
+
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
     try:
         torch.set_num_threads(1)
         os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=60),
-        )
+        init_gloo(rank, world, port)
         out = fn(rank, world, *args)
         dist.barrier()
         dist.destroy_process_group()

@@ -4,6 +4,7 @@ import pytest
 
 from tests.dist import run_workers
 from tests.parity import assert_same_run, train_collect
+from triaxis.parallel.partition import MULTI, SINGLE, stages_per_rank
 
 # 8 blocks: enough for pp 4 x 2 virtual stages, one block each.
 UNTIED = {"model__tie_embeddings": "false", "model__n_layers": 8}
@@ -22,16 +23,9 @@ def reference(data, tmp_path_factory, micro_batch: int) -> dict:
     return _refs[micro_batch]
 
 
-# (schedule, virtual stages per rank); micro-batches per step = 8 / micro_batch.
-SCHEDULES = [
-    ("gpipe", 1),
-    ("1f1b", 1),
-    ("interleaved-1f1b", 2),
-    ("looped-bfs", 2),
-    ("interleaved-zb", 2),
-    ("zbv", 2),
-    ("dualpipev", 2),
-]
+# (schedule, virtual stages per rank): every runtime schedule, at the fewest stages it runs;
+# micro-batches per step = 8 / micro_batch.
+SCHEDULES = [(name, stages_per_rank(name, 2)) for name in (*SINGLE, *MULTI)]
 
 
 @pytest.mark.parametrize("pp", [2, pytest.param(4, marks=pytest.mark.slow)])

@@ -28,7 +28,6 @@ import signal
 import subprocess
 import time
 import traceback
-from datetime import timedelta
 from pathlib import Path
 from queue import Empty
 
@@ -41,10 +40,11 @@ import torch.distributed.fsdp  # noqa: F401
 import torch.distributed.pipelining  # noqa: F401
 import torch.distributed.tensor.parallel  # noqa: F401
 
-from tests.dist import free_port
+from tests.dist import free_port, init_gloo
 from tests.helpers import command
 from triaxis.checkpoint import manifest as mf
 from triaxis.config import load_config
+from triaxis.parallel.partition import MULTI, SINGLE, stages_per_rank
 from triaxis.train.distributed import init_distributed
 from triaxis.train.loop import Trainer  # imported once here, not in every forked rank
 
@@ -73,15 +73,7 @@ KILL_STEP = 6
 either may be the latest committed one; both must give the same numbers)."""
 
 # Layout families: (world, degrees). Gradient accumulation is 2 or 4 in every one of them.
-SCHEDULES = {
-    "gpipe": 1,
-    "1f1b": 1,
-    "interleaved-1f1b": 2,
-    "looped-bfs": 2,
-    "interleaved-zb": 2,
-    "zbv": 2,
-    "dualpipev": 2,
-}
+SCHEDULES = {name: stages_per_rank(name, 2) for name in (*SINGLE, *MULTI)}  # every schedule
 LAYOUTS = {
     "single": (1, {"train.micro_batch": "4"}),
     "dp_shard": (2, {"parallel.dp_shard": "2", "train.micro_batch": "2"}),
@@ -153,13 +145,7 @@ def _worker(rank: int, world: int, port: int, overrides: dict, env: dict, queue)
         if env.get("TEST_SLOW_SIDECAR_RANK") == str(rank):
             _slow_sidecar()
         if world > 1:
-            dist.init_process_group(
-                "gloo",
-                init_method=f"tcp://127.0.0.1:{port}",
-                rank=rank,
-                world_size=world,
-                timeout=timedelta(seconds=60),
-            )
+            init_gloo(rank, world, port)
         cfg = load_config(None, [f"--{k}={v}" for k, v in overrides.items()])
         trainer = Trainer(cfg, init_distributed("cpu"))
         result = trainer.fit()
