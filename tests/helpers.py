@@ -83,3 +83,11 @@ SAGEMAKER = [
     "s3://bucket/out",
 ]
 """`triaxis launch` flags for a SageMaker request (moto, or --dry-run, answers it)."""
+
+
+def prepare_quietly(**options) -> dict:
+    """`triaxis prepare` as a library call (PrepareOptions fields), without its progress lines;
+    returns the manifest."""
+    from triaxis.data.prepare import PrepareOptions, prepare
+
+    return prepare(PrepareOptions(**options), log=lambda *_: None)
