@@ -108,41 +108,37 @@ def sm_args(data, run_dir, *extra):
     ]
 
 
-def test_sagemaker_request_validates_offline(byte_data, tmp_path, capsys):
-    assert (
-        main(
-            [
-                *sm_args(
-                    byte_data,
-                    tmp_path,
-                    "--dry-run",
-                    "--instance-type",
-                    "ml.p5.48xlarge",
-                    "--nnodes",
-                    "2",
-                    "--input",
-                    "train=s3://bucket/data/stdlib",
-                    "--fsx",
-                    "checkpoints=fs-0123456789abcdef0:/fsx/ckpt",
-                    "--subnet",
-                    "subnet-0a1b",
-                    "--security-group",
-                    "sg-0a1b",
-                    "--spot",
-                    "--max-run-s",
-                    "3600",
-                    "--job-name",
-                    "tiny-run",
-                ),
-                "--parallel.dp_replicate=2",
-                "--parallel.dp_shard=8",
-                "--train.global_batch=64",
-            ]
-        )
-        == 0
-    )
+def sm_request(capsys, byte_data, run_dir, launch: list, overrides: list) -> dict:
+    """The CreateTrainingJob request `triaxis launch --backend sagemaker --dry-run` prints,
+    checked against botocore's shape for it."""
+    assert main([*sm_args(byte_data, run_dir, "--dry-run", *launch), *overrides]) == 0
     req = json.loads(capsys.readouterr().out)
-    sagemaker.validate(req)  # botocore's CreateTrainingJob shape
+    sagemaker.validate(req)
+    return req
+
+
+def test_sagemaker_request_validates_offline(byte_data, tmp_path, capsys):
+    launch = [
+        "--instance-type",
+        "ml.p5.48xlarge",
+        "--nnodes",
+        "2",
+        "--input",
+        "train=s3://bucket/data/stdlib",
+        "--fsx",
+        "checkpoints=fs-0123456789abcdef0:/fsx/ckpt",
+        "--subnet",
+        "subnet-0a1b",
+        "--security-group",
+        "sg-0a1b",
+        "--spot",
+        "--max-run-s",
+        "3600",
+        "--job-name",
+        "tiny-run",
+    ]
+    overrides = ["--parallel.dp_replicate=2", "--parallel.dp_shard=8", "--train.global_batch=64"]
+    req = sm_request(capsys, byte_data, tmp_path, launch, overrides)
     assert req["ResourceConfig"] == {
         "InstanceType": "ml.p5.48xlarge",
         "InstanceCount": 2,
@@ -350,28 +346,9 @@ def test_s3_checkpoint_dir_reaches_the_job(byte_data, tmp_path, capsys):
     to /opt/ml/checkpoints; several hosts write straight into S3 from every rank."""
 
     def request(*extra):
-        assert (
-            main(
-                [
-                    *sm_args(
-                        byte_data,
-                        tmp_path,
-                        "--dry-run",
-                        "--instance-type",
-                        "ml.p5.48xlarge",
-                        "--input",
-                        "train=s3://b/d",
-                        *extra,
-                    ),
-                    "--checkpoint.dir=s3://bucket/run/ckpt",
-                    "--train.global_batch=64",
-                ]
-            )
-            == 0
-        )
-        req = json.loads(capsys.readouterr().out)
-        sagemaker.validate(req)
-        return req
+        launch = ["--instance-type", "ml.p5.48xlarge", "--input", "train=s3://b/d", *extra]
+        overrides = ["--checkpoint.dir=s3://bucket/run/ckpt", "--train.global_batch=64"]
+        return sm_request(capsys, byte_data, tmp_path, launch, overrides)
 
     def job_side(req, host, hosts):
         env = {
@@ -405,16 +382,9 @@ def test_s3_checkpoint_dir_reaches_the_job(byte_data, tmp_path, capsys):
 def requested_job_env(capsys, byte_data, tmp_path, root, hosts: list, extra=()) -> dict:
     """A dry-run SageMaker request (2 ranks, 4 steps, a checkpoint every 2), handed back as the
     environment SageMaker gives a 1-host job rooted at `root`."""
-    launch = ["--dry-run", "--instance-type", "ml.m5.xlarge", *hosts, "--input", "train=s3://b/d"]
-    request = [
-        *sm_args(byte_data, tmp_path / "ignored", *launch),
-        "--parallel.dp_shard=2",
-        "--train.steps=4",
-        "--checkpoint.interval=2",
-        *extra,
-    ]
-    assert main(request) == 0
-    hps = json.loads(capsys.readouterr().out)["HyperParameters"]
+    launch = ["--instance-type", "ml.m5.xlarge", *hosts, "--input", "train=s3://b/d"]
+    overrides = ["--parallel.dp_shard=2", "--train.steps=4", "--checkpoint.interval=2", *extra]
+    hps = sm_request(capsys, byte_data, tmp_path / "ignored", launch, overrides)["HyperParameters"]
     return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
