@@ -50,12 +50,7 @@ def test_reshard_chain_reproduces_the_uninterrupted_run(byte_data, tmp_path):
     losses = {}
     for world, degrees in layouts:
         out = run_workers(
-            train_collect,
-            world,
-            byte_data,
-            str(tmp_path / "run"),
-            {**common, **degrees},
-            timeout_s=240,
+            train_collect, world, byte_data, str(tmp_path / "run"), {**common, **degrees}
         )
         assert len(out[0]["losses"]) == 2
         losses.update(out[0]["losses"])
@@ -325,8 +320,6 @@ def test_async_saves_commit_under_rank_skew(world, skew, byte_data, tmp_path, mo
         "parallel__dp_shard": world,
         "train__micro_batch": 8 // world,
     }
-    out = run_workers(
-        _skewed_run, world, byte_data, str(tmp_path / "run"), overrides, timeout_s=300
-    )
+    out = run_workers(_skewed_run, world, byte_data, str(tmp_path / "run"), overrides)
     assert out[0] == [2, 4, 6, 8]
     assert all(mf.verify(f.path) == [] for f in mf.list_checkpoints(ckpt))

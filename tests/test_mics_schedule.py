@@ -155,7 +155,6 @@ def test_two_hop_sync_with_pipelining(byte_data, tmp_path):
             "train__micro_batch": 1,
             "train__global_batch": 8,
         },
-        timeout_s=240,
     )
     for r in out:
         c, groups = r["counts"], r["groups"]

@@ -130,7 +130,6 @@ def test_per_block_compile_matches_eager(byte_data, tmp_path, tmp_path_factory):
             "train__compile_backend": "aot_eager",
             "train__micro_batch": 4,
         },
-        timeout_s=240,
     )
     assert_same_run(got[0], reference(byte_data, tmp_path_factory, 8))
 

@@ -45,7 +45,6 @@ def test_schedule_matches_single_process(schedule, v, pp, byte_data, tmp_path, t
             "parallel__pp_virtual_stages": v,
             "train__micro_batch": micro,
         },
-        timeout_s=180,
     )
     # Each rank returns its own stages' parameters; together they are the whole model.
     merged = {"losses": got[0]["losses"], "params": {}}
@@ -70,7 +69,6 @@ def test_3d_layout_world8_matches_single_process(byte_data, tmp_path, tmp_path_f
             "parallel__dp_shard": 2,
             "train__micro_batch": 2,
         },
-        timeout_s=240,
     )
     merged = {"losses": got[0]["losses"], "params": {}}
     for r in got:

@@ -40,7 +40,7 @@ import torch.distributed.fsdp  # noqa: F401
 import torch.distributed.pipelining  # noqa: F401
 import torch.distributed.tensor.parallel  # noqa: F401
 
-from tests.dist import free_port, init_gloo
+from tests.dist import WAIT_S, free_port, init_gloo
 from tests.helpers import command
 from triaxis.checkpoint import manifest as mf
 from triaxis.config import load_config
@@ -48,8 +48,9 @@ from triaxis.parallel.partition import MULTI, SINGLE, stages_per_rank
 from triaxis.train.distributed import init_distributed
 from triaxis.train.loop import Trainer  # imported once here, not in every forked rank
 
-LAUNCH_TIMEOUT_S = 240
-"""Outer bound of one launch (all ranks) on a loaded 2-core machine; a run takes a few seconds."""
+LAUNCH_TIMEOUT_S = WAIT_S
+"""Outer bound of one launch (all ranks): a hang detector. A run takes a few seconds idle, and
+up to 10x that on a 2-core machine shared with other CPU-heavy jobs."""
 
 BASE = {
     "model.preset": "tiny",
