@@ -45,7 +45,7 @@ def launch(data, run_dir, nproc, *extra, env=None, timeout=GENEROUS_S):
 @pytest.mark.parametrize(
     "nproc,rank,point,extra",
     [
-        (2, 1, "forward@3", ()),  # the cheapest case (the whole test is slow; see the watchdog)
+        (2, 1, "forward@3", ()),  # all slow: the fast lane keeps the watchdog test
         *[
             pytest.param(*case, marks=pytest.mark.slow)
             for case in [
