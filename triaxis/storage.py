@@ -336,13 +336,26 @@ def copy(src: str, dst: str) -> None:
 
 
 def move(src: str, dst: str) -> None:
-    """Rename a file or folder tree (remote: copy and delete, both on one filesystem)."""
+    """Rename a file or folder tree (remote: each object copied server-side, then the
+    originals removed; both on one filesystem)."""
     if not is_remote(src):
         os.rename(src, dst)
         return
     fs, s = filesystem(src)
     d = filesystem(dst)[1]
-    with_retries(lambda: fs.mv(s, d, recursive=True), f"moving {src} to {dst}")
+
+    def mv() -> None:
+        # Not fs.mv(recursive=True): s3fs then also copies the folder "keys" it lists, which
+        # do not exist as objects, and fails. A retry after a partial move finds what is left.
+        fs.invalidate_cache(s)
+        files = fs.find(s)
+        for f in files:
+            fs.copy(f, d + f[len(s) :])
+        if files:
+            fs.rm(files)
+        fs.invalidate_cache(d)
+
+    with_retries(mv, f"moving {src} to {dst}")
 
 
 def list_files(spec: str, extensions: tuple[str, ...]) -> list[str]:
