@@ -91,3 +91,11 @@ def prepare_quietly(**options) -> dict:
     from triaxis.data.prepare import PrepareOptions, prepare
 
     return prepare(PrepareOptions(**options), log=lambda *_: None)
+
+
+def slow_but_first(*values) -> list:
+    """Parametrize values of which the fast lane (`-m "not slow"`) runs the first only: the
+    others take the same path through a different door, and the whole suite runs them all."""
+    import pytest
+
+    return [values[0], *(pytest.param(v, marks=pytest.mark.slow) for v in values[1:])]
