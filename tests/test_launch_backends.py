@@ -379,6 +379,20 @@ def test_s3_checkpoint_dir_reaches_the_job(byte_data, tmp_path, capsys):
         )  # the hyperparameter, then the plan's
 
 
+def run_entry(env: dict, root, cwd, *extra) -> subprocess.CompletedProcess:
+    """`triaxis launch --backend sagemaker-entry`, as SageMaker starts it in the job."""
+    job = subprocess.run(
+        command("launch", "--backend", "sagemaker-entry", "--sm-root", str(root), *extra),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,  # a hang detector: a loaded machine can stretch the run 10x
+        cwd=cwd,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    return job
+
+
 def requested_job_env(capsys, byte_data, tmp_path, root, hosts: list, extra=()) -> dict:
     """A dry-run SageMaker request (2 ranks, 4 steps, a checkpoint every 2), handed back as the
     environment SageMaker gives a 1-host job rooted at `root`."""
@@ -409,23 +423,7 @@ def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
     env = requested_job_env(
         capsys, byte_data, tmp_path, root, ["--nnodes", "2"], [f"--checkpoint.dir={uri}"]
     )
-    job = subprocess.run(
-        command(
-            "launch",
-            "--backend",
-            "sagemaker-entry",
-            "--sm-root",
-            str(root),
-            "--nproc-per-node",
-            "2",
-        ),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
-    assert job.returncode == 0, job.stderr[-3000:]
+    run_entry(env, root, tmp_path, "--nproc-per-node", "2")
     from triaxis.checkpoint import manifest as mf
 
     found = mf.list_checkpoints(uri)
@@ -483,16 +481,7 @@ def test_a_sagemaker_job_runs_here(byte_data, tmp_path, capsys):
     """The request's hyperparameters, handed back as a 1-host job's environment, train."""
     root = tmp_path / "opt_ml"
     env = requested_job_env(capsys, byte_data, tmp_path, root, ["--nproc-per-node", "2"])
-    cmd = command("launch", "--sm-root", str(root))
-    first = subprocess.run(
-        [*cmd, "--backend", "sagemaker-entry"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
+    first = run_entry(env, root, tmp_path)
     assert "SageMaker host algo-1 (1 of 1), 2 process(es)" in first.stderr
     meta = json.loads((root / "checkpoints" / "step_00000004" / "triaxis.json").read_text())
     assert meta["layout"]["world_size"] == 2 and meta["data_path"] == byte_data
@@ -502,7 +491,12 @@ def test_a_sagemaker_job_runs_here(byte_data, tmp_path, capsys):
     # Plain `triaxis launch` finds the SageMaker environment by itself; a restarted job (spot
     # interruption) continues from the checkpoints SageMaker restored into the same folder.
     again = subprocess.run(
-        [*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+        command("launch", "--sm-root", str(root), "--dry-run"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "SageMaker job environment found" in again.stderr
