@@ -14,14 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 from triaxis.checkpoint import manifest as mf
 from triaxis.config import load_config
 from triaxis.train.distributed import init_distributed
 from triaxis.train.loop import Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.s3_server (moto)
 
 
 def dims_for(millions: float) -> tuple[int, int]:
@@ -84,23 +87,11 @@ def main() -> None:
     targets = [""]
     server = None
     if a.s3:
-        import logging
-
         import boto3
-        from moto.server import ThreadedMotoServer
 
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        os.environ.update(
-            {
-                "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-                "AWS_ACCESS_KEY_ID": "x",
-                "AWS_SECRET_ACCESS_KEY": "x",
-                "AWS_DEFAULT_REGION": "us-east-1",
-            }
-        )
+        from tests.s3_server import serve_for_this_process
+
+        server, _ = serve_for_this_process()
         boto3.client("s3").create_bucket(Bucket="bench")
         targets.append("s3://bench/ckpt")
     print(

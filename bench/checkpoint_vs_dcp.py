@@ -27,8 +27,10 @@ import math
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -37,6 +39,8 @@ from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.dcp import Checkpointer
 from triaxis.config import CheckpointConfig
 from triaxis.model.llama import ModelArgs, Transformer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.s3_server (moto)
 
 
 class _Log:
@@ -261,24 +265,13 @@ def main() -> None:
         finally:
             shutil.rmtree(root, ignore_errors=True)
     if a.s3_gb:
-        import logging
-
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
-
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        os.environ.update(
-            AWS_ENDPOINT_URL=f"http://{host}:{port}",
-            AWS_ACCESS_KEY_ID="x",
-            AWS_SECRET_ACCESS_KEY="x",
-            AWS_DEFAULT_REGION="us-east-1",
-        )
         import boto3
 
-        boto3.client("s3", endpoint_url=f"http://{host}:{port}").create_bucket(Bucket="bench")
+        from tests.s3_server import serve_for_this_process
+
+        server, endpoint = serve_for_this_process()
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
         try:
             show("s3", compare(a.s3_gb, a.repeats, "s3://bench/run", with_async=False))
         finally:

@@ -23,29 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def start_s3() -> tuple[object, str]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ.update(
-        AWS_ENDPOINT_URL=f"http://{host}:{port}",
-        AWS_ACCESS_KEY_ID="bench",
-        AWS_SECRET_ACCESS_KEY="bench",
-        AWS_DEFAULT_REGION="us-east-1",
-        AWS_EC2_METADATA_DISABLED="true",
-    )
-    return server, f"http://{host}:{port}"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.s3_server (moto)
 
 
 def prepare_data(tmp: Path, corpus_bytes: int, shard_tokens: int) -> tuple[str, str]:
@@ -158,7 +143,9 @@ def main() -> None:
     from triaxis.data.dataset import TokenDataset
 
     tmp = Path(tempfile.mkdtemp(prefix="triaxis-bench-"))
-    server, _ = start_s3()
+    from tests.s3_server import serve_for_this_process
+
+    server, _ = serve_for_this_process()
     try:
         local_path, s3_path = prepare_data(tmp, a.corpus_bytes, a.shard_tokens)
         shard_bytes = a.shard_tokens * 2

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.s3_server import AWS_ENV  # the dummy credentials moto accepts
+from tests.s3_server import serve_for_this_process  # moto on loopback, env pointed at it
 
 
 def per_call_ms(fn, calls: int) -> float:
@@ -36,16 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=30)
     calls = ap.parse_args().calls
-    import logging
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    os.environ.update(AWS_ENV)
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    os.environ["AWS_ENDPOINT_URL"] = f"http://{host}:{port}"
+    server, _ = serve_for_this_process()
     import boto3
     import s3fs
 

@@ -21,17 +21,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+WAIT_S = 600
+"""How long a wait may last before it counts as a hang: a rank's report, a collective. Generous
+on purpose: on a machine shared with other CPU-heavy jobs a step can take 10x its idle time,
+and a test that fails fast on an error (reported at once) need not time out early."""
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join the workers' gloo group on loopback (WAIT_S on each collective)."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=WAIT_S),
+    )
+
+
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
     try:
         torch.set_num_threads(1)
         os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
-        dist.init_process_group(
-            "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(seconds=60),
-        )
+        init_gloo(rank, world, port)
         out = fn(rank, world, *args)
         dist.barrier()
         dist.destroy_process_group()
@@ -42,8 +53,9 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) 
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_workers(fn: Callable, world: int, *args: Any, timeout_s: float = 120) -> list[Any]:
-    """Run fn(rank, world, *args) in `world` forked processes; return their results by rank."""
+def run_workers(fn: Callable, world: int, *args: Any, timeout_s: float = WAIT_S) -> list[Any]:
+    """Run fn(rank, world, *args) in `world` forked processes; return their results by rank.
+    timeout_s: the longest wait for the next rank's report (a hang detector, not a duration)."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()

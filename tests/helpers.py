@@ -69,3 +69,33 @@ def one_error_line(stderr: str, *words: str) -> str:
     for w in words:
         assert w in err, (w, err)
     return err
+
+
+SAGEMAKER_ROLE = "arn:aws:iam::123456789012:role/triaxis-trainer"
+SAGEMAKER = [
+    "--backend",
+    "sagemaker",
+    "--image",
+    "123456789012.dkr.ecr.us-east-1.amazonaws.com/triaxis:1",
+    "--role",
+    SAGEMAKER_ROLE,
+    "--output-s3",
+    "s3://bucket/out",
+]
+"""`triaxis launch` flags for a SageMaker request (moto, or --dry-run, answers it)."""
+
+
+def prepare_quietly(**options) -> dict:
+    """`triaxis prepare` as a library call (PrepareOptions fields), without its progress lines;
+    returns the manifest."""
+    from triaxis.data.prepare import PrepareOptions, prepare
+
+    return prepare(PrepareOptions(**options), log=lambda *_: None)
+
+
+def slow_but_first(*values) -> list:
+    """Parametrize values of which the fast lane (`-m "not slow"`) runs the first only: the
+    others take the same path through a different door, and the whole suite runs them all."""
+    import pytest
+
+    return [values[0], *(pytest.param(v, marks=pytest.mark.slow) for v in values[1:])]

@@ -63,8 +63,8 @@ AWS_ENV = {
 }
 
 
-@pytest.fixture(scope="session")
-def moto_s3():
+def start_server() -> tuple[object, str]:
+    """moto's S3 server on a free loopback port: (the server, to stop; its endpoint URL)."""
     import logging
 
     from moto.server import ThreadedMotoServer
@@ -73,11 +73,25 @@ def moto_s3():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    return server, f"http://{host}:{port}"
+
+
+def serve_for_this_process() -> tuple[object, str]:
+    """start_server(), with this process's AWS environment (and its children's) pointed at it:
+    for the benchmarks, which run outside pytest."""
+    server, endpoint = start_server()
+    os.environ.update(AWS_ENV, AWS_ENDPOINT_URL=endpoint)
+    return server, endpoint
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    server, endpoint = start_server()
     with pytest.MonkeyPatch.context() as mp:
         for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
             mp.delenv(name, raising=False)
         for name, value in AWS_ENV.items():
             mp.setenv(name, value)
-        mp.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-        yield S3Server(f"http://{host}:{port}")
+        mp.setenv("AWS_ENDPOINT_URL", endpoint)
+        yield S3Server(endpoint)
     server.stop()

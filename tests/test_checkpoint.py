@@ -15,13 +15,14 @@ import torch
 
 from tests import helpers
 from tests.dist import run_workers
-from tests.helpers import ENV, command, losses, triaxis
+from tests.helpers import ENV, command, losses, slow_but_first, triaxis
 from tests.parity import train_collect
 from triaxis.checkpoint import manifest as mf
 
 UNTIED = {"model__tie_embeddings": "false"}
 
 
+@pytest.mark.slow  # the fast lane resumes into another layout in test_resilience_matrix
 def test_reshard_chain_reproduces_the_uninterrupted_run(byte_data, tmp_path):
     """Save under dp_shard=4, resume under tp2 x dp_shard2, then pp2, then one process: the
     losses at every step (data cursor included) equal one uninterrupted single-process run."""
@@ -50,12 +51,7 @@ def test_reshard_chain_reproduces_the_uninterrupted_run(byte_data, tmp_path):
     losses = {}
     for world, degrees in layouts:
         out = run_workers(
-            train_collect,
-            world,
-            byte_data,
-            str(tmp_path / "run"),
-            {**common, **degrees},
-            timeout_s=240,
+            train_collect, world, byte_data, str(tmp_path / "run"), {**common, **degrees}
         )
         assert len(out[0]["losses"]) == 2
         losses.update(out[0]["losses"])
@@ -194,7 +190,7 @@ def test_sigterm_writes_a_final_checkpoint(byte_data, tmp_path):
     assert "SIGTERM: saved a final checkpoint" in stdout
 
 
-@pytest.mark.parametrize("mode", ["skip", "rollback"])
+@pytest.mark.parametrize("mode", slow_but_first("rollback", "skip"))
 def test_numerics_guard(mode, byte_data, tmp_path):
     run = tmp_path / "run"
     env = {**ENV, "TRIAXIS_FAULT_NAN": "3"}
@@ -219,6 +215,7 @@ def test_numerics_guard(mode, byte_data, tmp_path):
     assert meta["step"] == 5 and meta["cursor"] == 6 * 8
 
 
+@pytest.mark.slow
 def test_numerics_guard_stops_past_the_limit(byte_data, tmp_path):
     env = {**ENV, "TRIAXIS_FAULT_NAN": "2,3"}
     out = triaxis(
@@ -325,8 +322,6 @@ def test_async_saves_commit_under_rank_skew(world, skew, byte_data, tmp_path, mo
         "parallel__dp_shard": world,
         "train__micro_batch": 8 // world,
     }
-    out = run_workers(
-        _skewed_run, world, byte_data, str(tmp_path / "run"), overrides, timeout_s=300
-    )
+    out = run_workers(_skewed_run, world, byte_data, str(tmp_path / "run"), overrides)
     assert out[0] == [2, 4, 6, 8]
     assert all(mf.verify(f.path) == [] for f in mf.list_checkpoints(ckpt))

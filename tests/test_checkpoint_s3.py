@@ -245,6 +245,7 @@ def test_a_refused_key_is_named_as_such(byte_data, tmp_path):
     assert "credentials were refused" in out.stderr and "does not exist;" not in out.stderr
 
 
+@pytest.mark.slow
 def test_saves_never_read_back_what_they_wrote(moto_s3, byte_data, tmp_path):
     """Checksums are computed as the bytes go out: saving downloads no shard and no
     metadata (the old sidecar step re-read every file it had just uploaded)."""

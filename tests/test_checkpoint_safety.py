@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import helpers
+from tests.helpers import slow_but_first
 from tests.test_checkpoint import ENV, train_args, triaxis
 from triaxis.checkpoint import manifest as mf
 
@@ -82,7 +83,9 @@ def load_paths(byte_data, run: Path, ckpt: Path, tmp_path: Path) -> dict:
     }
 
 
-@pytest.mark.parametrize("path", ["resume", "initial", "generate", "export-hf", "verify", "list"])
+@pytest.mark.parametrize(
+    "path", slow_but_first("resume", "initial", "generate", "export-hf", "verify", "list")
+)
 def test_crafted_metadata_pickle_runs_nothing(path, trained, byte_data, tmp_path):
     run = copy_run(trained, tmp_path)
     marker = tmp_path / "pwned"
@@ -130,7 +133,7 @@ def test_crafted_value_pickle_runs_nothing(trained, byte_data, tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("bad", ["outside", "fifo", "symlink"])
+@pytest.mark.parametrize("bad", slow_but_first("outside", "fifo", "symlink"))
 def test_manifest_names_outside_the_folder_make_it_invalid(bad, trained, byte_data, tmp_path):
     run = copy_run(trained, tmp_path)
     root = run / "checkpoints"
@@ -171,7 +174,7 @@ def _flip(ckpt: Path) -> Path:
     return shard
 
 
-@pytest.mark.parametrize("path", ["generate", "export-hf", "initial"])
+@pytest.mark.parametrize("path", slow_but_first("generate", "export-hf", "initial"))
 def test_a_shard_failing_its_checksum_is_refused(path, trained, byte_data, tmp_path):
     """Weights-only loads verify what they read, in the one read that loads it."""
     run = copy_run(trained, tmp_path)
@@ -208,6 +211,7 @@ def test_every_checkpoint_invalid_stops_and_changes_nothing(trained, byte_data, 
     assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+@pytest.mark.slow
 def test_resume_none_refuses_a_folder_with_checkpoints(trained, byte_data, tmp_path):
     """A fresh start never deletes or replaces committed checkpoints it did not write."""
     run = copy_run(trained, tmp_path)

@@ -118,6 +118,7 @@ def test_bad_input_is_one_line_exit_2(bpe_data, tmp_path):
     assert not (tmp_path / "r").exists()  # nothing written by a refused run
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_shape_is_refused_untouched(bpe_data, tmp_path):
     run = tmp_path / "run"
     triaxis(*train_args(bpe_data, run, "--train.steps=2", "--train.val_every=0"))
@@ -156,6 +157,7 @@ def test_launch_two_processes_sharded(bpe_data, tmp_path):
     assert meta["layout"]["dp_shard"] == 2 and meta["layout"]["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_launch_refuses_impossible_layouts(bpe_data, tmp_path):
     msg = error_of(
         triaxis(

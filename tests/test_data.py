@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 
+from tests.helpers import prepare_quietly
 from triaxis.data.dataset import TokenDataset, micro_batch_start, permute
 from triaxis.data.prepare import PrepareOptions, prepare
 from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer
@@ -82,14 +83,11 @@ def test_prepare_inputs_and_errors(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "a.txt").write_text("hello world " * 50)
     (tmp_path / "docs" / "b.md").write_text("more text " * 50)
-    m = prepare(
-        PrepareOptions(
-            inputs=[str(tmp_path / "docs")],
-            output=str(tmp_path / "out"),
-            tokenizer="byte",
-            val_fraction=0.5,
-        ),
-        log=lambda *_: None,
+    m = prepare_quietly(
+        inputs=[str(tmp_path / "docs")],
+        output=str(tmp_path / "out"),
+        tokenizer="byte",
+        val_fraction=0.5,
     )
     assert m["splits"]["train"]["documents"] == 1 and m["splits"]["val"]["documents"] == 1
     assert m["dtype"] == "uint16"

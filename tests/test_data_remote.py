@@ -90,6 +90,24 @@ def test_remote_samples_equal_local_for_any_threads_and_ranks(s3_data, byte_data
     assert cache_files(tmp_path) == [] and list(tmp_path.iterdir()) == []
 
 
+SHARD_BYTES = 60_000 * 2
+"""One shard of the `byte_data` fixture (60k uint16 tokens)."""
+
+
+def cached(s3_data: str, tmp_path, cache_bytes: int, **kw) -> TokenDataset:
+    """The S3 split with a local cache of `cache_bytes`, prefetching on 2 threads."""
+    return TokenDataset(
+        s3_data,
+        "train",
+        seq_len=32,
+        seed=0,
+        cache_dir=str(tmp_path),
+        cache_gib=cache_bytes / 2**30,
+        prefetch_threads=2,
+        **kw,
+    )
+
+
 def test_cache_is_bounded_least_recently_used_out(s3_data, byte_data, tmp_path):
     # A process killed earlier left its cache folder: the first download sweeps it.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -100,17 +118,8 @@ def test_cache_is_bounded_least_recently_used_out(s3_data, byte_data, tmp_path):
     live = tmp_path / f"triaxis-cache-{_host()}-{os.getpid()}-other"
     live.mkdir()
 
-    shard_bytes = 60_000 * 2
-    budget = int(2.5 * shard_bytes)
-    ds = TokenDataset(
-        s3_data,
-        "train",
-        seq_len=32,
-        seed=0,
-        cache_dir=str(tmp_path),
-        cache_gib=budget / 2**30,
-        prefetch_threads=2,
-    )
+    budget = int(2.5 * SHARD_BYTES)
+    ds = cached(s3_data, tmp_path, budget)
     cache = ds.cache
 
     def names() -> list[str]:
@@ -413,26 +422,16 @@ def test_shard_groups_make_a_small_cache_enough(s3_data, tmp_path):
     steps the global shuffle downloads a shard for most samples; groups of one shard-sized block
     read each shard about once in a whole epoch (a block straddles two). A cache too small for
     the groups is refused."""
-    shard_bytes = 60_000 * 2
 
     def downloaded(groups: int, steps: int | None) -> tuple[float, int]:
-        ds = TokenDataset(
-            s3_data,
-            "train",
-            seq_len=32,
-            seed=0,
-            cache_dir=str(tmp_path),
-            cache_gib=4 * shard_bytes / 2**30,
-            prefetch_threads=2,
-            shuffle_shards=groups,
-        )
+        ds = cached(s3_data, tmp_path, 4 * SHARD_BYTES, shuffle_shards=groups)
         starts = list(range(0, ds.num_windows - 32, 16))[:steps]
         for start in starts:
             ds.prefetch(start, 32)  # this step's samples and the next step's
             ds.batch(start, 16)
         got = ds.cache.stats.downloaded_bytes
         ds.close()
-        return got / shard_bytes, len(starts)
+        return got / SHARD_BYTES, len(starts)
 
     global_shards, steps = downloaded(0, 12)
     grouped_shards, _ = downloaded(1, 12)
@@ -446,11 +445,4 @@ def test_shard_groups_make_a_small_cache_enough(s3_data, tmp_path):
     assert global_shards > 5 * grouped_shards and grouped_shards <= 3
     assert epoch_shards <= 2.2 * split_shards
     with pytest.raises(UserError, match="shuffle_shards=2 reads up to 4 shards"):
-        TokenDataset(
-            s3_data,
-            "train",
-            32,
-            cache_dir=str(tmp_path),
-            cache_gib=4 * shard_bytes / 2**30,
-            shuffle_shards=2,
-        )
+        cached(s3_data, tmp_path, 4 * SHARD_BYTES, shuffle_shards=2)

@@ -113,3 +113,49 @@ def test_link_checker_sees_a_broken_link(tmp_path):
     )
     assert _links(page) == ["there.md#a-heading-code", "missing.md"]
     assert "a-heading-code" in _anchors(tmp_path / "there.md")
+
+
+# -- README's package layout: every folder and module, the core in data-flow order -------------
+
+CORE = ["config.py", "parallel/", "model/", "data/", "train/", "checkpoint/", "metrics/"]
+OUTSIDE = [
+    "launch.py",
+    "launchers/",
+    "plan/",
+    "hf/",
+    "net/",
+    "generate.py",
+    "cli.py",
+    "__main__.py",
+]
+
+
+def _layout_names(readme: str) -> list[str]:
+    """The first column of the README's "Package layout" block (`x.py`, `x/`), in order; a
+    line indented past it continues the description above."""
+    block = readme.split("\n## Package layout\n", 1)[1].split("```\n", 2)[1]
+    names = []
+    for line in block.splitlines():
+        m = re.match(r"  (?! )([^#].*?)(?:\s{2,}|$)", line)
+        if m:
+            names += [n.strip() for n in m.group(1).split(",")]
+    return names
+
+
+def test_package_layout_lists_every_folder_and_module_in_data_flow_order():
+    package = ROOT / "triaxis"
+    actual = {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").exists()} | {
+        p.name for p in package.glob("*.py") if p.name != "__init__.py"
+    }
+    names = _layout_names((ROOT / "README.md").read_text())
+    assert sorted(actual - set(names)) == [], "add these to README.md's Package layout"
+    assert sorted(set(names) - actual) == [], "README.md's Package layout names these; gone?"
+    at = [names.index(n) for n in CORE]
+    assert at == sorted(at), f"the core is not in data-flow order: {CORE}"
+    assert min(names.index(n) for n in OUTSIDE) > max(at), "launch, tools and CLI come after"
+
+
+def test_package_layout_check_sees_a_missing_module():
+    readme = (ROOT / "README.md").read_text()
+    assert "storage.py" in _layout_names(readme)
+    assert "storage.py" not in _layout_names(readme.replace("  storage.py ", "  ", 1))

@@ -41,10 +41,11 @@ def launch(data, run_dir, nproc, *extra, env=None, timeout=GENEROUS_S):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "nproc,rank,point,extra",
     [
-        (2, 1, "forward@3", ()),  # the fast lane's case: the others are marked slow
+        (2, 1, "forward@3", ()),  # all slow: the fast lane keeps the watchdog test
         *[
             pytest.param(*case, marks=pytest.mark.slow)
             for case in [

@@ -158,7 +158,7 @@ def _sharded_logits(
 
     from triaxis.checkpoint import dcp_io
     from triaxis.checkpoint import manifest as mf
-    from triaxis.checkpoint.dcp import load_model_weights
+    from triaxis.checkpoint.dcp_io import load_model_weights
     from triaxis.config import load_config
     from triaxis.model import ModelArgs, build_model_args
     from triaxis.parallel.dims import ParallelDims

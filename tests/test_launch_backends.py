@@ -9,15 +9,12 @@ import subprocess
 import pytest
 
 from tests import helpers
-from tests.helpers import command
+from tests.helpers import SAGEMAKER, SAGEMAKER_ROLE, command
 from tests.parity import tiny_train_args
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
 from triaxis.launchers import sagemaker
 from triaxis.launchers.sagemaker_entry import SageMakerEnv, entry_plan
-
-ROLE = "arn:aws:iam::123456789012:role/triaxis-trainer"
-
 
 tiny = tiny_train_args
 
@@ -105,54 +102,43 @@ def test_the_launcher_sets_the_efa_environment_itself(byte_data, tmp_path, capsy
 def sm_args(data, run_dir, *extra):
     return [
         "launch",
-        "--backend",
-        "sagemaker",
-        "--image",
-        "123456789012.dkr.ecr.us-east-1.amazonaws.com/triaxis:1",
-        "--role",
-        ROLE,
-        "--output-s3",
-        "s3://bucket/out",
+        *SAGEMAKER,
         *extra,
         *tiny(data, run_dir),
     ]
 
 
-def test_sagemaker_request_validates_offline(byte_data, tmp_path, capsys):
-    assert (
-        main(
-            [
-                *sm_args(
-                    byte_data,
-                    tmp_path,
-                    "--dry-run",
-                    "--instance-type",
-                    "ml.p5.48xlarge",
-                    "--nnodes",
-                    "2",
-                    "--input",
-                    "train=s3://bucket/data/stdlib",
-                    "--fsx",
-                    "checkpoints=fs-0123456789abcdef0:/fsx/ckpt",
-                    "--subnet",
-                    "subnet-0a1b",
-                    "--security-group",
-                    "sg-0a1b",
-                    "--spot",
-                    "--max-run-s",
-                    "3600",
-                    "--job-name",
-                    "tiny-run",
-                ),
-                "--parallel.dp_replicate=2",
-                "--parallel.dp_shard=8",
-                "--train.global_batch=64",
-            ]
-        )
-        == 0
-    )
+def sm_request(capsys, byte_data, run_dir, launch: list, overrides: list) -> dict:
+    """The CreateTrainingJob request `triaxis launch --backend sagemaker --dry-run` prints,
+    checked against botocore's shape for it."""
+    assert main([*sm_args(byte_data, run_dir, "--dry-run", *launch), *overrides]) == 0
     req = json.loads(capsys.readouterr().out)
-    sagemaker.validate(req)  # botocore's CreateTrainingJob shape
+    sagemaker.validate(req)
+    return req
+
+
+def test_sagemaker_request_validates_offline(byte_data, tmp_path, capsys):
+    launch = [
+        "--instance-type",
+        "ml.p5.48xlarge",
+        "--nnodes",
+        "2",
+        "--input",
+        "train=s3://bucket/data/stdlib",
+        "--fsx",
+        "checkpoints=fs-0123456789abcdef0:/fsx/ckpt",
+        "--subnet",
+        "subnet-0a1b",
+        "--security-group",
+        "sg-0a1b",
+        "--spot",
+        "--max-run-s",
+        "3600",
+        "--job-name",
+        "tiny-run",
+    ]
+    overrides = ["--parallel.dp_replicate=2", "--parallel.dp_shard=8", "--train.global_batch=64"]
+    req = sm_request(capsys, byte_data, tmp_path, launch, overrides)
     assert req["ResourceConfig"] == {
         "InstanceType": "ml.p5.48xlarge",
         "InstanceCount": 2,
@@ -345,7 +331,7 @@ def test_sagemaker_job_goes_through_moto(where, moto_endpoint, byte_data, tmp_pa
     arn = capsys.readouterr().out.strip().splitlines()[-1]
     assert arn.endswith(f":training-job/{name}")
     job = boto3.client("sagemaker").describe_training_job(TrainingJobName=name)
-    assert job["RoleArn"] == ROLE and job["HyperParameters"]["train.steps"] == "7"
+    assert job["RoleArn"] == SAGEMAKER_ROLE and job["HyperParameters"]["train.steps"] == "7"
     assert job["ResourceConfig"]["InstanceType"] == "ml.g5.12xlarge"
     assert job["CheckpointConfig"] == {
         "S3Uri": "s3://bucket/ckpt",
@@ -360,28 +346,9 @@ def test_s3_checkpoint_dir_reaches_the_job(byte_data, tmp_path, capsys):
     to /opt/ml/checkpoints; several hosts write straight into S3 from every rank."""
 
     def request(*extra):
-        assert (
-            main(
-                [
-                    *sm_args(
-                        byte_data,
-                        tmp_path,
-                        "--dry-run",
-                        "--instance-type",
-                        "ml.p5.48xlarge",
-                        "--input",
-                        "train=s3://b/d",
-                        *extra,
-                    ),
-                    "--checkpoint.dir=s3://bucket/run/ckpt",
-                    "--train.global_batch=64",
-                ]
-            )
-            == 0
-        )
-        req = json.loads(capsys.readouterr().out)
-        sagemaker.validate(req)
-        return req
+        launch = ["--instance-type", "ml.p5.48xlarge", "--input", "train=s3://b/d", *extra]
+        overrides = ["--checkpoint.dir=s3://bucket/run/ckpt", "--train.global_batch=64"]
+        return sm_request(capsys, byte_data, tmp_path, launch, overrides)
 
     def job_side(req, host, hosts):
         env = {
@@ -412,39 +379,27 @@ def test_s3_checkpoint_dir_reaches_the_job(byte_data, tmp_path, capsys):
         )  # the hyperparameter, then the plan's
 
 
-@pytest.mark.slow
-def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
-    moto_s3, byte_data, tmp_path, capsys
-):
-    """The hyperparameters of a 2-host request, run as a job here (1 host x 2 processes: the
-    rendezvous across hosts is test_multinode's subject): both ranks write their shards to S3,
-    rank 0's manifest commits them, nothing lands on the instance's disk."""
-    uri = f"s3://{moto_s3.new_bucket()}/run/ckpt"
-    assert (
-        main(
-            [
-                *sm_args(
-                    byte_data,
-                    tmp_path / "ignored",
-                    "--dry-run",
-                    "--instance-type",
-                    "ml.m5.xlarge",
-                    "--nnodes",
-                    "2",
-                    "--input",
-                    "train=s3://b/d",
-                ),
-                "--parallel.dp_shard=2",
-                "--train.steps=4",
-                "--checkpoint.interval=2",
-                f"--checkpoint.dir={uri}",
-            ]
-        )
-        == 0
+def run_entry(env: dict, root, cwd, *extra) -> subprocess.CompletedProcess:
+    """`triaxis launch --backend sagemaker-entry`, as SageMaker starts it in the job."""
+    job = subprocess.run(
+        command("launch", "--backend", "sagemaker-entry", "--sm-root", str(root), *extra),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,  # a hang detector: a loaded machine can stretch the run 10x
+        cwd=cwd,
     )
-    hps = json.loads(capsys.readouterr().out)["HyperParameters"]
-    root = tmp_path / "opt_ml"
-    env = {
+    assert job.returncode == 0, job.stderr[-3000:]
+    return job
+
+
+def requested_job_env(capsys, byte_data, tmp_path, root, hosts: list, extra=()) -> dict:
+    """A dry-run SageMaker request (2 ranks, 4 steps, a checkpoint every 2), handed back as the
+    environment SageMaker gives a 1-host job rooted at `root`."""
+    launch = ["--instance-type", "ml.m5.xlarge", *hosts, "--input", "train=s3://b/d"]
+    overrides = ["--parallel.dp_shard=2", "--train.steps=4", "--checkpoint.interval=2", *extra]
+    hps = sm_request(capsys, byte_data, tmp_path / "ignored", launch, overrides)["HyperParameters"]
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "SM_HOSTS": '["algo-1"]',
@@ -454,23 +409,21 @@ def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
         "SM_HPS": json.dumps(hps),
         "SM_MODEL_DIR": str(root / "model"),
     }
-    job = subprocess.run(
-        command(
-            "launch",
-            "--backend",
-            "sagemaker-entry",
-            "--sm-root",
-            str(root),
-            "--nproc-per-node",
-            "2",
-        ),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
+
+
+@pytest.mark.slow
+def test_a_multi_host_request_writes_one_checkpoint_to_s3_from_every_rank(
+    moto_s3, byte_data, tmp_path, capsys
+):
+    """The hyperparameters of a 2-host request, run as a job here (1 host x 2 processes: the
+    rendezvous across hosts is test_multinode's subject): both ranks write their shards to S3,
+    rank 0's manifest commits them, nothing lands on the instance's disk."""
+    uri = f"s3://{moto_s3.new_bucket()}/run/ckpt"
+    root = tmp_path / "opt_ml"
+    env = requested_job_env(
+        capsys, byte_data, tmp_path, root, ["--nnodes", "2"], [f"--checkpoint.dir={uri}"]
     )
-    assert job.returncode == 0, job.stderr[-3000:]
+    run_entry(env, root, tmp_path, "--nproc-per-node", "2")
     from triaxis.checkpoint import manifest as mf
 
     found = mf.list_checkpoints(uri)
@@ -526,49 +479,9 @@ def test_sagemaker_environment_from_files_and_variables(tmp_path):
 @pytest.mark.slow
 def test_a_sagemaker_job_runs_here(byte_data, tmp_path, capsys):
     """The request's hyperparameters, handed back as a 1-host job's environment, train."""
-    assert (
-        main(
-            [
-                *sm_args(
-                    byte_data,
-                    tmp_path / "ignored",
-                    "--dry-run",
-                    "--instance-type",
-                    "ml.m5.xlarge",
-                    "--nproc-per-node",
-                    "2",
-                    "--input",
-                    "train=s3://b/d",
-                ),
-                "--parallel.dp_shard=2",
-                "--train.steps=4",
-                "--checkpoint.interval=2",
-            ]
-        )
-        == 0
-    )
-    hps = json.loads(capsys.readouterr().out)["HyperParameters"]
     root = tmp_path / "opt_ml"
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "SM_HOSTS": '["algo-1"]',
-        "SM_CURRENT_HOST": "algo-1",
-        "SM_NUM_GPUS": "0",
-        "SM_CHANNEL_TRAIN": byte_data,
-        "SM_HPS": json.dumps(hps),
-        "SM_MODEL_DIR": str(root / "model"),
-    }
-    cmd = command("launch", "--sm-root", str(root))
-    first = subprocess.run(
-        [*cmd, "--backend", "sagemaker-entry"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
+    env = requested_job_env(capsys, byte_data, tmp_path, root, ["--nproc-per-node", "2"])
+    first = run_entry(env, root, tmp_path)
     assert "SageMaker host algo-1 (1 of 1), 2 process(es)" in first.stderr
     meta = json.loads((root / "checkpoints" / "step_00000004" / "triaxis.json").read_text())
     assert meta["layout"]["world_size"] == 2 and meta["data_path"] == byte_data
@@ -578,7 +491,12 @@ def test_a_sagemaker_job_runs_here(byte_data, tmp_path, capsys):
     # Plain `triaxis launch` finds the SageMaker environment by itself; a restarted job (spot
     # interruption) continues from the checkpoints SageMaker restored into the same folder.
     again = subprocess.run(
-        [*cmd, "--dry-run"], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path
+        command("launch", "--sm-root", str(root), "--dry-run"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert again.returncode == 0, again.stderr[-3000:]
     assert "SageMaker job environment found" in again.stderr

@@ -4,7 +4,7 @@ every world size it may run at."""
 
 import pytest
 
-from tests.helpers import command
+from tests.helpers import SAGEMAKER, command
 from tests.parity import tiny_train_args
 from triaxis.cli import main
 from triaxis.config import load_config
@@ -31,7 +31,6 @@ BAD_LAYOUTS = {
     ),
 }
 
-ROLE = "arn:aws:iam::123456789012:role/triaxis-trainer"
 BACKENDS = {  # each runs the layout on 2 ranks
     "local": ["--nproc-per-node", "2"],
     "torchrun": [
@@ -43,20 +42,7 @@ BACKENDS = {  # each runs the layout on 2 ranks
         "127.0.0.1:29499",
     ],
     "slurm": ["--backend", "slurm", "--nproc-per-node", "2"],
-    "sagemaker": [
-        "--backend",
-        "sagemaker",
-        "--nproc-per-node",
-        "2",
-        "--image",
-        "123456789012.dkr.ecr.us-east-1.amazonaws.com/triaxis:1",
-        "--role",
-        ROLE,
-        "--output-s3",
-        "s3://bucket/out",
-        "--instance-type",
-        "ml.p5.48xlarge",
-    ],
+    "sagemaker": [*SAGEMAKER, "--nproc-per-node", "2", "--instance-type", "ml.p5.48xlarge"],
 }
 
 
@@ -129,6 +115,7 @@ def test_the_planner_returns_a_new_config():
         layout_for_world(cfg, 2, build_model_args(cfg.model))
 
 
+@pytest.mark.slow
 def test_train_with_parallel_auto_runs_the_planners_layout(byte_data, tmp_path):
     # `triaxis train` passes the planner down to the trainer (which does not import it).
     import os

@@ -183,6 +183,7 @@ def test_net_check_json(capsys):
 # -- the benchmark itself ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_net_bench_two_processes_gloo(tmp_path):
     out, hw = tmp_path / "bench.json", tmp_path / "measured.toml"
     proc = triaxis(

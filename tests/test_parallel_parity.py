@@ -115,6 +115,7 @@ def test_fsdp_wrapping_at_world_1_is_numerically_a_no_op(byte_data, tmp_path, tm
     assert_same_run(got[0], reference(byte_data, tmp_path_factory, 4))
 
 
+@pytest.mark.slow
 def test_per_block_compile_matches_eager(byte_data, tmp_path, tmp_path_factory):
     """train.compile wraps each block in torch.compile (aot_eager here: the graph capture and
     autograd path without a C++ toolchain's compile time) and trains the same model."""
@@ -129,7 +130,6 @@ def test_per_block_compile_matches_eager(byte_data, tmp_path, tmp_path_factory):
             "train__compile_backend": "aot_eager",
             "train__micro_batch": 4,
         },
-        timeout_s=240,
     )
     assert_same_run(got[0], reference(byte_data, tmp_path_factory, 8))
 

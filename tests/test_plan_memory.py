@@ -13,6 +13,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from triaxis.plan.evidence import MeasuredLayout
 from triaxis.plan.memory import predict_state_bytes_per_rank
 
@@ -22,6 +24,7 @@ LAYOUTS = [MeasuredLayout("tiny", 1, 3, 2, tied=True)]
 RANK = 5
 
 
+@pytest.mark.slow
 def test_predicted_state_bytes_match_measured():
     specs = [
         f"{m.preset}:{m.dp_replicate}:{m.dp_shard}:{m.tp}"

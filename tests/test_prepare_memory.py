@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from triaxis.data.prepare import split_long
 from triaxis.data.tokenizer import BPETokenizer
@@ -33,6 +34,7 @@ def test_pieces_join_to_the_text_and_give_the_same_tokens():
     assert "".join(split_long(solid, 1000)) == solid
 
 
+@pytest.mark.slow
 def test_long_single_line_document_memory_is_bounded(tmp_path):
     """6 MB on one line: before pieces, BPE prepare peaked near 1.6 GB (~260x the input; a
     41 MB line took 8.3 GB). Now the peak no longer grows with the document."""

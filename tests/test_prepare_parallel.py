@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
+from tests.helpers import prepare_quietly
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
 from triaxis.data.prepare import _CHUNK_DOCS, PrepareOptions, prepare
@@ -100,15 +101,12 @@ def test_bpe_identical_for_any_worker_count(tmp_path):
     make_corpus(tmp_path / "in")
     out = {}
     for workers in (1, 2):
-        out[workers] = prepare(
-            PrepareOptions(
-                inputs=[str(tmp_path / "in" / "b.jsonl"), str(tmp_path / "in" / "d.parquet")],
-                output=str(tmp_path / f"bpe{workers}"),
-                vocab_size=320,
-                shard_tokens=5_000,
-                workers=workers,
-            ),
-            log=lambda *_: None,
+        out[workers] = prepare_quietly(
+            inputs=[str(tmp_path / "in" / "b.jsonl"), str(tmp_path / "in" / "d.parquet")],
+            output=str(tmp_path / f"bpe{workers}"),
+            vocab_size=320,
+            shard_tokens=5_000,
+            workers=workers,
         )
     assert out[1] == out[2]
     assert (tmp_path / "bpe1" / "tokenizer.json").read_bytes() == (
@@ -119,14 +117,11 @@ def test_bpe_identical_for_any_worker_count(tmp_path):
 def test_small_corpus_gives_its_last_document_to_val(tmp_path):
     for i in range(3):
         (tmp_path / f"{i}.txt").write_text(f"document {i} " * 10)
-    m = prepare(
-        PrepareOptions(
-            inputs=[str(tmp_path / "*.txt")],
-            output=str(tmp_path / "o"),
-            tokenizer="byte",
-            val_fraction=0.1,
-        ),
-        log=lambda *_: None,
+    m = prepare_quietly(
+        inputs=[str(tmp_path / "*.txt")],
+        output=str(tmp_path / "o"),
+        tokenizer="byte",
+        val_fraction=0.1,
     )
     assert m["splits"]["train"]["documents"] == 2 and m["splits"]["val"]["documents"] == 1
     val = np.fromfile(tmp_path / "o" / "val_00000.bin", dtype=np.uint16)
@@ -144,12 +139,7 @@ def test_small_corpus_gives_its_last_document_to_val(tmp_path):
 def test_bad_json_inputs_are_named(tmp_path, name, content, match):
     (tmp_path / name).write_text(content)
     with pytest.raises(UserError, match=match):
-        prepare(
-            PrepareOptions(
-                inputs=[str(tmp_path / name)], output=str(tmp_path / "o"), tokenizer="byte"
-            ),
-            log=lambda *_: None,
-        )
+        prepare_quietly(inputs=[str(tmp_path / name)], output=str(tmp_path / "o"), tokenizer="byte")
 
 
 def test_parquet_without_text_column(tmp_path):
@@ -159,11 +149,8 @@ def test_parquet_without_text_column(tmp_path):
 
     pq.write_table(pa.table({"content": ["a", "b"]}), tmp_path / "p.parquet")
     with pytest.raises(UserError, match=r"p.parquet has no 'text' column \(columns: \['content'"):
-        prepare(
-            PrepareOptions(
-                inputs=[str(tmp_path / "p.parquet")], output=str(tmp_path / "o"), tokenizer="byte"
-            ),
-            log=lambda *_: None,
+        prepare_quietly(
+            inputs=[str(tmp_path / "p.parquet")], output=str(tmp_path / "o"), tokenizer="byte"
         )
 
 
@@ -174,16 +161,10 @@ def test_s3_input_and_output_match_local(tmp_path, moto_s3):
         if f.is_file():
             moto_s3.put(f"s3://{bucket}/in/{f.relative_to(tmp_path / 'in')}", f.read_bytes())
     opts = {"tokenizer": "byte", "val_fraction": 0.1, "shard_tokens": 20_000, "workers": 2}
-    local = prepare(
-        PrepareOptions(
-            inputs=[str(tmp_path / "in")], output=str(tmp_path / "l"), **{**opts, "workers": 1}
-        ),
-        log=lambda *_: None,
+    local = prepare_quietly(
+        inputs=[str(tmp_path / "in")], output=str(tmp_path / "l"), **{**opts, "workers": 1}
     )
-    remote = prepare(
-        PrepareOptions(inputs=[f"s3://{bucket}/in"], output=f"s3://{bucket}/out", **opts),
-        log=lambda *_: None,
-    )
+    remote = prepare_quietly(inputs=[f"s3://{bucket}/in"], output=f"s3://{bucket}/out", **opts)
     assert remote["splits"] == local["splits"]
     stored = json.loads(moto_s3.get(f"s3://{bucket}/out/manifest.json"))
     assert stored["splits"] == local["splits"]
@@ -193,9 +174,8 @@ def test_s3_input_and_output_match_local(tmp_path, moto_s3):
             == (tmp_path / "l" / shard["file"]).read_bytes()
         )
     # A glob over s3://, and preparing again into the same prefix replaces the old shards.
-    again = prepare(
-        PrepareOptions(inputs=[f"s3://{bucket}/in/*.jsonl"], output=f"s3://{bucket}/out", **opts),
-        log=lambda *_: None,
+    again = prepare_quietly(
+        inputs=[f"s3://{bucket}/in/*.jsonl"], output=f"s3://{bucket}/out", **opts
     )
     assert again["splits"]["train"]["documents"] + again["splits"]["val"]["documents"] == 288
     names = {k.rsplit("/", 1)[1] for k in moto_s3.keys(f"s3://{bucket}/out/")}

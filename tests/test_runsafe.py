@@ -146,6 +146,7 @@ def metric_steps(run_dir) -> list[int]:
     ]
 
 
+@pytest.mark.slow
 def test_second_run_into_a_live_run_folder_is_refused(byte_data, tmp_path):
     run = tmp_path / "run"
     first = subprocess.Popen(
@@ -190,6 +191,7 @@ def test_second_run_into_a_live_run_folder_is_refused(byte_data, tmp_path):
     assert not (run / "checkpoints" / LEASE_NAME).exists()  # released at exit
 
 
+@pytest.mark.slow
 def test_run_takes_over_a_dead_runs_lease(byte_data, tmp_path):
     run = tmp_path / "run"
     write_lease(run / "checkpoints", pid=dead_pid())
@@ -229,6 +231,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_workers_die_with_a_killed_launcher(byte_data, tmp_path):
     run = tmp_path / "run"
     launcher = subprocess.Popen(
@@ -288,6 +291,7 @@ def start(nproc, data, run_dir, env=None):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_ctrl_c_saves_and_resumes_exactly(byte_data, tmp_path, nproc):
     ref, run = tmp_path / "ref", tmp_path / "run"

@@ -99,3 +99,23 @@ def test_local_paths_take_the_same_functions(tmp_path):
         assert f.read() == b'{"text": "x"}\n'
     storage.remove_all([str(src), str(tmp_path / "missing")])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub"]
+
+
+def test_move_renames_a_folder_tree_on_s3_and_on_disk(moto_s3, tmp_path):  # noqa: F811
+    # What a resume does to an invalid checkpoint: step_X -> step_X.invalid, every file along.
+    base = f"s3://{moto_s3.new_bucket()}/ckpt"
+    moto_s3.put(f"{base}/step_2/triaxis.json", b"{}")
+    moto_s3.put(f"{base}/step_2/sub/__0_0.distcp", b"shard")
+    storage.move(f"{base}/step_2", f"{base}/step_2.invalid")
+    assert moto_s3.keys(f"{base}/") == [
+        "ckpt/step_2.invalid/sub/__0_0.distcp",
+        "ckpt/step_2.invalid/triaxis.json",
+    ]
+    (tmp_path / "step_2" / "sub").mkdir(parents=True)
+    (tmp_path / "step_2" / "sub" / "__0_0.distcp").write_bytes(b"shard")
+    storage.move(str(tmp_path / "step_2"), str(tmp_path / "step_2.invalid"))
+    assert [p.relative_to(tmp_path).as_posix() for p in sorted(tmp_path.rglob("*"))] == [
+        "step_2.invalid",
+        "step_2.invalid/sub",
+        "step_2.invalid/sub/__0_0.distcp",
+    ]

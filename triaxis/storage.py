@@ -122,7 +122,7 @@ _BAD_CREDENTIALS = (
 """What S3 answers when a key is wrong (s3fs passes on the message, not the code)."""
 
 
-def _classify(err: BaseException, what: str) -> BaseException | None:
+def classify(err: BaseException, what: str) -> BaseException | None:
     """A UserError for permanent problems (missing bucket, no credentials), None if transient."""
     name = type(err).__name__
     text = str(err)
@@ -173,7 +173,7 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 6, base_delay_s
         except UserError:
             raise
         except Exception as err:  # storage libraries raise many types; classify them
-            permanent = _classify(err, what)
+            permanent = classify(err, what)
             if permanent is not None:
                 if permanent is err:
                     raise
@@ -218,7 +218,7 @@ def check_location(path: str, what: str) -> None:
             try:  # exists() says False for a refused key too: ask in a way that says why
                 fs.ls(bucket, refresh=True)
             except Exception as err:  # noqa: BLE001  (classified; else the bucket is missing)
-                refused = _classify(err, f"{what} {path}")
+                refused = classify(err, f"{what} {path}")
                 if isinstance(refused, UserError) and "the bucket does not exist" not in str(
                     refused
                 ):
@@ -333,6 +333,29 @@ def copy(src: str, dst: str) -> None:
     fs, s = filesystem(src)
     d = filesystem(dst)[1]
     with_retries(lambda: fs.copy(s, d), f"copying {src} to {dst}")
+
+
+def move(src: str, dst: str) -> None:
+    """Rename a file or folder tree (remote: each object copied server-side, then the
+    originals removed; both on one filesystem)."""
+    if not is_remote(src):
+        os.rename(src, dst)
+        return
+    fs, s = filesystem(src)
+    d = filesystem(dst)[1]
+
+    def mv() -> None:
+        # Not fs.mv(recursive=True): s3fs then also copies the folder "keys" it lists, which
+        # do not exist as objects, and fails. A retry after a partial move finds what is left.
+        fs.invalidate_cache(s)
+        files = fs.find(s)
+        for f in files:
+            fs.copy(f, d + f[len(s) :])
+        if files:
+            fs.rm(files)
+        fs.invalidate_cache(d)
+
+    with_retries(mv, f"moving {src} to {dst}")
 
 
 def list_files(spec: str, extensions: tuple[str, ...]) -> list[str]:

@@ -14,13 +14,12 @@ collective on a group of their own, whether every rank's write is done; only the
 on success, rank 0 commits, and all agree on the commit. `pending` is kept or dropped by all
 ranks together. Transient storage errors are retried with backoff for checkpoint.retry_s (the
 ranks agree on each retry); a save that still fails is skipped with a warning, and the run stops
-after checkpoint.max_failed_saves failures in a row.
+after checkpoint.max_failed_saves failures in a row (how a failure is judged: save_errors.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import time
 import warnings
@@ -32,9 +31,16 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from triaxis import storage
-from triaxis.checkpoint import dcp_io, integrity
+from triaxis.checkpoint import dcp_io
 from triaxis.checkpoint import manifest as mf
-from triaxis.checkpoint.dcp_io import load_model_weights  # noqa: F401  (generation, export)
+from triaxis.checkpoint.dcp_io import load_model_weights
+from triaxis.checkpoint.save_errors import (
+    FailedElsewhere,
+    is_transient,
+    outcome,
+    rank_delays,
+    short,
+)
 from triaxis.errors import UserError
 from triaxis.model.llama import ModelArgs
 
@@ -42,8 +48,6 @@ _MODEL_DEFAULTS = {
     f.name: f.default for f in dataclasses.fields(ModelArgs) if f.default is not dataclasses.MISSING
 }
 
-# One process without a process group is a supported case (generation, single-device runs).
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
 # A retried save writes over its own partial files.
 warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")
 
@@ -51,46 +55,6 @@ warnings.filterwarnings("ignore", message="Detected an existing checkpoint in")
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _test_delays(rank: int) -> dict[str, float]:
-    """TRIAXIS_TEST_CKPT_DELAY="RANK:WHERE:SECONDS,...": rank skew for tests (WHERE = write,
-    sidecar or poll). Read once, here."""
-    out: dict[str, float] = {}
-    for item in filter(None, os.environ.get("TRIAXIS_TEST_CKPT_DELAY", "").split(",")):
-        r, where, seconds = item.split(":")
-        if int(r) == rank:
-            out[where] = float(seconds)
-    return out
-
-
-def _is_transient(err: BaseException) -> bool:
-    """Storage trouble worth retrying (network, throttling, a service hiccup), as opposed to a
-    full disk, missing credentials or a bug."""
-    if dcp_io.disk_full_in(err) is not None:
-        return False
-    for e in integrity.walk(err):
-        if isinstance(e, storage.StorageUnavailable):
-            return True
-        if isinstance(e, UserError) or isinstance(e, PermissionError):
-            return False
-        try:
-            permanent = storage._classify(e, "")
-        except Exception:  # noqa: BLE001  (an exception shaped unlike botocore's)
-            permanent = None
-        if isinstance(permanent, UserError):
-            return False  # credentials, access denied, missing bucket
-    for e in integrity.walk(err):
-        mod = type(e).__module__.split(".")[0]
-        if isinstance(e, (OSError, TimeoutError, ConnectionError)) or mod in (
-            "botocore",
-            "aiobotocore",
-            "urllib3",
-            "aiohttp",
-            "s3fs",
-        ):
-            return True
-    return False
 
 
 class Checkpointer:
@@ -126,7 +90,7 @@ class Checkpointer:
         self.blocking_s: list[float] = []
         self.failed_saves = 0
         self.written: set[str] = set()  # checkpoints this run committed (it may replace them)
-        self.delays = _test_delays(rank)
+        self.delays = rank_delays(rank)
 
     # -- agreement ---------------------------------------------------------------------------
     def _gather(self, obj, group) -> list:
@@ -158,7 +122,7 @@ class Checkpointer:
                     storage.remove(folder)
             except BaseException as e:  # agreed on below
                 err = e
-        failed = [o for o in self._gather(_outcome(err), self.ctl) if o is not None]
+        failed = [o for o in self._gather(outcome(err), self.ctl) if o is not None]
         if failed:
             self._failed(folder, failed, err, last_chance=block)
             return False
@@ -223,7 +187,7 @@ class Checkpointer:
             except BaseException as e:  # agreed on below
                 err = e
             retry = (
-                err is not None and _is_transient(err) and time.monotonic() + backoff_s < deadline
+                err is not None and is_transient(err) and time.monotonic() + backoff_s < deadline
             )
             verdicts = self._gather((err is not None, retry), self.group)
             if not any(failed for failed, _ in verdicts):
@@ -231,10 +195,10 @@ class Checkpointer:
             if not all(r for failed, r in verdicts if failed):
                 if err is not None:
                     raise err
-                raise _FailedElsewhere()
+                raise FailedElsewhere()
             if self.is_main:
                 self.log.warn(
-                    f"checkpoint {folder}: storage error ({_short(err)}); retrying "
+                    f"checkpoint {folder}: storage error ({short(err)}); retrying "
                     f"in {backoff_s:.0f}s (up to checkpoint.retry_s="
                     f"{self.cfg.retry_s:g})"
                 )
@@ -270,7 +234,7 @@ class Checkpointer:
         folder, meta, fut = self.pending
         self.pending = None
         err = fut.exception()
-        failed = [o for o in self._gather(_outcome(err), self.ctl) if o is not None]
+        failed = [o for o in self._gather(outcome(err), self.ctl) if o is not None]
         if not failed and self.is_main:
             try:
                 mf.commit(folder, self.world_size, meta)
@@ -279,7 +243,7 @@ class Checkpointer:
             else:
                 self._retain()
         if not failed:
-            failed = [o for o in self._gather(_outcome(err), self.ctl) if o is not None]
+            failed = [o for o in self._gather(outcome(err), self.ctl) if o is not None]
         if not failed:
             self.failed_saves = 0
             self.written.add(folder)
@@ -295,7 +259,7 @@ class Checkpointer:
         permanent, message = next(((p, m) for p, m in failed if p), failed[0])
         if permanent:
             if message.startswith("bug: "):  # a traceback, not a one-line error
-                raise err if err is not None and _outcome(err) else RuntimeError(message)
+                raise err if err is not None and outcome(err) else RuntimeError(message)
             raise UserError(message)
         self.failed_saves += 1
         if last_chance or self.failed_saves >= self.cfg.max_failed_saves:
@@ -322,7 +286,7 @@ class Checkpointer:
             for stale in mf.uncommitted(self.root):
                 storage.remove(stale)  # interrupted saves (no save of ours is in flight now)
         except Exception as err:  # noqa: BLE001  (storage trouble: retention can wait)
-            self.log.warn(f"retention under {self.root} postponed ({_short(err)})")
+            self.log.warn(f"retention under {self.root} postponed ({short(err)})")
 
     def close(self) -> None:
         self.wait()
@@ -398,11 +362,11 @@ class Checkpointer:
                 while storage.exists(dest):
                     dest, n = f"{found.path}.invalid{n}", n + 1
                 try:
-                    _move(found.path, dest)
+                    storage.move(found.path, dest)
                 except Exception as err:  # noqa: BLE001  (every rank waits below)
                     self.log.warn(
                         f"could not move invalid checkpoint {found.path} aside "
-                        f"({_short(err)}); move or remove it before this run "
+                        f"({short(err)}); move or remove it before this run "
                         f"reaches step {found.step}"
                     )
                     continue
@@ -471,46 +435,3 @@ class Checkpointer:
         meta = dcp_io.checked(path)
         self.check_compatible(path, meta)
         load_model_weights(self.model, path, meta)
-
-
-def _short(err: BaseException | None) -> str:
-    inner = [e for e in integrity.walk(err)] if err is not None else []
-    e = inner[-1] if inner else err
-    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"  # one line
-
-
-class _FailedElsewhere(Exception):
-    """This rank's part of a save went well; another rank's did not."""
-
-
-def _outcome(err: BaseException | None) -> tuple[bool, str] | None:
-    """(permanent, one line) for a failed save; None when this rank has nothing to say."""
-    if err is None or isinstance(err, _FailedElsewhere):
-        return None
-    user = integrity.find_in(err, UserError)
-    if user is not None and not isinstance(user, storage.StorageUnavailable):
-        return True, str(user)
-    full = dcp_io.disk_full_in(err)
-    if full is not None:
-        return True, str(dcp_io.disk_full(full, "this save"))
-    if _is_transient(err):
-        return False, _short(err)
-    return True, f"bug: {_short(err)}"
-
-
-def _move(src: str, dst: str) -> None:
-    if not storage.is_remote(src):
-        os.rename(src, dst)
-        return
-    fs, p = storage.filesystem(src)
-    _, q = storage.filesystem(dst)
-    storage.with_retries(lambda: fs.mv(p, q, recursive=True), f"moving {src}")
-
-
-# Back-compatible names used by generation and tests.
-def complete_checkpoints(folder) -> list:
-    return [f.path for f in mf.list_checkpoints(str(folder))]
-
-
-read_meta = mf.read_meta
-META = mf.META

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import warnings
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
@@ -20,6 +21,9 @@ from triaxis.checkpoint import integrity
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.safe_load import SafeLoadPlanner, UnsafeMetadata, refuse
 from triaxis.errors import UserError
+
+# One process without a process group is a supported case (generation, single-device runs).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable")
 
 
 class _NoMetadataFallbackWarning(logging.Filter):

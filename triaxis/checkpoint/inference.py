@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from triaxis import storage
-from triaxis.checkpoint.dcp import META, complete_checkpoints
+from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.dcp_io import checked, load_model_weights
 from triaxis.data.dataset import read_manifest
 from triaxis.data.tokenizer import load_tokenizer
@@ -16,10 +16,10 @@ from triaxis.model import ModelArgs, Transformer
 
 def find_checkpoint(path: str) -> str:
     """A run folder (its latest checkpoint), a checkpoints folder, or one checkpoint."""
-    if storage.exists(storage.join(path, META)):
+    if storage.exists(storage.join(path, mf.META)):
         return str(path)
     for folder in (storage.join(path, "checkpoints"), str(path)):
-        found = complete_checkpoints(folder)
+        found = [f.path for f in mf.list_checkpoints(folder)]
         if found:
             return found[-1]
     raise UserError(

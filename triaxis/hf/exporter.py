@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from triaxis.checkpoint.inference import load_checkpoint_model
-from triaxis.errors import UserError
 from triaxis.fields import Range, check_value
 from triaxis.hf.convert import (
     hf_config_from_args,
@@ -26,7 +25,7 @@ from triaxis.hf.convert import (
     rope_heads,
     triaxis_to_hf_name,
 )
-from triaxis.hf.importer import CONFIG, INDEX, SINGLE
+from triaxis.hf.importer import CONFIG, INDEX, SINGLE, check_output_folder
 from triaxis.model.llama import Transformer
 
 
@@ -42,17 +41,6 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
         shards[-1].append(name)
         used += size
     return shards
-
-
-def _check_output(out: Path, force: bool) -> None:
-    """Refuse an output that must not be written, before anything is read or written."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} is a file; pass a folder for the Hugging Face model")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(
-            f"{out} is not empty; choose another folder or pass --force to "
-            "overwrite the model files in it"
-        )
 
 
 def _swap_in(stage: Path, out: Path, names: list[str]) -> None:
@@ -78,7 +66,7 @@ def export_hf(
     """Write the HF folder; returns the names of the files written."""
     check_value("--max-shard-gb", max_shard_gb, Range(gt=0))
     out = Path(output)
-    _check_output(out, force)
+    check_output_folder(out, force, f"{out} (the export folder)", "the model files in it")
     model, ckpt = load_checkpoint_model(checkpoint)  # a bad checkpoint fails here: out untouched
     # Written into a staging sibling (same file system), swapped in only when complete.
     where = out.resolve()

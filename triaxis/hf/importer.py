@@ -240,17 +240,22 @@ def save_checkpoint(model: Transformer, output: str | Path, source: str) -> None
     (out / META).write_text(json.dumps(meta, indent=1))  # last: the commit marker
 
 
+def check_output_folder(out: Path, force: bool, named: str, overwrites: str) -> None:
+    """Refuse an output that must not be written (a file; a folder with files in it, unless
+    --force), before anything is read or written. Import and export both."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{named} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(
+            f"{named} is not empty; choose another folder or pass --force to overwrite {overwrites}"
+        )
+
+
 def import_hf(
     folder: str, output: str, force: bool = False, log: Callable[[str], None] = print
 ) -> ModelArgs:
     out = Path(output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file; pass a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(
-            f"--output {out} is not empty; choose another folder or pass "
-            "--force to overwrite its checkpoint"
-        )
+    check_output_folder(out, force, f"--output {out}", "its checkpoint")
     model = load_hf_model(folder)  # bad input fails here: the existing checkpoint untouched
     # Saved into a staging sibling, swapped in only when complete.
     where = out.resolve()

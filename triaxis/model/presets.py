@@ -7,67 +7,23 @@ import dataclasses
 from triaxis.errors import UserError, nearest
 from triaxis.model.args import ModelArgs
 
-PRESETS: dict[str, ModelArgs] = {
-    "tiny": ModelArgs(
-        dim=64,
-        n_layers=4,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=192,
-        vocab_size=512,
-        max_seq_len=256,
-        rope_theta=10000.0,
-    ),
+SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len")
+"""The integer sizes every preset sets and the [model] section may override (all positive)."""
+
+# One row a preset, in SHAPE's order; then what differs from ModelArgs' defaults.
+_ROWS: list[tuple[str, tuple[int, ...], dict]] = [
+    # name   (dim, layers, heads, kv heads, ffn, vocab, seq)
+    ("tiny", (64, 4, 4, 2, 192, 512, 256), {"rope_theta": 10000.0}),
     # ~12M parameters with an 8k BPE vocabulary: trains visibly in minutes on two CPU cores.
-    "small": ModelArgs(
-        dim=384,
-        n_layers=6,
-        n_heads=6,
-        n_kv_heads=2,
-        ffn_dim=1024,
-        vocab_size=8192,
-        max_seq_len=1024,
-        rope_theta=10000.0,
-        tie_embeddings=True,
-    ),
-    # Llama-3.2-1B shape.
-    "1b": ModelArgs(
-        dim=2048,
-        n_layers=16,
-        n_heads=32,
-        n_kv_heads=8,
-        ffn_dim=8192,
-        vocab_size=128256,
-        max_seq_len=8192,
-        tie_embeddings=True,
-    ),
-    "8b": ModelArgs(
-        dim=4096,
-        n_layers=32,
-        n_heads=32,
-        n_kv_heads=8,
-        ffn_dim=14336,
-        vocab_size=128256,
-        max_seq_len=8192,
-    ),
-    "70b": ModelArgs(
-        dim=8192,
-        n_layers=80,
-        n_heads=64,
-        n_kv_heads=8,
-        ffn_dim=28672,
-        vocab_size=128256,
-        max_seq_len=8192,
-    ),
-    "405b": ModelArgs(
-        dim=16384,
-        n_layers=126,
-        n_heads=128,
-        n_kv_heads=8,
-        ffn_dim=53248,
-        vocab_size=128256,
-        max_seq_len=8192,
-    ),
+    ("small", (384, 6, 6, 2, 1024, 8192, 1024), {"rope_theta": 10000.0, "tie_embeddings": True}),
+    # Llama-3.2-1B, then the Llama-3.1 shapes.
+    ("1b", (2048, 16, 32, 8, 8192, 128256, 8192), {"tie_embeddings": True}),
+    ("8b", (4096, 32, 32, 8, 14336, 128256, 8192), {}),
+    ("70b", (8192, 80, 64, 8, 28672, 128256, 8192), {}),
+    ("405b", (16384, 126, 128, 8, 53248, 128256, 8192), {}),
+]
+PRESETS: dict[str, ModelArgs] = {
+    name: ModelArgs(**dict(zip(SHAPE, sizes)), **extra) for name, sizes, extra in _ROWS
 }
 
 
@@ -82,16 +38,7 @@ def build_model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
             f"{list(PRESETS)} {fix}".rstrip()
         )
     args = dataclasses.replace(PRESETS[model_cfg.preset])
-    for name in (
-        "dim",
-        "n_layers",
-        "n_heads",
-        "n_kv_heads",
-        "ffn_dim",
-        "vocab_size",
-        "max_seq_len",
-        "rope_theta",
-    ):
+    for name in (*SHAPE, "rope_theta"):
         value = getattr(model_cfg, name)
         if value is not None:
             setattr(args, name, value)
@@ -114,15 +61,7 @@ def build_model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
 
 
 def _check(a: ModelArgs) -> None:
-    for name in (
-        "dim",
-        "n_layers",
-        "n_heads",
-        "n_kv_heads",
-        "ffn_dim",
-        "vocab_size",
-        "max_seq_len",
-    ):
+    for name in SHAPE:
         if getattr(a, name) <= 0:
             raise UserError(f"model.{name}={getattr(a, name)} must be positive")
     if a.rope_theta <= 0:
