@@ -103,7 +103,7 @@ def _config(a: argparse.Namespace) -> int:
 
 def _option_rules() -> dict[str, dict[str, object]]:
     """Command -> option (argparse dest) -> its Range: the command-line options' rules in one
-    place (a config field's rule lives in its own definition, config.py; prepare's in
+    place (a config field's rule lives in its own definition, config/sections.py; prepare's in
     PrepareOptions). Every option also gets the generic rules of fields.check_value."""
     from triaxis.fields import Range
 

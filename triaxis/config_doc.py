@@ -1,7 +1,7 @@
 """The configuration reference, generated from the config dataclasses themselves.
 
 One definition: each field's default, its allowed values (a `ranged` field's Range, a Literal's
-choices) and its attribute docstring (`config.field_docs`) are read from `config.py`, so
+choices) and its attribute docstring (`config.field_docs`) are read from `config/sections.py`, so
 `triaxis config --fields` (plain text) and docs/config.md (`triaxis config --markdown`) can
 never disagree with the code. tests/test_docs.py checks that docs/config.md is current.
 """
@@ -114,12 +114,13 @@ def fields_markdown() -> str:
     out = [
         "# Configuration reference",
         "",
-        f"<!-- Generated from triaxis/config.py by `{REGENERATE}`; do not edit by hand. -->",
+        f"<!-- Generated from triaxis/config/sections.py by `{REGENERATE}`; do not edit. -->",
         "",
         "Every field of every section, its default, the values it accepts and what it means,",
-        "read from the config dataclasses in `triaxis/config.py` (`triaxis config --fields` prints",
-        "the same). Set a field in a TOML file under its `[section]` table or on the command line",
-        "as `--section.field=value`; the resolved config is written to `RUN_DIR/config.toml`.",
+        "read from the config dataclasses in `triaxis/config/sections.py` (`triaxis config",
+        "--fields` prints the same). Set a field in a TOML file under its `[section]` table or on",
+        "the command line as `--section.field=value`; the resolved config is written to",
+        "`RUN_DIR/config.toml`.",
         '"unset" means the value comes from elsewhere (the preset, the data), as the field says.',
         "Besides the rule shown, every number must be finite and fit in 64 bits, and every string",
         "must be free of control characters ([bad-input.md](bad-input.md)).",

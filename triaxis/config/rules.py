@@ -1,0 +1,72 @@
+"""The rules between fields, in one place: each error names the value, the rule and the fix."""
+
+from __future__ import annotations
+
+from triaxis.config.load import check_config
+from triaxis.config.sections import Config, DataConfig
+from triaxis.errors import UserError
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every cross-field rule, in one place.
+
+
+def validate(cfg: Config, model_args=None, dims=None) -> None:
+    """Raise UserError naming the value, the rule and the fix. `model_args` and `dims` (the
+    resolved model shape and parallel degrees) enable the rules that need them."""
+    check_config(cfg)
+    t, d, p = cfg.train, cfg.data, cfg.parallel
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        raise UserError(f"checkpoint.resume={cfg.checkpoint.resume!r}: use auto or none")
+    if p.loss_parallel and p.tp == 1:
+        raise UserError(
+            "parallel.loss_parallel=true needs parallel.tp > 1; set tp or drop loss_parallel"
+        )
+    if p.activation_offload and (
+        p.activation_checkpoint == "none"
+        or (p.activation_checkpoint == "selective" and p.ac_selective == "op")
+    ):
+        raise UserError(
+            f"parallel.activation_offload=true offloads the inputs checkpointed blocks save, "
+            f"but activation_checkpoint={p.activation_checkpoint!r}"
+            + (
+                f" with ac_selective={p.ac_selective!r}"
+                if p.activation_checkpoint != "none"
+                else ""
+            )
+            + " checkpoints no whole block; set parallel.activation_checkpoint=full or drop "
+            "activation_offload"
+        )
+    if d.mean_document_tokens and not d.document_mask:
+        raise UserError(
+            f"data.mean_document_tokens={d.mean_document_tokens} counts masked attention "
+            "FLOPs, but data.document_mask=false; set --data.document_mask=true or drop it"
+        )
+    if model_args is not None and d.seq_len > model_args.max_seq_len:
+        raise UserError(
+            f"data.seq_len={d.seq_len} is over the model's maximum "
+            f"max_seq_len={model_args.max_seq_len}; lower data.seq_len or raise "
+            f"--model.max_seq_len"
+        )
+    if dims is not None:
+        if model_args is not None:
+            dims.check_model(model_args.n_heads, model_args.n_kv_heads, model_args.n_layers)
+        per_step = t.micro_batch * dims.dp_size
+        if t.global_batch % per_step:
+            ok = t.global_batch // per_step * per_step or per_step
+            raise UserError(
+                f"train.global_batch={t.global_batch} is not a multiple of micro_batch x dp = "
+                f"{t.micro_batch} x {dims.dp_size} = {per_step}; set train.global_batch={ok} "
+                f"or a smaller train.micro_batch"
+            )
+
+
+def attention_span(d: DataConfig) -> int:
+    """Keys per query that attention FLOPs count: the window, or with document masking the
+    expected document length (data.mean_document_tokens) when it is shorter."""
+    if d.document_mask and d.mean_document_tokens:
+        return min(d.seq_len, d.mean_document_tokens)
+    return d.seq_len
+
+
+def grad_accum_steps(cfg: Config, dp_size: int) -> int:
+    return cfg.train.global_batch // (cfg.train.micro_batch * dp_size)
