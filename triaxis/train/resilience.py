@@ -37,18 +37,21 @@ class PreemptionWatch:
         """The first signal received (on any rank, once should_stop has agreed on it)."""
         self.agreed = False
         """Every rank has agreed to stop (sticky: should_stop stays True)."""
+        self._group = None
+        self._work = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # Before the handlers: new_group waits in the store for every rank, and a peer that
+            # failed earlier never comes. The agent's SIGTERM must still end this rank then
+            # (a handler would only set the flag and leave it waiting until SIGKILL).
+            self._group = dist.new_group(backend="gloo")  # every rank builds the watch in fit()
+            self._flag = torch.zeros(1)
+            self._host = self._flag.numpy()  # the same memory: read without a Tensor call
         self._old: dict[int, object] = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread (embedded use): no handler
                 pass
-        self._group = None
-        self._work = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            self._group = dist.new_group(backend="gloo")  # every rank builds the watch in fit()
-            self._flag = torch.zeros(1)
-            self._host = self._flag.numpy()  # the same memory: read without a Tensor call
 
     @property
     def requested(self) -> bool:
