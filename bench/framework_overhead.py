@@ -202,8 +202,8 @@ class MinimalLoop:
         for step in range(steps):
             starts.append(now())
             total = torch.zeros(())
-            for tokens in self.batches[step]:
-                loss = self.model(tokens[:, :-1], targets=tokens[:, 1:], loss_chunk=chunk)
+            for inputs, targets in self.batches[step]:
+                loss = self.model(inputs, targets=targets, loss_chunk=chunk)
                 (loss / self.accum).backward()
                 total += loss.detach() / self.accum
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]

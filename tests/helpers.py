@@ -99,3 +99,16 @@ def slow_but_first(*values) -> list:
     import pytest
 
     return [values[0], *(pytest.param(v, marks=pytest.mark.slow) for v in values[1:])]
+
+
+TINY_LLAMA = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-6,
+)
+"""A tiny Hugging Face LlamaConfig shape (config.json keys) for the import / export / fine-tune
+tests; each adds what it needs (vocabulary, RoPE)."""

@@ -12,18 +12,10 @@ import pytest
 import torch
 import transformers
 
-from tests.helpers import losses, triaxis
+from tests.helpers import TINY_LLAMA, losses, triaxis
 from tests.test_chat import BOS, CHATML, DOC_MASK, END, EOS, WORDS, chat_tokenizer
 
-SHAPE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-6,
-)
+SHAPE = TINY_LLAMA
 REPLY = "✓ fine-tune"
 
 

@@ -7,7 +7,6 @@ over its documents, in one process and under FSDP (dp_shard=2) and tensor parall
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 
 from tests.dist import run_workers
 from tests.parity import assert_same_run, make_config, train_collect
+from tests.test_model import build
 from triaxis.model import PRESETS, Transformer, flops_per_token
 from triaxis.model.attention import (
     attend,
@@ -44,15 +44,6 @@ def packed_window(vocab: int, seed: int = 0) -> torch.Tensor:
             if end <= 32:
                 tokens[row, end - 1] = EOS
     return tokens
-
-
-def build(**changes) -> Transformer:
-    args = dataclasses.replace(PRESETS["tiny"], **changes)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.materialize("cpu")
-    model.init_weights(seed=0)
-    return model
 
 
 def summed_loss(model, inputs, targets, doc_ids=None) -> torch.Tensor:

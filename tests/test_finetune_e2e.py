@@ -13,17 +13,11 @@ import pytest
 import torch
 import transformers
 
-from tests.helpers import losses, triaxis
+from tests.helpers import TINY_LLAMA, losses, triaxis
 from tests.test_tokenizer_hf import EOS, WORDS, llama_like_tokenizer
 
 SHAPE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    max_position_embeddings=128,
-    rms_norm_eps=1e-6,
+    TINY_LLAMA,
     rope_parameters={
         "rope_type": "llama3",
         "rope_theta": 10000.0,

@@ -13,21 +13,12 @@ import transformers  # the reference; a test dependency (pyproject's `test` extr
 
 from tests import helpers
 from tests.dist import run_workers
+from tests.helpers import TINY_LLAMA
 from triaxis.cli import main
 from triaxis.hf.convert import args_from_hf_config, model_overrides
 from triaxis.model.llama import llama3_frequencies, model_rope_tables, rope_tables
 
-SHAPE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=128,
-    vocab_size=300,
-    max_position_embeddings=128,
-    rope_theta=10000.0,
-    rms_norm_eps=1e-6,
-)
+SHAPE = dict(TINY_LLAMA, vocab_size=300, rope_theta=10000.0)
 TOKENS = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
 CASES = {
     "tied_single": (True, None),
