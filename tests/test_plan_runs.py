@@ -2,7 +2,7 @@
 
 Walks `plan.problem.SEARCHED_OPTIONS` (every value the search may give each layout knob): the
 search emits exactly those values; every layout it enumerates for small models, mapped by
-`search.parallel_config` (what `triaxis plan` prints and parallel.auto runs), passes the
+`mapping.parallel_config` (what `triaxis plan` prints and parallel.auto runs), passes the
 trainer's layout rules (`parallel.rules.check_layout`); and for each option value one layout of
 a small model trains at world 2 like one process. A helper that adds a knob to the search adds
 its values to the table, and this file then proves the trainer runs them."""
@@ -17,8 +17,9 @@ from tests.dist import run_workers
 from tests.parity import assert_same_run, make_config, train_collect
 from triaxis.config import ParallelConfig
 from triaxis.model.args import ModelArgs
+from triaxis.plan.mapping import parallel_config
 from triaxis.plan.problem import SEARCHED_OPTIONS, Layout, shape_from_args
-from triaxis.plan.search import SearchSpace, enumerate_layouts, parallel_config
+from triaxis.plan.search import SearchSpace, enumerate_layouts
 
 # A small untied model (8 blocks: 2 stages on each of 4 ranks) and a tied one (no pipeline).
 UNTIED = ModelArgs(

@@ -11,7 +11,7 @@ processes per node, read at run time.
 The layout is the whole of what `triaxis plan` prints for the same problem -- degrees, pipeline
 schedule, stages per rank and the stage split (parallel.pp_layers), checkpointing, offload,
 micro-batch -- mapped onto [parallel] by the one function the plan's TOML snippet uses
-(search.parallel_config). A pipeline is considered whenever the model's embeddings are untied
+(mapping.parallel_config). A pipeline is considered whenever the model's embeddings are untied
 (the trainer refuses pp > 1 with tied ones).
 """
 
@@ -24,9 +24,10 @@ from triaxis.config import Config, attention_span
 from triaxis.errors import UserError
 from triaxis.model.args import ModelArgs
 from triaxis.plan.hardware import GIB, load_catalog, resolve_hardware
+from triaxis.plan.mapping import parallel_config
 from triaxis.plan.problem import RUNTIMES, Plan, Problem, shape_from_args
 from triaxis.plan.report import explain, no_fit_message
-from triaxis.plan.search import SearchSpace, parallel_config, plan
+from triaxis.plan.search import SearchSpace, plan
 
 
 def detect_gpu(device: str) -> str:

@@ -161,7 +161,7 @@ SEARCHED_OPTIONS: dict[str, tuple] = {
 }
 """Every value the search may give each Layout knob besides the degrees, micro-batch, ac_every
 and virtual stages: the table tests/test_plan_runs.py walks, proving the trainer accepts and runs
-each one (`search.parallel_config` maps a layout onto the trainer's [parallel] section). A knob
+each one (`mapping.parallel_config` maps a layout onto the trainer's [parallel] section). A knob
 the cost model knows but the trainer lacks stays at its off value here. Adding an option to the
 search means adding its values here and its field to `parallel_config`. `hierarchical` is
 searched only where a dp_shard group spans nodes (several members in each); `offload_checkpoints`

@@ -6,8 +6,9 @@ import dataclasses
 from typing import Any
 
 from triaxis.plan.hardware import GIB
+from triaxis.plan.mapping import parallel_config
 from triaxis.plan.problem import Plan
-from triaxis.plan.search import MODEL_ERROR, PlanResult, degrees, parallel_config
+from triaxis.plan.search import MODEL_ERROR, PlanResult, degrees
 
 COMM_COLUMNS = ("tp", "dp_shard", "dp_replicate", "pp")
 """The exposed-communication columns of the step-time table: the mesh axes innermost first (the
@@ -251,7 +252,7 @@ def _toml_value(v: object) -> str:
 
 def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
     """A [parallel] + [train] + [data] snippet that `triaxis train CONFIG.toml` accepts: the
-    ParallelConfig `search.parallel_config` makes of the layout (what parallel.auto runs)."""
+    ParallelConfig `mapping.parallel_config` makes of the layout (what parallel.auto runs)."""
     p = plan or r.plans[0]
     a = p.layout
     par = parallel_config(a, r.problem.shape.n_layers)

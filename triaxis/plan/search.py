@@ -22,9 +22,8 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from triaxis.config import ParallelConfig
 from triaxis.errors import UserError
-from triaxis.parallel.partition import V_SCHEDULES, schedule_problem, stages_per_rank
+from triaxis.parallel.partition import schedule_problem, stages_per_rank
 from triaxis.plan.hardware import GIB, Catalog
 from triaxis.plan.memory import memory_of, stage_blocks
 from triaxis.plan.problem import (
@@ -144,46 +143,6 @@ def enumerate_layouts(
 ) -> Iterator[Layout]:
     for family in enumerate_families(shape, world, gpus_per_node, global_batch, space):
         yield from family
-
-
-def stage_split(n_layers: int, layout: Layout) -> tuple[int, ...]:
-    """Blocks of each pipeline stage, in the runtime's stage order (parallel.pp_layers): each
-    rank holds the blocks the cost model gives it (memory.stage_blocks), split as evenly as
-    possible over its stages; rank r holds stages r, r + pp, ... (V schedules: r and
-    2·pp - 1 - r, triaxis.parallel.partition.stage_rank)."""
-    pp, v = layout.pp, layout.virtual_stages
-    counts = [0] * (pp * v)
-    for r, blocks in enumerate(stage_blocks(n_layers, pp)):
-        base, extra = divmod(blocks, v)
-        for j in range(v):
-            s = (r if j == 0 else 2 * pp - 1 - r) if layout.schedule in V_SCHEDULES else j * pp + r
-            counts[s] = base + (1 if j < extra else 0)
-    return tuple(counts)
-
-
-def parallel_config(
-    layout: Layout, n_layers: int, base: ParallelConfig | None = None
-) -> ParallelConfig:
-    """The trainer's [parallel] section that runs `layout` exactly (degrees, schedule, stages per
-    rank, the stage split, checkpointing, offload): a new ParallelConfig over `base` (its other
-    fields kept). The one mapping `triaxis plan`'s snippet and parallel.auto both use; the
-    micro-batch is train.micro_batch = layout.micro_batch."""
-    piped = layout.pp > 1
-    return dataclasses.replace(
-        base or ParallelConfig(),
-        dp_replicate=layout.dp_replicate,
-        dp_shard=layout.dp_shard,
-        tp=layout.tp,
-        pp=layout.pp,
-        pp_schedule=layout.schedule if piped else (base or ParallelConfig()).pp_schedule,
-        pp_virtual_stages=layout.virtual_stages if piped else 1,
-        pp_layers=",".join(map(str, stage_split(n_layers, layout))) if piped else "",
-        **layout.runtime_ac(),
-        cpu_offload=layout.cpu_offload,
-        reshard_after_forward=layout.reshard_after_forward,
-        loss_parallel=layout.tp > 1,
-        hierarchical="on" if layout.hierarchical else "off",
-    )
 
 
 def recompute_rank(layout: Layout) -> float:
