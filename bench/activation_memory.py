@@ -14,14 +14,17 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.test_activation_memory import KeptBytes  # noqa: E402  (one measuring mode)
 from triaxis.model.llama import Transformer
 from triaxis.model.presets import PRESETS
 from triaxis.parallel.activations import apply_ac
@@ -33,23 +36,6 @@ MODES = {  # name: (activation_checkpoint, ac_selective, activation_offload)
     "full": ("full", "block", False),
     "full + offload": ("full", "block", True),
 }
-
-
-class KeptBytes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.made: dict = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                s = t.untyped_storage()
-                self.made[s.data_ptr()] = (StorageWeakRef(s), s.nbytes())
-        return out
-
-    def kept(self) -> int:
-        return sum(n for ref, n in self.made.values() if not ref.expired())
 
 
 def plain_forward(model: Transformer, tokens, mode: tuple[str, str, bool]):

@@ -81,7 +81,7 @@ class _CountMatmuls(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class _KeptBytes(TorchDispatchMode):
+class KeptBytes(TorchDispatchMode):
     """Records the storage of every tensor forward creates; `kept()` is the bytes of those
     still alive: what the graph holds for backward."""
 
@@ -104,7 +104,7 @@ class _KeptBytes(TorchDispatchMode):
 def _measure(base, mode: str) -> tuple[int, int]:
     """(bytes kept from forward to backward, matmuls run in backward)."""
     model, _ = _model(base, mode)
-    with _KeptBytes() as kept:
+    with KeptBytes() as kept:
         loss = _loss(model, base[1])
     held = kept.kept() - loss.untyped_storage().nbytes()
     with _CountMatmuls() as mm:

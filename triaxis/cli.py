@@ -44,7 +44,7 @@ def _prepare(a: argparse.Namespace) -> int:
 def _train(a: argparse.Namespace) -> int:
     from triaxis.config import load_config, split_config_args
     from triaxis.plan.auto import auto_layout
-    from triaxis.train.loop import run
+    from triaxis.train.run import run
 
     path, overrides = split_config_args(a.rest)
     result = run(load_config(path, overrides), planner=auto_layout)

@@ -135,7 +135,7 @@ class Pipeline:
             kwargs |= {"target": targets, "losses": losses}
         self.schedule.step(*args, **kwargs)
         loss = (
-            torch.stack([_plain(x).detach() for x in losses]).mean()
+            torch.stack([local_value(x).detach() for x in losses]).mean()
             if losses
             else torch.zeros((), device=inputs.device)
         )
@@ -170,7 +170,7 @@ class Pipeline:
                     h = self._recv(self.stage_ranks[s - 1], device)
                 h = mine(h, doc_ids=docs[m])
                 if s == self.num_stages - 1:
-                    total += _plain(self.loss_fn(h, targets[m])).detach().float()
+                    total += local_value(self.loss_fn(h, targets[m])).detach().float()
                 elif self.stage_ranks[s + 1] != owner:
                     self._send(h, self.stage_ranks[s + 1])
         loss = total / n if self.has_last else total
@@ -178,7 +178,7 @@ class Pipeline:
         return loss
 
     def _send(self, t: torch.Tensor, pp_rank: int) -> None:
-        t = _plain(t).contiguous()
+        t = local_value(t).contiguous()
         # A header first: the receiver learns dtype and shape (autocast, sequence sharding).
         header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64)
         dst = dist.get_global_rank(self.pp_group, pp_rank)
@@ -202,5 +202,7 @@ class Pipeline:
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _plain(t: torch.Tensor) -> torch.Tensor:
+def local_value(t: torch.Tensor) -> torch.Tensor:
+    """A loss from loss_parallel is a replicated DTensor; its local value is the full loss (and
+    a plain tensor is itself)."""
     return t.to_local() if hasattr(t, "to_local") else t

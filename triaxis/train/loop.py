@@ -32,13 +32,14 @@ from triaxis.model import flops_per_token, param_counts
 from triaxis.model.attention import document_ids
 from triaxis.model.loss import IGNORE_INDEX
 from triaxis.parallel.parallelize import set_grad_sync
+from triaxis.parallel.pipeline import local_value
 from triaxis.parallel.rules import Planner
 from triaxis.train.build import build_model
 from triaxis.train.cadence import Cadence
-from triaxis.train.distributed import DistEnv, init_distributed, leave_on_error, shutdown
+from triaxis.train.distributed import DistEnv
 from triaxis.train.numerics import Numerics
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
-from triaxis.train.resilience import Faults, PreemptionWatch, hold_run_lock, lock_folders
+from triaxis.train.resilience import Faults, PreemptionWatch
 from triaxis.train.resolve import resolve
 from triaxis.train.watchdog import Watchdog
 
@@ -54,22 +55,6 @@ class TrainResult:
     """True when SIGTERM or Ctrl-C ended the run early (after a final checkpoint)."""
     stop_signal: int = 0
     """The signal that ended it (the exit status is 128 + this: 143, 130)."""
-
-
-def run(cfg: Config, planner: Planner | None = None) -> TrainResult:
-    """Train per `cfg`, in this process (joining the process group torchrun describes).
-    `planner` chooses the layout for parallel.auto (the command line passes the planner's)."""
-    env = init_distributed(cfg.train.device, need_group=cfg.parallel.fsdp_always)
-    try:
-        trainer = Trainer(cfg, env, planner)  # checks the config and data, writes nothing
-        # Before the first write (resume may remove a partial checkpoint): one run per folder.
-        with hold_run_lock(lock_folders(cfg.checkpoint_dir(), cfg.train.run_dir), env.is_main):
-            return trainer.fit()
-    except BaseException as err:
-        leave_on_error(env, err)  # a rank of a job exits here, skipping the barrier below
-        raise
-    finally:
-        shutdown(env)
 
 
 class Trainer:
@@ -162,7 +147,7 @@ class Trainer:
         flat = logits.flatten(0, 1).float(), targets.flatten()  # -100 targets are skipped
         if self.loss_scale is None:
             return F.cross_entropy(*flat)
-        return _plain(F.cross_entropy(*flat, reduction="sum")) * self.loss_scale
+        return local_value(F.cross_entropy(*flat, reduction="sum")) * self.loss_scale
 
     def doc_ids(self, inputs: torch.Tensor) -> torch.Tensor | None:
         """Document index of each input token with data.document_mask, else None."""
@@ -249,7 +234,7 @@ class Trainer:
                 if poison:
                     loss = loss * float("nan")
                 loss.backward()
-            total += _plain(loss.detach())
+            total += local_value(loss.detach())
         return total
 
     def train_step(self, cursor: int, step: int = 0, logs: bool = False) -> torch.Tensor:
@@ -312,7 +297,7 @@ class Trainer:
                     total += self.pipeline.eval(inputs, targets, self.doc_ids(inputs))
                     continue
                 for inputs, targets in batches:
-                    total += _plain(self.loss_of(inputs, targets))
+                    total += local_value(self.loss_of(inputs, targets))
         self.model.train()
         n = self.cfg.train.val_batches * (1 if self.pipeline is not None else self.grad_accum)
         if self.loss_scale is not None:
@@ -471,8 +456,3 @@ def _compute_dtype(requested: str, device: torch.device) -> torch.dtype | None:
     if requested == "bf16" or (requested == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    """A loss from loss_parallel is a replicated DTensor; its local value is the full loss."""
-    return t.to_local() if hasattr(t, "to_local") else t
