@@ -266,13 +266,14 @@ def _describe(identity: tuple) -> str:
     return f"vocab {vocab}, eos id {eos}, {dtype}{file}"
 
 
-def _open_source(cfg: Config, src: SourceConfig, i: int, split: str) -> TokenDataset:
+def _open(cfg: Config, path: str, split: str, seed: int) -> TokenDataset:
+    """One prepared split with the data section's reader settings (shard groups: train only)."""
     d = cfg.data
     return TokenDataset(
-        src.path,
+        path,
         split,
         d.seq_len,
-        source_seed(d.seed, i),
+        seed,
         cache_dir=d.cache_dir,
         cache_gib=d.cache_gib,
         shuffle_shards=d.shuffle_shards if split == "train" else 0,
@@ -280,20 +281,15 @@ def _open_source(cfg: Config, src: SourceConfig, i: int, split: str) -> TokenDat
     )
 
 
+def _open_source(cfg: Config, src: SourceConfig, i: int, split: str) -> TokenDataset:
+    return _open(cfg, src.path, split, source_seed(cfg.data.seed, i))
+
+
 def open_train_data(cfg: Config) -> TokenDataset | MixtureDataset:
     """The train split data.path or data.sources names (not "synthetic": the caller's)."""
     d = cfg.data
     if not d.sources:
-        return TokenDataset(
-            d.path,
-            "train",
-            d.seq_len,
-            d.seed,
-            cache_dir=d.cache_dir,
-            cache_gib=d.cache_gib,
-            shuffle_shards=d.shuffle_shards,
-            verify=d.verify,
-        )
+        return _open(cfg, d.path, "train", d.seed)
     opened = [_open_source(cfg, src, i, "train") for i, src in enumerate(d.sources)]
     first = _tokenizer_identity(opened[0])
     for i, ds in enumerate(opened[1:], 1):
@@ -334,15 +330,7 @@ def open_val_sets(cfg: Config, warn=None) -> dict[str, TokenDataset]:
             continue
         try:
             if source is None:
-                out[name] = TokenDataset(
-                    path,
-                    "val",
-                    d.seq_len,
-                    d.seed,
-                    cache_dir=d.cache_dir,
-                    cache_gib=d.cache_gib,
-                    verify=d.verify,
-                )
+                out[name] = _open(cfg, path, "val", d.seed)
             else:
                 out[name] = _open_source(cfg, source[0], source[1], "val")
         except EmptySplitError as e:  # a damaged val shard is an error, not "no validation"
