@@ -10,18 +10,16 @@ Checkpoint corruption (damaged or crafted checkpoint files) is covered by the ch
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 
+from tests.bad_input_workspace import build, snapshot
 from tests.helpers import command
 from tests.s3_server import moto_s3  # noqa: F401  (the fixture)
-from tests.test_chat import bad_input_workspace
 from triaxis.cli import main
 
 TINY = [
@@ -52,24 +50,6 @@ def _train(*extra: str) -> str:
 def _mix(toml: str, *extra: str) -> str:
     """A train command line over the mixture config {ws}/`toml` (the ws fixture writes it)."""
     return " ".join(["train", f"{{ws}}/{toml}", "--train.run_dir={ws}/run", *TINY, *extra])
-
-
-# Mixture configs: {name: [[data.sources]] tables}; "D" is the good data, "O" a copy of it
-# whose tokenizer has another end-of-document id.
-MIXES = {
-    "mix_w0.toml": '[[data.sources]]\npath = "D"\n[[data.sources]]\npath = "D"\n'
-    'name = "b"\nweight = 0',
-    "mix_wneg.toml": '[[data.sources]]\npath = "D"\nweight = -2',
-    "mix_empty.toml": "[data]\nsources = []",
-    "mix_tok.toml": '[[data.sources]]\npath = "D"\n[[data.sources]]\npath = "O"',
-    "mix_nopath.toml": "[[data.sources]]\nweight = 1",
-    "mix_dup.toml": '[[data.sources]]\npath = "D"\n[[data.sources]]\npath = "D"',
-    "mix_typo.toml": '[[data.sources]]\npath = "D"\nweigth = 2',
-    "mix_ep0.toml": '[[data.sources]]\npath = "D"\nepochs = 0',
-    "mix_short.toml": '[[data.sources]]\npath = "D"\nepochs = 1e-9',
-    "mix_cap.toml": '[[data.sources]]\npath = "D"\nepochs = 1',
-    "mix_ok.toml": '[[data.sources]]\npath = "D"\nweight = 2',
-}
 
 
 def _launch(backend: str, *extra: str) -> str:
@@ -474,165 +454,10 @@ CASES: list[tuple[str, str, str]] = [
 ]
 
 
-def _snapshot(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
-    return out
-
-
-def _edit_json(path: Path, **changes) -> None:
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
-
-
-def _edit_manifest(folder: Path, edit) -> None:
-    m = json.loads((folder / "manifest.json").read_text())
-    edit(m)
-    (folder / "manifest.json").write_text(json.dumps(m))
-
-
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory, byte_data) -> Path:
     """The workspace every case runs against (built once, never changed by a case)."""
-    import torch
-
-    from triaxis.hf.exporter import export_hf
-    from triaxis.hf.importer import save_checkpoint
-    from triaxis.model.llama import ModelArgs, Transformer
-
-    root = tmp_path_factory.mktemp("ws")
-    (root / "good.txt").write_text("def f(x):\n    return x + 1\n" * 200)
-    (root / "big.txt").write_text("print('hello world')\n" * 110_000)  # 2.4 M characters
-    (root / "empty.txt").write_text("  \n")
-    (root / "bad.jsonl").write_text('{"text": "fine"}\n{"text": "broken\n')
-    (root / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
-    (root / "truncated.json").write_text('[{"text": "a"}, {"text": ')
-    (root / "notext.jsonl").write_text('{"body": "x"}\n')
-    (root / "numtext.jsonl").write_text('{"text": 5}\n')
-    (root / "binary.parquet").write_bytes(bytes(range(256)) * 4)
-    (root / "binary.parquet.txt").write_bytes(bytes(range(256)) * 4)
-    (root / "utf16.txt").write_text("def f():\n    pass\n" * 50, encoding="utf-16")
-    (root / "binary.toml").write_bytes(b"\xff\xfe\x00\x01garbage\x80")
-    (root / "bad.toml").write_text("[train\nsteps = 3\n")
-    (root / "notable.toml").write_text("steps = 3\n")
-    (root / "wrongtype.toml").write_text('[train]\nsteps = "three"\n')
-    (root / "empty.toml").write_text("")
-    bad_input_workspace(root)  # chat / prompt-completion inputs (tests/test_chat.py)
-    foreign = root / "foreign"
-    foreign.mkdir()
-    (foreign / "train_00000.bin").write_bytes(b"my own file, not triaxis's")
-    (foreign / "notes.txt").write_text("keep me")
-
-    data = root / "data"
-    shutil.copytree(byte_data, data)
-
-    def variant(name: str, change) -> None:
-        shutil.copytree(data, root / name)
-        change(root / name)
-
-    shard = "train_00000.bin"
-    variant("data_badjson", lambda d: (d / "manifest.json").write_text("{not json"))
-    variant(
-        "data_truncjson",
-        lambda d: (d / "manifest.json").write_text((data / "manifest.json").read_text()[:200]),
-    )
-    variant("data_binjson", lambda d: (d / "manifest.json").write_bytes(b"\xff\x00\x9c"))
-    variant(
-        "data_badfields",
-        lambda d: _edit_manifest(d, lambda m: m["splits"]["train"]["shards"][0].pop("tokens")),
-    )
-    variant(
-        "data_escape",
-        lambda d: _edit_manifest(
-            d, lambda m: m["splits"]["train"]["shards"][0].update(file="../data/" + shard)
-        ),
-    )
-    variant("data_noshard", lambda d: (d / shard).unlink())
-    variant("data_odd", lambda d: (d / shard).write_bytes((data / shard).read_bytes() + b"x"))
-    variant("data_empty", lambda d: (d / shard).write_bytes(b""))
-    variant(
-        "data_half",
-        lambda d: (d / shard).write_bytes(
-            (data / shard).read_bytes()[: (d / shard).stat().st_size // 4 * 2]
-        ),
-    )
-
-    def flip(path: Path) -> None:
-        raw = bytearray(path.read_bytes())
-        raw[100] ^= 0x01  # still a valid byte token: only the checksum can tell
-        path.write_bytes(bytes(raw))
-
-    variant("data_flip", lambda d: flip(d / shard))
-    variant("data_valflip", lambda d: flip(d / "val_00000.bin"))
-
-    def big_token(d: Path) -> None:
-        ids = np.fromfile(d / shard, dtype=np.uint16)
-        ids[7] = 60000  # beyond the byte vocabulary (257); the manifest's sha256 matches
-        (d / shard).write_bytes(ids.tobytes())
-        _edit_manifest(
-            d,
-            lambda m: m["splits"]["train"]["shards"][0].update(
-                sha256=hashlib.sha256(ids.tobytes()).hexdigest()
-            ),
-        )
-
-    variant("data_bigtok", big_token)
-    variant("data_othertok", lambda d: _edit_manifest(d, lambda m: m["tokenizer"].update(eos_id=9)))
-    for name, text in MIXES.items():
-        paths = {'"D"': f'"{data}"', '"O"': f'"{root / "data_othertok"}"'}
-        for k, v in paths.items():
-            text = text.replace(k, v)
-        (root / name).write_text(text + "\n")
-    variant("data_noeos", lambda d: _edit_manifest(d, lambda m: m["tokenizer"].pop("eos_id")))
-
-    args = ModelArgs(
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=64,
-        vocab_size=257,
-        max_seq_len=64,
-        rope_theta=10000.0,
-    )
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.materialize("cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    save_checkpoint(model, root / "ckpt", source="test")
-    export_hf(str(root / "ckpt"), str(root / "hf"), log=lambda *_: None)
-    shutil.copytree(root / "hf", root / "export")
-    (root / "export" / "README.md").write_text("a user's own file next to the export")
-    for name, change in (
-        ("hf_badconfig", lambda d: (d / "config.json").write_text("{bad")),
-        ("hf_strconfig", lambda d: _edit_json(d / "config.json", hidden_size="big")),
-        ("hf_negconfig", lambda d: _edit_json(d / "config.json", num_hidden_layers=-1)),
-        ("hf_nanconfig", lambda d: _edit_json(d / "config.json", rms_norm_eps=float("nan"))),
-        ("hf_listconfig", lambda d: (d / "config.json").write_text("[1, 2]")),
-        (
-            "hf_badindex",
-            lambda d: (d / "model.safetensors.index.json").write_text(
-                '{"weight_map": {"x": "../../etc/passwd"}}'
-            ),
-        ),
-        ("hf_binconfig", lambda d: (d / "config.json").write_bytes(b"\x00\xff\xfe")),
-        (
-            "hf_truncweights",
-            lambda d: (d / "model.safetensors").write_bytes(
-                (root / "hf" / "model.safetensors").read_bytes()[:300]
-            ),
-        ),
-    ):
-        shutil.copytree(root / "hf", root / name)
-        change(root / name)
-    return root
+    return build(tmp_path_factory.mktemp("ws"), byte_data)
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -650,9 +475,9 @@ def test_bad_input(case, ws, capsys, monkeypatch):
     monkeypatch.chdir(ws)  # relative defaults (data/stdlib, runs/default) land in the snapshot
     monkeypatch.setenv("TRIAXIS_CACHE_DIR", str(ws.parent / f"{ws.name}-cache"))
     argv = [w.replace("{ws}", str(ws)) for w in command.split(" ")] if command else []
-    before = _snapshot(ws)
+    before = snapshot(ws)
     code, err = run_cli(argv, capsys)
-    after = _snapshot(ws)
+    after = snapshot(ws)
     lines = err.strip().splitlines()
     errors = [x for x in lines if "error:" in x]
     assert "Traceback" not in err, err
@@ -751,7 +576,7 @@ def test_full_disk_is_one_line(tmp_path, capsys, byte_data):
         pytest.skip("cannot mount a tmpfs here")
     try:
         (disk / "keep.txt").write_text("kept")
-        before = _snapshot(disk)
+        before = snapshot(disk)
         big = tmp_path / "big.txt"
         big.write_text("x = 1\n" * 100_000)
         code, err = run_cli(
@@ -762,7 +587,7 @@ def test_full_disk_is_one_line(tmp_path, capsys, byte_data):
         assert err.strip().splitlines()[-1].startswith("error: ") and "disk is full" in err
         assert f"--output {disk / 'out'}" in err and "nothing was changed" in err
         assert len([x for x in err.splitlines() if "error:" in x]) == 1
-        assert _snapshot(disk) == before
+        assert snapshot(disk) == before
         (disk / "filler").write_bytes(b"\0" * (60 * 1024))  # leave ~nothing for run_dir
         # As a user runs it: a subprocess, TensorBoard on (its writer thread meets the full
         # disk too, and must not add a traceback).
