@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,6 +76,11 @@ class Part:
     """triaxis (a `triaxis train` run: the row comes from its metrics.jsonl), smoke (one too,
     only its last loss), peer (the baseline's JSON line), other (its own `ROW {...}` line)."""
     env: dict = field(default_factory=dict)
+
+    def run_dir(self) -> str:
+        """A `triaxis train` part's run folder ("" for the others)."""
+        flag = "--train.run_dir="
+        return next((a.removeprefix(flag) for a in self.argv if a.startswith(flag)), "")
 
 
 def triaxis_argv(s: Shape, run_dir: Path, compile_: bool, *extra: str) -> list[str]:
@@ -278,14 +284,16 @@ def main() -> int:
         part.cap_s = float(caps.get(part.name, part.cap_s))
         if part.name == fail:
             part.argv = [sys.executable, "-c", f"raise SystemExit('injected failure: {fail}')"]
+        run_dir = part.run_dir()
+        if run_dir:  # a rerun on a warm machine starts afresh, not from the last run's metrics
+            shutil.rmtree(run_dir, ignore_errors=True)
         rc, tail, seconds = session.run(part)
         row = {"part": part.name, "device": device, "wall_s": round(seconds, 1), "rc": rc}
         try:
             if rc != 0:
                 raise RuntimeError("killed (SIGKILL)" if rc == -9 else f"exit {rc}")
             if part.kind in ("triaxis", "smoke"):
-                run_dir = next(a for a in part.argv if a.startswith("--train.run_dir="))
-                row.update(triaxis_row(Path(run_dir.split("=", 1)[1]), s, part.kind == "smoke"))
+                row.update(triaxis_row(Path(run_dir), s, part.kind == "smoke"))
             elif part.kind == "peer":
                 row.update(peer_row(tail, s))
             else:

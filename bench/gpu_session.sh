@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The one prepared device check (issue 23), sized for one `run` on a lent H100/H200 (15 minutes
-# of device time per session, 10 per command). Prepare .peer/ once, from the repository root:
+# of device time per session, 10 per command). Prepare .peer/ (git-ignored, so `carry` takes it)
+# once, from the repository root; the pytest wheels (~15 MB) are for part host-sync, in case the
+# machine has no pytest:
 #
 #   mkdir -p .peer && cp ../shared/bench/hf_llama_baseline.py .peer/
-#   .venv/bin/pip install --no-deps --target .peer/site pytest pluggy iniconfig packaging  # if the machine has no pytest (part host-sync)
-#   echo /.peer/ >> .git/info/exclude
+#   .venv/bin/pip install --no-deps --target .peer/site pytest pluggy iniconfig packaging pygments
 #   run(command="bash bench/gpu_session.sh", carry=[".peer"], timeout_s=480)
 #
 # The machine's own python3 holds torch, transformers and tokenizers; triaxis runs from the
 # checkout (PYTHONPATH), nothing is installed. All parts share one deadline (450 s); each part
 # gets min(its cap, time left) and is then SIGKILLed. Everything lands in $OUT: log.txt (all
 # output, the card first), rows.jsonl (one row per part, as it ends), summary.txt (printed last).
-# After a partial run, rerun only the missing parts: TRIAXIS_GPU_PARTS=hf-eager,host-sync.
+# After a partial run, rerun only the missing parts: TRIAXIS_GPU_PARTS=hf-eager,host-sync (a
+# fresh $OUT: merge the two rows.jsonl here, `python bench/gpu_summary.py ALL_ROWS`; plan-check
+# reads the triaxis speed rows of its own run).
 # CPU dry run of the same plumbing: DEV=cpu bash bench/gpu_session.sh (tests/test_gpu_session.py).
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRIAXIS_DEBUG=1
