@@ -137,3 +137,25 @@ def test_cpu_dry_run_of_every_part(tmp_path):
     assert sum("a CPU process's peak cannot be reset" in x for x in stdout) == 2
     assert_summary_last(stdout, rows)
     assert "triaxis FSDP(dp_shard=1)/plain, both compiled: " in "\n".join(stdout[-8:])
+
+
+@pytest.mark.slow
+def test_triaxis_train_runs_without_s3fs_boto3_or_torchao(tmp_path):
+    """The GPU image has none of them and nothing installs there: the session's `triaxis train`
+    (synthetic data, local run folder) must not import them."""
+    blocked = ("s3fs", "boto3", "botocore", "aiobotocore", "torchao")
+    argv = ["train", "--model.preset=tiny", "--data.path=synthetic", "--data.seq_len=32",
+            f"--train.run_dir={tmp_path}", "--train.steps=2", "--train.global_batch=2",
+            "--train.micro_batch=2", "--train.device=cpu", "--checkpoint.save_final=false",
+            "--metrics.progress=false", "--train.val_every=0"]  # fmt: skip
+    code = (
+        f"import sys\nfor m in {blocked!r}: sys.modules[m] = None  # import m raises\n"
+        f"from triaxis.cli import main\nsys.exit(main({argv!r}))"
+    )
+    env = {**os.environ, "TRIAXIS_DEBUG": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=WAIT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (tmp_path / "metrics.jsonl").exists()
