@@ -111,6 +111,8 @@ def parts(s: Shape, scratch: Path, out: Path) -> list[Part]:
     # FSDP at dp_shard=1 with the plain row's numerics: fp32 parameters, bf16 autocast compute.
     fsdp = ["--parallel.fsdp_always=true", "--parallel.fsdp_autocast=true"]
     parts_dir = str(ROOT / "bench/gpu_parts.py")
+    plan_argv = [py, parts_dir, "plan-check", "--rows", str(out / "rows.jsonl"), "--preset",
+                 s.preset, "--seq", str(s.seq), "--micro-batch", str(s.batch)]  # fmt: skip
     sync_test = "tests/test_host_sync.py::test_no_cuda_sync_between_log_steps_on_a_gpu"
     site = ROOT / ".peer/site"  # pytest, carried in when the machine has none (see the .sh)
     pytest_env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), str(site)]))}
@@ -120,23 +122,7 @@ def parts(s: Shape, scratch: Path, out: Path) -> list[Part]:
         Part("hf-compiled", 150, [*peer_argv, "--compile"], "peer"),
         Part("triaxis-eager", 90, triaxis_argv(s, scratch / "te", False), "triaxis"),
         Part("hf-eager", 90, peer_argv, "peer"),
-        Part(
-            "plan-check",
-            40,
-            [
-                py,
-                parts_dir,
-                "plan-check",
-                "--rows",
-                str(out / "rows.jsonl"),
-                "--preset",
-                s.preset,
-                "--seq",
-                str(s.seq),
-                "--micro-batch",
-                str(s.batch),
-            ],
-        ),  # fmt: skip
+        Part("plan-check", 40, plan_argv),
         Part("flex-vs-dense", 90, [py, parts_dir, "flex", "--device", s.device]),
         Part("triaxis-fsdp", 150, triaxis_argv(s, scratch / "tf", True, *fsdp), "triaxis"),
         Part(
