@@ -116,6 +116,25 @@ def test_fsdp_wrapping_at_world_1_is_numerically_a_no_op(byte_data, tmp_path, tm
 
 
 @pytest.mark.slow
+def test_fsdp_autocast_at_world_1_has_the_single_process_bf16_numerics(
+    byte_data, tmp_path, tmp_path_factory
+):
+    """parallel.fsdp_autocast: fp32 parameters under FSDP, bf16 compute from autocast, so the
+    GPU bench's FSDP row computes what the plain bf16 row does (FSDP's bf16 policy would run a
+    bf16 residual stream instead: a different computation, not the wrapper's cost)."""
+    bf16 = {"train__dtype": "bf16"}
+    got = run_workers(
+        train_collect,
+        1,
+        byte_data,
+        str(tmp_path),
+        {"parallel__fsdp_always": "true", "parallel__fsdp_autocast": "true",
+         "train__micro_batch": 4, **bf16},
+    )  # fmt: skip
+    assert_same_run(got[0], reference(byte_data, tmp_path_factory, 4, **bf16))
+
+
+@pytest.mark.slow
 def test_per_block_compile_matches_eager(byte_data, tmp_path, tmp_path_factory):
     """train.compile wraps each block in torch.compile (aot_eager here: the graph capture and
     autograd path without a C++ toolchain's compile time) and trains the same model."""

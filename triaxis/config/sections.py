@@ -196,7 +196,12 @@ class ParallelConfig:
     """Explicit blocks per stage, e.g. "5,5,6" (overrides the automatic partitioner)."""
     fsdp_always: bool = False
     """Wrap with FSDP even when there is nothing to shard (one data-parallel rank): measures
-    the wrapper's own cost (bench/gpu_speed.py --fsdp)."""
+    the wrapper's own cost (bench/gpu_session.py, part triaxis-fsdp)."""
+    fsdp_autocast: bool = False
+    """Under FSDP, keep the parameters fp32 and take bf16 compute from autocast, as one process
+    does, instead of FSDP's bf16 mixed-precision policy: the single-process numerics (fp32
+    residual stream), at twice the all-gather bytes. For measuring the wrapper's cost against
+    the plain run; training wants the policy (false)."""
     reshard_after_forward: bool = True
     """True: free gathered parameters after forward (ZeRO-3); False: keep them until backward."""
     cpu_offload: bool = False
@@ -253,6 +258,11 @@ class CheckpointConfig:
 class MetricsConfig:
     log_every: int = ranged(10, ge=1)
     """Log loss, tokens/s and MFU every this many steps."""
+    reset_peak_memory_after: int = ranged(0, ge=0)
+    """Reset the GPU's peak-memory counter after this step (0 = never): later records'
+    max_memory_gib is the steady-state peak, without initialization and compilation. For
+    benchmarks (bench/gpu_session.py sets its warm-up steps); a CPU process's resident peak
+    cannot be reset (the run says so once)."""
     tensorboard: bool = True
     """Write TensorBoard event files into RUN_DIR/tb."""
     progress: bool = True

@@ -37,6 +37,17 @@ def peak_memory_bytes(device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def reset_peak_memory(device, log: RankLogger) -> None:
+    """Restart peak_memory_bytes from what is held now (metrics.reset_peak_memory_after); says
+    so where that is impossible (a process's resident peak on CPU)."""
+    if device.type != "cuda":
+        log.info("metrics.reset_peak_memory_after: a CPU process's peak cannot be reset")
+        return
+    import torch
+
+    torch.cuda.reset_peak_memory_stats(device)
+
+
 def describe_run(cfg, counts: dict, where: str, grad_accum: int, loss_chunk: int) -> str:
     """The line a run starts with: the model, the layout (`where`: the layout and the devices),
     the batch, the loss path."""

@@ -26,6 +26,7 @@ from triaxis.metrics.logger import (
     describe_run,
     peak_flops,
     peak_memory_bytes,
+    reset_peak_memory,
     step_record,
 )
 from triaxis.model import flops_per_token, param_counts
@@ -83,8 +84,9 @@ class Trainer:
         self.dp_rank = self.dims.dp_rank(env.rank)
         self.dp_group = self.dp_mesh.get_group() if self.dp_mesh is not None else None
 
-        # Under FSDP, bf16 compute comes from its mixed-precision policy instead of autocast.
-        mp = self.compute_dtype if self.dims.fsdp_enabled else None
+        # Under FSDP, bf16 compute comes from its mixed-precision policy instead of autocast
+        # (unless parallel.fsdp_autocast asks for the single-process numerics).
+        mp = self.compute_dtype if self._fsdp_policy() else None
         self.model, self.pipeline = build_model(
             cfg,
             self.model_args,
@@ -138,8 +140,12 @@ class Trainer:
         self.loss_scale: torch.Tensor | None = None
 
     # -- one optimizer step ------------------------------------------------------------------
+    def _fsdp_policy(self) -> bool:
+        """Whether FSDP's mixed-precision policy (not autocast) gives the bf16 compute."""
+        return self.dims.fsdp_enabled and not self.cfg.parallel.fsdp_autocast
+
     def autocast(self):
-        if self.compute_dtype is None or self.dims.fsdp_enabled:
+        if self.compute_dtype is None or self._fsdp_policy():
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
@@ -356,6 +362,8 @@ class Trainer:
                 step += 1
                 cursor += cfg.train.global_batch
                 steps_since += 1
+                if step == cfg.metrics.reset_peak_memory_after:  # host-side: no device sync
+                    reset_peak_memory(self.device, log)
                 stop = preempt.should_stop()  # non-blocking; the same answer on every rank
                 if not (stop or cadence.syncs(step)):
                     continue  # the hot path: the host queues the next step at once
