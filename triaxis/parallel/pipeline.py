@@ -104,7 +104,7 @@ class Pipeline:
         self.num_stages = num_stages
         self.has_first = any(s.index == 0 for s in stages)
         self.has_last = any(s.index == num_stages - 1 for s in stages)
-        self.pp_group = pp_group
+        self.pp_group, self.device = pp_group, device
         self.stages = [
             PipelineStage(part, s.index, num_stages, device, group=pp_group)
             for part, s in zip(parts, stages)
@@ -183,7 +183,7 @@ class Pipeline:
         header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64)
         dst = dist.get_global_rank(self.pp_group, pp_rank)
         dist.send(
-            torch.cat([header, header.new_zeros(8 - len(header))]).to(t.device),
+            torch.cat([header, header.new_zeros(8 - len(header))]).to(self.device),
             dst,
             group=self.pp_group,
         )
