@@ -23,6 +23,7 @@ from tests.device_rules import (
 )
 from tests.dist import run_workers
 from tests.parity import make_config
+from tests.test_chat import DOC_MASK, chat_data  # noqa: F401  (fixture)
 
 LAYOUTS = {
     "dp_shard": {"parallel__dp_shard": 2},
@@ -36,8 +37,16 @@ LAYOUTS = {
         "train__val_every": 2,
         "train__val_batches": 1,
     },
+    "masked_loss_validation": {
+        **DOC_MASK,
+        "parallel__dp_shard": 2,
+        "train__micro_batch": 2,
+        "train__val_every": 2,
+        "train__val_batches": 1,
+    },
 }
-"""world 2 each; gradient clipping is on by default (train.grad_clip)."""
+"""world 2 each; gradient clipping is on by default (train.grad_clip). Loss-masked layouts run
+on the chat set (tests/test_chat.py), the rest on the byte corpus."""
 FAST = "dp_shard"
 
 
@@ -66,13 +75,14 @@ def _run(data, run_dir, overrides, rules=True):
     "layout",
     [pytest.param(k, marks=[] if k == FAST else [pytest.mark.slow]) for k in LAYOUTS],
 )
-def test_no_host_tensor_reaches_the_device_group(layout, byte_data, tmp_path):
+def test_no_host_tensor_reaches_the_device_group(layout, request, tmp_path):
     overrides = LAYOUTS[layout]
-    (losses, val_losses), _ = _run(byte_data, tmp_path / "rules", overrides)
+    data = request.getfixturevalue("chat_data" if "masked" in layout else "byte_data")
+    (losses, val_losses), _ = _run(data, tmp_path / "rules", overrides)
     assert sorted(losses) == [1, 2, 3]
     if "train__val_every" in overrides:
         assert sorted(val_losses) == [2]
-    plain = _run(byte_data, tmp_path / "plain", overrides, rules=False)[0]
+    plain = _run(data, tmp_path / "plain", overrides, rules=False)[0]
     assert losses == pytest.approx(plain, rel=1e-5)
 
 
