@@ -37,6 +37,11 @@ LAYOUTS = {
         "train__val_every": 2,
         "train__val_batches": 1,
     },
+    "async_checkpoints": {
+        "parallel__dp_shard": 2,
+        "checkpoint__interval": 1,
+        "checkpoint__save_final": "true",
+    },
     "masked_loss_validation": {
         **DOC_MASK,
         "parallel__dp_shard": 2,

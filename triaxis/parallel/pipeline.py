@@ -180,6 +180,8 @@ class Pipeline:
     def _send(self, t: torch.Tensor, pp_rank: int) -> None:
         t = local_value(t).contiguous()
         # A header first: the receiver learns dtype and shape (autocast, sequence sharding).
+        # Built on the host, sent from the device (NCCL); self.device rather than t.device,
+        # the same on a GPU, lets the CPU proxy of that rule tell them apart (parallelism.md).
         header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64)
         dst = dist.get_global_rank(self.pp_group, pp_rank)
         dist.send(
