@@ -66,7 +66,7 @@ def _train(rank: int, world: int, data: str, run_dir: str, overrides: dict, rule
         env = init_distributed("cpu")
         env.device = SENTINEL
         result = Trainer(cfg, env).fit()
-    assert not refuse.refused
+    assert not refuse.refused  # none raised and swallowed on the way
     return result.losses, result.val_losses
 
 
@@ -93,9 +93,13 @@ def test_no_host_tensor_reaches_the_device_group(layout, request, tmp_path):
 
 def _host_on_device_group(rank: int, world: int) -> list[str]:
     """The proxy itself: which of these collectives it refuses."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
     from triaxis.parallel.host import new_host_group
 
     host_group = new_host_group()
+    mesh = init_device_mesh("cpu", (world,))
     refused = []
     with device_rules():
         cases = {
@@ -111,6 +115,14 @@ def _host_on_device_group(rank: int, world: int) -> list[str]:
             "mixed with a device value": lambda: dist.all_reduce(
                 torch.tensor([2.0]) * torch.ones(1, device=SENTINEL)
             ),
+            "a DTensor's host partial sum": lambda: DTensor.from_local(
+                torch.ones(()), mesh, [Partial()]
+            ).full_tensor(),
+            "a DTensor's device partial sum": lambda: DTensor.from_local(
+                torch.ones((), device=SENTINEL), mesh, [Partial()]
+            ).full_tensor(),
+            # torch pickles onto the group's device (the current CUDA device under NCCL)
+            "an object broadcast, device group": lambda: dist.broadcast_object_list([rank], src=0),
         }
         for name, call in cases.items():
             try:
@@ -124,5 +136,9 @@ def _host_on_device_group(rank: int, world: int) -> list[str]:
 def test_the_proxy_refuses_host_tensors_on_the_device_group_only():
     register_backend()
     refused = run_workers(_host_on_device_group, 2, backend=DEVICE_BACKEND)
-    expected = ["host scalar, device group", "computed from host, device group"]
+    expected = [
+        "host scalar, device group",
+        "computed from host, device group",
+        "a DTensor's host partial sum",
+    ]
     assert refused == [expected, expected]
