@@ -22,8 +22,10 @@ from tests.device_rules import (
     register_backend,
 )
 from tests.dist import run_workers
-from tests.parity import make_config
+from tests.parity import BASE, make_config
 from tests.test_chat import DOC_MASK, chat_data  # noqa: F401  (fixture)
+from tests.test_mixture import mixture_toml, sources  # noqa: F401  (fixture)
+from triaxis.config import load_config
 
 LAYOUTS = {
     "dp_shard": {"parallel__dp_shard": 2},
@@ -42,6 +44,11 @@ LAYOUTS = {
         "checkpoint__interval": 1,
         "checkpoint__save_final": "true",
     },
+    "mixture_validation": {
+        "parallel__dp_shard": 2,
+        "train__val_every": 2,
+        "train__val_batches": 1,
+    },
     "masked_loss_validation": {
         **DOC_MASK,
         "parallel__dp_shard": 2,
@@ -51,7 +58,8 @@ LAYOUTS = {
     },
 }
 """world 2 each; gradient clipping is on by default (train.grad_clip). Loss-masked layouts run
-on the chat set (tests/test_chat.py), the rest on the byte corpus."""
+on the chat set (tests/test_chat.py), mixtures on three sources (tests/test_mixture.py), the
+rest on the byte corpus."""
 FAST = "dp_shard"
 
 
@@ -59,7 +67,13 @@ def _train(rank: int, world: int, data: str, run_dir: str, overrides: dict, rule
     from triaxis.train.distributed import init_distributed
     from triaxis.train.loop import Trainer
 
-    cfg = make_config(data, run_dir, **{"train__steps": 3, "train__micro_batch": 4, **overrides})
+    overrides = {"train__steps": 3, "train__micro_batch": 4, **overrides}
+    if data.endswith(".toml"):  # a mixture: its sources come from the file
+        values = {**BASE, "train.run_dir": run_dir}
+        values.update({k.replace("__", "."): str(v) for k, v in overrides.items()})
+        cfg = load_config(data, [f"--{k}={v}" for k, v in values.items()])
+    else:
+        cfg = make_config(data, run_dir, **overrides)
     if not rules:
         return Trainer(cfg, init_distributed("cpu")).fit().losses
     with device_rules() as refuse:
@@ -82,7 +96,10 @@ def _run(data, run_dir, overrides, rules=True):
 )
 def test_no_host_tensor_reaches_the_device_group(layout, request, tmp_path):
     overrides = LAYOUTS[layout]
-    data = request.getfixturevalue("chat_data" if "masked" in layout else "byte_data")
+    if "mixture" in layout:
+        data = mixture_toml(tmp_path / "mix.toml", request.getfixturevalue("sources"))
+    else:
+        data = request.getfixturevalue("chat_data" if "masked" in layout else "byte_data")
     (losses, val_losses), _ = _run(data, tmp_path / "rules", overrides)
     assert sorted(losses) == [1, 2, 3]
     if "train__val_every" in overrides:
