@@ -34,25 +34,26 @@ def new_host_group():
     return dist.new_group(backend=HOST_BACKEND, group_desc=HOST_GROUP_DESC)
 
 
-def _check(t: torch.Tensor, group) -> None:
-    # Invariants, not user errors: a device tensor over gloo would work on CPU runs and fail
-    # (or copy) on GPUs, and only a group made here is known to be gloo.
-    assert t.device.type == "cpu", f"a host collective got a {t.device} tensor"
-    assert group is not None and dist.get_backend(group) == HOST_BACKEND, (
+def _check_group(group) -> None:
+    # An invariant, not a user error: only a group made here is known to be gloo on a GPU
+    # machine too (on CPU the default group is gloo as well, so the backend alone proves
+    # nothing there).
+    assert group is not None and group.group_desc == HOST_GROUP_DESC, (
         "host values travel over a host group (triaxis.parallel.host.new_host_group)"
     )
 
 
 def host_all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM, async_op: bool = False):
     """All-reduce the host tensor `t` in place over the host `group`; the work if async_op."""
-    _check(t, group)
+    assert t.device.type == "cpu", f"a host collective got a {t.device} tensor"
+    _check_group(group)
     return dist.all_reduce(t, op=op, group=group, async_op=async_op)
 
 
 def host_all_gather_object(obj, group, world_size: int) -> list:
     """Every rank's `obj` (picklable), over the host `group` (never the device group: its
     pickles would go to the device and back)."""
-    assert group is not None and dist.get_backend(group) == HOST_BACKEND
+    _check_group(group)
     out: list = [None] * world_size
     dist.all_gather_object(out, obj, group=group)
     return out
