@@ -12,13 +12,16 @@ group. This proxy makes them see it. Inside `device_rules()` (one worker process
   current CUDA device there): tensors made for the device are told apart from host ones by the
   device argument they were made with;
 * `HostMarks`, a TorchFunctionMode, marks host tensors: made by a factory with no device
-  argument (`torch.tensor(x)`, `torch.zeros(1)`, `torch.from_numpy`), `.cpu()`, FSDP's CPU
-  offload (its `.cpu()`), and anything computed from host tensors alone (a DTensor through its
-  local tensor). A device argument of SENTINEL unmarks; a plain `cpu` one (a tensor's own
-  `.device`, which reports `cpu` here) keeps what the inputs were;
-* `RefuseHostOnDevice`, a TorchDispatchMode, sees every collective (`c10d.*` from
-  `dist.all_reduce` and friends, `_c10d_functional.*` from DTensor) and raises NCCL's error when
-  a marked tensor meets a group of DEVICE_BACKEND.
+  argument (`torch.tensor(x)`, `torch.zeros(1)`, `torch.from_numpy`), by `.cpu()` or with the
+  string `"cpu"` (the model materialized on the host for CPU offload), and anything computed
+  from host tensors alone (a DTensor through its local tensor; FSDP's offloaded gradients, as
+  the gradients of host parameters). A device argument of SENTINEL unmarks; a
+  `torch.device("cpu")` object (often a tensor's own `.device`, which reports `cpu` here)
+  keeps what the inputs were;
+* `RefuseHostOnDevice`, a TorchDispatchMode, carries the marks through what HostMarks does not
+  see (DTensor's local computation, the backward pass), sees every collective (`c10d.*` from
+  `dist.all_reduce` and friends, `_c10d_functional.*` from DTensor) and raises NCCL's error
+  when a marked tensor meets a group of DEVICE_BACKEND.
 
 Limits (see docs/parallelism.md, "Host values and the device group"): a host value made where
 the proxy cannot see it (C++ inside torch, a tensor built from a Python buffer by a legacy
