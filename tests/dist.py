@@ -27,10 +27,11 @@ on purpose: on a machine shared with other CPU-heavy jobs a step can take 10x it
 and a test that fails fast on an error (reported at once) need not time out early."""
 
 
-def init_gloo(rank: int, world: int, port: int) -> None:
-    """Join the workers' gloo group on loopback (WAIT_S on each collective)."""
+def init_gloo(rank: int, world: int, port: int, backend: str = "gloo") -> None:
+    """Join the workers' gloo group on loopback (WAIT_S on each collective). `backend`: a
+    registered stand-in for gloo (tests/device_rules.py's)."""
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=rank,
         world_size=world,
@@ -38,11 +39,13 @@ def init_gloo(rank: int, world: int, port: int) -> None:
     )
 
 
-def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _worker(
+    rank: int, world: int, port: int, fn: Callable, args: tuple, queue, backend: str
+) -> None:
     try:
         torch.set_num_threads(1)
         os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)})
-        init_gloo(rank, world, port)
+        init_gloo(rank, world, port, backend)
         out = fn(rank, world, *args)
         dist.barrier()
         dist.destroy_process_group()
@@ -53,14 +56,17 @@ def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, queue) 
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_workers(fn: Callable, world: int, *args: Any, timeout_s: float = WAIT_S) -> list[Any]:
+def run_workers(
+    fn: Callable, world: int, *args: Any, timeout_s: float = WAIT_S, backend: str = "gloo"
+) -> list[Any]:
     """Run fn(rank, world, *args) in `world` forked processes; return their results by rank.
-    timeout_s: the longest wait for the next rank's report (a hang detector, not a duration)."""
+    timeout_s: the longest wait for the next rank's report (a hang detector, not a duration).
+    backend: the default group's (a registered stand-in for gloo, see tests/device_rules.py)."""
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world, port, fn, args, queue), daemon=True)
+        ctx.Process(target=_worker, args=(r, world, port, fn, args, queue, backend), daemon=True)
         for r in range(world)
     ]
     for p in procs:

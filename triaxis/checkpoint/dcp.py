@@ -43,6 +43,7 @@ from triaxis.checkpoint.save_errors import (
 )
 from triaxis.errors import UserError
 from triaxis.model.llama import ModelArgs
+from triaxis.parallel.host import host_all_gather_object, host_all_reduce, new_host_group
 
 _MODEL_DEFAULTS = {
     f.name: f.default for f in dataclasses.fields(ModelArgs) if f.default is not dataclasses.MISSING
@@ -85,8 +86,8 @@ class Checkpointer:
         # the main thread's agreement on finishing a save. Neither ever interleaves with the
         # training collectives, nor with each other.
         on = dist.is_initialized()
-        self.group = dist.new_group(backend="gloo") if on else None
-        self.ctl = dist.new_group(backend="gloo") if on else None
+        self.group = new_host_group() if on else None
+        self.ctl = new_host_group() if on else None
         self.blocking_s: list[float] = []
         self.failed_saves = 0
         self.written: set[str] = set()  # checkpoints this run committed (it may replace them)
@@ -96,9 +97,7 @@ class Checkpointer:
     def _gather(self, obj, group) -> list:
         if group is None:
             return [obj]
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj, group=group)
-        return out
+        return host_all_gather_object(obj, group, self.world_size)
 
     # -- saving ------------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -213,7 +212,7 @@ class Checkpointer:
         time.sleep(self.delays.get("poll", 0))
         not_done = torch.tensor([0 if self.pending[2].done() else 1])
         if self.ctl is not None:
-            dist.all_reduce(not_done, group=self.ctl)
+            host_all_reduce(not_done, self.ctl)
         if int(not_done):
             return None  # some rank is still writing: every rank keeps `pending`
         return self._conclude(last_chance=False)

@@ -104,7 +104,7 @@ class Pipeline:
         self.num_stages = num_stages
         self.has_first = any(s.index == 0 for s in stages)
         self.has_last = any(s.index == num_stages - 1 for s in stages)
-        self.pp_group = pp_group
+        self.pp_group, self.device = pp_group, device
         self.stages = [
             PipelineStage(part, s.index, num_stages, device, group=pp_group)
             for part, s in zip(parts, stages)
@@ -180,10 +180,12 @@ class Pipeline:
     def _send(self, t: torch.Tensor, pp_rank: int) -> None:
         t = local_value(t).contiguous()
         # A header first: the receiver learns dtype and shape (autocast, sequence sharding).
+        # Built on the host, sent from the device (NCCL); self.device rather than t.device,
+        # the same on a GPU, lets the CPU proxy of that rule tell them apart (parallelism.md).
         header = torch.tensor([_DTYPES.index(t.dtype), t.ndim, *t.shape], dtype=torch.int64)
         dst = dist.get_global_rank(self.pp_group, pp_rank)
         dist.send(
-            torch.cat([header, header.new_zeros(8 - len(header))]).to(t.device),
+            torch.cat([header, header.new_zeros(8 - len(header))]).to(self.device),
             dst,
             group=self.pp_group,
         )

@@ -32,6 +32,7 @@ from triaxis.metrics.logger import (
 from triaxis.model import flops_per_token, param_counts
 from triaxis.model.attention import document_ids
 from triaxis.model.loss import IGNORE_INDEX
+from triaxis.parallel.host import host_all_reduce, new_host_group
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.parallel.pipeline import local_value
 from triaxis.parallel.rules import Planner
@@ -83,6 +84,9 @@ class Trainer:
         )
         self.dp_rank = self.dims.dp_rank(env.rank)
         self.dp_group = self.dp_mesh.get_group() if self.dp_mesh is not None else None
+        # Host values (log records, the preemption flag) cross ranks over this gloo group: on
+        # GPUs the mesh groups are NCCL's, which serve device tensors only (parallel/host.py).
+        self.host_group = new_host_group() if env.world_size > 1 else None
 
         # Under FSDP, bf16 compute comes from its mixed-precision policy instead of autocast
         # (unless parallel.fsdp_autocast asks for the single-process numerics).
@@ -255,7 +259,9 @@ class Trainer:
         if logs:
             loss = self.reduce_over_dp(loss)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = clip_grad_norm(params, self.cfg.train.grad_clip, self.pp_group)
+        # With CPU offload the gradients live on the host: clipping reduces on the device.
+        host_grads = self.device if self.cfg.parallel.cpu_offload else None
+        norm = clip_grad_norm(params, self.cfg.train.grad_clip, self.pp_group, host_grads)
         if self.numerics.checks is not None:
             flag = self.numerics.checks.flag(step, cursor, norm, loss if logs else None)
             self.optimizer.found_inf = flag
@@ -345,7 +351,7 @@ class Trainer:
         progress = Progress(log, cfg.train.steps, step, cfg.metrics.progress)
         result = TrainResult(run_dir=str(run_dir))
         cadence = Cadence.of(cfg, step, bool(self.val_sets))
-        preempt = PreemptionWatch()
+        preempt = PreemptionWatch(self.host_group)
         self.numerics = Numerics(cfg.train, log)
         self.numerics.restore(self.resumed_loop_state)
         t_last, steps_since = time.perf_counter(), 0
@@ -434,13 +440,16 @@ class Trainer:
 
     def _record(self, step: int, loss: float, steps: int, elapsed_s: float) -> dict:
         """A logged step's record, over the `steps` steps since the last; all ranks reduce."""
-        mem = torch.tensor([peak_memory_bytes(self.device)], dtype=torch.float64)
-        wait = torch.tensor([self.data_wait_s], dtype=torch.float64)
+        # Two host numbers, read on the host: the host group (no trip to the device and back).
+        # The slowest rank's data wait stalls all, hence MAX for both.
+        mem_wait = torch.tensor(
+            [peak_memory_bytes(self.device), self.data_wait_s], dtype=torch.float64
+        )
         self.data_wait_s = 0.0
         self.faults.inject_fault("logging", self.env.rank, step)
-        if self.env.world_size > 1:
-            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-            dist.all_reduce(wait, op=dist.ReduceOp.MAX)  # the slowest rank's wait stalls all
+        if self.host_group is not None:
+            host_all_reduce(mem_wait, self.host_group, op=dist.ReduceOp.MAX)
+        mem, wait = mem_wait.tolist()
         record, stall = step_record(
             step,
             loss=loss,
@@ -451,8 +460,8 @@ class Trainer:
             world_size=self.env.world_size,
             flops_per_token=self.flops_per_token,
             peak=self.peak,
-            max_memory_bytes=float(mem),
-            data_wait_s=float(wait),
+            max_memory_bytes=mem,
+            data_wait_s=wait,
         )
         if stall:
             self.log.warn(stall)

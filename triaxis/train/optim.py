@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from triaxis.config import TrainConfig
+from triaxis.parallel.host import to_device
 
 
 def build_optimizer(
@@ -58,13 +59,24 @@ def rewind_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -
     scheduler._last_lr = lrs  # what get_last_lr() reports
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group=None) -> torch.Tensor:
+def clip_grad_norm(
+    params: list[torch.Tensor], max_norm: float, pp_group=None, host_grads_to=None
+) -> torch.Tensor:
     """Global gradient-norm clipping that works for plain tensors and DTensors alike; with
-    pipeline stages the squared norms of all stages are summed first."""
+    pipeline stages the squared norms of all stages are summed first. `host_grads_to`: the
+    device, when the gradients live on the host (FSDP's CPU offload)."""
     import torch.distributed as dist
 
     grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if host_grads_to is None:
+        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    else:
+        # Each host gradient's norm is taken where it is (no copy of the gradients); the norms
+        # go to the device before anything reduces them across ranks, since the mesh groups
+        # serve device tensors only (NCCL; triaxis.parallel.host). The host waits for the
+        # device anyway here: the optimizer steps on the host.
+        norms = [to_device(torch.linalg.vector_norm(g, 2.0), host_grads_to) for g in grads]
+        norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
     if pp_group is not None:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from triaxis.errors import UserError
+from triaxis.parallel.host import host_all_reduce, new_host_group
 
 
 class PreemptionWatch:
@@ -32,7 +33,8 @@ class PreemptionWatch:
     (a step later, when it has long completed). The device is never waited for; the price is
     that every rank stops one step after the signal instead of at the end of the current one."""
 
-    def __init__(self) -> None:
+    def __init__(self, host_group=None) -> None:
+        """`host_group`: a host group to share (parallel.host); else one is made here."""
         self.signal = 0
         """The first signal received (on any rank, once should_stop has agreed on it)."""
         self.agreed = False
@@ -43,7 +45,8 @@ class PreemptionWatch:
             # Before the handlers: new_group waits in the store for every rank, and a peer that
             # failed earlier never comes. The agent's SIGTERM must still end this rank then
             # (a handler would only set the flag and leave it waiting until SIGKILL).
-            self._group = dist.new_group(backend="gloo")  # every rank builds the watch in fit()
+            # every rank builds the watch in fit()
+            self._group = host_group if host_group is not None else new_host_group()
             self._flag = torch.zeros(1)
             self._host = self._flag.numpy()  # the same memory: read without a Tensor call
         self._old: dict[int, object] = {}
@@ -89,9 +92,7 @@ class PreemptionWatch:
                 self.agreed = True
                 return True
         self._host[0] = self.signal
-        self._work = dist.all_reduce(
-            self._flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True
-        )
+        self._work = host_all_reduce(self._flag, self._group, op=dist.ReduceOp.MAX, async_op=True)
         return False
 
     def finish(self) -> None:
