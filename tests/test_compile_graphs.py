@@ -76,6 +76,10 @@ def test_every_block_compiles(base, mode):
     torch.testing.assert_close(loss.detach(), ref_loss, rtol=1e-6, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[clean_name(name)], rtol=1e-5, atol=1e-6)
+    # Checkpoints name the parameters as the plain model does, whatever wraps the blocks.
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    assert get_model_state_dict(model).keys() == base[0].state_dict().keys()
     hooks = getattr(model, "activation_offload", None)
     if VALID[mode][2]:
         # Exactly the checkpointed blocks' inputs went to host memory, nothing from inside.

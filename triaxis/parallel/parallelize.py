@@ -40,7 +40,10 @@ def parallelize(
         apply_tp(model, mesh["tp"], loss_parallel=pcfg.loss_parallel)
     compile_inside = tcfg.compile and pcfg.activation_offload
     if compile_inside:
-        compile_blocks(model, tcfg.compile_backend)
+        # In place (Module.compile): an OptimizedModule under the checkpoint wrapper would put
+        # `_orig_mod.` into the state-dict keys, which DCP strips only from an outer one.
+        for block in model.layers.children():
+            block.compile(backend=tcfg.compile_backend)
     if pcfg.activation_checkpoint != "none":
         # The offload hooks' owner stays reachable for logs and tests (None without offload).
         model.activation_offload = apply_ac(
