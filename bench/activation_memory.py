@@ -41,7 +41,16 @@ MODES = {  # name: (activation_checkpoint, ac_selective, activation_offload)
 def plain_forward(model: Transformer, tokens, mode: tuple[str, str, bool]):
     """The same model run block by block with torch's own APIs."""
     ac, selective, offload = mode
-    mm = [torch.ops.aten.mm.default, torch.ops.aten.addmm.default]
+    aten = torch.ops.aten
+    # torchtitan's op-level list: the matmuls and the attention kernels.
+    mm = [
+        aten.mm.default,
+        aten.addmm.default,
+        aten._scaled_dot_product_flash_attention.default,
+        aten._scaled_dot_product_efficient_attention.default,
+        aten._scaled_dot_product_cudnn_attention.default,
+        aten._scaled_dot_product_flash_attention_for_cpu.default,
+    ]
     h = model.tok_embeddings(tokens)
     for i, block in enumerate(model.layers.values()):
         wrap = ac == "full" or (ac == "selective" and (selective == "op" or i % 2 == 1))

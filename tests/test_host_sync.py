@@ -346,3 +346,17 @@ def test_preemption_is_agreed_one_step_later_on_every_rank():
     for answers, sig in results:
         assert answers == [False, False, True, True, True, True]
         assert sig == signal.SIGTERM  # rank 0 learns which signal it was
+
+
+def test_a_batch_is_staged_contiguous_for_its_host_to_device_copy():
+    """inputs / targets are strided views of one (B, T+1) batch; what the trainer copies to a
+    GPU must be contiguous (and pinned there), else the copy goes through a pageable temporary."""
+    from triaxis.train.distributed import staged_for_copy
+
+    tokens = torch.arange(2 * 9).view(2, 9)
+    pin = torch.cuda.is_available()
+    for view in (tokens[:, :-1], tokens[:, 1:]):
+        assert not view.is_contiguous()
+        staged = staged_for_copy(view, pin)
+        assert staged.is_contiguous() and torch.equal(staged, view)
+        assert staged.is_pinned() == pin

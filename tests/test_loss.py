@@ -93,3 +93,22 @@ def test_bf16_autocast_follows_the_plain_numerics():
     torch.testing.assert_close(fused, plain, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(fh, gh, rtol=2e-2, atol=2e-4)
     torch.testing.assert_close(fw, gw, rtol=2e-2, atol=2e-4)
+
+
+def test_bf16_weights_and_ignored_targets_follow_the_plain_numerics():
+    """FSDP mixed precision's path: h and the head in bf16, no autocast; the products write
+    straight into the bf16 gradients. Ignored targets get no loss and no gradient."""
+    gen = torch.Generator().manual_seed(3)
+    h = torch.randn(96, 64, generator=gen).bfloat16().requires_grad_()
+    w = (torch.randn(500, 64, generator=gen) * 0.1).bfloat16().requires_grad_()
+    t = torch.randint(0, 500, (96,), generator=gen)
+    t[::5] = -100
+    plain = F.cross_entropy((h @ w.T).float(), t)
+    fused = chunked_cross_entropy(h, w, t, 40)
+    gh, gw = torch.autograd.grad(plain, (h, w))
+    fh, fw = torch.autograd.grad(fused * 2, (h, w))
+    assert fh.dtype == fw.dtype == torch.bfloat16
+    assert fh[::5].eq(0).all()
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fh, 2 * gh, rtol=2e-2, atol=2e-4)
+    torch.testing.assert_close(fw, 2 * gw, rtol=2e-2, atol=2e-4)

@@ -96,3 +96,51 @@ def test_meta_build_allocates_nothing():
         model = Transformer(PRESETS["70b"])
     assert all(p.is_meta for p in model.parameters())
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(70.55e9, rel=0.002)
+
+
+def test_sdpa_repeats_kv_only_where_cuda_has_no_fused_gqa_kernel():
+    """On CUDA only flash takes GQA, and flash needs fp16/bf16 without an explicit mask: any
+    other case would fall back to MATH (B x H x T x T scores), so K/V are repeated instead."""
+    from triaxis.model.attention import repeat_kv_for_sdpa as repeat
+
+    assert not repeat("cuda", torch.bfloat16, True, False)  # the training path: flash
+    assert not repeat("cuda", torch.float16, True, False)
+    assert repeat("cuda", torch.float32, True, False)  # --train.dtype=fp32, fp32 benchmarks
+    assert repeat("cuda", torch.bfloat16, True, True)  # a dense mask: no flash
+    assert not repeat("cuda", torch.float32, False, False)  # no GQA: nothing to repeat
+    assert not repeat("cpu", torch.float32, True, True)  # the CPU fused kernel takes GQA
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "document_mask"])
+def test_repeated_kv_attention_equals_gqa(monkeypatch, masked):
+    from triaxis.model import attention
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 12, 8, generator=gen)
+    k, v = torch.randn(2, 2, 2, 12, 8, generator=gen)
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    mask = attention.document_mask(doc_ids, "sdpa") if masked else None
+    want = attention.attend(q, k, v, mask, gqa=True)
+    monkeypatch.setattr(attention, "repeat_kv_for_sdpa", lambda *_: True)
+    torch.testing.assert_close(attention.attend(q, k, v, mask, gqa=True), want)
+
+
+def test_bf16_autocast_reaches_sdpa_in_bf16_with_gqa():
+    """The bf16 path's q, k, v arrive at the attention kernel in bf16 (what flash needs on a GPU),
+    K/V with their own head count (GQA, not repeated)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "scaled_dot_product" in str(func):
+                seen.append([(a.dtype, a.shape[1]) for a in args[:3]])
+            return func(*args, **(kwargs or {}))
+
+    model = build(n_kv_heads=2)
+    x = torch.randint(0, model.args.vocab_size, (2, 10))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Record():
+        model(x)
+    assert len(seen) == model.args.n_layers
+    assert all(s == [(torch.bfloat16, 4), (torch.bfloat16, 2), (torch.bfloat16, 2)] for s in seen)

@@ -41,6 +41,7 @@ from triaxis.checkpoint.save_errors import (
     rank_delays,
     short,
 )
+from triaxis.checkpoint.staging import ReusedStaging
 from triaxis.errors import UserError
 from triaxis.model.llama import ModelArgs
 from triaxis.parallel.host import host_all_gather_object, host_all_reduce, new_host_group
@@ -81,6 +82,7 @@ class Checkpointer:
         self.meta, self.log = meta, log
         self.pending: tuple[str, dict, Future] | None = None
         self.writes = ThreadPoolExecutor(max_workers=1)
+        self.staging = ReusedStaging()  # async saves' host copy, reused save after save
         # Two gloo groups of our own: `group` carries the writes' collectives (DCP's plan and
         # our retry agreement), in the background thread during an async save; `ctl` carries
         # the main thread's agreement on finishing a save. Neither ever interleaves with the
@@ -156,7 +158,7 @@ class Checkpointer:
             "loop_state": loop_state or {},
         }
         if self.cfg.async_save and not block:
-            staged = writer.stage(state)  # the host copy: all that blocks training
+            staged = self.staging.stage(state, writer)  # the host copy: all that blocks training
             self.pending = (folder, meta, self.writes.submit(self._write, staged, writer, folder))
             self.blocking_s.append(time.perf_counter() - t0)
             return folder
@@ -290,6 +292,7 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self.writes.shutdown()
+        self.staging.close()
 
     # -- resuming ----------------------------------------------------------------------------
     def resume(self, mode: str = "auto") -> tuple[mf.Found, dict] | None:

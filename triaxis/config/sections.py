@@ -217,8 +217,8 @@ class ParallelConfig:
     says which part: every ac_every-th block, or the cheap ops of every block)."""
     ac_selective: Literal["block", "op"] = "block"
     """What selective checkpointing recomputes. block: every ac_every-th block whole; op: in
-    every block the cheap ops (norms, rotary, attention core, SiLU), keeping the matmul outputs
-    (Megatron's and torchtitan's selective)."""
+    every block the cheap ops (norms, rotary, SiLU), keeping the matmul and attention-kernel
+    outputs (torchtitan's selective)."""
     ac_every: int = ranged(2, ge=1)
     """For selective checkpointing by block: checkpoint every k-th block."""
     activation_offload: bool = False

@@ -13,6 +13,14 @@ Two implementations of one mask, picked by device (`attention_backend`):
   flex -- FlexAttention with a BlockMask built from a document mask_mod: CUDA, where it skips
           the fully masked blocks instead of computing them.
 Both compute the same function; the model code calls `attend` and never sees which one ran.
+
+Grouped-query attention (fewer K/V heads than query heads) goes to SDPA as is (`enable_gqa`)
+wherever a fused kernel takes it: on CUDA that is only the flash kernel, which needs fp16/bf16
+and no explicit mask. Anything else on CUDA (fp32: `--train.dtype=fp32`, the fp32 benchmarks)
+would fall back to the MATH kernel, which materializes the B x H x T x T scores (8.6 GB a layer
+at the 1b shape, seq 4096), so K/V are first repeated to every query head
+(`repeat_kv_for_sdpa`): n_heads / n_kv_heads times K/V's own O(T) size, and the memory-
+efficient kernel runs. The bf16 training path keeps flash with GQA.
 """
 
 from __future__ import annotations
@@ -68,11 +76,24 @@ def document_mask(doc_ids: torch.Tensor, backend: Backend | None = None):
     return make(mask_mod, B, None, T, T, device=doc_ids.device)
 
 
+def repeat_kv_for_sdpa(device_type: str, dtype: torch.dtype, gqa: bool, masked: bool) -> bool:
+    """Whether SDPA gets K/V repeated to every query head rather than `enable_gqa`: on CUDA
+    when the flash kernel, the only fused one with GQA, cannot run (fp32, or an explicit mask).
+    On CPU the fused kernel takes GQA in every dtype."""
+    flash = dtype in (torch.float16, torch.bfloat16) and not masked
+    return gqa and device_type == "cuda" and not flash
+
+
 def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, gqa: bool = False
 ) -> torch.Tensor:
     """Causal attention of q (B, nh, T, hd) over k, v (B, nkv, T, hd); `mask` from
     `document_mask` (None = plain causal over the whole window). Returns (B, nh, T, hd)."""
+    dense = mask is None or isinstance(mask, torch.Tensor)
+    if dense and repeat_kv_for_sdpa(q.device.type, q.dtype, gqa, mask is not None):
+        repeat = q.shape[1] // k.shape[1]  # query head i reads K/V head i // repeat, as GQA
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        gqa = False
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, torch.Tensor):

@@ -40,8 +40,9 @@ def chunked_cross_entropy(
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _FusedHeadLoss.apply(h, weight, targets, chunk, dtype)
     with torch.autocast(h.device.type, enabled=False):
+        w = weight.to(dtype)
         total = sum(
-            _chunk_loss(h[s : s + chunk], weight, targets[s : s + chunk], dtype, None)[0]
+            _chunk_loss(h[s : s + chunk].to(dtype), w, targets[s : s + chunk], dtype, False)[0]
             for s in range(0, h.shape[0], chunk)
         )
     return total / _count(targets)
@@ -53,26 +54,30 @@ def _count(targets: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk_loss(
-    h: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    dtype: torch.dtype,
-    grad_scale: torch.Tensor | None,
+    h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype, grad: bool
 ):
-    """(summed loss of the chunk in fp32, d(loss x grad_scale)/d(logits) in `dtype` or None)."""
-    logits = (h.to(dtype) @ weight.to(dtype).T).float()
-    lse = torch.logsumexp(logits, dim=-1)
+    """(summed loss of the chunk in fp32, softmax - onehot of the chunk's logits in `dtype`, or
+    None without `grad`). `h` and `weight` already in `dtype`; rows of ignored targets hold
+    a gradient the caller multiplies by 0.
+
+    At the 1b shape a chunk's fp32 logits are 2 GB: every pass over them costs. So one fp32
+    buffer and three passes: log-softmax in place (the loss is its value at the target, as in
+    F.cross_entropy), exp written straight in `dtype`, and the two products that read it. The
+    scale (1 for counted rows, 0 for ignored ones; the mean's 1 / count in backward) goes on
+    the chunk x dim operands and results instead (_FusedHeadLoss)."""
+    logits = (h @ weight.T).float()  # no copy when dtype is fp32
+    logp = torch._log_softmax(logits, -1, False, out=logits)  # row-wise: in place is safe
     rows = torch.arange(targets.shape[0], device=targets.device)
     keep = targets != IGNORE_INDEX
     safe = torch.where(keep, targets, 0)  # any real row: its loss is multiplied by 0
-    loss = torch.where(keep, lse - logits[rows, safe], 0.0).sum()
-    if grad_scale is None:
+    picked = logp[rows, safe]
+    loss = torch.where(keep, -picked, 0.0).sum()
+    if not grad:
         return loss, None
-    # softmax - onehot, in place on the fp32 logits: the chunk holds one vocab-wide fp32 buffer.
-    grad = logits.sub_(lse[:, None]).exp_()
-    grad[rows, safe] -= 1.0
-    grad.mul_(torch.where(keep, grad_scale, 0.0)[:, None])  # ignored rows: no gradient
-    return loss, grad.to(dtype)
+    out = logp if dtype == logp.dtype else torch.empty(logp.shape, dtype=dtype, device=h.device)
+    softmax = torch.exp(logp, out=out)
+    softmax[rows, safe] = (picked.exp() - 1.0).to(dtype)  # - onehot, in fp32 before rounding
+    return loss, softmax
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -88,15 +93,28 @@ class _FusedHeadLoss(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             w = weight.to(dtype)
             for s in range(0, h.shape[0], chunk):
-                hc, tc = h[s : s + chunk], targets[s : s + chunk]
-                loss, g = _chunk_loss(hc, w, tc, dtype, 1.0 / n)
+                hc, tc = h[s : s + chunk].to(dtype), targets[s : s + chunk]
+                loss, g = _chunk_loss(hc, w, tc, dtype, True)
                 total += loss
-                grad_h[s : s + chunk] = (g @ w).to(h.dtype)
-                grad_w += (g.T @ hc.to(dtype)).to(grad_w.dtype)
-        ctx.save_for_backward(grad_h, grad_w)
+                keep = (tc != IGNORE_INDEX)[:, None]  # (chunk, 1); x 0 / 1 is exact
+                # Straight into the outputs: no vocab x dim product or cast copy (add_ casts
+                # a bf16 product into an fp32 grad_w as it adds).
+                gh = grad_h[s : s + chunk]
+                if grad_h.dtype == dtype:
+                    torch.mm(g, w, out=gh)
+                else:
+                    gh.copy_(g @ w)
+                gh.mul_(keep)
+                if grad_w.dtype == dtype:
+                    grad_w.addmm_(g.T, hc * keep)
+                else:
+                    grad_w.add_(g.T @ (hc * keep))
+        ctx.save_for_backward(grad_h, grad_w, n)
         return total / n
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None
+        grad_h, grad_w, n = ctx.saved_tensors
+        scale = grad_out / n  # the mean's 1 / count, and the caller's scale
+        # In place: backward runs once (a second one fails autograd's version check, loudly).
+        return grad_h.mul_(scale), grad_w.mul_(scale), None, None, None

@@ -4,10 +4,10 @@ Three ways to checkpoint a block (parallel.activation_checkpoint, parallel.ac_se
 
   full             every block keeps only its input and recomputes its forward in backward;
   selective/block  every ac_every-th block does that, the others keep everything;
-  selective/op     every block keeps its matmul outputs (and, under TP, its reduce-scattered
-                   outputs) and recomputes only the cheap ops between them: norms, rotary, the
-                   attention core, SiLU and the gating product (Megatron's and torchtitan's
-                   "selective": the GEMMs are not run again, the memory-heavy cheap ops are).
+  selective/op     every block keeps its matmul and attention-kernel outputs (and, under TP,
+                   its reduce-scattered outputs) and recomputes only the cheap ops between
+                   them: norms, rotary, SiLU and the gating product (torchtitan's "selective":
+                   the GEMMs and the attention core are not run again, the cheap ops are).
 
 parallel.activation_offload moves the one tensor a checkpointed block keeps -- its input -- to
 host memory during forward and brings it back for the recompute: the planner's
@@ -27,10 +27,26 @@ from torch import nn
 
 
 def op_save_list() -> set:
-    """The ops whose outputs op-level selective checkpointing keeps: every matmul, and the TP
-    reduce-scatter after wo / w2 (recomputing it would repeat a collective). Everything else is
-    recomputed."""
-    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default}
+    """The ops whose outputs op-level selective checkpointing keeps: every matmul, the fused
+    attention kernels (on a GPU the costliest op to run again; torchtitan's list too) and the
+    TP reduce-scatter after wo / w2 (recomputing it would repeat a collective). Everything else
+    is recomputed."""
+    aten = torch.ops.aten
+    ops = {aten.mm.default, aten.addmm.default}
+    # Every SDPA backend's op (CUDA flash / mem-efficient / cuDNN, the CPU flash kernel, the
+    # out-of-tree one) and FlexAttention's higher-order op; MATH decomposes into plain ops.
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_fused_attention_overrideable",
+    ):
+        if hasattr(aten, name):
+            ops.add(getattr(aten, name).default)
+    flex = getattr(torch._higher_order_ops, "flex_attention", None)
+    if flex is not None:
+        ops.add(flex)
     functional = getattr(torch.ops, "_c10d_functional", None)
     if functional is not None and hasattr(functional, "reduce_scatter_tensor"):
         ops.add(functional.reduce_scatter_tensor.default)

@@ -7,7 +7,12 @@
                                      level, inputs optionally offloaded: activations.py);
 3. torch.compile per block        -- after checkpointing, so the recompute region is traced
                                      into the compiled graph; before FSDP, whose hooks sit
-                                     outside the compiled region;
+                                     outside the compiled region. With activation offload the
+                                     other way round (compile, then checkpoint): the offload's
+                                     saved_tensors_hooks cannot be traced (Dynamo breaks the
+                                     graph and, as checkpoint runs with Dynamo off, compiles
+                                     nothing), so the compiled block runs inside an eager
+                                     checkpoint whose hooks see only the block input;
 4. FSDP (MiCS sharding)           -- last: shards whatever parameters the block now holds
                                      (DTensors on `tp`, or plain tensors) over the dp axes.
 """
@@ -33,6 +38,12 @@ def parallelize(
 ) -> nn.Module:
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel=pcfg.loss_parallel)
+    compile_inside = tcfg.compile and pcfg.activation_offload
+    if compile_inside:
+        # In place (Module.compile): an OptimizedModule under the checkpoint wrapper would put
+        # `_orig_mod.` into the state-dict keys, which DCP strips only from an outer one.
+        for block in model.layers.children():
+            block.compile(backend=tcfg.compile_backend)
     if pcfg.activation_checkpoint != "none":
         # The offload hooks' owner stays reachable for logs and tests (None without offload).
         model.activation_offload = apply_ac(
@@ -43,9 +54,8 @@ def parallelize(
             pcfg.activation_offload,
             device,
         )
-    if tcfg.compile:
-        for name, block in model.layers.named_children():
-            model.layers.register_module(name, torch.compile(block, backend=tcfg.compile_backend))
+    if tcfg.compile and not compile_inside:
+        compile_blocks(model, tcfg.compile_backend)
     if dims.fsdp_enabled:
         apply_fsdp(model, mesh, dims, pcfg, device, mp_dtype)
     elif pcfg.hierarchical == "on":
@@ -53,6 +63,11 @@ def parallelize(
 
         refuse_without_shards(dims)
     return model
+
+
+def compile_blocks(model: nn.Module, backend: str) -> None:
+    for name, block in model.layers.named_children():
+        model.layers.register_module(name, torch.compile(block, backend=backend))
 
 
 def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:

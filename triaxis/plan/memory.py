@@ -269,10 +269,13 @@ def op_saved_bytes_per_token(shape: ModelShape, rt: Runtime, tp: int, elem: int)
     """What op-level selective checkpointing keeps of a block besides its input, on one TP
     rank (triaxis.parallel.activations.op_save_list): every matmul output -- q, k, v and the
     MLP's inner ones split by tp, wo's and w2's whole (under TP: partial sums before their
-    reduce-scatter) -- plus, under TP, the two reduce-scattered outputs."""
-    h, kv, f = shape.dim, shape.kv_dim, shape.ffn_dim
+    reduce-scatter) -- the fused attention kernel's outputs (its output and fp32 log-sum-exp
+    per head) and, under TP, the two reduce-scattered outputs."""
+    h, kv, f, a = shape.dim, shape.kv_dim, shape.ffn_dim, shape.n_heads
     inner = (2 if shape.gated_mlp else 1) * f
     saved = elem * ((h + 2 * kv + inner) / tp + 2 * h)
+    if rt.flash_attention:
+        saved += (elem * h + 4 * a) / tp
     if tp > 1:
         saved += 2 * elem * h / (tp if rt.sequence_parallel else 1)
     return saved

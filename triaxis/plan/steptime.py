@@ -99,8 +99,9 @@ class BlockTime:
     fwd_s: float
     bwd_s: float
     cheap_fwd_s: float = 0.0
-    """The forward's ops other than the projections (attention core, norms, rotary, SiLU):
-    what op-level selective checkpointing runs again."""
+    """The forward's ops other than the projections and a fused attention kernel (norms,
+    rotary, SiLU; the attention core too where it is not one kernel): what op-level selective
+    checkpointing runs again."""
 
 
 def block_time(
@@ -142,7 +143,9 @@ def block_time(
         fwd, bwd = fwd + t_attn, bwd + 2 * t_attn
     act = layer_activation_bytes_per_token(shape, rt, seq, tp, elem) * t_tokens
     t_elem = hw.calib.elementwise_traffic * act / hw.gpu.hbm_bytes_per_s
-    return BlockTime(fwd + t_elem, bwd + 2 * t_elem, t_attn + t_elem)
+    # Op-level checkpointing keeps a fused attention kernel's output (activations.op_save_list).
+    cheap = t_elem if rt.flash_attention else t_attn + t_elem
+    return BlockTime(fwd + t_elem, bwd + 2 * t_elem, cheap)
 
 
 def head_time(

@@ -42,6 +42,15 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def staged_for_copy(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """`t` in a contiguous host buffer (pinned if `pin`), ready for a non-blocking host-to-device
+    copy. Contiguous matters as much as pinned: a strided source (a batch's `tokens[:, :-1]`
+    keeps its strides through `pin_memory()`) makes the CUDA copy first make it contiguous in
+    a fresh pageable buffer, then copy from there, synchronously."""
+    staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=pin)
+    return staged.copy_(t)
+
+
 LAUNCHER_PID_ENV = "TRIAXIS_LAUNCHER_PID"
 """Set by `triaxis launch` for its workers: the pid whose death must end them."""
 _PR_SET_PDEATHSIG = 1

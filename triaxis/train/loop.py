@@ -38,7 +38,7 @@ from triaxis.parallel.pipeline import local_value
 from triaxis.parallel.rules import Planner
 from triaxis.train.build import build_model
 from triaxis.train.cadence import Cadence
-from triaxis.train.distributed import DistEnv
+from triaxis.train.distributed import DistEnv, staged_for_copy
 from triaxis.train.numerics import Numerics
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from triaxis.train.resilience import Faults, PreemptionWatch
@@ -188,7 +188,7 @@ class Trainer:
         t0 = time.perf_counter()
         inputs, targets = inputs_targets(ds, start, self.cfg.train.micro_batch, shuffle)
         if self.device.type == "cuda":  # a copy from pinned memory does not wait for the GPU
-            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+            inputs, targets = staged_for_copy(inputs, True), staged_for_copy(targets, True)
         if ds is self.train_ds:  # validation reads are not training time
             self.data_wait_s += time.perf_counter() - t0
         return inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
