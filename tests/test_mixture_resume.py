@@ -143,3 +143,51 @@ def test_extreme_finite_weights(name):
 def _many(weights) -> MixtureDataset:
     k = len(weights)
     return MixtureDataset([_Stub()] * k, weights, [f"s{i}" for i in range(k)], [None] * k)
+
+
+# -- through the trainer: the checkpoint carries the history ---------------------------------
+
+
+def test_trainer_resume_with_new_weights_continues_each_source(tmp_path):
+    """Steps 1-3 at weights (5, 3, 2), resumed for 4-6 at (1, 1, 8): steps 1-3 of the resumed
+    history are the first run's, per-source token counters never go back, and steps 4-6 follow
+    the new weights; a resume with a source removed is refused in one line."""
+    import json
+
+    from tests.test_mixture import mix_collect, mixture_toml, sources
+    from triaxis.config import load_config
+    from triaxis.data.mixture import open_train_data
+
+    srcs = sources.__wrapped__(_Factory(tmp_path))
+    run = tmp_path / "run"
+    steps = ["--train.steps=6", "--checkpoint.interval=3", "--train.micro_batch=8"]
+    first = mixture_toml(tmp_path / "a.toml", srcs, (5, 3, 2))
+    mix_collect(0, 1, first, str(run), [*steps, "--train.exit_after_steps=3"])
+    second = mixture_toml(tmp_path / "b.toml", srcs, (1, 1, 8))
+    mix_collect(0, 1, second, str(run), steps)
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    tokens = {r["step"]: [r[f"tokens/{n}"] for n in srcs] for r in records if "loss" in r}
+    assert sorted(tokens) == list(range(1, 7))
+    for step in range(2, 7):
+        assert all(a >= b for a, b in zip(tokens[step], tokens[step - 1])), tokens
+    ds_a = open_train_data(load_config(first, ["--data.seq_len=32"]))
+    ds_b = open_train_data(load_config(second, ["--data.seq_len=32"]))
+    ds_b.restore(ds_a.state(), 24)
+    assert [ds_b.locate(i) for i in range(24)] == [ds_a.locate(i) for i in range(24)]
+    assert tokens[6] == [n * 32 for n in ds_b.counts(48)]
+    new = [a - b for a, b in zip(ds_b.counts(48), ds_b.counts(24))]
+    assert all(abs(n - 24 * w) < 2 for n, w in zip(new, (0.1, 0.1, 0.8))), new
+
+    fewer = mixture_toml(tmp_path / "c.toml", dict(list(srcs.items())[:2]), (1, 1))
+    with pytest.raises(UserError, match="changed since the checkpoint"):
+        mix_collect(0, 1, fewer, str(run), ["--train.steps=9", "--train.micro_batch=8"])
+
+
+class _Factory:
+    def __init__(self, root):
+        self.root = root
+
+    def mktemp(self, name):
+        path = self.root / name
+        path.mkdir()
+        return path
