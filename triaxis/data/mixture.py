@@ -313,6 +313,21 @@ class MixtureDataset:
             )
 
 
+def mixture_state(train_ds) -> dict:
+    """The checkpoint's loop-state entry of a mixture ({} for one source)."""
+    return {"mixture": train_ds.state()} if isinstance(train_ds, MixtureDataset) else {}
+
+
+def resume_mixture(train_ds, loop_state: dict, cursor: int, samples: int, log) -> None:
+    """Continue a checkpoint's mixture at `cursor` (MixtureDataset.restore); with new weights,
+    log the new phase and check the run still fits a capped mixture."""
+    if isinstance(train_ds, MixtureDataset):
+        note = train_ds.restore(loop_state.get("mixture"), cursor)
+        if note:
+            log.info(note)
+            train_ds.check_length(samples)
+
+
 def source_seed(seed: int, index: int) -> int:
     """Each source's own order seed: distinct per source, a pure function of data.seed."""
     return _mix(seed ^ ((index + 1) << 40)) >> 2

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 
 from triaxis.checkpoint.dcp import Checkpointer
 from triaxis.config import Config, attention_span, grad_accum_steps, to_toml
+from triaxis.data import mixture
 from triaxis.data.dataset import has_loss_mask, inputs_targets, micro_batch_start
-from triaxis.data.mixture import MixtureDataset, open_val_sets, source_tokens, val_record
+from triaxis.data.mixture import open_val_sets, source_tokens, val_record
 from triaxis.metrics.logger import (
     MetricsWriter,
     Progress,
@@ -318,12 +319,10 @@ class Trainer:
                 f"(sample cursor {state['cursor']})"
             )
             self.resumed_loop_state = state.get("loop_state", {})
-            if isinstance(self.train_ds, MixtureDataset):
-                note = self.train_ds.restore(
-                    self.resumed_loop_state.get("mixture"), state["cursor"]
-                )
-                if note:
-                    self.log.info(note)
+            need = cfg.train.steps * cfg.train.global_batch
+            mixture.resume_mixture(
+                self.train_ds, self.resumed_loop_state, state["cursor"], need, self.log
+            )
             return state["step"], state["cursor"]
         if cfg.checkpoint.initial:
             self.ckpt.load_initial(cfg.checkpoint.initial)
@@ -429,10 +428,7 @@ class Trainer:
     def loop_state(self) -> dict:
         """What the loop carries besides the checkpoint's own state (Numerics.state, and a
         mixture's weight history)."""
-        state = self.numerics.state()
-        if isinstance(self.train_ds, MixtureDataset):
-            state["mixture"] = self.train_ds.state()
-        return state
+        return {**self.numerics.state(), **mixture.mixture_state(self.train_ds)}
 
     def _record(self, step: int, loss: float, steps: int, elapsed_s: float) -> dict:
         """A logged step's record, over the `steps` steps since the last; all ranks reduce."""
