@@ -104,3 +104,19 @@ def test_end_of_completion_is_a_target_whoever_appends_it(tmp_path, post):
         assert doc_ids.count(eos_id) == 1 and doc_ids[-1] == eos_id
         assert doc_mask[-1] == 1, (post, doc_ids, doc_mask)  # the model learns to stop
         assert doc_mask[0] == 0
+
+
+@pytest.mark.parametrize("style", list(TEMPLATES))
+def test_every_template_style_trains_the_final_end_of_document(tmp_path, style):
+    """--format chat with each style and an EOS-appending post-processor (not applied to
+    template text): one EOS per conversation, a target; BOS and user turns are context."""
+    folder = folder_with(tmp_path / "hf", TEMPLATES[style], "bos+eos")
+    convs = [prompt(i) + [{"role": "assistant", "content": FINAL}] for i in range(3)]
+    src = write_jsonl(tmp_path / "c.jsonl", [{"messages": c} for c in convs])
+    manifest = run_prepare(src, tmp_path / "out", folder, "chat", val_fraction=0)
+    ids, mask = read(tmp_path / "out", manifest)
+    eos_id = manifest["tokenizer"]["eos_id"]
+    docs = documents(ids, mask, eos_id)
+    assert len(docs) == len(convs)
+    for doc_ids, doc_mask in docs:
+        assert doc_ids.count(eos_id) == 1 and doc_mask[-1] == 1 and doc_mask[0] == 0
