@@ -26,7 +26,8 @@ An `epochs` cap ends a source after floor(epochs · its windows) samples. From t
 the tree is rebuilt over the remaining sources (their weights as configured: the exhausted one's
 share goes to them in proportion), each continuing where it was; the bound holds within each
 such phase. When every source is capped the mixture is finite, and a run that needs more
-samples is refused before it starts.
+samples is refused before it starts. New weights at a resume start a phase the same way, at the
+resume cursor (the checkpoint carries the history: `MixtureDataset.state`, `history_phases`).
 """
 
 from __future__ import annotations
