@@ -302,8 +302,8 @@ def test_config_spellings():
         {**base, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, True
     )
     assert v4 == v5 and v4.rope_theta == 5e5 and not v4.tie_embeddings
-    # No lm_head tensor: the embedding is the only faithful head.
-    assert args_from_hf_config({**base}, has_lm_head=False).tie_embeddings
+    # No lm_head tensor: tied if the config says so (untied without a head: tests/test_hf_tie.py).
+    assert args_from_hf_config({**base, "tie_word_embeddings": True}, False).tie_embeddings
 
 
 # -- Llama 3.1 / 3.2 RoPE scaling ('llama3') ----------------------------------------------------

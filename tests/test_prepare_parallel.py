@@ -77,7 +77,9 @@ def test_workers_give_identical_shards_and_every_format(tmp_path):
             ),
             log=logs.append,
         )
-    assert "(2 worker processes)" in logs[1] and "(3 worker processes)" in logs[2]
+    wrote = [x for x in logs if x.startswith("wrote")]
+    assert "(2 worker processes)" in wrote[1] and "(3 worker processes)" in wrote[2]
+    assert logs.count("skipped 12 empty or blank documents") == 3  # the blank and null ones
     assert manifests[1]["splits"] == manifests[2]["splits"] == manifests[3]["splits"]
     assert len(manifests[1]["splits"]["train"]["shards"]) > 3
     for shard in manifests[1]["splits"]["train"]["shards"]:

@@ -218,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument(
         "--max-bytes",
         type=int,
-        default=12_000_000,
-        help="read at most this many bytes of text (0 = all)",
+        default=0,
+        help="tokenize only the first documents up to this many characters (0 = all; "
+        "the BPE tokenizer trains on at most 12,000,000)",
     )
     pr.add_argument("--val-fraction", type=float, default=0.02)
     pr.add_argument("--shard-tokens", type=int, default=16 * 2**20)

@@ -124,10 +124,16 @@ class ChatTemplate:
             ) from None
         return texts[0], [tuple(s) for s in (spans[0] if spans else [])]
 
-    def example(self, messages: list[dict], where: str) -> Example:
+    def example(self, messages: list[dict], where: str, first: int = 0) -> Example:
+        """The rendered conversation; only assistant turns at index >= `first` are trained (a
+        conversational prompt's own assistant turns are context, not targets)."""
         text, spans = self.render(messages, False, where)
-        if not self.marked:
+        turns = sum(m["role"] == "assistant" for m in messages)
+        if not self.marked or len(spans) != turns:
+            # Without markers, or markers that do not pair one-to-one with assistant turns:
+            # one span per assistant turn, found by rendering prefixes.
             spans = self._prefix_spans(messages, text, where)
+        spans = spans[sum(m["role"] == "assistant" for m in messages[:first]) :]
         ends = messages[-1]["role"] == "assistant"
         return Example(text, spans, False, ends, where)
 
@@ -209,7 +215,8 @@ def parse_example(obj, fmt: str, where: str, template: ChatTemplate | None) -> E
         text = prompt + completion
         return Example(text, [(len(prompt), len(text))], True, True, where)
     if isinstance(prompt, list) and isinstance(completion, list):
-        messages = _messages(prompt, where, "prompt") + _messages(completion, where, "completion")
+        head = _messages(prompt, where, "prompt")
+        messages = head + _messages(completion, where, "completion")
         if any(m["role"] != "assistant" for m in messages[len(prompt) :]):
             raise UserError(
                 f"{where}: the completion holds a message whose role is not assistant; "
@@ -220,26 +227,36 @@ def parse_example(obj, fmt: str, where: str, template: ChatTemplate | None) -> E
                 f"{where}: conversational prompt-completion needs a chat template; "
                 "pass --tokenizer hf:PATH of a chat model"
             )
-        return template.example(messages, where)
+        return template.example(messages, where, first=len(head))
     raise UserError(
         f"{where}: 'prompt' is a {type(prompt).__name__} and 'completion' a "
         f"{type(completion).__name__}; give two strings, or two lists of messages"
     )
 
 
-def iter_examples(files: list[str], fmt: str, template, max_bytes: int) -> Iterator[Example]:
+def iter_examples(
+    files: list[str], fmt: str, template, max_bytes: int, count=None
+) -> Iterator[Example]:
     """The examples of JSON Lines files in order, stopping after the one that brings the total
-    past `max_bytes` characters of rendered text (0 = no limit)."""
+    past `max_bytes` characters of rendered text (0 = no limit). With `count` (an InputCount),
+    the rest is still read, to count what the limit left unread."""
     from triaxis.data.sources import json_records
 
     total = 0
     for path in files:
         for obj, where in json_records(path, fmt):
             ex = parse_example(obj, fmt, where, template)
+            if max_bytes and total >= max_bytes:
+                if count is None:
+                    return
+                count.unread_docs += 1
+                count.unread_chars += len(ex.text)
+                continue
+            if count is not None:
+                count.docs += 1
+                count.chars += len(ex.text)
             yield ex
             total += len(ex.text)
-            if max_bytes and total >= max_bytes:
-                return
 
 
 def token_mask(offsets, spans) -> np.ndarray:
@@ -261,6 +278,10 @@ def encode_example(tok, ex: Example, dtype) -> tuple[np.ndarray, np.ndarray]:
     if not ids.size or int(ids[-1]) != tok.eos_id:
         ids = np.append(ids, np.asarray(tok.eos_id, dtype))
         mask = np.append(mask, np.uint8(ex.ends_trained))
+    elif ex.ends_trained and enc.offsets[-1][1] <= enc.offsets[-1][0]:
+        # An end token the post-processor appended (no characters of the text): it ends the
+        # trained turn, so the model learns to stop.
+        mask[-1] = 1
     inside = np.flatnonzero(ids[:-1] == tok.eos_id)
     if inside.size:
         raise UserError(

@@ -26,7 +26,8 @@ An `epochs` cap ends a source after floor(epochs · its windows) samples. From t
 the tree is rebuilt over the remaining sources (their weights as configured: the exhausted one's
 share goes to them in proportion), each continuing where it was; the bound holds within each
 such phase. When every source is capped the mixture is finite, and a run that needs more
-samples is refused before it starts.
+samples is refused before it starts. New weights at a resume start a phase the same way, at the
+resume cursor (the checkpoint carries the history: `MixtureDataset.state`, `history_phases`).
 """
 
 from __future__ import annotations
@@ -118,12 +119,15 @@ class _Phase:
     offset: dict[int, int]
 
 
-def build_phases(weights: list[float], caps: list[int | None]) -> list[_Phase]:
-    """The mixture's phases: a new one each time a capped source runs out (module docstring)."""
+def build_phases(
+    weights: list[float], caps: list[int | None], start: int = 0, offset: dict | None = None
+) -> list[_Phase]:
+    """The mixture's phases from global index `start`, each source having had `offset[s]`
+    samples before it: a new phase each time a capped source runs out (module docstring)."""
     exact = [Fraction(w) for w in weights]
-    active = list(range(len(weights)))
-    offset = dict.fromkeys(active, 0)
-    phases, start = [], 0
+    offset = dict(offset) if offset is not None else dict.fromkeys(range(len(weights)), 0)
+    active = [s for s in range(len(weights)) if not caps[s] or offset[s] < caps[s]]
+    phases: list[_Phase] = []
     while active:
         tree = _build(active, exact)
         paths = _paths(tree)
@@ -133,9 +137,44 @@ def build_phases(weights: list[float], caps: list[int | None]) -> list[_Phase]:
         if end is None:
             break
         offset = {s: offset[s] + _count(paths[s], end) for s in active}
+        offset.update({s: n for s, n in phases[-1].offset.items() if s not in offset})
         active = [s for s in active if not caps[s] or offset[s] < caps[s]]
         start += end
     return phases
+
+
+def history_phases(history: list[dict], caps: list[int | None]) -> list[_Phase]:
+    """The phases of a mixture whose weights changed at resumes: history[e] = {"start": cursor,
+    "weights": [...]}, in order. Samples before each change keep the earlier weights' assignment;
+    after it every source continues from its count at the change (no sample repeated or
+    skipped within its own order), under the new weights."""
+    phases: list[_Phase] = []
+    offset = None
+    for e, entry in enumerate(history):
+        stop = history[e + 1]["start"] if e + 1 < len(history) else None
+        part = build_phases(entry["weights"], caps, entry["start"], offset)
+        if stop is not None:
+            part = [p for p in part if p.start < stop]
+            if part and (part[-1].end is None or part[-1].end > stop):
+                part[-1].end = stop
+            offset = dict(enumerate(_counts(part, stop, len(caps)))) if part else offset
+        phases += part
+        if not part:
+            break  # every source capped out before this change: the mixture ended there
+    return phases
+
+
+def _counts(phases: list[_Phase], stop: int, n: int) -> list[int]:
+    out = [0] * n
+    for p in phases:
+        if stop <= p.start:
+            break
+        j = stop - p.start if p.end is None else min(stop, p.end) - p.start
+        for s, k in p.offset.items():
+            out[s] = k
+        for s, path in p.paths.items():
+            out[s] = p.offset[s] + _count(path, j)
+    return out
 
 
 def _first_reaching(path: tuple, need: int) -> int:
@@ -161,14 +200,53 @@ class MixtureDataset:
         caps: list[int | None],
     ):
         self.sources, self.names = sources, names
-        self.weights = [w / sum(weights) for w in weights]
         self.caps = caps
-        self.phases = build_phases(weights, caps)
-        self._starts = [p.start for p in self.phases]
-        self.num_samples = self.phases[-1].end  # None: endless
+        self.labels = list(names)  # a source's identity across a resume: its name or path
+        self._set_history([{"start": 0, "weights": list(weights)}])
         self.manifest = sources[0].manifest
         self.seq_len = sources[0].seq_len
         self.window_bound = [_bound(self.phases[0].paths[s]) for s in range(len(sources))]
+
+    def _set_history(self, history: list[dict]) -> None:
+        self.history = history
+        weights = [Fraction(w) for w in history[-1]["weights"]]
+        # Exact shares: a float sum of weights near the float maximum would overflow.
+        self.weights = [float(w / sum(weights)) for w in weights]
+        self.phases = history_phases(history, self.caps)
+        self._starts = [p.start for p in self.phases]
+        self.num_samples = self.phases[-1].end  # None: endless
+
+    def state(self) -> dict:
+        """What a checkpoint carries so that a resume with other weights continues exactly."""
+        return {"sources": self.labels, "caps": self.caps, "history": self.history}
+
+    def restore(self, saved: dict | None, cursor: int) -> str | None:
+        """Continue a checkpoint's mixture at `cursor`: the same weights resume as saved; new
+        weights start a new phase at the cursor (a line for the log says so). Other sources,
+        or other epochs caps, are refused in one line."""
+        weights = self.history[-1]["weights"]
+        if not saved:  # a checkpoint without a mixture history: only one from step 0 is exact
+            if cursor == 0:
+                return None
+            raise UserError(
+                f"the checkpoint (sample cursor {cursor}) holds no data.sources history, so "
+                "which samples it trained on is unknown; resume it with the data settings it "
+                "was written with, or start a fresh run"
+            )
+        if saved["sources"] != self.labels or saved["caps"] != self.caps:
+            raise UserError(
+                f"data.sources changed since the checkpoint (sources {saved['sources']}, epochs "
+                f"caps {saved['caps']} samples; now {self.labels}, {self.caps}): only weights may "
+                "change across a resume; restore the sources and epochs, or start a fresh run"
+            )
+        history = [dict(h) for h in saved["history"]]
+        if history[-1]["weights"] == weights:
+            self._set_history(history)
+            return None
+        if history[-1]["start"] == cursor:
+            history.pop()  # changed again before any sample of the previous phase was used
+        self._set_history([*history, {"start": cursor, "weights": list(weights)}])
+        return f"data.sources weights changed: a new mixture phase from sample {cursor}"
 
     def locate(self, index: int) -> tuple[int, int]:
         """Global sample `index` -> (source, sample index within that source)."""
@@ -183,14 +261,7 @@ class MixtureDataset:
 
     def counts(self, stop: int) -> list[int]:
         """Samples of each source among global samples 0 .. stop-1."""
-        out = [0] * len(self.sources)
-        for p in self.phases:
-            if stop <= p.start:
-                break
-            j = stop - p.start if p.end is None else min(stop, p.end) - p.start
-            for s, path in p.paths.items():
-                out[s] = p.offset[s] + _count(path, j)
-        return out
+        return _counts(self.phases, stop, len(self.sources))
 
     def sample(self, index: int, shuffle: bool = True) -> np.ndarray:
         s, k = self.locate(index)
@@ -241,6 +312,21 @@ class MixtureDataset:
                 f"cap) but train.steps x global_batch needs {samples}; raise the epochs "
                 "caps, drop one, or lower train.steps"
             )
+
+
+def mixture_state(train_ds) -> dict:
+    """The checkpoint's loop-state entry of a mixture ({} for one source)."""
+    return {"mixture": train_ds.state()} if isinstance(train_ds, MixtureDataset) else {}
+
+
+def resume_mixture(train_ds, loop_state: dict, cursor: int, samples: int, log) -> None:
+    """Continue a checkpoint's mixture at `cursor` (MixtureDataset.restore); with new weights,
+    log the new phase and check the run still fits a capped mixture."""
+    if isinstance(train_ds, MixtureDataset):
+        note = train_ds.restore(loop_state.get("mixture"), cursor)
+        if note:
+            log.info(note)
+            train_ds.check_length(samples)
 
 
 def source_seed(seed: int, index: int) -> int:

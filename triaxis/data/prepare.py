@@ -34,7 +34,13 @@ from triaxis.data.format import FORMAT, MASK_DTYPE, MASK_SUFFIX
 from triaxis.data.hf_tokenizer import PREFIX as HF_PREFIX
 from triaxis.data.hf_tokenizer import open_hf_tokenizer, tokenizer_folder
 from triaxis.data.output import StagedOutput
-from triaxis.data.sources import EXTENSIONS, embedded_corpus_files, iter_documents, resolve_inputs
+from triaxis.data.sources import (
+    EXTENSIONS,
+    InputCount,
+    embedded_corpus_files,
+    iter_documents,
+    resolve_inputs,
+)
 from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_state
 from triaxis.errors import UserError
 from triaxis.fields import RANGE, check_value, ranged
@@ -43,6 +49,11 @@ SPLITS = ("train", "val")
 _CHUNK_DOCS = 256
 _CHUNK_CHARS = 1_000_000
 """A chunk of work for one tokenizer worker: at most this many documents / characters."""
+BPE_SAMPLE_CHARS = 12_000_000
+"""The BPE tokenizer trains on the first documents up to this many characters: a sample is
+enough for its merges, and training time grows with it. Every document is still tokenized."""
+EMBEDDED_CHARS = 12_000_000
+"""Without --input, the demo corpus (the Python stdlib) is read up to this many characters."""
 PIECE_CHARS = 1 << 18
 """Longer documents are cut into pieces of about this many characters for BPE training and for
 bpe/byte tokenization: `tokenizers` needs ~200 bytes of memory per character of one input
@@ -65,8 +76,9 @@ class PrepareOptions:
     """BPE vocabulary size (bpe only: byte and hf:PATH bring their own vocabulary)."""
     eos_token: str = ""
     """End-of-document token for hf:PATH (default: eos_token of its tokenizer_config.json)."""
-    max_bytes: int = ranged(12_000_000, ge=0)
-    """Stop reading input after this many bytes (0 = no limit)."""
+    max_bytes: int = ranged(0, ge=0)
+    """Tokenize only the first documents up to this many characters (0 = all input; prepare
+    says how much a limit left unread). The BPE tokenizer trains on at most BPE_SAMPLE_CHARS."""
     val_fraction: float = ranged(0.02, ge=0, le=0.5)
     """Share of documents held out for validation (every round(1/f)-th document)."""
     shard_tokens: int = ranged(16 * 2**20, ge=1, le=2**40)
@@ -112,10 +124,16 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
 
     template = None
 
-    def documents() -> Iterator:
+    # Counted for the user's input only: the demo corpus is sampled on purpose.
+    count = InputCount() if opts.inputs else None
+    # The embedded corpus is a demo, not the user's input: a sample of it is enough.
+    limit = opts.max_bytes or (0 if opts.inputs else EMBEDDED_CHARS)
+
+    def documents(sample: int = 0, count: InputCount | None = None) -> Iterator:
+        cap = min(x for x in (sample, limit) if x) if sample or limit else 0
         if opts.format != "text":
-            return iter_examples(files, opts.format, template, opts.max_bytes)
-        return iter_documents(files, opts.max_bytes)
+            return iter_examples(files, opts.format, template, cap, count)
+        return iter_documents(files, cap, count)
 
     if opts.tokenizer == "byte":
         tok = ByteTokenizer()
@@ -129,23 +147,27 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
             folder = tokenizer_folder(opts.tokenizer[len(HF_PREFIX) :])
             template = ChatTemplate.load(folder, opts.tokenizer, opts.format == "chat")
     else:
-        seen = _Counter(documents())
+        seen = _Counter(documents(BPE_SAMPLE_CHARS))
         tok = BPETokenizer.train((p for doc in seen for p in split_long(doc)), opts.vocab_size)
         if not seen.docs:
             raise UserError(f"inputs {opts.inputs or [source]} hold no text; give non-empty files")
         log(
-            f"read {seen.docs} documents, {seen.chars / 1e6:.1f} MB from {source}; trained BPE "
-            f"tokenizer, vocab {tok.vocab_size}"
+            f"trained BPE tokenizer, vocab {tok.vocab_size}, on {seen.docs} documents, "
+            f"{seen.chars / 1e6:.1f} MB from {source} (at most {BPE_SAMPLE_CHARS:,} characters)"
         )
 
     # Nothing is written before this point; from here on, into a staging folder that is swapped
     # in only if everything works (output.py).
     try:
-        manifest, docs, processes = _write(opts, tok, documents, staged, source)
+        manifest, docs, processes = _write(
+            opts, tok, lambda: documents(count=count), staged, source
+        )
         staged.commit(json.dumps(manifest, indent=1).encode())
     except BaseException:
         staged.abort()
         raise
+    for line in count.report(limit) if count else []:
+        log(line)
     train = manifest["splits"]["train"]
     if "target_tokens" in train:
         log(

@@ -203,15 +203,54 @@ def _parquet_documents(path: str) -> Iterator[str]:
                 yield text or ""
 
 
-def iter_documents(files: list[str], max_bytes: int) -> Iterator[str]:
+class InputCount:
+    """What one pass over the input read, skipped and left unread, so that nothing is dropped
+    without a word (prepare logs it)."""
+
+    def __init__(self):
+        self.docs = self.chars = self.blank = self.replaced = 0
+        self.unread_docs = self.unread_chars = 0
+
+    def report(self, limit: int) -> list[str]:
+        """One line per way input did not become training text (empty when none did)."""
+        lines = []
+        if self.blank:
+            lines.append(f"skipped {self.blank} empty or blank documents")
+        if self.replaced:
+            lines.append(
+                f"{self.replaced} documents held invalid UTF-8 or lone surrogates, "
+                "replaced by U+FFFD"
+            )
+        if self.unread_docs:
+            lines.append(
+                f"--max-bytes {limit} left {self.unread_docs} documents "
+                f"({self.unread_chars:,} characters) unread; --max-bytes 0 reads all"
+            )
+        return lines
+
+
+def iter_documents(
+    files: list[str], max_bytes: int, count: InputCount | None = None
+) -> Iterator[str]:
     """Non-blank documents of `files` in order, stopping after the document that brings the
-    total past `max_bytes` characters (0 = no limit)."""
+    total past `max_bytes` characters (0 = no limit). With `count`, the rest is still read, to
+    count what the limit left unread."""
     total = 0
     for path in files:
         for text in file_documents(path):
             if not text.strip():
+                if count is not None and not (max_bytes and total >= max_bytes):
+                    count.blank += 1
                 continue
+            if max_bytes and total >= max_bytes:
+                if count is None:
+                    return
+                count.unread_docs += 1
+                count.unread_chars += len(text)
+                continue
+            if count is not None:
+                count.docs += 1
+                count.chars += len(text)
+                count.replaced += "\ufffd" in text
             yield text
             total += len(text)
-            if max_bytes and total >= max_bytes:
-                return

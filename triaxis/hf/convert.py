@@ -188,6 +188,14 @@ def args_from_hf_config(cfg: dict, has_lm_head: bool, where: str = "config.json"
             f"{where}: num_key_value_heads={n_kv_heads} does not divide "
             f"num_attention_heads={n_heads}"
         )
+    tied = bool(cfg.get("tie_word_embeddings", False))  # LlamaConfig's default: untied
+    if not tied and not has_lm_head:
+        # transformers would load this with a freshly initialized (random) head.
+        raise UserError(
+            f"{where}: tie_word_embeddings is false (or absent) but the checkpoint has no "
+            "lm_head.weight, so transformers would load a random output head; set "
+            '"tie_word_embeddings": true if the model ties its head to the embedding'
+        )
     return ModelArgs(
         dim=dim,
         n_layers=cfg["num_hidden_layers"],
@@ -198,8 +206,7 @@ def args_from_hf_config(cfg: dict, has_lm_head: bool, where: str = "config.json"
         max_seq_len=cfg.get("max_position_embeddings", 2048),
         rope_theta=float(theta if theta is not None else 10000.0),  # transformers' default
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        # Without an lm_head tensor the only faithful head is the embedding itself.
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or not has_lm_head,
+        tie_embeddings=tied,
         **rope,
     )
 

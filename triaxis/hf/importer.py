@@ -201,7 +201,25 @@ def load_hf_model(folder: str | Path) -> Transformer:
                 targets[name].copy_(hf_rows_to_interleaved(t, heads) if heads else t)
     if args.tie_embeddings:
         assert model.output.weight is model.tok_embeddings.weight, "tied weights came apart"
+        _check_tied_head(files, model.tok_embeddings.weight)
     return model.eval()
+
+
+def _check_tied_head(files: dict[Path, list[str]], embedding: torch.Tensor) -> None:
+    """A tied config with a stored lm_head that is not the embedding is two models: transformers
+    4 ties (the head := the embedding), transformers 5 loads the stored head. Refuse it."""
+    for file, names in files.items():
+        if HF_LM_HEAD not in names:
+            continue
+        with _open_safetensors(file) as f:
+            head = f.get_tensor(HF_LM_HEAD)
+        if head.shape != embedding.shape or not torch.equal(head.to(embedding.dtype), embedding):
+            raise UserError(
+                f"{file.name}: config.json says tie_word_embeddings=true but lm_head.weight "
+                "differs from model.embed_tokens.weight, and transformers versions disagree "
+                "on which head that means; set it to false to import the stored head, or "
+                "delete lm_head.weight to tie the head to the embedding"
+            )
 
 
 def _sha256(path: Path) -> str:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from triaxis.checkpoint.dcp import Checkpointer
 from triaxis.config import Config, attention_span, grad_accum_steps, to_toml
+from triaxis.data import mixture
 from triaxis.data.dataset import has_loss_mask, inputs_targets, micro_batch_start
 from triaxis.data.mixture import open_val_sets, source_tokens, val_record
 from triaxis.metrics.logger import (
@@ -330,6 +331,10 @@ class Trainer:
                 f"(sample cursor {state['cursor']})"
             )
             self.resumed_loop_state = state.get("loop_state", {})
+            need = cfg.train.steps * cfg.train.global_batch
+            mixture.resume_mixture(
+                self.train_ds, self.resumed_loop_state, state["cursor"], need, self.log
+            )
             return state["step"], state["cursor"]
         if cfg.checkpoint.initial:
             self.ckpt.load_initial(cfg.checkpoint.initial)
@@ -435,8 +440,9 @@ class Trainer:
         return result
 
     def loop_state(self) -> dict:
-        """What the loop carries besides the checkpoint's own state (Numerics.state)."""
-        return self.numerics.state()
+        """What the loop carries besides the checkpoint's own state (Numerics.state, and a
+        mixture's weight history)."""
+        return {**self.numerics.state(), **mixture.mixture_state(self.train_ds)}
 
     def _record(self, step: int, loss: float, steps: int, elapsed_s: float) -> dict:
         """A logged step's record, over the `steps` steps since the last; all ranks reduce."""
