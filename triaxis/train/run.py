@@ -13,7 +13,9 @@ from triaxis.train.resilience import hold_run_lock, lock_folders
 def run(cfg: Config, planner: Planner | None = None) -> TrainResult:
     """Train per `cfg`, in this process (joining the process group torchrun describes).
     `planner` chooses the layout for parallel.auto (the command line passes the planner's)."""
-    env = init_distributed(cfg.train.device, need_group=cfg.parallel.fsdp_always)
+    env = init_distributed(
+        cfg.train.device, cfg.train.dist_timeout_s, need_group=cfg.parallel.fsdp_always
+    )
     try:
         trainer = Trainer(cfg, env, planner)  # checks the config and data, writes nothing
         # Before the first write (resume may remove a partial checkpoint): one run per folder.
