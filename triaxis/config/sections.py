@@ -292,3 +292,15 @@ class Config:
             if self.checkpoint.dir
             else str(Path(self.train.run_dir) / "checkpoints")
         )
+
+    def user_paths(self) -> list[str]:
+        """Every path this config names: an OS error on one of them is the user's to fix."""
+        sources = [s.path for s in self.data.sources]
+        return [
+            self.train.run_dir,
+            self.checkpoint_dir(),
+            self.checkpoint.initial,
+            self.data.path,
+            self.data.cache_dir,
+            *sources,
+        ]

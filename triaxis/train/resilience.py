@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from triaxis.errors import UserError
+from triaxis.errors import UserError, os_error_line
 
 
 class PreemptionWatch:
@@ -138,6 +138,10 @@ def hold_run_lock(folders: list[str], is_main: bool):
                 check_not_held(folder, ours)
         except UserError as e:
             refusal = str(e)
+        except OSError as e:  # a folder that cannot be written: every rank stops on its line
+            refusal = os_error_line(e, folders) or ""
+            if not refusal:
+                raise
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [refusal]
         dist.broadcast_object_list(box, src=0)
