@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import os
 import sys
+from collections.abc import Callable
 
 from triaxis.errors import UserError
 
@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     argv = [x for x in argv if x != "--debug"]
     _printed.clear()
-    _install_thread_hook(debug)
+    args = None
+    _install_thread_hook(debug, lambda: _user_paths(argv, getattr(args, "rest", None)))
     try:
         parser = build_parser()
         if argv and argv[0] in ("train", "launch"):
@@ -344,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as e:
         # The machine's state, not a bug: a full disk, a path that cannot be read or written.
-        message = _os_error(e)
+        message = _os_error(e, _user_paths(argv, getattr(args, "rest", None)))
         if message is None or debug:
             if debug:
                 raise
@@ -384,7 +385,7 @@ def _print_once(line: str) -> None:
         print(line, file=sys.stderr)
 
 
-def _install_thread_hook(debug: bool) -> None:
+def _install_thread_hook(debug: bool, user_paths: Callable[[], list[str]]) -> None:
     """Uncaught exceptions of background threads in the same one-line form as the main
     thread's (threading prints a traceback by default)."""
     import threading
@@ -396,32 +397,38 @@ def _install_thread_hook(debug: bool) -> None:
         e = args.exc_value
         if isinstance(e, UserError):
             _print_once(f"error: {_one_line(str(e))}")
-        elif isinstance(e, OSError) and _os_error(e) is not None:
-            _print_once(f"error: {_one_line(_os_error(e) or '')}")
+        elif isinstance(e, OSError) and _os_error(e, user_paths()) is not None:
+            _print_once(f"error: {_one_line(_os_error(e, user_paths()) or '')}")
         else:
             _print_once(_bug_line(e))
 
     threading.excepthook = hook
 
 
-_OS_FIXES = {
-    errno.ENOSPC: "the disk is full; free space or write elsewhere",
-    errno.EDQUOT: "the disk quota is exceeded; free space or write elsewhere",
-    errno.EACCES: "permission denied; fix the permissions or choose another path",
-    errno.EPERM: "operation not permitted; fix the permissions or choose another path",
-    errno.EROFS: "the file system is read-only; write elsewhere",
-    errno.ENOENT: "no such file or folder; check the path",
-    errno.ENOTDIR: "a part of the path is not a folder; check the path",
-    errno.EISDIR: "it is a folder, a file was expected; check the path",
-    errno.ENAMETOOLONG: "the name is too long; choose a shorter path",
-    errno.EIO: "an input/output error; check the disk",
-}
+def _os_error(e: OSError, user_paths: list[str]) -> str | None:
+    """One line for an OS error on a path the user gave (with the fix), or None: not the
+    user's (torch's files, inductor's cache: a bug or the machine's, with its traceback)."""
+    from triaxis.errors import os_error_line
+
+    return os_error_line(e, user_paths)
 
 
-def _os_error(e: OSError) -> str | None:
-    """One line for an OS error on a user's path (with the fix), or None: not the user's."""
-    fix = _OS_FIXES.get(e.errno or 0)
-    if fix is None:
-        return None
-    where = e.filename if e.filename is not None else ""
-    return f"{where}: {fix}" if where else f"{e.strerror or e}: {fix}"
+def _user_paths(argv: list[str], rest: list[str] | None) -> list[str]:
+    """The paths a command line names: each argument and --option=value (a glob's folder
+    part), and for train and launch the paths of the config it loads."""
+    import re
+
+    paths = []
+    for arg in argv:
+        value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
+        head = re.split(r"[*?\[]", value)[0]
+        if head and not head.startswith("-"):
+            paths.append(head)
+    if rest is not None and argv[:1] in (["train"], ["launch"]):
+        from triaxis.config import load_config, split_config_args
+
+        try:
+            paths += load_config(*split_config_args(rest)).user_paths()
+        except Exception:  # noqa: BLE001 - no config, no more paths: the arguments remain
+            pass
+    return paths

@@ -21,6 +21,12 @@ What it can and cannot prevent (docs/resilience.md has the long form):
   a skew near `expires_s` lets a live run's lease look stale.
 - A run paused (SIGSTOP, a frozen VM) for longer than `expires_s` loses its lease; its
   heartbeat thread notices and says so, but it is not stopped.
+
+A run writes several folders (run folder, checkpoint folder): `plan_leases` covers each once.
+A folder nested in another the run writes is covered by the outer one's lease; it is only
+checked (with every folder above the leased ones) for another run's live lease, so a run whose
+checkpoint folder lies inside a live run's run folder is refused too. That look is not atomic:
+two runs starting within milliseconds into folders nested in each other can both start.
 """
 
 from __future__ import annotations
@@ -242,12 +248,7 @@ class RunLock:
             if held is None:
                 continue
             why = holder_is_dead(held, time.time())
-            restart = (
-                mine.job
-                and held.job == mine.job
-                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
-            )
-            if why is None and not restart:
+            if why is None and not _is_restart_of(held):
                 raise UserError(
                     f"{self.folder} is in use by another run ({held.describe()}, last "
                     f"heartbeat {time.time() - held.heartbeat:.0f} s ago); stop that run, or "
@@ -326,6 +327,76 @@ class RunLock:
 
 
 _warned_unconditional: list[bool] = []
+
+
+def normalize(folder: str) -> str:
+    """One spelling per folder: local paths absolute with symlinks resolved, URIs without a
+    trailing slash."""
+    folder = str(folder)
+    return folder.rstrip("/") if storage.is_remote(folder) else os.path.realpath(folder)
+
+
+def parents(folder: str) -> list[str]:
+    """The folders above a normalized folder, nearest first (an object store's up to its
+    bucket)."""
+    if storage.is_remote(folder):
+        scheme, _, rest = folder.partition("://")
+        parts = rest.split("/")
+        return [f"{scheme}://{'/'.join(parts[:i])}" for i in range(len(parts) - 1, 0, -1)]
+    out, up = [], os.path.dirname(folder)
+    while up not in out and up != folder:
+        out.append(up)
+        folder, up = up, os.path.dirname(up)
+    return out
+
+
+def plan_leases(folders: list[str]) -> tuple[list[str], list[str]]:
+    """(leased, nested): every folder a run writes once, normalized; a folder inside (or equal
+    to) another one of them is covered by the outer one's lease."""
+    unique = list(dict.fromkeys(normalize(f) for f in folders))
+    nested = [f for f in unique if any(g in parents(f) for g in unique)]
+    return [f for f in unique if f not in nested], nested
+
+
+def check_not_held(folder: str, own_tokens: set[str]) -> None:
+    """Refuse (a UserError naming the folder and the holder) if another live run holds a lease
+    on `folder` or on a folder above it. A dead run's lease there is removed."""
+    for where in [folder, *parents(folder)]:
+        lock = RunLock(where)
+        try:
+            held, _ = lock._read()
+        except (OSError, UserError):  # unreadable (a folder above, not ours): nothing to see
+            continue
+        if held is None or held.token in own_tokens or _is_restart_of(held):
+            continue
+        why = holder_is_dead(held, time.time())
+        if why is None:
+            inside = f"{folder} is inside {where}, which" if where != folder else f"{folder}"
+            raise UserError(
+                f"{inside} is in use by another run ({held.describe()}, last heartbeat "
+                f"{time.time() - held.heartbeat:.0f} s ago); stop that run, or give this one "
+                f"another train.run_dir / checkpoint.dir (or delete {lock.path} if that run "
+                "is dead on another host)"
+            )
+        if where == folder:  # a dead run's lease left in a folder this run writes
+            try:
+                storage.remove(lock.path)
+                print(
+                    f"warning: took over the lease on {where} from a dead run "
+                    f"({held.describe()}: {why})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            except OSError:
+                pass
+
+
+def _is_restart_of(held: Lease) -> bool:
+    """The lease is this elastic job's, from an earlier attempt."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "")
+    return (
+        bool(job) and held.job == job and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+    )
 
 
 def _error_code(err: BaseException) -> str | None:

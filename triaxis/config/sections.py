@@ -168,6 +168,11 @@ class TrainConfig:
     """Watchdog: a rank with no finished loop iteration for this long dumps its Python stacks
     and the job stops, naming the stuck rank(s) (0 = off). Above the slowest step, validation
     or blocking checkpoint save."""
+    dist_timeout_s: float = ranged(600.0, gt=0)
+    """Seconds a rank waits for its peers to join the process group (the store, the group's
+    connections, every later group), and gloo's collective timeout. Generous: ranks of a job
+    start seconds to minutes apart on a loaded machine or a slow file system; a peer that dies
+    is noticed sooner (its connections close), a stuck one by hang_timeout_s."""
 
 
 @dataclass
@@ -297,3 +302,15 @@ class Config:
             if self.checkpoint.dir
             else str(Path(self.train.run_dir) / "checkpoints")
         )
+
+    def user_paths(self) -> list[str]:
+        """Every path this config names: an OS error on one of them is the user's to fix."""
+        sources = [s.path for s in self.data.sources]
+        return [
+            self.train.run_dir,
+            self.checkpoint_dir(),
+            self.checkpoint.initial,
+            self.data.path,
+            self.data.cache_dir,
+            *sources,
+        ]

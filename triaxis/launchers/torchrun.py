@@ -166,7 +166,10 @@ def torchrun_argv(spec: TorchrunSpec, rdzv: Rendezvous | None, entry: list[str])
     if rdzv is None:
         argv.append("--standalone")
     else:
-        conf = f"join_timeout={int(spec.rdzv_timeout_s)}"
+        # read_timeout: every wait of the agents in the rendezvous store (torch's default, 60 s,
+        # failed elastic restarts on a loaded machine with "wait timeout after 60000ms").
+        timeout_s = max(1, int(spec.rdzv_timeout_s))
+        conf = f"join_timeout={timeout_s},read_timeout={timeout_s}"
         if spec.elastic:
             conf += f",last_call_timeout={spec.last_call_s:g}"
         if rdzv.is_host is not None:
@@ -216,6 +219,7 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
     """Run torch.distributed.run in this process; failures become exit codes or UserErrors."""
     import signal
 
+    from torch.distributed import DistStoreError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
@@ -255,12 +259,21 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
         log(f"stopped by signal {int(e.sigval)}; the next launch resumes from the last checkpoint")
         return 128 + int(e.sigval)
     except RendezvousTimeoutError:
-        where = rdzv.endpoint if rdzv else "standalone"
         raise UserError(
-            f"the rendezvous at {where} did not form within "
-            f"{spec.rdzv_timeout_s:.0f} s: {spec.nnodes} nodes were expected; start "
-            "`triaxis launch` with the same --rdzv-endpoint and --nnodes on every "
-            "node, or raise --rdzv-timeout"
+            f"the rendezvous at {_where(rdzv)} did not form within "
+            f"{spec.rdzv_timeout_s:.0f} s: {_expected(spec)} expected, this one joined and "
+            "not enough others did; start `triaxis launch` with the same --rdzv-endpoint, "
+            "--rdzv-id and --nnodes on every node, check that they reach the endpoint "
+            "(network, firewall), or raise --rdzv-timeout"
+        ) from None
+    except DistStoreError as e:
+        # A wait in the rendezvous store ran out (the other agents did not write their part).
+        raise UserError(
+            f"the nodes stopped waiting for each other in the rendezvous store at "
+            f"{_where(rdzv)} after {spec.rdzv_timeout_s:.0f} s ({_first_line(e)}): "
+            f"{_expected(spec)} expected; check that every node still runs `triaxis launch` "
+            "with the same --rdzv-endpoint, --rdzv-id and --nnodes and reaches the endpoint "
+            "(network, firewall), or raise --rdzv-timeout on a loaded machine"
         ) from None
     except RendezvousError as e:
         raise UserError(
@@ -270,6 +283,20 @@ def run_torchrun(argv: list[str], spec: TorchrunSpec, rdzv: Rendezvous | None) -
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     return 0
+
+
+def _where(rdzv: Rendezvous | None) -> str:
+    return rdzv.endpoint if rdzv else "this node (standalone)"
+
+
+def _expected(spec: TorchrunSpec) -> str:
+    nodes = f"{spec.min_nnodes} to {spec.nnodes}" if spec.elastic else str(spec.nnodes)
+    return f"{nodes} node(s) of {spec.nproc_per_node} process(es) each"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def first_failure(failures: dict) -> tuple[int, object]:

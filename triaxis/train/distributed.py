@@ -76,11 +76,12 @@ def die_with_launcher(environ=os.environ) -> None:
 
 
 def init_distributed(
-    requested_device: str, timeout_s: float = 300.0, need_group: bool = False
+    requested_device: str, timeout_s: float = 600.0, need_group: bool = False
 ) -> DistEnv:
     """Join the job's process group: NCCL on GPUs, gloo on CPU. A group made by the caller
     (tests) is used as it is. One process gets a group of its own only if `need_group`
-    (FSDP wrapping at world size 1)."""
+    (FSDP wrapping at world size 1). `timeout_s` (train.dist_timeout_s) bounds every wait for
+    the peers: the store, the group's connections, later groups and gloo collectives."""
     die_with_launcher()
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
@@ -106,22 +107,64 @@ def init_distributed(
     # A fresh store prefix per elastic restart: re-using the previous attempt's keys made
     # rendezvous read stale peer addresses and hang (see shared notes on torchrun restarts).
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        is_master=False,
-        timeout=timedelta(seconds=timeout_s),
-    )
+    endpoint = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    timeout = timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timeout,
+        )
+    except (RuntimeError, OSError) as e:  # DistNetworkError: nobody serves the store
+        _cannot_join(
+            rank,
+            f"the store at {endpoint} did not answer within {timeout_s:g} s "
+            f"({_first_line(e)}); check that the launcher (torchrun) on the first node is "
+            "running and reachable (network, firewall), or raise train.dist_timeout_s on a "
+            "loaded machine",
+        )
     store = dist.PrefixStore(f"triaxis_attempt_{attempt}", store)
-    dist.init_process_group(
-        backend,
-        store=store,
-        rank=rank,
-        world_size=world,
-        timeout=timedelta(seconds=timeout_s),
-        device_id=device if device.type == "cuda" else None,
-    )
+    store.add(_JOINED_KEY, 1)  # counted for the error below: who never came
+    try:
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+            device_id=device if device.type == "cuda" else None,
+        )
+    except dist.DistStoreError as e:
+        _cannot_join(
+            rank,
+            f"the process group did not form within {timeout_s:g} s: {_joined(store)} of "
+            f"{world} ranks joined at {endpoint} ({_first_line(e)}); check that every node "
+            "runs the same launch command and reaches that address (network, firewall), or "
+            "raise train.dist_timeout_s on a loaded machine",
+        )
     return DistEnv(rank, world, local, device, True)
+
+
+_JOINED_KEY = "triaxis_joined"
+
+
+def _cannot_join(rank: int, line: str) -> NoReturn:
+    """A user's (or the machine's) problem, not a bug: one line, exit 2, through the error
+    file under torchrun (the launcher prints it once), printed here otherwise."""
+    report_and_exit(rank, line, exit_code=UserError.exit_code)
+
+
+def _joined(store) -> str:
+    try:
+        return str(store.add(_JOINED_KEY, 0))
+    except (RuntimeError, OSError):
+        return "?"
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def shutdown(env: DistEnv) -> None:

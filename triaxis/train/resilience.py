@@ -16,7 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from triaxis.errors import UserError
+from triaxis.errors import UserError, os_error_line
 from triaxis.parallel.host import host_all_reduce, new_host_group
 
 
@@ -112,36 +112,37 @@ class PreemptionWatch:
 
 
 def lock_folders(checkpoint_dir: str, run_dir: str) -> list[str]:
-    """The folders a run writes: its checkpoint folder, and its run folder when the
-    checkpoints live elsewhere (metrics.jsonl and config.toml must not interleave either)."""
-    from pathlib import Path
-
-    folders = [checkpoint_dir]
-    if (
-        "://" in checkpoint_dir
-        or Path(run_dir).resolve() not in Path(checkpoint_dir).resolve().parents
-    ):
-        folders.append(run_dir)
-    return folders
+    """Every folder a run writes: its run folder (metrics.jsonl, config.toml, tb/) and its
+    checkpoint folder. hold_run_lock covers each once, however they nest."""
+    return [run_dir, checkpoint_dir]
 
 
 @contextlib.contextmanager
 def hold_run_lock(folders: list[str], is_main: bool):
-    """Rank 0 takes the run lease on each folder before anything is written there; every rank
+    """Rank 0 takes the run lease on each folder before anything is written there (a folder
+    nested in another is covered by the outer lease, and checked for another run's); every rank
     learns the outcome from one broadcast, so a refused run stops on all ranks at once (a
     UserError naming the holder) instead of leaving the others waiting in a collective."""
-    from triaxis.checkpoint.lock import RunLock
+    from triaxis.checkpoint.lock import RunLock, check_not_held, plan_leases
 
     held: list[RunLock] = []
     refusal = ""
     if is_main:
         try:
-            for folder in folders:
+            leased, nested = plan_leases(folders)
+            for folder in leased:
                 lock = RunLock(folder)
                 lock.acquire()
                 held.append(lock)
+            ours = {lock.lease.token for lock in held if lock.lease is not None}
+            for folder in leased + nested:  # and the folders above: another run's folder?
+                check_not_held(folder, ours)
         except UserError as e:
             refusal = str(e)
+        except OSError as e:  # a folder that cannot be written: every rank stops on its line
+            refusal = os_error_line(e, folders) or ""
+            if not refusal:
+                raise
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [refusal]
         dist.broadcast_object_list(box, src=0)
