@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from triaxis import storage
-from triaxis.checkpoint import integrity
+from triaxis.checkpoint import checksum, integrity
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.safe_load import SafeLoadPlanner, UnsafeMetadata, refuse
 from triaxis.errors import UserError
@@ -38,7 +38,8 @@ logging.getLogger().addFilter(_NoMetadataFallbackWarning())
 
 
 def writer(path: str):
-    """A DCP writer that records each file's size and per-item CRC-32 in `.digests`."""
+    """A DCP writer that records each file's size and per-item checksums (checksum.WRITE)
+    in `.digests`."""
     if not storage.is_remote(path):
         return integrity.hashing(dcp.FileSystemWriter(path))
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
@@ -49,19 +50,25 @@ def writer(path: str):
     )
 
 
-def reader(path: str, expected: dict | None):
-    """A DCP reader that refuses unsafe metadata and, given the manifest's file table,
-    checks every item it reads against its write-time checksum."""
+def reader(path: str, expected: dict | None, algorithm: str = checksum.WRITE):
+    """A DCP reader that refuses unsafe metadata and, given the manifest's file table (and
+    the checksum it records), checks every item it reads against its write-time checksum."""
     remote = storage.is_remote(path)
     cls = integrity.reader_class(remote)
     r = cls(path, **storage.s3_options()) if remote else cls(path)
-    r._setup_verify(expected, path)
+    r._setup_verify(expected, path, algorithm)
     return r
 
 
-def load(state: dict, path: str, expected: dict | None, process_group=None) -> None:
-    """dcp.load, safe, verified, with its failures as one line naming the file."""
-    r = reader(path, expected)
+def load(
+    state: dict,
+    path: str,
+    expected: dict | None,
+    process_group=None,
+    algorithm: str = checksum.WRITE,
+) -> None:
+    """dcp.load in place, safe, verified, with its failures as one line naming the file."""
+    r = reader(path, expected, algorithm)
     try:
         dcp.load(state, storage_reader=r, planner=SafeLoadPlanner(), process_group=process_group)
     except BaseException as err:
@@ -111,7 +118,7 @@ def load_model_weights(model, path: str, meta: dict | None = None) -> None:
     verified and safe. `meta`: what `checked(path)` returned, if the caller has it."""
     meta = meta or checked(str(path))
     sd = get_model_state_dict(model)
-    load({"model": sd}, str(path), expected_files(meta))
+    load({"model": sd}, str(path), expected_files(meta), algorithm=checksum.of_manifest(meta))
     set_model_state_dict(model, sd, options=StateDictOptions(strict=True))
 
 
