@@ -91,6 +91,8 @@ def test_every_pair_runs_or_is_refused():
         (("activation_checkpoint", "op"), ("offload_checkpoints", True)),
         (("activation_checkpoint", "op"), ("schedule", "interleaved-zb")),
         (("activation_checkpoint", "op"), ("schedule", "zbv")),
+        (("reshard_after_forward", True), ("schedule", "interleaved-zb")),
+        (("reshard_after_forward", True), ("schedule", "zbv")),
     }
 
 
@@ -100,14 +102,17 @@ def test_a_refused_pair_is_one_line_from_check_layout(pair):
     from triaxis.parallel.rules import check_layout
 
     knobs = {k: v[0] for k, v in SEARCHED_OPTIONS.items()} | dict(pair)
-    if knobs["offload_checkpoints"] and knobs["activation_checkpoint"] != "none":
-        knobs["schedule"] = "zbv"  # the other refusal of op-level checkpointing, not offload's
     cfg = make_config("unused", "unused", **overrides(knobs))
     line = composition_problem(cfg.parallel)
     assert line is not None and "\n" not in line
-    for k, v in pair:
-        shown = {"op": "ac_selective=op", "none": "activation_checkpoint='none'"}.get(v, str(v))
-        assert shown.lower() in line.lower() or k == "offload_checkpoints", (shown, line)
+    for k, v in pair:  # the line names both values, as the user spelled them
+        spelled = {
+            ("activation_checkpoint", "op"): "ac_selective=op",
+            ("activation_checkpoint", "none"): "activation_checkpoint=none",
+            ("offload_checkpoints", True): "activation_offload=true",
+            ("reshard_after_forward", True): "reshard_after_forward=true",
+        }.get((k, v), f"pp_schedule={v}")
+        assert spelled in line.replace("'", ""), (spelled, line)
     assert any(fix in line for fix in ("set ", "use ", "--parallel."))
     with pytest.raises(UserError) as err:
         check_layout(cfg, WORLD, build_model_args(cfg.model))

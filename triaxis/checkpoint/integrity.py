@@ -242,8 +242,8 @@ class _VerifyingView(io.IOBase):
         """A tensor's bytes in chunks, each hashed on a helper thread while the next one is
         read (the hash releases the GIL): only the last chunk's hash is on the critical path.
         All are hashed before returning: `mv` is torch.load's storage, freed soon after."""
-        done, prev = 0, None
-        prev: Future | None
+        done = 0
+        prev: Future | None = None  # the chunk being hashed
         while done < len(mv):
             n = self.base.readinto(mv[done : done + _PIPE]) or 0
             if n == 0:

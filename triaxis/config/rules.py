@@ -21,7 +21,7 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
         raise UserError(
             "parallel.loss_parallel=true needs parallel.tp > 1; set tp or drop loss_parallel"
         )
-    if (problem := composition_problem(p)) is not None:
+    if (problem := composition_problem(p, None if dims is None else dims.fsdp_enabled)) is not None:
         raise UserError(problem)
     if d.mean_document_tokens and not d.document_mask:
         raise UserError(
@@ -52,11 +52,15 @@ SPLIT_BACKWARD_SCHEDULES = ("interleaved-zb", "zbv", "dualpipev")
 input gradients first (sent on at once), weight gradients later."""
 
 
-def composition_problem(p: ParallelConfig) -> str | None:
+def composition_problem(p: ParallelConfig, fsdp: bool | None = None) -> str | None:
     """Why options that are each valid cannot run together (one line: the values, the rule,
     the fix), or None. The one rule for what composes: `validate` (so `check_layout`, every
     launcher backend and the trainer) raises it, and the planner (plan.search) never emits a
-    layout it refuses; tests/test_composition.py walks every pair of the searched options."""
+    layout it refuses; tests/test_composition.py walks every pair of the searched options.
+    `fsdp`: whether FSDP wraps the model (ParallelDims.fsdp_enabled); None: judged from the
+    explicit degrees (dp_shard=-1 is not resolved yet: check_layout judges it again)."""
+    if fsdp is None:
+        fsdp = p.fsdp_always or p.dp_replicate > 1 or p.dp_shard > 1
     if p.activation_offload and (
         p.activation_checkpoint == "none"
         or (p.activation_checkpoint == "selective" and p.ac_selective == "op")
@@ -82,6 +86,17 @@ def composition_problem(p: ParallelConfig) -> str | None:
             "and a weight-gradient pass, but activation_checkpoint=selective with "
             "ac_selective=op recomputes a block for one backward pass only; use "
             "--parallel.ac_selective=block or --parallel.activation_checkpoint=full, or "
+            "pp_schedule=1f1b / interleaved-1f1b"
+        )
+    split = p.pp > 1 and p.pp_schedule in SPLIT_BACKWARD_SCHEDULES
+    if split and fsdp and p.reshard_after_forward:
+        # Measured at pp=2 x dp_shard=2 (tests/test_composition.py): the losses leave the
+        # one-process run's from step 2 on (the weight-gradient pass comes after FSDP's
+        # per-micro-batch resharding), while reshard_after_forward=false matches it.
+        return (
+            f"parallel.pp_schedule={p.pp_schedule} with FSDP and reshard_after_forward=true "
+            "trains on wrong weight gradients (its weight-gradient pass runs after the "
+            "parameters were resharded); set --parallel.reshard_after_forward=false, or "
             "pp_schedule=1f1b / interleaved-1f1b"
         )
     return None

@@ -181,11 +181,14 @@ def composes(layout: Layout) -> bool:
     """The trainer's rule for options that cannot run together (config.composition_problem,
     raised by check_layout): the planner never emits a layout it refuses."""
     p = ParallelConfig(
+        dp_replicate=layout.dp_replicate,
+        dp_shard=layout.dp_shard,
         pp=layout.pp,
         pp_schedule=layout.schedule if layout.pp > 1 else ParallelConfig.pp_schedule,
+        reshard_after_forward=layout.reshard_after_forward,
         **layout.runtime_ac(),
     )
-    return composition_problem(p) is None
+    return composition_problem(p, fsdp=layout.dp > 1) is None
 
 
 def schedule_fits(schedule: str, pp: int, virtual_stages: int, num_micro: int) -> bool:
