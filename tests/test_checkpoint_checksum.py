@@ -140,7 +140,7 @@ def test_a_state_the_load_could_not_write_in_place_is_put_in_place():
     DCP replaced is not in place."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from triaxis.checkpoint.dcp import loaded_in_place
+    from triaxis.checkpoint.dcp_io import loaded_in_place
 
     ck = _checkpointer("unused")
     model_sd, optim_sd = get_state_dict(ck.model, ck.optimizer)

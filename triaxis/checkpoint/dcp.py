@@ -57,33 +57,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def loaded_in_place(state: dict, model, optimizer) -> bool:
-    """Whether every value of the loaded model and optimizer state is a tensor whose memory is
-    a live parameter, buffer or optimizer state of `model` / `optimizer` (so the load already
-    restored them). A value DCP had to replace (a Python number, a tensor of its own) is not."""
-    live = {_local(t).data_ptr() for t in (*model.parameters(), *model.buffers())}
-    for per_param in optimizer.state.values():
-        live.update(_local(v).data_ptr() for v in per_param.values() if torch.is_tensor(v))
-
-    def leaves(tree):
-        if isinstance(tree, dict):
-            for v in tree.values():
-                yield from leaves(v)
-        else:
-            yield tree
-
-    for leaf in (*leaves(state["model"]), *leaves(state["optim"]["state"])):
-        if not torch.is_tensor(leaf):
-            return False
-        if leaf.numel() and _local(leaf).data_ptr() not in live:
-            return False
-    return True
-
-
 class Checkpointer:
     def __init__(
         self,
@@ -434,7 +407,7 @@ class Checkpointer:
         groups = state["optim"].pop("param_groups")
         dcp_io.load(state, path, expected, self.group, algorithm=checksum.of_manifest(meta))
         state["optim"]["param_groups"] = groups
-        if not loaded_in_place(state, self.model, self.optimizer):
+        if not dcp_io.loaded_in_place(state, self.model, self.optimizer):
             set_state_dict(
                 self.model,
                 self.optimizer,

@@ -9,6 +9,7 @@ import errno
 import logging
 import warnings
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -120,6 +121,33 @@ def load_model_weights(model, path: str, meta: dict | None = None) -> None:
     sd = get_model_state_dict(model)
     load({"model": sd}, str(path), expected_files(meta), algorithm=checksum.of_manifest(meta))
     set_model_state_dict(model, sd, options=StateDictOptions(strict=True))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def loaded_in_place(state: dict, model, optimizer) -> bool:
+    """Whether every value of the loaded model and optimizer state is a tensor whose memory is
+    a live parameter, buffer or optimizer state of `model` / `optimizer` (so the load already
+    restored them). A value DCP had to replace (a Python number, a tensor of its own) is not."""
+    live = {_local(t).data_ptr() for t in (*model.parameters(), *model.buffers())}
+    for per_param in optimizer.state.values():
+        live.update(_local(v).data_ptr() for v in per_param.values() if torch.is_tensor(v))
+
+    def leaves(tree):
+        if isinstance(tree, dict):
+            for v in tree.values():
+                yield from leaves(v)
+        else:
+            yield tree
+
+    for leaf in (*leaves(state["model"]), *leaves(state["optim"]["state"])):
+        if not torch.is_tensor(leaf):
+            return False
+        if leaf.numel() and _local(leaf).data_ptr() not in live:
+            return False
+    return True
 
 
 def disk_full(err: OSError, folder: str) -> UserError:
