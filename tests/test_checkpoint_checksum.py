@@ -153,3 +153,28 @@ def test_a_state_the_load_could_not_write_in_place_is_put_in_place():
     fqn = next(iter(optim_sd["state"]))
     optim_sd["state"][fqn]["step"] = 5.0
     assert not loaded_in_place(state, ck.model, ck.optimizer)
+
+
+def test_resume_verifies_a_crc32_checkpoint_with_crc32(tmp_path):
+    """A training checkpoint in main's format (CRC-32 items, no "checksum" key; rewritten here
+    from a new one) resumes, and a flipped byte in it is refused."""
+    import zlib
+
+    ck = _checkpointer(str(tmp_path / "ck"))
+    ck.save(1, 10, block=True)
+    path = Path(mf.step_dir(str(tmp_path / "ck"), 1))
+    meta = json.loads((path / mf.META).read_text())
+    del meta["checksum"]
+    for name, entry in meta["files"].items():
+        raw = (path / name).read_bytes()
+        entry["items"] = [[o, n, zlib.crc32(raw[o : o + n])] for o, n, _ in entry["items"]]
+    (path / mf.META).write_text(json.dumps(meta))
+    assert mf.verify(str(path)) == []
+    assert ck.load(str(path))["cursor"] == 10
+    shard = next(p for p in path.iterdir() if p.suffix == ".distcp")
+    start, length, _ = max(meta["files"][shard.name]["items"], key=lambda it: it[1])
+    raw = bytearray(shard.read_bytes())
+    raw[start + length // 2] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="fails its checksum"):
+        ck.load(str(path))
