@@ -1,6 +1,6 @@
 """triaxis checkpoints side by side with plain torch.distributed.checkpoint, same state, same run.
 
-    python bench/checkpoint_vs_dcp.py [--gb 1] [--repeats 3] [--s3-gb 0.1]
+    python bench/checkpoint_vs_dcp.py [--gb 1] [--repeats 3] [--s3-gb 0.1] [--no-async]
 
 One process builds a model + AdamW state of about --gb GB (12 bytes per parameter), then, for
 each operation, times triaxis's Checkpointer (checksums computed while writing; verification
@@ -12,6 +12,13 @@ plain folder, alternating, --repeats times (median shown):
   staging copy  a plain copy of the state into fresh host tensors (what async must do at least)
   resume        triaxis Checkpointer.load (every item verified as it is read) / dcp.load,
                 then set_state_dict (both put the state into the model and optimizer)
+  load in place the same triaxis load / dcp.load alone into the live state dict (what a
+                plain DCP user does: DCP copies into the model's and optimizer's tensors)
+  ... (cold)    the same after dropping both folders' files from the page cache
+                (posix_fadvise DONTNEED after sync: only this benchmark's files)
+
+Every save starts after a `sync`. Wall time and the process's CPU time (all threads) are shown;
+under a loaded machine the CPU time is the steadier of the two.
 
 Peak extra host memory: the peak resident set above the start of each operation
 (/proc/self/status VmHWM, reset through /proc/self/clear_refs), triaxis minus plain DCP.
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -67,12 +75,32 @@ def _status(key: str) -> int:
     return 0
 
 
-def measure(fn) -> tuple[float, int]:
-    """(seconds, peak resident bytes above the start)."""
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def measure(fn, before=None) -> tuple[float, float, int]:
+    """(seconds, CPU seconds of every thread, peak resident bytes above the start); `before`
+    runs first, untimed."""
+    if before is not None:
+        before()
     base = _reset_peak()
-    t0 = time.perf_counter()
+    c0, t0 = _cpu_s(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0, max(0, _status("VmHWM") - base)
+    return time.perf_counter() - t0, _cpu_s() - c0, max(0, _status("VmHWM") - base)
+
+
+def drop_cache(folder: str) -> None:
+    """Evict this folder's files from the page cache (clean pages only: sync first)."""
+    os.sync()
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def build(gb: float, folder: str, target: str):
@@ -111,15 +139,20 @@ def plain_state(ck: Checkpointer) -> dict:
     return state
 
 
-def plain_resume(ck: Checkpointer, path: str) -> None:
-    """What a trainer on plain DCP does to resume: load, then put the state in place."""
+def plain_resume(ck: Checkpointer, path: str, set_state: bool = True) -> None:
+    """What a trainer on plain DCP does to resume: load, then (set_state) put the state in
+    place with set_state_dict."""
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     state = plain_state(ck)
     dcp.load(state, storage_reader=_plain_reader(path))
-    set_state_dict(
-        ck.model, ck.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
-    )
+    if set_state:
+        set_state_dict(
+            ck.model,
+            ck.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+        )
 
 
 def _plain_writer(path: str):
@@ -175,18 +208,37 @@ def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
         _clean(ours_dir, plain_dir)
         cfg.async_save = False
         path = mf.step_dir(ours_dir, step)
+        local = "://" not in ours_dir
+        sync = os.sync if local else None
         ops = {
             "save sync": (
                 lambda: ck.save(step, step, block=True),
                 lambda: dcp.save(state, storage_writer=_plain_writer(plain_dir)),
+                sync,
+                sync,
             ),
-            "resume": (lambda: ck.load(path), lambda: plain_resume(ck, plain_dir)),
+            "resume": (lambda: ck.load(path), lambda: plain_resume(ck, plain_dir), None, None),
+            "load in place": (
+                lambda: ck.load(path),
+                lambda: plain_resume(ck, plain_dir, set_state=False),
+                None,
+                None,
+            ),
         }
-        for name, (ours, plain) in ops.items():
+        if local:
+            for name in ("resume", "load in place"):
+                ours, plain, _, _ = ops[name]
+                ops[f"{name} (cold)"] = (
+                    ours,
+                    plain,
+                    lambda: drop_cache(path),
+                    lambda: drop_cache(plain_dir),
+                )
+        for name, (ours, plain, pre_ours, pre_plain) in ops.items():
             if step % 2:  # alternate who goes first: page cache and writeback favour neither
-                got_ours, got_plain = measure(ours), measure(plain)
+                got_ours, got_plain = measure(ours, pre_ours), measure(plain, pre_plain)
             else:
-                got_plain, got_ours = measure(plain), measure(ours)
+                got_plain, got_ours = measure(plain, pre_plain), measure(ours, pre_ours)
             add(name, got_ours, got_plain)
         if not with_async:
             continue
@@ -204,17 +256,19 @@ def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
         blocking_plain = time.perf_counter() - t0
         getattr(fut, "upload_completion", fut).result()
         total_plain = time.perf_counter() - t0
-        add("async blocking", (blocking_ours, 0), (blocking_plain, 0))
-        add("async total", (total_ours, 0), (total_plain, 0))
-        t_copy, _ = measure(lambda: [t.clone() for t in _tensors(plain_state(ck))])
-        add("staging copy", (t_copy, 0), (t_copy, 0))
+        add("async blocking", (blocking_ours, 0, 0), (blocking_plain, 0, 0))
+        add("async total", (total_ours, 0, 0), (total_plain, 0, 0))
+        t_copy, c_copy, _ = measure(lambda: [t.clone() for t in _tensors(plain_state(ck))])
+        add("staging copy", (t_copy, c_copy, 0), (t_copy, c_copy, 0))
     out = []
     for name, vals in rows.items():
         ours = statistics.median(v[0][0] for v in vals)
         plain = statistics.median(v[1][0] for v in vals)
+        cpu_ours = statistics.median(v[0][1] for v in vals)
+        cpu_plain = statistics.median(v[1][1] for v in vals)
         best_ours = min(v[0][0] for v in vals)
         best_plain = min(v[1][0] for v in vals)
-        mem = max(v[0][1] - v[1][1] for v in vals)
+        mem = max(v[0][2] - v[1][2] for v in vals)
         out.append(
             {
                 "op": name,
@@ -223,6 +277,9 @@ def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
                 "dcp_s": round(plain, 3),
                 "ratio": round(ours / plain, 3) if plain else None,
                 "best_ratio": round(best_ours / best_plain, 3) if best_plain else None,
+                "cpu_ratio": round(cpu_ours / cpu_plain, 3) if cpu_plain else None,
+                "triaxis_cpu_s": round(cpu_ours, 3),
+                "dcp_cpu_s": round(cpu_plain, 3),
                 "extra_peak_mib": round(mem / 2**20, 1),
             }
         )
@@ -242,26 +299,30 @@ def main() -> None:
     ap.add_argument("--gb", type=float, nargs="+", default=[1.0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--s3-gb", type=float, default=0.0)
+    ap.add_argument("--no-async", action="store_true", help="skip the async-save rows")
     a = ap.parse_args()
     torch.manual_seed(0)
     print(
-        f"{'target':>6} {'op':>15} {'GB':>5} {'triaxis s':>10} {'DCP s':>8} {'ratio':>6} "
-        f"{'best/best':>9} {'extra peak MiB':>14}   (medians of --repeats; best = fastest)"
+        f"{'target':>6} {'op':>20} {'GB':>5} {'triaxis s':>10} {'DCP s':>8} {'ratio':>6} "
+        f"{'best/best':>9} {'tx cpu s':>8} {'DCP cpu s':>9} {'cpu ratio':>9} "
+        f"{'extra peak MiB':>14}   (medians of --repeats; best = fastest)"
     )
 
     def show(target: str, rows: list[dict]) -> None:
         for r in rows:
             print(
-                f"{target:>6} {r['op']:>15} {r['gb']:>5} {r['triaxis_s']:>10.3f} "
+                f"{target:>6} {r['op']:>20} {r['gb']:>5} {r['triaxis_s']:>10.3f} "
                 f"{r['dcp_s']:>8.3f} {r['ratio'] or 0:>6.2f} {r['best_ratio'] or 0:>9.2f} "
+                f"{r['triaxis_cpu_s']:>8.3f} {r['dcp_cpu_s']:>9.3f} {r['cpu_ratio'] or 0:>9.2f} "
                 f"{r['extra_peak_mib']:>14.1f}",
                 flush=True,
             )
 
+    print(f"load average at start: {os.getloadavg()}", flush=True)
     for gb in a.gb:
         root = tempfile.mkdtemp(prefix="ckbench_", dir=os.environ.get("BENCH_DIR"))
         try:
-            show("local", compare(gb, a.repeats, root, with_async=True))
+            show("local", compare(gb, a.repeats, root, with_async=not a.no_async))
         finally:
             shutil.rmtree(root, ignore_errors=True)
     if a.s3_gb:
@@ -276,6 +337,7 @@ def main() -> None:
             show("s3", compare(a.s3_gb, a.repeats, "s3://bench/run", with_async=False))
         finally:
             server.stop()
+    print(f"load average at end: {os.getloadavg()}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-extra="" check="import triaxis, torch, tokenizers, safetensors, rich, s3fs"
+extra="" check="import triaxis, torch, tokenizers, safetensors, rich, s3fs, xxhash"
 if [ "${1:-}" = "test" ]; then
   extra="[test]" check="$check, pytest, boto3, moto, transformers, pyarrow, importlinter"
 fi

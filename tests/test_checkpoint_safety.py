@@ -6,7 +6,6 @@ import json
 import os
 import pickle
 import shutil
-import zlib
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from tests import helpers
 from tests.helpers import slow_but_first
 from tests.test_checkpoint import ENV, train_args, triaxis
+from triaxis.checkpoint import checksum
 from triaxis.checkpoint import manifest as mf
 
 
@@ -49,7 +49,8 @@ def _set_entry(ckpt: Path, name: str) -> None:
     also writes consistent checksums, so only the reader's own rules can protect."""
     meta = json.loads((ckpt / mf.META).read_text())
     raw = (ckpt / name).read_bytes()
-    meta["files"][name] = {"size": len(raw), "items": [[0, len(raw), zlib.crc32(raw)]]}
+    digest = checksum.digest(checksum.of_manifest(meta), raw)
+    meta["files"][name] = {"size": len(raw), "items": [[0, len(raw), digest]]}
     (ckpt / mf.META).write_text(json.dumps(meta))
 
 

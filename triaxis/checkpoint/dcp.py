@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from triaxis import storage
-from triaxis.checkpoint import dcp_io
+from triaxis.checkpoint import checksum, dcp_io
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.dcp_io import load_model_weights
 from triaxis.checkpoint.save_errors import (
@@ -394,7 +394,10 @@ class Checkpointer:
     def load(self, path: str) -> dict:
         """Load the whole training state in place, checking every item read against its
         write-time checksum (unless checkpoint.verify_on_resume=false); returns
-        {"step", "cursor", "loop_state"}."""
+        {"step", "cursor", "loop_state"}. DCP copies each tensor into the state dict's own
+        tensors, which are the model's and the optimizer's (get_state_dict shares them): where
+        every one is, the state is restored by the load itself, as with plain DCP, and a
+        set_state_dict would only copy it onto itself once more."""
         meta = mf.load_manifest(path)
         self.check_compatible(path, meta)
         state = self._state()
@@ -404,14 +407,15 @@ class Checkpointer:
         # (rank 0's), which names none of another pipeline stage's parameters. Their
         # hyperparameters come from the config, the lr from the schedule (set below).
         groups = state["optim"].pop("param_groups")
-        dcp_io.load(state, path, expected, process_group=self.group)
+        dcp_io.load(state, path, expected, self.group, algorithm=checksum.of_manifest(meta))
         state["optim"]["param_groups"] = groups
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=state["model"],
-            optim_state_dict=state["optim"],
-        )
+        if not dcp_io.loaded_in_place(state, self.model, self.optimizer):
+            set_state_dict(
+                self.model,
+                self.optimizer,
+                model_state_dict=state["model"],
+                optim_state_dict=state["optim"],
+            )
         sched = self.scheduler.state_dict()
         sched["last_epoch"] = int(state["train"]["scheduler"])
         sched["_step_count"] = sched["last_epoch"] + 1

@@ -9,6 +9,7 @@ import errno
 import logging
 import warnings
 
+import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -17,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from triaxis import storage
-from triaxis.checkpoint import integrity
+from triaxis.checkpoint import checksum, integrity
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.safe_load import SafeLoadPlanner, UnsafeMetadata, refuse
 from triaxis.errors import UserError
@@ -38,7 +39,8 @@ logging.getLogger().addFilter(_NoMetadataFallbackWarning())
 
 
 def writer(path: str):
-    """A DCP writer that records each file's size and per-item CRC-32 in `.digests`."""
+    """A DCP writer that records each file's size and per-item checksums (checksum.WRITE)
+    in `.digests`."""
     if not storage.is_remote(path):
         return integrity.hashing(dcp.FileSystemWriter(path))
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
@@ -49,19 +51,25 @@ def writer(path: str):
     )
 
 
-def reader(path: str, expected: dict | None):
-    """A DCP reader that refuses unsafe metadata and, given the manifest's file table,
-    checks every item it reads against its write-time checksum."""
+def reader(path: str, expected: dict | None, algorithm: str = checksum.WRITE):
+    """A DCP reader that refuses unsafe metadata and, given the manifest's file table (and
+    the checksum it records), checks every item it reads against its write-time checksum."""
     remote = storage.is_remote(path)
     cls = integrity.reader_class(remote)
     r = cls(path, **storage.s3_options()) if remote else cls(path)
-    r._setup_verify(expected, path)
+    r._setup_verify(expected, path, algorithm)
     return r
 
 
-def load(state: dict, path: str, expected: dict | None, process_group=None) -> None:
-    """dcp.load, safe, verified, with its failures as one line naming the file."""
-    r = reader(path, expected)
+def load(
+    state: dict,
+    path: str,
+    expected: dict | None,
+    process_group=None,
+    algorithm: str = checksum.WRITE,
+) -> None:
+    """dcp.load in place, safe, verified, with its failures as one line naming the file."""
+    r = reader(path, expected, algorithm)
     try:
         dcp.load(state, storage_reader=r, planner=SafeLoadPlanner(), process_group=process_group)
     except BaseException as err:
@@ -111,8 +119,35 @@ def load_model_weights(model, path: str, meta: dict | None = None) -> None:
     verified and safe. `meta`: what `checked(path)` returned, if the caller has it."""
     meta = meta or checked(str(path))
     sd = get_model_state_dict(model)
-    load({"model": sd}, str(path), expected_files(meta))
+    load({"model": sd}, str(path), expected_files(meta), algorithm=checksum.of_manifest(meta))
     set_model_state_dict(model, sd, options=StateDictOptions(strict=True))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def loaded_in_place(state: dict, model, optimizer) -> bool:
+    """Whether every value of the loaded model and optimizer state is a tensor whose memory is
+    a live parameter, buffer or optimizer state of `model` / `optimizer` (so the load already
+    restored them). A value DCP had to replace (a Python number, a tensor of its own) is not."""
+    live = {_local(t).data_ptr() for t in (*model.parameters(), *model.buffers())}
+    for per_param in optimizer.state.values():
+        live.update(_local(v).data_ptr() for v in per_param.values() if torch.is_tensor(v))
+
+    def leaves(tree):
+        if isinstance(tree, dict):
+            for v in tree.values():
+                yield from leaves(v)
+        else:
+            yield tree
+
+    for leaf in (*leaves(state["model"]), *leaves(state["optim"]["state"])):
+        if not torch.is_tensor(leaf):
+            return False
+        if leaf.numel() and _local(leaf).data_ptr() not in live:
+            return False
+    return True
 
 
 def disk_full(err: OSError, folder: str) -> UserError:

@@ -3,15 +3,19 @@ to hash it, and no more than a chunk of it is held for hashing.
 
 A DCP data file is the concatenation of items (one `torch.save` blob per tensor shard or
 value); DCP asks the stream for its position at each item's start and end. The writer's stream
-wrapper cuts its running CRC-32 there, so every item gets its own (offset, length, crc32):
+wrapper cuts its running checksum there, so every item gets its own (offset, length, digest):
 recorded per file in the rank's sidecar, then in the manifest. A loading rank reads only the
 items it needs (a resharded or weights-only load reads parts of files), so checking is per item:
 the reader's view of an item hashes the bytes `torch.load` pulls through it, in order, fills
 the few bytes it skips (zip headers' padding), and at the end of the file reads the small tail
 it read out of order (the zip directory). A mismatch fails the load naming the file.
 
-CRC-32 (zlib, ~3 GB/s here; sha256 ~0.7 GB/s) detects corruption, which is all a checksum that
-lives next to the data can do: whoever can rewrite a shard can rewrite its checksum.
+The checksum is XXH3-64 for new checkpoints, zlib's CRC-32 for older ones (checksum.py; the
+manifest names it). A tensor's bytes are read in 256 KiB chunks, each hashed right after it is
+read, while it is still in the core's cache: verification then adds no pass over memory, only
+the hash's arithmetic (~10 GB/s). Measured against hashing 1-4 MiB chunks on a helper thread
+behind the read, this took less CPU and no more wall time on the loaded dev machine
+(bench/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -19,24 +23,14 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
-from triaxis.checkpoint import safe_load
+from triaxis.checkpoint import checksum, safe_load
 
 _CHUNK = 1 << 20  # bytes hashed per read when filling gaps: the bound on memory for hashing
 _GAP = 1 << 20  # a read further ahead than this is served unhashed and hashed at the end
-_PIPE = 16 << 20  # larger reads are hashed chunk by chunk behind the reading
+_HOT = 256 << 10  # a large read goes in chunks of this size, each hashed while in cache
 _KEEP = 256 << 10  # reads ahead of the hash up to this size are kept to be hashed later
-_HASHER: ThreadPoolExecutor | None = None
-
-
-def _hasher() -> ThreadPoolExecutor:
-    global _HASHER
-    if _HASHER is None:
-        _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-crc")
-    return _HASHER
 
 
 def walk(err: BaseException):
@@ -68,12 +62,14 @@ class ChecksumMismatch(Exception):
 
 # -- writing ------------------------------------------------------------------------------------
 class _HashingStream(io.RawIOBase):
-    """A write-only stream: passes bytes through, CRC-32 per segment between tell() calls."""
+    """A write-only stream: passes bytes through, a checksum per segment between tell()
+    calls."""
 
     def __init__(self, raw, done: Callable[[int, list], None]):
         super().__init__()
         self.raw, self.done = raw, done
-        self.pos = self.start = self.crc = 0
+        self.pos = self.start = 0
+        self.hash = checksum.new(checksum.WRITE)
         self.segments: list[list[int]] = []
         self.finished = False
 
@@ -84,14 +80,14 @@ class _HashingStream(io.RawIOBase):
         mv = memoryview(b).cast("B")
         n = self.raw.write(mv)
         n = len(mv) if n is None else n
-        self.crc = zlib.crc32(mv[:n], self.crc)
+        self.hash.update(mv[:n])
         self.pos += n
         return n
 
     def _cut(self) -> None:
         if self.pos > self.start:
-            self.segments.append([self.start, self.pos - self.start, self.crc])
-        self.start, self.crc = self.pos, 0
+            self.segments.append([self.start, self.pos - self.start, self.hash.intdigest()])
+        self.start, self.hash = self.pos, checksum.new(checksum.WRITE)
 
     def tell(self) -> int:
         self._cut()  # DCP asks at every item boundary
@@ -169,10 +165,11 @@ class _VerifyingView(io.IOBase):
     """One item of a data file, as DCP's own view presents it to torch.load, hashing what
     passes through."""
 
-    def __init__(self, base, offset: int, length: int, want: int, name: str):
+    def __init__(self, base, offset: int, length: int, want: int, name: str, algorithm: str):
         super().__init__()
         self.base, self.offset, self.len, self.want, self.name = base, offset, length, want, name
-        self.crc = self.hashed = 0  # bytes [0, hashed) of the item are in crc
+        self.hash = checksum.new(algorithm)
+        self.hashed = 0  # bytes [0, hashed) of the item are in self.hash
         self.ahead: dict[int, bytes] = {}  # small reads served ahead of the hash (zip index)
         self.base.seek(offset)
 
@@ -208,7 +205,7 @@ class _VerifyingView(io.IOBase):
                 chunk = self.base.read(min(_CHUNK, min(nxt, upto) - self.hashed))
                 if not chunk:
                     raise ChecksumMismatch(self.name, "is shorter than its manifest says")
-            self.crc = zlib.crc32(chunk, self.crc)
+            self.hash.update(chunk)
             self.hashed += len(chunk)
         self.base.seek(self.offset + upto)
 
@@ -219,7 +216,7 @@ class _VerifyingView(io.IOBase):
     def _after(self, pos: int, data) -> None:
         n = len(data)
         if pos <= self.hashed < pos + n:
-            self.crc = zlib.crc32(data[self.hashed - pos :], self.crc)
+            self.hash.update(data[self.hashed - pos :])
             self.hashed = pos + n
         elif pos > self.hashed and n <= _KEEP:
             self.ahead[pos] = bytes(data)
@@ -228,26 +225,17 @@ class _VerifyingView(io.IOBase):
         pos = self.tell()
         self._before(pos)
         mv = memoryview(b).cast("B")[: max(0, self.len - pos)]
-        if len(mv) > _PIPE and pos == self.hashed:
-            return self._read_hashing_behind(pos, mv)
-        n = self.base.readinto(mv) or 0
-        self._after(pos, mv[:n])
-        return n
-
-    def _read_hashing_behind(self, pos: int, mv: memoryview) -> int:
-        """A tensor's bytes in chunks, each hashed on a helper thread while the next one is
-        read (zlib releases the GIL): the checksum costs almost no time on its own."""
-        done, prev = 0, None
+        if pos != self.hashed:  # ahead of the hash (the zip index): kept, or hashed at the end
+            n = self.base.readinto(mv) or 0
+            self._after(pos, mv[:n])
+            return n
+        done = 0
         while done < len(mv):
-            n = self.base.readinto(mv[done : done + _PIPE]) or 0
+            n = self.base.readinto(mv[done : done + _HOT]) or 0
             if n == 0:
                 break
-            if prev is not None:
-                prev.result()  # in order: the running CRC is a chain
-            prev = _hasher().submit(self._after, pos + done, mv[done : done + n])
+            self._after(pos + done, mv[done : done + n])
             done += n
-        if prev is not None:
-            prev.result()
         return done
 
     def read(self, size: int = -1) -> bytes:
@@ -260,7 +248,7 @@ class _VerifyingView(io.IOBase):
 
     def finish(self) -> None:
         self._fill(self.len)
-        if self.crc != self.want:
+        if self.hash.intdigest() != self.want:
             raise ChecksumMismatch(
                 self.name, "fails its checksum (its bytes changed after they were written)"
             )
@@ -282,19 +270,19 @@ class _VerifyingFs(_FsProxy):
 
 
 class _VerifyingMixin:
-    """Reader side. `expected` is the manifest's file table ({name: {size, items}}); None
-    loads without checking (checkpoint.verify_on_resume=false, or a legacy checkpoint
-    verified beforehand)."""
+    """Reader side. `expected` is the manifest's file table ({name: {size, items}}) with
+    `algorithm` the checksum it records (checksum.of_manifest); None loads without checking
+    (checkpoint.verify_on_resume=false, or a legacy checkpoint verified beforehand)."""
 
-    def _setup_verify(self, expected: dict | None, where: str) -> None:
+    def _setup_verify(self, expected: dict | None, where: str, algorithm: str) -> None:
         self._views: list[_VerifyingView] = []
-        self._where = where
+        self._where, self._algorithm = where, algorithm
         self.failure: BaseException | None = None
         self._expected = (
             None
             if expected is None
             else {
-                name: {off: (length, crc) for off, length, crc in entry.get("items", [])}
+                name: {off: (length, want) for off, length, want in entry.get("items", [])}
                 for name, entry in expected.items()
             }
         )
@@ -317,9 +305,9 @@ class _VerifyingMixin:
             raw = f.read()
         if self._metadata_entry is not None:
             want = self._metadata_entry
-            crc = zlib.crc32(raw)
+            got = checksum.digest(self._algorithm, raw)
             items = want.get("items") or [[0, len(raw), None]]
-            if len(raw) != want["size"] or (items[0][2] is not None and items[0][2] != crc):
+            if len(raw) != want["size"] or (items[0][2] is not None and items[0][2] != got):
                 raise ChecksumMismatch(".metadata", "fails its checksum")
         md = safe_load.load_metadata(raw, f"{self._where}/.metadata")
         # Every file DCP will open must be a data file named in the manifest: a crafted
@@ -344,13 +332,15 @@ class _VerifyingMixin:
         if self._expected is None:
             return super()._slice_file(file, sinfo)
         table = self._expected.get(sinfo.relative_path, {})
-        length, crc = table.get(sinfo.offset, (None, None))
+        length, want = table.get(sinfo.offset, (None, None))
         if length != sinfo.length:
             raise ChecksumMismatch(
                 sinfo.relative_path,
                 f"has no checksum for bytes {sinfo.offset}..{sinfo.offset + sinfo.length}",
             )
-        view = _VerifyingView(file, sinfo.offset, sinfo.length, crc, sinfo.relative_path)
+        view = _VerifyingView(
+            file, sinfo.offset, sinfo.length, want, sinfo.relative_path, self._algorithm
+        )
         self._views.append(view)
         return view
 

@@ -1,12 +1,12 @@
 """Checkpoint manifests: what makes a checkpoint visible, valid, and kept.
 
 A checkpoint folder `step_XXXXXXXX/` (on a filesystem or under an s3:// prefix) holds DCP's files
-(`.metadata`, `__R_N.distcp`), one `__R.sha256.json` sidecar per rank (size and per-item CRC-32
-of the files that rank wrote, computed while writing: see integrity.py), and, written last,
-`triaxis.json`: the manifest (step, data cursor, model shape, layout, resolved config, and
-every file with its size and checksums). Only a folder with a manifest is a checkpoint; a crash
-at any moment before it leaves nothing that looks complete. Works the same on S3, which has no
-atomic rename: a single object PUT is atomic.
+(`.metadata`, `__R_N.distcp`), one `__R.sha256.json` sidecar per rank (size and per-item
+checksums of the files that rank wrote, computed while writing: see integrity.py), and, written
+last, `triaxis.json`: the manifest (step, data cursor, model shape, layout, resolved config, the
+checksum's name, and every file with its size and checksums). Only a folder with a manifest is
+a checkpoint; a crash at any moment before it leaves nothing that looks complete. Works the same
+on S3, which has no atomic rename: a single object PUT is atomic.
 
 A manifest is data from disk, not trusted: every name in it must be a plain name DCP writes
 (no `/`, no `..`), every entry well formed, and every file a regular file of the recorded size,
@@ -21,10 +21,10 @@ import json
 import os
 import re
 import stat
-import zlib
 from dataclasses import dataclass
 
 from triaxis import storage
+from triaxis.checkpoint import checksum
 
 META = "triaxis.json"
 PREFIX = "step_"
@@ -55,9 +55,9 @@ def commit(folder: str, world_size: int, meta: dict) -> None:
     problems = _entry_problems(files)
     if problems or ".metadata" not in files:
         raise RuntimeError(f"sidecars of {folder} are inconsistent: {problems or 'no .metadata'}")
-    storage.write_bytes(
-        storage.join(folder, META), json.dumps({**meta, "files": files}, indent=1).encode()
-    )
+    # The sidecars' checksums are the writer's (integrity.py): checksum.WRITE.
+    out = {**meta, "checksum": checksum.WRITE, "files": files}
+    storage.write_bytes(storage.join(folder, META), json.dumps(out, indent=1).encode())
 
 
 @dataclass
@@ -148,6 +148,8 @@ def load_manifest(path: str) -> dict:
     problems = _entry_problems(meta.get("files"))
     if ".metadata" not in (meta.get("files") or {}):
         problems.append("it lists no .metadata")
+    if not checksum.known(checksum.of_manifest(meta)):
+        problems.append(f"its checksum {meta['checksum']!r} is not one this triaxis knows")
     if problems:
         raise InvalidManifest("; ".join(problems))
     return meta
@@ -204,14 +206,14 @@ def _stream(path: str):
         yield from iter(lambda: f.read(8 * _CHUNK), b"")
 
 
-def _content_problem(path: str, name: str, want: dict) -> str | None:
+def _content_problem(path: str, name: str, want: dict, algorithm: str) -> str | None:
     f = storage.join(path, name)
     if "items" not in want:
         h = hashlib.sha256()
         for chunk in _stream(f):
             h.update(chunk)
         return None if h.hexdigest() == want["sha256"] else f"{name} fails its sha256 check"
-    items, i, crc = want["items"], 0, 0
+    items, i, h = want["items"], 0, checksum.new(algorithm)
     left = items[0][1] if items else 0
     for chunk in _stream(f):
         mv = memoryview(chunk)
@@ -219,14 +221,15 @@ def _content_problem(path: str, name: str, want: dict) -> str | None:
             if i == len(items):
                 return f"{name} is longer than its manifest says"
             take = mv[:left]
-            crc, left, mv = zlib.crc32(take, crc), left - len(take), mv[len(take) :]
+            h.update(take)
+            left, mv = left - len(take), mv[len(take) :]
             if left == 0:
-                if crc != items[i][2]:
+                if h.intdigest() != items[i][2]:
                     return (
                         f"{name} fails its checksum (bytes {items[i][0]}.."
                         f"{items[i][0] + items[i][1]} changed after they were written)"
                     )
-                i, crc = i + 1, 0
+                i, h = i + 1, checksum.new(algorithm)
                 left = items[i][1] if i < len(items) else 0
     return None if i == len(items) else f"{name} is shorter than its manifest says"
 
@@ -241,7 +244,7 @@ def verify(path: str, only: list[str] | None = None) -> list[str]:
     for name, want in sorted(meta["files"].items()):
         if only is not None and name not in only:
             continue
-        p = _content_problem(path, name, want)
+        p = _content_problem(path, name, want, checksum.of_manifest(meta))
         if p is None and name == ".metadata":
             p = metadata_problem(path)
         if p is not None:

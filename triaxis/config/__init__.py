@@ -14,7 +14,12 @@ from triaxis.config.load import (
     split_config_args,
     to_toml,
 )
-from triaxis.config.rules import attention_span, grad_accum_steps, validate
+from triaxis.config.rules import (
+    attention_span,
+    composition_problem,
+    grad_accum_steps,
+    validate,
+)
 from triaxis.config.sections import (
     SECTIONS,
     CheckpointConfig,
@@ -39,6 +44,7 @@ __all__ = [
     "TrainConfig",
     "attention_span",
     "check_config",
+    "composition_problem",
     "field_docs",
     "grad_accum_steps",
     "load_config",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from triaxis.config.load import check_config
-from triaxis.config.sections import Config, DataConfig
+from triaxis.config.sections import Config, DataConfig, ParallelConfig
 from triaxis.errors import UserError
 
 # ---------------------------------------------------------------------------------------------
@@ -21,21 +21,8 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
         raise UserError(
             "parallel.loss_parallel=true needs parallel.tp > 1; set tp or drop loss_parallel"
         )
-    if p.activation_offload and (
-        p.activation_checkpoint == "none"
-        or (p.activation_checkpoint == "selective" and p.ac_selective == "op")
-    ):
-        raise UserError(
-            f"parallel.activation_offload=true offloads the inputs checkpointed blocks save, "
-            f"but activation_checkpoint={p.activation_checkpoint!r}"
-            + (
-                f" with ac_selective={p.ac_selective!r}"
-                if p.activation_checkpoint != "none"
-                else ""
-            )
-            + " checkpoints no whole block; set parallel.activation_checkpoint=full or drop "
-            "activation_offload"
-        )
+    if (problem := composition_problem(p, None if dims is None else dims.fsdp_enabled)) is not None:
+        raise UserError(problem)
     if d.mean_document_tokens and not d.document_mask:
         raise UserError(
             f"data.mean_document_tokens={d.mean_document_tokens} counts masked attention "
@@ -58,6 +45,61 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
                 f"{t.micro_batch} x {dims.dp_size} = {per_step}; set train.global_batch={ok} "
                 f"or a smaller train.micro_batch"
             )
+
+
+SPLIT_BACKWARD_SCHEDULES = ("interleaved-zb", "zbv", "dualpipev")
+"""Pipeline schedules that run each stage's backward as two passes over one autograd graph:
+input gradients first (sent on at once), weight gradients later."""
+
+
+def composition_problem(p: ParallelConfig, fsdp: bool | None = None) -> str | None:
+    """Why options that are each valid cannot run together (one line: the values, the rule,
+    the fix), or None. The one rule for what composes: `validate` (so `check_layout`, every
+    launcher backend and the trainer) raises it, and the planner (plan.search) never emits a
+    layout it refuses; tests/test_composition.py walks every pair of the searched options.
+    `fsdp`: whether FSDP wraps the model (ParallelDims.fsdp_enabled); None: judged from the
+    explicit degrees (dp_shard=-1 is not resolved yet: check_layout judges it again)."""
+    if fsdp is None:
+        fsdp = p.fsdp_always or p.dp_replicate > 1 or p.dp_shard > 1
+    if p.activation_offload and (
+        p.activation_checkpoint == "none"
+        or (p.activation_checkpoint == "selective" and p.ac_selective == "op")
+    ):
+        return (
+            f"parallel.activation_offload=true offloads the inputs checkpointed blocks save, "
+            f"but activation_checkpoint={p.activation_checkpoint!r}"
+            + (
+                f" with ac_selective={p.ac_selective!r}"
+                if p.activation_checkpoint != "none"
+                else ""
+            )
+            + " checkpoints no whole block; set parallel.activation_checkpoint=full or drop "
+            "activation_offload"
+        )
+    op_level = p.activation_checkpoint == "selective" and p.ac_selective == "op"
+    if op_level and p.pp > 1 and p.pp_schedule in SPLIT_BACKWARD_SCHEDULES:
+        # torch.utils.checkpoint's selective policy frees what it recomputed after the first
+        # backward through a block: the weight-gradient pass then fails ("backward an extra
+        # time") at step 1.
+        return (
+            f"parallel.pp_schedule={p.pp_schedule} splits each backward into an input-gradient "
+            "and a weight-gradient pass, but activation_checkpoint=selective with "
+            "ac_selective=op recomputes a block for one backward pass only; use "
+            "--parallel.ac_selective=block or --parallel.activation_checkpoint=full, or "
+            "pp_schedule=1f1b / interleaved-1f1b"
+        )
+    split = p.pp > 1 and p.pp_schedule in SPLIT_BACKWARD_SCHEDULES
+    if split and fsdp and p.reshard_after_forward:
+        # Measured at pp=2 x dp_shard=2, AC none/selective/full alike (tests/test_composition.py):
+        # the losses leave the one-process run's from step 2 on, while
+        # reshard_after_forward=false matches it. Cause not isolated (torch's schedule runs
+        # the weight-gradient pass, and FSDP's unshard/reshard/reduce actions, itself).
+        return (
+            f"parallel.pp_schedule={p.pp_schedule} with FSDP and reshard_after_forward=true "
+            "does not train like one process (its losses drift from step 2 on); set "
+            "--parallel.reshard_after_forward=false, or pp_schedule=1f1b / interleaved-1f1b"
+        )
+    return None
 
 
 def attention_span(d: DataConfig) -> int:

@@ -22,6 +22,7 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from triaxis.config import ParallelConfig, composition_problem
 from triaxis.errors import UserError
 from triaxis.parallel.partition import schedule_problem, stages_per_rank
 from triaxis.plan.hardware import GIB, Catalog
@@ -135,7 +136,7 @@ def enumerate_families(
                         ]
                         if two_phase:  # the same layouts with MiCS hierarchical gathers
                             family += [dataclasses.replace(x, hierarchical=True) for x in family]
-                        yield family
+                        yield [x for x in family if composes(x)]
 
 
 def enumerate_layouts(
@@ -174,6 +175,20 @@ def slower_or_equal(a: Layout, b: Layout) -> bool:
         and a.reshard_after_forward >= b.reshard_after_forward
         and a.hierarchical == b.hierarchical  # either may be the faster: both are timed
     )
+
+
+def composes(layout: Layout) -> bool:
+    """The trainer's rule for options that cannot run together (config.composition_problem,
+    raised by check_layout): the planner never emits a layout it refuses."""
+    p = ParallelConfig(
+        dp_replicate=layout.dp_replicate,
+        dp_shard=layout.dp_shard,
+        pp=layout.pp,
+        pp_schedule=layout.schedule if layout.pp > 1 else ParallelConfig.pp_schedule,
+        reshard_after_forward=layout.reshard_after_forward,
+        **layout.runtime_ac(),
+    )
+    return composition_problem(p, fsdp=layout.dp > 1) is None
 
 
 def schedule_fits(schedule: str, pp: int, virtual_stages: int, num_micro: int) -> bool:
