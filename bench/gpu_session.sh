@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The one prepared device check (issue 23), sized for one `run` on a lent H100/H200 (15 minutes
 # of device time per session, 10 per command). Prepare .peer/ (git-ignored, so `carry` takes it)
-# once, from the repository root; the pytest wheels (~15 MB) are for part host-sync, in case the
-# machine has no pytest:
+# once, from the repository root. .peer/site holds what the machine lacks: xxhash (a declared
+# dependency of triaxis: checkpoint checksums; a CPython 3.12 wheel, the machine's Python) and the
+# pytest wheels (~15 MB) for part host-sync, in case the machine has no pytest:
 #
 #   mkdir -p .peer && cp ../shared/bench/hf_llama_baseline.py .peer/
-#   .venv/bin/pip install --no-deps --target .peer/site pytest pluggy iniconfig packaging pygments
+#   .venv/bin/pip install --no-deps --target .peer/site --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux2014_x86_64 xxhash pytest pluggy iniconfig packaging pygments
 #   run(command="bash bench/gpu_session.sh", carry=[".peer"], timeout_s=480)
 #
 # The machine's own python3 holds torch, transformers and tokenizers; triaxis runs from the
@@ -17,7 +19,7 @@
 # reads the triaxis speed rows of its own run).
 # CPU dry run of the same plumbing: DEV=cpu bash bench/gpu_session.sh (tests/test_gpu_session.py).
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRIAXIS_DEBUG=1
+export PYTHONPATH=$PWD:$PWD/.peer/site PYTHONUNBUFFERED=1 TRIAXIS_DEBUG=1
 export OUT=${OUT:-/tmp/triaxis-gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
