@@ -47,3 +47,23 @@ def reduce_scatter_single(
     return getattr(dist, reduce_scatter_name())(
         output, input, op=op, group=group, async_op=async_op
     )
+
+
+def pipeline_stage(*args, **kwargs):
+    """torch.distributed.pipelining.PipelineStage, minus one 2.11 wart: its first step
+    exchanges a dummy tensor with every neighbouring stage to open the connections, also with a
+    neighbour on the same rank (a V schedule's turn: stages pp-1 and pp), and gloo cannot send
+    to itself. Those exchanges are dropped (a rank hands its own stages activations in memory;
+    2.13 replaced this warm-up with one that skips them)."""
+    from torch.distributed.pipelining import PipelineStage
+
+    return _stage_class(PipelineStage)(*args, **kwargs)
+
+
+def _stage_class(base):
+    class Stage(base):
+        def _get_init_p2p_neighbors_ops(self):
+            ops = super()._get_init_p2p_neighbors_ops()
+            return [op for op in ops if op.group_peer != self.group_rank]
+
+    return Stage
