@@ -115,3 +115,19 @@ def test_pipeline_stage_opens_no_connection_to_its_own_rank():
 
     ops = compat._stage_class(Base)()._get_init_p2p_neighbors_ops()
     assert [op.group_peer for op in ops] == [0, 0]
+
+
+def test_this_torch_is_in_the_supported_range_the_readme_states():
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parent.parent
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(Requirement(d) for d in deps if Requirement(d).name == "torch").specifier
+    assert spec.contains(torch.__version__.split("+")[0])  # compat.sh runs supported ones only
+    lo = next(s.version for s in spec if s.operator == ">=")
+    hi = next(s.version for s in spec if s.operator == "<")
+    newest = f"{hi.split('.')[0]}.{int(hi.split('.')[1]) - 1}"
+    assert f"Supported: torch {lo} … {newest}" in (root / "README.md").read_text()
