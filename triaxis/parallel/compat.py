@@ -4,13 +4,20 @@ Code that needs an API newer than the oldest supported torch calls it through he
 test of the torch version lives here too, so that dropping an old release is one edit.
 
     all-gather / reduce-scatter into one flat tensor: `dist.all_gather_single` /
-    `dist.reduce_scatter_single` (2.13 on; the older names are deprecated there), else
-    `dist.all_gather_into_tensor` / `dist.reduce_scatter_tensor` (2.11, 2.12). FSDP2 of the
+    `dist.reduce_scatter_single` (2.13 and 2.14; the older names are deprecated there), else
+    `dist.all_gather_into_tensor` / `dist.reduce_scatter_tensor` (2.11). FSDP2 of the
     same torch calls the same one, so a test that counts FSDP's collectives patches the name
     `all_gather_name()` / `reduce_scatter_name()` gives.
+    pipeline stages: `pipeline_stage`, a PipelineStage whose 2.11 warm-up sends to no rank
+    itself.
+
+What 2.11 does differently but can be written for every release alike (clipping, activation
+offload) is fixed where it happens: docs/torch-versions.md lists it all.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.distributed as dist
@@ -53,13 +60,14 @@ def pipeline_stage(*args, **kwargs):
     """torch.distributed.pipelining.PipelineStage, minus one 2.11 wart: its first step
     exchanges a dummy tensor with every neighbouring stage to open the connections, also with a
     neighbour on the same rank (a V schedule's turn: stages pp-1 and pp), and gloo cannot send
-    to itself. Those exchanges are dropped (a rank hands its own stages activations in memory;
-    2.13 replaced this warm-up with one that skips them)."""
+    to itself. Those exchanges are dropped (a rank hands its own stages activations in memory).
+    2.13 and 2.14 warm PipelineStages up another way and never call the overridden method."""
     from torch.distributed.pipelining import PipelineStage
 
     return _stage_class(PipelineStage)(*args, **kwargs)
 
 
+@functools.cache
 def _stage_class(base):
     class Stage(base):
         def _get_init_p2p_neighbors_ops(self):
