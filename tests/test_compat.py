@@ -131,3 +131,15 @@ def test_this_torch_is_in_the_supported_range_the_readme_states():
     hi = next(s.version for s in spec if s.operator == "<")
     newest = f"{hi.split('.')[0]}.{int(hi.split('.')[1]) - 1}"
     assert f"Supported: torch {lo} … {newest}" in (root / "README.md").read_text()
+
+
+def test_offload_leaves_checkpoints_empty_dummy_alone():
+    """torch 2.11's checkpoint saves a 0-element requires-grad dummy beside each block input:
+    offloading it doubled the count (8 tensors where the 4 block inputs are expected)."""
+    from triaxis.parallel.activations import ActivationOffload
+
+    hooks = ActivationOffload(torch.device("cpu"))
+    dummy = torch.empty((0,), requires_grad=True)
+    assert hooks._pack(dummy) is dummy and hooks.num_offloaded == 0
+    hooks._pack(torch.ones(2, 3, requires_grad=True))
+    assert hooks.num_offloaded == 1 and hooks.bytes_offloaded == 24
