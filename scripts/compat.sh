@@ -12,8 +12,19 @@ if ! [[ $version =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
   exit 2
 fi
 shift
-venv=".venv-torch-$version"
 PY=${PYTHON:-python3}
+# The supported range is pyproject.toml's (torch>=A,<B); outside it pip would swap torch out.
+"$PY" - "$version" <<'EOF' || exit 2
+import re, sys, tomllib
+deps = tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]
+spec = next(d for d in deps if re.match(r"torch\b", d))
+lo, hi = re.fullmatch(r"torch>=([\d.]+),<([\d.]+)", spec).groups()
+key = lambda v: tuple(int(x) for x in v.split("."))
+if not key(lo) <= key(sys.argv[1]) < key(hi):
+    sys.exit(f"scripts/compat.sh: torch {sys.argv[1]} is outside the supported {spec} "
+             "(pyproject.toml); choose a version in that range")
+EOF
+venv=".venv-torch-$version"
 check="import sys, torch, triaxis, pytest, boto3, moto, transformers, pyarrow, importlinter
 sys.exit(torch.__version__.split('+')[0] != '$version')"
 if [ ! -x "$venv/bin/python" ]; then

@@ -143,3 +143,22 @@ def test_offload_leaves_checkpoints_empty_dummy_alone():
     assert hooks._pack(dummy) is dummy and hooks.num_offloaded == 0
     hooks._pack(torch.ones(2, 3, requires_grad=True))
     assert hooks.num_offloaded == 1 and hooks.bytes_offloaded == 24
+
+
+@pytest.mark.parametrize(
+    "version,words", [("2.10.0", "outside the supported torch>=2.11"), ("2.11", "is not X.Y.Z")]
+)
+def test_compat_script_refuses_in_one_line_before_building_anything(version, words):
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        ["bash", str(root / "scripts" / "compat.sh"), version],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and words in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and not out.stdout
+    assert not (root / f".venv-torch-{version}").exists()
