@@ -2,7 +2,7 @@
 
 Two network-namespace hosts (tests/netns_hosts.py), each NIC (its veth `eth0`) shaped to
 --rate by `tc tbf`; torchrun 2 nodes x 2 processes; one dp_shard group of 4 ranks. In the same
-run, alternating, on the same buffers: torch's `all_gather_single` over the group (what FSDP2
+run, alternating, on the same buffers: torch's flat all-gather over the group (what FSDP2
 does) and triaxis's `HierarchicalAllGather` (across hosts among same-local ranks, then within the
 host over loopback). Prints seconds per gather and the ratio. Needs root, `ip`, `tc`, `nsenter`.
 
@@ -31,6 +31,7 @@ def worker(mib: float, iters: int) -> None:
     import torch
     import torch.distributed as dist
 
+    from triaxis.parallel.compat import all_gather_single
     from triaxis.parallel.dims import ParallelDims
     from triaxis.parallel.hierarchical import HierarchicalAllGather, build_groups, node_split
 
@@ -47,12 +48,12 @@ def worker(mib: float, iters: int) -> None:
     times: dict[str, list[float]] = {"flat": [], "hierarchical": []}
 
     def flat(o, i, g):
-        dist.all_gather_single(o, i.clone(), group=g)
+        all_gather_single(o, i.clone(), group=g)
 
     across = two_phase.across
 
     def phase1(o, i, g):
-        dist.all_gather_single(o[: split.nodes * chunk], i.clone(), group=across)
+        all_gather_single(o[: split.nodes * chunk], i.clone(), group=across)
 
     times["across only"] = []
     for it in range(iters + 1):  # the first round warms up the connections

@@ -80,6 +80,12 @@ def train_collect(
     return out
 
 
+ADAM_EPS_ELEMENTS = 2
+"""Elements of a parameter tensor allowed past the absolute bound (see assert_same_run)."""
+LR_STEP = float(BASE["train.lr"])
+"""The largest AdamW update of one element in one step of these runs (the peak lr)."""
+
+
 def assert_same_run(got: dict, ref: dict, rtol: float = 1e-5) -> None:
     assert sorted(got["losses"]) == sorted(ref["losses"]) and len(ref["losses"]) >= 5
     for step, ref_loss in ref["losses"].items():
@@ -89,12 +95,23 @@ def assert_same_run(got: dict, ref: dict, rtol: float = 1e-5) -> None:
     assert got["params"].keys() == ref["params"].keys(), set(got["params"]) ^ set(ref["params"])
     for name, ref_p in ref["params"].items():
         # Relative error of the whole tensor. Element-wise relative error is meaningless for
-        # near-zero weights: Adam turns rounding-level gradient noise into lr-sized updates there,
-        # so those elements are held to an absolute bound of a few ulps of lr instead.
+        # near-zero weights, so elements are held to an absolute bound (1e-5) instead -- all but
+        # ADAM_EPS_ELEMENTS of them, which may differ by up to one learning-rate step: AdamW moves
+        # an element by lr * g / (|g| + eps), eps = 1e-8, so where a gradient is itself at the
+        # rounding level (|g| ~ eps) the update follows the rounding, and another fp32 summation
+        # order (more ranks, other micro-batches) shifts it by up to lr * |dg| / eps. Measured
+        # (torch 2.11, dp_shard=2 x 2 micro-batches): one output.weight element had g = 1.14e-9
+        # vs 1.22e-9 at step 1 (tensor rms 7.4e-3): 1.5e-3 * (0.1087 - 0.1023) = 9.6e-6
+        # predicted, 1.02e-5 measured, of 16,448 elements. A layout bug moves whole rows.
         diff = (got["params"][name] - ref_p).float()
         rel = float(diff.norm() / ref_p.float().norm().clamp_min(1e-12))
         assert rel <= rtol, f"{name}: relative error {rel:.2e} > {rtol:.0e}"
-        assert float(diff.abs().max()) <= 1e-5, f"{name}: max abs diff {diff.abs().max():.2e}"
+        over = diff.abs().flatten()
+        over = over[over > 1e-5].tolist()
+        assert len(over) <= ADAM_EPS_ELEMENTS and max(over, default=0.0) <= LR_STEP, (
+            f"{name}: {len(over)} elements differ by more than 1e-5 (max abs diff "
+            f"{diff.abs().max():.2e}); at most {ADAM_EPS_ELEMENTS}, each within {LR_STEP:.0e}"
+        )
 
 
 def tiny_train_args(data, run_dir, *extra) -> list[str]:

@@ -8,6 +8,7 @@ import pytest
 
 from tests.dist import run_workers
 from tests.parity import assert_same_run, train_collect
+from triaxis.parallel.compat import TORCH_VERSION
 
 OP_AC = {"parallel__activation_checkpoint": "selective", "parallel__ac_selective": "op"}
 OFFLOAD = {"parallel__activation_checkpoint": "full", "parallel__activation_offload": "true"}
@@ -81,6 +82,7 @@ def test_matches_no_checkpointing(case, byte_data, tmp_path, reference):
         # The trainer's path really moved block inputs: the rank's 4 / pp blocks (half when
         # every 2nd) per micro-batch, 2 micro-batches per step, 5 steps.
         blocks = 4 // pp // (2 if "parallel__ac_every" in degrees else 1)
-        # A pipeline stage also runs one shape-inference forward on its first step.
-        expected = blocks * (2 * 5 + (pp > 1))
+        # A pipeline stage also runs one shape-inference forward on its first step, with
+        # autograd on from torch 2.13 (2.11 runs it under no_grad: nothing saved, nothing moved).
+        expected = blocks * (2 * 5 + (pp > 1 and TORCH_VERSION >= (2, 13)))
         assert [g["offloaded"] for g in got] == [expected] * world

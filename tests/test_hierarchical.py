@@ -13,6 +13,12 @@ import torch.distributed as dist
 from tests.dist import run_workers
 from tests.parity import assert_same_run, make_config, train_collect
 from triaxis.errors import UserError
+from triaxis.parallel.compat import (
+    all_gather_name,
+    all_gather_single,
+    reduce_scatter_name,
+    reduce_scatter_single,
+)
 from triaxis.parallel.dims import ParallelDims
 from triaxis.parallel.hierarchical import NodeSplit, node_split, resolve
 
@@ -68,13 +74,13 @@ def _collectives(rank, world, node):
     got = torch.zeros(world * chunk)
     got[rank * chunk : (rank + 1) * chunk] = torch.randn(chunk)
     want = torch.empty_like(got)
-    dist.all_gather_single(want, got[rank * chunk : (rank + 1) * chunk].clone())
+    all_gather_single(want, got[rank * chunk : (rank + 1) * chunk].clone())
     HierarchicalAllGather(across, within, split)(got, got[rank * chunk : (rank + 1) * chunk], group)
     out["all_gather"] = bool(torch.equal(got, want))
     grads = torch.randn(world * chunk)
     for op in ("SUM", "AVG"):
         want, got = torch.empty(chunk), torch.empty(chunk)
-        dist.reduce_scatter_single(want, grads.clone(), op=getattr(dist.ReduceOp, op))
+        reduce_scatter_single(want, grads.clone(), op=getattr(dist.ReduceOp, op))
         HierarchicalReduceScatter(across, within, split)(
             got, grads.clone(), group, getattr(dist.ReduceOp, op)
         )
@@ -144,7 +150,9 @@ def _record_traffic(rank, world, data, run_dir, mode):
     cfg = make_config(data, run_dir, **LAYOUT, parallel__hierarchical=mode)
     trainer = Trainer(cfg, init_distributed("cpu"))
     calls = []
-    originals = {op: getattr(dist, op) for op in ("all_gather_single", "reduce_scatter_single")}
+    # Recorded under 2.13's names, patched under the ones this torch's FSDP calls.
+    attrs = {"all_gather_single": all_gather_name(), "reduce_scatter_single": reduce_scatter_name()}
+    originals = {op: getattr(dist, attr) for op, attr in attrs.items()}
 
     def recording(op):
         def wrapper(output, input, *args, group=None, **kwargs):
@@ -155,12 +163,12 @@ def _record_traffic(rank, world, data, run_dir, mode):
         return wrapper
 
     for op in originals:
-        setattr(dist, op, recording(op))
+        setattr(dist, attrs[op], recording(op))
     try:
         trainer.train_step(cursor=0)
     finally:
         for op, fn in originals.items():
-            setattr(dist, op, fn)
+            setattr(dist, attrs[op], fn)
     return calls
 
 

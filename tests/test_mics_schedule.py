@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 from tests.dist import run_workers
 from tests.parity import local_state_bytes, make_config
+from triaxis.parallel.compat import all_gather_name, reduce_scatter_name
 
 
 def _count_collectives(rank, world, data, run_dir, overrides):
@@ -29,14 +30,20 @@ def _count_collectives(rank, world, data, run_dir, overrides):
 
         return wrapper
 
-    for op in ("reduce_scatter_single", "all_reduce", "all_gather_single"):
-        originals[op] = getattr(dist, op)
-        setattr(dist, op, counting(op))
+    # Counted under 2.13's names, patched under the ones this torch's FSDP calls.
+    attrs = {
+        "reduce_scatter_single": reduce_scatter_name(),
+        "all_reduce": "all_reduce",
+        "all_gather_single": all_gather_name(),
+    }
+    for op, attr in attrs.items():
+        originals[op] = getattr(dist, attr)
+        setattr(dist, attr, counting(op))
     try:
         trainer.train_step(cursor=0)  # exactly one optimizer step = one accumulation cycle
     finally:
         for op, fn in originals.items():
-            setattr(dist, op, fn)
+            setattr(dist, attrs[op], fn)
     # FSDP groups on this rank: one per block, plus one root per model (or per pipeline stage).
     roots = len(trainer.pipeline.stages) if trainer.pipeline is not None else 1
     return {

@@ -98,12 +98,14 @@ def make_row(op: str, count: int, elem_bytes: int, time_s: float, n: int) -> Row
 def _call(op: str, bufs: tuple[Any, ...]) -> None:
     import torch.distributed as dist
 
+    from triaxis.parallel.compat import all_gather_single, reduce_scatter_single
+
     if op == "all_reduce":
         dist.all_reduce(bufs[0])
     elif op == "all_gather":
-        dist.all_gather_single(bufs[0], bufs[1])
+        all_gather_single(bufs[0], bufs[1])
     elif op == "reduce_scatter":
-        dist.reduce_scatter_single(bufs[1], bufs[0])
+        reduce_scatter_single(bufs[1], bufs[0])
     elif op == "all_to_all":
         dist.all_to_all_single(bufs[1], bufs[0])
     else:

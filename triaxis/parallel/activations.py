@@ -104,7 +104,9 @@ class ActivationOffload:
 
     def _pack(self, t: torch.Tensor):
         # Only activations move: the rope table and masks every block shares (no grad) stay.
-        if not t.requires_grad:
+        # So does an empty tensor: torch 2.11's checkpoint saves a requires-grad dummy of 0
+        # elements beside the block input (_NoopSaveInputs; 2.13 and 2.14 save the input alone).
+        if not t.requires_grad or t.numel() == 0:
             return t
         if hasattr(t, "trigger_wait"):
             # An AsyncCollectiveTensor (under TP, the embedding's reduce-scattered output, the

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
 
 from triaxis.errors import UserError
+from triaxis.parallel.compat import all_gather_single, reduce_scatter_single
 from triaxis.parallel.dims import AXES, ParallelDims
 
 
@@ -168,9 +169,9 @@ class HierarchicalAllGather(_TwoPhase, AllGather):
         n, g, chunk = self.nodes, self.per_node, input_tensor.numel()
         # `input_tensor` is a view into `output_tensor`: read it out before writing the output.
         across = torch.empty(n * chunk, dtype=input_tensor.dtype, device=input_tensor.device)
-        dist.all_gather_single(across, input_tensor.contiguous(), group=self.across)
+        all_gather_single(across, input_tensor.contiguous(), group=self.across)
         within = torch.empty(g * n * chunk, dtype=input_tensor.dtype, device=input_tensor.device)
-        dist.all_gather_single(within, across, group=self.within)
+        all_gather_single(within, across, group=self.within)
         # (local, node, chunk) -> the flat order (node, local, chunk).
         output_tensor.view(n, g, chunk).copy_(within.view(g, n, chunk).transpose(0, 1))
         return None
@@ -183,11 +184,11 @@ class HierarchicalReduceScatter(_TwoPhase, ReduceScatter):
         # Chunks in flat order (node, local); phase 1 hands each local rank its column.
         by_local = input_tensor.view(n, g, chunk).transpose(0, 1).reshape(-1)
         partial = torch.empty(n * chunk, dtype=input_tensor.dtype, device=input_tensor.device)
-        dist.reduce_scatter_single(partial, by_local, op=op, group=self.within)
+        reduce_scatter_single(partial, by_local, op=op, group=self.within)
         # SUM/AVG/MIN/MAX compose with themselves (AVG: equal-sized groups); a pre-multiplied
         # sum has already scaled every term in phase 1.
         second = dist.ReduceOp.SUM if op == dist.ReduceOp.PREMUL_SUM else op
-        dist.reduce_scatter_single(output_tensor, partial, op=second, group=self.across)
+        reduce_scatter_single(output_tensor, partial, op=second, group=self.across)
         return None
 
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from triaxis.errors import UserError
 from triaxis.model.llama import ModelArgs, Transformer
+from triaxis.parallel.compat import pipeline_stage
 from triaxis.parallel.partition import MULTI, SINGLE, Stage, schedule_problem, stage_rank
 
 
@@ -99,14 +100,13 @@ class Pipeline:
         loss_fn,
     ):
         import torch.distributed.pipelining.schedules as S
-        from torch.distributed.pipelining import PipelineStage
 
         self.num_stages = num_stages
         self.has_first = any(s.index == 0 for s in stages)
         self.has_last = any(s.index == num_stages - 1 for s in stages)
         self.pp_group, self.device = pp_group, device
         self.stages = [
-            PipelineStage(part, s.index, num_stages, device, group=pp_group)
+            pipeline_stage(part, s.index, num_stages, device, group=pp_group)
             for part, s in zip(parts, stages)
         ]
         # For the forward-only walk of eval(): who holds each stage, and this rank's modules.

@@ -84,5 +84,14 @@ def clip_grad_norm(
         dist.all_reduce(sq, group=pp_group)
         norm = sq.sqrt()
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        # torch 2.11's foreach multiply leaves a Partial(sum) DTensor unchanged: the gradients of
+        # TP's sequence-parallel norm weights would go unclipped. Those few are scaled one by one.
+        partial = [p for p in params if _is_partial(p.grad)]
+        rest = [p for p in params if not _is_partial(p.grad)]
+        torch.nn.utils.clip_grads_with_norm_(rest, max_norm, norm)
+        torch.nn.utils.clip_grads_with_norm_(partial, max_norm, norm, foreach=False)
     return norm
+
+
+def _is_partial(grad) -> bool:
+    return any(p.is_partial() for p in getattr(grad, "placements", ()))
