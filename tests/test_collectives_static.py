@@ -80,6 +80,22 @@ SITES = {
 """(file under triaxis/, function) -> the collectives it calls, in source order."""
 
 
+SHIMMED = ("all_gather_single", "reduce_scatter_single")
+"""Collectives called by bare name through triaxis/parallel/compat.py (torch 2.11 lacks them)."""
+
+
+def _collective(node) -> str | None:
+    """The collective a call node makes: `dist.NAME(...)`, or a compat shim called by name."""
+    if not isinstance(node, ast.Call):
+        return None
+    f = node.func
+    if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "dist":
+        return f.attr if f.attr in COLLECTIVES else None
+    if isinstance(f, ast.Name) and f.id in SHIMMED:
+        return f.id
+    return None
+
+
 def _calls() -> dict[tuple[str, str], list[str]]:
     root = Path(triaxis.__file__).parent
     found: dict[tuple[str, str], list[str]] = {}
@@ -91,15 +107,10 @@ def _calls() -> dict[tuple[str, str], list[str]]:
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                     visit(child, [*scope, child.name])
                     continue
-                if (
-                    isinstance(child, ast.Call)
-                    and isinstance(child.func, ast.Attribute)
-                    and isinstance(child.func.value, ast.Name)
-                    and child.func.value.id == "dist"
-                    and child.func.attr in COLLECTIVES
-                ):
+                name = _collective(child)
+                if name is not None and rel != "parallel/compat.py":
                     key = (rel, ".".join(scope))
-                    found.setdefault(key, []).append((child.lineno, child.func.attr))
+                    found.setdefault(key, []).append((child.lineno, name))
                 visit(child, scope)
 
         visit(ast.parse(path.read_text()), [])

@@ -2,8 +2,9 @@
 
 DCP's FileSystemWriter.stage (what an async save used to call) copies the whole state -- model
 and AdamW moments, ~15 GB a rank at the 1b shape -- into freshly allocated pageable host memory
-at every save, all of it while training waits. DCP's DefaultStager (torch >= 2.9: present in
-2.11 and 2.13) keeps the host buffers of the tensors it staged before and copies into them;
+at every save, all of it while training waits. DCP's DefaultStager (torch >= 2.13:
+compat.REUSABLE_STAGER; older releases keep the writer's own copy) keeps the host buffers of the
+tensors it staged before and copies into them;
 pinned on CUDA, so the device-to-host copy runs at full speed (pinning needs an accelerator:
 plain host memory elsewhere). Reuse is safe because one save is in flight at a time: the next
 stage starts after the previous write ended (Checkpointer.save waits first).
@@ -12,6 +13,8 @@ stage starts after the previous write ended (Checkpointer.save waits first).
 from __future__ import annotations
 
 import torch
+
+from triaxis.parallel.compat import REUSABLE_STAGER
 
 
 class ReusedStaging:
@@ -23,7 +26,7 @@ class ReusedStaging:
     def stage(self, state: dict, writer) -> dict:
         from torch.distributed.checkpoint import staging
 
-        if not hasattr(staging, "DefaultStager"):  # an older torch: the writer's own copy
+        if not REUSABLE_STAGER:  # an older torch: the writer's own, fresh copy every save
             return writer.stage(state)
         # What the writer's own stage sets: the state it writes is already on the host.
         writer.per_thread_copy_ahead = 0

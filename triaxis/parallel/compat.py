@@ -26,6 +26,12 @@ TORCH_VERSION: tuple[int, int] = tuple(int(x) for x in torch.__version__.split("
 """(major, minor) of the installed torch."""
 
 
+REUSABLE_STAGER: bool = TORCH_VERSION >= (2, 13)
+"""Whether DCP's DefaultStager can stage a state dict into reused host buffers. In 2.11 it
+cannot deep-copy a dict (its copy table lacks `type`: KeyError) and its buffer cache, keyed by
+short-lived storage objects, never hits; 2.12 was not tested, so it is left out too."""
+
+
 def _newest(*names: str) -> str:
     return next(n for n in names if hasattr(dist, n))
 
