@@ -30,6 +30,18 @@ MIXES = {
     "mix_ok.toml": '[[data.sources]]\npath = "D"\nweight = 2',
 }
 
+# Non-finite and out-of-range numbers as TOML writes them (a float where an int is due, an int
+# beyond a float's range), in plain, optional and array-of-tables fields.
+NUMBERS = {
+    "int_inf.toml": "[train]\nsteps = inf",
+    "int_nan.toml": "[train]\nsteps = nan",
+    "int_neginf.toml": "[data]\nseq_len = -inf",
+    "optint_inf.toml": "[model]\nvocab_size = inf",
+    "float_inf.toml": "[train]\nlr = inf",
+    "float_bigint.toml": "[train]\nlr = 1" + "0" * 400,
+    "mix_inf.toml": '[[data.sources]]\npath = "D"\nepochs = -inf',
+}
+
 
 def snapshot(root: Path) -> dict[str, str]:
     out = {}
@@ -78,6 +90,8 @@ def build(root: Path, byte_data: Path) -> Path:
     (root / "notable.toml").write_text("steps = 3\n")
     (root / "wrongtype.toml").write_text('[train]\nsteps = "three"\n')
     (root / "empty.toml").write_text("")
+    for name, text in NUMBERS.items():
+        (root / name).write_text(text.replace('"D"', json.dumps(str(root / "data"))) + "\n")
     bad_input_workspace(root)  # chat / prompt-completion inputs (tests/test_chat.py)
     foreign = root / "foreign"
     foreign.mkdir()
