@@ -30,6 +30,18 @@ MIXES = {
     "mix_ok.toml": '[[data.sources]]\npath = "D"\nweight = 2',
 }
 
+# Non-finite and out-of-range numbers as TOML writes them (a float where an int is due, an int
+# beyond a float's range), in plain, optional and array-of-tables fields.
+NUMBERS = {
+    "int_inf.toml": "[train]\nsteps = inf",
+    "int_nan.toml": "[train]\nsteps = nan",
+    "int_neginf.toml": "[data]\nseq_len = -inf",
+    "optint_inf.toml": "[model]\nvocab_size = inf",
+    "float_inf.toml": "[train]\nlr = inf",
+    "float_bigint.toml": "[train]\nlr = 1" + "0" * 400,
+    "mix_inf.toml": '[[data.sources]]\npath = "D"\nepochs = -inf',
+}
+
 
 def snapshot(root: Path) -> dict[str, str]:
     out = {}
@@ -56,11 +68,7 @@ def build(root: Path, byte_data: Path) -> Path:
     """The workspace every case runs against, under `root` (built once, never changed by a
     case): good and broken inputs, prepared data and its damaged copies, a checkpoint, HF
     folders."""
-    import torch
-
     from triaxis.hf.exporter import export_hf
-    from triaxis.hf.importer import save_checkpoint
-    from triaxis.model.llama import ModelArgs, Transformer
 
     (root / "good.txt").write_text("def f(x):\n    return x + 1\n" * 200)
     (root / "big.txt").write_text("print('hello world')\n" * 110_000)  # 2.4 M characters
@@ -78,6 +86,8 @@ def build(root: Path, byte_data: Path) -> Path:
     (root / "notable.toml").write_text("steps = 3\n")
     (root / "wrongtype.toml").write_text('[train]\nsteps = "three"\n')
     (root / "empty.toml").write_text("")
+    for name, text in NUMBERS.items():
+        (root / name).write_text(text.replace('"D"', json.dumps(str(root / "data"))) + "\n")
     bad_input_workspace(root)  # chat / prompt-completion inputs (tests/test_chat.py)
     foreign = root / "foreign"
     foreign.mkdir()
@@ -146,24 +156,7 @@ def build(root: Path, byte_data: Path) -> Path:
         (root / name).write_text(text + "\n")
     variant("data_noeos", lambda d: _edit_manifest(d, lambda m: m["tokenizer"].pop("eos_id")))
 
-    args = ModelArgs(
-        dim=32,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        ffn_dim=64,
-        vocab_size=257,
-        max_seq_len=64,
-        rope_theta=10000.0,
-    )
-    torch.manual_seed(0)
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.materialize("cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    save_checkpoint(model, root / "ckpt", source="test")
+    build_checkpoint(root / "ckpt")
     export_hf(str(root / "ckpt"), str(root / "hf"), log=lambda *_: None)
     shutil.copytree(root / "hf", root / "export")
     (root / "export" / "README.md").write_text("a user's own file next to the export")
@@ -190,3 +183,32 @@ def build(root: Path, byte_data: Path) -> Path:
         shutil.copytree(root / "hf", root / name)
         change(root / name)
     return root
+
+
+def build_checkpoint(folder: Path) -> Path:
+    """A small committed checkpoint (byte vocabulary, random weights, no data folder recorded,
+    as import-hf writes it) at `folder`."""
+    import torch
+
+    from triaxis.hf.importer import save_checkpoint
+    from triaxis.model.llama import ModelArgs, Transformer
+
+    args = ModelArgs(
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=64,
+        vocab_size=257,
+        max_seq_len=64,
+        rope_theta=10000.0,
+    )
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = Transformer(args)
+    model.materialize("cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    save_checkpoint(model, folder, source="test")
+    return folder

@@ -237,6 +237,21 @@ def test_hyperparameters_leave_job_side_paths_to_the_job():
             "--max-wait-s=3600 is below",
         ),
         (["--instance-type", "ml.p5.48xlarge", "--input", "train=/local"], "is not CHANNEL=s3://"),
+        (
+            ["--instance-type", "ml.p5.48xlarge", "--input", "train=s3://b/d", "--nnodes", "2"],
+            "every host would hold only its own ranks' shards and no checkpoint could commit; "
+            "set checkpoint.dir=s3://",
+        ),
+        (
+            [
+                "--instance-type",
+                "ml.p5.48xlarge",
+                "--input",
+                "train=s3://b/d",
+                "--data.path=s3://b/data",
+            ],
+            "and the `train` input channel name two data locations; keep one",
+        ),
         (["--instance-type", "ml.p5.48xlarge", "--parallel.tp=3"], "world size 8 is not divisible"),
     ],
 )
@@ -245,6 +260,45 @@ def test_sagemaker_bad_input(byte_data, tmp_path, capsys, extra, message):
         main([*sm_args(byte_data, tmp_path, "--dry-run"), "--train.global_batch=64", *extra]) == 2
     )
     assert message in one_error(capsys)
+
+
+def test_sagemaker_reports_every_problem_at_once(byte_data, tmp_path, capsys):
+    """A new user learns every missing option from one dry run (not four runs in a row), and
+    every problem of the request's channels and checkpoints from the next."""
+    bare = ["launch", "--backend", "sagemaker", "--dry-run", *tiny(byte_data, tmp_path)]
+    assert main(bare) == 2
+    line = one_error(capsys)
+    assert "the SageMaker job has 4 problems: (1) --backend sagemaker needs --instance-type" in line
+    for piece in ("(2) --backend sagemaker needs --image", "(3) --role ''", "(4) --backend sage"):
+        assert piece in line, line
+    request = [
+        *sm_args(byte_data, tmp_path, "--dry-run", "--instance-type", "ml.p5.48xlarge"),
+        "--train.global_batch=64",
+        *["--input", "data=/local", "--fsx", "scratch=fs-0123456789abcdef0:/fsx/s"],
+    ]
+    assert main(request) == 2
+    line = one_error(capsys)
+    assert "the SageMaker job has 3 problems: (1) --input 'data=/local' is not CHANNEL" in line
+    assert "(2) data.path=" in line and "which the job cannot see" in line
+    assert "(3) --fsx needs the file system's VPC" in line
+
+
+def test_s3_data_path_reaches_the_job(byte_data, tmp_path, capsys):
+    """data.path = s3://...: no channel (the job streams it itself); the entry point passes it
+    on as the config's, on every host."""
+    uri = "s3://bucket/data/stdlib"
+    launch = ["--instance-type", "ml.p5.48xlarge"]
+    overrides = [f"--data.path={uri}", "--train.global_batch=64"]
+    req = sm_request(capsys, byte_data, tmp_path, launch, overrides)
+    assert "InputDataConfig" not in req and req["HyperParameters"]["data.path"] == uri
+    env = {
+        "SM_HOSTS": '["algo-1"]',
+        "SM_CURRENT_HOST": "algo-1",
+        "SM_NUM_GPUS": "8",
+        "SM_HPS": json.dumps(req["HyperParameters"]),
+    }
+    plan = entry_plan(SageMakerEnv.read(env, tmp_path / "opt_ml"))
+    assert [o for o in plan["overrides"] if o.startswith("--data.path")] == [f"--data.path={uri}"]
 
 
 def test_sagemaker_without_credentials_or_region(byte_data, tmp_path, capsys, monkeypatch):

@@ -15,7 +15,10 @@ BUG_EXIT = 1
 
 
 def _prepare(a: argparse.Namespace) -> int:
+    from triaxis import storage
     from triaxis.data.prepare import PrepareOptions, prepare
+
+    storage.check_output_path(a.output, "--output", folder=True)
 
     if a.vocab_size is not None and a.tokenizer != "bpe":
         # The byte and HF vocabularies are fixed; a silently ignored size would mislead.
@@ -57,10 +60,10 @@ def _train(a: argparse.Namespace) -> int:
 def _generate(a: argparse.Namespace) -> int:
     from triaxis.checkpoint.inference import load_for_inference
     from triaxis.generate import generate
+    from triaxis.hardware import check_torch_device
 
-    if a.device != "cpu" and not a.device.startswith(("cuda", "mps")):
-        raise UserError(f"--device {a.device!r} is not a torch device; use cpu or cuda[:N]")
-    model, tok, ckpt = load_for_inference(a.checkpoint, a.device)
+    check_torch_device("--device", a.device)
+    model, tok, ckpt = load_for_inference(a.checkpoint, a.device, a.data)
     ids = generate(
         model,
         tok.encode(a.prompt),
@@ -76,8 +79,11 @@ def _generate(a: argparse.Namespace) -> int:
 
 
 def _layout(a: argparse.Namespace) -> int:
+    from triaxis import storage
     from triaxis.parallel.layout_cli import print_layout
 
+    if a.svg:
+        storage.check_output_path(a.svg, "--svg")
     print_layout(a)
     return 0
 
@@ -251,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     ge.add_argument("--top-k", type=int, default=50)
     ge.add_argument("--seed", type=int, default=0)
     ge.add_argument("--device", default="cpu")
+    ge.add_argument(
+        "--data",
+        default="",
+        metavar="PATH",
+        help="prepared data folder whose tokenizer to use (default: the one the run recorded)",
+    )
     ge.set_defaults(fn=_generate)
 
     la = sub.add_parser("layout", help="which rank holds which mesh coordinates")

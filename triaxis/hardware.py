@@ -52,3 +52,30 @@ def local_gpu_count(want_gpu: bool = True) -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_torch_device(where: str, name: str) -> None:
+    """Raise UserError unless torch can place tensors on `name` (cpu, cuda[:N], mps) here: a
+    CPU-only torch asserts deep inside the first .to(), which reads as a bug."""
+    import torch
+
+    from triaxis.errors import UserError
+
+    kind, sep, index = name.partition(":")
+    if kind not in ("cpu", "cuda", "mps") or (sep and not index.isdigit()):
+        raise UserError(f"{where} {name!r} is not a torch device; use cpu or cuda[:N]")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "a CPU-only build" if torch.version.cuda is None else "no CUDA GPU visible"
+            raise UserError(
+                f"{where} {name} but this machine has no CUDA device (torch "
+                f"{torch.__version__}, {build}); use {where} cpu"
+            )
+        if sep and int(index) >= count:
+            raise UserError(
+                f"{where} {name} but this machine has {count} CUDA device(s), "
+                f"cuda:0..cuda:{count - 1}; pick one of them"
+            )
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"{where} {name} but MPS (Apple GPU) is not available here; use cpu")

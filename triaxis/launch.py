@@ -286,7 +286,6 @@ def launch_sagemaker(a: argparse.Namespace, config_path: str | None, overrides: 
     import json
 
     from triaxis.config import load_config
-    from triaxis.data.dataset import SYNTHETIC
     from triaxis.launchers import sagemaker
 
     cfg = load_config(config_path, overrides)
@@ -296,14 +295,15 @@ def launch_sagemaker(a: argparse.Namespace, config_path: str | None, overrides: 
             "torchrun or slurm backend, or one data.path"
         )
     model = sagemaker.service_model()
-    sagemaker.check_instance_type(a.instance_type, model)
+    # The job's own options first, all at once; then the layout on the world they make.
+    sagemaker.refuse(sagemaker.option_problems(a, model))
     gpus = a.nproc_per_node or sagemaker_gpus(a.instance_type)
     check_layout_without_data(cfg, gpus * a.nnodes)
     opts: dict[str, Any] = {"max_restarts": a.max_restarts, "rdzv_timeout_s": a.rdzv_timeout}
     if a.nproc_per_node:
         opts["nproc_per_node"] = a.nproc_per_node
     hps = sagemaker.hyperparameters(_changed_fields(cfg), opts)
-    request = sagemaker.build_request(a, hps, uses_data=cfg.data.path != SYNTHETIC)
+    request = sagemaker.build_request(a, hps, cfg.data.path)
     if a.dry_run:
         print(json.dumps(request, indent=1))
         return 0

@@ -232,6 +232,34 @@ def check_location(path: str, what: str) -> None:
     with_retries(probe, f"{what} {path}")
 
 
+def check_output_path(path: str, what: str, folder: bool = False) -> None:
+    """Before a command prints or computes anything: a local output file (or, with `folder`,
+    a folder made on demand) can be written at `path`. A remote folder is left to the
+    command's own check_location; a remote file is refused (these files are written locally)."""
+    if is_remote(path):
+        if not folder:
+            raise UserError(f"{what} {path}: this file is written locally; give a local path")
+        return
+    p = Path(path)
+    if not folder and (p.is_dir() or not p.name or str(path).endswith(os.sep)):
+        raise UserError(f"{what} {path} is a folder; give a file name, e.g. {p / 'out'}")
+    if folder and p.exists() and not p.is_dir():
+        raise UserError(f"{what} {path} is a file; give a folder")
+    # The folder the first write goes into: the nearest one that exists for a made-on-demand
+    # folder, the parent for a file (which must exist: files are written, folders not made).
+    parent = p.absolute().parent if not folder else p.absolute()
+    while folder and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.exists() or not parent.is_dir():
+        why = "does not exist" if not parent.exists() else "is not a folder"
+        raise UserError(f"{what} {path}: {parent} {why}; create the folder or write elsewhere")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{what} {path}: the folder {parent} is not writable (permission denied); "
+            "choose another path"
+        )
+
+
 def read_bytes(path: str, start: int | None = None, end: int | None = None) -> bytes:
     if not is_remote(path):
         with open(path, "rb") as f:

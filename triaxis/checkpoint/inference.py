@@ -3,12 +3,17 @@ weights (`triaxis generate`, `triaxis export-hf`). DCP reshards whatever layout 
 
 from __future__ import annotations
 
+import os
+import tomllib
+from pathlib import Path
+
 import torch
 
 from triaxis import storage
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.dcp_io import checked, load_model_weights
-from triaxis.data.dataset import read_manifest
+from triaxis.data.dataset import SYNTHETIC, read_manifest
+from triaxis.data.format import MANIFEST
 from triaxis.data.tokenizer import load_tokenizer
 from triaxis.errors import UserError
 from triaxis.model import ModelArgs, Transformer
@@ -46,12 +51,61 @@ def load_checkpoint_model(checkpoint: str) -> tuple[Transformer, str]:
     return _model_from(ckpt, meta, "cpu", fill_buffers=False), ckpt
 
 
-def load_for_inference(path: str, device: str = "cpu") -> tuple[Transformer, object, str]:
-    """(the model in eval mode on device, the data's tokenizer, the checkpoint folder used)."""
+def load_for_inference(
+    path: str, device: str = "cpu", data: str = ""
+) -> tuple[Transformer, object, str]:
+    """(the model in eval mode on device, the data's tokenizer, the checkpoint folder used).
+    `data`: the prepared folder whose tokenizer to use (default: the one the run recorded)."""
     ckpt = find_checkpoint(path)
     meta = checked(ckpt)  # names, sizes; its items are verified as they load
-    data_path = meta.get("data_path") or ""
-    if not data_path:
-        raise UserError(f"{ckpt} does not record its data folder: cannot find its tokenizer")
+    data_path = data or tokenizer_folder(ckpt, meta)
     tok = load_tokenizer(data_path, read_manifest(data_path)["tokenizer"])
     return _model_from(ckpt, meta, device, fill_buffers=True).eval(), tok, ckpt
+
+
+def tokenizer_folder(ckpt: str, meta: dict) -> str:
+    """The prepared folder the checkpoint's run read, found from here. Runs record it absolute
+    (or s3://); older runs recorded it as given, relative to the directory they were trained
+    in, which the recorded checkpoint folder locates (the checkpoint lies at
+    TRAINING_DIR/<checkpoint dir>/step_N)."""
+    recorded = str(meta.get("data_path") or "")
+    fix = "pass --data PATH (the prepared folder with the run's tokenizer)"
+    if not recorded or recorded == SYNTHETIC:
+        what = "synthetic data, which has no tokenizer" if recorded else "no data folder"
+        raise UserError(f"{ckpt} records {what}; {fix}")
+    if storage.is_remote(recorded) or os.path.isabs(recorded):
+        if not storage.is_remote(recorded) and not os.path.isdir(recorded):
+            raise UserError(f"{ckpt} records its data folder {recorded}, which is gone; {fix}")
+        return recorded
+    where = [Path(recorded)]
+    trained_in = _training_dir(ckpt, meta)
+    if trained_in is not None:
+        where.insert(0, trained_in / recorded)
+    for folder in where:
+        if (folder / MANIFEST).is_file():
+            return str(folder)
+    raise UserError(
+        f"{ckpt} records its data folder as {recorded!r}, relative to the directory it was "
+        f"trained in, and it is not under {os.getcwd()}"
+        + (f" nor {trained_in}" if trained_in is not None else "")
+        + f"; run from the training directory or {fix}"
+    )
+
+
+def _training_dir(ckpt: str, meta: dict) -> Path | None:
+    """The directory a run was started in, from where its checkpoint lies and the checkpoint
+    folder its config names, relative to that directory (None: not knowable)."""
+    if storage.is_remote(ckpt):
+        return None
+    try:
+        cfg = tomllib.loads(str(meta.get("config") or ""))
+        named = cfg.get("checkpoint", {}).get("dir") or os.path.join(
+            cfg["train"]["run_dir"], "checkpoints"
+        )
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, AttributeError):
+        return None
+    parts = Path(os.path.normpath(str(named))).parts
+    folder = Path(ckpt).resolve().parent  # the checkpoints folder
+    if os.path.isabs(named) or ".." in parts or folder.parts[-len(parts) :] != parts:
+        return None
+    return Path(*folder.parts[: -len(parts)])

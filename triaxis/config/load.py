@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -42,10 +43,19 @@ def _coerce(section: str, name: str, raw: Any, hint: Any) -> Any:
     if hint in (int, float):
         if isinstance(raw, bool):
             raise UserError(f"{where}={raw!r} must be {hint.__name__}, not a boolean")
+        if hint is int and isinstance(raw, float) and not math.isfinite(raw):
+            # TOML's inf and nan are floats: int() of them overflows or fails.
+            raise UserError(f"{where}={raw} must be a whole number (int); e.g. {where}=8")
         try:
             value = hint(raw)
         except (TypeError, ValueError):
             raise UserError(f"{where}={raw!r} must be {hint.__name__}; e.g. {where}=8") from None
+        except OverflowError:  # float() of a TOML integer beyond a float's range
+            digits = str(raw)
+            raise UserError(
+                f"{where}={digits[:12]}... ({len(digits)} digits) is too large for a float; "
+                "give a number below 1e308"
+            ) from None
         if hint is int and isinstance(raw, float) and raw != value:
             raise UserError(f"{where}={raw!r} must be a whole number")
         return value

@@ -6,9 +6,11 @@ import argparse
 
 
 def _import(a: argparse.Namespace) -> int:
+    from triaxis import storage
     from triaxis.hf.convert import model_overrides
     from triaxis.hf.importer import import_hf
 
+    storage.check_output_path(a.output, "--output", folder=True)
     args = import_hf(a.dir, a.output, force=a.force)
     print(
         "fine-tune from it with the same model shape:\n  triaxis train CONFIG.toml "
@@ -18,8 +20,10 @@ def _import(a: argparse.Namespace) -> int:
 
 
 def _export(a: argparse.Namespace) -> int:
+    from triaxis import storage
     from triaxis.hf.exporter import export_hf
 
+    storage.check_output_path(a.dir, "DIR", folder=True)
     export_hf(a.checkpoint, a.dir, max_shard_gb=a.max_shard_gb, force=a.force)
     return 0
 

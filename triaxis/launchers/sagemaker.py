@@ -9,10 +9,12 @@ sagemaker_entry.py). What the request carries:
     HyperParameters         the config's non-default fields as "section.field": "value", plus
                             "launch.*" options of the in-job launcher
     InputDataConfig         channel `train` = the prepared data folder: S3 (File or FastFile
-                            mode) or FSx for Lustre; more channels by name
+                            mode) or FSx for Lustre; more channels by name. An s3://
+                            data.path needs none: it goes as a hyperparameter, streamed
     CheckpointConfig        one host: the S3 URI (checkpoint.dir = s3://..., or --checkpoint-s3)
                             <-> /opt/ml/checkpoints, the in-job checkpoint.dir. Several hosts:
-                            no mirror; checkpoint.dir = that URI, written by every rank
+                            no mirror; checkpoint.dir = that URI, written by every rank (or a
+                            shared FSx `checkpoints` channel; per-host local disks: refused)
     EnableManagedSpotTraining + MaxWaitTimeInSeconds   spot capacity, resumed from checkpoints
 
 It is checked offline against botocore's service model before it is printed or sent.
@@ -115,8 +117,9 @@ def hyperparameters(changed: dict[str, Any], launch_opts: dict[str, Any]) -> dic
     def text(v: Any) -> str:
         return ("true" if v else "false") if isinstance(v, bool) else str(v)
 
-    # data.path stays when it names no folder ("synthetic": no channel to take it from), and
-    # checkpoint.dir when it is in S3 (build_request decides how the job reaches it).
+    # data.path stays when it names no folder on this machine ("synthetic", or s3:// which the
+    # job streams itself), and checkpoint.dir when it is in S3 (build_request decides how the
+    # job reaches it).
     hps = {
         k: text(v)
         for k, v in changed.items()
@@ -124,7 +127,7 @@ def hyperparameters(changed: dict[str, Any], launch_opts: dict[str, Any]) -> dic
         and (
             k not in JOB_SIDE_KEYS
             or (k, v) == ("data.path", "synthetic")
-            or (k == "checkpoint.dir" and str(v).startswith("s3://"))
+            or (k in ("data.path", "checkpoint.dir") and str(v).startswith("s3://"))
         )
     }
     hps.update({f"launch.{k}": text(v) for k, v in launch_opts.items()})
@@ -184,60 +187,97 @@ def _channel_fsx(spec: str) -> dict[str, Any]:
     }
 
 
-def check_instance_type(name: str, model: Any) -> None:
+def instance_type_problem(name: str, model: Any) -> str:
+    """What is wrong with --instance-type ("" = nothing)."""
     known: list[str] = list(model.shape_for("TrainingInstanceType").enum)
     if not name:
-        raise UserError("--backend sagemaker needs --instance-type, e.g. ml.p5.48xlarge")
+        return "--backend sagemaker needs --instance-type, e.g. ml.p5.48xlarge"
     if name not in known:
         hint = nearest(name, known)
-        raise UserError(
+        return (
             f"--instance-type {name!r} is not a SageMaker training instance type"
             f"{f'; did you mean {hint}?' if hint else ''} (list: botocore's "
             "TrainingInstanceType, or the SageMaker pricing page)"
         )
+    return ""
 
 
-def build_request(a: argparse.Namespace, hps: dict[str, str], uses_data: bool) -> dict[str, Any]:
-    """The CreateTrainingJob request for the parsed `triaxis launch` options `a`."""
-    model = service_model()
+def option_problems(a: argparse.Namespace, model: Any) -> list[str]:
+    """Every missing or malformed job option, each one line: a new user learns them all from
+    one dry run, not one per run."""
+    problems = [instance_type_problem(a.instance_type, model)]
     if not a.image:
-        raise UserError(
+        problems.append(
             "--backend sagemaker needs --image, the URI of a training image with "
             "triaxis installed (e.g. an ECR image built FROM a PyTorch DLC)"
         )
     if not ROLE_ARN.match(a.role or ""):
-        raise UserError(
+        problems.append(
             f"--role {a.role!r} is not an IAM role ARN; pass the execution role, "
             "e.g. --role arn:aws:iam::123456789012:role/SageMakerTrainer"
         )
     if not a.output_s3.startswith("s3://"):
-        raise UserError(
+        problems.append(
             "--backend sagemaker needs --output-s3 s3://bucket/prefix for the "
             "job's output (model folder, metrics)"
         )
-    check_instance_type(a.instance_type, model)
+    return [p for p in problems if p]
+
+
+def refuse(problems: list[str]) -> None:
+    """One error line for all `problems` (none: return)."""
+    if len(problems) == 1:
+        raise UserError(problems[0])
+    if problems:
+        numbered = " ".join(f"({i}) {p};" for i, p in enumerate(problems, 1))
+        raise UserError(f"the SageMaker job has {len(problems)} problems: {numbered[:-1]}")
+
+
+def build_request(a: argparse.Namespace, hps: dict[str, str], data_path: str) -> dict[str, Any]:
+    """The CreateTrainingJob request for the parsed `triaxis launch` options `a`; `data_path`
+    is the config's data.path. Every problem found is reported at once (`refuse`)."""
+    model = service_model()
+    problems = option_problems(a, model)
     name = a.job_name if a.job_name != "triaxis" else f"triaxis-{time.strftime('%Y%m%d-%H%M%S')}"
     if not JOB_NAME.match(name):
-        raise UserError(
+        problems.append(
             f"--job-name {name!r}: SageMaker job names are 1-63 letters, digits and "
             "hyphens, starting with a letter or digit"
         )
-    channels = [_channel_s3(s, a.input_mode) for s in a.input] + [_channel_fsx(s) for s in a.fsx]
+    channels = []
+    for parse, specs in ((lambda s: _channel_s3(s, a.input_mode), a.input), (_channel_fsx, a.fsx)):
+        for spec in specs:
+            try:
+                channels.append(parse(spec))
+            except UserError as e:
+                problems.append(str(e))
     names = [c["ChannelName"] for c in channels]
     if len(set(names)) != len(names):
-        raise UserError(f"input channels {names} repeat a name; give each channel one source")
-    if uses_data and "train" not in names:
-        raise UserError(
-            "data.path is a folder on this machine, which the job cannot see; pass "
-            "--input train=s3://bucket/prefix (the prepared folder, uploaded with "
-            "`aws s3 sync`) or --fsx train=fs-ID:/mount/path"
-        )
+        problems.append(f"input channels {names} repeat a name; give each channel one source")
+    problems += _data_problems(data_path, names)
     if a.fsx and not (a.subnet and a.security_group):
-        raise UserError("--fsx needs the file system's VPC: pass --subnet and --security-group")
+        problems.append("--fsx needs the file system's VPC: pass --subnet and --security-group")
     hps = dict(hps)
-    ckpt_s3 = checkpoint_s3(
-        a.checkpoint_s3, hps.pop("checkpoint.dir", ""), shared_fsx="checkpoints" in names
-    )
+    ckpt_s3 = ""
+    try:
+        ckpt_s3 = checkpoint_s3(
+            a.checkpoint_s3, hps.pop("checkpoint.dir", ""), shared_fsx="checkpoints" in names
+        )
+    except UserError as e:
+        problems.append(str(e))
+    if a.nnodes > 1 and not ckpt_s3 and "checkpoints" not in names:
+        problems.append(
+            f"--nnodes={a.nnodes} with checkpoints in each instance's {CHECKPOINT_LOCAL_PATH}: "
+            "every host would hold only its own ranks' shards and no checkpoint could "
+            "commit; set checkpoint.dir=s3://bucket/prefix (or --checkpoint-s3), or share a "
+            "file system: --fsx checkpoints=fs-ID:/mount/path"
+        )
+    if a.spot and (a.max_wait_s or 2 * a.max_run_s) < a.max_run_s:
+        problems.append(
+            f"--max-wait-s={a.max_wait_s} is below --max-run-s={a.max_run_s}; spot "
+            "waiting time counts too: set --max-wait-s >= --max-run-s"
+        )
+    refuse(problems)
     req: dict[str, Any] = {
         "TrainingJobName": name,
         "RoleArn": a.role,
@@ -277,15 +317,31 @@ def build_request(a: argparse.Namespace, hps: dict[str, str], uses_data: bool) -
         hps["checkpoint.dir"] = ckpt_s3
     if a.spot:
         wait_s = a.max_wait_s or 2 * a.max_run_s
-        if wait_s < a.max_run_s:
-            raise UserError(
-                f"--max-wait-s={wait_s} is below --max-run-s={a.max_run_s}; spot "
-                "waiting time counts too: set --max-wait-s >= --max-run-s"
-            )
         req["EnableManagedSpotTraining"] = True
         req["StoppingCondition"]["MaxWaitTimeInSeconds"] = wait_s
     validate(req, model)
     return req
+
+
+def _data_problems(data_path: str, channels: list[str]) -> list[str]:
+    """How the job reaches data.path: the `train` channel, or an s3:// path it streams itself."""
+    from triaxis.data.dataset import SYNTHETIC
+
+    if data_path.startswith("s3://"):
+        if "train" in channels:
+            return [
+                f"data.path={data_path} and the `train` input channel name two data "
+                "locations; keep one (the job streams an s3:// data.path itself)"
+            ]
+        return []
+    if data_path != SYNTHETIC and "train" not in channels:
+        return [
+            f"data.path={data_path} is a folder on this machine, which the job cannot see; "
+            "pass --input train=s3://bucket/prefix (the prepared folder, uploaded with "
+            "`aws s3 sync`) or --fsx train=fs-ID:/mount/path, or set data.path=s3://... "
+            "(streamed from S3 by the job)"
+        ]
+    return []
 
 
 def checkpoint_s3(flag: str, config_dir: str, shared_fsx: bool) -> str:

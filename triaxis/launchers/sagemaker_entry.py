@@ -6,7 +6,8 @@ training toolkit, as SM_* environment variables. Both are read, the variables fi
 
     hosts, this host      SM_HOSTS, SM_CURRENT_HOST     -> nnodes; rendezvous on sorted(hosts)[0]
     processes per host    launch.nproc_per_node, else SM_NUM_GPUS, else 1
-    data                  SM_CHANNEL_TRAIN              -> data.path
+    data                  SM_CHANNEL_TRAIN              -> data.path (else the config's: an
+                                                           s3:// data.path is streamed)
     checkpoints           an s3:// checkpoint.dir (a multi-host job: every rank writes there),
                           else channel `checkpoints` (shared FSx), else /opt/ml/checkpoints
                           (mirrored to S3 by SageMaker) -> checkpoint.dir, resume=auto

@@ -74,11 +74,11 @@ def print_layout(a: argparse.Namespace) -> None:
     world = a.world or a.nodes * gpn or ranks_needed
     dims = ParallelDims(a.dp_replicate, a.dp_shard, a.tp, a.pp, world)
     nodes = -(-world // gpn)
+    grid = cells(dims, gpn, a.layers)  # before any output: a bad --pp/--layers prints nothing
     print(
         f"world {world} = {nodes} server(s) x {gpn} GPUs: {dims.describe()}  "
         "(tp innermost, then the MiCS partition group)"
     )
-    grid = cells(dims, gpn, a.layers)
     if not a.layers:
         header = ["node", "local", "rank", *AXES]
         print("  ".join(f"{h:>12}" for h in header))

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from triaxis import storage
 from triaxis.errors import UserError
 from triaxis.plan.problem import AC_POLICIES, SCHEDULES
 
@@ -113,6 +114,8 @@ def run(a: argparse.Namespace) -> int:
     from triaxis.plan.report import explain, header, no_fit_message, tables, to_json, toml_snippet
     from triaxis.plan.search import SearchSpace, plan
 
+    if a.write:
+        storage.check_output_path(a.write, "--write")
     for flag, value in (
         ("--gpus", a.gpus),
         ("--seq", a.seq),

@@ -75,6 +75,43 @@ def die_with_launcher(environ=os.environ) -> None:
         os._exit(128 + signal.SIGKILL)
 
 
+TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What torchrun sets beside WORLD_SIZE for each worker; a job needs them all."""
+
+
+def torchrun_env(environ=os.environ) -> tuple[int, int, int]:
+    """(world size, rank, local rank) from torchrun's variables, checked: a WORLD_SIZE left in
+    a shell (or half of a launcher's variables) must not fail later as a KeyError."""
+    fix = (
+        "start the job with `triaxis launch` (or torchrun), which sets them all, or set them "
+        "yourself (or unset WORLD_SIZE to train in one process)"
+    )
+
+    def number(name: str, default: str, low: int, high: int | None = None) -> int:
+        text = environ.get(name, default)
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low or (high is not None and value > high):
+            bound = f"{low}..{high}" if high is not None else f">= {low}"
+            raise UserError(f"{name}={text!r} must be a whole number {bound}; {fix}")
+        return value
+
+    world = number("WORLD_SIZE", "1", 1)
+    if world > 1:
+        missing = [v for v in TORCHRUN_VARS if not environ.get(v)]
+        if missing:
+            raise UserError(
+                f"WORLD_SIZE={world} is set but {', '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not: {fix}"
+            )
+        number("MASTER_PORT", "", 1, 65535)
+    rank = number("RANK", "0", 0, world - 1)
+    local = number("LOCAL_RANK", "0", 0)
+    return world, rank, local
+
+
 def init_distributed(
     requested_device: str, timeout_s: float = 600.0, need_group: bool = False
 ) -> DistEnv:
@@ -87,9 +124,7 @@ def init_distributed(
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", rank))
         return DistEnv(rank, world, local, pick_device(requested_device, local), False)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local = torchrun_env(os.environ)
     device = pick_device(requested_device, local)
     if world == 1 and not need_group:
         return DistEnv(0, 1, 0, device, False)

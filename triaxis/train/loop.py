@@ -43,7 +43,7 @@ from triaxis.train.distributed import DistEnv, staged_for_copy
 from triaxis.train.numerics import Numerics
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from triaxis.train.resilience import Faults, PreemptionWatch
-from triaxis.train.resolve import resolve
+from triaxis.train.resolve import recorded_data_path, resolve
 from triaxis.train.watchdog import Watchdog
 
 
@@ -126,7 +126,7 @@ class Trainer:
             cfg.checkpoint,
             env.rank,
             env.world_size,
-            {"data_path": cfg.data.tokenizer_path(), "config": to_toml(cfg)},
+            {"data_path": recorded_data_path(cfg), "config": to_toml(cfg)},
             self.log,
         )
         self.ckpt_step = 0

@@ -4,6 +4,8 @@ and the layout together (the launcher runs it too). The layout rules themselves 
 
 from __future__ import annotations
 
+import os
+
 from triaxis import storage
 from triaxis.config import Config
 from triaxis.data.dataset import SYNTHETIC, SyntheticDataset, TokenDataset
@@ -44,3 +46,12 @@ def resolve(
     cfg, dims, why = layout_for_world(cfg, world_size, model_args, planner)
     storage.check_location(cfg.checkpoint_dir(), "checkpoint.dir")
     return cfg, dims, model_args, train_ds, why
+
+
+def recorded_data_path(cfg: Config) -> str:
+    """The data folder a checkpoint records for `generate` (its tokenizer): absolute, so it is
+    found from any directory (s3:// and synthetic as they are)."""
+    path = cfg.data.tokenizer_path()
+    if path == SYNTHETIC or storage.is_remote(path):
+        return path
+    return os.path.abspath(path)
