@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ENV, command, train_args
+from tests.helpers import ENV, command, slow_but_first, train_args
 from triaxis.errors import os_error_line
 
 CASES = ["read-only run_dir", "read-only checkpoint dir", "missing data", "unreadable data"]
@@ -60,7 +60,7 @@ def run_with(argv: list[str], read_only: Path | None) -> subprocess.CompletedPro
 
 @needs_ro
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", slow_but_first(*CASES))
 def test_user_os_error_is_one_line_alone_and_launched(case, mode, byte_data, tmp_path):
     flags, read_only, named = setup(case, byte_data, tmp_path)
     if mode == "one process":
