@@ -178,3 +178,29 @@ def test_resume_verifies_a_crc32_checkpoint_with_crc32(tmp_path):
     shard.write_bytes(bytes(raw))
     with pytest.raises(UserError, match="fails its checksum"):
         ck.load(str(path))
+
+
+@pytest.mark.parametrize("flip", [None, "first", "last"])
+def test_a_tensor_read_in_many_chunks_verifies_every_chunk(tmp_path, monkeypatch, flip):
+    """Large reads are hashed chunk by chunk (integrity._HOT): with the chunk shrunk to 1 KiB
+    the 8 KiB tensor takes eight, and a byte flipped in the first or the last is refused."""
+    from triaxis.checkpoint import integrity
+
+    monkeypatch.setattr(integrity, "_HOT", 1 << 10)
+    path = str(tmp_path / "new")
+    writer = dcp_io.writer(path)
+    dcp.save(_fixture_state(), storage_writer=writer)
+    mf.write_sidecar(path, 0, writer.digests)
+    mf.commit(path, 1, {"step": 3})
+    meta = mf.load_manifest(path)
+    if flip is None:
+        assert torch.equal(_load(path, meta)["w"], _fixture_state()["w"])
+        return
+    shard = Path(path) / "__0_0.distcp"
+    start, length, _ = max(meta["files"][shard.name]["items"], key=lambda it: it[1])
+    raw = bytearray(shard.read_bytes())
+    at = start + length - 100 if flip == "last" else start + 1200  # inside w's 8 KiB of data
+    raw[at] ^= 0x01
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match="__0_0.distcp fails its checksum"):
+        _load(path, meta)
