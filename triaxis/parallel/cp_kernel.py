@@ -33,6 +33,7 @@ def block_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (B, H, Lq, D), k/v (B, H, Lk, D), bias (B, 1, Lq, Lk) or None; empty_rows: (B, 1, Lq)
     bool of rows with no visible key, or None. Returns out (B, H, Lq, D), lse (B, H, Lq) fp32."""
+    bias = None if bias is None else bias.to(q.dtype)
     if kernel_name(q.device) == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, False, attn_mask=bias
@@ -60,6 +61,7 @@ def block_backward(
     bias: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This block's share of (dq, dk, dv), given the merged `out` and `lse` of the query rows."""
+    bias = None if bias is None else bias.to(q.dtype)
     if kernel_name(q.device) == "cpu":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             dout, q, k, v, out, lse.to(torch.float32), 0.0, False, attn_mask=bias

@@ -66,12 +66,10 @@ def build_plan(
     doc_ids: torch.Tensor | None = None,
     group=None,
     batch: int = 1,
-    dtype: torch.dtype = torch.float32,
     device=None,
 ) -> RingPlan:
     """The plan of cp rank `rank` holding `local_len` tokens. doc_ids: (B, T) document ids of
-    the *whole* sequence (every cp rank's; see gather_doc_ids), or None for plain causal.
-    `dtype`: the query dtype (the CPU kernel wants the mask in it)."""
+    the *whole* sequence (every cp rank's; see gather_doc_ids), or None for plain causal."""
     if local_len % 2:
         raise ValueError(f"a cp shard holds two equal chunks; got {local_len} tokens")
     c = local_len // 2
@@ -93,14 +91,14 @@ def build_plan(
                 q_doc = doc_ids[:, qp]
                 k_doc = doc_ids[:, k_pos]
                 visible = visible & (q_doc[:, :, None] == k_doc[:, None, :])
-            task = _task(half, visible, c, dtype, (head_tail_chunks(cp, rank)[half],), src, cp)
+            task = _task(half, visible, c, (head_tail_chunks(cp, rank)[half],), src, cp)
             if task is not None:
                 tasks.append(task)
         plan.steps.append(tasks)
     return plan
 
 
-def _task(half, visible, c, dtype, q_chunk, src, cp) -> BlockTask | None:
+def _task(half, visible, c, q_chunk, src, cp) -> BlockTask | None:
     """The kernel call for one query half against the two key chunks of rank `src`: only the
     key chunks with any visible key; no mask when all are visible."""
     used = [kc for kc in (0, 1) if visible[:, :, kc * c : (kc + 1) * c].any()]
@@ -110,7 +108,7 @@ def _task(half, visible, c, dtype, q_chunk, src, cp) -> BlockTask | None:
     vis = visible[:, :, k_start:k_stop]
     bias = empty = None
     if not bool(vis.all()):
-        bias = torch.zeros(vis.shape, dtype=dtype, device=vis.device)
+        bias = torch.zeros(vis.shape, device=vis.device)  # fp32; the kernel casts to q's
         bias = bias.masked_fill(~vis, float("-inf"))[:, None]  # (B, 1, c, Lk)
         rows = ~vis.any(-1)
         empty = rows[:, None] if bool(rows.any()) else None

@@ -114,7 +114,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         layout = {
             "world_size": env.world_size,
-            **dict(zip(("pp", "dp_replicate", "dp_shard", "tp"), self.dims.shape)),
+            **dict(zip(("pp", "dp_replicate", "dp_shard", "cp", "tp"), self.dims.shape)),
         }
         self.ckpt = Checkpointer(
             cfg.checkpoint_dir(),
@@ -168,7 +168,9 @@ class Trainer:
         """Mean next-token loss of a micro-batch (with a loss mask: its share of the global
         batch's mean, see loss_scale): the fused, chunked head + loss where the head is whole
         on this rank (triaxis.model.loss), else full logits, then the loss."""
-        doc_ids = self.doc_ids(inputs)
+        doc_ids = self.doc_ids(inputs)  # on whole rows: documents cross cp shards
+        if (cp := getattr(self.model, "context_parallel", None)) is not None:
+            inputs, targets, doc_ids = cp.shard(inputs, targets, doc_ids)
         if self.loss_chunk:
             with self.autocast():
                 loss = self.model(
@@ -206,7 +208,9 @@ class Trainer:
         if self.dp_group is not None:
             dist.all_reduce(count, group=self.dp_group)
         micro = len(batches) if self.pipeline is not None else 1
-        return (self.dims.dp_size * micro / count.clamp(min=1).double()).float()
+        # With cp every cp rank counted the whole rows: the count came out cp times too big.
+        ranks = self.dims.loss_ranks * self.dims.cp
+        return (ranks * micro / count.clamp(min=1).double()).float()
 
     def loss_parallel(self):
         if not self.cfg.parallel.loss_parallel:
@@ -277,7 +281,7 @@ class Trainer:
             return value
         value = value.clone()
         dist.all_reduce(value, group=self.dp_group)
-        return value / self.dims.dp_size
+        return value / self.dims.loss_ranks
 
     def mean_over_dp(self, value: torch.Tensor) -> float:
         return float(self.reduce_over_dp(value))
