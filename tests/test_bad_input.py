@@ -262,7 +262,7 @@ CASES: list[tuple[str, str, str]] = [
     ("train-verify-mode", _train("--data.verify=md5"), "data.verify='md5' is not a valid"),
     ("train-vocab-small", _train("--model.vocab_size=100"), "smaller than the data's"),
     ("train-tp-world", _train("--parallel.tp=2"), "world size 1"),
-    ("train-cp-world", _train("--parallel.cp=2"), "dp_replicate x cp x tp x pp = 1 x 2 x 1 x 1"),
+    ("train-cp-world", _train("--parallel.cp=2"), "dp_replicate x tp x pp x cp = 1 x 1 x 1 x 2"),
     (
         "launch-cp-world",
         _launch("local", "--nproc-per-node", "4", "--parallel.cp=3", "--parallel.dp_shard=1"),

@@ -72,7 +72,7 @@ def test_parallel_dims_validation():
     with pytest.raises(UserError, match=r"parallel\.cp=0 must be >= 1"):
         ParallelDims(1, -1, 1, 1, 8, cp=0)
     assert ParallelDims(1, -1, 2, 1, 16, cp=2).dp_shard == 4
-    with pytest.raises(UserError, match=r"not divisible by dp_replicate x cp x tp x pp"):
+    with pytest.raises(UserError, match=r"not divisible by dp_replicate x tp x pp x cp"):
         ParallelDims(1, -1, 3, 1, 8)
     with pytest.raises(UserError, match=r"parallel\.tp=0 must be >= 1"):
         ParallelDims(1, -1, 0, 1, 8)

@@ -54,8 +54,8 @@ class ParallelDims:
         if self.dp_shard == -1:
             if self.world_size % others:
                 raise UserError(
-                    f"world size {self.world_size} is not divisible by dp_replicate x cp x tp x "
-                    f"pp = {self.dp_replicate} x {self.cp} x {self.tp} x {self.pp} = {others}; "
+                    f"world size {self.world_size} is not divisible by dp_replicate x tp x pp x "
+                    f"cp = {self.dp_replicate} x {self.tp} x {self.pp} x {self.cp} = {others}; "
                     f"launch a multiple "
                     f"of {others} processes or pick degrees whose product divides "
                     f"{self.world_size}"
