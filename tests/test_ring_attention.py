@@ -72,7 +72,7 @@ def _ring_worker(rank: int, cp: int, seq_len: int, masked: bool):
     if masked:
         local_ids = shard_head_tail(ragged_doc_ids(seq_len), cp, rank, dim=1)
         doc_ids = gather_doc_ids(local_ids, dist.group.WORLD)
-    plan = build_plan(cp, rank, q.shape[2], doc_ids, group=dist.group.WORLD, batch=B)
+    plan = build_plan(cp, rank, q.shape[2], doc_ids, group=dist.group.WORLD)
     y = ring_attention(q, k, v, plan)
     y.backward(dy)
     return y.detach(), q.grad, k.grad, v.grad, plan.pairs
@@ -108,7 +108,7 @@ def test_one_rank_ring_equals_dense():
     for doc_ids in (None, ragged_doc_ids(seq_len)):
         q, k, v, dy = inputs(seq_len)
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        plan = build_plan(1, 0, seq_len, doc_ids, batch=B)
+        plan = build_plan(1, 0, seq_len, doc_ids)
         y = ring_attention(*leaves, plan)
         y.backward(dy)
         got = (y.detach(), *(t.grad for t in leaves))
@@ -121,7 +121,7 @@ def test_head_tail_balances_causal_work(cp):
     """Every rank computes 2*cp + 1 (query chunk, key chunk) pairs; the chunks above the
     diagonal are skipped, never computed; each pair appears exactly once over the ring."""
     c = 3
-    plans = [build_plan(cp, r, 2 * c, None, batch=1) for r in range(cp)]
+    plans = [build_plan(cp, r, 2 * c, None) for r in range(cp)]
     counts = [len(p.pairs) for p in plans]
     assert counts == [2 * cp + 1] * cp
     every = sorted(pair for p in plans for pair in p.pairs)
@@ -135,9 +135,13 @@ def test_fully_masked_blocks_are_skipped():
     plans = [build_plan(cp, r, 2 * c, doc_ids) for r in range(cp)]
     every = sorted(pair for p in plans for pair in p.pairs)
     assert every == [(0, 0), (1, 0), (1, 1), (2, 2), (3, 2), (3, 3)]
-    # A pair whose keys are all visible runs with no mask at all.
+    # A pair whose keys are all visible runs with no mask at all; plain causal pairs never
+    # hold a mask tensor (the diagonal runs the kernel's own causal mode).
     (task,) = [t for t in plans[1].steps[1] if (1, 0) in t.pairs]
-    assert task.bias is None
+    assert task.mask is None and not task.causal
+    causal = [t for r in range(cp) for s in build_plan(cp, r, 2 * c).steps for t in s]
+    assert all(t.mask is None for t in causal)
+    assert sorted(t.pairs[0] for t in causal if t.causal) == [(i, i) for i in range(2 * cp)]
 
 
 def test_head_tail_shard_round_trip():
@@ -151,26 +155,29 @@ def test_head_tail_shard_round_trip():
         check_divisible(20, 3)
 
 
-def test_math_kernel_equals_cpu_kernel():
-    """The device-independent kernel (used off CPU) against the CPU flash kernel, one block with
-    a row that sees no key."""
+@pytest.mark.parametrize("causal", [False, True])
+def test_math_kernel_equals_cpu_kernel(causal):
+    """The device-independent kernel (used off CPU) against the CPU flash kernel, one block:
+    with a mask holding a row that sees no key, or in causal mode."""
     g = torch.Generator().manual_seed(1)
     q, k, v, dy = (torch.randn(1, 2, 4, 8, generator=g) for _ in range(4))
-    vis = torch.rand(1, 1, 4, 4, generator=g) > 0.4
-    vis[..., 0, :] = False
-    vis[..., 1:, 0] = True
-    bias = torch.zeros(vis.shape).masked_fill(~vis, float("-inf"))
-    empty = ~vis.any(-1)
-    cpu = cp_kernel.block_forward(q, k, v, bias, empty)
+    mask = empty = None
+    if not causal:
+        mask = torch.rand(1, 1, 4, 4, generator=g) > 0.4
+        mask[..., 0, :] = False
+        mask[..., 1:, 0] = True
+        empty = ~mask.any(-1)
+    cpu = cp_kernel.block_forward(q, k, v, mask, causal, empty)
     name = cp_kernel.kernel_name
     try:
         cp_kernel.kernel_name = lambda device: "math"
-        math = cp_kernel.block_forward(q, k, v, bias, empty)
-        lse = math[1].masked_fill(empty, 0.0)  # backward with a finite merged lse
-        grads_math = cp_kernel.block_backward(dy, q, k, v, math[0], lse, bias)
+        math = cp_kernel.block_forward(q, k, v, mask, causal, empty)
+        # Backward with a finite merged lse (as after the ring's merge).
+        lse = math[1] if empty is None else math[1].masked_fill(empty, 0.0)
+        grads_math = cp_kernel.block_backward(dy, q, k, v, math[0], lse, mask, causal)
     finally:
         cp_kernel.kernel_name = name
-    grads_cpu = cp_kernel.block_backward(dy, q, k, v, cpu[0], lse, bias)
+    grads_cpu = cp_kernel.block_backward(dy, q, k, v, cpu[0], lse, mask, causal)
     for a, b in zip((*cpu, *grads_cpu), (*math, *grads_math)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert RingPlan(1, 0, None).pairs == []

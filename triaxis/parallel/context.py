@@ -39,7 +39,7 @@ class ContextParallel:
     ) -> tuple[torch.Tensor, CPMask]:
         """rope: the model's (max_seq_len, hd/2, 2) table; doc_ids: this rank's shard (B, T/cp)
         or None; tokens: (B, T/cp). Returns the rope rows of the local tokens and the plan."""
-        B, local_len = tokens.shape[:2]
+        local_len = tokens.shape[1]
         seq_len = local_len * self.cp
         whole_ids = None if doc_ids is None else gather_doc_ids(doc_ids, self.group)
         if whole_ids is None:
@@ -47,7 +47,7 @@ class ContextParallel:
         else:
             positions = document_positions(whole_ids)  # restart at each document, whole row
             rope = rope[shard_head_tail(positions, self.cp, self.rank, dim=1)]
-        plan = build_plan(self.cp, self.rank, local_len, whole_ids, self.group, B, tokens.device)
+        plan = build_plan(self.cp, self.rank, local_len, whole_ids, self.group, tokens.device)
         return rope, CPMask(plan)
 
 

@@ -14,8 +14,9 @@ O))), which then gives each block's exact share of the gradient.
           The fused CUDA kernels (flash / memory-efficient with log-sum-exp outputs) belong
           here too; they are not wired yet because no GPU was available to prove them.
 
-Masks arrive as additive float tensors (0 = attend, -inf = masked), one per block, or None when
-every key of the block is visible to every query. Rows with no visible key in a block get
+Masks arrive as bool tensors (True = attend), one per block, or None with `causal` (the
+diagonal block of plain causal attention) or without it (every key visible); the kernels take
+them as additive float masks built per call. Rows with no visible key in a block get
 lse = -inf and a zero output, which the merge then weighs by zero.
 """
 
@@ -29,18 +30,19 @@ def kernel_name(device: torch.device | str) -> str:
 
 
 def block_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, empty_rows
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, causal: bool, empty_rows
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (B, H, Lq, D), k/v (B, H, Lk, D), bias (B, 1, Lq, Lk) or None; empty_rows: (B, 1, Lq)
-    bool of rows with no visible key, or None. Returns out (B, H, Lq, D), lse (B, H, Lq) fp32."""
-    bias = None if bias is None else bias.to(q.dtype)
+    """q (B, H, Lq, D), k/v (B, H, Lk, D), mask (B, 1, Lq, Lk) bool or None; causal: the
+    diagonal block; empty_rows: (B, 1, Lq) bool of rows with no visible key, or None.
+    Returns out (B, H, Lq, D), lse (B, H, Lq) fp32."""
+    bias = _bias(mask, q)
     if kernel_name(q.device) == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, False, attn_mask=bias
+            q, k, v, 0.0, causal, attn_mask=bias
         )
         lse = lse.float()
     else:
-        scores = _scores(q, k, bias)
+        scores = _scores(q, k, _causal_bias(bias, causal, q, k))
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
         out = (probs @ v.float()).to(q.dtype)
@@ -58,17 +60,20 @@ def block_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    bias: torch.Tensor | None,
+    mask,
+    causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This block's share of (dq, dk, dv), given the merged `out` and `lse` of the query rows."""
-    bias = None if bias is None else bias.to(q.dtype)
+    bias = _bias(mask, q)
     if kernel_name(q.device) == "cpu":
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse.to(torch.float32), 0.0, False, attn_mask=bias
+            dout, q, k, v, out, lse.to(torch.float32), 0.0, causal, attn_mask=bias
         )
         return dq, dk, dv
     scale = q.shape[-1] ** -0.5
-    probs = torch.exp(_scores(q, k, bias) - lse[..., None])  # (B, H, Lq, Lk)
+    probs = torch.exp(
+        _scores(q, k, _causal_bias(bias, causal, q, k)) - lse[..., None]
+    )  # (B, H, Lq, Lk)
     dout32 = dout.float()
     dprobs = dout32 @ v.float().transpose(-1, -2)
     delta = (dout32 * out.float()).sum(-1, keepdim=True)
@@ -82,3 +87,17 @@ def block_backward(
 def _scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     scores = (q.float() @ k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
     return scores if bias is None else scores + bias.float()
+
+
+def _bias(mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    """bool mask -> additive mask in q's dtype (the CPU kernel wants q's dtype)."""
+    if mask is None:
+        return None
+    return torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, -torch.inf)
+
+
+def _causal_bias(bias, causal: bool, q: torch.Tensor, k: torch.Tensor):
+    if not causal:
+        return bias
+    tril = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+    return _bias(tril, q)

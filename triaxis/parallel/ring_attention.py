@@ -35,14 +35,16 @@ from triaxis.parallel.cp_shard import head_tail_chunks, head_tail_positions
 
 @dataclass
 class BlockTask:
-    """One kernel call: local query half `q_half` against keys `k_start:k_stop` of the block."""
+    """One kernel call: local query half `q_half` against keys `k_start:k_stop` of the block
+    (one key chunk)."""
 
     q_half: int
     k_start: int
     k_stop: int
-    bias: torch.Tensor | None  # (B, 1, c, k_stop - k_start) additive, None = all visible
+    causal: bool  # the diagonal chunk pair of plain causal attention (no mask tensor)
+    mask: torch.Tensor | None  # (B, 1, c, c) bool, True = attend; None = all visible
     empty_rows: torch.Tensor | None  # (B, 1, c) rows with no visible key, None = none
-    pairs: list[tuple[int, int]]  # the (query chunk, key chunk) pairs it computes
+    pairs: list[tuple[int, int]]  # the (query chunk, key chunk) pair it computes
 
 
 @dataclass
@@ -65,7 +67,6 @@ def build_plan(
     local_len: int,
     doc_ids: torch.Tensor | None = None,
     group=None,
-    batch: int = 1,
     device=None,
 ) -> RingPlan:
     """The plan of cp rank `rank` holding `local_len` tokens. doc_ids: (B, T) document ids of
@@ -75,46 +76,40 @@ def build_plan(
     c = local_len // 2
     seq_len = local_len * cp
     if doc_ids is not None:
-        batch, device = doc_ids.shape[0], doc_ids.device
+        device = doc_ids.device
     pos = [head_tail_positions(seq_len, cp, r, device) for r in range(cp)]
-    q_pos = pos[rank]
     plan = RingPlan(cp, rank, group)
     for step in range(cp):
         src = (rank - step) % cp
-        k_pos = pos[src]
         tasks = []
-        for half in (0, 1):
-            qp = q_pos[half * c : (half + 1) * c]
-            visible = qp[:, None] >= k_pos[None, :]  # (c, 2c) causal
-            visible = visible.expand(batch, c, local_len)
-            if doc_ids is not None:
-                q_doc = doc_ids[:, qp]
-                k_doc = doc_ids[:, k_pos]
-                visible = visible & (q_doc[:, :, None] == k_doc[:, None, :])
-            task = _task(half, visible, c, (head_tail_chunks(cp, rank)[half],), src, cp)
-            if task is not None:
+        for half, q_chunk in enumerate(head_tail_chunks(cp, rank)):
+            for kc, k_chunk in enumerate(head_tail_chunks(cp, src)):
+                if k_chunk > q_chunk:
+                    continue  # every key after every query: skipped, never computed
+                task = BlockTask(half, kc * c, (kc + 1) * c, k_chunk == q_chunk, None, None, [])
+                task.pairs.append((q_chunk, k_chunk))
+                q_pos = pos[rank][half * c : (half + 1) * c]
+                k_pos = pos[src][task.k_start : task.k_stop]
+                if doc_ids is not None and not _apply_documents(task, doc_ids, q_pos, k_pos):
+                    continue  # only other documents' keys: skipped too
                 tasks.append(task)
         plan.steps.append(tasks)
     return plan
 
 
-def _task(half, visible, c, q_chunk, src, cp) -> BlockTask | None:
-    """The kernel call for one query half against the two key chunks of rank `src`: only the
-    key chunks with any visible key; no mask when all are visible."""
-    used = [kc for kc in (0, 1) if visible[:, :, kc * c : (kc + 1) * c].any()]
-    if not used:
-        return None
-    k_start, k_stop = used[0] * c, (used[-1] + 1) * c
-    vis = visible[:, :, k_start:k_stop]
-    bias = empty = None
-    if not bool(vis.all()):
-        bias = torch.zeros(vis.shape, device=vis.device)  # fp32; the kernel casts to q's
-        bias = bias.masked_fill(~vis, float("-inf"))[:, None]  # (B, 1, c, Lk)
-        rows = ~vis.any(-1)
-        empty = rows[:, None] if bool(rows.any()) else None
-    key_chunks = head_tail_chunks(cp, src)
-    pairs = [(q_chunk[0], key_chunks[kc]) for kc in used]
-    return BlockTask(half, k_start, k_stop, bias, empty, pairs)
+def _apply_documents(task: BlockTask, doc_ids, q_pos, k_pos) -> bool:
+    """Compose the document mask into `task`; False when no key is visible at all. Plain
+    causal pairs need no mask tensor (off-diagonal: all visible; diagonal: is_causal)."""
+    visible = doc_ids[:, q_pos, None] == doc_ids[:, None, k_pos]  # (B, c, c)
+    if task.causal:
+        visible = visible & (q_pos[:, None] >= k_pos[None, :])
+    if not bool(visible.any()):
+        return False
+    if not bool(visible.all()):
+        task.causal, task.mask = False, visible[:, None]  # the mask carries causality too
+        rows = ~visible.any(-1)
+        task.empty_rows = rows[:, None] if bool(rows.any()) else None
+    return True
 
 
 def gather_doc_ids(local_doc_ids: torch.Tensor, group) -> torch.Tensor:
@@ -185,7 +180,7 @@ class _RingAttention(torch.autograd.Function):
                 qh = q[:, :, t.q_half * c : (t.q_half + 1) * c].contiguous()
                 kb = _repeat(kv[0, :, :, t.k_start : t.k_stop], rep).contiguous()
                 vb = _repeat(kv[1, :, :, t.k_start : t.k_stop], rep).contiguous()
-                o, s = block_forward(qh, kb, vb, t.bias, t.empty_rows)
+                o, s = block_forward(qh, kb, vb, t.mask, t.causal, t.empty_rows)
                 out[t.q_half], lse[t.q_half] = _merge(out[t.q_half], lse[t.q_half], o, s)
             if ring is not None:
                 kv = ring.wait()
@@ -218,7 +213,8 @@ class _RingAttention(torch.autograd.Function):
                     vb,
                     y[:, :, rows].contiguous(),
                     lse[:, :, rows].contiguous(),
-                    t.bias,
+                    t.mask,
+                    t.causal,
                 )
                 grads.append((t, g))
             if dkv_ring is not None:
