@@ -38,6 +38,7 @@ from tests.test_activation_memory import KeptBytes  # noqa: E402
 from triaxis.model.args import ModelArgs  # noqa: E402
 from triaxis.model.llama import Transformer  # noqa: E402
 from triaxis.parallel import ring_attention as ring  # noqa: E402
+from triaxis.parallel.compat import reduce_scatter_single  # noqa: E402
 from triaxis.parallel.context import ContextParallel  # noqa: E402
 from triaxis.parallel.cp_shard import head_tail_positions, shard_head_tail  # noqa: E402
 
@@ -122,7 +123,7 @@ def allgather_step(rank: int, cp: int, seq: int, timer: _Timed) -> None:
     y.sum().backward()
     grads = [whole.grad[:, :, :, order[r]].contiguous() for r in range(cp)]
     mine = torch.empty_like(kv)
-    timer(dist.reduce_scatter_tensor, mine, torch.cat(grads))  # dK/dV back to their owners
+    timer(reduce_scatter_single, mine, torch.cat(grads))  # dK/dV back to their owners
 
 
 def comm_worker(rank: int, world: int, seq: int, repeat: int) -> dict:

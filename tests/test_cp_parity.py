@@ -19,6 +19,16 @@ LAYOUTS = {
     "cp2_shard2": (4, {"parallel__cp": 2, "parallel__dp_shard": 2}),
     "cp2_tp2": (4, {"parallel__cp": 2, "parallel__tp": 2, "parallel__dp_shard": 1}),
     "cp4": (4, {"parallel__cp": 4, "parallel__dp_shard": 1}),
+    # Recomputation replays the ring's exchanges in backward, on every cp rank alike.
+    "cp2_full_ac": (2, {"parallel__cp": 2, "parallel__activation_checkpoint": "full"}),
+    "cp2_op_ac": (
+        2,
+        {
+            "parallel__cp": 2,
+            "parallel__activation_checkpoint": "selective",
+            "parallel__ac_selective": "op",
+        },
+    ),
 }
 
 RTOL = {"cp4": 1.5e-5}
