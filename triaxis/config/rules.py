@@ -74,8 +74,8 @@ def composition_problem(p: ParallelConfig, fsdp: bool | None = None) -> str | No
         fsdp = p.fsdp_always or p.dp_replicate > 1 or p.dp_shard > 1 or p.cp > 1
     if p.cp > 1 and p.pp > 1:
         return (
-            f"parallel.cp={p.cp} with parallel.pp={p.pp}: pipeline stages do not pass the cp "
-            "shards' positions and document ids yet; set --parallel.pp=1 or --parallel.cp=1"
+            f"parallel.cp={p.cp} with parallel.pp={p.pp}: context parallelism inside pipeline "
+            "stages does not train like one process yet; set --parallel.pp=1 or --parallel.cp=1"
         )
     if p.cp > 1 and p.hierarchical == "on":
         return (
