@@ -274,18 +274,6 @@ CASES: list[tuple[str, str, str]] = [
         "data.seq_len=30 is not divisible by 2 x parallel.cp = 4",
     ),
     (
-        "launch-cp-pp",
-        _launch(
-            "local",
-            "--nproc-per-node",
-            "4",
-            "--parallel.cp=2",
-            "--parallel.pp=2",
-            "--model.tie_embeddings=false",
-        ),
-        "parallel.cp=2 with parallel.pp=2",
-    ),
-    (
         "launch-cp-compile",
         _launch("local", "--nproc-per-node", "2", "--parallel.cp=2", "--train.compile=true"),
         "parallel.cp=2 with train.compile=true",

@@ -58,7 +58,7 @@ def test_step_time_counts_whole_attention_and_the_ring():
 def test_cp_pairs_follow_the_trainer_rules():
     pairs = list(pp_cp_pairs(8, 8, 0, seq_len=20))
     assert (1, 2) in pairs and (1, 4) not in pairs  # 20 splits into 4 chunks, not 8
-    assert all(cp == 1 for pp, cp in pairs if pp > 1)  # no cp with a pipeline
+    assert all(cp == 1 for pp, cp in pairs if pp > 1)  # cp is priced without a pipeline only
     assert list(pp_cp_pairs(8, 8, 1, seq_len=4096)) == [(d, 1) for d in (1, 2, 4, 8)]
 
 

@@ -72,11 +72,6 @@ def composition_problem(p: ParallelConfig, fsdp: bool | None = None) -> str | No
     explicit degrees (dp_shard=-1 is not resolved yet: check_layout judges it again)."""
     if fsdp is None:
         fsdp = p.fsdp_always or p.dp_replicate > 1 or p.dp_shard > 1 or p.cp > 1
-    if p.cp > 1 and p.pp > 1:
-        return (
-            f"parallel.cp={p.cp} with parallel.pp={p.pp}: context parallelism inside pipeline "
-            "stages does not train like one process yet; set --parallel.pp=1 or --parallel.cp=1"
-        )
     if p.cp > 1 and p.hierarchical == "on":
         return (
             f"parallel.hierarchical=on with parallel.cp={p.cp}: the two-phase gathers cover "

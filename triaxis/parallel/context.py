@@ -64,3 +64,19 @@ class CPMask:
 def apply_cp(model, cp_mesh) -> None:
     """Make the model's forward context-parallel over `cp_mesh` (a 1-D mesh)."""
     model.context_parallel = ContextParallel(cp_mesh.get_group())
+
+
+def cp_rows(model, inputs: torch.Tensor, targets: torch.Tensor, doc_ids: torch.Tensor | None):
+    """(inputs, targets, document ids) a rank computes: with context parallelism its shard of
+    each (document ids computed on the whole rows first: documents cross the shards)."""
+    cp = find_context_parallel(model)
+    return (inputs, targets, doc_ids) if cp is None else cp.shard(inputs, targets, doc_ids)
+
+
+def find_context_parallel(model) -> ContextParallel | None:
+    """The cp hook of a model or of its pipeline stages (LocalStages.parts; None: no context
+    parallelism)."""
+    for part in [model, *getattr(model, "parts", [])]:
+        if (cp := getattr(part, "context_parallel", None)) is not None:
+            return cp
+    return None

@@ -107,8 +107,8 @@ def pp_cp_pairs(
     ranks: int, gpus_per_node: int, max_cp: int, seq_len: int
 ) -> Iterator[tuple[int, int]]:
     """(pp, cp) pairs the search tries for `ranks` (the world over tp): cp > 1 only without a
-    pipeline (the trainer's rule), up to max_cp (0: GPUs per node), where seq_len splits into
-    2 x cp chunks."""
+    pipeline (what this cost model prices), up to max_cp (0: GPUs per node), where seq_len
+    splits into 2 x cp chunks."""
     divisors = [d for d in range(1, ranks + 1) if ranks % d == 0]
     for pp in divisors:
         yield pp, 1
