@@ -18,6 +18,19 @@ LAYOUTS = {
     "cp2": (2, {"parallel__cp": 2, "parallel__dp_shard": 1}),
     "cp2_shard2": (4, {"parallel__cp": 2, "parallel__dp_shard": 2}),
     "cp2_tp2": (4, {"parallel__cp": 2, "parallel__tp": 2, "parallel__dp_shard": 1}),
+    "cp2_tp2_loss_parallel": (
+        4,
+        {
+            "parallel__cp": 2,
+            "parallel__tp": 2,
+            "parallel__dp_shard": 1,
+            "parallel__loss_parallel": "true",
+        },
+    ),
+    "cp2_replicate2": (
+        4,
+        {"parallel__cp": 2, "parallel__dp_replicate": 2, "parallel__dp_shard": 1},
+    ),
     "cp4": (4, {"parallel__cp": 4, "parallel__dp_shard": 1}),
     "cp2_pp2": (
         4,
