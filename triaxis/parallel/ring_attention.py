@@ -18,7 +18,8 @@ dK/dV to an accumulator that travels with them and arrives back at the owner aft
 per-block kernels (triaxis.parallel.cp_kernel) take the merged output and log-sum-exp, which
 makes each block's gradient exact.
 
-Memory: a rank holds its own Q/K/V, one K/V block in flight and the merged output: O(T / cp).
+Memory: a rank holds its own Q/K/V, the K/V block it computes with and the one arriving, and
+the merged output: O(T / cp).
 The all-gather variant would hold every rank's K/V, O(T) per rank per layer.
 """
 

@@ -151,15 +151,9 @@ def enumerate_families(
                         yield [x for x in family if composes(x)]
 
 
-def enumerate_layouts(
-    shape: ModelShape,
-    world: int,
-    gpus_per_node: int,
-    global_batch: int,
-    space: SearchSpace,
-    seq_len: int = 0,
-) -> Iterator[Layout]:
-    for family in enumerate_families(shape, world, gpus_per_node, global_batch, space, seq_len):
+def enumerate_layouts(*args, **kwargs) -> Iterator[Layout]:
+    """enumerate_families' layouts one at a time (the same arguments)."""
+    for family in enumerate_families(*args, **kwargs):
         yield from family
 
 
