@@ -262,6 +262,27 @@ CASES: list[tuple[str, str, str]] = [
     ("train-verify-mode", _train("--data.verify=md5"), "data.verify='md5' is not a valid"),
     ("train-vocab-small", _train("--model.vocab_size=100"), "smaller than the data's"),
     ("train-tp-world", _train("--parallel.tp=2"), "world size 1"),
+    ("train-cp-world", _train("--parallel.cp=2"), "dp_replicate x tp x pp x cp = 1 x 1 x 1 x 2"),
+    (
+        "launch-cp-world",
+        _launch("local", "--nproc-per-node", "4", "--parallel.cp=3", "--parallel.dp_shard=1"),
+        "dp_shard x cp x tp = 1 x 1 x 1 x 3 x 1 = 3 but the world size is 4",
+    ),
+    (
+        "launch-cp-seq-len",
+        _launch("local", "--nproc-per-node", "2", "--parallel.cp=2", "--data.seq_len=30"),
+        "data.seq_len=30 is not divisible by 2 x parallel.cp = 4",
+    ),
+    (
+        "launch-cp-compile",
+        _launch("local", "--nproc-per-node", "2", "--parallel.cp=2", "--train.compile=true"),
+        "parallel.cp=2 with train.compile=true",
+    ),
+    (
+        "launch-cp-hierarchical",
+        _launch("local", "--nproc-per-node", "2", "--parallel.cp=2", "--parallel.hierarchical=on"),
+        "parallel.hierarchical=on with parallel.cp=2",
+    ),
     (
         "train-hierarchical-one-node",
         _train("--parallel.hierarchical=on"),

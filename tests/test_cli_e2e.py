@@ -181,8 +181,14 @@ def test_launch_refuses_impossible_layouts(bpe_data, tmp_path):
     assert "choose tp in [1]" in msg
 
 
-def test_layout_command():
+def test_layout_command(tmp_path):
     out = triaxis("layout", "--world", 8, "--dp-replicate", 2, "--tp", 2).stdout
     rows = [line.split() for line in out.splitlines()[2:]]
-    assert rows[3] == ["0", "3", "3", "0", "0", "1", "1"]  # node 0, gpu 3: shard 1, tp 1
+    assert rows[3] == ["0", "3", "3", "0", "0", "1", "0", "1"]  # node 0, gpu 3: shard 1, tp 1
     assert "dp_shard=2" in out
+    # cp sits between tp and the partition group; --layers names each rank's sequence chunks.
+    svg = tmp_path / "l.svg"
+    out = triaxis("layout", "--world", 8, "--cp", 2, "--tp", 2, "--layers", 4, "--svg", svg).stdout
+    assert "dp_shard=2 x cp=2 x tp=2" in out
+    assert svg.read_text().count("cp chunks 0,3/4") == 4  # ranks 0, 1, 4, 5
+    assert "rank    2  stage 0:  layers 0-3, tp shard 1/2, sequence chunks 1,2/4" in out

@@ -65,9 +65,14 @@ def test_global_batch_must_divide():
 
 def test_parallel_dims_validation():
     assert ParallelDims(2, -1, 2, 1, 16).dp_shard == 4
-    with pytest.raises(UserError, match=r"1 x 2 x 2 x 1 = 4 but the world size is 8"):
+    with pytest.raises(UserError, match=r"1 x 2 x 2 x 1 x 1 = 4 but the world size is 8"):
         ParallelDims(2, 2, 1, 1, 8)
-    with pytest.raises(UserError, match=r"not divisible by dp_replicate x tp x pp"):
+    with pytest.raises(UserError, match=r"x cp x tp = 1 x 1 x 1 x 2 x 1 = 2 but the world size"):
+        ParallelDims(1, 1, 1, 1, 8, cp=2)
+    with pytest.raises(UserError, match=r"parallel\.cp=0 must be >= 1"):
+        ParallelDims(1, -1, 1, 1, 8, cp=0)
+    assert ParallelDims(1, -1, 2, 1, 16, cp=2).dp_shard == 4
+    with pytest.raises(UserError, match=r"not divisible by dp_replicate x tp x pp x cp"):
         ParallelDims(1, -1, 3, 1, 8)
     with pytest.raises(UserError, match=r"parallel\.tp=0 must be >= 1"):
         ParallelDims(1, -1, 0, 1, 8)
@@ -82,6 +87,17 @@ def test_mesh_order_puts_tp_innermost_then_partition_group():
     assert [c["dp_shard"] for c in coords[:4]] == [0, 0, 1, 1]
     assert [c["dp_replicate"] for c in coords] == [0] * 4 + [1] * 4
     assert [dims.dp_rank(r) for r in range(0, 8, 2)] == [0, 1, 2, 3]
+
+
+def test_mesh_order_puts_cp_between_tp_and_partition_group():
+    dims = ParallelDims(dp_replicate=1, dp_shard=2, tp=2, pp=1, world_size=8, cp=2)
+    coords = [dims.coords(r) for r in range(8)]
+    assert [c["tp"] for c in coords[:2]] == [0, 1]
+    assert [c["cp"] for c in coords[:4]] == [0, 0, 1, 1]
+    assert [c["dp_shard"] for c in coords] == [0] * 4 + [1] * 4
+    # cp ranks read the same samples; FSDP shards over dp_shard x cp; losses average over both.
+    assert [dims.dp_rank(r) for r in (0, 2, 4, 6)] == [0, 0, 1, 1]
+    assert (dims.shard_size, dims.loss_ranks, dims.fsdp_enabled) == (4, 4, True)
 
 
 def test_model_fields_unset_are_none_and_round_trip(tmp_path):

@@ -273,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     la.add_argument("--dp-shard", type=int, default=-1)
     la.add_argument("--tp", type=int, default=1)
     la.add_argument("--pp", type=int, default=1)
+    la.add_argument("--cp", type=int, default=1, help="context-parallel degree")
     la.add_argument("--layers", type=int, default=0, help="transformer blocks to place")
     la.add_argument("--svg", default="", help="also write the picture to this SVG file")
     la.set_defaults(fn=_layout)

@@ -23,6 +23,17 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
         )
     if (problem := composition_problem(p, None if dims is None else dims.fsdp_enabled)) is not None:
         raise UserError(problem)
+    if p.cp > 1 and d.seq_len % (2 * p.cp):
+        ok = max(2 * p.cp, d.seq_len // (2 * p.cp) * 2 * p.cp)
+        raise UserError(
+            f"data.seq_len={d.seq_len} is not divisible by 2 x parallel.cp = {2 * p.cp} (each cp "
+            f"rank holds two equal head-tail chunks); set --data.seq_len={ok} or another cp"
+        )
+    if p.cp > 1 and t.compile:
+        raise UserError(
+            f"parallel.cp={p.cp} with train.compile=true: ring attention's point-to-point "
+            "exchanges are not traced by torch.compile yet; set --train.compile=false or cp=1"
+        )
     if d.mean_document_tokens and not d.document_mask:
         raise UserError(
             f"data.mean_document_tokens={d.mean_document_tokens} counts masked attention "
@@ -60,7 +71,13 @@ def composition_problem(p: ParallelConfig, fsdp: bool | None = None) -> str | No
     `fsdp`: whether FSDP wraps the model (ParallelDims.fsdp_enabled); None: judged from the
     explicit degrees (dp_shard=-1 is not resolved yet: check_layout judges it again)."""
     if fsdp is None:
-        fsdp = p.fsdp_always or p.dp_replicate > 1 or p.dp_shard > 1
+        fsdp = p.fsdp_always or p.dp_replicate > 1 or p.dp_shard > 1 or p.cp > 1
+    if p.cp > 1 and p.hierarchical == "on":
+        return (
+            f"parallel.hierarchical=on with parallel.cp={p.cp}: the two-phase gathers cover "
+            "dp_shard groups, not FSDP's dp_shard x cp group; set --parallel.hierarchical=auto "
+            "(flat gathers) or --parallel.cp=1"
+        )
     if p.activation_offload and (
         p.activation_checkpoint == "none"
         or (p.activation_checkpoint == "selective" and p.ac_selective == "op")

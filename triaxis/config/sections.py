@@ -189,6 +189,9 @@ class ParallelConfig:
     """Tensor-parallel degree (with sequence parallelism on norms); must divide the heads."""
     pp: int = ranged(1, ge=1)
     """Pipeline-parallel degree: stages of contiguous blocks on different ranks."""
+    cp: int = ranged(1, ge=1)
+    """Context-parallel degree: ranks that split every sequence (head-tail chunks, ring
+    attention); data.seq_len must be a multiple of 2 x cp. FSDP shards over dp_shard x cp."""
     pp_schedule: Literal[
         "gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "interleaved-zb", "zbv", "dualpipev"
     ] = "1f1b"

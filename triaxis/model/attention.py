@@ -88,7 +88,10 @@ def attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, gqa: bool = False
 ) -> torch.Tensor:
     """Causal attention of q (B, nh, T, hd) over k, v (B, nkv, T, hd); `mask` from
-    `document_mask` (None = plain causal over the whole window). Returns (B, nh, T, hd)."""
+    `document_mask` (None = plain causal over the whole window), or a context-parallel mask
+    (triaxis.parallel.context), which attends across the cp ranks itself. Returns (B, nh, T, hd)."""
+    if hasattr(mask, "attend"):
+        return mask.attend(q, k, v)
     dense = mask is None or isinstance(mask, torch.Tensor)
     if dense and repeat_kv_for_sdpa(q.device.type, q.dtype, gqa, mask is not None):
         repeat = q.shape[1] // k.shape[1]  # query head i reads K/V head i // repeat, as GQA

@@ -145,6 +145,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        # Context parallelism's hook (triaxis.parallel.context.apply_cp); None: one rank
+        # holds the whole sequence.
+        self.context_parallel = None
         # Not persistent: recomputed by init_weights, never part of a checkpoint.
         self.register_buffer("rope", model_rope_tables(args), persistent=False)
 
@@ -162,7 +165,9 @@ class Transformer(nn.Module):
         only, RoPE positions restarting at each; None = one causal sequence."""
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens
         rope, mask = self.rope, None
-        if doc_ids is not None:
+        if self.context_parallel is not None:  # tokens: this rank's shard of the sequence
+            rope, mask = self.context_parallel.rope_and_mask(self.rope, doc_ids, tokens)
+        elif doc_ids is not None:
             rope = self.rope[document_positions(doc_ids)]  # (B, T, hd/2, 2)
             mask = document_mask(doc_ids)
         for layer in self.layers.values():

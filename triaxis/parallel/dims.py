@@ -2,12 +2,17 @@
 
 Rank order (row-major over the mesh axes, last axis fastest):
 
-    pp  x  dp_replicate  x  dp_shard  x  tp
+    pp  x  dp_replicate  x  dp_shard  x  cp  x  tp
 
-`tp` is innermost, then the MiCS partition group (`dp_shard`): both sit on consecutive ranks, i.e.
-inside one node where NVLink carries their per-layer and per-micro-batch traffic. Replicas
-(`dp_replicate`) span nodes and exchange gradients once per optimizer step. Pipeline stages are
-outermost: their point-to-point activations are the lightest traffic of all.
+`tp` is innermost, then context parallelism (`cp`), then the MiCS partition group (`dp_shard`):
+all three sit on consecutive ranks, i.e. inside one node where NVLink carries their traffic,
+heaviest first. tp all-gathers and reduce-scatters activations twice per block; cp passes every
+layer's K/V around its ring (2 x T/cp x kv_dim per hop, overlapped with attention) forward and
+again with their gradients in backward; dp_shard gathers parameters once per block. FSDP shards
+over dp_shard x cp (cp ranks hold the same model and average their gradients), so cp next to
+dp_shard makes that group contiguous too. Replicas (`dp_replicate`) span nodes and exchange
+gradients once per optimizer step. Pipeline stages are outermost: their point-to-point
+activations are the lightest traffic of all.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import dataclass
 
 from triaxis.errors import UserError
 
-AXES = ("pp", "dp_replicate", "dp_shard", "tp")
+AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 def _divisors(n: int) -> list[int]:
@@ -32,9 +37,11 @@ class ParallelDims:
     world_size: int
     fsdp_always: bool = False
     """Wrap with FSDP even with nothing to shard (dp = 1): to measure the wrapper's own cost."""
+    cp: int = 1
+    """Context-parallel degree: ranks that split every sequence (triaxis.parallel.context)."""
 
     def __post_init__(self) -> None:
-        for name in ("dp_replicate", "tp", "pp"):
+        for name in ("dp_replicate", "tp", "pp", "cp"):
             value = getattr(self, name)
             if value < 1:
                 raise UserError(f"parallel.{name}={value} must be >= 1 (1 disables it)")
@@ -43,12 +50,13 @@ class ParallelDims:
                 f"parallel.dp_shard={self.dp_shard} must be >= 1, or -1 to fill "
                 "the rest of the world"
             )
-        others = self.dp_replicate * self.tp * self.pp
+        others = self.dp_replicate * self.tp * self.pp * self.cp
         if self.dp_shard == -1:
             if self.world_size % others:
                 raise UserError(
-                    f"world size {self.world_size} is not divisible by dp_replicate x tp x pp = "
-                    f"{self.dp_replicate} x {self.tp} x {self.pp} = {others}; launch a multiple "
+                    f"world size {self.world_size} is not divisible by dp_replicate x tp x pp x "
+                    f"cp = {self.dp_replicate} x {self.tp} x {self.pp} x {self.cp} = {others}; "
+                    f"launch a multiple "
                     f"of {others} processes or pick degrees whose product divides "
                     f"{self.world_size}"
                 )
@@ -61,15 +69,16 @@ class ParallelDims:
                 else "set --parallel.dp_shard=-1"
             )
             raise UserError(
-                f"parallel degrees pp x dp_replicate x dp_shard x tp = {self.pp} x "
-                f"{self.dp_replicate} x {self.dp_shard} x {self.tp} = {product} but the world "
+                f"parallel degrees pp x dp_replicate x dp_shard x cp x tp = {self.pp} x "
+                f"{self.dp_replicate} x {self.dp_shard} x {self.cp} x {self.tp} = {product} "
+                f"but the world "
                 f"size is {self.world_size}; {hint} or launch {product} processes"
             )
 
     # -- sizes -------------------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, ...]:
-        return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+        return (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
 
     @property
     def dp_size(self) -> int:
@@ -77,8 +86,19 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
     @property
+    def loss_ranks(self) -> int:
+        """Ranks whose losses average into the step's: data-parallel ranks x cp shards."""
+        return self.dp_size * self.cp
+
+    @property
+    def shard_size(self) -> int:
+        """Ranks one FSDP partition group spans: dp_shard x cp."""
+        return self.dp_shard * self.cp
+
+    @property
     def fsdp_enabled(self) -> bool:
-        return self.dp_size > 1 or self.fsdp_always
+        # cp ranks hold the same model and must average their gradients: FSDP over cp too.
+        return self.dp_size > 1 or self.cp > 1 or self.fsdp_always
 
     def coords(self, rank: int) -> dict[str, int]:
         """Mesh coordinates of a global rank (row-major, last axis fastest). Plain integer
@@ -115,11 +135,16 @@ class ParallelDims:
     def build_mesh(self, device_type: str):
         """(world mesh with axes AXES, the flattened `dp` mesh).
 
-        The `dp` mesh answers "which slice of the global batch": data loading, loss averaging.
+        The `dp` mesh averages losses and token counts: the data-parallel ranks and, with cp,
+        the cp ranks whose losses are each over their shard of the sequence. (Which slice of
+        the global batch a rank reads is `dp_rank`, the same for every cp rank.)
         """
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh(device_type, self.shape, mesh_dim_names=AXES)
+        if self.cp > 1:
+            mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # FSDP's partition group
+            return mesh, mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp")
         return mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")
 
     def describe(self) -> str:

@@ -100,7 +100,7 @@ def resolve(mode: str, dims: ParallelDims, ranks_per_node: int) -> NodeSplit | N
     auto: on when a dp_shard group spans nodes with more than one member in each (with one
     member per node the first phase is already the whole flat gather).
     """
-    if mode == "off":
+    if mode == "off" or dims.cp > 1:  # cp with "on": refused by config.rules
         return None
     split = node_split(dims, ranks_per_node)
     if mode == "auto":

@@ -58,8 +58,10 @@ def _what(c: Cell, dims: ParallelDims) -> str:
         parts.append(span)
     if dims.tp > 1:
         parts.append(f"tp shard {c.coords['tp'] + 1}/{dims.tp}")
-    if dims.dp_shard > 1:
-        parts.append(f"1/{dims.dp_shard} of states")
+    if dims.cp > 1:
+        parts.append(f"sequence chunks {_chunks(c, dims)}")
+    if dims.shard_size > 1:
+        parts.append(f"1/{dims.shard_size} of states")
     parts.append(
         f"replica {c.coords['dp_replicate'] * dims.dp_shard + c.coords['dp_shard']}"
         if dims.dp_shard == 1
@@ -68,16 +70,23 @@ def _what(c: Cell, dims: ParallelDims) -> str:
     return ", ".join(parts)
 
 
+def _chunks(c: Cell, dims: ParallelDims) -> str:
+    """The head-tail chunks (of 2 x cp) of every sequence this rank holds."""
+    head, tail = c.coords["cp"], 2 * dims.cp - 1 - c.coords["cp"]
+    return f"{head},{tail}/{2 * dims.cp}"
+
+
 def print_layout(a: argparse.Namespace) -> None:
     gpn = a.gpus_per_node
-    ranks_needed = a.pp * a.tp * a.dp_replicate * max(a.dp_shard, 1)
+    cp = getattr(a, "cp", 1)
+    ranks_needed = a.pp * a.tp * cp * a.dp_replicate * max(a.dp_shard, 1)
     world = a.world or a.nodes * gpn or ranks_needed
-    dims = ParallelDims(a.dp_replicate, a.dp_shard, a.tp, a.pp, world)
+    dims = ParallelDims(a.dp_replicate, a.dp_shard, a.tp, a.pp, world, cp=cp)
     nodes = -(-world // gpn)
     grid = cells(dims, gpn, a.layers)  # before any output: a bad --pp/--layers prints nothing
     print(
         f"world {world} = {nodes} server(s) x {gpn} GPUs: {dims.describe()}  "
-        "(tp innermost, then the MiCS partition group)"
+        "(tp innermost, then cp, then the MiCS partition group)"
     )
     if not a.layers:
         header = ["node", "local", "rank", *AXES]
@@ -92,14 +101,14 @@ def print_layout(a: argparse.Namespace) -> None:
                 print(
                     f"  gpu {c.local}  rank {c.rank:>4}  stage {c.coords['pp']}:  {_what(c, dims)}"
                 )
-        copy = dims.pp * dims.tp
+        copy = dims.pp * dims.tp * dims.cp
         print(
-            f"one model copy = pp x tp = {copy} GPUs = {copy / gpn:g} server(s); "
+            f"one model copy = pp x cp x tp = {copy} GPUs = {copy / gpn:g} server(s); "
             f"{dims.dp_size} copies (data-parallel ranks)"
         )
-    if dims.dp_shard * dims.tp > gpn:
+    if dims.shard_size * dims.tp > gpn:
         print(
-            f"note: a partition group x tp = {dims.dp_shard * dims.tp} ranks spans servers; "
+            f"note: a partition group x tp = {dims.shard_size * dims.tp} ranks spans servers; "
             "MiCS works best with it inside one server"
         )
     if a.svg:
@@ -123,9 +132,9 @@ PALETTE = [
 
 
 def svg(dims: ParallelDims, grid: list[Cell], gpn: int, nodes: int) -> str:
-    """Servers as boxes, GPUs as cells coloured by pipeline stage, labelled with layers and
-    tensor shard."""
-    cw, ch, pad, head = 118, 54, 12, 26
+    """Servers as boxes, GPUs as cells coloured by pipeline stage, labelled with layers,
+    tensor shard and sequence chunks."""
+    cw, ch, pad, head = 118, 68, 12, 26
     width = pad * 2 + gpn * (cw + 6)
     height = pad + nodes * (ch + head + pad * 2)
     out = [
@@ -155,6 +164,7 @@ def svg(dims: ParallelDims, grid: list[Cell], gpn: int, nodes: int) -> str:
                 f"gpu {c.local} · stage {c.coords['pp']}",
                 layers,
                 f"tp {c.coords['tp'] + 1}/{dims.tp}" if dims.tp > 1 else "",
+                f"cp chunks {_chunks(c, dims)}" if dims.cp > 1 else "",
             ]
             for i, text in enumerate(t for t in lines if t):
                 out.append(f'<text x="{x + 5}" y="{y + 15 + 14 * i}" fill="white">{text}</text>')

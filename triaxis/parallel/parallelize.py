@@ -36,6 +36,10 @@ def parallelize(
     device: torch.device,
     mp_dtype: torch.dtype | None,
 ) -> nn.Module:
+    if dims.cp > 1:
+        from triaxis.parallel.context import apply_cp
+
+        apply_cp(model, mesh["cp"])
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel=pcfg.loss_parallel)
     compile_inside = tcfg.compile and pcfg.activation_offload
@@ -134,9 +138,10 @@ def fsdp_mesh(mesh, dims: ParallelDims):
     With dp_shard = 1 the 2-D mesh degenerates to plain data parallelism: no sharding, one
     all-reduce per step.
     """
+    shard = "dp_shard_cp" if dims.cp > 1 else "dp_shard"  # cp ranks share model states too
     if dims.dp_replicate > 1:
-        return mesh["dp_replicate", "dp_shard"]
-    return mesh["dp_shard"]
+        return mesh["dp_replicate", shard]
+    return mesh[shard]
 
 
 def apply_fsdp(
@@ -184,7 +189,7 @@ def set_grad_sync(model: nn.Module, dims: ParallelDims, last_micro_step: bool) -
     """
     if not dims.fsdp_enabled:
         return
-    if dims.dp_shard > 1:
+    if dims.shard_size > 1:
         model.set_requires_all_reduce(last_micro_step)
     else:
         model.set_requires_gradient_sync(last_micro_step)

@@ -20,7 +20,7 @@ def check_layout(cfg: Config, world: int, model_args: ModelArgs) -> ParallelDims
     """Raise UserError (one line: the value, the rule, the fix) unless cfg's layout runs on
     `world` ranks with this model; return its degrees."""
     p = cfg.parallel
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world, p.fsdp_always)
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world, p.fsdp_always, p.cp)
     validate(cfg, model_args, dims)
     if dims.pp > 1:
         from triaxis.parallel.pipeline import check_schedule  # torch: only when pipelining

@@ -95,6 +95,7 @@ def plan_for_world(
     space = SearchSpace(
         allow_offload=hw.gpu.bf16,
         max_micro_batch=cfg.train.global_batch,
+        max_cp=1 if cfg.train.compile else 0,  # the trainer refuses cp with compile
     )
     result = plan(problem, world_size, objective, space, keep=2, catalog=catalog)
     if not result.plans:

@@ -81,6 +81,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("--no-offload", action="store_true", help="never offload states to the host")
     p.add_argument("--max-tp", type=int, default=0, help="largest tp (default: GPUs per node)")
+    p.add_argument(
+        "--max-cp", type=int, default=0, help="largest cp (default: GPUs per node; 1 = no cp)"
+    )
     p.add_argument("--max-pp", type=int, default=0, help="largest pp (default: blocks)")
     p.add_argument(
         "--ac",
@@ -141,6 +144,7 @@ def run(a: argparse.Namespace) -> int:
         allow_offload=not a.no_offload and hw.gpu.bf16,
         max_pp=1 if a.no_pipeline else a.max_pp,
         max_tp=a.max_tp,
+        max_cp=a.max_cp,
     )
     problem = Problem(shape, hw, RUNTIMES["triaxis"], a.seq, a.global_batch, a.doc_tokens)
     # Keep a runner-up even for --top 1: the explanation compares the winner with it.

@@ -40,6 +40,7 @@ def parallel_config(
         dp_shard=layout.dp_shard,
         tp=layout.tp,
         pp=layout.pp,
+        cp=layout.cp,
         pp_schedule=layout.schedule if piped else (base or ParallelConfig()).pp_schedule,
         pp_virtual_stages=layout.virtual_stages if piped else 1,
         pp_layers=",".join(map(str, stage_split(n_layers, layout))) if piped else "",

@@ -272,6 +272,9 @@ class Layout:
     hierarchical: bool = False
     """MiCS hierarchical all-gather / reduce-scatter (parallel.hierarchical): a dp_shard group
     spanning nodes gathers across nodes among same-local-rank peers, then inside the node."""
+    cp: int = 1
+    """Context-parallel degree: ranks that split each sequence (ring attention); they read the
+    same samples and FSDP shards over dp_shard x cp (triaxis.plan.context prices it)."""
 
     def __post_init__(self) -> None:
         if self.offload_checkpoints and self.activation_checkpoint != "full":
@@ -282,7 +285,7 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp_replicate * self.dp_shard * self.tp
+        return self.pp * self.dp_replicate * self.dp_shard * self.tp * self.cp
 
     def runtime_ac(self) -> dict[str, object]:
         """The trainer's [parallel] fields for this layout's checkpointing and its offload."""
@@ -307,6 +310,8 @@ class Layout:
             f"dp_replicate={self.dp_replicate} mb={self.micro_batch} "
             f"ac={self.activation_checkpoint}"
         )
+        if self.cp > 1:
+            s = f"cp={self.cp} " + s
         if self.activation_checkpoint == "selective":
             s += f"/{self.ac_every}"
         if self.pp > 1:

@@ -10,7 +10,7 @@ from triaxis.plan.mapping import parallel_config
 from triaxis.plan.problem import Plan
 from triaxis.plan.search import MODEL_ERROR, PlanResult, degrees
 
-COMM_COLUMNS = ("tp", "dp_shard", "dp_replicate", "pp")
+COMM_COLUMNS = ("tp", "cp", "dp_shard", "dp_replicate", "pp")
 """The exposed-communication columns of the step-time table: the mesh axes innermost first (the
 reverse of triaxis.parallel.dims.AXES, the mesh order)."""
 
@@ -144,7 +144,7 @@ def _runner_up_words(r: PlanResult) -> list[str]:
         lost, won = _gain_and_loss(w, alt)
         diff = ", ".join(
             f"{name}={getattr(alt.layout, name)} instead of {getattr(w.layout, name)}"
-            for name in ("tp", "pp", "dp_shard", "dp_replicate")
+            for name in ("tp", "pp", "dp_shard", "dp_replicate", "cp")
             if getattr(alt.layout, name) != getattr(w.layout, name)
         )
         alt_gap = alt.time.total / w.time.total - 1
@@ -185,6 +185,12 @@ def explain(r: PlanResult) -> str:
             f"pp={a.pp} ({sched}) over {w.num_micro_batches} micro-batches costs a "
             f"{frac:.1%} bubble."
         )
+    if a.cp > 1:
+        out.append(
+            f"cp={a.cp} splits every sequence over {a.cp} GPUs (activations 1/{a.cp}); the "
+            f"ring's K/V transfers leave {t.exposed_comm.get('cp', 0.0):.3f} s exposed, and "
+            f"FSDP shards states over dp_shard x cp = {a.dp_shard * a.cp} GPUs."
+        )
     states = m.params + m.grads + m.optim
     group = a.dp_shard * a.tp
     where = f"{group // gpn} nodes" if group > gpn else "one node"
@@ -199,7 +205,7 @@ def explain(r: PlanResult) -> str:
             f"holds parameters, gradients and AdamW states in {state_txt}; its gathers "
             f"and reduce-scatters leave {t.exposed_comm['dp_shard']:.3f} s exposed."
         )
-    else:
+    elif a.cp == 1:
         out.append(
             f"dp_shard=1: every rank keeps whole parameters, gradients and AdamW states "
             f"({state_txt}), so nothing is gathered per block."
@@ -257,6 +263,7 @@ def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
     a = p.layout
     par = parallel_config(a, r.problem.shape.n_layers)
     names = SNIPPET_FIELDS + (("pp_schedule", "pp_virtual_stages", "pp_layers") if a.pp > 1 else ())
+    names += ("cp",) if a.cp > 1 else ()
     lines = [
         f"# triaxis plan: {r.problem.shape.name} on {r.world_size} x "
         f"{r.problem.hw.gpu.name} ({r.problem.hw.cluster.name}), objective "

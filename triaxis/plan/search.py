@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from triaxis.config import ParallelConfig, composition_problem
 from triaxis.errors import UserError
 from triaxis.parallel.partition import schedule_problem, stages_per_rank
+from triaxis.plan.context import cp_memory_of, cp_time_of, pp_cp_pairs
 from triaxis.plan.hardware import GIB, Catalog
-from triaxis.plan.memory import memory_of, stage_blocks
+from triaxis.plan.memory import stage_blocks
 from triaxis.plan.problem import (
     AC_POLICIES,
     SCHEDULES,
@@ -37,7 +38,7 @@ from triaxis.plan.problem import (
     Problem,
     TimeBreakdown,
 )
-from triaxis.plan.steptime import hierarchical_applies, recomputed_blocks, time_of
+from triaxis.plan.steptime import hierarchical_applies, recomputed_blocks
 
 # ---------------------------------------------------------------------------------------------
 # The enumeration
@@ -57,6 +58,10 @@ class SearchSpace:
     """0 = up to the number of blocks; 1 = no pipeline (the training runtime today)."""
     max_tp: int = 0
     """0 = up to GPUs per node: tensor parallelism never crosses the NVLink domain."""
+    max_cp: int = 1
+    """Context-parallel degrees tried: 1 = none (a bare SearchSpace), 0 = up to GPUs per node.
+    Only where the sequence splits into 2 x cp chunks, and without a pipeline (the pair this
+    cost model prices)."""
     virtual_stages: tuple[int, ...] = (2, 4)
     """Model chunks per rank tried with interleaved-1f1b."""
     max_micro_batch: int = 64
@@ -72,7 +77,12 @@ def valid_tp(shape: ModelShape, tp: int) -> bool:
 
 
 def enumerate_families(
-    shape: ModelShape, world: int, gpus_per_node: int, global_batch: int, space: SearchSpace
+    shape: ModelShape,
+    world: int,
+    gpus_per_node: int,
+    global_batch: int,
+    space: SearchSpace,
+    seq_len: int = 0,
 ) -> Iterator[list[Layout]]:
     """Every layout of `world` ranks the search space allows and the batch divides, grouped in
     families that differ only in activation checkpointing, offload and resharding.
@@ -82,7 +92,7 @@ def enumerate_families(
     batch; interleaving needs blocks divisible by pp x virtual stages; schedules need enough
     micro-batches (schedule_fits, the trainer's rule); no pipeline for tied embeddings (the
     trainer refuses it); offload and keeping parameters gathered (no reshard) only
-    mean something with dp_shard > 1.
+    mean something with dp_shard > 1; cp (space.max_cp) divides `seq_len` into 2 x cp chunks.
     """
     max_tp = space.max_tp or gpus_per_node
     max_pp = space.max_pp or shape.n_layers
@@ -92,18 +102,19 @@ def enumerate_families(
     for tp in divisors(world):
         if tp > max_tp or not valid_tp(shape, tp):
             continue
-        for pp in divisors(world // tp):
+        for pp, cp in pp_cp_pairs(world // tp, gpus_per_node, space.max_cp, seq_len):
             if pp > min(max_pp, shape.n_layers):
                 continue
-            dp = world // (tp * pp)
+            dp = world // (tp * pp * cp)
             if global_batch % dp:
                 continue
             per_replica = global_batch // dp
             schedules = _schedules(shape, pp, space)
             for dp_shard in divisors(dp):
-                offloads = (False, True) if (space.allow_offload and dp_shard > 1) else (False,)
-                reshards = (False, True) if (space.allow_no_reshard and dp_shard > 1) else (True,)
-                two_phase = hierarchical_applies(gpus_per_node, dp_shard, tp)
+                sharded = dp_shard * cp > 1  # FSDP shards over dp_shard x cp
+                offloads = (False, True) if (space.allow_offload and sharded) else (False,)
+                reshards = (False, True) if (space.allow_no_reshard and sharded) else (True,)
+                two_phase = cp == 1 and hierarchical_applies(gpus_per_node, dp_shard, tp)
                 for mb in divisors(per_replica):
                     if mb > space.max_micro_batch:
                         break
@@ -124,6 +135,7 @@ def enumerate_families(
                                 off,
                                 rs,
                                 ckpt_off,
+                                cp=cp,
                             )
                             for ac, every in acs
                             for off in offloads
@@ -139,10 +151,9 @@ def enumerate_families(
                         yield [x for x in family if composes(x)]
 
 
-def enumerate_layouts(
-    shape: ModelShape, world: int, gpus_per_node: int, global_batch: int, space: SearchSpace
-) -> Iterator[Layout]:
-    for family in enumerate_families(shape, world, gpus_per_node, global_batch, space):
+def enumerate_layouts(*args, **kwargs) -> Iterator[Layout]:
+    """enumerate_families' layouts one at a time (the same arguments)."""
+    for family in enumerate_families(*args, **kwargs):
         yield from family
 
 
@@ -184,11 +195,12 @@ def composes(layout: Layout) -> bool:
         dp_replicate=layout.dp_replicate,
         dp_shard=layout.dp_shard,
         pp=layout.pp,
+        cp=layout.cp,
         pp_schedule=layout.schedule if layout.pp > 1 else ParallelConfig.pp_schedule,
         reshard_after_forward=layout.reshard_after_forward,
         **layout.runtime_ac(),
     )
-    return composition_problem(p, fsdp=layout.dp > 1) is None
+    return composition_problem(p, fsdp=layout.dp * layout.cp > 1) is None
 
 
 def schedule_fits(schedule: str, pp: int, virtual_stages: int, num_micro: int) -> bool:
@@ -241,11 +253,11 @@ def evaluate(
 ) -> Plan:
     """The plan of `layout`; with_time=False skips the step time (a memory-only check)."""
     num_micro = layout.num_micro_batches(p.global_batch)
-    mem = mem or memory_of(p, layout, num_micro)
+    mem = mem or cp_memory_of(p, layout, num_micro)
     ok = fits(p, layout, mem)
     if not with_time:
         return Plan(layout, mem, TimeBreakdown(0.0), num_micro, 0.0, 0.0, 0.0, ok)
-    t = time_of(p, layout, num_micro)
+    t = cp_time_of(p, layout, num_micro)
     step = t.total
     tokens = p.global_batch * p.seq_len
     # Attention counts the keys each query really attends (document masking: fewer).
@@ -306,9 +318,9 @@ class PlanResult:
     winner's: the nearest structurally different option, for the explanation."""
 
 
-def degrees(layout: Layout) -> tuple[int, int, int, int]:
+def degrees(layout: Layout) -> tuple[int, ...]:
     """A layout's structure: what its mesh looks like (the other knobs are minor)."""
-    return (layout.tp, layout.pp, layout.dp_shard, layout.dp_replicate)
+    return (layout.tp, layout.pp, layout.dp_shard, layout.dp_replicate, layout.cp)
 
 
 def plan(
@@ -328,12 +340,12 @@ def plan(
     space = space or SearchSpace()
     count, num_fit, fitting, leanest = 0, 0, [], None
     for family in enumerate_families(
-        problem.shape, world, problem.hw.gpus_per_node, problem.global_batch, space
+        problem.shape, world, problem.hw.gpus_per_node, problem.global_batch, space, problem.seq_len
     ):
         ok = []
         for layout in family:
             count += 1
-            mem = memory_of(problem, layout, layout.num_micro_batches(problem.global_batch))
+            mem = cp_memory_of(problem, layout, layout.num_micro_batches(problem.global_batch))
             if leanest is None or mem.total < leanest[1].total:
                 leanest = (layout, mem)
             if fits(problem, layout, mem):
@@ -386,7 +398,7 @@ def _no_layout_message(problem: Problem, world: int) -> str:
 def fits_somewhere(problem: Problem, world: int, space: SearchSpace) -> bool:
     """Does any layout of `world` GPUs fit? (memory only; stops at the first that does)."""
     for layout in enumerate_layouts(
-        problem.shape, world, problem.hw.gpus_per_node, problem.global_batch, space
+        problem.shape, world, problem.hw.gpus_per_node, problem.global_batch, space, problem.seq_len
     ):
         if evaluate(problem, layout, with_time=False).fits:
             return True

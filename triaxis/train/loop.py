@@ -33,6 +33,7 @@ from triaxis.metrics.logger import (
 from triaxis.model import flops_per_token, param_counts
 from triaxis.model.attention import document_ids
 from triaxis.model.loss import IGNORE_INDEX
+from triaxis.parallel.context import cp_rows
 from triaxis.parallel.host import host_all_reduce, new_host_group
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.parallel.pipeline import local_value
@@ -114,7 +115,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         layout = {
             "world_size": env.world_size,
-            **dict(zip(("pp", "dp_replicate", "dp_shard", "tp"), self.dims.shape)),
+            **dict(zip(("pp", "dp_replicate", "dp_shard", "cp", "tp"), self.dims.shape)),
         }
         self.ckpt = Checkpointer(
             cfg.checkpoint_dir(),
@@ -168,7 +169,7 @@ class Trainer:
         """Mean next-token loss of a micro-batch (with a loss mask: its share of the global
         batch's mean, see loss_scale): the fused, chunked head + loss where the head is whole
         on this rank (triaxis.model.loss), else full logits, then the loss."""
-        doc_ids = self.doc_ids(inputs)
+        inputs, targets, doc_ids = cp_rows(self.model, inputs, targets, self.doc_ids(inputs))
         if self.loss_chunk:
             with self.autocast():
                 loss = self.model(
@@ -206,7 +207,8 @@ class Trainer:
         if self.dp_group is not None:
             dist.all_reduce(count, group=self.dp_group)
         micro = len(batches) if self.pipeline is not None else 1
-        return (self.dims.dp_size * micro / count.clamp(min=1).double()).float()
+        ranks = self.dims.loss_ranks * self.dims.cp  # each cp rank counted the whole rows
+        return (ranks * micro / count.clamp(min=1).double()).float()
 
     def loss_parallel(self):
         if not self.cfg.parallel.loss_parallel:
@@ -233,7 +235,9 @@ class Trainer:
             # The schedule runs the micro-batches: hand it all of them, in micro-step order.
             inputs, targets = (torch.cat(t) for t in zip(*batches))
             with self.loss_parallel(), self.autocast():
-                return self.pipeline.step(inputs, targets, self.doc_ids(inputs))
+                return self.pipeline.step(
+                    *cp_rows(self.model, inputs, targets, self.doc_ids(inputs))
+                )
         total = torch.zeros((), device=self.device)
         poison = self.faults.inject_nan(step)
         for m, (inputs, targets) in enumerate(batches):
@@ -277,7 +281,7 @@ class Trainer:
             return value
         value = value.clone()
         dist.all_reduce(value, group=self.dp_group)
-        return value / self.dims.dp_size
+        return value / self.dims.loss_ranks
 
     def mean_over_dp(self, value: torch.Tensor) -> float:
         return float(self.reduce_over_dp(value))
@@ -307,7 +311,9 @@ class Trainer:
             with self.loss_parallel(), self.autocast():
                 if self.pipeline is not None:
                     inputs, targets = (torch.cat(t) for t in zip(*batches))
-                    total += self.pipeline.eval(inputs, targets, self.doc_ids(inputs))
+                    total += self.pipeline.eval(
+                        *cp_rows(self.model, inputs, targets, self.doc_ids(inputs))
+                    )
                     continue
                 for inputs, targets in batches:
                     total += local_value(self.loss_of(inputs, targets))
