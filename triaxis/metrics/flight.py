@@ -60,13 +60,21 @@ def dump(run_dir: str | Path, rank: int) -> Path | None:
         return None
     import torch._C._distributed_c10d as c10d
 
-    dump_json = getattr(c10d, "_dump_fr_trace_json", None)
-    if dump_json is None:
+    # Two recorders: NCCL's (CUDA events; `_dump_nccl_trace_json`, in CUDA builds) and the
+    # one gloo and the other backends use (`_dump_fr_trace_json`). One file holds both.
+    records: dict = {}
+    for name in ("_dump_fr_trace_json", "_dump_nccl_trace_json"):
+        dump_json = getattr(c10d, name, None)
+        if dump_json is None:
+            continue
+        # Every record, finished or not (True, False): the last one a rank entered is what
+        # counts. The JSON form carries no Python stacks; the analysis needs none.
+        raw = dump_json(True, False)
+        part = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+        entries = records.get("entries", []) + list(part.get("entries") or [])
+        records = {**part, **records, "entries": entries}
+    if not records:
         return None
-    # Every record, finished or not (True, False): the last one a rank entered is what counts.
-    # The JSON form carries no Python stacks; the analysis needs none.
-    raw = dump_json(True, False)
-    records = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
     records["triaxis"] = {"rank": rank, "groups": group_members()}
     folder = Path(run_dir) / FLIGHT_DIR
     folder.mkdir(parents=True, exist_ok=True)
