@@ -46,9 +46,19 @@ def test_names_the_rank_that_never_entered():
     assert "rank(s) [0, 1, 2] in gloo:all_reduce [[4, 8]] Float wait in it" in line
 
 
+def test_a_member_without_a_dump_that_others_wait_for():
+    """A rank whose process froze whole (or was killed) writes no dump; its peers' open
+    collective still points at it."""
+    dumps = {r: _dump(r, [_entry("0", 1), _entry("0", 2, retired=False)], WORLD4) for r in (0, 2)}
+    dumps[3] = _dump(3, [_entry("0", 1), _entry("0", 2, retired=False)], WORLD4)
+    line = hang.verdict(dumps, 4)
+    assert line.startswith("rank 1 (no dump) never entered collective #2 on group 0 "), line
+    assert "(no dump from rank(s) [1]: they did not answer)" in line
+
+
 def test_cascade_points_at_the_root():
-    """Rank 1 waits on group "1" for rank 0 that never entered it; rank 0 itself is behind on
-    group "2" (rank 0 is the root there only if it waits nowhere: it does not)."""
+    """Rank 0 stopped outside collectives: behind on groups "1" and "2", a root on both. Once
+    rank 0 waits in group 1's #5 itself, its lag on group 2 is only a cascade."""
     groups = {
         "1": {"desc": "dp", "ranks": [0, 1]},
         "2": {"desc": "tp", "ranks": [0, 2]},

@@ -32,8 +32,9 @@ class Finding:
     seq: int
     """The collective's sequence number on that group."""
     behind: dict[int, int] = field(default_factory=dict)
-    """{rank: the last sequence number it entered on the group} for the ranks that never
-    entered `seq`; empty for a mismatch."""
+    """{rank: the last sequence number it entered on the group, or -1 for a member that wrote
+    no dump} for the ranks that never entered `seq` (as far as is known); empty for a
+    mismatch."""
     waiting: dict[int, str] = field(default_factory=dict)
     """{rank: "op shapes dtypes"} for the ranks that entered `seq` and did not finish it."""
     root: bool = True
@@ -43,7 +44,10 @@ class Finding:
         waits = _by_what(self.waiting)
         if not self.behind:
             return f"collective #{self.seq} on group {self.group}: ranks disagree: {waits}"
-        behind = ", ".join(f"rank {r} (last #{s})" for r, s in sorted(self.behind.items()))
+        behind = ", ".join(
+            f"rank {r} ({f'last #{s}' if s >= 0 else 'no dump'})"
+            for r, s in sorted(self.behind.items())
+        )
         text = f"{behind} never entered collective #{self.seq} on group {self.group}"
         return text + (f"; {waits} wait in it" if waits else "")
 
@@ -129,8 +133,10 @@ def analyze(dumps: dict[int, dict]) -> list[Finding]:
         at_k = {r: entered[(r, name, k)] for r in seen if (r, name, k) in entered}
         waiting = {r: _what(e) for r, e in at_k.items() if name in open_on[r] and _open(e)}
         behind = {r: last[r].get(name, 0) for r in seen if last[r].get(name, 0) < k}
+        if waiting:  # a member without a dump, waited for: most likely it never came
+            behind.update({r: -1 for r in ranks if r not in dumps})
         if behind:
-            root = any(not open_on[r] for r in behind)
+            root = any(not open_on.get(r) for r in behind)
             findings.append(Finding(label, k, behind, waiting, root))
         elif len({_what(e) for e in at_k.values()}) > 1 and waiting:
             findings.append(Finding(label, k, {}, {r: _what(e) for r, e in at_k.items()}))
