@@ -160,3 +160,17 @@ def test_hang_in_the_checkpoint_agreement(byte_data, tmp_path):
     assert "rank(s) [0] in " in first, out
     dump0 = json.loads((tmp_path / "run" / "flight_recorder" / "rank_0.json").read_text())
     assert "frames" not in json.dumps(dump0)  # no Python stacks were used
+
+
+def test_a_new_run_discards_its_ranks_old_dumps(tmp_path, monkeypatch):
+    from triaxis.train.watchdog import Watchdog
+
+    folder = tmp_path / "flight_recorder"
+    folder.mkdir()
+    for r in (0, 1):
+        (folder / f"rank_{r}.json").write_text("{}")
+    monkeypatch.setenv("TORCH_FR_BUFFER_SIZE", "2000")
+    dog = Watchdog(60, 1, 2, str(tmp_path))
+    dog.start()
+    dog.stop()
+    assert sorted(p.name for p in folder.iterdir()) == ["rank_0.json"]  # only its own

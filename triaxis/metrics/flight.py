@@ -53,6 +53,12 @@ def group_members() -> dict[str, dict]:
     return out
 
 
+def discard(run_dir: str | Path, rank: int) -> None:
+    """Remove this rank's dump of an earlier hang as a run starts in the folder: a later hang
+    that this rank does not answer must not be judged on its old records."""
+    (Path(run_dir) / FLIGHT_DIR / f"rank_{rank}.json").unlink(missing_ok=True)
+
+
 def dump(run_dir: str | Path, rank: int) -> Path | None:
     """Write this rank's records; None when the recorder is off or torch cannot dump. Written
     to a temporary name and renamed: a reader never sees half a file."""

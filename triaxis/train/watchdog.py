@@ -74,6 +74,8 @@ class Watchdog:
     def start(self) -> None:
         if self.timeout_s <= 0:
             return
+        if self.run_dir and flight.enabled():
+            flight.discard(self.run_dir, self.rank)
         if (
             self.world_size > 1
             and os.environ.get("TORCHELASTIC_RUN_ID")
