@@ -65,7 +65,8 @@ def load(run_dir: str | Path) -> dict[int, dict]:
     if not folder.is_dir():
         raise UserError(
             f"{folder}: no Flight Recorder dumps; run with TORCH_FR_BUFFER_SIZE=2000 (and "
-            "train.hang_timeout_s > 0) so that the watchdog writes them when a run hangs"
+            "train.hang_timeout_s below train.dist_timeout_s) so that the watchdog writes them "
+            "when a run hangs"
         )
     dumps: dict[int, dict] = {}
     for path in sorted(folder.glob("rank_*.json")):
