@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     from triaxis.hf.cli import add_hf_parsers
 
     add_hf_parsers(sub)
+    from triaxis.metrics.hang import add_debug_parser
+
+    add_debug_parser(sub)
 
     co = sub.add_parser("config", help="print the default config (or --fields: documented)")
     co.add_argument("--fields", action="store_true", help="every field, its default, rule and doc")

@@ -88,8 +88,8 @@ class Checkpointer:
         # the main thread's agreement on finishing a save. Neither ever interleaves with the
         # training collectives, nor with each other.
         on = dist.is_initialized()
-        self.group = new_host_group() if on else None
-        self.ctl = new_host_group() if on else None
+        self.group = new_host_group("checkpoint_writes") if on else None
+        self.ctl = new_host_group("checkpoint_agreement") if on else None
         self.blocking_s: list[float] = []
         self.failed_saves = 0
         self.written: set[str] = set()  # checkpoints this run committed (it may replace them)

@@ -26,19 +26,21 @@ HOST_BACKEND = "gloo"
 HOST_GROUP_DESC = "triaxis_host"
 
 
-def new_host_group():
+def new_host_group(purpose: str = ""):
     """A gloo group over all ranks for host values; None without a process group. Every rank
-    must create its host groups in the same order (new_group is a collective)."""
+    must create its host groups in the same order (new_group is a collective). `purpose` names
+    the group in Flight Recorder dumps (`triaxis_host:PURPOSE`), so a hang report says which."""
     if not dist.is_initialized():
         return None
-    return dist.new_group(backend=HOST_BACKEND, group_desc=HOST_GROUP_DESC)
+    desc = f"{HOST_GROUP_DESC}:{purpose}" if purpose else HOST_GROUP_DESC
+    return dist.new_group(backend=HOST_BACKEND, group_desc=desc)
 
 
 def _check_group(group) -> None:
     # An invariant, not a user error: only a group made here is known to be gloo on a GPU
     # machine too (on CPU the default group is gloo as well, so the backend alone proves
     # nothing there).
-    assert group is not None and group.group_desc == HOST_GROUP_DESC, (
+    assert group is not None and group.group_desc.partition(":")[0] == HOST_GROUP_DESC, (
         "host values travel over a host group (triaxis.parallel.host.new_host_group)"
     )
 

@@ -366,7 +366,9 @@ class Trainer:
         self.numerics = Numerics(cfg.train, log)
         self.numerics.restore(self.resumed_loop_state)
         t_last, steps_since = time.perf_counter(), 0
-        watchdog = Watchdog(cfg.train.hang_timeout_s, self.env.rank, self.env.world_size)
+        watchdog = Watchdog(
+            cfg.train.hang_timeout_s, self.env.rank, self.env.world_size, cfg.train.run_dir
+        )
         watchdog.start()
         try:
             while step < cfg.train.steps:

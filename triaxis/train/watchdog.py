@@ -11,6 +11,12 @@ every `train.hang_timeout_s`. When one is late, the thread
 4. exits with one line naming the stuck rank(s) (through the error file `triaxis launch`
    prints), which makes the agent stop the rest of the job.
 
+With torch's Flight Recorder on (TORCH_FR_BUFFER_SIZE), each rank first writes its records
+to RUN_DIR/flight_recorder (before step 3, so that every rank that answers has written its
+dump), and the line adds what the records say: which rank never entered collective k of
+which group (metrics/hang.py). That needs no Python stacks, and it holds under NCCL, where the
+rank whose Python sits in a collective is not always the one that failed to enter it.
+
 A hang in a collective whose peers are all in collectives too (mismatched collectives) names
 every rank and the collective each waits in.
 """
@@ -25,6 +31,7 @@ import time
 from datetime import timedelta
 from types import FrameType
 
+from triaxis.metrics import flight, hang
 from triaxis.train.distributed import report_and_exit
 
 _TORCH_DISTRIBUTED = os.sep + os.path.join("torch", "distributed") + os.sep
@@ -54,8 +61,10 @@ def _short(path: str) -> str:
 
 
 class Watchdog:
-    def __init__(self, timeout_s: float, rank: int, world_size: int):
+    def __init__(self, timeout_s: float, rank: int, world_size: int, run_dir: str = ""):
         self.timeout_s, self.rank, self.world_size = timeout_s, rank, world_size
+        self.run_dir = run_dir
+        """Where the Flight Recorder dumps go (none when empty)."""
         self.step = 0
         self._last = time.monotonic()
         self._stop = threading.Event()
@@ -65,6 +74,8 @@ class Watchdog:
     def start(self) -> None:
         if self.timeout_s <= 0:
             return
+        if self.run_dir and flight.enabled():
+            flight.discard(self.run_dir, self.rank)
         if (
             self.world_size > 1
             and os.environ.get("TORCHELASTIC_RUN_ID")
@@ -115,6 +126,7 @@ class Watchdog:
             flush=True,
         )
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        dumped = self._dump_flight_records()
         places = self._gather(f"{int(in_collective)}|{self.step}|{where}")
         places.setdefault(self.rank, f"{int(in_collective)}|{self.step}|{where}")
         stuck = {r: p for r, p in places.items() if p.startswith("0|")}
@@ -133,7 +145,27 @@ class Watchdog:
             line += f"; rank(s) {sorted(waiting)} waiting for them in collectives"
         if len(places) < self.world_size:
             line += f" ({self.world_size - len(places)} rank(s) did not answer)"
-        report_and_exit(self.rank, line + "; Python stacks above", exit_code=1, kind="hang")
+        line += "; Python stacks above"
+        if dumped:
+            line += f". {self._flight_verdict()}"
+        report_and_exit(self.rank, line, exit_code=1, kind="hang")
+
+    def _dump_flight_records(self) -> bool:
+        if not self.run_dir:
+            return False
+        try:
+            return flight.dump(self.run_dir, self.rank) is not None
+        except Exception as e:  # noqa: BLE001 - the stack-based line must still come out
+            print(f"watchdog: rank {self.rank}: no Flight Recorder dump ({e})", file=sys.stderr)
+            return False
+
+    def _flight_verdict(self) -> str:
+        folder = os.path.join(self.run_dir, flight.FLIGHT_DIR)
+        try:
+            found = hang.verdict(hang.load(self.run_dir), self.world_size)
+            return f"Flight Recorder ({folder}): {found}"
+        except Exception as e:  # noqa: BLE001 - a dump a peer left half-read: say so, go on
+            return f"Flight Recorder ({folder}): not analyzed ({e})"
 
     def _gather(self, mine: str) -> dict[int, str]:
         """Every rank's place, as far as they answer within a grace period."""
