@@ -42,6 +42,7 @@ from triaxis.train.cadence import Cadence
 from triaxis.train.distributed import DistEnv, staged_for_copy
 from triaxis.train.numerics import Numerics
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from triaxis.train.profile import StepProfiler
 from triaxis.train.resilience import Faults, PreemptionWatch
 from triaxis.train.resolve import recorded_data_path, resolve
 from triaxis.train.stepstats import StepStats
@@ -350,6 +351,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg, log = self.cfg, self.log
         self.faults.inject_fault("start", self.env.rank)
+        profiler = StepProfiler(cfg.profile, self.device, cfg.train.run_dir, self.env.rank, log)
         step, cursor = self.resume()
         run_dir = Path(cfg.train.run_dir)
         if self.env.is_main:
@@ -375,8 +377,10 @@ class Trainer:
                     cursor += cfg.train.global_batch
                     continue
                 logs = cadence.logs(step + 1)
+                profiler.before(step + 1)
                 loss = self.train_step(cursor, step + 1, logs)
                 step += 1
+                profiler.after(step)
                 cursor += cfg.train.global_batch
                 steps_since += 1
                 if step == cfg.metrics.reset_peak_memory_after:  # host-side: no device sync
@@ -438,6 +442,7 @@ class Trainer:
             preempt.finish()
             self.ckpt.close()
         finally:
+            profiler.close()
             watchdog.stop()
             preempt.close()
             progress.close()
