@@ -327,7 +327,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same as Markdown: the configuration reference, docs/config.md",
     )
     co.set_defaults(fn=_config)
+
+    pl = sub.add_parser("plot", help="loss, val loss, tokens/s, grad norm vs step: an SVG")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders to overlay")
+    pl.add_argument("--output", "-o", default="metrics.svg", help="the SVG file to write")
+    pl.set_defaults(fn=_plot)
     return p
+
+
+def _plot(a: argparse.Namespace) -> int:
+    from triaxis import storage
+    from triaxis.metrics.plot import plot
+
+    storage.check_output_path(a.output, "--output")
+    print(plot(a.run_dirs, a.output))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from triaxis.config.sections import (
     MetricsConfig,
     ModelConfig,
     ParallelConfig,
+    ProfileConfig,
     SourceConfig,
     TrainConfig,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "MetricsConfig",
     "ModelConfig",
     "ParallelConfig",
+    "ProfileConfig",
     "SourceConfig",
     "TrainConfig",
     "attention_span",

@@ -277,6 +277,19 @@ class MetricsConfig:
     """Show a live progress bar on a terminal."""
 
 
+@dataclass
+class ProfileConfig:
+    steps: str = ""
+    """Steps to trace with the PyTorch profiler, "A-B" or "A" (e.g. "5-6"; "" = none): one
+    Chrome/Perfetto trace per rank in RUN_DIR/profile/. SIGUSR2 to a rank traces its next
+    signal_steps steps too."""
+    signal_steps: int = ranged(2, ge=1)
+    """Steps a SIGUSR2 traces, from the next step on."""
+    memory_snapshot: bool = False
+    """Also record the CUDA allocator's history over the traced steps and write it as a pickle
+    per rank (torch.cuda.memory._memory_viz renders it). GPU only."""
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -284,6 +297,7 @@ SECTIONS: dict[str, type] = {
     "parallel": ParallelConfig,
     "checkpoint": CheckpointConfig,
     "metrics": MetricsConfig,
+    "profile": ProfileConfig,
 }
 
 
@@ -295,6 +309,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

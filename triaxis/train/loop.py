@@ -43,8 +43,10 @@ from triaxis.train.cadence import Cadence
 from triaxis.train.distributed import DistEnv, staged_for_copy
 from triaxis.train.numerics import Numerics
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from triaxis.train.profile import StepProfiler
 from triaxis.train.resilience import Faults, PreemptionWatch
 from triaxis.train.resolve import recorded_data_path, resolve
+from triaxis.train.stepstats import StepStats
 from triaxis.train.watchdog import Watchdog
 
 
@@ -144,6 +146,7 @@ class Trainer:
         # valid targets of the whole global batch, whatever the layout.
         self.masked_loss = has_loss_mask(self.train_ds)
         self.loss_scale: torch.Tensor | None = None
+        self.stats = StepStats(self.device, cfg.train.grad_clip)  # grad norm, step times
 
     # -- one optimizer step ------------------------------------------------------------------
     def _fsdp_policy(self) -> bool:
@@ -260,19 +263,23 @@ class Trainer:
         Returns this rank's loss, or on a log step (`logs`) its mean over data-parallel ranks
         (a device tensor either way)."""
         self.faults.inject_kill(step, self.env.rank)
-        loss = self.forward_backward(cursor, step)
+        with self.stats.phase("fwd_bwd"):
+            loss = self.forward_backward(cursor, step)
         if logs:
             loss = self.reduce_over_dp(loss)
         params = [p for p in self.model.parameters() if p.grad is not None]
         # With CPU offload the gradients live on the host: clipping reduces on the device.
         host_grads = self.device if self.cfg.parallel.cpu_offload else None
-        norm = clip_grad_norm(params, self.cfg.train.grad_clip, self.pp_group, host_grads)
-        if self.numerics.checks is not None:
-            flag = self.numerics.checks.flag(step, cursor, norm, loss if logs else None)
-            self.optimizer.found_inf = flag
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()  # also after a skipped update: fit() rewinds it once it knows
+        with self.stats.phase("optimizer"):
+            norm = clip_grad_norm(params, self.cfg.train.grad_clip, self.pp_group, host_grads)
+            if self.numerics.checks is not None:
+                flag = self.numerics.checks.flag(step, cursor, norm, loss if logs else None)
+                self.optimizer.found_inf = flag
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()  # also after a skipped update: fit() rewinds it once it knows
+        if logs:
+            self.stats.grad(norm)
         return loss
 
     def reduce_over_dp(self, value: torch.Tensor) -> torch.Tensor:
@@ -350,6 +357,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg, log = self.cfg, self.log
         self.faults.inject_fault("start", self.env.rank)
+        profiler = StepProfiler(cfg.profile, self.device, cfg.train.run_dir, self.env.rank, log)
         step, cursor = self.resume()
         run_dir = Path(cfg.train.run_dir)
         if self.env.is_main:
@@ -377,8 +385,10 @@ class Trainer:
                     cursor += cfg.train.global_batch
                     continue
                 logs = cadence.logs(step + 1)
+                profiler.before(step + 1)
                 loss = self.train_step(cursor, step + 1, logs)
                 step += 1
+                profiler.after(step)
                 cursor += cfg.train.global_batch
                 steps_since += 1
                 if step == cfg.metrics.reset_peak_memory_after:  # host-side: no device sync
@@ -440,6 +450,7 @@ class Trainer:
             preempt.finish()
             self.ckpt.close()
         finally:
+            profiler.close()
             watchdog.stop()
             preempt.close()
             progress.close()
@@ -455,15 +466,17 @@ class Trainer:
     def _record(self, step: int, loss: float, steps: int, elapsed_s: float) -> dict:
         """A logged step's record, over the `steps` steps since the last; all ranks reduce."""
         # Two host numbers, read on the host: the host group (no trip to the device and back).
-        # The slowest rank's data wait stalls all, hence MAX for both.
+        # The slowest rank's data wait stalls all, hence MAX for all (the step-time breakdown too).
+        times = self.stats.read(steps, self.data_wait_s)
         mem_wait = torch.tensor(
-            [peak_memory_bytes(self.device), self.data_wait_s], dtype=torch.float64
+            [peak_memory_bytes(self.device), self.data_wait_s, *times.values()],
+            dtype=torch.float64,
         )
         self.data_wait_s = 0.0
         self.faults.inject_fault("logging", self.env.rank, step)
         if self.host_group is not None:
             host_all_reduce(mem_wait, self.host_group, op=dist.ReduceOp.MAX)
-        mem, wait = mem_wait.tolist()
+        mem, wait, *slowest = mem_wait.tolist()
         record, stall = step_record(
             step,
             loss=loss,
@@ -479,6 +492,9 @@ class Trainer:
         )
         if stall:
             self.log.warn(stall)
+        tokens_seen = step * self.cfg.train.global_batch * self.cfg.data.seq_len
+        record.update(self.stats.grad_record(), tokens_seen=tokens_seen)
+        record.update(zip(times, slowest))  # fwd_bwd_s, optimizer_s: seconds per step
         return record
 
 
