@@ -36,6 +36,8 @@ def main() -> None:
     from triaxis.model import ModelArgs, Transformer
 
     lengths = [int(x) for x in args.lengths.split(",")]
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # CPU time of one thread: no time spent spinning under load
     device = torch.device(args.device)
     margs = ModelArgs(
         dim=args.dim,
