@@ -23,7 +23,7 @@ from tests.test_chat import (
     tokenizer_folder,
     write_jsonl,
 )
-from triaxis.data.dataset import TokenDataset
+from triaxis.data.dataset import TokenDataset, inputs_targets
 from triaxis.data.prepare import PrepareOptions, prepare
 from triaxis.errors import UserError
 from triaxis.model.loss import IGNORE_INDEX
@@ -160,3 +160,24 @@ def test_packed_run_resumed_at_another_dp_size_equals_the_uninterrupted_run(chat
     got = {**first["losses"], **second["losses"]}
     for step, want in ref["losses"].items():
         assert abs(got[step] - want) <= 1e-5 * abs(want), (step, got[step], want)
+
+
+def test_a_mixture_of_packed_and_unpacked_sources_reads_each_sources_windows(chat):
+    """A mixture samples a packed source by its own windows and masks (the mixture only maps a
+    global index to (source, index)): each row equals that source's sample, padding ignored."""
+    from triaxis.data.mixture import MixtureDataset
+
+    root = chat["root"]
+    packed = TokenDataset(root / "packed", "train", PACK)
+    plain = TokenDataset(root / "plain", "train", PACK)
+    mix = MixtureDataset([packed, plain], [0.5, 0.5], ["packed", "plain"], [None, None])
+    inputs, targets = inputs_targets(mix, 0, 16)
+    sources = set()
+    for row, i in enumerate(range(16)):
+        src, k = mix.locate(i)
+        ds = mix.sources[src] if not isinstance(src, TokenDataset) else src
+        sources.add(id(ds))
+        want_in, want_t = ds.inputs_targets(k, 1)
+        assert inputs[row].tolist() == want_in[0].tolist()
+        assert targets[row].tolist() == want_t[0].tolist()
+    assert sources == {id(packed), id(plain)}
