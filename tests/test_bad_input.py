@@ -156,6 +156,13 @@ CASES: list[tuple[str, str, str]] = [
     ("chat-eos-ends-turns", _chat("chat_ok", tok="hf:{ws}/chat_hf_eot"), "occurs inside"),
     ("pc-types", _chat("pc_types", fmt="prompt-completion"), "give two strings"),
     ("pc-missing", _chat("pc_missing", fmt="prompt-completion"), "lacks 'prompt' or"),
+    # -- prepare --pack-seq-len (tests/test_packing.py): an overlong example under `error`
+    (
+        "pack-overlong-error",
+        _chat("chat_ok") + " --pack-seq-len 8 --overlong error",
+        "longer than a packed window of 9",
+    ),
+    ("pack-overlong-unknown", _chat("chat_ok") + " --overlong split", "--overlong 'split'"),
     # -- prepare: inputs (written late: the staging folder is removed, nothing remains)
     ("prep-missing-input", "prepare --input {ws}/missing.txt --output {ws}/out", "matches no file"),
     (

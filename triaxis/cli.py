@@ -39,6 +39,8 @@ def _prepare(a: argparse.Namespace) -> int:
             shard_tokens=a.shard_tokens,
             workers=a.workers,
             format=a.format,
+            pack_seq_len=a.pack_seq_len,
+            overlong=a.overlong,
         )
     )
     return 0
@@ -243,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="text: documents (default); chat: JSON Lines of {messages: [{role, content}]}, "
         "rendered by the hf:PATH chat template; prompt-completion: {prompt, completion} "
         "lines. The last two write a loss mask: only assistant / completion tokens count",
+    )
+    pr.add_argument(
+        "--pack-seq-len",
+        type=int,
+        default=0,
+        metavar="N",
+        help="pack whole examples (documents, for text) into windows for data.seq_len=N, "
+        "padded with masked tokens, never split (default 0: the concatenated stream)",
+    )
+    pr.add_argument(
+        "--overlong",
+        default="truncate",
+        metavar="{truncate,drop,error}",
+        help="with --pack-seq-len: what to do with an example longer than a window",
     )
     pr.set_defaults(fn=_prepare)
 

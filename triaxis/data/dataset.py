@@ -16,6 +16,10 @@ a few N shards holds what a run needs instead of the whole split; the short tail
 windows after the last whole block) comes last in every epoch. Still a pure function of
 (seed, i).
 
+A split packed by `prepare --pack-seq-len` holds whole examples in windows of seq_len + 1 tokens
+written back to back: window w is then tokens [w·(seq_len + 1), (w + 1)·(seq_len + 1)), and
+nothing else changes (packing.py says why packing happens at prepare time).
+
 A split prepared with a loss mask (`prepare --format chat`) has a `.mask` file beside each
 shard, one byte per token; `inputs_targets` gives the targets of masked tokens as -100
 (IGNORE_INDEX, which every loss path honours), so only assistant / completion tokens are trained on.
@@ -37,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from triaxis import storage
-from triaxis.data.format import FORMAT, MANIFEST, MASK_DTYPE
+from triaxis.data.format import FORMAT, MANIFEST, MASK_DTYPE, check_seq_len, packed_seq_len
 from triaxis.data.tokenizer import load_tokenizer
 from triaxis.data.verify import (
     VERIFY_MODES,
@@ -177,7 +181,14 @@ class TokenDataset:
         self.shard_tokens = sizes
         self.offsets = np.cumsum([0] + sizes)
         self.num_tokens = int(self.offsets[-1])
-        self.num_windows = (self.num_tokens - 1) // seq_len
+        check_seq_len(self.manifest, seq_len, self.path)
+        # A packed split holds whole windows of seq_len + 1 tokens back to back (packing.py).
+        self.packed = packed_seq_len(self.manifest) > 0
+        self.stride = seq_len + 1 if self.packed else seq_len
+        if self.packed:
+            self.num_windows = self.num_tokens // self.stride
+        else:
+            self.num_windows = (self.num_tokens - 1) // seq_len
         if self.num_windows < 1:
             raise EmptySplitError(
                 f"split {split!r} of {path} has {self.num_tokens} tokens, "
@@ -189,7 +200,7 @@ class TokenDataset:
                 f"data.shuffle_shards={shuffle_shards} must be >= 0 (0 = one global shuffle)"
             )
         self.group_blocks = shuffle_shards
-        self.block_windows = max(1, max(sizes) // seq_len)
+        self.block_windows = max(1, max(sizes) // self.stride)
         if shuffle_shards and self.cache is not None:
             self._check_cache_holds_groups(shuffle_shards, dtype, cache_gib)
 
@@ -276,7 +287,7 @@ class TokenDataset:
         """The shards samples `indices` touch, without repeats, in first-use order."""
         seen: dict[int, None] = {}
         for i in indices:
-            first = self.window_of(i, shuffle) * self.seq_len
+            first = self.window_of(i, shuffle) * self.stride
             for s in range(self._shard_of(first), self._shard_of(first + self.seq_len) + 1):
                 seen[s] = None
         return list(seen)
@@ -341,7 +352,7 @@ class TokenDataset:
     def sample(self, index: int, shuffle: bool = True) -> np.ndarray:
         """The seq_len + 1 tokens of global sample `index`."""
         w = self.window_of(index, shuffle)
-        return self._tokens(w * self.seq_len, self.seq_len + 1)
+        return self._tokens(w * self.stride, self.seq_len + 1)
 
     def batch(self, start: int, count: int, shuffle: bool = True):
         """Samples start .. start+count-1 as an int64 tensor (count, seq_len + 1)."""
@@ -356,7 +367,7 @@ class TokenDataset:
 
     def loss_mask_of(self, index: int, shuffle: bool = True) -> np.ndarray:
         """The loss-mask bytes of global sample `index`'s targets (its tokens 1 .. seq_len)."""
-        return self._tokens(self.window_of(index, shuffle) * self.seq_len + 1, self.seq_len, True)
+        return self._tokens(self.window_of(index, shuffle) * self.stride + 1, self.seq_len, True)
 
     def inputs_targets(self, start: int, count: int, shuffle: bool = True):
         """(inputs, targets), each (count, seq_len) int64: `batch` split into the model's input

@@ -34,6 +34,7 @@ from triaxis.data.format import FORMAT, MASK_DTYPE, MASK_SUFFIX
 from triaxis.data.hf_tokenizer import PREFIX as HF_PREFIX
 from triaxis.data.hf_tokenizer import open_hf_tokenizer, tokenizer_folder
 from triaxis.data.output import StagedOutput
+from triaxis.data.packing import check_overlong, encode_each, packing_report, split_packers
 from triaxis.data.sources import (
     EXTENSIONS,
     InputCount,
@@ -89,6 +90,12 @@ class PrepareOptions:
     format: str = "text"
     """text (documents), chat ({"messages": [...]} lines rendered by the hf:PATH chat template)
     or prompt-completion ({"prompt", "completion"} lines): the last two write a loss mask."""
+    pack_seq_len: int = ranged(0, ge=0, le=2**24)
+    """Pack whole examples (documents, for text) into windows of this data.seq_len, padded with
+    masked tokens, never split across windows (packing.py); 0 = the concatenated stream."""
+    overlong: str = "truncate"
+    """With --pack-seq-len: an example longer than a window is truncated, dropped, or an
+    error (truncate|drop|error); prepare counts and reports them."""
 
 
 def default_workers() -> int:
@@ -116,6 +123,7 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
             f"--format {opts.format} needs --tokenizer hf:PATH (the model's tokenizer and "
             f"chat template), not {opts.tokenizer}; pass the Hugging Face model folder"
         )
+    check_overlong(opts.overlong)
     out = str(opts.output)
     storage.check_location(out, "--output")
     staged = StagedOutput(out, log)  # reads only: refuses an output it must not touch
@@ -174,6 +182,8 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
             f"loss mask: {train['target_tokens']:,} of {train['tokens']:,} train tokens are "
             f"targets ({opts.format}: assistant / completion tokens and their end)"
         )
+    for line in packing_report(manifest):
+        log(line)
     log(
         f"wrote {manifest['splits']['train']['tokens']:,} train and "
         f"{manifest['splits']['val']['tokens']:,} val tokens ({docs} documents) to {out} "
@@ -198,8 +208,9 @@ def _write(
     """Tokenize into staged shards; (manifest, documents, worker processes)."""
     put, out = staged.put, staged.stage
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    masked = opts.format != "text"
+    masked = opts.format != "text" or opts.pack_seq_len > 0  # packing pads with masked tokens
     writers = [_ShardWriter(out, split, dtype, opts.shard_tokens, put, masked) for split in SPLITS]
+    packers = split_packers(writers, opts.pack_seq_len, tok.eos_id, dtype, opts.overlong)
     every = round(1 / opts.val_fraction) if opts.val_fraction > 0 else 0
     workers = opts.workers or default_workers()
     # hf:PATH tokenizers may treat the start of an input specially (a prefix space, a BOS):
@@ -207,10 +218,14 @@ def _write(
     piece_chars = 0 if tok.kind == "hf" else PIECE_CHARS
     chunks = _chunks(_assign_splits(documents(), every), writers, piece_chars)
     processes = [0]  # set by encode_in_order: the worker processes it started
-    fn = _encode_examples if masked else _encode_chunk
+    fn = encode_each if opts.pack_seq_len else _encode_examples if masked else _encode_chunk
     for arrays in encode_in_order(chunks, workers, tok, processes, fn):
-        for writer, arr in zip(writers, arrays):
-            writer.add(*arr) if masked else writer.add(arr)
+        for writer, packer, arr in zip(writers, packers, arrays):
+            if opts.pack_seq_len:
+                packer.add_all(arr)
+            else:
+                writer.add(*arr) if masked else writer.add(arr)
+    packed = [p.packer.close() for p in packers] if opts.pack_seq_len else None
     if not any(w.documents for w in writers):
         raise UserError(f"inputs {opts.inputs or [source]} hold no text; give non-empty files")
 
@@ -224,8 +239,12 @@ def _write(
     if masked:
         manifest["input_format"] = opts.format
         manifest["loss_mask"] = {"dtype": np.dtype(MASK_DTYPE).name, "suffix": MASK_SUFFIX}
-    for split, writer in zip(SPLITS, writers):
+    if packed:
+        manifest["packing"] = {"seq_len": opts.pack_seq_len, "overlong": opts.overlong}
+    for i, (split, writer) in enumerate(zip(SPLITS, writers)):
         manifest["splits"][split] = writer.close()
+        if packed:
+            manifest["splits"][split]["packing"] = packed[i]
     return manifest, sum(w.documents for w in writers), processes[0]
 
 
