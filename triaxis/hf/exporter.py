@@ -1,6 +1,7 @@
 """`triaxis export-hf`: a triaxis checkpoint (saved under any layout) -> a Hugging Face folder
 that `LlamaForCausalLM.from_pretrained` loads: config.json + model.safetensors, or numbered
-shards plus model.safetensors.index.json when the weights exceed the shard size.
+shards plus model.safetensors.index.json when the weights exceed the shard size, and the
+tokenizer files and generation_config.json the checkpoint carries (`AutoTokenizer` loads them).
 
 The checkpoint loads into one single-process fp32 model (DCP reshards whatever layout wrote it);
 wq/wk rows go back to Hugging Face's RoPE order, one tensor at a time as each shard is written.
@@ -17,7 +18,11 @@ from pathlib import Path
 
 import torch
 
-from triaxis.checkpoint.inference import load_checkpoint_model
+from triaxis.checkpoint import assets
+from triaxis.checkpoint import manifest as mf
+from triaxis.checkpoint.inference import load_checkpoint_model, tokenizer_folder
+from triaxis.data.dataset import read_manifest
+from triaxis.errors import UserError
 from triaxis.fields import Range, check_value
 from triaxis.hf.convert import (
     hf_config_from_args,
@@ -72,19 +77,48 @@ def export_hf(
     where = out.resolve()
     stage = where.parent / f".{where.name}.export-{uuid.uuid4().hex[:8]}"
     stage.mkdir(parents=True)
+    extra = tokenizer_files(ckpt, log)
     try:
-        names = _write(model, stage, max_shard_gb)
+        for name, data in extra.items():
+            (stage / name).write_bytes(data)
+        names = _write(model, stage, max_shard_gb, _token_ids(extra)) + sorted(extra)
         _swap_in(stage, out, names)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+    weights = [n for n in names if n.endswith(".safetensors")]
     log(
-        f"exported {ckpt} -> {out}: {len(names) - 1 - (INDEX in names)} safetensors file(s), "
+        f"exported {ckpt} -> {out}: {len(weights)} safetensors file(s), "
         f"{sum(p.numel() * 4 for p in model.parameters()) / 1e6:.1f} MB fp32"
     )
     return names
 
 
-def _write(model: Transformer, out: Path, max_shard_gb: float) -> list[str]:
+def tokenizer_files(ckpt: str, log: Callable[[str], None]) -> dict[str, bytes]:
+    """The tokenizer files the checkpoint carries; for an older checkpoint, those of the data
+    folder it records (a hint, and none, when that is gone)."""
+    meta = mf.load_manifest(ckpt)
+    if assets.carried(meta):
+        return assets.hf_files(ckpt, meta)
+    try:
+        folder = tokenizer_folder(ckpt, meta)
+        info = read_manifest(folder)["tokenizer"]
+        return assets.gather(folder, info, meta["model"].get("max_seq_len", 0))
+    except UserError as err:
+        log(f"note: no tokenizer files exported ({err}); copy them into the folder by hand")
+        return {}
+
+
+def _token_ids(files: dict[str, bytes]) -> dict:
+    """bos/eos ids for config.json, from the generation config."""
+    try:
+        gen = json.loads(files.get(assets.GENERATION, b"{}"))
+    except ValueError:
+        return {}
+    keys = ("bos_token_id", "eos_token_id", "pad_token_id")
+    return {k: gen[k] for k in keys if isinstance(gen, dict) and k in gen}
+
+
+def _write(model: Transformer, out: Path, max_shard_gb: float, ids: dict) -> list[str]:
     """config.json + safetensors (+ index) of `model` into the folder `out`; their names."""
     from safetensors.torch import save_file
 
@@ -112,5 +146,5 @@ def _write(model: Transformer, out: Path, max_shard_gb: float) -> list[str]:
         }
         (out / INDEX).write_text(json.dumps(index, indent=2))
     # Last: without config.json the folder is not a loadable model (an interrupted export).
-    (out / CONFIG).write_text(json.dumps(hf_config_from_args(args), indent=2))
+    (out / CONFIG).write_text(json.dumps({**hf_config_from_args(args), **ids}, indent=2))
     return [CONFIG, *names] + ([INDEX] if len(shards) > 1 else [])
