@@ -80,5 +80,5 @@ def write_safetensors(
             assert t.shape == shape, f"{name}: {tuple(t.shape)} vs header {tuple(shape)}"
             # bf16 has no numpy dtype: its bytes go out through a same-size integer view.
             view = t.view(torch.int16) if dtype == torch.bfloat16 else t
-            f.write(view.numpy().tobytes())
+            f.write(memoryview(view.numpy()).cast("B"))  # no copy of the bytes
             del t, view
