@@ -119,3 +119,22 @@ def test_s3_checkpoint_carries_its_tokenizer(moto_s3, hf_data, tmp_path, monkeyp
     argv = ["generate", "--checkpoint", uri, "--prompt", WORDS[1], "--max-new-tokens", "2"]
     assert main(argv) == 0
     assert capsys.readouterr().out.startswith(WORDS[1])
+
+
+def test_an_older_checkpoint_exports_its_weights_with_a_hint(tmp_path, capsys):
+    """A checkpoint without carried files (written before, or by import-hf) whose data folder is
+    gone: export-hf writes the weights and says in one line what it could not include."""
+    from tests.bad_input_workspace import build_checkpoint
+
+    ckpt = build_checkpoint(tmp_path / "ckpt")
+    meta = json.loads((ckpt / mf.META).read_text())
+    meta["data_path"] = str(tmp_path / "gone")
+    (ckpt / mf.META).write_text(json.dumps(meta))
+    assert main(["export-hf", str(ckpt), str(tmp_path / "out")]) == 0
+    notes = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("note:")]
+    assert len(notes) == 1 and "which is gone" in notes[0], notes
+    assert "before checkpoints carried their tokenizer" in notes[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
