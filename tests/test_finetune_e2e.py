@@ -105,7 +105,7 @@ def test_import_prepare_finetune_export(tmp_path):
     triaxis("export-hf", run, out)
     tuned = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
     assert tuned.config.rope_parameters["rope_type"] == "llama3"
-    from triaxis.hf.exporter import load_checkpoint_model
+    from triaxis.checkpoint.inference import load_checkpoint_model
     from triaxis.model.llama import model_rope_tables
 
     ours, _ = load_checkpoint_model(str(run))

@@ -31,7 +31,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from triaxis import storage
-from triaxis.checkpoint import checksum, dcp_io
+from triaxis.checkpoint import assets, checksum, dcp_io
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.dcp_io import load_model_weights
 from triaxis.checkpoint.save_errors import (
@@ -73,6 +73,7 @@ class Checkpointer:
         world_size: int,
         meta: dict,
         log,
+        asset_files: dict[str, bytes] | None = None,
     ):
         self.root = root
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -80,6 +81,8 @@ class Checkpointer:
         self.layout, self.cfg = layout, ckpt_cfg
         self.rank, self.world_size, self.is_main = rank, world_size, rank == 0
         self.meta, self.log = meta, log
+        # The tokenizer files every checkpoint carries (assets.py), written by rank 0.
+        self.assets = (asset_files or {}) if rank == 0 else {}
         self.pending: tuple[str, dict, Future] | None = None
         self.writes = ThreadPoolExecutor(max_workers=1)
         self.staging = ReusedStaging()  # async saves' host copy, reused save after save
@@ -183,8 +186,9 @@ class Checkpointer:
                 time.sleep(self.delays.get("write", 0))
                 with dcp_io.full_disk_is_a_user_error(folder):
                     dcp.save(state, storage_writer=writer, process_group=self.group)
+                    carried = assets.write(folder, self.assets)
                     time.sleep(self.delays.get("sidecar", 0))
-                    mf.write_sidecar(folder, self.rank, writer.digests)
+                    mf.write_sidecar(folder, self.rank, {**writer.digests, **carried})
             except BaseException as e:  # agreed on below
                 err = e
             retry = (

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from triaxis import storage
+from triaxis.checkpoint import assets
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.dcp_io import checked, load_model_weights
 from triaxis.data.dataset import SYNTHETIC, read_manifest
@@ -54,12 +55,16 @@ def load_checkpoint_model(checkpoint: str) -> tuple[Transformer, str]:
 def load_for_inference(
     path: str, device: str = "cpu", data: str = ""
 ) -> tuple[Transformer, object, str]:
-    """(the model in eval mode on device, the data's tokenizer, the checkpoint folder used).
-    `data`: the prepared folder whose tokenizer to use (default: the one the run recorded)."""
+    """(the model in eval mode on device, its tokenizer, the checkpoint folder used).
+    `data`: the prepared folder whose tokenizer to use (default: the one the checkpoint
+    carries, else, for checkpoints written before they carried one, the recorded folder)."""
     ckpt = find_checkpoint(path)
     meta = checked(ckpt)  # names, sizes; its items are verified as they load
-    data_path = data or tokenizer_folder(ckpt, meta)
-    tok = load_tokenizer(data_path, read_manifest(data_path)["tokenizer"])
+    if not data and assets.carried(meta):
+        tok = assets.tokenizer(ckpt, meta)
+    else:
+        data_path = data or tokenizer_folder(ckpt, meta)
+        tok = load_tokenizer(data_path, read_manifest(data_path)["tokenizer"])
     return _model_from(ckpt, meta, device, fill_buffers=True).eval(), tok, ckpt
 
 
@@ -70,12 +75,13 @@ def tokenizer_folder(ckpt: str, meta: dict) -> str:
     TRAINING_DIR/<checkpoint dir>/step_N)."""
     recorded = str(meta.get("data_path") or "")
     fix = "pass --data PATH (the prepared folder with the run's tokenizer)"
+    old = "; it was written before checkpoints carried their tokenizer"
     if not recorded or recorded == SYNTHETIC:
         what = "synthetic data, which has no tokenizer" if recorded else "no data folder"
         raise UserError(f"{ckpt} records {what}; {fix}")
     if storage.is_remote(recorded) or os.path.isabs(recorded):
         if not storage.is_remote(recorded) and not os.path.isdir(recorded):
-            raise UserError(f"{ckpt} records its data folder {recorded}, which is gone; {fix}")
+            raise UserError(f"{ckpt} records its data folder {recorded}, which is gone{old}; {fix}")
         return recorded
     where = [Path(recorded)]
     trained_in = _training_dir(ckpt, meta)
@@ -88,7 +94,7 @@ def tokenizer_folder(ckpt: str, meta: dict) -> str:
         f"{ckpt} records its data folder as {recorded!r}, relative to the directory it was "
         f"trained in, and it is not under {os.getcwd()}"
         + (f" nor {trained_in}" if trained_in is not None else "")
-        + f"; run from the training directory or {fix}"
+        + f"{old}; run from the training directory or {fix}"
     )
 
 

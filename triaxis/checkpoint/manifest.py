@@ -30,7 +30,17 @@ META = "triaxis.json"
 PREFIX = "step_"
 STEP_NAME = re.compile(r"step_(\d{8,})")
 DATA_NAME = re.compile(r"__\d{1,7}_\d{1,7}\.distcp")
-FILE_NAME = re.compile(r"\.metadata|__\d{1,7}_\d{1,7}\.distcp")
+ASSET_NAMES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "special_tokens_map.json",
+)
+"""The files that make a checkpoint self-contained (assets.py), beside DCP's."""
+FILE_NAME = re.compile(
+    r"\.metadata|__\d{1,7}_\d{1,7}\.distcp|" + "|".join(re.escape(n) for n in ASSET_NAMES)
+)
 _CHUNK = 1 << 20
 
 
@@ -103,7 +113,7 @@ def _entry_problems(files) -> list[str]:
         if not isinstance(name, str) or not FILE_NAME.fullmatch(name):
             problems.append(
                 f"it names the file {name!r}, which is not a plain name of a DCP "
-                "file (.metadata, __R_N.distcp)"
+                "file (.metadata, __R_N.distcp) nor of a carried tokenizer file"
             )
             continue
         ok = (

@@ -19,6 +19,13 @@ PREFIX = "hf:"
 FILE = "tokenizer.json"
 _EOS_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 """Where Hugging Face folders record `eos_token`, in the order transformers reads them."""
+MODEL_FILES = (
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+"""Copied with the tokenizer: its special tokens, chat template and generation ids."""
 _EXPECTED = "a tokenizer.json or a Hugging Face model folder holding one"
 
 
@@ -45,8 +52,8 @@ def open_hf_tokenizer(path: str, eos_token: str = "") -> HFTokenizer:
             f"read ({e}); give the tokenizer.json of a Hugging Face model"
         ) from None
     where = "--eos-token"
+    folder = file.rsplit("/", 1)[0] if storage.is_remote(file) else os.path.dirname(file) or "."
     if not eos_token:
-        folder = file.rsplit("/", 1)[0] if storage.is_remote(file) else os.path.dirname(file)
         eos_token, where = _configured_eos(folder, what)
     if not eos_token:
         raise UserError(
@@ -61,7 +68,17 @@ def open_hf_tokenizer(path: str, eos_token: str = "") -> HFTokenizer:
             f"{what}: the end-of-document token {eos_token!r} (from {where}) is not "
             f"in the vocabulary of {file}; pass --eos-token with {hint}"
         )
-    return HFTokenizer(tok, eos_token, path)
+    return HFTokenizer(tok, eos_token, path, _model_files(folder))
+
+
+def _model_files(folder: str) -> dict[str, bytes]:
+    """The model's own tokenizer files beside its tokenizer.json, carried with the data."""
+    out = {}
+    for name in MODEL_FILES:
+        file = storage.join(folder, name)
+        if storage.exists(file):
+            out[name] = storage.read_bytes(file)
+    return out
 
 
 def tokenizer_folder(path: str) -> str:

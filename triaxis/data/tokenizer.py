@@ -109,12 +109,15 @@ class HFTokenizer(_JSONTokenizer):
 
     kind = "hf"
 
-    def __init__(self, tok, eos_token: str, source: str) -> None:
+    def __init__(self, tok, eos_token: str, source: str, model_files: dict | None = None) -> None:
         # A tokenizer.json may carry truncation or padding meant for inference at a fixed
         # length; documents must be encoded whole, unpadded.
         tok.no_truncation()
         tok.no_padding()
         self.tok, self.eos_token, self.source = tok, eos_token, source
+        # The model's tokenizer_config.json, chat template, generation config ({name: bytes}):
+        # kept beside tokenizer.json so checkpoints can carry them (checkpoint/assets.py).
+        self.model_files = model_files or {}
         self.eos_id = tok.token_to_id(eos_token)
         assert self.eos_id is not None, f"{eos_token!r} was checked to be in the vocabulary"
         # Every id must index a row of the model's embedding: a vocabulary with gaps in its
@@ -126,6 +129,8 @@ class HFTokenizer(_JSONTokenizer):
         """Write the tokenizer as used (no truncation, no padding) next to the shards, so the
         data folder alone serves `load_tokenizer` and `triaxis generate`."""
         write(storage.join(str(folder), self.file_name), self.tok.to_str().encode())
+        for name, data in sorted(self.model_files.items()):
+            write(storage.join(str(folder), name), data)
         return {
             "kind": self.kind,
             "file": self.file_name,

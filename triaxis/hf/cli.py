@@ -24,7 +24,7 @@ def _export(a: argparse.Namespace) -> int:
     from triaxis.hf.exporter import export_hf
 
     storage.check_output_path(a.dir, "DIR", folder=True)
-    export_hf(a.checkpoint, a.dir, max_shard_gb=a.max_shard_gb, force=a.force)
+    export_hf(a.checkpoint, a.dir, max_shard_gb=a.max_shard_gb, force=a.force, dtype=a.dtype)
     return 0
 
 
@@ -47,7 +47,8 @@ def add_hf_parsers(subparsers) -> None:
         help="triaxis checkpoint -> Hugging Face Llama folder (safetensors)",
         description="Write a checkpoint (a run folder's latest, a checkpoints folder's latest, "
         "or one step_XXXXXXXX folder; saved under any layout) as a Hugging Face "
-        "LlamaForCausalLM folder: config.json + fp32 safetensors.",
+        "LlamaForCausalLM folder: config.json + fp32 or bf16 safetensors (streamed one "
+        "tensor at a time), the tokenizer files and generation_config.json.",
     )
     ex.add_argument(
         "checkpoint",
@@ -60,6 +61,12 @@ def add_hf_parsers(subparsers) -> None:
         type=float,
         default=5.0,
         help="split the weights into shards of at most this many GB (default 5)",
+    )
+    ex.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="dtype of the written weights (default fp32)",
     )
     ex.add_argument(
         "--force",

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from triaxis.checkpoint.assets import carried_files
 from triaxis.checkpoint.dcp import Checkpointer
 from triaxis.config import Config, attention_span, grad_accum_steps, to_toml
 from triaxis.data import mixture
@@ -119,6 +120,7 @@ class Trainer:
             "world_size": env.world_size,
             **dict(zip(("pp", "dp_replicate", "dp_shard", "cp", "tp"), self.dims.shape)),
         }
+        tok_info = self.train_ds.manifest["tokenizer"]
         self.ckpt = Checkpointer(
             cfg.checkpoint_dir(),
             self.model,
@@ -129,8 +131,9 @@ class Trainer:
             cfg.checkpoint,
             env.rank,
             env.world_size,
-            {"data_path": recorded_data_path(cfg), "config": to_toml(cfg)},
+            {"data_path": recorded_data_path(cfg), "config": to_toml(cfg), "tokenizer": tok_info},
             self.log,
+            asset_files=carried_files(cfg, tok_info, self.model_args) if env.rank == 0 else None,
         )
         self.ckpt_step = 0
         self.resumed_loop_state: dict = {}  # see loop_state()
