@@ -1,0 +1,116 @@
+"""LoRA: frozen base, adapter-only optimizer, every layout equal to one process."""
+
+import pytest
+import torch
+
+from tests.dist import run_workers
+from tests.parity import assert_same_run, make_config, train_collect
+from triaxis.errors import UserError
+
+LORA = {
+    "lora__enabled": "true",
+    "lora__rank": 4,
+    "lora__alpha": 8,
+    # Column-wise (wq, w1) and row-wise (wo, w2) bases under TP; a higher lr moves the adapters.
+    "lora__targets": "attention.wq,attention.wo,feed_forward.w1,feed_forward.w2",
+    "train__lr": "1e-2",
+}
+
+
+_refs: dict = {}
+
+
+def test_base_frozen_and_optimizer_holds_adapters_only(byte_data, tmp_path, tmp_path_factory):
+    from triaxis.train.distributed import init_distributed
+    from triaxis.train.loop import Trainer
+
+    cfg = make_config(byte_data, str(tmp_path), **LORA, train__micro_batch=4)
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    before = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    after = trainer.model.state_dict()
+    adapters = {k for k in before if ".lora_" in k}
+    assert len(adapters) == 2 * 4 * trainer.model.args.n_layers
+    for k, v in before.items():
+        if k in adapters:
+            continue
+        assert torch.equal(v, after[k]), f"frozen base weight {k} changed"
+    assert any(not torch.equal(before[k], after[k]) for k in adapters if "lora_b" in k)
+    # AdamW keeps two moments per trained element: twice the adapters' bytes, nothing more.
+    adapter_bytes = sum(v.numel() * v.element_size() for k, v in before.items() if k in adapters)
+    optim_bytes = sum(
+        t.numel() * t.element_size()
+        for state in trainer.optimizer.state.values()
+        for t in state.values()
+        if torch.is_tensor(t) and t.ndim > 0
+    )
+    assert optim_bytes == 2 * adapter_bytes
+    assert {id(p) for g in trainer.optimizer.param_groups for p in g["params"]} == {
+        id(p) for n, p in trainer.model.named_parameters() if ".lora_" in n
+    }
+
+
+LAYOUTS = {
+    "dp_shard2": (2, {"parallel__dp_shard": 2}),
+    "tp2": (2, {"parallel__tp": 2, "parallel__dp_shard": 1}),
+    "pp2": (
+        2,
+        {"parallel__pp": 2, "parallel__dp_shard": 1, "model__tie_embeddings": "false"},
+    ),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_lora_layout_matches_single_process(layout, byte_data, tmp_path, tmp_path_factory):
+    world, degrees = LAYOUTS[layout]
+    dp = world // (degrees.get("parallel__tp", 1) * degrees.get("parallel__pp", 1))
+    micro = 8 // (dp * 2)
+    got = run_workers(
+        train_collect,
+        world,
+        byte_data,
+        str(tmp_path),
+        {**LORA, **degrees, "train__micro_batch": micro},
+    )
+    ref_over = (
+        {"model__tie_embeddings": degrees["model__tie_embeddings"]}
+        if "model__tie_embeddings" in degrees
+        else {}
+    )
+    key = (4, tuple(ref_over.items()))
+    if key not in _refs:
+        _refs[key] = train_collect(
+            0,
+            1,
+            byte_data,
+            str(tmp_path_factory.mktemp("lora_ref")),
+            {**LORA, **ref_over, "train__micro_batch": 4},
+        )
+    ref = _refs[key]
+    merged = dict(got[0]["params"])
+    for r in got[1:]:
+        merged.update(r["params"])
+    assert_same_run({**got[0], "params": merged}, ref)
+    for name, p in ref["params"].items():
+        if ".lora_" not in name:  # the frozen base: bit-identical in every layout
+            assert torch.equal(merged[name], p), name
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ({"lora__targets": "attention.nope"}, "'attention.nope' matches no Linear"),
+        ({"lora__rank": 0}, "lora.rank=0"),
+        ({"lora__alpha": 0}, "lora.alpha=0"),
+        ({"lora__targets": "output", "parallel__tp": 2}, "adapts the LM head"),
+    ],
+)
+def test_bad_lora_input_is_one_line(override, words, byte_data, tmp_path):
+    from triaxis.model.presets import build_model_args
+    from triaxis.parallel.rules import check_layout
+
+    with pytest.raises(UserError) as err:
+        cfg = make_config(byte_data, str(tmp_path), **{**LORA, "parallel__dp_shard": 1, **override})
+        check_layout(cfg, cfg.parallel.tp, build_model_args(cfg.model, 256))
+    assert words in str(err.value) and "\n" not in str(err.value)
+    assert not any(tmp_path.iterdir())  # nothing written
