@@ -60,7 +60,24 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+def _layout_case(layout: str):
+    """A case of the parity matrix; the slow ones are marked (CPU compile takes minutes)."""
+    return pytest.param(layout, marks=pytest.mark.slow) if layout in SLOW else layout
+
+
+LAYOUTS["ac_compile_shard2"] = (
+    2,
+    {
+        "parallel__dp_shard": 2,
+        "parallel__activation_checkpoint": "full",
+        "train__compile": "true",
+        "train__compile_backend": "aot_eager",
+    },
+)
+SLOW = {"ac_compile_shard2"}
+
+
+@pytest.mark.parametrize("layout", [_layout_case(name) for name in LAYOUTS])
 def test_lora_layout_matches_single_process(layout, byte_data, tmp_path, tmp_path_factory):
     world, degrees = LAYOUTS[layout]
     dp = world // (degrees.get("parallel__tp", 1) * degrees.get("parallel__pp", 1))
@@ -91,6 +108,9 @@ def test_lora_layout_matches_single_process(layout, byte_data, tmp_path, tmp_pat
     for r in got[1:]:
         merged.update(r["params"])
     assert_same_run({**got[0], "params": merged}, ref)
+    if degrees.get("parallel__dp_shard") == 2:
+        # Each rank holds half of the adapters' optimizer state (their dim 0 splits evenly).
+        assert [r["bytes"]["optim"] for r in got] == [ref["bytes"]["optim"] // 2] * 2
     for name, p in ref["params"].items():
         if ".lora_" not in name:  # the frozen base: bit-identical in every layout
             assert torch.equal(merged[name], p), name
