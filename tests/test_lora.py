@@ -134,3 +134,24 @@ def test_bad_lora_input_is_one_line(override, words, byte_data, tmp_path):
         check_layout(cfg, cfg.parallel.tp, build_model_args(cfg.model, 256))
     assert words in str(err.value) and "\n" not in str(err.value)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.slow  # two runs of processes; the parity matrix is the fast lane
+def test_lora_checkpoint_from_dp_shard2_resumes_at_world_1(byte_data, tmp_path):
+    """Adapters and their optimizer state saved at dp_shard=2 resume in one process: the
+    losses and final weights equal one uninterrupted single-process run."""
+    common = {**LORA, "train__steps": 6, "train__micro_batch": 4}
+    ref = train_collect(0, 1, byte_data, str(tmp_path / "ref"), common)
+    saving = {
+        **common,
+        "checkpoint__dir": str(tmp_path / "ckpt"),
+        "checkpoint__interval": 3,
+        "train__exit_after_steps": 3,
+    }
+    first = run_workers(
+        train_collect, 2, byte_data, str(tmp_path / "run"), {**saving, "train__micro_batch": 2}
+    )
+    second = run_workers(train_collect, 1, byte_data, str(tmp_path / "run"), saving)
+    assert sorted(first[0]["losses"]) == [1, 2, 3] and sorted(second[0]["losses"]) == [4, 5, 6]
+    got = {**second[0], "losses": {**first[0]["losses"], **second[0]["losses"]}}
+    assert_same_run(got, ref)
