@@ -111,6 +111,10 @@ def test_lora_layout_matches_single_process(layout, byte_data, tmp_path, tmp_pat
     if degrees.get("parallel__dp_shard") == 2:
         # Each rank holds half of the adapters' optimizer state (their dim 0 splits evenly).
         assert [r["bytes"]["optim"] for r in got] == [ref["bytes"]["optim"] // 2] * 2
+    # The planner's price: AdamW's two fp32 moments of this rank's adapters (each rank of
+    # these layouts is its own stage, tp or dp_shard coordinate).
+    for rank, r in enumerate(got):
+        assert r["bytes"]["optim"] == 8 * planned_adapter_numel(degrees, rank), rank
     for name, p in ref["params"].items():
         if ".lora_" not in name:  # the frozen base: bit-identical in every layout
             assert torch.equal(merged[name], p), name
@@ -155,3 +159,53 @@ def test_lora_checkpoint_from_dp_shard2_resumes_at_world_1(byte_data, tmp_path):
     assert sorted(first[0]["losses"]) == [1, 2, 3] and sorted(second[0]["losses"]) == [4, 5, 6]
     got = {**second[0], "losses": {**first[0]["losses"], **second[0]["losses"]}}
     assert_same_run(got, ref)
+
+
+def planned_adapter_numel(degrees: dict, rank: int) -> int:
+    from triaxis.config import load_config
+    from triaxis.model.presets import build_model_args
+    from triaxis.parallel.lora import patterns
+    from triaxis.plan.lora import adapter_numel
+    from triaxis.plan.problem import LoraPlan, shape_from_args
+
+    cfg = load_config(
+        None,
+        [
+            "--model.preset=tiny",
+            f"--lora.rank={LORA['lora__rank']}",
+            f"--lora.targets={LORA['lora__targets']}",
+        ],
+    )
+    shape = shape_from_args(build_model_args(cfg.model, 256), "tiny")
+    tp, pp = degrees.get("parallel__tp", 1), degrees.get("parallel__pp", 1)
+    shard = degrees.get("parallel__dp_shard", 1)
+    # Rank 1 of tp/dp_shard=2 holds the same sizes as rank 0 here (every split is even).
+    stage = rank if pp > 1 else 0
+    lora = LoraPlan(cfg.lora.rank, tuple(patterns(cfg.lora)))
+    return adapter_numel(shape, lora, tp, shard, pp, stage)[0]
+
+
+def test_planner_prices_the_frozen_base():
+    """Gradients and AdamW states of the adapters only; the base's parameters stay."""
+    from triaxis.plan.lora import lora_states
+    from triaxis.plan.memory import memory_of
+    from triaxis.plan.problem import Layout, LoraPlan
+
+    full = _tiny_problem(None)
+    lora = _tiny_problem(LoraPlan(4, ("attention.wq",)))
+    layout = Layout(dp_replicate=1, dp_shard=1, tp=1, pp=1, micro_batch=1)
+    a, b = memory_of(full, layout, 1), memory_of(lora, layout, 1)
+    numel = 4 * (64 + 64) * full.shape.n_layers  # A (4, 64) + B (64, 4) per block
+    assert b.params == a.params + 4 * numel
+    assert b.grads == 4 * numel and b.optim == 8 * numel + 4 * 2 * full.shape.n_layers
+    assert lora_states(full.shape, lora.lora, 1, 1, 1, 0, 0.0)[1] == 4 * numel
+
+
+def _tiny_problem(lora):
+    from triaxis.model.presets import PRESETS
+    from triaxis.plan.hardware import load_catalog, resolve_hardware
+    from triaxis.plan.problem import RUNTIMES, Problem, shape_from_args
+
+    shape = shape_from_args(PRESETS["tiny"], "tiny")
+    hw = resolve_hardware(load_catalog(), "h100", "p5")
+    return Problem(shape, hw, RUNTIMES["triaxis"], 32, 8, lora=lora)
