@@ -62,6 +62,7 @@ def test_lora_export_loads_in_peft_with_triaxis_logits(lora_run, tmp_path):
     torch.testing.assert_close(_logits(model, tokens), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # the adapter export is the fast lane's representative
 def test_merge_export_loads_in_transformers_with_triaxis_logits(lora_run, tmp_path):
     ckpt, tokens, want = lora_run
     assert main(["export-hf", ckpt, str(tmp_path / "merged"), "--merge"]) == 0
@@ -69,6 +70,7 @@ def test_merge_export_loads_in_transformers_with_triaxis_logits(lora_run, tmp_pa
     torch.testing.assert_close(_logits(merged, tokens), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # trains a run of its own
 def test_lora_export_of_a_full_run_is_one_line(byte_data, tmp_path, capsys):
     ckpt = str(tmp_path / "ckpt")
     train_collect(
