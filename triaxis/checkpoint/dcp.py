@@ -444,4 +444,7 @@ class Checkpointer:
             )
         meta = dcp_io.checked(path)
         self.check_compatible(path, meta)
-        load_model_weights(self.model, path, meta)
+        # A LoRA run starts from base weights: its fresh adapters are not in the checkpoint.
+        from triaxis.parallel.lora import is_adapter
+
+        load_model_weights(self.model, path, meta, skip=is_adapter)

@@ -114,13 +114,16 @@ def expected_files(meta: dict) -> dict | None:
     return None if mf.is_legacy(meta) else meta["files"]
 
 
-def load_model_weights(model, path: str, meta: dict | None = None) -> None:
+def load_model_weights(model, path: str, meta: dict | None = None, skip=None) -> None:
     """Model weights only (generation, export, fine-tuning), into a model of any layout;
-    verified and safe. `meta`: what `checked(path)` returned, if the caller has it."""
+    verified and safe. `meta`: what `checked(path)` returned, if the caller has it. `skip`:
+    a predicate on names the checkpoint need not hold (LoRA adapters over a base model)."""
     meta = meta or checked(str(path))
     sd = get_model_state_dict(model)
+    if skip is not None:
+        sd = {k: v for k, v in sd.items() if not skip(k)}
     load({"model": sd}, str(path), expected_files(meta), algorithm=checksum.of_manifest(meta))
-    set_model_state_dict(model, sd, options=StateDictOptions(strict=True))
+    set_model_state_dict(model, sd, options=StateDictOptions(strict=skip is None))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -290,6 +290,22 @@ class ProfileConfig:
     per rank (torch.cuda.memory._memory_viz renders it). GPU only."""
 
 
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Fine-tune low-rank adapters instead of the model: the base weights stay frozen and the
+    optimizer holds only the adapters (docs/finetuning.md#lora)."""
+    rank: int = ranged(8, ge=1)
+    """Rank r of each adapter: A is (r, in), B is (out, r)."""
+    alpha: float = ranged(16.0, gt=0)
+    """Scale numerator: the adapter's output is multiplied by alpha / rank."""
+    dropout: float = ranged(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input (0 = none; the base path never drops)."""
+    targets: str = "attention.wq,attention.wk,attention.wv,attention.wo"
+    """Comma-separated glob patterns over the model's Linear names, matched against the full
+    name or its tail, e.g. "attention.w*,feed_forward.w2"; each must match a Linear."""
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -298,6 +314,7 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "metrics": MetricsConfig,
     "profile": ProfileConfig,
+    "lora": LoraConfig,
 }
 
 
@@ -310,6 +327,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

@@ -24,6 +24,11 @@ def _export(a: argparse.Namespace) -> int:
     from triaxis.hf.exporter import export_hf
 
     storage.check_output_path(a.dir, "DIR", folder=True)
+    if a.lora or a.merge:
+        from triaxis.hf.lora_export import export_lora
+
+        export_lora(a.checkpoint, a.dir, a.merge, max_shard_gb=a.max_shard_gb, force=a.force)
+        return 0
     export_hf(a.checkpoint, a.dir, max_shard_gb=a.max_shard_gb, force=a.force, dtype=a.dtype)
     return 0
 
@@ -72,5 +77,16 @@ def add_hf_parsers(subparsers) -> None:
         "--force",
         action="store_true",
         help="write into a non-empty DIR (its old config/safetensors are replaced)",
+    )
+    which = ex.add_mutually_exclusive_group()
+    which.add_argument(
+        "--lora",
+        action="store_true",
+        help="a LoRA run: write PEFT's adapter_model.safetensors + adapter_config.json",
+    )
+    which.add_argument(
+        "--merge",
+        action="store_true",
+        help="a LoRA run: write the model with the adapters merged into its weights",
     )
     ex.set_defaults(fn=_export)

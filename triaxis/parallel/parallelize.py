@@ -2,6 +2,10 @@
 
 1. tensor (+ sequence) parallel   -- must see plain nn.Linear/RMSNorm modules to swap their
                                      weights for DTensors sharded on the `tp` axis;
+1b. LoRA adapters (lora.py)       -- after TP, to copy the placement TP gave each base weight
+                                     (and leave TP's plan, which names plain Linears, as is);
+                                     before checkpointing, compile and FSDP, so the adapters are
+                                     recomputed, traced and sharded with their block;
 2. activation checkpointing       -- wraps each (already TP-sharded) block, so recomputation
                                      replays the block's TP collectives too (block or op
                                      level, inputs optionally offloaded: activations.py);
@@ -22,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from triaxis.config import ParallelConfig, TrainConfig
+from triaxis.config import LoraConfig, ParallelConfig, TrainConfig
 from triaxis.parallel.activations import apply_ac
 from triaxis.parallel.dims import ParallelDims
 
@@ -35,6 +39,7 @@ def parallelize(
     tcfg: TrainConfig,
     device: torch.device,
     mp_dtype: torch.dtype | None,
+    lora: LoraConfig | None = None,
 ) -> nn.Module:
     if dims.cp > 1:
         from triaxis.parallel.context import apply_cp
@@ -42,6 +47,10 @@ def parallelize(
         apply_cp(model, mesh["cp"])
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel=pcfg.loss_parallel)
+    if lora is not None and lora.enabled:
+        from triaxis.parallel.lora import apply_lora
+
+        apply_lora(model, lora)
     compile_inside = tcfg.compile and pcfg.activation_offload
     if compile_inside:
         # In place (Module.compile): an OptimizedModule under the checkpoint wrapper would put

@@ -22,6 +22,8 @@ def check_layout(cfg: Config, world: int, model_args: ModelArgs) -> ParallelDims
     p = cfg.parallel
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world, p.fsdp_always, p.cp)
     validate(cfg, model_args, dims)
+    if cfg.lora.enabled:
+        check_lora(cfg, model_args, dims)
     if dims.pp > 1:
         from triaxis.parallel.pipeline import check_schedule  # torch: only when pipelining
 
@@ -80,3 +82,15 @@ def pipeline_stages(
         full_recompute=p.activation_checkpoint == "full",
     )
     return partition(inputs, p.pp_memory_weight, parse_layers(p.pp_layers))
+
+
+def check_lora(cfg: Config, model_args: ModelArgs, dims: ParallelDims) -> None:
+    """LoRA's targets against the full model (built on meta: no memory) and the layout."""
+    import torch
+
+    from triaxis.model import Transformer
+    from triaxis.parallel.lora import check_targets
+
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    check_targets(cfg.lora, model, dims.tp)

@@ -25,7 +25,7 @@ from triaxis.errors import UserError
 from triaxis.model.args import ModelArgs
 from triaxis.plan.hardware import GIB, load_catalog, resolve_hardware
 from triaxis.plan.mapping import parallel_config
-from triaxis.plan.problem import RUNTIMES, Plan, Problem, shape_from_args
+from triaxis.plan.problem import RUNTIMES, LoraPlan, Plan, Problem, shape_from_args
 from triaxis.plan.report import explain, no_fit_message
 from triaxis.plan.search import SearchSpace, plan
 
@@ -91,6 +91,7 @@ def plan_for_world(
         cfg.data.seq_len,
         cfg.train.global_batch,
         attention_span=attention_span(cfg.data),
+        lora=_lora_plan(cfg),
     )
     space = SearchSpace(
         allow_offload=hw.gpu.bf16,
@@ -126,3 +127,11 @@ def _visible_gpus() -> int:
     import torch
 
     return max(1, torch.cuda.device_count())
+
+
+def _lora_plan(cfg) -> LoraPlan | None:
+    if not cfg.lora.enabled:
+        return None
+    from triaxis.parallel.lora import patterns
+
+    return LoraPlan(cfg.lora.rank, tuple(patterns(cfg.lora)))

@@ -461,6 +461,10 @@ def memory_of(p: Problem, layout: Layout, num_micro: int) -> MemoryBreakdown:
         kept = piped_fsdp or not layout.reshard_after_forward
         gathered = blocks[stage] if kept else 2
         params, grads, optim, comm = _states(p, tp, shard, pp, stage, fsdp_on, gathered)
+        if p.lora is not None:  # frozen base: gradients and AdamW states of adapters only
+            from triaxis.plan.lora import lora_states
+
+            params, grads, optim = lora_states(p.shape, p.lora, tp, shard, pp, stage, params)
         if piped_fsdp:
             comm += p.runtime.grad_reduce_bytes * blocks[stage] * p.shape.block_params() / tp
         act = activation_bytes(p, layout, blocks[stage], num_micro, stage == pp - 1)

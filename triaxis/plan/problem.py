@@ -333,6 +333,14 @@ class Layout:
 # A problem and its evaluated plans
 
 
+@dataclass(frozen=True)
+class LoraPlan:
+    """[lora] as the planner needs it: adapter rank and the target patterns."""
+
+    rank: int
+    patterns: tuple[str, ...]
+
+
 @dataclass(frozen=True, eq=False)
 class Problem:
     """A model on some hardware under a runtime, with a batch. Hashed by identity: the cost
@@ -347,6 +355,8 @@ class Problem:
     attention_span: int = 0
     """Keys per query that attention costs: with document masking the expected document
     length (data.mean_document_tokens), 0 = seq_len (one causal sequence)."""
+    lora: LoraPlan | None = None
+    """A LoRA run (frozen base, adapters trained): priced by triaxis.plan.lora."""
 
     @property
     def attn_keys(self) -> int:

@@ -39,9 +39,10 @@ def build_model(
         # Build on meta: no rank ever allocates the full model, whatever the layout.
         with torch.device("meta"):
             model: nn.Module = Transformer(args)
-        model = parallelize(model, dims, mesh, cfg.parallel, cfg.train, device, mp_dtype)
+        model = parallelize(model, dims, mesh, cfg.parallel, cfg.train, device, mp_dtype, cfg.lora)
         model.materialize(init_device)
         model.init_weights(cfg.train.seed)
+        _init_lora(model, cfg)
         return model, None
 
     from triaxis.parallel.partition import format_table
@@ -63,12 +64,14 @@ def build_model(
             cfg.train,
             device,
             mp_dtype,
+            cfg.lora,
         )
         for s in mine
     ]
     model = LocalStages(parts)
     model.materialize(init_device)
     model.init_weights(cfg.train.seed)
+    _init_lora(model, cfg)
     pipeline = Pipeline(
         parts,
         mine,
@@ -80,3 +83,10 @@ def build_model(
         loss_fn,
     )
     return model, pipeline
+
+
+def _init_lora(model: nn.Module, cfg: Config) -> None:
+    if cfg.lora.enabled:
+        from triaxis.parallel.lora import init_adapters
+
+        init_adapters(model, cfg.train.seed)
