@@ -33,6 +33,7 @@ from triaxis.metrics.logger import (
 from triaxis.model import flops_per_token, param_counts
 from triaxis.model.attention import document_ids
 from triaxis.model.loss import IGNORE_INDEX
+from triaxis.model.moe import update_expert_bias
 from triaxis.parallel.host import host_all_reduce, new_host_group
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.parallel.pipeline import local_value
@@ -267,6 +268,7 @@ class Trainer:
             flag = self.numerics.checks.flag(step, cursor, norm, loss if logs else None)
             self.optimizer.found_inf = flag
         self.optimizer.step()
+        update_expert_bias(self.model, self.model_args.moe_bias_update_rate, self.dp_group)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()  # also after a skipped update: fit() rewinds it once it knows
         return loss
