@@ -209,6 +209,21 @@ def test_single_process_training_learns_and_balances(byte_data, tmp_path):
         assert m.router.tokens_since_update.sum() == 0
 
 
+def test_metrics_carry_each_blocks_load_aux_loss_and_drops(byte_data, tmp_path):
+    import json
+
+    _train(byte_data, tmp_path / "run", 3, **{"model.moe_capacity_factor": "0.5"})
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 3
+    for r in steps:
+        assert set(r) >= {f"{s}/{i}" for s in moe_mod.STAT_NAMES for i in (1, 2, 3)}
+        assert "moe_load_max/0" not in r  # block 0 is dense
+        # 4 x 32 tokens x 2 / 4 experts per micro-batch; capacity 0.5 drops some.
+        assert r["moe_load_mean/1"] == 64.0 and r["moe_load_max/1"] >= 64.0
+        assert 0 < r["moe_dropped/1"] < 1 and r["moe_aux_loss"] > 0
+
+
 @pytest.mark.parametrize("capacity", ["0", "1.0"])
 def test_no_host_sync_between_log_steps_with_moe(capacity, byte_data, tmp_path):
     from tests.test_host_sync import _assert_no_sync_outside, _count

@@ -134,8 +134,11 @@ class MoE(nn.Module):
             from triaxis.model.llama import FeedForward  # llama imports this module
 
             self.shared = FeedForward(args.dim, args.n_shared_experts * args.moe_ffn_dim)
-        # The last forward's balance figures, on the device, read on log steps only.
+        # The last forward's balance figures, on the device; and their sum over the training
+        # forwards since the last log step (STAT_NAMES order), read there only (moe_record).
         self.stats: dict[str, torch.Tensor] = {}
+        self.stats_sum: torch.Tensor | None = None
+        self.stats_forwards = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -160,6 +163,12 @@ class MoE(nn.Module):
             "load_mean": counts.float().mean(),
             "dropped": dropped,
         }
+        if self.training:
+            # dropped: as a share of the assignments
+            load = counts.float()
+            now = torch.stack([aux.detach(), load.max(), load.mean(), dropped / chosen.numel()])
+            self.stats_sum = now if self.stats_sum is None else self.stats_sum + now
+            self.stats_forwards += 1
         return out.view(B, T, D)
 
     def capacity(self, n_tokens: int) -> int:
@@ -199,6 +208,30 @@ class MoE(nn.Module):
 
 def moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+
+
+STAT_NAMES = ("moe_aux_loss", "moe_load_max", "moe_load_mean", "moe_dropped")
+"""Per MoE block, in the metrics as NAME/LAYER: the aux loss, the most and the mean tokens
+routed to one expert (of a micro-batch), the share of assignments dropped by the capacity."""
+
+
+def moe_record(model: nn.Module, reduce) -> dict[str, float]:
+    """The MoE figures of a log step: each block's mean over its training forwards since the
+    last call, then `reduce` (the mean over data-parallel ranks, on the device); one host read.
+    Empty for a dense model."""
+    layers = [(name, m) for name, m in moe_layers(model) if m.stats_forwards]
+    if not layers:
+        return {}
+    table = torch.stack([m.stats_sum.float() / m.stats_forwards for _, m in layers])  # (L, 4)
+    for _, m in layers:
+        m.stats_sum, m.stats_forwards = None, 0
+    values = reduce(table).tolist()
+    record = {}
+    for (name, _), row in zip(layers, values):
+        layer = name.split("layers.")[-1].split(".")[0]
+        record.update({f"{stat}/{layer}": value for stat, value in zip(STAT_NAMES, row)})
+    record["moe_aux_loss"] = sum(row[0] for row in values) / len(values)
+    return record
 
 
 def set_aux_scale(model: nn.Module, scale: float) -> None:

@@ -33,7 +33,7 @@ from triaxis.metrics.logger import (
 from triaxis.model import flops_per_token, param_counts
 from triaxis.model.attention import document_ids
 from triaxis.model.loss import IGNORE_INDEX
-from triaxis.model.moe import update_expert_bias
+from triaxis.model.moe import moe_record, update_expert_bias
 from triaxis.parallel.host import host_all_reduce, new_host_group
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.parallel.pipeline import local_value
@@ -473,6 +473,7 @@ class Trainer:
         )
         if stall:
             self.log.warn(stall)
+        record.update(moe_record(self.model, self.reduce_over_dp))
         return record
 
 
