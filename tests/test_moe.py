@@ -236,3 +236,26 @@ def test_no_host_sync_between_log_steps_with_moe(capacity, byte_data, tmp_path):
     }
     by_step = _count(0, 1, byte_data, str(tmp_path / "run"), extra)
     _assert_no_sync_outside(by_step)
+
+
+@pytest.mark.parametrize(
+    "first, then, words",
+    [
+        (
+            "tiny-moe",
+            "tiny",
+            "holds a mixture of experts (model.n_experts=4) and this run builds a dense",
+        ),
+        ("tiny", "tiny-moe", "holds a dense model and this run builds a mixture of experts"),
+    ],
+)
+def test_moe_checkpoint_into_a_dense_run_and_back_is_one_line(
+    first, then, words, byte_data, tmp_path
+):
+    run = tmp_path / "run"
+    _train(byte_data, run, 2, **{"model.preset": first, "checkpoint.save_final": "true"})
+    with pytest.raises(UserError) as err:
+        _train(byte_data, run, 4, **{"model.preset": then})
+    assert words in str(err.value) and "\n" not in str(err.value)
+    # A training knob (not a shape) may change on resume.
+    _train(byte_data, run, 3, **{"model.preset": first, "model.moe_capacity_factor": "2.0"})
