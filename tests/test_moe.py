@@ -259,3 +259,15 @@ def test_moe_checkpoint_into_a_dense_run_and_back_is_one_line(
     assert words in str(err.value) and "\n" not in str(err.value)
     # A training knob (not a shape) may change on resume.
     _train(byte_data, run, 3, **{"model.preset": first, "model.moe_capacity_factor": "2.0"})
+
+
+def test_resume_is_exact_with_the_routing_bias(byte_data, tmp_path):
+    knobs = {"model.moe_bias_update_rate": "1e-2", "checkpoint.save_final": "true"}
+    straight, whole = _train(byte_data, tmp_path / "a", 4, **knobs)
+    _train(byte_data, tmp_path / "b", 2, **knobs)
+    resumed, rest = _train(byte_data, tmp_path / "b", 4, **knobs)
+    assert rest.losses[4] == whole.losses[4]
+    mine, theirs = resumed.model.state_dict(), straight.model.state_dict()
+    assert any(k.endswith("expert_bias") and v.abs().sum() > 0 for k, v in mine.items())
+    for key, value in theirs.items():
+        assert torch.equal(mine[key], value), key
