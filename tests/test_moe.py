@@ -271,3 +271,23 @@ def test_resume_is_exact_with_the_routing_bias(byte_data, tmp_path):
     assert any(k.endswith("expert_bias") and v.abs().sum() > 0 for k, v in mine.items())
     for key, value in theirs.items():
         assert torch.equal(mine[key], value), key
+
+
+@pytest.mark.parametrize("capacity", ["0", pytest.param("0.75", marks=pytest.mark.slow)])
+def test_moe_under_fsdp_matches_single_process(capacity, byte_data, tmp_path):
+    """dp_shard=2 against one process over the same micro-batches of 2 samples (the aux loss
+    and the capacity are per micro-batch), aux loss, bias balancing and capacity on."""
+    from tests.dist import run_workers
+    from tests.parity import assert_same_run, train_collect
+
+    moe = {
+        "model__preset": "tiny-moe",
+        "model__moe_bias_update_rate": "1e-2",
+        "model__moe_capacity_factor": capacity,
+        "train__micro_batch": 2,
+    }
+    ref = train_collect(0, 1, byte_data, str(tmp_path / "ref"), moe)
+    got = run_workers(
+        train_collect, 2, byte_data, str(tmp_path / "got"), {**moe, "parallel__dp_shard": 2}
+    )
+    assert_same_run(got[0], ref)
