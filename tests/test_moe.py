@@ -291,3 +291,13 @@ def test_moe_under_fsdp_matches_single_process(capacity, byte_data, tmp_path):
         train_collect, 2, byte_data, str(tmp_path / "got"), {**moe, "parallel__dp_shard": 2}
     )
     assert_same_run(got[0], ref)
+
+
+def test_moe_with_full_activation_checkpointing_matches_without(byte_data, tmp_path):
+    """The recomputed forward must not count twice: the bias, the aux gradient, the figures."""
+    from tests.parity import assert_same_run, train_collect
+
+    moe = {"model__preset": "tiny-moe", "model__moe_bias_update_rate": "1e-2"}
+    ref = train_collect(0, 1, byte_data, str(tmp_path / "ref"), moe)
+    ac = {**moe, "parallel__activation_checkpoint": "full"}
+    assert_same_run(train_collect(0, 1, byte_data, str(tmp_path / "ac"), ac), ref)

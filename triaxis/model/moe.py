@@ -150,6 +150,9 @@ class MoE(nn.Module):
             0, chosen.flatten(), ones
         )  # (E,) exact integers
         if self.training:
+            # Activation checkpointing runs this forward again in backward, so a block's counts
+            # and figures may be added twice; always all of a block's forwards, so the bias
+            # update (a sign per expert) and the figures (means over forwards) stay the same.
             self.router.tokens_since_update += counts.detach()
         out, dropped = self.dispatch_compute_combine(flat, chosen, weights, counts)
         if self.shared is not None:
