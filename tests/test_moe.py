@@ -301,3 +301,13 @@ def test_moe_with_full_activation_checkpointing_matches_without(byte_data, tmp_p
     ref = train_collect(0, 1, byte_data, str(tmp_path / "ref"), moe)
     ac = {**moe, "parallel__activation_checkpoint": "full"}
     assert_same_run(train_collect(0, 1, byte_data, str(tmp_path / "ac"), ac), ref)
+
+
+def test_export_hf_of_an_moe_checkpoint_is_refused_in_one_line(byte_data, tmp_path):
+    from triaxis.hf.exporter import export_hf
+
+    _train(byte_data, tmp_path / "run", 1, **{"checkpoint.save_final": "true"})
+    with pytest.raises(UserError) as err:
+        export_hf(str(tmp_path / "run" / "checkpoints"), str(tmp_path / "hf"))
+    assert "holds a mixture of experts (model.n_experts=4)" in str(err.value)
+    assert "\n" not in str(err.value) and not (tmp_path / "hf").exists()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from triaxis.checkpoint.inference import load_checkpoint_model
+from triaxis.errors import UserError
 from triaxis.fields import Range, check_value
 from triaxis.hf.convert import (
     hf_config_from_args,
@@ -68,6 +69,12 @@ def export_hf(
     out = Path(output)
     check_output_folder(out, force, f"{out} (the export folder)", "the model files in it")
     model, ckpt = load_checkpoint_model(checkpoint)  # a bad checkpoint fails here: out untouched
+    if model.args.n_experts:
+        raise UserError(
+            f"{ckpt} holds a mixture of experts (model.n_experts={model.args.n_experts}); "
+            "export-hf writes dense Llama models only so far (Mixtral / Qwen3-MoE layouts are "
+            "not built): nothing was written"
+        )
     # Written into a staging sibling (same file system), swapped in only when complete.
     where = out.resolve()
     stage = where.parent / f".{where.name}.export-{uuid.uuid4().hex[:8]}"
