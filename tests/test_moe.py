@@ -224,7 +224,7 @@ def test_metrics_carry_each_blocks_load_aux_loss_and_drops(byte_data, tmp_path):
         assert 0 < r["moe_dropped/1"] < 1 and r["moe_aux_loss"] > 0
 
 
-@pytest.mark.parametrize("capacity", ["0", "1.0"])
+@pytest.mark.parametrize("capacity", ["0", pytest.param("1.0", marks=pytest.mark.slow)])
 def test_no_host_sync_between_log_steps_with_moe(capacity, byte_data, tmp_path):
     from tests.test_host_sync import _assert_no_sync_outside, _count
 
@@ -246,7 +246,12 @@ def test_no_host_sync_between_log_steps_with_moe(capacity, byte_data, tmp_path):
             "tiny",
             "holds a mixture of experts (model.n_experts=4) and this run builds a dense",
         ),
-        ("tiny", "tiny-moe", "holds a dense model and this run builds a mixture of experts"),
+        pytest.param(
+            "tiny",
+            "tiny-moe",
+            "holds a dense model and this run builds a mixture of experts",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_moe_checkpoint_into_a_dense_run_and_back_is_one_line(
