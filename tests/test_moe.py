@@ -55,7 +55,7 @@ def _reference(m: MoE, x: torch.Tensor, capacity: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("grouped", [True, False])
 def test_dropless_moe_equals_the_per_token_reference(grouped, monkeypatch):
-    monkeypatch.setattr(moe_mod, "grouped_mm_supported", lambda device: grouped)
+    monkeypatch.setattr(moe_mod, "grouped_mm_supported", lambda device, dtype: grouped)
     m = _moe()
     x = torch.randn(2, 7, 64)
     torch.testing.assert_close(m(x), _reference(m, x), atol=1e-5, rtol=1e-5)

@@ -52,12 +52,13 @@ class _AttachAux(torch.autograd.Function):
         return grad_out, grad_aux, None
 
 
-def grouped_mm_supported(device: torch.device) -> bool:
-    """torch._grouped_mm on this device (CUDA sm90+, and torch's own CPU fallback)."""
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm for these operands: its CUDA kernel (sm90+) takes bf16 only; torch's
+    CPU implementation any float (measured: bench/moe_experts.py). Untested on a GPU here."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if device.type == "cuda":
-        return torch.cuda.get_device_capability(device)[0] >= 9
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 9
     return device.type == "cpu"
 
 
@@ -66,7 +67,7 @@ def expert_swiglu(
 ) -> torch.Tensor:
     """SwiGLU of each expert over its rows. x (M, D) sorted by expert, expert e's rows ending at
     ends[e] (int32, cumulative); w1, w3 (E, D, H), w2 (E, H, D) -> (M, D)."""
-    if grouped_mm_supported(x.device):
+    if grouped_mm_supported(x.device, x.dtype):
         h = F.silu(torch._grouped_mm(x, w1, offs=ends)) * torch._grouped_mm(x, w3, offs=ends)
         return torch._grouped_mm(h, w2, offs=ends)
     # Elsewhere a loop over experts; reading the group ends is a host sync, on such devices only.
