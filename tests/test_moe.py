@@ -316,3 +316,13 @@ def test_export_hf_of_an_moe_checkpoint_is_refused_in_one_line(byte_data, tmp_pa
         export_hf(str(tmp_path / "run" / "checkpoints"), str(tmp_path / "hf"))
     assert "holds a mixture of experts (model.n_experts=4)" in str(err.value)
     assert "\n" not in str(err.value) and not (tmp_path / "hf").exists()
+
+
+def test_parallel_auto_refuses_an_moe_model_in_one_line():
+    from triaxis.plan.auto import plan_for_world
+
+    cfg = load_config(None, ["--model.preset=tiny-moe", "--train.device=cpu"])
+    with pytest.raises(UserError) as err:
+        plan_for_world(cfg, 2, "speed", "cpu")
+    assert "parallel.auto plans dense models only" in str(err.value)
+    assert "\n" not in str(err.value)
