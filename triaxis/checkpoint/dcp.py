@@ -46,6 +46,13 @@ from triaxis.errors import UserError
 from triaxis.model.llama import ModelArgs
 from triaxis.parallel.host import host_all_gather_object, host_all_reduce, new_host_group
 
+_TRAINING_KNOBS = (
+    "max_seq_len",
+    "moe_capacity_factor",
+    "moe_aux_loss_coef",
+    "moe_bias_update_rate",
+)
+"""ModelArgs fields a resumed run may change: they shape no tensor of the checkpoint."""
 _MODEL_DEFAULTS = {
     f.name: f.default for f in dataclasses.fields(ModelArgs) if f.default is not dataclasses.MISSING
 }
@@ -383,10 +390,19 @@ class Checkpointer:
         # A field newer than the checkpoint was at its default when the checkpoint was written.
         meta = meta or mf.read_meta(path)
         saved = {**_MODEL_DEFAULTS, **meta["model"]}
+        was, now = saved.get("n_experts", 0), self.model_args.get("n_experts", 0)
+        if bool(was) != bool(now):
+            kinds = ("a dense model", "a mixture of experts (model.n_experts={})")
+            raise UserError(
+                f"checkpoint {path} holds {kinds[bool(was)].format(was)} and this run builds "
+                f"{kinds[bool(now)].format(now)}; set --model.n_experts={was} (or the "
+                "checkpoint's preset), point --checkpoint.dir elsewhere, or start fresh with "
+                "--checkpoint.resume=none"
+            )
         diffs = [
             f"{k}={saved.get(k)} (checkpoint) vs {v} (this run)"
             for k, v in self.model_args.items()
-            if saved.get(k) != v and k != "max_seq_len"
+            if saved.get(k) != v and k not in _TRAINING_KNOBS
         ]
         if diffs:
             raise UserError(

@@ -18,7 +18,8 @@ from triaxis.fields import ranged
 @dataclass
 class ModelConfig:
     preset: str = "small"
-    """Model shape: tiny | small | 1b | 8b | 70b | 405b. Fields set below override the preset."""
+    """Model shape: tiny | tiny-moe | small | 1b | 8b | 70b | 405b | mixtral-8x7b. Fields set
+    below override the preset."""
     dim: int | None = ranged(None, ge=1)
     """Hidden size d_model (unset = from the preset)."""
     n_layers: int | None = ranged(None, ge=1)
@@ -53,6 +54,29 @@ class ModelConfig:
     """llama3 scaling: the context length of pre-training, before the extension."""
     norm_eps: float = ranged(1e-5, gt=0, lt=1)
     """Epsilon of RMSNorm."""
+    n_experts: int | None = ranged(None, ge=0)
+    """Mixture of experts: routed SwiGLU experts per MoE block; 0 = a dense model (unset = from
+    the preset: tiny-moe 4, mixtral-8x7b 8, others 0). docs/models.md#mixture-of-experts."""
+    moe_top_k: int | None = ranged(None, ge=1)
+    """Experts each token is routed to, at most n_experts (unset = from the preset: 2)."""
+    moe_ffn_dim: int | None = ranged(None, ge=1)
+    """Hidden size of one expert's SwiGLU MLP (unset = from the preset, else ffn_dim)."""
+    n_shared_experts: int | None = ranged(None, ge=0)
+    """Experts every token goes through beside the routed ones (unset = from the preset)."""
+    moe_first_dense: int | None = ranged(None, ge=0)
+    """The first this many blocks keep a dense MLP, DeepSeek-style (unset = from the preset)."""
+    moe_capacity_factor: float | None = ranged(None, ge=0)
+    """Each expert takes at most factor x tokens x top_k / n_experts assignments of a
+    micro-batch, the rest dropped and counted; 0 = dropless (unset = from the preset: 0)."""
+    moe_aux_loss_coef: float | None = ranged(None, ge=0)
+    """Weight of the load-balancing auxiliary loss in the gradient; 0 = off (unset = from the
+    preset: tiny-moe 0.01, mixtral-8x7b 0.02)."""
+    moe_bias_update_rate: float | None = ranged(None, ge=0)
+    """Aux-free balancing: each optimizer step moves every expert's routing bias this much
+    toward balance; 0 = off (unset = from the preset: 0)."""
+    moe_norm_topk: bool | None = None
+    """Renormalize the kept top-k router weights to sum to 1, as Mixtral does (unset = from
+    the preset: true)."""
 
 
 @dataclass

@@ -79,6 +79,13 @@ def export_hf(
     check_output_folder(out, force, f"{out} (the export folder)", "the model files in it")
     ckpt = find_checkpoint(checkpoint)
     meta = checked(ckpt)  # names and sizes; each tensor is verified as it loads
+    n_experts = (meta.get("model") or {}).get("n_experts", 0)
+    if n_experts:
+        raise UserError(
+            f"{ckpt} holds a mixture of experts (model.n_experts={n_experts}); "
+            "export-hf writes dense Llama models only so far (Mixtral / Qwen3-MoE layouts are "
+            "not built): nothing was written"
+        )
     # Written into a staging sibling (same file system), swapped in only when complete: a
     # tensor that fails its checksum midway leaves `out` untouched.
     where = out.resolve()

@@ -30,6 +30,23 @@ class ModelArgs:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_seq_len: int = 8192
+    # Mixture of experts (triaxis.model.moe); n_experts = 0: every block a dense SwiGLU MLP.
+    n_experts: int = 0
+    moe_top_k: int = 2
+    moe_ffn_dim: int = 0
+    """Hidden size of one expert (0: ffn_dim)."""
+    n_shared_experts: int = 0
+    moe_first_dense: int = 0
+    """The first this many blocks keep the dense MLP (DeepSeek-style)."""
+    moe_capacity_factor: float = 0.0
+    """0: dropless."""
+    moe_aux_loss_coef: float = 0.0
+    moe_bias_update_rate: float = 0.0
+    moe_norm_topk: bool = True
+
+    def __post_init__(self):
+        if self.n_experts and not self.moe_ffn_dim:
+            self.moe_ffn_dim = self.ffn_dim
 
     @property
     def head_dim(self) -> int:
@@ -39,6 +56,9 @@ class ModelArgs:
     def mlp_matrices(self) -> int:
         """SwiGLU: w1, w3 and w2."""
         return 3
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer >= self.moe_first_dense
 
 
 class Sizes(Protocol):
@@ -77,17 +97,31 @@ def head_param_count(a: Sizes) -> int:
     return a.vocab_size * a.dim
 
 
+def moe_layer_extra(a: Sizes) -> tuple[int, int]:
+    """(all, active) parameters an MoE block has beyond a dense one: its router, experts and
+    shared experts in place of the dense MLP; active = what one token's compute touches."""
+    n_experts = getattr(a, "n_experts", 0)
+    if not n_experts:
+        return 0, 0
+    expert = a.mlp_matrices * a.dim * a.moe_ffn_dim
+    common = a.dim * n_experts + a.n_shared_experts * expert - a.mlp_matrices * a.dim * a.ffn_dim
+    return common + n_experts * expert, common + a.moe_top_k * expert
+
+
 def param_counts(a: Sizes) -> dict[str, int]:
-    """Parameter counts: total (tied weights once), embedding, and non-embedding + LM head."""
+    """Parameter counts: total (tied weights once), embedding, and non-embedding + LM head.
+    flops_params counts the experts a token is routed to (k of them), the others not."""
     embedding = embedding_param_count(a)
     head = head_param_count(a)
+    n_moe = a.n_layers - min(a.n_layers, a.moe_first_dense) if getattr(a, "n_experts", 0) else 0
+    extra_all, extra_active = moe_layer_extra(a)
     blocks = a.n_layers * block_param_count(a) + a.dim  # + final norm
-    total = blocks + embedding + (0 if a.tie_embeddings else head)
+    total = blocks + n_moe * extra_all + embedding + (0 if a.tie_embeddings else head)
     return {
         "total": total,
         "embedding": embedding,
-        "non_embedding": blocks,
-        "flops_params": blocks + head,
+        "non_embedding": blocks + n_moe * extra_all,
+        "flops_params": blocks + n_moe * extra_active + head,
     }
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from triaxis.model.args import ModelArgs, block_param_count, flops_per_token, param_counts  # noqa: F401
 from triaxis.model.attention import attend, document_mask, document_positions
 from triaxis.model.loss import chunked_cross_entropy
+from triaxis.model.moe import MoE
 
 
 class RMSNorm(nn.Module):
@@ -120,12 +121,14 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = FeedForward(args.dim, args.ffn_dim)
+        self.feed_forward: nn.Module = (
+            MoE(args) if args.is_moe_layer(layer) else FeedForward(args.dim, args.ffn_dim)
+        )
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, mask=None) -> torch.Tensor:
         # Positional: tensor parallelism's input plan for `attention` names each argument.
@@ -140,7 +143,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         # A ModuleDict keyed by the global layer index keeps checkpoint keys stable when a
         # pipeline stage holds only some of the blocks.
-        self.layers = nn.ModuleDict({str(i): Block(args) for i in range(args.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(args, i) for i in range(args.n_layers)})
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
@@ -203,6 +206,10 @@ class Transformer(nn.Module):
         partial pipeline stage, starts from exactly the weights of the single-process model.
         """
         self.rope.copy_(model_rope_tables(self.args, device=self.rope.device))
+        for module in self.modules():
+            if isinstance(module, MoE):  # the router's balancing state starts at zero
+                module.router.expert_bias.zero_()
+                module.router.tokens_since_update.zero_()
         for name, param in self.named_parameters():
             name = clean_name(name)
             full = torch.empty(param.shape, dtype=param.dtype, device=_local(param).device)
@@ -220,7 +227,7 @@ class Transformer(nn.Module):
             return lambda t, g: nn.init.normal_(t, std=std, generator=g)
         if name.startswith("output"):
             std = self.args.dim**-0.5
-        elif name.endswith(("wo.weight", "w2.weight")):
+        elif name.endswith(("wo.weight", "w2.weight", "experts.w2")):
             # Depth-scaled residual projections keep the residual stream's variance flat.
             std = 0.02 / math.sqrt(2 * (int(name.split(".")[1]) + 1))
         else:

@@ -10,10 +10,30 @@ from triaxis.model.args import ModelArgs
 SHAPE = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len")
 """The integer sizes every preset sets and the [model] section may override (all positive)."""
 
+_TINY_MOE = dict(
+    n_experts=4, moe_top_k=2, moe_ffn_dim=96, n_shared_experts=1, moe_first_dense=1,
+    moe_aux_loss_coef=0.01,
+)  # fmt: skip
+_MIXTRAL = dict(n_experts=8, moe_top_k=2, moe_aux_loss_coef=0.02)
+MOE_FIELDS = (
+    "n_experts",
+    "moe_top_k",
+    "moe_ffn_dim",
+    "n_shared_experts",
+    "moe_first_dense",
+    "moe_capacity_factor",
+    "moe_aux_loss_coef",
+    "moe_bias_update_rate",
+    "moe_norm_topk",
+)
+"""The [model] fields of a mixture of experts; set ones override the preset's."""
+
 # One row a preset, in SHAPE's order; then what differs from ModelArgs' defaults.
 _ROWS: list[tuple[str, tuple[int, ...], dict]] = [
     # name   (dim, layers, heads, kv heads, ffn, vocab, seq)
     ("tiny", (64, 4, 4, 2, 192, 512, 256), {"rope_theta": 10000.0}),
+    # tiny with 4 experts (top 2, one shared) after a dense first block: the MoE tests' model.
+    ("tiny-moe", (64, 4, 4, 2, 192, 512, 256), {"rope_theta": 10000.0, **_TINY_MOE}),
     # ~12M parameters with an 8k BPE vocabulary: trains visibly in minutes on two CPU cores.
     ("small", (384, 6, 6, 2, 1024, 8192, 1024), {"rope_theta": 10000.0, "tie_embeddings": True}),
     # Llama-3.2-1B, then the Llama-3.1 shapes.
@@ -21,6 +41,8 @@ _ROWS: list[tuple[str, tuple[int, ...], dict]] = [
     ("8b", (4096, 32, 32, 8, 14336, 128256, 8192), {}),
     ("70b", (8192, 80, 64, 8, 28672, 128256, 8192), {}),
     ("405b", (16384, 126, 128, 8, 53248, 128256, 8192), {}),
+    # Mixtral-8x7B: 8 experts, top 2, every block MoE.
+    ("mixtral-8x7b", (4096, 32, 32, 8, 14336, 32000, 32768), {"rope_theta": 1e6, **_MIXTRAL}),
 ]
 PRESETS: dict[str, ModelArgs] = {
     name: ModelArgs(**dict(zip(SHAPE, sizes)), **extra) for name, sizes, extra in _ROWS
@@ -54,6 +76,11 @@ def build_model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
     ):
         setattr(args, name, getattr(model_cfg, name))
     args.norm_eps = model_cfg.norm_eps
+    for name in MOE_FIELDS:
+        if getattr(model_cfg, name) is not None:
+            setattr(args, name, getattr(model_cfg, name))
+    if args.n_experts and not args.moe_ffn_dim:
+        args.moe_ffn_dim = args.ffn_dim
     if vocab_size and model_cfg.vocab_size is None:
         args.vocab_size = vocab_size
     _check(args)
@@ -79,6 +106,22 @@ def _check(a: ModelArgs) -> None:
             f"model.n_heads={a.n_heads}; choose a divisor of {a.n_heads}"
         )
     _check_rope_scaling(a)
+    _check_moe(a)
+
+
+def _check_moe(a: ModelArgs) -> None:
+    if not a.n_experts:
+        return
+    if not 1 <= a.moe_top_k <= a.n_experts:
+        raise UserError(
+            f"model.moe_top_k={a.moe_top_k} must be between 1 and "
+            f"model.n_experts={a.n_experts}; route each token to at most {a.n_experts} experts"
+        )
+    if a.moe_first_dense >= a.n_layers:
+        raise UserError(
+            f"model.moe_first_dense={a.moe_first_dense} leaves no MoE block among "
+            f"model.n_layers={a.n_layers}; choose at most {a.n_layers - 1}, or n_experts = 0"
+        )
 
 
 def _check_rope_scaling(a: ModelArgs) -> None:

@@ -11,6 +11,7 @@ from torch import nn
 
 from triaxis.config import Config
 from triaxis.model import ModelArgs, Transformer
+from triaxis.model.moe import set_aux_scale
 from triaxis.parallel.dims import ParallelDims
 from triaxis.parallel.parallelize import parallelize
 from triaxis.parallel.rules import pipeline_stages
@@ -43,6 +44,7 @@ def build_model(
         model.materialize(init_device)
         model.init_weights(cfg.train.seed)
         _init_lora(model, cfg)
+        set_aux_scale(model, 1.0 / grad_accum)  # a step's aux term: the mean over micro-batches
         return model, None
 
     from triaxis.parallel.partition import format_table

@@ -34,6 +34,7 @@ from triaxis.metrics.logger import (
 from triaxis.model import flops_per_token, param_counts
 from triaxis.model.attention import document_ids
 from triaxis.model.loss import IGNORE_INDEX
+from triaxis.model.moe import moe_record, update_expert_bias
 from triaxis.parallel.context import cp_rows
 from triaxis.parallel.host import host_all_reduce, new_host_group
 from triaxis.parallel.parallelize import set_grad_sync
@@ -279,6 +280,7 @@ class Trainer:
                 flag = self.numerics.checks.flag(step, cursor, norm, loss if logs else None)
                 self.optimizer.found_inf = flag
             self.optimizer.step()
+            update_expert_bias(self.model, self.model_args.moe_bias_update_rate, self.dp_group)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()  # also after a skipped update: fit() rewinds it once it knows
         if logs:
@@ -498,6 +500,7 @@ class Trainer:
         tokens_seen = step * self.cfg.train.global_batch * self.cfg.data.seq_len
         record.update(self.stats.grad_record(), tokens_seen=tokens_seen)
         record.update(zip(times, slowest))  # fwd_bwd_s, optimizer_s: seconds per step
+        record.update(moe_record(self.model, self.reduce_over_dp))
         return record
 
 
