@@ -1,5 +1,8 @@
 """Apply parallelism to the single-device model from outside, in one fixed order.
 
+0. float8 conversion (optional)  -- swaps block linears for Float8Linear first, as torchtitan
+                                     does: every later step then wraps the float8 modules
+                                     (float8.py);
 1. tensor (+ sequence) parallel   -- must see plain nn.Linear/RMSNorm modules to swap their
                                      weights for DTensors sharded on the `tp` axis;
 2. activation checkpointing       -- wraps each (already TP-sharded) block, so recomputation
@@ -36,6 +39,15 @@ def parallelize(
     device: torch.device,
     mp_dtype: torch.dtype | None,
 ) -> nn.Module:
+    if tcfg.float8 != "off":
+        from triaxis.parallel.float8 import convert_float8, float8_all_gather
+
+        model.float8_modules = convert_float8(
+            model,
+            tcfg.float8,
+            tcfg.float8_min_dim,
+            float8_all_gather(tcfg.float8, device, dims.dp_shard),
+        )
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel=pcfg.loss_parallel)
     compile_inside = tcfg.compile and pcfg.activation_offload
