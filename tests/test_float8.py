@@ -138,3 +138,14 @@ def test_float8_layouts_match_one_process(layout, tol, byte_data, tmp_path, tmp_
     """FSDP (float8 all-gather off on gloo) and tensor parallel run float8 like one process."""
     got = _run(byte_data, str(tmp_path), 2, train__float8="tensorwise", **layout)
     assert _max_rel(got, _float8_reference(byte_data, tmp_path_factory)) < tol
+
+
+@pytest.mark.slow
+def test_float8_with_full_activation_checkpointing_matches(byte_data, tmp_path, tmp_path_factory):
+    """Recomputing a checkpointed block recomputes its dynamic scales from the same tensors:
+    the losses are the uncheckpointed float8 run's."""
+    got = _run(
+        byte_data, str(tmp_path), 1, train__float8="tensorwise",
+        parallel__activation_checkpoint="full",
+    )  # fmt: skip
+    assert _max_rel(got, _float8_reference(byte_data, tmp_path_factory)) < 1e-6
