@@ -149,3 +149,18 @@ def test_float8_with_full_activation_checkpointing_matches(byte_data, tmp_path, 
         parallel__activation_checkpoint="full",
     )  # fmt: skip
     assert _max_rel(got, _float8_reference(byte_data, tmp_path_factory)) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first,then", [("tensorwise", "off"), ("off", "rowwise")])
+def test_checkpoint_stays_high_precision(first, then, byte_data, tmp_path):
+    """A run saved with float8 one way resumes the other way with the very same weights."""
+    common = {**F8, "train__steps": 2, "train__micro_batch": 8, "checkpoint__save_final": "true"}
+    if "rowwise" in (first, then):
+        common["train__dtype"] = "bf16"
+    saved = train_collect(0, 1, byte_data, str(tmp_path), {**common, "train__float8": first})
+    resumed = train_collect(0, 1, byte_data, str(tmp_path), {**common, "train__float8": then})
+    assert resumed["losses"] == {}  # nothing left to train: the weights are the loaded ones
+    assert saved["params"].keys() == resumed["params"].keys()
+    for name, value in saved["params"].items():
+        assert value.dtype == torch.float32 and torch.equal(value, resumed["params"][name]), name
