@@ -1,6 +1,8 @@
 """FP8 training (train.float8): which linears convert, the one all-gather decision, bad input,
 and float8 runs against the bf16 run and across layouts."""
 
+import math
+
 import pytest
 import torch
 
@@ -164,3 +166,17 @@ def test_checkpoint_stays_high_precision(first, then, byte_data, tmp_path):
     assert saved["params"].keys() == resumed["params"].keys()
     for name, value in saved["params"].items():
         assert value.dtype == torch.float32 and torch.equal(value, resumed["params"][name]), name
+
+
+@pytest.mark.slow
+def test_numerics_guard_skips_a_poisoned_step_under_float8(byte_data, tmp_path, monkeypatch):
+    """A non-finite loss at step 3 gives non-finite gradients, whose amax would poison the
+    float8 scales; the guard skips the update, so the weights and later losses stay finite."""
+    monkeypatch.setenv("TRIAXIS_FAULT_NAN", "3")
+    out = train_collect(
+        0, 1, byte_data, str(tmp_path),
+        {**F8, "train__steps": 5, "train__micro_batch": 8, "train__float8": "tensorwise",
+         "train__on_bad_loss": "skip"},
+    )  # fmt: skip
+    assert all(torch.isfinite(v).all() for v in out["params"].values())
+    assert all(math.isfinite(out["losses"][s]) for s in (4, 5))
