@@ -76,6 +76,8 @@ class Part:
     """triaxis (a `triaxis train` run: the row comes from its metrics.jsonl), smoke (one too,
     only its last loss), peer (the baseline's JSON line), other (its own `ROW {...}` line)."""
     env: dict = field(default_factory=dict)
+    opt_in: bool = False
+    """Runs only when TRIAXIS_GPU_PARTS names it (the float8 rows: a session of their own)."""
 
     def run_dir(self) -> str:
         """A `triaxis train` part's run folder ("" for the others)."""
@@ -125,6 +127,7 @@ def parts(s: Shape, scratch: Path, out: Path) -> list[Part]:
         Part("plan-check", 40, plan_argv),
         Part("flex-vs-dense", 90, [py, parts_dir, "flex", "--device", s.device]),
         Part("triaxis-fsdp", 150, triaxis_argv(s, scratch / "tf", True, *fsdp), "triaxis"),
+        *float8_parts(s, scratch),
         Part(
             "host-sync",
             90,
@@ -132,6 +135,25 @@ def parts(s: Shape, scratch: Path, out: Path) -> list[Part]:
             env=pytest_env,
         ),  # fmt: skip
     ]
+
+
+FLOAT8_PARTS = [f"f8-{w}-{r}" for w in ("1b", "8bw") for r in ("bf16", "tensorwise", "rowwise")]
+"""Issue 29: bf16 compiled against float8 compiled, at 1b and at 8b width (4 layers); target
+>= 1.2x bf16 tokens/s at 8b width, loss within 1% over the timed steps. Opt-in (the torchao
+wheel must be carried, see the .sh): TRIAXIS_GPU_PARTS=<these, comma-joined>."""
+
+
+def float8_parts(s: Shape, scratch: Path) -> list[Part]:
+    out = []
+    for name in FLOAT8_PARTS:
+        _, width, recipe = name.split("-")
+        shape = [] if width == "1b" else ["--model.preset=8b", "--model.n_layers=4"]
+        if s.device == "cpu":  # the dry run: tiny, every linear converted
+            shape = ["--model.preset=tiny", "--train.float8_min_dim=16", "--train.dtype=bf16"]
+        f8 = [] if recipe == "bf16" else [f"--train.float8={recipe}"]
+        argv = triaxis_argv(s, scratch / name, True, *shape, *f8)
+        out.append(Part(name, 150, argv, "triaxis", opt_in=True))
+    return out
 
 
 class Session:
@@ -265,7 +287,7 @@ def main() -> int:
     caps = dict(x.split("=") for x in filter(None, caps_env.split(",")))
     fail = os.environ.get("TRIAXIS_GPU_FAIL", "")
     for part in parts(s, scratch, out):
-        if chosen and part.name not in chosen:
+        if (chosen or part.opt_in) and part.name not in chosen:
             continue
         part.cap_s = float(caps.get(part.name, part.cap_s))
         if part.name == fail:

@@ -10,6 +10,15 @@
 #     --platform manylinux2014_x86_64 xxhash pytest pluggy iniconfig packaging pygments
 #   run(command="bash bench/gpu_session.sh", carry=[".peer"], timeout_s=480)
 #
+# The float8 rows (issue 29) are a session of their own, opt-in: carry torchao 0.18.0 (the wheel
+# torchao-0.18.0-cp310-abi3-manylinux_2_24_x86_64.whl, ~26 MB unpacked, built for torch 2.11):
+#
+#   .venv/bin/pip install --no-deps --target .peer/site --only-binary=:all: --python-version 3.12 \
+#     --platform manylinux_2_28_x86_64 torchao==0.18.0
+#   run(command="TRIAXIS_GPU_DEADLINE_S=570 TRIAXIS_GPU_PARTS=f8-1b-bf16,f8-1b-tensorwise,\
+#     f8-1b-rowwise,f8-8bw-bf16,f8-8bw-tensorwise,f8-8bw-rowwise bash bench/gpu_session.sh",
+#     carry=[".peer"], timeout_s=600)
+#
 # The machine's own python3 holds torch, transformers and tokenizers; triaxis runs from the
 # checkout (PYTHONPATH), nothing is installed. All parts share one deadline (450 s); each part
 # gets min(its cap, time left) and is then SIGKILLed. Everything lands in $OUT: log.txt (all

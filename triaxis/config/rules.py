@@ -21,6 +21,20 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
         raise UserError(
             "parallel.loss_parallel=true needs parallel.tp > 1; set tp or drop loss_parallel"
         )
+    if t.float8 != "off":
+        import importlib.util
+
+        if importlib.util.find_spec("torchao") is None:
+            raise UserError(
+                f"train.float8={t.float8!r} needs torchao, which is not installed; "
+                "pip install 'triaxis[float8]' or set --train.float8=off"
+            )
+        if t.float8 == "rowwise" and t.dtype == "fp32":
+            # cuBLAS's row-scaled float8 GEMM writes bf16 only.
+            raise UserError(
+                "train.float8='rowwise' with train.dtype='fp32': row-scaled float8 GEMMs "
+                "produce bf16 only; set --train.dtype=bf16 (or auto) or --train.float8=tensorwise"
+            )
     if (problem := composition_problem(p, None if dims is None else dims.fsdp_enabled)) is not None:
         raise UserError(problem)
     if p.cp > 1 and d.seq_len % (2 * p.cp):

@@ -168,6 +168,14 @@ class TrainConfig:
     """torch.compile each transformer block."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager for quick checks)."""
+    float8: Literal["off", "tensorwise", "rowwise"] = "off"
+    """FP8 GEMMs in the transformer blocks' linears (torchao Float8Linear; weights, optimizer
+    state and checkpoints stay high precision): tensorwise (one scale per tensor, float8 FSDP
+    all-gather on GPUs) or rowwise (a scale per row: closer to bf16, slower). Needs the
+    `float8` extra; pays on H100/H200 at widths >= 4096 (docs/precision.md)."""
+    float8_min_dim: int = ranged(1024, ge=16)
+    """Convert only linears whose in and out features are both >= this (and divisible by 16):
+    smaller GEMMs lose more to the float8 casts than they gain."""
     loss_chunk_tokens: int = ranged(4096, ge=0)
     """Tokens per chunk of the fused LM head + cross-entropy, which never holds the logits of
     the whole micro-batch (0 = the plain head, then the loss on full logits). With tp > 1 the

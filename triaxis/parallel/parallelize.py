@@ -1,5 +1,8 @@
 """Apply parallelism to the single-device model from outside, in one fixed order.
 
+0. float8 conversion (optional)  -- swaps block linears for Float8Linear first, as torchtitan
+                                     does: every later step then wraps the float8 modules
+                                     (float8.py);
 1. tensor (+ sequence) parallel   -- must see plain nn.Linear/RMSNorm modules to swap their
                                      weights for DTensors sharded on the `tp` axis;
 1b. LoRA adapters (lora.py)       -- after TP, to copy the placement TP gave each base weight
@@ -45,6 +48,15 @@ def parallelize(
         from triaxis.parallel.context import apply_cp
 
         apply_cp(model, mesh["cp"])
+    if tcfg.float8 != "off":
+        from triaxis.parallel.float8 import convert_float8, float8_all_gather
+
+        model.float8_modules = convert_float8(
+            model,
+            tcfg.float8,
+            tcfg.float8_min_dim,
+            float8_all_gather(tcfg.float8, device, dims.dp_shard),
+        )
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel=pcfg.loss_parallel)
     if lora is not None and lora.enabled:

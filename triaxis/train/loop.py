@@ -36,6 +36,7 @@ from triaxis.model.attention import document_ids
 from triaxis.model.loss import IGNORE_INDEX
 from triaxis.model.moe import moe_record, update_expert_bias
 from triaxis.parallel.context import cp_rows
+from triaxis.parallel.float8 import float8_step_hook
 from triaxis.parallel.host import host_all_reduce, new_host_group
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.parallel.pipeline import local_value
@@ -117,6 +118,7 @@ class Trainer:
             self.model, cfg.train, self.device, params_on_cpu=cfg.parallel.cpu_offload
         )
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
+        self.float8_scales = float8_step_hook(cfg.train.float8, self.device, self.dims.dp_shard)
         layout = {
             "world_size": env.world_size,
             **dict(zip(("pp", "dp_replicate", "dp_shard", "cp", "tp"), self.dims.shape)),
@@ -280,6 +282,8 @@ class Trainer:
                 flag = self.numerics.checks.flag(step, cursor, norm, loss if logs else None)
                 self.optimizer.found_inf = flag
             self.optimizer.step()
+            if self.float8_scales is not None:
+                self.float8_scales(self.model)
             update_expert_bias(self.model, self.model_args.moe_bias_update_rate, self.dp_group)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()  # also after a skipped update: fit() rewinds it once it knows
