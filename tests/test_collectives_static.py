@@ -50,6 +50,9 @@ SITES = {
     ("train/loop.py", "Trainer._masked_scale"): ["all_reduce"],  # counts of device targets
     ("train/loop.py", "Trainer.reduce_over_dp"): ["all_reduce"],  # device losses
     ("train/optim.py", "clip_grad_norm"): ["all_reduce"],  # the norm, on the device
+    ("model/moe.py", "update_expert_bias"): ["all_reduce"],  # expert counts: model buffers
+    ("parallel/ring_attention.py", "gather_doc_ids"): ["all_gather"],  # the batch's device ids
+    ("parallel/ring_attention.py", "_Ring.__init__"): ["isend", "irecv"],  # device K/V blocks
     ("parallel/pipeline.py", "Pipeline.step"): ["all_reduce"],  # device losses
     ("parallel/pipeline.py", "Pipeline.eval"): ["all_reduce"],
     ("parallel/pipeline.py", "Pipeline._send"): ["send", "send"],  # header moved to the device

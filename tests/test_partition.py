@@ -163,6 +163,6 @@ def test_layout_picture(tmp_path):
     # every GPU holds a quarter of exactly one layer; each layer lives on 4 GPUs
     layers = [g.split("layer ")[1].split(",")[0] for g in gpus]
     assert sorted(layers) == sorted([str(i) for i in range(6)] * 4)
-    assert "one model copy = pp x tp = 24 GPUs = 3 server(s)" in out.stdout
+    assert "one model copy = pp x cp x tp = 24 GPUs = 3 server(s)" in out.stdout
     doc = xml.dom.minidom.parse(str(tmp_path / "l.svg"))
     assert len(doc.getElementsByTagName("rect")) == 3 + 24
