@@ -22,9 +22,14 @@ from triaxis.checkpoint.dcp_io import checked, load_model_weights
 from triaxis.checkpoint.inference import find_checkpoint
 from triaxis.config import LoraConfig
 from triaxis.errors import UserError
-from triaxis.hf.convert import interleaved_rows_to_hf, rope_heads, triaxis_to_hf_name
-from triaxis.hf.exporter import _swap_in, _write
-from triaxis.hf.importer import check_output_folder
+from triaxis.hf.convert import (
+    hf_config_from_args,
+    interleaved_rows_to_hf,
+    rope_heads,
+    triaxis_to_hf_name,
+)
+from triaxis.hf.exporter import _swap_in, plan_shards, tokenizer_files
+from triaxis.hf.importer import CONFIG, INDEX, SINGLE, check_output_folder
 from triaxis.model import ModelArgs, Transformer
 from triaxis.parallel.lora import apply_lora
 
@@ -103,6 +108,39 @@ def merged_model(model: Transformer, cfg: LoraConfig) -> Transformer:
     return plain
 
 
+def _write_model(model: Transformer, out: Path, max_shard_gb: float) -> list[str]:
+    """config.json + safetensors (+ index) of a model held in memory (the merged one: it is
+    built whole here anyway) into the folder `out`; their names. export_hf streams instead."""
+    from safetensors.torch import save_file
+
+    args = model.args
+    # named_parameters lists a tied head once, as the embedding: HF ties it back from config.
+    params = {triaxis_to_hf_name(n): (n, p) for n, p in model.named_parameters()}
+    sizes = [(hf, p.numel() * p.element_size()) for hf, (_, p) in params.items()]
+    shards = plan_shards(sizes, int(max_shard_gb * 1e9))  # GB as transformers counts them
+    names = (
+        [SINGLE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for file, shard in zip(names, shards):
+        tensors = {}
+        for hf in shard:
+            name, p = params[hf]
+            heads = rope_heads(name, args)
+            tensors[hf] = (interleaved_rows_to_hf(p, heads) if heads else p).contiguous()
+        save_file(tensors, str(out / file), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(s for _, s in sizes)},
+            "weight_map": {hf: f for f, shard in zip(names, shards) for hf in shard},
+        }
+        (out / INDEX).write_text(json.dumps(index, indent=2))
+    # Last: without config.json the folder is not a loadable model (an interrupted export).
+    (out / CONFIG).write_text(json.dumps(hf_config_from_args(args), indent=2))
+    return [CONFIG, *names] + ([INDEX] if len(shards) > 1 else [])
+
+
 @torch.no_grad()
 def export_lora(
     checkpoint: str,
@@ -121,7 +159,12 @@ def export_lora(
     stage.mkdir(parents=True)
     try:
         if merge:
-            names = _write(merged_model(model, cfg), stage, max_shard_gb)
+            names = _write_model(merged_model(model, cfg), stage, max_shard_gb)
+            # The tokenizer the checkpoint carries, as the plain export writes it.
+            extra = tokenizer_files(ckpt, log)
+            for name, data in extra.items():
+                (stage / name).write_bytes(data)
+            names += sorted(extra)
         else:
             from safetensors.torch import save_file
 
