@@ -213,7 +213,10 @@ def test_elastic_job_loses_a_node_and_finishes_on_the_other(hosts, byte_data, tm
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert procs[0].returncode == 0, out0[-4000:] + "\n-- node1:\n" + out1[-4000:]
     assert "--nnodes=1:2" in out0 and "last_call_timeout=30" in out0 and "elastic: 1 to 2" in out0
-    assert "dp_shard=2 x tp=1 on 2 x cpu" in out0 and "dp_shard=1 x tp=1 on 1 x cpu" in out0
+    assert (
+        "dp_shard=2 x cp=1 x tp=1 on 2 x cpu" in out0
+        and "dp_shard=1 x cp=1 x tp=1 on 1 x cpu" in out0
+    )
     assert "resumed from" in out0
     got, want = losses(run), losses(tmp_path / "ref")
     assert sorted(got) == sorted(want) == list(range(1, 41))
