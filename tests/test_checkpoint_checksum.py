@@ -26,6 +26,14 @@ def _fixture_state() -> dict:
     return {"w": torch.randn(64, 32, generator=g), "b": torch.arange(7.0), "step": 3}
 
 
+def _write_new(path: str) -> None:
+    """The fixture state as a committed checkpoint of the current format."""
+    writer = dcp_io.writer(path)
+    dcp.save(_fixture_state(), storage_writer=writer)
+    mf.write_sidecar(path, 0, writer.digests)
+    mf.commit(path, 1, {"step": 3})
+
+
 def _load(path: str, meta: dict) -> dict:
     out = {"w": torch.zeros(64, 32), "b": torch.zeros(7), "step": 0}
     files = dcp_io.expected_files(meta)
@@ -54,10 +62,7 @@ def test_a_crc32_checkpoint_of_the_old_format_verifies_and_loads(tmp_path):
 
 def test_new_checkpoints_name_their_checksum_and_record_it_per_item(tmp_path):
     path = str(tmp_path / "new")
-    writer = dcp_io.writer(path)
-    dcp.save(_fixture_state(), storage_writer=writer)
-    mf.write_sidecar(path, 0, writer.digests)
-    mf.commit(path, 1, {"step": 3})
+    _write_new(path)
     meta = mf.load_manifest(path)
     assert meta["checksum"] == checksum.WRITE == "xxh3_64"
     raw = (tmp_path / "new" / "__0_0.distcp").read_bytes()
@@ -188,10 +193,7 @@ def test_a_tensor_read_in_many_chunks_verifies_every_chunk(tmp_path, monkeypatch
 
     monkeypatch.setattr(integrity, "_HOT", 1 << 10)
     path = str(tmp_path / "new")
-    writer = dcp_io.writer(path)
-    dcp.save(_fixture_state(), storage_writer=writer)
-    mf.write_sidecar(path, 0, writer.digests)
-    mf.commit(path, 1, {"step": 3})
+    _write_new(path)
     meta = mf.load_manifest(path)
     if flip is None:
         assert torch.equal(_load(path, meta)["w"], _fixture_state()["w"])
