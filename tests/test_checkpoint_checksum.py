@@ -206,3 +206,21 @@ def test_a_tensor_read_in_many_chunks_verifies_every_chunk(tmp_path, monkeypatch
     shard.write_bytes(bytes(raw))
     with pytest.raises(UserError, match="__0_0.distcp fails its checksum"):
         _load(path, meta)
+
+
+def test_a_write_that_failed_records_no_checksum_even_when_collected_later(tmp_path):
+    """A save attempt that fails mid-file (a storage outage) is retried; the failed attempt's
+    stream, collected after the retry wrote the whole file, must not overwrite its record
+    with the partial size (a flaky S3 outage test caught exactly that)."""
+    import gc
+
+    writer = dcp_io.writer(str(tmp_path))
+    with pytest.raises(OSError):
+        with writer.fs.create_stream(tmp_path / "part.distcp", "wb") as stream:
+            stream.write(b"x" * 10)
+            raise OSError("the store went away")
+    with writer.fs.create_stream(tmp_path / "part.distcp", "wb") as retry:
+        retry.write(b"y" * 25)
+    del stream, retry
+    gc.collect()
+    assert writer.digests["part.distcp"]["size"] == 25

@@ -189,6 +189,7 @@ class Checkpointer:
         backoff_s = 1.0
         while True:
             err = None
+            writer.digests.clear()  # what a failed attempt wrote is rewritten or not ours
             try:
                 time.sleep(self.delays.get("write", 0))
                 with dcp_io.full_disk_is_a_user_error(folder):

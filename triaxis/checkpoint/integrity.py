@@ -144,7 +144,14 @@ class _HashingFs(_FsProxy):
                 self._digests[name] = {"size": size, "items": segments}
 
             stream = _HashingStream(raw, done)
-            yield stream
+            try:
+                yield stream
+            except BaseException:
+                # A failed write records nothing, ever: without this the stream's __del__
+                # (IOBase closes on collection, maybe after a retry wrote the whole file)
+                # would record the partial size and checksums.
+                stream.finished = True
+                raise
             stream.close()
 
     def rename(self, path, new_path) -> None:
