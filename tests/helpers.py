@@ -112,3 +112,32 @@ TINY_LLAMA = dict(
 )
 """A tiny Hugging Face LlamaConfig shape (config.json keys) for the import / export / fine-tune
 tests; each adds what it needs (vocabulary, RoPE)."""
+
+
+IN_PROCESS = {
+    "model.preset": "tiny",
+    "data.seq_len": "32",
+    "train.steps": "4",
+    "train.global_batch": "8",
+    "train.micro_batch": "4",
+    "train.device": "cpu",
+    "train.val_every": "0",
+    "checkpoint.interval": "0",
+    "checkpoint.save_final": "false",
+    "metrics.log_every": "2",
+    "metrics.tensorboard": "false",
+    "metrics.progress": "false",
+}
+"""A 4-step tiny run, quiet, no checkpoints: what in-process Trainer tests start from."""
+
+
+def in_process_trainer(data: str, run_dir, **values: str):
+    """A Trainer in this process (or in each forked worker) for IN_PROCESS's run with `values`
+    ({"dotted.key": "text"}) on top."""
+    from triaxis.config import load_config
+    from triaxis.train.distributed import init_distributed
+    from triaxis.train.loop import Trainer
+
+    values = {**IN_PROCESS, "data.path": data, "train.run_dir": str(run_dir), **values}
+    cfg = load_config(None, [f"--{k}={v}" for k, v in values.items()])
+    return Trainer(cfg, init_distributed("cpu"))

@@ -9,33 +9,13 @@ import signal
 import pytest
 
 from tests.dist import run_workers
-from triaxis.config import load_config
+from tests.helpers import in_process_trainer
 from triaxis.errors import UserError
-from triaxis.train.distributed import init_distributed
 from triaxis.train.profile import parse_steps
-
-BASE = {
-    "model.preset": "tiny",
-    "data.seq_len": "32",
-    "train.steps": "4",
-    "train.global_batch": "8",
-    "train.micro_batch": "4",
-    "train.device": "cpu",
-    "train.val_every": "0",
-    "checkpoint.interval": "0",
-    "checkpoint.save_final": "false",
-    "metrics.log_every": "2",
-    "metrics.tensorboard": "false",
-    "metrics.progress": "false",
-}
 
 
 def _trainer(data: str, run_dir, **extra: str):
-    from triaxis.train.loop import Trainer
-
-    values = {**BASE, "data.path": data, "train.run_dir": str(run_dir), **extra}
-    cfg = load_config(None, [f"--{k}={v}" for k, v in values.items()])
-    return Trainer(cfg, init_distributed("cpu"))
+    return in_process_trainer(data, run_dir, **extra)
 
 
 def _op_names(path) -> set[str]:

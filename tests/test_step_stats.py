@@ -10,33 +10,13 @@ import pytest
 import torch
 
 from tests.dist import run_workers
-from triaxis.config import load_config
-from triaxis.train.distributed import init_distributed
-
-BASE = {
-    "model.preset": "tiny",
-    "data.seq_len": "32",
-    "train.steps": "4",
-    "train.lr": "3e-3",
-    "train.warmup_steps": "0",
-    "train.global_batch": "8",
-    "train.micro_batch": "4",
-    "train.device": "cpu",
-    "train.val_every": "0",
-    "checkpoint.interval": "0",
-    "checkpoint.save_final": "false",
-    "metrics.log_every": "2",
-    "metrics.tensorboard": "false",
-    "metrics.progress": "false",
-}
+from tests.helpers import in_process_trainer
 
 
 def _trainer(data: str, run_dir, **extra: str):
-    from triaxis.train.loop import Trainer
-
-    values = {**BASE, "data.path": data, "train.run_dir": str(run_dir), **extra}
-    cfg = load_config(None, [f"--{k}={v}" for k, v in values.items()])
-    return Trainer(cfg, init_distributed("cpu"))
+    return in_process_trainer(
+        data, run_dir, **{"train.lr": "3e-3", "train.warmup_steps": "0", **extra}
+    )
 
 
 def _records(run_dir) -> list[dict]:
