@@ -69,6 +69,7 @@ def test_transient_storage_errors_are_retried(moto_s3, byte_data, tmp_path):
     assert {f.step: mf.verify(f.path) for f in found} == {2: [], 4: []}
 
 
+@pytest.mark.slow  # a fast lane under 3 min: its layer keeps a fast test
 def test_missing_bucket_and_credentials(moto_s3, byte_data, tmp_path):
     out = triaxis(
         *args(byte_data, tmp_path / "r", "s3://no-such-bucket-x/p", "--train.steps=1"), check=False

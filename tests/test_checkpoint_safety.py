@@ -106,6 +106,7 @@ def test_crafted_metadata_pickle_runs_nothing(path, trained, byte_data, tmp_path
     assert not marker.exists(), f"{path} ran code from the checkpoint"
 
 
+@pytest.mark.slow  # a fast lane under 3 min: its layer keeps a fast test
 def test_crafted_value_pickle_runs_nothing(trained, byte_data, tmp_path):
     """DCP's own planner loads non-tensor values (step, cursor) with weights_only=False: a
     crafted value must be refused too."""
@@ -186,6 +187,7 @@ def test_a_shard_failing_its_checksum_is_refused(path, trained, byte_data, tmp_p
     assert not (tmp_path / "hf" / "config.json").exists()
 
 
+@pytest.mark.slow  # a fast lane under 3 min: its layer keeps a fast test
 def test_every_checkpoint_invalid_stops_and_changes_nothing(trained, byte_data, tmp_path):
     run = copy_run(trained, tmp_path)
     root = run / "checkpoints"

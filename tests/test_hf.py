@@ -106,6 +106,7 @@ def test_export_loads_in_transformers(case, converted, tmp_path):
     assert_same_tensors(tmp_path / "out", c["hf"], c["tied"])
 
 
+@pytest.mark.slow  # a fast lane under 3 min: its layer keeps a fast test
 def test_export_streams_one_tensor_at_a_time_and_writes_bf16(converted, tmp_path, monkeypatch):
     """Issue 25 item 3: the export never holds two parameters at once (counted: each one loaded
     is freed before the next loads), and --dtype bf16 writes bf16 weights whose logits equal

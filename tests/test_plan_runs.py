@@ -63,7 +63,7 @@ def test_search_emits_exactly_the_tabled_options():
     assert {f.name for f in dataclasses.fields(Layout)} == listed | degrees
 
 
-@pytest.mark.parametrize("world", [1, 2, 4, 8])
+@pytest.mark.parametrize("world", [1, 2, 4, pytest.param(8, marks=pytest.mark.slow)])
 def test_every_enumerated_layout_passes_the_trainers_rules(world):
     from triaxis.parallel.rules import check_layout
 

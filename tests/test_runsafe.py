@@ -321,7 +321,8 @@ def test_ctrl_c_saves_and_resumes_exactly(byte_data, tmp_path, nproc):
         assert got[step] == pytest.approx(expected[step], abs=1e-6), step
 
 
-@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a fast lane under 3 min: test_checkpoint's SIGTERM test is the fast one
+@pytest.mark.parametrize("nproc", [1, 2])
 def test_second_ctrl_c_aborts_at_once(byte_data, tmp_path, nproc):
     run = tmp_path / "run"
     # Every step is slow (5 s): the first Ctrl-C waits for the end of the step, the second
