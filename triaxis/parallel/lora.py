@@ -111,9 +111,13 @@ def _adapter_hook(linear: nn.Linear, args, out):
     if hasattr(h, "placements"):
         from torch.distributed.tensor import Shard
 
-        if not linear.lora_colwise:
+        if linear.lora_colwise:
+            delta = linear.lora_b(h).to_local()
+        else:
             h = h.redistribute(placements=[Shard(1)])  # partial sums -> sequence shards
-        delta = linear.lora_b(h).to_local()
+            # Sequence first: torch 2.11's DTensor cannot flatten (batch, sequence) for the
+            # matmul while the sequence (dim 1) is sharded; (sequence, batch) it can.
+            delta = linear.lora_b(h.transpose(0, 1)).to_local().transpose(0, 1)
     else:
         delta = linear.lora_b(h)
     return out + delta * linear.lora_scale
