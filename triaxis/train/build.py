@@ -92,3 +92,10 @@ def _init_lora(model: nn.Module, cfg: Config) -> None:
         from triaxis.parallel.lora import init_adapters
 
         init_adapters(model, cfg.train.seed)
+
+
+def compute_dtype(requested: str, device: torch.device) -> torch.dtype | None:
+    """None = plain fp32. bf16 = autocast (one process) or FSDP's mixed-precision policy."""
+    if requested == "bf16" or (requested == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None

@@ -27,26 +27,25 @@ from triaxis.metrics.logger import (
     RankLogger,
     describe_run,
     peak_flops,
-    peak_memory_bytes,
     reset_peak_memory,
-    step_record,
 )
 from triaxis.model import flops_per_token, param_counts
 from triaxis.model.attention import document_ids
 from triaxis.model.loss import IGNORE_INDEX
-from triaxis.model.moe import moe_record, update_expert_bias
+from triaxis.model.moe import update_expert_bias
 from triaxis.parallel.context import cp_rows
 from triaxis.parallel.float8 import float8_step_hook
-from triaxis.parallel.host import host_all_reduce, new_host_group
+from triaxis.parallel.host import new_host_group
 from triaxis.parallel.parallelize import set_grad_sync
 from triaxis.parallel.pipeline import local_value
 from triaxis.parallel.rules import Planner
-from triaxis.train.build import build_model
+from triaxis.train.build import build_model, compute_dtype
 from triaxis.train.cadence import Cadence
 from triaxis.train.distributed import DistEnv, staged_for_copy
 from triaxis.train.numerics import Numerics
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from triaxis.train.profile import StepProfiler
+from triaxis.train.record import log_record
 from triaxis.train.resilience import Faults, PreemptionWatch
 from triaxis.train.resolve import recorded_data_path, resolve
 from triaxis.train.stepstats import StepStats
@@ -82,7 +81,7 @@ class Trainer:
         self.val_sets = open_val_sets(cfg, self.log.warn if cfg.train.val_every else None)
         self.grad_accum = grad_accum_steps(cfg, self.dims.dp_size)
         self.device = env.device
-        self.compute_dtype = _compute_dtype(cfg.train.dtype, self.device)
+        self.compute_dtype = compute_dtype(cfg.train.dtype, self.device)
 
         self.mesh, self.dp_mesh = (
             self.dims.build_mesh(self.device.type)
@@ -417,7 +416,7 @@ class Trainer:
                 if logs:
                     value = float(loss) if logged is None else logged  # the mean over dp
                     elapsed_s = time.perf_counter() - t_last  # after the read: the device's time
-                    record = self._record(step, value, steps_since, elapsed_s)
+                    record = log_record(self, step, value, steps_since, elapsed_s)
                     result.losses[step] = record["loss"]
                     # per source of a mixture, from the cursor alone (host arithmetic)
                     record.update(
@@ -471,45 +470,3 @@ class Trainer:
         """What the loop carries besides the checkpoint's own state (Numerics.state, and a
         mixture's weight history)."""
         return {**self.numerics.state(), **mixture.mixture_state(self.train_ds)}
-
-    def _record(self, step: int, loss: float, steps: int, elapsed_s: float) -> dict:
-        """A logged step's record, over the `steps` steps since the last; all ranks reduce."""
-        # Two host numbers, read on the host: the host group (no trip to the device and back).
-        # The slowest rank's data wait stalls all, hence MAX for all (the step-time breakdown too).
-        times = self.stats.read(steps, self.data_wait_s)
-        mem_wait = torch.tensor(
-            [peak_memory_bytes(self.device), self.data_wait_s, *times.values()],
-            dtype=torch.float64,
-        )
-        self.data_wait_s = 0.0
-        self.faults.inject_fault("logging", self.env.rank, step)
-        if self.host_group is not None:
-            host_all_reduce(mem_wait, self.host_group, op=dist.ReduceOp.MAX)
-        mem, wait, *slowest = mem_wait.tolist()
-        record, stall = step_record(
-            step,
-            loss=loss,
-            lr=self.optimizer.param_groups[0]["lr"],
-            tokens=steps * self.cfg.train.global_batch * self.cfg.data.seq_len,
-            steps=steps,
-            elapsed_s=elapsed_s,
-            world_size=self.env.world_size,
-            flops_per_token=self.flops_per_token,
-            peak=self.peak,
-            max_memory_bytes=mem,
-            data_wait_s=wait,
-        )
-        if stall:
-            self.log.warn(stall)
-        tokens_seen = step * self.cfg.train.global_batch * self.cfg.data.seq_len
-        record.update(self.stats.grad_record(), tokens_seen=tokens_seen)
-        record.update(zip(times, slowest))  # fwd_bwd_s, optimizer_s: seconds per step
-        record.update(moe_record(self.model, self.reduce_over_dp))
-        return record
-
-
-def _compute_dtype(requested: str, device: torch.device) -> torch.dtype | None:
-    """None = plain fp32. bf16 = autocast (one process) or FSDP's mixed-precision policy."""
-    if requested == "bf16" or (requested == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None

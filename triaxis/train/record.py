@@ -1,0 +1,53 @@
+"""A logged step's record: what metrics.jsonl, the progress line and TensorBoard get on a log
+step, gathered from the trainer's device values and host counters (one host reduction)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+
+from triaxis.metrics.logger import peak_memory_bytes, step_record
+from triaxis.model.moe import moe_record
+from triaxis.parallel.host import host_all_reduce
+
+if TYPE_CHECKING:  # the loop imports this module, not the reverse
+    from triaxis.train.loop import Trainer
+
+
+def log_record(t: Trainer, step: int, loss: float, steps: int, elapsed_s: float) -> dict:
+    """A logged step's record for trainer `t`, over the `steps` steps since the last; all
+    ranks reduce."""
+    # Two host numbers, read on the host: the host group (no trip to the device and back).
+    # The slowest rank's data wait stalls all, hence MAX for all (the step-time breakdown too).
+    times = t.stats.read(steps, t.data_wait_s)
+    mem_wait = torch.tensor(
+        [peak_memory_bytes(t.device), t.data_wait_s, *times.values()],
+        dtype=torch.float64,
+    )
+    t.data_wait_s = 0.0
+    t.faults.inject_fault("logging", t.env.rank, step)
+    if t.host_group is not None:
+        host_all_reduce(mem_wait, t.host_group, op=dist.ReduceOp.MAX)
+    mem, wait, *slowest = mem_wait.tolist()
+    record, stall = step_record(
+        step,
+        loss=loss,
+        lr=t.optimizer.param_groups[0]["lr"],
+        tokens=steps * t.cfg.train.global_batch * t.cfg.data.seq_len,
+        steps=steps,
+        elapsed_s=elapsed_s,
+        world_size=t.env.world_size,
+        flops_per_token=t.flops_per_token,
+        peak=t.peak,
+        max_memory_bytes=mem,
+        data_wait_s=wait,
+    )
+    if stall:
+        t.log.warn(stall)
+    tokens_seen = step * t.cfg.train.global_batch * t.cfg.data.seq_len
+    record.update(t.stats.grad_record(), tokens_seen=tokens_seen)
+    record.update(zip(times, slowest))  # fwd_bwd_s, optimizer_s: seconds per step
+    record.update(moe_record(t.model, t.reduce_over_dp))
+    return record
