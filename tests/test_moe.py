@@ -97,6 +97,17 @@ def test_aux_loss_enters_the_gradient_as_coef_times_aux():
     assert not torch.allclose(with_aux, plain)  # the aux term changes the gradient
 
 
+def test_a_step_the_numerics_guard_skips_leaves_the_bias_and_drops_its_counts():
+    m = _moe(n_shared_experts=0)
+    m.train()
+    m(torch.randn(4, 8, 64))
+    update_expert_bias(m, rate=0.1, skip=torch.tensor(1.0))
+    assert m.router.expert_bias.abs().sum() == 0 and m.router.tokens_since_update.sum() == 0
+    m(torch.randn(4, 8, 64))
+    update_expert_bias(m, rate=0.1, skip=torch.tensor(0.0))
+    assert m.router.expert_bias.abs().sum() > 0
+
+
 def test_bias_steers_the_choice_not_the_weights_and_moves_toward_balance():
     m = _moe(n_shared_experts=0)
     x = torch.randn(4, 8, 64)

@@ -245,11 +245,14 @@ def set_aux_scale(model: nn.Module, scale: float) -> None:
 
 
 @torch.no_grad()
-def update_expert_bias(model: nn.Module, rate: float, group=None) -> None:
+def update_expert_bias(
+    model: nn.Module, rate: float, group=None, skip: torch.Tensor | None = None
+) -> None:
     """Aux-free balancing, once per optimizer step: each expert's bias moves by `rate` toward
     balance (up when it took fewer than the mean tokens since the last update, down when more),
     then the counts restart. `group`: the data-parallel ranks, whose counts are summed first so
-    every replica of the router keeps the same bias."""
+    every replica of the router keeps the same bias. `skip`: the numerics guard's device flag
+    (1 = this step's update is skipped): the bias stays too, and the bad batch's counts go."""
     layers = moe_layers(model)
     if not layers or rate <= 0:
         return
@@ -260,5 +263,6 @@ def update_expert_bias(model: nn.Module, rate: float, group=None) -> None:
         # async_op + wait: on NCCL the wait orders the streams, it does not block the host.
         dist.all_reduce(counts, group=group, async_op=True).wait()
     for (_, m), c in zip(layers, counts):
-        m.router.expert_bias += rate * torch.sign(c.mean() - c)
+        move = rate * torch.sign(c.mean() - c)
+        m.router.expert_bias += move if skip is None else move * (1 - skip)
         m.router.tokens_since_update.zero_()

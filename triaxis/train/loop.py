@@ -277,13 +277,15 @@ class Trainer:
         host_grads = self.device if self.cfg.parallel.cpu_offload else None
         with self.stats.phase("optimizer"):
             norm = clip_grad_norm(params, self.cfg.train.grad_clip, self.pp_group, host_grads)
+            flag = None  # the numerics guard's "skip this update" (device), when it is on
             if self.numerics.checks is not None:
                 flag = self.numerics.checks.flag(step, cursor, norm, loss if logs else None)
                 self.optimizer.found_inf = flag
             self.optimizer.step()
             if self.float8_scales is not None:
                 self.float8_scales(self.model)
-            update_expert_bias(self.model, self.model_args.moe_bias_update_rate, self.dp_group)
+            rate = self.model_args.moe_bias_update_rate
+            update_expert_bias(self.model, rate, self.dp_group, skip=flag)
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()  # also after a skipped update: fit() rewinds it once it knows
         if logs:
