@@ -30,6 +30,7 @@ there).
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import resource
@@ -83,6 +84,11 @@ def _cpu_s() -> float:
 def measure(fn, before=None) -> tuple[float, float, int]:
     """(seconds, CPU seconds of every thread, peak resident bytes above the start); `before`
     runs first, untimed."""
+    # Settle first: the previous op's garbage freed and its writes on disk, so that neither
+    # side pays for what the other left behind (whoever went first was up to 1.5x slower).
+    gc.collect()
+    os.sync()
+    time.sleep(0.5)
     if before is not None:
         before()
     base = _reset_peak()
@@ -201,6 +207,8 @@ def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
 
     def add(name, ours, plain):
         rows.setdefault(name, []).append((ours, plain))
+        if os.environ.get("BENCH_RAW"):  # every pair, to see the spread behind a median
+            print(f"  raw {name:>22}: triaxis {ours[0]:.3f} s  DCP {plain[0]:.3f} s", flush=True)
 
     step = 0
     for _ in range(repeats):
