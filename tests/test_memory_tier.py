@@ -107,3 +107,14 @@ def _agree_worker(rank, world):
 def test_agree_every_rank_same_choice():
     results = run_workers(_agree_worker, 2)
     assert results == [Choice("memory", 20), Choice("memory", 20)]
+
+
+def test_check_fits_one_line_error():
+    gib = 1 << 30
+    memory_tier.check_fits(gib, 8, 2, host_bytes=64 * gib)  # 24 GiB of 64: fits
+    from triaxis.errors import UserError
+
+    with pytest.raises(UserError) as e:
+        memory_tier.check_fits(gib, 8, 4, host_bytes=64 * gib)  # 40 GiB of 64: over half
+    msg = str(e.value)
+    assert "\n" not in msg and "memory_keep=4" in msg and "40.0 GiB" in msg

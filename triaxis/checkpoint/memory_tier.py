@@ -54,3 +54,27 @@ def agree(local_steps: list[int], durable_step: int | None, keep: int, group=Non
     dist.all_reduce(durable, op=dist.ReduceOp.MIN, group=group)
     d = int(durable.item())
     return choose([t.tolist() for t in gathered], None if d == _NONE else d)
+
+
+def footprint_bytes(state_bytes_per_rank: int, local_ranks: int, keep: int) -> int:
+    """Host memory one node's keeper holds at most: `keep` steps of every local rank's shard,
+    plus one more step in flight (a step is only evicted once its successor has arrived)."""
+    return state_bytes_per_rank * local_ranks * (keep + 1)
+
+
+def check_fits(
+    state_bytes_per_rank: int, local_ranks: int, keep: int, host_bytes: int, share: float = 0.5
+) -> None:
+    """Raise UserError (one line: value, rule, fix) when the keeper would take more than
+    `share` of the node's memory (the workers and the page cache need the rest)."""
+    from triaxis.errors import UserError
+
+    need = footprint_bytes(state_bytes_per_rank, local_ranks, keep)
+    if need > share * host_bytes:
+        gib = 1 << 30
+        raise UserError(
+            f"checkpoint.memory_keep={keep}: the memory tier needs {need / gib:.1f} GiB per node "
+            f"({local_ranks} ranks x {state_bytes_per_rank / gib:.2f} GiB x {keep + 1} steps), "
+            f"over {share:.0%} of the node's {host_bytes / gib:.1f} GiB; lower memory_keep or "
+            "set checkpoint.memory_interval=0"
+        )
