@@ -64,14 +64,15 @@ def _send(sock: socket.socket, header: dict, payload: bytes = b"") -> None:
 
 
 def _recv_exact(rfile, n: int) -> bytes:
-    parts, left = [], n
-    while left:
-        part = rfile.read(min(left, _CHUNK_BYTES))
-        if not part:
-            raise ConnectionError(f"peer closed with {left} of {n} bytes unread")
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
+    # One buffer filled in place: a shard is hundreds of MB, joining chunks would copy it again.
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = rfile.readinto(view[got : got + _CHUNK_BYTES])
+        if not k:
+            raise ConnectionError(f"peer closed with {n - got} of {n} bytes unread")
+        got += k
+    return bytes(buf) if n < _CHUNK_BYTES else buf  # type: ignore[return-value]
 
 
 def _recv(rfile) -> tuple[dict, bytes]:
@@ -128,12 +129,17 @@ class ShardStore:
                 del self._steps[old]
         return None
 
-    def get(self, step: int, rank: int) -> bytes | None:
+    def get_entry(self, step: int, rank: int) -> tuple[bytes, int] | None:
+        """(bytes, digest) of a held shard that still matches its digest, else None."""
         with self._lock:
             entry = self._steps.get(step, {}).get(rank)
         if entry is None or _digest(entry[0]) != entry[1]:
             return None  # a copy that rotted in memory is as good as none
-        return entry[0]
+        return entry
+
+    def get(self, step: int, rank: int) -> bytes | None:
+        entry = self.get_entry(step, rank)
+        return None if entry is None else entry[0]
 
     def steps(self) -> dict[int, list[int]]:
         with self._lock:
@@ -162,11 +168,11 @@ class _Handler(socketserver.StreamRequestHandler):
                     )
                     _send(self.connection, {"ok": err is None, "error": err})
                 elif op == "get":
-                    data = store.get(int(header["step"]), int(header["rank"]))
-                    if data is None:
+                    entry = store.get_entry(int(header["step"]), int(header["rank"]))
+                    if entry is None:
                         _send(self.connection, {"ok": False})
                     else:
-                        _send(self.connection, {"ok": True, "digest": _digest(data)}, data)
+                        _send(self.connection, {"ok": True, "digest": entry[1]}, entry[0])
                 elif op == "steps":
                     _send(self.connection, {"ok": True, "steps": store.steps()})
                 elif op == "corrupt":
