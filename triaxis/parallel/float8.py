@@ -29,11 +29,15 @@ def float8_targets(model: nn.Module, min_dim: int) -> list[str]:
     return [name for name, m in model.named_modules() if _eligible(name, m, min_dim)]
 
 
+def eligible_dims(in_features: int, out_features: int, min_dim: int) -> bool:
+    """The size filter (also the planner's, triaxis.plan.float8)."""
+    return all(d >= min_dim and d % 16 == 0 for d in (in_features, out_features))
+
+
 def _eligible(fqn: str, module: nn.Module, min_dim: int) -> bool:
     if not isinstance(module, nn.Linear) or not fqn.startswith("layers."):
         return False
-    dims = (module.in_features, module.out_features)
-    return all(d >= min_dim and d % 16 == 0 for d in dims)
+    return eligible_dims(module.in_features, module.out_features, min_dim)
 
 
 def float8_all_gather(recipe: str, device: torch.device, dp_shard: int) -> bool:
