@@ -8,7 +8,9 @@ cast to float8 (e4m3 forward, e5m2 gradients) with dynamic scales, per tensor or
 
 What is converted (`float8_targets`): the linears inside `layers.*` (attention wq/wk/wv/wo,
 feed-forward w1/w2/w3) whose in and out features are both >= train.float8_min_dim and
-divisible by 16 (float8 GEMM kernels tile by 16). Never the embedding or the output head:
+divisible by 16 (float8 GEMM kernels tile by 16), and not an MoE router (its top-k choice is
+sensitive). An MoE block's routed experts are grouped weights, not Linears: they stay high
+precision (attention and shared experts convert). Never the embedding or the output head:
 their gradients are sparse/sensitive and torchtitan keeps them high precision too. The size
 filter skips GEMMs too small to gain: the casts (a read of the operand and a write of half of
 it, plus an amax reduction) cost more than the halved GEMM time below about 1k x 1k.
@@ -29,11 +31,18 @@ def float8_targets(model: nn.Module, min_dim: int) -> list[str]:
     return [name for name, m in model.named_modules() if _eligible(name, m, min_dim)]
 
 
+def eligible_dims(in_features: int, out_features: int, min_dim: int) -> bool:
+    """The size filter (also the planner's, triaxis.plan.float8)."""
+    return all(d >= min_dim and d % 16 == 0 for d in (in_features, out_features))
+
+
 def _eligible(fqn: str, module: nn.Module, min_dim: int) -> bool:
     if not isinstance(module, nn.Linear) or not fqn.startswith("layers."):
         return False
-    dims = (module.in_features, module.out_features)
-    return all(d >= min_dim and d % 16 == 0 for d in dims)
+    if ".router." in fqn or fqn.endswith(".router"):
+        # An MoE router's logits pick the experts: float8 rounding would flip its choices.
+        return False
+    return eligible_dims(module.in_features, module.out_features, min_dim)
 
 
 def float8_all_gather(recipe: str, device: torch.device, dp_shard: int) -> bool:

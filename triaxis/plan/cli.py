@@ -68,6 +68,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="document masking (data.mean_document_tokens): attention counts min(seq, this) "
         "keys per query (default 0: the whole sample)",
     )
+    p.add_argument(
+        "--float8",
+        default="off",
+        choices=["off", "tensorwise", "rowwise", "auto"],
+        help="train.float8 of the run: price the converted projections at the GPU's FP8 rate "
+        "(auto: plan each recipe, keep the fastest and say why; refused on GPUs without FP8)",
+    )
     p.add_argument("--objective", default="speed", choices=["speed", "memory"])
     p.add_argument("--top", type=int, default=5, help="layouts to print (default 5)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -112,10 +119,11 @@ def _choices(raw: str, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
 
 def run(a: argparse.Namespace) -> int:
     """The `plan` subcommand; returns the exit code (0 = a plan, 2 = nothing fits)."""
+    from triaxis.plan.float8_choice import plan_float8
     from triaxis.plan.hardware import load_catalog, resolve_hardware
     from triaxis.plan.problem import RUNTIMES, Problem, load_model
     from triaxis.plan.report import explain, header, no_fit_message, tables, to_json, toml_snippet
-    from triaxis.plan.search import SearchSpace, plan
+    from triaxis.plan.search import SearchSpace
 
     if a.write:
         storage.check_output_path(a.write, "--write")
@@ -148,13 +156,17 @@ def run(a: argparse.Namespace) -> int:
     )
     problem = Problem(shape, hw, RUNTIMES["triaxis"], a.seq, a.global_batch, a.doc_tokens)
     # Keep a runner-up even for --top 1: the explanation compares the winner with it.
-    result = plan(problem, a.gpus, a.objective, space, keep=max(a.top, 2), catalog=catalog)
+    result, float8_note = plan_float8(
+        problem, a.gpus, a.objective, space, max(a.top, 2), catalog, a.float8
+    )
     if a.json:
-        print(json.dumps(to_json(result, a.top), indent=1))
+        print(json.dumps({**to_json(result, a.top), "float8_choice": float8_note}, indent=1))
     elif result.plans:
         print(header(result))
         print(tables(result, a.top))
         print("\nWhy #1: " + explain(result))
+        if float8_note:
+            print("FP8: " + float8_note)
         print("\n" + toml_snippet(result))
     if not result.plans:
         print("error: " + no_fit_message(result), file=sys.stderr)

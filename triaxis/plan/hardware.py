@@ -36,6 +36,8 @@ class GpuSpec:
     """The instance type assumed when only the GPU is named."""
     bf16: bool = True
     """False: fp32 compute (CPU): 4-byte activations and no bf16 working copies."""
+    fp8_flops: float = 0.0
+    """Dense FP8 tensor-core peak, FLOP/s; 0 = no FP8 matrix units (train.float8 refused)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,8 @@ class Calibration:
     memory_reserved_bytes: float
     collective_launch_s: float
     cpu_adam_params_per_s: float
+    float8_rowwise_slowdown: float = 1.0
+    """Row-wise scaled FP8 GEMM time over tensor-wise (the per-row scales in the epilogue)."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,7 @@ def _gpu(name: str, t: dict[str, Any]) -> GpuSpec:
         flash_attention_efficiency=t["flash_attention_efficiency"],
         default_cluster=t.get("default_cluster", ""),
         bf16=t.get("bf16", True),
+        fp8_flops=t.get("fp8_tflops", 0.0) * 1e12,
     )
 
 
@@ -171,6 +176,7 @@ def load_catalog(extra: str | Path | None = None) -> Catalog:
         c["memory_reserved_gib"] * GIB,
         c["collective_launch_us"] * 1e-6,
         c["cpu_adam_params_per_s"],
+        c["float8_rowwise_slowdown"],
     )
     return Catalog(gpus, clusters, calib)
 

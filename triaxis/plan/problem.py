@@ -357,6 +357,10 @@ class Problem:
     length (data.mean_document_tokens), 0 = seq_len (one causal sequence)."""
     lora: LoraPlan | None = None
     """A LoRA run (frozen base, adapters trained): priced by triaxis.plan.lora."""
+    float8: str = "off"
+    """train.float8 of the run (off | tensorwise | rowwise): priced by triaxis.plan.float8."""
+    float8_min_dim: int = 1024
+    """train.float8_min_dim (its default): the conversion's size filter."""
 
     @property
     def attn_keys(self) -> int:

@@ -26,9 +26,14 @@ def header(r: PlanResult) -> str:
         f"triaxis plan: {s.name} ({s.total_params() / 1e9:.2f}B parameters) on "
         f"{r.world_size} x {p.hw.describe()}\n"
         f"seq {p.seq_len}, global batch {p.global_batch} ({tokens / 1e6:.2f}M tokens), "
-        f"objective {r.objective}: {r.num_layouts} layouts enumerated, {r.num_fit} fit in "
+        f"objective {r.objective}{_float8_words(p.float8)}: {r.num_layouts} layouts "
+        f"enumerated, {r.num_fit} fit in "
         f"{_gib(p.hw.usable_memory_bytes)} GiB usable per GPU, {r.num_timed} timed"
     )
+
+
+def _float8_words(recipe: str) -> str:
+    return f", float8 {recipe} (FP8 GEMMs in the blocks)" if recipe != "off" else ""
 
 
 def _ordinal(k: int) -> str:
@@ -276,6 +281,7 @@ def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
         "[train]",
         f"micro_batch = {a.micro_batch}",
         f"global_batch = {r.problem.global_batch}",
+        *([f'float8 = "{r.problem.float8}"'] if r.problem.float8 != "off" else []),
         "",
         "[data]",
         f"seq_len = {r.problem.seq_len}",
@@ -322,6 +328,7 @@ def to_json(r: PlanResult, top: int = 5) -> dict[str, Any]:
         "seq_len": pr.seq_len,
         "global_batch": pr.global_batch,
         "objective": r.objective,
+        "float8": pr.float8,
         "usable_memory_gib": pr.hw.usable_memory_bytes / GIB,
         "num_layouts": r.num_layouts,
         "num_fit": r.num_fit,

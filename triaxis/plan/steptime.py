@@ -72,6 +72,8 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
+from triaxis.parallel.float8 import eligible_dims
+from triaxis.plan.float8 import converted, converted_block_params, fp8_gemm_s, uses_fp8_all_gather
 from triaxis.plan.hardware import Hardware
 from triaxis.plan.memory import (
     checkpoint_bytes_per_token,
@@ -113,20 +115,30 @@ def block_time(
     tp: int,
     elem: int,
     keys: int = 0,
+    float8: str = "off",
+    float8_min_dim: int = 1024,
 ) -> BlockTime:
     """`keys`: keys per query under document masking (0 = seq): a flash kernel skips the blocks
-    outside the documents; the dense path still computes the whole seq x seq."""
+    outside the documents; the dense path still computes the whole seq x seq. `float8`: the
+    recipe of train.float8 (triaxis.plan.float8 prices the converted projections)."""
     t_tokens = micro_batch * seq
     h, kv, f = shape.dim, shape.kv_dim, shape.ffn_dim
+
+    def proj(n_in: int, n_out: int, colwise: bool) -> float:
+        """One projection's forward GEMM on this rank; float8 if the trainer converts it."""
+        n, k = (n_out / tp, n_in) if colwise else (n_out, n_in / tp)
+        if float8 != "off" and eligible_dims(n_in, n_out, float8_min_dim):
+            return fp8_gemm_s(hw, t_tokens, n, k, elem, float8)
+        return gemm_s(hw, t_tokens, n, k, elem)
+
     # Projections; backward runs two GEMMs of the same size per forward GEMM (data + weight).
     if rt.fused_qkv:
-        gemms = [(h + 2 * kv) / tp]
+        fwd = proj(h, h + 2 * kv, True)
     else:
-        gemms = [h / tp, kv / tp, kv / tp]
-    fwd = sum(gemm_s(hw, t_tokens, n, h, elem) for n in gemms)
-    fwd += gemm_s(hw, t_tokens, h, h / tp, elem)  # output projection (row-wise)
-    fwd += (shape.mlp_matrices - 1) * gemm_s(hw, t_tokens, f / tp, h, elem)
-    fwd += gemm_s(hw, t_tokens, h, f / tp, elem)
+        fwd = proj(h, h, True) + 2 * proj(h, kv, True)
+    fwd += proj(h, h, False)  # output projection (row-wise)
+    fwd += (shape.mlp_matrices - 1) * proj(h, f, True)
+    fwd += proj(f, h, False)
     bwd = 2 * fwd
     # Attention core: scores and weighted values, 4·b·s²·h/tp FLOPs forward.
     heads = shape.n_heads / tp
@@ -284,7 +296,10 @@ def _exposed(n_blocks: int, comm: float, compute: float, tail: float) -> float:
 def _compute(p: Problem, tp: int, mb: int) -> tuple[float, float, float, float]:
     """(block forward, block backward, head forward + backward, block cheap ops forward)
     seconds per micro-batch."""
-    bt = block_time(p.shape, p.runtime, p.hw, mb, p.seq_len, tp, p.elem, p.attn_keys)
+    bt = block_time(
+        p.shape, p.runtime, p.hw, mb, p.seq_len, tp, p.elem, p.attn_keys,
+        p.float8, p.float8_min_dim,
+    )  # fmt: skip
     ht = head_time(p.shape, p.hw, mb, p.seq_len, tp, p.elem)
     return bt.fwd_s, bt.bwd_s, ht.fwd_s + ht.bwd_s, bt.cheap_fwd_s
 
@@ -298,7 +313,10 @@ def _fsdp_collectives(
     if not rt.fsdp or ds == 1:
         return 0.0, 0.0, 0.0, 0.0
     link = axis_link(p.hw, ds, tp)
-    blk = s.block_params() / tp
+    blk = rt.gather_bytes * s.block_params() / tp
+    if uses_fp8_all_gather(p.float8, p.hw, rt.fsdp, ds):
+        # The converted weights travel as float8: 1 byte instead of gather_bytes.
+        blk -= (rt.gather_bytes - 1) * converted_block_params(s, p.float8_min_dim) / tp
     root = (s.embedding_params() + s.head_params()) / tp
     if hierarchical:
         two = lambda nbytes: hierarchical_gather_s(p.hw, ds, tp, nbytes)  # noqa: E731
@@ -306,8 +324,8 @@ def _fsdp_collectives(
     else:
         ag, rs = partial(all_gather_s, link), partial(reduce_scatter_s, link)
     return (
-        ag(rt.gather_bytes * blk),
-        rs(rt.grad_reduce_bytes * blk),
+        ag(blk),
+        rs(rt.grad_reduce_bytes * s.block_params() / tp),
         ag(rt.gather_bytes * root),
         rs(rt.grad_reduce_bytes * root),
     )
@@ -371,6 +389,11 @@ def time_of(p: Problem, layout: Layout, num_micro: int) -> TimeBreakdown:
             fsdp_step = chunks * (
                 _exposed(n, ag, fwd_blk, ag) + _exposed(n, rs, bwd_compute, rs)
             ) + (2 * ag_root + rs_root)
+    if uses_fp8_all_gather(p.float8, hw, p.runtime.fsdp, ds):
+        # torchao's precompute after the optimizer step: one amax all-reduce of all the
+        # stage's converted weights (an fp32 scalar each).
+        weights = blocks * len(converted(s, p.float8_min_dim))
+        fsdp_step += all_reduce_s(axis_link(hw, ds, tp), 4 * weights)
     offload_mb = 0.0
     if layout.cpu_offload:
         # Sharded fp32 parameters copied in before each gather, gradients copied out after.
