@@ -1,0 +1,100 @@
+"""Expert parallelism (parallel.ep) trains the MoE model as one process does: losses, parameters
+and the router's balancing state (the same tokens reach the same experts), 5 steps."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.dist import run_workers
+from tests.parity import assert_same_run, train_collect
+
+MOE = {"model__preset": "tiny-moe", "model__moe_bias_update_rate": "1e-3"}
+
+# (world, degrees, single-process extras): ep carved out of dp_shard.
+LAYOUTS = {
+    "ep2": (2, {"parallel__dp_shard": 2, "parallel__ep": 2}),
+    "ep2_capacity": (
+        2,
+        {"parallel__dp_shard": 2, "parallel__ep": 2, "model__moe_capacity_factor": "1.0"},
+    ),
+    "ep2_shard4": (4, {"parallel__dp_shard": 4, "parallel__ep": 2}),
+    "ep2_replicate2": (
+        4,
+        {"parallel__dp_replicate": 2, "parallel__dp_shard": 2, "parallel__ep": 2},
+    ),
+}
+
+_refs: dict = {}
+
+
+def _reference(data, tmp_path_factory, micro: int, extra: dict) -> dict:
+    key = (micro, tuple(sorted(extra.items())))
+    if key not in _refs:
+        run_dir = str(tmp_path_factory.mktemp("ref"))
+        _refs[key] = train_collect(0, 1, data, run_dir, {"train__micro_batch": micro, **extra})
+    return _refs[key]
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        name
+        if world == 2 and "capacity" not in name
+        else pytest.param(name, marks=pytest.mark.slow)
+        for name, (world, _) in LAYOUTS.items()
+    ],
+)
+def test_expert_parallel_matches_single_process(layout, byte_data, tmp_path, tmp_path_factory):
+    world, degrees = LAYOUTS[layout]
+    model = {k: v for k, v in degrees.items() if k.startswith("model__")}
+    micro = 8 // (world * 2)  # two micro-batches per step: gradient accumulation too
+    got = run_workers(
+        train_collect,
+        world,
+        byte_data,
+        str(tmp_path),
+        {**MOE, **degrees, "train__micro_batch": micro},
+    )
+    ref = _reference(byte_data, tmp_path_factory, micro, {**MOE, **model})
+    bias = [k for k in ref["params"] if k.endswith("expert_bias")]
+    assert bias and any(float(ref["params"][k].abs().sum()) > 0 for k in bias)
+    # Parameters and the routing bias (its moves are signs of the summed per-expert counts).
+    assert_same_run(got[0], ref)
+    for k in bias:
+        assert (got[0]["params"][k] == ref["params"][k]).all(), k
+
+
+@pytest.mark.parametrize(
+    "overrides, world, words",
+    [
+        (["--parallel.ep=2"], 2, "parallel.ep=2 on a dense model (model.n_experts=0)"),
+        (
+            ["--model.preset=tiny-moe", "--parallel.ep=3", "--parallel.dp_shard=3"],
+            3,
+            "parallel.ep=3 does not divide model.n_experts=4",
+        ),
+        (
+            ["--model.preset=tiny-moe", "--parallel.ep=4", "--parallel.dp_shard=2"],
+            2,
+            "parallel.ep=4 does not divide parallel.dp_shard=2",
+        ),
+        (
+            ["--model.preset=tiny-moe", "--parallel.ep=2", "--parallel.cp=2"],
+            4,
+            "parallel.ep=2 with parallel.cp=2 is not supported yet",
+        ),
+    ],
+)
+def test_bad_ep_is_one_line_before_any_process_group(overrides, world, words):
+    import torch.distributed as dist
+
+    from triaxis.config import load_config
+    from triaxis.errors import UserError
+    from triaxis.model import build_model_args
+    from triaxis.parallel.rules import check_layout
+
+    cfg = load_config(None, overrides)
+    with pytest.raises(UserError) as err:
+        check_layout(cfg, world, build_model_args(cfg.model))
+    assert words in str(err.value) and "\n" not in str(err.value)
+    assert not dist.is_initialized()
