@@ -98,3 +98,64 @@ def test_bad_ep_is_one_line_before_any_process_group(overrides, world, words):
         check_layout(cfg, world, build_model_args(cfg.model))
     assert words in str(err.value) and "\n" not in str(err.value)
     assert not dist.is_initialized()
+
+
+def _count_collectives(rank, world, data, run_dir, overrides):
+    """One optimizer step's collectives, by op and by the mesh axis of their group."""
+    import torch.distributed as dist
+
+    from tests.parity import make_config
+    from triaxis.parallel.compat import reduce_scatter_name
+    from triaxis.train.distributed import init_distributed
+    from triaxis.train.loop import Trainer
+
+    trainer = Trainer(make_config(data, run_dir, **overrides), init_distributed("cpu"))
+    expert_mesh = trainer.dims.build_expert_mesh("cpu")  # same coordinates, new groups
+    axes = {tuple(dist.get_process_group_ranks(trainer.mesh["dp_shard"].get_group())): "dp_shard"}
+    for name in ("edp", "ep"):
+        axes[tuple(dist.get_process_group_ranks(expert_mesh[name].get_group()))] = name
+    counts: dict[tuple[str, str], int] = {}
+    attrs = {"reduce_scatter": reduce_scatter_name(), "all_to_all_single": "all_to_all_single"}
+    originals = {op: getattr(dist, attr) for op, attr in attrs.items()}
+
+    def counting(op):
+        def wrapper(*args, group=None, **kwargs):
+            key = (op, axes.get(tuple(dist.get_process_group_ranks(group)), "other"))
+            counts[key] = counts.get(key, 0) + 1
+            return originals[op](*args, group=group, **kwargs)
+
+        return wrapper
+
+    for op, attr in attrs.items():
+        setattr(dist, attr, counting(op))
+    try:
+        trainer.train_step(cursor=0)
+    finally:
+        for op, attr in attrs.items():
+            setattr(dist, attr, originals[op])
+    return counts
+
+
+@pytest.mark.slow
+def test_expert_gradients_reduce_over_edp_and_tokens_move_over_ep(byte_data, tmp_path):
+    """dp_shard=4, ep=2: ranks {0,1} and {2,3} split the experts, {0,2} and {1,3} hold the same
+    ones. Expert gradients are reduce-scattered over edp only (3 MoE blocks), the rest over
+    dp_shard (4 blocks + the root); all-to-alls stay inside the ep group: per MoE block and
+    micro-batch, counts + rows + rows back forward, and two of rows backward."""
+    out = run_workers(
+        _count_collectives,
+        4,
+        byte_data,
+        str(tmp_path),
+        {**MOE, "parallel__dp_shard": 4, "parallel__ep": 2, "train__micro_batch": 1},
+    )
+    micro, moe_blocks = 2, 3  # global batch 8 over 4 ranks, micro-batch 1
+    for counts in out:
+        assert counts[("reduce_scatter", "edp")] == micro * moe_blocks, counts
+        assert counts[("reduce_scatter", "dp_shard")] == micro * (4 + 1), counts
+        assert counts[("all_to_all_single", "ep")] == micro * moe_blocks * 5, counts
+        assert set(counts) == {
+            ("reduce_scatter", "edp"),
+            ("reduce_scatter", "dp_shard"),
+            ("all_to_all_single", "ep"),
+        }, counts

@@ -96,8 +96,6 @@ def ep_dispatch_compute_combine(moe, group, ep: int, flat, chosen, weights, coun
     local_expert = torch.arange(n_local, device=flat.device).repeat(ep)
     perm = torch.argsort(local_expert.repeat_interleave(received.flatten()), stable=True)
     ends = received.sum(0).cumsum(0).to(torch.int32)
-    ex = moe.experts
-    w1, w3, w2 = (_ScaleGrad.apply(_local(p), 1.0 / ep) for p in (ex.w1, ex.w3, ex.w2))
     # Through the module's call: FSDP's hooks gather the edp shards of this rank's experts.
     y = moe.experts(x[perm], ends)
     y = torch.zeros_like(y).index_copy(0, perm, y)
