@@ -68,13 +68,13 @@ def clip_grad_norm(
     import torch.distributed as dist
 
     grads = [p.grad for p in params if p.grad is not None]
-    meshes = {id(m): m for g in grads if (m := getattr(g, "device_mesh", None)) is not None}
+    meshes = {id(getattr(g, "device_mesh", None)): None for g in grads}
     if host_grads_to is None and len(meshes) > 1:
         # Expert parallelism: the experts' gradients live on the expert mesh, the rest on the
-        # world mesh; each set's norm is reduced over its own mesh, then the two combine.
-        sets = [[g for g in grads if getattr(g, "device_mesh", None) is m] for m in meshes.values()]
-        sets.append([g for g in grads if not hasattr(g, "device_mesh")])
-        norms = [torch.nn.utils.get_total_norm(s, norm_type=2.0) for s in sets if s]
+        # world mesh (and, with tp, the MoE blocks' are plain tensors); each set's norm is
+        # reduced over its own mesh, then they combine.
+        sets = [[g for g in grads if id(getattr(g, "device_mesh", None)) == m] for m in meshes]
+        norms = [torch.nn.utils.get_total_norm(s, norm_type=2.0) for s in sets]
         norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
         norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
     elif host_grads_to is None:
