@@ -17,6 +17,10 @@ LAYOUTS = {
         2,
         {"parallel__dp_shard": 2, "parallel__ep": 2, "model__moe_capacity_factor": "1.0"},
     ),
+    "ep2_full_ac": (
+        2,
+        {"parallel__dp_shard": 2, "parallel__ep": 2, "parallel__activation_checkpoint": "full"},
+    ),
     "ep2_shard4": (4, {"parallel__dp_shard": 4, "parallel__ep": 2}),
     "ep2_replicate2": (
         4,
