@@ -51,6 +51,11 @@ SITES = {
     ("train/loop.py", "Trainer.reduce_over_dp"): ["all_reduce"],  # device losses
     ("train/optim.py", "clip_grad_norm"): ["all_reduce"],  # the norm, on the device
     ("model/moe.py", "update_expert_bias"): ["all_reduce"],  # expert counts: model buffers
+    # expert parallelism: routed rows and their gradients, and the per-expert counts that
+    # size them, all made on the device (the splits reach the host after the exchange)
+    ("parallel/expert.py", "_AllToAll.forward"): ["all_to_all_single"],
+    ("parallel/expert.py", "_AllToAll.backward"): ["all_to_all_single"],
+    ("parallel/expert.py", "ep_dispatch_compute_combine"): ["all_to_all_single"],
     ("parallel/ring_attention.py", "gather_doc_ids"): ["all_gather"],  # the batch's device ids
     ("parallel/ring_attention.py", "_Ring.__init__"): ["isend", "irecv"],  # device K/V blocks
     ("parallel/pipeline.py", "Pipeline.step"): ["all_reduce"],  # device losses

@@ -44,6 +44,14 @@ LAYOUTS = {
         "checkpoint__interval": 1,
         "checkpoint__save_final": "true",
     },
+    "expert_parallel": {
+        "model__preset": "tiny-moe",
+        "model__moe_bias_update_rate": "1e-3",
+        "parallel__dp_shard": 2,
+        "parallel__ep": 2,
+        "checkpoint__interval": 1,
+        "checkpoint__save_final": "true",
+    },
     "mixture_validation": {
         "parallel__dp_shard": 2,
         "train__val_every": 2,

@@ -225,6 +225,9 @@ class ParallelConfig:
     cp: int = ranged(1, ge=1)
     """Context-parallel degree: ranks that split every sequence (head-tail chunks, ring
     attention); data.seq_len must be a multiple of 2 x cp. FSDP shards over dp_shard x cp."""
+    ep: int = ranged(1, ge=1)
+    """Expert-parallel degree: each MoE block's experts split over ep consecutive dp_shard ranks,
+    tokens sent to them by all-to-all; must divide dp_shard and model.n_experts (1 = off)."""
     pp_schedule: Literal[
         "gpipe", "1f1b", "interleaved-1f1b", "looped-bfs", "interleaved-zb", "zbv", "dualpipev"
     ] = "1f1b"

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from triaxis.errors import UserError
 
 AXES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+EXPERT_AXES = ("pp", "dp_replicate", "edp", "ep", "cp", "tp")
+"""build_expert_mesh's axes: dp_shard = edp x ep (expert parallelism, triaxis.parallel.expert)."""
 
 
 def _divisors(n: int) -> list[int]:
@@ -39,9 +41,12 @@ class ParallelDims:
     """Wrap with FSDP even with nothing to shard (dp = 1): to measure the wrapper's own cost."""
     cp: int = 1
     """Context-parallel degree: ranks that split every sequence (triaxis.parallel.context)."""
+    ep: int = 1
+    """Expert-parallel degree: the innermost ep ranks of dp_shard split each MoE block's experts
+    (triaxis.parallel.expert); not a factor of the world size of its own."""
 
     def __post_init__(self) -> None:
-        for name in ("dp_replicate", "tp", "pp", "cp"):
+        for name in ("dp_replicate", "tp", "pp", "cp", "ep"):
             value = getattr(self, name)
             if value < 1:
                 raise UserError(f"parallel.{name}={value} must be >= 1 (1 disables it)")
@@ -73,6 +78,17 @@ class ParallelDims:
                 f"{self.dp_replicate} x {self.dp_shard} x {self.cp} x {self.tp} = {product} "
                 f"but the world "
                 f"size is {self.world_size}; {hint} or launch {product} processes"
+            )
+        if self.ep > 1 and self.dp_shard % self.ep:
+            ok = [d for d in _divisors(self.dp_shard) if d > 1] or "1 (more dp_shard ranks)"
+            raise UserError(
+                f"parallel.ep={self.ep} does not divide parallel.dp_shard={self.dp_shard} (the "
+                f"experts are split over ep of the dp_shard ranks); choose ep in {ok}"
+            )
+        if self.ep > 1 and self.cp > 1:
+            raise UserError(
+                f"parallel.ep={self.ep} with parallel.cp={self.cp} is not supported yet; "
+                "set --parallel.cp=1 or --parallel.ep=1"
             )
 
     # -- sizes -------------------------------------------------------------------------------
@@ -146,6 +162,16 @@ class ParallelDims:
             mesh["dp_shard", "cp"]._flatten("dp_shard_cp")  # FSDP's partition group
             return mesh, mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp")
         return mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")
+
+    def build_expert_mesh(self, device_type: str):
+        """The mesh of expert parallelism: dp_shard split into (edp, ep), ep innermost, so an ep
+        group is ep consecutive dp_shard ranks (one node's fast links carry the all-to-all)
+        and edp the ranks holding the same experts. Axes pp x dp_replicate x edp x ep x cp x
+        tp; a rank's coordinates agree with build_mesh's. Collective: every rank calls it."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        shape = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.cp, self.tp)
+        return init_device_mesh(device_type, shape, mesh_dim_names=EXPERT_AXES)
 
     def describe(self) -> str:
         return " x ".join(f"{a}={s}" for a, s in zip(AXES, self.shape))

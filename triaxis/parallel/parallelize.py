@@ -5,6 +5,10 @@
                                      (float8.py);
 1. tensor (+ sequence) parallel   -- must see plain nn.Linear/RMSNorm modules to swap their
                                      weights for DTensors sharded on the `tp` axis;
+1a. expert parallelism (expert.py) -- the MoE experts become DTensors sharded over `ep` and the
+                                     blocks dispatch by all-to-all; before checkpointing (its
+                                     recompute replays the all-to-all) and before FSDP, which
+                                     then shards each rank's experts over `edp` only;
 1b. LoRA adapters (lora.py)       -- after TP, to copy the placement TP gave each base weight
                                      (and leave TP's plan, which names plain Linears, as is);
                                      before checkpointing, compile and FSDP, so the adapters are
@@ -59,6 +63,12 @@ def parallelize(
         )
     if dims.tp > 1:
         apply_tp(model, mesh["tp"], loss_parallel=pcfg.loss_parallel)
+    expert_mesh = None
+    if dims.ep > 1:
+        from triaxis.parallel.expert import apply_ep
+
+        expert_mesh = dims.build_expert_mesh(device.type)
+        apply_ep(model, expert_mesh["ep"])
     if lora is not None and lora.enabled:
         from triaxis.parallel.lora import apply_lora
 
@@ -82,7 +92,7 @@ def parallelize(
     if tcfg.compile and not compile_inside:
         compile_blocks(model, tcfg.compile_backend)
     if dims.fsdp_enabled:
-        apply_fsdp(model, mesh, dims, pcfg, device, mp_dtype)
+        apply_fsdp(model, mesh, dims, pcfg, device, mp_dtype, expert_mesh)
     elif pcfg.hierarchical == "on":
         from triaxis.parallel.hierarchical import refuse_without_shards
 
@@ -172,6 +182,7 @@ def apply_fsdp(
     pcfg: ParallelConfig,
     device: torch.device,
     mp_dtype: torch.dtype | None,
+    expert_mesh=None,
 ) -> None:
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -191,6 +202,13 @@ def apply_fsdp(
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again at once by backward: keep them gathered.
         reshard = pcfg.reshard_after_forward and i < len(blocks) - 1
+        if expert_mesh is not None and hasattr(block.feed_forward, "experts"):
+            # Each rank's experts (already split over ep) are shared by the edp ranks only:
+            # sharded and gradient-averaged there, before the block takes the rest.
+            from triaxis.parallel.expert import expert_fsdp_mesh
+
+            experts_kwargs = {**kwargs, "mesh": expert_fsdp_mesh(expert_mesh, dims)}
+            fully_shard(block.feed_forward.experts, reshard_after_forward=reshard, **experts_kwargs)
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     # Root: embedding, final norm and head (tied weights included) form one more group.
     fully_shard(model, reshard_after_forward=pcfg.reshard_after_forward, **kwargs)

@@ -20,7 +20,18 @@ def check_layout(cfg: Config, world: int, model_args: ModelArgs) -> ParallelDims
     """Raise UserError (one line: the value, the rule, the fix) unless cfg's layout runs on
     `world` ranks with this model; return its degrees."""
     p = cfg.parallel
-    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world, p.fsdp_always, p.cp)
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.tp, p.pp, world, p.fsdp_always, p.cp, p.ep)
+    if dims.ep > 1 and not model_args.n_experts:
+        raise UserError(
+            f"parallel.ep={dims.ep} on a dense model (model.n_experts=0): expert parallelism "
+            "splits a mixture of experts; set --parallel.ep=1 or pick an MoE model"
+        )
+    if dims.ep > 1 and model_args.n_experts % dims.ep:
+        ok = [d for d in range(1, model_args.n_experts + 1) if model_args.n_experts % d == 0]
+        raise UserError(
+            f"parallel.ep={dims.ep} does not divide model.n_experts={model_args.n_experts} "
+            f"(each ep rank holds whole experts); choose ep in {ok}"
+        )
     validate(cfg, model_args, dims)
     if model_args.n_experts and (dims.tp > 1 or dims.pp > 1):
         raise UserError(

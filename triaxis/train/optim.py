@@ -68,7 +68,16 @@ def clip_grad_norm(
     import torch.distributed as dist
 
     grads = [p.grad for p in params if p.grad is not None]
-    if host_grads_to is None:
+    meshes = {id(getattr(g, "device_mesh", None)): None for g in grads}
+    if host_grads_to is None and len(meshes) > 1:
+        # Expert parallelism: the experts' gradients live on the expert mesh, the rest on the
+        # world mesh (and, with tp, the MoE blocks' are plain tensors); each set's norm is
+        # reduced over its own mesh, then they combine.
+        sets = [[g for g in grads if id(getattr(g, "device_mesh", None)) == m] for m in meshes]
+        norms = [torch.nn.utils.get_total_norm(s, norm_type=2.0) for s in sets]
+        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+        norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    elif host_grads_to is None:
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     else:
         # Each host gradient's norm is taken where it is (no copy of the gradients); the norms
@@ -88,7 +97,10 @@ def clip_grad_norm(
         # TP's sequence-parallel norm weights would go unclipped. Those few are scaled one by one.
         partial = [p for p in params if _is_partial(p.grad)]
         rest = [p for p in params if not _is_partial(p.grad)]
-        torch.nn.utils.clip_grads_with_norm_(rest, max_norm, norm)
+        # One foreach per mesh: it cannot mix DTensors of two meshes (expert parallelism).
+        for m in {id(getattr(p.grad, "device_mesh", None)) for p in rest}:
+            same = [p for p in rest if id(getattr(p.grad, "device_mesh", None)) == m]
+            torch.nn.utils.clip_grads_with_norm_(same, max_norm, norm)
         torch.nn.utils.clip_grads_with_norm_(partial, max_norm, norm, foreach=False)
     return norm
 
