@@ -45,6 +45,7 @@ COLLECTIVES = {
 SITES = {
     # host values: only through the helper, over a gloo host group
     ("parallel/host.py", "host_all_reduce"): ["all_reduce"],
+    ("parallel/host.py", "host_all_gather"): ["all_gather"],
     ("parallel/host.py", "host_all_gather_object"): ["all_gather_object"],
     # device tensors on device groups
     ("train/loop.py", "Trainer._masked_scale"): ["all_reduce"],  # counts of device targets

@@ -101,7 +101,10 @@ def test_choose(per_rank, durable, want):
 
 def _agree_worker(rank, world):
     local = [[30, 20, 10], [20, 10]][rank]
-    return memory_tier.agree(local, durable_step=[10, 10][rank], keep=3)
+    from triaxis.parallel.host import new_host_group
+
+    group = new_host_group("memory-tier")
+    return memory_tier.agree(local, durable_step=[10, 10][rank], keep=3, group=group)
 
 
 def test_agree_every_rank_same_choice():

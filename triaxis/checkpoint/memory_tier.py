@@ -35,23 +35,24 @@ def choose(memory_steps_per_rank: list[list[int]], durable_step: int | None) -> 
     return Choice("none", _NONE)
 
 
-def agree(local_steps: list[int], durable_step: int | None, keep: int, group=None) -> Choice:
-    """choose() over every rank's memory steps, gathered on `group` (a gloo group: host
-    values never go through NCCL). Every rank must pass the same `keep`."""
+def agree(local_steps: list[int], durable_step: int | None, keep: int, group) -> Choice:
+    """choose() over every rank's memory steps, gathered on the host `group`
+    (parallel.host.new_host_group: host values never go through NCCL). Every rank must pass
+    the same `keep`."""
     import torch
     import torch.distributed as dist
+
+    from triaxis.parallel.host import host_all_gather, host_all_reduce
 
     newest = sorted(local_steps, reverse=True)[:keep]
     mine = torch.full((keep,), _NONE, dtype=torch.int64)
     if newest:
         mine[: len(newest)] = torch.tensor(newest, dtype=torch.int64)
-    world = dist.get_world_size(group)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=group)
+    gathered = host_all_gather(mine, group)
     # The durable step is the one every rank can see; a rank that sees none (or an older one)
     # wins, so no rank is asked to load what it cannot find.
     durable = torch.tensor([_NONE if durable_step is None else durable_step], dtype=torch.int64)
-    dist.all_reduce(durable, op=dist.ReduceOp.MIN, group=group)
+    host_all_reduce(durable, group, op=dist.ReduceOp.MIN)
     d = int(durable.item())
     return choose([t.tolist() for t in gathered], None if d == _NONE else d)
 

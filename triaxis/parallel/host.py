@@ -52,6 +52,16 @@ def host_all_reduce(t: torch.Tensor, group, op=dist.ReduceOp.SUM, async_op: bool
     return dist.all_reduce(t, op=op, group=group, async_op=async_op)
 
 
+def host_all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every rank's host tensor `t` (the same shape and dtype on all), over the host `group`:
+    numbers without a pickle."""
+    assert t.device.type == "cpu", f"a host collective got a {t.device} tensor"
+    _check_group(group)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, t, group=group)
+    return out
+
+
 def host_all_gather_object(obj, group, world_size: int) -> list:
     """Every rank's `obj` (picklable), over the host `group` (never the device group: its
     pickles would go to the device and back)."""
