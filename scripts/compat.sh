@@ -25,7 +25,7 @@ if not key(lo) <= key(sys.argv[1]) < key(hi):
              "(pyproject.toml); choose a version in that range")
 EOF
 venv=".venv-torch-$version"
-check="import sys, torch, triaxis, xxhash, pytest, boto3, moto, transformers, pyarrow, importlinter, peft, torchao, mlflow, wandb
+check="import sys, torch, triaxis, xxhash, pytest, boto3, moto, transformers, pyarrow, importlinter, peft, torchao
 sys.exit(torch.__version__.split('+')[0] != '$version')"
 if [ ! -x "$venv/bin/python" ]; then
   "$PY" -m venv "$venv"

@@ -200,12 +200,11 @@ class TrainConfig:
     """Watchdog: a rank with no finished loop iteration for this long dumps its Python stacks
     and the job stops, naming the stuck rank(s) (0 = off). Above the slowest step, validation
     or blocking checkpoint save."""
-    dist_timeout_s: float = ranged(3600.0, gt=0)
+    dist_timeout_s: float = ranged(600.0, gt=0)
     """Seconds a rank waits for its peers to join the process group (the store, the group's
-    connections, every later group), and every collective's timeout (gloo's, NCCL's). Generous:
-    ranks of a job start seconds to minutes apart on a loaded machine or a slow file system; a
-    peer that dies is noticed sooner (its connections close), a stuck one by hang_timeout_s,
-    which must be below this so the watchdog names it (and writes its dumps) first."""
+    connections, every later group), and gloo's collective timeout. Generous: ranks of a job
+    start seconds to minutes apart on a loaded machine or a slow file system; a peer that dies
+    is noticed sooner (its connections close), a stuck one by hang_timeout_s."""
 
 
 @dataclass
@@ -311,22 +310,6 @@ class MetricsConfig:
     """Write TensorBoard event files into RUN_DIR/tb."""
     progress: bool = True
     """Show a live progress bar on a terminal."""
-    mlflow: str = ""
-    """MLflow tracking URI to mirror metrics.jsonl to ("" = off): a `file:` store, an
-    http(s):// tracking server, or a SageMaker managed MLflow ARN (with the sagemaker-mlflow
-    plugin installed). Needs pip install 'triaxis[mlflow]' (docs/metrics.md#trackers)."""
-    mlflow_experiment: str = "triaxis"
-    """The MLflow experiment the run's tracker run goes into (created when missing)."""
-    wandb: str = ""
-    """Weights & Biases project to mirror metrics.jsonl to ("" = off). Needs pip install
-    'triaxis[wandb]'."""
-    wandb_entity: str = ""
-    """W&B entity: the user or team that owns the project ("" = your default)."""
-    wandb_mode: Literal["online", "offline"] = "online"
-    """offline: W&B writes its run files under RUN_DIR/wandb only (`wandb sync` uploads them)."""
-    tracker_flush_s: float = ranged(60.0, ge=0)
-    """At the end of a run, how long to wait for a tracker that is down to take the records it
-    has not had yet (they are all in metrics.jsonl either way)."""
 
 
 @dataclass

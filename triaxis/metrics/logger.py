@@ -124,9 +124,8 @@ class RankLogger:
 class MetricsWriter:
     """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl, mirrors to TensorBoard."""
 
-    def __init__(self, run_dir: str, is_main: bool, tensorboard: bool, trackers=None):
+    def __init__(self, run_dir: str, is_main: bool, tensorboard: bool):
         self.is_main = is_main
-        self.trackers = trackers  # trackers.Trackers: MLflow / W&B, fed after the file
         self.tb = None
         if not is_main:
             return
@@ -146,14 +145,10 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(k, v, step)
-        if self.trackers is not None:
-            self.trackers.write(record)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-        if self.trackers is not None:
-            self.trackers.close()
 
 
 class Progress:

@@ -29,7 +29,6 @@ from triaxis.metrics.logger import (
     peak_flops,
     reset_peak_memory,
 )
-from triaxis.metrics.trackers import open_trackers
 from triaxis.model import flops_per_token, param_counts
 from triaxis.model.attention import document_ids
 from triaxis.model.loss import IGNORE_INDEX
@@ -377,10 +376,7 @@ class Trainer:
         counts = param_counts(self.model_args)
         where = f"{self.dims.describe()} on {self.env.world_size} x {self.device.type}"
         log.info(describe_run(cfg, counts, where, self.grad_accum, self.loss_chunk))
-        trackers = open_trackers(cfg, log, self.env.is_main)  # MLflow / W&B, when asked for
-        metrics = MetricsWriter(
-            cfg.train.run_dir, self.env.is_main, cfg.metrics.tensorboard, trackers
-        )
+        metrics = MetricsWriter(cfg.train.run_dir, self.env.is_main, cfg.metrics.tensorboard)
         progress = Progress(log, cfg.train.steps, step, cfg.metrics.progress)
         result = TrainResult(run_dir=str(run_dir))
         cadence = Cadence.of(cfg, step, bool(self.val_sets))
