@@ -211,3 +211,20 @@ def test_wandb_offline_resume_continues_the_run_without_duplicates(tmp_path):
     loss = [(step, row["loss"]) for step, row in rows if "loss" in row]
     assert loss == [(s, 10.0 / s) for s in range(1, 9)]
     assert [(step, row["val_loss"]) for step, row in rows if "val_loss" in row] == [(5, 4.0)]
+
+
+def test_records_a_killed_run_never_sent_go_out_on_resume(tmp_path):
+    """The first process dies with steps 4..5 still queued: they are in metrics.jsonl only."""
+    uri = f"file:{tmp_path / 'mlruns'}"
+    cfg = Config()
+    cfg.metrics.mlflow = uri
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write(run_dir, cfg, records(range(1, 4)))
+    plain = MetricsWriter(str(run_dir), True, False)  # metrics.jsonl only, as if unsent
+    for r in records(range(4, 6)):
+        plain.write(r)
+    write(run_dir, cfg, records(range(5, 8)))  # resumed from a checkpoint at step 4
+    run_id = state(run_dir, "mlflow")["run_id"]
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    assert sorted(history(uri, run_id, "loss")) == [(s, 10.0 / s) for s in range(1, 8)]

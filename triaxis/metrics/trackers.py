@@ -162,10 +162,11 @@ class WandbBackend:
 class Tracker:
     """One backend behind a queue and a sending thread. `log` never blocks on the backend."""
 
-    def __init__(self, backend, flush_s: float, warn=None):
+    def __init__(self, backend, flush_s: float, warn=None, backlog=()):
         self.backend, self.flush_s = backend, flush_s
         self.warn = warn or (lambda msg: print(f"warning: {msg}", file=sys.stderr, flush=True))
-        self.queue: collections.deque = collections.deque()
+        now = int(time.time() * 1000)
+        self.queue: collections.deque = collections.deque((r, now) for r in backlog)
         self.cond = threading.Condition()
         self.closing = False
         self.failing = False
@@ -248,15 +249,35 @@ def open_trackers(cfg, run_dir: str, warn=None) -> list[Tracker]:
         raise UserError(problem)
     params = flat_params(cfg.to_dict())
     name = mc.tracker_run_name or Path(run_dir).resolve().name
+    logged = logged_records(run_dir)
     trackers = []
     if mc.mlflow:
         state = _State(run_dir, "mlflow")
         backend = MLflowBackend(mc.mlflow, mc.mlflow_experiment, name, params, state)
-        trackers.append(Tracker(backend, mc.tracker_flush_s, warn))
+        backlog = [r for r in logged if not state.has(r)]
+        trackers.append(Tracker(backend, mc.tracker_flush_s, warn, backlog))
     if mc.wandb:
         state = _State(run_dir, "wandb")
         backend = WandbBackend(
             mc.wandb, mc.wandb_entity, mc.wandb_mode, run_dir, name, params, state
         )
-        trackers.append(Tracker(backend, mc.tracker_flush_s, warn))
+        backlog = [r for r in logged if not state.has(r)]
+        trackers.append(Tracker(backend, mc.tracker_flush_s, warn, backlog))
     return trackers
+
+
+def logged_records(run_dir: str) -> list[dict]:
+    """What metrics.jsonl holds already: a killed process's queue died with it, so a resumed
+    run first sends the records its tracker never accepted (those after its last step)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # the half-written last line of a killed run
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            out.append(rec)
+    return out
