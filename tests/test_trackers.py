@@ -228,3 +228,29 @@ def test_records_a_killed_run_never_sent_go_out_on_resume(tmp_path):
     run_id = state(run_dir, "mlflow")["run_id"]
     os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
     assert sorted(history(uri, run_id, "loss")) == [(s, 10.0 / s) for s in range(1, 8)]
+
+
+@pytest.mark.slow
+def test_a_restarted_two_rank_job_continues_one_mlflow_run(byte_data, tmp_path):
+    """rank 1 SIGKILLs itself before step 6; the launcher restarts the job from the step-4
+    checkpoint. Rank 0 alone tracks; MLflow has every step once, as metrics.jsonl has them."""
+    from tests.helpers import losses, train_args, triaxis
+
+    uri = f"file:{tmp_path / 'mlruns'}"
+    run = tmp_path / "run"
+    args = ["launch", "--nproc-per-node", 2, "--max-restarts", 1]
+    extra = ["--train.steps=8", "--checkpoint.interval=2", f"--metrics.mlflow={uri}"]
+    env = {"TRIAXIS_FAULT_KILL": "1:6", "MLFLOW_ALLOW_FILE_STORE": "true"}
+    out = triaxis(*args, *train_args(byte_data, run, *extra), env=env, timeout=WAIT_S)
+    assert "resumed from" in out.stdout
+    run_id = state(run, "mlflow")["run_id"]
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(uri).get_experiment_by_name("triaxis")
+    assert len(MlflowClient(uri).search_runs([exp.experiment_id])) == 1
+    got = sorted(history(uri, run_id, "loss"))
+    assert [s for s, _ in got] == list(range(1, 9))
+    want = losses(run)
+    for step, value in got:
+        assert abs(value - want[step]) <= 1e-6 * abs(want[step]), step
