@@ -254,3 +254,18 @@ def test_a_restarted_two_rank_job_continues_one_mlflow_run(byte_data, tmp_path):
     want = losses(run)
     for step, value in got:
         assert abs(value - want[step]) <= 1e-6 * abs(want[step]), step
+
+
+def test_a_record_mlflow_refuses_is_dropped_with_a_warning_and_the_rest_go_on(tmp_path):
+    uri = f"file:{tmp_path / 'mlruns'}"
+    cfg = Config()
+    cfg.metrics.mlflow = uri
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    recs = records(range(1, 5))
+    recs[1]["bad!name"] = 1.0  # step 2: not a valid MLflow metric name
+    warnings: list[str] = []
+    write(run_dir, cfg, recs, warnings.append)
+    assert [m for m in warnings if "refused step 2" in m] and len(warnings) == 1, warnings
+    run_id = state(run_dir, "mlflow")["run_id"]
+    assert sorted(history(uri, run_id, "loss")) == [(s, 10.0 / s) for s in (1, 3, 4)]

@@ -29,6 +29,8 @@ from triaxis.errors import UserError
 _MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 MAX_PARAM_CHARS = 6000  # MLflow's limit on a param value
 RETRY_MAX_S = 30.0
+# MLflow's answers to a request it will never take (a bad name or value), unlike an outage.
+REFUSED = ("INVALID_PARAMETER_VALUE", "BAD_REQUEST", "RESOURCE_DOES_NOT_EXIST")
 
 
 def flat_params(config: dict) -> dict[str, str]:
@@ -170,12 +172,15 @@ class Tracker:
         self.cond = threading.Condition()
         self.closing = False
         self.failing = False
+        self.dead = False  # the tracker refused the run itself
         self.thread = threading.Thread(target=self._run, name=f"tracker-{backend.name}")
         self.thread.daemon = True  # a tracker never keeps a finished job alive
         self.thread.start()
 
     def log(self, record: dict) -> None:
         with self.cond:
+            if self.dead:
+                return
             self.queue.append((record, int(time.time() * 1000)))
             self.cond.notify()
 
@@ -184,6 +189,8 @@ class Tracker:
         try:
             what()
         except Exception as e:  # a tracker's outage is never the run's failure
+            if getattr(e, "error_code", None) in REFUSED:
+                raise  # the tracker answered no: retrying the same request cannot help
             if not self.failing:
                 self.failing = True
                 self.warn(
@@ -200,10 +207,17 @@ class Tracker:
 
     def _run(self) -> None:
         attempt = 0
-        while not self._retry(self.backend.open, attempt):
-            attempt += 1
-            if self._gave_up():
-                return
+        try:
+            while not self._retry(self.backend.open, attempt):
+                attempt += 1
+                if self._gave_up():
+                    return
+        except Exception as e:
+            self.warn(f"{self.backend.name} tracker refused the run ({e}); not tracking it")
+            with self.cond:
+                self.dead = True
+                self.queue.clear()
+            return
         attempt = 0
         while True:
             with self.cond:
@@ -215,7 +229,12 @@ class Tracker:
             if self.backend.state.has(record):  # a resumed run redoes steps the tracker has
                 self.queue.popleft()
                 continue
-            if self._retry(lambda: self.backend.log(record, wall_ms), attempt):
+            try:
+                sent = self._retry(lambda: self.backend.log(record, wall_ms), attempt)
+            except Exception as e:
+                self.warn(f"{self.backend.name} tracker refused step {record['step']}: {e}")
+                sent = True  # dropped there; metrics.jsonl has it
+            if sent:
                 self.queue.popleft()
                 self.backend.state.accepted(record)
                 attempt = 0
