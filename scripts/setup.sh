@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extra="" check="import triaxis, torch, tokenizers, safetensors, rich, s3fs, xxhash"
 if [ "${1:-}" = "test" ]; then
-  extra="[test]" check="$check, pytest, boto3, moto, transformers, pyarrow, importlinter, torchao"
+  extra="[test]" check="$check, pytest, boto3, moto, transformers, pyarrow, importlinter, torchao, mlflow, flask_cors, alembic, pandas, wandb"
 fi
 # ruff is a binary, not a module: a test venv without it installs the extra too.
 if ! .venv/bin/python -c "$check" 2>/dev/null || { [ -n "$extra" ] && [ ! -x .venv/bin/ruff ]; }; then

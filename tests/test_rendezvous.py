@@ -57,7 +57,12 @@ def test_a_rank_whose_peer_never_comes_fails_in_one_line(byte_data, tmp_path):
         "TORCH_CPP_LOG_LEVEL": "ERROR",
     }
     proc = subprocess.run(
-        command("train", *train_args(byte_data, tmp_path / "run"), "--train.dist_timeout_s=3"),
+        command(
+            "train",
+            *train_args(byte_data, tmp_path / "run"),
+            "--train.dist_timeout_s=3",
+            "--train.hang_timeout_s=2",  # the watchdog stays below the collective timeout
+        ),
         env=env,
         capture_output=True,
         text=True,

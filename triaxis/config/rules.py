@@ -35,6 +35,15 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
                 "train.float8='rowwise' with train.dtype='fp32': row-scaled float8 GEMMs "
                 "produce bf16 only; set --train.dtype=bf16 (or auto) or --train.float8=tensorwise"
             )
+    if (problem := tracker_problem(cfg.metrics)) is not None:
+        raise UserError(problem)
+    if 0 < t.hang_timeout_s and t.hang_timeout_s >= t.dist_timeout_s:
+        # The watchdog's stacks and Flight Recorder dumps come only if it fires first.
+        raise UserError(
+            f"train.hang_timeout_s={t.hang_timeout_s:g} is not below train.dist_timeout_s="
+            f"{t.dist_timeout_s:g}: a stuck collective times out before the hang watchdog "
+            "dumps anything; lower --train.hang_timeout_s or raise --train.dist_timeout_s"
+        )
     if (problem := composition_problem(p, None if dims is None else dims.fsdp_enabled)) is not None:
         raise UserError(problem)
     if p.cp > 1 and d.seq_len % (2 * p.cp):
@@ -75,6 +84,28 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
 SPLIT_BACKWARD_SCHEDULES = ("interleaved-zb", "zbv", "dualpipev")
 """Pipeline schedules that run each stage's backward as two passes over one autograd graph:
 input gradients first (sent on at once), weight gradients later."""
+
+
+def tracker_problem(mc) -> str | None:
+    """The one-line error for a tracker the config asks for whose package is not installed."""
+    import importlib.util
+
+    if mc.mlflow and importlib.util.find_spec("mlflow") is None:
+        return (
+            f"metrics.mlflow={mc.mlflow!r} needs mlflow, which is not installed; "
+            "pip install 'triaxis[mlflow]' or set --metrics.mlflow=''"
+        )
+    if mc.mlflow.startswith("arn:") and importlib.util.find_spec("sagemaker_mlflow") is None:
+        return (
+            f"metrics.mlflow={mc.mlflow!r} is a SageMaker MLflow ARN, which needs the "
+            "sagemaker-mlflow plugin; pip install 'triaxis[mlflow]' sagemaker-mlflow"
+        )
+    if mc.wandb and importlib.util.find_spec("wandb") is None:
+        return (
+            f"metrics.wandb={mc.wandb!r} needs wandb, which is not installed; "
+            "pip install 'triaxis[wandb]' or set --metrics.wandb=''"
+        )
+    return None
 
 
 def composition_problem(p: ParallelConfig, fsdp: bool | None = None) -> str | None:

@@ -196,10 +196,11 @@ class TrainConfig:
     exit_after_steps: int = ranged(0, ge=0)
     """Save and exit after this many steps in this invocation (0 = run to train.steps): for
     time-sliced jobs that resume on the next launch."""
-    hang_timeout_s: float = 1800.0
+    hang_timeout_s: float = ranged(480.0, ge=0)
     """Watchdog: a rank with no finished loop iteration for this long dumps its Python stacks
     and the job stops, naming the stuck rank(s) (0 = off). Above the slowest step, validation
-    or blocking checkpoint save."""
+    or blocking checkpoint save; below train.dist_timeout_s (checked), so that it fires before
+    a stuck collective times out and the hang forensics get their dumps."""
     dist_timeout_s: float = ranged(600.0, gt=0)
     """Seconds a rank waits for its peers to join the process group (the store, the group's
     connections, every later group), and gloo's collective timeout. Generous: ranks of a job
@@ -310,6 +311,26 @@ class MetricsConfig:
     """Write TensorBoard event files into RUN_DIR/tb."""
     progress: bool = True
     """Show a live progress bar on a terminal."""
+    mlflow: str = ""
+    """MLflow tracking URI to mirror metrics.jsonl to ("" = off): "file:/path" (a local store),
+    "http://host:5000" (a tracking server) or a SageMaker MLflow tracking server ARN (needs the
+    sagemaker-mlflow plugin). Rank 0 only; pip install 'triaxis[mlflow]'."""
+    mlflow_experiment: str = "triaxis"
+    """MLflow experiment the run goes into (created when missing)."""
+    wandb: str = ""
+    """Weights & Biases project to mirror metrics.jsonl to ("" = off). Rank 0 only; pip
+    install 'triaxis[wandb]'."""
+    wandb_entity: str = ""
+    """W&B entity (user or team) owning the project ("" = the account's default)."""
+    wandb_mode: Literal["online", "offline"] = "online"
+    """offline: W&B writes its run files under RUN_DIR/wandb only (`wandb sync` uploads them
+    later), for nodes without network."""
+    tracker_run_name: str = ""
+    """The run's name in MLflow and W&B ("" = the run folder's name). A resumed run keeps the
+    tracker run it started with (RUN_DIR/tracker_*.json)."""
+    tracker_flush_s: float = ranged(30.0, ge=0)
+    """At the end of training, wait at most this long for an unreachable tracker to take the
+    records still queued (they are in metrics.jsonl either way)."""
 
 
 @dataclass

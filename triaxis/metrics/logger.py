@@ -14,6 +14,7 @@ from pathlib import Path
 from rich.console import Console
 
 from triaxis.hardware import peak_bf16_flops
+from triaxis.metrics.trackers import open_trackers
 
 
 def peak_flops(device) -> float | None:
@@ -122,14 +123,18 @@ class RankLogger:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl, mirrors to TensorBoard."""
+    """Appends one JSON object per logged step to RUN_DIR/metrics.jsonl, mirrors to TensorBoard
+    and to the trackers `cfg.metrics` asks for (MLflow, W&B: trackers.py)."""
 
-    def __init__(self, run_dir: str, is_main: bool, tensorboard: bool):
+    def __init__(self, run_dir: str, is_main: bool, tensorboard: bool, cfg=None, warn=None):
         self.is_main = is_main
         self.tb = None
+        self.trackers = []
         if not is_main:
             return
         self.path = Path(run_dir) / "metrics.jsonl"
+        if cfg is not None:
+            self.trackers = open_trackers(cfg, run_dir, warn)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -145,10 +150,14 @@ class MetricsWriter:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(k, v, step)
+        for tracker in self.trackers:  # queued: sent by a background thread
+            tracker.log(record)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 class Progress:

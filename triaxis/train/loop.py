@@ -376,7 +376,9 @@ class Trainer:
         counts = param_counts(self.model_args)
         where = f"{self.dims.describe()} on {self.env.world_size} x {self.device.type}"
         log.info(describe_run(cfg, counts, where, self.grad_accum, self.loss_chunk))
-        metrics = MetricsWriter(cfg.train.run_dir, self.env.is_main, cfg.metrics.tensorboard)
+        metrics = MetricsWriter(
+            cfg.train.run_dir, self.env.is_main, cfg.metrics.tensorboard, cfg, log.warn
+        )
         progress = Progress(log, cfg.train.steps, step, cfg.metrics.progress)
         result = TrainResult(run_dir=str(run_dir))
         cadence = Cadence.of(cfg, step, bool(self.val_sets))
