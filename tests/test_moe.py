@@ -325,7 +325,7 @@ def test_export_hf_of_an_moe_checkpoint_is_refused_in_one_line(byte_data, tmp_pa
     _train(byte_data, tmp_path / "run", 1, **{"checkpoint.save_final": "true"})
     with pytest.raises(UserError) as err:
         export_hf(str(tmp_path / "run" / "checkpoints"), str(tmp_path / "hf"))
-    assert "holds a mixture of experts (model.n_experts=4)" in str(err.value)
+    assert "cannot express model.n_shared_experts=1" in str(err.value)
     assert "\n" not in str(err.value) and not (tmp_path / "hf").exists()
 
 

@@ -10,6 +10,7 @@ import re
 
 import pytest
 
+from tests import helpers
 from tests.test_plan import _problem, catalog  # noqa: F401  (the fixture)
 from triaxis.errors import UserError
 from triaxis.plan.cli import main
@@ -310,3 +311,11 @@ def test_a_pipelined_fsdp_stage_keeps_its_blocks_gathered_and_reduces_once(catal
     kept = dataclasses.replace(piped, reshard_after_forward=False)
     once = time_of(p, kept, m).exposed_comm["dp_shard"]
     assert once > 0 and time_of(p, kept, 2 * m).exposed_comm["dp_shard"] == pytest.approx(once)
+
+
+def test_an_moe_model_is_refused_in_one_line_not_planned_as_dense(capsys):
+    """Before: `plan --model mixtral-8x7b` priced a dense 8B-like model (the experts dropped)."""
+    code = main(["--model", "mixtral-8x7b", "--gpus", "8", "--gpu", "h100"])
+    err = helpers.one_error_line(capsys.readouterr().err)
+    assert code == 2
+    assert "n_experts=8, top 2: 46.70B parameters in total, 12.75B active per token" in err

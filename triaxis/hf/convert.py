@@ -14,6 +14,7 @@ import re
 import torch
 
 from triaxis.errors import UserError
+from triaxis.hf import moe
 from triaxis.model.llama import ModelArgs
 
 # Per-block names: Hugging Face suffix after `model.layers.{i}.` -> triaxis suffix after
@@ -50,6 +51,9 @@ def hf_to_triaxis_name(name: str) -> str | None:
         return None
     if name in TOP_NAMES:
         return TOP_NAMES[name]
+    target = moe.hf_moe_target(name)
+    if target is not None:
+        return target[0]
     m = _HF_BLOCK.fullmatch(name)
     if m and m.group(2) in BLOCK_NAMES:
         return f"layers.{m.group(1)}.{BLOCK_NAMES[m.group(2)]}"
@@ -141,11 +145,13 @@ def args_from_hf_config(cfg: dict, has_lm_head: bool, where: str = "config.json"
     """ModelArgs of an HF Llama config; UserError for anything triaxis does not compute the same
     way (it would import without error and then give different outputs)."""
     model_type = cfg.get("model_type", "llama")
-    if model_type != "llama":
+    moe.refuse_unsupported_moe(model_type, where)
+    if model_type not in ("llama", "mixtral"):
         raise UserError(
             f"{where}: model_type={model_type!r} is not supported; import-hf reads "
-            "Llama-architecture models (model_type 'llama')"
+            "Llama-architecture models (model_type 'llama' or 'mixtral')"
         )
+    experts = moe.mixtral_fields(cfg, where) if model_type == "mixtral" else {}
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise UserError(f"{where} lacks {', '.join(missing)}: not a Llama config")
@@ -208,11 +214,15 @@ def args_from_hf_config(cfg: dict, has_lm_head: bool, where: str = "config.json"
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=tied,
         **rope,
+        **experts,
     )
 
 
 def hf_config_from_args(args: ModelArgs) -> dict:
-    """A LlamaConfig dict that transformers 4.x and 5.x both read (legacy rope_theta spelling)."""
+    """A LlamaConfig dict (MixtralConfig for an MoE) that transformers 4.x and 5.x both read
+    (legacy rope_theta spelling)."""
+    if args.n_experts:
+        moe.check_exportable(args)
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -241,6 +251,7 @@ def hf_config_from_args(args: ModelArgs) -> dict:
         "bos_token_id": None,
         "eos_token_id": None,
         "pad_token_id": None,
+        **(moe.mixtral_config(args) if args.n_experts else {}),
     }
 
 
@@ -271,4 +282,13 @@ def model_overrides(args: ModelArgs) -> list[str]:
         f"--model.rope_low_freq_factor={args.rope_low_freq_factor}",
         f"--model.rope_high_freq_factor={args.rope_high_freq_factor}",
         f"--model.rope_original_max_seq_len={args.rope_original_max_seq_len}",
-    ]
+    ] + (
+        [
+            f"--model.n_experts={args.n_experts}",
+            f"--model.moe_top_k={args.moe_top_k}",
+            f"--model.moe_ffn_dim={args.moe_ffn_dim}",
+            f"--model.moe_norm_topk={'true' if args.moe_norm_topk else 'false'}",
+        ]
+        if args.n_experts
+        else []
+    )

@@ -1,5 +1,6 @@
 """`triaxis export-hf`: a triaxis checkpoint (saved under any layout) -> a Hugging Face folder
-that `LlamaForCausalLM.from_pretrained` loads: config.json + model.safetensors, or numbered
+that `LlamaForCausalLM.from_pretrained` loads (`MixtralForCausalLM` for an MoE, hf/moe.py):
+config.json + model.safetensors, or numbered
 shards plus model.safetensors.index.json when the weights exceed the shard size, and the
 tokenizer files and generation_config.json the checkpoint carries (`AutoTokenizer` loads them).
 
@@ -25,6 +26,7 @@ from triaxis.checkpoint.inference import find_checkpoint, tokenizer_folder
 from triaxis.data.dataset import read_manifest
 from triaxis.errors import UserError
 from triaxis.fields import Range, check_value
+from triaxis.hf import moe
 from triaxis.hf.convert import (
     hf_config_from_args,
     interleaved_rows_to_hf,
@@ -79,13 +81,6 @@ def export_hf(
     check_output_folder(out, force, f"{out} (the export folder)", "the model files in it")
     ckpt = find_checkpoint(checkpoint)
     meta = checked(ckpt)  # names and sizes; each tensor is verified as it loads
-    n_experts = (meta.get("model") or {}).get("n_experts", 0)
-    if n_experts:
-        raise UserError(
-            f"{ckpt} holds a mixture of experts (model.n_experts={n_experts}); "
-            "export-hf writes dense Llama models only so far (Mixtral / Qwen3-MoE layouts are "
-            "not built): nothing was written"
-        )
     # Written into a staging sibling (same file system), swapped in only when complete: a
     # tensor that fails its checksum midway leaves `out` untouched.
     where = out.resolve()
@@ -139,9 +134,13 @@ def _write(
     """config.json + safetensors (+ index) of the checkpoint's model into the folder `out`,
     one tensor in memory at a time; (their names, the weights' bytes)."""
     args, params = model_params(meta)
-    # HF name -> (triaxis name, shape), in the model's order.
-    by_hf = {triaxis_to_hf_name(n): (n, shape) for n, shape in params}
-    sizes = [(hf, nbytes(shape, dtype)) for hf, (_, shape) in by_hf.items()]
+    hf_config = hf_config_from_args(args)  # refuses an MoE shape Mixtral cannot express
+    # HF name -> (triaxis name, HF shape, expert index or None), in the model's order.
+    by_hf = {}
+    for n, shape in params:
+        for hf, j in moe.hf_names_of(n, args.n_experts) or [(triaxis_to_hf_name(n), None)]:
+            by_hf[hf] = (n, shape if j is None else torch.Size(shape[1:][::-1]), j)
+    sizes = [(hf, nbytes(shape, dtype)) for hf, (_, shape, _) in by_hf.items()]
     shards = plan_shards(sizes, int(max_shard_gb * 1e9))  # GB as transformers counts them
     names = (
         [SINGLE]
@@ -149,8 +148,15 @@ def _write(
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
 
+    stacked: dict[str, torch.Tensor] = {}  # the one stacked expert tensor being written
+
     def tensor(hf: str) -> torch.Tensor:
-        name, shape = by_hf[hf]
+        name, shape, expert = by_hf[hf]
+        if expert is not None:
+            if name not in stacked:
+                stacked.clear()
+                stacked[name] = load_param(ckpt, meta, name, dict(params)[name])
+            return moe.expert_to_hf(stacked[name], expert)
         p = load_param(ckpt, meta, name, shape)
         heads = rope_heads(name, args)
         return interleaved_rows_to_hf(p, heads) if heads else p
@@ -163,7 +169,7 @@ def _write(
             "weight_map": {hf: f for f, shard in zip(names, shards) for hf in shard},
         }
         (out / INDEX).write_text(json.dumps(index, indent=2))
-    config = {**hf_config_from_args(args), **ids, "torch_dtype": str(dtype).split(".")[1]}
+    config = {**hf_config, **ids, "torch_dtype": str(dtype).split(".")[1]}
     # Last: without config.json the folder is not a loadable model (an interrupted export).
     (out / CONFIG).write_text(json.dumps(config, indent=2))
     return [CONFIG, *names] + ([INDEX] if len(shards) > 1 else []), sum(s for _, s in sizes)

@@ -25,6 +25,7 @@ import torch
 
 from triaxis.errors import UserError
 from triaxis.fields import Range, check_value
+from triaxis.hf import moe
 from triaxis.hf.convert import (
     HF_LM_HEAD,
     args_from_hf_config,
@@ -133,7 +134,8 @@ def read_hf_folder(folder: str | Path) -> tuple[dict, dict[Path, list[str]]]:
 def _plan(
     files: dict[Path, list[str]], args: ModelArgs, expected: set[str]
 ) -> dict[Path, list[tuple[str, str]]]:
-    """Per file, the (HF name, triaxis name) pairs to copy; strict about the set of names."""
+    """Per file, the (HF name, triaxis name) pairs to copy; strict about the set of names. An
+    expert's slice of a stacked parameter is named `NAME#EXPERT`."""
     plan: dict[Path, list[tuple[str, str]]] = {}
     seen: set[str] = set()
     for file, names in files.items():
@@ -141,6 +143,9 @@ def _plan(
             name = hf_to_triaxis_name(hf_name)
             if name is None or (hf_name == HF_LM_HEAD and args.tie_embeddings):
                 continue  # a recomputed buffer, or the tied head (the embedding already)
+            target = moe.hf_moe_target(hf_name)
+            if target is not None and target[1] is not None:
+                name = f"{name}#{target[1]}"
             plan.setdefault(file, []).append((hf_name, name))
             seen.add(name)
     missing, extra = sorted(expected - seen), sorted(seen - expected)
@@ -182,7 +187,14 @@ def load_hf_model(folder: str | Path) -> Transformer:
     # The RoPE buffer is not part of a checkpoint; fill it so the model can run as returned.
     model.rope.copy_(model_rope_tables(args))
     targets = model.state_dict()  # tensors sharing the parameters' storage
-    expected = {k for k in targets if not (k == "output.weight" and args.tie_embeddings)}
+    expected = set()
+    for k, t in targets.items():
+        if k.endswith(moe.ROUTER_BUFFERS):
+            t.zero_()  # triaxis's balancing state: not in an HF checkpoint, starts at zero
+        elif k.endswith(moe.STACKED):
+            expected.update(f"{k}#{j}" for j in range(t.shape[0]))
+        elif not (k == "output.weight" and args.tie_embeddings):
+            expected.add(k)
     for file, pairs in _plan(files, args, expected).items():
         with _open_safetensors(file) as f:
             for hf_name, name in pairs:
@@ -192,11 +204,16 @@ def load_hf_model(folder: str | Path) -> Transformer:
                     raise UserError(
                         f"{file}: cannot read {hf_name} ({e}); download the file again"
                     ) from None
-                if t.shape != targets[name].shape:
+                name, _, expert = name.partition("#")
+                target = targets[name][int(expert)].t() if expert else targets[name]
+                if t.shape != target.shape:
                     raise UserError(
                         f"{file.name}: {hf_name} has shape {tuple(t.shape)} but "
-                        f"config.json implies {tuple(targets[name].shape)}"
+                        f"config.json implies {tuple(target.shape)}"
                     )
+                if expert:
+                    target.copy_(t)  # a transposed view of the expert's slice
+                    continue
                 heads = rope_heads(name, args)
                 targets[name].copy_(hf_rows_to_interleaved(t, heads) if heads else t)
     if args.tie_embeddings:

@@ -121,6 +121,7 @@ def load_model(model: str, vocab_size: int | None = None) -> tuple[ModelShape, M
     if model.endswith(".toml") or Path(model).is_file():
         cfg = load_config(model)
         args = build_model_args(cfg.model, vocab_size=vocab_size)
+        _refuse_moe(args, Path(model).name)
         return shape_from_args(args, Path(model).name), args
     if model not in PRESETS:
         hint = nearest(model, list(PRESETS))
@@ -132,7 +133,22 @@ def load_model(model: str, vocab_size: int | None = None) -> tuple[ModelShape, M
     args = dataclasses.replace(PRESETS[model])
     if vocab_size:
         args.vocab_size = vocab_size
+    _refuse_moe(args, model)
     return shape_from_args(args, model), args
+
+
+def _refuse_moe(args: ModelArgs, name: str) -> None:
+    """ModelShape prices dense blocks: planning an MoE as one would under-count every expert's
+    memory (total params) and over-count its FLOPs (a token runs k experts), so refuse it."""
+    if not args.n_experts:
+        return
+    counts = param_counts(args)
+    raise UserError(
+        f"--model {name}: a mixture of experts (n_experts={args.n_experts}, top "
+        f"{args.moe_top_k}: {counts['total'] / 1e9:.2f}B parameters in total, "
+        f"{counts['flops_params'] / 1e9:.2f}B active per token) is not priced by the planner "
+        "yet (its cost model prices dense blocks); plan a dense model of the same shape"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
