@@ -104,6 +104,9 @@ class Checkpointer:
         self.failed_saves = 0
         self.written: set[str] = set()  # checkpoints this run committed (it may replace them)
         self.delays = rank_delays(rank)
+        # Called as on_commit(folder, step, group) on every rank after each commit (the run's
+        # Hugging Face folder, checkpoint.hf: triaxis/hf/run_output.py, set by train/run.py).
+        self.on_commit = None
 
     # -- agreement ---------------------------------------------------------------------------
     def _gather(self, obj, group) -> list:
@@ -260,6 +263,8 @@ class Checkpointer:
         if not failed:
             self.failed_saves = 0
             self.written.add(folder)
+            if self.on_commit is not None:
+                self.on_commit(folder, meta["step"], self.ctl)
             return folder
         self._failed(folder, failed, err, last_chance)
         return None
