@@ -76,6 +76,7 @@ def test_run_writes_hf_folder_at_world_1(byte_data, tmp_path):
 def test_run_writes_hf_folder_at_world_4_every_rank_a_share(byte_data, tmp_path):
     ckpt = str(tmp_path / "ckpt")
     over = {**HF, "checkpoint__dir": ckpt, "parallel__dp_shard": 2, "parallel__tp": 2}
+    over["train__micro_batch"] = 4
     written = run_workers(train_with_hf, 4, byte_data, str(tmp_path / "run"), over)
     assert all(b > 0 for b in written), written  # no rank wrote the whole model
     step = _latest(ckpt)

@@ -34,6 +34,7 @@ from triaxis import storage
 from triaxis.checkpoint import assets, checksum, dcp_io
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.dcp_io import load_model_weights
+from triaxis.checkpoint.lora_resume import check_lora_resume
 from triaxis.checkpoint.save_errors import (
     FailedElsewhere,
     is_transient,
@@ -334,6 +335,9 @@ class Checkpointer:
             state = None
             if reason is None:
                 self.check_compatible(found.path)
+                saved = mf.read_meta(found.path).get("config", "")
+                if why := check_lora_resume(found.path, saved, self.meta.get("config", "")):
+                    raise UserError(why)  # not a bad checkpoint: never set aside
                 try:
                     state = self.load(found.path)
                 except UserError as err:  # a checksum or unsafe metadata: every rank sees it
