@@ -67,11 +67,19 @@ def load(
     expected: dict | None,
     process_group=None,
     algorithm: str = checksum.WRITE,
+    no_dist: bool = False,
 ) -> None:
-    """dcp.load in place, safe, verified, with its failures as one line naming the file."""
+    """dcp.load in place, safe, verified, with its failures as one line naming the file.
+    `no_dist`: this rank alone (no collective), e.g. each rank reading different tensors."""
     r = reader(path, expected, algorithm)
     try:
-        dcp.load(state, storage_reader=r, planner=SafeLoadPlanner(), process_group=process_group)
+        dcp.load(
+            state,
+            storage_reader=r,
+            planner=SafeLoadPlanner(),
+            process_group=process_group,
+            no_dist=no_dist,
+        )
     except BaseException as err:
         mapped = load_error(r.failure or err, path)
         if mapped is err:
