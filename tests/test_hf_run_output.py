@@ -134,3 +134,30 @@ def test_run_without_the_writer_is_one_line(byte_data, tmp_path):
     cfg = make_config(byte_data, str(tmp_path / "run"), **HF)
     with pytest.raises(UserError, match="needs the Hugging Face writer"):
         run(cfg)
+
+
+@pytest.mark.slow  # a LoRA run of its own
+def test_lora_run_writes_the_peft_adapter(byte_data, tmp_path):
+    peft = pytest.importorskip("peft", reason="the test extra installs peft")
+    from tests.test_lora import LORA
+    from triaxis.hf.exporter import export_hf
+    from triaxis.hf.lora_export import load_lora_model
+    from triaxis.model.llama import model_rope_tables
+
+    ckpt = str(tmp_path / "ckpt")
+    over = {**HF, **LORA, "checkpoint__dir": ckpt, "train__micro_batch": 4}
+    train_with_hf(0, 1, byte_data, str(tmp_path / "run"), over)
+    step = _latest(ckpt)
+    hf = Path(step) / "hf"
+    names = {p.name for p in hf.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= names, names
+    export_hf(step, str(tmp_path / "base"), log=lambda _m: None)  # the frozen base
+    model, _, _ = load_lora_model(step)
+    model.rope.copy_(model_rope_tables(model.args))
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model.eval()(tokens).float()
+    base = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "base"))
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(base, str(hf)).eval()(tokens).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
