@@ -136,7 +136,7 @@ def test_run_without_the_writer_is_one_line(byte_data, tmp_path):
         run(cfg)
 
 
-@pytest.mark.slow  # a LoRA run of its own
+@pytest.mark.slow  # a LoRA run of its own, two processes
 def test_lora_run_writes_the_peft_adapter(byte_data, tmp_path):
     peft = pytest.importorskip("peft", reason="the test extra installs peft")
     from tests.test_lora import LORA
@@ -146,7 +146,8 @@ def test_lora_run_writes_the_peft_adapter(byte_data, tmp_path):
 
     ckpt = str(tmp_path / "ckpt")
     over = {**HF, **LORA, "checkpoint__dir": ckpt, "train__micro_batch": 4}
-    train_with_hf(0, 1, byte_data, str(tmp_path / "run"), over)
+    # world 2: rank 0 writes the adapter while rank 1 waits (its reads join no collective)
+    run_workers(train_with_hf, 2, byte_data, str(tmp_path / "run"), over)
     step = _latest(ckpt)
     hf = Path(step) / "hf"
     names = {p.name for p in hf.iterdir()}

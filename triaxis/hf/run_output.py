@@ -90,7 +90,7 @@ def write_rank_share(folder: str, stage: Path, dtype_name: str, rank: int, world
 def _write_adapter(folder: str, stage: Path) -> None:
     from triaxis.hf.lora_export import export_lora
 
-    export_lora(folder, str(stage), merge=False, force=True, log=lambda _m: None)
+    export_lora(folder, str(stage), merge=False, force=True, log=lambda _m: None, no_dist=True)
     for name, data in tokenizer_files(folder, lambda _m: None).items():
         (stage / name).write_bytes(data)
 
