@@ -85,3 +85,15 @@ def test_lora_export_of_a_full_run_is_one_line(byte_data, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not from a LoRA run" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_generate_loads_a_lora_run_with_its_adapters(lora_run):
+    """`triaxis generate` (load_for_inference) of a LoRA run samples base + adapters, not the
+    base alone."""
+    from triaxis.checkpoint.inference import load_for_inference
+
+    ckpt, tokens, want = lora_run
+    model, _, _ = load_for_inference(ckpt, "cpu", "")
+    with torch.no_grad():
+        got = model(tokens).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -48,11 +48,12 @@ def _prepare(a: argparse.Namespace) -> int:
 
 def _train(a: argparse.Namespace) -> int:
     from triaxis.config import load_config, split_config_args
+    from triaxis.hf.run_output import HfOutput
     from triaxis.plan.auto import auto_layout
     from triaxis.train.run import run
 
     path, overrides = split_config_args(a.rest)
-    result = run(load_config(path, overrides), planner=auto_layout)
+    result = run(load_config(path, overrides), planner=auto_layout, hf_output=HfOutput)
     if result.preempted:
         # 128 + the signal (143 SIGTERM, 130 Ctrl-C): stopped on request, after a checkpoint
         return 128 + (result.stop_signal or 15)

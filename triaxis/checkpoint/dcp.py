@@ -34,6 +34,7 @@ from triaxis import storage
 from triaxis.checkpoint import assets, checksum, dcp_io
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.dcp_io import load_model_weights
+from triaxis.checkpoint.lora_resume import check_lora_resume
 from triaxis.checkpoint.save_errors import (
     FailedElsewhere,
     is_transient,
@@ -104,6 +105,9 @@ class Checkpointer:
         self.failed_saves = 0
         self.written: set[str] = set()  # checkpoints this run committed (it may replace them)
         self.delays = rank_delays(rank)
+        # Called as on_commit(folder, step, group) on every rank after each commit (the run's
+        # Hugging Face folder, checkpoint.hf: triaxis/hf/run_output.py, set by train/run.py).
+        self.on_commit = None
 
     # -- agreement ---------------------------------------------------------------------------
     def _gather(self, obj, group) -> list:
@@ -260,6 +264,8 @@ class Checkpointer:
         if not failed:
             self.failed_saves = 0
             self.written.add(folder)
+            if self.on_commit is not None:
+                self.on_commit(folder, meta["step"], self.ctl)
             return folder
         self._failed(folder, failed, err, last_chance)
         return None
@@ -329,6 +335,9 @@ class Checkpointer:
             state = None
             if reason is None:
                 self.check_compatible(found.path)
+                saved = mf.read_meta(found.path).get("config", "")
+                if why := check_lora_resume(found.path, saved, self.meta.get("config", "")):
+                    raise UserError(why)  # not a bad checkpoint: never set aside
                 try:
                     state = self.load(found.path)
                 except UserError as err:  # a checksum or unsafe metadata: every rank sees it

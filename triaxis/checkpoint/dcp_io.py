@@ -67,11 +67,19 @@ def load(
     expected: dict | None,
     process_group=None,
     algorithm: str = checksum.WRITE,
+    no_dist: bool = False,
 ) -> None:
-    """dcp.load in place, safe, verified, with its failures as one line naming the file."""
+    """dcp.load in place, safe, verified, with its failures as one line naming the file.
+    `no_dist`: this rank alone (no collective), e.g. each rank reading different tensors."""
     r = reader(path, expected, algorithm)
     try:
-        dcp.load(state, storage_reader=r, planner=SafeLoadPlanner(), process_group=process_group)
+        dcp.load(
+            state,
+            storage_reader=r,
+            planner=SafeLoadPlanner(),
+            process_group=process_group,
+            no_dist=no_dist,
+        )
     except BaseException as err:
         mapped = load_error(r.failure or err, path)
         if mapped is err:
@@ -114,7 +122,9 @@ def expected_files(meta: dict) -> dict | None:
     return None if mf.is_legacy(meta) else meta["files"]
 
 
-def load_model_weights(model, path: str, meta: dict | None = None, skip=None) -> None:
+def load_model_weights(
+    model, path: str, meta: dict | None = None, skip=None, no_dist: bool = False
+) -> None:
     """Model weights only (generation, export, fine-tuning), into a model of any layout;
     verified and safe. `meta`: what `checked(path)` returned, if the caller has it. `skip`:
     a predicate on names the checkpoint need not hold (LoRA adapters over a base model)."""
@@ -122,7 +132,8 @@ def load_model_weights(model, path: str, meta: dict | None = None, skip=None) ->
     sd = get_model_state_dict(model)
     if skip is not None:
         sd = {k: v for k, v in sd.items() if not skip(k)}
-    load({"model": sd}, str(path), expected_files(meta), algorithm=checksum.of_manifest(meta))
+    algorithm = checksum.of_manifest(meta)
+    load({"model": sd}, str(path), expected_files(meta), algorithm=algorithm, no_dist=no_dist)
     set_model_state_dict(model, sd, options=StateDictOptions(strict=skip is None))
 
 

@@ -34,9 +34,19 @@ def find_checkpoint(path: str) -> str:
     )
 
 
-def _model_from(ckpt: str, meta: dict, device: str, fill_buffers: bool) -> Transformer:
+def _model_from(
+    ckpt: str, meta: dict, device: str, fill_buffers: bool, adapters: bool = False
+) -> Transformer:
     with torch.device("meta"):
         model = Transformer(ModelArgs(**meta["model"]))
+    section = tomllib.loads(str(meta.get("config") or "")).get("lora") or {}
+    if adapters and section.get("enabled"):
+        # A LoRA run's model is base + adapters: without them, the load would fill the base
+        # alone and generate would sample the untrained model.
+        from triaxis.config import LoraConfig
+        from triaxis.parallel.lora import apply_lora
+
+        apply_lora(model, LoraConfig(**section))
     model.materialize(device)
     if fill_buffers:
         model.init_weights(0)  # fills the RoPE buffer; the weights come from the checkpoint
@@ -65,7 +75,7 @@ def load_for_inference(
     else:
         data_path = data or tokenizer_folder(ckpt, meta)
         tok = load_tokenizer(data_path, read_manifest(data_path)["tokenizer"])
-    return _model_from(ckpt, meta, device, fill_buffers=True).eval(), tok, ckpt
+    return _model_from(ckpt, meta, device, fill_buffers=True, adapters=True).eval(), tok, ckpt
 
 
 def tokenizer_folder(ckpt: str, meta: dict) -> str:

@@ -296,6 +296,12 @@ class CheckpointConfig:
     """Retry a save that meets transient storage errors this long (backoff, all ranks together)."""
     max_failed_saves: int = 3
     """Stop after this many failed saves in a row; fewer are skipped with a warning."""
+    hf: Literal["off", "final", "every"] = "off"
+    """Also write a Hugging Face folder into each checkpoint's hf/ (final: the last step's
+    only; every: each committed checkpoint): safetensors + config.json + tokenizer files, or
+    for a LoRA run the PEFT adapter (docs/finetuning.md#the-runs-own-hugging-face-folder)."""
+    hf_dtype: Literal["fp32", "bf16"] = "bf16"
+    """dtype of the weights in checkpoint.hf's folder."""
 
 
 @dataclass

@@ -37,7 +37,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-def load_lora_model(checkpoint: str) -> tuple[Transformer, LoraConfig, str]:
+def load_lora_model(checkpoint: str, no_dist: bool = False) -> tuple[Transformer, LoraConfig, str]:
     """(one-process fp32 model with the adapters, the run's [lora], the checkpoint used)."""
     ckpt = str(find_checkpoint(checkpoint))
     meta = checked(ckpt)
@@ -52,7 +52,7 @@ def load_lora_model(checkpoint: str) -> tuple[Transformer, LoraConfig, str]:
         model = Transformer(ModelArgs(**meta["model"]))
     apply_lora(model, cfg)
     model.materialize("cpu")
-    load_model_weights(model, ckpt, meta)
+    load_model_weights(model, ckpt, meta, no_dist=no_dist)  # no_dist: one rank of a run
     return model, cfg, ckpt
 
 
@@ -149,11 +149,15 @@ def export_lora(
     max_shard_gb: float = 5.0,
     force: bool = False,
     log: Callable[[str], None] = print,
+    no_dist: bool = False,
 ) -> list[str]:
-    """Write the adapter folder (merge=False) or the merged model; the names written."""
+    """Write the adapter folder (merge=False) or the merged model; the names written.
+    `no_dist`: called on one rank of a run (checkpoint.hf), reading without a collective."""
     out = Path(output)
     check_output_folder(out, force, f"{out} (the export folder)", "the model files in it")
-    model, cfg, ckpt = load_lora_model(checkpoint)  # a bad checkpoint fails here: out untouched
+    model, cfg, ckpt = load_lora_model(
+        checkpoint, no_dist
+    )  # a bad checkpoint fails here: out untouched
     where = out.resolve()
     stage = where.parent / f".{where.name}.export-{uuid.uuid4().hex[:8]}"
     stage.mkdir(parents=True)

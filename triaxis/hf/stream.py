@@ -42,6 +42,7 @@ def load_param(ckpt: str, meta: dict, name: str, shape: torch.Size) -> torch.Ten
         ckpt,
         dcp_io.expected_files(meta),
         algorithm=checksum.of_manifest(meta),
+        no_dist=True,  # under a run, every rank reads its own tensors (checkpoint.hf)
     )
     return t
 
