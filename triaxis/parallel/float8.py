@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from triaxis.errors import UserError
+from triaxis.parallel.float8_filter import eligible_dims
 
 TORCHAO_EXTRA = "pip install 'triaxis[float8]' (torchao)"
 
@@ -29,11 +30,6 @@ TORCHAO_EXTRA = "pip install 'triaxis[float8]' (torchao)"
 def float8_targets(model: nn.Module, min_dim: int) -> list[str]:
     """Fully qualified names of the linears the conversion swaps, in module order."""
     return [name for name, m in model.named_modules() if _eligible(name, m, min_dim)]
-
-
-def eligible_dims(in_features: int, out_features: int, min_dim: int) -> bool:
-    """The size filter (also the planner's, triaxis.plan.float8)."""
-    return all(d >= min_dim and d % 16 == 0 for d in (in_features, out_features))
 
 
 def _eligible(fqn: str, module: nn.Module, min_dim: int) -> bool:

@@ -21,7 +21,6 @@ Under TP (reasoned from y = x Wᵀ + x Aᵀ Bᵀ):
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import zlib
 
@@ -30,15 +29,11 @@ from torch import nn
 
 from triaxis.config import LoraConfig
 from triaxis.errors import UserError
+from triaxis.parallel.targets import matches
 
 
 def patterns(cfg: LoraConfig) -> list[str]:
     return [p.strip() for p in cfg.targets.split(",") if p.strip()]
-
-
-def matches(name: str, pats: list[str]) -> bool:
-    """A pattern matches a Linear's full name or any dotted tail of it."""
-    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p) for p in pats)
 
 
 def check_targets(cfg: LoraConfig, model: nn.Module, tp: int) -> None:

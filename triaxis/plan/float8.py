@@ -17,7 +17,7 @@ high-precision input for backward.
 from __future__ import annotations
 
 from triaxis.errors import UserError
-from triaxis.parallel.float8 import eligible_dims
+from triaxis.parallel.float8_filter import eligible_dims
 from triaxis.plan.hardware import Hardware
 from triaxis.plan.lora import block_linears
 from triaxis.plan.problem import ModelShape

@@ -8,7 +8,7 @@ splits each adapter tensor on dim 0 over dp_shard (as it does every parameter).
 
 from __future__ import annotations
 
-from triaxis.parallel.lora import matches
+from triaxis.parallel.targets import matches
 from triaxis.plan.memory import _chunk, stage_blocks
 from triaxis.plan.problem import LoraPlan, ModelShape
 

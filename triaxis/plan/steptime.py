@@ -72,7 +72,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache, partial
 
-from triaxis.parallel.float8 import eligible_dims
+from triaxis.parallel.float8_filter import eligible_dims
 from triaxis.plan.float8 import converted, converted_block_params, fp8_gemm_s, uses_fp8_all_gather
 from triaxis.plan.hardware import Hardware
 from triaxis.plan.memory import (
