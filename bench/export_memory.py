@@ -45,27 +45,21 @@ def child(how: str, ckpt: str, out: str, dtype: str) -> None:
     print(json.dumps({"peak_mib": (_rss_kib("VmHWM") - base) / 1024}))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--dim", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.child:
-        return child(*a.child)
+def random_checkpoint(folder: str, dim: int, layers: int, vocab: int) -> tuple[float, float]:
+    """A random Llama-shaped model saved as a triaxis checkpoint (as import-hf writes one);
+    returns (its fp32 MiB, its largest tensor's MiB). Shared by bench/hf_run_output.py."""
     import torch
 
     from triaxis.hf.importer import save_checkpoint
     from triaxis.model import ModelArgs, Transformer
 
     args = ModelArgs(
-        dim=a.dim,
-        n_layers=a.layers,
-        n_heads=a.dim // 64,
-        n_kv_heads=a.dim // 128,
-        ffn_dim=a.dim * 4,
-        vocab_size=a.vocab,
+        dim=dim,
+        n_layers=layers,
+        n_heads=dim // 64,
+        n_kv_heads=dim // 128,
+        ffn_dim=dim * 4,
+        vocab_size=vocab,
         max_seq_len=256,
     )
     with torch.device("meta"):
@@ -75,10 +69,21 @@ def main() -> None:
         for p in model.parameters():
             p.normal_(0, 0.02)
     sizes = [p.numel() * 4 for p in model.parameters()]
-    model_mib, largest_mib = sum(sizes) / 2**20, max(sizes) / 2**20
+    save_checkpoint(model, folder, source="bench")
+    return sum(sizes) / 2**20, max(sizes) / 2**20
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        return child(*a.child)
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(model, f"{tmp}/ckpt", source="bench")
-        del model
+        model_mib, largest_mib = random_checkpoint(f"{tmp}/ckpt", a.dim, a.layers, a.vocab)
         rows = []
         for dtype in ("fp32", "bf16"):
             for how in ("plain", "triaxis"):

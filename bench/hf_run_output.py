@@ -66,31 +66,10 @@ def main() -> None:
         return child(*a.child)
     from concurrent.futures import ThreadPoolExecutor
 
-    import torch
+    from export_memory import random_checkpoint  # bench/ is this script's own folder
 
-    from triaxis.hf.importer import save_checkpoint
-    from triaxis.model import ModelArgs, Transformer
-
-    args = ModelArgs(
-        dim=a.dim,
-        n_layers=a.layers,
-        n_heads=a.dim // 64,
-        n_kv_heads=a.dim // 128,
-        ffn_dim=a.dim * 4,
-        vocab_size=a.vocab,
-        max_seq_len=256,
-    )
-    with torch.device("meta"):
-        model = Transformer(args)
-    model.materialize("cpu")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    sizes = [p.numel() * 4 for p in model.parameters()]
-    model_mib, largest_mib = sum(sizes) / 2**20, max(sizes) / 2**20
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(model, f"{tmp}/ckpt", source="bench")
-        del model
+        model_mib, largest_mib = random_checkpoint(f"{tmp}/ckpt", a.dim, a.layers, a.vocab)
         plain = _run("plain", f"{tmp}/ckpt", f"{tmp}/plain", "0", "1")
         with ThreadPoolExecutor(a.world) as pool:  # the ranks at once, as in a run
             ranks = list(
