@@ -21,7 +21,14 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
         raise UserError(
             "parallel.loss_parallel=true needs parallel.tp > 1; set tp or drop loss_parallel"
         )
-    if t.float8 != "off":
+    if t.float8 == "auto" and p.auto == "off":
+        # Only the planner prices FP8 against the layout; a fixed layout has no one to ask.
+        raise UserError(
+            "train.float8='auto' with parallel.auto=off: the FP8 choice is made by the layout "
+            "planner; set --parallel.auto=speed (or memory), or pick --train.float8="
+            "off|tensorwise|rowwise (`triaxis plan --float8 auto` says which pays)"
+        )
+    if t.float8 in ("tensorwise", "rowwise"):
         import importlib.util
 
         if importlib.util.find_spec("torchao") is None:

@@ -168,11 +168,12 @@ class TrainConfig:
     """torch.compile each transformer block."""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor; aot_eager for quick checks)."""
-    float8: Literal["off", "tensorwise", "rowwise"] = "off"
+    float8: Literal["off", "tensorwise", "rowwise", "auto"] = "off"
     """FP8 GEMMs in the transformer blocks' linears (torchao Float8Linear; weights, optimizer
     state and checkpoints stay high precision): tensorwise (one scale per tensor, float8 FSDP
     all-gather on GPUs) or rowwise (a scale per row: closer to bf16, slower). Needs the
-    `float8` extra; pays on H100/H200 at widths >= 4096 (docs/precision.md)."""
+    `float8` extra; pays on H100/H200 at widths >= 4096 (docs/precision.md). auto: with
+    parallel.auto, the planner picks off, tensorwise or rowwise with the layout and logs why."""
     float8_min_dim: int = ranged(1024, ge=16)
     """Convert only linears whose in and out features are both >= this (and divisible by 16):
     smaller GEMMs lose more to the float8 casts than they gain."""

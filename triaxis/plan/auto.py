@@ -23,6 +23,7 @@ import os
 from triaxis.config import Config, attention_span
 from triaxis.errors import UserError
 from triaxis.model.args import ModelArgs
+from triaxis.plan.float8 import RECIPES
 from triaxis.plan.hardware import GIB, load_catalog, resolve_hardware
 from triaxis.plan.mapping import parallel_config
 from triaxis.plan.problem import RUNTIMES, LoraPlan, Plan, Problem, shape_from_args
@@ -98,28 +99,50 @@ def plan_for_world(
         cfg.train.global_batch,
         attention_span=attention_span(cfg.data),
         lora=_lora_plan(cfg),
+        # A given recipe is priced at the FP8 rate where the GPU has one; elsewhere (the cpu
+        # profile: torchao's emulation) it runs as fast as high precision, for ranking.
+        float8=cfg.train.float8 if cfg.train.float8 in RECIPES and hw.gpu.fp8_flops else "off",
+        float8_min_dim=cfg.train.float8_min_dim,
     )
     space = SearchSpace(
         allow_offload=hw.gpu.bf16,
         max_micro_batch=cfg.train.global_batch,
         max_cp=1 if cfg.train.compile else 0,  # the trainer refuses cp with compile
     )
-    result = plan(problem, world_size, objective, space, keep=2, catalog=catalog)
+    result, float8_note = _plan(problem, world_size, objective, space, catalog, cfg.train)
     if not result.plans:
         raise UserError("parallel.auto: " + no_fit_message(result))
     best = result.plans[0]
     a = best.layout
     parallel = parallel_config(a, args.n_layers, cfg.parallel)
-    planned = dataclasses.replace(
-        cfg, parallel=parallel, train=dataclasses.replace(cfg.train, micro_batch=a.micro_batch)
-    )
+    train = dataclasses.replace(cfg.train, micro_batch=a.micro_batch, float8=result.problem.float8)
+    planned = dataclasses.replace(cfg, parallel=parallel, train=train)
     why = (
         f"parallel.auto={objective} on {world_size} x {hw.gpu.name}: {a.describe()} "
         f"(predicted {best.time.total:.3g} s/step, peak {best.memory.total / GIB:.2f} GiB "
         f"per rank of {hw.usable_memory_bytes / GIB:.1f} usable; {result.num_fit} of "
         f"{result.num_layouts} layouts fit). " + explain(result)
     )
+    if float8_note:
+        why += f" train.float8=auto -> {float8_note}."
     return planned, best, why
+
+
+def _plan(problem: Problem, world: int, objective: str, space: SearchSpace, catalog, train):
+    """(the planner's result, a note on train.float8=auto's choice or "")."""
+    if train.float8 != "auto":
+        return plan(problem, world, objective, space, keep=2, catalog=catalog), ""
+    import importlib.util
+
+    from triaxis.plan.float8_choice import plan_float8
+
+    if problem.hw.gpu.fp8_flops > 0 and importlib.util.find_spec("torchao") is None:
+        # Said in the log line, not silent: the run goes on in high precision.
+        note = "float8 off: torchao is not installed (pip install 'triaxis[float8]')"
+        return plan(problem, world, objective, space, keep=2, catalog=catalog), note
+    # cuBLAS's row-scaled float8 GEMM writes bf16 only (config.rules refuses it under fp32).
+    recipes = ("tensorwise",) if train.dtype == "fp32" else ("tensorwise", "rowwise")
+    return plan_float8(problem, world, objective, space, 2, catalog, "auto", recipes)
 
 
 def auto_layout(cfg: Config, world_size: int, model_args: ModelArgs) -> tuple[Config, str]:

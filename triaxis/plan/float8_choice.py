@@ -19,9 +19,17 @@ def _key(r: PlanResult, objective: str) -> tuple[float, ...]:
 
 
 def plan_float8(
-    problem: Problem, world: int, objective: str, space: SearchSpace, keep: int, catalog, choice
+    problem: Problem,
+    world: int,
+    objective: str,
+    space: SearchSpace,
+    keep: int,
+    catalog,
+    choice,
+    recipes: tuple[str, ...] = RECIPES,
 ) -> tuple[PlanResult, str]:
-    """(the plan, a one-line note on the float8 choice; empty when float8 was not asked)."""
+    """(the plan, a one-line note on the float8 choice; empty when float8 was not asked).
+    recipes: those `auto` may choose (parallel.auto drops rowwise under train.dtype=fp32)."""
     hw = problem.hw
     check_float8(hw, choice)
     none = not converted(problem.shape, problem.float8_min_dim)
@@ -41,7 +49,7 @@ def plan_float8(
         return runs["off"], (
             f"float8 off: no block linear reaches train.float8_min_dim={problem.float8_min_dim}"
         )
-    for recipe in RECIPES:
+    for recipe in recipes:
         p = dataclasses.replace(problem, float8=recipe)
         runs[recipe] = plan(p, world, objective, space, keep, catalog)
     fitting = {k: r for k, r in runs.items() if r.plans}
