@@ -21,19 +21,25 @@ def shipped_tables() -> dict[str, Any]:
     return tomllib.loads(resources.files("triaxis").joinpath(SHIPPED).read_text())
 
 
-@lru_cache(maxsize=1)
-def _peaks_by_cuda_name() -> tuple[tuple[str, float], ...]:
+@lru_cache(maxsize=2)
+def _peaks_by_cuda_name(key: str = "peak_tflops") -> tuple[tuple[str, float], ...]:
     data = shipped_tables()
     tables = [*data.get("gpu", {}).values(), *data.get("gpu_peak", {}).values()]
-    return tuple((t["cuda_name"], t["peak_tflops"] * 1e12) for t in tables if "cuda_name" in t)
+    return tuple((t["cuda_name"], t.get(key, 0.0) * 1e12) for t in tables if "cuda_name" in t)
 
 
-def peak_bf16_flops(device_name: str) -> float | None:
+def peak_bf16_flops(device_name: str, key: str = "peak_tflops") -> float | None:
     """Dense bf16 peak (FLOP/s) of the GPU that torch.cuda.get_device_name() calls
     `device_name`: the entry whose cuda_name it contains, the longest one when several do (an
-    L40S is not an L4); None for a card hardware.toml does not list."""
-    hits = [(len(name), peak) for name, peak in _peaks_by_cuda_name() if name in device_name]
-    return max(hits, key=lambda h: h[0])[1] if hits else None
+    L40S is not an L4); None for a card hardware.toml does not list (or lists without `key`)."""
+    hits = [(len(name), peak) for name, peak in _peaks_by_cuda_name(key) if name in device_name]
+    best = max(hits, key=lambda h: h[0])[1] if hits else 0.0
+    return best or None
+
+
+def peak_fp8_flops(device_name: str) -> float | None:
+    """Dense FP8 peak (FLOP/s) of the card, as peak_bf16_flops; None without FP8 units (A100)."""
+    return peak_bf16_flops(device_name, "fp8_tflops")
 
 
 GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")

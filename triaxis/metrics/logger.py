@@ -27,6 +27,16 @@ def peak_flops(device) -> float | None:
     return peak_bf16_flops(torch.cuda.get_device_name(device))
 
 
+def mixed_peak_flops(
+    bf16_peak: float, fp8_peak: float, flops_per_token: float, fp8_flops_per_token: float
+) -> float:
+    """The peak a float8 run could reach: its FP8 GEMMs at the FP8 peak, the rest at bf16's
+    (the time per token at peak, inverted). MFU against it says how close the run is to what
+    its own mix of GEMMs allows; MFU against bf16's peak stays comparable with bf16 runs."""
+    rest = flops_per_token - fp8_flops_per_token
+    return flops_per_token / (fp8_flops_per_token / fp8_peak + rest / bf16_peak)
+
+
 def peak_memory_bytes(device) -> int:
     """The most memory this process has held: allocated on the GPU, else resident (Linux)."""
     if device.type == "cuda":

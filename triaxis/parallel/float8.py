@@ -41,6 +41,20 @@ def _eligible(fqn: str, module: nn.Module, min_dim: int) -> bool:
     return eligible_dims(module.in_features, module.out_features, min_dim)
 
 
+def converted_flops_per_token(model_args, min_dim: int) -> float:
+    """Training FLOPs per token that run in the converted (FP8) GEMMs: 6 x in x out of each
+    linear the conversion swaps (each runs once per token: attention projections, dense and
+    shared-expert MLPs; routed experts are not Linears and stay high precision)."""
+    from triaxis.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    linears = dict(model.named_modules())
+    return 6.0 * sum(
+        linears[n].in_features * linears[n].out_features for n in float8_targets(model, min_dim)
+    )
+
+
 def float8_all_gather(recipe: str, device: torch.device, dp_shard: int) -> bool:
     """The one decision on FSDP's float8 all-gather (weights travel as float8: half the
     bytes). Only tensorwise scaling supports it (one scale per weight, computed before the

@@ -45,7 +45,7 @@ from triaxis.train.distributed import DistEnv, staged_for_copy
 from triaxis.train.numerics import Numerics
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
 from triaxis.train.profile import StepProfiler
-from triaxis.train.record import log_record
+from triaxis.train.record import float8_peak, log_record
 from triaxis.train.resilience import Faults, PreemptionWatch
 from triaxis.train.resolve import recorded_data_path, resolve
 from triaxis.train.stepstats import StepStats
@@ -146,6 +146,9 @@ class Trainer:
             self.train_ds.manifest["tokenizer"]["eos_id"] if cfg.data.document_mask else None
         )
         self.peak = peak_flops(self.device)
+        self.peak_float8 = float8_peak(
+            cfg.train, self.model_args, self.device, self.flops_per_token
+        )
         # Loss-masked data (prepare --format chat): each micro-batch's loss is its summed token
         # losses x this, set per step (`_masked_scale`) so the step's loss is the mean over the
         # valid targets of the whole global batch, whatever the layout.

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
-from triaxis.metrics.logger import peak_memory_bytes, step_record
+from triaxis.hardware import peak_bf16_flops, peak_fp8_flops
+from triaxis.metrics.logger import mixed_peak_flops, peak_memory_bytes, step_record
 from triaxis.model.moe import moe_record
+from triaxis.parallel.float8 import converted_flops_per_token
 from triaxis.parallel.host import host_all_reduce
 
 if TYPE_CHECKING:  # the loop imports this module, not the reverse
@@ -50,4 +52,20 @@ def log_record(t: Trainer, step: int, loss: float, steps: int, elapsed_s: float)
     record.update(t.stats.grad_record(), tokens_seen=tokens_seen)
     record.update(zip(times, slowest))  # fwd_bwd_s, optimizer_s: seconds per step
     record.update(moe_record(t.model, t.reduce_over_dp))
+    if t.peak_float8:
+        record["mfu_float8"] = record["tokens_per_s_per_device"] * t.flops_per_token / t.peak_float8
     return record
+
+
+def float8_peak(train_cfg, model_args, device, flops_per_token: float, name: str | None = None):
+    """The mixed bf16/FP8 peak (FLOP/s) a float8 run's MFU is also measured against
+    (`mfu_float8`); None when float8 is off, on CPU, or on a card without FP8 units. `name`:
+    the card's torch.cuda name (default: this process's device)."""
+    if train_cfg.float8 == "off" or (name is None and device.type != "cuda"):
+        return None
+    name = name or torch.cuda.get_device_name(device)
+    bf16, fp8 = peak_bf16_flops(name), peak_fp8_flops(name)
+    if not (bf16 and fp8):
+        return None
+    converted = converted_flops_per_token(model_args, train_cfg.float8_min_dim)
+    return mixed_peak_flops(bf16, fp8, flops_per_token, converted)
