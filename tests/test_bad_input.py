@@ -281,11 +281,6 @@ CASES: list[tuple[str, str, str]] = [
         "data.seq_len=30 is not divisible by 2 x parallel.cp = 4",
     ),
     (
-        "launch-cp-compile",
-        _launch("local", "--nproc-per-node", "2", "--parallel.cp=2", "--train.compile=true"),
-        "parallel.cp=2 with train.compile=true",
-    ),
-    (
         "launch-cp-hierarchical",
         _launch("local", "--nproc-per-node", "2", "--parallel.cp=2", "--parallel.hierarchical=on"),
         "parallel.hierarchical=on with parallel.cp=2",

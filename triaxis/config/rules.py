@@ -59,11 +59,6 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
             f"data.seq_len={d.seq_len} is not divisible by 2 x parallel.cp = {2 * p.cp} (each cp "
             f"rank holds two equal head-tail chunks); set --data.seq_len={ok} or another cp"
         )
-    if p.cp > 1 and t.compile:
-        raise UserError(
-            f"parallel.cp={p.cp} with train.compile=true: ring attention's point-to-point "
-            "exchanges are not traced by torch.compile yet; set --train.compile=false or cp=1"
-        )
     if d.mean_document_tokens and not d.document_mask:
         raise UserError(
             f"data.mean_document_tokens={d.mean_document_tokens} counts masked attention "

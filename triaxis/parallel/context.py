@@ -57,6 +57,10 @@ class CPMask:
     def __init__(self, plan: RingPlan) -> None:
         self.plan = plan
 
+    # With train.compile the block around this call is compiled and the ring runs eagerly in
+    # between (one graph break per block): Dynamo does not trace isend/irecv, and the ring's
+    # own autograd.Function already overlaps each transfer with its block's kernel.
+    @torch.compiler.disable
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return ring_attention(q, k, v, self.plan)
 

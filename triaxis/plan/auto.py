@@ -107,7 +107,7 @@ def plan_for_world(
     space = SearchSpace(
         allow_offload=hw.gpu.bf16,
         max_micro_batch=cfg.train.global_batch,
-        max_cp=1 if cfg.train.compile else 0,  # the trainer refuses cp with compile
+        max_cp=0,
     )
     result, float8_note = _plan(problem, world_size, objective, space, catalog, cfg.train)
     if not result.plans:
