@@ -20,7 +20,7 @@ from triaxis.checkpoint.dcp import Checkpointer
 from triaxis.config import Config, attention_span, grad_accum_steps, to_toml
 from triaxis.data import mixture
 from triaxis.data.dataset import has_loss_mask, inputs_targets, micro_batch_start
-from triaxis.data.mixture import open_val_sets, source_tokens, val_record
+from triaxis.data.mixture import open_val_sets, source_tokens
 from triaxis.metrics.logger import (
     MetricsWriter,
     Progress,
@@ -49,6 +49,7 @@ from triaxis.train.record import float8_peak, log_record
 from triaxis.train.resilience import Faults, PreemptionWatch
 from triaxis.train.resolve import recorded_data_path, resolve
 from triaxis.train.stepstats import StepStats
+from triaxis.train.validation import validate_all
 from triaxis.train.watchdog import Watchdog
 
 
@@ -306,44 +307,6 @@ class Trainer:
     def mean_over_dp(self, value: torch.Tensor) -> float:
         return float(self.reduce_over_dp(value))
 
-    def validate_all(self) -> dict[str, float]:
-        """Validation metrics: val_loss, and per source of a mixture val_loss/NAME (val_loss
-        is then their mean weighted by the mixture: data/mixture.py)."""
-        return val_record({k: self.validate(ds) for k, ds in self.val_sets.items()}, self.train_ds)
-
-    @torch.no_grad()
-    def validate(self, val_ds) -> float | None:
-        """Mean loss over the first val_batches x global_batch samples of `val_ds`, in order;
-        the same samples and value for every layout."""
-        if self.cfg.train.val_batches == 0:
-            return None
-        self.faults.inject_fault("validation", self.env.rank)
-        self.model.eval()
-        total = torch.zeros((), device=self.device)
-        for v in range(self.cfg.train.val_batches):
-            cursor = v * self.cfg.train.global_batch
-            batches = [
-                self.local_batch(val_ds, cursor, m, shuffle=False) for m in range(self.grad_accum)
-            ]
-            self.loss_scale = self._masked_scale(batches)
-            if self.loss_scale is not None:  # the mean of each global batch, then of those
-                self.loss_scale = self.loss_scale / self.cfg.train.val_batches
-            with self.loss_parallel(), self.autocast():
-                if self.pipeline is not None:
-                    inputs, targets = (torch.cat(t) for t in zip(*batches))
-                    total += self.pipeline.eval(
-                        *cp_rows(self.model, inputs, targets, self.doc_ids(inputs))
-                    )
-                    continue
-                for inputs, targets in batches:
-                    total += local_value(self.loss_of(inputs, targets))
-        self.model.train()
-        n = self.cfg.train.val_batches * (1 if self.pipeline is not None else self.grad_accum)
-        if self.loss_scale is not None:
-            n = 1  # already a mean: the scale divided by the valid targets
-        self.loss_scale = None
-        return self.mean_over_dp(total / n)
-
     # -- the loop ----------------------------------------------------------------------------
     def resume(self) -> tuple[int, int]:
         """(step, cursor) to start from: the latest valid checkpoint, else checkpoint.initial's
@@ -438,7 +401,7 @@ class Trainer:
                     progress.update(step, record)
                     t_last, steps_since = time.perf_counter(), 0
                 if cadence.validates(step):
-                    vals = self.validate_all()
+                    vals = validate_all(self)
                     if vals:
                         val = result.val_losses[step] = vals["val_loss"]
                         metrics.write({"step": step, **vals})
