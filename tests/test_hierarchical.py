@@ -229,7 +229,7 @@ def test_cost_model_divides_cross_node_bytes_per_nic():
     """Over 2 p4d nodes (8 GPUs, 4 x 100 Gbit EFA each) the cross-node phase moves
     (n-1)/n·S/g per NIC against the flat ring's (ng-1)/(ng)·S/g: the MiCS win. At 64 nodes
     the two volumes are within 1.5% and the NVLink phase makes the flat gather faster."""
-    from triaxis.plan.steptime import all_gather_s, axis_link, hierarchical_gather_s
+    from triaxis.plan.collectives import all_gather_s, axis_link, hierarchical_gather_s
 
     hw, size = _p4d_problem().hw, 1 << 30
     nic = hw.network_bytes_per_s_per_gpu
@@ -245,9 +245,9 @@ def test_cost_model_divides_cross_node_bytes_per_nic():
 def test_planner_offers_and_times_the_two_phase_layouts():
     import dataclasses
 
+    from triaxis.plan.collectives import hierarchical_applies
     from triaxis.plan.problem import Layout
     from triaxis.plan.search import SearchSpace, enumerate_layouts, evaluate
-    from triaxis.plan.steptime import hierarchical_applies
 
     p = _p4d_problem()
     assert hierarchical_applies(8, 16, 1) and hierarchical_applies(8, 8, 2)

@@ -9,6 +9,7 @@ import pytest
 
 from triaxis.model.llama import flops_per_token
 from triaxis.model.presets import PRESETS
+from triaxis.plan.collectives import AxisLink, all_gather_s, all_reduce_s, axis_link
 from triaxis.plan.evidence import row_shape
 from triaxis.plan.hardware import load_catalog, resolve_hardware
 from triaxis.plan.memory import (
@@ -19,14 +20,7 @@ from triaxis.plan.memory import (
 )
 from triaxis.plan.problem import RUNTIMES, Layout, ModelShape, Problem, load_model, shape_from_args
 from triaxis.plan.search import SearchSpace, enumerate_layouts, evaluate, plan
-from triaxis.plan.steptime import (
-    AxisLink,
-    all_gather_s,
-    all_reduce_s,
-    axis_link,
-    bubble_slots,
-    gemm_s,
-)
+from triaxis.plan.steptime import bubble_slots, gemm_s
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,12 @@ from tests.test_plan import _problem, catalog  # noqa: F401  (the fixture)
 from triaxis.config.sections import TrainConfig
 from triaxis.errors import UserError
 from triaxis.plan.cli import main
+from triaxis.plan.collectives import all_gather_s, axis_link
 from triaxis.plan.float8 import check_float8, converted, converted_block_params, fp8_gemm_s
 from triaxis.plan.lora import block_linears
 from triaxis.plan.problem import Layout, Problem
 from triaxis.plan.search import evaluate
-from triaxis.plan.steptime import _fsdp_collectives, all_gather_s, axis_link, block_time, gemm_s
+from triaxis.plan.steptime import _fsdp_collectives, block_time, gemm_s
 
 
 def test_fp8_rates_come_from_the_table(catalog):

@@ -116,8 +116,8 @@ def test_interleaving_pays_the_scatter_gather_per_chunk():
     """Beyond the sends: without sequence parallelism each received activation is all-gathered
     over NVLink (Megatron's scatter/gather) before the next chunk runs, once per stage boundary,
     so interleaving v chunks pays it v times; with SP (triaxis) the shard is what runs."""
+    from triaxis.plan.collectives import all_gather_s, axis_link, p2p_s
     from triaxis.plan.hardware import load_catalog, resolve_hardware
-    from triaxis.plan.steptime import all_gather_s, axis_link, p2p_s
 
     row = next(r for r in ROWS if r["schedule"] == "interleaved-1f1b")
     plan = predict_row(row).plan

@@ -8,8 +8,9 @@ Data flow:
                   candidate Layout, the Problem, and what an evaluated Plan predicts
     memory.py     peak memory per GPU: exact per-rank states under triaxis's sharding,
                   activations (Korthikanti et al.), buffers
-    steptime.py   step time: roofline compute, ring/tree collectives per mesh axis, exposed
-                  communication, pipeline bubble, optimizer
+    collectives.py  ring/tree collective and send/recv times over each mesh axis's link
+    steptime.py   step time: roofline compute, those collectives, exposed communication,
+                  pipeline bubble, optimizer
     search.py     enumerate layouts, evaluate(problem, layout) -> Plan, plan(...): filter by
                   memory, rank; advice when nothing fits
     report.py     tables, explanation, TOML snippet, JSON

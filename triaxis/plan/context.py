@@ -23,9 +23,10 @@ import dataclasses
 import functools
 from collections.abc import Iterator
 
+from triaxis.plan.collectives import p2p_s
 from triaxis.plan.memory import memory_of, stage_blocks
 from triaxis.plan.problem import Layout, MemoryBreakdown, Problem, TimeBreakdown
-from triaxis.plan.steptime import gemm_s, p2p_s, recomputed_blocks, time_of
+from triaxis.plan.steptime import gemm_s, recomputed_blocks, time_of
 
 
 @functools.cache

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from triaxis.config import ParallelConfig, composition_problem
 from triaxis.errors import UserError
 from triaxis.parallel.partition import schedule_problem, stages_per_rank
+from triaxis.plan.collectives import hierarchical_applies
 from triaxis.plan.context import cp_memory_of, cp_time_of, pp_cp_pairs
 from triaxis.plan.hardware import GIB, Catalog
 from triaxis.plan.memory import stage_blocks
@@ -38,7 +39,7 @@ from triaxis.plan.problem import (
     Problem,
     TimeBreakdown,
 )
-from triaxis.plan.steptime import hierarchical_applies, recomputed_blocks
+from triaxis.plan.steptime import recomputed_blocks
 
 # ---------------------------------------------------------------------------------------------
 # The enumeration
