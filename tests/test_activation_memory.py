@@ -125,9 +125,9 @@ def test_op_level_checkpointing_keeps_less_than_none_and_recomputes_less_than_fu
 
 
 def test_planner_op_level_bytes_are_the_measured_ones(base):
-    """The planner's op-level term (memory.op_saved_bytes_per_token) against the measurement:
+    """The planner's op-level term (activations.op_saved_bytes_per_token) against the measurement:
     op-level keeps, over full checkpointing, exactly the 4 blocks' matmul outputs."""
-    from triaxis.plan.memory import op_saved_bytes_per_token
+    from triaxis.plan.activations import op_saved_bytes_per_token
     from triaxis.plan.problem import RUNTIMES, shape_from_args
 
     shape = shape_from_args(PRESETS["tiny"], "tiny")

@@ -9,15 +9,15 @@ import pytest
 
 from triaxis.model.llama import flops_per_token
 from triaxis.model.presets import PRESETS
-from triaxis.plan.collectives import AxisLink, all_gather_s, all_reduce_s, axis_link
-from triaxis.plan.evidence import row_shape
-from triaxis.plan.hardware import load_catalog, resolve_hardware
-from triaxis.plan.memory import (
+from triaxis.plan.activations import (
     layer_activation_bytes_per_token,
     logits_bytes_per_token,
     loss_bytes,
-    predict_state_bytes_per_rank,
 )
+from triaxis.plan.collectives import AxisLink, all_gather_s, all_reduce_s, axis_link
+from triaxis.plan.evidence import row_shape
+from triaxis.plan.hardware import load_catalog, resolve_hardware
+from triaxis.plan.memory import predict_state_bytes_per_rank
 from triaxis.plan.problem import RUNTIMES, Layout, ModelShape, Problem, load_model, shape_from_args
 from triaxis.plan.search import SearchSpace, enumerate_layouts, evaluate, plan
 from triaxis.plan.steptime import bubble_slots, gemm_s

@@ -6,8 +6,9 @@ Data flow:
     hardware.py   GPU and cluster profiles from data/hardware.toml (+ --hardware FILE)
     problem.py    what is planned: the model's shape (ModelShape), the runtimes modelled, a
                   candidate Layout, the Problem, and what an evaluated Plan predicts
-    memory.py     peak memory per GPU: exact per-rank states under triaxis's sharding,
-                  activations (Korthikanti et al.), buffers
+    activations.py  activation memory per GPU (Korthikanti et al.), checkpoints, in flight
+    memory.py     peak memory per GPU: exact per-rank states under triaxis's sharding, those
+                  activations, buffers
     collectives.py  ring/tree collective and send/recv times over each mesh axis's link
     steptime.py   step time: roofline compute, those collectives, exposed communication,
                   pipeline bubble, optimizer

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 
 from triaxis.parallel.float8_filter import eligible_dims
+from triaxis.plan.activations import checkpoint_bytes_per_token, layer_activation_bytes_per_token
 from triaxis.plan.collectives import (
     all_gather_s,
     all_reduce_s,
@@ -66,11 +67,7 @@ from triaxis.plan.collectives import (
 )
 from triaxis.plan.float8 import converted, converted_block_params, fp8_gemm_s, uses_fp8_all_gather
 from triaxis.plan.hardware import Hardware
-from triaxis.plan.memory import (
-    checkpoint_bytes_per_token,
-    layer_activation_bytes_per_token,
-    stage_blocks,
-)
+from triaxis.plan.memory import stage_blocks
 from triaxis.plan.problem import Layout, ModelShape, Problem, Runtime, TimeBreakdown
 
 # ---------------------------------------------------------------------------------------------
