@@ -24,26 +24,44 @@ def _state(seed: int) -> dict:
     }
 
 
-def test_pack_round_trip_and_restricted_loader():
-    s = _state(7)
-    back = keeper.unpack_state(keeper.pack_state(s))
-    assert torch.equal(back["model"]["w"], s["model"]["w"]) and back["loop"] == s["loop"]
+def test_pack_round_trip_views_the_buffer_and_unpickles_nothing():
+    s = {
+        **_state(7),
+        "bf16": torch.randn(3).bfloat16(),
+        "none": None,
+        4: (1, "x"),
+        "e": torch.ones(0),
+    }
+    data = keeper.pack_state(s)
+    back = keeper.unpack_state(data)
+    for key in ("w",):
+        assert torch.equal(back["model"][key], s["model"][key])
+    assert torch.equal(back["optim"]["exp_avg"], s["optim"]["exp_avg"])
+    assert back["optim"]["step"].dtype == torch.int64 and int(back["optim"]["step"]) == 3
+    assert back["bf16"].dtype == torch.bfloat16 and torch.equal(back["bf16"], s["bf16"])
+    assert torch.equal(back["rng"], s["rng"]) and back["e"].shape == (0,)
+    assert back["loop"] == s["loop"] and back[4] == [1, "x"] and back["none"] is None
+    # No copy: the tensors are views of the buffer handed in.
+    w = back["model"]["w"]
+    base = torch.frombuffer(data, dtype=torch.uint8)
+    assert base.data_ptr() <= w.data_ptr() < base.data_ptr() + len(data)
 
     class Evil:
         def __reduce__(self):
             return (os.system, ("true",))
 
     import io
-    import pickle
 
     buf = io.BytesIO()
     torch.save({"x": Evil()}, buf)
-    with pytest.raises(pickle.UnpicklingError):
-        keeper.unpack_state(buf.getvalue())
+    with pytest.raises(ValueError, match="not a triaxis raw state"):
+        keeper.unpack_state(buf.getvalue())  # a pickle is refused unread
+    with pytest.raises(TypeError, match="cannot pack a Evil"):
+        keeper.pack_state({"x": Evil()})
 
 
-def test_store_keeps_last_k_bounds_bytes_and_rejects_bad_checksum():
-    store = keeper.ShardStore(keep=2, max_bytes=1000)
+def test_store_keeps_last_k_bounds_bytes_and_rejects_bad_checksum(tmp_path):
+    store = keeper.ShardStore(str(tmp_path), keep=2, max_bytes=1000)
     for step in (10, 20, 30):
         data = bytes([step]) * 100
         assert store.put(step, 0, data, keeper._digest(data)) is None
@@ -53,7 +71,13 @@ def test_store_keeps_last_k_bounds_bytes_and_rejects_bad_checksum():
     assert store.held_bytes() <= 1000
     assert "checksum" in store.put(50, 0, b"abc", 123)
     store.corrupt(30, 0)
-    assert store.get(30, 0) is None and store.get(20, 0) == bytes([20]) * 100
+    assert store.get(30, 0) is None and bytes(store.get(20, 0)) == bytes([20]) * 100
+    # Evicted and refused shards leave no file behind: only the two held steps are on disk.
+    assert sorted(os.listdir(tmp_path)) == ["20-0.raw", "30-0.raw", "incoming"]
+    assert os.listdir(tmp_path / "incoming") == []
+    outside = tmp_path / "elsewhere"
+    outside.write_bytes(b"abc")
+    assert "is not a file in" in store.adopt(60, 0, str(outside), keeper._digest(b"abc"))
 
 
 def test_keeper_process_outlives_a_killed_client_and_detects_corruption(tmp_path):
@@ -75,7 +99,11 @@ def test_keeper_process_outlives_a_killed_client_and_detects_corruption(tmp_path
         back = keeper.unpack_state(client.get(5, 1))
         assert torch.equal(back["model"]["w"], _state(1)["model"]["w"])
         assert client.corrupt(5, 1) and client.get(5, 1) is None  # corrupted -> next tier
-        assert client.get(5, 0) == data[0]
+        assert bytes(client.get(5, 0)) == bytes(data[0])
+        # Written in place (no bytes through the socket), read back as a map of the file.
+        assert client.put_state(6, 0, _state(0)) is None
+        back = client.get_state(6, 0)
+        assert torch.equal(back["optim"]["exp_avg"], _state(0)["optim"]["exp_avg"])
     finally:
         proc.kill()
         proc.wait()

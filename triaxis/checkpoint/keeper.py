@@ -3,11 +3,15 @@ staged shard for the last few steps, so a worker that crashes (or a torchelastic
 restore from host memory instead of storage (issue 30).
 
 The keeper outlives its workers: it is its own process (own session), reached over a unix
-socket. Nothing from the socket is unpickled: a request is one JSON header line, then
-`nbytes` raw bytes; a shard's bytes are whatever the worker packed (`pack_state`, torch.save)
-and are only read back with torch.load(weights_only=True). Every shard carries its XXH3-64
-checksum: the keeper checks it on arrival and again before it answers, and the client checks
-what it received, so a corrupted copy reads as "missing" and the caller falls to the next tier.
+socket that carries only JSON lines (and, for a peer that cannot share files, raw shard bytes).
+Shards live as files in the keeper's directory, which the launcher puts on a tmpfs (/dev/shm):
+host memory that survives the worker's death without a copy through a socket. A worker writes its
+shard straight into a file there (`put_state`: the raw format of triaxis.checkpoint.rawstate,
+one copy from the staged tensors), and the keeper adopts it; a restore maps the file and the
+tensors view it, so the only copy is into the live model. Nothing is unpickled.
+
+Every shard carries its XXH3-64 checksum: the keeper checks it on adoption, and the client checks
+what it maps, so a corrupted copy reads as "missing" and the caller falls to the next tier.
 
 Memory is bounded twice: only the newest `keep` steps are held, and a shard that would take the
 keeper past `max_bytes` is refused (the worker goes on; the durable tier still has it).
@@ -16,8 +20,8 @@ keeper past `max_bytes` is refused (the worker goes on; the durable tier still h
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import mmap
 import os
 import socket
 import socketserver
@@ -26,28 +30,21 @@ import sys
 import threading
 import time
 
-from triaxis.checkpoint import checksum
+from triaxis.checkpoint import checksum, rawstate
 
 _HEADER_MAX_BYTES = 64 * 1024
 _CHUNK_BYTES = 1 << 20
 
 
-def pack_state(state: dict) -> bytes:
+def pack_state(state: dict) -> bytearray:
     """A rank's staged (host) state (tensors, numbers, strings, nested dicts/lists) as bytes
-    for the keeper."""
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
+    for the keeper (triaxis.checkpoint.rawstate)."""
+    return rawstate.pack_state(state)
 
 
-def unpack_state(data: bytes) -> dict:
-    """The inverse of pack_state, through torch's restricted loader (no arbitrary objects).
-    Shards are staged host copies, so no map_location: it cost ~30% of the load here."""
-    import torch
-
-    return torch.load(io.BytesIO(data), weights_only=True)
+def unpack_state(data) -> dict:
+    """The inverse of pack_state; the tensors view `data` (no copy, nothing unpickled)."""
+    return rawstate.unpack_state(data)
 
 
 def _digest(data) -> int:
@@ -91,23 +88,54 @@ def _recv(rfile) -> tuple[dict, bytes]:
 # The keeper's store and server.
 
 
-class ShardStore:
-    """step -> rank -> (bytes, digest), newest `keep` steps, at most `max_bytes` in all."""
+def _map(path: str):
+    """A private (copy-on-write) map of a shard file: writable for torch.frombuffer, no copy."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
 
-    def __init__(self, keep: int, max_bytes: int) -> None:
+
+class ShardStore:
+    """step -> rank -> (file, size, digest) under `directory`, newest `keep` steps, at most
+    `max_bytes` in all. Workers write into `incoming/`; the store adopts (renames) from there."""
+
+    def __init__(self, directory: str, keep: int, max_bytes: int) -> None:
         if keep < 1 or max_bytes < 1:
             raise ValueError(f"keep={keep}, max_bytes={max_bytes}: both must be >= 1")
-        self.keep, self.max_bytes = keep, max_bytes
-        self._steps: dict[int, dict[int, tuple[bytes, int]]] = {}
+        self.dir, self.keep, self.max_bytes = os.path.realpath(directory), keep, max_bytes
+        self.incoming = os.path.join(self.dir, "incoming")
+        os.makedirs(self.incoming, mode=0o700, exist_ok=True)
+        self._steps: dict[int, dict[int, tuple[str, int, int]]] = {}
         self._lock = threading.Lock()
 
     def held_bytes(self) -> int:
-        return sum(len(b) for ranks in self._steps.values() for b, _ in ranks.values())
+        return sum(n for ranks in self._steps.values() for _, n, _ in ranks.values())
 
-    def put(self, step: int, rank: int, data: bytes, digest: int) -> str | None:
-        """Store a shard; the reason it was refused, or None."""
+    def put(self, step: int, rank: int, data, digest: int) -> str | None:
+        """Store a shard given as bytes (a peer that cannot write into this directory)."""
+        path = os.path.join(self.incoming, f"{step}-{rank}-{os.getpid()}-{threading.get_ident()}")
+        with open(path, "wb") as f:
+            f.write(data)
+        return self.adopt(step, rank, path, digest)
+
+    def adopt(self, step: int, rank: int, path: str, digest: int) -> str | None:
+        """Take the shard a worker wrote at `path` (inside incoming/); the reason it was refused
+        (the file is then removed), or None."""
+        real = os.path.realpath(path)
+        if os.path.dirname(real) != self.incoming or not os.path.isfile(real):
+            return f"step {step} rank {rank}: {path} is not a file in {self.incoming}"
+        err = self._adopt(step, rank, real, digest)
+        if err is not None:
+            _unlink(real)
+        return err
+
+    def _adopt(self, step: int, rank: int, path: str, digest: int) -> str | None:
+        data = _map(path)
         if _digest(data) != digest:
             return f"step {step} rank {rank}: checksum mismatch on arrival"
+        size = len(data)
         with self._lock:
             if self._steps and step < min(self._steps) and len(self._steps) >= self.keep:
                 return f"step {step} is older than the {self.keep} steps held"
@@ -115,33 +143,40 @@ class ShardStore:
             # must not have evicted anything (the older copy is then the newest one held).
             after = sorted({*self._steps, step})[-self.keep :]
             held = sum(
-                len(b)
+                n
                 for s, ranks in self._steps.items()
                 if s in after
-                for r, (b, _) in ranks.items()
+                for r, (_, n, _) in ranks.items()
                 if (s, r) != (step, rank)
             )
-            if held + len(data) > self.max_bytes:
+            if held + size > self.max_bytes:
                 return (
-                    f"step {step} rank {rank}: {len(data)} more bytes exceed "
-                    f"max_bytes={self.max_bytes}"
+                    f"step {step} rank {rank}: {size} more bytes exceed max_bytes={self.max_bytes}"
                 )
-            self._steps.setdefault(step, {})[rank] = (data, digest)
+            final = os.path.join(self.dir, f"{step}-{rank}.raw")
+            os.replace(path, final)
+            self._steps.setdefault(step, {})[rank] = (final, size, digest)
             for old in [s for s in self._steps if s not in after]:
-                del self._steps[old]
+                for f, _, _ in self._steps.pop(old).values():
+                    _unlink(f)
         return None
 
-    def get_entry(self, step: int, rank: int) -> tuple[bytes, int] | None:
-        """(bytes, digest) of a held shard that still matches its digest, else None."""
+    def locate(self, step: int, rank: int) -> tuple[str, int] | None:
+        """(file, digest) of a held shard; the reader checks the digest."""
         with self._lock:
             entry = self._steps.get(step, {}).get(rank)
-        if entry is None or _digest(entry[0]) != entry[1]:
-            return None  # a copy that rotted in memory is as good as none
-        return entry
+        return None if entry is None else (entry[0], entry[2])
 
-    def get(self, step: int, rank: int) -> bytes | None:
-        entry = self.get_entry(step, rank)
-        return None if entry is None else entry[0]
+    def get(self, step: int, rank: int):
+        """The bytes of a held shard that still match its digest (a map), else None."""
+        found = self.locate(step, rank)
+        if found is None:
+            return None
+        try:
+            data = _map(found[0])
+        except OSError:
+            return None  # evicted meanwhile
+        return data if _digest(data) == found[1] else None  # rotted in memory: as good as none
 
     def steps(self) -> dict[int, list[int]]:
         with self._lock:
@@ -150,8 +185,18 @@ class ShardStore:
     def corrupt(self, step: int, rank: int) -> None:
         """Flip a byte of a held shard (tests and drills: the next-tier path)."""
         with self._lock:
-            data, digest = self._steps[step][rank]
-            self._steps[step][rank] = (bytes([data[0] ^ 0xFF]) + data[1:], digest)
+            path = self._steps[step][rank][0]
+        with open(path, "r+b") as f:
+            first = f.read(1)
+            f.seek(0)
+            f.write(bytes([first[0] ^ 0xFF]))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 class _Handler(socketserver.StreamRequestHandler):
@@ -163,39 +208,64 @@ class _Handler(socketserver.StreamRequestHandler):
                     header, payload = _recv(self.rfile)
                 except (ConnectionError, ValueError):
                     return
-                op = header.get("op")
-                if op == "put":
-                    err = store.put(
-                        int(header["step"]), int(header["rank"]), payload, int(header["digest"])
-                    )
-                    _send(self.connection, {"ok": err is None, "error": err})
-                elif op == "get":
-                    entry = store.get_entry(int(header["step"]), int(header["rank"]))
-                    if entry is None:
-                        _send(self.connection, {"ok": False})
-                    else:
-                        _send(self.connection, {"ok": True, "digest": entry[1]}, entry[0])
-                elif op == "steps":
-                    _send(self.connection, {"ok": True, "steps": store.steps()})
-                elif op == "corrupt":
-                    store.corrupt(int(header["step"]), int(header["rank"]))
-                    _send(self.connection, {"ok": True})
-                else:
-                    _send(self.connection, {"ok": False, "error": f"unknown op {op!r}"})
+                self._answer(store, header, payload)
         except (BrokenPipeError, ConnectionResetError):
             return
+
+    def _answer(self, store: ShardStore, header: dict, payload: bytes) -> None:
+        op, reply, data = header.get("op"), {"ok": True}, b""
+        step, rank = int(header.get("step", -1)), int(header.get("rank", -1))
+        if op in ("put", "adopt"):
+            digest = int(header["digest"])
+            if op == "put":
+                err = store.put(step, rank, payload, digest)
+            else:
+                err = store.adopt(step, rank, str(header["path"]), digest)
+            reply = {"ok": err is None, "error": err}
+        elif op == "locate":
+            found = store.locate(step, rank)
+            reply = (
+                {"ok": False}
+                if found is None
+                else {"ok": True, "path": found[0], "digest": found[1]}
+            )
+        elif op == "get":  # the bytes themselves: for a peer on another host
+            found, got = store.locate(step, rank), store.get(step, rank)
+            if found is None or got is None:
+                reply = {"ok": False}
+            else:
+                reply, data = {"ok": True, "digest": found[1]}, got
+        elif op == "info":
+            reply["incoming"] = store.incoming
+        elif op == "steps":
+            reply["steps"] = store.steps()
+        elif op == "corrupt":
+            store.corrupt(step, rank)
+        else:
+            reply = {"ok": False, "error": f"unknown op {op!r}"}
+        _send(self.connection, reply, data)
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
 
+def shard_dir(socket_path: str) -> str:
+    """Where the keeper at socket_path keeps its shards (beside the socket: put the socket on
+    a tmpfs, /dev/shm, to hold them in memory)."""
+    return socket_path + ".d"
+
+
 def serve(socket_path: str, keep: int, max_bytes: int) -> None:
     """Run a keeper until killed (the launcher owns its lifetime)."""
+    import shutil
+
     if os.path.exists(socket_path):
         os.unlink(socket_path)  # a previous keeper's stale socket
+    shutil.rmtree(shard_dir(socket_path), ignore_errors=True)  # and its shards: not ours
+    os.makedirs(shard_dir(socket_path), mode=0o700)
     server = _Server(socket_path, _Handler)
-    server.store = ShardStore(keep, max_bytes)  # type: ignore[attr-defined]
+    server.store = ShardStore(shard_dir(socket_path), keep, max_bytes)  # type: ignore[attr-defined]
     os.chmod(socket_path, 0o600)  # only this user's workers hand shards over
     server.serve_forever()
 
@@ -236,7 +306,7 @@ class KeeperClient:
     def __init__(self, socket_path: str, timeout_s: float = 60.0) -> None:
         self.socket_path, self.timeout_s = socket_path, timeout_s
 
-    def _call(self, header: dict, payload: bytes = b"") -> tuple[dict, bytes] | None:
+    def _call(self, header: dict, payload=b"") -> tuple[dict, bytes] | None:
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(self.timeout_s)
@@ -247,19 +317,58 @@ class KeeperClient:
         except (OSError, ConnectionError, ValueError):
             return None
 
-    def put(self, step: int, rank: int, data: bytes) -> str | None:
-        """Hand a shard over; the reason it is not held (keeper gone, refused), or None."""
-        reply = self._call({"op": "put", "step": step, "rank": rank, "digest": _digest(data)}, data)
+    def _reply(self, header: dict, payload=b"") -> str | None:
+        reply = self._call(header, payload)
         if reply is None:
             return f"keeper at {self.socket_path} is not reachable"
         return None if reply[0].get("ok") else str(reply[0].get("error"))
 
-    def get(self, step: int, rank: int) -> bytes | None:
-        reply = self._call({"op": "get", "step": step, "rank": rank})
+    def put(self, step: int, rank: int, data) -> str | None:
+        """Hand a packed shard over as bytes; the reason it is not held (keeper gone, refused),
+        or None. put_state writes it in place instead (no copy through the socket)."""
+        header = {"op": "put", "step": step, "rank": rank, "digest": _digest(data)}
+        return self._reply(header, data)
+
+    def put_state(self, step: int, rank: int, state: dict) -> str | None:
+        """Pack `state` straight into a file in the keeper's directory (one copy of the staged
+        tensors) and have the keeper adopt it; the reason it is not held, or None."""
+        info = self._call({"op": "info"})
+        if info is None or not info[0].get("ok"):
+            return f"keeper at {self.socket_path} is not reachable"
+        path = os.path.join(info[0]["incoming"], f"{step}-{rank}-{os.getpid()}")
+        _, _, size = rawstate.plan(state)
+        try:
+            with open(path, "w+b") as f:
+                f.truncate(size)
+                with mmap.mmap(f.fileno(), size) as m:
+                    rawstate.pack_into(state, m)
+                    digest = _digest(m)
+        except OSError as e:  # a full tmpfs: not held, the durable tier still has it
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+            return f"step {step} rank {rank}: cannot write {path}: {e.strerror or e}"
+        return self._reply(
+            {"op": "adopt", "step": step, "rank": rank, "digest": digest, "path": path}
+        )
+
+    def get(self, step: int, rank: int):
+        """The shard's bytes (a private map of the keeper's file: no copy) if held and intact,
+        else None."""
+        reply = self._call({"op": "locate", "step": step, "rank": rank})
         if reply is None or not reply[0].get("ok"):
             return None
-        header, data = reply
-        return data if _digest(data) == header.get("digest") else None
+        try:
+            data = _map(reply[0]["path"])
+        except OSError:
+            return None  # evicted between the answer and the map
+        return data if _digest(data) == reply[0].get("digest") else None
+
+    def get_state(self, step: int, rank: int) -> dict | None:
+        """The shard unpacked (tensors view the map), or None."""
+        data = self.get(step, rank)
+        return None if data is None else unpack_state(data)
 
     def steps(self) -> dict[int, list[int]] | None:
         """step -> ranks held; None when the keeper is not reachable."""
