@@ -116,7 +116,7 @@ PREPARE_TRAIN_CASES: list[tuple[str, str, str]] = [
         "applies to --tokenizer bpe only",
     ),
     ("prep-output-ctrl", "prepare --input {ws}/good.txt --output {ws}/o\nut", "control char"),
-    # -- prepare --format chat / prompt-completion (tests/test_chat.py builds the inputs)
+    # -- prepare --format chat / prompt-completion (tests/chat_data.py builds the inputs)
     ("chat-format-unknown", _chat("chat_ok", fmt="yaml"), "--format 'yaml' is unknown"),
     ("chat-needs-hf", _chat("chat_ok", tok="byte"), "needs --tokenizer hf:PATH"),
     ("chat-no-template", _chat("chat_ok", tok="hf:{ws}/chat_hf_plain"), "no chat template"),

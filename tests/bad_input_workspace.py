@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.test_chat import bad_input_workspace
+from tests.chat_data import bad_input_workspace
 
 # Mixture configs: {name: [[data.sources]] tables}; "D" is the good data, "O" a copy of it
 # whose tokenizer has another end-of-document id.

@@ -12,8 +12,8 @@ import pytest
 import torch
 import transformers
 
+from tests.chat_data import BOS, CHATML, DOC_MASK, END, EOS, WORDS, chat_tokenizer
 from tests.helpers import TINY_LLAMA, losses, triaxis
-from tests.test_chat import BOS, CHATML, DOC_MASK, END, EOS, WORDS, chat_tokenizer
 
 SHAPE = TINY_LLAMA
 REPLY = "✓ fine-tune"

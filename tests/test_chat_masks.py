@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_chat import CHATML, MARKED, documents, read, run_prepare, write_jsonl
+from tests.chat_data import CHATML, MARKED, documents, read, run_prepare, write_jsonl
 from tests.test_tokenizer_hf import BOS, EOS, llama_like_tokenizer
 
 LLAMA3 = (

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.chat_data import DOC_MASK, chat_data  # noqa: F401  (fixture)
 from tests.device_rules import (
     DEVICE_BACKEND,
     HOST_ERROR,
@@ -23,7 +24,6 @@ from tests.device_rules import (
 )
 from tests.dist import run_workers
 from tests.parity import BASE, make_config
-from tests.test_chat import DOC_MASK, chat_data  # noqa: F401  (fixture)
 from tests.test_mixture import mixture_toml, sources  # noqa: F401  (fixture)
 from triaxis.config import load_config
 

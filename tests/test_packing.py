@@ -12,9 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.dist import run_workers
-from tests.parity import train_collect
-from tests.test_chat import (
+from tests.chat_data import (
     CHATML,
     conversation,
     documents,
@@ -23,6 +21,8 @@ from tests.test_chat import (
     tokenizer_folder,
     write_jsonl,
 )
+from tests.dist import run_workers
+from tests.parity import train_collect
 from triaxis.data.dataset import TokenDataset, inputs_targets
 from triaxis.data.prepare import PrepareOptions, prepare
 from triaxis.errors import UserError
