@@ -88,7 +88,7 @@ def build(root: Path, byte_data: Path) -> Path:
     (root / "empty.toml").write_text("")
     for name, text in NUMBERS.items():
         (root / name).write_text(text.replace('"D"', json.dumps(str(root / "data"))) + "\n")
-    bad_input_workspace(root)  # chat / prompt-completion inputs (tests/test_chat.py)
+    bad_input_workspace(root)  # chat / prompt-completion inputs (tests/chat_data.py)
     foreign = root / "foreign"
     foreign.mkdir()
     (foreign / "train_00000.bin").write_bytes(b"my own file, not triaxis's")

@@ -66,7 +66,7 @@ LAYOUTS = {
     },
 }
 """world 2 each; gradient clipping is on by default (train.grad_clip). Loss-masked layouts run
-on the chat set (tests/test_chat.py), mixtures on three sources (tests/test_mixture.py), the
+on the chat set (tests/chat_data.py), mixtures on three sources (tests/test_mixture.py), the
 rest on the byte corpus."""
 FAST = "dp_shard"
 
