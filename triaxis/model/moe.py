@@ -89,12 +89,17 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w3, w2) as the kernels take them (parallelism may swap in local tensors)."""
+        return self.w1, self.w3, self.w2
+
     def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        return expert_swiglu(x, ends, self.w1, self.w3, self.w2)
+        return expert_swiglu(x, ends, *self.weights())
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """x (E, C, D): C rows per expert (zero rows for unused slots) -> (E, C, D)."""
-        return torch.bmm(F.silu(torch.bmm(x, self.w1)) * torch.bmm(x, self.w3), self.w2)
+        w1, w3, w2 = self.weights()
+        return torch.bmm(F.silu(torch.bmm(x, w1)) * torch.bmm(x, w3), w2)
 
 
 class Router(nn.Module):
