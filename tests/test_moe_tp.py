@@ -61,23 +61,17 @@ def test_moe_under_tp_matches_single_process(layout, byte_data, tmp_path, tmp_pa
         assert (got[0]["params"][k] == ref["params"][k]).all(), k
 
 
-def test_moe_tp_layout_passes_the_rules_and_pp_is_one_line():
-    import torch.distributed as dist
-
+def test_moe_tp_and_pp_layouts_pass_the_rules():
+    """MoE with tp and pp now passes check_layout (both used to be refused in one line)."""
     from triaxis.config import load_config
-    from triaxis.errors import UserError
     from triaxis.model import build_model_args
     from triaxis.parallel.rules import check_layout
 
-    cfg = load_config(
-        None,
-        ["--model.preset=tiny-moe", "--parallel.tp=2", "--parallel.ep=2", "--train.micro_batch=1"],
-    )
-    dims = check_layout(cfg, 8, build_model_args(cfg.model))
-    assert (dims.tp, dims.ep, dims.dp_shard) == (2, 2, 4)
-    cfg = load_config(None, ["--model.preset=tiny-moe", "--parallel.pp=2"])
-    with pytest.raises(UserError) as err:
-        check_layout(cfg, 2, build_model_args(cfg.model))
-    assert "model.n_experts=4 with parallel.pp=2" in str(err.value)
-    assert "\n" not in str(err.value)
-    assert not dist.is_initialized()
+    overrides = ["--model.preset=tiny-moe", "--model.tie_embeddings=false"]
+    for degrees, world in (
+        (["--parallel.tp=2", "--parallel.ep=2", "--train.micro_batch=1"], 8),
+        (["--parallel.pp=2", "--parallel.tp=2", "--parallel.ep=2", "--train.micro_batch=1"], 8),
+    ):
+        cfg = load_config(None, overrides + degrees)
+        dims = check_layout(cfg, world, build_model_args(cfg.model))
+        assert (dims.tp, dims.ep) == (2, 2)
