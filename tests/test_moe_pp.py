@@ -4,6 +4,8 @@ process does, 5 steps; losses and parameters 1e-5, the bias bit-equal."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.dist import run_workers
@@ -45,12 +47,19 @@ LAYOUTS = {
 _refs: dict = {}
 
 
-def _reference(data, tmp_path_factory, micro: int, extra: dict) -> dict:
+def _reference(data, tmp_path_factory, micro: int, extra: dict) -> tuple[dict, list]:
     key = (micro, tuple(sorted(extra.items())))
     if key not in _refs:
-        run_dir = str(tmp_path_factory.mktemp("ref"))
-        _refs[key] = train_collect(0, 1, data, run_dir, {"train__micro_batch": micro, **extra})
+        run_dir = tmp_path_factory.mktemp("ref")
+        out = train_collect(0, 1, data, str(run_dir), {"train__micro_batch": micro, **extra})
+        _refs[key] = out, _moe_metrics(run_dir)
     return _refs[key]
+
+
+def _moe_metrics(run_dir) -> list[dict]:
+    """Each logged step's moe_* figures (per block, from every stage's ranks)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k.startswith("moe_")} for x in lines]
 
 
 @pytest.mark.slow
@@ -72,9 +81,16 @@ def test_moe_in_pipeline_stages_matches_single_process(
     for r in got:
         assert r["losses"] == got[0]["losses"]
         merged["params"].update(r["params"])
-    ref = _reference(byte_data, tmp_path_factory, micro, {**MOE, **model})
+    ref, ref_metrics = _reference(byte_data, tmp_path_factory, micro, {**MOE, **model})
     bias = [k for k in ref["params"] if k.endswith("expert_bias")]
     assert bias and all(float(ref["params"][k].abs().sum()) > 0 for k in bias)
     assert_same_run(merged, ref)
     for k in bias:
         assert (merged["params"][k] == ref["params"][k]).all(), k
+    # The metrics hold every MoE block (3 of them: block 0 is dense), whichever stage has it.
+    metrics = _moe_metrics(tmp_path)
+    assert len(metrics) == len(ref_metrics) == 5
+    for got_step, ref_step in zip(metrics, ref_metrics):
+        assert set(got_step) == set(ref_step) and "moe_load_max/3" in ref_step
+        for k, v in ref_step.items():
+            assert got_step[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k

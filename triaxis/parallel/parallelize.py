@@ -4,7 +4,8 @@
                                      does: every later step then wraps the float8 modules
                                      (float8.py);
 1. tensor (+ sequence) parallel   -- must see plain nn.Linear/RMSNorm modules to swap their
-                                     weights for DTensors sharded on the `tp` axis;
+                                     weights for DTensors sharded on the `tp` axis; an MoE
+                                     block is replicated on `tp` instead (moe_tp.py);
 1a. expert parallelism (expert.py) -- the MoE experts become DTensors sharded over `ep` and the
                                      blocks dispatch by all-to-all; before checkpointing (its
                                      recompute replays the all-to-all) and before FSDP, which
