@@ -75,3 +75,20 @@ def test_moe_tp_and_pp_layouts_pass_the_rules():
         cfg = load_config(None, overrides + degrees)
         dims = check_layout(cfg, world, build_model_args(cfg.model))
         assert (dims.tp, dims.ep) == (2, 2)
+
+
+def test_lora_on_an_moe_linear_under_tp_is_one_line():
+    """The MoE block's linears are replicated on tp; LoRA places adapters on tp-sharded ones."""
+    from triaxis.config import load_config
+    from triaxis.errors import UserError
+    from triaxis.model import build_model_args
+    from triaxis.parallel.rules import check_layout
+
+    overrides = ["--model.preset=tiny-moe", "--lora.enabled=true", "--parallel.tp=2"]
+    cfg = load_config(None, [*overrides, "--lora.targets=shared.w1"])
+    with pytest.raises(UserError) as err:
+        check_layout(cfg, 2, build_model_args(cfg.model))
+    assert "adapts layers.1.feed_forward.shared.w1, a linear of an MoE block" in str(err.value)
+    assert "\n" not in str(err.value)
+    cfg = load_config(None, [*overrides, "--lora.targets=attention.wq"])
+    check_layout(cfg, 2, build_model_args(cfg.model))  # the attention's linears are sharded
