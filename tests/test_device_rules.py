@@ -52,6 +52,20 @@ LAYOUTS = {
         "checkpoint__interval": 1,
         "checkpoint__save_final": "true",
     },
+    "moe_tp": {
+        "model__preset": "tiny-moe",
+        "model__moe_bias_update_rate": "1e-3",
+        "parallel__tp": 2,
+        "checkpoint__interval": 1,
+        "checkpoint__save_final": "true",
+    },
+    "moe_pp": {
+        "model__preset": "tiny-moe",
+        "model__tie_embeddings": "false",
+        "model__moe_bias_update_rate": "1e-3",
+        "parallel__pp": 2,
+        "train__micro_batch": 2,
+    },
     "mixture_validation": {
         "parallel__dp_shard": 2,
         "train__val_every": 2,

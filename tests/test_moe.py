@@ -169,15 +169,6 @@ def test_bad_moe_shapes_are_one_line(overrides, words):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
-def test_moe_with_tp_is_refused_in_one_line():
-    from triaxis.parallel.rules import check_layout
-
-    cfg = load_config(None, ["--model.preset=tiny-moe", "--parallel.tp=2"])
-    with pytest.raises(UserError) as err:
-        check_layout(cfg, 2, build_model_args(cfg.model))
-    assert "parallel.tp=2" in str(err.value) and "\n" not in str(err.value)
-
-
 def _train(byte_data, run_dir, steps: int, **extra: str):
     from triaxis.train.distributed import init_distributed
     from triaxis.train.loop import Trainer

@@ -89,12 +89,17 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(n_experts, hidden, dim))
 
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w1, w3, w2) as the kernels take them (parallelism may swap in local tensors)."""
+        return self.w1, self.w3, self.w2
+
     def forward(self, x: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-        return expert_swiglu(x, ends, self.w1, self.w3, self.w2)
+        return expert_swiglu(x, ends, *self.weights())
 
     def padded(self, x: torch.Tensor) -> torch.Tensor:
         """x (E, C, D): C rows per expert (zero rows for unused slots) -> (E, C, D)."""
-        return torch.bmm(F.silu(torch.bmm(x, self.w1)) * torch.bmm(x, self.w3), self.w2)
+        w1, w3, w2 = self.weights()
+        return torch.bmm(F.silu(torch.bmm(x, w1)) * torch.bmm(x, w3), w2)
 
 
 class Router(nn.Module):
@@ -219,23 +224,39 @@ STAT_NAMES = ("moe_aux_loss", "moe_load_max", "moe_load_mean", "moe_dropped")
 routed to one expert (of a micro-batch), the share of assignments dropped by the capacity."""
 
 
-def moe_record(model: nn.Module, reduce) -> dict[str, float]:
+def moe_record(
+    model: nn.Module, reduce, layer_ids: list[int] | None = None, device=None
+) -> dict[str, float]:
     """The MoE figures of a log step: each block's mean over its training forwards since the
     last call, then `reduce` (the mean over data-parallel ranks, on the device); one host read.
-    Empty for a dense model."""
-    layers = [(name, m) for name, m in moe_layers(model) if m.stats_forwards]
-    if not layers:
-        return {}
-    table = torch.stack([m.stats_sum.float() / m.stats_forwards for _, m in layers])  # (L, 4)
+    Empty for a dense model. `layer_ids` (pipelines): every MoE block's index in the full
+    model; this rank fills the rows of the blocks it holds (zeros elsewhere, made on `device`)
+    and `reduce` must also sum over the pipeline ranks, which all call this."""
+    layers = [(_layer_id(name), m) for name, m in moe_layers(model) if m.stats_forwards]
+    if layer_ids is None:
+        if not layers:
+            return {}
+        ids = [i for i, _ in layers]
+        table = torch.stack([m.stats_sum.float() / m.stats_forwards for _, m in layers])
+    else:
+        if not layer_ids:
+            return {}
+        ids = layer_ids
+        table = torch.zeros(len(ids), len(STAT_NAMES), device=device)  # (L, 4)
+        for i, m in layers:
+            table[ids.index(i)] = m.stats_sum.float() / m.stats_forwards
     for _, m in layers:
         m.stats_sum, m.stats_forwards = None, 0
     values = reduce(table).tolist()
     record = {}
-    for (name, _), row in zip(layers, values):
-        layer = name.split("layers.")[-1].split(".")[0]
+    for layer, row in zip(ids, values):
         record.update({f"{stat}/{layer}": value for stat, value in zip(STAT_NAMES, row)})
     record["moe_aux_loss"] = sum(row[0] for row in values) / len(values)
     return record
+
+
+def _layer_id(name: str) -> int:
+    return int(name.split("layers.")[-1].split(".")[0])
 
 
 def set_aux_scale(model: nn.Module, scale: float) -> None:

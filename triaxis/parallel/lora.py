@@ -29,6 +29,7 @@ from torch import nn
 
 from triaxis.config import LoraConfig
 from triaxis.errors import UserError
+from triaxis.model.moe import moe_layers
 from triaxis.parallel.targets import matches
 
 
@@ -45,6 +46,7 @@ def check_targets(cfg: LoraConfig, model: nn.Module, tp: int) -> None:
             "lora.targets is empty; name Linear modules, e.g. attention.wq,attention.wv"
         )
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    moe_blocks = [n for n, _ in moe_layers(model)]
     for p in pats:
         hit = [n for n in names if matches(n, [p])]
         if not hit:
@@ -57,6 +59,13 @@ def check_targets(cfg: LoraConfig, model: nn.Module, tp: int) -> None:
             raise UserError(
                 f"lora.targets pattern {p!r} adapts the LM head, which parallel.tp={tp} gathers "
                 "or keeps vocabulary-sharded; drop it from lora.targets or set --parallel.tp=1"
+            )
+        in_moe = [n for n in hit if any(n.startswith(m + ".") for m in moe_blocks)]
+        if tp > 1 and in_moe:
+            raise UserError(
+                f"lora.targets pattern {p!r} adapts {in_moe[0]}, a linear of an MoE block, "
+                f"which parallel.tp={tp} replicates (adapters follow tp-sharded linears only); "
+                "drop it from lora.targets or set --parallel.tp=1"
             )
 
 

@@ -4,7 +4,8 @@
                                      does: every later step then wraps the float8 modules
                                      (float8.py);
 1. tensor (+ sequence) parallel   -- must see plain nn.Linear/RMSNorm modules to swap their
-                                     weights for DTensors sharded on the `tp` axis;
+                                     weights for DTensors sharded on the `tp` axis; an MoE
+                                     block is replicated on `tp` instead (moe_tp.py);
 1a. expert parallelism (expert.py) -- the MoE experts become DTensors sharded over `ep` and the
                                      blocks dispatch by all-to-all; before checkpointing (its
                                      recompute replays the all-to-all) and before FSDP, which
@@ -136,7 +137,24 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
     if model.args.tie_embeddings and model.output is not None:
         # Both plans shard the shared (vocab, dim) weight on dim 0; re-tie the one DTensor.
         model.output.weight = model.tok_embeddings.weight
+    from triaxis.model.moe import MoE
+    from triaxis.parallel.moe_tp import moe_tp_plan, replicate_moe
+
     for block in model.layers.values():
+        if isinstance(block.feed_forward, MoE):
+            replicate_moe(block.feed_forward, tp_mesh)
+        ffn_plan = (
+            moe_tp_plan()
+            if isinstance(block.feed_forward, MoE)
+            else {
+                "feed_forward": PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                ),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+            }
+        )
         parallelize_module(
             block,
             tp_mesh,
@@ -153,12 +171,7 @@ def apply_tp(model: nn.Module, tp_mesh, loss_parallel: bool) -> None:
                 "attention.wv": ColwiseParallel(),
                 "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
                 "ffn_norm": SequenceParallel(),
-                "feed_forward": PrepareModuleInput(
-                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-                ),
-                "feed_forward.w1": ColwiseParallel(),
-                "feed_forward.w3": ColwiseParallel(),
-                "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+                **ffn_plan,
             },
         )
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from triaxis.errors import UserError
 from triaxis.model.llama import ModelArgs, Transformer
+from triaxis.model.moe import moe_layers
 from triaxis.parallel.compat import pipeline_stage
 from triaxis.parallel.partition import MULTI, SINGLE, Stage, schedule_problem, stage_rank
 
@@ -109,6 +110,8 @@ class Pipeline:
             pipeline_stage(part, s.index, num_stages, device, group=pp_group)
             for part, s in zip(parts, stages)
         ]
+        for stage, part in zip(self.stages, parts):
+            _keep_moe_state(stage, part)
         # For the forward-only walk of eval(): who holds each stage, and this rank's modules.
         pp = dist.get_world_size(pp_group)
         self.stage_ranks = [stage_rank(i, pp, schedule) for i in range(num_stages)]
@@ -202,6 +205,32 @@ class Pipeline:
 
 
 _DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _keep_moe_state(stage, part: nn.Module) -> None:
+    """On its first step a PipelineStage runs its module once more to learn the output shapes
+    (torch 2.13: `_prepare_forward_infra`), in training mode, on the first micro-batch or, past
+    the first stage, on uninitialized tensors. An MoE block counts the tokens it routes then
+    (the balancing state a checkpoint carries) and records its figures: that forward's
+    counts and figures are taken back, so the bias moves as one process's does."""
+    layers = moe_layers(part)
+    infer = getattr(stage, "_prepare_forward_infra", None)
+    if not layers or infer is None:
+        return
+
+    def prepare(*args, **kwargs):
+        saved = [
+            (m.router.tokens_since_update.clone(), m.stats, m.stats_sum, m.stats_forwards)
+            for _, m in layers
+        ]
+        try:
+            return infer(*args, **kwargs)
+        finally:
+            for (_, m), (counts, stats, stats_sum, forwards) in zip(layers, saved):
+                m.router.tokens_since_update.copy_(counts)
+                m.stats, m.stats_sum, m.stats_forwards = stats, stats_sum, forwards
+
+    stage._prepare_forward_infra = prepare
 
 
 def local_value(t: torch.Tensor) -> torch.Tensor:

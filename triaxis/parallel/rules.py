@@ -33,12 +33,6 @@ def check_layout(cfg: Config, world: int, model_args: ModelArgs) -> ParallelDims
             f"(each ep rank holds whole experts); choose ep in {ok}"
         )
     validate(cfg, model_args, dims)
-    if model_args.n_experts and (dims.tp > 1 or dims.pp > 1):
-        raise UserError(
-            f"model.n_experts={model_args.n_experts} with parallel.tp={dims.tp}, "
-            f"parallel.pp={dims.pp}: mixture-of-experts models train with data parallelism "
-            "(FSDP/HSDP) only so far; set --parallel.tp=1 --parallel.pp=1"
-        )
     if cfg.lora.enabled:
         check_lora(cfg, model_args, dims)
     if dims.pp > 1:

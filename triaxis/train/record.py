@@ -51,10 +51,24 @@ def log_record(t: Trainer, step: int, loss: float, steps: int, elapsed_s: float)
     tokens_seen = step * t.cfg.train.global_batch * t.cfg.data.seq_len
     record.update(t.stats.grad_record(), tokens_seen=tokens_seen)
     record.update(zip(times, slowest))  # fwd_bwd_s, optimizer_s: seconds per step
-    record.update(moe_record(t.model, t.reduce_over_dp))
+    record.update(_moe_figures(t))
     if t.peak_float8:
         record["mfu_float8"] = record["tokens_per_s_per_device"] * t.flops_per_token / t.peak_float8
     return record
+
+
+def _moe_figures(t: Trainer) -> dict[str, float]:
+    if t.pipeline is None:
+        return moe_record(t.model, t.reduce_over_dp)
+    # Each pipeline rank holds some blocks: every rank fills its rows, the pp ranks sum them.
+    ids = [i for i in range(t.model_args.n_layers) if t.model_args.is_moe_layer(i)]
+
+    def reduce(table: torch.Tensor) -> torch.Tensor:
+        table = t.reduce_over_dp(table)
+        dist.all_reduce(table, group=t.pp_group)
+        return table
+
+    return moe_record(t.model, reduce, ids, t.device)
 
 
 def float8_peak(train_cfg, model_args, device, flops_per_token: float, name: str | None = None):
