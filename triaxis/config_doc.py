@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from triaxis.config import SECTIONS, Config, field_docs
+from triaxis.config.load import field_types
 from triaxis.fields import RANGE
 
 REGENERATE = "python -m triaxis config --markdown > docs/config.md"
@@ -52,7 +53,7 @@ def section_fields(section: str) -> list[FieldDoc]:
 
 
 def _fields_of(cls: type, defaults: Any) -> list[FieldDoc]:
-    hints = typing.get_type_hints(cls)
+    hints = field_types(cls)
     docs = field_docs(cls)
     return [
         FieldDoc(
@@ -68,7 +69,7 @@ def _fields_of(cls: type, defaults: Any) -> list[FieldDoc]:
 def table_arrays(section: str) -> list[tuple[str, list[FieldDoc]]]:
     """The section's arrays of tables (`[[data.sources]]`): (their name, their fields)."""
     out = []
-    for name, hint in typing.get_type_hints(SECTIONS[section]).items():
+    for name, hint in field_types(SECTIONS[section]).items():
         args = typing.get_args(hint)
         if typing.get_origin(hint) is list and args and dataclasses.is_dataclass(args[0]):
             out.append((f"{section}.{name}", _fields_of(args[0], args[0]())))
