@@ -22,11 +22,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from triaxis.model.moe import MoE
+from triaxis.model.moe import Experts, MoE
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p
+    from torch.distributed.tensor import DTensor
+
+    # isinstance, not hasattr: torch.compile answers hasattr(param, "to_local") with False.
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
 def replicate_moe(moe: MoE, tp_mesh) -> None:
@@ -43,8 +46,15 @@ def replicate_moe(moe: MoE, tp_mesh) -> None:
     for name, p in list(experts.named_parameters(recurse=False)):
         d = DTensor.from_local(p.data, tp_mesh, [Replicate()], run_check=False)
         setattr(experts, name, nn.Parameter(d, requires_grad=p.requires_grad))
-    # to_local keeps autograd: each gradient comes back as a Replicate DTensor, complete.
-    experts.weights = lambda: (_local(experts.w1), _local(experts.w3), _local(experts.w2))
+    # A subclass, not an instance attribute: torch.compile resolves a module's methods on its
+    # class (as FSDP's fully_shard does, by the same swap).
+    experts.__class__ = _TpReplicatedExperts
+
+
+class _TpReplicatedExperts(Experts):
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # to_local keeps autograd: each gradient comes back as a Replicate DTensor, complete.
+        return _local(self.w1), _local(self.w3), _local(self.w2)
 
 
 def _replicate_input(module, inputs, mesh):
