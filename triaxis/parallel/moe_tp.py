@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from triaxis.model.moe import Experts, MoE
+from triaxis.model.moe import MoE
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
@@ -39,22 +39,15 @@ def replicate_moe(moe: MoE, tp_mesh) -> None:
 
     for module in moe.modules():
         if isinstance(module, nn.Linear):
-            # The router's gate and the shared experts' linears (float8 ones too) compute as
+            # The router's gate and the shared experts' linears compute as
             # replicated DTensors between a local input and a local output.
             distribute_module(module, tp_mesh, input_fn=_replicate_input, output_fn=_local_output)
     experts = moe.experts
     for name, p in list(experts.named_parameters(recurse=False)):
         d = DTensor.from_local(p.data, tp_mesh, [Replicate()], run_check=False)
         setattr(experts, name, nn.Parameter(d, requires_grad=p.requires_grad))
-    # A subclass, not an instance attribute: torch.compile resolves a module's methods on its
-    # class (as FSDP's fully_shard does, by the same swap).
-    experts.__class__ = _TpReplicatedExperts
-
-
-class _TpReplicatedExperts(Experts):
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # to_local keeps autograd: each gradient comes back as a Replicate DTensor, complete.
-        return _local(self.w1), _local(self.w3), _local(self.w2)
+    # to_local keeps autograd: each gradient comes back as a Replicate DTensor, complete.
+    experts.weights = lambda: (_local(experts.w1), _local(experts.w3), _local(experts.w2))
 
 
 def _replicate_input(module, inputs, mesh):
