@@ -50,6 +50,8 @@ SITES = {
     # device tensors on device groups
     ("train/loop.py", "Trainer._masked_scale"): ["all_reduce"],  # counts of device targets
     ("train/loop.py", "Trainer.reduce_over_dp"): ["all_reduce"],  # device losses
+    # MoE figures of each pipeline stage's blocks, a table made on the trainer's device
+    ("train/record.py", "_moe_figures.reduce"): ["all_reduce"],
     ("train/optim.py", "clip_grad_norm"): ["all_reduce"],  # the norm, on the device
     ("model/moe.py", "update_expert_bias"): ["all_reduce"],  # expert counts: model buffers
     ("train/record.py", "_moe_figures.reduce"): ["all_reduce"],  # MoE tables on t.device

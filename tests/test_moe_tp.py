@@ -92,3 +92,38 @@ def test_lora_on_an_moe_linear_under_tp_is_one_line():
     assert "\n" not in str(err.value)
     cfg = load_config(None, [*overrides, "--lora.targets=attention.wq"])
     check_layout(cfg, 2, build_model_args(cfg.model))  # the attention's linears are sharded
+
+
+def _tp_collectives(rank, world, data, run_dir, first_dense: int) -> dict[str, int]:
+    """One step's DTensor collectives (one micro-batch), by op."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from tests.parity import make_config
+    from triaxis.train.distributed import init_distributed
+    from triaxis.train.loop import Trainer
+
+    cfg = make_config(
+        data,
+        run_dir,
+        **MOE,
+        parallel__tp=2,
+        train__micro_batch=8,
+        model__moe_first_dense=first_dense,
+    )
+    trainer = Trainer(cfg, init_distributed("cpu"))
+    with CommDebugMode() as comm:
+        trainer.train_step(cursor=0)
+    return {str(op).split(".")[-1]: n for op, n in comm.get_comm_counts().items()}
+
+
+@pytest.mark.slow
+def test_an_moe_block_under_tp_gathers_like_the_dense_mlp_and_reduces_nothing(byte_data, tmp_path):
+    """The dense MLP under sequence parallelism: an all-gather and a reduce-scatter forward,
+    the same pair backward. The replicated MoE block: the input's all-gather forward, the
+    output gradient's backward, no reduce-scatter (its output is sliced, its input gradient
+    complete). Three MoE blocks against one: two blocks' worth, 2 reduce-scatters each."""
+    moe3 = run_workers(_tp_collectives, 2, byte_data, str(tmp_path / "a"), 1)[0]
+    moe1 = run_workers(_tp_collectives, 2, byte_data, str(tmp_path / "b"), 3)[0]
+    assert moe1["reduce_scatter_tensor"] - moe3["reduce_scatter_tensor"] == 2 * 2, (moe1, moe3)
+    assert moe1["all_gather_into_tensor"] == moe3["all_gather_into_tensor"], (moe1, moe3)
+    assert moe1.get("all_reduce", 0) == moe3.get("all_reduce", 0), (moe1, moe3)

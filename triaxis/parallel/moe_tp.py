@@ -26,7 +26,10 @@ from triaxis.model.moe import MoE
 
 
 def _local(p: torch.Tensor) -> torch.Tensor:
-    return p.to_local() if hasattr(p, "to_local") else p
+    from torch.distributed.tensor import DTensor
+
+    # isinstance, not hasattr: torch.compile answers hasattr(param, "to_local") with False.
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
 def replicate_moe(moe: MoE, tp_mesh) -> None:
@@ -36,7 +39,7 @@ def replicate_moe(moe: MoE, tp_mesh) -> None:
 
     for module in moe.modules():
         if isinstance(module, nn.Linear):
-            # The router's gate and the shared experts' linears (float8 ones too) compute as
+            # The router's gate and the shared experts' linears compute as
             # replicated DTensors between a local input and a local output.
             distribute_module(module, tp_mesh, input_fn=_replicate_input, output_fn=_local_output)
     experts = moe.experts
