@@ -54,7 +54,6 @@ SITES = {
     ("train/record.py", "_moe_figures.reduce"): ["all_reduce"],
     ("train/optim.py", "clip_grad_norm"): ["all_reduce"],  # the norm, on the device
     ("model/moe.py", "update_expert_bias"): ["all_reduce"],  # expert counts: model buffers
-    ("train/record.py", "_moe_figures.reduce"): ["all_reduce"],  # MoE tables on t.device
     # expert parallelism: routed rows and their gradients, and the per-expert counts that
     # size them, all made on the device (the splits reach the host after the exchange)
     ("parallel/expert.py", "_AllToAll.forward"): ["all_to_all_single"],
