@@ -58,7 +58,8 @@ def test_step_time_counts_whole_attention_and_the_ring():
 def test_cp_pairs_follow_the_trainer_rules():
     pairs = list(pp_cp_pairs(8, 8, 0, seq_len=20))
     assert (1, 2) in pairs and (1, 4) not in pairs  # 20 splits into 4 chunks, not 8
-    assert all(cp == 1 for pp, cp in pairs if pp > 1)  # cp is priced without a pipeline only
+    assert (2, 2) in pairs and (4, 2) in pairs and (2, 4) not in pairs  # cp inside pipelines too
+    assert all(8 % (pp * cp) == 0 for pp, cp in pairs)  # pp x cp divides the ranks
     assert list(pp_cp_pairs(8, 8, 1, seq_len=4096)) == [(d, 1) for d in (1, 2, 4, 8)]
 
 
@@ -82,3 +83,38 @@ def test_long_sequences_choose_cp_and_the_snippet_runs(tmp_path):
     assert check_layout(cfg, 8, args).cp == best.layout.cp
     # A bare search space plans without cp, as before.
     assert all(x.cp == 1 for x in enumerate_layouts(p.shape, 8, 8, 8, SearchSpace(), p.seq_len))
+
+
+def test_cp_with_a_pipeline_prices_each_stage_on_its_share_of_the_sequence(tmp_path):
+    """cp x pp: every stage computes its blocks on T/cp tokens, so the sequence-bound part of
+    its activation memory divides by cp; the plan's snippet is a layout the trainer accepts."""
+    from triaxis.config import load_config
+    from triaxis.model import PRESETS
+    from triaxis.parallel.rules import check_layout
+    from triaxis.plan.report import toml_snippet
+    from triaxis.plan.search import evaluate
+
+    def activations(seq: int, cp: int) -> float:
+        layout = Layout(1, 4 // cp, 1, 2, 1, "full", schedule="1f1b", cp=cp)
+        return cp_memory_of(_problem(seq), layout, 8).activations
+
+    growth = activations(65536, 1) - activations(32768, 1)
+    assert activations(65536, 2) - activations(32768, 2) == pytest.approx(growth / 2, rel=0.01)
+    p = _problem(131072)
+    space = SearchSpace(max_cp=0)
+    both = [x for x in enumerate_layouts(p.shape, 8, 8, 8, space, p.seq_len) if x.cp > 1 < x.pp]
+    assert both, "the search never tries cp inside a pipeline"
+    best = min((evaluate(p, x) for x in both), key=lambda q: q.time.total)
+    assert best.time.exposed_comm["cp"] >= 0.0
+    result = plan(p, 8, "speed", space, keep=3)
+    path = tmp_path / "plan.toml"
+    path.write_text(toml_snippet(result, best) + '\n[model]\npreset = "8b"\n')
+    overrides = [
+        "--model.max_seq_len=131072",
+        "--data.path=synthetic",
+        "--model.tie_embeddings=false",
+    ]
+    cfg = load_config(str(path), overrides)
+    args = dataclasses.replace(PRESETS["8b"], max_seq_len=131072, tie_embeddings=False)
+    dims = check_layout(cfg, 8, args)
+    assert (dims.cp, dims.pp) == (best.layout.cp, best.layout.pp)

@@ -107,14 +107,18 @@ def ring_exposed_s(p: Problem, layout: Layout, attention_s: float, backward: boo
 def pp_cp_pairs(
     ranks: int, gpus_per_node: int, max_cp: int, seq_len: int
 ) -> Iterator[tuple[int, int]]:
-    """(pp, cp) pairs the search tries for `ranks` (the world over tp): cp > 1 only without a
-    pipeline (what this cost model prices), up to max_cp (0: GPUs per node), where seq_len
-    splits into 2 x cp chunks."""
+    """(pp, cp) pairs the search tries for `ranks` (the world over tp): cp up to max_cp (0: GPUs
+    per node) where seq_len splits into 2 x cp chunks, with or without a pipeline (each stage
+    computes its blocks on T/cp tokens: local_view)."""
     divisors = [d for d in range(1, ranks + 1) if ranks % d == 0]
     for pp in divisors:
         yield pp, 1
-        if pp > 1 or not seq_len:
+        if not seq_len:
             continue
         for cp in divisors[1:]:
-            if cp <= (max_cp or gpus_per_node) and seq_len % (2 * cp) == 0:
+            if (
+                (ranks // pp) % cp == 0
+                and cp <= (max_cp or gpus_per_node)
+                and seq_len % (2 * cp) == 0
+            ):
                 yield pp, cp

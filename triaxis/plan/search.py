@@ -61,8 +61,7 @@ class SearchSpace:
     """0 = up to GPUs per node: tensor parallelism never crosses the NVLink domain."""
     max_cp: int = 1
     """Context-parallel degrees tried: 1 = none (a bare SearchSpace), 0 = up to GPUs per node.
-    Only where the sequence splits into 2 x cp chunks, and without a pipeline (the pair this
-    cost model prices)."""
+    Only where the sequence splits into 2 x cp chunks; with or without a pipeline."""
     virtual_stages: tuple[int, ...] = (2, 4)
     """Model chunks per rank tried with interleaved-1f1b."""
     max_micro_batch: int = 64
