@@ -372,8 +372,9 @@ def reader_class(remote: bool):
     from torch.distributed.checkpoint import FileSystemReader
 
     if not remote:
+        from triaxis.checkpoint.direct_read import DirectReadMixin
 
-        class LocalReader(_VerifyingMixin, FileSystemReader):
+        class LocalReader(DirectReadMixin, _VerifyingMixin, FileSystemReader):
             pass
 
         return LocalReader

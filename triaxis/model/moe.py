@@ -62,14 +62,25 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return device.type == "cpu"
 
 
+def _grouped_swiglu(x, ends, w1, w3, w2) -> torch.Tensor:
+    h = F.silu(torch._grouped_mm(x, w1, offs=ends)) * torch._grouped_mm(x, w3, offs=ends)
+    return torch._grouped_mm(h, w2, offs=ends)
+
+
+_eager_grouped_swiglu = torch.compiler.disable(_grouped_swiglu)
+
+
 def expert_swiglu(
     x: torch.Tensor, ends: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
 ) -> torch.Tensor:
     """SwiGLU of each expert over its rows. x (M, D) sorted by expert, expert e's rows ending at
     ends[e] (int32, cumulative); w1, w3 (E, D, H), w2 (E, H, D) -> (M, D)."""
     if grouped_mm_supported(x.device, x.dtype):
-        h = F.silu(torch._grouped_mm(x, w1, offs=ends)) * torch._grouped_mm(x, w3, offs=ends)
-        return torch._grouped_mm(h, w2, offs=ends)
+        if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+            # The op's fake-tensor rule (what torch.compile traces) admits bf16 only, though
+            # the CPU kernel takes any float: run it eagerly, one graph break per MoE block.
+            return _eager_grouped_swiglu(x, ends, w1, w3, w2)
+        return _grouped_swiglu(x, ends, w1, w3, w2)
     # Elsewhere a loop over experts; reading the group ends is a host sync, on such devices only.
     out, start = [], 0
     for e, end in enumerate(ends.tolist()):

@@ -61,7 +61,10 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
-    return w.to_local() if hasattr(w, "to_local") else w
+    from torch.distributed.tensor import DTensor
+
+    # isinstance, not hasattr: torch.compile answers hasattr(param, "to_local") with False.
+    return w.to_local() if isinstance(w, DTensor) else w
 
 
 def ep_dispatch_compute_combine(moe, group, ep: int, flat, chosen, weights, counts):
