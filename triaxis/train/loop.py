@@ -44,6 +44,7 @@ from triaxis.train.cadence import Cadence
 from triaxis.train.distributed import DistEnv, staged_for_copy
 from triaxis.train.numerics import Numerics
 from triaxis.train.optim import build_optimizer, build_scheduler, clip_grad_norm
+from triaxis.train.padding import padding_positions
 from triaxis.train.profile import StepProfiler
 from triaxis.train.record import float8_peak, log_record
 from triaxis.train.resilience import Faults, PreemptionWatch
@@ -147,6 +148,10 @@ class Trainer:
             self.train_ds.manifest["tokenizer"]["eos_id"] if cfg.data.document_mask else None
         )
         self.peak = peak_flops(self.device)
+        # Packed windows end in padding (end-of-document tokens, masked): counted on the device.
+        packed = getattr(self.train_ds, "packed", False)
+        self.pad_eos = self.train_ds.manifest["tokenizer"].get("eos_id") if packed else None
+        self.pad_positions = torch.zeros((), dtype=torch.int64, device=self.device)
         self.peak_float8 = float8_peak(
             cfg.train, self.model_args, self.device, self.flops_per_token
         )
@@ -243,6 +248,8 @@ class Trainer:
             )
         batches = [self.local_batch(self.train_ds, cursor, m) for m in range(self.grad_accum)]
         self.loss_scale = self._masked_scale(batches)
+        if self.pad_eos is not None:  # packed data: its padding is not throughput
+            self.pad_positions += sum(padding_positions(i, t, self.pad_eos) for i, t in batches)
         if self.pipeline is not None:
             # The schedule runs the micro-batches: hand it all of them, in micro-step order.
             inputs, targets = (torch.cat(t) for t in zip(*batches))

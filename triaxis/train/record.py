@@ -33,11 +33,13 @@ def log_record(t: Trainer, step: int, loss: float, steps: int, elapsed_s: float)
     if t.host_group is not None:
         host_all_reduce(mem_wait, t.host_group, op=dist.ReduceOp.MAX)
     mem, wait, *slowest = mem_wait.tolist()
+    positions = steps * t.cfg.train.global_batch * t.cfg.data.seq_len
+    padding = _padding(t)
     record, stall = step_record(
         step,
         loss=loss,
         lr=t.optimizer.param_groups[0]["lr"],
-        tokens=steps * t.cfg.train.global_batch * t.cfg.data.seq_len,
+        tokens=positions - (padding or 0),
         steps=steps,
         elapsed_s=elapsed_s,
         world_size=t.env.world_size,
@@ -52,6 +54,8 @@ def log_record(t: Trainer, step: int, loss: float, steps: int, elapsed_s: float)
     record.update(t.stats.grad_record(), tokens_seen=tokens_seen)
     record.update(zip(times, slowest))  # fwd_bwd_s, optimizer_s: seconds per step
     record.update(_moe_figures(t))
+    if padding is not None:
+        record["padding_fraction"] = padding / positions
     if t.peak_float8:
         record["mfu_float8"] = record["tokens_per_s_per_device"] * t.flops_per_token / t.peak_float8
     return record
@@ -69,6 +73,16 @@ def _moe_figures(t: Trainer) -> dict[str, float]:
         return table
 
     return moe_record(t.model, reduce, ids, t.device)
+
+
+def _padding(t: Trainer) -> int | None:
+    """Padding positions of packed data since the last record, summed over data-parallel
+    ranks (each counted its own rows), or None when the data is not packed."""
+    if t.pad_eos is None:
+        return None
+    count = t.reduce_over_dp(t.pad_positions.double()) * t.dims.dp_size
+    t.pad_positions.zero_()
+    return round(float(count))
 
 
 def float8_peak(train_cfg, model_args, device, flops_per_token: float, name: str | None = None):
