@@ -1,12 +1,13 @@
 """Chat fine-tuning through the CLI, as the README walks through it: a Hugging Face Llama folder
 with a chat template -> import-hf -> prepare --format chat -> launch 2 dp_shard processes from
-the imported weights -> export-hf -> transformers generates the reply the chat set taught."""
+the imported weights -> the run's own Hugging Face folder (checkpoint.hf=final: the full model,
+or with LoRA the PEFT adapter) -> transformers (+ peft) generates the reply the chat set taught,
+with nothing copied by hand."""
 
 from __future__ import annotations
 
 import json
 import shlex
-import shutil
 
 import pytest
 import torch
@@ -19,9 +20,27 @@ SHAPE = TINY_LLAMA
 REPLY = "✓ fine-tune"
 
 
+LORA = [
+    "--lora.enabled=true",
+    "--lora.rank=16",
+    "--lora.alpha=32",
+    "--lora.targets=attention.wq,attention.wk,attention.wv,attention.wo,"
+    "feed_forward.w1,feed_forward.w2,feed_forward.w3",
+]
+TUNING = {
+    "full": ["--train.lr=3e-3", "--train.steps=40"],
+    # Measured: on this random tiny base the adapters take the loss from 5.68 to 4.45 in 20
+    # steps and then plateau at 4.43 (grad norm -> 0.01) for any lr 1e-2..3e-2 and rank 8..16,
+    # so the LoRA run is held to a falling loss and a folder that loads and generates; the
+    # taught reply is asserted for full fine-tuning (docs/finetuning.md, "Known limits").
+    "lora": ["--train.lr=1e-2", "--train.steps=40", *LORA],
+}
+
+
 @pytest.mark.slow
-def test_chat_finetune_export_generate(tmp_path):
-    hf, ckpt, data, run, out = (tmp_path / n for n in ("hf", "ckpt", "data", "run", "out"))
+@pytest.mark.parametrize("tuning", list(TUNING))
+def test_chat_finetune_writes_a_folder_that_generates(tuning, tmp_path):
+    hf, ckpt, data, run = (tmp_path / n for n in ("hf", "ckpt", "data", "run"))
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=chat_tokenizer(), bos_token=BOS, eos_token=EOS, chat_template=CHATML
     )
@@ -61,8 +80,7 @@ def test_chat_finetune_export_generate(tmp_path):
         f"--train.run_dir={run}",
         "--train.global_batch=8",
         "--train.micro_batch=2",
-        "--train.steps=40",
-        "--train.lr=3e-3",
+        *TUNING[tuning],
         "--train.warmup_steps=2",
         "--train.val_every=0",
         "--metrics.log_every=1",
@@ -70,19 +88,25 @@ def test_chat_finetune_export_generate(tmp_path):
         "--metrics.tensorboard=false",
         "--parallel.dp_shard=2",
         f"--checkpoint.initial={ckpt}",
+        "--checkpoint.hf=final",
         *(f"--{k.replace('__', '.')}={v}" for k, v in DOC_MASK.items()),
         *overrides,
         timeout=600,
     )
     trained = losses(run)
-    assert sorted(trained) == list(range(1, 41)) and trained[40] < 0.3 * trained[1], trained
+    last = max(trained)
+    assert sorted(trained) == list(range(1, last + 1)), trained
+    assert trained[last] < (0.3 if tuning == "full" else 0.85) * trained[1], trained
 
-    triaxis("export-hf", run, out)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        if (hf / name).exists():
-            shutil.copy(hf / name, out / name)
+    (out,) = sorted(run.glob("checkpoints/*/hf"))[-1:]  # the final checkpoint's folder
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
-    model = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
+    if tuning == "lora":
+        import peft
+
+        base = transformers.LlamaForCausalLM.from_pretrained(str(hf))  # the frozen base
+        model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    else:
+        model = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
     prompt = tok.apply_chat_template(
         [{"role": "user", "content": "token shard 999?"}],
         add_generation_prompt=True,
@@ -95,4 +119,7 @@ def test_chat_finetune_export_generate(tmp_path):
             ids, max_new_tokens=12, do_sample=False, eos_token_id=end_id, pad_token_id=end_id
         )
     reply = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=False)
-    assert reply.startswith(REPLY + END), reply
+    if tuning == "full":
+        assert reply.startswith(REPLY + END), reply
+    else:
+        assert gen.shape[1] > ids.shape[1], reply  # the PEFT folder loads and generates
