@@ -29,10 +29,6 @@ LORA = [
 ]
 TUNING = {
     "full": ["--train.lr=3e-3", "--train.steps=40"],
-    # Measured: on this random tiny base the adapters take the loss from 5.68 to 4.45 in 20
-    # steps and then plateau at 4.43 (grad norm -> 0.01) for any lr 1e-2..3e-2 and rank 8..16,
-    # so the LoRA run is held to a falling loss and a folder that loads and generates; the
-    # taught reply is asserted for full fine-tuning (docs/finetuning.md, "Known limits").
     "lora": ["--train.lr=1e-2", "--train.steps=40", *LORA],
 }
 
@@ -45,7 +41,13 @@ def test_chat_finetune_writes_a_folder_that_generates(tuning, tmp_path):
         tokenizer_object=chat_tokenizer(), bos_token=BOS, eos_token=EOS, chat_template=CHATML
     )
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(**SHAPE, vocab_size=len(fast), tie_word_embeddings=False)
+    # The head of a base with the default init (std 0.02) caps every logit near 1.3 after the
+    # final norm: a frozen head could never say anything with confidence. 0.2 gives a base
+    # whose head can, as a pretrained one's does.
+    init = {"initializer_range": 0.2} if tuning == "lora" else {}
+    config = transformers.LlamaConfig(
+        **SHAPE, vocab_size=len(fast), tie_word_embeddings=False, **init
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(hf)
     fast.save_pretrained(hf)  # tokenizer.json, tokenizer_config.json, chat_template.jinja
 
@@ -96,7 +98,7 @@ def test_chat_finetune_writes_a_folder_that_generates(tuning, tmp_path):
     trained = losses(run)
     last = max(trained)
     assert sorted(trained) == list(range(1, last + 1)), trained
-    assert trained[last] < (0.3 if tuning == "full" else 0.85) * trained[1], trained
+    assert trained[last] < 0.3 * trained[1], trained
 
     (out,) = sorted(run.glob("checkpoints/*/hf"))[-1:]  # the final checkpoint's folder
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
@@ -119,7 +121,4 @@ def test_chat_finetune_writes_a_folder_that_generates(tuning, tmp_path):
             ids, max_new_tokens=12, do_sample=False, eos_token_id=end_id, pad_token_id=end_id
         )
     reply = tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=False)
-    if tuning == "full":
-        assert reply.startswith(REPLY + END), reply
-    else:
-        assert gen.shape[1] > ids.shape[1], reply  # the PEFT folder loads and generates
+    assert reply.startswith(REPLY + END), reply
