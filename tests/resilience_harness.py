@@ -88,6 +88,7 @@ LAYOUTS = {
         for name, v in SCHEDULES.items()
     },
     "pp_dp": (4, {"parallel.pp": "2", "parallel.dp_shard": "2", "train.micro_batch": "1"}),
+    "ep": (2, {"parallel.ep": "2", "parallel.dp_shard": "2", "train.micro_batch": "2"}),
     "pp_tp": (
         4,
         {
@@ -116,6 +117,14 @@ OPTIONS = {
     "offload": {**VAL, "parallel.cpu_offload": "true"},
     # A NaN at step 3 rolls back to step 2 and skips that batch; the kill comes later.
     "rollback": {"train.on_bad_loss": "rollback", "env.TRIAXIS_FAULT_NAN": "3"},
+    # A mixture of experts with bias balancing (its routing state rides in the checkpoint), in
+    # micro-batches of 2 samples everywhere: routing statistics are per micro-batch.
+    "moe": {
+        **VAL,
+        "model.preset": "tiny-moe",
+        "model.moe_bias_update_rate": "1e-2",
+        "train.micro_batch": "2",
+    },
 }
 
 

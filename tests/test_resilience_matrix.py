@@ -83,6 +83,11 @@ SLOW = [
     ("pp_tp_dp", "val", "uninterrupted"),
     ("pp_tp_dp", "val", "kill"),
     ("pp_tp_dp", "val", "slices"),
+    # Mixtures of experts: killed and resumed, the routing bias included (issue 28).
+    ("dp_shard", "moe", "kill"),
+    ("ep", "moe", "kill"),
+    ("tp", "moe", "kill"),
+    ("pp_1f1b", "moe", "kill"),
 ]
 # The fast lane (`-m "not slow"`) keeps one kill + resume cell (FSDP; plus one relayout below):
 # every cell is a multi-process launch of several seconds on 2 cores.
@@ -112,6 +117,8 @@ RELAYOUT_SLOW = [
     ("pp_interleaved-1f1b", "pp_dualpipev", "val"),
     ("pp_tp_dp", "tp", "val"),
     ("single", "pp_tp_dp", "val"),
+    ("ep", "tp", "moe"),
+    ("pp_1f1b", "ep", "moe"),
 ]
 
 
