@@ -114,7 +114,6 @@ def test_every_writes_each_checkpoint(byte_data, tmp_path):
     "over, expect",
     [
         ({"model__n_experts": 4, "model__moe_top_k": 2}, "dense Llama models only"),
-        ({"checkpoint__dir": "s3://bucket/ckpt"}, "local file system only"),
     ],
 )
 def test_unsupported_hf_output_is_one_line(byte_data, tmp_path, over, expect):

@@ -363,6 +363,15 @@ def copy(src: str, dst: str) -> None:
     with_retries(lambda: fs.copy(s, d), f"copying {src} to {dst}")
 
 
+def upload(local: str, dst: str) -> None:
+    """Put the local file `local` at `dst` (remote: streamed, in parts; local: a copy)."""
+    if not is_remote(dst):
+        copy(local, dst)
+        return
+    fs, d = filesystem(dst)
+    with_retries(lambda: fs.put_file(local, d), f"uploading {local} to {dst}")
+
+
 def move(src: str, dst: str) -> None:
     """Rename a file or folder tree (remote: each object copied server-side, then the
     originals removed; both on one filesystem)."""

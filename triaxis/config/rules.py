@@ -70,12 +70,6 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
             f"checkpoint.hf={c.hf!r} with model.n_experts={model_args.n_experts}: the Hugging "
             "Face writer handles dense Llama models only; set --checkpoint.hf=off"
         )
-    if c.hf != "off" and cfg.checkpoint_dir().startswith("s3://"):
-        raise UserError(
-            f"checkpoint.hf={c.hf!r} with checkpoint.dir={cfg.checkpoint_dir()!r}: the run "
-            "writes its Hugging Face folder on a local file system only so far; set "
-            "--checkpoint.hf=off and run export-hf on the checkpoint"
-        )
     if model_args is not None and d.seq_len > model_args.max_seq_len:
         raise UserError(
             f"data.seq_len={d.seq_len} is over the model's maximum "

@@ -18,9 +18,11 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import tomllib
 from pathlib import Path
 
+from triaxis import storage
 from triaxis.checkpoint.dcp_io import checked
 from triaxis.hf.exporter import _token_ids, plan_shards, tokenizer_files
 from triaxis.hf.importer import CONFIG, INDEX
@@ -95,6 +97,20 @@ def _write_adapter(folder: str, stage: Path) -> None:
         (stage / name).write_bytes(data)
 
 
+def _commit(partial: str, out: str, remote: bool) -> None:
+    """The staged folder into place. Local: one rename. S3 has none: each object is copied
+    server-side into `out` with config.json last, so a folder that has a config.json is whole
+    (transformers reads nothing without it), then the staged objects go."""
+    storage.remove(out)
+    if not remote:
+        os.replace(partial, out)
+        return
+    names = storage.listdir(partial)
+    for name in sorted(names, key=lambda n: n == CONFIG):
+        storage.copy(storage.join(partial, name), storage.join(out, name))
+    storage.remove(partial)
+
+
 class HfOutput:
     """The Checkpointer's commit hook: `(folder, step, group)` on every rank, in step."""
 
@@ -110,13 +126,20 @@ class HfOutput:
         """Write `folder`/hf; its path, or None after a warning (the checkpoint stays)."""
         if not self.wanted(step):
             return None
-        out = Path(folder) / HF_DIR
-        stage = Path(folder) / f".{HF_DIR}.partial"
-        err = None
+        remote = storage.is_remote(folder)
+        out = storage.join(folder, HF_DIR)
+        partial = storage.join(folder, f".{HF_DIR}.partial")
+        err, stage = None, None
         try:
-            if self.rank == 0:
-                shutil.rmtree(stage, ignore_errors=True)  # an interrupted earlier attempt
-                stage.mkdir(parents=True)
+            if remote:  # each rank stages its share on its own disk, then uploads it
+                stage = Path(tempfile.mkdtemp(prefix="triaxis-hf-"))
+                if self.rank == 0:
+                    storage.remove(partial)  # an interrupted earlier attempt
+            else:
+                stage = Path(partial)
+                if self.rank == 0:
+                    shutil.rmtree(stage, ignore_errors=True)  # an interrupted earlier attempt
+                    stage.mkdir(parents=True)
         except OSError as e:
             err = e
         ok = self._agree(err, group)
@@ -130,18 +153,29 @@ class HfOutput:
                     self.last_bytes = write_rank_share(
                         folder, stage, self.dtype, self.rank, self.world
                     )
+            if ok and remote:
+                for f in sorted(stage.iterdir()):
+                    storage.upload(str(f), storage.join(partial, f.name))
         except Exception as e:  # noqa: BLE001  (agreed on below; a warning, not a stop)
             err = e
-        ok = ok and self._agree(err, group)
-        if self.rank == 0:
-            if ok:
-                shutil.rmtree(out, ignore_errors=True)
-                os.replace(stage, out)
-                self.log.info(f"Hugging Face folder {out} ({self.dtype})")
-            else:
+        finally:
+            if remote and stage is not None:
                 shutil.rmtree(stage, ignore_errors=True)
-        self._agree(None, group)  # nobody reads `out` before it is in place
-        return str(out) if ok else None
+        ok = ok and self._agree(err, group)
+        err = None
+        if self.rank == 0:
+            try:
+                if ok:
+                    _commit(partial, out, remote)
+                else:
+                    storage.remove(partial)
+            except Exception as e:  # noqa: BLE001  (a warning, not a stop)
+                err = e
+        # Nobody reads `out` before it is in place.
+        ok = self._agree(err, group) and ok
+        if ok and self.rank == 0:
+            self.log.info(f"Hugging Face folder {out} ({self.dtype})")
+        return out if ok else None
 
     def _agree(self, err: BaseException | None, group) -> bool:
         mine = None if err is None else f"rank {self.rank}: {type(err).__name__}: {err}"
