@@ -33,7 +33,8 @@ def setup(case: str, byte_data: str, tmp: Path) -> tuple[list[str], Path | None,
     if case == "read-only run_dir":
         run, named = ro / "run", str(ro / "run")
     elif case == "read-only checkpoint dir":
-        extra, named = [f"--checkpoint.dir={ro / 'ck'}"], str(ro / "ck")
+        # With the run's own HF folder asked for too: it lives in the checkpoint (issue 25).
+        extra, named = [f"--checkpoint.dir={ro / 'ck'}", "--checkpoint.hf=final"], str(ro / "ck")
     elif case == "missing data":
         data = named = str(tmp / "no-data")
     else:  # a shard nobody may read
