@@ -2,13 +2,11 @@
 hostname), one rank each, the cp group spanning both, so every ring hop of K/V and of the
 gradient accumulators crosses the network; the run has the single-process losses."""
 
-import subprocess
-
 import pytest
 
-from tests.helpers import command, losses
+from tests.helpers import losses
 from tests.netns_hosts import HostNetwork, unavailable_reason
-from tests.test_multinode import ENV, PORT, finish, launch_on, train_args
+from tests.test_multinode import PORT, finish, launch_on, reference_losses, train_args
 
 _reason = unavailable_reason()
 pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
@@ -27,19 +25,12 @@ def test_cp_spanning_two_hosts_matches_one_process(hosts, byte_data, tmp_path):
     common += ["--rdzv-endpoint", f"{node0.address}:{PORT}", "--rdzv-timeout", "120"]
     run = tmp_path / "cp_hosts"
     procs = [launch_on(h, *common, *train_args(byte_data, run, *layout)) for h in (node1, node0)]
-    ref = subprocess.run(
-        command("train", *train_args(byte_data, tmp_path / "ref")),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    want = reference_losses(byte_data, tmp_path / "ref")
     out1, out0 = (finish(p, 300) for p in procs)
-    assert ref.returncode == 0, ref.stderr[-3000:]
     assert procs[0].returncode == 0 and procs[1].returncode == 0, out0[-3000:] + out1[-3000:]
     # One rank per host: the cp group (ranks 0 and 1) is the two hosts.
     assert "cp=2" in out0 and f"is_host=false --local-addr={node1.address}" in out1
-    got, want = losses(run), losses(tmp_path / "ref")
+    got = losses(run)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5), step

@@ -2,13 +2,11 @@
 and hostname): torchrun 2 nodes x 2 processes, one dp_shard=4 group over both nodes. The two-phase
 run, the flat run and one process train to the same losses."""
 
-import subprocess
-
 import pytest
 
-from tests.helpers import command, losses
+from tests.helpers import losses
 from tests.netns_hosts import HostNetwork, unavailable_reason
-from tests.test_multinode import ENV, finish, launch_on, train_args
+from tests.test_multinode import finish, launch_on, reference_losses, train_args
 
 _reason = unavailable_reason()
 pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
@@ -45,19 +43,11 @@ def _two_nodes(hosts, data, run, mode: str, port: int) -> str:
 def test_two_hosts_hierarchical_matches_flat_and_one_process(hosts, byte_data, tmp_path):
     out_on = _two_nodes(hosts, byte_data, tmp_path / "on", "auto", PORT)  # the default
     out_off = _two_nodes(hosts, byte_data, tmp_path / "off", "off", PORT + 1)
-    ref = subprocess.run(
-        command("train", *train_args(byte_data, tmp_path / "ref")),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    want = reference_losses(byte_data, tmp_path / "ref")
     # torchrun's LOCAL_WORLD_SIZE=2 on each host: the group of 4 spans 2 nodes x 2 ranks, so
     # auto turns the two-phase collectives on.
     line = "each dp_shard group spans 2 nodes x 2 ranks"
     assert line in out_on and line not in out_off
-    want = losses(tmp_path / "ref")
     assert sorted(want) == [1, 2, 3, 4]
     for mode in ("on", "off"):
         got = losses(tmp_path / mode)

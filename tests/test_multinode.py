@@ -26,6 +26,19 @@ def train_args(data, run_dir, *extra):
     )
 
 
+def reference_losses(data, run_dir, *extra) -> dict[int, float]:
+    """The losses of the same training run in one process, here (no namespace)."""
+    ref = subprocess.run(
+        command("train", *train_args(data, run_dir, *extra)),
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    return losses(run_dir)
+
+
 def launch_on(host, *args) -> subprocess.Popen:
     """`triaxis launch` inside `host` (its namespace, its hostname)."""
     return subprocess.Popen(
@@ -74,15 +87,8 @@ def test_two_nodes_match_the_single_process_run(hosts, byte_data, tmp_path):
         launch_on(h, *map(str, common), *train_args(byte_data, run, *layout))
         for h in (node1, node0)
     ]
-    ref = subprocess.run(
-        command("train", *train_args(byte_data, tmp_path / "ref")),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    want = reference_losses(byte_data, tmp_path / "ref")
     out1, out0 = (finish(p, 300) for p in procs)
-    assert ref.returncode == 0, ref.stderr[-3000:]
     assert procs[0].returncode == 0 and procs[1].returncode == 0, out0[-3000:] + out1[-3000:]
     # Rank-0 host discovery: node0 serves the store; each node publishes its own address and
     # binds gloo to the interface that reaches the rendezvous host.
@@ -90,7 +96,7 @@ def test_two_nodes_match_the_single_process_run(hosts, byte_data, tmp_path):
     assert f"is_host=false --local-addr={node1.address}" in out1
     assert "GLOO_SOCKET_IFNAME=eth0" in out0 and "GLOO_SOCKET_IFNAME=eth0" in out1
     assert out0.count("step      4/4") == 1 and "step      4/4" not in out1  # rank 0 logs
-    got, want = losses(run), losses(tmp_path / "ref")
+    got = losses(run)
     assert sorted(got) == sorted(want) == [1, 2, 3, 4]
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
@@ -200,17 +206,7 @@ def test_elastic_job_loses_a_node_and_finishes_on_the_other(hosts, byte_data, tm
         time.sleep(0.1)
     out0 = finish(procs[0], 240)
     out1 = finish(procs[1], 60)
-    ref = subprocess.run(
-        command(
-            "train",
-            *train_args(byte_data, tmp_path / "ref", "--train.steps=40"),
-        ),
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    want = reference_losses(byte_data, tmp_path / "ref", "--train.steps=40")
     assert procs[0].returncode == 0, out0[-4000:] + "\n-- node1:\n" + out1[-4000:]
     assert "--nnodes=1:2" in out0 and "last_call_timeout=30" in out0 and "elastic: 1 to 2" in out0
     assert (
@@ -218,7 +214,7 @@ def test_elastic_job_loses_a_node_and_finishes_on_the_other(hosts, byte_data, tm
         and "dp_shard=1 x cp=1 x tp=1 on 1 x cpu" in out0
     )
     assert "resumed from" in out0
-    got, want = losses(run), losses(tmp_path / "ref")
+    got = losses(run)
     assert sorted(got) == sorted(want) == list(range(1, 41))
     for step in want:
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
