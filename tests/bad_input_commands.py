@@ -18,6 +18,21 @@ COMMAND_CASES: list[tuple[str, str, str]] = [
     ("launch-restarts", _launch("torchrun", "--max-restarts", "-1"), "--max-restarts -1"),
     ("launch-rdzv-nan", _launch("torchrun", "--rdzv-timeout", "nan"), "--rdzv-timeout nan"),
     ("launch-backend", _launch("kubernetes"), "invalid choice"),
+    (
+        "launch-memory-interval",
+        _launch("local", "--checkpoint.interval=10", "--checkpoint.memory_interval=20"),
+        "checkpoint.memory_interval=20 is over checkpoint.interval=10",
+    ),
+    (
+        "launch-memory-keep",
+        _launch("local", "--checkpoint.memory_interval=1", "--checkpoint.memory_keep=0"),
+        "checkpoint.memory_keep=0",
+    ),
+    (
+        "launch-memory-fits",
+        _launch("local", "--model.preset=70b", "--checkpoint.memory_interval=1"),
+        "the memory tier needs",
+    ),
     # -- generate
     ("gen-top-k", "generate --checkpoint {ws}/ckpt --top-k -1", "--top-k -1 must be >= 0"),
     (

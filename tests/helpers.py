@@ -141,3 +141,16 @@ def in_process_trainer(data: str, run_dir, **values: str):
     values = {**IN_PROCESS, "data.path": data, "train.run_dir": str(run_dir), **values}
     cfg = load_config(None, [f"--{k}={v}" for k, v in values.items()])
     return Trainer(cfg, init_distributed("cpu"))
+
+
+def final_weights(ckpt_dir) -> dict:
+    """The model weights of the newest committed checkpoint under ckpt_dir, as plain tensors."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from triaxis.checkpoint import manifest as mf
+
+    last = mf.list_checkpoints(str(ckpt_dir))[-1].path
+    out = Path(last).parent / "final.pt"
+    dcp_to_torch_save(last, out)
+    return torch.load(out, weights_only=False)["model"]

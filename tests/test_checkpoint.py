@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests import helpers
 from tests.dist import run_workers
-from tests.helpers import ENV, command, losses, slow_but_first, triaxis
+from tests.helpers import ENV, command, final_weights, losses, slow_but_first, triaxis
 from tests.parity import train_collect
 from triaxis.checkpoint import manifest as mf
 
@@ -64,15 +63,6 @@ def test_reshard_chain_reproduces_the_uninterrupted_run(byte_data, tmp_path):
 
 def train_args(data, run, *extra):
     return helpers.train_args(data, run, "--train.lr=3e-3", "--train.warmup_steps=2", *extra)
-
-
-def final_weights(ckpt_dir) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    last = mf.list_checkpoints(str(ckpt_dir))[-1].path
-    out = Path(last).parent / "final.pt"
-    dcp_to_torch_save(last, out)
-    return torch.load(out, weights_only=False)["model"]
 
 
 @pytest.mark.slow

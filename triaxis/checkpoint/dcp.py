@@ -446,13 +446,7 @@ class Checkpointer:
                 model_state_dict=state["model"],
                 optim_state_dict=state["optim"],
             )
-        sched = self.scheduler.state_dict()
-        sched["last_epoch"] = int(state["train"]["scheduler"])
-        sched["_step_count"] = sched["last_epoch"] + 1
-        self.scheduler.load_state_dict(sched)
-        # LambdaLR recomputes the lr lazily; set it for the restored step now.
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_lr()):
-            group["lr"] = lr
+        dcp_io.restore_schedule(self.scheduler, self.optimizer, int(state["train"]["scheduler"]))
         torch.set_rng_state(state["train"]["rng"])
         return {
             "step": int(state["train"]["step"]),

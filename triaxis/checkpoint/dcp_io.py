@@ -189,3 +189,14 @@ def full_disk_is_a_user_error(folder: str):
         if full is not None:
             raise disk_full(full, folder) from None
         raise
+
+
+def restore_schedule(scheduler, optimizer, last_epoch: int) -> None:
+    """Put the LR schedule at a restored step (the durable and the memory tier alike)."""
+    sched = scheduler.state_dict()
+    sched["last_epoch"] = last_epoch
+    sched["_step_count"] = last_epoch + 1
+    scheduler.load_state_dict(sched)
+    # LambdaLR recomputes the lr lazily; set it for the restored step now.
+    for group, lr in zip(optimizer.param_groups, scheduler.get_lr()):
+        group["lr"] = lr

@@ -256,8 +256,21 @@ def shard_dir(socket_path: str) -> str:
     return socket_path + ".d"
 
 
-def serve(socket_path: str, keep: int, max_bytes: int) -> None:
-    """Run a keeper until killed (the launcher owns its lifetime)."""
+def _watch_parent(parent_pid: int, socket_path: str) -> None:
+    """End with the launcher that started this keeper, even if it was SIGKILLed: its shards
+    are host memory no one else would free."""
+    import shutil
+
+    while os.getppid() == parent_pid:
+        time.sleep(1.0)
+    shutil.rmtree(shard_dir(socket_path), ignore_errors=True)
+    _unlink(socket_path)
+    os._exit(0)
+
+
+def serve(socket_path: str, keep: int, max_bytes: int, parent_pid: int = 0) -> None:
+    """Run a keeper until killed (the launcher owns its lifetime; with `parent_pid`, also
+    until that process is gone)."""
     import shutil
 
     if os.path.exists(socket_path):
@@ -267,12 +280,16 @@ def serve(socket_path: str, keep: int, max_bytes: int) -> None:
     server = _Server(socket_path, _Handler)
     server.store = ShardStore(shard_dir(socket_path), keep, max_bytes)  # type: ignore[attr-defined]
     os.chmod(socket_path, 0o600)  # only this user's workers hand shards over
+    if parent_pid:
+        threading.Thread(target=_watch_parent, args=(parent_pid, socket_path), daemon=True).start()
     server.serve_forever()
 
 
-def start(socket_path: str, keep: int, max_bytes: int, wait_s: float = 60.0) -> subprocess.Popen:
+def start(
+    socket_path: str, keep: int, max_bytes: int, wait_s: float = 60.0, parent_pid: int = 0
+) -> subprocess.Popen:
     """Start a keeper in its own session (a worker's crash or process-group kill spares it) and
-    wait until it answers."""
+    wait until it answers. With `parent_pid` (the caller's pid) it ends when that process does."""
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -284,6 +301,8 @@ def start(socket_path: str, keep: int, max_bytes: int, wait_s: float = 60.0) -> 
             str(keep),
             "--max-bytes",
             str(max_bytes),
+            "--parent-pid",
+            str(parent_pid),
         ],
         start_new_session=True,
     )
@@ -387,8 +406,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--socket", required=True)
     ap.add_argument("--keep", type=int, required=True)
     ap.add_argument("--max-bytes", type=int, required=True)
+    ap.add_argument("--parent-pid", type=int, default=0)
     args = ap.parse_args(argv)
-    serve(args.socket, args.keep, args.max_bytes)
+    serve(args.socket, args.keep, args.max_bytes, args.parent_pid)
 
 
 if __name__ == "__main__":

@@ -76,6 +76,7 @@ def check_fits(
         raise UserError(
             f"checkpoint.memory_keep={keep}: the memory tier needs {need / gib:.1f} GiB per node "
             f"({local_ranks} ranks x {state_bytes_per_rank / gib:.2f} GiB x {keep + 1} steps), "
-            f"over {share:.0%} of the node's {host_bytes / gib:.1f} GiB; lower memory_keep or "
-            "set checkpoint.memory_interval=0"
+            f"over {share:.0%} of the node's {host_bytes / gib:.1f} GiB; lower "
+            "checkpoint.memory_keep, shard the state over more ranks, or set "
+            "checkpoint.memory_interval=0"
         )

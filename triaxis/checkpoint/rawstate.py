@@ -35,10 +35,11 @@ def _align(n: int) -> int:
 
 def _tree(value, tensors: list[torch.Tensor]):
     if isinstance(value, torch.Tensor):
-        if type(value) is not torch.Tensor or value.device.type != "cpu":
+        # A GPU tensor is copied straight into the buffer (pack_into): no staging copy first.
+        if type(value) is not torch.Tensor:
             raise TypeError(
-                f"rawstate packs plain CPU tensors (staged copies), not {type(value).__name__} "
-                f"on {value.device}"
+                f"rawstate packs plain tensors (a DTensor's local shard), not "
+                f"{type(value).__name__}"
             )
         tensors.append(value)
         return {"__t": len(tensors) - 1}

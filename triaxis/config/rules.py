@@ -65,6 +65,14 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
             "FLOPs, but data.document_mask=false; set --data.document_mask=true or drop it"
         )
     c = cfg.checkpoint
+    if c.memory_interval and c.interval and c.memory_interval > c.interval:
+        # Every memory copy would be of a step the durable tier already holds as new or newer.
+        raise UserError(
+            f"checkpoint.memory_interval={c.memory_interval} is over checkpoint.interval="
+            f"{c.interval}: the memory tier would never hold a newer step than the durable one; "
+            f"set --checkpoint.memory_interval to at most {c.interval} (e.g. "
+            f"{max(1, c.interval // 10)}) or 0 to turn it off"
+        )
     if c.hf != "off" and model_args is not None and getattr(model_args, "n_experts", 0):
         raise UserError(
             f"checkpoint.hf={c.hf!r} with model.n_experts={model_args.n_experts}: the Hugging "

@@ -303,6 +303,14 @@ class CheckpointConfig:
     for a LoRA run the PEFT adapter (docs/finetuning.md#the-runs-own-hugging-face-folder)."""
     hf_dtype: Literal["fp32", "bf16"] = "bf16"
     """dtype of the weights in checkpoint.hf's folder."""
+    memory_interval: int = ranged(0, ge=0)
+    """Also stage every rank's shard of the training state into host memory every this many
+    steps (0 = off): the memory tier, held by a per-node keeper that `triaxis launch` starts,
+    which survives a worker crash; a restart restores from it when it is newer than the
+    newest durable checkpoint (docs/resilience.md#the-memory-tier)."""
+    memory_keep: int = ranged(2, ge=1)
+    """How many memory-tier steps each node's keeper holds (its host memory is about
+    (memory_keep + 1) x the node's ranks' state)."""
 
 
 @dataclass

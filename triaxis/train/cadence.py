@@ -23,6 +23,8 @@ class Cadence:
     checkpoint_every: int
     save_final: bool
     exit_after: int
+    memory_every: int = 0
+    """checkpoint.memory_interval (0 = no memory tier)."""
 
     @classmethod
     def of(cls, cfg: Config, first_step: int, has_val: bool) -> Cadence:
@@ -34,6 +36,7 @@ class Cadence:
             checkpoint_every=cfg.checkpoint.interval,
             save_final=cfg.checkpoint.save_final,
             exit_after=cfg.train.exit_after_steps,
+            memory_every=cfg.checkpoint.memory_interval,
         )
 
     def logs(self, step: int) -> bool:
@@ -58,4 +61,12 @@ class Cadence:
 
     def syncs(self, step: int) -> bool:
         """Whether the host reads device values after this step."""
-        return self.logs(step) or self.validates(step) or self.saves(step) or self.exits(step)
+        # A memory-tier copy too: the loop state it carries is settled only on a syncing step.
+        memory = bool(self.memory_every) and step % self.memory_every == 0
+        return (
+            self.logs(step)
+            or self.validates(step)
+            or self.saves(step)
+            or self.exits(step)
+            or memory
+        )

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from triaxis.checkpoint.assets import carried_files
 from triaxis.checkpoint.dcp import Checkpointer
+from triaxis.checkpoint.memory_save import MemoryTier
 from triaxis.config import Config, attention_span, grad_accum_steps, to_toml
 from triaxis.data import mixture
 from triaxis.data.dataset import has_loss_mask, inputs_targets, micro_batch_start
@@ -49,6 +50,7 @@ from triaxis.train.profile import StepProfiler
 from triaxis.train.record import float8_peak, log_record
 from triaxis.train.resilience import Faults, PreemptionWatch
 from triaxis.train.resolve import recorded_data_path, resolve
+from triaxis.train.restart import restored_state
 from triaxis.train.stepstats import StepStats
 from triaxis.train.validation import validate_all
 from triaxis.train.watchdog import Watchdog
@@ -140,6 +142,7 @@ class Trainer:
             asset_files=carried_files(cfg, tok_info, self.model_args) if env.rank == 0 else None,
         )
         self.ckpt_step = 0
+        self.memory = MemoryTier.of(cfg, self.ckpt, env.rank, self.host_group, self.log)
         self.resumed_loop_state: dict = {}  # see loop_state()
         self.numerics = Numerics(cfg.train, self.log, on=False)  # fit() turns it on
         self.flops_per_token = flops_per_token(self.model_args, attention_span(cfg.data))
@@ -316,26 +319,17 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def resume(self) -> tuple[int, int]:
-        """(step, cursor) to start from: the latest valid checkpoint, else checkpoint.initial's
-        weights at step 0, else a fresh start."""
-        cfg = self.cfg
-        resumed = self.ckpt.resume(cfg.checkpoint.resume)
-        if resumed is not None:
-            found, state = resumed
-            self.log.info(
-                f"resumed from {found.path} at step {state['step']} "
-                f"(sample cursor {state['cursor']})"
-            )
-            self.resumed_loop_state = state.get("loop_state", {})
-            need = cfg.train.steps * cfg.train.global_batch
-            mixture.resume_mixture(
-                self.train_ds, self.resumed_loop_state, state["cursor"], need, self.log
-            )
-            return state["step"], state["cursor"]
-        if cfg.checkpoint.initial:
-            self.ckpt.load_initial(cfg.checkpoint.initial)
-            self.log.info(f"initial weights from {cfg.checkpoint.initial}")
-        return 0, 0
+        """(step, cursor) to start from: the memory tier, the latest valid checkpoint, else
+        checkpoint.initial's weights at step 0, else a fresh start (train/restart.py)."""
+        state = restored_state(self.cfg, self.ckpt, self.memory, self.log)
+        if state is None:
+            return 0, 0
+        self.resumed_loop_state = state.get("loop_state", {})
+        need = self.cfg.train.steps * self.cfg.train.global_batch
+        mixture.resume_mixture(
+            self.train_ds, self.resumed_loop_state, state["cursor"], need, self.log
+        )
+        return state["step"], state["cursor"]
 
     def fit(self) -> TrainResult:
         cfg, log = self.cfg, self.log
@@ -388,6 +382,9 @@ class Trainer:
                         bad, step, cursor, self.ckpt, self.scheduler
                     )
                     continue
+                if self.memory is not None and self.memory.due(step):
+                    took = self.memory.save(step, cursor, self.loop_state())
+                    metrics.write({"step": step, "memory_checkpoint_s": took})
                 if self.ckpt.poll():
                     log.info(f"committed checkpoint at step {self.ckpt_step}")
                 if logs:
