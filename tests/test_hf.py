@@ -13,13 +13,11 @@ import transformers  # the reference; a test dependency (pyproject's `test` extr
 
 from tests import helpers
 from tests.dist import run_workers
-from tests.helpers import TINY_LLAMA
+from tests.hf_helpers import SHAPE, TOKENS, load_triaxis, logits_of, randomized
 from triaxis.cli import main
 from triaxis.hf.convert import args_from_hf_config, model_overrides
-from triaxis.model.llama import llama3_frequencies, model_rope_tables, rope_tables
+from triaxis.model.llama import llama3_frequencies, rope_tables
 
-SHAPE = dict(TINY_LLAMA, vocab_size=300, rope_theta=10000.0)
-TOKENS = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
 CASES = {
     "tied_single": (True, None),
     "tied_sharded": (True, "100KB"),
@@ -29,34 +27,12 @@ CASES = {
 
 
 def hf_reference(tied: bool, **config_extra):
-    """A small random Llama. Weights far from transformers' init (std 0.02, unit norms): with
-    that init attention is nearly uniform and a wrong RoPE row order would hide under 1e-5."""
+    """A small random Llama (std 0.1 gives attention scores of std ~2.5: sharp enough to see
+    RoPE's order)."""
     config = transformers.LlamaConfig(**{**SHAPE, **config_extra}, tie_word_embeddings=tied)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            else:
-                # std 0.1 gives attention scores of std ~2.5: sharp enough to see RoPE's order.
-                p.copy_(torch.randn(p.shape, generator=gen) * (0.1 if "proj" in name else 0.3))
-    return model
-
-
-def logits_of(model) -> torch.Tensor:
-    with torch.no_grad():
-        out = model(TOKENS)
-    return (out.logits if hasattr(out, "logits") else out).float()
-
-
-def load_triaxis(ckpt: str):
-    from triaxis.checkpoint.inference import load_checkpoint_model
-
-    model, _ = load_checkpoint_model(ckpt)
-    model.rope.copy_(model_rope_tables(model.args))
-    return model.eval()
+    model = transformers.LlamaForCausalLM(config)
+    return randomized(model, lambda name: 0.1 if "proj" in name else 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +262,10 @@ UNSUPPORTED = {
     "v5_yarn_rope": ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "'yarn'"),
     "attention_bias": ({"attention_bias": True}, "attention_bias=true"),
     "gelu": ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-    "head_dim": ({"head_dim": 32}, "head_dim=32"),
+    "head_dim": (
+        {"head_dim": 32},
+        "k_proj.weight has shape (32, 64) but config.json implies (64, 64)",
+    ),
     "qwen": ({"model_type": "qwen2"}, "model_type='qwen2'"),
     "more_layers": ({"num_hidden_layers": 3}, "lacks 9 tensors"),
 }

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from tests import helpers
-from tests.test_hf import hf_reference, load_triaxis, logits_of
+from tests.hf_helpers import load_triaxis, logits_of
+from tests.test_hf import hf_reference
 from triaxis.cli import main
 
 # (config's tie_word_embeddings, stored lm_head: none / equal to the embedding / different)

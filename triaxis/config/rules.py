@@ -87,6 +87,12 @@ def validate(cfg: Config, model_args=None, dims=None) -> None:
     if dims is not None:
         if model_args is not None:
             dims.check_model(model_args.n_heads, model_args.n_kv_heads, model_args.n_layers)
+            if getattr(model_args, "qk_norm", False) and dims.tp > 1:
+                # Its weight would see only this rank's heads: a partial gradient under tp.
+                raise UserError(
+                    f"model.qk_norm=true with parallel.tp={dims.tp}: the per-head q/k norms are "
+                    "not tensor-parallel yet; use parallel.tp=1 (shard with dp_shard, pp or cp)"
+                )
         per_step = t.micro_batch * dims.dp_size
         if t.global_batch % per_step:
             ok = t.global_batch // per_step * per_step or per_step

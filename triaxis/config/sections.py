@@ -77,6 +77,11 @@ class ModelConfig:
     moe_norm_topk: bool | None = None
     """Renormalize the kept top-k router weights to sum to 1, as Mixtral does (unset = from
     the preset: true)."""
+    head_dim: int | None = ranged(None, ge=2)
+    """Size of one attention head (unset = dim / n_heads); Qwen3-MoE's is larger (128 at
+    dim 2048 with 32 heads)."""
+    qk_norm: bool | None = None
+    """RMSNorm over each head of q and of k before RoPE, as Qwen3 does (unset = false)."""
 
 
 @dataclass

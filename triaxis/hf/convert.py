@@ -29,6 +29,9 @@ BLOCK_NAMES = {
     "mlp.down_proj.weight": "feed_forward.w2.weight",
     "input_layernorm.weight": "attention_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
+    # Qwen3's per-head q/k norms (model.qk_norm)
+    "self_attn.q_norm.weight": "attention.q_norm.weight",
+    "self_attn.k_norm.weight": "attention.k_norm.weight",
 }
 TOP_NAMES = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -73,22 +76,30 @@ def triaxis_to_hf_name(name: str) -> str:
 
 
 def rope_heads(triaxis_name: str, args: ModelArgs) -> int:
-    """Heads whose rows RoPE rotates in this weight (wq: n_heads, wk: n_kv_heads); 0: none."""
+    """Heads whose rows RoPE rotates in this weight (wq: n_heads, wk: n_kv_heads; a q/k norm
+    weight, which scales one head's positions before RoPE: 1); 0: none."""
     if triaxis_name.endswith("attention.wq.weight"):
         return args.n_heads
     if triaxis_name.endswith("attention.wk.weight"):
         return args.n_kv_heads
+    if triaxis_name.endswith(("attention.q_norm.weight", "attention.k_norm.weight")):
+        return 1
     return 0
 
 
 def hf_rows_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """(heads*hd, dim) rows from HF's half-split order to interleaved pairs, per head."""
+    """(heads*hd, dim) rows (or a (hd,) vector) from HF's half-split order to interleaved
+    pairs, per head."""
+    if w.ndim == 1:
+        return hf_rows_to_interleaved(w[:, None], n_heads)[:, 0]
     rows, dim = w.shape
     return w.view(n_heads, 2, rows // n_heads // 2, dim).transpose(1, 2).reshape(rows, dim)
 
 
 def interleaved_rows_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """The inverse: interleaved pairs -> HF's half-split order (transformers' `permute`)."""
+    if w.ndim == 1:
+        return interleaved_rows_to_hf(w[:, None], n_heads)[:, 0]
     rows, dim = w.shape
     return w.view(n_heads, rows // n_heads // 2, 2, dim).transpose(1, 2).reshape(rows, dim)
 
@@ -96,6 +107,7 @@ def interleaved_rows_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # config.json <-> ModelArgs
 
+_MODEL_TYPES = ("llama", "mixtral", "qwen3", "qwen3_moe")
 _REQUIRED = (
     "hidden_size",
     "num_hidden_layers",
@@ -146,12 +158,22 @@ def args_from_hf_config(cfg: dict, has_lm_head: bool, where: str = "config.json"
     way (it would import without error and then give different outputs)."""
     model_type = cfg.get("model_type", "llama")
     moe.refuse_unsupported_moe(model_type, where)
-    if model_type not in ("llama", "mixtral"):
+    if model_type not in _MODEL_TYPES:
         raise UserError(
             f"{where}: model_type={model_type!r} is not supported; import-hf reads "
-            "Llama-architecture models (model_type 'llama' or 'mixtral')"
+            f"Llama-architecture models (model_type {', '.join(map(repr, _MODEL_TYPES))})"
         )
-    experts = moe.mixtral_fields(cfg, where) if model_type == "mixtral" else {}
+    experts = {}
+    if model_type == "mixtral":
+        experts = moe.mixtral_fields(cfg, where)
+    elif model_type == "qwen3_moe":
+        experts = moe.qwen3_moe_fields(cfg, where)
+    qwen3 = model_type in ("qwen3", "qwen3_moe")
+    if qwen3 and cfg.get("use_sliding_window"):
+        raise UserError(
+            f"{where}: use_sliding_window=true is not supported (triaxis's attention is full "
+            "causal); set it to false"
+        )
     missing = [k for k in _REQUIRED if k not in cfg]
     if missing:
         raise UserError(f"{where} lacks {', '.join(missing)}: not a Llama config")
@@ -176,17 +198,13 @@ def args_from_hf_config(cfg: dict, has_lm_head: bool, where: str = "config.json"
     rope = _llama3_fields(scaling, where) if kind == "llama3" else {}
     dim, n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
     n_kv_heads = cfg.get("num_key_value_heads") or n_heads
-    if dim % n_heads:
+    head_dim = cfg.get("head_dim") or 0
+    if not head_dim and dim % n_heads:
         raise UserError(
-            f"{where}: hidden_size={dim} is not divisible by num_attention_heads={n_heads}"
+            f"{where}: hidden_size={dim} is not divisible by num_attention_heads={n_heads} "
+            "and no head_dim is given"
         )
-    head_dim = cfg.get("head_dim") or dim // n_heads
-    if head_dim != dim // n_heads:
-        raise UserError(
-            f"{where}: head_dim={head_dim} differs from hidden_size / "
-            f"num_attention_heads = {dim // n_heads}; triaxis derives the head "
-            "size from them and cannot import this model"
-        )
+    head_dim = head_dim or dim // n_heads
     if head_dim % 2:
         raise UserError(f"{where}: head_dim={head_dim} is odd; RoPE needs an even head size")
     if n_heads % n_kv_heads:
@@ -213,19 +231,25 @@ def args_from_hf_config(cfg: dict, has_lm_head: bool, where: str = "config.json"
         rope_theta=float(theta if theta is not None else 10000.0),  # transformers' default
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=tied,
+        # Only a head size apart from dim / n_heads is recorded: Llama imports stay as they were.
+        head_size=head_dim if dim % n_heads or head_dim != dim // n_heads else 0,
+        qk_norm=qwen3,
         **rope,
         **experts,
     )
 
 
 def hf_config_from_args(args: ModelArgs) -> dict:
-    """A LlamaConfig dict (MixtralConfig for an MoE) that transformers 4.x and 5.x both read
-    (legacy rope_theta spelling)."""
+    """A LlamaConfig dict (Qwen3Config with the per-head q/k norms; MixtralConfig or
+    Qwen3MoeConfig for an MoE) that transformers 4.x and 5.x both read (legacy rope_theta
+    spelling)."""
     if args.n_experts:
         moe.check_exportable(args)
+    qwen3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
+        **(qwen3 if args.qk_norm else {}),
         "hidden_size": args.dim,
         "num_hidden_layers": args.n_layers,
         "num_attention_heads": args.n_heads,
@@ -251,7 +275,8 @@ def hf_config_from_args(args: ModelArgs) -> dict:
         "bos_token_id": None,
         "eos_token_id": None,
         "pad_token_id": None,
-        **(moe.mixtral_config(args) if args.n_experts else {}),
+        **({"use_sliding_window": False, "sliding_window": None} if args.qk_norm else {}),
+        **(moe.moe_config(args) if args.n_experts else {}),
     }
 
 
@@ -266,7 +291,7 @@ def _hf_rope_scaling(args: ModelArgs) -> dict | None:
 def model_overrides(args: ModelArgs) -> list[str]:
     """`--model.*` overrides that make `triaxis train` build exactly this shape."""
     tie = "true" if args.tie_embeddings else "false"
-    return [
+    out = [
         f"--model.dim={args.dim}",
         f"--model.n_layers={args.n_layers}",
         f"--model.n_heads={args.n_heads}",
@@ -288,7 +313,13 @@ def model_overrides(args: ModelArgs) -> list[str]:
             f"--model.moe_top_k={args.moe_top_k}",
             f"--model.moe_ffn_dim={args.moe_ffn_dim}",
             f"--model.moe_norm_topk={'true' if args.moe_norm_topk else 'false'}",
+            f"--model.moe_first_dense={args.moe_first_dense}",
         ]
         if args.n_experts
         else []
     )
+    if args.head_size:
+        out.append(f"--model.head_dim={args.head_size}")
+    if args.qk_norm:
+        out.append("--model.qk_norm=true")
+    return out

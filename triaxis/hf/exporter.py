@@ -138,7 +138,7 @@ def _write(
     # HF name -> (triaxis name, HF shape, expert index or None), in the model's order.
     by_hf = {}
     for n, shape in params:
-        for hf, j in moe.hf_names_of(n, args.n_experts) or [(triaxis_to_hf_name(n), None)]:
+        for hf, j in moe.hf_names_of(n, args) or [(triaxis_to_hf_name(n), None)]:
             by_hf[hf] = (n, shape if j is None else torch.Size(shape[1:][::-1]), j)
     sizes = [(hf, nbytes(shape, dtype)) for hf, (_, shape, _) in by_hf.items()]
     shards = plan_shards(sizes, int(max_shard_gb * 1e9))  # GB as transformers counts them

@@ -43,6 +43,10 @@ class ModelArgs:
     moe_aux_loss_coef: float = 0.0
     moe_bias_update_rate: float = 0.0
     moe_norm_topk: bool = True
+    head_size: int = 0
+    """Size of one attention head (0: dim / n_heads); Qwen3 sets it apart from dim."""
+    qk_norm: bool = False
+    """RMSNorm over each head of q and of k before RoPE (Qwen3)."""
 
     def __post_init__(self):
         if self.n_experts and not self.moe_ffn_dim:
@@ -50,7 +54,7 @@ class ModelArgs:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
 
     @property
     def mlp_matrices(self) -> int:
@@ -85,7 +89,8 @@ class Sizes(Protocol):
 def block_param_count(a: Sizes) -> int:
     """One block: q, k, v, o, the MLP matrices and two norm weights."""
     attn = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads)
-    return attn + a.mlp_matrices * a.dim * a.ffn_dim + 2 * a.dim
+    qk_norm = 2 * a.head_dim if getattr(a, "qk_norm", False) else 0
+    return attn + a.mlp_matrices * a.dim * a.ffn_dim + 2 * a.dim + qk_norm
 
 
 def embedding_param_count(a: Sizes) -> int:

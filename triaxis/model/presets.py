@@ -76,6 +76,10 @@ def build_model_args(model_cfg, vocab_size: int | None = None) -> ModelArgs:
     ):
         setattr(args, name, getattr(model_cfg, name))
     args.norm_eps = model_cfg.norm_eps
+    if model_cfg.head_dim is not None:
+        args.head_size = model_cfg.head_dim
+    if model_cfg.qk_norm is not None:
+        args.qk_norm = model_cfg.qk_norm
     for name in MOE_FIELDS:
         if getattr(model_cfg, name) is not None:
             setattr(args, name, getattr(model_cfg, name))
@@ -93,13 +97,15 @@ def _check(a: ModelArgs) -> None:
             raise UserError(f"model.{name}={getattr(a, name)} must be positive")
     if a.rope_theta <= 0:
         raise UserError(f"model.rope_theta={a.rope_theta} must be positive (Llama 3: 500000)")
-    if a.dim % a.n_heads:
+    if a.dim % a.n_heads and not a.head_size:
         raise UserError(
             f"model.dim={a.dim} is not divisible by model.n_heads={a.n_heads}; "
-            f"pick n_heads among the divisors of {a.dim}"
+            f"pick n_heads among the divisors of {a.dim}, or set model.head_dim"
         )
     if a.head_dim % 2:
-        raise UserError(f"head dim {a.head_dim} (dim/n_heads) must be even for RoPE")
+        raise UserError(
+            f"head dim {a.head_dim} (model.head_dim, or dim/n_heads) must be even for RoPE"
+        )
     if a.n_heads % a.n_kv_heads:
         raise UserError(
             f"model.n_kv_heads={a.n_kv_heads} does not divide "
