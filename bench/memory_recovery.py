@@ -174,10 +174,14 @@ def main() -> None:
     mean_off, mean_on = statistics.mean(off_steps), statistics.mean(on_steps)
     print(f"\nper-step cost, memory_interval=10 ({args.cost_repeats} x {args.cost_steps} steps "
           f"each, alternating):")  # fmt: skip
-    print(f"  copy into the keeper: median {statistics.median(copy_s):.3f} s per copy = "
-          f"{statistics.median(copy_s) / 10 / med_off:.2%} of a step at one copy per 10 steps")
-    print(f"  step time: off median {med_off:.3f} s / mean {mean_off:.3f} s, on median "
-          f"{med_on:.3f} s / mean {mean_on:.3f} s; on/off mean {mean_on / mean_off:.3f}x")
+    print(
+        f"  copy into the keeper: median {statistics.median(copy_s):.3f} s per copy = "
+        f"{statistics.median(copy_s) / 10 / med_off:.2%} of a step at one copy per 10 steps"
+    )
+    print(
+        f"  step time: off median {med_off:.3f} s / mean {mean_off:.3f} s, on median "
+        f"{med_on:.3f} s / mean {mean_on:.3f} s; on/off mean {mean_on / mean_off:.3f}x"
+    )
     print(f"load average {os.getloadavg()[0]:.1f}")
 
 
