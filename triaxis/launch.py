@@ -161,7 +161,7 @@ def launch_here(
     min_nnodes < nnodes, of an elastic job that goes on with min_nnodes .. nnodes)."""
     from triaxis.config import load_config
     from triaxis.hardware import local_gpu_count
-    from triaxis.launchers.memory_node import check_node, node_keeper
+    from triaxis.launchers.memory_node import node_keeper, node_tier
     from triaxis.parallel.rules import layout_for_world
     from triaxis.plan.auto import auto_layout
     from triaxis.train.resolve import resolve
@@ -178,9 +178,8 @@ def launch_here(
             f"--nproc-per-node={nproc} but this node has {gpus} GPUs; use at most that many"
         )
     _, dims, model_args, _, _ = resolve(cfg, nproc * nnodes, auto_layout)
-    keeper_bytes = 0
-    if cfg.checkpoint.memory_interval:
-        keeper_bytes = check_node(cfg, model_args, dims, nproc)
+    # The memory tier's keeper: checked now, started after the dry run's exit below.
+    tier = node_tier(cfg, model_args, dims, nproc, nnodes, rdzv_endpoint, rdzv_id)
     min_nnodes = min_nnodes or nnodes
     for n in range(min_nnodes, nnodes):
         # After losing nodes the job restarts on n of them: the layout (the planner's for that
@@ -215,10 +214,9 @@ def launch_here(
         shutdown_timeout_s=shutdown_timeout_s,
     )
     entry = ["triaxis", "train", *([config_path] if config_path else []), *overrides]
-    if not keeper_bytes or dry_run:
+    if tier is None or dry_run:
         return launch_module(spec, entry, dry_run=dry_run)
-    with node_keeper(cfg, keeper_bytes) as socket_path:
-        log(f"memory tier: this node's keeper at {socket_path} (up to {keeper_bytes >> 20} MiB)")
+    with node_keeper(cfg, tier):
         return launch_module(spec, entry)
 
 

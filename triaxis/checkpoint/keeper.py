@@ -109,6 +109,9 @@ class ShardStore:
         os.makedirs(self.incoming, mode=0o700, exist_ok=True)
         self._steps: dict[int, dict[int, tuple[str, int, int]]] = {}
         self._lock = threading.Lock()
+        self.on_adopt = None
+        """Called as on_adopt(step, rank, path, digest) after each shard is held (the buddy
+        replica's hook)."""
 
     def held_bytes(self) -> int:
         return sum(n for ranks in self._steps.values() for _, n, _ in ranks.values())
@@ -159,6 +162,8 @@ class ShardStore:
             for old in [s for s in self._steps if s not in after]:
                 for f, _, _ in self._steps.pop(old).values():
                     _unlink(f)
+        if self.on_adopt is not None:
+            self.on_adopt(step, rank, final, digest)
         return None
 
     def locate(self, step: int, rank: int) -> tuple[str, int] | None:
@@ -241,6 +246,15 @@ class _Handler(socketserver.StreamRequestHandler):
             reply["steps"] = store.steps()
         elif op == "corrupt":
             store.corrupt(step, rank)
+        elif op == "buddy":  # this node's buddy server, for the other nodes' ranks
+            address = getattr(self.server, "buddy_address", "")
+            reply = {"ok": bool(address), "address": address}
+        elif op == "set_peer":  # the successor node's buddy server: where replicas go
+            replicator = getattr(self.server, "replicator", None)
+            if replicator is None:
+                reply = {"ok": False, "error": "this keeper runs without a buddy replica"}
+            else:
+                replicator.set_peer(str(header["address"]))
         else:
             reply = {"ok": False, "error": f"unknown op {op!r}"}
         _send(self.connection, reply, data)
@@ -268,9 +282,17 @@ def _watch_parent(parent_pid: int, socket_path: str) -> None:
     os._exit(0)
 
 
-def serve(socket_path: str, keep: int, max_bytes: int, parent_pid: int = 0) -> None:
+def serve(
+    socket_path: str,
+    keep: int,
+    max_bytes: int,
+    parent_pid: int = 0,
+    buddy_listen: str = "",
+    token: str = "",
+) -> None:
     """Run a keeper until killed (the launcher owns its lifetime; with `parent_pid`, also
-    until that process is gone)."""
+    until that process is gone). With `buddy_listen` (HOST:PORT) it also replicates its shards
+    to the next node's keeper and holds the previous node's (triaxis.checkpoint.buddy)."""
     import shutil
 
     if os.path.exists(socket_path):
@@ -278,7 +300,18 @@ def serve(socket_path: str, keep: int, max_bytes: int, parent_pid: int = 0) -> N
     shutil.rmtree(shard_dir(socket_path), ignore_errors=True)  # and its shards: not ours
     os.makedirs(shard_dir(socket_path), mode=0o700)
     server = _Server(socket_path, _Handler)
-    server.store = ShardStore(shard_dir(socket_path), keep, max_bytes)  # type: ignore[attr-defined]
+    store = ShardStore(shard_dir(socket_path), keep, max_bytes)
+    server.store = store  # type: ignore[attr-defined]
+    if buddy_listen:
+        from triaxis.checkpoint.buddy import BuddyServer, Replicator
+
+        replicas = os.path.join(shard_dir(socket_path), "replicas")
+        buddy = BuddyServer(buddy_listen, token, replicas, keep, max_bytes)
+        server.buddy_address = buddy.address  # type: ignore[attr-defined]
+        server.replicator = Replicator(token)  # type: ignore[attr-defined]
+        store.on_adopt = lambda step, rank, path, digest: server.replicator.offer(  # type: ignore[attr-defined]
+            step, rank, path, digest
+        )
     os.chmod(socket_path, 0o600)  # only this user's workers hand shards over
     if parent_pid:
         threading.Thread(target=_watch_parent, args=(parent_pid, socket_path), daemon=True).start()
@@ -286,7 +319,12 @@ def serve(socket_path: str, keep: int, max_bytes: int, parent_pid: int = 0) -> N
 
 
 def start(
-    socket_path: str, keep: int, max_bytes: int, wait_s: float = 60.0, parent_pid: int = 0
+    socket_path: str,
+    keep: int,
+    max_bytes: int,
+    wait_s: float = 60.0,
+    parent_pid: int = 0,
+    buddy_listen: str = "",
 ) -> subprocess.Popen:
     """Start a keeper in its own session (a worker's crash or process-group kill spares it) and
     wait until it answers. With `parent_pid` (the caller's pid) it ends when that process does."""
@@ -303,8 +341,11 @@ def start(
             str(max_bytes),
             "--parent-pid",
             str(parent_pid),
+            *(["--buddy-listen", buddy_listen] if buddy_listen else []),
         ],
         start_new_session=True,
+        # The token travels in the environment (TRIAXIS_BUDDY_TOKEN), not on a command line
+        # every user of the node can read.
     )
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -400,6 +441,15 @@ class KeeperClient:
         reply = self._call({"op": "corrupt", "step": step, "rank": rank})
         return reply is not None and bool(reply[0].get("ok"))
 
+    def buddy_address(self) -> str:
+        """HOST:PORT of this node's buddy server ("" without one, or no keeper)."""
+        reply = self._call({"op": "buddy"})
+        return str(reply[0].get("address", "")) if reply is not None else ""
+
+    def set_peer(self, address: str) -> str | None:
+        """Send this node's replicas to the buddy server at `address`; the reason not, or None."""
+        return self._reply({"op": "set_peer", "address": address})
+
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m triaxis.checkpoint.keeper")
@@ -407,8 +457,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--keep", type=int, required=True)
     ap.add_argument("--max-bytes", type=int, required=True)
     ap.add_argument("--parent-pid", type=int, default=0)
+    ap.add_argument("--buddy-listen", default="")
     args = ap.parse_args(argv)
-    serve(args.socket, args.keep, args.max_bytes, args.parent_pid)
+    from triaxis.checkpoint.buddy import TOKEN_ENV
+
+    token = os.environ.get(TOKEN_ENV, "")
+    if args.buddy_listen and not token:
+        ap.error(f"--buddy-listen needs {TOKEN_ENV} in the environment")
+    serve(args.socket, args.keep, args.max_bytes, args.parent_pid, args.buddy_listen, token)
 
 
 if __name__ == "__main__":

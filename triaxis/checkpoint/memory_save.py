@@ -22,7 +22,7 @@ import time
 import torch
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from triaxis.checkpoint import dcp_io, keeper, memory_tier
+from triaxis.checkpoint import buddy, dcp_io, keeper, memory_tier
 from triaxis.checkpoint import manifest as mf
 from triaxis.parallel.host import host_all_gather_object
 
@@ -53,6 +53,26 @@ class MemoryTier:
         self.world = ckpt.world_size
         self.last_error: str | None = None
         self.save_s: list[float] = []
+        self.holder = ""  # the successor node's buddy server: where this node's replicas go
+        self.token = os.environ.get(buddy.TOKEN_ENV, "")
+        self._connect_ring()
+
+    def _connect_ring(self) -> None:
+        """With a buddy replica: learn every node's buddy server (one gather over the host
+        group) and point this node's keeper at the next node's (ring order: node i -> i + 1).
+        Torchrun numbers ranks node by node, LOCAL_WORLD_SIZE per node."""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        mine = self.client.buddy_address() if self.token else ""
+        addresses = self._gather(mine)
+        nodes = [addresses[n * local] for n in range(self.world // local)]
+        if len(nodes) < 2 or not all(nodes):
+            return  # one node, or no buddy servers: no replica
+        node = self.rank // local
+        self.holder = nodes[(node + 1) % len(nodes)]
+        if self.rank % local == 0:
+            err = self.client.set_peer(self.holder)
+            if err is not None:
+                self.log.warn(f"memory tier: no buddy replica for this node ({err})")
 
     @classmethod
     def of(cls, cfg, ckpt, rank: int, host_group, log) -> MemoryTier | None:
@@ -107,7 +127,8 @@ class MemoryTier:
         }
 
     def _layout(self) -> dict:
-        return {"layout": self.ckpt.layout, "model": self.ckpt.model_args}
+        # The rank too: a shard restores only the rank that wrote it.
+        return {"layout": self.ckpt.layout, "model": self.ckpt.model_args, "rank": self.rank}
 
     # -- restoring ---------------------------------------------------------------------------
     def restore(self) -> dict | None:
@@ -116,19 +137,29 @@ class MemoryTier:
         "cursor", "loop_state"}, or None (the caller resumes from the durable tier)."""
         held = self.client.steps() or {}
         mine = [s for s, ranks in held.items() if self.rank in ranks]
+        # A replaced node's keeper is empty: its ranks' shards live on at the next node.
+        replicas = buddy.replica_steps(self.holder, self.token, self.rank) if self.holder else []
         found = mf.list_checkpoints(self.ckpt.root)
         durable = found[-1].step if found else None
+        steps = sorted({*mine, *replicas})
         if self.group is not None:
-            choice = memory_tier.agree(mine, durable, self.keep, self.group)
+            choice = memory_tier.agree(steps, durable, 2 * self.keep, self.group)
         else:
-            choice = memory_tier.choose([mine], durable)
+            choice = memory_tier.choose([steps], durable)
         if choice.tier != "memory":
-            if mine:
+            if steps:
                 self.log.info(
-                    f"memory tier: holds steps {sorted(mine)} here, none newer than the durable "
-                    f"step {durable} on every rank; restoring from the durable tier"
+                    f"memory tier: holds steps {steps} for this rank, none newer than the "
+                    f"durable step {durable} on every rank; restoring from the durable tier"
                 )
             return None
+        where = "the keeper on this node"
+        if choice.step not in mine:
+            where = f"the buddy replica at {self.holder}"
+            fetched = buddy.fetch(self.holder, self.token, choice.step, self.rank)
+            # Held here from now on (and replicated on), as if this node had written it.
+            if fetched is not None and self.client.put(choice.step, self.rank, fetched) is not None:
+                fetched = None
         data = self.client.get(choice.step, self.rank)
         live = self._live()
         shard, problem = None, "missing, or its checksum does not match (corrupted)"
@@ -158,7 +189,7 @@ class MemoryTier:
         dcp_io.restore_schedule(self.ckpt.scheduler, self.ckpt.optimizer, int(train["scheduler"]))
         torch.set_rng_state(train["rng"].clone())
         self.log.info(
-            f"restored from the memory tier (the keeper on this node) at step {train['step']} "
+            f"restored from the memory tier ({where}) at step {train['step']} "
             f"(sample cursor {train['cursor']}; newest durable step: {durable})"
         )
         return {
@@ -172,7 +203,7 @@ class MemoryTier:
 
     def _mismatch(self, shard: dict, live: dict) -> str | None:
         if shard.get("written_under") != self._layout():
-            return "written under another layout or model (a relayout restores from durable)"
+            return "written under another layout, model or rank (a relayout restores from durable)"
         want = [(p, t.shape, t.dtype) for p, t in _tensors(_shard_tree(live))]
         got = [(p, t.shape, t.dtype) for p, t in _tensors({k: shard[k] for k in live})]
         if want != got:

@@ -316,6 +316,13 @@ class CheckpointConfig:
     memory_keep: int = ranged(2, ge=1)
     """How many memory-tier steps each node's keeper holds (its host memory is about
     (memory_keep + 1) x the node's ranks' state)."""
+    memory_buddy: Literal["auto", "on", "off"] = "auto"
+    """Also replicate each node's memory copies to the next node's keeper over TCP, so a lost
+    node's ranks restore from its buddy (auto: on with 2 or more nodes; doubles the tier's host
+    memory per node)."""
+    memory_buddy_port: int = ranged(0, ge=0, le=65535)
+    """TCP port of each node's buddy server (0 = any free port; the nodes exchange addresses
+    when the workers start). Keep it on the cluster's private network."""
 
 
 @dataclass
