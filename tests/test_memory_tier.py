@@ -149,3 +149,26 @@ def test_check_fits_one_line_error():
         memory_tier.check_fits(gib, 8, 4, host_bytes=64 * gib)  # 40 GiB of 64: over half
     msg = str(e.value)
     assert "\n" not in msg and "memory_keep=4" in msg and "40.0 GiB" in msg
+
+
+def test_written_file_equals_the_packed_bytes_and_evicted_shards_are_recycled(tmp_path):
+    import os
+
+    from triaxis.checkpoint import rawstate
+
+    s = _state(0)
+    store = keeper.ShardStore(str(tmp_path), keep=1, max_bytes=1 << 24, recycle=True)
+    for step in (1, 2, 3):
+        path = os.path.join(store.incoming, f"{step}-0")
+        if step == 3:  # what put_state does: claim the spare, write over it (a larger state)
+            os.replace(os.path.join(store.incoming, "spare-0"), path)
+            s = {**s, "extra": torch.ones(300)}
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        rawstate.write_to_file(s, fd)
+        os.close(fd)
+        data = open(path, "rb").read()
+        assert data == bytes(keeper.pack_state(s))
+        assert store.adopt(step, 0, path, keeper._digest(data)) is None
+        # keep=1: each step from the second evicts the one before into the spare
+        assert os.path.exists(os.path.join(store.incoming, "spare-0")) == (step > 1)
+        assert torch.equal(keeper.unpack_state(store.get(step, 0))["model"]["w"], s["model"]["w"])

@@ -101,10 +101,13 @@ class ShardStore:
     """step -> rank -> (file, size, digest) under `directory`, newest `keep` steps, at most
     `max_bytes` in all. Workers write into `incoming/`; the store adopts (renames) from there."""
 
-    def __init__(self, directory: str, keep: int, max_bytes: int) -> None:
+    def __init__(self, directory: str, keep: int, max_bytes: int, recycle: bool = False) -> None:
         if keep < 1 or max_bytes < 1:
             raise ValueError(f"keep={keep}, max_bytes={max_bytes}: both must be >= 1")
         self.dir, self.keep, self.max_bytes = os.path.realpath(directory), keep, max_bytes
+        self.recycle = recycle
+        """Keep each rank's evicted shard as incoming/spare-RANK for its next shard to be
+        written into: its tmpfs pages exist already (the step in flight of footprint_bytes)."""
         self.incoming = os.path.join(self.dir, "incoming")
         os.makedirs(self.incoming, mode=0o700, exist_ok=True)
         self._steps: dict[int, dict[int, tuple[str, int, int]]] = {}
@@ -160,8 +163,11 @@ class ShardStore:
             os.replace(path, final)
             self._steps.setdefault(step, {})[rank] = (final, size, digest)
             for old in [s for s in self._steps if s not in after]:
-                for f, _, _ in self._steps.pop(old).values():
-                    _unlink(f)
+                for r, (f, _, _) in self._steps.pop(old).items():
+                    if self.recycle:
+                        os.replace(f, os.path.join(self.incoming, f"spare-{r}"))
+                    else:
+                        _unlink(f)
         if self.on_adopt is not None:
             self.on_adopt(step, rank, final, digest)
         return None
@@ -300,7 +306,7 @@ def serve(
     shutil.rmtree(shard_dir(socket_path), ignore_errors=True)  # and its shards: not ours
     os.makedirs(shard_dir(socket_path), mode=0o700)
     server = _Server(socket_path, _Handler)
-    store = ShardStore(shard_dir(socket_path), keep, max_bytes)
+    store = ShardStore(shard_dir(socket_path), keep, max_bytes, recycle=True)
     server.store = store  # type: ignore[attr-defined]
     if buddy_listen:
         from triaxis.checkpoint.buddy import BuddyServer, Replicator
@@ -396,13 +402,18 @@ class KeeperClient:
         if info is None or not info[0].get("ok"):
             return f"keeper at {self.socket_path} is not reachable"
         path = os.path.join(info[0]["incoming"], f"{step}-{rank}-{os.getpid()}")
-        _, _, size = rawstate.plan(state)
+        try:  # claim this rank's evicted shard file: its memory is allocated already
+            os.replace(os.path.join(info[0]["incoming"], f"spare-{rank}"), path)
+        except FileNotFoundError:
+            pass
         try:
-            with open(path, "w+b") as f:
-                f.truncate(size)
-                with mmap.mmap(f.fileno(), size) as m:
-                    rawstate.pack_into(state, m)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                size = rawstate.write_to_file(state, fd)
+                with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as m:
                     digest = _digest(m)
+            finally:
+                os.close(fd)
         except OSError as e:  # a full tmpfs: not held, the durable tier still has it
             try:
                 os.unlink(path)

@@ -13,6 +13,7 @@ them once, into the live model and optimizer. Keep the buffer alive while they a
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import torch
@@ -89,6 +90,35 @@ def pack_into(state: dict, buf) -> int:
             src = t.detach().contiguous().reshape(-1).view(torch.uint8)
             whole[off : off + n].copy_(src)  # type: ignore[index]
     return total
+
+
+def write_to_file(state: dict, fd: int) -> int:
+    """Write `state` packed into the open file `fd` (truncated or grown to its size) with
+    pwrite: the kernel copies each tensor's bytes into the file's pages, which on a tmpfs is
+    about twice as fast as faulting in a fresh mapping, and five times into a reused file
+    whose pages exist already. Returns the size."""
+    header, placed, total = plan(state)
+    os.ftruncate(fd, total)
+    _pwrite_all(fd, memoryview(header), 0)
+    end = len(header)
+    for t, off in placed:
+        # The alignment gaps are zeroed too: a reused file holds the same bytes as pack_state.
+        _pwrite_all(fd, memoryview(bytes(off - end)), end)
+        end = off + t.numel() * t.element_size()
+        if t.numel():
+            src = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            if src.device.type != "cpu":
+                src = src.cpu()  # a device tensor: through one host copy of itself
+            _pwrite_all(fd, memoryview(src.numpy()), off)
+    _pwrite_all(fd, memoryview(bytes(total - end)), end)
+    return total
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    view = view.cast("B")
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def pack_state(state: dict) -> bytearray:
