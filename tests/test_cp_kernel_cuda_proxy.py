@@ -171,7 +171,8 @@ def _grads(a, lse, bias):
     dp = dout.double() @ v.double().transpose(-1, -2)
     delta = (dout.double() * a["out"].double()).sum(-1, keepdim=True)
     ds = probs * (dp - delta) / math.sqrt(q.shape[-1])
-    grads = (ds @ k.double(), ds.transpose(-1, -2) @ q.double(), probs.transpose(-1, -2) @ dout.double())
+    dv = probs.transpose(-1, -2) @ dout.double()
+    grads = (ds @ k.double(), ds.transpose(-1, -2) @ q.double(), dv)
     return tuple(g.to(q.dtype) for g in grads)
 
 
