@@ -126,6 +126,7 @@ def parts(s: Shape, scratch: Path, out: Path) -> list[Part]:
         Part("hf-eager", 90, peer_argv, "peer"),
         Part("plan-check", 40, plan_argv),
         Part("flex-vs-dense", 90, [py, parts_dir, "flex", "--device", s.device]),
+        Part("cp-kernels", 90, [py, parts_dir, "cp", "--device", s.device]),
         Part("triaxis-fsdp", 150, triaxis_argv(s, scratch / "tf", True, *fsdp), "triaxis"),
         *float8_parts(s, scratch),
         Part(

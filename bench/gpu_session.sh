@@ -19,6 +19,11 @@
 #     f8-1b-rowwise,f8-8bw-bf16,f8-8bw-tensorwise,f8-8bw-rowwise bash bench/gpu_session.sh",
 #     carry=[".peer"], timeout_s=600)
 #
+# The cp-kernels part (issue 26) proves ring attention's fused CUDA kernels (flash, efficient)
+# against its math kernel and plain SDPA; alone, on a machine with no .peer:
+#
+#   run(command="TRIAXIS_GPU_PARTS=cp-kernels bash bench/gpu_session.sh", timeout_s=180)
+#
 # The machine's own python3 holds torch, transformers and tokenizers; triaxis runs from the
 # checkout (PYTHONPATH), nothing is installed. All parts share one deadline (450 s); each part
 # gets min(its cap, time left) and is then SIGKILLed. Everything lands in $OUT: log.txt (all

@@ -121,10 +121,11 @@ def test_cpu_dry_run_of_every_part(tmp_path):
         pytest.skip("the peer baseline (shared/bench/hf_llama_baseline.py) is not here")
     rows, stdout = dry_run(tmp_path, TRIAXIS_GPU_PEER=str(peer), TRIAXIS_GPU_FAIL="triaxis-eager")
     order = ["smoke", "triaxis-compiled", "hf-compiled", "triaxis-eager", "hf-eager",
-             "plan-check", "flex-vs-dense", "triaxis-fsdp", "host-sync"]  # fmt: skip
+             "plan-check", "flex-vs-dense", "cp-kernels", "triaxis-fsdp", "host-sync"]  # fmt: skip
     assert [r["part"] for r in rows] == order
     by = {r["part"]: r for r in rows}
-    for name in ("smoke", "triaxis-compiled", "plan-check", "flex-vs-dense", "triaxis-fsdp"):
+    for name in ("smoke", "triaxis-compiled", "plan-check", "flex-vs-dense", "cp-kernels",
+                 "triaxis-fsdp"):  # fmt: skip
         assert by[name]["ok"], by[name]
     for name in ("triaxis-compiled", "triaxis-fsdp"):
         assert by[name]["tokens_per_s"] > 0 and by[name]["peak_mem_gib"] > 0
@@ -133,6 +134,7 @@ def test_cpu_dry_run_of_every_part(tmp_path):
         assert not by[name]["ok"] and "CUDA" in "\n".join(by[name]["tail"])
     assert not by["host-sync"]["ok"] and "SKIPPED" in by["host-sync"]["error"]
     assert "PASS" in by["flex-vs-dense"]["checks"][0]
+    assert all("PASS" in check for check in by["cp-kernels"]["checks"])
     # metrics.reset_peak_memory_after fired once in each speed run (on CPU it can only say so)
     assert sum("a CPU process's peak cannot be reset" in x for x in stdout) == 2
     assert_summary_last(stdout, rows)
