@@ -166,8 +166,8 @@ class MemoryTier:
         if data is not None:
             shard = keeper.unpack_state(data)
             problem = self._mismatch(shard, live)
-        problems = self._gather(problem)
-        bad = [f"rank {r}: {p}" for r, p in enumerate(problems) if p]
+        views = self._gather((problem, where))  # every rank's verdict and source
+        bad = [f"rank {r}: {p}" for r, (p, _) in enumerate(views) if p]
         if bad:
             self.log.warn(
                 f"memory tier: step {choice.step} not used ({'; '.join(bad[:2])}); restoring "
@@ -188,8 +188,13 @@ class MemoryTier:
         train = shard["train"]
         dcp_io.restore_schedule(self.ckpt.scheduler, self.ckpt.optimizer, int(train["scheduler"]))
         torch.set_rng_state(train["rng"].clone())
+        sources = sorted({w for _, w in views})
+        if len(sources) > 1:  # say which ranks came from a buddy (a replaced node)
+            sources = [
+                f"{w}: ranks {[r for r, (_, v) in enumerate(views) if v == w]}" for w in sources
+            ]
         self.log.info(
-            f"restored from the memory tier ({where}) at step {train['step']} "
+            f"restored from the memory tier ({'; '.join(sources)}) at step {train['step']} "
             f"(sample cursor {train['cursor']}; newest durable step: {durable})"
         )
         return {
