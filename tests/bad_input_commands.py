@@ -128,6 +128,7 @@ COMMAND_CASES: list[tuple[str, str, str]] = [
     ),
     # -- plan, layout, net, config
     ("plan-gpus-zero", "plan --model tiny --gpus 0", "--gpus"),
+    ("plan-memory-keep", "plan --model tiny --gpus 8 --memory-keep -1", "--memory-keep=-1 must"),
     ("plan-gpus-type", "plan --model tiny --gpus eight", "invalid int value"),
     ("plan-model", "plan --model nosuch --gpus 8 --gpu h100", "nosuch"),
     ("plan-seq", "plan --model tiny --gpus 8 --seq 0", "--seq"),

@@ -102,8 +102,35 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=",".join(SCHEDULES),
         help=f"pipeline schedules to try ({','.join(SCHEDULES)})",
     )
+    p.add_argument(
+        "--memory-keep",
+        type=int,
+        default=0,
+        help="also size the in-memory checkpoint tier holding this many steps "
+        "(checkpoint.memory_keep; 0 = off): its host memory per node for the #1 layout",
+    )
     p.set_defaults(fn=run)
     return p
+
+
+def memory_tier_line(plan, gpus: int, gpus_per_node: int, keep: int) -> tuple[str, float]:
+    """The memory tier's host memory per node for `plan` (checkpoint.memory_keep = keep): each
+    GPU's parameters and AdamW state x the node's GPUs x (keep + 1), twice with a buddy
+    replica (2 or more nodes)."""
+    from triaxis.checkpoint.memory_tier import footprint_bytes
+
+    m, local = plan.memory, min(gpus, gpus_per_node)
+    offloaded = m.host_per_node / local if plan.layout.cpu_offload else 0.0
+    per_gpu = m.params + m.optim + offloaded
+    copies = 2 if gpus > gpus_per_node else 1
+    need = footprint_bytes(int(per_gpu), local, keep) * copies
+    buddy = " x 2 (the buddy replica of the previous node)" if copies == 2 else ""
+    return (
+        f"memory tier (checkpoint.memory_keep={keep}): {need / 2**30:.1f} GiB of host memory per "
+        f"node ({per_gpu / 2**30:.2f} GiB of state per GPU x {local} GPUs x {keep + 1} steps"
+        f"{buddy})",
+        need,
+    )
 
 
 def _choices(raw: str, known: tuple[str, ...], flag: str) -> tuple[str, ...]:
@@ -135,6 +162,8 @@ def run(a: argparse.Namespace) -> int:
     ):
         if value < 1:
             raise UserError(f"{flag}={value} must be >= 1")
+    if a.memory_keep < 0:
+        raise UserError(f"--memory-keep={a.memory_keep} must be >= 0 (0 = no memory tier)")
     if a.doc_tokens < 0:
         raise UserError(f"--doc-tokens={a.doc_tokens} must be >= 0 (0 = the whole sample)")
     catalog = load_catalog(a.hardware)
@@ -159,14 +188,22 @@ def run(a: argparse.Namespace) -> int:
     result, float8_note = plan_float8(
         problem, a.gpus, a.objective, space, max(a.top, 2), catalog, a.float8
     )
+    tier = None
+    if a.memory_keep and result.plans:
+        tier = memory_tier_line(result.plans[0], a.gpus, hw.gpus_per_node, a.memory_keep)
     if a.json:
-        print(json.dumps({**to_json(result, a.top), "float8_choice": float8_note}, indent=1))
+        extra = {"memory_tier_host_bytes_per_node": tier[1]} if tier else {}
+        print(
+            json.dumps({**to_json(result, a.top), "float8_choice": float8_note, **extra}, indent=1)
+        )
     elif result.plans:
         print(header(result))
         print(tables(result, a.top))
         print("\nWhy #1: " + explain(result))
         if float8_note:
             print("FP8: " + float8_note)
+        if tier:
+            print(tier[0][0].upper() + tier[0][1:])
         print("\n" + toml_snippet(result))
     if not result.plans:
         print("error: " + no_fit_message(result), file=sys.stderr)
