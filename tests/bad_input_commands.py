@@ -29,6 +29,11 @@ COMMAND_CASES: list[tuple[str, str, str]] = [
         "checkpoint.memory_keep=0",
     ),
     (
+        "launch-memory-buddy",
+        _launch("local", "--checkpoint.memory_interval=1", "--checkpoint.memory_buddy=on"),
+        "a buddy replica lives on another node",
+    ),
+    (
         "launch-memory-fits",
         _launch("local", "--model.preset=70b", "--checkpoint.memory_interval=1"),
         "the memory tier needs",

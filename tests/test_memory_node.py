@@ -94,3 +94,12 @@ def test_training_without_a_keeper_says_the_tier_is_off(monkeypatch):
     assert len(said) == 1 and "memory tier is off" in said[0] and SOCKET_ENV in said[0]
     assert MemoryTier.of(load_config(None, []), None, 0, None, log) is None
     assert len(said) == 1  # off by default: nothing to say
+
+
+def test_without_the_tier_the_written_config_is_unchanged():
+    from triaxis.config import to_toml
+
+    off, on = to_toml(load_config(None, [])), to_toml(_cfg())
+    assert "memory_interval" not in off and "memory_keep" not in off  # as before the tier
+    assert "memory_interval = 1" in on and "memory_keep = 2" in on
+    assert to_toml(load_config(None, [])) == off

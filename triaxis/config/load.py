@@ -194,6 +194,10 @@ def to_toml(cfg: Config) -> str:
         tables: list[tuple[str, dict]] = []  # arrays of tables come after the plain keys
         if section == "data" and values["sources"]:
             del values["path"]  # a mixture reads only its sources (load_config refuses both)
+        if section == "checkpoint" and not values["memory_interval"]:
+            # Without the memory tier a run writes the very files it wrote before the tier
+            # existed (its config.toml, each manifest's config): the tier's fields stay out.
+            values = {k: v for k, v in values.items() if not k.startswith("memory_")}
         for k, v in values.items():
             if isinstance(v, list):
                 tables += [(f"{section}.{k}", t) for t in v]
