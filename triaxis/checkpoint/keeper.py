@@ -124,24 +124,31 @@ class ShardStore:
         path = os.path.join(self.incoming, f"{step}-{rank}-{os.getpid()}-{threading.get_ident()}")
         with open(path, "wb") as f:
             f.write(data)
-        return self.adopt(step, rank, path, digest)
+        return self.adopt(step, rank, path, digest, check=True)  # bytes from elsewhere
 
-    def adopt(self, step: int, rank: int, path: str, digest: int) -> str | None:
-        """Take the shard a worker wrote at `path` (inside incoming/); the reason it was refused
-        (the file is then removed), or None."""
+    def adopt(
+        self, step: int, rank: int, path: str, digest: int, check: bool = False
+    ) -> str | None:
+        """Take the shard a worker on this node wrote at `path` (inside incoming/); the reason
+        it was refused (the file is then removed), or None. Its checksum is checked when it is
+        read back (`get`, the client's map), not here (`check`: here too): it was computed
+        from the very tensors written, in this host's memory, a moment ago."""
         real = os.path.realpath(path)
         if os.path.dirname(real) != self.incoming or not os.path.isfile(real):
             return f"step {step} rank {rank}: {path} is not a file in {self.incoming}"
-        err = self._adopt(step, rank, real, digest)
+        err = self._adopt(step, rank, real, digest, check)
         if err is not None:
             _unlink(real)
         return err
 
-    def _adopt(self, step: int, rank: int, path: str, digest: int) -> str | None:
-        data = _map(path)
-        if _digest(data) != digest:
-            return f"step {step} rank {rank}: checksum mismatch on arrival"
-        size = len(data)
+    def _adopt(
+        self, step: int, rank: int, path: str, digest: int, check: bool = True
+    ) -> str | None:
+        if check:
+            data = _map(path)
+            if _digest(data) != digest:
+                return f"step {step} rank {rank}: checksum mismatch on arrival"
+        size = os.path.getsize(path)
         with self._lock:
             if self._steps and step < min(self._steps) and len(self._steps) >= self.keep:
                 return f"step {step} is older than the {self.keep} steps held"
@@ -408,12 +415,12 @@ class KeeperClient:
             pass
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            hasher = checksum.new(checksum.WRITE)
             try:
-                size = rawstate.write_to_file(state, fd)
-                with mmap.mmap(fd, size, access=mmap.ACCESS_READ) as m:
-                    digest = _digest(m)
+                rawstate.write_to_file(state, fd, hasher)
             finally:
                 os.close(fd)
+            digest = hasher.intdigest()
         except OSError as e:  # a full tmpfs: not held, the durable tier still has it
             try:
                 os.unlink(path)
