@@ -58,7 +58,9 @@ def test_shards_reach_the_next_node_and_come_back(two_nodes):
     assert data is not None and bytes(data) == bytes(a.get(3, 0))
     back = keeper.unpack_state(data)
     assert torch.equal(back["model"]["w"], _state(3)["model"]["w"])
-    assert buddy.replica_steps(at_b, TOKEN, 0)[-2:] == [2, 3]  # keep=2 there too
+    # keep=2 there too; a step superseded before its push may be skipped (newest first)
+    held = buddy.replica_steps(at_b, TOKEN, 0)
+    assert held[-1] == 3 and len(held) <= 2
     assert buddy.replica_steps(at_b, TOKEN, 1) == []  # another rank: none held
     # The replacement node puts what it fetched into its own (empty) keeper, as a restore does.
     assert b.put(3, 0, data) is None and b.get_state(3, 0)["train"]["step"] == 3
