@@ -22,6 +22,8 @@ def _args(data, run, *extra):
         f"--train.steps={STEPS}",
         f"--checkpoint.interval={DURABLE}",
         "--checkpoint.memory_interval=1",
+        # Synchronous durable saves: step 4's is committed before the kill however slow the disk.
+        "--checkpoint.async_save=false",
         *extra,
     )
 
