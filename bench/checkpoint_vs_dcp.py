@@ -7,7 +7,9 @@ each operation, times triaxis's Checkpointer (checksums computed while writing; 
 on at load) and plain `dcp.save` / `dcp.async_save` / `dcp.load` of the same state dict into a
 plain folder, alternating, --repeats times (median shown):
 
-  save sync     until the checkpoint is committed (triaxis) / dcp.save returns
+  save sync     until the checkpoint is committed (triaxis) / dcp.save returns; both sides
+                take the state dict (get_state_dict) inside the timed part, as a trainer does
+  save sync (cold)  the same after dropping both folders' files from the page cache
   save async    blocking = until training could go on; total = until committed / written
   staging copy  a plain copy of the state into fresh host tensors (what async must do at least)
   resume        triaxis Checkpointer.load (every item verified as it is read) / dcp.load,
@@ -17,8 +19,17 @@ plain folder, alternating, --repeats times (median shown):
   ... (cold)    the same after dropping both folders' files from the page cache
                 (posix_fadvise DONTNEED after sync: only this benchmark's files)
 
-Every save starts after a `sync`. Wall time and the process's CPU time (all threads) are shown;
-under a loaded machine the CPU time is the steadier of the two.
+What each save does (this torch's defaults on the plain side):
+  plain DCP  FileSystemWriter(sync_files=True, thread_count=1): one __0_0.distcp data file,
+             fsync'd, then .metadata written as a .tmp, fsync'd, renamed.
+  triaxis    the same FileSystemWriter, same defaults, same files and fsyncs, its stream
+             hashing each item (XXH3-64) as it is written (integrity.py: no second pass);
+             then a sidecar of those checksums and the manifest (the commit), each written
+             to a temporary name and renamed over, not fsync'd (the data they vouch for is).
+Before each save, the same for both sides: its own previous checkpoint removed, `sync`, 1 s
+to settle (untimed); the first side alternates from one repeat to the next. Wall time and the
+process's CPU time (all threads) are shown; under a loaded machine the CPU time is the steadier
+of the two.
 
 Peak extra host memory: the peak resident set above the start of each operation
 (/proc/self/status VmHWM, reset through /proc/self/clear_refs), triaxis minus plain DCP.
@@ -198,6 +209,17 @@ def _clean(ours_dir: str, plain_dir: str) -> None:
         time.sleep(1.0)
 
 
+def _fresh(target: str, root: str, cold: bool = False) -> None:
+    """Before one side's save, the same for both: its own previous checkpoint removed (a
+    retried save clears its folder too, untimed here for both), everything on disk, the
+    filesystem settled; `cold`: then every file of this benchmark dropped from the page cache."""
+    _rm(target)
+    os.sync()
+    time.sleep(1.0)
+    if cold:
+        drop_cache(root)
+
+
 def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
     ours_dir, plain_dir = f"{root}/triaxis", f"{root}/plain"
     ck, cfg = build(gb, "", ours_dir)
@@ -217,14 +239,30 @@ def compare(gb: float, repeats: int, root: str, with_async: bool) -> list[dict]:
         cfg.async_save = False
         path = mf.step_dir(ours_dir, step)
         local = "://" not in ours_dir
-        sync = os.sync if local else None
-        ops = {
-            "save sync": (
-                lambda: ck.save(step, step, block=True),
-                lambda: dcp.save(state, storage_writer=_plain_writer(plain_dir)),
-                sync,
-                sync,
-            ),
+        save_ours = lambda: ck.save(step, step, block=True)  # noqa: E731
+        # What a plain DCP trainer does at each save: take the state dict, then dcp.save it.
+        save_plain = lambda: dcp.save(  # noqa: E731
+            plain_state(ck), storage_writer=_plain_writer(plain_dir)
+        )
+        ops = {}
+        if local:
+            # Cold first: then the warm row's saves find the other side's fresh checkpoint
+            # in the page cache, whoever goes first.
+            ops["save sync (cold)"] = (
+                save_ours,
+                save_plain,
+                lambda: _fresh(path, root, cold=True),
+                lambda: _fresh(plain_dir, root, cold=True),
+            )
+            ops["save sync"] = (
+                save_ours,
+                save_plain,
+                lambda: _fresh(path, root),
+                lambda: _fresh(plain_dir, root),
+            )
+        else:
+            ops["save sync"] = (save_ours, save_plain, None, None)
+        ops |= {
             "resume": (lambda: ck.load(path), lambda: plain_resume(ck, plain_dir), None, None),
             "load in place": (
                 lambda: ck.load(path),

@@ -117,7 +117,7 @@ def _snapshot(ck) -> dict:
 def test_resume_restores_the_state_in_place_without_a_second_copy(tmp_path, monkeypatch):
     """The load writes straight into the parameters and AdamW moments, as plain DCP does;
     set_state_dict (a second copy of everything) is not called."""
-    from triaxis.checkpoint import dcp as ckdcp
+    from triaxis.checkpoint import dcp_load as ckdcp
 
     ck = _checkpointer(str(tmp_path / "ck"))
     ck.save(1, 10, block=True)

@@ -31,7 +31,7 @@ from triaxis.checkpoint import checksum, safe_load
 
 _CHUNK = 1 << 20  # bytes hashed per read when filling gaps: the bound on memory for hashing
 _GAP = 1 << 20  # a read further ahead than this is served unhashed and hashed at the end
-_HOT = 4 << 20  # a large read goes in chunks of this size, each hashed while in cache
+_HOT = 4 << 20  # large reads and writes go in chunks of this size, each hashed while in cache
 _KEEP = 256 << 10  # reads ahead of the hash up to this size are kept to be hashed later
 
 
@@ -79,12 +79,21 @@ class _HashingStream(io.RawIOBase):
         return True
 
     def write(self, b) -> int:
+        # torch.save hands over a tensor's whole storage in one call: written and hashed in
+        # _HOT chunks, each hashed right after the write read it, while it is in the cache
+        # (hashing the whole after writing it is a second pass over memory).
         mv = memoryview(b).cast("B")
-        n = self.raw.write(mv)
-        n = len(mv) if n is None else n
-        self.hash.update(mv[:n])
-        self.pos += n
-        return n
+        done = 0
+        while done < len(mv):
+            part = mv[done : done + _HOT]
+            n = self.raw.write(part)
+            n = len(part) if n is None else n
+            self.hash.update(part[:n])
+            done += n
+            if n < len(part):  # a short write: the caller writes the rest again
+                break
+        self.pos += done
+        return done
 
     def _cut(self) -> None:
         if self.pos > self.start:
