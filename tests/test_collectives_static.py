@@ -85,7 +85,7 @@ SITES = {
     # no tensor of ours: barriers, and object collectives, which torch pickles onto the
     # group's device (the current CUDA device under NCCL)
     ("train/distributed.py", "shutdown"): ["barrier"],
-    ("checkpoint/dcp.py", "_barrier"): ["barrier"],
+    ("checkpoint/dcp_load.py", "_barrier"): ["barrier"],
     ("train/resilience.py", "hold_run_lock"): ["broadcast_object_list"],
 }
 """(file under triaxis/, function) -> the collectives it calls, in source order."""
