@@ -35,6 +35,7 @@ from tests.test_multinode import ENV, kill_host  # noqa: E402
 from triaxis.checkpoint import keeper  # noqa: E402
 
 TOKEN = {"TRIAXIS_BUDDY_TOKEN": "bench-token"}
+_ROOTS: list[Path] = []
 
 
 def daemon(host, sock: str) -> subprocess.Popen:
@@ -47,14 +48,13 @@ def daemon(host, sock: str) -> subprocess.Popen:
     return proc
 
 
-def launch(host, sock: str | None, args: list) -> subprocess.Popen:
+def launch(host, sock: str | None, args: list, log: Path) -> subprocess.Popen:
+    """`triaxis launch` inside `host`; its output goes to `log` (to see where time went)."""
     env = {**ENV, **TOKEN, **({"TRIAXIS_KEEPER_SOCKET": sock} if sock else {})}
-    return subprocess.Popen(
-        host.prefix() + command("launch", *map(str, args)),
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            host.prefix() + command("launch", *map(str, args)), env=env, stdout=out, stderr=out
+        )
 
 
 def scenario(a, hosts, data: Path, root: Path, memory: bool, port: int) -> tuple:
@@ -79,7 +79,10 @@ def scenario(a, hosts, data: Path, root: Path, memory: bool, port: int) -> tuple
 
     daemons = [daemon(h, s) for h, s in zip(hosts, socks)] if memory else []
     tail = Tail(run / "metrics.jsonl")
-    first = [launch(h, s, args(0)) for h, s in zip(hosts, socks)]
+    first = [
+        launch(h, s, args(0), root / f"{run.name}-a{i}.log")
+        for i, (h, s) in enumerate(zip(hosts, socks))
+    ]
     while not any(r.get("step") == a.kill - 1 for _, r in tail.seen):
         assert first[0].poll() is None, "the first job ended before the kill"
         time.sleep(0.02)
@@ -90,7 +93,14 @@ def scenario(a, hosts, data: Path, root: Path, memory: bool, port: int) -> tuple
     if memory:
         daemons[1].wait()
         daemons[1] = daemon(node1, socks[1])  # the replacement node: an empty keeper
-    second = [launch(h, s, args(1)) for h, s in zip(hosts, socks)]
+    t_relaunch = time.monotonic()
+    print(
+        f"{run.name}: the first job ended {t_relaunch - t_fail:.1f} s after the failure", flush=True
+    )
+    second = [
+        launch(h, s, args(1), root / f"{run.name}-b{i}.log")
+        for i, (h, s) in enumerate(zip(hosts, socks))
+    ]
     for p in second:
         p.wait()
     seen = tail.stop()
@@ -114,11 +124,13 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=10)
     ap.add_argument("--memory-interval", type=int, default=2)
     ap.add_argument("--kill", type=int, default=14)
+    ap.add_argument("--only", choices=["durable", "memory"], default="")
     a = ap.parse_args()
     why = unavailable_reason()
     if why:
         sys.exit(f"two namespace hosts are not available here: {why}")
     root = Path(tempfile.mkdtemp(prefix="triaxis-memhosts-"))
+    _ROOTS.append(root)
     data = prepare(root)
     print(f"2 hosts x 1 rank, dim {a.dim} x {a.layers} layers; node1 killed as step {a.kill} "
           f"starts; durable every {a.interval}, memory every {a.memory_interval}; load average "
@@ -126,14 +138,22 @@ def main() -> None:
     rows = []
     with HostNetwork(["node0", "node1"], tag="q") as net:
         for memory, port in ((False, 29520), (True, 29530)):
+            if a.only and a.only != ("memory" if memory else "durable"):
+                continue
             rows.append(("memory + buddy" if memory else "durable only",
                          *scenario(a, net.hosts, data, root, memory, port)))  # fmt: skip
     print(f"{'':16} {'to first step':>14} {'back at failed step':>20} {'steps redone':>13}")
     for name, first, back, redone in rows:
         print(f"{name:16} {first:13.1f}s {back:19.1f}s {redone:13d}")
-    print(f"memory/durable, back at the failed step: {rows[1][2] / rows[0][2]:.2f}x; load "
-          f"average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    if len(rows) == 2:
+        print(f"memory/durable, back at the failed step: {rows[1][2] / rows[0][2]:.2f}x")
+    print(f"load average {os.getloadavg()[0]:.1f}; its folder {root} is removed at exit")
 
 
 if __name__ == "__main__":
+    import atexit
+    import shutil
+
+    # Checkpoints of a 100M model, several runs: GBs that must not outlive the bench.
+    atexit.register(lambda: [shutil.rmtree(p, ignore_errors=True) for p in _ROOTS])
     main()

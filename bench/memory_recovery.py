@@ -33,6 +33,8 @@ import threading
 import time
 from pathlib import Path
 
+_ROOTS: list[Path] = []
+
 
 def prepare(root: Path) -> Path:
     data = root / "data"
@@ -123,6 +125,7 @@ def main() -> None:
     ap.add_argument("--cost-repeats", type=int, default=2)
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="triaxis-memrec-"))
+    _ROOTS.append(root)
     data = prepare(root)
     from triaxis.config import load_config
     from triaxis.model import param_counts
@@ -186,4 +189,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import atexit
+    import shutil
+
+    # Checkpoints of a 100M model, several runs: GBs that must not outlive the bench.
+    atexit.register(lambda: [shutil.rmtree(p, ignore_errors=True) for p in _ROOTS])
     main()

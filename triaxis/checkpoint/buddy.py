@@ -172,16 +172,20 @@ class Replicator:
         header = {"op": "replica_put", "token": self.token, "step": step, "rank": rank}
         reply = _call(peer, {**header, "digest": digest}, data)
         if reply is not None and reply[0].get("ok"):
+            if self.failures:  # say once that a failing streak ended
+                print(f"[triaxis keeper] buddy replicas reach {peer} again", file=sys.stderr)
             self.pushed.append((step, rank))
+            self.failures = 0
             return True
         self.failures += 1
-        why = "unreachable" if reply is None else reply[0].get("error")
-        print(
-            f"[triaxis keeper] buddy replica of step {step} rank {rank} to {peer} failed "
-            f"({why}); retrying with the next step",
-            file=sys.stderr,
-            flush=True,
-        )
+        if self.failures == 1:  # once per streak: a dead buddy is retried every second
+            why = "unreachable" if reply is None else reply[0].get("error")
+            print(
+                f"[triaxis keeper] buddy replica of step {step} rank {rank} to {peer} failed "
+                f"({why}); retrying with each new step",
+                file=sys.stderr,
+                flush=True,
+            )
         return False
 
 

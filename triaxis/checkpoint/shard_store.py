@@ -49,8 +49,12 @@ class ShardStore:
     def put(self, step: int, rank: int, data, digest: int) -> str | None:
         """Store a shard given as bytes (a peer that cannot write into this directory)."""
         path = os.path.join(self.incoming, f"{step}-{rank}-{os.getpid()}-{threading.get_ident()}")
-        with open(path, "wb") as f:
-            f.write(data)
+        try:
+            with open(path, "wb") as f:
+                f.write(data)
+        except OSError as e:  # a full tmpfs: not held (the sender goes on)
+            _unlink(path)
+            return f"step {step} rank {rank}: cannot write {path}: {e.strerror or e}"
         return self.adopt(step, rank, path, digest, check=True)  # bytes from elsewhere
 
     def adopt(
