@@ -12,7 +12,7 @@ Prints, for each: failure -> first step of the relaunched job, failure -> the fa
 again, the steps redone. Step times from metrics.jsonl as its lines appear (bench/
 memory_recovery.py's Tail). Uses the tests' namespace helpers.
 
-    sudo python bench/memory_hosts.py
+    sudo python bench/memory_hosts.py              # as in bench/RESULTS.md
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).parent)]
 
-from memory_recovery import Tail, prepare  # noqa: E402
+from memory_recovery import Tail, prepare, shape_args  # noqa: E402
 
 from tests.helpers import command  # noqa: E402
 from tests.netns_hosts import HostNetwork, unavailable_reason  # noqa: E402
@@ -122,14 +122,8 @@ def scenario(a, hosts, data: Path, root: Path, memory: bool, port: int) -> tuple
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dim", type=int, default=768)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--ffn", type=int, default=2048)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=18)
-    ap.add_argument("--interval", type=int, default=10)
-    ap.add_argument("--memory-interval", type=int, default=2)
-    ap.add_argument("--kill", type=int, default=14)
+    shape_args(ap, steps=20)
+    ap.add_argument("--kill", type=int, default=18)
     ap.add_argument("--only", choices=["durable", "memory"], default="")
     a = ap.parse_args()
     why = unavailable_reason()

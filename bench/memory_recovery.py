@@ -111,15 +111,20 @@ def recovery(seen, kill: int) -> tuple[float, float, int]:
     return first[0] - t_fail, back - t_fail, kill - first[1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def shape_args(ap: argparse.ArgumentParser, steps: int) -> None:
+    """The model (about 100M parameters by default) and tiers both recovery benches run."""
     ap.add_argument("--dim", type=int, default=768)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--ffn", type=int, default=2048)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--interval", type=int, default=10, help="durable checkpoint.interval")
     ap.add_argument("--memory-interval", type=int, default=2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    shape_args(ap, steps=24)
     ap.add_argument("--kill", type=int, default=18)
     ap.add_argument("--cost-steps", type=int, default=30)
     ap.add_argument("--cost-repeats", type=int, default=2)
