@@ -22,9 +22,12 @@ import torch
 import torch.distributed.tensor  # noqa: F401 - its sharding rules read the real ops: load them first
 
 from tests.dist import run_workers
-from tests.test_ring_attention import CHUNK, _check, dense, inputs, ragged_doc_ids
+from tests.test_ring_attention import (
+    CHUNK,
+    _check,
+    check_one_rank_ring_equals_dense,
+)
 from triaxis.parallel import cp_kernel, cp_kernel_cuda
-from triaxis.parallel.ring_attention import build_plan, ring_attention
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 
@@ -263,16 +266,7 @@ def test_cuda_branch_one_rank_equals_dense(cuda_branch, pretend_dtype):
     (10) that is not a multiple of 32, and blocks whose rows see no key."""
     fakes, pretend = cuda_branch
     pretend(pretend_dtype)
-    seq_len = 4 * CHUNK
-    for doc_ids in (None, ragged_doc_ids(seq_len)):
-        q, k, v, dy = inputs(seq_len)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        plan = build_plan(1, 0, seq_len, doc_ids)
-        y = ring_attention(*leaves, plan)
-        y.backward(dy)
-        got = (y.detach(), *(t.grad for t in leaves))
-        for name, g, w in zip(("out", "dq", "dk", "dv"), got, dense(q, k, v, dy, doc_ids)):
-            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=name)
+    check_one_rank_ring_equals_dense()
     calls = {name: fake.calls for name, fake in fakes.items()}
     flash_calls = 3 if pretend_dtype == BF16 else 0  # the plain causal plan: 3 blocks
     assert calls[OPS[0]] == calls[OPS[1]] >= flash_calls
