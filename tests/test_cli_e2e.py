@@ -2,13 +2,11 @@
 
 import json
 import signal
-import subprocess
-import time
 
 import pytest
 
 from tests import helpers
-from tests.helpers import ENV, command, losses, triaxis
+from tests.helpers import losses, triaxis
 
 
 @pytest.fixture(scope="module")
@@ -64,24 +62,16 @@ def test_interrupted_run_resumes_exactly(bpe_data, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     common = ["--train.steps=16", "--checkpoint.interval=8", "--train.val_every=0"]
     triaxis(*train_args(bpe_data, ref, *common))
-    # Kill the second run with SIGKILL once its step-8 checkpoint is committed.
-    proc = subprocess.Popen(
-        command(
-            *train_args(bpe_data, run, *common, "--checkpoint.save_final=false"),
-        ),
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    # The second run SIGKILLs itself as step 12 starts: its step-8 checkpoint (written
+    # synchronously, so committed by then) is the one the third run resumes from.
+    killed = triaxis(
+        *train_args(bpe_data, run, *common, "--checkpoint.async_save=false"),
+        env={"TRIAXIS_FAULT_KILL": "0:12"},
+        check=False,
     )
-    ckpt = run / "checkpoints" / "step_00000008" / "triaxis.json"
-    deadline = time.time() + 120
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert ckpt.exists()
-    killed_at = max(losses(run))
-    assert killed_at < 16, "the run finished before it could be interrupted"
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (run / "checkpoints" / "step_00000008" / "triaxis.json").exists()
+    assert max(losses(run)) == 11
     triaxis(*train_args(bpe_data, run, *common))
     got, want = losses(run), losses(ref)
     assert sorted(got) == list(range(1, 17))

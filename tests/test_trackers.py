@@ -36,10 +36,16 @@ def records(steps, val_at=()):
 
 
 def write(run_dir, cfg, recs, warn=None):
-    w = MetricsWriter(str(run_dir), True, False, cfg, warn)
+    """One process's records. A loaded machine can take long to start a tracker (W&B spawns a
+    service), so the flush waits as long as any wait in the tests; any warning fails the test
+    unless the test collects them itself."""
+    cfg.metrics.tracker_flush_s = max(cfg.metrics.tracker_flush_s, WAIT_S)
+    warnings: list[str] = []
+    w = MetricsWriter(str(run_dir), True, False, cfg, warn or warnings.append)
     for r in recs:
         w.write(r)
     w.close()
+    assert not warnings, warnings
 
 
 def history(uri, run_id, key):
@@ -231,6 +237,35 @@ def test_records_a_killed_run_never_sent_go_out_on_resume(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("landed", [True, False])
+def test_the_record_a_killed_run_was_sending_is_sent_once(tmp_path, landed):
+    """Killed after MLflow took step 4 (or before) but before the state file said so."""
+    uri = f"file:{tmp_path / 'mlruns'}"
+    cfg = Config()
+    cfg.metrics.mlflow = uri
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write(run_dir, cfg, records(range(1, 4)))
+    plain = MetricsWriter(str(run_dir), True, False)  # metrics.jsonl has step 4
+    (step4,) = records([4])
+    plain.write(step4)
+    run_id = state(run_dir, "mlflow")["run_id"]
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from triaxis.metrics.trackers import _State, numbers
+
+    if landed:
+        metrics = [Metric(k, v, 0, 4) for k, v in numbers(step4).items()]
+        MlflowClient(uri).log_batch(run_id, metrics=metrics)
+    st = _State(str(run_dir), "mlflow")
+    st.sending(step4)
+    write(run_dir, cfg, records(range(5, 7)))  # resumed from a checkpoint at step 4
+    assert sorted(history(uri, run_id, "loss")) == [(s, 10.0 / s) for s in range(1, 7)]
+    assert "sending" not in state(run_dir, "mlflow")
+
+
 def test_a_restarted_two_rank_job_continues_one_mlflow_run(byte_data, tmp_path):
     """rank 1 SIGKILLs itself before step 6; the launcher restarts the job from the step-4
     checkpoint. Rank 0 alone tracks; MLflow has every step once, as metrics.jsonl has them."""

@@ -7,7 +7,8 @@ record until it goes through; metrics.jsonl is written first and holds everythin
 
 A tracker's run identity and the last step it accepted live in RUN_DIR/tracker_<name>.json: a
 resumed run reopens the same tracker run and skips the steps the tracker already has (the
-steps redone after the checkpoint were logged before the crash).
+steps redone after the checkpoint were logged before the crash). The record in flight when a
+process died is asked about on reopening, so MLflow (which keeps duplicates) gets each step once.
 """
 
 from __future__ import annotations
@@ -70,11 +71,18 @@ class _State:
             return False
         return record["step"] < last or set(numbers(record)) <= set(self.data.get("keys", []))
 
+    def sending(self, record: dict) -> None:
+        """Note the record about to go out: a kill between the tracker taking it and `accepted`
+        leaves it here, and the reopened run asks the tracker whether it landed."""
+        self.data["sending"] = {"step": record["step"], "keys": sorted(numbers(record))}
+        self.save()
+
     def accepted(self, record: dict) -> None:
         keys = set(numbers(record))
         if record["step"] == self.data.get("last_step"):
             keys |= set(self.data.get("keys", []))
         self.data["last_step"], self.data["keys"] = record["step"], sorted(keys)
+        self.data.pop("sending", None)
         self.save()
 
 
@@ -100,6 +108,7 @@ class MLflowBackend:
             run = client.get_run(run_id)
             if run.info.status != "RUNNING":
                 client.update_run(run_id, status="RUNNING")
+            self._settle(client, run_id)
         else:
             exp = client.get_experiment_by_name(self.experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(self.experiment)
@@ -112,6 +121,16 @@ class MLflowBackend:
         for i in range(0, len(new), 100):  # log_batch takes at most 100 params
             client.log_batch(run_id, params=new[i : i + 100])
         self.client, self.run_id = client, run_id
+
+    def _settle(self, client, run_id: str) -> None:
+        """MLflow keeps every value it is sent, so the record a killed run was sending is sent
+        again only if MLflow does not have it."""
+        sending = self.state.data.get("sending")
+        if not sending or not sending["keys"]:
+            return
+        history = client.get_metric_history(run_id, sending["keys"][0])
+        if any(m.step == sending["step"] for m in history):
+            self.state.accepted({"step": sending["step"], **dict.fromkeys(sending["keys"], 0.0)})
 
     def log(self, record: dict, wall_ms: int) -> None:
         from mlflow.entities import Metric
@@ -229,6 +248,7 @@ class Tracker:
             if self.backend.state.has(record):  # a resumed run redoes steps the tracker has
                 self.queue.popleft()
                 continue
+            self.backend.state.sending(record)
             try:
                 sent = self._retry(lambda: self.backend.log(record, wall_ms), attempt)
             except Exception as e:
