@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests import helpers
-from tests.dist import run_workers
+from tests.dist import WAIT_S, run_workers
 from tests.helpers import ENV, command, final_weights, losses, slow_but_first, triaxis
 from tests.parity import train_collect
 from triaxis.checkpoint import manifest as mf
@@ -168,7 +168,7 @@ def test_sigterm_writes_a_final_checkpoint(byte_data, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 120
+    deadline = time.time() + WAIT_S
     while time.time() < deadline and not (run / "metrics.jsonl").exists():
         time.sleep(0.05)
     time.sleep(0.5)

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tests import helpers
+from tests.dist import WAIT_S
 from tests.helpers import command
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
@@ -322,8 +323,9 @@ def test_train_from_s3_killed_and_resumed_with_other_dp(moto_s3, tmp_path, capsy
     assert len(manifest["splits"]["train"]["shards"]) > 4
     assert manifest["tokenizer"]["kind"] == "bpe"
 
-    # 2 processes (dp_shard=2, a checkpoint every 4 steps), killed with SIGKILL once a
-    # checkpoint is committed...
+    # 2 processes (dp_shard=2, a synchronous checkpoint every 4 steps); rank 0 hangs as step 9
+    # starts, so the run cannot finish whatever the machine's speed, and the whole tree is
+    # SIGKILLed once the step-8 checkpoint is committed...
     run = tmp_path / "run"
     killed = subprocess.Popen(
         cli(
@@ -336,25 +338,26 @@ def test_train_from_s3_killed_and_resumed_with_other_dp(moto_s3, tmp_path, capsy
                 cache,
                 "--parallel.dp_shard=2",
                 "--checkpoint.interval=4",
+                "--checkpoint.async_save=false",
                 "--checkpoint.save_final=false",
             ),
         ),
-        env=env_with(tmp_path / "a.trace"),
+        env={**env_with(tmp_path / "a.trace"), "TRIAXIS_FAULT_HANG": "0:forward@9"},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    first = run / "checkpoints" / "step_00000004" / "triaxis.json"  # committed
-    deadline = time.time() + 150
-    while not first.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
+    last = run / "checkpoints" / "step_00000008" / "triaxis.json"  # committed
+    deadline = time.monotonic() + WAIT_S
+    while not last.exists() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     kill_tree(killed.pid)  # the launcher, its elastic agent and both rank processes
     killed.wait()
-    assert first.exists(), "the 2-process run wrote no checkpoint"
+    assert last.exists(), "the 2-process run wrote no step-8 checkpoint"
     steps = sorted(
         int(p.name[5:]) for p in (run / "checkpoints").iterdir() if (p / "triaxis.json").exists()
     )
-    resume_cursor, total = steps[-1] * GLOBAL_BATCH, 24 * GLOBAL_BATCH
-    assert resume_cursor < total, "the 2-process run finished before it was killed"
+    assert steps == [4, 8]
+    resume_cursor, total = 8 * GLOBAL_BATCH, 24 * GLOBAL_BATCH
 
     # ...then resumed by 1 process (dp=1, gradient accumulation 2) from that checkpoint.
     out = finish(
