@@ -9,7 +9,9 @@ tokens; the all-to-all bytes counted against the prediction.
 Process CPU time per step (median of --repeats after one warm-up). Predicted bytes per rank and
 step (dropless), forward and again backward: the rows this rank routes to the other rank's experts
 plus the rows it computes for the other rank and sends back, x dim x 4 bytes, and, once, the
-off-rank half of the per-expert counts (experts / 2 x 8 bytes). Not a test.
+off-rank half of the per-expert counts (experts / 2 x 8 bytes); and the planner's figure
+(triaxis.plan.experts.all_to_all_bytes: uniform routing, no counts) with the counted / planner
+ratio. Not a test.
 """
 
 from __future__ import annotations
@@ -94,7 +96,20 @@ def _worker(rank, world, a):
     dist.all_gather(both, off)
     rows = int(sum(both))
     results["predicted"] = 2 * rows * a.dim * 4 + (a.experts // world) * 8
+    results["planner"] = planner_bytes(args, a.tokens, world)
     return results
+
+
+def planner_bytes(args, tokens: int, ep: int) -> float:
+    """What `triaxis plan` prices for this block and step (uniform routing, fp32 on CPU): four
+    all-to-alls (dispatch and combine, forward and backward) of plan.experts.all_to_all_bytes."""
+    from triaxis.plan.experts import all_to_all_bytes
+    from triaxis.plan.hardware import load_catalog, resolve_hardware
+    from triaxis.plan.problem import RUNTIMES, Layout, Problem, shape_from_args
+
+    hw = resolve_hardware(load_catalog(), "cpu", None, ep)
+    p = Problem(shape_from_args(args, "bench"), hw, RUNTIMES["triaxis"], tokens, ep)
+    return 4 * all_to_all_bytes(p, Layout(1, ep, 1, 1, 1, ep=ep))
 
 
 def main() -> None:
@@ -112,7 +127,8 @@ def main() -> None:
         print(
             f"rank {rank}: plain ep=1 {pm:.0f} CPU ms (all-to-all {pb} B) | triaxis ep=2 "
             f"{tm:.0f} CPU ms, ratio {tm / pm:.2f}, all-to-all {tb} B vs predicted "
-            f"{r['predicted']} B"
+            f"{r['predicted']} B (this routing) | planner {r['planner']:.0f} B (uniform "
+            f"routing), counted / planner {tb / r['planner']:.3f}"
         )
 
 

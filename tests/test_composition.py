@@ -160,12 +160,12 @@ def test_the_planner_never_emits_a_refused_pair(monkeypatch):
     """What the search enumerates (test_plan_runs' small models, world 1-8) passes the rule;
     without it the search would propose refused pairs (op-level checkpointing with zbv)."""
     from tests.test_plan_runs import ALL, UNTIED, layouts
-    from triaxis.plan import search
+    from triaxis.plan import layouts as enumeration
     from triaxis.plan.mapping import parallel_config
 
     for args, _, layout in ALL:  # as `triaxis plan` prints it and parallel.auto runs it
         assert composition_problem(parallel_config(layout, args.n_layers), layout.dp > 1) is None
-    monkeypatch.setattr(search, "composes", lambda layout: True)
+    monkeypatch.setattr(enumeration, "composes", lambda layout: True)
     unruled = [a for w in (4, 8) for a in layouts(UNTIED, w)]
     assert any(a.activation_checkpoint == "op" and a.schedule == "zbv" for a in unruled)
     assert any(a.schedule == "zbv" and a.dp > 1 and a.reshard_after_forward for a in unruled)

@@ -98,7 +98,7 @@ def test_aux_loss_enters_the_gradient_as_coef_times_aux():
 
 
 def test_a_step_the_numerics_guard_skips_leaves_the_bias_and_drops_its_counts():
-    m = _moe(n_shared_experts=0)
+    m = _moe(n_shared_experts=0, moe_bias_update_rate=0.1)
     m.train()
     m(torch.randn(4, 8, 64))
     update_expert_bias(m, rate=0.1, skip=torch.tensor(1.0))
@@ -106,6 +106,19 @@ def test_a_step_the_numerics_guard_skips_leaves_the_bias_and_drops_its_counts():
     m(torch.randn(4, 8, 64))
     update_expert_bias(m, rate=0.1, skip=torch.tensor(0.0))
     assert m.router.expert_bias.abs().sum() > 0
+
+
+def test_without_aux_free_balancing_nothing_is_counted():
+    """Nothing reads the counts then: kept, each data-parallel rank's would differ and be saved
+    in its checkpoints."""
+    m = _moe(n_shared_experts=0)
+    m.train()
+    m(torch.randn(4, 8, 64))
+    assert m.router.tokens_since_update.sum() == 0
+    m = _moe(n_shared_experts=0, moe_bias_update_rate=0.1)
+    m.train()
+    m(torch.randn(4, 8, 64))
+    assert m.router.tokens_since_update.sum() == 4 * 8 * 2
 
 
 def test_bias_steers_the_choice_not_the_weights_and_moves_toward_balance():
@@ -318,13 +331,3 @@ def test_export_hf_of_an_moe_checkpoint_is_refused_in_one_line(byte_data, tmp_pa
         export_hf(str(tmp_path / "run" / "checkpoints"), str(tmp_path / "hf"))
     assert "cannot express model.n_shared_experts=1" in str(err.value)
     assert "\n" not in str(err.value) and not (tmp_path / "hf").exists()
-
-
-def test_parallel_auto_refuses_an_moe_model_in_one_line():
-    from triaxis.plan.auto import plan_for_world
-
-    cfg = load_config(None, ["--model.preset=tiny-moe", "--train.device=cpu"])
-    with pytest.raises(UserError) as err:
-        plan_for_world(cfg, 2, "speed", "cpu")
-    assert "parallel.auto plans dense models only" in str(err.value)
-    assert "\n" not in str(err.value)

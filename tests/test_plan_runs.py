@@ -59,7 +59,7 @@ def test_search_emits_exactly_the_tabled_options():
         assert emitted[knob] == set(values), (knob, emitted[knob], values)
     # The knobs the table does not list are degrees, sizes and counts, not options.
     listed = set(SEARCHED_OPTIONS) | {"ac_every", "virtual_stages", "micro_batch"}
-    degrees = {"dp_replicate", "dp_shard", "cp", "tp", "pp"}
+    degrees = {"dp_replicate", "dp_shard", "cp", "tp", "pp", "ep"}
     assert {f.name for f in dataclasses.fields(Layout)} == listed | degrees
 
 

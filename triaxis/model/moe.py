@@ -122,6 +122,9 @@ class Router(nn.Module):
         # Aux-free balancing state (zeros and unused without moe_bias_update_rate).
         self.register_buffer("expert_bias", torch.zeros(args.n_experts))
         self.register_buffer("tokens_since_update", torch.zeros(args.n_experts))
+        # Without aux-free balancing nothing reads (or all-reduces and resets) the counts: kept,
+        # each data-parallel rank's would be its own, and checkpoints would differ by layout.
+        self.counts_tokens = args.moe_bias_update_rate > 0
 
     def forward(self, x: torch.Tensor):
         """x (N, D) -> probabilities (N, E) fp32, chosen experts (N, k), their weights (N, k)."""
@@ -166,7 +169,7 @@ class MoE(nn.Module):
         counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(
             0, chosen.flatten(), ones
         )  # (E,) exact integers
-        if self.training:
+        if self.training and self.router.counts_tokens:
             # Activation checkpointing runs this forward again in backward, so a block's counts
             # and figures may be added twice; always all of a block's forwards, so the bias
             # update (a sign per expert) and the figures (means over forwards) stay the same.

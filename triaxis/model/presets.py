@@ -15,6 +15,10 @@ _TINY_MOE = dict(
     moe_aux_loss_coef=0.01,
 )  # fmt: skip
 _MIXTRAL = dict(n_experts=8, moe_top_k=2, moe_aux_loss_coef=0.02)
+_QWEN3_MOE = dict(
+    n_experts=128, moe_top_k=8, moe_ffn_dim=768, moe_aux_loss_coef=0.001, head_size=128,
+    qk_norm=True, rope_theta=1e6,
+)  # fmt: skip
 MOE_FIELDS = (
     "n_experts",
     "moe_top_k",
@@ -43,6 +47,8 @@ _ROWS: list[tuple[str, tuple[int, ...], dict]] = [
     ("405b", (16384, 126, 128, 8, 53248, 128256, 8192), {}),
     # Mixtral-8x7B: 8 experts, top 2, every block MoE.
     ("mixtral-8x7b", (4096, 32, 32, 8, 14336, 32000, 32768), {"rope_theta": 1e6, **_MIXTRAL}),
+    # Qwen3-30B-A3B: 128 experts of 768, top 8, every block MoE, 128-wide heads with q/k norms.
+    ("qwen3-30b-a3b", (2048, 48, 32, 4, 6144, 151936, 40960), _QWEN3_MOE),
 ]
 PRESETS: dict[str, ModelArgs] = {
     name: ModelArgs(**dict(zip(SHAPE, sizes)), **extra) for name, sizes, extra in _ROWS

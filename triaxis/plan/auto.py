@@ -73,12 +73,6 @@ def plan_for_world(
     from triaxis.model.presets import build_model_args
 
     args = model_args or build_model_args(cfg.model)
-    if args.n_experts:
-        # The cost model prices dense blocks: it would under-count every expert's memory.
-        raise UserError(
-            f"parallel.auto plans dense models only so far; model.n_experts={args.n_experts}: "
-            "set --parallel.auto=off and give dp_shard / dp_replicate"
-        )
     gpu = gpu or detect_gpu(cfg.train.device)
     catalog = load_catalog(hardware)
     if gpus_per_node is None:

@@ -10,6 +10,8 @@ For a group of n ranks and a buffer of S bytes (the full, unsharded size) over b
     all-gather      ring  (n-1)/n · S/B + (n-1) step latencies  (S = gathered output)
     reduce-scatter  ring  (n-1)/n · S/B + (n-1) step latencies  (S = unreduced input)
     send/recv       S/B + one step latency
+    all-to-all      each rank sends S' = (n-1)/n of its buffer: its in-node share over NVLink
+                    and the rest over its network share at once, + (n-1) step latencies
 
 plus a fixed launch cost per collective. Which link: mesh axes are laid out pp x dp_replicate x
 dp_shard x tp, tp innermost (triaxis.parallel.dims), so an axis of size n and rank stride st has
@@ -81,6 +83,19 @@ def all_gather_s(link: AxisLink, nbytes: float) -> float:
 def reduce_scatter_s(link: AxisLink, nbytes: float) -> float:
     """`nbytes` is the unreduced input size; each rank keeps nbytes / n."""
     return all_gather_s(link, nbytes)
+
+
+def all_to_all_s(hw: Hardware, link: AxisLink, sent: float) -> float:
+    """An all-to-all in which every rank sends `sent` bytes to the others, spread evenly: the
+    share for peers in its node goes over NVLink, the rest over its share of the node's
+    network, both at once; one step latency per peer."""
+    n = link.size
+    if n == 1 or sent == 0:
+        return 0.0
+    inside = (link.per_node - 1) / (n - 1)
+    net = (1 - inside) * sent / hw.network_bytes_per_s_per_gpu
+    nvl = inside * sent / hw.cluster.nvlink_bytes_per_s
+    return link.launch_s + max(net, nvl) + (n - 1) * link.step_latency_s
 
 
 def hierarchical_applies(gpus_per_node: int, dp_shard: int, tp: int) -> bool:

@@ -30,8 +30,9 @@ from importlib import resources
 from typing import Any
 
 from triaxis.plan.hardware import load_catalog, resolve_hardware
+from triaxis.plan.layouts import divisors
 from triaxis.plan.problem import RUNTIMES, Layout, ModelShape, Plan, Problem
-from triaxis.plan.search import divisors, evaluate
+from triaxis.plan.search import evaluate
 
 # ---------------------------------------------------------------------------------------------
 # Published results

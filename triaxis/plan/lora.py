@@ -9,8 +9,9 @@ splits each adapter tensor on dim 0 over dp_shard (as it does every parameter).
 from __future__ import annotations
 
 from triaxis.parallel.targets import matches
-from triaxis.plan.memory import _chunk, stage_blocks
+from triaxis.plan.memory import stage_blocks
 from triaxis.plan.problem import LoraPlan, ModelShape
+from triaxis.plan.shards import _chunk
 
 
 def block_linears(shape: ModelShape) -> list[tuple[str, int, int, bool]]:

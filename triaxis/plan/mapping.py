@@ -41,6 +41,7 @@ def parallel_config(
         tp=layout.tp,
         pp=layout.pp,
         cp=layout.cp,
+        ep=layout.ep,
         pp_schedule=layout.schedule if piped else (base or ParallelConfig()).pp_schedule,
         pp_virtual_stages=layout.virtual_stages if piped else 1,
         pp_layers=",".join(map(str, stage_split(n_layers, layout))) if piped else "",

@@ -30,44 +30,35 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from triaxis.model.args import ModelArgs
-from triaxis.plan.activations import activation_bytes, offloaded_checkpoint_bytes
+from triaxis.plan.activations import activation_bytes, in_flight, offloaded_checkpoint_bytes
+from triaxis.plan.expert_memory import (
+    dense_mlp_params,
+    moe_activation_delta_per_token,
+    moe_block_delta,
+    moe_blocks_of_stage,
+    moe_gathered_params,
+)
 from triaxis.plan.problem import Layout, MemoryBreakdown, Problem
+from triaxis.plan.shards import _local_numel
 
 ADAM_STEP_BYTES = 4
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _chunk(n: int, parts: int, index: int) -> int:
-    """Length of torch.chunk(n, parts)[index] (empty past the end), as DTensor and FSDP2 split."""
-    size = _cdiv(n, parts)
-    return max(0, min(size, n - index * size))
-
-
-def _local_numel(
-    rows: int,
-    cols: int,
-    tp_dim: int | None,
-    tp: int,
-    shard: int,
-    tp_index: int = 0,
-    shard_index: int = 0,
-) -> int:
-    """Elements of a (rows, cols) weight (cols = 1 for a vector) on the rank at (tp_index,
-    shard_index): TP splits dim tp_dim, then FSDP splits dim 0 of the TP-local tensor."""
-    if tp_dim == 0:
-        rows = _chunk(rows, tp, tp_index)
-    elif tp_dim == 1:
-        cols = _chunk(cols, tp, tp_index)
-    return _chunk(rows, shard, shard_index) * cols
-
-
-def block_tensors(dim: int, n_kv: int, head_dim: int, ffn: int, mlp_matrices: int = 3):
-    """(rows, cols, tp_dim) of every parameter of one block."""
-    kv = n_kv * head_dim
-    out = [(dim, 1, None), (dim, dim, 0), (kv, dim, 0), (kv, dim, 0), (dim, dim, 1), (dim, 1, None)]
+def block_tensors(
+    dim: int,
+    n_kv: int,
+    head_dim: int,
+    ffn: int,
+    mlp_matrices: int = 3,
+    n_heads: int = 0,
+    qk_norm: bool = False,
+):
+    """(rows, cols, tp_dim) of every parameter of one block. n_heads = 0: n_heads x head_dim
+    = dim (the usual heads; Qwen3's are wider)."""
+    kv, q = n_kv * head_dim, (n_heads * head_dim if n_heads else dim)
+    out = [(dim, 1, None), (q, dim, 0), (kv, dim, 0), (kv, dim, 0), (dim, q, 1), (dim, 1, None)]
+    if qk_norm:
+        out += [(head_dim, 1, None), (head_dim, 1, None)]
     if mlp_matrices == 3:
         out += [(ffn, dim, 0), (ffn, dim, 0), (dim, ffn, 1)]
     else:
@@ -99,15 +90,17 @@ def stage_local_params(
     tp_index: int = 0,
     shard_index: int = 0,
     blocks_per_stage: tuple[int, ...] | None = None,
+    n_heads: int = 0,
+    qk_norm: bool = False,
 ) -> tuple[int, int]:
-    """(elements, tensors) of one rank of `stage` after TP then FSDP sharding; rank 0 of the
-    stage by default, which holds the largest shard (= every rank's padded FSDP allocation).
-    `blocks_per_stage` overrides the even split (e.g. a partitioner's)."""
+    """(elements, tensors) of one rank of `stage` after TP then FSDP sharding, every block
+    dense; rank 0 of the stage by default, which holds the largest shard (= every rank's padded
+    FSDP allocation). `blocks_per_stage` overrides the even split (e.g. a partitioner's)."""
 
     def local(r, c, d):
         return _local_numel(r, c, d, tp, shard, tp_index, shard_index)
 
-    blk = block_tensors(dim, n_kv, head_dim, ffn, mlp_matrices)
+    blk = block_tensors(dim, n_kv, head_dim, ffn, mlp_matrices, n_heads, qk_norm)
     per_block = sum(local(r, c, d) for r, c, d in blk)
     blocks = (blocks_per_stage or stage_blocks(n_layers, pp))[stage]
     numel, tensors = per_block * blocks, len(blk) * blocks
@@ -119,6 +112,49 @@ def stage_local_params(
         if not tied or not first:  # a separate head, or a tied one on its own stage
             numel, tensors = numel + local(vocab, dim, 0), tensors + 1
     return numel, tensors
+
+
+def stage_numel(
+    a,
+    tp: int,
+    shard: int,
+    pp: int,
+    stage: int,
+    ep: int = 1,
+    tp_index: int = 0,
+    shard_index: int = 0,
+    split: tuple[int, ...] | None = None,
+) -> tuple[int, int]:
+    """(elements, tensors) of a rank of `stage` for a ModelArgs or ModelShape `a`: its blocks
+    as dense ones, plus what each MoE block among them holds beyond (expert_memory)."""
+    numel, tensors = stage_local_params(
+        a.dim, a.n_layers, a.n_kv_heads, a.head_dim, a.ffn_dim, a.vocab_size,
+        a.tie_embeddings, a.mlp_matrices, tp, shard, pp, stage, tp_index, shard_index, split,
+        a.n_heads, a.qk_norm,
+    )  # fmt: skip
+    if a.n_experts:
+        blocks = split or stage_blocks(a.n_layers, pp)
+        moe = moe_blocks_of_stage(a, blocks, stage)
+        d_numel, d_tensors = moe_block_delta(a, tp, shard, ep, tp_index, shard_index)
+        numel, tensors = numel + moe * d_numel, tensors + moe * d_tensors
+    return numel, tensors
+
+
+def gathered_block_params(a, tp: int, ep: int = 1) -> float:
+    """Elements of the largest block one tp rank holds gathered (FSDP's compute copy)."""
+    blk = block_tensors(
+        a.dim, a.n_kv_heads, a.head_dim, a.ffn_dim, a.mlp_matrices, a.n_heads, a.qk_norm
+    )
+    dense = sum(_local_numel(r, c, d, tp, 1) for r, c, d in blk)
+    return dense + moe_unit_extra(a, tp, ep)
+
+
+def moe_unit_extra(a, tp: int, ep: int) -> float:
+    """How much more an MoE block's gathered feed-forward holds than its dense twin's MLP on
+    one tp rank (0 for a dense model, or where the dense MLP is the larger)."""
+    if not a.n_experts:
+        return 0.0
+    return max(0.0, moe_gathered_params(a, ep) - dense_mlp_params(a, tp))
 
 
 def replicated_embedding_grad(
@@ -139,6 +175,7 @@ def predict_state_bytes_per_rank(
     pp: int,
     fp32: bool = True,
     *,
+    ep: int = 1,
     stage: int | None = None,
     rank: int | None = None,
     blocks_per_stage: Sequence[int] | None = None,
@@ -158,6 +195,9 @@ def predict_state_bytes_per_rank(
     Pipeline stages split the blocks evenly (the first n_layers % pp stages take one more)
     unless `blocks_per_stage` gives the split (one count per stage, summing to n_layers).
 
+    MoE blocks (model_args.n_experts) hold their experts split over `ep` of the dp_shard ranks
+    (triaxis.plan.expert_memory).
+
     Returns params, grads, optim (exp_avg + exp_avg_sq + a 4-byte step per tensor) and total.
     """
     a = model_args
@@ -176,23 +216,8 @@ def predict_state_bytes_per_rank(
         stages = [rank // (tp * dp_shard * dp_replicate)]
     best: dict[str, int] = {}
     for s in stages:
-        numel, tensors = stage_local_params(
-            a.dim,
-            a.n_layers,
-            a.n_kv_heads,
-            a.head_dim,
-            a.ffn_dim,
-            a.vocab_size,
-            a.tie_embeddings,
-            3,
-            tp,
-            fsdp_shard,
-            pp,
-            s,
-            tp_index,
-            shard_index if fsdp_shard > 1 else 0,
-            split,
-        )
+        index = shard_index if fsdp_shard > 1 else 0
+        numel, tensors = stage_numel(a, tp, fsdp_shard, pp, s, ep, tp_index, index, split)
         extra = replicated_embedding_grad(
             a.vocab_size,
             a.dim,
@@ -209,8 +234,7 @@ def predict_state_bytes_per_rank(
         }
         out["total"] = out["params"] + out["grads"] + out["optim"]
         if not fp32:
-            blk = block_tensors(a.dim, a.n_kv_heads, a.head_dim, a.ffn_dim)
-            per_block = sum(_local_numel(r, c, d, tp, 1) for r, c, d in blk)
+            per_block = gathered_block_params(a, tp, ep)
             root = _local_numel(a.vocab_size, a.dim, 0, tp, 1) * (1 if a.tie_embeddings else 2)
             blocks = (split or stage_blocks(a.n_layers, pp))[s]
             out["bf16_working"] = 2 * (min(2, blocks) * per_block + root)
@@ -225,24 +249,18 @@ def predict_state_bytes_per_rank(
 
 @lru_cache(maxsize=65536)
 def _states(
-    p: Problem, tp: int, shard: int, pp: int, stage: int, fsdp_on: bool, gathered_blocks: int
+    p: Problem,
+    tp: int,
+    shard: int,
+    pp: int,
+    stage: int,
+    fsdp_on: bool,
+    gathered_blocks: int,
+    ep: int = 1,
 ) -> tuple[float, float, float, float]:
     """(params, grads, optim, comm buffers) bytes of rank 0 of `stage`."""
     s, rt, e = p.shape, p.runtime, p.elem
-    numel, tensors = stage_local_params(
-        s.dim,
-        s.n_layers,
-        s.n_kv_heads,
-        s.head_dim,
-        s.ffn_dim,
-        s.vocab_size,
-        s.tie_embeddings,
-        s.mlp_matrices,
-        tp,
-        shard,
-        pp,
-        stage,
-    )
+    numel, tensors = stage_numel(s, tp, shard, pp, stage, ep)
     last = stage == pp - 1
     matrix = s.vocab_size * s.dim / tp
     head = matrix if last else 0.0
@@ -252,7 +270,7 @@ def _states(
         params, grads, optim = 4.0 * numel, 4.0 * numel, 8.0 * numel + 4 * tensors
         # Gathered compute copies: 2 units (current + prefetched), or every block of the stage
         # when kept from forward to backward; the root stays gathered all step.
-        unit = s.block_params() / tp
+        unit = s.block_params() / tp + moe_unit_extra(s, tp, ep)
         if rt.gather_per_matrix:
             unit = max(s.dim, s.ffn_dim) * s.dim / tp  # the largest weight matrix
         comm = e * (gathered_blocks * unit + root)
@@ -281,6 +299,18 @@ def hierarchical_buffer_bytes(p: Problem, tp: int) -> float:
     return width * max(s.block_params(), s.vocab_size * s.dim) / tp
 
 
+def moe_activation_bytes(p: Problem, layout: Layout, moe_blocks: int, num_micro: int) -> float:
+    """What `moe_blocks` MoE blocks keep beyond their dense twins (activation_bytes counts
+    those): the blocks whose activations stay (not checkpointed; op-level counted as kept), for
+    every micro-batch in flight, plus one being recomputed in backward."""
+    ac = layout.activation_checkpoint
+    kept = {"full": 0, "selective": moe_blocks - moe_blocks // layout.ac_every}.get(ac, moe_blocks)
+    per_mb = moe_activation_delta_per_token(p.shape, layout.tp, p.elem) * (
+        layout.micro_batch * p.seq_len
+    )
+    return per_mb * (kept * in_flight(layout, num_micro) + (ac in ("full", "selective")))
+
+
 def memory_of(p: Problem, layout: Layout, num_micro: int) -> MemoryBreakdown:
     """Peak bytes per GPU: the heavier of the first and last pipeline stage."""
     fsdp_on = p.runtime.fsdp and layout.dp > 1
@@ -297,14 +327,20 @@ def memory_of(p: Problem, layout: Layout, num_micro: int) -> MemoryBreakdown:
     for stage in (0, pp - 1) if pp > 1 else (0,):
         kept = piped_fsdp or not layout.reshard_after_forward
         gathered = blocks[stage] if kept else 2
-        params, grads, optim, comm = _states(p, tp, shard, pp, stage, fsdp_on, gathered)
+        params, grads, optim, comm = _states(p, tp, shard, pp, stage, fsdp_on, gathered, layout.ep)
         if p.lora is not None:  # frozen base: gradients and AdamW states of adapters only
             from triaxis.plan.lora import lora_states
 
             params, grads, optim = lora_states(p.shape, p.lora, tp, shard, pp, stage, params)
+        moe = moe_blocks_of_stage(p.shape, blocks, stage) if p.shape.n_experts else 0
         if piped_fsdp:
-            comm += p.runtime.grad_reduce_bytes * blocks[stage] * p.shape.block_params() / tp
+            comm += p.runtime.grad_reduce_bytes * (
+                blocks[stage] * p.shape.block_params() / tp
+                + moe * moe_unit_extra(p.shape, tp, layout.ep)
+            )
         act = activation_bytes(p, layout, blocks[stage], num_micro, stage == pp - 1)
+        if moe:
+            act = max(0.0, act + moe_activation_bytes(p, layout, moe, num_micro))
         host = offloaded_checkpoint_bytes(p, layout, blocks[stage], num_micro)
         if layout.cpu_offload:
             host += params + grads + optim

@@ -47,10 +47,35 @@ class ModelShape:
     """The LM head shares the embedding matrix."""
     dropout: bool = False
     """GPT-style dropout after attention and MLP: its 1-byte masks are kept for backward."""
+    head_size: int = 0
+    """Width of one attention head (0 = dim / n_heads; Qwen3's are wider)."""
+    qk_norm: bool = False
+    """RMSNorm weights on q and k per head (Qwen3): two head_dim vectors per block."""
+    n_experts: int = 0
+    """Experts per MoE block (0 = dense; triaxis.plan.experts prices the rest)."""
+    moe_top_k: int = 2
+    """Experts each token runs."""
+    moe_ffn_dim: int = 0
+    """Hidden size of one expert's SwiGLU."""
+    n_shared_experts: int = 0
+    """Experts every token runs besides its top k (one SwiGLU of this many x moe_ffn_dim)."""
+    moe_first_dense: int = 0
+    """The first this many blocks keep a dense MLP (ffn_dim)."""
+    moe_capacity_factor: float = 0.0
+    """Assignments an expert takes, x the mean (0 = dropless)."""
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size or self.dim // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer >= self.moe_first_dense
+
+    @property
+    def dense(self) -> ModelShape:
+        """The same model with every block dense: what the dense cost model prices, before
+        triaxis.plan.experts adds what the MoE blocks change."""
+        return dataclasses.replace(self, n_experts=0) if self.n_experts else self
 
     @property
     def kv_dim(self) -> int:
@@ -78,9 +103,16 @@ class ModelShape:
         """6·N + 12·l·h·s (triaxis.model.args.flops_per_token)."""
         return float(flops_per_token(self, seq_len))
 
+    def active_block_params(self) -> float:
+        """Parameters one token's forward touches in a mean block (an MoE block: its router,
+        top-k experts and shared experts in place of the dense MLP)."""
+        counts = param_counts(self)
+        head = head_param_count(self) + self.dim  # flops_params counts head and final norm
+        return (counts["flops_params"] - head) / self.n_layers
+
     def recompute_flops_per_token(self, seq_len: int, recomputed_layers: float) -> float:
         """The extra forward of checkpointed blocks: 2·block + 4·h·s per recomputed block."""
-        return recomputed_layers * (2.0 * self.block_params() + 4.0 * self.dim * seq_len)
+        return recomputed_layers * (2.0 * self.active_block_params() + 4.0 * self.dim * seq_len)
 
 
 def shape_from_args(args: ModelArgs, name: str) -> ModelShape:
@@ -94,7 +126,21 @@ def shape_from_args(args: ModelArgs, name: str) -> ModelShape:
         vocab_size=args.vocab_size,
         gated_mlp=True,
         tie_embeddings=args.tie_embeddings,
+        **{f: getattr(args, f) for f in SHAPE_MOE_FIELDS},
     )
+
+
+SHAPE_MOE_FIELDS = (
+    "head_size",
+    "qk_norm",
+    "n_experts",
+    "moe_top_k",
+    "moe_ffn_dim",
+    "n_shared_experts",
+    "moe_first_dense",
+    "moe_capacity_factor",
+)
+"""The ModelArgs fields a ModelShape carries besides the dense sizes (the same names)."""
 
 
 def args_from_shape(shape: ModelShape, max_seq_len: int = 8192) -> ModelArgs:
@@ -110,6 +156,7 @@ def args_from_shape(shape: ModelShape, max_seq_len: int = 8192) -> ModelArgs:
         vocab_size=shape.vocab_size,
         max_seq_len=max_seq_len,
         tie_embeddings=shape.tie_embeddings,
+        **{f: getattr(shape, f) for f in SHAPE_MOE_FIELDS},
     )
 
 
@@ -121,7 +168,6 @@ def load_model(model: str, vocab_size: int | None = None) -> tuple[ModelShape, M
     if model.endswith(".toml") or Path(model).is_file():
         cfg = load_config(model)
         args = build_model_args(cfg.model, vocab_size=vocab_size)
-        _refuse_moe(args, Path(model).name)
         return shape_from_args(args, Path(model).name), args
     if model not in PRESETS:
         hint = nearest(model, list(PRESETS))
@@ -133,22 +179,7 @@ def load_model(model: str, vocab_size: int | None = None) -> tuple[ModelShape, M
     args = dataclasses.replace(PRESETS[model])
     if vocab_size:
         args.vocab_size = vocab_size
-    _refuse_moe(args, model)
     return shape_from_args(args, model), args
-
-
-def _refuse_moe(args: ModelArgs, name: str) -> None:
-    """ModelShape prices dense blocks: planning an MoE as one would under-count every expert's
-    memory (total params) and over-count its FLOPs (a token runs k experts), so refuse it."""
-    if not args.n_experts:
-        return
-    counts = param_counts(args)
-    raise UserError(
-        f"--model {name}: a mixture of experts (n_experts={args.n_experts}, top "
-        f"{args.moe_top_k}: {counts['total'] / 1e9:.2f}B parameters in total, "
-        f"{counts['flops_params'] / 1e9:.2f}B active per token) is not priced by the planner "
-        "yet (its cost model prices dense blocks); plan a dense model of the same shape"
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,6 +322,9 @@ class Layout:
     cp: int = 1
     """Context-parallel degree: ranks that split each sequence (ring attention); they read the
     same samples and FSDP shards over dp_shard x cp (triaxis.plan.context prices it)."""
+    ep: int = 1
+    """Expert-parallel degree (MoE models): the innermost ep ranks of dp_shard split each MoE
+    block's experts and exchange tokens by all-to-all (triaxis.plan.experts prices it)."""
 
     def __post_init__(self) -> None:
         if self.offload_checkpoints and self.activation_checkpoint != "full":
@@ -328,6 +362,8 @@ class Layout:
         )
         if self.cp > 1:
             s = f"cp={self.cp} " + s
+        if self.ep > 1:
+            s = s.replace(" dp_replicate=", f" ep={self.ep} dp_replicate=")
         if self.activation_checkpoint == "selective":
             s += f"/{self.ac_every}"
         if self.pp > 1:

@@ -8,11 +8,18 @@ from typing import Any
 from triaxis.plan.hardware import GIB
 from triaxis.plan.mapping import parallel_config
 from triaxis.plan.problem import Plan
-from triaxis.plan.search import MODEL_ERROR, PlanResult, degrees
+from triaxis.plan.search import MODEL_ERROR, PlanResult, degrees, evaluate
 
 COMM_COLUMNS = ("tp", "cp", "dp_shard", "dp_replicate", "pp")
 """The exposed-communication columns of the step-time table: the mesh axes innermost first (the
-reverse of triaxis.parallel.dims.AXES, the mesh order)."""
+reverse of triaxis.parallel.dims.AXES, the mesh order); an MoE model's table adds `ep` (its
+all-to-all) after cp."""
+
+
+def _comm_columns(r: PlanResult) -> tuple[str, ...]:
+    if not r.problem.shape.n_experts:
+        return COMM_COLUMNS
+    return COMM_COLUMNS[:2] + ("ep",) + COMM_COLUMNS[2:]
 
 
 def _gib(x: float) -> str:
@@ -69,14 +76,14 @@ def tables(r: PlanResult, top: int = 5) -> str:
         "",
         "step time (s): compute, exposed communication per mesh axis, pipeline bubble",
         f"{'#':>2}  {'compute':>8} "
-        + " ".join(f"{a:>12}" for a in COMM_COLUMNS)
+        + " ".join(f"{a:>12}" for a in _comm_columns(r))
         + f" {'offload':>8} {'bubble':>8} {'optim':>7} {'micro':>6}",
     ]
     for i, p in enumerate(shown, 1):
         t = p.time
         rows.append(
             f"{i:>2}  {t.compute:>8.3f} "
-            + " ".join(f"{t.exposed_comm.get(a, 0.0):>12.3f}" for a in COMM_COLUMNS)
+            + " ".join(f"{t.exposed_comm.get(a, 0.0):>12.3f}" for a in _comm_columns(r))
             + f" {t.exposed_comm.get('offload', 0.0):>8.3f} {t.bubble:>8.3f} "
             f"{t.optimizer:>7.3f} {p.num_micro_batches:>6}"
         )
@@ -149,7 +156,7 @@ def _runner_up_words(r: PlanResult) -> list[str]:
         lost, won = _gain_and_loss(w, alt)
         diff = ", ".join(
             f"{name}={getattr(alt.layout, name)} instead of {getattr(w.layout, name)}"
-            for name in ("tp", "pp", "dp_shard", "dp_replicate", "cp")
+            for name in ("tp", "pp", "dp_shard", "dp_replicate", "cp", "ep")
             if getattr(alt.layout, name) != getattr(w.layout, name)
         )
         alt_gap = alt.time.total / w.time.total - 1
@@ -228,6 +235,7 @@ def explain(r: PlanResult) -> str:
     }[a.activation_checkpoint]
     if a.offload_checkpoints:
         ac += " (block inputs offloaded to the host)"
+    out += _expert_words(r)
     out.append(
         f"Micro-batch {a.micro_batch} with {ac} keeps activations at "
         f"{_gib(m.activations)} GiB of the {_gib(m.total)} GiB peak "
@@ -235,6 +243,44 @@ def explain(r: PlanResult) -> str:
     )
     out += _runner_up_words(r)
     return " ".join(out)
+
+
+def _expert_words(r: PlanResult) -> list[str]:
+    """An MoE plan: what its ep does, and the same layout at each other ep the experts allow."""
+    s = r.problem.shape
+    if not s.n_experts:
+        return []
+    from triaxis.plan.experts import all_to_all_bytes, ep_degrees
+
+    w = r.plans[0]
+    a, gpn = w.layout, r.problem.hw.gpus_per_node
+    if a.ep > 1:
+        where = "inside one node" if a.ep * a.tp <= gpn else f"across {a.ep * a.tp // gpn} nodes"
+        mib = all_to_all_bytes(r.problem, a) / 2**20
+        text = (
+            f"ep={a.ep} splits each MoE block's {s.n_experts} experts over {a.ep} GPUs "
+            f"({s.n_experts // a.ep} each, {where}); every all-to-all sends {mib:.1f} MiB per "
+            f"GPU, 4 per block and micro-batch, leaving {w.time.exposed_comm.get('ep', 0.0):.3f}"
+            " s exposed per step (on the critical path)."
+        )
+    else:
+        text = (
+            f"ep=1: every GPU computes all {s.n_experts} experts of each MoE block, gathered "
+            "over dp_shard with the rest of the block: no all-to-all."
+        )
+    others = []
+    for ep in ep_degrees(s, a.dp_shard, a.cp):
+        if ep == a.ep:
+            continue
+        o = evaluate(r.problem, dataclasses.replace(a, ep=ep))
+        if not o.fits:
+            others.append(f"ep={ep} does not fit ({_gib(o.memory.total)} GiB)")
+        else:
+            gap = o.time.total / w.time.total - 1
+            others.append(f"ep={ep} is {gap:+.1%} ({_gain_and_loss(w, o)[0]})")
+    if others:
+        text += " The same layout with " + "; ".join(others) + "."
+    return [text]
 
 
 SNIPPET_FIELDS = (
@@ -269,6 +315,7 @@ def toml_snippet(r: PlanResult, plan: Plan | None = None) -> str:
     par = parallel_config(a, r.problem.shape.n_layers)
     names = SNIPPET_FIELDS + (("pp_schedule", "pp_virtual_stages", "pp_layers") if a.pp > 1 else ())
     names += ("cp",) if a.cp > 1 else ()
+    names += ("ep",) if a.ep > 1 else ()
     lines = [
         f"# triaxis plan: {r.problem.shape.name} on {r.world_size} x "
         f"{r.problem.hw.gpu.name} ({r.problem.hw.cluster.name}), objective "

@@ -68,26 +68,32 @@ def clip_grad_norm(
     import torch.distributed as dist
 
     grads = [p.grad for p in params if p.grad is not None]
+    # Expert parallelism: the experts' gradients live on the expert mesh, the rest on the world
+    # mesh (and, with tp, the MoE blocks' are plain tensors); each set's norm is reduced over
+    # its own mesh, then they combine. DTensors of two meshes never meet in one op.
     meshes = {id(getattr(g, "device_mesh", None)): None for g in grads}
-    if host_grads_to is None and len(meshes) > 1:
-        # Expert parallelism: the experts' gradients live on the expert mesh, the rest on the
-        # world mesh (and, with tp, the MoE blocks' are plain tensors); each set's norm is
-        # reduced over its own mesh, then they combine.
-        sets = [[g for g in grads if id(getattr(g, "device_mesh", None)) == m] for m in meshes]
+    sets = [[g for g in grads if id(getattr(g, "device_mesh", None)) == m] for m in meshes]
+    if host_grads_to is None:
         norms = [torch.nn.utils.get_total_norm(s, norm_type=2.0) for s in sets]
-        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
-        norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    elif host_grads_to is None:
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
     else:
         # Each host gradient's norm is taken where it is (no copy of the gradients); the norms
         # go to the device before anything reduces them across ranks, since the mesh groups
         # serve device tensors only (NCCL; triaxis.parallel.host). The host waits for the
         # device anyway here: the optimizer steps on the host.
-        norms = [to_device(torch.linalg.vector_norm(g, 2.0), host_grads_to) for g in grads]
-        norm = torch.linalg.vector_norm(torch.stack(norms), 2.0)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
+        norms = [
+            torch.linalg.vector_norm(
+                torch.stack(
+                    [to_device(torch.linalg.vector_norm(g, 2.0), host_grads_to) for g in s]
+                ),
+                2.0,
+            )
+            for s in sets
+        ]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+    if len(norms) == 1:
+        norm = norms[0]
+    else:  # none (a stage without trainable parameters) or several meshes
+        norm = torch.nn.utils.get_total_norm(norms, norm_type=2.0)
     if pp_group is not None:
         sq = norm.pow(2)
         dist.all_reduce(sq, group=pp_group)
