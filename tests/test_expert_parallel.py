@@ -21,6 +21,11 @@ LAYOUTS = {
         2,
         {"parallel__dp_shard": 2, "parallel__ep": 2, "parallel__activation_checkpoint": "full"},
     ),
+    # Host gradients on two meshes: their norms meet on the device, one mesh at a time.
+    "ep2_cpu_offload": (
+        2,
+        {"parallel__dp_shard": 2, "parallel__ep": 2, "parallel__cpu_offload": "true"},
+    ),
     "ep2_shard4": (4, {"parallel__dp_shard": 4, "parallel__ep": 2}),
     "ep2_replicate2": (
         4,
@@ -43,7 +48,7 @@ def _reference(data, tmp_path_factory, micro: int, extra: dict) -> dict:
     "layout",
     [
         name
-        if world == 2 and "capacity" not in name
+        if world == 2 and "capacity" not in name and "offload" not in name
         else pytest.param(name, marks=pytest.mark.slow)
         for name, (world, _) in LAYOUTS.items()
     ],
