@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from triaxis import storage
+from triaxis import storage, storage_client
 from triaxis.data.chat import FORMATS, ChatTemplate, encode_example, iter_examples
 from triaxis.data.format import FORMAT, MASK_DTYPE, MASK_SUFFIX
 from triaxis.data.hf_tokenizer import PREFIX as HF_PREFIX
@@ -125,7 +125,7 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
         )
     check_overlong(opts.overlong)
     out = str(opts.output)
-    storage.check_location(out, "--output")
+    storage_client.check_location(out, "--output")
     staged = StagedOutput(out, log)  # reads only: refuses an output it must not touch
     files = resolve_inputs(opts.inputs, opts.extensions) if opts.inputs else embedded_corpus_files()
     source = "embedded: python stdlib" if not opts.inputs else ", ".join(opts.inputs)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from triaxis import storage
+from triaxis import storage, storage_client
 from triaxis.config import Config
 from triaxis.data.dataset import SYNTHETIC, SyntheticDataset, TokenDataset
 from triaxis.data.mixture import open_train_data
@@ -44,7 +44,7 @@ def resolve(
             "(--model.vocab_size=none) to take it from the data"
         )
     cfg, dims, why = layout_for_world(cfg, world_size, model_args, planner)
-    storage.check_location(cfg.checkpoint_dir(), "checkpoint.dir")
+    storage_client.check_location(cfg.checkpoint_dir(), "checkpoint.dir")
     return cfg, dims, model_args, train_ds, why
 
 
