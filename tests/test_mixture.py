@@ -354,9 +354,10 @@ def test_cli_trains_three_sources_and_logs_each(sources, tmp_path):
 
 @pytest.mark.slow
 def test_prepare_of_each_source_is_byte_identical_for_any_worker_count(tmp_path):
-    from triaxis.data.prepare import _CHUNK_DOCS, PrepareOptions, prepare
+    from triaxis.data.encode import CHUNK_DOCS
+    from triaxis.data.prepare import PrepareOptions, prepare
 
-    assert 400 > _CHUNK_DOCS  # several chunks of work: the pool really splits each source
+    assert 400 > CHUNK_DOCS  # several chunks of work: the pool really splits each source
     for name in ("prose", "code"):
         write_text(tmp_path / "raw" / name, name, n=400)
         got = {}
