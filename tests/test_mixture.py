@@ -19,7 +19,8 @@ from tests.dist import run_workers
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.config import load_config
 from triaxis.data.dataset import TokenDataset, micro_batch_start
-from triaxis.data.mixture import MixtureDataset, build_phases, open_train_data, source_tokens
+from triaxis.data.mixture import MixtureDataset, open_train_data, source_tokens
+from triaxis.data.mixture_order import build_phases
 from triaxis.errors import UserError
 
 # -- the assignment alone --------------------------------------------------------------------

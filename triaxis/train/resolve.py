@@ -8,8 +8,9 @@ import os
 
 from triaxis import storage, storage_client
 from triaxis.config import Config
-from triaxis.data.dataset import SYNTHETIC, SyntheticDataset, TokenDataset
+from triaxis.data.dataset import TokenDataset
 from triaxis.data.mixture import open_train_data
+from triaxis.data.synthetic import SYNTHETIC, SyntheticDataset
 from triaxis.errors import UserError
 from triaxis.model import build_model_args
 from triaxis.parallel.dims import ParallelDims
