@@ -177,7 +177,7 @@ def _plain_writer(path: str):
         return dcp.FileSystemWriter(path)
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-    from triaxis.storage import s3_options
+    from triaxis.storage_client import s3_options
 
     return FsspecWriter(path, default_block_size=16 * 2**20, **s3_options())
 
@@ -187,7 +187,7 @@ def _plain_reader(path: str):
         return dcp.FileSystemReader(path)
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-    from triaxis.storage import s3_options
+    from triaxis.storage_client import s3_options
 
     return FsspecReader(path, **s3_options())
 

@@ -30,7 +30,8 @@ from tests.parity import assert_same_run, train_collect
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from tests.test_tokenizer_hf import EOS, WORDS
 from triaxis.data.dataset import TokenDataset, has_loss_mask, inputs_targets
-from triaxis.data.prepare import _CHUNK_DOCS, PrepareOptions, prepare
+from triaxis.data.encode import CHUNK_DOCS
+from triaxis.data.prepare import PrepareOptions, prepare
 from triaxis.errors import UserError
 from triaxis.model.loss import IGNORE_INDEX, chunked_cross_entropy
 
@@ -103,7 +104,7 @@ def test_prompt_completion_counts_the_completion_and_its_end(tmp_path):
 
 def test_workers_give_identical_tokens_and_masks(tmp_path):
     folder = tokenizer_folder(tmp_path / "hf", CHATML)
-    rows = [{"messages": conversation(i)} for i in range(_CHUNK_DOCS + 40)]  # two chunks
+    rows = [{"messages": conversation(i)} for i in range(CHUNK_DOCS + 40)]  # two chunks
     src = write_jsonl(tmp_path / "chat.jsonl", rows)
     outs = {}
     for w in (1, 2):

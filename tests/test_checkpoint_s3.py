@@ -88,9 +88,9 @@ def test_missing_bucket_and_credentials(moto_s3, byte_data, tmp_path):
 
 
 def _client_id(_rank: int, _world: int) -> int:
-    from triaxis import storage
+    from triaxis import storage_client
 
-    return id(storage.s3_filesystem())
+    return id(storage_client.s3_filesystem())
 
 
 def test_one_s3_client_per_process_and_settings(moto_s3, monkeypatch):
@@ -98,20 +98,20 @@ def test_one_s3_client_per_process_and_settings(moto_s3, monkeypatch):
     process and AWS settings, and builds a new one when a setting changes or after fork."""
     import multiprocessing
 
-    from triaxis import storage
+    from triaxis import storage, storage_client
 
-    first = storage.s3_filesystem()
-    assert storage.s3_filesystem() is first
+    first = storage_client.s3_filesystem()
+    assert storage_client.s3_filesystem() is first
     bucket = moto_s3.new_bucket()
     storage.write_bytes(f"s3://{bucket}/a", b"1")
-    assert storage.exists(f"s3://{bucket}/a") and storage.s3_filesystem() is first
+    assert storage.exists(f"s3://{bucket}/a") and storage_client.s3_filesystem() is first
     # Another process writes; this client sees it at once (no listings cache).
     moto_s3.put(f"s3://{bucket}/b", b"2")
     assert storage.listdir(f"s3://{bucket}") == ["a", "b"] and storage.exists(f"s3://{bucket}/b")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "other")
-    assert storage.s3_filesystem() is not first
+    assert storage_client.s3_filesystem() is not first
     monkeypatch.undo()
-    assert storage.s3_filesystem() is first
+    assert storage_client.s3_filesystem() is first
     with multiprocessing.get_context("fork").Pool(1) as pool:
         assert pool.apply(_client_id, (0, 1)) != id(first)
 

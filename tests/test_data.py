@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import prepare_quietly
-from triaxis.data.dataset import TokenDataset, micro_batch_start, permute
+from triaxis.data.dataset import TokenDataset, micro_batch_start
 from triaxis.data.prepare import PrepareOptions, prepare
+from triaxis.data.sample_order import permute
 from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer
 from triaxis.errors import UserError
 

@@ -12,7 +12,7 @@ import importlib.util
 import pytest
 
 from triaxis.config import load_config, validate
-from triaxis.data.dataset import SYNTHETIC
+from triaxis.data.synthetic import SYNTHETIC
 from triaxis.errors import UserError
 from triaxis.plan.auto import plan_for_world
 

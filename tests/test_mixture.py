@@ -19,7 +19,8 @@ from tests.dist import run_workers
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.config import load_config
 from triaxis.data.dataset import TokenDataset, micro_batch_start
-from triaxis.data.mixture import MixtureDataset, build_phases, open_train_data, source_tokens
+from triaxis.data.mixture import MixtureDataset, open_train_data, source_tokens
+from triaxis.data.mixture_order import build_phases
 from triaxis.errors import UserError
 
 # -- the assignment alone --------------------------------------------------------------------
@@ -354,9 +355,10 @@ def test_cli_trains_three_sources_and_logs_each(sources, tmp_path):
 
 @pytest.mark.slow
 def test_prepare_of_each_source_is_byte_identical_for_any_worker_count(tmp_path):
-    from triaxis.data.prepare import _CHUNK_DOCS, PrepareOptions, prepare
+    from triaxis.data.encode import CHUNK_DOCS
+    from triaxis.data.prepare import PrepareOptions, prepare
 
-    assert 400 > _CHUNK_DOCS  # several chunks of work: the pool really splits each source
+    assert 400 > CHUNK_DOCS  # several chunks of work: the pool really splits each source
     for name in ("prose", "code"):
         write_text(tmp_path / "raw" / name, name, n=400)
         got = {}

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from triaxis.data.prepare import split_long
+from triaxis.data.encode import split_long
 from triaxis.data.tokenizer import BPETokenizer
 
 

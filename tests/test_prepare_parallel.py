@@ -12,7 +12,8 @@ from tests import helpers
 from tests.helpers import prepare_quietly
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
-from triaxis.data.prepare import _CHUNK_DOCS, PrepareOptions, prepare
+from triaxis.data.encode import CHUNK_DOCS
+from triaxis.data.prepare import PrepareOptions, prepare
 from triaxis.errors import UserError
 
 WORDS = ["def", "return", "self", "naïve", "λx", "数据", "token", "shard", "✓", "\n", "  "]
@@ -52,7 +53,7 @@ def make_corpus(root: Path) -> list[str]:
     )
     docs += rows
     (root / "ignored.bin").write_bytes(b"\x00\x01")  # not a text extension
-    assert len(docs) > _CHUNK_DOCS  # more than one chunk: the pool really runs
+    assert len(docs) > CHUNK_DOCS  # more than one chunk: the pool really runs
     return docs
 
 

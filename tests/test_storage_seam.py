@@ -1,6 +1,7 @@
-"""Every S3 access goes through `triaxis.storage`: one place builds the clients and reads their
-settings, one bucket check speaks for every setting (checkpoint.dir, --input, --output), and
-the data pipeline's listings, streaming and batched writes are small storage functions."""
+"""Every S3 access goes through the storage seam: one place (`triaxis.storage_client`) builds the
+clients and reads their settings, one bucket check speaks for every setting (checkpoint.dir,
+--input, --output), and the data pipeline's listings, streaming and batched writes are small
+`triaxis.storage` functions."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.s3_server import moto_s3  # noqa: F401  (the fixture)
-from triaxis import storage
+from triaxis import storage, storage_client
 from triaxis.errors import UserError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "triaxis"
@@ -25,7 +26,7 @@ def test_only_storage_builds_s3_clients_or_reads_their_settings():
     offenders = [
         f"{p.relative_to(PACKAGE)}: {m.group(0)}"
         for p in sorted(PACKAGE.rglob("*.py"))
-        if p.name != "storage.py"
+        if p.name != "storage_client.py"
         for m in S3_SETTINGS.finditer(p.read_text())
     ]
     assert offenders == []
@@ -37,14 +38,14 @@ def test_s3_options_and_the_checkpoint_writer_and_reader_share_them(monkeypatch)
 
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    assert storage.s3_options() == {}
+    assert storage_client.s3_options() == {}
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:8")
-    assert storage.s3_options() == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:8"}}
+    assert storage_client.s3_options() == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:8"}}
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # the S3-specific wins
     want = {"endpoint_url": "http://127.0.0.1:9"}
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
-    assert storage.s3_filesystem().client_kwargs == want
+    assert storage_client.s3_filesystem().client_kwargs == want
     # DCP builds its own s3fs filesystem: from the same settings (nothing is contacted yet).
     assert dcp_io.writer("s3://b/p").fs.fs.client_kwargs == want
     assert dcp_io.reader("s3://b/p", None).fs.fs.client_kwargs == want
@@ -53,15 +54,15 @@ def test_s3_options_and_the_checkpoint_writer_and_reader_share_them(monkeypatch)
 def test_one_bucket_check_one_message(moto_s3):  # noqa: F811
     for what in ("checkpoint.dir", "--input", "--output"):
         with pytest.raises(UserError) as e:
-            storage.check_location("s3://no-such-bucket-seam/p", what)
+            storage_client.check_location("s3://no-such-bucket-seam/p", what)
         assert str(e.value) == (
             f"{what} s3://no-such-bucket-seam/p: the bucket "
             "no-such-bucket-seam does not exist; create it (aws s3 mb "
             "s3://no-such-bucket-seam) or fix the URI"
         )
-    storage.check_location(f"s3://{moto_s3.new_bucket()}/p", "--output")  # exists: no error
+    storage_client.check_location(f"s3://{moto_s3.new_bucket()}/p", "--output")  # exists: no error
     # Schemes without buckets (memory, http, hf) are left to their first real access.
-    storage.check_location("memory://nowhere/p", "--input")
+    storage_client.check_location("memory://nowhere/p", "--input")
 
 
 def test_listing_streaming_copy_and_batched_remove(moto_s3):  # noqa: F811

@@ -10,7 +10,8 @@ import pytest
 
 from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
-from triaxis.data.prepare import _CHUNK_DOCS, PrepareOptions, prepare
+from triaxis.data.encode import CHUNK_DOCS
+from triaxis.data.prepare import PrepareOptions, prepare
 from triaxis.data.tokenizer import HFTokenizer, load_tokenizer, tokenizer_from_state
 from triaxis.errors import UserError
 
@@ -120,7 +121,7 @@ def test_shards_hold_each_document_encoded_then_eos(hf_dir, tmp_path):
 
 
 def test_workers_give_identical_shards(hf_dir, tmp_path):
-    write_docs(tmp_path / "in", _CHUNK_DOCS + 50)  # two chunks: the pool really runs
+    write_docs(tmp_path / "in", CHUNK_DOCS + 50)  # two chunks: the pool really runs
     logs: list[str] = []
     manifests = [
         prepare(

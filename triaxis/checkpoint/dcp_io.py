@@ -17,7 +17,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
 )
 
-from triaxis import storage
+from triaxis import storage, storage_client
 from triaxis.checkpoint import checksum, integrity
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.safe_load import SafeLoadPlanner, UnsafeMetadata, refuse
@@ -47,7 +47,7 @@ def writer(path: str):
 
     # 16 MiB parts: large shards go up as multipart uploads, each part retried on its own.
     return integrity.hashing(
-        FsspecWriter(path, default_block_size=16 * 2**20, **storage.s3_options())
+        FsspecWriter(path, default_block_size=16 * 2**20, **storage_client.s3_options())
     )
 
 
@@ -56,7 +56,7 @@ def reader(path: str, expected: dict | None, algorithm: str = checksum.WRITE):
     the checksum it records), checks every item it reads against its write-time checksum."""
     remote = storage.is_remote(path)
     cls = integrity.reader_class(remote)
-    r = cls(path, **storage.s3_options()) if remote else cls(path)
+    r = cls(path, **storage_client.s3_options()) if remote else cls(path)
     r._setup_verify(expected, path, algorithm)
     return r
 

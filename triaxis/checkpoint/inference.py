@@ -13,8 +13,9 @@ from triaxis import storage
 from triaxis.checkpoint import assets
 from triaxis.checkpoint import manifest as mf
 from triaxis.checkpoint.dcp_io import checked, load_model_weights
-from triaxis.data.dataset import SYNTHETIC, read_manifest
+from triaxis.data.dataset import read_manifest
 from triaxis.data.format import MANIFEST
+from triaxis.data.synthetic import SYNTHETIC
 from triaxis.data.tokenizer import load_tokenizer
 from triaxis.errors import UserError
 from triaxis.model import ModelArgs, Transformer

@@ -40,7 +40,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 
-from triaxis import storage
+from triaxis import storage, storage_client
 from triaxis.errors import UserError
 
 LEASE_NAME = ".triaxis-lease.json"
@@ -135,9 +135,9 @@ class RunLock:
         etag = None
         try:
             if self.remote:
-                fs, p = storage.filesystem(self.path)
+                fs, p = storage_client.filesystem(self.path)
                 # ETag first: if the lease changes before it is read, a PUT If-Match fails.
-                etag = storage.with_retries(
+                etag = storage_client.with_retries(
                     lambda: fs.info(p, refresh=True).get("ETag"), f"reading {self.path}"
                 )
                 raw = storage.read_bytes(self.path)
@@ -167,7 +167,7 @@ class RunLock:
     def _put_if(self, data: bytes, condition: dict) -> bool:
         """A conditional PUT; False when S3 answers 412 Precondition Failed (another run
         created or changed the lease first). Other errors are retried as usual."""
-        fs, p = storage.filesystem(self.path)
+        fs, p = storage_client.filesystem(self.path)
 
         def put():
             try:
@@ -190,7 +190,7 @@ class RunLock:
                 return None  # check-then-write: the race the condition would have closed
             return fs.pipe_file(p, data)
 
-        out = storage.with_retries(put, f"writing the run lease {self.path}")
+        out = storage_client.with_retries(put, f"writing the run lease {self.path}")
         if out is None:
             return False
         self._etag = _etag_of(out)
@@ -228,7 +228,7 @@ class RunLock:
     def acquire(self) -> None:
         """Take the lease, or raise a UserError naming its live holder."""
         if self.remote:  # a missing bucket or no credentials: that line, not the lease's
-            storage.check_location(self.folder, "checkpoint.dir")
+            storage_client.check_location(self.folder, "checkpoint.dir")
         now = time.time()
         mine = Lease(
             socket.gethostname(),

@@ -23,7 +23,7 @@ import re
 import stat
 from dataclasses import dataclass
 
-from triaxis import storage
+from triaxis import storage, storage_client
 from triaxis.checkpoint import checksum
 
 META = "triaxis.json"
@@ -211,7 +211,7 @@ def _stream(path: str):
         with open(path, "rb") as f:
             yield from iter(lambda: f.read(_CHUNK), b"")
         return
-    fs, p = storage.filesystem(path)
+    fs, p = storage_client.filesystem(path)
     with fs.open(p, "rb", block_size=8 * _CHUNK) as f:
         yield from iter(lambda: f.read(8 * _CHUNK), b"")
 

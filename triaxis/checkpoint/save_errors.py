@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from triaxis import storage
+from triaxis import storage_client
 from triaxis.checkpoint import dcp_io, integrity
 from triaxis.errors import UserError
 
@@ -32,12 +32,12 @@ def is_transient(err: BaseException) -> bool:
     if dcp_io.disk_full_in(err) is not None:
         return False
     for e in integrity.walk(err):
-        if isinstance(e, storage.StorageUnavailable):
+        if isinstance(e, storage_client.StorageUnavailable):
             return True
         if isinstance(e, UserError) or isinstance(e, PermissionError):
             return False
         try:
-            permanent = storage.classify(e, "")
+            permanent = storage_client.classify(e, "")
         except Exception:  # noqa: BLE001  (an exception shaped unlike botocore's)
             permanent = None
         if isinstance(permanent, UserError):
@@ -67,7 +67,7 @@ def outcome(err: BaseException | None) -> tuple[bool, str] | None:
     if err is None or isinstance(err, FailedElsewhere):
         return None
     user = integrity.find_in(err, UserError)
-    if user is not None and not isinstance(user, storage.StorageUnavailable):
+    if user is not None and not isinstance(user, storage_client.StorageUnavailable):
         return True, str(user)
     full = dcp_io.disk_full_in(err)
     if full is not None:

@@ -1,20 +1,11 @@
-"""Memory-mapped token shards and a global sample order.
+"""One split of prepared data: memory-mapped (or cached s3://) token shards, read in the global
+sample order.
 
 A sample is seq_len + 1 consecutive tokens of the concatenated split (inputs and shifted targets).
-Window w covers tokens [w·seq_len, w·seq_len + seq_len + 1). The sample at global index i is
-
-    epoch = i // num_windows,  window = permute(i % num_windows; seed, epoch)
-
-a pure function of (seed, i): the data cursor is one integer, and which rank reads which index
-never changes what the index holds. That makes resume exact under any data-parallel size.
-
-That global shuffle touches shards all over the split at every step. With `shuffle_shards = N`
-the split is cut into blocks of one shard's worth of windows; each epoch the blocks are permuted,
-taken N at a time, and the windows of each group of N blocks are permuted among themselves. A
-step then reads from N scattered shards (plus the neighbours a block straddles), so a cache of
-a few N shards holds what a run needs instead of the whole split; the short tail block (the
-windows after the last whole block) comes last in every epoch. Still a pure function of
-(seed, i).
+Window w covers tokens [w·seq_len, w·seq_len + seq_len + 1). Which window global sample i reads
+is a pure function of (seed, i) (`sample_order.py`, with the shard-group shuffle of
+`shuffle_shards`): the data cursor is one integer, and which rank reads which index never
+changes what the index holds. That makes resume exact under any data-parallel size.
 
 A split packed by `prepare --pack-seq-len` holds whole examples in windows of seq_len + 1 tokens
 written back to back: window w is then tokens [w·(seq_len + 1), (w + 1)·(seq_len + 1)), and
@@ -41,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from triaxis import storage
+from triaxis.data import sample_order
 from triaxis.data.format import FORMAT, MANIFEST, MASK_DTYPE, check_seq_len, packed_seq_len
 from triaxis.data.tokenizer import load_tokenizer
 from triaxis.data.verify import (
@@ -53,35 +45,6 @@ from triaxis.data.verify import (
 from triaxis.errors import UserError
 
 TRACE_ENV = "TRIAXIS_TRACE_SAMPLES"
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(x: int) -> int:
-    """splitmix64 finalizer: a cheap, well-distributed 64-bit hash."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def permute(j: int, n: int, key: int, rounds: int = 4) -> int:
-    """A bijection of [0, n) chosen by `key`: a Feistel network over 2^k >= n, cycle-walking.
-
-    O(1) memory for any n, unlike materializing a permutation of billions of windows.
-    """
-    if n <= 1:
-        return 0
-    half_bits = max(1, ((n - 1).bit_length() + 1) // 2)
-    mask = (1 << half_bits) - 1
-    x = j
-    while True:
-        left, right = x >> half_bits, x & mask
-        for r in range(rounds):
-            left, right = right, left ^ (_mix(key ^ (r << 56) ^ right) & mask)
-        x = (left << half_bits) | right
-        if x < n:
-            return x
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -328,26 +291,10 @@ class TokenDataset:
             )
 
     def window_of(self, index: int, shuffle: bool = True) -> int:
-        epoch, j = divmod(index, self.num_windows)
-        if not shuffle:
-            return j
-        key = _mix(self.seed * 1_000_003 + epoch)
-        if not self.group_blocks:
-            return permute(j, self.num_windows, key)
-        return self._grouped_window(j, key)
-
-    def _grouped_window(self, j: int, key: int) -> int:
-        """Position j of an epoch -> window, under the shard-group shuffle (module docstring)."""
-        b, g = self.block_windows, self.group_blocks
-        blocks = self.num_windows // b
-        whole = blocks * b
-        if j >= whole:  # the short tail block, last in every epoch
-            return whole + permute(j - whole, self.num_windows - whole, _mix(key ^ 1))
-        group, within = divmod(j, g * b)
-        in_group = min(g, blocks - group * g)  # the last group may hold fewer blocks
-        r = permute(within, in_group * b, _mix(key ^ ((group + 2) << 32)))
-        block = permute(group * g + r // b, blocks, _mix(key ^ 2))
-        return block * b + r % b
+        """The window global sample `index` reads (sample_order.py)."""
+        return sample_order.window_of(
+            index, self.num_windows, self.seed, shuffle, self.block_windows, self.group_blocks
+        )
 
     def sample(self, index: int, shuffle: bool = True) -> np.ndarray:
         """The seq_len + 1 tokens of global sample `index`."""
@@ -414,38 +361,3 @@ def micro_batch_start(
     exactly the same samples per micro-step as the sharded layout.
     """
     return cursor + micro_step * micro_batch * dp_size + dp_rank * micro_batch
-
-
-SYNTHETIC = "synthetic"
-
-
-class SyntheticDataset:
-    """Uniform random tokens for benchmarks (`data.path = "synthetic"`): no files, no tokenizer.
-    Sample i is still a pure function of (seed, i)."""
-
-    def __init__(self, vocab_size: int, seq_len: int, seed: int = 0):
-        self.vocab_size, self.seq_len, self.seed = vocab_size, seq_len, seed
-        self.num_windows = 2**62
-        self.manifest = {"tokenizer": {"kind": SYNTHETIC, "vocab_size": vocab_size}}
-
-    def _tokens(self, start: int, count: int) -> np.ndarray:
-        # Token t of sample i hashes (seed, i, t) with splitmix64, a whole batch in a few numpy
-        # passes: a generator per sample cost more than 1% of a small model's step.
-        with np.errstate(over="ignore"):  # uint64 arithmetic wraps by design
-            idx = np.arange(start, start + count, dtype=np.uint64)[:, None]
-            pos = np.arange(self.seq_len + 1, dtype=np.uint64)[None, :]
-            x = idx * np.uint64(self.seq_len + 1) + pos
-            x ^= np.uint64(_mix(self.seed))
-            x += np.uint64(0x9E3779B97F4A7C15)
-            x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-            x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-            x ^= x >> np.uint64(31)
-        return (x % np.uint64(self.vocab_size)).astype(np.int64)
-
-    def sample(self, index: int, shuffle: bool = True) -> np.ndarray:
-        return self._tokens(index, 1)[0]
-
-    def batch(self, start: int, count: int, shuffle: bool = True):
-        import torch
-
-        return torch.from_numpy(self._tokens(start, count))

@@ -12,6 +12,8 @@ MASK_SUFFIX = ".mask"
 """A shard's loss mask (`train_00000.mask` beside `train_00000.bin`), when the manifest has a
 "loss_mask" entry: one byte per token, 1 where the token is a target the loss counts."""
 MASK_DTYPE = "uint8"
+SPLITS = ("train", "val")
+"""The splits a prepared folder holds, in the manifest's order (a split may hold no tokens)."""
 
 
 def packed_seq_len(manifest: dict) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from triaxis import storage
+from triaxis import storage, storage_client
 from triaxis.data.tokenizer import HFTokenizer
 from triaxis.errors import UserError
 
@@ -92,7 +92,7 @@ def _tokenizer_file(path: str, what: str) -> str:
     """PATH itself if it names a file, else PATH/tokenizer.json."""
     if storage.is_remote(path):
         # Listing a prefix to tell a file from a folder costs a request; names decide.
-        storage.check_location(path, "--tokenizer")
+        storage_client.check_location(path, "--tokenizer")
         return path if path.endswith(".json") else storage.join(path, FILE)
     local = os.path.expanduser(path)
     if os.path.isfile(local):

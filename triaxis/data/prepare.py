@@ -11,26 +11,33 @@ Documents are separated by the tokenizer's end-of-document token.
 
 Inputs are streamed one file at a time (`sources.py`): a first pass trains the BPE (not for
 byte or hf:PATH), a second tokenizes. Tokenization runs in a pool of worker processes fed with
-chunks of documents in order and read back in order, so the shards are byte-identical for any
-number of workers.
+chunks of documents in order and read back in order (`encode.py`), so the shards are
+byte-identical for any number of workers.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from triaxis import storage
-from triaxis.data.chat import FORMATS, ChatTemplate, encode_example, iter_examples
-from triaxis.data.format import FORMAT, MASK_DTYPE, MASK_SUFFIX
+from triaxis import storage, storage_client
+from triaxis.data.chat import FORMATS, ChatTemplate, iter_examples
+from triaxis.data.encode import (
+    PIECE_CHARS,
+    chunks,
+    default_workers,
+    encode_chunk,
+    encode_examples,
+    encode_in_order,
+    split_long,
+)
+from triaxis.data.format import FORMAT, MASK_DTYPE, MASK_SUFFIX, SPLITS
 from triaxis.data.hf_tokenizer import PREFIX as HF_PREFIX
 from triaxis.data.hf_tokenizer import open_hf_tokenizer, tokenizer_folder
 from triaxis.data.output import StagedOutput
@@ -42,26 +49,15 @@ from triaxis.data.sources import (
     iter_documents,
     resolve_inputs,
 )
-from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer, tokenizer_from_state
+from triaxis.data.tokenizer import BPETokenizer, ByteTokenizer
 from triaxis.errors import UserError
 from triaxis.fields import RANGE, check_value, ranged
 
-SPLITS = ("train", "val")
-_CHUNK_DOCS = 256
-_CHUNK_CHARS = 1_000_000
-"""A chunk of work for one tokenizer worker: at most this many documents / characters."""
 BPE_SAMPLE_CHARS = 12_000_000
 """The BPE tokenizer trains on the first documents up to this many characters: a sample is
 enough for its merges, and training time grows with it. Every document is still tokenized."""
 EMBEDDED_CHARS = 12_000_000
 """Without --input, the demo corpus (the Python stdlib) is read up to this many characters."""
-PIECE_CHARS = 1 << 18
-"""Longer documents are cut into pieces of about this many characters for BPE training and for
-bpe/byte tokenization: `tokenizers` needs ~200 bytes of memory per character of one input
-string, so one 41 MB line once took 8 GB. Cuts fall on a single space between two non-space
-characters, where the byte-level pre-tokenizer splits anyway, so the token ids are the same as
-for the whole document (only a run of PIECE_CHARS characters without such a space is cut
-hard)."""
 
 
 @dataclass
@@ -98,10 +94,6 @@ class PrepareOptions:
     error (truncate|drop|error); prepare counts and reports them."""
 
 
-def default_workers() -> int:
-    return min(os.cpu_count() or 1, 8)
-
-
 def prepare(opts: PrepareOptions, log=print) -> dict:
     t0 = time.perf_counter()
     hf = opts.tokenizer.startswith(HF_PREFIX)
@@ -125,7 +117,7 @@ def prepare(opts: PrepareOptions, log=print) -> dict:
         )
     check_overlong(opts.overlong)
     out = str(opts.output)
-    storage.check_location(out, "--output")
+    storage_client.check_location(out, "--output")
     staged = StagedOutput(out, log)  # reads only: refuses an output it must not touch
     files = resolve_inputs(opts.inputs, opts.extensions) if opts.inputs else embedded_corpus_files()
     source = "embedded: python stdlib" if not opts.inputs else ", ".join(opts.inputs)
@@ -216,10 +208,10 @@ def _write(
     # hf:PATH tokenizers may treat the start of an input specially (a prefix space, a BOS):
     # their documents stay whole.
     piece_chars = 0 if tok.kind == "hf" else PIECE_CHARS
-    chunks = _chunks(_assign_splits(documents(), every), writers, piece_chars)
+    work = chunks(_assign_splits(documents(), every), writers, piece_chars)
     processes = [0]  # set by encode_in_order: the worker processes it started
-    fn = encode_each if opts.pack_seq_len else _encode_examples if masked else _encode_chunk
-    for arrays in encode_in_order(chunks, workers, tok, processes, fn):
+    fn = encode_each if opts.pack_seq_len else encode_examples if masked else encode_chunk
+    for arrays in encode_in_order(work, workers, tok, processes, fn):
         for writer, packer, arr in zip(writers, packers, arrays):
             if opts.pack_seq_len:
                 packer.add_all(arr)
@@ -276,115 +268,6 @@ def _assign_splits(docs: Iterable[str], every: int) -> Iterator[tuple[int, str]]
         if every and not any_val and n > 1:
             held = (1, held[1])
         yield held
-
-
-def split_long(text: str, piece_chars: int = PIECE_CHARS) -> Iterator[str]:
-    """`text` in consecutive pieces of at most `piece_chars` characters, each cut (when one
-    exists in the second half of the window) just before a single space that sits between two
-    non-space characters: a place where the byte-level pre-tokenizer splits anyway."""
-    start, n = 0, len(text)
-    while n - start > piece_chars:
-        end = start + piece_chars
-        cut = text.rfind(" ", start + piece_chars // 2, end)
-        while cut > start and (text[cut - 1].isspace() or text[cut + 1].isspace()):
-            cut = text.rfind(" ", start + piece_chars // 2, cut)
-        if cut <= start:
-            cut = end  # no clean place: a hard cut
-        yield text[start:cut]
-        start = cut
-    yield text[start:]
-
-
-def _chunks(
-    docs: Iterable[tuple[int, str]], writers: list[_ShardWriter], piece_chars: int = 0
-) -> Iterator[list[tuple[int, str, bool]]]:
-    """Chunks of (split, text, ends a document); with piece_chars, long documents in pieces."""
-    chunk: list[tuple[int, str, bool]] = []
-    chars = 0
-    for split, doc in docs:
-        writers[split].documents += 1
-        pieces = list(split_long(doc, piece_chars)) if piece_chars else [doc]
-        for i, piece in enumerate(pieces):
-            chunk.append((split, piece, i == len(pieces) - 1))
-            chars += len(piece)
-            if len(chunk) >= _CHUNK_DOCS or chars >= _CHUNK_CHARS:
-                yield chunk
-                chunk, chars = [], 0
-    if chunk:
-        yield chunk
-
-
-def _encode_chunk(tok, chunk: list[tuple[int, str, bool]]) -> list[np.ndarray]:
-    """One array per split: the chunk's texts of that split, EOS after each document's end."""
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    eos = np.array([tok.eos_id], dtype=dtype)
-    encoded = tok.encode_arrays([text for _, text, _ in chunk], dtype)
-    parts: list[list[np.ndarray]] = [[] for _ in SPLITS]
-    for (split, _, ends), ids in zip(chunk, encoded):
-        parts[split] += [ids, eos] if ends else [ids]
-    return [np.concatenate(p) if p else np.zeros(0, dtype) for p in parts]
-
-
-def _encode_examples(tok, chunk: list) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(tokens, loss mask) per split: the chunk's chat / prompt-completion examples."""
-    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    parts: list[list] = [[] for _ in SPLITS]
-    for split, example, _ in chunk:
-        parts[split].append(encode_example(tok, example, dtype))
-    return [
-        (np.concatenate([i for i, _ in p]), np.concatenate([m for _, m in p]))
-        if p
-        else (np.zeros(0, dtype), np.zeros(0, MASK_DTYPE))
-        for p in parts
-    ]
-
-
-_worker_tok = None
-
-
-def _init_worker(state: dict) -> None:
-    global _worker_tok
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism
-    _worker_tok = tokenizer_from_state(state)
-
-
-def _encode_in_worker(fn, chunk: list) -> list:
-    return fn(_worker_tok, chunk)
-
-
-def encode_in_order(
-    chunks: Iterable[list], workers: int, tok, processes: list[int], fn=_encode_chunk
-) -> Iterator[list]:
-    """_encode_chunk of each chunk, in input order. With workers > 1 (and more than one chunk)
-    a pool of spawned processes encodes them, at most 2 x workers chunks in flight: memory
-    stays bounded however long the input is, and the order of the results never changes."""
-    it = iter(chunks)
-    head = [c for c in (next(it, None), next(it, None)) if c is not None]
-    if len(head) < 2 or workers <= 1:
-        for chunk in itertools.chain(head, it):
-            yield fn(tok, chunk)
-        return
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # spawn, not fork: the parent may already run tokenizer (rayon) or torch threads.
-    pool = ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=_init_worker,
-        initargs=(tok.state(),),
-    )
-    processes[0] = workers
-    pending: deque = deque()
-    try:
-        for chunk in itertools.chain(head, it):
-            pending.append(pool.submit(_encode_in_worker, fn, chunk))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _ShardWriter:

@@ -21,7 +21,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from triaxis import storage
+from triaxis import storage, storage_client
 from triaxis.errors import UserError
 
 TEXT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
@@ -84,7 +84,7 @@ def _resolve_local(spec: str, extensions: tuple[str, ...]) -> list[str]:
 
 
 def _resolve_remote(spec: str, extensions: tuple[str, ...]) -> list[str]:
-    storage.check_location(spec, "--input")
+    storage_client.check_location(spec, "--input")
     found = storage.list_files(spec, extensions)
     if not found:
         raise UserError(

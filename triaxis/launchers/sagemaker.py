@@ -325,7 +325,7 @@ def build_request(a: argparse.Namespace, hps: dict[str, str], data_path: str) ->
 
 def _data_problems(data_path: str, channels: list[str]) -> list[str]:
     """How the job reaches data.path: the `train` channel, or an s3:// path it streams itself."""
-    from triaxis.data.dataset import SYNTHETIC
+    from triaxis.data.synthetic import SYNTHETIC
 
     if data_path.startswith("s3://"):
         if "train" in channels:

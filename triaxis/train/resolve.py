@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 
-from triaxis import storage
+from triaxis import storage, storage_client
 from triaxis.config import Config
-from triaxis.data.dataset import SYNTHETIC, SyntheticDataset, TokenDataset
+from triaxis.data.dataset import TokenDataset
 from triaxis.data.mixture import open_train_data
+from triaxis.data.synthetic import SYNTHETIC, SyntheticDataset
 from triaxis.errors import UserError
 from triaxis.model import build_model_args
 from triaxis.parallel.dims import ParallelDims
@@ -44,7 +45,7 @@ def resolve(
             "(--model.vocab_size=none) to take it from the data"
         )
     cfg, dims, why = layout_for_world(cfg, world_size, model_args, planner)
-    storage.check_location(cfg.checkpoint_dir(), "checkpoint.dir")
+    storage_client.check_location(cfg.checkpoint_dir(), "checkpoint.dir")
     return cfg, dims, model_args, train_ds, why
 
 
