@@ -105,7 +105,8 @@ def planner_bytes(args, tokens: int, ep: int) -> float:
     all-to-alls (dispatch and combine, forward and backward) of plan.experts.all_to_all_bytes."""
     from triaxis.plan.experts import all_to_all_bytes
     from triaxis.plan.hardware import load_catalog, resolve_hardware
-    from triaxis.plan.problem import RUNTIMES, Layout, Problem, shape_from_args
+    from triaxis.plan.problem import Layout, Problem, shape_from_args
+    from triaxis.plan.runtimes import RUNTIMES
 
     hw = resolve_hardware(load_catalog(), "cpu", None, ep)
     p = Problem(shape_from_args(args, "bench"), hw, RUNTIMES["triaxis"], tokens, ep)

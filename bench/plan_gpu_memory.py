@@ -19,7 +19,8 @@ import os
 def predicted_gib(a: argparse.Namespace, gpu: str) -> tuple[float, dict]:
     from triaxis.plan.hardware import GIB, load_catalog, resolve_hardware
     from triaxis.plan.memory import memory_of
-    from triaxis.plan.problem import RUNTIMES, Layout, Problem, load_model
+    from triaxis.plan.problem import Layout, Problem, load_model
+    from triaxis.plan.runtimes import RUNTIMES
 
     world = a.dp_replicate * a.dp_shard * a.tp
     shape, _ = load_model(a.preset)

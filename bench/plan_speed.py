@@ -14,8 +14,9 @@ import time
 
 t0 = time.perf_counter()
 from triaxis.plan.hardware import load_catalog, resolve_hardware  # noqa: E402
-from triaxis.plan.problem import RUNTIMES, Problem, load_model  # noqa: E402
+from triaxis.plan.problem import Problem, load_model  # noqa: E402
 from triaxis.plan.report import explain, tables, toml_snippet  # noqa: E402
+from triaxis.plan.runtimes import RUNTIMES  # noqa: E402
 from triaxis.plan.search import plan  # noqa: E402
 
 IMPORT_S = time.perf_counter() - t0

@@ -128,7 +128,8 @@ def test_planner_op_level_bytes_are_the_measured_ones(base):
     """The planner's op-level term (activations.op_saved_bytes_per_token) against the measurement:
     op-level keeps, over full checkpointing, exactly the 4 blocks' matmul outputs."""
     from triaxis.plan.activations import op_saved_bytes_per_token
-    from triaxis.plan.problem import RUNTIMES, shape_from_args
+    from triaxis.plan.problem import shape_from_args
+    from triaxis.plan.runtimes import RUNTIMES
 
     shape = shape_from_args(PRESETS["tiny"], "tiny")
     per_token = op_saved_bytes_per_token(shape, RUNTIMES["triaxis"], 1, 4)  # fp32 on CPU
@@ -139,7 +140,8 @@ def test_planner_op_level_bytes_are_the_measured_ones(base):
 @pytest.fixture(scope="module")
 def problem():
     from triaxis.plan.hardware import load_catalog, resolve_hardware
-    from triaxis.plan.problem import RUNTIMES, Problem, load_model
+    from triaxis.plan.problem import Problem, load_model
+    from triaxis.plan.runtimes import RUNTIMES
 
     shape, _ = load_model("8b")
     hw = resolve_hardware(load_catalog(), "h100", "p5")

@@ -302,7 +302,8 @@ def test_masked_training_matches_single_process(layout, short_docs, tmp_path):
 def test_planner_counts_masked_attention_flops():
     from triaxis.config import attention_span
     from triaxis.plan.hardware import load_catalog, resolve_hardware
-    from triaxis.plan.problem import RUNTIMES, Layout, Problem, load_model
+    from triaxis.plan.problem import Layout, Problem, load_model
+    from triaxis.plan.runtimes import RUNTIMES
     from triaxis.plan.search import evaluate
 
     shape, _ = load_model("8b")

@@ -217,7 +217,8 @@ def test_cross_node_traffic_only_between_same_local_ranks(byte_data, tmp_path):
 
 def _p4d_problem(model="8b"):
     from triaxis.plan.hardware import load_catalog, resolve_hardware
-    from triaxis.plan.problem import RUNTIMES, Problem, load_model
+    from triaxis.plan.problem import Problem, load_model
+    from triaxis.plan.runtimes import RUNTIMES
 
     shape, _ = load_model(model)
     return Problem(

@@ -204,7 +204,8 @@ def test_planner_prices_the_frozen_base():
 def _tiny_problem(lora):
     from triaxis.model.presets import PRESETS
     from triaxis.plan.hardware import load_catalog, resolve_hardware
-    from triaxis.plan.problem import RUNTIMES, Problem, shape_from_args
+    from triaxis.plan.problem import Problem, shape_from_args
+    from triaxis.plan.runtimes import RUNTIMES
 
     shape = shape_from_args(PRESETS["tiny"], "tiny")
     hw = resolve_hardware(load_catalog(), "h100", "p5")

@@ -18,7 +18,8 @@ from triaxis.plan.collectives import AxisLink, all_gather_s, all_reduce_s, axis_
 from triaxis.plan.evidence import row_shape
 from triaxis.plan.hardware import load_catalog, resolve_hardware
 from triaxis.plan.memory import predict_state_bytes_per_rank
-from triaxis.plan.problem import RUNTIMES, Layout, ModelShape, Problem, load_model, shape_from_args
+from triaxis.plan.problem import Layout, ModelShape, Problem, load_model, shape_from_args
+from triaxis.plan.runtimes import RUNTIMES
 from triaxis.plan.search import SearchSpace, enumerate_layouts, evaluate, plan
 from triaxis.plan.steptime import bubble_slots, gemm_s
 

@@ -14,7 +14,8 @@ from tests.test_plan import _problem, catalog  # noqa: F401  (the fixture)
 from triaxis.errors import UserError
 from triaxis.plan.cli import main
 from triaxis.plan.hardware import resolve_hardware
-from triaxis.plan.problem import RUNTIMES, Layout, Problem, load_model
+from triaxis.plan.problem import Layout, Problem, load_model
+from triaxis.plan.runtimes import RUNTIMES
 
 # -- bad input -------------------------------------------------------------------------------
 

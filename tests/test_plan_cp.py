@@ -10,7 +10,8 @@ import pytest
 
 from triaxis.plan.context import cp_memory_of, cp_time_of, pp_cp_pairs
 from triaxis.plan.hardware import load_catalog, resolve_hardware
-from triaxis.plan.problem import RUNTIMES, Layout, Problem
+from triaxis.plan.problem import Layout, Problem
+from triaxis.plan.runtimes import RUNTIMES
 from triaxis.plan.search import SearchSpace, enumerate_layouts, plan
 
 

@@ -18,7 +18,8 @@ from triaxis.plan.hardware import load_catalog, resolve_hardware
 from triaxis.plan.layouts import SearchSpace, enumerate_layouts
 from triaxis.plan.mapping import parallel_config
 from triaxis.plan.memory import predict_state_bytes_per_rank
-from triaxis.plan.problem import RUNTIMES, Layout, Problem, shape_from_args
+from triaxis.plan.problem import Layout, Problem, shape_from_args
+from triaxis.plan.runtimes import RUNTIMES
 from triaxis.plan.search import evaluate
 
 MOE = {"model__preset": "tiny-moe"}

@@ -137,7 +137,8 @@ def test_interleaving_exposes_the_fsdp_tails_of_every_chunk():
     for the forward gather and the one reduce-scatter (memory.memory_of: the pipeline reduces
     once, after the last micro-batch)."""
     from triaxis.plan.hardware import load_catalog, resolve_hardware
-    from triaxis.plan.problem import RUNTIMES, Layout, Problem, load_model
+    from triaxis.plan.problem import Layout, Problem, load_model
+    from triaxis.plan.runtimes import RUNTIMES
     from triaxis.plan.steptime import _fsdp_collectives, time_of
 
     shape, _ = load_model("8b")

@@ -134,7 +134,8 @@ def test_the_plans_of_real_models_pass_the_trainers_rules(objective):
     from triaxis.model.presets import PRESETS
     from triaxis.parallel.rules import check_layout
     from triaxis.plan.hardware import load_catalog, resolve_hardware
-    from triaxis.plan.problem import RUNTIMES, Problem
+    from triaxis.plan.problem import Problem
+    from triaxis.plan.runtimes import RUNTIMES
     from triaxis.plan.search import plan
 
     args = dataclasses.replace(PRESETS["70b"])

@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 
 from triaxis.plan.hardware import load_catalog, resolve_hardware
-from triaxis.plan.problem import RUNTIMES, Layout, Problem, TimeBreakdown, load_model
+from triaxis.plan.problem import Layout, Problem, TimeBreakdown, load_model
 from triaxis.plan.report import explain
+from triaxis.plan.runtimes import RUNTIMES
 from triaxis.plan.search import MODEL_ERROR, PlanResult, evaluate, plan
 
 

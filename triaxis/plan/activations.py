@@ -24,7 +24,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from triaxis.plan.problem import Layout, ModelShape, Problem, Runtime
+from triaxis.plan.problem import Layout, ModelShape, Problem
+from triaxis.plan.runtimes import Runtime
 
 
 @lru_cache(maxsize=4096)

@@ -26,8 +26,9 @@ from triaxis.model.args import ModelArgs
 from triaxis.plan.float8 import RECIPES
 from triaxis.plan.hardware import GIB, load_catalog, resolve_hardware
 from triaxis.plan.mapping import parallel_config
-from triaxis.plan.problem import RUNTIMES, LoraPlan, Plan, Problem, shape_from_args
+from triaxis.plan.problem import LoraPlan, Plan, Problem, shape_from_args
 from triaxis.plan.report import explain, no_fit_message
+from triaxis.plan.runtimes import RUNTIMES
 from triaxis.plan.search import SearchSpace, plan
 
 

@@ -148,8 +148,9 @@ def run(a: argparse.Namespace) -> int:
     """The `plan` subcommand; returns the exit code (0 = a plan, 2 = nothing fits)."""
     from triaxis.plan.float8_choice import plan_float8
     from triaxis.plan.hardware import load_catalog, resolve_hardware
-    from triaxis.plan.problem import RUNTIMES, Problem, load_model
+    from triaxis.plan.problem import Problem, load_model
     from triaxis.plan.report import explain, header, no_fit_message, tables, to_json, toml_snippet
+    from triaxis.plan.runtimes import RUNTIMES
     from triaxis.plan.search import SearchSpace
 
     if a.write:

@@ -31,7 +31,8 @@ from typing import Any
 
 from triaxis.plan.hardware import load_catalog, resolve_hardware
 from triaxis.plan.layouts import divisors
-from triaxis.plan.problem import RUNTIMES, Layout, ModelShape, Plan, Problem
+from triaxis.plan.problem import Layout, ModelShape, Plan, Problem
+from triaxis.plan.runtimes import RUNTIMES
 from triaxis.plan.search import evaluate
 
 # ---------------------------------------------------------------------------------------------

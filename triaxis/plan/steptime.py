@@ -68,7 +68,8 @@ from triaxis.plan.collectives import (
 from triaxis.plan.float8 import converted, converted_block_params, fp8_gemm_s, uses_fp8_all_gather
 from triaxis.plan.hardware import Hardware
 from triaxis.plan.memory import stage_blocks
-from triaxis.plan.problem import Layout, ModelShape, Problem, Runtime, TimeBreakdown
+from triaxis.plan.problem import Layout, ModelShape, Problem, TimeBreakdown
+from triaxis.plan.runtimes import Runtime
 
 # ---------------------------------------------------------------------------------------------
 # Compute: a roofline per kernel
