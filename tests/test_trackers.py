@@ -219,13 +219,19 @@ def test_wandb_offline_resume_continues_the_run_without_duplicates(tmp_path):
     assert [(step, row["val_loss"]) for step, row in rows if "val_loss" in row] == [(5, 4.0)]
 
 
-def test_records_a_killed_run_never_sent_go_out_on_resume(tmp_path):
-    """The first process dies with steps 4..5 still queued: they are in metrics.jsonl only."""
+def mlflow_run(tmp_path) -> tuple[str, Config, Path]:
+    """(a file-store MLflow URI, a config tracking to it, an empty run folder)."""
     uri = f"file:{tmp_path / 'mlruns'}"
     cfg = Config()
     cfg.metrics.mlflow = uri
     run_dir = tmp_path / "run"
     run_dir.mkdir()
+    return uri, cfg, run_dir
+
+
+def test_records_a_killed_run_never_sent_go_out_on_resume(tmp_path):
+    """The first process dies with steps 4..5 still queued: they are in metrics.jsonl only."""
+    uri, cfg, run_dir = mlflow_run(tmp_path)
     write(run_dir, cfg, records(range(1, 4)))
     plain = MetricsWriter(str(run_dir), True, False)  # metrics.jsonl only, as if unsent
     for r in records(range(4, 6)):
@@ -240,11 +246,7 @@ def test_records_a_killed_run_never_sent_go_out_on_resume(tmp_path):
 @pytest.mark.parametrize("landed", [True, False])
 def test_the_record_a_killed_run_was_sending_is_sent_once(tmp_path, landed):
     """Killed after MLflow took step 4 (or before) but before the state file said so."""
-    uri = f"file:{tmp_path / 'mlruns'}"
-    cfg = Config()
-    cfg.metrics.mlflow = uri
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    uri, cfg, run_dir = mlflow_run(tmp_path)
     write(run_dir, cfg, records(range(1, 4)))
     plain = MetricsWriter(str(run_dir), True, False)  # metrics.jsonl has step 4
     (step4,) = records([4])
@@ -292,11 +294,7 @@ def test_a_restarted_two_rank_job_continues_one_mlflow_run(byte_data, tmp_path):
 
 
 def test_a_record_mlflow_refuses_is_dropped_with_a_warning_and_the_rest_go_on(tmp_path):
-    uri = f"file:{tmp_path / 'mlruns'}"
-    cfg = Config()
-    cfg.metrics.mlflow = uri
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    uri, cfg, run_dir = mlflow_run(tmp_path)
     recs = records(range(1, 5))
     recs[1]["bad!name"] = 1.0  # step 2: not a valid MLflow metric name
     warnings: list[str] = []

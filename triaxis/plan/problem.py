@@ -22,6 +22,7 @@ from triaxis.model.args import (
     head_param_count,
     param_counts,
 )
+from triaxis.model.presets import MOE_FIELDS
 from triaxis.plan.hardware import Hardware
 from triaxis.plan.runtimes import Runtime
 
@@ -131,15 +132,8 @@ def shape_from_args(args: ModelArgs, name: str) -> ModelShape:
     )
 
 
-SHAPE_MOE_FIELDS = (
-    "head_size",
-    "qk_norm",
-    "n_experts",
-    "moe_top_k",
-    "moe_ffn_dim",
-    "n_shared_experts",
-    "moe_first_dense",
-    "moe_capacity_factor",
+SHAPE_MOE_FIELDS = ("head_size", "qk_norm") + tuple(
+    f for f in MOE_FIELDS if f in {x.name for x in dataclasses.fields(ModelShape)}
 )
 """The ModelArgs fields a ModelShape carries besides the dense sizes (the same names)."""
 
