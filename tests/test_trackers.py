@@ -202,7 +202,7 @@ def test_mlflow_server_outage_warns_once_and_loses_nothing(tmp_path):
 @pytest.mark.slow
 def test_wandb_offline_resume_continues_the_run_without_duplicates(tmp_path):
     pytest.importorskip("wandb")
-    from tests.wandb_files import run_files
+    from tests.wandb_files import run_files_through
 
     cfg = Config()
     cfg.metrics.wandb, cfg.metrics.wandb_mode, cfg.train.steps = "proj", "offline", 8
@@ -211,7 +211,7 @@ def test_wandb_offline_resume_continues_the_run_without_duplicates(tmp_path):
     write(run_dir, cfg, records(range(1, 6), val_at=(5,)))
     write(run_dir, cfg, records(range(3, 9)))  # resumed from a checkpoint at step 2
     run_id = state(run_dir, "wandb")["run_id"]
-    ids, config, rows = run_files(run_dir)
+    ids, config, rows = run_files_through(run_dir, 8, WAIT_S)
     assert ids == {run_id}
     assert config["train.steps"] == "8"
     loss = [(step, row["loss"]) for step, row in rows if "loss" in row]

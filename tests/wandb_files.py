@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 BLOCK = 32768
@@ -52,3 +53,14 @@ def run_files(run_dir: Path) -> tuple[set[str], dict, list[tuple[int, dict]]]:
                     (rec.history.step.num, {k: v for k, v in row.items() if not k.startswith("_")})
                 )
     return ids, config, rows
+
+
+def run_files_through(run_dir: Path, step: int, timeout_s: float):
+    """run_files once they hold `step`, or as they are after timeout_s: W&B's service process
+    (wandb-core) may still be writing a run's file after `finish()` has returned."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = run_files(run_dir)
+        if any(s == step for s, _ in got[2]) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
