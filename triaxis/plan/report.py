@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from triaxis.plan.experts import all_to_all_bytes, ep_degrees
 from triaxis.plan.hardware import GIB
 from triaxis.plan.mapping import parallel_config
 from triaxis.plan.problem import Plan
@@ -250,8 +251,6 @@ def _expert_words(r: PlanResult) -> list[str]:
     s = r.problem.shape
     if not s.n_experts:
         return []
-    from triaxis.plan.experts import all_to_all_bytes, ep_degrees
-
     w = r.plans[0]
     a, gpn = w.layout, r.problem.hw.gpus_per_node
     if a.ep > 1:
