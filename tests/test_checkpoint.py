@@ -156,6 +156,7 @@ def test_elastic_restart_after_sigkill_matches_uninterrupted(byte_data, tmp_path
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_final_checkpoint(byte_data, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(

@@ -195,6 +195,7 @@ def test_failed_saves_are_skipped_then_stop_the_run(moto_s3, byte_data, tmp_path
     assert mf.verify(mf.list_checkpoints(uri)[0].path) == []
 
 
+@pytest.mark.slow
 def test_a_refused_key_is_named_as_such(byte_data, tmp_path):
     """S3 answers a wrong access key with 403 InvalidAccessKeyId: the run says the
     credentials were refused (not that the bucket does not exist)."""

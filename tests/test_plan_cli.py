@@ -30,6 +30,7 @@ def test_unknown_names_list_the_known_ones(catalog):
         load_model("7b")
 
 
+@pytest.mark.slow
 def test_too_big_model_says_what_would_fit(capsys):
     code = main(
         [

@@ -56,7 +56,7 @@ PLAN_70B = ("plan", "--model", "70b", "--gpus", "1024", "--gpu", "h100")
     [
         ("--help",),
         PLAN_70B,
-        (*PLAN_70B, "--json"),
+        pytest.param((*PLAN_70B, "--json"), marks=pytest.mark.slow),  # the same imports
         ("plan", "--help"),
         (
             "plan",

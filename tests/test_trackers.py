@@ -268,6 +268,7 @@ def test_the_record_a_killed_run_was_sending_is_sent_once(tmp_path, landed):
     assert "sending" not in state(run_dir, "mlflow")
 
 
+@pytest.mark.slow
 def test_a_restarted_two_rank_job_continues_one_mlflow_run(byte_data, tmp_path):
     """rank 1 SIGKILLs itself before step 6; the launcher restarts the job from the step-4
     checkpoint. Rank 0 alone tracks; MLflow has every step once, as metrics.jsonl has them."""
