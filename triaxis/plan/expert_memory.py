@@ -44,7 +44,7 @@ def moe_block_delta(
     edp, ep_local = max(1, shard // ep), shape.n_experts // ep
     per_expert = shape.dim * shape.moe_ffn_dim
     experts = 3 * _chunk(ep_local, edp, shard_index // ep if shard > 1 else 0) * per_expert
-    tensors = 1 + 3 - 3
+    tensors = 1  # the router; the three expert weights take the dense MLP's three places
     shared = 0
     if shape.n_shared_experts:
         hs = shape.n_shared_experts * shape.moe_ffn_dim
@@ -55,12 +55,17 @@ def moe_block_delta(
     return router + experts + shared - dense, tensors
 
 
-def moe_gathered_params(shape, ep: int) -> float:
-    """Elements of one MoE block's feed-forward a rank holds gathered (after FSDP's all-gather):
-    the experts of its ep share, the router and the shared experts, all whole on every tp rank."""
+def moe_gathered_parts(shape, ep: int) -> tuple[int, int]:
+    """Elements of one MoE block's feed-forward a rank holds gathered (after FSDP's all-gather),
+    whole on every tp rank: (the experts of its ep share, which FSDP shards over edp; the
+    router and the shared experts, which it shards over dp_shard)."""
     hs = shape.n_shared_experts * shape.moe_ffn_dim
     experts = 3 * (shape.n_experts // ep) * shape.dim * shape.moe_ffn_dim
-    return experts + shape.n_experts * shape.dim + 3 * hs * shape.dim
+    return experts, shape.n_experts * shape.dim + 3 * hs * shape.dim
+
+
+def moe_gathered_params(shape, ep: int) -> float:
+    return sum(moe_gathered_parts(shape, ep))
 
 
 def dense_mlp_params(shape, tp: int) -> float:

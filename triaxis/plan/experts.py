@@ -36,7 +36,12 @@ from triaxis.plan.collectives import (
     reduce_scatter_s,
 )
 from triaxis.plan.context import cp_time_of
-from triaxis.plan.expert_memory import dense_mlp_params, moe_block_delta, moe_blocks_of_stage
+from triaxis.plan.expert_memory import (
+    dense_mlp_params,
+    moe_block_delta,
+    moe_blocks_of_stage,
+    moe_gathered_parts,
+)
 from triaxis.plan.memory import stage_blocks
 from triaxis.plan.problem import Layout, ModelShape, Problem, TimeBreakdown
 from triaxis.plan.steptime import (
@@ -116,17 +121,13 @@ def _fsdp_delta(p: Problem, layout: Layout) -> tuple[float, float]:
     ds, tp, ep = layout.dp_shard, layout.tp, layout.ep
     if not rt.fsdp or ds == 1:
         return 0.0, 0.0
-    experts = 3 * (s.n_experts // ep) * s.dim * s.moe_ffn_dim
-    rest = s.n_experts * s.dim + 3 * s.n_shared_experts * s.moe_ffn_dim * s.dim
+    experts, rest = moe_gathered_parts(s, ep)
     edp, dsl = axis_link(hw, ds // ep, tp * ep), axis_link(hw, ds, tp)
     twin = dense_mlp_params(s, tp)
 
     def both(op, width):
-        return (
-            op(edp, width * experts) + op(dsl, width * rest) - op(dsl, width * twin)
-            if ds // ep > 1
-            else op(dsl, width * rest) - op(dsl, width * twin)
-        )
+        out = op(dsl, width * rest) - op(dsl, width * twin)
+        return out + (op(edp, width * experts) if ds // ep > 1 else 0.0)
 
     return both(all_gather_s, rt.gather_bytes), both(reduce_scatter_s, rt.grad_reduce_bytes)
 
