@@ -279,15 +279,14 @@ class Layout:
         return global_batch // (self.micro_batch * self.dp)
 
     def describe(self) -> str:
+        ep = f"ep={self.ep} " if self.ep > 1 else ""  # inside dp_shard: printed after it
         s = (
-            f"tp={self.tp} pp={self.pp} dp_shard={self.dp_shard} "
+            f"tp={self.tp} pp={self.pp} dp_shard={self.dp_shard} {ep}"
             f"dp_replicate={self.dp_replicate} mb={self.micro_batch} "
             f"ac={self.activation_checkpoint}"
         )
         if self.cp > 1:
             s = f"cp={self.cp} " + s
-        if self.ep > 1:
-            s = s.replace(" dp_replicate=", f" ep={self.ep} dp_replicate=")
         if self.activation_checkpoint == "selective":
             s += f"/{self.ac_every}"
         if self.pp > 1:
