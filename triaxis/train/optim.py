@@ -80,15 +80,7 @@ def clip_grad_norm(
         # go to the device before anything reduces them across ranks, since the mesh groups
         # serve device tensors only (NCCL; triaxis.parallel.host). The host waits for the
         # device anyway here: the optimizer steps on the host.
-        norms = [
-            torch.linalg.vector_norm(
-                torch.stack(
-                    [to_device(torch.linalg.vector_norm(g, 2.0), host_grads_to) for g in s]
-                ),
-                2.0,
-            )
-            for s in sets
-        ]
+        norms = [_host_norm(s, host_grads_to) for s in sets]
     norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
     if len(norms) == 1:
         norm = norms[0]
@@ -109,6 +101,13 @@ def clip_grad_norm(
             torch.nn.utils.clip_grads_with_norm_(same, max_norm, norm)
         torch.nn.utils.clip_grads_with_norm_(partial, max_norm, norm, foreach=False)
     return norm
+
+
+def _host_norm(grads: list[torch.Tensor], device) -> torch.Tensor:
+    """The 2-norm of host gradients of one mesh, each gradient's norm taken where it is and
+    moved to `device` before anything combines them across ranks."""
+    norms = [to_device(torch.linalg.vector_norm(g, 2.0), device) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms), 2.0)
 
 
 def _is_partial(grad) -> bool:
