@@ -5,13 +5,14 @@ values plain DCP gives, every byte is still verified, and a corrupted item is st
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from triaxis.checkpoint import dcp_io
+from triaxis.checkpoint import dcp_io, direct_read
 from triaxis.checkpoint.safe_load import SafeLoadPlanner
 from triaxis.errors import UserError
 
@@ -91,3 +92,60 @@ def test_a_corrupted_item_read_directly_is_named(tmp_path):
     with pytest.raises(UserError) as e:
         dcp_io.load(_zeros(STATE), str(tmp_path / "c"), digests, no_dist=True)
     assert "__0_0.distcp fails its checksum" in str(e.value) and "\n" not in str(e.value)
+
+
+# -- several threads read one file ----------------------------------------------------------------
+MANY = {f"t{i}": torch.randn(64, 16 + i) for i in range(9)}
+
+
+def test_groups_are_contiguous_runs_of_about_equal_bytes():
+    class Md:
+        def __init__(self, offset, length):
+            self.offset, self.length = offset, length
+
+    lengths = [5, 1, 1, 1, 4, 2, 2, 8, 1, 3]
+    items, at = [], 0
+    for n in lengths:
+        items.append((None, Md(at, n), None))
+        at += n
+    for k in (1, 2, 3, 4, 16):
+        groups = direct_read._groups(items, k)
+        assert [x for g in groups for x in g] == items  # every item once, in file order
+        assert 1 <= len(groups) <= min(k, len(items)) and all(groups)
+        if k > 1:
+            assert len(groups) > 1  # the point: more than one reader
+    assert direct_read._groups([], 4) == [[]]
+
+
+@pytest.mark.parametrize("readers", [1, 3])
+def test_several_readers_fill_every_item_in_place(tmp_path, monkeypatch, readers):
+    monkeypatch.setattr(direct_read.DirectReadMixin, "readers", readers)
+    digests = _save(tmp_path / "c", MANY)
+    live = _zeros(MANY)
+    before = {k: v.data_ptr() for k, v in live.items()}
+    threads = set()
+    real = direct_read.DirectReadMixin._read_group
+
+    def spy(self, path, items):
+        threads.add(threading.get_ident())
+        return real(self, path, items)
+
+    monkeypatch.setattr(direct_read.DirectReadMixin, "_read_group", spy)
+    r = _load(tmp_path / "c", digests, live)
+    assert r.direct_items == len(MANY) and len(threads) == readers
+    for k, v in MANY.items():
+        assert torch.equal(live[k], v) and live[k].data_ptr() == before[k], k
+
+
+@pytest.mark.parametrize("name", sorted(MANY))
+def test_a_corrupted_item_is_named_whichever_reader_reads_it(tmp_path, monkeypatch, name):
+    monkeypatch.setattr(direct_read.DirectReadMixin, "readers", 3)
+    digests = _save(tmp_path / "c", MANY)
+    data = tmp_path / "c" / "__0_0.distcp"
+    raw = bytearray(data.read_bytes())
+    at = bytes(raw).index(MANY[name].reshape(-1)[5:9].numpy().tobytes())
+    raw[at] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(UserError) as e:
+        dcp_io.load(_zeros(MANY), str(tmp_path / "c"), digests, no_dist=True)
+    assert "__0_0.distcp fails its checksum" in str(e.value)

@@ -10,6 +10,11 @@ destination is a plain contiguous CPU tensor of the saved dtype, taking the whol
 destination's memory, through the same verifying view (triaxis.checkpoint.integrity) that hashes
 every byte of the item as it passes. Nothing is unpickled on this path.
 
+A file's direct items are read by up to `DirectReadMixin.readers` threads at once, each taking a
+contiguous run of them on its own stream and verifying each item as soon as it is read; the
+planner sees them afterwards, on the calling thread. One thread left a cold read waiting on one
+request at a time and a warm one on one memory copy.
+
 Everything else -- a resharded or narrowed read, a DTensor or device destination, another dtype,
 a non-contiguous tensor, transformed items, bytes items, an S3 reader, an unverified load --
 goes through DCP's own read_data unchanged.
@@ -22,6 +27,7 @@ import io
 import struct
 import sys
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -108,12 +114,32 @@ def _destination(req, planner, md) -> torch.Tensor | None:
     return target
 
 
+def _groups(items: list, k: int) -> list[list]:
+    """`items` (in file order) cut into at most `k` runs of about equal bytes: one per reading
+    thread, each a contiguous stretch of the file, so each thread's reads stream."""
+    total = sum(md.length for _, md, _ in items) or 1
+    groups: list[list] = [[]]
+    done = 0
+    for item in items:
+        if groups[-1] and done >= total * len(groups) / k:
+            groups.append([])
+        groups[-1].append(item)
+        done += item[1].length
+    return groups
+
+
 class DirectReadMixin:
     """For a local, verified reader (integrity.reader_class): read_data fills the items it can
     straight into their destinations and hands the rest to DCP's read_data."""
 
     direct_items = 0
     """Items read straight into their destination so far (tests count it)."""
+
+    readers = 4
+    """Threads reading one file's items at once. Measured here on a 1 GiB file: two or four
+    threads read it 1.2-1.3x faster than one from a cold page cache (the disk gets more than
+    one request at a time) and 2x faster from a warm one (two memory copies at once); eight
+    were slower than four. readinto and XXH3 both release the GIL."""
 
     def read_data(self, plan, planner):
         if self._expected is None:
@@ -128,17 +154,36 @@ class DirectReadMixin:
                 by_file.setdefault(md.relative_path, []).append((req, md, target))
         for relative_path, items in by_file.items():
             path = self.fs.concat_path(self.path, relative_path)
-            with self.fs.create_stream(path, "rb") as stream:  # verifies every view on exit
-                for req, md, target in sorted(items, key=lambda x: x[1].offset):
-                    if not self._read_into(stream, md, target):
-                        rest.append(req)
-                        continue
-                    planner.commit_tensor(req, target)
-                    self.direct_items += 1
+            items.sort(key=lambda x: x[1].offset)
+            groups = _groups(items, self.readers)
+            if len(groups) == 1:
+                done = [self._read_group(path, groups[0])]
+            else:
+                with ThreadPoolExecutor(len(groups), thread_name_prefix="ckpt-read") as pool:
+                    done = list(pool.map(lambda g: self._read_group(path, g), groups))
+            # The planner is not thread-safe: every item is committed here, once verified.
+            for req, target, ok in (x for group in done for x in group):
+                if not ok:
+                    rest.append(req)
+                    continue
+                planner.commit_tensor(req, target)
+                self.direct_items += 1
         return super().read_data(dataclasses.replace(plan, items=rest), planner)
 
-    def _read_into(self, stream, md, target: torch.Tensor) -> bool:
-        view = self._slice_file(stream, md)
+    def _read_group(self, path, items: list) -> list[tuple]:
+        """Read one run of items on its own stream; each verified as soon as it is read.
+        Returns (request, target, read directly?) per item."""
+        out = []
+        with self.fs.unchecked_stream(path, "rb") as stream:
+            for req, md, target in items:
+                view = self._item_view(stream, md)
+                ok = self._read_into(view, md, target)
+                if ok:
+                    view.finish()  # a mismatch fails the load naming the file
+                out.append((req, target, ok))
+        return out
+
+    def _read_into(self, view, md, target: torch.Tensor) -> bool:
         found = _record(view)
         nbytes = target.numel() * target.element_size()
         if found is None or found[1] != nbytes:

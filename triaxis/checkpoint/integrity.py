@@ -277,6 +277,12 @@ class _VerifyingFs(_FsProxy):
         super().__init__(inner)
         self._reader = reader
 
+    def unchecked_stream(self, path, mode: str):
+        """A stream whose item views the caller verifies itself (the parallel direct reads,
+        each thread on its own stream): create_stream's check on exit reads a list shared by
+        the reader, which threads must not share."""
+        return self._inner.create_stream(path, mode)
+
     @contextlib.contextmanager
     def create_stream(self, path, mode: str):
         with self._inner.create_stream(path, mode) as raw:
@@ -349,6 +355,12 @@ class _VerifyingMixin:
     def _slice_file(self, file, sinfo):
         if self._expected is None:
             return super()._slice_file(file, sinfo)
+        view = self._item_view(file, sinfo)
+        self._views.append(view)  # checked when the file's stream closes (_VerifyingFs)
+        return view
+
+    def _item_view(self, file, sinfo) -> _VerifyingView:
+        """A verifying view of one item of `file`; whoever takes it calls its finish()."""
         table = self._expected.get(sinfo.relative_path, {})
         length, want = table.get(sinfo.offset, (None, None))
         if length != sinfo.length:
@@ -358,11 +370,9 @@ class _VerifyingMixin:
             )
         if sinfo.length >= _HOT:  # a smaller item is one read already
             _read_ahead(file, sinfo.offset, sinfo.length)
-        view = _VerifyingView(
+        return _VerifyingView(
             file, sinfo.offset, sinfo.length, want, sinfo.relative_path, self._algorithm
         )
-        self._views.append(view)
-        return view
 
 
 def _read_ahead(file, offset: int, length: int) -> None:
