@@ -39,8 +39,16 @@ def local_view(p: Problem, layout: Layout) -> tuple[Problem, Layout]:
     """The (problem, cp = 1 layout) one rank of `layout` computes like."""
     if layout.cp == 1:
         return p, layout
-    view = dataclasses.replace(layout, cp=1, dp_shard=layout.dp_shard * layout.cp)
-    return _local_problem(p, layout.cp), view
+    return _local_problem(p, layout.cp), _cp_view(layout)
+
+
+def _cp_view(layout: Layout) -> Layout:
+    # A copy with two fields changed, without dataclasses.replace: its re-validation made a
+    # sixth of a 1,024-GPU plan's time, and moving ranks from cp to dp_shard keeps the layout
+    # valid (Layout.__post_init__ checks only checkpointing against offload).
+    view = object.__new__(Layout)
+    view.__dict__.update(layout.__dict__, cp=1, dp_shard=layout.dp_shard * layout.cp)
+    return view
 
 
 def cp_memory_of(p: Problem, layout: Layout, num_micro: int) -> MemoryBreakdown:

@@ -7,6 +7,7 @@ divisibility), so the planner never emits a layout the trainer refuses.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -126,9 +127,14 @@ def enumerate_families(
                         # Each expert-parallel degree is a family of its own: ep trades the
                         # experts' memory and gathers for all-to-all, neither side dominates.
                         for ep in ep_degrees(shape, dp_shard, cp):
-                            yield [
-                                y for x in family if composes(y := dataclasses.replace(x, ep=ep))
-                            ]
+                            if ep != 1:
+                                yield [
+                                    y
+                                    for x in family
+                                    if composes(y := dataclasses.replace(x, ep=ep))
+                                ]
+                            else:
+                                yield [x for x in family if composes(x)]
 
 
 def enumerate_layouts(*args, **kwargs) -> Iterator[Layout]:
@@ -171,17 +177,33 @@ def slower_or_equal(a: Layout, b: Layout) -> bool:
 def composes(layout: Layout) -> bool:
     """The trainer's rule for options that cannot run together (config.composition_problem,
     raised by check_layout): the planner never emits a layout it refuses."""
-    p = ParallelConfig(
-        dp_replicate=layout.dp_replicate,
-        dp_shard=layout.dp_shard,
-        pp=layout.pp,
-        cp=layout.cp,
-        ep=layout.ep,
-        pp_schedule=layout.schedule if layout.pp > 1 else ParallelConfig.pp_schedule,
-        reshard_after_forward=layout.reshard_after_forward,
-        **layout.runtime_ac(),
+    return _composes(
+        layout.dp_replicate,
+        layout.dp_shard,
+        layout.pp,
+        layout.cp,
+        layout.ep,
+        layout.schedule if layout.pp > 1 else ParallelConfig.pp_schedule,
+        layout.reshard_after_forward,
+        tuple(layout.runtime_ac().items()),
     )
-    return composition_problem(p, fsdp=layout.dp * layout.cp > 1) is None
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _composes(dp_replicate, dp_shard, pp, cp, ep, schedule, reshard, ac) -> bool:
+    # Cached: a search asks this of every layout, and a plan's layouts share few of these keys
+    # (building and checking a ParallelConfig was a sixth of a 1,024-GPU plan's time).
+    p = ParallelConfig(
+        dp_replicate=dp_replicate,
+        dp_shard=dp_shard,
+        pp=pp,
+        cp=cp,
+        ep=ep,
+        pp_schedule=schedule,
+        reshard_after_forward=reshard,
+        **dict(ac),
+    )
+    return composition_problem(p, fsdp=dp_replicate * dp_shard * cp > 1) is None
 
 
 def schedule_fits(schedule: str, pp: int, virtual_stages: int, num_micro: int) -> bool:

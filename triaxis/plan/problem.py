@@ -10,6 +10,7 @@ rows. Its parameter and FLOP counts are the model's own (`triaxis.model.args`), 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,6 +90,11 @@ class ModelShape:
 
     def block_params(self) -> int:
         """Parameters of one block: q, k, v, o, the MLP matrices and two norm weights."""
+        return self._block_params
+
+    @functools.cached_property
+    def _block_params(self) -> int:
+        # Cached on the (frozen) shape: the search asks for it twice per layout.
         return block_param_count(self)
 
     def embedding_params(self) -> int:
