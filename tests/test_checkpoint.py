@@ -292,7 +292,7 @@ def _skewed_run(rank: int, world: int, data: str, run_dir: str, overrides: dict)
     [
         # rank 1's sidecar lands late and rank 1 polls late: rank 0 sees the save unfinished
         # in the very step where rank 1 sees it finished
-        (2, "1:sidecar:1.0,1:poll:0.5"),
+        (2, "1:sidecar:0.4,1:poll:0.2"),
         # the same with a slow write on rank 0, and ranks that poll at three different times
         pytest.param(4, "0:write:0.5,3:sidecar:1.0,3:poll:0.5,1:poll:0.2", marks=pytest.mark.slow),
     ],
