@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from tests.test_tokenizer_hf import BOS, EOS, WORDS, llama_like_tokenizer
 from triaxis.config import DataConfig
 from triaxis.data.prepare import PrepareOptions, prepare

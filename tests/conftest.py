@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# One S3 server for the whole session, defined here once: a module importing the fixture would
+# define its own, and each of those servers (17 modules) started and stopped on its own.
+from tests.s3_server import moto_s3  # noqa: F401
+
 # Forked workers hang when the parent already spun up several OpenMP threads (shared notes).
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")

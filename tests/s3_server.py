@@ -1,9 +1,9 @@
 """A real S3-compatible HTTP server on loopback for tests: moto's ThreadedMotoServer.
 
-    from tests.s3_server import moto_s3  # noqa: F401  (the fixture)
-
 A test that takes a `moto_s3` argument gets the server: `bucket = moto_s3.new_bucket()`, then
-f"s3://{bucket}/prefix" through triaxis.storage, s3fs, boto3 or a subprocess.
+f"s3://{bucket}/prefix" through triaxis.storage, s3fs, boto3 or a subprocess. tests/conftest.py
+makes the fixture known to every module; a module must not import it (it would then define, start
+and stop a server of its own).
 
 The fixture (one server per test session) points the AWS environment at the server:
 AWS_ENDPOINT_URL, dummy credentials, a region, no profile files and no instance metadata

@@ -21,7 +21,6 @@ from tests.bad_input_cases import PREPARE_TRAIN_CASES, TINY
 from tests.bad_input_commands import COMMAND_CASES
 from tests.bad_input_workspace import build, snapshot
 from tests.helpers import command
-from tests.s3_server import moto_s3  # noqa: F401  (the fixture)
 from triaxis.cli import main
 
 # The rows: (id, argv with {ws} placeholders, a piece of the expected error line).

@@ -27,7 +27,6 @@ from tests.chat_data import (
 )
 from tests.dist import run_workers
 from tests.parity import assert_same_run, train_collect
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from tests.test_tokenizer_hf import EOS, WORDS
 from triaxis.data.dataset import TokenDataset, has_loss_mask, inputs_targets
 from triaxis.data.encode import CHUNK_DOCS

@@ -8,7 +8,6 @@ import pytest
 
 from tests.flaky_proxy import FlakyProxy
 from tests.helpers import triaxis
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.checkpoint import manifest as mf
 
 

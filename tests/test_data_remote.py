@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from tests import helpers
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
 from triaxis.data.dataset import TokenDataset, micro_batch_start
 from triaxis.data.remote import _host

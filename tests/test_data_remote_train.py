@@ -15,7 +15,6 @@ import pytest
 
 from tests.dist import WAIT_S
 from tests.helpers import command
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from tests.test_data_remote import corrupt, one_error_line
 from triaxis.cli import main
 from triaxis.data.dataset import TRACE_ENV

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from tests.dist import run_workers
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from tests.test_hf_run_output import HF, _logits, train_with_hf
 from triaxis import storage
 from triaxis.checkpoint import manifest as mf

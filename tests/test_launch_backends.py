@@ -8,7 +8,6 @@ import pytest
 
 from tests import helpers
 from tests.parity import tiny_train_args
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
 
 tiny = tiny_train_args

@@ -9,7 +9,6 @@ import pytest
 
 from tests.helpers import SAGEMAKER, SAGEMAKER_ROLE
 from tests.parity import tiny_train_args
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from tests.test_launch_backends import one_error
 from triaxis.cli import main
 from triaxis.launchers import sagemaker

@@ -16,7 +16,6 @@ import pytest
 
 from tests import helpers
 from tests.dist import run_workers
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.config import load_config
 from triaxis.data.dataset import TokenDataset, micro_batch_start
 from triaxis.data.mixture import MixtureDataset, open_train_data, source_tokens

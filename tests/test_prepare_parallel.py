@@ -10,7 +10,6 @@ import pytest
 
 from tests import helpers
 from tests.helpers import prepare_quietly
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.cli import main
 from triaxis.data.encode import CHUNK_DOCS
 from triaxis.data.prepare import PrepareOptions, prepare

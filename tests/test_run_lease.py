@@ -12,7 +12,6 @@ import time
 
 import pytest
 
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.checkpoint.lock import LEASE_NAME, parents, plan_leases
 from triaxis.config import Config
 from triaxis.errors import UserError

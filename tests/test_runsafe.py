@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import ENV, command, losses, train_args
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from triaxis.checkpoint.lock import LEASE_NAME, RunLock
 from triaxis.errors import UserError
 

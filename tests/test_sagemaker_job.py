@@ -11,7 +11,6 @@ import pytest
 
 from tests.helpers import command
 from tests.parity import tiny_train_args
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from tests.test_launch_sagemaker import sm_request
 from triaxis.launchers.sagemaker_entry import SageMakerEnv, entry_plan
 

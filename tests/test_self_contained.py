@@ -11,7 +11,6 @@ import shutil
 import pytest
 
 from tests.helpers import train_args
-from tests.s3_server import moto_s3  # noqa: F401  (fixture)
 from tests.test_tokenizer_hf import BOS, EOS, WORDS, llama_like_tokenizer, write_docs, write_folder
 from triaxis.checkpoint import manifest as mf
 from triaxis.cli import main

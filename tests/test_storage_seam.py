@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.s3_server import moto_s3  # noqa: F401  (the fixture)
 from triaxis import storage, storage_client
 from triaxis.errors import UserError
 
