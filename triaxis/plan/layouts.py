@@ -127,14 +127,12 @@ def enumerate_families(
                         # Each expert-parallel degree is a family of its own: ep trades the
                         # experts' memory and gathers for all-to-all, neither side dominates.
                         for ep in ep_degrees(shape, dp_shard, cp):
-                            if ep != 1:
-                                yield [
-                                    y
-                                    for x in family
-                                    if composes(y := dataclasses.replace(x, ep=ep))
-                                ]
-                            else:
-                                yield [x for x in family if composes(x)]
+                            yield [y for x in family if composes(y := _with_ep(x, ep))]
+
+
+def _with_ep(layout: Layout, ep: int) -> Layout:
+    # No copy for the usual ep = 1: dataclasses.replace re-validates, once per layout searched.
+    return layout if layout.ep == ep else dataclasses.replace(layout, ep=ep)
 
 
 def enumerate_layouts(*args, **kwargs) -> Iterator[Layout]:
